@@ -1,0 +1,3 @@
+"""forksmtp: a pre-forking SMTP receiver that stores mail durably in Maildir."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from forksmtp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,419 @@
+"""The master: bind, fork, then loop: wait for signals -> dispatch -> reap -> kill
+stuck workers -> apply the pool plan.  Single-threaded on purpose (fork with threads
+deadlocks on locks held by the other threads).
+
+Signals arrive through ``signals.SignalQueue`` and are dispatched to ``handle_<name>``.
+Worker bookkeeping: ``self.workers`` maps pid -> ``Child``; a pid leaves the table when
+it is reaped, and only pids in the table are ever signalled (no stale-pid accidents).
+The scoreboard slot of a reaped worker is repaired, so a worker killed mid-session never
+leaves the connection counts inflated.
+
+While the pool is at ``max_workers`` and no worker is idle, the master watches the
+listening sockets itself and answers ``421 4.3.2`` (Postfix's master does the same:
+"when no process listens on a socket, the master will"), so a client never waits
+silently in the listen backlog.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+
+from . import __version__, config as config_mod, limits, listeners, maildir, pool, process, stats
+from .logs import Log
+from .scoreboard import BUSY, IDLE, STARTING, Scoreboard
+from .signals import NAMES, SignalQueue
+from .worker import EXIT_BOOT_ERROR, Worker
+
+TICK = 1.0  # seconds between pool checks when nothing happens
+FAST_TICK = 0.05  # while spawning or while the master answers overflow connections
+TMP_CLEAN_INTERVAL = 3600.0
+KILL_GRACE = 3.0  # after SIGQUIT, before SIGKILL
+
+
+@dataclass
+class Child:
+    pid: int
+    slot: int
+    generation: int
+    started: float
+    term_sent: bool = False
+    quit_sent: float = 0.0
+
+
+class Arbiter:
+    def __init__(self, cfg, overrides: dict | None = None) -> None:
+        self.cfg = cfg
+        self.overrides = dict(overrides or {})
+        self.log = Log(cfg.log.level, cfg.log.file)
+        self.generation = 1
+        self.workers: dict[int, Child] = {}
+        self.sockets: dict[listeners.ListenAddr, socket.socket] = {}
+        self.target = cfg.server.workers
+        self.stopping = False
+        self.stop_deadline = 0.0
+        self.started = time.monotonic()
+        self.master_rejected: dict[str, int] = {}
+        self.pool_state = pool.PoolState()
+        self.next_tmp_clean = 0.0
+        self.overflow_logged = False
+        self.last_pool_reason = ""
+        self.spawn_pending = False
+
+    # -- start ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.cfg
+        for addr in cfg.server.listen:
+            self.sockets[addr] = self._bind(addr)
+        if cfg.server.pidfile:
+            process.write_pidfile(cfg.server.pidfile)
+        self._prepare_maildirs(cfg)
+        nslots = 2 * cfg.server.max_workers + 16  # room for an old generation during reload
+        self.board = Scoreboard.create(nslots)
+        self.board.set_generation(self.generation)
+        self.death_r, self.death_w = process.parent_death_pipe()
+        self.signals = SignalQueue()
+        self.signals.install()
+        process.set_title(self._title())
+        gc.collect()
+        gc.freeze()  # workers share the master's heap pages instead of copying them
+
+    def _bind(self, addr) -> socket.socket:
+        sock = listeners.bind(addr)
+        sock.setblocking(False)
+        return sock
+
+    def _prepare_maildirs(self, cfg) -> None:
+        paths = {cfg.delivery.maildir, *cfg.delivery.mailboxes.values()}
+        for path in sorted(paths):
+            maildir.Maildir(path, fsync=cfg.delivery.fsync)
+            removed = maildir.clean_tmp(path)
+            if removed:
+                self.log.info("STORE", f"removed {removed} stale file(s) from {path}/tmp")
+        if cfg.server.user or cfg.server.group:
+            process.chown_tree(sorted(paths), cfg.server.user, cfg.server.group)
+
+    def _title(self) -> str:
+        where = self.cfg.path or "built-in defaults"
+        return f"forksmtp: master {where} (gen {self.generation})"
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        listen = ", ".join(str(a) for a in self.cfg.server.listen)
+        self._manage_pool(time.monotonic())
+        self.log.info("READY", f"Listening on {listen} ({self.target} workers)")
+        process.sd_notify("READY=1")
+        overflow: list = []
+        while True:
+            tick = FAST_TICK if (overflow or self.spawn_pending) else TICK
+            sigs, ready = self.signals.wait(tick, overflow)
+            for sig in sigs:
+                getattr(self, f"handle_{NAMES[sig]}")()
+            for sock in ready:
+                self._answer_overflow(sock)
+            self.reap()
+            now = time.monotonic()
+            if self.stopping:
+                if self._stop_step(now):
+                    return 0
+                overflow = []
+                continue
+            snap = self.board.snapshot()
+            self._murder_stuck(snap, now)
+            self._manage_pool(now, snap)
+            overflow = self._overflow_sockets(snap)
+            self._housekeeping(now)
+
+    # -- signal handlers (run in the loop, never in signal context) ------------------------
+
+    def handle_chld(self) -> None:
+        pass  # reap() runs after every wake-up
+
+    def handle_hup(self) -> None:
+        self.reload()
+
+    def handle_usr1(self) -> None:
+        doc = stats.dumps(self._stats())
+        self.log.info("STATS", doc)
+        if self.cfg.server.stats_file:
+            try:
+                stats.write_atomic(self.cfg.server.stats_file, doc)
+            except OSError as exc:
+                self.log.error("ERROR", f"cannot write stats_file {self.cfg.server.stats_file}: {exc}")
+
+    def handle_term(self) -> None:
+        if self.stopping:
+            return self.handle_quit()
+        self.log.info("STOP", f"graceful stop: draining sessions for up to {self.cfg.server.graceful_timeout:g}s")
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.cfg.server.graceful_timeout
+        self._close_listeners()
+        for child in list(self.workers.values()):
+            self._signal(child, signal.SIGTERM)
+
+    handle_int = handle_term
+
+    def handle_quit(self) -> None:
+        self.log.info("STOP", "immediate stop")
+        self.stopping = True
+        self.stop_deadline = time.monotonic()
+        self._close_listeners()
+        for child in list(self.workers.values()):
+            self._quit(child, time.monotonic())
+
+    def handle_ttin(self) -> None:
+        self.target = min(self.target + 1, self.cfg.server.max_workers)
+        self.log.info("POOL", f"SIGTTIN: pool minimum is now {self.target} workers")
+
+    def handle_ttou(self) -> None:
+        if self.target > 1:
+            self.target -= 1
+            self.pool_state.retire_requests += 1
+        self.log.info("POOL", f"SIGTTOU: pool minimum is now {self.target} workers")
+
+    # -- workers -------------------------------------------------------------------------
+
+    def spawn(self) -> int | None:
+        slot = self.board.free_slot()
+        if slot is None:
+            self.log.error("POOL", "no free scoreboard slot; not spawning")
+            return None
+        now = time.monotonic()
+        self.board.claim_slot(slot, 0, self.generation, now)
+        pid = os.fork()
+        if pid == 0:  # child: never return into the master's code
+            code = EXIT_BOOT_ERROR
+            try:
+                code = self._child(slot)
+            except BaseException:
+                self.log.error("WORKER", "worker crashed: " + traceback.format_exc().replace("\n", " | "))
+                code = 1
+            finally:
+                os._exit(code)
+        self.board.set_pid(slot, pid)
+        self.workers[pid] = Child(pid, slot, self.generation, now)
+        return pid
+
+    def _child(self, slot: int) -> int:
+        self.signals.reset_in_child()
+        os.close(self.death_w)
+        socks = list(self.sockets.values())
+        w = Worker(self.cfg, socks, self.board, slot, self.generation, self.death_r, self.log)
+        w.prepare()  # opens what needs privileges (the scoreboard lock) first
+        server = self.cfg.server
+        if server.user or server.group:
+            process.drop_privileges(server.user, server.group)
+        return w.run()
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.workers.pop(pid, None)
+            if child is None:
+                continue  # not ours (e.g. a reparented orphan when we run as pid 1)
+            self.board.repair(child.slot)
+            lifetime = time.monotonic() - child.started
+            planned = child.term_sent or child.quit_sent
+            if not planned and (os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0):
+                self.pool_state.record_exit(lifetime, time.monotonic())
+            self._log_exit(child, status, lifetime)
+
+    def _log_exit(self, child: Child, status: int, lifetime: float) -> None:
+        if os.WIFSIGNALED(status):
+            sig = signal.Signals(os.WTERMSIG(status)).name
+            hint = " (out of memory, or killed by the operator?)" if sig == "SIGKILL" else ""
+            self.log.warning("WORKER", f"worker {child.pid} killed by {sig}{hint}")
+        elif os.WEXITSTATUS(status) != 0:
+            self.log.warning("WORKER", f"worker {child.pid} exited with status {os.WEXITSTATUS(status)} after {lifetime:.1f}s")
+        else:
+            self.log.debug("WORKER", f"worker {child.pid} exited after {lifetime:.1f}s")
+
+    def _signal(self, child: Child, sig: int) -> None:
+        """Signal a pid we still own; SIGTERM at most once per worker."""
+        if sig == signal.SIGTERM:
+            if child.term_sent:
+                return
+            child.term_sent = True
+            self.board.set_stopping(child.slot)
+        try:
+            os.kill(child.pid, sig)
+        except ProcessLookupError:
+            pass  # exited; reap() will settle it
+
+    def _quit(self, child: Child, now: float) -> None:
+        if not child.quit_sent:
+            child.quit_sent = now
+            self._signal(child, signal.SIGQUIT)
+        elif now - child.quit_sent > KILL_GRACE:
+            self._signal(child, signal.SIGKILL)
+
+    def _murder_stuck(self, snap, now: float) -> None:
+        """Kill workers whose heartbeat stopped beyond every configured timeout.
+
+        A healthy worker touches its slot at least once a second, idle or busy (every
+        wait is at most a second... or one poll of the client); one silent for longer
+        than the longest timeout is wedged (a hung filesystem, a bug)."""
+        t = self.cfg.timeouts
+        limit = max(t.command, t.data_block, t.data_done) + 30.0
+        for slot in snap.slots:
+            child = self.workers.get(slot.pid)
+            if child is None or now - slot.last_activity < limit:
+                continue
+            self.log.error("WORKER", f"worker {child.pid} made no progress for {now - slot.last_activity:.0f}s; killing it")
+            self._signal(child, signal.SIGKILL)
+
+    def _manage_pool(self, now: float, snap=None) -> None:
+        snap = snap or self.board.snapshot()
+        settings = dataclasses.replace(pool.PoolSettings.from_server(self.cfg.server), workers=self.target)
+        plan = pool.plan(snap, settings, self.pool_state, now)
+        if plan.reason != self.last_pool_reason:
+            self.last_pool_reason = plan.reason
+            if plan.reason:
+                self.log.warning("POOL", plan.reason)
+        for _ in range(plan.spawn):
+            if self.spawn() is None:
+                break
+        by_slot = {c.slot: c for c in self.workers.values()}
+        for idx in plan.retire:
+            child = by_slot.get(idx)
+            if child is not None:
+                self._signal(child, signal.SIGTERM)
+        self.spawn_pending = plan.spawn > 0
+        busy = snap.count(BUSY)
+        stress = limits.in_stress(busy, self.cfg.server.max_workers, self.cfg.server.stress_threshold)
+        if stress != snap.stress:
+            self.board.set_stress(stress)
+            self.log.warning("STRESS", f"stress mode {'on' if stress else 'off'}: {busy} busy workers")
+
+    def _housekeeping(self, now: float) -> None:
+        if now < self.next_tmp_clean:
+            return
+        self.next_tmp_clean = now + TMP_CLEAN_INTERVAL
+        for path in {self.cfg.delivery.maildir, *self.cfg.delivery.mailboxes.values()}:
+            try:
+                n = maildir.clean_tmp(path)
+            except OSError:
+                continue
+            if n:
+                self.log.info("STORE", f"removed {n} stale file(s) from {path}/tmp")
+
+    # -- overflow: the master answers 421 when nobody else can ----------------------------
+
+    def _overflow_sockets(self, snap) -> list:
+        if len(self.workers) < self.cfg.server.max_workers or snap.count(IDLE, STARTING):
+            self.overflow_logged = False
+            return []
+        if not self.overflow_logged:
+            self.overflow_logged = True
+            self.log.warning("POOL", f"all {len(self.workers)} workers busy (max_workers reached); answering 421 4.3.2")
+        return list(self.sockets.values())
+
+    def _answer_overflow(self, sock: socket.socket) -> None:
+        try:
+            conn, peer = sock.accept()
+        except OSError:
+            return  # a worker took it, or the client left
+        try:
+            conn.setblocking(False)
+            conn.send(limits.reply_for(limits.MAX_CONNECTIONS).wire(False))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        self.master_rejected["max_connections"] = self.master_rejected.get("max_connections", 0) + 1
+        self.log.info("CONN", f"{peer[0]} refused by master: no worker free")
+
+    # -- reload --------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Parse and bind everything new first; touch no worker until all of it worked."""
+        try:
+            new = config_mod.load_config(self.cfg.path or None, self.overrides)
+            opened = self._open_new_sockets(new)
+            self._prepare_maildirs(new)
+        except (config_mod.ConfigError, listeners.BindError, OSError) as exc:
+            self.log.error("RELOAD", f"reload failed, keeping the running configuration: {exc}")
+            return
+        old_addrs = set(self.sockets) - set(new.server.listen)
+        for addr in old_addrs:
+            self.sockets.pop(addr).close()
+        self.sockets.update(opened)
+        if new.log != self.cfg.log:
+            self.log.reopen(new.log.level, new.log.file)
+        self.cfg = new
+        self.target = new.server.workers
+        self.generation += 1
+        self.board.set_generation(self.generation)
+        process.set_title(self._title())
+        for child in list(self.workers.values()):
+            if child.generation != self.generation:
+                self._signal(child, signal.SIGTERM)
+        self._manage_pool(time.monotonic())
+        self.log.info("RELOAD", f"configuration generation {self.generation} loaded from {new.path or 'defaults'}")
+
+    def _open_new_sockets(self, new) -> dict:
+        opened = {}
+        try:
+            for addr in new.server.listen:
+                if addr not in self.sockets:
+                    opened[addr] = self._bind(addr)
+        except BaseException:
+            for sock in opened.values():
+                sock.close()
+            raise
+        return opened
+
+    # -- stop ----------------------------------------------------------------------------
+
+    def _close_listeners(self) -> None:
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
+
+    def _stop_step(self, now: float) -> bool:
+        """One tick of a stop: True once every worker is gone."""
+        if not self.workers:
+            return True
+        if now >= self.stop_deadline:
+            for child in list(self.workers.values()):
+                self._quit(child, now)
+        return False
+
+    def shutdown(self) -> None:
+        if self.cfg.server.pidfile:
+            process.remove_pidfile(self.cfg.server.pidfile)
+        self.board.close()
+        self.log.info("STOP", "stopped")
+
+    def _stats(self) -> dict:
+        return stats.build(self.board.snapshot(), started=self.started,
+                           config_generation=self.generation,
+                           master_rejected=self.master_rejected, stress=self.board.stress())
+
+
+def run(cfg, overrides: dict | None = None) -> int:
+    """Run the server until it is stopped; the exit status for the CLI."""
+    arbiter = Arbiter(cfg, overrides)
+    try:
+        arbiter.start()
+    except (listeners.BindError, process.PidfileError, OSError) as exc:
+        print(f"forksmtp: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return arbiter.run()
+    finally:
+        arbiter.shutdown()

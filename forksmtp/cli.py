@@ -1,0 +1,135 @@
+"""Command line: flags, ``--check``, exit codes.
+
+Exit codes: 0 success, 1 runtime failure (e.g. a port that cannot be bound), 2 usage or
+config error.  Flags override the config file; the same overrides are handed to the arbiter
+so that a reload (SIGHUP) re-reads the file and still applies them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from forksmtp import __version__
+from forksmtp.config import ConfigError, load_config, summary
+from forksmtp.listeners import BindError
+
+# flag destination -> dotted config key it overrides
+_OVERRIDES = {
+    "maildir": "delivery.maildir",
+    "workers": "server.workers",
+    "hostname": "server.hostname",
+    "pidfile": "server.pidfile",
+    "log_level": "log.level",
+}
+_PATHS = frozenset({"maildir", "pidfile"})
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="forksmtp",
+        description="A pre-forking SMTP receiver that stores mail in Maildir.",
+        epilog="Also: forksmtp [-c FILE] passwd USER [-f FILE]  -- set a password in the password file.",
+    )
+    p.add_argument("-c", "--config", metavar="FILE", help="TOML config file (default: built-in defaults)")
+    p.add_argument("--check", action="store_true", help="validate the config, print a summary and exit")
+    p.add_argument("--listen", action="append", metavar="ADDR",
+                   help="PORT, HOST:PORT or [V6ADDR]:PORT; repeatable; replaces the file's list")
+    p.add_argument("--maildir", metavar="DIR", help="catch-all Maildir (created if missing)")
+    p.add_argument("--workers", type=int, metavar="N", help="workers started at boot")
+    p.add_argument("--hostname", metavar="NAME", help="name in the greeting and Received headers")
+    p.add_argument("--pidfile", metavar="PATH", help="write the master's pid here")
+    p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
+    p.add_argument("--version", action="version", version=f"forksmtp {__version__}")
+    return p
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, object]:
+    """The dotted config keys the given flags replace."""
+    out: dict[str, object] = {}
+    if args.listen:
+        out["server.listen"] = list(args.listen)
+    for dest, key in _OVERRIDES.items():
+        value = getattr(args, dest)
+        if value is not None:
+            # Paths are made absolute now, so a reload resolves them as the user meant.
+            out[key] = os.path.abspath(value) if dest in _PATHS and value else value
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passwd = _split_passwd(argv)
+    if passwd is not None:
+        return _run_passwd(*passwd)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    overrides = overrides_from(args)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"forksmtp: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(summary(cfg))
+        return 0
+    from forksmtp import arbiter  # imported late: --check needs none of the process machinery
+
+    try:
+        return arbiter.run(cfg, overrides)
+    except BindError as exc:
+        print(f"forksmtp: {exc}", file=sys.stderr)
+        return 1
+
+
+def _split_passwd(argv: list[str]) -> tuple[list[str], str | None] | None:
+    """Recognise ``[-c FILE] passwd ARGS...`` (``-c FILE`` may also follow ARGS).
+
+    Returns (ARGS without -c, config path) or None when this is not the passwd command.
+    """
+    config, head = _leading_config(argv)
+    if argv[head:head + 1] != ["passwd"]:
+        return None
+    later, rest = _take_config(argv[head + 1:])
+    return rest, later if later is not None else config
+
+
+def _leading_config(argv: list[str]) -> tuple[str | None, int]:
+    """A -c/--config option at the start of argv: (path, arguments it used)."""
+    first = argv[0] if argv else ""
+    if first in ("-c", "--config") and len(argv) > 1:
+        return argv[1], 2
+    if first.startswith("--config="):
+        return first.partition("=")[2], 1
+    if first.startswith("-c") and len(first) > 2:
+        return first[2:], 1
+    return None, 0
+
+
+def _take_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Remove -c/--config options from argv; return (the last path, the rest)."""
+    config, rest, i = None, [], 0
+    while i < len(argv):
+        path, used = _leading_config(argv[i:])
+        if used:
+            config, i = path, i + used
+        else:
+            rest.append(argv[i])
+            i += 1
+    return config, rest
+
+
+def _run_passwd(args: list[str], config: str | None) -> int:
+    try:
+        passwd = importlib.import_module("forksmtp.passwd")  # a later addition
+    except ModuleNotFoundError as exc:
+        if exc.name != "forksmtp.passwd":
+            raise
+        print("passwd: not available", file=sys.stderr)
+        return 2
+    return passwd.main(args, config)

@@ -1,0 +1,518 @@
+"""The TOML config file -> frozen dataclasses, strictly validated.
+
+Every key lives in one table, ``_KEYS``: (section, key, type, default, validator).  Loading
+walks that table, so an unknown key, a wrong type or a value out of range always becomes a
+``ConfigError`` naming the file, the key and the value -- never a silent typo.
+
+Paths written in the file are relative to the file's directory; paths given on the command
+line and built-in defaults (``./Maildir``) are relative to the working directory.  Every
+path comes out absolute, so a later chdir or reload cannot change its meaning.  Validation
+only looks: it creates nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import grp
+import ipaddress
+import json
+import math
+import os
+import pwd
+import re
+import socket
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from forksmtp.listeners import ListenAddr, parse_listen
+
+CLI = "command line"  # the "file" of values that came from flags
+
+
+def _default_listen() -> tuple[ListenAddr, ...]:
+    return (parse_listen("127.0.0.1:2525"),)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: tuple[ListenAddr, ...] = field(default_factory=_default_listen)
+    hostname: str = field(default_factory=socket.gethostname)
+    workers: int = 4
+    max_workers: int = 64
+    max_connections: int = 50
+    max_connections_per_ip: int = 10
+    graceful_timeout: float = 30.0
+    pidfile: str = ""
+    stats_file: str = ""
+    user: str = ""
+    group: str = ""
+    min_spare_workers: int = 1
+    max_spare_workers: int = 8
+    max_sessions_per_worker: int = 10000
+    max_sessions_jitter: int = 1000
+    max_idle: float = 300.0  # retire surplus idle workers idle this long
+    stress_threshold: float = 0.8  # busy share of max_workers that switches stress mode on
+    greeting_delay: float = 0.0  # early-talker detection window before the 220
+    reject_early_talkers: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_message_size: int = 10485760
+    max_recipients: int = 100
+    max_errors: int = 10
+    max_received_headers: int = 100
+    bare_newline: str = "reject"  # "reject" | "normalize"
+    normalize_networks: tuple[str, ...] = ()  # CIDRs where bare LF is normalised instead
+    stress_max_errors: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TimeoutsConfig:
+    command: float = 300.0
+    data_block: float = 180.0
+    data_done: float = 600.0
+    session: float = 3600.0  # whole-session deadline
+    min_data_rate: int = 500  # bytes/s below which DATA is cut off
+    stress_command: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    maildir: str = field(default_factory=lambda: os.path.abspath("Maildir"))
+    local_domains: tuple[str, ...] = ()  # lower-case; empty: every domain is local
+    fsync: bool = True
+    mailboxes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    file: str = ""  # empty: stderr
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert_file: str
+    key_file: str
+    min_version: str = "TLSv1.2"
+    implicit_listen: tuple[ListenAddr, ...] = ()
+    require_tls: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    password_file: str
+    required: bool = False
+    allow_insecure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    tls: TLSConfig | None = None
+    auth: AuthConfig | None = None
+    path: str = ""  # absolute path of the config file, "" for built-in defaults
+
+
+class ConfigError(Exception):
+    """An invalid config; ``str()`` is one line: ``FILE: KEY = VALUE: PROBLEM``."""
+
+    def __init__(self, file: str, key: str | None, value: object, problem: str) -> None:
+        super().__init__(file, key, value, problem)
+        self.file, self.key, self.value, self.problem = file, key, value, problem
+
+    def __str__(self) -> str:
+        parts = [self.file or "built-in defaults"]
+        if self.key:
+            parts.append(self.key if self.value is None else f"{self.key} = {_show(self.value)}")
+        parts.append(self.problem)
+        return ": ".join(parts)
+
+
+def _show(value: object) -> str:
+    """A value as it would be written in TOML, cut short for one-line messages."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except ValueError:  # nan
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# -- types: (raw value, base directory) -> converted value; ValueError(problem) when wrong --
+
+def _integer(value: object, base: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):  # bool is an int subclass
+        raise ValueError("must be an integer")
+    return value
+
+
+def _number(value: object, base: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError("must be a number")
+    return float(value)
+
+
+def _boolean(value: object, base: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _string(value: object, base: str) -> str:
+    if not isinstance(value, str) or "\0" in value:
+        raise ValueError("must be a string")
+    return value
+
+
+def _strings(value: object, base: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of strings")
+    return tuple(value)
+
+
+def _listens(value: object, base: str) -> tuple[ListenAddr, ...]:
+    addrs: list[ListenAddr] = []
+    for text in _strings(value, base):
+        try:
+            addr = parse_listen(text)
+        except ValueError as exc:
+            raise ValueError(f"{text!r}: {exc}") from None
+        if addr in addrs:
+            raise ValueError(f"{addr} is listed twice")
+        addrs.append(addr)
+    return tuple(addrs)
+
+
+def _path(value: object, base: str) -> str:
+    text = _string(value, base)
+    return os.path.abspath(os.path.join(base, os.path.expanduser(text))) if text else ""
+
+
+# -- validators: converted value -> value (possibly normalised); ValueError(problem) --
+
+def _check(ok: Callable[[object], bool], problem: str) -> Callable[[object], object]:
+    def validate(value: object) -> object:
+        if not ok(value):
+            raise ValueError(problem)
+        return value
+    return validate
+
+
+def _at_least(n: int) -> Callable[[object], object]:
+    return _check(lambda v: v >= n, f"must be an integer >= {n}")
+
+
+def _one_of(*choices: str) -> Callable[[object], object]:
+    return _check(lambda v: v in choices, "must be one of " + ", ".join(map(json.dumps, choices)))
+
+
+_non_empty = _check(bool, "must list at least one address")
+_positive = _check(lambda v: v > 0, "must be a number > 0")
+_not_negative = _check(lambda v: v >= 0, "must be a number >= 0")
+_share = _check(lambda v: 0 < v <= 1, "must be a number > 0 and <= 1")
+# A name we put in the greeting and Received headers: a domain or an address literal.
+_HOSTNAME = re.compile(r"\[[!-Z^-~]+\]|(?=.{1,253}\.?$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
+                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?", re.ASCII)
+_hostname = _check(lambda v: _HOSTNAME.fullmatch(v), "must be a domain name or an address literal")
+_DOMAIN = re.compile(r"[^\s@<>\[\]\\\",;:()]+")
+
+
+def _log_level(value: str) -> str:
+    return _one_of("debug", "info", "warning", "error")(value.lower())
+
+
+def _domains(values: tuple[str, ...]) -> tuple[str, ...]:
+    for domain in values:
+        if not _DOMAIN.fullmatch(domain):
+            raise ValueError(f"{domain!r} is not a domain")
+    return tuple(dict.fromkeys(d.lower().rstrip(".") for d in values))
+
+
+def _address(text: str) -> str:
+    local, at, domain = text.rpartition("@")
+    if not at or not local or not _DOMAIN.fullmatch(domain) or any(c.isspace() or c in "<>" for c in local):
+        raise ValueError("not an address (local@domain)")
+    return f"{local}@{domain.rstrip('.')}".lower()
+
+
+def _networks(values: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        return tuple(str(ipaddress.ip_network(v, strict=False)) for v in values)
+    except ValueError as exc:
+        raise ValueError(f"not a network (CIDR): {exc}") from None
+
+
+def _user(name: str) -> str:
+    return _account(name, pwd.getpwnam, pwd.getpwuid, "user")
+
+
+def _group(name: str) -> str:
+    return _account(name, grp.getgrnam, grp.getgrgid, "group")
+
+
+def _account(name: str, by_name: Callable, by_id: Callable, what: str) -> str:
+    if name:
+        try:
+            by_id(int(name)) if name.isdigit() else by_name(name)
+        except (KeyError, OverflowError):
+            raise ValueError(f"no such {what}") from None
+    return name
+
+
+def _parent_exists(path: str) -> str:
+    """A file we create later: its directory must exist now."""
+    if path and os.path.isdir(path):
+        raise ValueError("is a directory")
+    if path and not os.path.isdir(os.path.dirname(path)):
+        raise ValueError(f"directory {os.path.dirname(path)} does not exist")
+    return path
+
+
+def _creatable_dir(path: str) -> str:
+    """A Maildir we may create later: the nearest existing ancestor must be a writable dir."""
+    if not path:
+        raise ValueError("must not be empty")
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    where = "" if existing == path else f"{existing} "
+    if not os.path.isdir(existing):
+        raise ValueError(f"{where}is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{where}is not writable")
+    return path
+
+
+def _readable_file(path: str) -> str:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror or exc}") from None
+    return path
+
+
+REQUIRED = object()  # default of keys a present section must set
+
+# (section, key, type, default as written in TOML, validator).  Defaults go through the same
+# conversion as file values; tests check they agree with the dataclass defaults above.
+_KEYS: tuple[tuple[str, str, Callable, object, Callable | None], ...] = (
+    ("server", "listen", _listens, ["127.0.0.1:2525"], _non_empty),
+    ("server", "hostname", _string, socket.gethostname, _hostname),
+    ("server", "workers", _integer, 4, _at_least(1)),
+    ("server", "max_workers", _integer, 64, _at_least(1)),
+    ("server", "max_connections", _integer, 50, _at_least(1)),
+    ("server", "max_connections_per_ip", _integer, 10, _at_least(1)),
+    ("server", "graceful_timeout", _number, 30, _not_negative),
+    ("server", "pidfile", _path, "", _parent_exists),
+    ("server", "stats_file", _path, "", _parent_exists),
+    ("server", "user", _string, "", _user),
+    ("server", "group", _string, "", _group),
+    ("server", "min_spare_workers", _integer, 1, _at_least(0)),
+    ("server", "max_spare_workers", _integer, 8, _at_least(1)),
+    ("server", "max_sessions_per_worker", _integer, 10000, _at_least(1)),
+    ("server", "max_sessions_jitter", _integer, 1000, _at_least(0)),
+    ("server", "max_idle", _number, 300, _positive),
+    ("server", "stress_threshold", _number, 0.8, _share),
+    ("server", "greeting_delay", _number, 0, _not_negative),
+    ("server", "reject_early_talkers", _boolean, True, None),
+    ("limits", "max_message_size", _integer, 10485760, _at_least(1)),
+    ("limits", "max_recipients", _integer, 100, _at_least(1)),
+    ("limits", "max_errors", _integer, 10, _at_least(1)),
+    ("limits", "max_received_headers", _integer, 100, _at_least(1)),
+    ("limits", "bare_newline", _string, "reject", _one_of("reject", "normalize")),
+    ("limits", "normalize_networks", _strings, [], _networks),
+    ("limits", "stress_max_errors", _integer, 1, _at_least(1)),
+    ("timeouts", "command", _number, 300, _positive),
+    ("timeouts", "data_block", _number, 180, _positive),
+    ("timeouts", "data_done", _number, 600, _positive),
+    ("timeouts", "session", _number, 3600, _positive),
+    ("timeouts", "min_data_rate", _integer, 500, _at_least(0)),
+    ("timeouts", "stress_command", _number, 10, _positive),
+    ("delivery", "maildir", _path, "./Maildir", _creatable_dir),
+    ("delivery", "local_domains", _strings, [], _domains),
+    ("delivery", "fsync", _boolean, True, None),
+    ("log", "level", _string, "info", _log_level),
+    ("log", "file", _path, "", _parent_exists),
+    ("tls", "cert_file", _path, REQUIRED, _readable_file),
+    ("tls", "key_file", _path, REQUIRED, _readable_file),
+    ("tls", "min_version", _string, "TLSv1.2", _one_of("TLSv1.2", "TLSv1.3")),
+    ("tls", "implicit_listen", _listens, [], None),
+    ("tls", "require_tls", _boolean, False, None),
+    ("auth", "password_file", _path, REQUIRED, _parent_exists),
+    ("auth", "required", _boolean, False, None),
+    ("auth", "allow_insecure", _boolean, False, None),
+)
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerConfig, "limits": LimitsConfig, "timeouts": TimeoutsConfig,
+    "delivery": DeliveryConfig, "log": LogConfig, "tls": TLSConfig, "auth": AuthConfig,
+}
+_OPTIONAL = frozenset({"tls", "auth"})  # absent section: feature off (None)
+_KNOWN = frozenset(f"{s}.{k}" for s, k, *_ in _KEYS)
+
+
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """Where one raw value came from: its file (or CLI) and the base for relative paths."""
+
+    value: object
+    file: str
+    base: str
+
+
+def load_config(path: str | None, overrides: Mapping[str, object] | None = None) -> Config:
+    """Read, merge (overrides win) and validate; raises ConfigError."""
+    label = path or ""
+    raw = _read(path) if path else {}
+    base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+    _reject_unknown(raw, label)
+    sources = {
+        f"{s}.{k}": _Source(v, label, base)
+        for s, table in raw.items() if s != "mailboxes" for k, v in table.items()
+    }
+    for key, value in (overrides or {}).items():
+        if key not in _KNOWN:
+            raise ConfigError(CLI, key, value, "unknown key" + _suggest_key(key))
+        sources[key] = _Source(value, CLI, os.getcwd())
+    present = {key.partition(".")[0] for key in sources}
+    built = {name: _build(name, sources, label) for name in _SECTIONS
+             if name not in _OPTIONAL or name in present}
+    mailboxes = _mailboxes(raw.get("mailboxes", {}), label, base)
+    built["delivery"] = dataclasses.replace(built["delivery"], mailboxes=mailboxes)
+    cfg = Config(**built, path=os.path.abspath(path) if path else "")
+    _cross_check(cfg, sources, label)
+    return cfg
+
+
+def _read(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(path, None, None, f"cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, None, None, f"invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, None, "invalid TOML: not UTF-8 text") from None
+
+
+def _reject_unknown(raw: dict, file: str) -> None:
+    for section, table in raw.items():
+        if section not in _SECTIONS and section != "mailboxes":
+            if not isinstance(table, dict):  # a key above the first [section]
+                raise ConfigError(file, section, table, "key outside any section" + _suggest_key(section))
+            hint = _did_you_mean(difflib.get_close_matches(section, [*_SECTIONS, "mailboxes"], 1), "[{}]")
+            raise ConfigError(file, f"[{section}]", None, "unknown section" + hint)
+        if not isinstance(table, dict):
+            raise ConfigError(file, section, table, f"must be a table, written [{section}]")
+        if section == "mailboxes":
+            continue
+        for key, value in table.items():
+            dotted = f"{section}.{key}"
+            if dotted not in _KNOWN:
+                raise ConfigError(file, dotted, value, "unknown key" + _suggest_key(dotted))
+
+
+def _suggest_key(name: str) -> str:
+    """Prefer the same key in another section (a key put in the wrong place), else a near miss."""
+    leaf = name.rpartition(".")[2]
+    moved = sorted(k for k in _KNOWN if k.rpartition(".")[2] == leaf)
+    return _did_you_mean(moved or difflib.get_close_matches(name, sorted(_KNOWN), 1, cutoff=0.7))
+
+
+def _did_you_mean(found: list[str], form: str = "{}") -> str:
+    return f" (did you mean {form.format(found[0])}?)" if found else ""
+
+
+def _build(section: str, sources: dict[str, _Source], file: str) -> object:
+    values = {}
+    for sec, key, kind, default, validate in _KEYS:
+        if sec != section:
+            continue
+        dotted = f"{sec}.{key}"
+        src = sources.get(dotted)
+        if src is None:
+            if default is REQUIRED:
+                raise ConfigError(file, dotted, None, f"required when [{section}] is present")
+            src = _Source(default() if callable(default) else default, file, os.getcwd())
+        values[key] = _convert(dotted, src, kind, validate)
+    return _SECTIONS[section](**values)
+
+
+def _convert(dotted: str, src: _Source, kind: Callable, validate: Callable | None) -> object:
+    try:
+        value = kind(src.value, src.base)
+        return validate(value) if validate else value
+    except ValueError as exc:
+        raise ConfigError(src.file, dotted, src.value, str(exc)) from None
+
+
+def _mailboxes(table: dict, file: str, base: str) -> Mapping[str, str]:
+    boxes: dict[str, str] = {}
+    for address, maildir in table.items():
+        dotted = f"mailboxes.{json.dumps(address, ensure_ascii=False)}"
+        try:
+            key = _address(address)
+            if key in boxes:
+                raise ValueError(f"{key} is listed twice (addresses are case-insensitive)")
+        except ValueError as exc:
+            raise ConfigError(file, dotted, maildir, str(exc)) from None
+        boxes[key] = _convert(dotted, _Source(maildir, file, base), _path, _creatable_dir)
+    return MappingProxyType(boxes)
+
+
+def _cross_check(cfg: Config, sources: dict[str, _Source], file: str) -> None:
+    """Rules that involve two keys; the error names the key that is usually changed."""
+
+    def fail(dotted: str, value: object, problem: str) -> None:
+        src = sources.get(dotted)
+        raise ConfigError(src.file if src else file, dotted, src.value if src else value, problem)
+
+    s = cfg.server
+    if s.workers > s.max_workers:
+        fail("server.workers", s.workers, f"must be <= server.max_workers ({s.max_workers})")
+    if s.min_spare_workers > s.max_spare_workers:
+        fail("server.min_spare_workers", s.min_spare_workers,
+             f"must be <= server.max_spare_workers ({s.max_spare_workers})")
+    if cfg.tls:
+        for addr in set(cfg.tls.implicit_listen) & set(s.listen):
+            fail("tls.implicit_listen", [str(addr)], f"{addr} is also in server.listen")
+    if cfg.auth and cfg.auth.required and not cfg.tls and not cfg.auth.allow_insecure:
+        fail("auth.required", True, "AUTH is offered only over TLS: add [tls] or set auth.allow_insecure")
+    domains = cfg.delivery.local_domains
+    for address in cfg.delivery.mailboxes if domains else ():
+        if address.rpartition("@")[2] not in domains:
+            fail(f"mailboxes.{json.dumps(address)}", cfg.delivery.mailboxes[address],
+                 "its domain is not in delivery.local_domains")
+
+
+def summary(cfg: Config) -> str:
+    """One line for ``--check``."""
+    s, d = cfg.server, cfg.delivery
+    parts = [
+        "listen " + " ".join(str(a) for a in s.listen),
+        f"{s.workers} workers (max {s.max_workers})",
+        f"maildir {d.maildir}",
+    ]
+    if d.mailboxes:
+        parts.append(f"{len(d.mailboxes)} mailboxes")
+    if cfg.tls:
+        implicit = " ".join(str(a) for a in cfg.tls.implicit_listen)
+        parts.append("TLS" + (f" (implicit {implicit})" if implicit else ""))
+    if cfg.auth:
+        parts.append("AUTH" + (" required" if cfg.auth.required else ""))
+    return f"config OK: {cfg.path or 'built-in defaults'}: " + ", ".join(parts)

@@ -1,0 +1,108 @@
+"""From an SMTP envelope to durable Maildir copies.
+
+Routing: a recipient listed in ``[mailboxes]`` goes to its own Maildir (with a
+``Delivered-To:`` line); every other recipient goes to the catch-all ``maildir``, and
+the catch-all copy is stored once per transaction however many recipients share it.
+The Maildir paths come only from the configuration, never from an address, so no
+recipient can name a path outside the configured Maildirs.
+
+A ``Transaction`` opens its copies when DATA is accepted (so storage problems get a 4xx
+before the client sends the message), streams the text into all of them, and commits
+them all-or-nothing.  Errors propagate as ``OSError``; ``storage_reply`` maps them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from . import maildir, trace
+from .smtp import replies as R
+
+
+def storage_reply(exc: OSError) -> R.Reply:
+    """ENOSPC/EDQUOT -> 452 4.3.1, any other storage failure -> 451 4.3.0."""
+    return R.R452_NO_SPACE if maildir.is_no_space(exc) else R.R451_STORAGE
+
+
+class Router:
+    """Per-worker cache of Maildir objects and the recipient -> Maildir map."""
+
+    def __init__(self, catch_all: str, mailboxes: Mapping[str, str], fsync: bool = True) -> None:
+        self.catch_all = catch_all
+        self.mailboxes = mailboxes
+        self.fsync = fsync
+        self._maildirs: dict[str, maildir.Maildir] = {}
+
+    def route(self, recipients: list[str]) -> dict[str, list[str]]:
+        """Destination Maildir path -> the distinct recipients stored there."""
+        groups: dict[str, list[str]] = {}
+        for rcpt in recipients:
+            path = self.mailboxes.get(rcpt.lower(), self.catch_all)
+            group = groups.setdefault(path, [])
+            if rcpt not in group:
+                group.append(rcpt)
+        return groups
+
+    def maildir(self, path: str) -> maildir.Maildir:
+        md = self._maildirs.get(path)
+        if md is None:
+            md = self._maildirs[path] = maildir.Maildir(path, fsync=self.fsync)
+        return md
+
+    def begin(self, path: str) -> maildir.Delivery:
+        try:
+            return self.maildir(path).begin()
+        except FileNotFoundError:
+            # The Maildir was removed while we ran: recreate it (tmp/new/cur, 0700).
+            self._maildirs.pop(path, None)
+            return self.maildir(path).begin()
+
+
+class Transaction:
+    """The Maildir copies of one message."""
+
+    def __init__(self, router: Router, recipients: list[str], header: "HeaderInfo") -> None:
+        self._copies: list[maildir.Delivery] = []
+        try:
+            for path, rcpts in router.route(recipients).items():
+                copy = router.begin(path)
+                self._copies.append(copy)
+                copy.write(header.render(rcpts, personal=path != router.catch_all))
+        except BaseException:
+            self.abort()
+            raise
+        # The common case is one copy: bind its write method to skip a loop per chunk.
+        self.write = self._copies[0].write if len(self._copies) == 1 else self._write_all
+
+    def _write_all(self, data: bytes) -> None:
+        for copy in self._copies:
+            copy.write(data)
+
+    def commit(self) -> list[str]:
+        return maildir.commit_all(self._copies)
+
+    def abort(self) -> None:
+        for copy in self._copies:
+            copy.abort()
+
+
+class HeaderInfo:
+    """What the trace headers need, gathered once per message."""
+
+    __slots__ = ("sender", "helo", "peer_ip", "by", "protocol", "queue_id", "when", "tls", "auth_user")
+
+    def __init__(self, *, sender: str, helo: str, peer_ip: str, by: str, protocol: str,
+                 queue_id: str, when: float, tls: str = "", auth_user: str = "") -> None:
+        self.sender, self.helo, self.peer_ip, self.by = sender, helo, peer_ip, by
+        self.protocol, self.queue_id, self.when = protocol, queue_id, when
+        self.tls, self.auth_user = tls, auth_user
+
+    def render(self, recipients: list[str], personal: bool) -> bytes:
+        one = recipients[0] if len(recipients) == 1 else None
+        head = trace.return_path(self.sender)
+        if personal and one is not None:
+            head += trace.delivered_to(one)
+        return head + trace.received(
+            helo=self.helo, peer_ip=self.peer_ip, by=self.by, protocol=self.protocol,
+            queue_id=self.queue_id, recipient=one, when=self.when, tls=self.tls,
+            auth_user=self.auth_user)

@@ -1,0 +1,44 @@
+"""Admission policy: which reply a refused connection gets, and when stress mode is on.
+
+The counting lives in the scoreboard (like Postfix's anvil(8), which only counts); the decision
+of what a count means lives here, so it can be read and tested without shared memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .smtp.replies import R421_BUSY, R421_PER_IP, R554_EARLY_TALKER, Reply
+
+# Reasons a connection is refused, as counted in the scoreboard and shown in the stats'
+# "connections_rejected" object.
+MAX_CONNECTIONS = "max_connections"
+MAX_CONNECTIONS_PER_IP = "max_connections_per_ip"
+EARLY_TALKER = "early_talker"
+OTHER = "other"
+REASONS = (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, EARLY_TALKER, OTHER)
+
+R421_UNAVAILABLE = Reply(421, "4.3.2", "Service not available, closing transmission channel")
+
+_REPLIES = {
+    MAX_CONNECTIONS: R421_BUSY,  # contract: 421 4.3.2 over max_connections
+    MAX_CONNECTIONS_PER_IP: R421_PER_IP,  # contract: 421 4.7.0 over max_connections_per_ip
+    EARLY_TALKER: R554_EARLY_TALKER,
+}
+
+
+def reply_for(reason: str) -> Reply:
+    """The reply that ends a refused connection; its (code, enhanced, text) are the contract's."""
+    return _REPLIES.get(reason, R421_UNAVAILABLE)
+
+
+def in_stress(busy: int, max_workers: int, threshold: float) -> bool:
+    """Stress mode: at least ``threshold`` of the pool ceiling is busy with sessions.
+
+    Postfix switches to short timeouts and a small error budget when its process limit is
+    reached; a threshold below 1 switches earlier, while spare capacity is still there.
+    The threshold is compared in whole workers (0.7 of 10 is 7, not 7.000000000000001).
+    """
+    if max_workers <= 0 or threshold <= 0:
+        return False
+    return busy >= max(1, math.ceil(threshold * max_workers - 1e-9))

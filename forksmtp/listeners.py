@@ -1,0 +1,148 @@
+"""Listen addresses: parse them, bind them, and work out what a reload changes.
+
+Accepted forms (``--listen`` and ``server.listen``):
+
+* ``PORT`` (or ``:PORT``, ``*:PORT``) -- every IPv4 interface.  We deliberately bind
+  ``0.0.0.0`` rather than a dual-stack ``::`` socket: dual-stack behaviour depends on the
+  ``net.ipv6.bindv6only`` sysctl, and an operator who wants IPv6 too can say ``[::]:PORT``.
+* ``HOST:PORT`` -- an IPv4 address or a host name.  A name is resolved when parsed so that
+  ``--check`` reports names that do not resolve; it keeps its spelling for logs and binds
+  its first IPv4 address (else its first IPv6 one), so ``localhost`` means 127.0.0.1.
+* ``[V6ADDR]:PORT`` -- an IPv6 address (zone ids such as ``[fe80::1%eth0]`` work).
+
+IPv6 sockets are bound with IPV6_V6ONLY, so ``[::]:25`` and ``0.0.0.0:25`` can coexist and
+each entry in the list is exactly one socket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddr:
+    host: str  # "" for all IPv4 interfaces, else an IP literal or a host name
+    port: int
+    family: int  # socket.AF_INET or socket.AF_INET6
+
+    def __str__(self) -> str:
+        if self.family == socket.AF_INET6 and _is_ip(self.host):
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+class BindError(Exception):
+    """A listen socket could not be opened; ``str()`` is one line naming the address."""
+
+    def __init__(self, addr: ListenAddr, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.addr = addr
+        self.message = message
+        self.errno = errno
+
+
+def parse_listen(text: str) -> ListenAddr:
+    """Parse one listen address; raises ValueError with a short reason."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty listen address")
+    if text.isdigit():
+        return ListenAddr("", _port(text), socket.AF_INET)
+    if text.startswith("["):
+        return _parse_bracketed(text)
+    if text.count(":") > 1:
+        raise ValueError("IPv6 addresses need brackets: [V6ADDR]:PORT")
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError("expected PORT, HOST:PORT or [V6ADDR]:PORT")
+    if host in ("", "*"):
+        return ListenAddr("", _port(port), socket.AF_INET)
+    return ListenAddr(host, _port(port), _family_of(host))
+
+
+def _parse_bracketed(text: str) -> ListenAddr:
+    host, sep, port = text[1:].partition("]")
+    if not sep or not port.startswith(":"):
+        raise ValueError("expected [V6ADDR]:PORT")
+    try:
+        ip = ipaddress.IPv6Address(host)
+    except ValueError:
+        raise ValueError(f"not an IPv6 address: {host!r}") from None
+    return ListenAddr(str(ip), _port(port[1:]), socket.AF_INET6)
+
+
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"port must be a number, not {text!r}")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 1-65535")
+    return port
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _family_of(host: str) -> int:
+    """Family of an IPv4 literal, or of what a host name resolves to (IPv4 preferred)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    families = {info[0] for info in _resolve(host, socket.AF_UNSPEC)}
+    return socket.AF_INET if socket.AF_INET in families else socket.AF_INET6
+
+
+def _resolve(host: str, family: int, port: int = 0) -> list[tuple]:
+    try:
+        infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"cannot resolve host {host!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    infos = [i for i in infos if i[0] in (socket.AF_INET, socket.AF_INET6)]
+    if not infos:
+        raise ValueError(f"cannot resolve host {host!r}: no IPv4 or IPv6 address")
+    return infos
+
+
+def bind(addr: ListenAddr, backlog: int = 1024) -> socket.socket:
+    """Open a blocking, inheritable listening socket; raises BindError."""
+    try:
+        sockaddr = _resolve(addr.host, addr.family, addr.port)[0][4]
+    except ValueError as exc:
+        raise BindError(addr, f"cannot listen on {addr}: {exc}") from None
+    sock = socket.socket(addr.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if addr.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise BindError(addr, f"cannot listen on {addr}: {reason}", exc.errno) from None
+    # Blocking accept in the workers; inheritable so forked workers share the socket.
+    sock.setblocking(True)
+    sock.set_inheritable(True)
+    return sock
+
+
+def diff(
+    old: set[ListenAddr], new: set[ListenAddr]
+) -> tuple[set[ListenAddr], set[ListenAddr], set[ListenAddr]]:
+    """Split a reload into (to_open, to_close, unchanged).
+
+    Open the new ones before closing the old ones: unchanged sockets are never touched, so a
+    reload refuses no connection on them.
+    """
+    old, new = set(old), set(new)
+    return new - old, old - new, old & new

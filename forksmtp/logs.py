@@ -1,0 +1,102 @@
+"""The operator's log: one event a line, in the contract's ``[TAG] text`` format.
+
+    2026-11-29T00:53:20.123Z 4711 [SMTP] MAIL FROM:<a@example.com>
+
+A line is a UTC timestamp, the pid of the process that wrote it (a worker serves one
+session at a time, so the pid and the ``[CONN]`` line before it identify the session),
+then the tag and the text.  Lines are queued and written with one ``write(2)`` per
+flush on an ``O_APPEND`` descriptor, so lines from many workers never interleave
+mid-line, and a pipelined SMTP exchange costs one syscall of logging, not one per line.
+CR and LF from clients are escaped so that nobody can forge a log line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+class Log:
+    def __init__(self, level: str = "info", path: str = "") -> None:
+        self.level = LEVELS[level]
+        self.path = path
+        self._fd = self._open(path)
+        self._pending: list[str] = []
+        self._second = -1
+        self._stamp = ""
+        self.pid = os.getpid()
+
+    @staticmethod
+    def _open(path: str) -> int:
+        if not path:
+            return sys.stderr.fileno()
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def reopen(self, level: str | None = None, path: str | None = None) -> None:
+        """After a reload (new level or file) or log rotation: reopen the file."""
+        self.flush()
+        if level is not None:
+            self.level = LEVELS[level]
+        new_path = self.path if path is None else path
+        old_fd, self._fd = self._fd, self._open(new_path)
+        if self.path and old_fd != self._fd:
+            os.close(old_fd)
+        self.path = new_path
+
+    def after_fork(self) -> None:
+        self.pid = os.getpid()
+        self._pending.clear()
+
+    def _timestamp(self) -> str:
+        now = time.time()
+        sec = int(now)
+        if sec != self._second:
+            self._second = sec
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        return f"{self._stamp}.{int((now - sec) * 1000):03d}Z"
+
+    def queue(self, tag: str, text: str, level: int = 20) -> None:
+        """Add a line to the next flush (the worker flushes once per exchange)."""
+        if level < self.level:
+            return
+        if "\n" in text or "\r" in text:
+            text = text.replace("\r", "\\r").replace("\n", "\\n")
+        self._pending.append(f"{self._timestamp()} {self.pid} [{tag}] {text}\n")
+
+    def queue_many(self, tag: str, texts: list[str]) -> None:
+        if self.level > 20 or not texts:
+            return
+        stamp = f"{self._timestamp()} {self.pid} [{tag}] "
+        self._pending.extend(f"{stamp}{t}\n" for t in texts)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = "".join(self._pending).encode("utf-8", "backslashreplace")
+        self._pending.clear()
+        try:
+            while data:
+                n = os.write(self._fd, data)
+                data = data[n:]
+        except OSError:
+            pass  # a full log disk must not stop mail; there is nowhere to report it
+
+    def line(self, tag: str, text: str, level: int = 20) -> None:
+        """Write one line now (master events, rare worker events)."""
+        self.queue(tag, text, level)
+        self.flush()
+
+    def debug(self, tag: str, text: str) -> None:
+        self.line(tag, text, 10)
+
+    def info(self, tag: str, text: str) -> None:
+        self.line(tag, text, 20)
+
+    def warning(self, tag: str, text: str) -> None:
+        self.line(tag, text, 30)
+
+    def error(self, tag: str, text: str) -> None:
+        self.line(tag, text, 40)

@@ -1,0 +1,317 @@
+"""Maildir delivery: exclusive creation, durable writes, links that never overwrite.
+
+A message is written to an unnamed ``O_TMPFILE`` file in ``tmp/`` (or, where the
+filesystem refuses that, to a named file created with ``O_EXCL``), fsynced, then
+hard-linked into ``new/`` under a unique name, and ``new/`` itself is fsynced.
+Only then does the caller learn the final path, so a 250 is never sent for a
+message that a crash could lose. This module knows nothing about SMTP.
+
+Names follow the Maildir convention ``<secs>.M<usecs>P<pid>Q<n>.<host>,S=<size>``:
+the pid and the per-process counter make them unique on one host, the host part
+across hosts, and ``link()`` fails instead of overwriting if they ever clash.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import re
+import socket
+import time
+from collections.abc import Sequence
+
+__all__ = ["Maildir", "Delivery", "commit_all", "clean_tmp", "is_no_space", "escape_host"]
+
+_FLUSH_AT = 256 * 1024          # buffer this much before a write(): few syscalls per message
+_MAX_TRIES = 100                # bound on name clashes before giving up
+_PID_MAX = 1 << 22              # Linux PID_MAX_LIMIT; larger "pids" are not ours
+_TMPFILE = getattr(os, "O_TMPFILE", 0)
+# How kernels and filesystems without O_TMPFILE support answer (EISDIR: kernels
+# that predate it and see only O_DIRECTORY).
+_TMPFILE_REFUSED = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_EXCL_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TMP_NAME = re.compile(r"\d+\.M\d+P(\d+)Q\d+\.(.+)\Z")
+
+_clock = time.time_ns           # looked up at call time, so tests can pin the clock
+_seq = itertools.count(1)       # per-process delivery counter (the Q part)
+
+
+def escape_host(name: str) -> str:
+    """Host part of a Maildir name: no '/' or ':' (djb's escapes), no ',' (which
+    would confuse readers of ',S='), and no leading dot (readers skip those)."""
+    host = name.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
+    if host.startswith("."):
+        host = "\\056" + host[1:]
+    return host or "localhost"
+
+
+def _unique(pid: int, host: str) -> str:
+    secs, nsecs = divmod(_clock(), 1_000_000_000)
+    return f"{secs}.M{nsecs // 1000}P{pid}Q{next(_seq)}.{host}"
+
+
+def _mkdir_0700(path: str) -> None:
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return              # never change the mode of a directory we did not make
+    os.chmod(path, 0o700)   # mkdir's mode is filtered by the umask
+
+
+def _unlink_quiet(path: str) -> int:
+    """Best-effort removal during cleanup; the error being handled matters more."""
+    try:
+        os.unlink(path)
+    except OSError:
+        return 0
+    return 1
+
+
+def _write_all(fd: int, buf: bytearray) -> None:
+    with memoryview(buf) as view:
+        done, total = 0, len(view)
+        while done < total:
+            done += os.write(fd, view[done:])
+
+
+class Maildir:
+    """One Maildir directory. Safe to create in a master and use in forked workers."""
+
+    def __init__(self, path: str, *, fsync: bool = True, hostname: str | None = None) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.fsync = fsync
+        self.host = escape_host(socket.gethostname() if hostname is None else hostname)
+        self.tmp = os.path.join(self.path, "tmp")
+        self.new = os.path.join(self.path, "new")
+        self.cur = os.path.join(self.path, "cur")
+        # O_TMPFILE deliveries are linked through /proc/self/fd, which a chroot may lack.
+        self.use_tmpfile = bool(_TMPFILE) and os.path.isdir("/proc/self/fd")
+        self._new_fd = -1
+        self._new_fd_pid = 0
+        parent = os.path.dirname(self.path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        for directory in (self.path, self.tmp, self.new, self.cur):
+            _mkdir_0700(directory)
+
+    def __repr__(self) -> str:
+        return f"Maildir({self.path!r}, fsync={self.fsync})"
+
+    def begin(self) -> Delivery:
+        """Start a delivery; the caller must commit() or abort() it."""
+        if self.use_tmpfile:
+            try:
+                fd = os.open(self.tmp, _TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                if exc.errno not in _TMPFILE_REFUSED:
+                    raise
+                delivery = self._begin_named()
+                # Remembered only now: ENOENT may just mean tmp/ is gone, which
+                # the named fallback would have reported above.
+                self.use_tmpfile = False
+                return delivery
+            return Delivery(self, fd, None)
+        return self._begin_named()
+
+    def _begin_named(self) -> Delivery:
+        pid = os.getpid()
+        for _ in range(_MAX_TRIES):
+            tmp = os.path.join(self.tmp, _unique(pid, self.host))
+            try:
+                fd = os.open(tmp, _EXCL_FLAGS, 0o600)
+            except FileExistsError:
+                continue
+            return Delivery(self, fd, tmp)
+        raise FileExistsError(errno.EEXIST, "no unique name available", self.tmp)
+
+    def _dir_fd(self, pid: int) -> int:
+        """fd of new/, opened once per process. An fd inherited through fork()
+        is left alone rather than closed: the child may already have closed
+        that number and reused it for something else."""
+        if self._new_fd_pid != pid:
+            self._new_fd = os.open(self.new, _DIR_FLAGS)
+            self._new_fd_pid = pid
+        return self._new_fd
+
+    def close(self) -> None:
+        """Release the new/ fd held by this process (it is reopened on demand)."""
+        if self._new_fd_pid == os.getpid():
+            os.close(self._new_fd)
+        self._new_fd, self._new_fd_pid = -1, 0
+
+
+class Delivery:
+    """One message being written into one Maildir."""
+
+    __slots__ = ("maildir", "path", "_fd", "_tmp", "_buf", "_written", "_linked")
+
+    def __init__(self, maildir: Maildir, fd: int, tmp: str | None) -> None:
+        self.maildir = maildir
+        self.path: str | None = None     # final path, once committed
+        self._fd = fd
+        self._tmp = tmp                  # named tmp file, or None for O_TMPFILE
+        self._buf = bytearray()
+        self._written = 0
+        self._linked: str | None = None  # in new/ but not yet durable
+
+    @property
+    def size(self) -> int:
+        return self._written + len(self._buf)
+
+    def write(self, data: bytes) -> None:
+        """Append data. On a failed write the delivery is aborted, then the error raised."""
+        buf = self._buf
+        buf += data
+        if len(buf) >= _FLUSH_AT:
+            self._flush()
+
+    def commit(self) -> str:
+        """Make the message durable in new/ and return its path; see commit_all()."""
+        return commit_all((self,))[0]
+
+    def abort(self) -> None:
+        """Discard the message; nothing is left in tmp/ or new/. Idempotent, and a
+        no-op after a successful commit."""
+        fd, self._fd = self._fd, -1
+        self._buf.clear()
+        if self._linked is not None:
+            _unlink_quiet(self._linked)
+        if self._tmp is not None:
+            _unlink_quiet(self._tmp)
+        self._linked = self._tmp = None
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _flush(self) -> None:
+        if self._fd < 0:
+            raise ValueError("delivery already committed or aborted")
+        try:
+            _write_all(self._fd, self._buf)
+        except BaseException:
+            self.abort()
+            raise
+        self._written += len(self._buf)
+        self._buf.clear()
+
+    def _sync(self) -> None:
+        if self._fd < 0:
+            raise ValueError("delivery already committed or aborted")
+        if self._buf:
+            self._flush()
+        if self.maildir.fsync:
+            os.fsync(self._fd)
+
+    def _link(self, pid: int) -> None:
+        md = self.maildir
+        dir_fd = md._dir_fd(pid)
+        named = self._tmp is not None
+        src = self._tmp if named else f"/proc/self/fd/{self._fd}"
+        suffix = f",S={self._written}"
+        for _ in range(_MAX_TRIES):
+            name = _unique(pid, md.host) + suffix
+            try:
+                # dst_dir_fd makes CPython call linkat(); with AT_SYMLINK_FOLLOW it
+                # links the file behind /proc/self/fd/N. Plain link() gives EXDEV.
+                os.link(src, name, dst_dir_fd=dir_fd, follow_symlinks=not named)
+            except FileExistsError:
+                continue
+            self._linked = os.path.join(md.new, name)
+            if named:
+                os.unlink(src)
+                self._tmp = None
+            return
+        raise FileExistsError(errno.EEXIST, "no unique name available", md.new)
+
+    def _close(self) -> None:
+        fd, self._fd = self._fd, -1
+        os.close(fd)
+
+    def _finish(self) -> str:
+        path, self._linked = self._linked, None
+        self.path = path
+        return path  # type: ignore[return-value]
+
+
+def _sync_dirs(deliveries: Sequence[Delivery], pid: int) -> None:
+    seen: set[str] = set()
+    for delivery in deliveries:
+        md = delivery.maildir
+        if md.fsync and md.new not in seen:
+            seen.add(md.new)
+            os.fsync(md._dir_fd(pid))
+
+
+def commit_all(deliveries: Sequence[Delivery]) -> list[str]:
+    """Commit several deliveries (one per destination Maildir) all-or-nothing.
+
+    Every file is flushed and fsynced first, then all are linked, then each
+    distinct new/ is fsynced once. If anything fails, every copy already
+    linked is removed, all deliveries are aborted, and the error is re-raised.
+    Returns the final paths in order.
+    """
+    try:
+        for delivery in deliveries:
+            delivery._sync()
+        pid = os.getpid()
+        for delivery in deliveries:
+            delivery._link(pid)
+        _sync_dirs(deliveries, pid)
+        for delivery in deliveries:
+            delivery._close()
+    except BaseException:
+        for delivery in deliveries:
+            delivery.abort()
+        raise
+    return [delivery._finish() for delivery in deliveries]
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid > _PID_MAX:
+        return True         # not a pid of this host: leave it to the age rule
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True         # exists, owned by someone else
+    return True
+
+
+def _stale(entry: os.DirEntry[str], cutoff: float, host: str) -> bool:
+    try:
+        if not entry.is_file(follow_symlinks=False):
+            return False
+        st = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if max(st.st_atime, st.st_mtime) < cutoff:
+        return True
+    # Only this host's pids can be checked. Hosts sharing a Maildir must have
+    # distinct host names, which the Maildir naming scheme requires anyway.
+    match = _TMP_NAME.match(entry.name)
+    return match is not None and match[2] == host and not _pid_alive(int(match[1]))
+
+
+def clean_tmp(path: str, *, now: float | None = None, max_age: float = 36 * 3600,
+              hostname: str | None = None) -> int:
+    """Remove leftovers from tmp/: files untouched (atime and mtime) for max_age
+    seconds, and at once those made on this host by a process that is gone.
+    Names starting with '.' are skipped. Returns how many files were removed."""
+    host = escape_host(socket.gethostname() if hostname is None else hostname)
+    cutoff = (time.time() if now is None else now) - max_age
+    removed = 0
+    with os.scandir(os.path.join(os.fspath(path), "tmp")) as entries:
+        for entry in entries:
+            if not entry.name.startswith(".") and _stale(entry, cutoff, host):
+                removed += _unlink_quiet(entry.path)
+    return removed
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """True when a storage error means "full" (452 4.3.1) rather than 451 4.3.0."""
+    return getattr(exc, "errno", None) in _NO_SPACE

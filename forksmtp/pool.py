@@ -1,0 +1,141 @@
+"""Pool policy: how many workers to start or retire this tick.  Pure: no os calls, no clock.
+
+Apache prefork's perform_idle_server_maintenance, plus a crash-loop back-off.  Once a tick
+the master passes a scoreboard snapshot and gets a Plan:
+
+- keep at least ``workers`` workers of the current generation, all started at once;
+- keep at least ``min_spare`` of them idle (STARTING counts as idle: it was started a tick
+  ago and will be ready soon), forking 1, 2, 4 … up to 32 per tick while the shortfall lasts,
+  back to 1 as soon as a tick needs no spawn;
+- retire one idle worker per tick when more than ``max_spare`` are idle, it has been idle for
+  ``max_idle`` seconds and the pool stays at or above ``workers``: one per tick, so recycled
+  workers never go away in lockstep;
+- never occupy more than ``max_workers`` slots.  Slots of an old generation (after a reload)
+  or of stopping workers count against that ceiling, as their processes still exist, but not
+  towards the minimum or the spares.  Retiring old generations is the reload's job;
+- when workers keep dying within ``crash_window`` seconds of their start, spawn nothing for
+  1 s, 2 s, 4 s … up to 60 s, so a broken config or a full disk does not become a fork bomb.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .scoreboard import BUSY, IDLE, STARTING, STOPPING, Snapshot
+
+MAX_SPAWN_RATE = 32
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    workers: int
+    max_workers: int
+    min_spare: int = 1
+    max_spare: int = 8
+    max_idle: float = 300.0
+
+    @classmethod
+    def from_server(cls, server) -> "PoolSettings":
+        """From config.ServerConfig; SIGTTIN/SIGTTOU use dataclasses.replace(workers=...)."""
+        return cls(server.workers, server.max_workers, server.min_spare_workers,
+                   server.max_spare_workers, server.max_idle)
+
+
+@dataclass(slots=True)
+class PoolState:
+    """What the policy remembers between ticks; owned and mutated by the master only."""
+    crash_window: float = 5.0  # an exit this soon after start counts as a crash
+    crash_threshold: int = 3  # consecutive crashes that start the back-off
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    spawn_rate: int = 1
+    crashes: int = 0  # consecutive exits within crash_window of start
+    last_crash: float = float("-inf")
+    backoff: float = 0.0  # current back-off length, 0 when none
+    backoff_until: float = float("-inf")
+    retire_requests: int = 0  # SIGTTOU: retire one worker now, whatever max_idle says
+
+    def record_exit(self, lifetime: float, now: float) -> None:
+        """Report an unplanned worker exit (crash, signal, error status) with its lifetime.
+
+        Planned retirements (max_sessions, max_idle, reload, SIGTTOU) need not be reported.
+        """
+        if lifetime >= self.crash_window:
+            return  # an old worker's death says nothing about whether new ones can start
+        if now - self.last_crash > self.backoff_max + self.crash_window:
+            self.crashes = 0  # the last crash was long ago: start counting afresh
+        self.crashes += 1
+        self.last_crash = now
+        # Grow once per back-off period: the workers already started when it began all die
+        # together, and that is one failed attempt, not several.
+        if self.crashes >= self.crash_threshold and now >= self.backoff_until:
+            self.backoff = min(self.backoff_max,
+                               self.backoff * 2 if self.backoff else self.backoff_initial)
+            self.backoff_until = now + self.backoff
+
+    def _settle(self, now: float) -> None:
+        # No crash since the back-off ended, and a crash_window has passed: recovered.
+        if self.backoff and self.last_crash < self.backoff_until <= now - self.crash_window:
+            self.crashes, self.backoff = 0, 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    spawn: int = 0
+    # Slot indexes to stop gracefully, at most one.  The master marks each stopping in the
+    # scoreboard before it signals, so the next tick neither counts it nor picks it again.
+    retire: tuple[int, ...] = ()
+    backoff_until: float = float("-inf")
+    reason: str = ""  # why spawning is held back (crash loop, ceiling); empty when it is not
+    counts: dict[str, int] = field(default_factory=dict)  # what the decision was based on
+
+
+def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float) -> Plan:
+    state._settle(now)
+    current = [s for s in snap.slots if s.generation == snap.generation and s.state != STOPPING]
+    idle = [s for s in current if s.state in (STARTING, IDLE)]
+    room = min(settings.max_workers, snap.nslots) - len(snap.slots)
+    counts = {"current": len(current), "idle": len(idle), "occupied": len(snap.slots),
+              "busy": sum(1 for s in current if s.state == BUSY), "room": max(room, 0)}
+    spawn, reason = _spawn(settings, state, now, len(current), len(idle), room)
+    retire = () if spawn else _retire(settings, state, now, current, idle)
+    return Plan(spawn, retire, state.backoff_until, reason, counts)
+
+
+def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, idle: int,
+           room: int) -> tuple[int, str]:
+    need_min = settings.workers - current
+    need_spare = max(settings.min_spare, 0) - idle
+    if need_min <= 0 and need_spare <= 0:
+        state.spawn_rate = 1
+        return 0, ""
+    if now < state.backoff_until:
+        state.spawn_rate = 1
+        return 0, (f"crash loop: {state.crashes} workers exited within "
+                   f"{state.crash_window:g}s of start; not spawning for "
+                   f"{state.backoff_until - now:.1f}s (back-off {state.backoff:g}s)")
+    if room <= 0:
+        state.spawn_rate = 1
+        return 0, f"max_workers reached ({settings.max_workers} workers): no spare to start"
+    # The minimum is restored at once (boot, after a crash); spares grow at the doubling rate.
+    spawn = min(room, max(need_min, min(need_spare, state.spawn_rate)))
+    if need_spare > 0:
+        state.spawn_rate = min(state.spawn_rate * 2, MAX_SPAWN_RATE)
+    return spawn, ""
+
+
+def _retire(settings: PoolSettings, state: PoolState, now: float, current: list,
+            idle: list) -> tuple[int, ...]:
+    if len(current) <= settings.workers:
+        state.retire_requests = 0  # SIGTTOU below the minimum has nothing left to do
+        return ()
+    ready = sorted((s for s in idle if s.state == IDLE), key=lambda s: s.last_activity)
+    if not ready:
+        return ()
+    if state.retire_requests > 0:
+        state.retire_requests -= 1
+        return (ready[0].index,)
+    stale = [s for s in ready if now - s.last_activity >= settings.max_idle]
+    if len(idle) > max(settings.max_spare, settings.min_spare) and stale:
+        return (stale[0].index,)
+    return ()

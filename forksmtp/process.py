@@ -1,0 +1,115 @@
+"""Operating-system plumbing: process titles, the pidfile, privilege drop,
+the parent-death pipe and readiness notification."""
+
+from __future__ import annotations
+
+import errno
+import grp
+import os
+import pwd
+import socket
+
+try:
+    from setproctitle import setproctitle as _setproctitle
+except ImportError:  # titles are a convenience, never a reason not to run
+    _setproctitle = None
+
+
+def set_title(title: str) -> None:
+    if _setproctitle is not None:
+        _setproctitle(title)
+
+
+class PidfileError(Exception):
+    pass
+
+
+def write_pidfile(path: str) -> None:
+    """Create the pidfile, refusing when a live process already holds it."""
+    try:
+        with open(path) as f:
+            old = int(f.read().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        old = 0
+    if old and old != os.getpid() and _alive(old):
+        raise PidfileError(f"pidfile {path} is held by running process {old}")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def remove_pidfile(path: str) -> None:
+    try:
+        with open(path) as f:
+            if int(f.read().strip() or 0) != os.getpid():
+                return  # not ours any more: another master took over
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def parent_death_pipe() -> tuple[int, int]:
+    """(read end for workers, write end the master keeps open until it dies).
+
+    The kernel closes the master's write end when it dies however it dies (even
+    SIGKILL), so every worker polling the read end sees EOF within its next wait.
+    """
+    r, w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(r, False)
+    return r, w
+
+
+def resolve_ids(user: str, group: str) -> tuple[int | None, int | None]:
+    uid = gid = None
+    if user:
+        entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if group:
+        gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
+    return uid, gid
+
+
+def drop_privileges(user: str, group: str) -> None:
+    """Become user/group (after the sockets are bound), group first, for good."""
+    uid, gid = resolve_ids(user, group)
+    if gid is not None and os.getgid() != gid:
+        os.setgroups([gid])
+        os.setgid(gid)
+    if uid is not None and os.getuid() != uid:
+        os.setuid(uid)
+
+
+def chown_tree(paths: list[str], user: str, group: str) -> None:
+    """Give the Maildirs to the unprivileged user so workers can write after the drop."""
+    uid, gid = resolve_ids(user, group)
+    if uid is None and gid is None:
+        return
+    for top in paths:
+        for root, dirs, _files in os.walk(top):
+            os.chown(root, -1 if uid is None else uid, -1 if gid is None else gid)
+
+
+def sd_notify(message: str) -> None:
+    """systemd readiness (Type=notify); a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr[0] == "@":
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(message.encode(), addr)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+            raise

@@ -1,0 +1,471 @@
+"""The scoreboard: worker slots, global totals and a per-IP table in shared memory.
+
+Modelled on Apache's scoreboard: plain values in an anonymous shared mmap that the master
+creates before it forks, so every worker inherits it.  A worker writes only its own slot; the
+master reads them all.  Every count a worker holds (one session against ``max_connections``,
+one against its client's per-IP count) is recorded in its slot, so when a worker dies, even
+by SIGKILL half-way through an update, ``repair()`` drops what it held and rebuilds the shared
+counts from the surviving slots: no counter can leak or go negative.
+
+Admission (check-and-increment of the global and per-IP counts) is serialised by flock(2) on a
+lock file that every process opens itself.  The kernel drops a flock when its holder dies,
+unlike a ``multiprocessing.Lock``; and an fd inherited across fork shares one lock with the
+parent, so it excludes nothing: a child must call ``after_fork()`` (before dropping
+privileges, since the lock directory is private to the master's user).
+
+The per-IP table uses open addressing (linear probing over a bounded window) keyed by the
+16-byte packed address, IPv4 as ``::ffff:a.b.c.d``.  A slot holds at most one per-IP count,
+so live keys never outnumber slots; stale entries are cleared by a rebuild.  If no bucket is
+free within the window even after a rebuild, the connection is admitted under the global limit
+only: a full table fails open, as Postfix does when anvil(8) is unreachable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import mmap
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
+
+FREE, STARTING, IDLE, BUSY, STOPPING = range(5)
+STATE_NAMES = ("free", "starting", "idle", "busy", "stopping")
+REJECT_CODES = (421, 450, 451, 452, 500, 501, 502, 503, 504, 530, 535, 538, 550, 552, 553, 554, 555)
+REJECT_KEYS = tuple(str(c) for c in REJECT_CODES) + ("other",)
+CONN_REJECT_REASONS = ("max_connections", "max_connections_per_ip", "early_talker", "other")
+_CODE_POS = {c: i for i, c in enumerate(REJECT_CODES)}
+_REASON_POS = {r: i for i, r in enumerate(CONN_REJECT_REASONS)}
+# Counters kept per slot and, for dead workers, folded into the header in the same layout:
+# sessions, messages_accepted, bytes_received, rejects by code, connection rejects by reason.
+_NCOUNTERS = 3 + len(REJECT_KEYS) + len(CONN_REJECT_REASONS)
+
+_MAGIC, _VERSION = b"FKSMTPSB", 1
+_Q = struct.Struct("<q")
+_I = struct.Struct("<i")
+_D = struct.Struct("<d")
+_COUNTERS = struct.Struct(f"<{_NCOUNTERS}q")
+
+# Header: magic, version, nslots, ip_buckets, stress @0; then 8-byte values.
+_HDR = struct.Struct("<8sIIII")
+H_STRESS, H_GENERATION, H_ACTIVE, H_TOTAL, H_EXITED, H_COUNTERS = 20, 24, 32, 40, 48, 56
+HEADER_SIZE = H_COUNTERS + _COUNTERS.size
+
+# Slot: pid, state, holds_global, port, generation, ip bucket+1 (0 = none), ip key, client,
+# phase, last_activity, started, counters.  The bucket is stored +1 so a zeroed slot holds none.
+_SLOT = struct.Struct(f"<iBBHqi16s4x46s2x16sdd{_NCOUNTERS}q")
+SLOT_SIZE = _SLOT.size
+S_STATE, S_HOLDS, S_PORT, S_GEN, S_BUCKET, S_KEY, S_CLIENT = 4, 5, 6, 8, 16, 20, 40
+S_PHASE, S_LAST, S_STARTED, S_COUNTERS = 88, 104, 112, 120
+S_MESSAGES, S_REJECTS = S_COUNTERS + 8, S_COUNTERS + 24
+S_CONN_REJECTS = S_REJECTS + 8 * len(REJECT_KEYS)
+_HOLD = struct.Struct("<i16s")
+_PHASE = struct.Struct("<16sd")
+_CLIENT = struct.Struct("<46s")
+_QQ = struct.Struct("<qq")
+_H = struct.Struct("<H")
+_ZERO_SLOT = bytes(SLOT_SIZE)
+assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (320, 320)
+
+# Per-IP bucket: key, state, count.  Tombstones keep probe chains intact after a delete.
+_BUCKET = struct.Struct("<16sB3xi")
+_EMPTY, _LIVE, _TOMB = 0, 1, 2
+_PROBE_WINDOW = 32
+_V4_PREFIX = b"\0" * 10 + b"\xff\xff"
+
+
+def ip_key(ip: str) -> bytes:
+    """The 16-byte table key: IPv6 packed, IPv4 as IPv4-mapped IPv6, anything else hashed."""
+    host = ip.split("%", 1)[0] if "%" in ip else ip  # fe80::1%eth0: the scope is not the peer
+    try:
+        if ":" in host:
+            return socket.inet_pton(socket.AF_INET6, host)
+        return _V4_PREFIX + socket.inet_pton(socket.AF_INET, host)
+    except (OSError, ValueError):
+        return hashlib.blake2b(ip.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
+def key_text(key: bytes) -> str:
+    if key.startswith(_V4_PREFIX):
+        return socket.inet_ntop(socket.AF_INET, key[12:])
+    return socket.inet_ntop(socket.AF_INET6, key)
+
+
+def _text(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    sessions: int
+    messages_accepted: int
+    bytes_received: int
+    messages_rejected: dict[str, int]  # "552" -> count, "other" for codes outside REJECT_CODES
+    connections_rejected: dict[str, int]  # reason -> count, every reason present
+
+    @classmethod
+    def from_counters(cls, c: tuple[int, ...] | list[int]) -> "Totals":
+        rej = c[3:3 + len(REJECT_KEYS)]
+        conn = c[3 + len(REJECT_KEYS):]
+        return cls(c[0], c[1], c[2], dict(zip(REJECT_KEYS, rej)), dict(zip(CONN_REJECT_REASONS, conn)))
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    index: int
+    pid: int
+    generation: int
+    state: int
+    client: str
+    port: int
+    phase: str
+    last_activity: float  # time.monotonic() of the last step: the heartbeat
+    started: float
+    ip_bucket: int  # -1: holds no per-IP count
+    holds_global: bool
+    counters: Totals
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES[self.state]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    nslots: int
+    generation: int
+    stress: bool
+    active: int
+    connections_total: int  # every connection that reached admission, refused ones included
+    workers_exited: int
+    slots: tuple[SlotInfo, ...]  # occupied slots only
+    per_ip: tuple[tuple[str, int], ...]  # busiest client addresses first
+    totals: Totals  # live slots + folded counters of dead workers: never decreases
+
+    def count(self, *states: int) -> int:
+        return sum(1 for s in self.slots if s.state in states)
+
+
+class Scoreboard:
+    def __init__(self, mm: mmap.mmap, nslots: int, ip_buckets: int, lock_path: str,
+                 owned_dir: str | None) -> None:
+        self._mm = mm
+        self.nslots, self.ip_buckets = nslots, ip_buckets
+        self._bases = tuple(HEADER_SIZE + i * SLOT_SIZE for i in range(nslots))
+        self._table = HEADER_SIZE + nslots * SLOT_SIZE
+        self._zero_table = bytes(ip_buckets * _BUCKET.size)
+        self.lock_path, self._owned_dir = lock_path, owned_dir
+        self._owner_pid = os.getpid()
+        self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd_pid = self._owner_pid
+
+    @classmethod
+    def create(cls, nslots: int, ip_buckets: int = 4096, lock_dir: str | None = None) -> "Scoreboard":
+        """Master, before forking.  Without lock_dir the lock file lives in a private temp dir."""
+        if nslots < 1 or ip_buckets < 1:
+            raise ValueError("nslots and ip_buckets must be positive")
+        size = HEADER_SIZE + nslots * SLOT_SIZE + ip_buckets * _BUCKET.size
+        mm = mmap.mmap(-1, size)  # anonymous + MAP_SHARED: one copy shared across fork
+        _HDR.pack_into(mm, 0, _MAGIC, _VERSION, nslots, ip_buckets, 0)
+        owned = None
+        if lock_dir is None:
+            lock_dir = owned = tempfile.mkdtemp(prefix="forksmtp-scoreboard-")
+        return cls(mm, nslots, ip_buckets, os.path.join(lock_dir, "scoreboard.lock"), owned)
+
+    def after_fork(self) -> None:
+        """Child, right after fork: open the lock file anew so flock excludes the parent."""
+        old = self._fd
+        self._fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd_pid = os.getpid()
+        os.close(old)  # never flock(LOCK_UN) it: that would release the parent's lock
+
+    def close(self) -> None:
+        """Release fds and memory; in the creating process also remove the lock file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if os.getpid() == self._owner_pid:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path)
+            if self._owned_dir:
+                shutil.rmtree(self._owned_dir, ignore_errors=True)
+        self._mm.close()
+
+    # -- the lock ---------------------------------------------------------------------------
+    def _lock(self) -> None:
+        if self._fd_pid != os.getpid():
+            raise RuntimeError("Scoreboard.after_fork() was not called in this process")
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def _unlock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the admission lock, for a few memory operations only (never across I/O)."""
+        self._lock()
+        try:
+            yield
+        finally:
+            self._unlock()
+
+    # -- header -----------------------------------------------------------------------------
+    def active(self) -> int:
+        return _Q.unpack_from(self._mm, H_ACTIVE)[0]
+
+    def generation(self) -> int:
+        return _Q.unpack_from(self._mm, H_GENERATION)[0]
+
+    def set_generation(self, generation: int) -> None:
+        _Q.pack_into(self._mm, H_GENERATION, generation)
+
+    def in_stress(self) -> bool:
+        """The stress flag the master sets from the busy share (limits.in_stress)."""
+        return bool(self._mm[H_STRESS])
+
+    def set_stress(self, on: bool) -> None:
+        self._mm[H_STRESS] = 1 if on else 0
+
+    # -- slot life cycle (master) -----------------------------------------------------------
+    def free_slot(self) -> int | None:
+        mm = self._mm
+        for i, base in enumerate(self._bases):
+            if mm[base + S_STATE] == FREE:
+                return i
+        return None
+
+    def claim_slot(self, idx: int, pid: int, generation: int, now: float | None = None) -> None:
+        """Take a free slot: STARTING, counters zero.
+
+        The master claims before fork (pid 0) so no second spawn can pick the slot; the child
+        claims again with its pid, which then only records the pid (a STOPPING mark set by the
+        master in between survives, so the worker is never signalled twice).
+        """
+        base, mm = self._bases[idx], self._mm
+        state = mm[base + S_STATE]
+        if state != FREE:
+            if state in (STARTING, STOPPING) and _I.unpack_from(mm, base)[0] in (0, pid):
+                _I.pack_into(mm, base, pid)
+                return
+            raise ValueError(f"scoreboard slot {idx} is in use")
+        now = time.monotonic() if now is None else now
+        mm[base:base + SLOT_SIZE] = _ZERO_SLOT
+        _I.pack_into(mm, base, pid)
+        _Q.pack_into(mm, base + S_GEN, generation)
+        _D.pack_into(mm, base + S_LAST, now)
+        _D.pack_into(mm, base + S_STARTED, now)
+        mm[base + S_STATE] = STARTING
+
+    def set_pid(self, idx: int, pid: int) -> None:
+        """Parent and child both call it after fork: same value, so no ordering race."""
+        _I.pack_into(self._mm, self._bases[idx], pid)
+
+    def repair(self, idx: int) -> bool:
+        """Master, after reaping the slot's worker: fold its counters, drop its counts, free it."""
+        base, mm = self._bases[idx], self._mm
+        self._lock()
+        try:
+            if mm[base + S_STATE] == FREE:
+                return False
+            slot = _COUNTERS.unpack_from(mm, base + S_COUNTERS)
+            folded = _COUNTERS.unpack_from(mm, H_COUNTERS)
+            _COUNTERS.pack_into(mm, H_COUNTERS, *map(int.__add__, folded, slot))
+            _Q.pack_into(mm, H_EXITED, _Q.unpack_from(mm, H_EXITED)[0] + 1)
+            mm[base:base + SLOT_SIZE] = _ZERO_SLOT
+            self._rebuild()
+            return True
+        finally:
+            self._unlock()
+
+    # -- worker state (hot path: a few pack_into each, no lock) -----------------------------
+    def set_busy(self, idx: int, client: tuple | str, now: float) -> None:
+        """A session starts: client is the peername tuple (host, port, ...) or a host."""
+        base, mm = self._bases[idx], self._mm
+        host, port = (client, 0) if isinstance(client, str) else (client[0], client[1])
+        _CLIENT.pack_into(mm, base + S_CLIENT, host.encode("utf-8", "replace"))
+        _H.pack_into(mm, base + S_PORT, port)
+        _PHASE.pack_into(mm, base + S_PHASE, b"greeting", now)
+        _Q.pack_into(mm, base + S_COUNTERS, _Q.unpack_from(mm, base + S_COUNTERS)[0] + 1)
+        if mm[base + S_STATE] != STOPPING:  # stopping is sticky: the master signals once
+            mm[base + S_STATE] = BUSY
+
+    def set_phase(self, idx: int, phase: str, now: float) -> None:
+        _PHASE.pack_into(self._mm, self._bases[idx] + S_PHASE, phase.encode(), now)
+
+    def touch(self, idx: int, now: float) -> None:
+        _D.pack_into(self._mm, self._bases[idx] + S_LAST, now)
+
+    def set_idle(self, idx: int, now: float) -> None:
+        base, mm = self._bases[idx], self._mm
+        _CLIENT.pack_into(mm, base + S_CLIENT, b"")
+        _H.pack_into(mm, base + S_PORT, 0)
+        _PHASE.pack_into(mm, base + S_PHASE, b"", now)
+        if mm[base + S_STATE] != STOPPING:
+            mm[base + S_STATE] = IDLE
+
+    def set_stopping(self, idx: int) -> None:
+        self._mm[self._bases[idx] + S_STATE] = STOPPING
+
+    def count_message(self, idx: int, nbytes: int) -> None:
+        off = self._bases[idx] + S_MESSAGES
+        n, total = _QQ.unpack_from(self._mm, off)
+        _QQ.pack_into(self._mm, off, n + 1, total + nbytes)
+
+    def count_reject(self, idx: int, code: int) -> None:
+        off = self._bases[idx] + S_REJECTS + 8 * _CODE_POS.get(code, len(REJECT_CODES))
+        _Q.pack_into(self._mm, off, _Q.unpack_from(self._mm, off)[0] + 1)
+
+    def count_conn_reject(self, idx: int, reason: str) -> None:
+        pos = _REASON_POS.get(reason, len(CONN_REJECT_REASONS) - 1)
+        off = self._bases[idx] + S_CONN_REJECTS + 8 * pos
+        _Q.pack_into(self._mm, off, _Q.unpack_from(self._mm, off)[0] + 1)
+
+    # -- admission --------------------------------------------------------------------------
+    def admit(self, idx: int, ip: str, max_conn: int, max_per_ip: int) -> str | None:
+        """Count a new session under slot idx, or return why not (the refusal is counted).
+
+        A limit of 0 or less means unlimited.  Counts already held by the slot are dropped
+        first, so a worker that forgot release() cannot leak.
+        """
+        key, base, mm = ip_key(ip), self._bases[idx], self._mm
+        self._lock()
+        try:
+            self._release(base)
+            _Q.pack_into(mm, H_TOTAL, _Q.unpack_from(mm, H_TOTAL)[0] + 1)
+            active = _Q.unpack_from(mm, H_ACTIVE)[0]
+            if 0 < max_conn <= active:
+                return self._refuse(idx, "max_connections")
+            bucket = self._probe(key)
+            if bucket < 0:
+                self._rebuild()  # clears stale entries; live keys are few
+                bucket = self._probe(key)
+            count = _I.unpack_from(mm, self._table + bucket * _BUCKET.size + 20)[0] if bucket >= 0 else 0
+            if 0 < max_per_ip <= count:
+                return self._refuse(idx, "max_connections_per_ip")
+            # The slot records what it holds before the shared counts move (see repair()).
+            _HOLD.pack_into(mm, base + S_BUCKET, bucket + 1, key)
+            mm[base + S_HOLDS] = 1
+            _Q.pack_into(mm, H_ACTIVE, active + 1)
+            if bucket >= 0:
+                _I.pack_into(mm, self._table + bucket * _BUCKET.size + 20, count + 1)
+            return None
+        finally:
+            self._unlock()
+
+    def release(self, idx: int) -> None:
+        """Drop the counts slot idx holds (end of session).  Idempotent and cheap when none."""
+        base, mm = self._bases[idx], self._mm
+        if not mm[base + S_HOLDS] and not _I.unpack_from(mm, base + S_BUCKET)[0]:
+            return  # holds is set only by the owner; rebuild() never gives a non-holder a bucket
+        self._lock()
+        try:
+            self._release(base)
+        finally:
+            self._unlock()
+
+    def _refuse(self, idx: int, reason: str) -> str:
+        self.count_conn_reject(idx, reason)
+        return reason
+
+    def _release(self, base: int) -> None:
+        mm = self._mm
+        stored = _I.unpack_from(mm, base + S_BUCKET)[0]
+        if stored > 0:
+            self._decrement(stored - 1)
+            _I.pack_into(mm, base + S_BUCKET, 0)
+        if mm[base + S_HOLDS]:
+            active = _Q.unpack_from(mm, H_ACTIVE)[0]
+            _Q.pack_into(mm, H_ACTIVE, max(active - 1, 0))
+            mm[base + S_HOLDS] = 0
+
+    # -- per-IP table (lock held) -----------------------------------------------------------
+    def _probe(self, key: bytes) -> int:
+        """The bucket holding key, else a new one claimed for it, else -1 (window full)."""
+        mm, n, size, table = self._mm, self.ip_buckets, _BUCKET.size, self._table
+        start, tomb = zlib.crc32(key) % n, -1
+        for i in range(min(n, _PROBE_WINDOW)):
+            b = (start + i) % n
+            k, state, _ = _BUCKET.unpack_from(mm, table + b * size)
+            if state == _LIVE and k == key:
+                return b
+            if state == _EMPTY:  # the key is not further on: insert at the first free spot
+                tomb = b if tomb < 0 else tomb
+                break
+            if state == _TOMB and tomb < 0:
+                tomb = b
+        if tomb >= 0:
+            _BUCKET.pack_into(mm, table + tomb * size, key, _LIVE, 0)
+        return tomb
+
+    def _decrement(self, b: int) -> None:
+        mm, n, size, table = self._mm, self.ip_buckets, _BUCKET.size, self._table
+        key, _, count = _BUCKET.unpack_from(mm, table + b * size)
+        if count > 1:
+            _BUCKET.pack_into(mm, table + b * size, key, _LIVE, count - 1)
+            return
+        if mm[table + ((b + 1) % n) * size + 16] != _EMPTY:
+            _BUCKET.pack_into(mm, table + b * size, b"", _TOMB, 0)  # a chain may pass here
+            return
+        # Followed by an empty bucket, no chain passes through b: empty it and the tombstones
+        # before it, so tombstones do not pile up and lengthen every probe.
+        for _ in range(n):
+            _BUCKET.pack_into(mm, table + b * size, b"", _EMPTY, 0)
+            b = (b - 1) % n
+            if mm[table + b * size + 16] != _TOMB:
+                break
+
+    def _rebuild(self) -> None:
+        """Recount active sessions and the per-IP table from what live slots say they hold."""
+        mm = self._mm
+        mm[self._table:self._table + len(self._zero_table)] = self._zero_table
+        active = 0
+        for base in self._bases:
+            if mm[base + S_STATE] == FREE or not mm[base + S_HOLDS]:
+                _I.pack_into(mm, base + S_BUCKET, 0)
+                mm[base + S_HOLDS] = 0
+                continue
+            active += 1
+            b = self._probe(mm[base + S_KEY:base + S_KEY + 16])
+            if b >= 0:
+                off = self._table + b * _BUCKET.size + 20
+                _I.pack_into(mm, off, _I.unpack_from(mm, off)[0] + 1)
+            _I.pack_into(mm, base + S_BUCKET, b + 1)
+        _Q.pack_into(mm, H_ACTIVE, active)
+
+    def ip_counts(self) -> dict[str, int]:
+        """The per-IP table as it stands (diagnostics and tests)."""
+        n = self.ip_buckets * _BUCKET.size
+        rows = _BUCKET.iter_unpack(self._mm[self._table:self._table + n])
+        return {key_text(k): c for k, state, c in rows if state == _LIVE}
+
+    # -- snapshot ---------------------------------------------------------------------------
+    def snapshot(self, top: int = 10) -> Snapshot:
+        """A consistent copy (taken under the lock, parsed outside it) as plain values."""
+        with self.locked():
+            raw = self._mm[:self._table]
+        totals = list(_COUNTERS.unpack_from(raw, H_COUNTERS))
+        slots, per_ip = [], Counter()
+        for i, base in enumerate(self._bases):
+            if raw[base + S_STATE] != FREE:
+                slots.append(_slot_info(i, _SLOT.unpack_from(raw, base)))
+                totals = [a + b for a, b in zip(totals, _COUNTERS.unpack_from(raw, base + S_COUNTERS))]
+                if raw[base + S_HOLDS]:
+                    per_ip[key_text(raw[base + S_KEY:base + S_KEY + 16])] += 1
+        q = lambda off: _Q.unpack_from(raw, off)[0]  # noqa: E731
+        return Snapshot(self.nslots, q(H_GENERATION), bool(raw[H_STRESS]), q(H_ACTIVE), q(H_TOTAL),
+                        q(H_EXITED), tuple(slots), tuple(per_ip.most_common(top)),
+                        Totals.from_counters(totals))
+
+
+def _slot_info(index: int, f: tuple) -> SlotInfo:
+    pid, state, holds, port, gen, bucket, _key, client, phase, last, started = f[:11]
+    return SlotInfo(index, pid, gen, state, _text(client), port, _text(phase), last, started,
+                    bucket - 1, bool(holds), Totals.from_counters(f[11:]))

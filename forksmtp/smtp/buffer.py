@@ -1,0 +1,168 @@
+"""Bounded input buffers: command lines and DATA text.
+
+Only CRLF ends a line (RFC 5321 4.1.1.4): a bare CR or a bare LF never does, which is
+what closes the SMTP smuggling family (CVE-2023-51764/5/6).  Neither buffer ever holds
+more than one line plus what the client has pipelined behind it, so memory per session
+is O(line length), never O(message size).
+
+The DATA reader works on whole blocks of complete lines with bytes methods that run in C
+(``find``, ``count``, ``replace``): per message it costs a handful of calls, not a Python
+loop per line.
+"""
+
+from __future__ import annotations
+
+from . import replies as R
+
+CRLF = b"\r\n"
+END_OF_DATA = b"\r\n.\r\n"
+
+#: The reply a line buffer yields for a command line over the limit.
+TOO_LONG = object()
+
+
+class LineBuffer:
+    """Extracts CRLF-terminated command lines, never holding more than ``limit`` octets
+    of an unfinished line.  An overlong line is discarded as it arrives and reported
+    once, when its CRLF finally comes, so the reply stays in step with the client."""
+
+    __slots__ = ("_buf", "_limit", "_skipping")
+
+    def __init__(self, limit: int = 512) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+        self._skipping = False
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_line(self):
+        """A complete line without its CRLF, ``TOO_LONG``, or None (need more data)."""
+        buf = self._buf
+        end = buf.find(CRLF)
+        if end < 0:
+            if len(buf) > self._limit:
+                self._discard_unfinished()
+            return None
+        line = bytes(buf[:end])
+        del buf[: end + 2]
+        if self._skipping or end + 2 > self._limit:
+            self._skipping = False
+            return TOO_LONG
+        return line
+
+    def _discard_unfinished(self) -> None:
+        # Keep a trailing CR: it may be the first half of the CRLF that ends the line.
+        keep = b"\r" if self._buf.endswith(b"\r") else b""
+        self._buf[:] = keep
+        self._skipping = True
+
+    def pending(self) -> int:
+        """Octets received but not yet consumed (RFC 2920 synchronisation checks)."""
+        return len(self._buf)
+
+    def take(self) -> bytes:
+        """Remove and return everything buffered (the switch into DATA mode)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        self._skipping = False
+        return data
+
+    def clear(self) -> None:
+        self._buf.clear()
+        self._skipping = False
+
+
+class DataReader:
+    """Turns the DATA stream into stored text: CRLF -> LF, dot-unstuffed, checked.
+
+    ``feed`` returns ``(text, done, rest)``: ``text`` is ready to append to the
+    Maildir file, ``done`` says the exact CRLF.CRLF was seen, and ``rest`` is what the
+    client pipelined after it.  Problems (size, line length, bare CR/LF, mail loop)
+    are recorded in ``error`` and reported after the final dot, as RFC 5321 4.2.5 and
+    every production MTA do; the reader keeps scanning for the end so that the session
+    never loses sync with the client.
+    """
+
+    __slots__ = ("_pending", "_midline", "_max_size", "_max_received", "_normalize",
+                 "size", "error", "_in_headers", "_received")
+
+    def __init__(self, max_size: int, max_received: int = 100, normalize: bool = False) -> None:
+        self._pending = b""
+        # True only after an overlong line was cut: the pending bytes do not start a line.
+        self._midline = False
+        self._max_size = max_size
+        self._max_received = max_received
+        self._normalize = normalize
+        self.size = 0
+        self.error: R.Reply | None = None
+        self._in_headers = True
+        self._received = 0
+
+    def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
+        buf = self._pending + data if self._pending else data
+        end = self._find_end(buf)
+        if end >= 0:
+            self._pending = b""
+            return self._process(buf[:end]), True, buf[end + 3:]
+        cut = buf.rfind(CRLF)
+        if cut < 0:
+            self._hold(buf)
+            return b"", False, b""
+        self._midline = False
+        self._hold(buf[cut + 2:])
+        return self._process(buf[: cut + 2]), False, b""
+
+    def _find_end(self, buf: bytes) -> int:
+        """Index of the ".\\r\\n" line that ends DATA, or -1."""
+        if not self._midline and buf[:3] == b".\r\n":
+            return 0
+        i = buf.find(END_OF_DATA)
+        return i + 2 if i >= 0 else -1
+
+    def _hold(self, tail: bytes) -> None:
+        # An unfinished line may hold 1000 octets plus a transparency dot and a CR.
+        if len(tail) > 1002:
+            self._fail(R.R554_LINE_TOO_LONG)
+            tail = tail[-4:]  # enough to recognise an END_OF_DATA that spans reads
+            self._midline = True
+        self._pending = tail
+
+    def _fail(self, reply: R.Reply) -> None:
+        if self.error is None:
+            self.error = reply
+
+    def _process(self, block: bytes) -> bytes:
+        if not block or self.error is not None:
+            return b""
+        self.size += len(block)
+        if self.size > self._max_size:
+            self._fail(R.R552_TOO_BIG)
+            return b""
+        lines = block.count(CRLF)
+        if (block.count(b"\n") != lines or block.count(b"\r") != lines) and not self._normalize:
+            self._fail(R.R550_BARE_NEWLINE)
+            return b""
+        text = block.replace(CRLF, b"\n")
+        if text[:1] == b".":
+            text = text[1:]
+        text = text.replace(b"\n.", b"\n")
+        if len(text) > 999 and max(map(len, text.split(b"\n"))) > 998:
+            self._fail(R.R554_LINE_TOO_LONG)
+            return b""
+        if self._in_headers:
+            self._scan_headers(text)
+        return text
+
+    def _scan_headers(self, text: bytes) -> None:
+        """Count Received: fields in the header section (RFC 5321 6.3 loop detection)."""
+        end = 0 if text[:1] == b"\n" else text.find(b"\n\n") + 1
+        if end > 0 or text[:1] == b"\n":
+            self._in_headers = False
+            head = text[:end]
+        else:
+            head = text
+        low = b"\n" + head.lower()
+        self._received += low.count(b"\nreceived:")
+        if self._received >= self._max_received:
+            self._fail(R.R554_LOOP)

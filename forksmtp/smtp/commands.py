@@ -1,0 +1,117 @@
+"""Parsing of MAIL/RCPT arguments: RFC 5321 4.1.2 paths and ESMTP parameters.
+
+Stateless and pure.  Errors are raised as ``CommandError`` carrying the reply to send.
+Addresses with non-ASCII characters are parsed only when the caller says SMTPUTF8 is
+in effect (RFC 6531); otherwise they get 553 5.6.7.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from . import replies as R
+
+MAX_PATH = 256  # RFC 5321 4.5.3.1.3, including the angle brackets
+
+
+class CommandError(Exception):
+    def __init__(self, reply: R.Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def _grammar() -> re.Pattern[str]:
+    # RFC 6531 3.3 extends atext, qtext and sub-domains with UTF8-non-ascii.
+    u8 = "\u0080-\U0010ffff"
+    atext = f"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\\-{u8}]"
+    dot_string = f"{atext}+(?:\\.{atext}+)*"
+    quoted = f'"(?:[\\x20\\x21\\x23-\\x5b\\x5d-\\x7e{u8}]|\\\\[\\x20-\\x7e])*"'
+    let_dig = f"[A-Za-z0-9{u8}]"
+    sub_domain = f"{let_dig}(?:[A-Za-z0-9\\-{u8}]*{let_dig})?"
+    domain = f"{sub_domain}(?:\\.{sub_domain})*"
+    literal = "\\[[\\x21-\\x5a\\x5e-\\x7e]+\\]"
+    adl = f"@{domain}(?:,@{domain})*"
+    return re.compile(
+        f"<(?:{adl}:)?(?:(?P<local>{dot_string}|{quoted})@(?P<domain>{domain}|{literal}))?>"
+    )
+
+
+_PATH = _grammar()
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
+_GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Path:
+    address: str  # "" for the null reverse-path <>; "Postmaster" for bare <Postmaster>
+    domain: str  # lower-cased; "" when there is none
+
+    @property
+    def is_null(self) -> bool:
+        return not self.address
+
+
+def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool = False) -> tuple[Path, str]:
+    """Parse ``<path>`` at the start of ``text``; returns the path and the rest.
+
+    The grammar admits RFC 6531 UTF-8 addresses; the caller refuses them (553 5.6.7)
+    when SMTPUTF8 was not requested.
+    """
+    if allow_postmaster and text[:12].lower() == "<postmaster>":
+        return Path("Postmaster", ""), text[12:]
+    m = _PATH.match(text)
+    if m is None:
+        raise CommandError(R.R501_BAD_ADDRESS)
+    if len(m.group(0).encode("utf-8")) > MAX_PATH:
+        raise CommandError(R.R501_PATH_TOO_LONG)
+    local, domain = m.group("local"), m.group("domain")
+    if local is None:
+        if not allow_null:
+            raise CommandError(R.R501_BAD_ADDRESS)
+        return Path("", ""), text[m.end():]
+    if domain[0] == "[":
+        _check_literal(domain)
+    return Path(f"{local}@{domain}", domain.lower()), text[m.end():]
+
+
+def _check_literal(literal: str) -> None:
+    """RFC 5321 4.1.3: IPv4, IPv6: or a standardized-tag general literal."""
+    inner = literal[1:-1]
+    try:
+        if inner[:5].lower() == "ipv6:":
+            ipaddress.IPv6Address(inner[5:])
+        elif inner[:1].isdigit():
+            ipaddress.IPv4Address(inner)
+        elif not _GENERAL_LITERAL.match(inner):
+            raise ValueError(inner)
+    except ValueError:
+        raise CommandError(R.R501_BAD_ADDRESS) from None
+
+
+def parse_params(text: str) -> dict[str, str | None]:
+    """ESMTP parameters after a path: `` KEY[=VALUE]`` pairs; keys upper-cased."""
+    if not text:
+        return {}
+    if text[0] != " ":
+        raise CommandError(R.R501_BAD_ADDRESS)
+    params: dict[str, str | None] = {}
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
+            raise CommandError(R.R501_SYNTAX)
+        key = key.upper()
+        if key in params:
+            raise CommandError(R.R501_SYNTAX)
+        params[key] = value if eq else None
+    return params
+
+
+def split_prefix(arg: str, prefix: str) -> str | None:
+    """``FROM:`` / ``TO:`` (any case), then optional spaces as many clients send."""
+    n = len(prefix)
+    if arg[:n].upper() != prefix:
+        return None
+    return arg[n:].lstrip(" ")

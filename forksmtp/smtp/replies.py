@@ -1,0 +1,105 @@
+"""SMTP replies as values.
+
+Every reply the server can give is a named ``Reply`` constant here, so the session,
+the worker and the tests all speak of ``R503_BAD_SEQUENCE`` rather than of string
+literals.  Each reply renders to wire bytes once, in both forms: with the RFC 3463
+enhanced status code (after EHLO/HELO, RFC 2034) and without it (before).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str  # "" where RFC 2034 gives none (2xx greetings, 354)
+    text: str
+    lines: tuple[str, ...] = ()  # extra lines for multi-line replies (EHLO)
+    _wire: tuple[bytes, bytes] = field(default=(b"", b""), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_wire", (self._render(False), self._render(True)))
+
+    def _render(self, enhanced: bool) -> bytes:
+        texts = (self.text,) + self.lines
+        prefix = f"{self.enhanced} " if enhanced and self.enhanced else ""
+        last = len(texts) - 1
+        return "".join(
+            f"{self.code}{' ' if i == last else '-'}{prefix}{text}\r\n" for i, text in enumerate(texts)
+        ).encode("utf-8")
+
+    def wire(self, enhanced: bool) -> bytes:
+        """The reply as bytes to send; enhanced status code only when negotiated."""
+        return self._wire[enhanced]
+
+    @property
+    def is_error(self) -> bool:
+        return self.code >= 400
+
+    def __str__(self) -> str:
+        """One-line form for the log: code, enhanced code, first line of text."""
+        return f"{self.code} {self.enhanced} {self.text}" if self.enhanced else f"{self.code} {self.text}"
+
+
+def greeting(hostname: str) -> Reply:
+    return Reply(220, "", f"{hostname} ESMTP")
+
+
+def ehlo(hostname: str, keywords: tuple[str, ...]) -> Reply:
+    return Reply(250, "", hostname, keywords)
+
+
+def helo(hostname: str) -> Reply:
+    return Reply(250, "", hostname)
+
+
+# 2xx / 3xx
+R214_HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+R221_BYE = Reply(221, "2.0.0", "Bye")
+R250_OK = Reply(250, "2.0.0", "Ok")
+R250_SENDER_OK = Reply(250, "2.1.0", "Sender ok")
+R250_RCPT_OK = Reply(250, "2.1.5", "Recipient ok")
+R250_ACCEPTED = Reply(250, "2.0.0", "Message accepted")
+R252_VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+R354_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+# 4xx: transient
+R421_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, closing transmission channel")
+R421_BUSY = Reply(421, "4.3.2", "Too many connections, try again later")
+R421_PER_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+R421_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+R421_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+R451_STORAGE = Reply(451, "4.3.0", "Local error in processing, try again later")
+R452_NO_SPACE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+R452_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
+
+# 5xx: permanent
+R500_UNRECOGNIZED = Reply(500, "5.5.2", "Command unrecognized")
+R500_LINE_TOO_LONG = Reply(500, "5.5.6", "Line too long")
+R501_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+R501_BAD_CHARS = Reply(501, "5.5.2", "Syntax error: bare CR or LF, or invalid characters in command")
+R501_NO_PARAMS = Reply(501, "5.5.4", "Syntax error: no parameters allowed")
+R501_HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: EHLO/HELO hostname")
+R501_MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
+R501_RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+R501_BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
+R501_PATH_TOO_LONG = Reply(501, "5.1.3", "Path too long")
+R501_BAD_PARAM_VALUE = Reply(501, "5.5.4", "Invalid parameter value")
+R501_VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
+R502_NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+R503_BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+R503_NEED_HELO = Reply(503, "5.5.1", "Send EHLO/HELO first")
+R503_NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
+R503_NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
+R503_NEED_RCPT = Reply(503, "5.5.1", "No valid recipients")
+R550_NOT_LOCAL = Reply(550, "5.7.1", "Relay access denied: recipient domain is not local")
+R550_BARE_NEWLINE = Reply(550, "5.6.0", "Message refused: bare CR or LF in message text")
+R552_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+R553_NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address not permitted without SMTPUTF8")
+R554_LINE_TOO_LONG = Reply(554, "5.6.0", "Message refused: text line longer than 1000 octets")
+R554_LOOP = Reply(554, "5.4.6", "Too many hops: mail loop detected")
+R554_SYNC = Reply(554, "5.5.0", "SMTP protocol synchronization error")
+R554_EARLY_TALKER = Reply(554, "5.5.0", "SMTP protocol violation: data sent before greeting")
+R555_UNKNOWN_PARAM = Reply(555, "5.5.4", "Unsupported parameter")

@@ -1,0 +1,389 @@
+"""The SMTP server session as a sans-IO state machine.
+
+Feed it bytes with ``receive_data``; pull events with ``next_event`` until it says
+``NEED_DATA``; send what ``data_to_send`` returns.  No sockets, files or clocks live
+here, so every rule of RFC 5321 / 2920 / 1870 / 6531 is checked by table-driven tests
+in microseconds.
+
+Phases: new -> helo -> mail -> rcpt -> data.  Which command may run in which phase is
+one table (``SEQUENCE``); everything else a command needs is in its ``_cmd_*`` method.
+The only decisions left to the caller are storage ones, asked for with two events:
+
+* ``DataStart``: open the Maildir copies; answer ``accept_data()`` (-> 354) or
+  ``reply(R451...)``.
+* ``DataEnd``: commit (or discard, when ``error`` is set); answer ``reply(...)``.
+
+Message text arrives as ``DataChunk`` events, already LF-terminated and dot-unstuffed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import replies as R
+from .buffer import TOO_LONG, DataReader, LineBuffer
+from .commands import CommandError, Path, parse_params, parse_path, split_prefix
+
+NEED_DATA = "NEED_DATA"
+PAUSED = "PAUSED"
+
+NEW, HELO, MAIL, RCPT, DATA = "new", "helo", "mail", "rcpt", "data"
+
+#: (verb, phase) -> the reply when the verb is out of order (RFC 5321 4.1.4).
+SEQUENCE: dict[tuple[str, str], R.Reply] = {
+    ("MAIL", NEW): R.R503_NEED_HELO,
+    ("MAIL", MAIL): R.R503_NESTED_MAIL,
+    ("MAIL", RCPT): R.R503_NESTED_MAIL,
+    ("RCPT", NEW): R.R503_NEED_MAIL,
+    ("RCPT", HELO): R.R503_NEED_MAIL,
+    ("DATA", NEW): R.R503_NEED_MAIL,
+    ("DATA", HELO): R.R503_NEED_MAIL,
+    ("DATA", MAIL): R.R503_NEED_RCPT,
+}
+
+#: Commands a client may know that this server does not offer (-> 502).
+NOT_OFFERED = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML",
+                         "STARTTLS", "AUTH", "XCLIENT", "XFORWARD", "VERB", "ONEX"})
+
+#: Replies that do not count toward the error limit: the client did nothing wrong
+#: (452 for surplus recipients is the orderly way RFC 5321 4.5.3.1.10 asks for).
+NOT_CLIENT_ERRORS = frozenset({R.R452_TOO_MANY_RCPTS, R.R451_STORAGE, R.R452_NO_SPACE})
+
+
+class SessionConfig:
+    """Per-worker settings, with the replies that depend on them rendered once."""
+
+    def __init__(self, hostname: str, *, max_message_size: int = 10485760,
+                 max_recipients: int = 100, max_errors: int = 10,
+                 max_received_headers: int = 100, local_domains: tuple[str, ...] = (),
+                 normalize_bare_newlines: bool = False, log_commands: bool = True) -> None:
+        self.hostname = hostname
+        self.max_message_size = max_message_size
+        self.max_recipients = max_recipients
+        self.max_errors = max_errors
+        self.max_received_headers = max_received_headers
+        self.local_domains = frozenset(d.lower() for d in local_domains)
+        self.normalize_bare_newlines = normalize_bare_newlines
+        self.log_commands = log_commands
+        keywords = ("PIPELINING", f"SIZE {max_message_size}", "8BITMIME",
+                    "ENHANCEDSTATUSCODES", "SMTPUTF8")
+        self.greeting = R.greeting(hostname)
+        self.ehlo_reply = R.ehlo(hostname, keywords)
+        self.helo_reply = R.helo(hostname)
+
+
+@dataclass(slots=True)
+class Envelope:
+    """Transaction state: cleared by RSET, EHLO/HELO and the end of each message."""
+
+    sender: Path
+    params: dict[str, str | None]
+    smtputf8: bool = False
+    recipients: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class DataStart:
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DataEnd:
+    envelope: Envelope
+    size: int
+    error: R.Reply | None  # set: the message must be discarded and this reply given
+
+
+class Session:
+    def __init__(self, config: SessionConfig, *, normalize: bool | None = None) -> None:
+        self.config = config
+        self.phase = NEW
+        self.helo_name = ""
+        self.esmtp = False
+        self.enhanced = False  # RFC 3463 codes once EHLO/HELO succeeded
+        self.errors = 0
+        self.closed = False
+        self.envelope: Envelope | None = None
+        self.log: list[str] = []  # command and reply lines for the session log
+        self.error_codes: list[int] = []  # 4xx/5xx replies given, for the stats
+        self._normalize = config.normalize_bare_newlines if normalize is None else normalize
+        self._lines = LineBuffer(512)
+        self._reader: DataReader | None = None
+        self._out: list[bytes] = []
+        self._events: list[object] = []
+        self._waiting = False
+
+    # -- I/O facing API -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Queue the 220 greeting."""
+        self._send(self.config.greeting)
+
+    def receive_data(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self._reader is not None and not self._waiting:
+            self._feed_data(data)
+        else:
+            self._lines.feed(data)
+
+    def next_event(self):
+        """The next event, ``PAUSED`` while an answer is owed, or ``NEED_DATA``."""
+        if self._events:
+            return self._events.pop(0)
+        if self._waiting:
+            return PAUSED
+        while not self.closed and self._reader is None:
+            line = self._lines.next_line()
+            if line is None:
+                break
+            self._handle_line(line)
+            if self._events:
+                return self._events.pop(0)
+        return NEED_DATA
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def accept_data(self) -> None:
+        """Storage is ready: send 354 and start reading the message text."""
+        self._waiting = False
+        self._send(R.R354_DATA)
+        cfg = self.config
+        self._reader = DataReader(cfg.max_message_size, cfg.max_received_headers, self._normalize)
+        self.phase = DATA
+        pending = self._lines.take()
+        if pending:  # only reachable if the caller skipped the sync check
+            self._feed_data(pending)
+
+    def reply(self, reply: R.Reply) -> None:
+        """Answer the pending DataStart (refusal) or DataEnd (verdict)."""
+        self._waiting = False
+        self._end_transaction()
+        self._send(reply)
+
+    def close(self, reply: R.Reply) -> None:
+        """Send a final reply (421 on timeout or shutdown) and close."""
+        self._send(reply)
+        self.closed = True
+
+    @property
+    def in_data(self) -> bool:
+        return self._reader is not None
+
+    @property
+    def protocol(self) -> str:
+        """The WITH keyword of the Received header (RFC 3848 / RFC 6531)."""
+        if not self.esmtp:
+            return "SMTP"
+        if self.envelope is not None and self.envelope.smtputf8:
+            return "UTF8SMTP"
+        return "ESMTP"
+
+    # -- replies and the error budget -----------------------------------------------
+
+    def _send(self, reply: R.Reply) -> None:
+        self._out.append(reply.wire(self.enhanced))
+        if self.config.log_commands:
+            self.log.append(str(reply))
+        if reply.code < 400:
+            return
+        self.error_codes.append(reply.code)
+        if reply not in NOT_CLIENT_ERRORS and reply.code != 421:
+            self.errors += 1
+            if self.errors >= self.config.max_errors:
+                self.close(R.R421_TOO_MANY_ERRORS)
+
+    def _end_transaction(self) -> None:
+        self.envelope = None
+        self._reader = None
+        if self.phase != NEW:
+            self.phase = HELO
+
+    # -- command dispatch --------------------------------------------------------------
+
+    def _handle_line(self, line) -> None:
+        if line is TOO_LONG:
+            self._log("<command line too long>")
+            return self._send(R.R500_LINE_TOO_LONG)
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        self._log(_loggable(text if text is not None else line.decode("latin-1")))
+        if text is None or "\r" in text or "\n" in text or "\0" in text:
+            return self._send(R.R501_BAD_CHARS)
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            return self._send(R.R502_NOT_IMPLEMENTED if verb in NOT_OFFERED else R.R500_UNRECOGNIZED)
+        refusal = SEQUENCE.get((verb, self.phase))
+        if refusal is not None:
+            return self._send(refusal)
+        try:
+            handler(self, arg)
+        except CommandError as exc:
+            self._send(exc.reply)
+
+    def _log(self, text: str) -> None:
+        if self.config.log_commands:
+            self.log.append(text)
+
+    def _cmd_helo(self, arg: str, esmtp: bool = False) -> None:
+        name = arg.strip()
+        if not name or not name.isprintable():
+            raise CommandError(R.R501_HELO_SYNTAX)
+        self.helo_name = name.split()[0][:255]
+        self.esmtp = esmtp
+        self.enhanced = True
+        self.envelope = None
+        self.phase = HELO
+        self._send(self.config.ehlo_reply if esmtp else self.config.helo_reply)
+
+    def _cmd_ehlo(self, arg: str) -> None:
+        self._cmd_helo(arg, esmtp=True)
+
+    def _cmd_mail(self, arg: str) -> None:
+        rest = split_prefix(arg, "FROM:")
+        if rest is None:
+            raise CommandError(R.R501_MAIL_SYNTAX)
+        sender, tail = parse_path(rest, allow_null=True)
+        params = self._mail_params(tail)
+        utf8 = "SMTPUTF8" in params
+        if not utf8 and not sender.address.isascii():
+            raise CommandError(R.R553_NON_ASCII)
+        self.envelope = Envelope(sender, params, utf8)
+        self.phase = MAIL
+        self._send(R.R250_SENDER_OK)
+
+    def _mail_params(self, text: str) -> dict[str, str | None]:
+        params = parse_params(text)
+        if params and not self.esmtp:
+            raise CommandError(R.R555_UNKNOWN_PARAM)
+        for key, value in params.items():
+            check = _MAIL_PARAMS.get(key)
+            if check is None:
+                raise CommandError(R.R555_UNKNOWN_PARAM)
+            check(self, value)
+        return params
+
+    def _param_size(self, value: str | None) -> None:
+        if value is None or not value.isdigit() or len(value) > 20:
+            raise CommandError(R.R501_BAD_PARAM_VALUE)
+        if int(value) > self.config.max_message_size:
+            raise CommandError(R.R552_TOO_BIG)
+
+    def _param_body(self, value: str | None) -> None:
+        if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+            raise CommandError(R.R501_BAD_PARAM_VALUE)
+
+    def _param_smtputf8(self, value: str | None) -> None:
+        if value is not None:
+            raise CommandError(R.R501_BAD_PARAM_VALUE)
+
+    def _cmd_rcpt(self, arg: str) -> None:
+        rest = split_prefix(arg, "TO:")
+        if rest is None:
+            raise CommandError(R.R501_RCPT_SYNTAX)
+        env = self.envelope
+        path, tail = parse_path(rest, allow_null=False, allow_postmaster=True)
+        if not env.smtputf8 and not path.address.isascii():
+            raise CommandError(R.R553_NON_ASCII)
+        if tail.strip():
+            raise CommandError(R.R555_UNKNOWN_PARAM if self.esmtp else R.R501_RCPT_SYNTAX)
+        if len(env.recipients) >= self.config.max_recipients:
+            raise CommandError(R.R452_TOO_MANY_RCPTS)
+        if not self._is_local(path):
+            raise CommandError(R.R550_NOT_LOCAL)
+        env.recipients.append(path.address)
+        self.phase = RCPT
+        self._send(R.R250_RCPT_OK)
+
+    def _is_local(self, path: Path) -> bool:
+        domains = self.config.local_domains
+        # Bare <Postmaster> has no domain and is always ours (RFC 5321 4.5.1).
+        return not domains or not path.domain or path.domain in domains
+
+    def _cmd_data(self, arg: str) -> None:
+        if arg:
+            raise CommandError(R.R501_NO_PARAMS)
+        if self._lines.pending():
+            # RFC 2920: DATA ends a pipelining group; bytes behind it before our 354
+            # are a client that does not wait, or a smuggling attempt.
+            self.close(R.R554_SYNC)
+            return
+        self._waiting = True
+        self._events.append(DataStart(self.envelope))
+
+    def _cmd_rset(self, arg: str) -> None:
+        if arg:
+            raise CommandError(R.R501_NO_PARAMS)
+        self._end_transaction()
+        self._send(R.R250_OK)
+
+    def _cmd_noop(self, arg: str) -> None:
+        self._send(R.R250_OK)
+
+    def _cmd_quit(self, arg: str) -> None:
+        if arg:
+            raise CommandError(R.R501_NO_PARAMS)
+        self.close(R.R221_BYE)
+
+    def _cmd_vrfy(self, arg: str) -> None:
+        if not arg.strip():
+            raise CommandError(R.R501_VRFY_SYNTAX)
+        self._send(R.R252_VRFY)
+
+    def _cmd_help(self, arg: str) -> None:
+        self._send(R.R214_HELP)
+
+    # -- DATA ------------------------------------------------------------------------
+
+    def _feed_data(self, data: bytes) -> None:
+        reader = self._reader
+        text, done, rest = reader.feed(data)
+        if text:
+            self._events.append(DataChunk(text))
+        if done:
+            self._waiting = True
+            self._events.append(DataEnd(self.envelope, reader.size, reader.error))
+            self._log(f"<message: {reader.size} octets>")
+            if rest:
+                self._lines.feed(rest)
+
+
+def _loggable(text: str) -> str:
+    """Command line for the log: never an AUTH payload, never a control character."""
+    if text[:5].upper() == "AUTH ":
+        text = text[:5] + text[5:].split(" ", 1)[0] + " ***"
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text
+
+
+_HANDLERS = {
+    "HELO": Session._cmd_helo,
+    "EHLO": Session._cmd_ehlo,
+    "MAIL": Session._cmd_mail,
+    "RCPT": Session._cmd_rcpt,
+    "DATA": Session._cmd_data,
+    "RSET": Session._cmd_rset,
+    "NOOP": Session._cmd_noop,
+    "QUIT": Session._cmd_quit,
+    "VRFY": Session._cmd_vrfy,
+    "HELP": Session._cmd_help,
+}
+
+_MAIL_PARAMS = {
+    "SIZE": Session._param_size,
+    "BODY": Session._param_body,
+    "SMTPUTF8": Session._param_smtputf8,
+}

@@ -1,0 +1,59 @@
+"""Trace headers written at final delivery: Return-Path, Delivered-To, Received.
+
+RFC 5321 4.4: the FOR clause names exactly one recipient, so it is given only when a
+copy has exactly one; the full recipient list never appears (Bcc stays blind, 7.2).
+Every client-supplied value (HELO name, addresses) passes through ``clean`` first so
+that nothing a client sends can start a new header line or break the comment syntax.
+Stored messages use LF line endings (the Maildir convention), so do these headers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+_UNSAFE_HELO = re.compile(r"[^A-Za-z0-9.\-:\[\]_@\u0080-\U0010ffff]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def clean(value: str, limit: int = 255) -> str:
+    """A header-safe copy: no control characters (so no CR/LF), bounded length."""
+    return _CONTROL.sub("?", value[:limit])
+
+
+def clean_helo(name: str) -> str:
+    """HELO names go inside a structured clause: letters, digits and .-:[]_@ only."""
+    return _UNSAFE_HELO.sub("?", name[:255]) or "unknown"
+
+
+def rfc5322_date(when: float) -> str:
+    """``Sun, 29 Nov 2026 00:53:20 +0000`` without locale-dependent strftime."""
+    t = time.gmtime(when)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000")
+
+
+def return_path(sender: str) -> bytes:
+    return f"Return-Path: <{clean(sender)}>\n".encode("utf-8")
+
+
+def delivered_to(recipient: str) -> bytes:
+    return f"Delivered-To: {clean(recipient)}\n".encode("utf-8")
+
+
+def received(*, helo: str, peer_ip: str, by: str, protocol: str, queue_id: str,
+             recipient: str | None, when: float, tls: str = "", auth_user: str = "") -> bytes:
+    """The Received: field (RFC 5321 4.4, with RFC 3848 protocol names)."""
+    extras = ""
+    if tls:
+        extras += f"\n\t({clean(tls)})"
+    if auth_user:
+        extras += f"\n\t(authenticated as {clean(auth_user, 64)})"
+    rcpt = f"\n\tfor <{clean(recipient)}>" if recipient else ""
+    literal = f"IPv6:{peer_ip}" if ":" in peer_ip else peer_ip
+    return (f"Received: from {clean_helo(helo)} ([{literal}])\n"
+            f"\tby {clean_helo(by)} (forksmtp) with {protocol} id {queue_id}{extras}{rcpt};"
+            f" {rfc5322_date(when)}\n").encode("utf-8")

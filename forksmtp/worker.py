@@ -1,0 +1,226 @@
+"""A worker process: accept a connection, serve its SMTP session, repeat.
+
+Workers are simple and disposable.  Each one waits in its own epoll on the shared
+listening sockets with ``EPOLLEXCLUSIVE``, so a new connection wakes one idle worker
+instead of the whole pool (the thundering herd of a plain ``select`` loop), plus the
+signal wake-up pipe and the master's parent-death pipe.  Its state lives in its own
+scoreboard slot, which the master reads for stats, pool decisions and the stuck-worker
+check; the counts it holds there are repaired by the master if it dies.
+
+Signals (handlers only set a flag; the wake-up fd interrupts any wait):
+  SIGTERM  finish the current session, then exit (graceful stop, reload, retire)
+  SIGQUIT  answer 421 to the current session at once and exit
+  SIGINT and the master's other signals are ignored: Ctrl-C reaches the whole process
+  group, and it is the master's job to turn it into an orderly stop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import select
+import signal
+import socket
+import time
+
+from . import delivery, limits, process
+from .connection import Connection
+from .smtp import replies as R
+from .smtp.session import Session, SessionConfig
+
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3  # the master backs off instead of respawning in a tight loop
+
+_IGNORED = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
+            signal.SIGTTIN, signal.SIGTTOU)
+
+
+class Worker:
+    def __init__(self, cfg, listeners: list[socket.socket], board, slot: int,
+                 generation: int, parent_fd: int, log) -> None:
+        self.cfg = cfg
+        self.listeners = {s.fileno(): s for s in listeners}
+        self.board = board
+        self.slot = slot
+        self.generation = generation
+        self.parent_fd = parent_fd
+        self.log = log
+        self.stopping = False
+        self.quitting = False
+        self.served = 0
+        self.pid = 0
+
+    # -- set-up in the child -------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """First steps after fork, before any privilege drop (the scoreboard lock file
+        lives in the master's private directory)."""
+        self.pid = os.getpid()
+        self.log.after_fork()
+        self.board.after_fork()
+        self.board.set_pid(self.slot, self.pid)
+        self._signals()
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.router = delivery.Router(cfg.delivery.maildir, cfg.delivery.mailboxes, cfg.delivery.fsync)
+        self.session_cfg = self._session_config(cfg.limits.max_errors)
+        self.stress_cfg = self._session_config(cfg.limits.stress_max_errors)
+        self.normalize_nets = [ipaddress.ip_network(n, strict=False) for n in cfg.limits.normalize_networks]
+        self.greeting_delay = cfg.server.greeting_delay
+        self.command_timeout = cfg.timeouts.command
+        self.id_prefix = f"{int(time.time()):X}{self.pid:X}."
+        jitter = cfg.server.max_sessions_jitter
+        self.max_sessions = cfg.server.max_sessions_per_worker + random.randint(0, max(jitter, 0))
+        self.epoll = select.epoll()
+        exclusive = select.EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0)
+        for fd in self.listeners:
+            self.epoll.register(fd, exclusive)
+        self.wake_fds = (self.wake_r, self.parent_fd)
+        for fd in self.wake_fds:
+            self.epoll.register(fd, select.EPOLLIN)
+        self._title("idle")
+
+    def _session_config(self, max_errors: int) -> SessionConfig:
+        cfg = self.cfg
+        return SessionConfig(
+            cfg.server.hostname, max_message_size=cfg.limits.max_message_size,
+            max_recipients=cfg.limits.max_recipients, max_errors=max_errors,
+            max_received_headers=cfg.limits.max_received_headers,
+            local_domains=cfg.delivery.local_domains,
+            normalize_bare_newlines=cfg.limits.bare_newline == "normalize" and not cfg.limits.normalize_networks,
+            log_commands=self.log.level <= 20)
+
+    def _signals(self) -> None:
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGQUIT, self._on_quit)
+        for sig in _IGNORED:
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.set_wakeup_fd(wake_w)
+
+    def _on_term(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _on_quit(self, signum, frame) -> None:
+        self.quitting = True
+
+    # -- the accept loop -----------------------------------------------------------------
+
+    def run(self) -> int:
+        self._setup()
+        while not (self.stopping or self.quitting) and self.served < self.max_sessions:
+            events = self.epoll.poll(1.0)
+            self.heartbeat()
+            for fd, _ in events:
+                sock = self.listeners.get(fd)
+                if sock is None:
+                    self.on_wake(fd)
+                elif not (self.stopping or self.quitting):
+                    self._accept(sock)
+        self.board.set_stopping(self.slot)
+        return EXIT_OK
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, peer = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return  # another worker took it, or the client already left
+        try:
+            sock.setblocking(False)
+            self._serve(sock, peer)
+        finally:
+            sock.close()
+
+    def _serve(self, sock: socket.socket, peer: tuple) -> None:
+        ip = peer[0]
+        now = time.monotonic()
+        self.board.set_busy(self.slot, peer, now)
+        self._title(f"busy {ip}")
+        self.log.queue("CONN", ip)
+        try:
+            refused = self.board.admit(self.slot, ip, self.cfg.server.max_connections,
+                                       self.cfg.server.max_connections_per_ip)
+            if refused is not None:
+                return self._refuse(sock, ip, refused)
+            stress = self.board.in_stress()
+            self.command_timeout = self.cfg.timeouts.stress_command if stress else self.cfg.timeouts.command
+            session = Session(self.stress_cfg if stress else self.session_cfg,
+                              normalize=self._normalize_for(ip))
+            Connection(self, sock, peer, session, self.cfg.timeouts).run()
+        finally:
+            self.board.release(self.slot)
+            self.served += 1
+            self.board.set_idle(self.slot, time.monotonic())
+            self._title("idle")
+
+    def _refuse(self, sock: socket.socket, ip: str, reason: str) -> None:
+        """Over a connection limit: answer 421 at once and close (never a silent wait)."""
+        reply = limits.reply_for(reason)
+        try:
+            sock.send(reply.wire(False))
+        except OSError:
+            pass
+        self.log.queue("SMTP", str(reply))
+        self.log.queue("CLOSE", f"{ip} refused: {reason}")
+        self.log.flush()
+
+    def _normalize_for(self, ip: str) -> bool | None:
+        if not self.normalize_nets:
+            return None  # the session config decides
+        if self.cfg.limits.bare_newline != "normalize":
+            return False
+        addr = ipaddress.ip_address(ip)
+        return any(addr in net for net in self.normalize_nets)
+
+    # -- called by Connection ------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        self.board.touch(self.slot, time.monotonic())
+
+    def on_wake(self, fd: int) -> None:
+        if fd == self.parent_fd:
+            try:
+                gone = os.read(fd, 64) == b""
+            except BlockingIOError:
+                gone = False
+            if gone:  # EOF: the master is gone; nobody will reap or limit us
+                self.quitting = True
+            return
+        try:
+            os.read(fd, 512)  # drain the signal wake-up bytes; the handlers ran already
+        except BlockingIOError:
+            pass
+        if self.stopping and self.listeners:
+            self._drop_listeners()
+
+    def _drop_listeners(self) -> None:
+        """A stopping worker lets go of the listening sockets at once: after a stop
+        nothing else holds them open, so new clients are refused instead of queued."""
+        for fd, sock in self.listeners.items():
+            self.epoll.unregister(fd)
+            sock.close()
+        self.listeners = {}
+
+    def session_progress(self, session: Session) -> None:
+        phase = session.phase
+        if phase != self._last_phase:
+            self._last_phase = phase
+            self.board.set_phase(self.slot, phase, time.monotonic())
+
+    _last_phase = ""
+
+    def count_message(self, size: int) -> None:
+        self.board.count_message(self.slot, size)
+
+    def count_rejects(self, codes: list[int]) -> None:
+        for code in codes:
+            self.board.count_reject(self.slot, code)
+
+    def count_conn_reject(self, reason: str) -> None:
+        self.board.count_conn_reject(self.slot, reason)
+
+    def _title(self, state: str) -> None:
+        process.set_title(f"forksmtp: worker {state} (gen {self.generation})")

@@ -1,0 +1,222 @@
+"""Drive the sans-IO SMTP core the way a worker does, in the words of an RFC transcript.
+
+    s = new_session()
+    assert transcript(s, ["EHLO x", "DATA"]) == [250, 503]
+
+``transcript`` sends one client line at a time (a client that waits for every reply),
+``feed`` sends raw bytes as they would come off the socket (pipelining, bare CR/LF,
+odd splits).  DataStart is answered with ``accept_data()`` (or a refusal chosen by the
+test) and DataEnd with 250 or the reader's verdict, as the worker does; the text of
+every accepted message is kept and returned by ``stored``.
+
+Every reply that goes out is checked for RFC 5321 form (three digits, ``-`` on all but
+the last line, CRLF, at most 512 octets a line), and in ``transcript`` for RFC 2034/3463
+consistency: no enhanced status code before EHLO/HELO, one whose class matches the reply
+code on every reply after it (the EHLO/HELO reply itself and 354 carry none).
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from typing import Iterable
+
+from forksmtp.smtp import replies as R
+from forksmtp.smtp.session import (NEED_DATA, PAUSED, DataChunk, DataEnd, DataStart,
+                                   Session, SessionConfig)
+
+HOSTNAME = "mx.test"
+CRLF = b"\r\n"
+
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])([^\r\n]*)\Z")
+_ENHANCED = re.compile(r"([245])\.[0-9]{1,3}\.[0-9]{1,3}\Z")
+
+
+def new_session(**config) -> Session:
+    """A started session on ``mx.test`` whose 220 greeting was already read."""
+    session = Session(SessionConfig(HOSTNAME, **config))
+    session.start()
+    check_wire(session.data_to_send())
+    return session
+
+
+class Client:
+    """The worker's side of the event API, recording what a test may want to inspect."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.data_start_reply: R.Reply | None = None  # None: accept_data() -> 354
+        self.events: list[object] = []
+        self.stored: list[bytes] = []  # text of every message answered 250
+        self.ends: list[DataEnd] = []
+        self._chunks: list[bytes] = []
+
+    def pump(self) -> list[object]:
+        """Pull events until the session needs bytes, answering as a worker does."""
+        new: list[object] = []
+        while True:
+            event = self.session.next_event()
+            if event is NEED_DATA:
+                break
+            assert event is not PAUSED, "session paused although every event was answered"
+            new.append(event)
+            if isinstance(event, DataStart):
+                self._data_start(event)
+            elif isinstance(event, DataChunk):
+                self._chunks.append(event.data)
+            elif isinstance(event, DataEnd):
+                self._data_end(event)
+        self.events += new
+        return new
+
+    def _data_start(self, event: DataStart) -> None:
+        # RFC 5321 3.3: DATA only after at least one accepted recipient.
+        assert event.envelope.recipients, "DataStart without an accepted recipient"
+        self._chunks.clear()
+        if self.data_start_reply is None:
+            self.session.accept_data()
+        else:
+            self.session.reply(self.data_start_reply)
+
+    def _data_end(self, event: DataEnd) -> None:
+        text = b"".join(self._chunks)
+        self._chunks.clear()
+        self.ends.append(event)
+        if event.error is None:
+            self.stored.append(text)
+        self.session.reply(event.error or R.R250_ACCEPTED)
+
+    def feed(self, data: bytes) -> bytes:
+        """Raw client bytes in; everything the server sends in answer out (one write)."""
+        self.session.receive_data(data)
+        self.pump()
+        out = self.session.data_to_send()
+        check_wire(out)
+        return out
+
+    def send_line(self, line: str | bytes) -> bytes:
+        """One client line (CRLF added); replies are checked for RFC 2034 consistency."""
+        raw = line.encode("utf-8") if isinstance(line, str) else line
+        negotiated = self.session.enhanced
+        out = self.feed(raw + CRLF)
+        check_enhanced(out, negotiated)
+        return out
+
+
+_clients: "weakref.WeakKeyDictionary[Session, Client]" = weakref.WeakKeyDictionary()
+
+
+def client(session: Session) -> Client:
+    """The one Client that drives ``session`` (created on first use)."""
+    found = _clients.get(session)
+    if found is None:
+        found = _clients[session] = Client(session)
+    return found
+
+
+# -- the transcript vocabulary -----------------------------------------------------------
+
+def transcript(session: Session, lines: Iterable[str | bytes]) -> list[int]:
+    """Send each line, waiting for its reply; the reply codes, in order."""
+    c = client(session)
+    return [code for line in lines for code in codes(c.send_line(line))]
+
+
+def replies(session: Session, lines: Iterable[str | bytes]) -> list[str]:
+    """Like ``transcript`` but each reply as ``"550 5.7.1"`` (``"250"`` without one)."""
+    c = client(session)
+    return [head for line in lines for head in heads(c.send_line(line))]
+
+
+def feed(session: Session, data: bytes) -> bytes:
+    """Raw bytes in (no CRLF added, no waiting between lines); the wire bytes out."""
+    return client(session).feed(data)
+
+
+def feed_codes(session: Session, data: bytes) -> list[int]:
+    return codes(feed(session, data))
+
+
+def events(session: Session) -> list[object]:
+    """Every event the session emitted so far."""
+    return client(session).events
+
+
+def stored(session: Session) -> list[bytes]:
+    """The text (LF line ends, dot-unstuffed) of every message accepted so far."""
+    return client(session).stored
+
+
+def data_ends(session: Session) -> list[DataEnd]:
+    return client(session).ends
+
+
+def refuse_data_start(session: Session, reply: R.Reply) -> None:
+    """Answer every later DataStart with ``reply`` instead of 354 (storage trouble)."""
+    client(session).data_start_reply = reply
+
+
+# -- reading replies -----------------------------------------------------------------------
+
+def split_replies(wire: bytes) -> list[list[bytes]]:
+    """The replies in ``wire``, each a list of its lines without CRLF; checks the form."""
+    check_wire(wire)
+    groups: list[list[bytes]] = []
+    current: list[bytes] = []
+    for line in wire.split(CRLF)[:-1]:
+        current.append(line)
+        if line[3:4] == b" ":
+            groups.append(current)
+            current = []
+    return groups
+
+
+def codes(wire: bytes) -> list[int]:
+    return [int(group[0][:3]) for group in split_replies(wire)]
+
+
+def heads(wire: bytes) -> list[str]:
+    """``"code enhanced"`` per reply, or just ``"code"`` when it carries no enhanced code."""
+    result = []
+    for group in split_replies(wire):
+        code, enhanced = _code_and_enhanced(group[0])
+        result.append(f"{code} {enhanced}" if enhanced else str(code))
+    return result
+
+
+def _code_and_enhanced(line: bytes) -> tuple[int, str]:
+    word = line[4:].split(b" ", 1)[0].decode("utf-8", "replace")
+    return int(line[:3]), (word if _ENHANCED.match(word) else "")
+
+
+def check_wire(wire: bytes) -> None:
+    """RFC 5321 4.2: replies are whole CRLF lines of at most 512 octets, ``NNN-`` on
+    every line but the last of a reply, all lines of one reply with the same code."""
+    if not wire:
+        return
+    assert wire.endswith(CRLF), wire
+    previous = None  # the code of an unfinished multi-line reply
+    for line in wire.split(CRLF)[:-1]:
+        assert len(line) + 2 <= 512, line
+        m = _REPLY_LINE.match(line)
+        assert m is not None, f"malformed reply line {line!r}"
+        assert previous is None or previous == m.group(1), f"code changed inside {wire!r}"
+        previous = m.group(1) if m.group(2) == b"-" else None
+    assert previous is None, f"unfinished multi-line reply in {wire!r}"
+
+
+def check_enhanced(wire: bytes, negotiated: bool) -> None:
+    """RFC 2034: enhanced codes only once negotiated, then on every reply except the
+    EHLO/HELO reply and 354, and always in the reply code's class (RFC 3463)."""
+    for group in split_replies(wire):
+        code, enhanced = _code_and_enhanced(group[0])
+        if code == 354 or (code == 250 and group[0][4:] == HOSTNAME.encode()):
+            assert not enhanced, group
+            continue
+        if not negotiated:
+            assert not enhanced, f"enhanced status code before EHLO/HELO: {group!r}"
+            continue
+        assert enhanced, f"no enhanced status code after EHLO/HELO: {group!r}"
+        assert enhanced[0] == str(code)[0], f"enhanced code of the wrong class: {group!r}"
+        for line in group:
+            assert line[4:].startswith(enhanced.encode()), group

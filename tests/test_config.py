@@ -1,0 +1,372 @@
+"""Config loading: defaults, overrides, the example file, and one row per kind of mistake."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forksmtp import cli, config
+from forksmtp.config import Config, ConfigError, load_config, summary
+from forksmtp.listeners import parse_listen
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "etc" / "forksmtp.toml"
+
+
+@pytest.fixture
+def etc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tmp/etc holding a readable cert.pem and key.pem and a plain file; cwd is tmp/."""
+    d = tmp_path / "etc"
+    d.mkdir()
+    for name in ("cert.pem", "key.pem", "plainfile"):
+        (d / name).write_text("x\n")
+    monkeypatch.chdir(tmp_path)
+    return d
+
+
+def write(etc: Path, text: str, name: str = "forksmtp.toml") -> Path:
+    path = etc / name
+    path.write_text(text)
+    return path
+
+
+TLS = '[tls]\ncert_file = "cert.pem"\nkey_file = "key.pem"\n'
+
+# (TOML snippet, the key the error must name, part of the problem)
+BAD = [
+    ('[sever]\nworkers = 1\n', "[sever]", "unknown section (did you mean [server]?)"),
+    ('[mailbox]\n', "[mailbox]", "did you mean [mailboxes]?"),
+    ('workers = 4\n', "workers", "key outside any section (did you mean server.workers?)"),
+    ('[tsl]\ncert_file = "cert.pem"\n', "[tsl]", "unknown section (did you mean [tls]?)"),
+    ('server = 5\n', "server", "must be a table"),
+    ('mailboxes = "x"\n', "mailboxes", "must be a table"),
+    ('[server]\nwokers = 4\n', "server.wokers", "unknown key (did you mean server.workers?)"),
+    ('[server]\nmaildir = "m"\n', "server.maildir", "did you mean delivery.maildir?"),
+    ('[server]\nworkers = -1\n', "server.workers", "must be an integer >= 1"),
+    ('[server]\nworkers = 0\n', "server.workers", "must be an integer >= 1"),
+    ('[server]\nworkers = true\n', "server.workers", "must be an integer"),
+    ('[server]\nworkers = 1.5\n', "server.workers", "must be an integer"),
+    ('[server]\nworkers = "4"\n', "server.workers", "must be an integer"),
+    ('[server]\nworkers = 65\n', "server.workers", "must be <= server.max_workers (64)"),
+    ('[server]\nmax_workers = 0\n', "server.max_workers", "must be an integer >= 1"),
+    ('[server]\nmax_workers = 2\n', "server.workers", "must be <= server.max_workers (2)"),
+    ('[server]\nmax_connections = 0\n', "server.max_connections", ">= 1"),
+    ('[server]\nmax_connections_per_ip = false\n', "server.max_connections_per_ip", "integer"),
+    ('[server]\nlisten = ["127.0.0.1:0"]\n', "server.listen", "out of range"),
+    ('[server]\nlisten = ["127.0.0.1:70000"]\n', "server.listen", "out of range"),
+    ('[server]\nlisten = "127.0.0.1:25"\n', "server.listen", "must be a list of strings"),
+    ('[server]\nlisten = [2525]\n', "server.listen", "must be a list of strings"),
+    ('[server]\nlisten = []\n', "server.listen", "at least one address"),
+    ('[server]\nlisten = ["::1:25"]\n', "server.listen", "brackets"),
+    ('[server]\nlisten = ["25", ":25"]\n', "server.listen", ":25 is listed twice"),
+    ('[server]\nhostname = "mx example"\n', "server.hostname", "domain name"),
+    ('[server]\nhostname = ""\n', "server.hostname", "domain name"),
+    ('[server]\nhostname = "mx.test\\r\\n250 x"\n', "server.hostname", "domain name"),
+    ('[server]\ngraceful_timeout = -1\n', "server.graceful_timeout", "must be a number >= 0"),
+    ('[server]\ngraceful_timeout = "30s"\n', "server.graceful_timeout", "must be a number"),
+    ('[server]\npidfile = "/nonexistent-dir/forksmtp.pid"\n', "server.pidfile", "does not exist"),
+    ('[server]\npidfile = "."\n', "server.pidfile", "is a directory"),
+    ('[server]\nstats_file = "nodir/stats.json"\n', "server.stats_file", "does not exist"),
+    ('[server]\nuser = "no-such-user-forksmtp"\n', "server.user", "no such user"),
+    ('[server]\ngroup = "no-such-group-forksmtp"\n', "server.group", "no such group"),
+    ('[server]\nmin_spare_workers = 9\n', "server.min_spare_workers", "server.max_spare_workers (8)"),
+    ('[server]\nmax_spare_workers = 0\n', "server.max_spare_workers", ">= 1"),
+    ('[server]\nmax_sessions_per_worker = 0\n', "server.max_sessions_per_worker", ">= 1"),
+    ('[server]\nmax_sessions_jitter = -1\n', "server.max_sessions_jitter", ">= 0"),
+    ('[server]\nmax_idle = 0\n', "server.max_idle", "> 0"),
+    ('[server]\nstress_threshold = 1.5\n', "server.stress_threshold", "<= 1"),
+    ('[server]\ngreeting_delay = -0.5\n', "server.greeting_delay", ">= 0"),
+    ('[server]\nreject_early_talkers = 1\n', "server.reject_early_talkers", "true or false"),
+    ('[limits]\nmax_message_size = -5\n', "limits.max_message_size", ">= 1"),
+    ('[limits]\nmax_recipients = 0\n', "limits.max_recipients", ">= 1"),
+    ('[limits]\nmax_errors = "10"\n', "limits.max_errors", "integer"),
+    ('[limits]\nmax_received_headers = 0\n', "limits.max_received_headers", ">= 1"),
+    ('[limits]\nbare_newline = "strip"\n', "limits.bare_newline", 'one of "reject", "normalize"'),
+    ('[limits]\nnormalize_networks = ["10.0.0.0/33"]\n', "limits.normalize_networks", "CIDR"),
+    ('[limits]\nnormalize_networks = ["example.test"]\n', "limits.normalize_networks", "CIDR"),
+    ('[limits]\nstress_max_errors = 0\n', "limits.stress_max_errors", ">= 1"),
+    ('[timeouts]\ncommand = 0\n', "timeouts.command", "> 0"),
+    ('[timeouts]\ndata_block = -1\n', "timeouts.data_block", "> 0"),
+    ('[timeouts]\ndata_done = nan\n', "timeouts.data_done", "must be a number"),
+    ('[timeouts]\nsession = inf\n', "timeouts.session", "must be a number"),
+    ('[timeouts]\nmin_data_rate = -1\n', "timeouts.min_data_rate", ">= 0"),
+    ('[timeouts]\nstress_command = 0\n', "timeouts.stress_command", "> 0"),
+    ('[delivery]\nfsync = "yes"\n', "delivery.fsync", "true or false"),
+    ('[delivery]\nlocal_domains = "example.test"\n', "delivery.local_domains", "list of strings"),
+    ('[delivery]\nlocal_domains = ["a b"]\n', "delivery.local_domains", "not a domain"),
+    ('[delivery]\nlocal_domains = ["user@example.test"]\n', "delivery.local_domains", "not a domain"),
+    ('[delivery]\nmaildir = ""\n', "delivery.maildir", "must not be empty"),
+    ('[delivery]\nmaildir = 3\n', "delivery.maildir", "must be a string"),
+    ('[delivery]\nmaildir = "plainfile"\n', "delivery.maildir", "is not a directory"),
+    ('[delivery]\nmaildir = "plainfile/sub/Maildir"\n', "delivery.maildir", "plainfile is not a directory"),
+    ('[mailboxes]\n"alice" = "alice"\n', 'mailboxes."alice"', "not an address"),
+    ('[mailboxes]\n"@example.test" = "x"\n', 'mailboxes."@example.test"', "not an address"),
+    ('[mailboxes]\n"a@example.test" = 5\n', 'mailboxes."a@example.test"', "must be a string"),
+    ('[mailboxes]\n"a@example.test" = "plainfile"\n', 'mailboxes."a@example.test"', "not a directory"),
+    ('[mailboxes]\n"A@x.test" = "a"\n"a@X.test" = "b"\n', 'mailboxes."a@X.test"', "listed twice"),
+    ('[delivery]\nlocal_domains = ["example.test"]\n[mailboxes]\n"a@other.test" = "m"\n',
+     'mailboxes."a@other.test"', "not in delivery.local_domains"),
+    ('[log]\nlevel = "verbose"\n', "log.level", '"debug", "info", "warning", "error"'),
+    ('[log]\nfile = "/nonexistent-dir/forksmtp.log"\n', "log.file", "does not exist"),
+    ('[log]\nlevel = "info"\nformat = "json"\n', "log.format", "unknown key"),
+    ('[tls]\nkey_file = "key.pem"\n', "tls.cert_file", "required when [tls] is present"),
+    ('[tls]\ncert_file = "cert.pem"\n', "tls.key_file", "required when [tls] is present"),
+    ('[tls]\ncert_file = "missing.pem"\nkey_file = "key.pem"\n', "tls.cert_file", "cannot read"),
+    ('[tls]\ncert_file = "cert.pem"\nkey_file = "."\n', "tls.key_file", "cannot read"),
+    (TLS + 'min_version = "TLSv1.1"\n', "tls.min_version", '"TLSv1.2", "TLSv1.3"'),
+    (TLS + 'implicit_listen = ["127.0.0.1:2525"]\n', "tls.implicit_listen", "also in server.listen"),
+    (TLS + 'implicit_listen = ["x"]\n', "tls.implicit_listen", "expected PORT"),
+    (TLS + 'require_tls = "no"\n', "tls.require_tls", "true or false"),
+    (TLS + 'ciphers = "HIGH"\n', "tls.ciphers", "unknown key"),
+    ('[auth]\nrequired = false\n', "auth.password_file", "required when [auth] is present"),
+    ('[auth]\npassword_file = "nodir/passwd"\n', "auth.password_file", "does not exist"),
+    ('[auth]\npassword_file = "passwd"\nrequired = true\n', "auth.required", "only over TLS"),
+    ('[auth]\npassword_file = "passwd"\nallow_insecure = 1\n', "auth.allow_insecure", "true or false"),
+]
+
+
+@pytest.mark.parametrize("snippet, key, problem", BAD, ids=[row[1] + ":" + row[2] for row in BAD])
+def test_every_error_names_file_key_and_problem(etc: Path, snippet: str, key: str, problem: str) -> None:
+    path = write(etc, snippet)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    err = info.value
+    assert (err.file, err.key) == (str(path), key)
+    assert problem in err.problem
+    line = str(err)
+    assert line.startswith(f"{path}: {key}") and line.endswith(err.problem) and "\n" not in line
+
+
+def test_error_shows_the_value_as_written(etc: Path) -> None:
+    path = write(etc, "[server]\nworkers = -1\n", name="x.toml")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}: server.workers = -1: must be an integer >= 1"
+    assert info.value.value == -1
+
+
+@pytest.mark.parametrize("snippet, line", [
+    ("[server]\nworkers = \n", 2),
+    ("[server]\nworkers = 4\nworkers = 5\n", 3),  # TOML forbids a key twice
+    ("[server\n", 1),
+])
+def test_toml_syntax_errors_name_the_line(etc: Path, snippet: str, line: int) -> None:
+    path = write(etc, snippet)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: invalid TOML: .*line {line}\b"):
+        load_config(str(path))
+
+
+def test_unreadable_and_non_utf8_files(etc: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.toml: cannot read: No such file"):
+        load_config(str(etc / "missing.toml"))
+    bad = etc / "latin1.toml"
+    bad.write_bytes(b'[server]\nhostname = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(str(bad))
+
+
+def test_defaults_match_the_dataclasses(etc: Path) -> None:
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.path == "" and cfg.tls is None and cfg.auth is None
+    assert cfg.server.listen == (parse_listen("127.0.0.1:2525"),)
+    assert cfg.server.hostname == socket.gethostname()
+    assert (cfg.server.workers, cfg.server.max_workers) == (4, 64)
+    assert (cfg.server.max_connections, cfg.server.max_connections_per_ip) == (50, 10)
+    assert cfg.server.graceful_timeout == 30.0 and isinstance(cfg.server.graceful_timeout, float)
+    assert cfg.delivery.maildir == str(etc.parent / "Maildir")
+    assert dict(cfg.delivery.mailboxes) == {}
+    assert load_config(str(write(etc, ""))) == dataclasses.replace(cfg, path=str(etc / "forksmtp.toml"))
+
+
+def test_the_key_table_matches_the_dataclass_fields() -> None:
+    for section, cls in config._SECTIONS.items():
+        keys = [k for s, k, *_ in config._KEYS if s == section]
+        fields = [f.name for f in dataclasses.fields(cls)]
+        assert sorted(keys) == sorted(f for f in fields if f != "mailboxes"), section
+
+
+def test_config_is_frozen(etc: Path) -> None:
+    cfg = load_config(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.server.workers = 5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cfg.delivery.mailboxes["x@y"] = "/z"  # type: ignore[index]
+
+
+def test_values_and_normalisation(etc: Path) -> None:
+    (etc / "passwd").write_text("")
+    path = write(etc, TLS + """
+[server]
+listen = ["2525", "[::1]:2525"]
+hostname = "mx.example.test"
+workers = 2
+graceful_timeout = 5
+[limits]
+normalize_networks = ["10.1.2.3/8", "::1"]
+[delivery]
+maildir = "../var/Maildir"
+local_domains = ["Example.TEST.", "example.test", "other.test"]
+[mailboxes]
+"Alice@Example.Test" = "alice/Maildir"
+[log]
+level = "DEBUG"
+[auth]
+password_file = "passwd"
+required = true
+""")
+    cfg = load_config(str(path))
+    root = etc.parent
+    assert [str(a) for a in cfg.server.listen] == [":2525", "[::1]:2525"]
+    assert cfg.server.graceful_timeout == 5.0
+    assert cfg.limits.normalize_networks == ("10.0.0.0/8", "::1/128")
+    assert cfg.delivery.maildir == str(root / "var" / "Maildir")  # relative to the file
+    assert cfg.delivery.local_domains == ("example.test", "other.test")
+    assert dict(cfg.delivery.mailboxes) == {"alice@example.test": str(etc / "alice" / "Maildir")}
+    assert cfg.log.level == "debug"
+    assert cfg.tls is not None and cfg.tls.cert_file == str(etc / "cert.pem")
+    assert cfg.tls.min_version == "TLSv1.2" and cfg.tls.implicit_listen == ()
+    assert cfg.auth is not None and cfg.auth.password_file == str(etc / "passwd")
+    assert cfg.path == str(path)
+    assert not (root / "var").exists()  # validation creates nothing
+    line = summary(cfg)
+    assert line.startswith(f"config OK: {path}: listen :2525 [::1]:2525, 2 workers")
+    assert str(root / "var" / "Maildir") in line and "TLS" in line and "AUTH required" in line
+
+
+def test_overrides_replace_file_values(etc: Path) -> None:
+    path = write(etc, '[server]\nlisten = ["127.0.0.1:2600", "127.0.0.1:2601"]\nworkers = 8\n'
+                      '[delivery]\nmaildir = "from-file"\n')
+    cfg = load_config(str(path), {
+        "server.listen": ["127.0.0.1:2700"],
+        "delivery.maildir": "from-cli",
+        "server.workers": 3,
+        "server.hostname": "cli.example.test",
+        "server.pidfile": "run.pid",
+        "log.level": "WARNING",
+    })
+    assert cfg.server.listen == (parse_listen("127.0.0.1:2700"),)
+    assert cfg.server.workers == 3 and cfg.server.hostname == "cli.example.test"
+    # Command-line paths are relative to the working directory, not to the file.
+    assert cfg.delivery.maildir == str(etc.parent / "from-cli")
+    assert cfg.server.pidfile == str(etc.parent / "run.pid")
+    assert cfg.log.level == "warning"
+
+
+def test_override_errors_blame_the_command_line(etc: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"server.workers": 0})
+    assert str(info.value) == "command line: server.workers = 0: must be an integer >= 1"
+    with pytest.raises(ConfigError, match=r"^command line: server\.listen = \[\"x:y\"\]: 'x:y': port"):
+        load_config(None, {"server.listen": ["x:y"]})
+    with pytest.raises(ConfigError, match="server.wrkers.*unknown key.*server.workers"):
+        load_config(None, {"server.wrkers": 2})
+    path = write(etc, "[server]\nmax_workers = 2\n")
+    with pytest.raises(ConfigError, match=r"^command line: server\.workers = 3: must be <= server\.max_workers \(2\)"):
+        load_config(str(path), {"server.workers": 3})
+
+
+def test_maildir_is_checked_but_never_created(etc: Path) -> None:
+    deep = etc.parent / "a" / "b" / "c"
+    cfg = load_config(None, {"delivery.maildir": str(deep)})
+    assert cfg.delivery.maildir == str(deep) and not (etc.parent / "a").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_maildir_under_a_read_only_directory(etc: Path) -> None:
+    ro = etc.parent / "ro"
+    ro.mkdir(mode=0o500)
+    try:
+        with pytest.raises(ConfigError, match=rf"delivery\.maildir = .*: {re.escape(str(ro))} is not writable"):
+            load_config(None, {"delivery.maildir": str(ro / "Maildir")})
+    finally:
+        ro.chmod(0o700)
+
+
+def test_example_config_loads_as_is() -> None:
+    cfg = load_config(str(EXAMPLE))
+    assert cfg.server.listen == (parse_listen("127.0.0.1:2525"),)
+    assert cfg.delivery.maildir == str(REPO / "var" / "Maildir")
+    assert cfg.tls is None and cfg.auth is None and not cfg.delivery.mailboxes
+
+
+def test_example_config_documents_every_key() -> None:
+    text = EXAMPLE.read_text()
+    for section, key, *_ in config._KEYS:
+        assert re.search(rf"^(# )?{key} = ", text, re.M), f"{section}.{key} missing from the example"
+    for section in [*config._SECTIONS, "mailboxes"]:
+        assert re.search(rf"^(# )?\[{section}\]", text, re.M), section
+
+
+def test_example_commented_sections_are_valid(etc: Path) -> None:
+    """Uncomment [tls], [auth] and [mailboxes]: the keys shown there must all be real keys."""
+    text = re.sub(r'^# (?=\[\w+\]|"[^"]+" = |\w+ = )', "", EXAMPLE.read_text(), flags=re.M)
+    text = text.replace("/etc/forksmtp/", "").replace("/var/mail/", "")
+    cfg = load_config(str(write(etc, text)))
+    assert cfg.tls is not None and cfg.auth is not None
+    assert cfg.server.hostname == "mx.example.test"
+    assert set(cfg.delivery.mailboxes) == {"alice@example.test", "bob@example.test"}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "forksmtp", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_ok_via_python_m(etc: Path) -> None:
+    result = run_cli("-c", str(EXAMPLE), "--check")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"config OK: {EXAMPLE}: listen 127.0.0.1:2525, 4 workers")
+    assert result.stdout.count("\n") == 1
+
+
+def test_check_bad_via_python_m(etc: Path) -> None:
+    path = write(etc, "[server]\nworkers = -1\n")
+    result = run_cli("-c", str(path), "--check")
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"{path}: server.workers = -1: must be an integer >= 1" in result.stderr
+
+
+def test_check_flags_override_the_file(etc: Path, capsys: pytest.CaptureFixture) -> None:
+    code = cli.main(["-c", str(EXAMPLE), "--check", "--listen", "127.0.0.1:2600",
+                     "--listen", "[::1]:2600", "--workers", "2", "--maildir", "m"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "listen 127.0.0.1:2600 [::1]:2600, 2 workers" in out and str(etc.parent / "m") in out
+
+
+def test_cli_errors(etc: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["--check", "--log-level", "loud"]) == 2
+    assert "command line: log.level" in capsys.readouterr().err
+    assert cli.main(["--workers", "many"]) == 2  # argparse usage error
+    assert cli.main(["-c", str(etc / "missing.toml")]) == 2  # never reaches the arbiter
+    assert "cannot read" in capsys.readouterr().err
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("forksmtp ")
+
+
+def test_overrides_from_flags() -> None:
+    args = cli._parser().parse_args(["--listen", "25", "--listen", "26", "--log-level", "debug"])
+    assert cli.overrides_from(args) == {"server.listen": ["25", "26"], "log.level": "debug"}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["passwd", "bob"], (["bob"], None)),
+    (["passwd", "bob", "-f", "pw"], (["bob", "-f", "pw"], None)),
+    (["-c", "x.toml", "passwd", "bob"], (["bob"], "x.toml")),
+    (["--config=x.toml", "passwd", "bob"], (["bob"], "x.toml")),
+    (["-cx.toml", "passwd", "bob"], (["bob"], "x.toml")),
+    (["passwd", "bob", "--config", "y.toml"], (["bob"], "y.toml")),
+    (["--check"], None),
+    (["--hostname", "passwd"], None),
+    ([], None),
+])
+def test_passwd_subcommand_is_recognised(argv: list[str], expected: object) -> None:
+    assert cli._split_passwd(argv) == expected

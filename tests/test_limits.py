@@ -1,0 +1,47 @@
+"""Admission policy: the contract's refusal replies and the stress-mode switch."""
+from __future__ import annotations
+
+import pytest
+
+from forksmtp import limits, scoreboard
+from forksmtp.smtp.replies import R421_BUSY, R421_PER_IP
+
+
+@pytest.mark.parametrize("reason,code,enhanced", [
+    ("max_connections", 421, "4.3.2"),
+    ("max_connections_per_ip", 421, "4.7.0"),
+    ("early_talker", 554, "5.5.0"),
+    ("other", 421, "4.3.2"),
+    ("something new", 421, "4.3.2"),
+])
+def test_reply_for(reason, code, enhanced):
+    reply = limits.reply_for(reason)
+    assert (reply.code, reply.enhanced) == (code, enhanced)
+    assert reply.wire(False).startswith(f"{code} ".encode()) and reply.wire(False).endswith(b"\r\n")
+
+
+def test_contract_replies_are_the_shared_constants():
+    assert limits.reply_for("max_connections") is R421_BUSY
+    assert limits.reply_for("max_connections_per_ip") is R421_PER_IP
+
+
+def test_reasons_match_the_scoreboard_counters():
+    assert limits.REASONS == scoreboard.CONN_REJECT_REASONS
+
+
+@pytest.mark.parametrize("busy,max_workers,threshold,stress", [
+    (0, 10, 0.8, False),
+    (7, 10, 0.8, False),
+    (8, 10, 0.8, True),
+    (10, 10, 0.8, True),
+    (6, 10, 0.7, False),
+    (7, 10, 0.7, True),  # 0.7 * 10 is 7.000000000000001 in floating point
+    (9, 10, 1.0, False),
+    (10, 10, 1.0, True),
+    (0, 1, 0.01, False),  # an idle pool is never under stress
+    (1, 1, 0.01, True),
+    (5, 0, 0.8, False),
+    (5, 10, 0.0, False),  # 0 switches stress mode off
+])
+def test_in_stress(busy, max_workers, threshold, stress):
+    assert limits.in_stress(busy, max_workers, threshold) is stress

@@ -1,0 +1,374 @@
+"""Maildir delivery against real files: names, content, durability paths, cleanup."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from forksmtp import maildir
+from forksmtp.maildir import Maildir, clean_tmp, commit_all, escape_host, is_no_space
+
+NAME_RE = re.compile(r"^\d+\.M\d+P\d+Q\d+\.[^/:]+,S=(\d+)$")
+MODES = ["tmpfile", "named"]
+
+
+def make(path, mode: str = "tmpfile", **kwargs) -> Maildir:
+    md = Maildir(str(path), **kwargs)
+    if mode == "named":
+        md.use_tmpfile = False      # force the O_EXCL named-file fallback
+    return md
+
+
+def deliver(md: Maildir, *chunks: bytes) -> str:
+    delivery = md.begin()
+    for chunk in chunks:
+        delivery.write(chunk)
+    return delivery.commit()
+
+
+def listing(md: Maildir) -> tuple[list[str], list[str]]:
+    return sorted(os.listdir(md.tmp)), sorted(os.listdir(md.new))
+
+
+def mode_of(path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_creates_missing_directories_0700(tmp_path):
+    old = os.umask(0o277)           # mkdir alone would give 0500
+    try:
+        md = Maildir(str(tmp_path / "a" / "b" / "Maildir"))
+    finally:
+        os.umask(old)
+    for sub in ("", "tmp", "new", "cur"):
+        assert mode_of(os.path.join(md.path, sub)) == 0o700
+
+
+def test_leaves_existing_directories_alone(tmp_path):
+    root = tmp_path / "Maildir"
+    (root / "cur").mkdir(parents=True)
+    os.chmod(root, 0o755)
+    os.chmod(root / "cur", 0o750)
+    Maildir(str(root))
+    assert mode_of(root) == 0o755 and mode_of(root / "cur") == 0o750
+    assert mode_of(root / "tmp") == 0o700 and mode_of(root / "new") == 0o700
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_content_name_and_size(tmp_path, mode):
+    md = make(tmp_path / "md", mode)
+    body = b"Return-Path: <a@example.org>\nSubject: hi\n\nbody\n"
+    path = deliver(md, body[:10], body[10:], b"")
+    assert os.path.dirname(path) == md.new
+    name = os.path.basename(path)
+    match = NAME_RE.match(name)
+    assert match, name
+    assert int(match[1]) == os.path.getsize(path) == len(body)
+    assert f"P{os.getpid()}Q" in name and name.split(",")[0].endswith("." + md.host)
+    with open(path, "rb") as f:
+        assert f.read() == body
+    assert mode_of(path) == 0o600
+    assert listing(md) == ([], [name])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_large_message_in_odd_chunks(tmp_path, mode):
+    md = make(tmp_path / "md", mode)
+    body = os.urandom(3 * 1024 * 1024 + 12345)
+    delivery = md.begin()
+    for start in range(0, len(body), 65521):
+        delivery.write(body[start:start + 65521])
+    assert delivery.size == len(body)
+    path = delivery.commit()
+    assert NAME_RE.match(os.path.basename(path))[1] == str(len(body))
+    with open(path, "rb") as f:
+        assert f.read() == body
+    assert listing(md)[0] == []
+
+
+def test_host_escaping():
+    assert escape_host("a/b:c.d") == "a\\057b\\072c.d"
+    assert escape_host(".x,y") == "\\056x\\054y"
+    assert escape_host("") == "localhost"
+
+
+def test_escaped_host_in_name(tmp_path):
+    md = Maildir(str(tmp_path / "md"), hostname="mx/1:25.example")
+    name = os.path.basename(deliver(md, b"x\n"))
+    assert NAME_RE.match(name)
+    assert ".mx\\0571\\07225.example,S=2" in name
+
+
+def test_fsync_off(tmp_path):
+    md = Maildir(str(tmp_path / "md"), fsync=False)
+    path = deliver(md, b"no fsync\n")
+    with open(path, "rb") as f:
+        assert f.read() == b"no fsync\n"
+    assert listing(md)[0] == []
+
+
+def test_never_overwrites(tmp_path, monkeypatch):
+    monkeypatch.setattr(maildir, "_clock", lambda: 1_700_000_000_123_456_000)
+    md = Maildir(str(tmp_path / "md"))
+    first = os.path.basename(deliver(md, b"one\n"))
+    n = int(re.search(r"Q(\d+)\.", first)[1])
+    taken = first.replace(f"Q{n}.", f"Q{n + 1}.")
+    with open(os.path.join(md.new, taken), "wb") as f:
+        f.write(b"old\n")           # same length, so the name really clashes
+    second = os.path.basename(deliver(md, b"two\n"))
+    assert second not in (first, taken)
+    with open(os.path.join(md.new, taken), "rb") as f:
+        assert f.read() == b"old\n"
+    with open(os.path.join(md.new, second), "rb") as f:
+        assert f.read() == b"two\n"
+
+
+def _child_deliveries(md: Maildir, count: int) -> None:
+    for i in range(count):
+        deliver(md, b"Subject: %d %d\n\n" % (os.getpid(), i), b"x" * (i % 7) + b"\n")
+
+
+@pytest.mark.parametrize("clock", ["real", "frozen"])
+def test_unique_under_concurrency(tmp_path, monkeypatch, clock):
+    if clock == "frozen":           # all names share secs and usecs: only P and Q differ
+        monkeypatch.setattr(maildir, "_clock", lambda: 1_700_000_000_000_000_000)
+    md = Maildir(str(tmp_path / "md"), fsync=False)
+    os.unlink(deliver(md, b"opens new/ in the parent\n"))
+    pids = []
+    for _ in range(8):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _child_deliveries(md, 200)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    assert all(os.waitpid(pid, 0)[1] == 0 for pid in pids)
+    tmp, new = listing(md)
+    assert tmp == [] and len(new) == len(set(new)) == 1600
+    for name in new:
+        with open(os.path.join(md.new, name), "rb") as f:
+            data = f.read()
+        assert data.startswith(b"Subject: ") and data.endswith(b"\n")
+        assert int(NAME_RE.match(name)[1]) == len(data)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_abort_is_idempotent(tmp_path, mode):
+    md = make(tmp_path / "md", mode)
+    delivery = md.begin()
+    delivery.write(b"x" * 300_000)  # past the buffer: really on disk
+    delivery.abort()
+    delivery.abort()
+    assert listing(md) == ([], [])
+    with pytest.raises(ValueError):
+        delivery.commit()
+
+
+def test_abort_after_commit_keeps_message(tmp_path):
+    md = Maildir(str(tmp_path / "md"))
+    delivery = md.begin()
+    delivery.write(b"keep\n")
+    path = delivery.commit()
+    delivery.abort()
+    assert os.path.exists(path) and delivery.path == path
+    with pytest.raises(ValueError):
+        delivery.commit()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_commit_fails_when_new_is_missing(tmp_path, mode):
+    md = make(tmp_path / "md", mode)
+    delivery = md.begin()
+    delivery.write(b"lost\n")
+    os.rmdir(md.new)
+    with pytest.raises(FileNotFoundError):
+        delivery.commit()
+    assert os.listdir(md.tmp) == []
+    delivery.abort()
+
+
+def _commit_into_readonly_new(md: Maildir) -> None:
+    delivery = md.begin()
+    delivery.write(b"denied\n")
+    os.chmod(md.new, 0o500)
+    try:
+        with pytest.raises(PermissionError):
+            delivery.commit()
+    finally:
+        os.chmod(md.new, 0o700)
+
+
+@contextlib.contextmanager
+def unprivileged_dir():
+    """As root, permissions are only enforced on an unprivileged uid: yield a
+    directory owned by nobody, for use in a forked child that setuid()s."""
+    root = tempfile.mkdtemp(prefix="forksmtp-maildir-")
+    try:
+        os.chmod(root, 0o755)
+        os.chown(root, 65534, 65534)
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+def _run_as_nobody(func, *args) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            func(*args)
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_commit_fails_when_new_is_readonly(tmp_path, mode):
+    if os.geteuid() != 0:
+        md = make(tmp_path / "md", mode)
+        _commit_into_readonly_new(md)
+        assert listing(md) == ([], [])
+        return
+    with unprivileged_dir() as root:
+        status = _run_as_nobody(lambda: _commit_into_readonly_new(make(root + "/md", mode)))
+        assert status == 0
+        assert os.listdir(root + "/md/tmp") == [] and os.listdir(root + "/md/new") == []
+
+
+def test_commit_all(tmp_path):
+    a = Maildir(str(tmp_path / "a"))
+    b = make(tmp_path / "b", "named")
+    deliveries = [a.begin(), b.begin(), a.begin()]
+    for i, delivery in enumerate(deliveries):
+        delivery.write(b"copy %d\n" % i)
+    paths = commit_all(deliveries)
+    assert [os.path.dirname(p) for p in paths] == [a.new, b.new, a.new]
+    for i, path in enumerate(paths):
+        with open(path, "rb") as f:
+            assert f.read() == b"copy %d\n" % i
+    assert listing(a)[0] == [] and listing(b)[0] == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_commit_all_is_all_or_nothing(tmp_path, mode):
+    a = make(tmp_path / "a", mode)
+    b = make(tmp_path / "b", mode)
+    deliveries = [a.begin(), b.begin()]
+    for delivery in deliveries:
+        delivery.write(b"both or neither\n")
+    os.rmdir(b.new)
+    with pytest.raises(FileNotFoundError):
+        commit_all(deliveries)
+    assert listing(a) == ([], []) and os.listdir(b.tmp) == []
+
+
+def test_tmpfile_refusal_falls_back_and_is_remembered(tmp_path, monkeypatch):
+    monkeypatch.setattr(maildir, "_TMPFILE", os.O_DIRECTORY)  # open(tmp, O_DIRECTORY|O_WRONLY) -> EISDIR
+    md = Maildir(str(tmp_path / "md"))
+    md.use_tmpfile = True
+    path = deliver(md, b"fallback\n")
+    assert md.use_tmpfile is False
+    assert NAME_RE.match(os.path.basename(path))
+    assert listing(md)[0] == []
+
+
+def _dead_pid() -> int:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def test_clean_tmp(tmp_path):
+    md = Maildir(str(tmp_path / "md"), hostname="mx.example")
+    now = time.time()
+    dead, live = _dead_pid(), os.getpid()
+    orphan = f"{int(now)}.M1P{dead}Q1.mx.example"          # dead writer on this host
+    files = {
+        "old": now - 37 * 3600,
+        orphan: now,
+        f"{int(now)}.M1P{live}Q1.mx.example": now,         # in progress
+        f"{int(now)}.M1P{dead}Q2.other.example": now,      # another host: age rule only
+        ".hidden": now - 99 * 3600,
+        "fresh": now - 3600,
+    }
+    for name, when in files.items():
+        path = os.path.join(md.tmp, name)
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        os.utime(path, (when, when))
+    os.mkdir(os.path.join(md.tmp, "olddir"))
+    os.utime(os.path.join(md.tmp, "olddir"), (0, 0))
+    assert clean_tmp(md.path, now=now, hostname="mx.example") == 2
+    assert set(os.listdir(md.tmp)) == set(files) - {"old", orphan} | {"olddir"}
+    assert clean_tmp(md.path, now=now + 40 * 3600, hostname="mx.example") == 3
+
+
+def test_clean_tmp_default_host_matches_named_fallback(tmp_path):
+    md = make(tmp_path / "md", "named")
+    pid = os.fork()
+    if pid == 0:                    # a worker that dies mid-delivery
+        try:
+            md.begin().write(b"x" * 300_000)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert len(os.listdir(md.tmp)) == 1
+    assert clean_tmp(md.path) == 1 and os.listdir(md.tmp) == []
+
+
+def test_is_no_space():
+    assert is_no_space(OSError(errno.ENOSPC, "full"))
+    assert is_no_space(OSError(errno.EDQUOT, "quota"))
+    assert not is_no_space(OSError(errno.EIO, "io"))
+    assert not is_no_space(ValueError("x"))
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=True)  # never leave a mount behind
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_space(tiny_tmpfs, mode):
+    md = make(tiny_tmpfs / "md", mode)
+    try:
+        delivery = md.begin()
+        with pytest.raises(OSError) as info:
+            for _ in range(32):
+                delivery.write(b"x" * 65536)
+            delivery.commit()
+        assert is_no_space(info.value)
+        delivery.abort()
+        assert listing(md) == ([], [])
+        assert deliver(md, b"room again\n")   # the space was given back
+    finally:
+        md.close()                  # its new/ fd would keep the mount busy

@@ -1,0 +1,178 @@
+"""Pool policy as tables: scoreboard snapshots in, plans out."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from forksmtp import scoreboard as sbm
+from forksmtp.pool import MAX_SPAWN_RATE, PoolSettings, PoolState, plan
+from forksmtp.scoreboard import BUSY, IDLE, STARTING, STOPPING, SlotInfo, Snapshot, Totals
+
+NOW = 10_000.0
+GEN = 2
+ZERO = Totals.from_counters([0] * sbm._NCOUNTERS)
+# One letter a worker: S starting, I idle, B busy, X stopping; lower case: an older
+# generation.  A number after I is how long it has been idle, in seconds.
+STATES = {"S": STARTING, "I": IDLE, "B": BUSY, "X": STOPPING}
+
+
+def snap(spec: str, nslots: int = 64) -> Snapshot:
+    slots = []
+    for i, token in enumerate(spec.split()):
+        idle_for = float(token[1:] or 0)
+        gen = GEN if token[0].isupper() else GEN - 1
+        slots.append(SlotInfo(i, 1000 + i, gen, STATES[token[0].upper()], "", 0, "",
+                              NOW - idle_for, NOW - 3600, -1, False, ZERO))
+    return Snapshot(nslots, GEN, False, 0, 0, 0, tuple(slots), (), ZERO)
+
+
+def settings(**kw) -> PoolSettings:
+    base = dict(workers=4, max_workers=16, min_spare=1, max_spare=3, max_idle=300.0)
+    return PoolSettings(**{**base, **kw})
+
+
+CASES = [
+    # name, snapshot spec, settings overrides, nslots, spawn, retire
+    ("boot starts the minimum at once", "", {}, 64, 4, ()),
+    ("boot capped by max_workers", "", {"max_workers": 2}, 64, 2, ()),
+    ("boot capped by free slots", "", {}, 3, 3, ()),
+    ("steady", "I I I B", {}, 64, 0, ()),
+    ("no idle worker: one spare", "B B B B", {}, 64, 1, ()),
+    ("starting counts as idle", "B B B S", {}, 64, 0, ()),
+    ("min_spare 0 lets all be busy", "B B B B", {"min_spare": 0}, 64, 0, ()),
+    ("at max_workers: none", "B B B B", {"max_workers": 4}, 64, 0, ()),
+    ("old generation counts against the ceiling", "b b B B", {"workers": 2, "max_workers": 4}, 64, 0, ()),
+    ("old generation does not fill the minimum", "i i", {"workers": 2}, 64, 2, ()),
+    ("stopping workers do not fill the minimum", "X X I I", {}, 64, 2, ()),
+    ("crash below the minimum refills it", "I I", {"workers": 4}, 64, 2, ()),
+    ("retire the longest idle", "I500 I400 I600 I10 I10", {"workers": 2}, 64, 0, (2,)),
+    ("retire only one per tick", "I900 I900 I900 I900 I900 I900", {"workers": 1}, 64, 0, (0,)),
+    ("never below the minimum", "I400 I400 I400 I400", {"workers": 4, "max_spare": 1}, 64, 0, ()),
+    ("idle within max_spare stays", "I400 I400 I400 B", {"workers": 1}, 64, 0, ()),
+    ("not idle long enough", "I10 I10 I10 I10 I10", {"workers": 1}, 64, 0, ()),
+    ("starting workers are never retired", "S S S S S", {"workers": 1}, 64, 0, ()),
+]
+
+
+@pytest.mark.parametrize("name,spec,overrides,nslots,spawn,retire", CASES, ids=[c[0] for c in CASES])
+def test_plan_table(name, spec, overrides, nslots, spawn, retire):
+    result = plan(snap(spec, nslots), settings(**overrides), PoolState(), NOW)
+    assert (result.spawn, result.retire) == (spawn, retire)
+
+
+def test_ceiling_gives_a_reason():
+    result = plan(snap("B B B B"), settings(max_workers=4), PoolState(), NOW)
+    assert result.spawn == 0 and "max_workers" in result.reason
+    assert plan(snap("I I I I"), settings(), PoolState(), NOW).reason == ""
+
+
+def test_spawn_rate_doubles_to_cap_and_resets():
+    cfg = settings(workers=1, max_workers=1000, min_spare=500)
+    state, busy, spawned = PoolState(), 1, []
+    for tick in range(8):  # every new worker is taken by a client before the next tick
+        result = plan(snap(" ".join("B" * busy), nslots=1000), cfg, state, NOW + tick)
+        spawned.append(result.spawn)
+        busy += result.spawn
+    assert spawned == [1, 2, 4, 8, 16, 32, 32, 32]
+    assert state.spawn_rate == MAX_SPAWN_RATE
+    assert plan(snap("I " * 500, nslots=1000), cfg, state, NOW).spawn == 0
+    assert state.spawn_rate == 1
+    assert plan(snap("B " * 600, nslots=1000), cfg, state, NOW).spawn == 1
+
+
+def test_spawn_rate_resets_at_the_ceiling():
+    state = PoolState(spawn_rate=8)
+    plan(snap("B B B B"), settings(max_workers=4), state, NOW)
+    assert state.spawn_rate == 1
+
+
+def test_retire_request_from_sigttou():
+    state = PoolState(retire_requests=1)
+    cfg = settings(workers=3)  # the master lowered the minimum from 4
+    assert plan(snap("I1 B I3 I2"), cfg, state, NOW).retire == (2,)
+    assert state.retire_requests == 0
+    state.retire_requests = 1  # all busy: the request waits for an idle worker
+    assert plan(snap("B B B B"), dataclasses.replace(cfg, min_spare=0), state, NOW).retire == ()
+    assert state.retire_requests == 1
+    assert plan(snap("I B B"), cfg, state, NOW).retire == ()  # at the minimum: dropped
+    assert state.retire_requests == 0
+
+
+# Crash-loop back-off: events in time order.  ("exit", lifetime, now) reports a worker exit;
+# ("plan", now, pool, spawn, backoff) ticks on that pool and checks the result.
+EMPTY, FULL = "", "I I I I"
+BACKOFF_STEPS = [
+    ("exit", 0.5, 100.0), ("exit", 0.4, 100.1),
+    ("plan", 100.2, EMPTY, 4, 0.0),  # two quick exits: not yet a loop
+    ("exit", 0.3, 100.3),
+    ("plan", 100.4, EMPTY, 0, 1.0), ("plan", 101.2, EMPTY, 0, 1.0),
+    ("plan", 101.3, EMPTY, 4, 1.0),  # back-off over: try again
+    ("exit", 0.1, 101.4), ("exit", 0.1, 101.4), ("exit", 0.1, 101.5),  # one failed attempt
+    ("plan", 101.6, EMPTY, 0, 2.0), ("plan", 103.4, EMPTY, 4, 2.0),
+    ("exit", 0.1, 103.5), ("plan", 105.0, EMPTY, 0, 4.0), ("plan", 107.5, EMPTY, 4, 4.0),
+    ("exit", 0.1, 107.6), ("exit", 9.0, 107.7),  # a worker that lived 9 s: not a crash
+    ("plan", 107.8, EMPTY, 0, 8.0), ("plan", 115.6, EMPTY, 4, 8.0),
+    ("plan", 120.5, FULL, 0, 8.0),  # new workers alive, but not yet for a crash_window
+    ("plan", 120.6, FULL, 0, 0.0),  # no crash for a crash_window after the back-off: reset
+    ("exit", 0.1, 121.0), ("exit", 0.1, 121.0),
+    ("plan", 121.1, EMPTY, 4, 0.0),  # counting starts afresh: two exits are not a loop
+    ("exit", 0.1, 121.2), ("plan", 121.3, EMPTY, 0, 1.0),
+]
+
+
+def test_backoff_grows_and_resets():
+    state, cfg = PoolState(), settings()
+    for step in BACKOFF_STEPS:
+        if step[0] == "exit":
+            state.record_exit(step[1], step[2])
+            continue
+        _, now, pool, spawn, backoff = step
+        result = plan(snap(pool), cfg, state, now)
+        assert (result.spawn, state.backoff) == (spawn, backoff), step
+        assert ("crash loop" in result.reason) == (pool == EMPTY and spawn == 0), step
+
+
+def test_backoff_caps_at_60s():
+    state, lengths, now = PoolState(), [], 0.0
+    for _ in range(10):
+        for _ in range(3):
+            state.record_exit(0.1, now)
+        lengths.append(state.backoff)
+        now = state.backoff_until
+    assert lengths == [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]
+    result = plan(snap(""), settings(), state, now - 1)
+    assert result.spawn == 0 and result.backoff_until == now
+    assert "not spawning for 1.0s" in result.reason
+
+
+def test_backoff_settles_when_workers_survive():
+    state = PoolState()
+    for _ in range(3):
+        state.record_exit(0.1, 50.0)
+    assert plan(snap(""), settings(), state, 50.5).spawn == 0
+    assert plan(snap(""), settings(), state, 51.0).spawn == 4
+    assert state.backoff == 1.0  # too early to say the new workers are healthy
+    plan(snap("I I I I"), settings(), state, 51.0 + state.crash_window)
+    assert (state.backoff, state.crashes) == (0.0, 0)
+
+
+def test_old_crashes_are_forgotten():
+    state = PoolState()
+    state.record_exit(0.1, 0.0)
+    state.record_exit(0.1, 1.0)
+    state.record_exit(0.1, 1000.0)  # hours apart: not a loop
+    assert (state.crashes, state.backoff) == (1, 0.0)
+
+
+def test_from_server_config():
+    from forksmtp.config import ServerConfig
+    fields = {f.name for f in dataclasses.fields(ServerConfig)}
+    needed = {"workers", "max_workers", "min_spare_workers", "max_spare_workers", "max_idle"}
+    assert needed <= fields
+    server = ServerConfig(**{f.name: f.default for f in dataclasses.fields(ServerConfig)
+                             if f.default is not dataclasses.MISSING})
+    got = PoolSettings.from_server(server)
+    assert (got.workers, got.max_workers, got.min_spare, got.max_spare, got.max_idle) == (
+        server.workers, server.max_workers, server.min_spare_workers, server.max_spare_workers,
+        server.max_idle)

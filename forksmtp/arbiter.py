@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import select
 import os
 import signal
 import socket
@@ -36,6 +37,8 @@ TICK = 1.0  # seconds between pool checks when nothing happens
 FAST_TICK = 0.05  # while spawning or while the master answers overflow connections
 TMP_CLEAN_INTERVAL = 3600.0
 KILL_GRACE = 3.0  # after SIGQUIT, before SIGKILL
+OVERFLOW_GRACE = 0.3  # admissions stalled this long at the ceiling: the master answers 421
+OVERFLOW_BATCH = 64  # queued clients refused per tick and socket
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Arbiter:
         self.pool_state = pool.PoolState()
         self.next_tmp_clean = 0.0
         self.overflow_logged = False
+        self.overflow_since = 0.0
+        self.overflow_progress = -1
         self.last_pool_reason = ""
         self.spawn_pending = False
 
@@ -112,25 +117,23 @@ class Arbiter:
         self._manage_pool(time.monotonic())
         self.log.info("READY", f"Listening on {listen} ({self.target} workers)")
         process.sd_notify("READY=1")
-        overflow: list = []
+        overflow = False
         while True:
             tick = FAST_TICK if (overflow or self.spawn_pending) else TICK
-            sigs, ready = self.signals.wait(tick, overflow)
+            sigs, _ = self.signals.wait(tick)
             for sig in sigs:
                 getattr(self, f"handle_{NAMES[sig]}")()
-            for sock in ready:
-                self._answer_overflow(sock)
             self.reap()
             now = time.monotonic()
             if self.stopping:
                 if self._stop_step(now):
                     return 0
-                overflow = []
+                overflow = False
                 continue
             snap = self.board.snapshot()
             self._murder_stuck(snap, now)
             self._manage_pool(now, snap)
-            overflow = self._overflow_sockets(snap)
+            overflow = self._check_overflow(snap, now)
             self._housekeeping(now)
 
     # -- signal handlers (run in the loop, never in signal context) ------------------------
@@ -313,14 +316,34 @@ class Arbiter:
 
     # -- overflow: the master answers 421 when nobody else can ----------------------------
 
-    def _overflow_sockets(self, snap) -> list:
+    def _check_overflow(self, snap, now: float) -> bool:
+        """At the ceiling with every worker busy, answer queued clients with 421 4.3.2.
+
+        Only once admissions have stalled for OVERFLOW_GRACE: while workers keep taking
+        connections (short sessions), a queued client is served within milliseconds and
+        refusing it would be wrong.  When they stop (long or idle sessions fill the pool),
+        queued clients get their 421 within OVERFLOW_GRACE plus a tick, not a silent hang.
+        Returns True while the master should keep polling fast.
+        """
         if len(self.workers) < self.cfg.server.max_workers or snap.count(IDLE, STARTING):
+            self.overflow_since = 0.0
             self.overflow_logged = False
-            return []
+            return False
+        if snap.connections_total != self.overflow_progress or not self.overflow_since:
+            self.overflow_progress = snap.connections_total
+            self.overflow_since = now
+            return True
+        if now - self.overflow_since < OVERFLOW_GRACE:
+            return True
         if not self.overflow_logged:
             self.overflow_logged = True
             self.log.warning("POOL", f"all {len(self.workers)} workers busy (max_workers reached); answering 421 4.3.2")
-        return list(self.sockets.values())
+        for sock in list(self.sockets.values()):
+            for _ in range(OVERFLOW_BATCH):
+                if not select.select([sock], [], [], 0)[0]:
+                    break
+                self._answer_overflow(sock)
+        return True
 
     def _answer_overflow(self, sock: socket.socket) -> None:
         try:
@@ -402,7 +425,7 @@ class Arbiter:
     def _stats(self) -> dict:
         return stats.build(self.board.snapshot(), started=self.started,
                            config_generation=self.generation,
-                           master_rejected=self.master_rejected, stress=self.board.stress())
+                           master_rejected=self.master_rejected, stress=self.board.in_stress())
 
 
 def run(cfg, overrides: dict | None = None) -> int:

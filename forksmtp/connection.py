@@ -29,6 +29,9 @@ from .smtp import replies as R
 from .smtp.session import NEED_DATA, PAUSED, DataChunk, DataEnd, DataStart, Session
 
 RECV_SIZE = 256 * 1024
+#: Log lines are queued with their timestamps as they happen but written in one
+#: syscall: at the end of the session, or when the client has been quiet this long.
+LOG_FLUSH_DELAY = 0.2
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _ids = itertools.count(1)
 
@@ -150,6 +153,7 @@ class Connection:
             paths = txn.commit()
         except OSError as exc:
             self.log.queue("ERROR", f"delivery failed: {exc}")
+            self.worker.router.forget()
             self.session.reply(delivery.storage_reply(exc))
             return
         self._drain_session_log()  # keep the log in order: commands, then the store
@@ -162,7 +166,9 @@ class Connection:
 
     def _flush(self, final: bool = False) -> None:
         out = self.session.data_to_send()
-        self._flush_log()
+        self._drain_session_log()
+        if final:
+            self.log.flush()
         if out:
             try:
                 self._sendall(out)
@@ -197,6 +203,16 @@ class Connection:
                 continue
             view = view[sent:]
 
+    def _poll(self, timeout: float) -> list:
+        log = self.log
+        if log.pending and timeout > LOG_FLUSH_DELAY:
+            ready = self.poller.poll(LOG_FLUSH_DELAY * 1000)
+            if ready:
+                return ready
+            log.flush()  # the client is slow: let the operator see the session so far
+            timeout -= LOG_FLUSH_DELAY
+        return self.poller.poll(timeout * 1000)
+
     def _deadline(self) -> float:
         t = self.timeouts
         if self.session.in_data:
@@ -227,7 +243,7 @@ class Connection:
         if events != _POLLIN:
             self.poller.modify(self.fd, events)
         try:
-            ready = self.poller.poll(max(timeout, 0) * 1000)
+            ready = self._poll(max(timeout, 0.0))
         finally:
             if events != _POLLIN:
                 self.poller.modify(self.fd, _POLLIN)

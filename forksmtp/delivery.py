@@ -49,6 +49,13 @@ class Router:
             md = self._maildirs[path] = maildir.Maildir(path, fsync=self.fsync)
         return md
 
+    def forget(self) -> None:
+        """Drop cached Maildirs (and their open new/ fds) after a storage error, so the
+        next message re-creates a Maildir that was removed or replaced meanwhile."""
+        for md in self._maildirs.values():
+            md.close()
+        self._maildirs.clear()
+
     def begin(self, path: str) -> maildir.Delivery:
         try:
             return self.maildir(path).begin()

@@ -24,7 +24,7 @@ class Log:
         self.level = LEVELS[level]
         self.path = path
         self._fd = self._open(path)
-        self._pending: list[str] = []
+        self.pending: list[str] = []
         self._second = -1
         self._stamp = ""
         self.pid = os.getpid()
@@ -48,7 +48,7 @@ class Log:
 
     def after_fork(self) -> None:
         self.pid = os.getpid()
-        self._pending.clear()
+        self.pending.clear()
 
     def _timestamp(self) -> str:
         now = time.time()
@@ -64,19 +64,19 @@ class Log:
             return
         if "\n" in text or "\r" in text:
             text = text.replace("\r", "\\r").replace("\n", "\\n")
-        self._pending.append(f"{self._timestamp()} {self.pid} [{tag}] {text}\n")
+        self.pending.append(f"{self._timestamp()} {self.pid} [{tag}] {text}\n")
 
     def queue_many(self, tag: str, texts: list[str]) -> None:
         if self.level > 20 or not texts:
             return
         stamp = f"{self._timestamp()} {self.pid} [{tag}] "
-        self._pending.extend(f"{stamp}{t}\n" for t in texts)
+        self.pending.extend(f"{stamp}{t}\n" for t in texts)
 
     def flush(self) -> None:
-        if not self._pending:
+        if not self.pending:
             return
-        data = "".join(self._pending).encode("utf-8", "backslashreplace")
-        self._pending.clear()
+        data = "".join(self.pending).encode("utf-8", "backslashreplace")
+        self.pending.clear()
         try:
             while data:
                 n = os.write(self._fd, data)

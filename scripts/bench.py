@@ -24,9 +24,11 @@ Definitions
                fsync of new/.
   txn latency  from connect() (first message of a connection) or from sending MAIL
                (later messages on the same connection) to the 250 after the final dot.
-  server CPU   user and system CPU of the server's process tree (master and every
-               worker), sampled before and after the load. CPU of workers the master
-               reaped meanwhile is recovered from the master's children_* counters.
+  server CPU   CPU of the server's process tree (master and every worker, all threads),
+               sampled before and after the load from /proc/PID/task/*/schedstat (ns);
+               split into user and system in the proportion of psutil's tick counts.
+               CPU of workers the master reaped meanwhile is recovered from the
+               master's children_* counters.
   USS          psutil's unique set size of each worker after the run.
 
 Every file in new/ is counted and its Message-ID checked after each run: a run where the
@@ -178,9 +180,15 @@ def stored_ids(maildir: str) -> tuple[int, Counter]:
     return len(names), ids
 
 
-def check_stored(maildir: str, acked: list[str]) -> tuple[int, str | None]:
-    """Return (stored count, problem or None): every acked id stored exactly once, no more."""
+def check_stored(maildir: str, acked: list[str] | None, acked_count: int = 0
+                 ) -> tuple[int, str | None]:
+    """Return (stored count, problem or None): every acked id stored exactly once, no more.
+
+    acked=None (smtp-source: its messages carry no id of ours) compares counts only."""
     count, ids = stored_ids(maildir)
+    if acked is None:
+        return count, (None if count == acked_count else
+                       f"stored {count} files but {acked_count} messages were acked")
     missing = [i for i in acked if i not in ids]
     dupes = [i for i, n in ids.items() if n > 1]
     extra = count - len(acked)
@@ -554,33 +562,65 @@ def wait_ready(server: Server, min_procs: int) -> None:
     time.sleep(0.2)   # let the greeting probe's session end before the CPU baseline
 
 
+def runtime_s(pid: int) -> float | None:
+    """CPU time of all threads of pid in seconds, in ns precision (schedstat).
+
+    /proc/PID/stat (psutil's cpu_times) counts 10 ms clock ticks: summed over dozens of
+    workers that each ran a few ms, truncation would swallow most of the CPU."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            continue        # the thread ended meanwhile
+        except (OSError, ValueError, IndexError):
+            return None     # no schedstat on this kernel: the tick counts must do
+    return total / 1e9
+
+
 def cpu_snapshot(server: Server) -> dict:
-    """CPU seconds of every live process of the tree, and the master's reaped children."""
-    procs: dict[int, tuple[float, float]] = {}
+    """Per live process: (user ticks s, system ticks s, precise run time s or None);
+    and the master's counters of reaped children."""
+    procs: dict[int, tuple[float, float, float | None]] = {}
     reaped = (0.0, 0.0)
     for proc in server.tree():
         try:
             t = proc.cpu_times()
         except psutil.Error:
             continue
-        procs[proc.pid] = (t.user, t.system)
+        procs[proc.pid] = (t.user, t.system, runtime_s(proc.pid))
         if proc.pid == server.popen.pid:
             reaped = (t.children_user, t.children_system)
     return {"procs": procs, "reaped": reaped}
 
 
 def cpu_delta(before: dict, after: dict) -> tuple[float, float, int]:
-    """(user s, system s, workers that vanished unreaped) spent between two snapshots."""
-    user = after["reaped"][0] - before["reaped"][0]
-    system = after["reaped"][1] - before["reaped"][1]
-    for pid, (u, s) in after["procs"].items():
-        u0, s0 = before["procs"].get(pid, (0.0, 0.0))
-        user, system = user + u - u0, system + s - s0
+    """(user s, system s, workers that vanished) spent between two snapshots.
+
+    The total comes from the precise run times when every process has one, and is split
+    into user and system in the proportion of the tick counts. Workers reaped meanwhile
+    count through the master's children_* ticks (their part before the first snapshot
+    is taken off again)."""
     gone = [pid for pid in before["procs"] if pid not in after["procs"]]
-    for pid in gone:   # their whole CPU came back through "reaped": drop the old part
-        user -= before["procs"][pid][0]
-        system -= before["procs"][pid][1]
-    return user, system, len(gone)
+    ticks_user = after["reaped"][0] - before["reaped"][0] - sum(before["procs"][p][0] for p in gone)
+    ticks_sys = after["reaped"][1] - before["reaped"][1] - sum(before["procs"][p][1] for p in gone)
+    reaped_total = ticks_user + ticks_sys
+    precise = 0.0
+    for pid, (u, s, run) in after["procs"].items():
+        u0, s0, run0 = before["procs"].get(pid, (0.0, 0.0, 0.0))
+        ticks_user, ticks_sys = ticks_user + u - u0, ticks_sys + s - s0
+        precise = None if precise is None or run is None or run0 is None else precise + run - run0
+    if precise is None:
+        return ticks_user, ticks_sys, len(gone)
+    total = precise + reaped_total
+    ticks = ticks_user + ticks_sys
+    share = ticks_user / ticks if ticks > 0 else 0.5
+    return total * share, total * (1 - share), len(gone)
 
 
 def memory_report(server: Server) -> dict:
@@ -680,6 +720,17 @@ def _envelope(pipelining: bool) -> Iterator:
     return codes
 
 
+def _greet(tally: Tally, count: int) -> Iterator:
+    """Read the 220 greeting and say EHLO; False (refusal tallied) unless both succeed."""
+    (code, *_), _ = yield b"", 1
+    if code == 220:
+        (code, *_), _ = yield EHLO, 1
+        if code == 250:
+            return True
+    tally.rejected[f"greeting/EHLO {code}"] += count
+    return False
+
+
 def conversation(ids: list[str], wires: dict, tally: Tally, pipelining: bool,
                  t_open: float) -> Iterator:
     """One SMTP connection carrying len(ids) messages.
@@ -688,11 +739,7 @@ def conversation(ids: list[str], wires: dict, tally: Tally, pipelining: bool,
     last byte was sent). Messages whose fate is unknown when it is closed are counted."""
     done = 0
     try:
-        codes, _ = yield b"", 1
-        if codes[0] == 220:
-            codes, _ = yield EHLO, 1
-        if codes[0] not in (220, 250):
-            tally.rejected[f"greeting/EHLO {codes[0]}"] += len(ids)
+        if not (yield from _greet(tally, len(ids))):
             done = len(ids)
             return
         for msg_id in ids:
@@ -717,11 +764,7 @@ def conversation(ids: list[str], wires: dict, tally: Tally, pipelining: bool,
 
 def hold_conversation(tally: Tally) -> Iterator:
     """Greeting and EHLO, then park the open session until released, then QUIT."""
-    codes, _ = yield b"", 1
-    if codes[0] == 220:
-        codes, _ = yield EHLO, 1
-    if codes[0] not in (220, 250):
-        tally.rejected[f"greeting/EHLO {codes[0]}"] += 1
+    if not (yield from _greet(tally, 1)):
         return
     yield HOLD
     yield QUIT, 1
@@ -1051,8 +1094,8 @@ def run_smtp_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str)
         memory = memory_report(server)
     finally:
         bench.reaper.stop_server(server.popen)
+    stored, problem = check_stored(maildir, load["acked"], len(ids))
     acked = load["acked"] if load["acked"] is not None else ids
-    stored, problem = check_stored(maildir, acked)
     if problem:
         keep_log(bench, server, tag)
     discard_maildir(bench, maildir)
@@ -1241,10 +1284,12 @@ class RssSampler(threading.Thread):
             self.sample()
 
 
-def read_reply(sock: socket.socket) -> int:
-    """Blocking read of one whole (possibly multi-line) reply; returns its code."""
-    buf = b""
-    while True:
+def read_reply(sock: socket.socket, limit: float = 120.0) -> int:
+    """Blocking read of one whole (possibly multi-line) reply; returns its code.
+
+    Each recv is bounded by the socket's timeout, the whole reply by limit seconds."""
+    buf, deadline = b"", time.monotonic() + limit
+    while time.monotonic() < deadline:
         chunk = sock.recv(4096)
         if not chunk:
             raise ConnectionError("connection closed by the server")
@@ -1253,6 +1298,7 @@ def read_reply(sock: socket.socket) -> int:
         finals = [ln for ln in lines[:-1] if ln[3:4] != b"-"]
         if finals:
             return int(finals[-1][:3])
+    raise TimeoutError(f"no complete reply within {limit:g}s")
 
 
 def send_big_message(sock: socket.socket, msg_id: str, size: int, sampler: RssSampler) -> float:
@@ -1422,7 +1468,9 @@ def md_header(bench: Bench, payload: dict) -> list[str]:
             f"forksmtp log level {a.server_log_level}.  ",
             "ack latency: last byte of the final dot sent → 250 read (loop: create in tmp/ → "
             "end of the fsync of new/); txn: connect (or MAIL) → 250; CPU: the server's "
-            "whole process tree (loop: its own processes)."]
+            "whole process tree (loop: its own processes)."] + (
+        ["", "smtp-source reports no per-message timing: the latency columns of the SMTP "
+             "servers are empty."] if a.client == "smtp-source" else [])
 
 
 def write_markdown(bench: Bench, payload: dict) -> str:

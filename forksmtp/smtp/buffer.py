@@ -89,7 +89,8 @@ class DataReader:
 
     def __init__(self, max_size: int, max_received: int = 100, normalize: bool = False) -> None:
         self._pending = b""
-        # True only after an overlong line was cut: the pending bytes do not start a line.
+        # True when the pending bytes do not start a line (an overlong line was cut, or
+        # the last line ended in a bare LF): a leading ".\r\n" is then not the end.
         self._midline = False
         self._max_size = max_size
         self._max_received = max_received
@@ -105,13 +106,16 @@ class DataReader:
         if end >= 0:
             self._pending = b""
             return self._process(buf[:end]), True, buf[end + 3:]
-        cut = buf.rfind(CRLF)
+        # Cut after the last LF, bare or not: with normalize a bare LF ends a line too,
+        # and holding LF-only text back as one "line" would refuse it as too long.
+        cut = buf.rfind(b"\n")
         if cut < 0:
             self._hold(buf)
             return b"", False, b""
-        self._midline = False
-        self._hold(buf[cut + 2:])
-        return self._process(buf[: cut + 2]), False, b""
+        # After a bare LF no line starts: a "." there must not end the data (smuggling).
+        self._midline = buf[cut - 1:cut] != b"\r"
+        self._hold(buf[cut + 1:])
+        return self._process(buf[: cut + 1]), False, b""
 
     def _find_end(self, buf: bytes) -> int:
         """Index of the ".\\r\\n" line that ends DATA, or -1."""

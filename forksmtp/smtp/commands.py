@@ -33,8 +33,9 @@ def _grammar() -> re.Pattern[str]:
     domain = f"{sub_domain}(?:\\.{sub_domain})*"
     literal = "\\[[\\x21-\\x5a\\x5e-\\x7e]+\\]"
     adl = f"@{domain}(?:,@{domain})*"
+    # A source route needs a mailbox after it: "<@a:>" is no null path (RFC 5321 4.1.2).
     return re.compile(
-        f"<(?:{adl}:)?(?:(?P<local>{dot_string}|{quoted})@(?P<domain>{domain}|{literal}))?>"
+        f"<(?:(?:{adl}:)?(?P<local>{dot_string}|{quoted})@(?P<domain>{domain}|{literal}))?>"
     )
 
 
@@ -82,6 +83,8 @@ def _check_literal(literal: str) -> None:
     inner = literal[1:-1]
     try:
         if inner[:5].lower() == "ipv6:":
+            if "%" in inner:  # ipaddress takes a zone id ("fe80::1%eth0"); RFC 5321 does not
+                raise ValueError(inner)
             ipaddress.IPv6Address(inner[5:])
         elif inner[:1].isdigit():
             ipaddress.IPv4Address(inner)

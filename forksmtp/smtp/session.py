@@ -18,6 +18,7 @@ Message text arrives as ``DataChunk`` events, already LF-terminated and dot-unst
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from . import replies as R
@@ -276,7 +277,8 @@ class Session:
         return params
 
     def _param_size(self, value: str | None) -> None:
-        if value is None or not value.isdigit() or len(value) > 20:
+        # RFC 1870: 1*20DIGIT, ASCII only (str.isdigit also takes "²", which int() refuses)
+        if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
             raise CommandError(R.R501_BAD_PARAM_VALUE)
         if int(value) > self.config.max_message_size:
             raise CommandError(R.R552_TOO_BIG)
@@ -360,10 +362,15 @@ class Session:
                 self._lines.feed(rest)
 
 
+#: All of an AUTH line that may be logged after the verb: the SASL mechanism name.
+_MECHANISM = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _loggable(text: str) -> str:
     """Command line for the log: never an AUTH payload, never a control character."""
-    if text[:5].upper() == "AUTH ":
-        text = text[:5] + text[5:].split(" ", 1)[0] + " ***"
+    # Any separator after AUTH (a TAB, a NUL) still hides what follows the mechanism.
+    if text[:4].upper() == "AUTH" and text[4:5] and not _MECHANISM.fullmatch(text[4:5]):
+        text = f"{text[:4]} {_MECHANISM.match(text, 5).group()} ***"
     if not text.isprintable():
         text = text.encode("unicode_escape").decode("ascii")
     return text

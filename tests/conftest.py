@@ -1,0 +1,25 @@
+import pytest
+
+from daemon import Daemon
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    """Start real forksmtp daemons; every one is stopped and reaped after the test."""
+    started: list[Daemon] = []
+
+    def make(**kwargs) -> Daemon:
+        sub = tmp_path / f"d{len(started)}"
+        sub.mkdir()
+        d = Daemon(sub, **kwargs)
+        started.append(d)
+        return d.start()
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory):
+    return daemon_factory()

@@ -1,0 +1,90 @@
+"""Smoke test of scripts/bench.py: a tiny --quick run must finish and write its results.
+
+It only keeps the benchmark script working; it asserts nothing about speed. It runs in
+CI (the CI variable set) or when FORKSMTP_BENCH_SMOKE=1, since it starts real servers
+and writes real Maildir files for several seconds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "scripts" / "bench.py"
+
+pytestmark = [
+    pytest.mark.skipif(not (os.environ.get("CI") or os.environ.get("FORKSMTP_BENCH_SMOKE") == "1"),
+                       reason="benchmark smoke test runs in CI or with FORKSMTP_BENCH_SMOKE=1"),
+    pytest.mark.skipif(importlib.util.find_spec("aiosmtpd") is None,
+                       reason="aiosmtpd is not installed (pip install -e '.[bench]')"),
+]
+
+TOP_KEYS = {"command", "client", "started", "environment", "options", "cells", "summary",
+            "ratios", "extras", "targets", "failures", "warnings", "ok"}
+CELL_KEYS = {"system", "mode", "sessions", "round", "sent", "acked", "stored", "problem",
+             "msgs_per_s", "ack_p50_ms", "ack_p99_ms", "cpu_user_ms_per_msg",
+             "cpu_sys_ms_per_msg", "cpu_ms_per_msg"}
+
+
+def forksmtp_runs() -> bool:
+    """forksmtp is part of the smoke run once its command line answers."""
+    try:
+        probe = subprocess.run([sys.executable, "-m", "forksmtp", "--version"],
+                               capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free (forksmtp and the peer listen there)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port < 65535 and all(_bindable(p) for p in (port, port + 1)):
+            return port
+    pytest.skip("no two consecutive free loopback ports")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_quick_run_writes_results(tmp_path: Path) -> None:
+    systems = ["loop", "forksmtp", "aiosmtpd"] if forksmtp_runs() else ["loop", "aiosmtpd"]
+    out, port = tmp_path / "results", free_port_pair()
+    argv = [sys.executable, str(BENCH), "--quick", "--messages", "20",
+            "--systems", ",".join(systems), "--big-mib", "1",
+            "--maildir-root", str(tmp_path / "maildirs"), "--out", str(out),
+            "--port-base", str(port), "--io-timeout", "30", "--run-timeout", "120"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert TOP_KEYS <= set(results)
+    assert results["ok"] is True and results["failures"] == []
+    assert (out / "results.md").read_text().startswith("## Benchmark")
+    for cell in results["cells"]:
+        assert CELL_KEYS <= set(cell)
+        assert cell["stored"] == cell["acked"] == cell["sent"] == 20, cell
+    for mode in ("durable", "nofsync"):
+        assert set(systems) <= set(results["summary"][mode])
+    assert {int(s) for s in results["summary"]["durable"]["loop"]} == {1, 10}
+    assert set(results["extras"]["stream"]) == set(systems) - {"loop"}
+    # The script cleans up after itself: its work dir is gone, its servers too.
+    assert list((tmp_path / "maildirs").iterdir()) == []
+    assert _bindable(port) and _bindable(port + 1)

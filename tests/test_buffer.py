@@ -1,0 +1,503 @@
+"""LineBuffer (command lines) and DataReader (message text): CRLF-only framing, bounded
+memory, dot-stuffing, the 1000-octet line limit, the size limit, loop detection, and
+every SMTP smuggling variant fed in every possible split."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from forksmtp.smtp import replies as R
+from forksmtp.smtp.buffer import TOO_LONG, DataReader, LineBuffer
+
+END = b".\r\n"  # the final line; with the CRLF ending the last text line: CRLF.CRLF
+
+
+# -- LineBuffer ---------------------------------------------------------------------------------------
+
+def lines_of(buf: LineBuffer) -> list:
+    found = []
+    while (line := buf.next_line()) is not None:
+        found.append(line)
+    return found
+
+
+def test_line_buffer_yields_lines_without_crlf():
+    buf = LineBuffer()
+    buf.feed(b"EHLO x\r\nNOOP\r\n\r\nQUI")
+    assert lines_of(buf) == [b"EHLO x", b"NOOP", b""]
+    assert buf.pending() == 3
+    buf.feed(b"T\r\n")
+    assert lines_of(buf) == [b"QUIT"]
+    assert buf.pending() == 0
+
+
+@pytest.mark.parametrize("raw, line", [
+    (b"a\nb\r\n", b"a\nb"),
+    (b"a\rb\r\n", b"a\rb"),
+    (b"a\r\r\n", b"a\r"),
+    (b"\n\r\n", b"\n"),
+    (b"a\n\rb\r\n", b"a\n\rb"),
+])
+def test_only_crlf_ends_a_command_line(raw, line):
+    buf = LineBuffer()
+    buf.feed(raw)
+    assert lines_of(buf) == [line]
+
+
+def test_line_split_at_every_offset():
+    data = b"EHLO x\r\nMAIL FROM:<a@b.test>\r\n\r\nQUIT\r\n"
+    for cut in range(len(data) + 1):
+        buf = LineBuffer()
+        buf.feed(data[:cut])
+        got = lines_of(buf)
+        buf.feed(data[cut:])
+        assert got + lines_of(buf) == [b"EHLO x", b"MAIL FROM:<a@b.test>", b"", b"QUIT"], cut
+
+
+def test_line_fed_byte_by_byte():
+    buf = LineBuffer()
+    got = []
+    for byte in b"NOOP\r\nRSET\r\n":
+        buf.feed(bytes([byte]))
+        got += lines_of(buf)
+    assert got == [b"NOOP", b"RSET"]
+
+
+@pytest.mark.parametrize("octets, too_long", [(511, False), (512, False), (513, True), (514, True)])
+def test_line_limit_counts_crlf(octets, too_long):
+    buf = LineBuffer(512)
+    buf.feed(b"x" * (octets - 2) + b"\r\n" + b"NOOP\r\n")
+    got = lines_of(buf)
+    assert got[0] is TOO_LONG if too_long else got[0] == b"x" * (octets - 2)
+    assert got[1:] == [b"NOOP"]
+
+
+@pytest.mark.parametrize("octets, too_long", [(512, False), (513, True)])
+@pytest.mark.parametrize("cut", [1, 255, 509, 510, 511, 512])
+def test_line_limit_when_split(octets, too_long, cut):
+    data = b"y" * (octets - 2) + b"\r\n"
+    buf = LineBuffer(512)
+    buf.feed(data[:cut])
+    got = lines_of(buf)
+    buf.feed(data[cut:])
+    got += lines_of(buf)
+    assert got == [TOO_LONG] if too_long else got == [data[:-2]]
+
+
+def test_overlong_line_is_reported_once_when_its_crlf_comes():
+    buf = LineBuffer(512)
+    for _ in range(10):
+        buf.feed(b"z" * 300)
+        assert lines_of(buf) == []
+        assert buf.pending() <= 512
+    buf.feed(b"z\r\nNOOP\r\n")
+    assert lines_of(buf) == [TOO_LONG, b"NOOP"]
+
+
+def test_overlong_line_with_crlf_split_after_the_discard():
+    buf = LineBuffer(512)
+    buf.feed(b"z" * 600 + b"\r")
+    assert lines_of(buf) == []
+    assert buf.pending() == 1  # the CR is kept: it may start the CRLF
+    buf.feed(b"\nNOOP\r\n")
+    assert lines_of(buf) == [TOO_LONG, b"NOOP"]
+
+
+def test_overlong_line_ending_in_bare_cr_is_not_ended_by_it():
+    buf = LineBuffer(512)
+    buf.feed(b"z" * 600 + b"\r")
+    lines_of(buf)
+    buf.feed(b"x\r\nNOOP\r\n")
+    assert lines_of(buf) == [TOO_LONG, b"NOOP"]
+
+
+def test_custom_limit():
+    buf = LineBuffer(10)
+    buf.feed(b"12345678\r\n123456789\r\n")
+    assert lines_of(buf) == [b"12345678", TOO_LONG]
+
+
+def test_line_buffer_memory_is_bounded_without_crlf():
+    buf = LineBuffer(512)
+    piece = b"m" * 65536
+    for _ in range(20 * 16):  # 20 MiB in 64 KiB reads
+        buf.feed(piece)
+        assert buf.next_line() is None
+        assert buf.pending() <= 1024
+    buf.feed(b"\r\nNOOP\r\n")
+    assert lines_of(buf) == [TOO_LONG, b"NOOP"]
+
+
+def test_take_and_clear():
+    buf = LineBuffer()
+    buf.feed(b"DATA\r\nbody\r\n")
+    assert buf.next_line() == b"DATA"
+    assert buf.take() == b"body\r\n"
+    assert buf.pending() == 0
+    buf.feed(b"x" * 600)
+    buf.next_line()
+    buf.clear()  # also forgets the overlong line in progress
+    buf.feed(b"NOOP\r\n")
+    assert lines_of(buf) == [b"NOOP"]
+
+
+# -- DataReader ---------------------------------------------------------------------------------------
+
+class Read:
+    """The outcome of feeding pieces to a DataReader until it reports the end."""
+
+    def __init__(self, pieces, **kwargs) -> None:
+        self.reader = DataReader(kwargs.pop("max_size", 10_000_000), **kwargs)
+        texts, self.done_at, self.rest = [], None, b""
+        for i, piece in enumerate(pieces):
+            if self.done_at is not None:  # the session reads these as commands again
+                self.rest += piece
+                continue
+            text, done, rest = self.reader.feed(piece)
+            texts.append(text)
+            if done:
+                self.done_at, self.rest = i, rest
+        self.text = b"".join(texts)
+        self.error = self.reader.error
+        self.done = self.done_at is not None
+
+
+def read(data: bytes, **kwargs) -> Read:
+    return Read([data], **kwargs)
+
+
+def splits(data: bytes, parts: int = 2):
+    """``data`` cut into ``parts`` pieces, at every combination of offsets."""
+    for cuts in itertools.combinations(range(1, len(data)), parts - 1):
+        bounds = (0, *cuts, len(data))
+        yield [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def test_simple_message():
+    r = read(b"Subject: x\r\n\r\nhello\r\n" + END)
+    assert (r.text, r.done, r.rest, r.error) == (b"Subject: x\n\nhello\n", True, b"", None)
+    assert r.reader.size == 21
+
+
+def test_empty_message():
+    r = read(END + b"QUIT\r\n")
+    assert (r.text, r.done, r.rest, r.error) == (b"", True, b"QUIT\r\n", None)
+    assert r.reader.size == 0
+
+
+def test_rest_after_the_end_is_returned_untouched():
+    r = read(b"a\r\n.\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n.\r\npartial")
+    assert r.text == b"a\n"
+    assert r.rest == b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n.\r\npartial"
+
+
+def test_only_complete_lines_are_returned():
+    reader = DataReader(1000)
+    assert reader.feed(b"abc") == (b"", False, b"")
+    assert reader.feed(b"\r") == (b"", False, b"")
+    assert reader.feed(b"\ndef\r\ng") == (b"abc\ndef\n", False, b"")
+    assert reader.feed(b"\r\n.\r\n") == (b"g\n", True, b"")
+
+
+MESSAGE = b"Subject: split\r\n\r\n..dotted\r\nline\r\n" + END + b"NOOP\r\n"
+
+
+@pytest.mark.parametrize("pieces", list(splits(MESSAGE, 2)), ids=lambda p: str(len(p[0])))
+def test_end_split_at_every_offset(pieces):
+    r = Read(pieces)
+    assert (r.text, r.done, r.rest, r.error) == (b"Subject: split\n\n.dotted\nline\n", True, b"NOOP\r\n", None)
+    assert r.done_at == (0 if len(pieces[0]) >= MESSAGE.index(b"NOOP") else 1)
+
+
+def test_end_split_into_three_at_every_pair_of_offsets():
+    data = b"a\r\n..b\r\nc\r\n" + END + b"QUIT\r\n"
+    for pieces in splits(data, 3):
+        r = Read(pieces)
+        assert (r.text, r.done, r.rest, r.error) == (b"a\n.b\nc\n", True, b"QUIT\r\n", None), pieces
+
+
+def test_message_fed_byte_by_byte():
+    data = b"..a\r\n\r\n..\r\nb\r\n" + END
+    r = Read([bytes([b]) for b in data])
+    assert (r.text, r.done, r.rest, r.error) == (b".a\n\n.\nb\n", True, b"", None)
+    assert r.done_at == len(data) - 1
+
+
+# every way a client (or an attacker) may fake the end with a bare CR or LF
+SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r", b"\r.\r", b"\n.\r", b"\r\r\n.\r\r\n",
+             b"\r\n.\r\r\n", b"\r\n.\n\r\n", b"\n\r\n.\r"]
+SMUGGLED = b"MAIL FROM:<evil@example.test>\r\nRCPT TO:<victim@example.test>\r\nDATA\r\nspoofed\r\n"
+
+
+def smuggling_message(fake_end: bytes) -> bytes:
+    data = b"Subject: hi\r\n\r\nfirst" + fake_end + SMUGGLED
+    assert b"\r\n.\r\n" not in data
+    return data + END
+
+
+@pytest.mark.parametrize("fake_end", SMUGGLING, ids=repr)
+def test_smuggling_variant_is_refused_and_never_ends_data(fake_end):
+    data = smuggling_message(fake_end)
+    r = read(data)
+    assert r.done and r.rest == b""
+    assert r.error == R.R550_BARE_NEWLINE
+    assert r.text == b""  # nothing of a refused message is handed on
+
+
+@pytest.mark.parametrize("fake_end", SMUGGLING, ids=repr)
+def test_smuggling_variant_at_every_split(fake_end):
+    data = smuggling_message(fake_end)
+    for pieces in splits(data, 2):
+        r = Read(pieces)
+        assert r.done and r.done_at == 1 and r.rest == b"", pieces
+        assert r.error is not None and r.error.code == 550, pieces
+
+
+@pytest.mark.parametrize("fake_end", SMUGGLING, ids=repr)
+def test_smuggling_variant_normalised_stays_one_message(fake_end):
+    data = smuggling_message(fake_end)
+    whole = read(data, normalize=True)
+    assert whole.done and whole.rest == b"" and whole.error is None
+    assert b"MAIL FROM:<evil@example.test>\nRCPT TO:<victim@example.test>\nDATA\nspoofed\n" in whole.text
+    for pieces in splits(data, 2):
+        r = Read(pieces, normalize=True)
+        assert (r.text, r.done_at, r.rest, r.error) == (whole.text, 1, b"", None), pieces
+
+
+def test_bare_cr_before_the_real_end_is_refused():
+    # "\r\r\n.\r\n" holds CRLF.CRLF: the data ends there, and the bare CR refuses the message
+    r = read(b"first\r\r\n" + END + b"QUIT\r\n")
+    assert r.done and r.rest == b"QUIT\r\n" and r.error == R.R550_BARE_NEWLINE
+
+
+@pytest.mark.parametrize("text", [b"a\nb\r\n", b"a\rb\r\n", b"a\r\r\n", b"\n\r\n", b"a\n", b"x\r\n\r\r\n"])
+def test_bare_cr_or_lf_anywhere_is_refused(text):
+    r = read(text + b"\r\n" + END)
+    assert r.done and r.error == R.R550_BARE_NEWLINE
+
+
+def test_normalize_keeps_bare_lf_as_line_end():
+    r = read(b"Subject: x\n\none\ntwo\r\nthree\r\n" + END, normalize=True)
+    assert (r.text, r.error) == (b"Subject: x\n\none\ntwo\nthree\n", None)
+
+
+def test_normalize_long_lf_only_text_is_split_invariant():
+    # A legacy client's LF-only body is many short lines, however the reads fall.
+    body = b"short line\n" * 300 + b"\r\n"
+    whole = read(body + END, normalize=True)
+    assert whole.error is None and whole.text == body.replace(b"\r\n", b"\n")
+    for size in (1, 7, 1000, 1500, 4096):
+        pieces = [(body + END)[i:i + size] for i in range(0, len(body) + 3, size)]
+        r = Read(pieces, normalize=True)
+        assert (r.text, r.error, r.done) == (whole.text, None, True), size
+
+
+def test_normalize_still_limits_line_length():
+    r = read(b"x" * 999 + b"\n" + END, normalize=True)
+    assert r.error == R.R554_LINE_TOO_LONG
+
+
+# -- dot-stuffing (RFC 5321 4.5.2) ------------------------------------------------------------
+
+@pytest.mark.parametrize("wire, text", [
+    (b"..\r\n", b".\n"),
+    (b"...\r\n", b"..\n"),
+    (b"..hello\r\n", b".hello\n"),
+    (b".hello\r\n", b"hello\n"),  # a lone leading dot is dropped as well
+    (b"a\r\n..\r\nb\r\n", b"a\n.\nb\n"),
+    (b"a.b\r\n", b"a.b\n"),
+    (b"a..\r\n", b"a..\n"),
+    (b" .x\r\n", b" .x\n"),
+    (b"..\r\n..\r\n..\r\n", b".\n.\n.\n"),
+    (b"\r\n..\r\n", b"\n.\n"),
+])
+def test_dot_stuffing_undone(wire, text):
+    r = read(wire + END)
+    assert (r.text, r.error) == (text, None)
+
+
+def test_leading_dot_on_first_line_in_a_later_read():
+    reader = DataReader(1000)
+    assert reader.feed(b"a\r\n") == (b"a\n", False, b"")
+    assert reader.feed(b"..b\r\n") == (b".b\n", False, b"")
+    assert reader.feed(b"..\r\n.\r\n") == (b".\n", True, b"")
+
+
+def test_dot_stuffing_at_every_split():
+    data = b"..first\r\n..\r\n...\r\nx\r\n" + END
+    for pieces in splits(data, 2):
+        r = Read(pieces)
+        assert (r.text, r.done, r.error) == (b".first\n.\n..\nx\n", True, None), pieces
+
+
+# -- text line length: 1000 octets including CRLF (RFC 5321 4.5.3.1.6) --------------------------
+
+@pytest.mark.parametrize("octets, ok", [(999, True), (1000, True), (1001, False), (1002, False), (5000, False)])
+def test_line_length_limit(octets, ok):
+    r = read(b"x" * (octets - 2) + b"\r\n" + END)
+    assert r.done
+    assert r.error is None if ok else r.error == R.R554_LINE_TOO_LONG
+
+
+@pytest.mark.parametrize("octets, ok", [(1000, True), (1001, True), (1002, False)])
+def test_transparency_dot_is_not_counted(octets, ok):
+    # "." + 998 octets + CRLF is 1001 octets on the wire but a 1000-octet line
+    r = read(b"." + b"x" * (octets - 3) + b"\r\n" + END)
+    assert r.error is None if ok else r.error == R.R554_LINE_TOO_LONG
+    if ok:
+        assert r.text == b"x" * (octets - 3) + b"\n"
+
+
+@pytest.mark.parametrize("octets, ok", [(1000, True), (1001, False)])
+def test_line_length_limit_at_every_split(octets, ok):
+    data = b"a\r\n" + b"y" * (octets - 2) + b"\r\nb\r\n" + END
+    for cut in range(1, len(data)):
+        r = Read([data[:cut], data[cut:]])
+        assert r.done and r.done_at == 1 and r.rest == b"", cut
+        assert (r.error is None) == ok, cut
+
+
+def test_line_length_limit_byte_by_byte():
+    data = b"z" * 999 + b"\r\n" + END
+    r = Read([bytes([b]) for b in data])
+    assert r.done and r.error == R.R554_LINE_TOO_LONG
+
+
+def test_long_line_in_the_middle():
+    r = read(b"short\r\n" + b"L" * 10000 + b"\r\nshort\r\n" + END + b"NOOP\r\n")
+    assert r.error == R.R554_LINE_TOO_LONG and r.rest == b"NOOP\r\n"
+
+
+@pytest.mark.parametrize("tail_cut", range(1, 12))
+def test_end_after_overlong_line_split_near_the_end(tail_cut):
+    data = b"L" * 5000 + b"\r\n" + END + b"QUIT\r\n"
+    cut = len(data) - 6 - tail_cut
+    r = Read([data[:2000], data[2000:cut], data[cut:]])
+    assert r.done and r.done_at == 2 and r.rest == b"QUIT\r\n"
+    assert r.error == R.R554_LINE_TOO_LONG
+
+
+# -- message size -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size, ok", [(99, True), (100, True), (101, False)])
+def test_size_limit_exactly_at_and_one_over(size, ok):
+    data = b"x" * 48 + b"\r\n" + b"y" * (size - 52) + b"\r\n"
+    assert len(data) == size
+    r = read(data + END, max_size=100)
+    assert r.done
+    assert r.error is None if ok else r.error == R.R552_TOO_BIG
+    if ok:
+        assert r.reader.size == size
+
+
+@pytest.mark.parametrize("size, ok", [(100, True), (101, False)])
+def test_size_limit_at_every_split(size, ok):
+    data = b"x" * 48 + b"\r\n" + b"y" * (size - 52) + b"\r\n" + END
+    for pieces in splits(data, 2):
+        r = Read(pieces, max_size=100)
+        assert r.done and (r.error is None) == ok, pieces
+
+
+def test_oversized_message_hands_on_no_text_but_still_finds_the_end():
+    reader = DataReader(10)
+    text, done, _ = reader.feed(b"12345678\r\n")
+    assert text == b"12345678\n" and not done
+    text, done, rest = reader.feed(b"more text\r\n.\r\nNOOP\r\n")
+    assert (text, done, rest) == (b"", True, b"NOOP\r\n")
+    assert reader.error == R.R552_TOO_BIG
+
+
+@pytest.mark.xfail(strict=True, reason="RFC 1870: doubled quoting dots are not part of the "
+                   "message size; the reader counts them (reported, not changed)")
+def test_size_does_not_count_transparency_dots():
+    data = b"..x\r\n" * 20  # 100 octets on the wire, 80 of message
+    r = read(data + END, max_size=80)
+    assert r.error is None
+    assert r.reader.size == 80
+
+
+# -- mail loops: Received header count (RFC 5321 6.3) -----------------------------------------------
+
+def headers(n: int, name: bytes = b"Received") -> bytes:
+    return b"".join(name + b": from h%d by mx.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n" % i for i in range(n))
+
+
+@pytest.mark.parametrize("count, ok", [(0, True), (98, True), (99, True), (100, False), (150, False)])
+def test_received_header_count(count, ok):
+    r = read(headers(count) + b"Subject: x\r\n\r\nbody\r\n" + END)
+    assert r.error is None if ok else r.error == R.R554_LOOP
+
+
+def test_received_header_count_is_case_insensitive():
+    data = headers(50, b"RECEIVED") + headers(50, b"received") + b"\r\nbody\r\n" + END
+    assert read(data).error == R.R554_LOOP
+
+
+def test_received_in_the_body_is_not_counted():
+    data = headers(99) + b"\r\n" + headers(500) + END
+    assert read(data).error is None
+
+
+def test_message_without_header_section_counts_nothing():
+    assert read(b"\r\n" + headers(200) + END).error is None
+
+
+def test_other_headers_are_not_counted():
+    data = headers(99) + headers(5, b"X-Received") + headers(5, b"Received-SPF") + b"\r\nbody\r\n" + END
+    assert read(data).error is None
+
+
+def test_received_headers_counted_across_reads():
+    pieces = [h + b"\r\n" for h in headers(100).split(b"\r\n")[:-1]] + [b"\r\nbody\r\n" + END]
+    assert Read(pieces).error == R.R554_LOOP
+    data = headers(100) + b"\r\nbody\r\n" + END
+    for cut in range(0, len(data), 97):
+        assert Read([data[:cut], data[cut:]]).error == R.R554_LOOP, cut
+
+
+def test_header_end_at_a_read_boundary():
+    r = Read([headers(99), b"\r\n" + headers(10), END])
+    assert r.error is None
+    r = Read([headers(99), headers(1) + b"\r\n", END])
+    assert r.error == R.R554_LOOP
+
+
+def test_custom_received_limit():
+    assert read(headers(2) + b"\r\nb\r\n" + END, max_received=3).error is None
+    assert read(headers(3) + b"\r\nb\r\n" + END, max_received=3).error == R.R554_LOOP
+
+
+# -- memory bound -------------------------------------------------------------------------------------
+
+def test_reader_memory_is_bounded_without_crlf():
+    reader = DataReader(100_000_000)
+    piece = b"n" * 65536
+    for _ in range(20 * 16):  # 20 MiB in 64 KiB reads
+        assert reader.feed(piece) == (b"", False, b"")
+        assert len(reader._pending) <= 1024
+    assert reader.feed(b"\r\n.\r\nNOOP\r\n") == (b"", True, b"NOOP\r\n")
+    assert reader.error == R.R554_LINE_TOO_LONG
+
+
+def test_reader_memory_is_bounded_with_bare_lf_only():
+    reader = DataReader(100_000_000)
+    piece = b"line\n" * 13000
+    for _ in range(100):
+        reader.feed(piece)
+        assert len(reader._pending) <= 1024
+    assert reader.feed(b"\r\n.\r\n")[1]
+    assert reader.error is not None
+
+
+def test_reader_memory_is_bounded_with_many_lines():
+    reader = DataReader(100_000_000)
+    piece = (b"x" * 62 + b"\r\n") * 1024 + b"partial"
+    total = 0
+    for _ in range(100):
+        text, done, _ = reader.feed(piece)
+        total += len(text)
+        assert not done and len(reader._pending) <= 1024
+    assert reader.feed(b"\r\n.\r\n")[1]
+    assert reader.error is None

@@ -1,0 +1,781 @@
+"""The SMTP session core, rule by rule: client lines in, exact reply codes out.
+
+Each table row is a transcript as RFC 5321 writes them; ``helpers.transcript`` also
+checks every reply's form and its enhanced status code (RFC 2034/3463) as it goes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from forksmtp.smtp import replies as R
+from forksmtp.smtp.session import NEED_DATA, PAUSED, DataChunk, DataEnd, DataStart, Session, SessionConfig
+from helpers import (HOSTNAME, codes, data_ends, events, feed, feed_codes, heads, new_session,
+                     refuse_data_start, replies, stored, transcript)
+
+E = "EHLO client.test"
+H = "HELO client.test"
+M = "MAIL FROM:<alice@example.test>"
+RC = "RCPT TO:<bob@example.test>"
+D = "DATA"
+BODY = ["Subject: test", "", "hello", "."]
+OK3 = [250, 250, 250]  # EHLO, MAIL, RCPT
+MSG = [354, 250]  # DATA, then the verdict after the final dot
+
+
+def ids(table):
+    return [row[0] for row in table]
+
+
+# -- greeting and EHLO/HELO ----------------------------------------------------------------
+
+def test_greeting_is_220_hostname_esmtp():
+    s = Session(SessionConfig("mx.example.test"))
+    s.start()
+    assert s.data_to_send() == b"220 mx.example.test ESMTP\r\n"
+
+
+def test_ehlo_advertises_the_contract_keywords():
+    s = new_session(max_message_size=12345)
+    assert feed(s, b"EHLO client.test\r\n") == (
+        b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 12345\r\n250-8BITMIME\r\n"
+        b"250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8\r\n")
+
+
+def test_helo_answers_plain_250():
+    s = new_session()
+    assert feed(s, b"HELO client.test\r\n") == b"250 mx.test\r\n"
+
+
+def test_helo_name_is_the_first_word():
+    s = new_session()
+    transcript(s, ["EHLO client.test extra words"])
+    assert s.helo_name == "client.test"
+
+
+def test_protocol_keyword_for_the_received_header():
+    s = new_session()
+    transcript(s, [H])
+    assert s.protocol == "SMTP"
+    transcript(s, [E])
+    assert s.protocol == "ESMTP"
+    transcript(s, ["MAIL FROM:<a@example.test> SMTPUTF8"])
+    assert s.protocol == "UTF8SMTP"
+
+
+# -- RFC 5321 4.1.4 order ------------------------------------------------------------------------
+
+ORDER = [
+    ("mail-before-ehlo", [M], [503]),
+    ("rcpt-before-ehlo", [RC], [503]),
+    ("data-before-ehlo", [D], [503]),
+    ("rcpt-before-mail", [E, RC], [250, 503]),
+    ("data-before-mail", [E, D], [250, 503]),
+    ("data-without-rcpt", [E, M, D], [250, 250, 503]),
+    ("data-after-refused-rcpt", [E, M, "RCPT TO:<>", D], [250, 250, 501, 503]),
+    ("mail-twice", [E, M, M], [250, 250, 503]),
+    ("mail-twice-other-sender", [E, M, "MAIL FROM:<>"], [250, 250, 503]),
+    ("mail-after-rcpt", [E, M, RC, M], OK3 + [503]),
+    ("order-before-syntax", [E, M, "MAIL nonsense"], [250, 250, 503]),
+    ("happy-path", [E, M, RC, D, *BODY, "QUIT"], OK3 + MSG + [221]),
+    ("helo-happy-path", [H, M, RC, D, *BODY], OK3 + MSG),
+    ("lower-case-verbs", ["ehlo x", "mail from:<a@b.test>", "rcpt to:<c@d.test>", "data", "x", ".",
+                          "quit"], OK3 + MSG + [221]),
+    ("two-recipients", [E, M, RC, "RCPT TO:<carol@example.test>", D, *BODY], OK3 + [250] + MSG),
+    ("second-transaction", [E, M, RC, D, *BODY, M, RC, D, *BODY], OK3 + MSG + [250, 250] + MSG),
+    ("message-ends-transaction", [E, M, RC, D, *BODY, RC], OK3 + MSG + [503]),
+    ("message-ends-transaction-data", [E, M, RC, D, *BODY, D], OK3 + MSG + [503]),
+    ("rset-clears-rcpt", [E, M, RC, "RSET", RC], OK3 + [250, 503]),
+    ("rset-clears-data", [E, M, RC, "RSET", D], OK3 + [250, 503]),
+    ("rset-allows-new-mail", [E, M, "RSET", M], [250, 250, 250, 250]),
+    ("rset-keeps-helo", [E, "RSET", M], [250, 250, 250]),
+    ("rset-before-helo-is-no-helo", ["RSET", M], [250, 503]),
+    ("ehlo-clears-rcpt", [E, M, RC, E, RC], OK3 + [250, 503]),
+    ("ehlo-clears-data", [E, M, RC, E, D], OK3 + [250, 503]),
+    ("ehlo-allows-new-mail", [E, M, E, M], [250, 250, 250, 250]),
+    ("helo-clears-transaction", [E, M, RC, H, D], OK3 + [250, 503]),
+    ("failed-ehlo-is-no-greeting", ["EHLO", M], [501, 503]),
+    ("failed-ehlo-keeps-transaction", [E, M, "EHLO", RC, D], [250, 250, 501, 250, 354]),
+    ("errors-keep-transaction", [E, M, "FOO", "RCPT TO:<>", RC, D], [250, 250, 500, 501, 250, 354]),
+    ("rejected-rset-keeps-transaction", [E, M, RC, "RSET now", D], OK3 + [501, 354]),
+    ("any-phase-commands-before-helo", ["NOOP", "VRFY bob", "HELP", "EXPN list"], [250, 252, 214, 502]),
+    ("any-phase-commands-in-transaction", [E, M, "NOOP", "VRFY bob", "HELP", RC, "NOOP", "HELP", D],
+     [250, 250, 250, 252, 214, 250, 250, 214, 354]),
+]
+
+
+@pytest.mark.parametrize("name, lines, expected", ORDER, ids=ids(ORDER))
+def test_order(name, lines, expected):
+    assert transcript(new_session(), lines) == expected
+
+
+# -- syntax and commands: 500 / 501 / 502 -----------------------------------------------------------
+
+AFTER_EHLO = [
+    # unknown -> 500
+    ("unknown", "FOO", 500),
+    ("empty-line", "", 500),
+    ("leading-space", " NOOP", 500),
+    ("verb-run-together", "MAILFROM:<a@example.test>", 500),
+    ("verb-with-suffix", "NOOPX", 500),
+    ("tab-separator", "NOOP\tx", 500),
+    # known but not offered -> 502
+    ("expn", "EXPN staff", 502),
+    ("expn-bare", "EXPN", 502),
+    ("starttls-not-offered", "STARTTLS", 502),
+    ("auth-not-offered", "AUTH PLAIN", 502),
+    ("bdat-not-offered", "BDAT 10 LAST", 502),
+    ("etrn", "ETRN example.test", 502),
+    ("turn", "TURN", 502),
+    # the always-available ones
+    ("noop", "NOOP", 250),
+    ("noop-with-argument", "NOOP anything at all", 250),
+    ("noop-mixed-case", "nOoP", 250),
+    ("vrfy", "VRFY bob", 252),
+    ("vrfy-path", "vrfy <bob@example.test>", 252),
+    ("vrfy-without-argument", "VRFY", 501),
+    ("help", "HELP", 214),
+    ("help-with-topic", "HELP MAIL", 214),
+    ("rset", "RSET", 250),
+    # parameters where none are allowed -> 501
+    ("rset-with-parameter", "RSET now", 501),
+    ("quit-with-parameter", "QUIT now", 501),
+    # EHLO/HELO syntax
+    ("ehlo-without-name", "EHLO", 501),
+    ("ehlo-only-spaces", "EHLO    ", 501),
+    ("helo-without-name", "HELO", 501),
+    ("ehlo-control-character", "EHLO a\x01b", 501),
+    ("ehlo-utf8-name", "EHLO bücher.example", 250),
+    ("ehlo-address-literal", "EHLO [192.0.2.1]", 250),
+    # MAIL syntax (the path grammar itself is in test_commands.py)
+    ("mail-no-argument", "MAIL", 501),
+    ("mail-no-colon", "MAIL FROM", 501),
+    ("mail-empty-path", "MAIL FROM:", 501),
+    ("mail-to", "MAIL TO:<a@example.test>", 501),
+    ("mail-without-brackets", "MAIL FROM:a@example.test", 501),
+    ("mail-unclosed-bracket", "MAIL FROM:<a@example.test", 501),
+    ("mail-junk-after-path", "MAIL FROM:<a@example.test>junk", 501),
+    ("mail-space-after-colon", "MAIL FROM: <a@example.test>", 250),
+    ("mail-null-path", "MAIL FROM:<>", 250),
+]
+
+
+@pytest.mark.parametrize("name, line, code", AFTER_EHLO, ids=ids(AFTER_EHLO))
+def test_command_after_ehlo(name, line, code):
+    s = new_session()
+    assert transcript(s, [E, line]) == [250, code]
+    assert not s.closed
+    assert transcript(s, ["NOOP"]) == [250]  # the session goes on
+
+
+IN_TRANSACTION = [
+    ("rcpt-no-argument", "RCPT", 501),
+    ("rcpt-no-colon", "RCPT TO", 501),
+    ("rcpt-empty-path", "RCPT TO:", 501),
+    ("rcpt-from", "RCPT FROM:<b@example.test>", 501),
+    ("rcpt-null-path", "RCPT TO:<>", 501),
+    ("rcpt-without-brackets", "RCPT TO:b@example.test", 501),
+    ("rcpt-space-after-colon", "RCPT TO: <b@example.test>", 250),
+    ("rcpt-mixed-case", "rCpT tO:<b@example.test>", 250),
+]
+
+
+@pytest.mark.parametrize("name, line, code", IN_TRANSACTION, ids=ids(IN_TRANSACTION))
+def test_command_in_transaction(name, line, code):
+    assert transcript(new_session(), [E, M, line]) == [250, 250, code]
+
+
+def test_data_with_parameter_is_501_and_transaction_survives():
+    s = new_session()
+    assert transcript(s, [E, M, RC, "DATA now", D]) == OK3 + [501, 354]
+
+
+def test_quit_with_parameter_is_501_and_session_stays_open():
+    s = new_session()
+    assert transcript(s, [E, "QUIT now"]) == [250, 501]
+    assert not s.closed
+    assert transcript(s, ["QUIT"]) == [221]
+
+
+def test_quit_closes_and_later_input_is_ignored():
+    s = new_session()
+    assert replies(s, [E, M, "QUIT"]) == ["250", "250 2.1.0", "221 2.0.0"]
+    assert s.closed
+    assert feed(s, b"NOOP\r\nRSET\r\n") == b""
+    assert transcript(s, ["NOOP"]) == []
+
+
+def test_quit_before_helo_has_no_enhanced_code():
+    s = new_session()
+    assert feed(s, b"QUIT\r\n") == b"221 Bye\r\n"
+    assert s.closed
+
+
+def test_close_with_timeout_reply():
+    s = new_session()
+    transcript(s, [E])
+    s.close(R.R421_TIMEOUT)
+    assert heads(s.data_to_send()) == ["421 4.4.2"]
+    assert s.closed
+    assert feed(s, b"NOOP\r\n") == b""
+
+
+# -- bare CR / LF, NUL and invalid UTF-8 inside a command line ------------------------------------
+
+BAD_BYTES = [
+    ("bare-lf-joins-two-commands", b"NOOP\nNOOP\r\n"),
+    ("bare-cr-inside", b"NOOP\rNOOP\r\n"),
+    ("cr-before-crlf", b"NOOP \r\r\n"),
+    ("smuggled-lf-in-ehlo", b"EHLO x\nMAIL FROM:<a@example.test>\r\n"),
+    ("lf-at-start", b"\nNOOP\r\n"),
+    ("nul", b"NOOP \x00\r\n"),
+    ("invalid-utf8-byte", b"NOOP \xff\r\n"),
+    ("truncated-utf8", b"EHLO \xc3\r\n"),
+    ("invalid-continuation", b"EHLO \xc3\x28\r\n"),
+    ("overlong-utf8", b"EHLO \xc0\xaf\r\n"),
+    ("utf8-surrogate", b"MAIL FROM:<\xed\xa0\x80@example.test>\r\n"),
+    ("latin1-in-verb", b"N\xd6OP\r\n"),
+]
+
+
+@pytest.mark.parametrize("name, raw", BAD_BYTES, ids=ids(BAD_BYTES))
+def test_bad_bytes_in_command_line_are_501(name, raw):
+    s = new_session()
+    assert transcript(s, [E]) == [250]
+    assert heads(feed(s, raw)) == ["501 5.5.2"]
+    assert feed_codes(s, b"NOOP\r\n") == [250]
+
+
+@pytest.mark.parametrize("name, raw", BAD_BYTES, ids=ids(BAD_BYTES))
+def test_bad_bytes_before_helo_are_501_without_enhanced_code(name, raw):
+    s = new_session()
+    assert heads(feed(s, raw)) == ["501"]
+
+
+def test_bare_lf_never_ends_a_command_line():
+    s = new_session()
+    assert feed(s, b"NOOP\n") == b""
+    assert feed(s, b"NOOP\n") == b""
+    assert feed_codes(s, b"\r\n") == [501]
+
+
+def test_crlf_split_between_reads_ends_the_line():
+    s = new_session()
+    assert feed(s, b"NOOP\r") == b""
+    assert feed_codes(s, b"\n") == [250]
+
+
+# -- command line length: 512 octets including CRLF ------------------------------------------------
+
+def test_command_line_of_512_octets_is_accepted():
+    line = "NOOP " + "x" * (510 - 5)
+    assert len(line) + 2 == 512
+    assert transcript(new_session(), [E, line]) == [250, 250]
+
+
+def test_command_line_of_513_octets_is_500_and_session_goes_on():
+    line = "NOOP " + "x" * (511 - 5)
+    s = new_session()
+    assert replies(s, [E, line]) == ["250", "500 5.5.6"]
+    assert not s.closed
+    assert transcript(s, [M, RC, D, *BODY]) == [250, 250] + MSG
+
+
+def test_long_ehlo_before_helo_is_500():
+    s = new_session()
+    assert transcript(s, ["EHLO " + "a" * 600, E]) == [500, 250]
+
+
+def test_long_mail_line_keeps_transaction_state():
+    s = new_session()
+    long_mail = "MAIL FROM:<" + "a" * 600 + "@example.test>"
+    assert transcript(s, [E, long_mail, M]) == [250, 500, 250]
+
+
+def test_huge_line_in_pieces_gives_one_500():
+    s = new_session()
+    transcript(s, [E])
+    for _ in range(200):
+        assert feed(s, b"y" * 1000) == b""
+        assert s._lines.pending() <= 512
+    assert feed_codes(s, b"\r\nNOOP\r\n") == [500, 250]
+
+
+def test_long_line_with_crlf_split_across_reads():
+    s = new_session()
+    transcript(s, [E])
+    assert feed(s, b"z" * 700 + b"\r") == b""
+    assert feed_codes(s, b"\nNOOP\r\n") == [500, 250]
+
+
+def test_command_buffer_stays_bounded_without_crlf():
+    s = new_session()
+    piece = b"q" * 65536
+    for _ in range(20 * 16):  # 20 MiB
+        assert feed(s, piece) == b""
+        assert s._lines.pending() <= 1024
+    assert feed_codes(s, b"\r\n") == [500]
+
+
+# -- RFC 2920 pipelining ----------------------------------------------------------------------------
+
+def test_pipelined_group_gets_all_replies_in_order_in_one_write():
+    s = new_session()
+    out = feed(s, b"EHLO c\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n"
+                  b"RCPT TO:<>\r\nRCPT TO:<c@example.test>\r\nNOOP\r\nDATA\r\n")
+    assert codes(out) == [250, 250, 250, 501, 250, 250, 354]
+
+
+def test_pipelined_errors_are_answered_in_place():
+    s = new_session()
+    out = feed(s, b"EHLO c\r\nFOO\r\nRCPT TO:<b@example.test>\r\nMAIL FROM:<a@example.test>\r\n"
+                  b"MAIL FROM:<a@example.test>\r\nVRFY x\r\nQUIT\r\nNOOP\r\n")
+    assert heads(out) == ["250", "500 5.5.2", "503 5.5.1", "250 2.1.0", "503 5.5.1",
+                          "252 2.5.0", "221 2.0.0"]
+    assert s.closed
+
+
+def test_pipelined_group_split_at_every_offset_gives_the_same_replies():
+    data = (b"EHLO c\r\nMAIL FROM:<a@example.test> SIZE=10\r\nRCPT TO:<b@example.test>\r\n"
+            b"FOO\r\nRCPT TO:<c@example.test>\r\nDATA\r\n")
+    whole = feed(new_session(), data)
+    for cut in range(1, len(data)):
+        s = new_session()
+        assert feed(s, data[:cut]) + feed(s, data[cut:]) == whole, cut
+
+
+def test_bytes_pipelined_behind_data_are_554_and_close():
+    s = new_session()
+    transcript(s, [E, M, RC])
+    out = feed(s, b"DATA\r\nSubject: pipelined\r\n\r\nbody\r\n.\r\n")
+    assert heads(out) == ["554 5.5.0"]
+    assert s.closed
+    assert not [e for e in events(s) if isinstance(e, DataStart)]
+    assert feed(s, b"NOOP\r\n") == b""
+
+
+@pytest.mark.parametrize("behind", [b"\r\n", b"Q", b"QUIT\r\n", b"RSET\r\nNOOP\r\n"])
+def test_anything_behind_data_is_a_sync_error(behind):
+    s = new_session()
+    out = feed(s, b"EHLO c\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n" + behind)
+    assert heads(out) == ["250", "250 2.1.0", "250 2.1.5", "554 5.5.0"]
+    assert s.closed
+
+
+def test_data_that_fails_with_503_may_be_followed_by_more():
+    s = new_session()
+    assert feed_codes(s, b"EHLO c\r\nDATA\r\nNOOP\r\n") == [250, 503, 250]
+
+
+def test_nothing_is_sent_before_datastart_is_answered():
+    s = new_session()
+    transcript(s, [E, M, RC])
+    s.receive_data(b"DATA\r\n")
+    event = s.next_event()
+    assert isinstance(event, DataStart)
+    assert event.envelope.recipients == ["bob@example.test"]
+    assert s.next_event() is PAUSED
+    assert s.data_to_send() == b""
+    s.accept_data()
+    assert s.data_to_send() == b"354 End data with <CR><LF>.<CR><LF>\r\n"
+    assert s.in_data
+
+
+def test_commands_after_the_final_dot_wait_for_the_verdict():
+    s = new_session()
+    transcript(s, [E, M, RC, D])
+    s.receive_data(b"hello\r\n.\r\nMAIL FROM:<x@example.test>\r\nRCPT TO:<y@example.test>\r\nNOOP\r\n")
+    assert s.next_event() == DataChunk(b"hello\n")
+    end = s.next_event()
+    assert isinstance(end, DataEnd) and end.error is None and end.size == 7
+    assert s.next_event() is PAUSED
+    assert s.data_to_send() == b""  # nothing may overtake the verdict
+    s.reply(R.R250_ACCEPTED)
+    assert s.next_event() is NEED_DATA
+    assert heads(s.data_to_send()) == ["250 2.0.0", "250 2.1.0", "250 2.1.5", "250 2.0.0"]
+
+
+def test_next_transaction_pipelined_after_the_dot():
+    s = new_session()
+    transcript(s, [E, M, RC, D])
+    out = feed(s, b"one\r\n.\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n")
+    assert codes(out) == [250, 250, 250, 354]
+    assert codes(feed(s, b"two\r\n.\r\nQUIT\r\n")) == [250, 221]
+    assert stored(s) == [b"one\n", b"two\n"]
+
+
+# -- DATA: the session side (the reader itself is in test_buffer.py) ------------------------------
+
+def test_message_is_stored_with_lf_and_dots_undone():
+    s = new_session()
+    lines = ["Subject: dots", "", "..leading", "..", "...", "a.b", ".x", "end"]
+    assert transcript(s, [E, M, RC, D, *lines, "."]) == OK3 + MSG
+    assert stored(s) == [b"Subject: dots\n\n.leading\n.\n..\na.b\nx\nend\n"]
+
+
+def test_leading_dot_on_first_line_is_unstuffed():
+    s = new_session()
+    transcript(s, [E, M, RC, D, "..first", "."])
+    assert stored(s) == [b".first\n"]
+
+
+def test_empty_message():
+    s = new_session()
+    assert transcript(s, [E, M, RC, D, "."]) == OK3 + MSG
+    assert stored(s) == [b""]
+    assert data_ends(s)[0].size == 0
+
+
+def test_data_end_carries_envelope_and_size():
+    s = new_session()
+    transcript(s, [E, "MAIL FROM:<> BODY=8BITMIME", RC, "RCPT TO:<Postmaster>", D, "abc", "."])
+    end = data_ends(s)[0]
+    assert end.envelope.sender.is_null
+    assert end.envelope.params == {"BODY": "8BITMIME"}
+    assert end.envelope.recipients == ["bob@example.test", "Postmaster"]
+    assert end.size == 5 and end.error is None
+
+
+def test_message_over_size_is_552_after_dot_and_session_usable():
+    s = new_session(max_message_size=50)
+    assert replies(s, [E, M, RC, D, "x" * 60, "."]) == ["250", "250 2.1.0", "250 2.1.5", "354", "552 5.3.4"]
+    assert stored(s) == []
+    assert transcript(s, [M, RC, D, "small", "."]) == [250, 250] + MSG
+    assert stored(s) == [b"small\n"]
+
+
+@pytest.mark.parametrize("size, code", [(20, 250), (21, 552)])
+def test_message_size_exactly_at_limit(size, code):
+    s = new_session(max_message_size=20)
+    line = "x" * (size - 2)  # the limit counts the CRLF
+    assert transcript(s, [E, M, RC, D, line, "."]) == OK3 + [354, code]
+
+
+@pytest.mark.parametrize("size, code", [(1000, 250), (1001, 552)])
+def test_mail_size_parameter_against_limit(size, code):
+    s = new_session(max_message_size=1000)
+    assert transcript(s, [E, f"MAIL FROM:<a@example.test> SIZE={size}"]) == [250, code]
+
+
+def test_text_line_over_1000_octets_is_refused_after_dot():
+    s = new_session()
+    assert replies(s, [E, M, RC, D, "x" * 999, "."])[-1] == "554 5.6.0"
+    assert stored(s) == []
+    assert transcript(s, [M, RC, D, "x" * 998, "."]) == [250, 250] + MSG
+    assert stored(s) == [b"x" * 998 + b"\n"]
+
+
+def test_bare_lf_in_data_is_refused_after_dot():
+    s = new_session()
+    transcript(s, [E, M, RC, D])
+    assert heads(feed(s, b"Subject: x\r\n\r\none\ntwo\r\n.\r\n")) == ["550 5.6.0"]
+    assert stored(s) == []
+    assert transcript(s, [M]) == [250]
+
+
+def test_bare_lf_in_data_is_normalised_when_configured():
+    s = new_session(normalize_bare_newlines=True)
+    transcript(s, [E, M, RC, D])
+    assert codes(feed(s, b"Subject: x\r\n\r\none\ntwo\r\n.\r\n")) == [250]
+    assert stored(s) == [b"Subject: x\n\none\ntwo\n"]
+
+
+def test_normalise_per_session_overrides_config():
+    strict = Session(SessionConfig(HOSTNAME, normalize_bare_newlines=True), normalize=False)
+    lenient = Session(SessionConfig(HOSTNAME), normalize=True)
+    for s, code in ((strict, 550), (lenient, 250)):
+        s.start()
+        s.data_to_send()
+        transcript(s, [E, M, RC, D])
+        assert codes(feed(s, b"a\nb\r\n.\r\n")) == [code]
+
+
+SMUGGLING = [b"\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r", b"\r.\r", b"\n.\r",
+             b"\r\n.\r\r\n", b"\r\r\n.\r\r\n"]
+
+
+@pytest.mark.parametrize("fake_end", SMUGGLING, ids=repr)
+@pytest.mark.parametrize("normalize", [False, True], ids=["reject", "normalize"])
+def test_smuggled_message_is_never_split(fake_end, normalize):
+    smuggled = (b"Subject: first\r\n\r\nfirst" + fake_end + b"MAIL FROM:<evil@example.test>\r\n"
+                b"RCPT TO:<victim@example.test>\r\nDATA\r\nSubject: smuggled\r\n\r\nspoof\r\n")
+    assert b"\r\n.\r\n" not in smuggled
+    s = new_session(normalize_bare_newlines=normalize)
+    transcript(s, [E, M, RC, D])
+    out = feed(s, smuggled + b".\r\n")
+    assert len(data_ends(s)) == 1
+    assert len([e for e in events(s) if isinstance(e, DataStart)]) == 1
+    if normalize:
+        assert codes(out) == [250]
+        assert len(stored(s)) == 1 and b"MAIL FROM:<evil@example.test>" in stored(s)[0]
+    else:
+        assert heads(out) == ["550 5.6.0"]
+        assert stored(s) == []
+    assert transcript(s, ["NOOP"]) == [250]
+
+
+def test_mail_loop_is_554_after_dot():
+    s = new_session()
+    transcript(s, [E, M, RC, D])
+    out = feed(s, b"Received: from a by b\r\n" * 100 + b"\r\nbody\r\n.\r\n")
+    assert heads(out) == ["554 5.4.6"]
+    assert stored(s) == []
+
+
+def test_99_received_headers_pass():
+    s = new_session()
+    transcript(s, [E, M, RC, D])
+    assert codes(feed(s, b"Received: from a by b\r\n" * 99 + b"\r\nbody\r\n.\r\n")) == [250]
+
+
+def test_data_buffer_stays_bounded_without_crlf():
+    s = new_session()
+    transcript(s, [E, M, RC, D])
+    piece = b"d" * 65536
+    for _ in range(32):  # 2 MiB; the 20 MiB run is in test_buffer.py
+        assert feed(s, piece) == b""
+        assert len(s._reader._pending) <= 1024
+    assert heads(feed(s, b"\r\n.\r\n")) == ["554 5.6.0"]
+
+
+def test_datastart_refused_with_451_clears_transaction():
+    s = new_session(max_errors=2)
+    refuse_data_start(s, R.R451_STORAGE)
+    assert replies(s, [E, M, RC, D]) == ["250", "250 2.1.0", "250 2.1.5", "451 4.3.0"]
+    assert not s.closed  # storage trouble is not the client's error
+    assert not s.in_data
+    refuse_data_start(s, None)
+    assert transcript(s, [RC, "NOOP", M, RC, D, "x", "."]) == [503, 250, 250, 250] + MSG
+
+
+def test_datastart_refused_with_452_no_space():
+    s = new_session()
+    refuse_data_start(s, R.R452_NO_SPACE)
+    assert replies(s, [E, M, RC, D])[-1] == "452 4.3.1"
+    assert transcript(s, [D]) == [503]
+
+
+# -- recipients: max_recipients and local_domains -------------------------------------------------
+
+def test_recipients_past_max_get_452():
+    s = new_session(max_recipients=2)
+    rcpts = [f"RCPT TO:<r{i}@example.test>" for i in range(4)]
+    assert replies(s, [E, M, *rcpts]) == ["250", "250 2.1.0", "250 2.1.5", "250 2.1.5",
+                                          "452 4.5.3", "452 4.5.3"]
+    assert transcript(s, [D, "x", "."]) == MSG
+    assert data_ends(s)[0].envelope.recipients == ["r0@example.test", "r1@example.test"]
+
+
+def test_recipient_count_restarts_with_each_transaction():
+    s = new_session(max_recipients=1)
+    assert transcript(s, [E, M, RC, RC, "RSET", M, RC, RC]) == [250, 250, 250, 452, 250, 250, 250, 452]
+
+
+def test_surplus_recipients_are_not_counted_as_errors():
+    s = new_session(max_recipients=1, max_errors=2)
+    assert transcript(s, [E, M] + [RC] * 10) == [250, 250, 250] + [452] * 9
+    assert not s.closed
+    assert transcript(s, ["NOOP"]) == [250]
+
+
+def test_refused_recipients_do_not_count_toward_max():
+    s = new_session(max_recipients=1, local_domains=("example.test",))
+    assert transcript(s, [E, M, "RCPT TO:<x@elsewhere.test>", RC]) == [250, 250, 550, 250]
+
+
+LOCAL = [
+    ("local", "RCPT TO:<bob@example.test>", "250 2.1.5"),
+    ("local-upper-case-domain", "RCPT TO:<bob@EXAMPLE.Test>", "250 2.1.5"),
+    ("second-local-domain", "RCPT TO:<bob@other.test>", "250 2.1.5"),
+    ("foreign", "RCPT TO:<bob@elsewhere.test>", "550 5.7.1"),
+    ("subdomain-is-not-local", "RCPT TO:<bob@sub.example.test>", "550 5.7.1"),
+    ("parent-is-not-local", "RCPT TO:<bob@test>", "550 5.7.1"),
+    ("address-literal-is-not-local", "RCPT TO:<bob@[192.0.2.1]>", "550 5.7.1"),
+    ("postmaster-local", "RCPT TO:<postmaster@example.test>", "250 2.1.5"),
+    ("postmaster-local-mixed-case", "RCPT TO:<PostMaster@Example.Test>", "250 2.1.5"),
+    ("postmaster-foreign", "RCPT TO:<postmaster@elsewhere.test>", "550 5.7.1"),
+    ("bare-postmaster", "RCPT TO:<Postmaster>", "250 2.1.5"),
+    ("bare-postmaster-lower", "RCPT TO:<postmaster>", "250 2.1.5"),
+    ("bare-postmaster-upper", "RCPT TO:<POSTMASTER>", "250 2.1.5"),
+    ("source-route-to-local", "RCPT TO:<@relay.elsewhere.test:bob@example.test>", "250 2.1.5"),
+    ("source-route-to-foreign", "RCPT TO:<@example.test:bob@elsewhere.test>", "550 5.7.1"),
+]
+
+
+@pytest.mark.parametrize("name, line, expected", LOCAL, ids=ids(LOCAL))
+def test_local_domains(name, line, expected):
+    s = new_session(local_domains=("Example.TEST", "other.test"))
+    assert replies(s, [E, "MAIL FROM:<anyone@elsewhere.test>", line])[1:] == ["250 2.1.0", expected]
+
+
+def test_without_local_domains_every_domain_is_accepted():
+    s = new_session()
+    assert transcript(s, [E, M, "RCPT TO:<x@elsewhere.test>", "RCPT TO:<y@[192.0.2.1]>"]) == [250] * 4
+
+
+# -- the error budget: 421 4.7.0 and close ----------------------------------------------------------
+
+def test_too_many_errors_default_is_ten():
+    s = new_session()
+    assert transcript(s, ["FOO"] * 11) == [500] * 10 + [421]
+    assert s.closed
+
+
+def test_too_many_errors_reply_after_ehlo():
+    s = new_session(max_errors=3)
+    assert replies(s, [E, "FOO", "RCPT TO:<a@example.test>", "MAIL", "NOOP"]) == [
+        "250", "500 5.5.2", "503 5.5.1", "501 5.5.4", "421 4.7.0"]
+    assert s.closed
+    assert feed(s, b"NOOP\r\n") == b""
+
+
+def test_too_many_errors_before_helo_has_no_enhanced_code():
+    s = new_session(max_errors=2)
+    assert replies(s, ["FOO", "BAR"]) == ["500", "500", "421"]
+
+
+def test_every_error_class_counts():
+    s = new_session(max_errors=8, local_domains=("example.test",), max_message_size=10)
+    lines = [M, E, "FOO", "EXPN x", "VRFY", "MAIL FROM:<ü@example.test>",
+             "MAIL FROM:<a@example.test> SIZE=11", "MAIL FROM:<a@example.test> X=1",
+             M, "RCPT TO:<a@elsewhere.test>"]
+    assert transcript(s, lines) == [503, 250, 500, 502, 501, 553, 552, 555, 250, 550, 421]
+
+
+def test_errors_accumulate_across_transactions():
+    s = new_session(max_errors=3)
+    assert transcript(s, [E, "FOO", "RSET", E, "FOO", M, "RSET", "FOO"]) == [
+        250, 500, 250, 250, 500, 250, 250, 500, 421]
+
+
+def test_refused_message_counts_as_error():
+    s = new_session(max_errors=1, max_message_size=5)
+    assert transcript(s, [E, M, RC, D, "too long", "."]) == OK3 + [354, 552, 421]
+    assert s.closed
+
+
+def test_successes_do_not_count():
+    s = new_session(max_errors=2)
+    lines = [E] + [M, RC, "NOOP", "VRFY x", "HELP", "RSET"] * 20
+    assert set(transcript(s, lines)) <= {214, 250, 252}
+    assert s.errors == 0
+
+
+# -- enhanced status codes (RFC 2034 / 3463) ------------------------------------------------------
+
+ENHANCED = [
+    # the ones the contract names
+    ("relay-denied", [M, "RCPT TO:<x@elsewhere.test>"], "550 5.7.1"),
+    ("non-ascii-sender", ["MAIL FROM:<ü@example.test>"], "553 5.6.7"),
+    ("non-ascii-recipient", [M, "RCPT TO:<ü@example.test>"], "553 5.6.7"),
+    # RFC 3463 / 5248 subjects
+    ("bad-sequence", [RC], "503 5.5.1"),
+    ("nested-mail", [M, M], "503 5.5.1"),
+    ("no-recipients", [M, D], "503 5.5.1"),
+    ("not-implemented", ["EXPN x"], "502 5.5.1"),
+    ("unrecognized", ["FOO"], "500 5.5.2"),
+    ("syntax", ["MAIL FROM:<a@example.test"], "501"),
+    ("unknown-parameter", ["MAIL FROM:<a@example.test> FOO=1"], "555 5.5.4"),
+    ("size-too-big", ["MAIL FROM:<a@example.test> SIZE=99999999999"], "552 5.3.4"),
+    ("too-many-recipients", [M, RC, RC], "452 4.5.3"),
+    ("sender-ok", [M], "250 2.1.0"),
+    ("recipient-ok", [M, RC], "250 2.1.5"),
+    ("noop", ["NOOP"], "250 2.0.0"),
+    ("vrfy", ["VRFY bob"], "252"),
+    ("help", ["HELP"], "214"),
+    ("quit", ["QUIT"], "221 2.0.0"),
+]
+
+
+@pytest.mark.parametrize("name, lines, expected", ENHANCED, ids=ids(ENHANCED))
+def test_enhanced_codes(name, lines, expected):
+    s = new_session(max_recipients=1, local_domains=("example.test",))
+    got = replies(s, [E, *lines])[-1]
+    # rows with only a code check the class (helpers.check_enhanced) but not the detail
+    assert got == expected if " " in expected else got.split()[0] == expected
+
+
+def test_no_enhanced_codes_before_helo():
+    s = new_session()
+    out = b"".join(feed(s, line + b"\r\n") for line in
+                   [b"NOOP", b"FOO", b"MAIL FROM:<a@example.test>", b"VRFY x", b"HELP", b"RSET", b"EXPN x"])
+    assert heads(out) == ["250", "500", "503", "252", "214", "250", "502"]
+    assert out.startswith(b"250 Ok\r\n500 Command unrecognized\r\n")
+
+
+@pytest.mark.parametrize("greeting", [E, H])
+def test_enhanced_codes_on_every_reply_after_ehlo_or_helo(greeting):
+    # helpers.check_enhanced asserts the code on each reply; this walks many kinds of reply
+    s = new_session(max_recipients=1, max_message_size=100, local_domains=("example.test",))
+    lines = [greeting, "NOOP", "FOO", "EXPN x", "VRFY x", "HELP", RC, D, M, M, "RCPT TO:<x@elsewhere.test>",
+             RC, RC, D, "x" * 200, ".", M, RC, D, "ok", ".", "RSET", "QUIT"]
+    assert transcript(s, lines) == [250, 250, 500, 502, 252, 214, 503, 503, 250, 503, 550,
+                                    250, 452, 354, 552, 250, 250, 354, 250, 250, 221]
+
+
+# -- the session log --------------------------------------------------------------------------------
+
+def test_log_reconstructs_the_session():
+    s = Session(SessionConfig(HOSTNAME))
+    s.start()
+    s.data_to_send()
+    transcript(s, [E, M, RC, D, "Subject: secret body", "", "do not log me", ".", "QUIT"])
+    assert s.log == ["220 mx.test ESMTP", E, "250 mx.test", M, "250 2.1.0 Sender ok", RC,
+                     "250 2.1.5 Recipient ok", "DATA", "354 End data with <CR><LF>.<CR><LF>",
+                     "<message: 39 octets>", "250 2.0.0 Message accepted", "QUIT", "221 2.0.0 Bye"]
+
+
+def test_log_never_holds_message_text():
+    s = new_session()
+    transcript(s, [E, M, RC, D, "Subject: TOPSECRET", "", "TOPSECRET", "."])
+    assert not [line for line in s.log if "TOPSECRET" in line]
+
+
+NASTY = [b"NOOP a\rb", b"NOOP a\nb", b"EHLO \xff\xfe", b"NOOP \xc2\x85next", b"NOOP \xe2\x80\xa8next",
+         b"NOOP \x1b[31mred", b"NOOP \x00", b"NOOP \x0bx\x0cy", b"FOO \xed\xa0\x80", b"\x85", b"NOOP \\x0d"]
+
+
+@pytest.mark.parametrize("raw", NASTY, ids=repr)
+def test_log_lines_never_contain_line_breaks(raw):
+    s = new_session()
+    feed(s, raw + b"\r\n")
+    assert len(s.log) == 3  # greeting, the command, its reply
+    for line in s.log:
+        assert "\r" not in line and "\n" not in line
+        assert len(line.splitlines()) == 1, line  # no Unicode line separators either
+        assert line.isprintable(), line
+
+
+def test_long_command_line_is_logged_as_a_marker():
+    s = new_session()
+    transcript(s, ["NOOP " + "x" * 600])
+    assert s.log[1:] == ["<command line too long>", "500 5.5.6 Line too long"]
+
+
+AUTH_LINES = ["AUTH PLAIN AGFsaWNlAHNlY3JldA==", "auth plain AGFsaWNlAHNlY3JldA==",
+              "AUTH PLAIN  AGFsaWNlAHNlY3JldA==", "AUTH LOGIN AGFsaWNlAHNlY3JldA==",
+              "AUTH PLAIN\tAGFsaWNlAHNlY3JldA==", "AUTH PLAIN\x00AGFsaWNlAHNlY3JldA==",
+              "AUTH\tPLAIN AGFsaWNlAHNlY3JldA=="]
+
+
+@pytest.mark.parametrize("line", AUTH_LINES, ids=repr)
+def test_auth_line_is_logged_without_its_payload(line):
+    s = new_session()
+    transcript(s, [E, line])
+    assert len(s.log) == 5
+    assert not [entry for entry in s.log if "AGFsaWNl" in entry], s.log
+    assert s.log[3].upper().startswith("AUTH")
+
+
+def test_auth_mechanism_is_kept_in_the_log():
+    s = new_session()
+    transcript(s, ["AUTH PLAIN AGFsaWNlAHNlY3JldA=="])
+    assert s.log[1] == "AUTH PLAIN ***"
+
+
+def test_log_can_be_turned_off():
+    s = Session(SessionConfig(HOSTNAME, log_commands=False))
+    s.start()
+    s.data_to_send()
+    transcript(s, [E, "FOO", M, RC, D, "x", "."])
+    assert s.log == []

@@ -1,0 +1,251 @@
+"""Property tests of the sans-IO core: whatever a client sends, and however TCP splits
+it, the session never raises, sends only well-formed replies, never starts DATA without
+a recipient, keeps its buffers bounded, and answers the same bytes the same way."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from forksmtp.smtp import replies as R
+from forksmtp.smtp.buffer import TOO_LONG, DataReader, LineBuffer
+from forksmtp.smtp.session import DataEnd, DataStart, Session, SessionConfig
+from helpers import HOSTNAME, Client
+
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+CONFIGS = st.fixed_dictionaries({
+    "max_errors": st.sampled_from([1, 3, 10, 50]),
+    "max_recipients": st.sampled_from([1, 2, 100]),
+    "max_message_size": st.sampled_from([40, 2000, 10_000_000]),
+    "max_received_headers": st.sampled_from([2, 100]),
+    "local_domains": st.sampled_from([(), ("example.test",)]),
+    "normalize_bare_newlines": st.booleans(),
+})
+
+
+REFUSED = R.Reply(554, "5.6.0", "Message refused")
+
+
+class FuzzClient(Client):
+    """A worker that refuses chosen DataStarts with 451 and, when ``uniform``, answers
+    every refused message alike: which of several problems a reader names first may
+    depend on where the reads fell, that it refuses the message may not."""
+
+    def __init__(self, session: Session, refuse: frozenset[int] = frozenset(), uniform: bool = False):
+        super().__init__(session)
+        self.refuse, self.uniform, self.starts = refuse, uniform, 0
+
+    def _data_start(self, event: DataStart) -> None:
+        self.data_start_reply = R.R451_STORAGE if self.starts in self.refuse else None
+        self.starts += 1
+        super()._data_start(event)
+
+    def _data_end(self, event: DataEnd) -> None:
+        if self.uniform and event.error is not None:
+            event = DataEnd(event.envelope, 0, REFUSED)
+        super()._data_end(event)
+
+    def feed(self, data: bytes) -> bytes:
+        was_closed = self.session.closed
+        out = super().feed(data)
+        assert not (was_closed and out), "reply sent after the session was closed"
+        check_invariants(self.session)
+        return out
+
+
+def make_client(config: dict, **kwargs) -> FuzzClient:
+    session = Session(SessionConfig(HOSTNAME, **config))
+    session.start()
+    c = FuzzClient(session, **kwargs)
+    assert c.feed(b"") == b"220 mx.test ESMTP\r\n"
+    return c
+
+
+def check_invariants(s: Session) -> None:
+    assert s.errors <= s.config.max_errors
+    for line in s.log:
+        assert "\r" not in line and "\n" not in line and len(line.splitlines()) <= 1, line
+    if s.closed:
+        return
+    if s.in_data:
+        assert s._lines.pending() == 0
+        assert len(s._reader._pending) <= 1024
+    else:
+        assert s._lines.pending() <= 512
+
+
+# -- random bytes -----------------------------------------------------------------------------------
+
+PREFIXES = {
+    "new": b"",
+    "ehlo": b"EHLO client.test\r\n",
+    "data": b"EHLO client.test\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n",
+}
+NOISY = st.lists(st.one_of(st.binary(max_size=200), st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"\r\n.\r\n"]),
+                           st.integers(0, 3000).map(lambda n: b"x" * n)), max_size=25)
+
+
+@FUZZ
+@given(config=CONFIGS, start=st.sampled_from(sorted(PREFIXES)), chunks=NOISY)
+def test_random_bytes_never_break_the_session(config, start, chunks):
+    c = make_client(config)
+    c.feed(PREFIXES[start])
+    if start == "data" and not c.session.closed:
+        c.feed(b"DATA\r\n")
+    for chunk in chunks:
+        c.feed(chunk)
+
+
+@FUZZ
+@given(config=CONFIGS, data=st.binary(max_size=3000), cuts=st.lists(st.integers(0, 3000), max_size=8))
+def test_random_bytes_in_random_pieces(config, data, cuts):
+    c = make_client(config)
+    bounds = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
+    for a, b in zip(bounds, bounds[1:]):
+        c.feed(data[a:b])
+
+
+# -- command lines, valid and not, in rounds split at random points --------------------------------
+
+COMMANDS = [
+    "EHLO client.test", "HELO client.test", "EHLO", "ehlo other.test extra", "EHLO bücher.example",
+    "MAIL FROM:<a@example.test>", "MAIL FROM:<>", "mail from:<a@example.test> SIZE=30",
+    "MAIL FROM:<a@example.test> SIZE=99999999", "MAIL FROM:<jösé@example.test> SMTPUTF8",
+    "MAIL FROM:<jösé@example.test>", "MAIL FROM:<a@example.test> BODY=8BITMIME", "MAIL FROM:<a@x.test> FOO=1",
+    "MAIL FROM:<a@x.test> SIZE=\u00b2", "MAIL FROM:<a@x.test> SIZE=1 SIZE=1", "MAIL FROM:a@x.test", "MAIL",
+    "MAIL FROM:<@a.test:>", 'MAIL FROM:<"a>b"@x.test>',
+    "RCPT TO:<b@example.test>", "RCPT TO:<b@example.test>", "RCPT TO:<b@example.test>", "RCPT TO:<c@elsewhere.test>",
+    "RCPT TO:<Postmaster>", "RCPT TO:<postmaster@example.test>", "RCPT TO:<>", "RCPT TO:<jösé@example.test>",
+    "RCPT TO:<u@[IPv6:::1]>", "RCPT TO:<u@[1.2.3]>", "RCPT TO:<u@x.test> NOTIFY=NEVER", "RCPT",
+    "RSET", "RSET x", "NOOP", "NOOP x", "VRFY b", "VRFY", "HELP", "EXPN x", "QUIT x", "AUTH PLAIN AGFsaWNl",
+    "STARTTLS", "FOO", "", "DATA x", "NOOP " + "x" * 506, "NOOP " + "x" * 507, "MAIL FROM:<" + "a" * 300 + "@x.test>",
+]
+RAW_COMMANDS = [b"NOOP\nNOOP", b"EHLO \xff", b"NOOP \x00", b"\r", b"\n", b"NOOP\r", b"RSET\rRSET", b"\xc3\x28"]
+BODY_LINES = [
+    "Subject: fuzz", "", "..dot", ".x", "...", "Received: from a by b", "received: x", "a\nb", "a\rb", "\n.",
+    ".\r", "first\n.\nMAIL FROM:<e@x.test>", "x\r.\r", "y" * 997, "y" * 998, "y" * 999, "." + "z" * 998,
+    "w" * 3000, "\r", "\n", "DATAX",
+]
+
+
+def no_crlf(raw: bytes) -> bytes:
+    """A line the generator may use: no CRLF inside, not starting a DATA command."""
+    while b"\r\n" in raw:
+        raw = raw.replace(b"\r\n", b"")
+    return b"X" + raw if raw[:4].lower() == b"data" else raw
+
+
+COMMAND = st.one_of(st.sampled_from(COMMANDS).map(str.encode), st.sampled_from(RAW_COMMANDS),
+                    st.binary(max_size=30).map(no_crlf))
+BODY_LINE = st.one_of(st.sampled_from(BODY_LINES).map(str.encode), st.binary(max_size=30).map(no_crlf)).filter(
+    lambda line: line != b".")
+ROUND = st.tuples(st.one_of(st.none(), st.lists(BODY_LINE, max_size=8)), st.lists(COMMAND, max_size=10),
+                  st.booleans())
+
+
+def round_bytes(body, commands, data) -> bytes:
+    """One client round: message text and its dot (if any), commands, then perhaps DATA
+    last, as RFC 2920 asks: a client waits for 354 before it sends the text."""
+    lines = ([*body, b"."] if body is not None else []) + commands + ([b"DATA"] if data else [])
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+def run_rounds(config, rounds, refuse, pieces_of) -> FuzzClient:
+    c = make_client(config, refuse=refuse, uniform=True)
+    out = []
+    for number, raw in enumerate(rounds):
+        out += [c.feed(piece) for piece in pieces_of(number, raw)]
+    c.wire = b"".join(out)
+    return c
+
+
+@FUZZ
+@given(config=CONFIGS, rounds=st.lists(ROUND, min_size=1, max_size=6), refuse=st.frozensets(st.integers(0, 4)),
+       quit_last=st.booleans(), data=st.data())
+def test_command_rounds_any_split_same_replies(config, rounds, refuse, quit_last, data):
+    raws = [round_bytes(*r) for r in rounds] + ([b"QUIT\r\n"] if quit_last else [])
+    whole = run_rounds(config, raws, refuse, lambda _, raw: [raw])
+    cuts = [data.draw(st.lists(st.integers(0, len(raw)), max_size=6)) for raw in raws]
+
+    def split(number, raw):
+        bounds = [0, *sorted(cuts[number]), len(raw)]
+        return [raw[a:b] for a, b in zip(bounds, bounds[1:])]
+
+    pieces = run_rounds(config, raws, refuse, split)
+    assert pieces.wire == whole.wire
+    assert pieces.stored == whole.stored
+    assert len(pieces.ends) == len(whole.ends)
+    if quit_last and not whole.session.closed:
+        raise AssertionError("QUIT did not close the session")
+
+
+# -- the DATA reader against a reference model ---------------------------------------------------------
+
+ATOMS = [b"\r\n", b"\r", b"\n", b".", b"..", b"a", b"xyz", b"Received: h\r\n", b"\r\n\r\n", b"x" * 400,
+         b"\r\n.", b".\r\n", b"\r\n..\r\n", b"\n.\n", b"\r.\r\n"]
+
+
+def reference(data: bytes, max_size: int, max_received: int, normalize: bool):
+    """RFC 5321 DATA, the slow and obvious way: (ended, refused, text, rest)."""
+    stream = b"\r\n" + data  # the CRLF of the DATA command starts the first line
+    end = stream.find(b"\r\n.\r\n")
+    if end < 0:
+        return False, None, None, None
+    wire, rest = stream[2:end + 2], stream[end + 5:]
+    text = wire.replace(b"\r\n", b"\n")
+    bare = text.count(b"\r") or wire.count(b"\n") != wire.count(b"\r\n")
+    text = (text[1:] if text[:1] == b"." else text).replace(b"\n.", b"\n")
+    head = b"" if text[:1] == b"\n" else text.split(b"\n\n", 1)[0]
+    received = (b"\n" + head.lower()).count(b"\nreceived:")
+    refused = bool(len(wire) > max_size or (bare and not normalize)
+                   or max(map(len, text.split(b"\n"))) > 998 or received >= max_received)
+    return True, refused, text, rest
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.lists(st.sampled_from(ATOMS), max_size=40).map(b"".join), ended=st.booleans(),
+       max_size=st.sampled_from([30, 300, 10**6]), max_received=st.sampled_from([1, 2, 100]),
+       normalize=st.booleans(), cuts=st.lists(st.integers(0, 20000), max_size=10))
+def test_data_reader_matches_reference(data, ended, max_size, max_received, normalize, cuts):
+    if ended:
+        data += b"\r\n.\r\nNOOP\r\n"
+    done, refused, text, rest = reference(data, max_size, max_received, normalize)
+    reader = DataReader(max_size, max_received, normalize)
+    bounds = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
+    got, got_done, got_rest = [], False, b""
+    for a, b in zip(bounds, bounds[1:]):
+        if got_done:
+            got_rest += data[a:b]
+            continue
+        chunk, got_done, got_rest = reader.feed(data[a:b])
+        got.append(chunk)
+        assert len(reader._pending) <= 1024
+    assert got_done == done
+    if done:
+        assert got_rest == rest
+        assert (reader.error is not None) == refused, reader.error
+        if not refused:
+            assert b"".join(got) == text
+            assert reader.size == len(data) - len(rest) - 3
+
+
+# -- the command line buffer against a reference model ---------------------------------------------
+
+LINE_ATOMS = [b"\r\n", b"\r", b"\n", b"a", b"NOOP", b"x" * 100, b"y" * 509, b"z" * 510, b"w" * 511]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.lists(st.sampled_from(LINE_ATOMS), max_size=30).map(b"".join),
+       cuts=st.lists(st.integers(0, 20000), max_size=10))
+def test_line_buffer_matches_reference(data, cuts):
+    expected = [TOO_LONG if len(line) + 2 > 512 else line for line in data.split(b"\r\n")[:-1]]
+    buf = LineBuffer(512)
+    bounds = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
+    got = []
+    for a, b in zip(bounds, bounds[1:]):
+        buf.feed(data[a:b])
+        while (line := buf.next_line()) is not None:
+            got.append(line)
+        assert buf.pending() <= 512
+    assert got == expected

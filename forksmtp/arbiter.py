@@ -27,10 +27,11 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import __version__, config as config_mod, limits, listeners, maildir, pool, process, stats
+from . import auth, config as config_mod, limits, listeners, maildir, pool, process, stats, tls
+from .authlimit import AuthLimiter
 from .logs import Log
 from .scoreboard import BUSY, IDLE, STARTING, Scoreboard
-from .signals import NAMES, SignalQueue
+from .signals import HANDLED, NAMES, SignalQueue
 from .worker import EXIT_BOOT_ERROR, Worker
 
 TICK = 1.0  # seconds between pool checks when nothing happens
@@ -39,6 +40,29 @@ TMP_CLEAN_INTERVAL = 3600.0
 KILL_GRACE = 3.0  # after SIGQUIT, before SIGKILL
 OVERFLOW_GRACE = 0.3  # admissions stalled this long at the ceiling: the master answers 421
 OVERFLOW_BATCH = 64  # queued clients refused per tick and socket
+
+
+@dataclass(frozen=True)
+class Security:
+    """What a worker needs for STARTTLS and AUTH, built by the master before forking."""
+
+    tls_context: object = None
+    passwords: dict = None
+    implicit_fds: frozenset = frozenset()
+    auth_limiter: object = None
+
+
+def listen_addresses(cfg) -> tuple[set, set]:
+    """(every address to bind, the implicit-TLS ones among them)."""
+    implicit = set(cfg.tls.implicit_listen) if cfg.tls else set()
+    return set(cfg.server.listen) | implicit, implicit
+
+
+def load_security(cfg) -> tuple[object, dict]:
+    """The SSL context and the password table: every file re-read, even if unchanged."""
+    context = tls.build_context(cfg.tls, cfg.path) if cfg.tls else None
+    passwords = auth.load(cfg.auth.password_file) if cfg.auth else {}
+    return context, passwords
 
 
 @dataclass
@@ -76,7 +100,8 @@ class Arbiter:
 
     def start(self) -> None:
         cfg = self.cfg
-        for addr in cfg.server.listen:
+        self.tls_context, self.passwords = load_security(cfg)
+        for addr in sorted(listen_addresses(cfg)[0], key=str):
             self.sockets[addr] = self._bind(addr)
         if cfg.server.pidfile:
             process.write_pidfile(cfg.server.pidfile)
@@ -84,6 +109,7 @@ class Arbiter:
         nslots = 2 * cfg.server.max_workers + 16  # room for an old generation during reload
         self.board = Scoreboard.create(nslots)
         self.board.set_generation(self.generation)
+        self.auth_limiter = AuthLimiter(self.board)
         self.death_r, self.death_w = process.parent_death_pipe()
         self.signals = SignalQueue()
         self.signals.install()
@@ -192,7 +218,7 @@ class Arbiter:
             return None
         now = time.monotonic()
         self.board.claim_slot(slot, 0, self.generation, now)
-        pid = os.fork()
+        pid = self._fork()
         if pid == 0:  # child: never return into the master's code
             code = EXIT_BOOT_ERROR
             try:
@@ -206,12 +232,32 @@ class Arbiter:
         self.workers[pid] = Child(pid, slot, self.generation, now)
         return pid
 
+    def _fork(self) -> int:
+        """fork() with the master's signals blocked.  A signal sent to a new worker before
+        its own handlers are in place would otherwise run the master's handler in the
+        child and be lost there: the SIGTERM of a quick second reload or a SIGTTOU would
+        leave the worker running for good (the master signals each worker once).  Blocked,
+        it stays pending until the child unblocks it in ``_child``."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        return pid
+
     def _child(self, slot: int) -> int:
         self.signals.reset_in_child()
         os.close(self.death_w)
         socks = list(self.sockets.values())
-        w = Worker(self.cfg, socks, self.board, slot, self.generation, self.death_r, self.log)
+        implicit = listen_addresses(self.cfg)[1]
+        security = Security(self.tls_context, self.passwords,
+                            frozenset(self.sockets[a].fileno() for a in implicit if a in self.sockets),
+                            self.auth_limiter)
+        w = Worker(self.cfg, socks, self.board, slot, self.generation, self.death_r, self.log, security)
         w.prepare()  # opens what needs privileges (the scoreboard lock) first
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # the worker's handlers are set
         server = self.cfg.server
         if server.user or server.group:
             process.drop_privileges(server.user, server.group)
@@ -267,14 +313,15 @@ class Arbiter:
     def _murder_stuck(self, snap, now: float) -> None:
         """Kill workers whose heartbeat stopped beyond every configured timeout.
 
-        A healthy worker touches its slot at least once a second, idle or busy (every
-        wait is at most a second... or one poll of the client); one silent for longer
-        than the longest timeout is wedged (a hung filesystem, a bug)."""
+        A healthy worker in a session touches its slot at every wait for its client; one
+        silent for longer than the longest timeout is wedged (a hung filesystem, a bug).
+        Idle workers are skipped: they wait in epoll without touching their slot, whose
+        last_activity then says since when they are idle (the pool's max_idle)."""
         t = self.cfg.timeouts
         limit = max(t.command, t.data_block, t.data_done) + 30.0
         for slot in snap.slots:
             child = self.workers.get(slot.pid)
-            if child is None or now - slot.last_activity < limit:
+            if child is None or slot.state == IDLE or now - slot.last_activity < limit:
                 continue
             self.log.error("WORKER", f"worker {child.pid} made no progress for {now - slot.last_activity:.0f}s; killing it")
             self._signal(child, signal.SIGKILL)
@@ -352,7 +399,8 @@ class Arbiter:
             return  # a worker took it, or the client left
         try:
             conn.setblocking(False)
-            conn.send(limits.reply_for(limits.MAX_CONNECTIONS).wire(False))
+            # With its enhanced code, as the contract spells it (Postfix does the same).
+            conn.send(limits.reply_for(limits.MAX_CONNECTIONS).wire(True))
         except OSError:
             pass
         finally:
@@ -366,12 +414,15 @@ class Arbiter:
         """Parse and bind everything new first; touch no worker until all of it worked."""
         try:
             new = config_mod.load_config(self.cfg.path or None, self.overrides)
+            context, passwords = load_security(new)
             opened = self._open_new_sockets(new)
             self._prepare_maildirs(new)
-        except (config_mod.ConfigError, listeners.BindError, OSError) as exc:
+        except (config_mod.ConfigError, tls.TLSError, auth.PasswordFileError, listeners.BindError,
+                OSError) as exc:
             self.log.error("RELOAD", f"reload failed, keeping the running configuration: {exc}")
             return
-        old_addrs = set(self.sockets) - set(new.server.listen)
+        self.tls_context, self.passwords = context, passwords
+        old_addrs = set(self.sockets) - listen_addresses(new)[0]
         for addr in old_addrs:
             self.sockets.pop(addr).close()
         self.sockets.update(opened)
@@ -391,7 +442,7 @@ class Arbiter:
     def _open_new_sockets(self, new) -> dict:
         opened = {}
         try:
-            for addr in new.server.listen:
+            for addr in sorted(listen_addresses(new)[0], key=str):
                 if addr not in self.sockets:
                     opened[addr] = self._bind(addr)
         except BaseException:
@@ -433,7 +484,8 @@ def run(cfg, overrides: dict | None = None) -> int:
     arbiter = Arbiter(cfg, overrides)
     try:
         arbiter.start()
-    except (listeners.BindError, process.PidfileError, OSError) as exc:
+    except (listeners.BindError, process.PidfileError, tls.TLSError, auth.PasswordFileError,
+            OSError) as exc:
         print(f"forksmtp: {exc}", file=sys.stderr)
         return 1
     try:

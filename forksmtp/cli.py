@@ -76,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"forksmtp: {exc}", file=sys.stderr)
         return 2
     if args.check:
+        problem = _check_files(cfg)
+        if problem:
+            print(f"forksmtp: {problem}", file=sys.stderr)
+            return 2
         print(summary(cfg))
         return 0
     from forksmtp import arbiter  # imported late: --check needs none of the process machinery
@@ -133,3 +137,17 @@ def _run_passwd(args: list[str], config: str | None) -> int:
         print("passwd: not available", file=sys.stderr)
         return 2
     return passwd.main(args, config)
+
+
+def _check_files(cfg) -> str:
+    """--check loads what the server would load: the certificate pair and the passwords."""
+    from forksmtp import auth, tls
+
+    try:
+        if cfg.tls is not None:
+            tls.build_context(cfg.tls, cfg.path)
+        if cfg.auth is not None:
+            auth.load(cfg.auth.password_file)
+    except (tls.TLSError, auth.PasswordFileError) as exc:
+        return str(exc)
+    return ""

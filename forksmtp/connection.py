@@ -22,11 +22,13 @@ import itertools
 import os
 import select
 import socket
+import ssl
 import time
 
-from . import delivery
+from . import auth, delivery, tls
 from .smtp import replies as R
-from .smtp.session import NEED_DATA, PAUSED, DataChunk, DataEnd, DataStart, Session
+from .smtp.session import (NEED_DATA, PAUSED, AuthRequest, DataChunk, DataEnd, DataStart,
+                           Session, StartTLS)
 
 RECV_SIZE = 256 * 1024
 #: Log lines are queued with their timestamps as they happen but written in one
@@ -41,9 +43,10 @@ class Stop(Exception):
 
 
 class Connection:
-    def __init__(self, worker, sock: socket.socket, peer: tuple, session: Session, timeouts) -> None:
+    def __init__(self, worker, sock: socket.socket, peer: tuple, session: Session, timeouts,
+                 implicit_tls: bool = False) -> None:
         self.worker = worker
-        self.sock = sock
+        self.sock = self.raw_sock = sock
         self.fd = sock.fileno()
         self.peer_ip = peer[0]
         self.session = session
@@ -60,6 +63,8 @@ class Connection:
         for fd in worker.wake_fds:
             self.poller.register(fd, select.POLLIN)
         self.close_reason = "client quit"
+        self.implicit_tls = implicit_tls
+        self.tls_info = ""
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -92,10 +97,14 @@ class Connection:
             if self.txn is not None:
                 self.txn.abort()
                 self.txn = None
+            if self.sock is not self.raw_sock:
+                self.sock.close()  # the TLS wrapper owns the descriptor now
             self.log.queue("CLOSE", f"{self.peer_ip} {self.close_reason}")
             self.log.flush()
 
     def _greet(self) -> bool:
+        if self.implicit_tls and not self._handshake():
+            return False
         delay = self.worker.greeting_delay
         if delay > 0 and self._wait(delay):
             # RFC 5321 4.3.1: the client must wait for the greeting. Early talkers are
@@ -118,11 +127,79 @@ class Connection:
             if type(event) is DataChunk:
                 if self.txn is not None:
                     self.data_bytes += len(event.data)
-                    self.txn.write(event.data)
+                    try:
+                        self.txn.write(event.data)
+                    except OSError as exc:
+                        self._storage_failed(exc)
             elif type(event) is DataStart:
                 self._data_start(event)
             elif type(event) is DataEnd:
                 self._data_end(event)
+            elif type(event) is StartTLS:
+                self._starttls()
+            elif type(event) is AuthRequest:
+                self._authenticate(event)
+
+    # -- STARTTLS and AUTH ---------------------------------------------------------------
+
+    def _starttls(self) -> None:
+        """220 goes out in plaintext, then the handshake; the session then starts over."""
+        self._flush()
+        if self._handshake():
+            self.session.tls_started()
+        else:
+            self.session.closed = True
+
+    def _handshake(self) -> bool:
+        """TLS handshake on the non-blocking socket, bounded by the command timeout."""
+        try:
+            ssock = self.worker.tls_context.wrap_socket(self.sock, server_side=True,
+                                                         do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            return self._tls_failed(exc)
+        self.sock = ssock
+        deadline = time.monotonic() + self.timeouts.command
+        while True:
+            try:
+                ssock.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                events = _POLLIN
+            except ssl.SSLWantWriteError:
+                events = select.POLLOUT
+            except (ssl.SSLError, OSError) as exc:
+                return self._tls_failed(exc)
+            if not self._wait(deadline - time.monotonic(), events):
+                return self._tls_failed(TimeoutError("handshake timed out"))
+        self.tls_info = tls.describe(ssock)
+        self.log.queue("TLS", f"{self.peer_ip} {self.tls_info}")
+        self.worker.count_tls(True)
+        return True
+
+    def _tls_failed(self, exc: Exception) -> bool:
+        reason = getattr(exc, "reason", None) or exc
+        self.close_reason = f"TLS handshake failed: {reason}"
+        self.log.queue("TLS", f"{self.peer_ip} handshake failed: {reason}")
+        self.worker.count_tls(False)
+        return False
+
+    def _authenticate(self, event: AuthRequest) -> None:
+        creds = event.credentials
+        w = self.worker
+        if w.auth_blocked(self.peer_ip):
+            self.log.queue("AUTH", f"{self.peer_ip} refused: too many failures")
+            self.session.close(R.R421_AUTH_FAILURES)
+            return
+        users = w.passwords
+        ok = auth.verify(users.get(creds.username), creds.password)
+        if ok and creds.authzid and creds.authzid != creds.username:
+            ok = False  # no proxy authorization: acting as another user is refused
+        if not ok:
+            w.auth_failed(self.peer_ip)
+        self._drain_session_log()
+        self.log.queue("AUTH", f"{self.peer_ip} {creds.mechanism} user={creds.username[:64]!r} "
+                               f"{'ok' if ok else 'failed'}")
+        self.session.auth_result(ok, creds.username)
 
     # -- storage -------------------------------------------------------------------------
 
@@ -132,7 +209,8 @@ class Connection:
         info = delivery.HeaderInfo(
             sender=event.envelope.sender.address, helo=session.helo_name, peer_ip=self.peer_ip,
             by=session.config.hostname, protocol=session.protocol,
-            queue_id=f"{w.id_prefix}{next(_ids):X}", when=time.time())
+            queue_id=f"{w.id_prefix}{next(_ids):X}", when=time.time(),
+            tls=self.tls_info, auth_user=session.auth_user)
         try:
             self.txn = delivery.Transaction(w.router, event.envelope.recipients, info)
         except OSError as exc:
@@ -143,11 +221,24 @@ class Connection:
         self.data_bytes = 0
         session.accept_data()
 
+    def _storage_failed(self, exc: OSError) -> None:
+        """A write failed while the message streams in (a full disk): drop the copies
+        now, keep reading to the final dot, then answer 451/452 in step with the client."""
+        self.log.queue("ERROR", f"delivery failed: {exc}")
+        self.txn.abort()
+        self.txn = None
+        self.txn_error = delivery.storage_reply(exc)
+        self.worker.router.forget()
+
+    txn_error: R.Reply | None = None
+
     def _data_end(self, event: DataEnd) -> None:
         txn, self.txn = self.txn, None
-        if event.error is not None:
-            txn.abort()
-            self.session.reply(event.error)
+        if txn is None or event.error is not None:
+            if txn is not None:
+                txn.abort()
+            reply, self.txn_error = event.error or self.txn_error or R.R451_STORAGE, None
+            self.session.reply(reply)
             return
         try:
             paths = txn.commit()
@@ -197,8 +288,9 @@ class Connection:
         while view:
             try:
                 sent = self.sock.send(view)
-            except BlockingIOError:
-                if not self._wait(deadline - time.monotonic(), select.POLLOUT):
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
+                events = _POLLIN if isinstance(exc, ssl.SSLWantReadError) else select.POLLOUT
+                if not self._wait(deadline - time.monotonic(), events):
                     raise OSError(errno.ETIMEDOUT, "send timed out")
                 continue
             view = view[sent:]
@@ -229,31 +321,37 @@ class Connection:
             limit = self._deadline() - now
             if self.session.in_data:
                 limit = min(limit, self.timeouts.data_block)
-            if limit <= 0 or not self._wait(limit):
+            # TLS may hold decrypted bytes the kernel no longer reports as readable.
+            buffered = self.tls_info and self.sock.pending()
+            if not buffered and (limit <= 0 or not self._wait(limit)):
                 return None
             try:
                 return self.sock.recv(RECV_SIZE)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 continue
-            except ConnectionError:
+            except (ConnectionError, ssl.SSLError):
                 return b""
 
     def _wait(self, timeout: float, events: int = _POLLIN) -> bool:
-        """Wait until the socket is ready; False on timeout; Stop if told to quit."""
+        """Wait until the socket is ready: False once ``timeout`` has passed, Stop when
+        the worker must quit.  A signal (SIGTERM: finish this session) is not a timeout."""
+        deadline = time.monotonic() + max(timeout, 0.0)
         if events != _POLLIN:
             self.poller.modify(self.fd, events)
         try:
-            ready = self._poll(max(timeout, 0.0))
+            while True:
+                ready = self._poll(max(deadline - time.monotonic(), 0.0))
+                self.worker.heartbeat()
+                ok = False
+                for fd, _ in ready:
+                    if fd == self.fd:
+                        ok = True
+                    else:
+                        self.worker.on_wake(fd)
+                if self.worker.quitting:
+                    raise Stop()
+                if ok or time.monotonic() >= deadline:
+                    return ok
         finally:
             if events != _POLLIN:
                 self.poller.modify(self.fd, _POLLIN)
-        self.worker.heartbeat()
-        ok = False
-        for fd, _ in ready:
-            if fd == self.fd:
-                ok = True
-            else:
-                self.worker.on_wake(fd)
-        if self.worker.quitting:
-            raise Stop()
-        return ok

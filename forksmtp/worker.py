@@ -38,8 +38,14 @@ _IGNORED = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
 
 class Worker:
     def __init__(self, cfg, listeners: list[socket.socket], board, slot: int,
-                 generation: int, parent_fd: int, log) -> None:
+                 generation: int, parent_fd: int, log, security=None) -> None:
         self.cfg = cfg
+        # TLS context, password table, implicit-TLS listener fds and the AUTH limiter,
+        # all built by the master before it forked (see arbiter.Security).
+        self.tls_context = getattr(security, "tls_context", None)
+        self.passwords = getattr(security, "passwords", {})
+        self.implicit_fds = getattr(security, "implicit_fds", frozenset())
+        self.auth_limiter = getattr(security, "auth_limiter", None)
         self.listeners = {s.fileno(): s for s in listeners}
         self.board = board
         self.slot = slot
@@ -90,7 +96,12 @@ class Worker:
             max_received_headers=cfg.limits.max_received_headers,
             local_domains=cfg.delivery.local_domains,
             normalize_bare_newlines=cfg.limits.bare_newline == "normalize" and not cfg.limits.normalize_networks,
-            log_commands=self.log.level <= 20)
+            log_commands=self.log.level <= 20,
+            starttls=self.tls_context is not None,
+            require_tls=cfg.tls is not None and cfg.tls.require_tls,
+            auth=cfg.auth is not None,
+            auth_insecure=cfg.auth is not None and cfg.auth.allow_insecure,
+            auth_required=cfg.auth is not None and cfg.auth.required)
 
     def _signals(self) -> None:
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -111,9 +122,12 @@ class Worker:
 
     def run(self) -> int:
         self._setup()
+        # Ready: idle from now on (a worker left STARTING would never be retired by the
+        # pool).  An idle worker does not touch its slot while it waits: last_activity is
+        # then the moment it became idle, the clock of the pool's max_idle.
+        self.board.set_idle(self.slot, time.monotonic())
         while not (self.stopping or self.quitting) and self.served < self.max_sessions:
             events = self.epoll.poll(1.0)
-            self.heartbeat()
             for fd, _ in events:
                 sock = self.listeners.get(fd)
                 if sock is None:
@@ -130,11 +144,11 @@ class Worker:
             return  # another worker took it, or the client already left
         try:
             sock.setblocking(False)
-            self._serve(sock, peer)
+            self._serve(sock, peer, listener.fileno() in self.implicit_fds)
         finally:
             sock.close()
 
-    def _serve(self, sock: socket.socket, peer: tuple) -> None:
+    def _serve(self, sock: socket.socket, peer: tuple, implicit_tls: bool = False) -> None:
         ip = peer[0]
         now = time.monotonic()
         self.board.set_busy(self.slot, peer, now)
@@ -148,8 +162,8 @@ class Worker:
             stress = self.board.in_stress()
             self.command_timeout = self.cfg.timeouts.stress_command if stress else self.cfg.timeouts.command
             session = Session(self.stress_cfg if stress else self.session_cfg,
-                              normalize=self._normalize_for(ip))
-            Connection(self, sock, peer, session, self.cfg.timeouts).run()
+                              normalize=self._normalize_for(ip), tls=implicit_tls)
+            Connection(self, sock, peer, session, self.cfg.timeouts, implicit_tls).run()
         finally:
             self.board.release(self.slot)
             self.served += 1
@@ -157,10 +171,12 @@ class Worker:
             self._title("idle")
 
     def _refuse(self, sock: socket.socket, ip: str, reason: str) -> None:
-        """Over a connection limit: answer 421 at once and close (never a silent wait)."""
+        """Over a connection limit: answer 421 at once and close (never a silent wait).
+        The reply carries its enhanced code (``421 4.3.2``, ``421 4.7.0``) as the contract
+        spells it, although no EHLO came first: it tells the client why it was refused."""
         reply = limits.reply_for(reason)
         try:
-            sock.send(reply.wire(False))
+            sock.send(reply.wire(True))
         except OSError:
             pass
         self.log.queue("SMTP", str(reply))
@@ -218,6 +234,17 @@ class Worker:
     def count_rejects(self, codes: list[int]) -> None:
         for code in codes:
             self.board.count_reject(self.slot, code)
+
+    def count_tls(self, ok: bool) -> None:
+        if not ok:
+            self.board.count_conn_reject(self.slot, "other")
+
+    def auth_blocked(self, ip: str) -> bool:
+        return self.auth_limiter is not None and self.auth_limiter.blocked(ip, time.monotonic())
+
+    def auth_failed(self, ip: str) -> None:
+        if self.auth_limiter is not None:
+            self.auth_limiter.failed(ip, time.monotonic())
 
     def count_conn_reject(self, reason: str) -> None:
         self.board.count_conn_reject(self.slot, reason)

@@ -23,3 +23,8 @@ def daemon_factory(tmp_path):
 @pytest.fixture
 def daemon(daemon_factory):
     return daemon_factory()
+
+
+def pytest_configure(config):
+    # Slow tests still run by default; deselect them with -m "not slow" for a quick pass.
+    config.addinivalue_line("markers", "slow: heavy load tests (run by default; -m 'not slow' skips them)")

@@ -219,3 +219,246 @@ def send_message(port: int, host: str = "127.0.0.1", body: bytes = b"Subject: t\
     with smtplib.SMTP(host, port, timeout=timeout) as client:
         refused = client.sendmail("sender@client.example", ["rcpt@mx.test.example"], body)
         assert not refused, refused
+
+
+def connect(port: int, host: str = "127.0.0.1", source: str | None = None,
+            timeout: float = 10.0) -> socket.socket:
+    """A client socket (optionally from a chosen loopback source address)."""
+    return socket.create_connection((host, port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """One complete SMTP reply (all its lines), or what came before EOF; raises
+    socket.timeout when the server says nothing within the socket's timeout."""
+    buf = b""
+    while True:
+        lines = buf.split(b"\r\n")
+        if len(lines) > 1 and len(lines[-2]) >= 4 and lines[-2][3:4] == b" ":
+            return buf
+        chunk = sock.recv(4096)
+        if not chunk:
+            return buf
+        buf += chunk
+
+
+def connection_refused(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on host:port any more."""
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+# -- helpers for the fault, crash-consistency, load and network fuzz tests -----------------
+# A raw SMTP client (pipelined MAIL/RCPT/DATA, as a bulk sender does), the worker serving a
+# given client socket, and a ledger: message ids whose text is a function of the id, so an
+# audit of new/ can tell lost, duplicated, truncated and foreign files apart.
+
+import hashlib  # noqa: E402
+import re  # noqa: E402
+import threading  # noqa: E402
+
+LEDGER_RCPT = b"rcpt@mx.test.example"
+_LEDGER_ID = re.compile(rb"\nX-Ledger-Id: ([A-Za-z0-9.-]+)\n")
+_SIZE_IN_NAME = re.compile(r",S=(\d+)")
+
+
+class SMTPClosed(ConnectionError):
+    """The server closed the connection before a complete reply."""
+
+
+class RawSMTP:
+    """A minimal blocking SMTP client over a real socket."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+        self.greeting = self.reply()
+
+    def reply(self) -> tuple[int, bytes]:
+        """One complete reply: (code, all its lines)."""
+        while True:
+            end = 0
+            while (nl := self.buf.find(b"\r\n", end)) >= 0:
+                line, end = self.buf[end:nl], nl + 2
+                if len(line) < 4 or line[3:4] == b" ":
+                    text, self.buf = self.buf[:end], self.buf[end:]
+                    return int(line[:3]), text
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise SMTPClosed(f"closed after {self.buf[-200:]!r}")
+            self.buf += chunk
+
+    def command(self, line: bytes) -> int:
+        self.sock.sendall(line + b"\r\n")
+        return self.reply()[0]
+
+    def start_data(self, sender: bytes = b"ledger@client.example",
+                   rcpt: bytes = LEDGER_RCPT) -> tuple[int, bytes]:
+        """Pipelined MAIL, RCPT, DATA; the reply that ends it (354 when the body may follow)."""
+        self.sock.sendall(b"MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\nDATA\r\n" % (sender, rcpt))
+        replies = [self.reply() for _ in range(3)]
+        for code, text in replies:
+            if code >= 400:
+                return code, text
+        return replies[-1]
+
+    def deliver(self, wire: bytes) -> tuple[int, bytes]:
+        """One transaction; ``wire`` is the dot-stuffed CRLF text. The final reply."""
+        code, text = self.start_data()
+        if code != 354:
+            return code, text
+        self.sock.sendall(wire + b".\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def serving_worker(d: Daemon, sock: socket.socket, timeout: float = 10.0) -> psutil.Process:
+    """The worker process holding the server end of the client socket ``sock``."""
+    ours = sock.getsockname()[:2]
+
+    def find():
+        for w in d.workers():
+            try:
+                conns = w.net_connections("tcp")
+            except psutil.Error:
+                continue
+            if any(c.raddr and (c.raddr.ip, c.raddr.port) == ours for c in conns):
+                return w
+        return None
+    return wait_until(find, timeout, 0.02, "the worker serving this connection")
+
+
+def uss(pid: int) -> int:
+    return psutil.Process(pid).memory_full_info().uss
+
+
+def ledger_message(msg_id: str, size: int = 0) -> bytes:
+    """The CRLF wire text of message ``msg_id``, about ``size`` bytes long; a function of
+    (id, size) alone. No line starts with a dot, so it needs no stuffing."""
+    seed = hashlib.sha256(msg_id.encode()).hexdigest().encode()
+    head = b"X-Ledger-Id: %s\r\nSubject: ledger %s\r\n\r\n" % (msg_id.encode(), msg_id.encode())
+    lines = max(1, size // 78)
+    return head + b"".join(b"%07d %s\r\n" % (i, seed[i % 40:i % 40 + 24] * 3) for i in range(lines))
+
+
+def stored_text(wire: bytes) -> bytes:
+    """What the message part of the stored file must be: LF line endings (contract 5)."""
+    return wire.replace(b"\r\n", b"\n")
+
+
+class Ledger:
+    """Ids sent and ids acknowledged with 250, shared by client threads."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.lock = threading.Lock()
+        self.sent: dict[str, int] = {}  # id -> size asked for
+        self.acked: set[str] = set()
+        self._n = 0
+
+    def new_id(self, size: int) -> str:
+        with self.lock:
+            self._n += 1
+            msg_id = f"{self.prefix}-{self._n}"
+            self.sent[msg_id] = size
+        return msg_id
+
+    def ack(self, msg_id: str) -> None:
+        with self.lock:
+            self.acked.add(msg_id)
+
+    def audit(self, maildir: Path) -> dict:
+        """Read every file in new/: copies per id, and files that are truncated (size
+        differs from S=), not byte-exact, or not ours."""
+        copies: dict[str, int] = {}
+        bad: list[str] = []
+        new = maildir / "new"
+        for path in sorted(new.iterdir()) if new.exists() else []:
+            data = path.read_bytes()
+            m = _SIZE_IN_NAME.search(path.name)
+            if m is None or int(m[1]) != len(data):
+                bad.append(f"{path.name}: {len(data)} bytes, name says {m and m[1]}")
+                continue
+            found = _LEDGER_ID.search(data)
+            msg_id = found[1].decode() if found else ""
+            if msg_id not in self.sent:
+                bad.append(f"{path.name}: unknown message {data[:300]!r}")
+                continue
+            copies[msg_id] = copies.get(msg_id, 0) + 1
+            expected = stored_text(ledger_message(msg_id, self.sent[msg_id]))
+            if not data.startswith(b"Return-Path: ") or data[found.start() + 1:] != expected:
+                bad.append(f"{path.name}: {msg_id} not byte-exact ({len(data)} bytes)")
+        figures = {"sent": len(self.sent), "acked": len(self.acked), "stored": sum(copies.values()),
+                   "duplicates": sum(n - 1 for n in copies.values()),
+                   "lost": len(self.acked - copies.keys()),
+                   "stored_unacked": len(copies.keys() - self.acked), "bad": len(bad)}
+        return {"figures": figures, "bad": bad, "lost_ids": sorted(self.acked - copies.keys())[:20]}
+
+
+def ledger_client(port: int, ledger: Ledger, *, stop: threading.Event, deadline: float,
+                  sizes: tuple[int, ...] = (300,), messages: int | None = None,
+                  per_session: int = 5, seed: int = 0, timeout: float = 10.0) -> dict:
+    """Deliver ledger messages, ``per_session`` per connection, until ``messages`` were
+    tried, ``stop`` is set or ``deadline`` (monotonic) passes; reconnect after any failure.
+    Returns what this client saw: tried, acked, refused (non-250 replies), broken sessions."""
+    import random
+    rng = random.Random(seed)
+    seen = {"tried": 0, "acked": 0, "refused": 0, "broken": 0}
+    limit = float("inf") if messages is None else messages
+
+    def more() -> bool:
+        return seen["tried"] < limit and not stop.is_set() and time.monotonic() < deadline
+
+    while more():
+        try:
+            client = RawSMTP(port, timeout=timeout)
+        except OSError:
+            seen["broken"] += 1
+            stop.wait(0.05)
+            continue
+        try:
+            if client.greeting[0] != 220 or client.command(b"EHLO ledger.example") != 250:
+                seen["broken"] += 1
+                continue
+            for _ in range(per_session):
+                if not more():
+                    break
+                size = rng.choice(sizes)
+                msg_id = ledger.new_id(size)
+                seen["tried"] += 1
+                code, _ = client.deliver(ledger_message(msg_id, size))
+                if code == 250:
+                    ledger.ack(msg_id)
+                    seen["acked"] += 1
+                else:
+                    seen["refused"] += 1
+            client.command(b"QUIT")
+        except OSError:
+            seen["broken"] += 1
+        finally:
+            client.close()
+    return seen
+
+
+def run_clients(n: int, target, join_timeout: float = 120.0, **kwargs) -> list:
+    """Run ``target(seed=i, **kwargs)`` in n threads; their results (a dict each, None
+    for a thread still running after ``join_timeout``). Each target bounds itself too."""
+    results: list = [None] * n
+
+    def body(i: int) -> None:
+        try:
+            results[i] = target(seed=i, **kwargs)
+        except BaseException as exc:  # reported by the caller's assertions
+            results[i] = {"error": repr(exc)}
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    end = time.monotonic() + join_timeout
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    return results

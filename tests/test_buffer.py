@@ -409,8 +409,6 @@ def test_oversized_message_hands_on_no_text_but_still_finds_the_end():
     assert reader.error == R.R552_TOO_BIG
 
 
-@pytest.mark.xfail(strict=True, reason="RFC 1870: doubled quoting dots are not part of the "
-                   "message size; the reader counts them (reported, not changed)")
 def test_size_does_not_count_transparency_dots():
     data = b"..x\r\n" * 20  # 100 octets on the wire, 80 of message
     r = read(data + END, max_size=80)

@@ -333,8 +333,6 @@ def test_rcpt_parameter_after_helo_is_refused():
     assert transcript(s, ["HELO client.test", M, "RCPT TO:<u@x.test> NOTIFY=NEVER"])[2] in (501, 555)
 
 
-@pytest.mark.xfail(strict=True, reason="MAIL gives 555 for parameters after HELO but RCPT gives 501 "
-                   "(RFC 5321 4.1.1.11 names 555 for both; reported, not changed)")
 def test_rcpt_parameter_after_helo_is_555_like_mail():
     s = new_session()
     assert transcript(s, ["HELO client.test", M, "RCPT TO:<u@x.test> NOTIFY=NEVER"]) == [250, 250, 555]

@@ -139,18 +139,22 @@ class DataReader:
     def _process(self, block: bytes) -> bytes:
         if not block or self.error is not None:
             return b""
-        self.size += len(block)
+        lines = block.count(CRLF)
+        stuffed = block.replace(CRLF, b"\n")
+        if block.count(b"\n") != lines or block.count(b"\r") != lines:
+            if not self._normalize:
+                self._fail(R.R550_BARE_NEWLINE)
+                return b""
+            # Legacy senders: a bare CR or LF is a line break in the stored text (LF),
+            # never the end of the message (only CRLF.CRLF is).
+            stuffed = stuffed.replace(b"\r", b"\n")
+        text = stuffed[1:] if stuffed[:1] == b"." else stuffed
+        text = text.replace(b"\n.", b"\n")
+        # RFC 1870 size: the message as sent, CRLFs included, transparency dots not.
+        self.size += len(block) - (len(stuffed) - len(text))
         if self.size > self._max_size:
             self._fail(R.R552_TOO_BIG)
             return b""
-        lines = block.count(CRLF)
-        if (block.count(b"\n") != lines or block.count(b"\r") != lines) and not self._normalize:
-            self._fail(R.R550_BARE_NEWLINE)
-            return b""
-        text = block.replace(CRLF, b"\n")
-        if text[:1] == b".":
-            text = text[1:]
-        text = text.replace(b"\n.", b"\n")
         if len(text) > 999 and max(map(len, text.split(b"\n"))) > 998:
             self._fail(R.R554_LINE_TOO_LONG)
             return b""

@@ -19,11 +19,18 @@ Message text arrives as ``DataChunk`` events, already LF-terminated and dot-unst
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-
 from . import replies as R
 from .buffer import TOO_LONG, DataReader, LineBuffer
 from .commands import CommandError, Path, parse_params, parse_path, split_prefix
+from .events import AuthRequest, DataChunk, DataEnd, DataStart, Envelope, StartTLS
+from .sasl import MECHANISMS, AuthExchange, Credentials
+from .settings import SessionConfig
+
+__all__ = ["Session", "SessionConfig", "Envelope", "DataStart", "DataChunk", "DataEnd",
+           "StartTLS", "AuthRequest", "Credentials", "NEED_DATA", "PAUSED"]
+
+MAX_COMMAND = 512  # RFC 5321 4.5.3.1.4, CRLF included
+MAX_AUTH_LINE = 12288  # RFC 4954 4: AUTH lines may carry long SASL responses
 
 NEED_DATA = "NEED_DATA"
 PAUSED = "PAUSED"
@@ -40,6 +47,12 @@ SEQUENCE: dict[tuple[str, str], R.Reply] = {
     ("DATA", NEW): R.R503_NEED_MAIL,
     ("DATA", HELO): R.R503_NEED_MAIL,
     ("DATA", MAIL): R.R503_NEED_RCPT,
+    ("STARTTLS", NEW): R.R503_NEED_HELO,
+    ("STARTTLS", MAIL): R.R503_BAD_SEQUENCE,
+    ("STARTTLS", RCPT): R.R503_BAD_SEQUENCE,
+    ("AUTH", NEW): R.R503_NEED_HELO,
+    ("AUTH", MAIL): R.R503_AUTH_IN_TRANSACTION,
+    ("AUTH", RCPT): R.R503_AUTH_IN_TRANSACTION,
 }
 
 #: Commands a client may know that this server does not offer (-> 502).
@@ -50,59 +63,16 @@ NOT_OFFERED = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML",
 #: (452 for surplus recipients is the orderly way RFC 5321 4.5.3.1.10 asks for).
 NOT_CLIENT_ERRORS = frozenset({R.R452_TOO_MANY_RCPTS, R.R451_STORAGE, R.R452_NO_SPACE})
 
-
-class SessionConfig:
-    """Per-worker settings, with the replies that depend on them rendered once."""
-
-    def __init__(self, hostname: str, *, max_message_size: int = 10485760,
-                 max_recipients: int = 100, max_errors: int = 10,
-                 max_received_headers: int = 100, local_domains: tuple[str, ...] = (),
-                 normalize_bare_newlines: bool = False, log_commands: bool = True) -> None:
-        self.hostname = hostname
-        self.max_message_size = max_message_size
-        self.max_recipients = max_recipients
-        self.max_errors = max_errors
-        self.max_received_headers = max_received_headers
-        self.local_domains = frozenset(d.lower() for d in local_domains)
-        self.normalize_bare_newlines = normalize_bare_newlines
-        self.log_commands = log_commands
-        keywords = ("PIPELINING", f"SIZE {max_message_size}", "8BITMIME",
-                    "ENHANCEDSTATUSCODES", "SMTPUTF8")
-        self.greeting = R.greeting(hostname)
-        self.ehlo_reply = R.ehlo(hostname, keywords)
-        self.helo_reply = R.helo(hostname)
-
-
-@dataclass(slots=True)
-class Envelope:
-    """Transaction state: cleared by RSET, EHLO/HELO and the end of each message."""
-
-    sender: Path
-    params: dict[str, str | None]
-    smtputf8: bool = False
-    recipients: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class DataStart:
-    envelope: Envelope
-
-
-@dataclass(frozen=True, slots=True)
-class DataChunk:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class DataEnd:
-    envelope: Envelope
-    size: int
-    error: R.Reply | None  # set: the message must be discarded and this reply given
+_AUTH_PROTOCOL_SUFFIX = {(False, False): "", (True, False): "S", (False, True): "A", (True, True): "SA"}
 
 
 class Session:
-    def __init__(self, config: SessionConfig, *, normalize: bool | None = None) -> None:
+    def __init__(self, config: SessionConfig, *, normalize: bool | None = None,
+                 tls: bool = False) -> None:
         self.config = config
+        self.tls = tls  # the connection is encrypted (implicit TLS or after STARTTLS)
+        self.auth_user = ""
+        self._auth: AuthExchange | None = None
         self.phase = NEW
         self.helo_name = ""
         self.esmtp = False
@@ -113,7 +83,7 @@ class Session:
         self.log: list[str] = []  # command and reply lines for the session log
         self.error_codes: list[int] = []  # 4xx/5xx replies given, for the stats
         self._normalize = config.normalize_bare_newlines if normalize is None else normalize
-        self._lines = LineBuffer(512)
+        self._lines = LineBuffer(MAX_AUTH_LINE if config.auth else MAX_COMMAND)
         self._reader: DataReader | None = None
         self._out: list[bytes] = []
         self._events: list[object] = []
@@ -170,6 +140,27 @@ class Session:
         self._end_transaction()
         self._send(reply)
 
+    def tls_started(self) -> None:
+        """The handshake succeeded: forget everything learned in plaintext (RFC 3207
+        4.2) and wait for a fresh EHLO.  No greeting is sent again."""
+        self._waiting = False
+        self._lines.clear()  # nothing sent before the handshake may count after it
+        self.tls = True
+        self.phase = NEW
+        self.helo_name = ""
+        self.esmtp = False
+        self.envelope = None
+        self.auth_user = ""
+
+    def auth_result(self, ok: bool, username: str = "") -> None:
+        """Answer the pending AuthRequest."""
+        self._waiting = False
+        if ok:
+            self.auth_user = username
+            self._send(R.R235_AUTH_OK)
+        else:
+            self._send(R.R535_AUTH_FAILED)
+
     def close(self, reply: R.Reply) -> None:
         """Send a final reply (421 on timeout or shutdown) and close."""
         self._send(reply)
@@ -184,9 +175,8 @@ class Session:
         """The WITH keyword of the Received header (RFC 3848 / RFC 6531)."""
         if not self.esmtp:
             return "SMTP"
-        if self.envelope is not None and self.envelope.smtputf8:
-            return "UTF8SMTP"
-        return "ESMTP"
+        base = "UTF8SMTP" if self.envelope is not None and self.envelope.smtputf8 else "ESMTP"
+        return base + _AUTH_PROTOCOL_SUFFIX[self.tls, bool(self.auth_user)]
 
     # -- replies and the error budget -----------------------------------------------
 
@@ -212,8 +202,11 @@ class Session:
 
     def _handle_line(self, line) -> None:
         if line is TOO_LONG:
+            self._auth = None
             self._log("<command line too long>")
             return self._send(R.R500_LINE_TOO_LONG)
+        if self._auth is not None:
+            return self._auth_line(line)
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
@@ -223,9 +216,13 @@ class Session:
             return self._send(R.R501_BAD_CHARS)
         verb, _, arg = text.partition(" ")
         verb = verb.upper()
+        if len(line) > MAX_COMMAND - 2 and verb != "AUTH":
+            return self._send(R.R500_LINE_TOO_LONG)  # the buffer allows long AUTH lines only
         handler = _HANDLERS.get(verb)
         if handler is None:
             return self._send(R.R502_NOT_IMPLEMENTED if verb in NOT_OFFERED else R.R500_UNRECOGNIZED)
+        if not self._offered(verb):
+            return self._send(R.R502_NOT_IMPLEMENTED)
         refusal = SEQUENCE.get((verb, self.phase))
         if refusal is not None:
             return self._send(refusal)
@@ -233,6 +230,13 @@ class Session:
             handler(self, arg)
         except CommandError as exc:
             self._send(exc.reply)
+
+    def _offered(self, verb: str) -> bool:
+        if verb == "STARTTLS":
+            return self.config.starttls or self.tls
+        if verb == "AUTH":
+            return self.config.auth
+        return True
 
     def _log(self, text: str) -> None:
         if self.config.log_commands:
@@ -247,12 +251,17 @@ class Session:
         self.enhanced = True
         self.envelope = None
         self.phase = HELO
-        self._send(self.config.ehlo_reply if esmtp else self.config.helo_reply)
+        self._send(self.config.ehlo_reply(self.tls) if esmtp else self.config.helo_reply)
 
     def _cmd_ehlo(self, arg: str) -> None:
         self._cmd_helo(arg, esmtp=True)
 
     def _cmd_mail(self, arg: str) -> None:
+        cfg = self.config
+        if cfg.require_tls and not self.tls:
+            raise CommandError(R.R530_NEED_TLS)
+        if cfg.auth_required and not self.auth_user:
+            raise CommandError(R.R530_NEED_AUTH)
         rest = split_prefix(arg, "FROM:")
         if rest is None:
             raise CommandError(R.R501_MAIL_SYNTAX)
@@ -300,7 +309,8 @@ class Session:
         if not env.smtputf8 and not path.address.isascii():
             raise CommandError(R.R553_NON_ASCII)
         if tail.strip():
-            raise CommandError(R.R555_UNKNOWN_PARAM if self.esmtp else R.R501_RCPT_SYNTAX)
+            # No RCPT parameters are offered (no DSN): RFC 5321 4.1.1.11 gives 555.
+            raise CommandError(R.R555_UNKNOWN_PARAM)
         if len(env.recipients) >= self.config.max_recipients:
             raise CommandError(R.R452_TOO_MANY_RCPTS)
         if not self._is_local(path):
@@ -347,6 +357,52 @@ class Session:
     def _cmd_help(self, arg: str) -> None:
         self._send(R.R214_HELP)
 
+    # -- STARTTLS and AUTH -------------------------------------------------------------
+
+    def _cmd_starttls(self, arg: str) -> None:
+        if self.tls:
+            raise CommandError(R.R503_ALREADY_TLS)
+        if arg:
+            raise CommandError(R.R501_NO_PARAMS)
+        dropped = len(self._lines.take())
+        if dropped:
+            # CVE-2011-0411 and kin: plaintext pipelined behind STARTTLS must never be
+            # executed as if it had arrived over TLS.
+            self._log(f"<discarded {dropped} octets pipelined after STARTTLS>")
+        self._send(R.R220_TLS_READY)
+        self._waiting = True
+        self._events.append(StartTLS())
+
+    def _cmd_auth(self, arg: str) -> None:
+        cfg = self.config
+        if not (self.tls or cfg.auth_insecure):
+            raise CommandError(R.R538_ENCRYPTION_REQUIRED)
+        if self.auth_user:
+            raise CommandError(R.R503_ALREADY_AUTH)
+        mechanism, _, initial = arg.strip().partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in MECHANISMS:
+            raise CommandError(R.R504_AUTH_MECHANISM if mechanism else R.R501_SYNTAX)
+        exchange = AuthExchange(mechanism)
+        self._auth_step(exchange, exchange.start, initial.strip() or None)
+
+    def _auth_line(self, line: bytes) -> None:
+        exchange, self._auth = self._auth, None
+        self._log("<AUTH response>")
+        self._auth_step(exchange, exchange.feed, line.decode("latin-1"))
+
+    def _auth_step(self, exchange: AuthExchange, step, value) -> None:
+        try:
+            result = step(value)
+        except CommandError as exc:
+            return self._send(exc.reply)
+        if isinstance(result, Credentials):
+            self._waiting = True
+            self._events.append(AuthRequest(result))
+        else:
+            self._auth = exchange
+            self._send(result)
+
     # -- DATA ------------------------------------------------------------------------
 
     def _feed_data(self, data: bytes) -> None:
@@ -387,6 +443,8 @@ _HANDLERS = {
     "QUIT": Session._cmd_quit,
     "VRFY": Session._cmd_vrfy,
     "HELP": Session._cmd_help,
+    "STARTTLS": Session._cmd_starttls,
+    "AUTH": Session._cmd_auth,
 }
 
 _MAIL_PARAMS = {

@@ -1,0 +1,107 @@
+"""SMTP AUTH credentials: the password file and its hashes.
+
+The file holds ``user:hash`` lines written by ``forksmtp passwd USER``.  Hashes are
+scrypt (RFC 7914) from Python's own hashlib: memory-hard like argon2, which costs an
+attacker with a stolen file GPU/ASIC time, and it needs no extra dependency.  Format:
+
+    scrypt$<log2 N>$<r>$<p>$<salt, base64>$<key, base64>
+
+Verification compares in constant time, and an unknown user is checked against a
+dummy hash of the same cost, so timing tells nothing about which users exist.
+Neither passwords nor hashes are ever logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+
+LOG2_N, R, P, KEY_LEN = 14, 8, 1, 32  # 16 MiB and ~50 ms per check on a 2020s core
+_MAXMEM = 64 * 1024 * 1024
+
+
+class PasswordFileError(Exception):
+    pass
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _derive(password: bytes, salt: bytes, log2_n: int, r: int, p: int, dklen: int) -> bytes:
+    return hashlib.scrypt(password, salt=salt, n=1 << log2_n, r=r, p=p, dklen=dklen, maxmem=_MAXMEM)
+
+
+def hash_password(password: str) -> str:
+    salt = os.urandom(16)
+    key = _derive(password.encode("utf-8"), salt, LOG2_N, R, P, KEY_LEN)
+    return f"scrypt${LOG2_N}${R}${P}${_b64(salt)}${_b64(key)}"
+
+
+def _parse(encoded: str) -> tuple[int, int, int, bytes, bytes]:
+    scheme, log2_n, r, p, salt, key = encoded.split("$")
+    if scheme != "scrypt":
+        raise ValueError(f"unknown hash scheme {scheme!r}")
+    values = int(log2_n), int(r), int(p)
+    if not (1 <= values[0] <= 20 and 1 <= values[1] <= 32 and 1 <= values[2] <= 16):
+        raise ValueError("scrypt parameters out of range")
+    return (*values, base64.b64decode(salt, validate=True), base64.b64decode(key, validate=True))
+
+
+_DUMMY = f"scrypt${LOG2_N}${R}${P}${_b64(b'forksmtp-dummy!!')}${_b64(bytes(KEY_LEN))}"
+
+
+def verify(encoded: str | None, password: str) -> bool:
+    """True when ``password`` matches; an unknown user (None) costs the same time."""
+    log2_n, r, p, salt, key = _parse(encoded or _DUMMY)
+    got = _derive(password.encode("utf-8"), salt, log2_n, r, p, len(key))
+    return hmac.compare_digest(got, key) and encoded is not None
+
+
+def load(path: str) -> dict[str, str]:
+    """user -> hash; blank lines and ``#`` comments are skipped; errors name the line."""
+    users: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return users
+    except OSError as exc:
+        raise PasswordFileError(f"{path}: cannot read: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, sep, encoded = line.partition(":")
+        try:
+            if not sep or not user:
+                raise ValueError("expected user:hash")
+            _parse(encoded)
+        except ValueError as exc:
+            raise PasswordFileError(f"{path}: line {number}: {exc}") from None
+        users[user] = encoded
+    return users
+
+
+def set_password(path: str, user: str, password: str) -> None:
+    """Add or replace ``user``'s line, keep the others; the file is 0600 and replaced
+    atomically so a crash never leaves it half-written."""
+    if not user or ":" in user or any(c.isspace() for c in user):
+        raise PasswordFileError(f"invalid user name {user!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    entry = f"{user}:{hash_password(password)}"
+    out = [entry if line.partition(":")[0] == user else line for line in lines]
+    if entry not in out:
+        out.append(entry)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(out) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

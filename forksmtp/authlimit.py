@@ -1,0 +1,60 @@
+"""Failed-AUTH rate limit per client address, shared by every worker.
+
+A small table in anonymous shared memory (created by the master before it forks, like
+the scoreboard): per address, the number of failures in the current window and when the
+window started.  Updates take the scoreboard's admission flock for a few memory
+operations.  Over ``max_failures`` failures within ``window`` seconds, AUTH from that
+address is refused with 421 4.7.0 until the window ends: guessing passwords costs an
+attacker the window, not just the 50 ms scrypt check.  A full table overwrites the
+oldest window (an attacker cycling addresses gains nothing over using one).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import zlib
+
+from .scoreboard import ip_key
+
+_ENTRY = struct.Struct("<16sId")  # address key, failures, window start (monotonic)
+_PROBE = 8
+
+
+class AuthLimiter:
+    def __init__(self, board, buckets: int = 1024, max_failures: int = 5, window: float = 300.0) -> None:
+        self.board = board
+        self.buckets = buckets
+        self.max_failures = max_failures
+        self.window = window
+        self._mm = mmap.mmap(-1, buckets * _ENTRY.size)
+
+    def _find(self, key: bytes, now: float) -> int:
+        """The bucket for key: its own, else an empty or expired one, else the oldest."""
+        start = zlib.crc32(key) % self.buckets
+        oldest, oldest_t = start, float("inf")
+        for i in range(_PROBE):
+            b = (start + i) % self.buckets
+            k, n, t = _ENTRY.unpack_from(self._mm, b * _ENTRY.size)
+            if k == key:
+                return b
+            if n == 0 or now - t >= self.window:
+                return b
+            if t < oldest_t:
+                oldest, oldest_t = b, t
+        return oldest
+
+    def blocked(self, ip: str, now: float) -> bool:
+        key = ip_key(ip)
+        with self.board.locked():
+            k, n, t = _ENTRY.unpack_from(self._mm, self._find(key, now) * _ENTRY.size)
+        return k == key and n >= self.max_failures and now - t < self.window
+
+    def failed(self, ip: str, now: float) -> None:
+        key = ip_key(ip)
+        with self.board.locked():
+            off = self._find(key, now) * _ENTRY.size
+            k, n, t = _ENTRY.unpack_from(self._mm, off)
+            if k != key or now - t >= self.window:
+                n, t = 0, now
+            _ENTRY.pack_into(self._mm, off, key, n + 1, t)

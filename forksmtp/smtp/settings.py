@@ -1,0 +1,51 @@
+"""Per-worker session settings, with the replies that depend on them rendered once."""
+
+from __future__ import annotations
+
+from . import replies as R
+
+BASE_KEYWORDS = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8")
+
+
+class SessionConfig:
+    """What a session needs to know of the server's configuration.
+
+    ``starttls`` offers STARTTLS (plain listeners with [tls]); ``auth`` enables AUTH
+    PLAIN/LOGIN, advertised only over TLS unless ``auth_insecure``; ``require_tls`` and
+    ``auth_required`` refuse MAIL (530 5.7.0) until the session has them.
+    """
+
+    def __init__(self, hostname: str, *, max_message_size: int = 10485760,
+                 max_recipients: int = 100, max_errors: int = 10,
+                 max_received_headers: int = 100, local_domains: tuple[str, ...] = (),
+                 normalize_bare_newlines: bool = False, log_commands: bool = True,
+                 starttls: bool = False, auth: bool = False, auth_insecure: bool = False,
+                 require_tls: bool = False, auth_required: bool = False) -> None:
+        self.hostname = hostname
+        self.max_message_size = max_message_size
+        self.max_recipients = max_recipients
+        self.max_errors = max_errors
+        self.max_received_headers = max_received_headers
+        self.local_domains = frozenset(d.lower() for d in local_domains)
+        self.normalize_bare_newlines = normalize_bare_newlines
+        self.log_commands = log_commands
+        self.starttls = starttls
+        self.auth = auth
+        self.auth_insecure = auth_insecure
+        self.require_tls = require_tls
+        self.auth_required = auth_required
+        self.greeting = R.greeting(hostname)
+        self.helo_reply = R.helo(hostname)
+        self._ehlo = {tls: R.ehlo(hostname, self._keywords(tls)) for tls in (False, True)}
+
+    def _keywords(self, tls: bool) -> tuple[str, ...]:
+        words = list(BASE_KEYWORDS)
+        words.insert(1, f"SIZE {self.max_message_size}")
+        if self.starttls and not tls:
+            words.append("STARTTLS")
+        if self.auth and (tls or self.auth_insecure):
+            words.append("AUTH PLAIN LOGIN")
+        return tuple(words)
+
+    def ehlo_reply(self, tls: bool) -> R.Reply:
+        return self._ehlo[tls]

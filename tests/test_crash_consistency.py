@@ -1,0 +1,90 @@
+"""Crash consistency under load, measured with a ledger.
+
+50 client threads deliver messages with unique ids (their text is a function of the id)
+and record which ids got a 250, while a killer SIGKILLs a random busy worker every half
+second.  Afterwards the Maildir is audited: every acknowledged id is stored exactly once
+and byte-exact, no file in new/ is shorter or longer than its ``S=`` says, and tmp/ is
+empty.  An id that never got its 250 may be stored or not; it is not counted as lost.
+
+Run with ``pytest -s`` to see the figures; they are in the assertion message as well.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+
+import psutil
+
+from daemon import Ledger, ledger_client, run_clients
+
+CLIENTS = 50
+RUN_SECONDS = 8.0
+KILL_EVERY = 0.5
+#: From a few lines to well past the worker's 256 KiB write buffer, so that kills land
+#: before, during and after data reaches the tmp file.
+SIZES = (1_000, 20_000, 300_000, 700_000)
+
+
+def busy_workers(d) -> list[psutil.Process]:
+    busy = []
+    for w in d.workers():
+        try:
+            if "busy" in " ".join(w.cmdline()):
+                busy.append(w)
+        except psutil.Error:
+            continue
+    return busy
+
+
+def kill_workers(d, stop: threading.Event, deadline: float, rng: random.Random,
+                 killed: list[int]) -> None:
+    while not stop.wait(KILL_EVERY) and time.monotonic() < deadline:
+        busy = busy_workers(d)
+        if not busy:
+            continue
+        victim = rng.choice(busy)
+        try:
+            victim.send_signal(signal.SIGKILL)
+            killed.append(victim.pid)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_acknowledged_messages_survive_worker_kills(daemon_factory):
+    d = daemon_factory(workers=CLIENTS + 4, server={
+        "max_workers": 2 * CLIENTS, "max_connections": 4 * CLIENTS,
+        "max_connections_per_ip": 4 * CLIENTS},
+        sections={"limits": {"max_message_size": 2_000_000}})
+    ledger = Ledger("cc")
+    seed = random.randrange(1 << 30)
+    stop = threading.Event()
+    killed: list[int] = []
+    deadline = time.monotonic() + RUN_SECONDS
+    killer = threading.Thread(target=kill_workers, daemon=True,
+                              args=(d, stop, deadline, random.Random(seed), killed))
+    killer.start()
+    try:
+        results = run_clients(CLIENTS, ledger_client, join_timeout=60, port=d.port,
+                              ledger=ledger, stop=stop, deadline=deadline, sizes=SIZES,
+                              timeout=10.0)
+    finally:
+        stop.set()
+        killer.join(10)
+
+    audit = ledger.audit(d.maildir)
+    figures = {**audit["figures"], "workers_killed": len(killed),
+               "broken_sessions": sum(r.get("broken", 0) for r in results if r),
+               "killer_seed": seed}
+    report = f"crash consistency: {figures}"
+    print("\n" + report)
+    assert all(r is not None and "error" not in r for r in results), results
+    assert figures["lost"] == 0, f"{report}; lost {audit['lost_ids']}"
+    assert figures["duplicates"] == 0, report
+    assert audit["bad"] == [], f"{report}; {audit['bad'][:10]}"
+    assert figures["acked"] > 0 and len(killed) >= 3, report
+    assert os.listdir(d.maildir / "tmp") == [], report
+    assert "Traceback" not in d.log_text()

@@ -1,0 +1,300 @@
+"""The ``forksmtp`` command as a user runs it (contract section 1).
+
+The installed console script is run as a real process in its own process group;
+every started server is killed with its whole group at the end of its test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import forksmtp
+from daemon import free_port, write_config
+
+HOST = "127.0.0.1"
+
+
+def _command() -> list[str]:
+    """The console script next to this interpreter (what `pip install -e .` made)."""
+    script = Path(sys.executable).with_name("forksmtp")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("forksmtp")
+    return [found] if found else [sys.executable, "-m", "forksmtp"]
+
+
+FORKSMTP = _command()
+
+
+def run(*args: str, cwd: Path | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run([*FORKSMTP, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+class Server:
+    """A foreground ``forksmtp`` with stdout/stderr in files (its log goes to stderr)."""
+
+    def __init__(self, args: list[str], cwd: Path, tmp: Path) -> None:
+        self.err_path = tmp / "server.stderr"
+        self.out_path = tmp / "server.stdout"
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen([*FORKSMTP, *args], cwd=cwd, stdin=subprocess.DEVNULL,
+                                         stdout=out, stderr=err, start_new_session=True)
+
+    def stderr(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float = 15) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.stderr()
+            if needle in text:
+                return text
+            if self.proc.poll() is not None:
+                raise AssertionError(f"forksmtp exited with {self.proc.returncode}:\n{self.stderr()}")
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not on stderr after {timeout}s:\n{self.stderr()[-3000:]}")
+
+    def workers(self, count: int, timeout: float = 10) -> list[psutil.Process]:
+        """The master's live worker processes, once there are at least ``count``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                found = [c for c in psutil.Process(self.proc.pid).children()
+                         if c.status() != psutil.STATUS_ZOMBIE]
+            except psutil.NoSuchProcess:
+                found = []
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+@pytest.fixture
+def servers(tmp_path):
+    """Start ``forksmtp`` processes; each is killed with its process group afterwards."""
+    started: list[Server] = []
+
+    def start(*args: str, cwd: Path | None = None) -> Server:
+        sub = tmp_path / f"s{len(started)}"
+        sub.mkdir()
+        server = Server(list(args), cwd or sub, sub)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+def deliver(port: int, marker: str) -> None:
+    with smtplib.SMTP(HOST, port, local_hostname="client.test", timeout=10) as client:
+        client.sendmail("a@client.test", ["b@example.test"],
+                        f"Subject: {marker}\r\n\r\nbody {marker}\r\n".encode())
+
+
+def gone(procs: list[psutil.Process], timeout: float = 10) -> list[psutil.Process]:
+    """Those of ``procs`` still alive (zombies count as gone) after waiting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+# -- --version, --help ---------------------------------------------------------------------
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"forksmtp {forksmtp.__version__}"
+
+
+def test_module_form_works_too():
+    result = subprocess.run([sys.executable, "-m", "forksmtp", "--version"], capture_output=True,
+                            text=True, timeout=20, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"forksmtp {forksmtp.__version__}"
+
+
+def test_help():
+    result = run("--help")
+    assert result.returncode == 0
+    for flag in ("-c", "--check", "--listen", "--maildir", "--workers", "--hostname",
+                 "--pidfile", "--log-level", "--version"):
+        assert flag in result.stdout, flag
+
+
+# -- --check -------------------------------------------------------------------------------
+
+def test_check_valid_file(tmp_path):
+    path = write_config(tmp_path / "ok.toml", {
+        "server": {"listen": [f"{HOST}:{free_port()}"], "workers": 2},
+        "delivery": {"maildir": str(tmp_path / "Maildir")},
+        "limits": {"max_recipients": 50},
+    })
+    result = run("-c", str(path), "--check", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout
+    assert str(path) in lines[0]
+
+
+def test_flags_override_the_file(tmp_path):
+    file_port, flag_port = free_port(), free_port()
+    path = write_config(tmp_path / "ok.toml", {
+        "server": {"listen": [f"{HOST}:{file_port}"], "workers": 2},
+        "delivery": {"maildir": str(tmp_path / "FileMaildir")},
+    })
+    result = run("-c", str(path), "--listen", f"{HOST}:{flag_port}", "--maildir", "FlagMaildir",
+                 "--workers", "3", "--check", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{HOST}:{flag_port}" in result.stdout and f":{file_port}" not in result.stdout
+    assert str(tmp_path / "FlagMaildir") in result.stdout and "FileMaildir" not in result.stdout
+
+
+@pytest.mark.parametrize("sections, key", [
+    ({"limits": {"max_recipents": 5}}, "max_recipents"),
+    ({"limitz": {"max_recipients": 5}}, "limitz"),
+    ({"limits": {"max_recipients": "many"}}, "max_recipients"),
+    ({"limits": {"max_message_size": -1}}, "max_message_size"),
+    ({"server": {"listen": ["127.0.0.1:70000"]}}, "listen"),
+    ({"server": {"workers": 2.5}}, "workers"),
+    ({"delivery": {"maildir": "@FILE@/Maildir"}}, "maildir"),
+], ids=["unknown-key", "unknown-section", "wrong-type", "negative", "bad-port", "float-int",
+        "maildir-under-a-file"])
+def test_check_invalid_file_names_the_key(tmp_path, sections, key):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    sections = {name: {k: (v.replace("@FILE@", str(blocker)) if isinstance(v, str) else v)
+                       for k, v in values.items()} for name, values in sections.items()}
+    sections.setdefault("delivery", {}).setdefault("maildir", str(tmp_path / "Maildir"))
+    path = write_config(tmp_path / "bad.toml", sections)
+    result = run("-c", str(path), "--check", cwd=tmp_path)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert str(path) in result.stderr
+    assert key in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_check_toml_syntax_error(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[server\nlisten = \n")
+    result = run("-c", str(path), "--check", cwd=tmp_path)
+    assert result.returncode == 2
+    assert str(path) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_missing_file(tmp_path):
+    path = tmp_path / "missing.toml"
+    result = run("-c", str(path), "--check", cwd=tmp_path)
+    assert result.returncode == 2
+    assert str(path) in result.stderr and "Traceback" not in result.stderr
+
+
+# -- running -----------------------------------------------------------------------------
+
+def test_listen_and_maildir_flags_without_config(servers, tmp_path):
+    port = free_port()
+    maildir = tmp_path / "flags" / "Maildir"  # does not exist yet
+    server = servers("--listen", f"{HOST}:{port}", "--maildir", str(maildir), "--workers", "2")
+    log = server.wait_for("[READY]")
+    assert f"{HOST}:{port}" in log
+    deliver(port, "via-flags")
+    files = list((maildir / "new").iterdir())
+    assert len(files) == 1
+    assert b"body via-flags\n" in files[0].read_bytes()
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) == 0
+
+
+def test_port_in_use_is_a_one_line_error(servers):
+    with socket.socket() as holder:
+        holder.bind((HOST, 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        server = servers("--listen", f"{HOST}:{port}", "--maildir", "Maildir")
+        assert server.proc.wait(20) == 1
+        err = server.stderr()
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{HOST}:{port}" in err
+
+
+def test_ctrl_c_stops_master_and_workers(servers, tmp_path):
+    port = free_port()
+    server = servers("--listen", f"{HOST}:{port}", "--maildir", str(tmp_path / "Maildir"),
+                     "--workers", "3")
+    server.wait_for("[READY]")
+    deliver(port, "before-ctrl-c")
+    workers = server.workers(3)
+    assert len(workers) >= 3
+    master = psutil.Process(server.proc.pid)
+    everyone = [master, *master.children(recursive=True)]
+    # A terminal sends SIGINT to the whole foreground process group.
+    os.killpg(server.proc.pid, signal.SIGINT)
+    assert server.proc.wait(20) == 0
+    assert gone(everyone) == []
+    assert "Traceback" not in server.stderr()
+    # Nothing holds the port any more.
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((HOST, port))
+
+
+def _port_2525_free() -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, 2525))
+        except OSError:
+            return False
+    return True
+
+
+def test_no_arguments_uses_the_built_in_defaults(servers, tmp_path):
+    if not _port_2525_free():
+        pytest.skip("127.0.0.1:2525 is in use on this machine")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    server = servers(cwd=cwd)
+    try:
+        log = server.wait_for("[READY]")
+    except AssertionError:
+        if "2525" in server.stderr() and server.proc.poll() == 1:
+            pytest.skip("127.0.0.1:2525 was taken meanwhile")
+        raise
+    assert f"{HOST}:2525" in log
+    deliver(2525, "defaults")
+    files = list((cwd / "Maildir" / "new").iterdir())
+    assert len(files) == 1 and b"body defaults\n" in files[0].read_bytes()
+    os.killpg(server.proc.pid, signal.SIGINT)
+    assert server.proc.wait(20) == 0

@@ -1,0 +1,434 @@
+"""Delivery through the real daemon: what an SMTP client meets and what lands in Maildir.
+
+Every test starts ``python -m forksmtp`` on a free loopback port (``daemon_factory``),
+talks to it with ``smtplib`` (or swaks), and reads the Maildir files and the log that
+the daemon wrote.  Contract sections 4, 5 and 6.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import smtplib
+import stat
+import subprocess
+import threading
+import uuid
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import pytest
+
+HOST = "127.0.0.1"
+SENDER = "sender@client.test"
+
+#: <secs>.M<usecs>P<pid>Q<n>.<host>,S=<size>[,W=<crlf size>] (contract section 5)
+MAILDIR_NAME = re.compile(
+    r"(?P<secs>\d+)\.M(?P<usecs>\d+)P(?P<pid>\d+)Q(?P<n>\d+)\.(?P<host>[^/:,]+)"
+    r",S=(?P<size>\d+)(?:,W=(?P<wsize>\d+))?\Z")
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+def connect(d, timeout: float = 10.0) -> smtplib.SMTP:
+    client = smtplib.SMTP(HOST, d.port, local_hostname="client.test", timeout=timeout)
+    client.ehlo()
+    return client
+
+
+def messages(maildir: Path) -> list[Path]:
+    new = maildir / "new"
+    return sorted(new.iterdir()) if new.exists() else []
+
+
+def only_message(maildir: Path) -> bytes:
+    files = messages(maildir)
+    assert len(files) == 1, files
+    return files[0].read_bytes()
+
+
+def split_trace(stored: bytes) -> tuple[dict[str, str], bytes]:
+    """The fields forksmtp puts in front of the message (unfolded), and the message."""
+    fields: dict[str, str] = {}
+    rest = stored
+    while True:
+        m = re.match(rb"(Return-Path|Delivered-To|Received): ([^\n]*(?:\n\t[^\n]*)*)\n", rest)
+        if m is None:
+            break
+        name = m.group(1).decode()
+        assert name not in fields, f"{name} twice in {stored[:400]!r}"
+        fields[name] = re.sub(r"\s+", " ", m.group(2).decode("utf-8"))
+        rest = rest[m.end():]
+        if name == "Received":  # our Received: is the last field we add
+            break
+    return fields, rest
+
+
+def check_received(value: str, *, recipient: str | None, protocol: str = "ESMTP") -> None:
+    """RFC 5321 4.4: from, by, with, id, at most one FOR, then the date."""
+    clauses, sep, date = value.rpartition(";")
+    assert sep, value
+    parsedate_to_datetime(date.strip())  # raises on a malformed date
+    assert clauses.startswith("from "), value
+    assert "[127.0.0.1]" in clauses, value
+    assert re.search(r"\bby mx\.test\.example\b", clauses), value
+    assert re.search(rf"\bwith {protocol}\b", clauses), value
+    assert re.search(r"\bid \S+", clauses), value
+    fors = re.findall(r"\bfor <([^>]*)>", clauses)
+    assert fors == ([recipient] if recipient else []), value
+
+
+def check_name(path: Path, worker_pids: set[int]) -> None:
+    m = MAILDIR_NAME.match(path.name)
+    assert m, path.name
+    size = path.stat().st_size
+    assert int(m["size"]) == size
+    if m["wsize"] is not None:
+        assert int(m["wsize"]) == size + path.read_bytes().count(b"\n")
+    assert int(m["pid"]) in worker_pids
+
+
+def body_text(marker: str) -> bytes:
+    """A message (CRLF, as a client sends it) and, for checks, what must be stored."""
+    return (f"From: Sender <{SENDER}>\r\nSubject: test {marker}\r\nX-Secret: hdr-{marker}\r\n\r\n"
+            f"Hello, body-{marker}\r\n.leading dot\r\n..two dots\r\n.\r\nlast line\r\n").encode()
+
+
+def stored_form(message: bytes) -> bytes:
+    """What the Maildir file must hold after the trace fields: LF endings, unstuffed.
+    (smtplib stuffs the dots; the server must undo exactly that.)"""
+    return message.replace(b"\r\n", b"\n")
+
+
+def log_lines_of(log: str, pid: str) -> list[str]:
+    return [line for line in log.splitlines() if line.split(" ", 2)[1:2] == [pid]]
+
+
+# -- smtplib delivery ----------------------------------------------------------------------
+
+def test_single_recipient_stored_with_trace_fields(daemon):
+    message = body_text("one")
+    with connect(daemon) as client:
+        assert client.sendmail(SENDER, ["rcpt@example.test"], message) == {}
+    path, = daemon.new_messages()
+    stored = path.read_bytes()
+    fields, rest = split_trace(stored)
+    assert list(fields) == ["Return-Path", "Received"]
+    assert fields["Return-Path"] == f"<{SENDER}>"
+    check_received(fields["Received"], recipient="rcpt@example.test")
+    assert rest == stored_form(message)
+    assert b"\r" not in stored
+    check_name(path, {w.pid for w in daemon.workers()})
+
+
+def test_several_recipients_one_copy_without_recipient_list(daemon):
+    rcpts = ["first@example.test", "second@example.test", "bcc-hidden@example.test"]
+    message = b"Subject: several\r\n\r\nfor three\r\n"
+    with connect(daemon) as client:
+        assert client.sendmail(SENDER, rcpts, message) == {}
+    path, = daemon.new_messages()
+    stored = path.read_bytes()
+    fields, rest = split_trace(stored)
+    check_received(fields["Received"], recipient=None)
+    assert "Delivered-To" not in fields
+    for rcpt in rcpts:  # Bcc stays blind: no recipient address anywhere in the copy
+        assert rcpt.encode() not in stored
+    assert rest == b"Subject: several\n\nfor three\n"
+    check_name(path, {w.pid for w in daemon.workers()})
+
+
+def test_null_sender_and_8bit_body(daemon):
+    message = "Subject: 8bit\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nGrüße, ½ €\r\n".encode()
+    with connect(daemon) as client:
+        client.sendmail("<>", ["rcpt@example.test"], message, mail_options=["BODY=8BITMIME"])
+    fields, rest = split_trace(only_message(daemon.maildir))
+    assert fields["Return-Path"] == "<>"
+    assert rest == message.replace(b"\r\n", b"\n")
+
+
+def test_sequential_messages_in_one_session_get_distinct_files(daemon):
+    with connect(daemon) as client:
+        for i in range(5):
+            client.sendmail(SENDER, [f"r{i}@example.test"], f"Subject: n{i}\r\n\r\nbody {i}\r\n".encode())
+    files = daemon.new_messages()
+    assert len(files) == 5
+    assert sorted(split_trace(p.read_bytes())[1] for p in files) == [
+        f"Subject: n{i}\n\nbody {i}\n".encode() for i in range(5)]
+
+
+def test_large_message_is_stored_byte_exact(daemon):
+    """Megabytes of lines of every length, many starting with dots, so that line ends,
+    stuffed dots and CRLFs fall on every possible read boundary."""
+    rng = random.Random(5321)
+    text = bytes(rng.choice(b"abcxyz .-") for _ in range(4000))
+    lines = []
+    for _ in range(8000):
+        start, length = rng.randrange(0, 3000), rng.randrange(0, 990)
+        lines.append(b"." * rng.choice((0, 0, 1, 2)) + text[start:start + length])
+    message = b"Subject: big\r\n\r\n" + b"".join(line + b"\r\n" for line in lines)
+    with connect(daemon, timeout=30) as client:
+        assert client.sendmail(SENDER, ["rcpt@example.test"], message) == {}
+    assert split_trace(only_message(daemon.maildir))[1] == message.replace(b"\r\n", b"\n")
+
+
+def test_concurrent_clients_get_distinct_files(daemon_factory):
+    d = daemon_factory(workers=4)
+    errors: list[BaseException] = []
+
+    def client_thread(n: int) -> None:
+        try:
+            with connect(d) as client:
+                for i in range(10):
+                    client.sendmail(SENDER, ["rcpt@example.test"], f"Subject: c{n}-{i}\r\n\r\nx\r\n".encode())
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client_thread, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    files = d.new_messages()
+    assert len(files) == 40
+    subjects = {re.search(rb"\nSubject: (\S+)\n", p.read_bytes()).group(1) for p in files}
+    assert subjects == {f"c{n}-{i}".encode() for n in range(4) for i in range(10)}
+    pids = {w.pid for w in d.workers()}
+    for path in files:
+        check_name(path, pids)
+
+
+def test_helo_session_and_unusual_addresses(daemon):
+    with smtplib.SMTP(HOST, daemon.port, timeout=10) as client:
+        assert client.helo("x;y(z)")[0] == 250  # a HELO name that must not break the header
+        assert client.docmd('MAIL FROM:<"john doe"@client.test>')[0] == 250
+        # A source route is accepted and ignored (RFC 5321 4.1.1.3, C.2).
+        assert client.docmd("RCPT TO:<@relay.test,@hop.test:rcpt@example.test>")[0] == 250
+        assert client.data(b"Subject: helo\r\n\r\nplain SMTP\r\n")[0] == 250
+    fields, rest = split_trace(only_message(daemon.maildir))
+    assert fields["Return-Path"] == '<"john doe"@client.test>'
+    check_received(fields["Received"], recipient="rcpt@example.test", protocol="SMTP")
+    assert "(z)" not in fields["Received"] and "y(" not in fields["Received"]
+    assert rest == b"Subject: helo\n\nplain SMTP\n"
+
+
+def test_maildir_directories_are_private(daemon_factory, tmp_path):
+    box = tmp_path / "boxes" / "alice" / "Maildir"
+    d = daemon_factory(sections={"mailboxes": {"alice@example.test": str(box)}})
+    for root in (d.maildir, box):
+        for sub in ("tmp", "new", "cur"):
+            assert stat.S_IMODE(os.stat(root / sub).st_mode) == 0o700, root / sub
+
+
+# -- routing ---------------------------------------------------------------------------------
+
+def test_mailboxes_get_own_copy_and_catch_all_one_per_transaction(daemon_factory, tmp_path):
+    alice = tmp_path / "alice" / "Maildir"
+    eve = tmp_path / "eve" / "Maildir"
+    d = daemon_factory(sections={"mailboxes": {"alice@example.test": str(alice),
+                                               "eve@example.test": str(eve)}})
+    rcpts = ["bob@example.test", "alice@example.test", "carol@example.test",
+             "eve@example.test", "dave@other.test"]
+    message = b"Subject: routed\r\n\r\nto five\r\n"
+    with connect(d) as client:
+        assert client.sendmail(SENDER, rcpts, message) == {}
+    for box, who in ((alice, "alice@example.test"), (eve, "eve@example.test")):
+        stored = only_message(box)
+        fields, rest = split_trace(stored)
+        assert list(fields) == ["Return-Path", "Delivered-To", "Received"]
+        assert fields["Delivered-To"] == who
+        check_received(fields["Received"], recipient=who)
+        assert rest == b"Subject: routed\n\nto five\n"
+        for other in rcpts:
+            if other != who:
+                assert other.encode() not in stored
+    stored = only_message(d.maildir)  # bob, carol and dave share one catch-all copy
+    fields, rest = split_trace(stored)
+    assert "Delivered-To" not in fields
+    check_received(fields["Received"], recipient=None)
+    assert rest == b"Subject: routed\n\nto five\n"
+    for rcpt in rcpts:
+        assert rcpt.encode() not in stored
+    assert d.wait_for_log("[CLOSE]").count("[STORE] ") == 3  # one line per copy
+
+
+def test_mailbox_only_recipient_leaves_catch_all_empty(daemon_factory, tmp_path):
+    alice = tmp_path / "alice" / "Maildir"
+    d = daemon_factory(sections={"mailboxes": {"alice@example.test": str(alice)}})
+    with connect(d) as client:  # twice the same recipient: still one copy
+        client.sendmail(SENDER, ["alice@example.test"] * 2, b"Subject: a\r\n\r\nonly alice\r\n")
+    assert messages(d.maildir) == []
+    fields, _ = split_trace(only_message(alice))
+    assert fields["Delivered-To"] == "alice@example.test"
+
+
+def test_local_domains(daemon_factory):
+    d = daemon_factory(sections={"delivery": {"local_domains": ["example.test"]}})
+    with connect(d) as client:
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt("someone@elsewhere.test")[0] == 550
+        assert client.docmd("DATA")[0] == 503  # no accepted recipient
+        code, text = client.rcpt("someone@elsewhere.test")
+        assert (code, text[:5]) == (550, b"5.7.1")
+        assert client.rcpt("postmaster@elsewhere.test")[0] == 550
+        assert client.rcpt("user@sub.example.test")[0] == 550
+        assert client.rcpt("user@EXAMPLE.test")[0] == 250
+        assert client.rcpt("postmaster@example.test")[0] == 250
+        assert client.docmd("RCPT TO:<Postmaster>")[0] == 250
+        assert client.docmd("RCPT TO:<POSTMASTER>")[0] == 250
+        assert client.data(b"Subject: local\r\n\r\nhello postmaster\r\n")[0] == 250
+    stored = only_message(d.maildir)
+    assert b"elsewhere" not in stored
+    assert split_trace(stored)[1] == b"Subject: local\n\nhello postmaster\n"
+
+
+# -- limits ----------------------------------------------------------------------------------
+
+def test_size_limit_at_mail_and_after_the_dot(daemon_factory):
+    d = daemon_factory(sections={"limits": {"max_message_size": 2000}})
+    small = b"Subject: small\r\n\r\n" + b"fits\r\n" * 100
+    big = b"Subject: big\r\n\r\n" + b"too-big-body-line\r\n" * 200
+    with connect(d) as client:
+        assert client.esmtp_features["size"] == "2000"
+        code, text = client.mail(SENDER, ["SIZE=2001"])
+        assert (code, text[:5]) == (552, b"5.3.4")
+        assert client.mail(SENDER, ["SIZE=2000"])[0] == 250
+        client.rset()
+        # No SIZE= declared: the server finds out while reading and says so after the dot.
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt("rcpt@example.test")[0] == 250
+        code, text = client.data(big)
+        assert (code, text[:5]) == (552, b"5.3.4")
+        assert d.new_messages() == []
+        # The session is still usable for the next message.
+        assert client.sendmail(SENDER, ["rcpt@example.test"], small) == {}
+    assert split_trace(only_message(d.maildir))[1] == small.replace(b"\r\n", b"\n")
+
+
+def test_recipients_past_the_limit_get_452(daemon_factory):
+    d = daemon_factory(sections={"limits": {"max_recipients": 3}})
+    with connect(d) as client:
+        client.mail(SENDER)
+        assert [client.rcpt(f"r{i}@example.test")[0] for i in range(3)] == [250] * 3
+        code, text = client.rcpt("r3@example.test")
+        assert (code, text[:5]) == (452, b"4.5.3")
+        # 452 is the orderly answer (RFC 5321 4.5.3.1.10), not a client error: many of
+        # them never use up the error budget.
+        for i in range(4, 20):
+            assert client.rcpt(f"r{i}@example.test")[0] == 452
+        assert client.data(b"Subject: three\r\n\r\nto three\r\n")[0] == 250
+    stored = only_message(d.maildir)
+    assert b"r3@" not in stored and b"r4@" not in stored and b"r19@" not in stored
+
+
+def received_headers(n: int) -> bytes:
+    hop = b"Received: from relay%d.test by relay%d.test; Thu, 1 Jan 2026 00:00:00 +0000\r\n"
+    return b"".join(hop % (i, i + 1) for i in range(n))
+
+
+def test_mail_loop_detection(daemon):
+    with connect(daemon) as client:
+        client.mail(SENDER)
+        client.rcpt("rcpt@example.test")
+        code, text = client.data(received_headers(100) + b"Subject: loop\r\n\r\nlooping\r\n")
+        assert (code, text[:5]) == (554, b"5.4.6")
+        assert daemon.new_messages() == []
+        ok = received_headers(99) + b"Subject: 99 hops\r\n\r\nstill fine\r\n"
+        assert client.sendmail(SENDER, ["rcpt@example.test"], ok) == {}
+        # Received: lines in the body are text, not hops.
+        body = b"Subject: quoting\r\n\r\n" + received_headers(150)
+        assert client.sendmail(SENDER, ["rcpt@example.test"], body) == {}
+    assert len(daemon.new_messages()) == 2
+
+
+# -- 8BITMIME / SMTPUTF8 ---------------------------------------------------------------------
+
+def test_extensions_advertised(daemon):
+    with connect(daemon) as client:
+        for keyword in ("pipelining", "size", "8bitmime", "enhancedstatuscodes", "smtputf8"):
+            assert client.has_extn(keyword), keyword
+        assert client.esmtp_features["size"] == "10485760"
+
+
+def test_utf8_addresses_with_smtputf8(daemon):
+    sender, rcpt = "jöran@exämple.test", "zoë@example.test"
+    message = "Subject: Grüße\r\n\r\nnon-ASCII envelope\r\n".encode()
+    with connect(daemon) as client:
+        assert client.sendmail(sender, [rcpt], message, mail_options=["SMTPUTF8"]) == {}
+    fields, rest = split_trace(only_message(daemon.maildir))
+    assert fields["Return-Path"] == f"<{sender}>"
+    check_received(fields["Received"], recipient=rcpt, protocol="UTF8SMTP")
+    assert rest == message.replace(b"\r\n", b"\n")
+
+
+def test_utf8_addresses_without_smtputf8_get_553(daemon):
+    with connect(daemon) as client:
+        client.command_encoding = "utf-8"  # send the bytes without announcing SMTPUTF8
+        code, text = client.docmd("MAIL FROM:<jöran@example.test>")
+        assert (code, text[:5]) == (553, b"5.6.7")
+        assert client.mail(SENDER)[0] == 250
+        code, text = client.docmd("RCPT TO:<zoë@example.test>")
+        assert (code, text[:5]) == (553, b"5.6.7")
+        assert client.docmd("DATA")[0] == 503
+    assert daemon.new_messages() == []
+
+
+# -- another client --------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
+def test_swaks_delivers(daemon):
+    marker = uuid.uuid4().hex
+    proc = subprocess.run(
+        ["swaks", "--server", f"{HOST}:{daemon.port}", "--helo", "swaks.client.test",
+         "--from", SENDER, "--to", "rcpt@example.test",
+         "--header", f"Subject: swaks {marker}", "--body", f"hello from swaks {marker}"],
+        capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout.decode(errors="replace")[-2000:]
+    stored = only_message(daemon.maildir)
+    fields, rest = split_trace(stored)
+    assert fields["Return-Path"] == f"<{SENDER}>"
+    check_received(fields["Received"], recipient="rcpt@example.test")
+    assert f"Subject: swaks {marker}\n".encode() in rest
+    assert f"hello from swaks {marker}".encode() in rest
+    assert b"\r" not in stored
+
+
+# -- the log ---------------------------------------------------------------------------------
+
+#: What one session (a delivery, then a refused message) leaves in the log, in order.
+SESSION_LOG = [
+    r"\[CONN\] 127\.0\.0\.1", r"\[SMTP\] 220 .*",
+    r"\[SMTP\] EHLO client\.test", r"\[SMTP\] 250 .*",
+    rf"\[SMTP\] MAIL FROM:<{re.escape(SENDER)}>.*", r"\[SMTP\] 250 2\.1\.0 .*",
+    r"\[SMTP\] RCPT TO:<rcpt@example\.test>.*", r"\[SMTP\] 250 2\.1\.5 .*",
+    r"\[SMTP\] DATA", r"\[SMTP\] 354 .*",
+    "@STORE@", r"\[SMTP\] 250 2\.0\.0 .*",
+    r"\[SMTP\] 552 5\.3\.4 .*",
+    r"\[SMTP\] QUIT", r"\[SMTP\] 221 .*",
+    r"\[CLOSE\] 127\.0\.0\.1 .+",
+]
+
+
+def test_log_reconstructs_the_session_and_never_holds_message_text(daemon_factory):
+    d = daemon_factory(sections={"limits": {"max_message_size": 4000}})
+    marker = uuid.uuid4().hex
+    with connect(d) as client:
+        client.sendmail(SENDER, ["rcpt@example.test"], body_text(marker))
+        client.mail(SENDER)
+        client.rcpt("rcpt@example.test")
+        refused = f"Subject: {marker}\r\n\r\n".encode() + f"big-{marker}\r\n".encode() * 200
+        assert client.data(refused)[0] == 552
+    text = d.wait_for_log("[CLOSE]")
+    assert marker not in text  # neither header nor body text, stored or refused
+    path, = d.new_messages()
+    conn = re.search(r"^\S+ (\d+) \[CONN\] 127\.0\.0\.1$", text, re.M)
+    assert conn, text
+    events = [re.sub(r"^\S+ \d+ ", "", line) for line in log_lines_of(text, conn.group(1))]
+    i = 0
+    for pattern in SESSION_LOG:
+        pattern = pattern.replace("@STORE@", rf"\[STORE\] {re.escape(str(path))}")
+        found = [j for j in range(i, len(events)) if re.fullmatch(pattern, events[j], re.I)]
+        assert found, f"{pattern!r} not in the session log after line {i}:\n" + "\n".join(events)
+        i = found[0] + 1

@@ -1,0 +1,122 @@
+"""Connection limits against a real daemon: a refused client is answered and closed,
+never left waiting (contract section 4).
+
+The contract asks for the 421 within a second.  A test must not fail because a shared
+machine was slow for a moment, so the client waits up to ANSWER seconds; what the test
+tells apart is an answer from a hang, which would last the whole command timeout.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from daemon import (assert_no_zombies, connect, free_port, read_reply, request_stats, send_message,
+                    wait_until)
+
+ANSWER = 5.0
+
+
+def greeted(port: int, host: str = "127.0.0.1", source: str | None = None) -> socket.socket:
+    """A client that got the 220 greeting and an EHLO reply: a session a worker holds."""
+    sock = connect(port, host, source, timeout=ANSWER)
+    assert read_reply(sock).startswith(b"220 ")
+    sock.sendall(b"EHLO client.example\r\n")
+    assert read_reply(sock).startswith(b"250")
+    return sock
+
+
+def refused_with(port: int, host: str = "127.0.0.1", source: str | None = None) -> bytes:
+    """Connect and return the greeting line, checking that the server then closes."""
+    with connect(port, host, source, timeout=ANSWER) as sock:
+        reply = read_reply(sock)
+        assert reply.startswith(b"421 "), reply
+        assert sock.recv(100) == b""  # closed after the 421, not left open
+    return reply
+
+
+def close_all(socks) -> None:
+    for sock in socks:
+        sock.close()
+
+
+def test_over_max_connections_gets_421_4_3_2(daemon_factory):
+    d = daemon_factory(workers=5, server={"max_connections": 3})
+    sessions = [greeted(d.port) for _ in range(3)]
+    try:
+        assert refused_with(d.port).startswith(b"421 4.3.2 ")
+        stats = request_stats(d)
+        assert stats["connections_active"] == 3
+        assert stats["connections_rejected"]["max_connections"] == 1
+        sessions.pop().close()
+        # The freed place is usable again (the count went down with the session).
+        wait_until(lambda: request_stats(d)["connections_active"] == 2, 10, 0.1, "count down")
+        sessions.append(greeted(d.port))
+    finally:
+        close_all(sessions)
+    send_message(d.port)
+    assert_no_zombies(d)
+
+
+def test_over_max_connections_per_ip_gets_421_4_7_0_other_address_served(daemon_factory):
+    port = free_port()
+    # Listen on 127.0.0.2 as well: a client from that address has its own count.
+    d = daemon_factory(port=port, workers=4, server={
+        "max_connections_per_ip": 2, "listen": [f"127.0.0.1:{port}", f"127.0.0.2:{port}"]})
+
+    sessions = [greeted(port), greeted(port)]
+    try:
+        assert refused_with(port).startswith(b"421 4.7.0 ")
+        sessions.append(greeted(port, "127.0.0.2", source="127.0.0.2"))
+        peers = {s.getsockname()[0] for s in sessions}
+        assert peers == {"127.0.0.1", "127.0.0.2"}
+        stats = request_stats(d)
+        assert stats["connections_rejected"]["max_connections_per_ip"] == 1
+        assert stats["connections_active"] == 3
+    finally:
+        close_all(sessions)
+    assert_no_zombies(d)
+
+
+def test_master_answers_421_when_every_worker_is_busy(daemon_factory):
+    d = daemon_factory(workers=2, server={"max_workers": 2})
+    sessions = [greeted(d.port), greeted(d.port)]
+    try:
+        # No worker is free and none may be added: the master itself answers.
+        assert refused_with(d.port).startswith(b"421 4.3.2 ")
+        d.wait_for_log("refused by master")  # logged just after the close
+        assert request_stats(d)["connections_rejected"]["max_connections"] >= 1
+        sessions.pop().close()
+        sessions.append(wait_until(lambda: _served_or_none(d.port), 10, 0.1, "a worker free again"))
+    finally:
+        close_all(sessions)
+    assert len(d.workers()) == 2
+    assert_no_zombies(d)
+
+
+def _served_or_none(port: int):
+    """A greeted session, or None while the master still answers 421."""
+    sock = connect(port, timeout=ANSWER)
+    reply = read_reply(sock)
+    if reply.startswith(b"220 "):
+        return sock
+    sock.close()
+    return None
+
+
+@pytest.mark.parametrize("limit", [1, 2])
+def test_refusals_do_not_leak_counts(daemon_factory, limit):
+    """Many refused connections leave the counts where the open sessions put them."""
+    d = daemon_factory(workers=4, server={"max_connections": limit})
+    sessions = [greeted(d.port) for _ in range(limit)]
+    try:
+        for _ in range(10):
+            assert refused_with(d.port).startswith(b"421 4.3.2 ")
+        stats = request_stats(d)
+        assert stats["connections_active"] == limit
+        assert stats["connections_rejected"]["max_connections"] == 10
+    finally:
+        close_all(sessions)
+    wait_until(lambda: request_stats(d)["connections_active"] == 0, 10, 0.1, "all released")
+    send_message(d.port)

@@ -1,0 +1,161 @@
+"""The worker pool of a real daemon: growth under many open sessions and shrinking
+back, a crash loop that backs off, the master's death, and what ``ps`` shows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import time
+
+import psutil
+
+from daemon import (assert_no_zombies, connect, read_reply, request_stats, send_message,
+                    wait_until)
+
+SESSIONS = 30
+
+
+def worker_pids(d) -> set[int]:
+    return {w.pid for w in d.workers()}
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie waiting for whoever adopted it counts as exited)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def title(pid: int) -> str:
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.NoSuchProcess:
+        return ""
+
+
+def test_pool_grows_for_many_sessions_and_shrinks_back(daemon_factory):
+    d = daemon_factory(workers=2, server={
+        "max_workers": 40, "max_connections_per_ip": 50, "max_idle": 2,
+        "min_spare_workers": 1, "max_spare_workers": 2})
+    clients: list[smtplib.SMTP] = []
+    try:
+        for i in range(SESSIONS):
+            client = smtplib.SMTP("127.0.0.1", d.port, timeout=10)  # greeted, or it raises
+            assert client.ehlo(f"client{i}.example")[0] == 250
+            clients.append(client)
+        workers = d.workers()
+        assert len(workers) >= SESSIONS
+        stats = request_stats(d)
+        assert stats["connections_active"] == SESSIONS
+        assert sum(w["state"] == "busy" for w in stats["workers"]) == SESSIONS
+        memory = [w.memory_full_info() for w in workers]
+        uss = sorted(m.uss for m in memory)
+        pss = sorted(m.pss for m in memory)
+        print(f"\n{len(workers)} workers, {SESSIONS} sessions open: per worker "
+              f"USS median {uss[len(uss) // 2] / 2**20:.2f} MiB (max {uss[-1] / 2**20:.2f}), "
+              f"PSS median {pss[len(pss) // 2] / 2**20:.2f} MiB (max {pss[-1] / 2**20:.2f})")
+        for client in clients[:3]:  # sessions still work while the pool is large
+            assert client.sendmail("a@client.example", ["b@mx.test.example"],
+                                   b"Subject: pool\r\n\r\nhi\r\n") == {}
+    finally:
+        for client in clients:
+            try:
+                client.quit()
+            except OSError:
+                client.close()
+
+    # Idle surplus workers retire after max_idle, one at a time, down to the minimum
+    # (workers = 2, which also satisfies the spare thresholds).
+    wait_until(lambda: len(worker_pids(d)) == 2, 45, 0.2, "pool back at 2 workers")
+    stats = request_stats(d)
+    assert stats["connections_active"] == 0
+    assert stats["messages_accepted"] == 3
+    send_message(d.port)
+    assert "Traceback" not in d.log_text()
+    assert_no_zombies(d)
+
+
+def _lock_file(pid: int) -> str:
+    """The scoreboard lock file the master holds open (every new worker opens it)."""
+    paths = [f.path for f in psutil.Process(pid).open_files() if f.path.endswith("scoreboard.lock")]
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_crash_loop_backs_off_and_says_why(daemon_factory):
+    d = daemon_factory(workers=2)
+    lock = _lock_file(d.pid)
+    # What a /tmp cleaner could do: without the lock file no new worker can start
+    # (each one fails in its first step and exits at once).
+    os.unlink(lock)
+    for pid in worker_pids(d):
+        os.kill(pid, signal.SIGKILL)
+    d.wait_for_log("crash loop", 20)
+    assert "[POOL] crash loop" in d.log_text()
+
+    # Spinning would fork dozens of workers a second; backing off forks a handful.
+    crashed = lambda: d.log_text().count("worker crashed")  # noqa: E731
+    start = crashed()
+    time.sleep(4)
+    assert crashed() - start <= 8
+    assert d.proc.poll() is None
+
+    # The cause removed, the pool comes back once the back-off ends.
+    with open(lock, "w"):
+        pass
+    wait_until(lambda: len(worker_pids(d)) == 2 and "idle" in " ".join(title(p) for p in worker_pids(d)),
+               40, 0.2, "pool restored")
+    wait_until(lambda: _delivered(d.port), 20, 0.2, "delivery after recovery")
+    assert_no_zombies(d)
+
+
+def _delivered(port: int) -> bool:
+    try:
+        send_message(port)
+        return True
+    except OSError:
+        return False
+
+
+def test_master_killed_workers_exit_and_port_is_free(daemon_factory):
+    d = daemon_factory(workers=3)
+    pids = wait_until(lambda: len(p := worker_pids(d)) == 3 and p, 10, what="3 workers")
+    sock = connect(d.port)
+    assert read_reply(sock).startswith(b"220 ")
+    port = d.port
+
+    os.kill(d.pid, signal.SIGKILL)
+    d.proc.wait(10)
+    wait_until(lambda: all(gone(p) for p in pids), 10, 0.1, "workers exited after the master")
+    sock.settimeout(5)
+    rest = read_reply(sock)  # the busy worker too: 421 or a plain close
+    assert rest == b"" or rest.startswith(b"421 ")
+    sock.close()
+
+    fresh = daemon_factory(port=port, workers=2)
+    send_message(port)
+    assert len(fresh.new_messages()) == 1
+    assert_no_zombies(fresh)
+
+
+def test_process_titles(daemon_factory):
+    d = daemon_factory(workers=2)
+    assert "forksmtp: master" in title(d.pid)
+    wait_until(lambda: len(worker_pids(d)) == 2 and all("forksmtp: worker" in title(p) for p in worker_pids(d)),
+               10, what="worker titles")
+    with open(f"/proc/{d.pid}/cmdline", "rb") as f:
+        assert b"forksmtp: master" in f.read()
+
+    client = smtplib.SMTP("127.0.0.1", d.port, timeout=10)
+    try:
+        client.ehlo("client.example")
+        busy = wait_until(lambda: [p for p in worker_pids(d) if "busy" in title(p)], 10,
+                          what="a busy worker title")
+        assert len(busy) == 1
+        assert "forksmtp: worker" in title(busy[0]) and "127.0.0.1" in title(busy[0])
+    finally:
+        client.quit()
+    wait_until(lambda: all("idle" in title(p) for p in worker_pids(d)), 10, what="idle again")
+    assert_no_zombies(d)

@@ -1,0 +1,335 @@
+"""The master's signals (contract section 2), sent to a real daemon by pid.
+
+Every wait is bounded; a test never asserts how long something took, only that it
+happened before a generous deadline (a hang would never end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import threading
+import time
+
+import psutil
+import pytest
+
+from daemon import (assert_no_zombies, connect, connection_refused, free_port, read_reply,
+                    request_stats, send_message, wait_until)
+
+BODY = b"Subject: supervisor\r\n\r\nhello\r\n"
+WORKER_KEYS = {"pid", "state", "sessions", "rss", "cpu_s", "generation"}
+STATS_KEYS = {"uptime_s", "workers", "connections_active", "connections_total",
+              "connections_rejected", "messages_accepted", "messages_rejected",
+              "bytes_received", "config_generation"}
+
+
+def worker_pids(d) -> set[int]:
+    return {w.pid for w in d.workers()}
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def open_transaction(port: int) -> smtplib.SMTP:
+    """A session that is in the middle of a transaction: EHLO, MAIL and RCPT done."""
+    client = smtplib.SMTP("127.0.0.1", port, timeout=10)
+    client.ehlo("client.example")
+    assert client.mail("sender@client.example")[0] == 250
+    assert client.rcpt("rcpt@mx.test.example")[0] == 250
+    return client
+
+
+def open_idle_session(port: int):
+    sock = connect(port)
+    assert read_reply(sock).startswith(b"220 ")
+    sock.sendall(b"EHLO client.example\r\n")
+    assert read_reply(sock).startswith(b"250")
+    return sock
+
+
+def ended_or_421(sock) -> bool:
+    """The server cut the session off: a 421 reply and/or the connection closed."""
+    try:
+        rest = read_reply(sock)
+    except ConnectionResetError:
+        return True
+    return rest == b"" or rest.startswith(b"421 ")
+
+
+def reloads(d) -> int:
+    return d.log_text().count("[RELOAD] configuration generation")
+
+
+def hup(d) -> None:
+    before = reloads(d)
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: reloads(d) > before, 10, 0.01, "reload logged")
+
+
+# -- SIGUSR1 -------------------------------------------------------------------------------
+
+def test_usr1_logs_stats_and_writes_stats_file(daemon_factory, tmp_path):
+    stats_file = tmp_path / "stats.json"
+    d = daemon_factory(server={"stats_file": str(stats_file)},
+                       sections={"limits": {"max_message_size": 1000}})
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as c:
+        c.sendmail("a@client.example", ["b@mx.test.example"], BODY)
+        c.sendmail("a@client.example", ["c@mx.test.example"], BODY + b"more\r\n")
+    send_message(d.port, body=BODY)
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as c:
+        c.ehlo("client.example")
+        assert c.mail("a@client.example", ["SIZE=5000"])[0] == 552
+
+    # The last QUIT may still be releasing its count when the first dump is taken.
+    stats = wait_until(lambda: (s := request_stats(d))["connections_active"] == 0 and s,
+                       10, 0.1, "sessions released")
+    assert STATS_KEYS <= stats.keys()
+    assert stats["messages_accepted"] == 3 == len(d.new_messages())
+    assert stats["bytes_received"] == 3 * len(BODY) + len(b"more\r\n")
+    assert stats["messages_rejected"].get("552") == 1
+    assert stats["connections_total"] == 3
+    assert isinstance(stats["connections_rejected"], dict)
+    assert stats["config_generation"] == 1
+    assert stats["uptime_s"] > 0
+    assert {w["pid"] for w in stats["workers"]} == worker_pids(d)
+    for w in stats["workers"]:
+        assert WORKER_KEYS <= w.keys()
+        assert w["generation"] == 1 and w["rss"] > 0 and w["cpu_s"] >= 0
+    assert sum(w["sessions"] for w in stats["workers"]) == 3
+
+    # One SIGUSR1, one line; the file holds the same document as the last line.
+    count = d.log_text().count("[STATS] ")
+    last = request_stats(d)
+    assert d.log_text().count("[STATS] ") == count + 1
+    # The file is written right after the log line.
+    wait_until(lambda: json.loads(stats_file.read_text()) == last, 10, what="stats_file updated")
+    assert not list(tmp_path.glob("stats.json.*"))  # no temporary file left behind
+    assert_no_zombies(d)
+
+
+# -- SIGHUP --------------------------------------------------------------------------------
+
+def test_hup_starts_new_generation_and_old_session_finishes(daemon_factory):
+    d = daemon_factory(workers=2)
+    old = wait_until(lambda: len(p := worker_pids(d)) == 2 and p, 10, what="2 workers")
+    client = open_transaction(d.port)
+    hup(d)
+    wait_until(lambda: len(worker_pids(d) - old) >= 2, 10, what="new generation started")
+
+    # The session opened before the reload completes under the old worker.
+    code, _ = client.data(BODY)
+    assert code == 250
+    client.quit()
+    # Reaped, not only exited: the master frees a worker's slot when it reaps it.
+    wait_until(lambda: not any(map(psutil.pid_exists, old)), 10, what="old workers reaped")
+
+    stats = request_stats(d)
+    assert stats["config_generation"] == 2
+    assert {w["generation"] for w in stats["workers"]} == {2}
+    assert len(d.new_messages()) == 1
+    send_message(d.port)
+    assert_no_zombies(d)
+
+
+def test_hup_with_invalid_config_keeps_running(daemon_factory):
+    d = daemon_factory(workers=2)
+    before = wait_until(lambda: len(p := worker_pids(d)) == 2 and p, 10, what="2 workers")
+    good = d.config_path.read_text()
+    d.config_path.write_text(good + "\n[server]\nworkers = \"many\"\n")
+    d.signal(signal.SIGHUP)
+    text = d.wait_for_log("reload failed")
+    assert "[RELOAD]" in text.split("reload failed")[0].splitlines()[-1]
+    assert d.proc.poll() is None
+    assert worker_pids(d) == before
+    assert request_stats(d)["config_generation"] == 1
+    send_message(d.port)
+
+    d.config_path.write_text(good)  # fixed: the next HUP loads it
+    hup(d)
+    assert request_stats(d)["config_generation"] == 2
+    send_message(d.port)
+    assert_no_zombies(d)
+
+
+def test_hup_binds_new_and_unbinds_removed_listen_address(daemon_factory):
+    d = daemon_factory(workers=2)
+    old_port, new_port = d.port, free_port()
+    d.sections["server"]["listen"] = [f"127.0.0.1:{new_port}"]
+    d.write_config()
+    hup(d)
+    send_message(new_port)
+    wait_until(lambda: connection_refused(old_port), 10, 0.1, "old address unbound")
+    send_message(new_port)
+    assert_no_zombies(d)
+
+
+def test_reloads_while_clients_connect_refuse_nothing(daemon_factory):
+    d = daemon_factory(workers=2)
+    done = threading.Event()
+    ok: list[int] = []
+    failures: list[str] = []
+
+    def client_loop() -> None:
+        deadline = time.monotonic() + 30  # a bound in case the main thread dies
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                send_message(d.port)
+                ok.append(1)
+            except Exception as exc:  # every failure is a finding, whatever its kind
+                failures.append(repr(exc))
+
+    thread = threading.Thread(target=client_loop, daemon=True)
+    thread.start()
+    try:
+        for _ in range(5):
+            time.sleep(0.5)
+            hup(d)
+        time.sleep(0.5)
+    finally:
+        done.set()
+        thread.join(40)
+    assert not thread.is_alive()
+    assert failures == []
+    assert len(ok) > 5
+    assert len(d.new_messages()) == len(ok)
+    assert request_stats(d)["config_generation"] == 6
+    assert "Traceback" not in d.log_text()
+    assert_no_zombies(d)
+
+
+def test_hundred_reloads_leak_no_fds_and_no_children(daemon_factory):
+    d = daemon_factory(workers=2)
+    master = psutil.Process(d.pid)
+
+    def settled() -> int:
+        """The master's fd count once exactly two live workers remain, else 0."""
+        try:
+            kids = master.children()
+            titles = [" ".join(k.cmdline()) for k in kids]  # a zombie's is empty
+        except psutil.NoSuchProcess:
+            return 0
+        ready = len(kids) == 2 and all("forksmtp: worker" in t for t in titles)
+        return master.num_fds() if ready else 0
+
+    for _ in range(3):  # warm-up: anything opened once and kept is counted before
+        hup(d)
+    fds = wait_until(settled, 15, 0.1, "pool settled")
+    for _ in range(100):
+        hup(d)
+    fds_after = wait_until(settled, 30, 0.1, "pool settled after 100 reloads")
+    assert fds_after <= fds
+    assert len(master.children()) == 2
+    assert request_stats(d)["config_generation"] == 104
+    send_message(d.port)
+    assert "Traceback" not in d.log_text()
+    assert_no_zombies(d)
+
+
+# -- SIGTERM / SIGINT / SIGQUIT ------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_graceful_stop_lets_open_session_finish(daemon_factory, sig):
+    d = daemon_factory(workers=2)
+    pids = wait_until(lambda: len(p := worker_pids(d)) == 2 and p, 10, what="2 workers")
+    client = open_transaction(d.port)
+    d.signal(sig)
+    d.wait_for_log("[STOP] graceful stop")
+    wait_until(lambda: connection_refused(d.port), 10, 0.1, "listeners closed")
+
+    code, _ = client.data(BODY)
+    assert code == 250
+    client.quit()
+    assert d.proc.wait(15) == 0
+    assert len(d.new_messages()) == 1
+    assert all(gone(pid) for pid in pids)
+
+
+def test_graceful_timeout_ends_idle_session(daemon_factory):
+    d = daemon_factory(workers=2, server={"graceful_timeout": 1})
+    sock = open_idle_session(d.port)
+    d.signal(signal.SIGTERM)
+    assert d.proc.wait(15) == 0
+    sock.settimeout(5)
+    assert ended_or_421(sock)
+    sock.close()
+
+
+def test_quit_stops_at_once(daemon_factory):
+    d = daemon_factory(workers=2, server={"graceful_timeout": 60})
+    pids = wait_until(lambda: len(p := worker_pids(d)) == 2 and p, 10, what="2 workers")
+    sock = open_idle_session(d.port)
+    d.signal(signal.SIGQUIT)
+    rc = d.proc.wait(15)  # far below graceful_timeout: the session is not waited for
+    assert rc is not None and rc >= 0
+    sock.settimeout(5)
+    assert ended_or_421(sock)
+    sock.close()
+    assert all(gone(pid) for pid in pids)
+
+
+def test_second_term_stops_at_once(daemon_factory):
+    d = daemon_factory(workers=2, server={"graceful_timeout": 60})
+    client = open_transaction(d.port)
+    d.signal(signal.SIGTERM)
+    d.wait_for_log("[STOP] graceful stop")
+    d.signal(signal.SIGTERM)
+    assert d.proc.wait(15) == 0
+    try:
+        code, _ = client.data(BODY)
+    except OSError:  # SMTPServerDisconnected, SMTPDataError (421) or a reset
+        code = None
+    assert code != 250
+    client.close()
+    assert d.new_messages() == []
+
+
+# -- SIGTTIN / SIGTTOU ---------------------------------------------------------------------
+
+def test_ttin_adds_and_ttou_removes_a_worker(daemon_factory):
+    d = daemon_factory(workers=2)
+    wait_until(lambda: len(worker_pids(d)) == 2, 10, what="2 workers")
+    d.signal(signal.SIGTTIN)
+    wait_until(lambda: len(worker_pids(d)) == 3, 10, what="3 workers after SIGTTIN")
+    d.signal(signal.SIGTTIN)
+    wait_until(lambda: len(worker_pids(d)) == 4, 10, what="4 workers after SIGTTIN")
+    d.signal(signal.SIGTTOU)
+    wait_until(lambda: len(worker_pids(d)) == 3, 10, what="3 workers after SIGTTOU")
+    d.signal(signal.SIGTTOU)
+    wait_until(lambda: len(worker_pids(d)) == 2, 10, what="2 workers after SIGTTOU")
+    send_message(d.port)
+    assert_no_zombies(d)
+
+
+# -- a worker killed -----------------------------------------------------------------------
+
+def test_killed_worker_is_replaced_and_its_session_count_repaired(daemon_factory):
+    d = daemon_factory(workers=2)
+    client = smtplib.SMTP("127.0.0.1", d.port, timeout=10)
+    client.ehlo("client.example")
+    busy = wait_until(lambda: [w["pid"] for w in request_stats(d)["workers"] if w["state"] == "busy"],
+                      10, 0.1, "a busy worker")
+    assert len(busy) == 1
+    assert request_stats(d)["connections_active"] == 1
+    victim = busy[0]
+
+    os.kill(victim, signal.SIGKILL)
+    with pytest.raises(OSError):
+        client.noop()
+    client.close()
+    wait_until(lambda: victim not in worker_pids(d) and len(worker_pids(d)) >= 2, 10,
+               what="worker replaced")
+    assert gone(victim)
+    wait_until(lambda: request_stats(d)["connections_active"] == 0, 10, 0.1, "count repaired")
+    assert "killed by SIGKILL" in d.log_text()
+
+    for _ in range(3):
+        send_message(d.port)
+    assert len(d.new_messages()) == 3
+    assert_no_zombies(d)

@@ -154,6 +154,29 @@ class Snapshot:
         return sum(1 for s in self.slots if s.state in states)
 
 
+_LOCK_PREFIX = "forksmtp-scoreboard-"
+
+
+def _sweep_stale_lock_dirs() -> None:
+    """Remove lock directories of masters that died without an orderly close (SIGKILL):
+    their names carry the master's pid, and a pid that no longer exists owns nothing."""
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(_LOCK_PREFIX):].partition("-")[0]
+        if not name.startswith(_LOCK_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        except OSError:
+            pass  # alive, owned by someone else
+
+
 class Scoreboard:
     def __init__(self, mm: mmap.mmap, nslots: int, ip_buckets: int, lock_path: str,
                  owned_dir: str | None) -> None:
@@ -177,7 +200,8 @@ class Scoreboard:
         _HDR.pack_into(mm, 0, _MAGIC, _VERSION, nslots, ip_buckets, 0)
         owned = None
         if lock_dir is None:
-            lock_dir = owned = tempfile.mkdtemp(prefix="forksmtp-scoreboard-")
+            _sweep_stale_lock_dirs()
+            lock_dir = owned = tempfile.mkdtemp(prefix=f"{_LOCK_PREFIX}{os.getpid()}-")
         return cls(mm, nslots, ip_buckets, os.path.join(lock_dir, "scoreboard.lock"), owned)
 
     def after_fork(self) -> None:

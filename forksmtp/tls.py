@@ -22,15 +22,43 @@ def build_context(tls_cfg, config_file: str = "") -> ssl.SSLContext:
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     where = f"{config_file}: " if config_file else ""
     try:
-        ctx.load_cert_chain(tls_cfg.cert_file, tls_cfg.key_file)
+        ctx.load_cert_chain(tls_cfg.cert_file, tls_cfg.key_file, password=_no_passphrase)
+    except _Encrypted:
+        raise TLSError(f"{where}tls.key_file: {tls_cfg.key_file}: the key is encrypted with a "
+                       "pass phrase; give an unencrypted key readable only by forksmtp") from None
     except FileNotFoundError as exc:
         raise TLSError(f"{where}tls.cert_file/tls.key_file: {exc.filename}: not found") from None
     except ssl.SSLError as exc:
-        key = "tls.key_file" if "KEY" in str(exc).upper() else "tls.cert_file"
-        raise TLSError(f"{where}{key}: certificate and key do not load together: {exc.reason or exc}") from None
+        # OpenSSL's "PEM lib" does not say which file failed; a cert file that parses
+        # on its own leaves the key (unreadable, or not the certificate's).
+        if _holds_certificate(tls_cfg.cert_file):
+            key, path = "tls.key_file", tls_cfg.key_file
+        else:
+            key, path = "tls.cert_file", tls_cfg.cert_file
+        raise TLSError(f"{where}{key}: {path}: certificate and key do not load together: "
+                       f"{exc.reason or exc}") from None
     except OSError as exc:
         raise TLSError(f"{where}tls.cert_file/tls.key_file: {exc.strerror}") from None
     return ctx
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase() -> bytes:
+    # Without a callback OpenSSL prompts on the terminal for the pass phrase: --check,
+    # and the master at start or on SIGHUP, would hang there.  There is no setting for
+    # one, so an encrypted key is an error.
+    raise _Encrypted()
+
+
+def _holds_certificate(path: str) -> bool:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError, ValueError):
+        return False
+    return True
 
 
 def describe(sock: ssl.SSLSocket) -> str:

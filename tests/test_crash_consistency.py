@@ -5,6 +5,8 @@ and record which ids got a 250, while a killer SIGKILLs a random busy worker eve
 second.  Afterwards the Maildir is audited: every acknowledged id is stored exactly once
 and byte-exact, no file in new/ is shorter or longer than its ``S=`` says, and tmp/ is
 empty.  An id that never got its 250 may be stored or not; it is not counted as lost.
+The master must also have repaired the killed workers' scoreboard slots (no phantom
+active connections) and the server must still deliver.
 
 Run with ``pytest -s`` to see the figures; they are in the assertion message as well.
 """
@@ -19,7 +21,7 @@ import time
 
 import psutil
 
-from daemon import Ledger, ledger_client, run_clients
+from daemon import Ledger, ledger_client, request_stats, run_clients, send_message, wait_until
 
 CLIENTS = 50
 RUN_SECONDS = 8.0
@@ -88,3 +90,14 @@ def test_acknowledged_messages_survive_worker_kills(daemon_factory):
     assert figures["acked"] > 0 and len(killed) >= 3, report
     assert os.listdir(d.maildir / "tmp") == [], report
     assert "Traceback" not in d.log_text()
+
+    # The master repaired the slots of the killed workers: no session is counted as
+    # active any more, and every message counted as accepted is in new/.
+    stats = wait_until(lambda: idle_stats(d), 15, 0.2, "connections_active back to 0")
+    assert figures["acked"] <= stats["messages_accepted"] <= figures["stored"], (stats, report)
+    send_message(d.port)
+
+
+def idle_stats(d) -> dict | None:
+    stats = request_stats(d)
+    return stats if stats["connections_active"] == 0 else None

@@ -27,8 +27,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon import (Ledger, RawSMTP, SMTPClosed, free_port, ledger_client, ledger_message,
-                    run_clients, send_message, serving_worker, wait_until)
+from daemon import (Ledger, RawSMTP, ledger_client, ledger_message, run_clients,
+                    serving_worker, wait_until)
 from forksmtp.maildir import escape_host
 
 EHLO = b"EHLO client.example"
@@ -80,6 +80,8 @@ def reply_after_kill(client: RawSMTP, rest: bytes):
     try:
         client.sock.sendall(rest + b".\r\n")
         return client.reply()
+    except socket.timeout:
+        return "no answer and no close: the connection hangs"
     except OSError:  # SMTPClosed, reset, broken pipe: the connection is gone
         return None
 
@@ -151,13 +153,13 @@ def test_start_up_and_reload_sweep_orphaned_tmp_files(daemon_factory, tmp_path):
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 2 MiB tmpfs, unmounted after the test (request it before daemon_factory, so the
+    """A 2 MiB tmpfs with 512 inodes, unmounted after the test (request it before daemon_factory, so the
     daemon is stopped first)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mnt)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,nr_inodes=512,mode=0755", "tmpfs", str(mnt)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
@@ -205,6 +207,38 @@ def test_disk_full_452_then_recovers_without_restart(small_tmpfs, daemon_factory
     assert deliver_one(d.port, "after-full", size)[0] == 250
     assert len(listing(md / "new")) == 2
     assert pids <= {w.pid for w in d.workers()}  # no worker died (a spare may join)
+    assert_no_crash(d)
+
+
+def test_out_of_inodes_452_at_data_then_recovers(small_tmpfs, daemon_factory):
+    """Every message needs an inode, even an unnamed O_TMPFILE one: none left gets 452
+    4.3.1 in answer to DATA, before the client sends the message."""
+    md = small_tmpfs / "Maildir"
+    d = daemon_factory(sections={"delivery": {"maildir": str(md)}})
+    assert deliver_one(d.port, "before-inodes")[0] == 250
+    fillers = small_tmpfs / "inodes"
+    fillers.mkdir()
+    for n in range(2000):  # bounded: the tmpfs has 512 inodes
+        try:
+            (fillers / str(n)).touch()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            break
+    else:
+        pytest.fail("the tmpfs never ran out of inodes")
+    pids = {w.pid for w in d.workers()}
+    client = RawSMTP(d.port)
+    try:
+        assert client.command(EHLO) == 250
+        code, text = client.start_data()
+        assert code == 452 and b"4.3.1" in text, text
+        assert client.command(b"RSET") == 250  # the session goes on
+        shutil.rmtree(fillers)
+        assert client.deliver(ledger_message("after-inodes"))[0] == 250
+    finally:
+        client.close()
+    assert len(listing(md / "new")) == 2 and listing(md / "tmp") == []
+    assert pids <= {w.pid for w in d.workers()}
     assert_no_crash(d)
 
 
@@ -306,8 +340,25 @@ def test_removed_maildir_it_cannot_recreate_gets_451(nobody_dir, daemon_factory)
 
 # -- the master killed during load ---------------------------------------------------------
 
+def scoreboard_dir(pid: int) -> Path | None:
+    """The private directory of the master's scoreboard lock file."""
+    for f in psutil.Process(pid).open_files():
+        if f.path.endswith("/scoreboard.lock"):
+            return Path(f.path).parent
+    return None
+
+
+def kill_master(d) -> None:
+    """SIGKILL the master; wait until its orphaned workers are gone too."""
+    workers = [w.pid for w in d.workers()]
+    d.signal(signal.SIGKILL)
+    d.proc.wait(10)
+    wait_until(lambda: all(dead(pid) for pid in workers), 10, what="the orphaned workers gone")
+
+
 def test_master_killed_during_load_loses_no_acknowledged_message(daemon_factory):
     d = daemon_factory(workers=4, server={"max_workers": 16})
+    lock_dir = scoreboard_dir(d.pid)
     ledger = Ledger("mk")
     stop = threading.Event()
     results: list = []
@@ -317,13 +368,12 @@ def test_master_killed_during_load_loses_no_acknowledged_message(daemon_factory)
     load.start()
     try:
         wait_until(lambda: len(ledger.acked) >= 40, 30, what="40 messages acknowledged")
-        workers = [w.pid for w in d.workers()]
-        d.signal(signal.SIGKILL)
-        d.proc.wait(10)
-        wait_until(lambda: all(dead(pid) for pid in workers), 10, what="the orphaned workers gone")
+        kill_master(d)
     finally:
         stop.set()
         load.join(30)
+        if lock_dir is not None:  # see test_killed_master_leaves_no_scoreboard_directory
+            shutil.rmtree(lock_dir, ignore_errors=True)
     assert not load.is_alive()
 
     # A new master on the same port and Maildir serves at once.
@@ -336,3 +386,15 @@ def test_master_killed_during_load_loses_no_acknowledged_message(daemon_factory)
     print(f"\nmaster kill: {audit['figures']}")
     assert audit["figures"]["lost"] == 0 and audit["figures"]["duplicates"] == 0, audit
     assert audit["bad"] == [], audit
+
+
+def test_killed_master_leaves_no_scoreboard_directory(daemon_factory):
+    d = daemon_factory()
+    lock_dir = scoreboard_dir(d.pid)
+    assert lock_dir is not None and lock_dir.name.startswith("forksmtp-scoreboard-")
+    try:
+        kill_master(d)
+        daemon_factory(port=d.port, sections={"delivery": {"maildir": str(d.maildir)}})
+        assert not lock_dir.exists()
+    finally:
+        shutil.rmtree(lock_dir, ignore_errors=True)

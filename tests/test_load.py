@@ -169,8 +169,12 @@ def test_500_concurrent_sessions_all_greeted_all_deliver(daemon_factory):
 
 # -- memory per worker ----------------------------------------------------------------------
 
-def test_worker_memory_does_not_grow_with_message_size(daemon_factory):
-    """One worker serves a small message, then two of 20 MiB: its USS stays put."""
+SESSIONS_AFTER = 200
+
+
+def test_worker_memory_does_not_grow_with_message_size_or_sessions(daemon_factory):
+    """One worker serves a small message, two of 20 MiB, then 200 more sessions: its USS
+    stays put."""
     d = daemon_factory(workers=1, server={"max_workers": 1, "min_spare_workers": 0},
                        sections={"limits": {"max_message_size": 32 * MiB}})
     (worker,) = d.workers()
@@ -187,13 +191,19 @@ def test_worker_memory_does_not_grow_with_message_size(daemon_factory):
             client.close()
         ledger.ack(msg_id)
         seen.append(uss(worker.pid))
+    # Then many sessions, one message each, on the same worker.
+    served = ledger_client(d.port, ledger, stop=threading.Event(), deadline=time.monotonic() + 60,
+                           messages=SESSIONS_AFTER, per_session=1)
+    assert served["acked"] == SESSIONS_AFTER, served
+    seen.append(uss(worker.pid))
     assert [w.pid for w in d.workers()] == [worker.pid]
     growth = max(seen[1:]) - seen[0]
     report = (f"worker USS after a 300 B message {mib(seen[0])}, after 20 MiB "
-              f"{mib(seen[1])}, after another 20 MiB {mib(seen[2])}: growth {mib(growth)}; "
+              f"{mib(seen[1])}, after another 20 MiB {mib(seen[2])}, after "
+              f"{SESSIONS_AFTER} more sessions {mib(seen[3])}: growth {mib(growth)}; "
               f"master RSS {mib(psutil.Process(d.pid).memory_info().rss)}")
     print("\n" + report)
     audit = ledger.audit(d.maildir)
-    assert audit["figures"]["stored"] == 3 and audit["bad"] == [], audit
+    assert audit["figures"]["stored"] == 3 + SESSIONS_AFTER and audit["bad"] == [], audit
     assert growth < 8 * MiB, report
     assert max(seen) < USS_CEILING, report

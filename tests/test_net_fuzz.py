@@ -14,7 +14,6 @@ import random
 import re
 import socket
 import struct
-import threading
 import time
 
 import pytest

@@ -1,0 +1,611 @@
+"""STARTTLS and AUTH rules of the sans-IO session, the password hashes and ``forksmtp passwd``.
+
+The session tests drive ``Session`` the way ``connection.Connection`` does: a StartTLS
+event is answered with ``tls_started()`` once the (here imaginary) handshake is done, an
+AuthRequest with ``auth_result()`` after checking a small user table.  Every reply is
+checked for RFC 5321 form; 334 challenges carry no enhanced status code (RFC 4954 4).
+
+The password-file tests use real files, and ``forksmtp passwd`` runs as a real process.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forksmtp import auth
+from forksmtp.smtp import replies as R
+from forksmtp.smtp.session import (NEED_DATA, PAUSED, AuthRequest, DataEnd, DataStart, Session,
+                                   SessionConfig, StartTLS)
+from helpers import HOSTNAME, check_wire, heads, new_session
+
+USERS = {"alice": "correct horse", "bob": "s3cret-bob"}
+E = "EHLO client.test"
+M = "MAIL FROM:<a@client.test>"
+RC = "RCPT TO:<b@mx.test>"
+
+
+def b64(text: str | bytes) -> str:
+    raw = text.encode("utf-8") if isinstance(text, str) else text
+    return base64.b64encode(raw).decode("ascii")
+
+
+def plain(user: str, password: str, authzid: str = "") -> str:
+    return b64(f"{authzid}\0{user}\0{password}")
+
+
+class Peer:
+    """The worker's half of the event API for STARTTLS and AUTH.
+
+    ``handshake=False`` leaves a StartTLS unanswered (the session stays paused) so a
+    test can look at what happens between the 220 and the end of the handshake."""
+
+    def __init__(self, session: Session, users: dict[str, str] | None = None,
+                 handshake: bool = True) -> None:
+        self.s = session
+        self.users = USERS if users is None else users
+        self.handshake = handshake
+        self.events: list[object] = []
+
+    def pump(self) -> None:
+        s = self.s
+        while True:
+            event = s.next_event()
+            if event is NEED_DATA or event is PAUSED:
+                return
+            self.events.append(event)
+            if isinstance(event, StartTLS):
+                if not self.handshake:
+                    return
+                s.tls_started()
+            elif isinstance(event, AuthRequest):
+                c = event.credentials
+                s.auth_result(self.users.get(c.username) == c.password, c.username)
+            elif isinstance(event, DataStart):
+                s.accept_data()
+            elif isinstance(event, DataEnd):
+                s.reply(event.error or R.R250_ACCEPTED)
+
+    def feed(self, data: bytes) -> bytes:
+        self.s.receive_data(data)
+        self.pump()
+        out = self.s.data_to_send()
+        check_wire(out)
+        return out
+
+    def send(self, *lines: str | bytes) -> list[str]:
+        """Lines one at a time (a client that waits); each reply as ``"535 5.7.8"``."""
+        result = []
+        for line in lines:
+            raw = line.encode("utf-8") if isinstance(line, str) else line
+            result += heads(self.feed(raw + b"\r\n"))
+        return result
+
+
+def peer(tls: bool = False, users=None, handshake: bool = True, **config) -> Peer:
+    session = Session(SessionConfig(HOSTNAME, **config), tls=tls)
+    session.start()
+    check_wire(session.data_to_send())
+    return Peer(session, users, handshake)
+
+
+def ehlo_keywords(p: Peer) -> list[str]:
+    wire = p.feed(b"EHLO client.test\r\n").decode()
+    return [line[4:] for line in wire.split("\r\n")[1:-1]]
+
+
+def tls_peer(**config) -> Peer:
+    """STARTTLS and AUTH configured; the session is already encrypted and past EHLO."""
+    p = peer(starttls=True, auth=True, **config)
+    assert p.send(E, "STARTTLS", E) == ["250", "220 2.0.0", "250"]
+    assert p.s.tls
+    return p
+
+
+# -- STARTTLS --------------------------------------------------------------------------
+
+def test_starttls_is_not_offered_without_tls_config():
+    p = peer()
+    assert "STARTTLS" not in ehlo_keywords(p)
+    assert p.send("STARTTLS") == ["502 5.5.1"]
+    assert not any(isinstance(e, StartTLS) for e in p.events)
+
+
+def test_starttls_is_offered_on_plain_connections_only():
+    p = peer(starttls=True)
+    assert "STARTTLS" in ehlo_keywords(p)
+    implicit = peer(tls=True, starttls=True)  # an implicit-TLS (SMTPS) listener
+    assert "STARTTLS" not in ehlo_keywords(implicit)
+    assert implicit.send("STARTTLS") == ["503 5.5.1"]
+
+
+def test_starttls_with_a_parameter_is_a_syntax_error():
+    p = peer(starttls=True)
+    assert p.send(E, "STARTTLS now") == ["250", "501 5.5.4"]
+    assert not p.s.tls
+
+
+def test_starttls_before_ehlo_is_out_of_sequence():
+    p = peer(starttls=True)
+    assert p.send("STARTTLS") == ["503"]  # no enhanced codes before EHLO (RFC 2034)
+    assert not p.s.tls
+
+
+def test_starttls_inside_a_transaction_is_out_of_sequence():
+    p = peer(starttls=True)
+    assert p.send(E, M, "STARTTLS", RC, "STARTTLS") == ["250", "250 2.1.0", "503 5.5.1", "250 2.1.5", "503 5.5.1"]
+
+
+def test_bytes_pipelined_after_starttls_are_discarded():
+    p = peer(starttls=True, handshake=False)
+    p.send(E)
+    # CVE-2011-0411: the NOOP arrives in the same packet as STARTTLS.
+    assert heads(p.feed(b"STARTTLS\r\nNOOP\r\n")) == ["220 2.0.0"]
+    assert isinstance(p.events[-1], StartTLS)
+    assert p.s.next_event() is PAUSED  # nothing runs until the handshake is done
+    p.s.tls_started()
+    p.pump()
+    assert p.s.data_to_send() == b""  # the NOOP is never answered
+    assert p.send(E) == ["250"]
+    assert p.send("NOOP") == ["250 2.0.0"]  # a NOOP sent over TLS is
+    assert any("discarded 6 octets pipelined after STARTTLS" in line for line in p.s.log)
+
+
+def test_ehlo_starttls_and_injection_in_one_write():
+    p = peer(starttls=True, handshake=False)
+    assert heads(p.feed(b"EHLO a\r\nSTARTTLS\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<b@mx.test>\r\n")) == [
+        "250", "220 2.0.0"]
+    p.s.tls_started()
+    p.pump()
+    assert p.s.data_to_send() == b""
+    # The injected MAIL did not start a transaction: RCPT has no MAIL to belong to.
+    assert p.send(E, RC) == ["250", "503 5.5.1"]
+
+
+def test_plaintext_arriving_during_the_handshake_is_discarded_too():
+    p = peer(starttls=True, handshake=False)
+    p.send(E)
+    assert p.send("STARTTLS") == ["220 2.0.0"]
+    assert p.feed(b"NOOP\r\nMAIL FROM:<evil@x>\r\n") == b""  # still paused: no reply
+    p.s.tls_started()
+    p.pump()
+    assert p.s.data_to_send() == b""
+    assert p.send(E, RC) == ["250", "503 5.5.1"]
+
+
+def test_after_tls_a_new_ehlo_is_required_and_starttls_is_gone():
+    p = peer(starttls=True)
+    assert p.send(E, "STARTTLS") == ["250", "220 2.0.0"]
+    assert p.s.tls and p.s.helo_name == ""
+    assert p.send(M) == ["503 5.5.1"]  # RFC 3207 4.2: back to the greeting state
+    assert "STARTTLS" not in ehlo_keywords(p)
+    assert p.send("STARTTLS") == ["503 5.5.1"]
+    assert p.send(M, RC) == ["250 2.1.0", "250 2.1.5"]
+
+
+def test_tls_forgets_a_plaintext_authentication():
+    p = peer(starttls=True, auth=True, auth_insecure=True)
+    assert p.send(E, "AUTH PLAIN " + plain("alice", USERS["alice"])) == ["250", "235 2.7.0"]
+    assert p.s.auth_user == "alice"
+    assert p.send("STARTTLS", E) == ["220 2.0.0", "250"]
+    assert p.s.auth_user == ""
+    p.send(M)
+    assert p.s.protocol == "ESMTPS"
+
+
+# -- AUTH: offer and sequence ----------------------------------------------------------------
+
+def test_auth_is_offered_only_over_tls():
+    p = peer(starttls=True, auth=True)
+    assert not any(k.startswith("AUTH") for k in ehlo_keywords(p))
+    p.send("STARTTLS")
+    assert "AUTH PLAIN LOGIN" in ehlo_keywords(p)
+
+
+def test_auth_before_tls_is_refused_with_538():
+    p = peer(starttls=True, auth=True)
+    assert p.send(E, "AUTH PLAIN " + plain("alice", USERS["alice"])) == ["250", "538 5.7.11"]
+    assert p.send("AUTH LOGIN") == ["538 5.7.11"]
+    assert not any(isinstance(e, AuthRequest) for e in p.events)
+    assert p.s.auth_user == ""
+
+
+def test_auth_insecure_offers_auth_in_plaintext():
+    p = peer(auth=True, auth_insecure=True)
+    assert "AUTH PLAIN LOGIN" in ehlo_keywords(p)
+    assert p.send("AUTH PLAIN " + plain("bob", USERS["bob"])) == ["235 2.7.0"]
+
+
+def test_auth_without_auth_config_is_not_offered():
+    p = peer(tls=True)
+    assert not any(k.startswith("AUTH") for k in ehlo_keywords(p))
+    assert p.send("AUTH PLAIN " + plain("alice", USERS["alice"])) == ["502 5.5.1"]
+
+
+def test_auth_before_ehlo_is_out_of_sequence():
+    p = peer(tls=True, auth=True)
+    assert p.send("AUTH PLAIN " + plain("alice", USERS["alice"])) == ["503"]
+
+
+def test_auth_twice_is_503():
+    p = tls_peer()
+    assert p.send("AUTH PLAIN " + plain("alice", USERS["alice"])) == ["235 2.7.0"]
+    assert p.send("AUTH PLAIN " + plain("bob", USERS["bob"])) == ["503 5.5.1"]
+    assert p.s.auth_user == "alice"
+
+
+def test_auth_after_a_failure_may_be_retried():
+    p = tls_peer()
+    assert p.send("AUTH PLAIN " + plain("alice", "wrong")) == ["535 5.7.8"]
+    assert p.send("AUTH PLAIN " + plain("alice", USERS["alice"])) == ["235 2.7.0"]
+
+
+def test_auth_during_a_transaction_is_503():
+    p = tls_peer()
+    assert p.send(M, "AUTH PLAIN " + plain("alice", USERS["alice"])) == ["250 2.1.0", "503 5.5.1"]
+    assert p.send(RC, "AUTH LOGIN") == ["250 2.1.5", "503 5.5.1"]
+    assert p.send("RSET", "AUTH PLAIN " + plain("alice", USERS["alice"])) == ["250 2.0.0", "235 2.7.0"]
+
+
+# -- AUTH PLAIN and LOGIN exchanges ----------------------------------------------------
+
+def test_plain_with_initial_response():
+    p = tls_peer()
+    assert p.send("AUTH PLAIN " + plain("alice", USERS["alice"])) == ["235 2.7.0"]
+    creds = [e.credentials for e in p.events if isinstance(e, AuthRequest)]
+    assert [(c.mechanism, c.username, c.password, c.authzid) for c in creds] == [
+        ("PLAIN", "alice", USERS["alice"], "")]
+
+
+def test_plain_with_an_empty_challenge():
+    p = tls_peer()
+    assert p.feed(b"AUTH PLAIN\r\n") == b"334 \r\n"
+    assert p.send(plain("alice", USERS["alice"])) == ["235 2.7.0"]
+    assert p.s.auth_user == "alice"
+
+
+def test_plain_mechanism_name_is_case_insensitive():
+    p = tls_peer()
+    assert p.send("auth plain " + plain("bob", USERS["bob"])) == ["235 2.7.0"]
+
+
+def test_plain_keeps_the_authzid_for_the_caller():
+    p = tls_peer()
+    p.send("AUTH PLAIN " + plain("alice", USERS["alice"], authzid="bob"))
+    creds = [e.credentials for e in p.events if isinstance(e, AuthRequest)][0]
+    assert (creds.authzid, creds.username) == ("bob", "alice")
+
+
+def test_equals_sign_is_an_empty_initial_response_not_a_request_for_a_challenge():
+    # RFC 4954 4: "=" is a zero-length initial response; for PLAIN that is malformed.
+    p = tls_peer()
+    assert p.send("AUTH PLAIN =") == ["501 5.5.2"]
+    # LOGIN: an empty user name; the exchange goes on to the password prompt.
+    assert p.feed(b"AUTH LOGIN =\r\n") == b"334 UGFzc3dvcmQ6\r\n"
+    assert p.send(b64("x")) == ["535 5.7.8"]
+    creds = [e.credentials for e in p.events if isinstance(e, AuthRequest)]
+    assert creds[-1].username == ""
+
+
+def test_login_with_challenges():
+    p = tls_peer()
+    assert p.feed(b"AUTH LOGIN\r\n") == b"334 VXNlcm5hbWU6\r\n"  # "Username:"
+    assert p.feed(b64("alice").encode() + b"\r\n") == b"334 UGFzc3dvcmQ6\r\n"  # "Password:"
+    assert p.send(b64(USERS["alice"])) == ["235 2.7.0"]
+    assert p.s.auth_user == "alice"
+
+
+def test_login_with_initial_user_name():
+    p = tls_peer()
+    assert p.feed(f"AUTH LOGIN {b64('bob')}\r\n".encode()) == b"334 UGFzc3dvcmQ6\r\n"
+    assert p.send(b64(USERS["bob"])) == ["235 2.7.0"]
+
+
+def test_login_wrong_password_is_535():
+    p = tls_peer()
+    p.feed(f"AUTH LOGIN {b64('bob')}\r\n".encode())
+    assert p.send(b64("guess")) == ["535 5.7.8"]
+    assert p.s.auth_user == ""
+
+
+@pytest.mark.parametrize("start, responses", [
+    ("AUTH PLAIN", ["*"]),
+    ("AUTH LOGIN", ["*"]),
+    ("AUTH LOGIN", [b64("alice"), "*"]),
+    ("AUTH PLAIN *", []),
+], ids=["plain", "login-user", "login-password", "plain-initial"])
+def test_star_cancels_with_501(start, responses):
+    p = tls_peer()
+    got = p.send(start, *responses)
+    assert got[-1].startswith("501 ")
+    assert not any(isinstance(e, AuthRequest) for e in p.events)
+    # The exchange is over: the session takes commands and a new AUTH again.
+    assert p.send("NOOP", "AUTH PLAIN " + plain("alice", USERS["alice"])) == ["250 2.0.0", "235 2.7.0"]
+
+
+@pytest.mark.parametrize("lines", [
+    ["AUTH PLAIN not!base64"],
+    ["AUTH PLAIN AGFsaWNl="],             # bad padding
+    ["AUTH PLAIN " + b64("alice:secret")],  # valid base64, no NUL separators
+    ["AUTH PLAIN " + b64(b"\0alice\0\xff\xfe")],  # not UTF-8
+    ["AUTH PLAIN", "%%%%"],
+    ["AUTH LOGIN", "a b c"],
+    ["AUTH LOGIN", b64("alice"), "////=x"],
+], ids=["initial", "padding", "no-nul", "not-utf8", "plain-response", "login-user", "login-password"])
+def test_malformed_base64_is_501_5_5_2(lines):
+    p = tls_peer()
+    assert p.send(*lines)[-1] == "501 5.5.2"
+    assert not any(isinstance(e, AuthRequest) for e in p.events)
+    assert p.send("NOOP") == ["250 2.0.0"]
+
+
+def test_unknown_mechanism_is_504_and_a_bare_auth_is_501():
+    p = tls_peer()
+    assert p.send("AUTH CRAM-MD5", "AUTH GSSAPI abc=", "AUTH") == ["504 5.5.4", "504 5.5.4", "501 5.5.4"]
+
+
+def test_failed_auth_counts_toward_the_error_limit():
+    p = tls_peer(max_errors=3)
+    assert p.send("AUTH PLAIN " + plain("alice", "x"), "AUTH PLAIN " + plain("alice", "y")) == [
+        "535 5.7.8", "535 5.7.8"]
+    assert p.send("AUTH PLAIN " + plain("alice", "z")) == ["535 5.7.8", "421 4.7.0"]
+    assert p.s.closed
+
+
+# -- line lengths ------------------------------------------------------------------------
+
+def _plain_line(total: int) -> str:
+    """An ``AUTH PLAIN`` line of exactly ``total`` octets with its CRLF (spaces pad it)."""
+    head = "AUTH PLAIN"
+    payload_len = (total - len(head) - 3) // 4 * 4
+    password = "p" * (payload_len * 3 // 4 - len("\0alice\0"))
+    payload = plain("alice", password)
+    assert len(payload) == payload_len
+    return head + " " * (total - 2 - len(head) - payload_len) + payload
+
+
+def test_long_auth_line_up_to_12288_octets_is_accepted():
+    line = _plain_line(12288)
+    assert len(line) + 2 == 12288
+    password = base64.b64decode(line.split()[-1]).split(b"\0")[2].decode()
+    p = tls_peer()
+    p.users = {"alice": password}
+    assert p.send(line) == ["235 2.7.0"]
+
+
+def test_auth_line_over_12288_octets_is_500_and_the_session_goes_on():
+    p = tls_peer()
+    assert p.send(_plain_line(12289)) == ["500 5.5.6"]
+    assert not any(isinstance(e, AuthRequest) for e in p.events)
+    assert p.send("AUTH PLAIN " + plain("alice", USERS["alice"])) == ["235 2.7.0"]
+
+
+def test_long_response_to_a_challenge_is_accepted():
+    p = tls_peer()
+    password = "q" * 8000
+    p.users = {"alice": password}
+    p.feed(b"AUTH LOGIN " + b64("alice").encode() + b"\r\n")
+    assert p.send(b64(password)) == ["235 2.7.0"]
+
+
+def test_other_commands_keep_the_512_octet_limit_when_auth_is_on():
+    p = tls_peer()
+    assert p.send("NOOP " + "x" * 505) == ["250 2.0.0"]  # 512 with CRLF
+    assert p.send("NOOP " + "x" * 506) == ["500 5.5.6"]  # 513
+    assert p.send("MAIL FROM:<" + "a" * 600 + "@x>") == ["500 5.5.6"]
+    assert p.send(M) == ["250 2.1.0"]
+
+
+# -- require_tls and required auth -------------------------------------------------------
+
+def test_require_tls_refuses_mail_before_starttls():
+    p = peer(starttls=True, require_tls=True)
+    assert p.send(E, M) == ["250", "530 5.7.0"]
+    assert p.send("STARTTLS", E, M) == ["220 2.0.0", "250", "250 2.1.0"]
+
+
+def test_auth_required_refuses_mail_before_auth():
+    p = tls_peer(auth_required=True)
+    assert p.send(M) == ["530 5.7.0"]
+    assert p.send("AUTH PLAIN " + plain("alice", "wrong"), M) == ["535 5.7.8", "530 5.7.0"]
+    assert p.send("AUTH PLAIN " + plain("alice", USERS["alice"]), M) == ["235 2.7.0", "250 2.1.0"]
+
+
+# -- secrets never reach the log -----------------------------------------------------------
+
+def test_session_log_never_holds_the_payload_or_the_password():
+    secret = "Tr0ub4dor&3-unique"
+    users = {"alice": secret}
+    p = tls_peer()
+    p.users = users
+    login_user = b64("alice")
+    lines = [
+        "AUTH PLAIN " + plain("alice", secret + "-wrong"),
+        "auth plain " + plain("alice", secret + "-lower"),
+        "AUTH LOGIN " + login_user, b64(secret + "-login"),
+        "AUTH LOGIN", login_user, b64(secret + "-challenge"),
+        "AUTH PLAIN", plain("alice", secret + "-plainchallenge"),
+        "AUTH\tPLAIN " + plain("alice", secret + "-tab"),
+        "AUTH PLAIN " + plain("alice", secret + "-bad") + "!!",
+        "AUTH PLAIN " + plain("alice", secret),
+    ]
+    got = p.send(*lines)
+    assert got[-1] == "235 2.7.0"
+    log = "\n".join(p.s.log)
+    payloads = [line.split()[-1].rstrip("!") for line in lines if line.split()[-1] not in ("PLAIN", "LOGIN")]
+    for text in payloads + [secret, "alice\0"]:
+        assert text not in log
+    assert "AUTH PLAIN ***" in log and "<AUTH response>" in log
+    for event in p.events:  # reprs of the credentials hide the password too
+        assert secret not in repr(event)
+
+
+# -- the Received protocol names (RFC 3848, RFC 6531) ------------------------------------
+
+@pytest.mark.parametrize("tls, auth_user, mail, expected", [
+    (False, False, M, "ESMTP"),
+    (True, False, M, "ESMTPS"),
+    (False, True, M, "ESMTPA"),
+    (True, True, M, "ESMTPSA"),
+    (True, False, M + " SMTPUTF8", "UTF8SMTPS"),
+    (True, True, M + " SMTPUTF8", "UTF8SMTPSA"),
+    (False, False, M + " SMTPUTF8", "UTF8SMTP"),
+])
+def test_protocol_names(tls, auth_user, mail, expected):
+    p = peer(starttls=True, auth=True, auth_insecure=True)
+    p.send(E)
+    if tls:
+        p.send("STARTTLS", E)
+    if auth_user:
+        assert p.send("AUTH PLAIN " + plain("alice", USERS["alice"])) == ["235 2.7.0"]
+    assert p.send(mail) == ["250 2.1.0"]
+    assert p.s.protocol == expected
+
+
+def test_protocol_of_implicit_tls_and_of_helo():
+    p = peer(tls=True, starttls=True)
+    p.send(E, M)
+    assert p.s.protocol == "ESMTPS"
+    h = new_session()
+    Peer(h).send("HELO client.test", M)
+    assert h.protocol == "SMTP"
+
+
+# -- auth.py: hashes and the password file ---------------------------------------------
+
+HASH = re.compile(r"scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)\Z")
+
+
+def test_hash_format_is_scrypt_with_salt_and_parameters():
+    encoded = auth.hash_password("pw")
+    m = HASH.match(encoded)
+    assert m, encoded
+    assert (int(m[1]), int(m[2]), int(m[3])) == (auth.LOG2_N, auth.R, auth.P)
+    assert len(base64.b64decode(m[4])) == 16 and len(base64.b64decode(m[5])) == auth.KEY_LEN
+    assert auth.hash_password("pw") != encoded  # a fresh salt each time
+    assert "pw" not in encoded.split("$", 4)[4]
+
+
+def test_verify():
+    encoded = auth.hash_password("correct horse")
+    assert auth.verify(encoded, "correct horse")
+    assert not auth.verify(encoded, "correct horse ")
+    assert not auth.verify(encoded, "")
+    assert not auth.verify(None, "correct horse")  # unknown user
+    assert not auth.verify(None, "")
+
+
+def test_verify_non_ascii_password():
+    encoded = auth.hash_password("pässwörd✓")
+    assert auth.verify(encoded, "pässwörd✓") and not auth.verify(encoded, "passwort")
+
+
+def test_load_skips_comments_and_blank_lines(tmp_path):
+    f = tmp_path / "passwd"
+    f.write_text(f"# users\n\nalice:{auth.hash_password('a')}\n  # more\nbob:{auth.hash_password('b')}\n")
+    users = auth.load(str(f))
+    assert sorted(users) == ["alice", "bob"]
+    assert auth.verify(users["alice"], "a") and not auth.verify(users["bob"], "a")
+
+
+def test_load_missing_file_is_empty(tmp_path):
+    assert auth.load(str(tmp_path / "nothing")) == {}
+
+
+@pytest.mark.parametrize("bad", ["alice", "alice:plaintext", ":scrypt$14$8$1$AAAA$AAAA",
+                                 "alice:md5$1$2$3$AAAA$AAAA", "alice:scrypt$99$8$1$AAAA$AAAA"])
+def test_load_bad_line_names_the_line(tmp_path, bad):
+    f = tmp_path / "passwd"
+    f.write_text(f"bob:{auth.hash_password('b')}\n{bad}\n")
+    with pytest.raises(auth.PasswordFileError) as exc:
+        auth.load(str(f))
+    assert "line 2" in str(exc.value) and str(f) in str(exc.value)
+
+
+def test_set_password_creates_a_0600_file(tmp_path):
+    f = tmp_path / "passwd"
+    auth.set_password(str(f), "alice", "pw1")
+    assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert auth.verify(auth.load(str(f))["alice"], "pw1")
+    assert "pw1" not in f.read_text()
+    assert os.listdir(tmp_path) == ["passwd"]  # no temporary file left behind
+
+
+def test_set_password_replaces_only_that_users_line(tmp_path):
+    f = tmp_path / "passwd"
+    f.write_text(f"# managed by forksmtp passwd\nal:{auth.hash_password('x')}\n"
+                 f"alice:{auth.hash_password('old')}\nbob:{auth.hash_password('b')}\n")
+    f.chmod(0o644)
+    before = f.read_text().splitlines()
+    auth.set_password(str(f), "alice", "new")
+    after = f.read_text().splitlines()
+    assert len(after) == 4
+    assert after[0] == before[0] and after[1] == before[1] and after[3] == before[3]
+    assert after[2] != before[2] and after[2].startswith("alice:")
+    users = auth.load(str(f))
+    assert auth.verify(users["alice"], "new") and not auth.verify(users["alice"], "old")
+    assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    auth.set_password(str(f), "carol", "c")
+    assert f.read_text().splitlines()[:4] == after
+    assert auth.verify(auth.load(str(f))["carol"], "c")
+
+
+@pytest.mark.parametrize("user", ["", "a:b", "a b", "a\tb", "a\nb"])
+def test_set_password_refuses_bad_user_names(tmp_path, user):
+    with pytest.raises(auth.PasswordFileError):
+        auth.set_password(str(tmp_path / "passwd"), user, "pw")
+    assert not (tmp_path / "passwd").exists()
+
+
+# -- forksmtp passwd, as a process -------------------------------------------------------
+
+def passwd(*args: str, stdin: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "forksmtp", *args], input=stdin.encode(),
+                          capture_output=True, cwd=cwd, timeout=30)
+
+
+def test_passwd_command_with_file(tmp_path):
+    f = tmp_path / "passwd"
+    r = passwd("passwd", "alice", "-f", str(f), stdin="s3cret pass\n", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert b"s3cret" not in r.stdout + r.stderr
+    assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    r = passwd("passwd", "bob", "-f", str(f), stdin="other\n", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    users = auth.load(str(f))
+    assert auth.verify(users["alice"], "s3cret pass")  # the line as typed, spaces kept
+    assert auth.verify(users["bob"], "other")
+    assert "s3cret" not in f.read_text()
+
+
+def test_passwd_command_uses_the_config_password_file(tmp_path):
+    f = tmp_path / "auth" / "passwd"
+    f.parent.mkdir()
+    conf = tmp_path / "forksmtp.toml"
+    conf.write_text(f'[delivery]\nmaildir = "{tmp_path / "Maildir"}"\n\n'
+                    f'[auth]\npassword_file = "{f}"\nallow_insecure = true\n')
+    r = passwd("-c", str(conf), "passwd", "alice", stdin="pw-one\n", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = passwd("passwd", "bob", "-c", str(conf), stdin="pw-two\n", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    users = auth.load(str(f))
+    assert auth.verify(users["alice"], "pw-one") and auth.verify(users["bob"], "pw-two")
+
+
+def test_passwd_command_errors(tmp_path):
+    r = passwd("passwd", "alice", stdin="pw\n", cwd=tmp_path)  # neither -f nor -c
+    assert r.returncode == 2 and b"-f" in r.stderr
+    f = tmp_path / "passwd"
+    r = passwd("passwd", "alice", "-f", str(f), stdin="\n", cwd=tmp_path)
+    assert r.returncode == 2 and not f.exists()
+    conf = tmp_path / "noauth.toml"
+    conf.write_text(f'[delivery]\nmaildir = "{tmp_path / "Maildir"}"\n')
+    r = passwd("passwd", "alice", "-c", str(conf), stdin="pw\n", cwd=tmp_path)
+    assert r.returncode == 2 and b"password_file" in r.stderr

@@ -1,0 +1,636 @@
+"""STARTTLS, implicit TLS and AUTH against the real daemon, with real TLS clients.
+
+Certificates come from ``tls_certs`` (made with the openssl command into a temporary
+directory).  Clients: smtplib (``starttls()``, ``login()``, ``SMTP_SSL``), ``openssl
+s_client -starttls smtp``, swaks, and raw sockets where a test must send what no polite
+client sends (the STARTTLS injection, a broken handshake).  Everything is on loopback;
+every wait is bounded; every daemon is stopped and reaped by its fixture.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import tls_certs
+from daemon import Daemon, connect, free_port, read_reply, serving_worker, wait_until, write_config
+from forksmtp import auth
+
+PASSWORD = "Corr3ct-H0rse-b4ttery"  # distinctive: the log is searched for it
+HOST = "127.0.0.1"
+FROM, TO = "sender@client.example", "rcpt@mx.test.example"
+BODY = b"Subject: tls test\r\n\r\nhello over TLS\r\n"
+TIMEOUT = 10.0
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def plain(user: str, password: str, authzid: str = "") -> str:
+    return b64(f"{authzid}\0{user}\0{password}")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> tls_certs.Certs:
+    return tls_certs.make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def password_file(path: Path, **users: str) -> Path:
+    for user, password in users.items():
+        auth.set_password(str(path), user, password)
+    return path
+
+
+def tls_sections(certs, pw: Path, *, cert: Path | None = None, key: Path | None = None,
+                 tls: dict | None = None, auth_cfg: dict | None = None) -> dict:
+    return {"tls": {"cert_file": str(cert or certs.cert), "key_file": str(key or certs.key), **(tls or {})},
+            "auth": {"password_file": str(pw), **(auth_cfg or {})}}
+
+
+@pytest.fixture(scope="module")
+def server(certs, tmp_path_factory):
+    """One daemon for the tests that only read: STARTTLS and SMTPS listeners, AUTH.
+    Tests on it fail at most one AUTH each (the per-IP limit is 5)."""
+    tmp = tmp_path_factory.mktemp("server")
+    pw = password_file(tmp / "passwd", alice=PASSWORD)
+    implicit = free_port()
+    d = Daemon(tmp, sections=tls_sections(certs, pw, tls={"implicit_listen": [f"{HOST}:{implicit}"]}))
+    d.implicit_port = implicit
+    try:
+        yield d.start()
+    finally:
+        d.stop()
+
+
+def starttls_client(d: Daemon, certs, port: int | None = None) -> smtplib.SMTP:
+    client = smtplib.SMTP(HOST, port or d.port, timeout=TIMEOUT)
+    client.ehlo("client.test")
+    code, _ = client.starttls(context=certs.client_context())
+    assert code == 220
+    client.ehlo("client.test")
+    return client
+
+
+def received_header(path: Path) -> str:
+    text = path.read_text()
+    m = re.search(r"^Received: .*?;[^\n]*\n", text, re.S | re.M)
+    assert m, text
+    return m.group(0)
+
+
+def stored_since(d: Daemon, before: set[Path], count: int = 1) -> list[Path]:
+    return wait_until(lambda: len(set(d.new_messages()) - before) >= count and sorted(set(d.new_messages()) - before),
+                      TIMEOUT, what="the stored message")
+
+
+def fingerprint(sock: ssl.SSLSocket) -> str:
+    return tls_certs.sha256(sock.getpeercert(binary_form=True))
+
+
+def log_lines(d: Daemon, tag: str) -> list[str]:
+    return [line for line in d.log_text().splitlines() if f"[{tag}]" in line]
+
+
+def wait_log_count(d: Daemon, needle: str, count: int) -> str:
+    return d.wait_for_log(needle, TIMEOUT, count=count)
+
+
+def replies_until_eof(sock: socket.socket) -> bytes:
+    buf = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionError, ssl.SSLError):
+            return buf
+        if not chunk:
+            return buf
+        buf += chunk
+
+
+def reply_lines(wire: bytes) -> list[str]:
+    """The final line of each reply in ``wire``."""
+    return [line.decode() for line in wire.split(b"\r\n") if line[3:4] == b" "]
+
+
+# -- real clients ---------------------------------------------------------------------------
+
+def test_smtplib_starttls_login_and_delivery(server, certs):
+    before = set(server.new_messages())
+    with smtplib.SMTP(HOST, server.port, timeout=TIMEOUT) as client:
+        client.ehlo("client.test")
+        assert client.has_extn("starttls") and not client.has_extn("auth")
+        client.starttls(context=certs.client_context())
+        client.ehlo("client.test")
+        assert client.has_extn("auth") and not client.has_extn("starttls")
+        assert "PLAIN" in client.esmtp_features["auth"] and "LOGIN" in client.esmtp_features["auth"]
+        assert client.login("alice", PASSWORD)[0] == 235
+        version, cipher = client.sock.version(), client.sock.cipher()[0]
+        assert fingerprint(client.sock) == certs.fingerprint(1)
+        assert client.sendmail(FROM, [TO], BODY) == {}
+    (path,) = stored_since(server, before)
+    header = received_header(path)
+    assert " with ESMTPSA id " in header
+    assert f"({version} {cipher})" in header
+    assert "(authenticated as alice)" in header
+    assert path.read_bytes().endswith(b"hello over TLS\n")
+
+
+def test_smtps_implicit_tls(server, certs):
+    before = set(server.new_messages())
+    with smtplib.SMTP_SSL(HOST, server.implicit_port, timeout=TIMEOUT,
+                          context=certs.client_context()) as client:
+        code, text = client.ehlo("client.test")
+        assert code == 250
+        assert not client.has_extn("starttls")
+        assert b"AUTH PLAIN LOGIN" in text
+        assert client.docmd("STARTTLS")[0] == 503
+        assert client.sendmail(FROM, [TO], BODY) == {}  # encrypted, not authenticated
+        first = stored_since(server, before)
+        assert client.login("alice", PASSWORD)[0] == 235
+        assert client.sendmail(FROM, [TO], BODY) == {}
+    (second,) = set(stored_since(server, before, 2)) - set(first)
+    assert " with ESMTPS id " in received_header(first[0])
+    assert "authenticated" not in received_header(first[0])
+    header = received_header(second)
+    assert " with ESMTPSA id " in header and "(authenticated as alice)" in header
+
+
+def test_large_utf8_message_over_starttls(server, certs):
+    """Megabytes in a few hundred TLS records, stored byte for byte, named UTF8SMTPS."""
+    before = set(server.new_messages())
+    line = "Grüße aus der Prüfung, über TLS. 0123456789\r\n".encode()
+    body = "Subject: grosse Nachricht\r\n\r\n".encode() + line * 60000  # ~2.8 MB
+    with starttls_client(server, certs) as client:
+        assert client.sendmail("sender@client.example", ["empfänger@mx.test.example"], body,
+                               mail_options=["SMTPUTF8", "BODY=8BITMIME"]) == {}
+    (path,) = stored_since(server, before)
+    data = path.read_bytes()
+    assert data.endswith(body.split(b"\r\n\r\n", 1)[1].replace(b"\r\n", b"\n"))
+    assert " with UTF8SMTPS id " in received_header(path)
+
+
+def test_plain_authzid_equal_to_the_user_is_accepted(server, certs):
+    with starttls_client(server, certs) as client:
+        assert client.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD, authzid="alice"))[0] == 235
+
+
+def test_openssl_s_client_starttls(server, certs):
+    cmd = [tls_certs.require_openssl(), "s_client", "-starttls", "smtp", "-connect", f"{HOST}:{server.port}",
+           "-name", "client.test", "-servername", "localhost", "-CAfile", str(certs.ca_cert),
+           "-verify_return_error", "-verify_hostname", "localhost", "-quiet", "-crlf"]
+    r = subprocess.run(cmd, input=b"EHLO client.test\nQUIT\n", capture_output=True, timeout=30)
+    out = r.stdout.decode(errors="replace")
+    assert r.returncode == 0, (out, r.stderr.decode(errors="replace"))
+    assert "250 AUTH PLAIN LOGIN" in out and "STARTTLS" not in out
+    assert "221 2.0.0" in out
+
+
+def swaks(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("swaks")
+    if exe is None:
+        pytest.skip("swaks is not installed")
+    return subprocess.run([exe, "--server", HOST, "--from", FROM, "--to", TO, "--timeout", "15", *args],
+                          capture_output=True, timeout=45, stdin=subprocess.DEVNULL)
+
+
+def test_swaks_starttls_auth_plain(server, certs):
+    before = set(server.new_messages())
+    r = swaks("--port", str(server.port), "--tls", "--auth", "PLAIN", "--auth-user", "alice",
+              "--auth-password", PASSWORD)
+    out = r.stdout.decode(errors="replace")
+    assert r.returncode == 0, out + r.stderr.decode(errors="replace")
+    assert "235 2.7.0" in out and "250 2.0.0 Message accepted" in out
+    (path,) = stored_since(server, before)
+    assert " with ESMTPSA id " in received_header(path)
+
+
+def test_swaks_implicit_tls_auth_login_verified(server, certs):
+    before = set(server.new_messages())
+    r = swaks("--port", str(server.implicit_port), "--tls-on-connect", "--tls-verify",
+              "--tls-ca-path", str(certs.ca_cert), "--auth", "LOGIN", "--auth-user", "alice",
+              "--auth-password", PASSWORD)
+    out = r.stdout.decode(errors="replace")
+    assert r.returncode == 0, out + r.stderr.decode(errors="replace")
+    assert "334 VXNlcm5hbWU6" in out and "235 2.7.0" in out
+    (path,) = stored_since(server, before)
+    assert "(authenticated as alice)" in received_header(path)
+
+
+# -- STARTTLS injection (CVE-2011-0411 and kin) ----------------------------------------------
+
+class Replies:
+    """Reads one reply at a time from a socket, keeping what came after it."""
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def next(self) -> bytes:
+        while True:
+            end = 0
+            while (nl := self.buf.find(b"\r\n", end)) >= 0:
+                line, end = self.buf[end:nl], nl + 2
+                if line[3:4] != b"-":
+                    reply, self.buf = self.buf[:end], self.buf[end:]
+                    return reply
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed after {self.buf!r}")
+            self.buf += chunk
+
+
+@pytest.mark.parametrize("first, injected", [
+    (b"", b"NOOP\r\n"),
+    (b"", b"MAIL FROM:<evil@attacker.example>\r\n"),
+    (b"EHLO x\r\n", b"NOOP\r\nNOOP\r\n"),
+], ids=["noop", "mail", "with-ehlo"])
+def test_commands_pipelined_after_starttls_are_never_executed(server, certs, first, injected):
+    seen = server.log_text().count("pipelined after STARTTLS")
+    sock = connect(server.port, timeout=TIMEOUT)
+    try:
+        plain_text = Replies(sock)
+        assert plain_text.next().startswith(b"220 ")
+        if not first:
+            sock.sendall(b"EHLO x\r\n")
+            assert plain_text.next().startswith(b"250-")
+        sock.sendall(first + b"STARTTLS\r\n" + injected)  # one write
+        if first:
+            assert plain_text.next().startswith(b"250-")
+        # Exactly the 220: an answer to the injected line would follow it in plaintext
+        # (and break the handshake below) or come over TLS (and show in the count below).
+        assert plain_text.next() == b"220 2.0.0 Ready to start TLS\r\n"
+        assert plain_text.buf == b""
+        tls = certs.client_context().wrap_socket(sock, server_hostname="localhost")
+        tls.sendall(b"EHLO again\r\n")
+        first_reply = read_reply(tls)
+        assert first_reply.startswith(b"250-mx.test.example\r\n"), first_reply
+        tls.sendall(b"RCPT TO:<rcpt@mx.test.example>\r\nNOOP\r\nQUIT\r\n")
+        rest = replies_until_eof(tls)
+        # RCPT: no MAIL ever reached the TLS session; one 250 for the one NOOP sent over TLS.
+        assert reply_lines(first_reply + rest) == [
+            "250 AUTH PLAIN LOGIN", "503 5.5.1 Need MAIL command first", "250 2.0.0 Ok", "221 2.0.0 Bye"]
+    finally:
+        sock.close()
+    wait_log_count(server, "pipelined after STARTTLS", seen + 1)
+
+
+# -- downgrades -------------------------------------------------------------------------------
+
+def test_auth_before_tls_is_not_offered_and_refused(server):
+    with smtplib.SMTP(HOST, server.port, timeout=TIMEOUT) as client:
+        client.ehlo("client.test")
+        assert not client.has_extn("auth")
+        assert client.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD)) == (
+            538, b"5.7.11 Encryption required for requested authentication mechanism")
+        assert client.docmd("AUTH", "LOGIN")[0] == 538
+        with pytest.raises(smtplib.SMTPNotSupportedError):
+            client.login("alice", PASSWORD)  # smtplib itself refuses: AUTH not advertised
+
+
+def test_starttls_twice_is_503(server, certs):
+    with starttls_client(server, certs) as client:
+        code, text = client.docmd("STARTTLS")
+        assert (code, text[:5]) == (503, b"5.5.1")
+        assert client.noop()[0] == 250  # still the same TLS session
+
+
+@pytest.mark.parametrize("after_220", [b"EHLO plaintext\r\nMAIL FROM:<x@y.example>\r\n", b""],
+                         ids=["plaintext", "eof"])
+def test_failed_handshake_closes_only_that_session(server, certs, after_220):
+    seen = server.log_text().count("handshake failed")
+    sock = connect(server.port, timeout=TIMEOUT)
+    try:
+        read_reply(sock)
+        worker = serving_worker(server, sock)
+        sock.sendall(b"EHLO x\r\n")
+        read_reply(sock)
+        sock.sendall(b"STARTTLS\r\n")
+        assert read_reply(sock).startswith(b"220 2.0.0")
+        if after_220:
+            sock.sendall(after_220)  # not a ClientHello
+        else:
+            sock.shutdown(socket.SHUT_WR)
+        data = replies_until_eof(sock)
+        assert not re.search(rb"(^|\n)[2-5]\d\d[ -]", data), data  # no SMTP reply, only EOF (or an alert)
+    finally:
+        sock.close()
+    text = wait_log_count(server, "handshake failed", seen + 1)
+    failed = [line for line in text.splitlines() if "[TLS]" in line and "handshake failed" in line]
+    assert re.search(r"\[TLS\] 127\.0\.0\.1 handshake failed: \S+", failed[-1]), failed
+    assert re.search(r"\[CLOSE\] 127\.0\.0\.1 TLS handshake failed: \S+", text)  # the reason again
+    with starttls_client(server, certs) as client:  # the server goes on serving
+        assert client.login("alice", PASSWORD)[0] == 235
+        assert client.sendmail(FROM, [TO], BODY) == {}
+    assert worker.is_running() and worker.status() != "zombie"  # its worker lives on
+
+
+def test_failed_handshake_on_the_smtps_port(server, certs):
+    seen = server.log_text().count("handshake failed")
+    sock = connect(server.implicit_port, timeout=TIMEOUT)
+    try:
+        sock.sendall(b"EHLO plaintext\r\n")
+        data = replies_until_eof(sock)
+        assert b"220" not in data and b"250" not in data
+    finally:
+        sock.close()
+    wait_log_count(server, "handshake failed", seen + 1)
+    with smtplib.SMTP_SSL(HOST, server.implicit_port, timeout=TIMEOUT, context=certs.client_context()) as c:
+        assert c.noop()[0] == 250
+
+
+def test_log_shows_tls_and_auth_but_never_secrets(server, certs):
+    seen = len(log_lines(server, "AUTH"))
+    payloads = [plain("alice", PASSWORD), b64("alice"), b64(PASSWORD), plain("alice", PASSWORD + "x")]
+    with starttls_client(server, certs) as client:
+        assert client.docmd("AUTH", "PLAIN " + payloads[3])[0] == 535  # the one failure
+        assert client.docmd("AUTH", "LOGIN " + payloads[1])[0] == 334
+        assert client.docmd(payloads[2])[0] == 235
+    with starttls_client(server, certs) as client:
+        assert client.docmd("AUTH", "PLAIN " + payloads[0])[0] == 235
+        client.sendmail(FROM, [TO], BODY)
+    wait_log_count(server, "[AUTH]", seen + 3)
+    wait_log_count(server, "[STORE]", server.log_text().count("[STORE]"))
+    text = server.log_text()
+    auth_lines = log_lines(server, "AUTH")[seen:]
+    assert any("PLAIN user='alice' failed" in line for line in auth_lines), auth_lines
+    assert any("LOGIN user='alice' ok" in line for line in auth_lines), auth_lines
+    assert re.search(r"\[TLS\] 127\.0\.0\.1 TLSv1\.[23] \S+", text)
+    for secret in [PASSWORD, *payloads]:
+        assert secret not in text
+    assert "scrypt$" not in text
+
+
+# -- policies: require_tls, required AUTH, minimum version ----------------------------------
+
+def test_require_tls_and_required_auth(daemon_factory, certs, tmp_path):
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    d = daemon_factory(sections=tls_sections(certs, pw, tls={"require_tls": True, "min_version": "TLSv1.3"},
+                                             auth_cfg={"required": True}))
+    before = set(d.new_messages())
+    with smtplib.SMTP(HOST, d.port, timeout=TIMEOUT) as client:
+        client.ehlo("client.test")
+        assert client.docmd("MAIL", f"FROM:<{FROM}>") == (530, b"5.7.0 Must issue a STARTTLS command first")
+        client.starttls(context=certs.client_context())
+        assert client.sock.version() == "TLSv1.3"
+        client.ehlo("client.test")
+        assert client.docmd("MAIL", f"FROM:<{FROM}>") == (530, b"5.7.0 Authentication required")
+        assert client.login("alice", PASSWORD)[0] == 235
+        assert client.sendmail(FROM, [TO], BODY) == {}
+    assert len(stored_since(d, before)) == 1
+    # min_version = TLSv1.3: a client that stops at TLS 1.2 does not get in.
+    old = certs.client_context()
+    old.maximum_version = ssl.TLSVersion.TLSv1_2
+    with smtplib.SMTP(HOST, d.port, timeout=TIMEOUT) as client:
+        client.ehlo("client.test")
+        with pytest.raises((ssl.SSLError, smtplib.SMTPServerDisconnected, ConnectionError)):
+            client.starttls(context=old)
+    wait_log_count(d, "handshake failed", 1)
+
+
+def test_handshake_has_its_own_timeout(daemon_factory, certs, tmp_path):
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    d = daemon_factory(sections={**tls_sections(certs, pw), "timeouts": {"command": 1}})
+    sock = connect(d.port, timeout=TIMEOUT)
+    try:
+        replies = Replies(sock)
+        replies.next()
+        sock.sendall(b"EHLO x\r\nSTARTTLS\r\n")
+        assert replies.next().startswith(b"250-")
+        assert replies.next().startswith(b"220 2.0.0")
+        sock.settimeout(TIMEOUT)  # the server, not this bound, must end it
+        data = replies_until_eof(sock)
+        assert not re.search(rb"(^|\n)[2-5]\d\d[ -]", data), data
+    finally:
+        sock.close()
+    text = wait_log_count(d, "handshake failed", 1)
+    assert "handshake timed out" in text
+
+
+# -- AUTH failures and the per-IP limit ---------------------------------------------------------
+
+def test_wrong_password_then_the_per_ip_limit(daemon_factory, certs, tmp_path):
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    d = daemon_factory(sections=tls_sections(certs, pw))
+    with starttls_client(d, certs) as client:  # failures in two sessions count together
+        for _ in range(3):
+            assert client.docmd("AUTH", "PLAIN " + plain("alice", "guess")) == (
+                535, b"5.7.8 Authentication credentials invalid")
+    with starttls_client(d, certs) as client:
+        assert client.docmd("AUTH", "PLAIN " + plain("nobody", "guess"))[0] == 535
+        assert client.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD, authzid="root"))[0] == 535
+    with starttls_client(d, certs) as client:  # the sixth attempt, with the right password
+        code, text = client.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD))
+        assert (code, text[:5]) == (421, b"4.7.0")
+        assert replies_until_eof(client.sock) == b""
+    wait_log_count(d, "refused: too many failures", 1)
+    # Per address: another loopback address is not blocked.
+    client = smtplib.SMTP(HOST, d.port, timeout=TIMEOUT, source_address=("127.0.0.2", 0))
+    try:
+        client.ehlo("client.test")
+        client.starttls(context=certs.client_context())
+        client.ehlo("client.test")
+        assert client.login("alice", PASSWORD)[0] == 235
+    finally:
+        client.close()
+
+
+# -- --check ---------------------------------------------------------------------------------------
+
+def check(tmp_path: Path, name: str, cert, key) -> subprocess.CompletedProcess:
+    conf = write_config(tmp_path / f"{name}.toml", {
+        "delivery": {"maildir": str(tmp_path / "Maildir")},
+        "tls": {"cert_file": str(cert), "key_file": str(key)}})
+    return subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(conf), "--check"],
+                          capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+
+
+def test_check_accepts_the_pair(certs, tmp_path):
+    r = check(tmp_path, "good", certs.cert, certs.key)
+    assert r.returncode == 0, r.stderr
+    assert b"TLS" in r.stdout
+
+
+@pytest.mark.parametrize("case, expected_key", [
+    ("missing-cert", "tls.cert_file"),
+    ("missing-key", "tls.key_file"),
+    ("mismatched-key", "tls.key_file"),
+    ("garbage-cert", "tls.cert_file"),
+    ("key-as-cert", "tls.cert_file"),
+    ("cert-as-key", "tls.key_file"),
+    ("empty-key", "tls.key_file"),
+    ("encrypted-key", "tls.key_file"),
+])
+def test_check_names_the_bad_key(certs, tmp_path, case, expected_key):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    cert, key = {
+        "missing-cert": (tmp_path / "none.pem", certs.key),
+        "missing-key": (certs.cert, tmp_path / "none.key"),
+        "mismatched-key": (certs.cert, certs.other_key),
+        "garbage-cert": (garbage, certs.key),
+        "key-as-cert": (certs.key, certs.key),
+        "cert-as-key": (certs.cert, certs.cert),
+        "empty-key": (certs.cert, empty),
+        "encrypted-key": (certs.cert, certs.encrypted_key),
+    }[case]
+    r = check(tmp_path, case, cert, key)
+    err = r.stderr.decode()
+    assert r.returncode == 2, (r.stdout, err)
+    assert expected_key in err and f"{case}.toml" in err, err
+    other = {"tls.cert_file": "tls.key_file", "tls.key_file": "tls.cert_file"}[expected_key]
+    assert other not in err, err
+
+
+def test_check_with_an_encrypted_key_never_prompts_on_a_terminal(certs, tmp_path):
+    """OpenSSL prompts for a pass phrase on the controlling terminal when nobody gives a
+    callback: --check (and the master on start or SIGHUP) would hang there."""
+    conf = write_config(tmp_path / "enc.toml", {
+        "delivery": {"maildir": str(tmp_path / "Maildir")},
+        "tls": {"cert_file": str(certs.cert), "key_file": str(certs.encrypted_key)}})
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a session with the pty as its controlling terminal
+        try:
+            os.execv(sys.executable, [sys.executable, "-m", "forksmtp", "-c", str(conf), "--check"])
+        finally:
+            os._exit(127)
+    out, eof = b"", False
+    deadline = time.monotonic() + 20
+    try:
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                pid = 0
+                break
+            if eof:
+                time.sleep(0.05)
+                continue
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    chunk = b""
+                eof = not chunk
+                out += chunk
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    assert pid == 0, f"--check still running after 20 s; terminal shows {out!r}"
+    assert os.waitstatus_to_exitcode(status) == 2
+    assert b"pass phrase:" not in out.lower()
+
+
+# -- SIGHUP: certificates and passwords re-read ------------------------------------------------
+
+def install(src_cert: Path, src_key: Path, cert: Path, key: Path) -> None:
+    """Replace the served files the way a renewal does (write, then rename)."""
+    for src, dst in ((src_cert, cert), (src_key, key)):
+        tmp = dst.with_suffix(".new")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
+def reload(d: Daemon, generation: int) -> set[int]:
+    """SIGHUP; wait for the new generation; the pids of the workers before it."""
+    old = {w.pid for w in d.workers()}
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(f"configuration generation {generation} loaded", TIMEOUT)
+    return old
+
+
+def live_cert_daemon(daemon_factory, certs, tmp_path, **users) -> tuple[Daemon, Path, Path, Path]:
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "cert.pem", live / "key.pem"
+    install(certs.cert, certs.key, cert, key)
+    pw = password_file(tmp_path / "passwd", **(users or {"alice": PASSWORD}))
+    d = daemon_factory(sections=tls_sections(certs, pw, cert=cert, key=key))
+    return d, cert, key, pw
+
+
+def test_sighup_swaps_the_certificate_while_a_session_runs(daemon_factory, certs, tmp_path):
+    d, cert, key, _ = live_cert_daemon(daemon_factory, certs, tmp_path)
+    before = set(d.new_messages())
+    a = starttls_client(d, certs)
+    try:
+        assert fingerprint(a.sock) == certs.fingerprint(1)
+        assert a.login("alice", PASSWORD)[0] == 235
+        busy = serving_worker(d, a.sock).pid
+        install(certs.cert2, certs.key2, cert, key)
+        old = reload(d, 2)
+        # The idle old workers retire; the one serving A finishes its session first.
+        wait_until(lambda: {w.pid for w in d.workers()} & old == {busy}, TIMEOUT, what="old idle workers gone")
+        with starttls_client(d, certs) as b:
+            assert fingerprint(b.sock) == certs.fingerprint(2)
+            assert b.login("alice", PASSWORD)[0] == 235
+            assert b.sendmail(FROM, [TO], BODY) == {}
+        # The session opened before the reload goes on over its original TLS session.
+        assert a.sendmail(FROM, [TO], BODY) == {}
+        assert fingerprint(a.sock) == certs.fingerprint(1)
+        assert a.noop()[0] == 250
+    finally:
+        a.close()
+    wait_until(lambda: busy not in {w.pid for w in d.workers()}, TIMEOUT, what="the old worker retires")
+    stored = stored_since(d, before, 2)
+    assert all(" with ESMTPSA id " in received_header(p) for p in stored)
+
+
+def test_sighup_with_a_bad_certificate_keeps_the_old_one(daemon_factory, certs, tmp_path):
+    d, cert, key, _ = live_cert_daemon(daemon_factory, certs, tmp_path)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    for n, (new_cert, new_key, named) in enumerate([(garbage, certs.key, "tls.cert_file"),
+                                                     (certs.cert2, certs.other_key, "tls.key_file")], 1):
+        install(new_cert, new_key, cert, key)
+        d.signal(signal.SIGHUP)
+        text = d.wait_for_log("reload failed", TIMEOUT, count=n)
+        failure = [line for line in text.splitlines() if "reload failed" in line][-1]
+        assert named in failure, failure
+        with starttls_client(d, certs) as client:
+            assert fingerprint(client.sock) == certs.fingerprint(1)
+            assert client.login("alice", PASSWORD)[0] == 235
+            assert client.sendmail(FROM, [TO], BODY) == {}
+    assert "configuration generation 2" not in d.log_text()
+    # A good pair later is taken.
+    install(certs.cert2, certs.key2, cert, key)
+    old = reload(d, 2)
+    wait_until(lambda: not ({w.pid for w in d.workers()} & old), TIMEOUT, what="old workers gone")
+    with starttls_client(d, certs) as client:
+        assert fingerprint(client.sock) == certs.fingerprint(2)
+
+
+def test_sighup_rereads_the_password_file(daemon_factory, certs, tmp_path):
+    d, _, _, pw = live_cert_daemon(daemon_factory, certs, tmp_path, alice="old-alice")
+    with starttls_client(d, certs) as client:
+        assert client.docmd("AUTH", "PLAIN " + plain("bob", "bob-pw"))[0] == 535
+    password_file(pw, bob="bob-pw", alice="new-alice")
+    old = reload(d, 2)
+    wait_until(lambda: not ({w.pid for w in d.workers()} & old), TIMEOUT, what="old workers gone")
+    before = set(d.new_messages())
+    with starttls_client(d, certs) as client:
+        assert client.docmd("AUTH", "PLAIN " + plain("bob", "bob-pw"))[0] == 235
+        assert client.sendmail(FROM, [TO], BODY) == {}
+    with starttls_client(d, certs) as client:
+        assert client.docmd("AUTH", "PLAIN " + plain("alice", "old-alice"))[0] == 535
+        assert client.docmd("AUTH", "PLAIN " + plain("alice", "new-alice"))[0] == 235
+    (path,) = stored_since(d, before)
+    assert "(authenticated as bob)" in received_header(path)

@@ -65,6 +65,15 @@ def load_security(cfg) -> tuple[object, dict]:
     return context, passwords
 
 
+def _is_crash(status: int) -> bool:
+    """An exit that says "this worker could not run": an error status or a fault
+    signal.  SIGKILL/SIGTERM/SIGINT/SIGQUIT come from an operator (or the OOM killer)
+    and say nothing about whether the next worker can start."""
+    if os.WIFSIGNALED(status):
+        return os.WTERMSIG(status) not in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+    return os.WEXITSTATUS(status) != 0
+
+
 @dataclass
 class Child:
     pid: int
@@ -218,7 +227,12 @@ class Arbiter:
             return None
         now = time.monotonic()
         self.board.claim_slot(slot, 0, self.generation, now)
-        pid = self._fork()
+        try:
+            pid = self._fork()
+        except OSError as exc:  # EAGAIN/ENOMEM: no process this tick; free the slot
+            self.board.repair(slot)
+            self.log.error("POOL", f"cannot fork a worker: {exc.strerror}")
+            return None
         if pid == 0:  # child: never return into the master's code
             code = EXIT_BOOT_ERROR
             try:
@@ -276,8 +290,7 @@ class Arbiter:
                 continue  # not ours (e.g. a reparented orphan when we run as pid 1)
             self.board.repair(child.slot)
             lifetime = time.monotonic() - child.started
-            planned = child.term_sent or child.quit_sent
-            if not planned and (os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0):
+            if not (child.term_sent or child.quit_sent) and _is_crash(status):
                 self.pool_state.record_exit(lifetime, time.monotonic())
             self._log_exit(child, status, lifetime)
 
@@ -330,8 +343,10 @@ class Arbiter:
         snap = snap or self.board.snapshot()
         settings = dataclasses.replace(pool.PoolSettings.from_server(self.cfg.server), workers=self.target)
         plan = pool.plan(snap, settings, self.pool_state, now)
-        if plan.reason != self.last_pool_reason:
-            self.last_pool_reason = plan.reason
+        # Log a reason once, not every tick (its text carries a countdown).
+        reason_key = f"{plan.reason.partition(';')[0]}/{self.pool_state.backoff}" if plan.reason else ""
+        if reason_key != self.last_pool_reason:
+            self.last_pool_reason = reason_key
             if plan.reason:
                 self.log.warning("POOL", plan.reason)
         for _ in range(plan.spawn):

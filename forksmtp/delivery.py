@@ -61,7 +61,9 @@ class Router:
             return self.maildir(path).begin()
         except FileNotFoundError:
             # The Maildir was removed while we ran: recreate it (tmp/new/cur, 0700).
-            self._maildirs.pop(path, None)
+            stale = self._maildirs.pop(path, None)
+            if stale is not None:
+                stale.close()
             return self.maildir(path).begin()
 
 

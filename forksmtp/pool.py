@@ -97,17 +97,19 @@ def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float) -
     room = min(settings.max_workers, snap.nslots) - len(snap.slots)
     counts = {"current": len(current), "idle": len(idle), "occupied": len(snap.slots),
               "busy": sum(1 for s in current if s.state == BUSY), "room": max(room, 0)}
-    spawn, reason = _spawn(settings, state, now, len(current), len(idle), room)
+    starting = sum(1 for s in current if s.state == STARTING)
+    spawn, reason = _spawn(settings, state, now, len(current), len(idle), room, starting)
     retire = () if spawn else _retire(settings, state, now, current, idle)
     return Plan(spawn, retire, state.backoff_until, reason, counts)
 
 
 def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, idle: int,
-           room: int) -> tuple[int, str]:
+           room: int, starting: int = 0) -> tuple[int, str]:
     need_min = settings.workers - current
     need_spare = max(settings.min_spare, 0) - idle
     if need_min <= 0 and need_spare <= 0:
-        state.spawn_rate = 1
+        if not starting:  # a burst is still being absorbed while workers start up
+            state.spawn_rate = 1
         return 0, ""
     if now < state.backoff_until:
         state.spawn_rate = 1
@@ -118,7 +120,9 @@ def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, i
         state.spawn_rate = 1
         return 0, f"max_workers reached ({settings.max_workers} workers): no spare to start"
     # The minimum is restored at once (boot, after a crash); spares grow at the doubling rate.
-    spawn = min(room, max(need_min, min(need_spare, state.spawn_rate)))
+    # As Apache prefork: spawn the whole rate (1, 2, 4 ... 32), not just the shortfall,
+    # so a burst of clients gets workers in a few ticks instead of one per tick.
+    spawn = min(room, max(need_min, state.spawn_rate if need_spare > 0 else 0))
     if need_spare > 0:
         state.spawn_rate = min(state.spawn_rate * 2, MAX_SPAWN_RATE)
     return spawn, ""

@@ -131,7 +131,8 @@ class Worker:
             for fd, _ in events:
                 sock = self.listeners.get(fd)
                 if sock is None:
-                    self.on_wake(fd)
+                    if fd in self.wake_fds:  # not a listener closed earlier in this batch
+                        self.on_wake(fd)
                 elif not (self.stopping or self.quitting):
                     self._accept(sock)
         self.board.set_stopping(self.slot)

@@ -172,7 +172,9 @@ class Connection:
         except (OSError, ValueError) as exc:
             return self._tls_failed(exc)
         self.sock = ssock
-        deadline = time.monotonic() + self.timeouts.command
+        # The worker's command timeout is the short one under stress (as Postfix's
+        # smtpd_starttls_timeout); a stalled handshake must not hold a worker longer.
+        deadline = min(time.monotonic() + self.worker.command_timeout, self.session_deadline)
         while True:
             try:
                 ssock.do_handshake()

@@ -120,10 +120,12 @@ def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, i
         state.spawn_rate = 1
         return 0, f"max_workers reached ({settings.max_workers} workers): no spare to start"
     # The minimum is restored at once (boot, after a crash); spares grow at the doubling rate.
-    # As Apache prefork: spawn the whole rate (1, 2, 4 ... 32), not just the shortfall,
-    # so a burst of clients gets workers in a few ticks instead of one per tick.
-    spawn = min(room, max(need_min, state.spawn_rate if need_spare > 0 else 0))
-    if need_spare > 0:
+    # Every worker busy means a burst: spawn the whole rate (1, 2, 4 ... 32, as Apache
+    # prefork), not just the shortfall, so queued clients get workers in a few ticks.
+    # With some idle, top up to min_spare only, which never overshoots the pool.
+    burst = need_min <= 0 and idle == 0 and need_spare > 0  # not a fresh generation
+    spawn = min(room, max(need_min, state.spawn_rate if burst else max(need_spare, 0)))
+    if burst:
         state.spawn_rate = min(state.spawn_rate * 2, MAX_SPAWN_RATE)
     return spawn, ""
 

@@ -74,7 +74,9 @@ class Worker:
         self.session_cfg = self._session_config(cfg.limits.max_errors)
         self.stress_cfg = self._session_config(cfg.limits.stress_max_errors)
         self.normalize_nets = [ipaddress.ip_network(n, strict=False) for n in cfg.limits.normalize_networks]
-        self.greeting_delay = cfg.server.greeting_delay
+        # The greeting delay only exists to catch early talkers (a postscreen-style
+        # pregreet test); without the rejection there is no reason to make clients wait.
+        self.greeting_delay = cfg.server.greeting_delay if cfg.server.reject_early_talkers else 0.0
         self.command_timeout = cfg.timeouts.command
         self.id_prefix = f"{int(time.time()):X}{self.pid:X}."
         jitter = cfg.server.max_sessions_jitter

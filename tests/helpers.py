@@ -207,15 +207,19 @@ def check_wire(wire: bytes) -> None:
 
 def check_enhanced(wire: bytes, negotiated: bool) -> None:
     """RFC 2034: enhanced codes only once negotiated, then on every reply except the
-    EHLO/HELO reply and 354, and always in the reply code's class (RFC 3463)."""
+    EHLO/HELO reply and 354, and always in the reply code's class (RFC 3463).  Replies
+    that close the session (421, 554) carry theirs even before EHLO."""
     for group in split_replies(wire):
         code, enhanced = _code_and_enhanced(group[0])
         if code == 354 or (code == 250 and group[0][4:] == HOSTNAME.encode()):
             assert not enhanced, group
             continue
         if not negotiated:
-            assert not enhanced, f"enhanced status code before EHLO/HELO: {group!r}"
-            continue
+            # A reply that closes the session carries its code anyway (421 4.7.0 ...).
+            closing = code in (421, 554)
+            if not closing:
+                assert not enhanced, f"enhanced status code before EHLO/HELO: {group!r}"
+                continue
         assert enhanced, f"no enhanced status code after EHLO/HELO: {group!r}"
         assert enhanced[0] == str(code)[0], f"enhanced code of the wrong class: {group!r}"
         for line in group:

@@ -176,3 +176,25 @@ def test_from_server_config():
     assert (got.workers, got.max_workers, got.min_spare, got.max_spare, got.max_idle) == (
         server.workers, server.max_workers, server.min_spare_workers, server.max_spare_workers,
         server.max_idle)
+
+
+def test_burst_spawns_the_doubling_rate_while_workers_start():
+    """Every worker busy: 1, 2, 4 ... spawned per tick, and the rate is kept while the
+    spawned workers are still starting (a burst of queued clients is being absorbed)."""
+    state, s = PoolState(), settings(workers=2, max_workers=200)
+    spawned = []
+    busy = 2
+    for _ in range(5):
+        result = plan(snap(" ".join(["B"] * busy)), s, state, NOW)
+        spawned.append(result.spawn)
+        # The new workers start, then take queued clients at once.
+        plan(snap(" ".join(["B"] * busy + ["S"] * result.spawn)), s, state, NOW)
+        busy += result.spawn
+    assert spawned == [1, 2, 4, 8, 16]
+
+
+def test_fresh_generation_is_not_a_burst():
+    """After a reload the new generation starts from zero workers: exactly the minimum
+    is started, however high the spawn rate had climbed (no overshoot on reload)."""
+    state = PoolState(spawn_rate=16)
+    assert plan(snap("b b"), settings(workers=2), state, NOW).spawn == 2

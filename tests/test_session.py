@@ -629,9 +629,9 @@ def test_too_many_errors_reply_after_ehlo():
     assert feed(s, b"NOOP\r\n") == b""
 
 
-def test_too_many_errors_before_helo_has_no_enhanced_code():
+def test_too_many_errors_before_helo_closes_with_enhanced_code():
     s = new_session(max_errors=2)
-    assert replies(s, ["FOO", "BAR"]) == ["500", "500", "421"]
+    assert replies(s, ["FOO", "BAR"]) == ["500", "500", "421 4.7.0"]
 
 
 def test_every_error_class_counts():

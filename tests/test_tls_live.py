@@ -421,6 +421,33 @@ def test_handshake_has_its_own_timeout(daemon_factory, certs, tmp_path):
     assert "handshake timed out" in text
 
 
+def test_handshake_timeout_is_short_in_stress_mode(daemon_factory, certs, tmp_path):
+    """Under stress the command timeout shrinks (Postfix: smtpd_starttls_timeout is
+    ${stress?10}:{300}); a client that stalls in the handshake must not keep the worker
+    for the full unstressed timeout."""
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    d = daemon_factory(server={"workers": 2, "max_workers": 2, "stress_threshold": 0.5},
+                       sections={**tls_sections(certs, pw), "timeouts": {"stress_command": 1}})
+    idle = smtplib.SMTP(HOST, d.port, timeout=TIMEOUT)  # one of two workers busy: stress
+    try:
+        idle.ehlo("client.test")
+        d.wait_for_log("stress mode on", TIMEOUT)
+        sock = connect(d.port, timeout=TIMEOUT)
+        try:
+            replies = Replies(sock)
+            replies.next()
+            sock.sendall(b"EHLO x\r\nSTARTTLS\r\n")
+            assert replies.next().startswith(b"250-")
+            assert replies.next().startswith(b"220 2.0.0")
+            data = replies_until_eof(sock)  # socket.timeout here: the 300 s timeout was used
+            assert not re.search(rb"(^|\n)[2-5]\d\d[ -]", data), data
+        finally:
+            sock.close()
+        assert "handshake timed out" in wait_log_count(d, "handshake failed", 1)
+    finally:
+        idle.close()
+
+
 # -- AUTH failures and the per-IP limit ---------------------------------------------------------
 
 def test_wrong_password_then_the_per_ip_limit(daemon_factory, certs, tmp_path):

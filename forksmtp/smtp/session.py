@@ -162,8 +162,11 @@ class Session:
             self._send(R.R535_AUTH_FAILED)
 
     def close(self, reply: R.Reply) -> None:
-        """Send a final reply (421 on timeout or shutdown) and close."""
-        self._send(reply)
+        """Send a final reply (421 on timeout or shutdown) and close.
+
+        A closing reply always carries its enhanced code (421 4.4.2, 554 5.5.0 ...), even
+        before EHLO: it is the last thing the client learns, and the code says why."""
+        self._send(reply, always_enhanced=reply.code >= 400)
         self.closed = True
 
     @property
@@ -180,8 +183,8 @@ class Session:
 
     # -- replies and the error budget -----------------------------------------------
 
-    def _send(self, reply: R.Reply) -> None:
-        self._out.append(reply.wire(self.enhanced))
+    def _send(self, reply: R.Reply, always_enhanced: bool = False) -> None:
+        self._out.append(reply.wire(self.enhanced or always_enhanced))
         if self.config.log_commands:
             self.log.append(str(reply))
         if reply.code < 400:

@@ -1,0 +1,160 @@
+"""Timeouts, slow clients, early talkers and stress mode against the real daemon.
+
+Every timeout here is configured in seconds so that the tests finish quickly; the
+assertions are about what the client is told (421 4.4.2, 554 5.5.0, 421 4.7.0) and that
+the worker is free again, never about how fast it happened.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from daemon import RawSMTP, read_reply, request_stats, send_message, wait_until
+
+FAST = {"command": 1, "data_block": 1, "data_done": 4, "session": 6, "min_data_rate": 2000}
+
+
+def fast_daemon(daemon_factory, **server):
+    return daemon_factory(workers=2, server={"max_workers": 4, **server}, sections={"timeouts": FAST})
+
+
+def test_idle_client_gets_421_4_4_2_and_the_worker_is_freed(daemon_factory):
+    d = fast_daemon(daemon_factory)
+    with socket.create_connection((d.host, d.port), timeout=10) as s:
+        assert read_reply(s).startswith(b"220 ")
+        s.sendall(b"EHLO slow.example\r\n")
+        assert read_reply(s).startswith(b"250-")
+        # Say nothing more: the command deadline passes.
+        assert read_reply(s).startswith(b"421 4.4.2 ")
+        assert s.recv(100) == b""  # and the server closed the connection
+    d.wait_for_log("timeout")
+    send_message(d.port)  # the worker serves others again
+
+
+def test_trickled_command_does_not_extend_the_deadline(daemon_factory):
+    """One byte every 0.3 s: each read would reset a per-read timer; ours is per request."""
+    d = fast_daemon(daemon_factory)
+    with socket.create_connection((d.host, d.port), timeout=10) as s:
+        assert read_reply(s).startswith(b"220 ")
+        reply = b""
+        for byte in b"NOOP NOOP NOOP NOOP NOOP NOOP\r\n":
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.3)
+            s.setblocking(False)
+            try:
+                reply += s.recv(4096)
+            except BlockingIOError:
+                pass
+            finally:
+                s.setblocking(True)
+            if reply:
+                break
+        assert reply.startswith(b"421 4.4.2 "), reply
+
+
+def test_slow_data_below_the_minimum_rate_is_cut_off(daemon_factory):
+    """A slowloris in DATA: bytes keep coming, but far below min_data_rate."""
+    d = fast_daemon(daemon_factory)
+    c = RawSMTP(d.port)
+    try:
+        assert c.command(b"EHLO slow.example") == 250
+        code, _ = c.start_data()
+        assert code == 354
+        started = time.monotonic()
+        got = None
+        while time.monotonic() - started < 15:
+            try:
+                c.sock.sendall(b"x" * 10 + b"\r\n")
+            except OSError:
+                break
+            time.sleep(0.2)
+            c.sock.setblocking(False)
+            try:
+                got = c.sock.recv(4096)
+            except BlockingIOError:
+                got = None
+            finally:
+                c.sock.setblocking(True)
+            if got is not None:
+                break
+        assert got is not None and got.startswith(b"421 4.4.2 "), got
+    finally:
+        c.close()
+    assert not d.new_messages()
+
+
+def test_session_deadline_ends_a_chatty_client(daemon_factory):
+    """NOOP forever (aiosmtpd #145): each command is quick, the session is not."""
+    d = fast_daemon(daemon_factory)
+    c = RawSMTP(d.port)
+    last = None
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 20:
+            try:
+                last = c.command(b"NOOP")
+            except (OSError, ConnectionError):
+                break
+            if last != 250:
+                break
+            time.sleep(0.2)
+    finally:
+        c.close()
+    assert last == 421
+
+
+def test_early_talker_gets_554_and_patient_client_is_served(daemon_factory):
+    d = daemon_factory(workers=2, server={"greeting_delay": 0.5})
+    with socket.create_connection((d.host, d.port), timeout=10) as s:
+        s.sendall(b"EHLO eager.example\r\n")  # before the greeting: a protocol violation
+        assert read_reply(s).startswith(b"554 5.5.0 ")
+        try:  # closed; unread client bytes may turn the close into a reset
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    send_message(d.port)  # waits for the 220 as it should, and is served
+    stats = request_stats(d)
+    assert stats["connections_rejected"]["early_talker"] == 1
+
+
+def test_early_talkers_accepted_when_rejection_is_off(daemon_factory):
+    d = daemon_factory(workers=2, server={"greeting_delay": 0.5, "reject_early_talkers": False})
+    with socket.create_connection((d.host, d.port), timeout=10) as s:
+        s.sendall(b"EHLO eager.example\r\n")
+        assert read_reply(s).startswith(b"220 ")
+
+
+def test_stress_mode_lowers_the_error_limit_and_says_so(daemon_factory):
+    """Half of max_workers busy switches stress on: one error ends a session."""
+    d = daemon_factory(workers=2, server={"max_workers": 4, "stress_threshold": 0.5,
+                                          "max_spare_workers": 4},
+                       sections={"limits": {"stress_max_errors": 1}})
+    holders = [RawSMTP(d.port) for _ in range(2)]
+    try:
+        for h in holders:
+            assert h.command(b"EHLO holder.example") == 250
+        d.wait_for_log("[STRESS] stress mode on")
+        assert request_stats(d)["stress"] is True
+        with socket.create_connection((d.host, d.port), timeout=10) as s:
+            assert read_reply(s).startswith(b"220 ")
+            s.sendall(b"BOGUS\r\n")
+            reply = read_reply(s)
+            if b"421" not in reply:
+                reply += read_reply(s)
+            assert reply.startswith(b"500 ") and b"421 4.7.0 " in reply, reply
+    finally:
+        for h in holders:
+            h.close()
+    d.wait_for_log("[STRESS] stress mode off", timeout=15)
+    wait_until(lambda: request_stats(d)["stress"] is False, 10)
+    # Out of stress, the normal error budget applies again.
+    with socket.create_connection((d.host, d.port), timeout=10) as s:
+        assert read_reply(s).startswith(b"220 ")
+        s.sendall(b"BOGUS\r\n")
+        assert read_reply(s).startswith(b"500 ")
+        s.sendall(b"NOOP\r\n")
+        assert read_reply(s).startswith(b"250 ")

@@ -9,9 +9,10 @@ The scoreboard slot of a reaped worker is repaired, so a worker killed mid-sessi
 leaves the connection counts inflated.
 
 While the pool is at ``max_workers`` and no worker is idle, the master watches the
-listening sockets itself and answers ``421 4.3.2`` (Postfix's master does the same:
-"when no process listens on a socket, the master will"), so a client never waits
-silently in the listen backlog.
+listening sockets itself and answers ``421 4.3.2`` once admissions have stalled, so a
+client never waits silently in the listen backlog.  (Postfix's master watches an idle
+socket to start processes on demand; at its process limit clients wait.  Answering
+them is postscreen's job there, and ours here.)
 """
 
 from __future__ import annotations
@@ -154,7 +155,8 @@ class Arbiter:
         process.sd_notify("READY=1")
         overflow = False
         while True:
-            tick = FAST_TICK if (overflow or self.spawn_pending) else TICK
+            at_ceiling = len(self.workers) >= self.cfg.server.max_workers
+            tick = FAST_TICK if (overflow or self.spawn_pending or at_ceiling) else TICK
             sigs, _ = self.signals.wait(tick)
             for sig in sigs:
                 getattr(self, f"handle_{NAMES[sig]}")()
@@ -441,8 +443,8 @@ class Arbiter:
         for addr in old_addrs:
             self.sockets.pop(addr).close()
         self.sockets.update(opened)
-        if new.log != self.cfg.log:
-            self.log.reopen(new.log.level, new.log.file)
+        # Reopen even when unchanged: after logrotate renamed the file, HUP starts a new one.
+        self.log.reopen(new.log.level, new.log.file)
         self.cfg = new
         self.target = new.server.workers
         self.generation += 1

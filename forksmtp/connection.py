@@ -90,6 +90,9 @@ class Connection:
             while True:
                 self._flush()
                 if session.closed:
+                    reply = session.close_reply
+                    if self.close_reason == "client quit" and reply is not None and reply.code != 221:
+                        self.close_reason = f"closed by server: {reply}"
                     return
                 data = self._recv()
                 if data is None:
@@ -327,8 +330,9 @@ class Connection:
     def _deadline(self) -> float:
         t = self.timeouts
         if self.session.in_data:
-            rate_limit = self.data_start + t.data_block + self.data_bytes / max(t.min_data_rate, 1)
-            deadline = min(self.data_start + t.data_done, rate_limit)
+            deadline = self.data_start + t.data_done
+            if t.min_data_rate > 0:  # 0 turns the minimum rate off
+                deadline = min(deadline, self.data_start + t.data_block + self.data_bytes / t.min_data_rate)
         else:
             deadline = self.request_start + self.worker.command_timeout
         return min(deadline, self.session_deadline)

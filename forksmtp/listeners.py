@@ -16,6 +16,7 @@ each entry in the list is exactly one socket.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -114,16 +115,32 @@ def _resolve(host: str, family: int, port: int = 0) -> list[tuple]:
 
 
 def bind(addr: ListenAddr, backlog: int = 1024) -> socket.socket:
-    """Open a blocking, inheritable listening socket; raises BindError."""
+    """Open a blocking, inheritable listening socket; raises BindError.
+
+    The bare ``PORT`` form means every interface: one dual-stack IPv6 socket that also
+    takes IPv4 clients (as ``::ffff:a.b.c.d``), or plain IPv4 where IPv6 is off."""
+    if not addr.host and socket.has_ipv6:
+        try:
+            return _bind(addr, socket.AF_INET6, ("::", addr.port, 0, 0), backlog, dual=True)
+        except BindError as exc:
+            if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
     try:
         sockaddr = _resolve(addr.host, addr.family, addr.port)[0][4]
     except ValueError as exc:
         raise BindError(addr, f"cannot listen on {addr}: {exc}") from None
-    sock = socket.socket(addr.family, socket.SOCK_STREAM)
+    return _bind(addr, addr.family, sockaddr, backlog)
+
+
+def _bind(addr: ListenAddr, family: int, sockaddr: tuple, backlog: int, dual: bool = False) -> socket.socket:
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise BindError(addr, f"cannot listen on {addr}: {exc.strerror}", exc.errno) from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if addr.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
         sock.bind(sockaddr)
         sock.listen(backlog)
     except OSError as exc:

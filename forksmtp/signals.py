@@ -26,6 +26,7 @@ class SignalQueue:
     def install(self) -> None:
         for sig in HANDLED:
             signal.signal(sig, self._record)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # reserved; must not kill the master
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
 
     def _record(self, signum: int, frame) -> None:

@@ -97,7 +97,7 @@ class Worker:
             max_recipients=cfg.limits.max_recipients, max_errors=max_errors,
             max_received_headers=cfg.limits.max_received_headers,
             local_domains=cfg.delivery.local_domains,
-            normalize_bare_newlines=cfg.limits.bare_newline == "normalize" and not cfg.limits.normalize_networks,
+            normalize_bare_newlines=cfg.limits.bare_newline == "normalize",
             log_commands=self.log.level <= 20,
             starttls=self.tls_context is not None,
             require_tls=cfg.tls is not None and cfg.tls.require_tls,
@@ -153,8 +153,13 @@ class Worker:
 
     def _serve(self, sock: socket.socket, peer: tuple, implicit_tls: bool = False) -> None:
         ip = peer[0]
+        if ip.startswith("::ffff:") and "." in ip:  # IPv4 client on a dual-stack socket
+            ip = ip[7:]
+            peer = (ip, *peer[1:])
         now = time.monotonic()
         self.board.set_busy(self.slot, peer, now)
+        self._client = ip
+        self._last_phase = ""
         self._title(f"busy {ip}")
         self.log.queue("CONN", ip)
         try:
@@ -187,12 +192,13 @@ class Worker:
         self.log.flush()
 
     def _normalize_for(self, ip: str) -> bool | None:
-        if not self.normalize_nets:
-            return None  # the session config decides
-        if self.cfg.limits.bare_newline != "normalize":
-            return False
+        """normalize_networks are exceptions to bare_newline = "reject" (legacy senders
+        on listed networks get their bare LF normalised, as Postfix's
+        smtpd_forbid_bare_newline_exclusions); None lets the session config decide."""
+        if not self.normalize_nets or self.cfg.limits.bare_newline == "normalize":
+            return None
         addr = ipaddress.ip_address(ip)
-        return any(addr in net for net in self.normalize_nets)
+        return True if any(addr in net for net in self.normalize_nets) else None
 
     # -- called by Connection ------------------------------------------------------------
 
@@ -228,6 +234,7 @@ class Worker:
         if phase != self._last_phase:
             self._last_phase = phase
             self.board.set_phase(self.slot, phase, time.monotonic())
+            self._title(f"busy {self._client} {phase}")
 
     _last_phase = ""
 

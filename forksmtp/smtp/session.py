@@ -79,6 +79,7 @@ class Session:
         self.enhanced = False  # RFC 3463 codes once EHLO/HELO succeeded
         self.errors = 0
         self.closed = False
+        self.close_reply: R.Reply | None = None  # the reply that closed the session
         self.envelope: Envelope | None = None
         self.log: list[str] = []  # command and reply lines for the session log
         self.error_codes: list[int] = []  # 4xx/5xx replies given, for the stats
@@ -168,6 +169,7 @@ class Session:
         before EHLO: it is the last thing the client learns, and the code says why."""
         self._send(reply, always_enhanced=reply.code >= 400)
         self.closed = True
+        self.close_reply = reply
 
     @property
     def in_data(self) -> bool:

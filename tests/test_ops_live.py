@@ -1,0 +1,107 @@
+"""Operator-facing behaviour of the running daemon: listen forms, legacy-network
+exceptions, signals that must not hurt, log reopening and process titles."""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import time
+
+import psutil
+import pytest
+
+from daemon import free_port, read_reply, send_message, wait_until
+
+
+def test_bare_port_listens_on_ipv4_and_ipv6(daemon_factory):
+    port = free_port()
+    d = daemon_factory(port=port, server={"listen": [str(port)]})
+    send_message(port, host="127.0.0.1")
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    try:
+        send_message(port, host="::1")
+    except OSError as exc:
+        pytest.skip(f"IPv6 loopback unusable here: {exc}")
+    log = d.wait_for_log("[CONN] ::1")
+    assert "[CONN] 127.0.0.1" in log  # IPv4 clients are logged as IPv4, not ::ffff:
+    assert "::ffff:" not in log
+    assert len(d.new_messages()) == 2
+
+
+LEGACY_BODY = b"Subject: legacy\r\n\r\nline one\nline two\r\n"
+
+
+def _deliver_raw(port: int, body: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        read_reply(s)
+        for line in (b"EHLO legacy.example", b"MAIL FROM:<a@legacy.example>",
+                     b"RCPT TO:<b@mx.test.example>", b"DATA"):
+            s.sendall(line + b"\r\n")
+            read_reply(s)
+        s.sendall(body + b".\r\n")
+        return read_reply(s)
+
+
+def test_normalize_networks_are_exceptions_to_reject(daemon_factory):
+    listed = daemon_factory(sections={"limits": {"bare_newline": "reject",
+                                                 "normalize_networks": ["127.0.0.0/8"]}})
+    assert _deliver_raw(listed.port, LEGACY_BODY).startswith(b"250 ")
+    assert listed.new_messages()[0].read_bytes().endswith(b"line one\nline two\n")
+
+    other = daemon_factory(sections={"limits": {"bare_newline": "reject",
+                                                "normalize_networks": ["192.0.2.0/24"]}})
+    assert _deliver_raw(other.port, LEGACY_BODY).startswith(b"550 5.6.0 ")
+    assert other.new_messages() == []
+
+
+def test_min_data_rate_zero_turns_the_rate_check_off(daemon_factory):
+    d = daemon_factory(sections={"timeouts": {"data_block": 2, "min_data_rate": 0}})
+    with socket.create_connection((d.host, d.port), timeout=10) as s:
+        read_reply(s)
+        for line in (b"EHLO slow.example", b"MAIL FROM:<a@x.example>",
+                     b"RCPT TO:<b@mx.test.example>", b"DATA"):
+            s.sendall(line + b"\r\n")
+            read_reply(s)
+        for _ in range(12):  # 3 s of 4-byte lines: far below any positive minimum rate
+            s.sendall(b"ab\r\n")
+            time.sleep(0.25)
+        s.sendall(b".\r\n")
+        assert read_reply(s).startswith(b"250 ")
+
+
+def test_sigusr2_does_not_stop_the_master(daemon):
+    daemon.signal(signal.SIGUSR2)
+    time.sleep(0.3)
+    assert daemon.proc.poll() is None
+    send_message(daemon.port)
+
+
+def test_hup_reopens_the_log_after_rotation(daemon):
+    rotated = daemon.log_path.with_suffix(".log.1")
+    os.rename(daemon.log_path, rotated)
+    daemon.signal(signal.SIGHUP)
+    wait_until(lambda: daemon.log_path.exists() and "[RELOAD]" in daemon.log_text(), 10,
+               what="a fresh log file after HUP")
+    send_message(daemon.port)
+    daemon.wait_for_log("[STORE]")
+
+
+def test_worker_title_shows_client_and_phase(daemon):
+    with smtplib.SMTP(daemon.host, daemon.port, timeout=10) as client:
+        client.ehlo("titles.example")
+        client.mail("a@x.example")
+
+        def busy_title():
+            for w in daemon.workers():
+                title = " ".join(w.cmdline())
+                if "busy 127.0.0.1 mail" in title:  # set just after the 250 went out
+                    return title
+            return ""
+
+        title = wait_until(busy_title, 10, what="a busy worker title")
+        assert title.startswith("forksmtp: worker busy 127.0.0.1 mail"), title
+    master = " ".join(psutil.Process(daemon.pid).cmdline())
+    assert master.startswith("forksmtp: master ")

@@ -215,6 +215,7 @@ class Connection:
             ok = False  # no proxy authorization: acting as another user is refused
         if not ok:
             w.auth_failed(self.peer_ip)
+        w.count_auth(ok)
         self._drain_session_log()
         self.log.queue("AUTH", f"{self.peer_ip} {creds.mechanism} user={creds.username[:64]!r} "
                                f"{'ok' if ok else 'failed'}")

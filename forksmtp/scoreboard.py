@@ -46,7 +46,10 @@ _CODE_POS = {c: i for i, c in enumerate(REJECT_CODES)}
 _REASON_POS = {r: i for i, r in enumerate(CONN_REJECT_REASONS)}
 # Counters kept per slot and, for dead workers, folded into the header in the same layout:
 # sessions, messages_accepted, bytes_received, rejects by code, connection rejects by reason.
-_NCOUNTERS = 3 + len(REJECT_KEYS) + len(CONN_REJECT_REASONS)
+# Session outcomes for the stats: TLS handshakes and AUTH attempts.
+EVENT_KEYS = ("tls_ok", "tls_failed", "auth_ok", "auth_failed")
+_EVENT_POS = {e: i for i, e in enumerate(EVENT_KEYS)}
+_NCOUNTERS = 3 + len(REJECT_KEYS) + len(CONN_REJECT_REASONS) + len(EVENT_KEYS)
 
 _MAGIC, _VERSION = b"FKSMTPSB", 1
 _Q = struct.Struct("<q")
@@ -67,13 +70,14 @@ S_STATE, S_HOLDS, S_PORT, S_GEN, S_BUCKET, S_KEY, S_CLIENT = 4, 5, 6, 8, 16, 20,
 S_PHASE, S_LAST, S_STARTED, S_COUNTERS = 88, 104, 112, 120
 S_MESSAGES, S_REJECTS = S_COUNTERS + 8, S_COUNTERS + 24
 S_CONN_REJECTS = S_REJECTS + 8 * len(REJECT_KEYS)
+S_EVENTS = S_CONN_REJECTS + 8 * len(CONN_REJECT_REASONS)
 _HOLD = struct.Struct("<i16s")
 _PHASE = struct.Struct("<16sd")
 _CLIENT = struct.Struct("<46s")
 _QQ = struct.Struct("<qq")
 _H = struct.Struct("<H")
 _ZERO_SLOT = bytes(SLOT_SIZE)
-assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (320, 320)
+assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (352, 352)
 
 # Per-IP bucket: key, state, count.  Tombstones keep probe chains intact after a delete.
 _BUCKET = struct.Struct("<16sB3xi")
@@ -110,12 +114,16 @@ class Totals:
     bytes_received: int
     messages_rejected: dict[str, int]  # "552" -> count, "other" for codes outside REJECT_CODES
     connections_rejected: dict[str, int]  # reason -> count, every reason present
+    events: dict[str, int]  # tls_ok, tls_failed, auth_ok, auth_failed
 
     @classmethod
     def from_counters(cls, c: tuple[int, ...] | list[int]) -> "Totals":
         rej = c[3:3 + len(REJECT_KEYS)]
-        conn = c[3 + len(REJECT_KEYS):]
-        return cls(c[0], c[1], c[2], dict(zip(REJECT_KEYS, rej)), dict(zip(CONN_REJECT_REASONS, conn)))
+        conn_at = 3 + len(REJECT_KEYS)
+        conn = c[conn_at:conn_at + len(CONN_REJECT_REASONS)]
+        events = c[conn_at + len(CONN_REJECT_REASONS):]
+        return cls(c[0], c[1], c[2], dict(zip(REJECT_KEYS, rej)),
+                   dict(zip(CONN_REJECT_REASONS, conn)), dict(zip(EVENT_KEYS, events)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +353,10 @@ class Scoreboard:
 
     def count_reject(self, idx: int, code: int) -> None:
         off = self._bases[idx] + S_REJECTS + 8 * _CODE_POS.get(code, len(REJECT_CODES))
+        _Q.pack_into(self._mm, off, _Q.unpack_from(self._mm, off)[0] + 1)
+
+    def count_event(self, idx: int, name: str) -> None:
+        off = self._bases[idx] + S_EVENTS + 8 * _EVENT_POS[name]
         _Q.pack_into(self._mm, off, _Q.unpack_from(self._mm, off)[0] + 1)
 
     def count_conn_reject(self, idx: int, reason: str) -> None:

@@ -54,6 +54,8 @@ def build(snapshot, *, started: float, config_generation: int, master_rejected: 
         "messages_accepted": totals.messages_accepted,
         "messages_rejected": {k: v for k, v in totals.messages_rejected.items() if v},
         "bytes_received": totals.bytes_received,
+        "tls": {"handshakes": totals.events["tls_ok"], "failed": totals.events["tls_failed"]},
+        "auth": {"succeeded": totals.events["auth_ok"], "failed": totals.events["auth_failed"]},
         "config_generation": config_generation,
         "stress": stress,
         "per_ip": dict(snapshot.per_ip),

@@ -246,8 +246,10 @@ class Worker:
             self.board.count_reject(self.slot, code)
 
     def count_tls(self, ok: bool) -> None:
-        if not ok:
-            self.board.count_conn_reject(self.slot, "other")
+        self.board.count_event(self.slot, "tls_ok" if ok else "tls_failed")
+
+    def count_auth(self, ok: bool) -> None:
+        self.board.count_event(self.slot, "auth_ok" if ok else "auth_failed")
 
     def auth_blocked(self, ip: str) -> bool:
         return self.auth_limiter is not None and self.auth_limiter.blocked(ip, time.monotonic())

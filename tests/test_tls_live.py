@@ -661,3 +661,31 @@ def test_sighup_rereads_the_password_file(daemon_factory, certs, tmp_path):
         assert client.docmd("AUTH", "PLAIN " + plain("alice", "new-alice"))[0] == 235
     (path,) = stored_since(d, before)
     assert "(authenticated as bob)" in received_header(path)
+
+
+def test_stats_count_tls_and_auth_outcomes(daemon_factory, certs, tmp_path):
+    """Issue 5: the stats show the TLS and AUTH outcome of sessions."""
+    from daemon import request_stats
+
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    d = daemon_factory(sections=tls_sections(certs, pw))
+    with starttls_client(d, certs) as client:
+        client.login("alice", PASSWORD)
+    with starttls_client(d, certs) as client:
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login("alice", "wrong password")
+    with socket.create_connection((HOST, d.port), timeout=TIMEOUT) as raw:
+        raw.recv(1024)
+        raw.sendall(b"EHLO x\r\n")
+        time.sleep(0.2)
+        raw.recv(4096)
+        raw.sendall(b"STARTTLS\r\n")
+        time.sleep(0.2)
+        raw.recv(1024)
+        raw.sendall(b"this is not a TLS client hello\r\n" * 4)
+        time.sleep(0.5)
+    stats = wait_until(lambda: (s := request_stats(d))["tls"]["failed"] == 1 and s, TIMEOUT,
+                       what="the failed handshake counted")
+    assert stats["tls"] == {"handshakes": 2, "failed": 1}
+    # smtplib's login() tries PLAIN, then LOGIN: two failed attempts.
+    assert stats["auth"] == {"succeeded": 1, "failed": 2}

@@ -1558,7 +1558,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--client-procs", type=int, default=0, help="client processes (default: CPU count)")
     add("--maildir-root", help="where the Maildirs go (default: a new dir under /var/tmp)")
     add("--out", help="results folder (default bench-results/<timestamp>)")
-    add("--port-base", type=int, default=40250, help="forksmtp port; the peer uses +1")
+    add("--port-base", type=int, default=24250, help="forksmtp port; the peer uses +1 (keep it below the ephemeral range, 32768+, where client sockets could hold it)")
     add("--spare-workers", type=int, default=2, help="forksmtp workers beyond the sessions")
     add("--big-mib", type=int, default=50, help="size of the streamed message (0: skip)")
     add("--hold", type=int, help="sessions held open at once (default 500; 0 skips)")

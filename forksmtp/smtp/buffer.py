@@ -21,6 +21,20 @@ END_OF_DATA = b"\r\n.\r\n"
 TOO_LONG = object()
 
 
+def _has_long_line(text: bytes, limit: int = 998) -> bool:
+    """Is any LF-terminated line longer than ``limit`` octets?  (RFC 5321 4.5.3.1.6:
+    1000 with the CRLF.)  Jumps from line start to the last LF within ``limit`` + 1
+    octets: a window without an LF is a long line; a window with one proves every line
+    starting before that LF short.  About len/limit C-level searches, no split."""
+    n, pos = len(text), 0
+    while n - pos > limit:
+        last = text.rfind(b"\n", pos, pos + limit + 1)
+        if last < 0:
+            return True
+        pos = last + 1
+    return False
+
+
 class LineBuffer:
     """Extracts CRLF-terminated command lines, never holding more than ``limit`` octets
     of an unfinished line.  An overlong line is discarded as it arrives and reported
@@ -139,28 +153,45 @@ class DataReader:
     def _process(self, block: bytes) -> bytes:
         if not block or self.error is not None:
             return b""
-        lines = block.count(CRLF)
-        stuffed = block.replace(CRLF, b"\n")
-        if block.count(b"\n") != lines or block.count(b"\r") != lines:
-            if not self._normalize:
-                self._fail(R.R550_BARE_NEWLINE)
-                return b""
-            # Legacy senders: a bare CR or LF is a line break in the stored text (LF),
-            # never the end of the message (only CRLF.CRLF is).
-            stuffed = stuffed.replace(b"\r", b"\n")
-        text = stuffed[1:] if stuffed[:1] == b"." else stuffed
-        text = text.replace(b"\n.", b"\n")
+        stuffed, normalised = self._to_lf(block)
+        if stuffed is None:
+            return b""
+        # Unstuff only where a line starts with a dot (a rare find, not a copy per block);
+        # after normalising, a bare CR may have become a line start too.
+        if normalised or stuffed[:1] == b"." or block.find(b"\n.") >= 0:
+            text = stuffed[1:] if stuffed[:1] == b"." else stuffed
+            text = text.replace(b"\n.", b"\n")
+        else:
+            text = stuffed
         # RFC 1870 size: the message as sent, CRLFs included, transparency dots not.
         self.size += len(block) - (len(stuffed) - len(text))
         if self.size > self._max_size:
             self._fail(R.R552_TOO_BIG)
             return b""
-        if len(text) > 999 and max(map(len, text.split(b"\n"))) > 998:
+        if _has_long_line(text):
             self._fail(R.R554_LINE_TOO_LONG)
             return b""
         if self._in_headers:
             self._scan_headers(text)
         return text
+
+    def _to_lf(self, block: bytes) -> tuple[bytes | None, bool]:
+        """CRLF -> LF and whether bare CR/LF were normalised; (None, False) and the 550
+        when a bare CR or LF is refused.
+
+        Deleting every CR is CRLF -> LF exactly when each CR is followed by an LF and
+        each LF preceded by a CR: the CR count, the LF count and the CRLF count agree.
+        Three C-level passes; no Python per line."""
+        stuffed = block.translate(None, b"\r")
+        crs = len(block) - len(stuffed)
+        if crs == stuffed.count(b"\n") and (crs == 0 or block.count(CRLF) == crs):
+            return stuffed, False
+        if not self._normalize:
+            self._fail(R.R550_BARE_NEWLINE)
+            return None, False
+        # Legacy senders: a bare CR or LF is a line break in the stored text (LF),
+        # never the end of the message (only CRLF.CRLF is).
+        return block.replace(CRLF, b"\n").replace(b"\r", b"\n"), True
 
     def _scan_headers(self, text: bytes) -> None:
         """Count Received: fields in the header section (RFC 5321 6.3 loop detection)."""

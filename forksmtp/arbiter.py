@@ -39,6 +39,7 @@ TICK = 1.0  # seconds between pool checks when nothing happens
 FAST_TICK = 0.05  # while spawning or while the master answers overflow connections
 TMP_CLEAN_INTERVAL = 3600.0
 KILL_GRACE = 3.0  # after SIGQUIT, before SIGKILL
+STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
 OVERFLOW_GRACE = 0.3  # admissions stalled this long at the ceiling: the master answers 421
 OVERFLOW_BATCH = 64  # queued clients refused per tick and socket
 
@@ -333,7 +334,7 @@ class Arbiter:
         Idle workers are skipped: they wait in epoll without touching their slot, whose
         last_activity then says since when they are idle (the pool's max_idle)."""
         t = self.cfg.timeouts
-        limit = max(t.command, t.data_block, t.data_done) + 30.0
+        limit = max(t.command, t.data_block, t.data_done) + STUCK_GRACE
         for slot in snap.slots:
             child = self.workers.get(slot.pid)
             if child is None or slot.state == IDLE or now - slot.last_activity < limit:

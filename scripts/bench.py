@@ -9,7 +9,13 @@ One run measures, alternating the systems so that machine drift cancels out:
   loop-tmpfile  the same with an unnamed O_TMPFILE inode linked into new/ (informational);
   forksmtp      the real daemon, started the README's way, storing real Maildir files;
   aiosmtpd      the peer: aiosmtpd with a Maildir handler as durable as forksmtp's
-                (tmp write, fsync, rename into new/, fsync new/, then 250).
+                (tmp write, fsync, rename into new/, fsync new/, then 250);
+  smtp-sink     Postfix's smtp-sink, a C SMTP server that answers 250 and stores
+                nothing: the ceiling of the SMTP exchange itself (client, kernel TCP and
+                a server doing no storage) on this machine. Optional: run by default only
+                when its binary is found on PATH, as /usr/sbin/smtp-sink or as named by
+                $FORKSMTP_BENCH_SMTP_SINK (an unpacked package's lib/postfix beside it is
+                put on LD_LIBRARY_PATH).
 
 The SMTP systems share one load generator: our own multi-process client (raw
 non-blocking sockets, one message per connection unless --per-conn K), or Postfix's
@@ -33,6 +39,7 @@ Definitions
 
 Every file in new/ is counted and its Message-ID checked after each run: a run where the
 stored messages differ from the acknowledged ones is a failed run (exit status 1).
+smtp-sink stores nothing, so its runs count acknowledged messages only.
 
 Examples
   python scripts/bench.py --quick
@@ -70,14 +77,18 @@ from typing import Any, Callable, Iterator
 
 import psutil
 
-SYSTEMS = ("loop", "loop-tmpfile", "forksmtp", "aiosmtpd")
+SINK = "smtp-sink"            # stores nothing: the ceiling of the SMTP exchange
+SYSTEMS = ("loop", "loop-tmpfile", "forksmtp", "aiosmtpd", SINK)
 LOOP_SYSTEMS = ("loop", "loop-tmpfile")
-SMTP_SYSTEMS = ("forksmtp", "aiosmtpd")
+SMTP_SYSTEMS = ("forksmtp", "aiosmtpd")   # the storing servers: big-message and hold checks
+SINK_ENV = "FORKSMTP_BENCH_SMTP_SINK"
+SINK_PATHS = ("/usr/sbin/smtp-sink",)
 MODES = ("durable", "nofsync")
 HOST = "127.0.0.1"
 MiB = 1 << 20
 NO_DURABILITY_FS = ("tmpfs", "ramfs")
-RATIO_PAIRS = (("forksmtp", "loop"), ("forksmtp", "aiosmtpd"), ("loop-tmpfile", "loop"))
+RATIO_PAIRS = (("forksmtp", "loop"), ("forksmtp", "aiosmtpd"), ("loop-tmpfile", "loop"),
+               ("forksmtp", SINK), ("loop", SINK))
 START_TIMEOUT = 60.0          # server boot, worker fork, client/loop process start
 
 SENDER = "bench@example.test"
@@ -503,6 +514,50 @@ async def _serve_aiosmtpd(opts: argparse.Namespace) -> None:
     server.close()
 
 
+# --------------------------------------------------------------------------- smtp-sink
+
+def find_smtp_sink() -> str | None:
+    """The smtp-sink binary: the one $FORKSMTP_BENCH_SMTP_SINK names (and only that one,
+    when set), else the one on PATH, else /usr/sbin/smtp-sink; None when there is none."""
+    named = os.environ.get(SINK_ENV)
+    candidates = [named] if named else [shutil.which("smtp-sink"), *SINK_PATHS]
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return os.path.abspath(path)
+    return None
+
+
+def sink_missing_note() -> str:
+    named = os.environ.get(SINK_ENV)
+    where = (f"${SINK_ENV} ({named}) is not an executable file" if named else
+             f"no smtp-sink on PATH, at {', '.join(SINK_PATHS)} or in ${SINK_ENV}")
+    return f"{SINK} skipped: {where} (Debian: the postfix package)"
+
+
+def sink_env(binary: str) -> dict[str, str] | None:
+    """An unpacked (not installed) Postfix keeps its shared libraries in ../lib/postfix
+    beside the binary, not in the /usr/lib/postfix its RUNPATH names: point the loader
+    there. None (inherit the environment) for an installed Postfix."""
+    bindir = os.path.dirname(os.path.realpath(binary))
+    libdir = os.path.normpath(os.path.join(bindir, "..", "lib", "postfix"))
+    if libdir == "/usr/lib/postfix" or not os.path.isdir(libdir):
+        return None
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, (libdir, env.get("LD_LIBRARY_PATH"))))
+    return env
+
+
+def sink_argv(binary: str, port: int, sessions: int) -> list[str]:
+    """smtp-sink as a plain fast receiver: ESMTP and PIPELINING announced (its defaults),
+    250 to every command, no -d/-D (nothing written), no -c (no counter output per
+    message). -m lifts its default cap of 256 simultaneous connections, which would
+    leave the excess queued in the kernel; the last argument is the listen backlog."""
+    conns = str(max(1024, 2 * sessions))
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []   # it refuses root without -u
+    return [binary, "-4", *user, "-m", conns, "-h", "bench-sink.example.test",
+            f"{HOST}:{port}", conns]
+
+
 # --------------------------------------------------------------------------- servers
 
 @dataclass
@@ -524,7 +579,8 @@ class Server:
             return ""
 
 
-def start_server(bench: "Bench", name: str, argv: list[str], port: int) -> Server:
+def start_server(bench: "Bench", name: str, argv: list[str], port: int,
+                 env: dict[str, str] | None = None) -> Server:
     """Start a server in its own process group (so it can be killed whole), log to a file."""
     if not port_is_free(port):
         raise RuntimeError(f"port {HOST}:{port} is taken: refusing to benchmark whatever "
@@ -532,7 +588,7 @@ def start_server(bench: "Bench", name: str, argv: list[str], port: int) -> Serve
     log_path = os.path.join(bench.logs, f"{name}-{next(bench.server_seq)}.log")
     with open(log_path, "wb") as logf:
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+                                 stderr=subprocess.STDOUT, start_new_session=True, env=env)
     bench.reaper.servers.append(popen)
     return Server(name, popen, port, log_path)
 
@@ -661,16 +717,18 @@ def forksmtp_config(path: str, workers: int, sessions: int, fsync_on: bool,
 
 def start_system(bench: "Bench", system: str, fsync_on: bool, sessions: int,
                  maildir: str, workers: int | None = None) -> Server:
-    """Start forksmtp or the peer on its port, storing into maildir; wait until ready."""
+    """Start forksmtp, the peer (storing into maildir) or smtp-sink (storing nothing), each
+    on its own port; wait until ready."""
     args = bench.args
     if system == "forksmtp":
         workers = workers or sessions + args.spare_workers
-        cfg = forksmtp_config(os.path.join(bench.root, f"forksmtp-{next(bench.server_seq)}.toml"),
-                              workers, sessions, fsync_on,
-                              max(10 * MiB, 2 * args.big_mib * MiB), args.server_log_level)
-        argv = bench.forksmtp_cmd + ["-c", cfg, "--listen", f"{HOST}:{args.port_base}",
-                                     "--maildir", maildir, "--workers", str(workers)]
-        server, min_procs = start_server(bench, system, argv, args.port_base), workers + 1
+        server = start_forksmtp(bench, fsync_on, sessions, maildir, workers)
+        min_procs = workers + 1
+    elif system == SINK:
+        port, binary = args.port_base + 2, bench.smtp_sink or SINK
+        server = start_server(bench, system, sink_argv(binary, port, sessions), port,
+                              env=sink_env(binary))
+        min_procs = 1
     else:
         argv = [sys.executable, os.path.abspath(__file__), "serve-aiosmtpd",
                 "--listen", f"{HOST}:{args.port_base + 1}", "--maildir", maildir,
@@ -678,6 +736,17 @@ def start_system(bench: "Bench", system: str, fsync_on: bool, sessions: int,
         server, min_procs = start_server(bench, system, argv, args.port_base + 1), 1
     wait_ready(server, min_procs)
     return server
+
+
+def start_forksmtp(bench: "Bench", fsync_on: bool, sessions: int, maildir: str,
+                   workers: int) -> Server:
+    args = bench.args
+    cfg = forksmtp_config(os.path.join(bench.root, f"forksmtp-{next(bench.server_seq)}.toml"),
+                          workers, sessions, fsync_on,
+                          max(10 * MiB, 2 * args.big_mib * MiB), args.server_log_level)
+    argv = bench.forksmtp_cmd + ["-c", cfg, "--listen", f"{HOST}:{args.port_base}",
+                                 "--maildir", maildir, "--workers", str(workers)]
+    return start_server(bench, "forksmtp", argv, args.port_base)
 
 
 # --------------------------------------------------------------------------- client
@@ -1022,6 +1091,7 @@ class Bench:
     out: str
     fs: str
     forksmtp_cmd: list[str]
+    smtp_sink: str | None = None      # the smtp-sink binary, when one was found
     reaper: Reaper = field(default_factory=Reaper)
     server_seq: Iterator[int] = field(default_factory=itertools.count)
     failures: list[str] = field(default_factory=list)
@@ -1094,7 +1164,8 @@ def run_smtp_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str)
         memory = memory_report(server)
     finally:
         bench.reaper.stop_server(server.popen)
-    stored, problem = check_stored(maildir, load["acked"], len(ids))
+    stored, problem = (None, None) if system == SINK else \
+        check_stored(maildir, load["acked"], len(ids))   # smtp-sink stores nothing
     acked = load["acked"] if load["acked"] is not None else ids
     if problem:
         keep_log(bench, server, tag)
@@ -1434,6 +1505,31 @@ def md_ratio_table(ratios: list[dict]) -> list[str]:
     return lines
 
 
+def md_sink_note(bench: Bench, payload: dict) -> list[str]:
+    """What the smtp-sink rows mean, with this run's loop/smtp-sink at the target level."""
+    if not any(SINK in systems for systems in payload["summary"].values()):
+        return []
+    modes = bench.args.modes
+    mode = "durable" if "durable" in modes else modes[0]
+    at = 50 if 50 in bench.args.sessions else max(bench.args.sessions)
+    loop_vs = find_ratio(payload["ratios"], mode, at, f"loop/{SINK}", "msgs_per_s")
+    ours_vs = find_ratio(payload["ratios"], mode, at, f"forksmtp/{SINK}", "msgs_per_s")
+    verdict = ("" if loop_vs is None else
+               f" In this run ({mode}, {at} sessions) loop/{SINK} is {fmt(loop_vs, 2)}: "
+               f"{SINK} {'exceeds' if loop_vs < 1 else 'does not exceed'} the loop"
+               + ("" if ours_vs is None else f", and forksmtp reaches {fmt(ours_vs, 2)} "
+                  f"of {SINK}") + ".")
+    return ["", f"### {SINK}: the ceiling of the SMTP exchange", "",
+            f"{SINK} is Postfix's C test server ({bench.smtp_sink}): it answers 250 to every "
+            "command and stores nothing, so its runs skip the stored = acked check and count "
+            "acknowledged messages only (it runs the same way in both modes). Driven by the "
+            "same load generator, it is the ceiling of the SMTP exchange itself on this "
+            "machine: the client, the kernel's TCP on loopback and a C server doing no "
+            "storage, all sharing these CPUs. forksmtp does that exchange and stores every "
+            "message durably besides, so forksmtp/loop ≥ 1 is only reachable if "
+            f"{SINK} itself exceeds the loop." + verdict]
+
+
 def md_extras(extras: dict) -> list[str]:
     lines = []
     if extras.get("stream"):
@@ -1480,6 +1576,7 @@ def write_markdown(bench: Bench, payload: dict) -> str:
         lines += ["", f"### {titles[mode]}", ""] + md_results_table(payload["summary"], mode)
     if payload["ratios"]:
         lines += ["", "### Ratios (same run, medians)", ""] + md_ratio_table(payload["ratios"])
+    lines += md_sink_note(bench, payload)
     lines += md_extras(payload["extras"])
     lines += ["", "### Targets", "", "| target | value | need | met |", "|---|---:|---|---|"]
     for t in payload["targets"]:
@@ -1525,7 +1622,7 @@ def environment(bench: Bench) -> dict:
     return {"cpus": os.cpu_count(), "kernel": os.uname().release, "fs": bench.fs,
             "root": bench.root, "python": sys.version.split()[0],
             "forksmtp_cmd": shlex.join(bench.forksmtp_cmd),
-            "smtp_source": shutil.which("smtp-source")}
+            "smtp_source": shutil.which("smtp-source"), "smtp_sink": bench.smtp_sink}
 
 
 def client_description(args: argparse.Namespace) -> str:
@@ -1547,7 +1644,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "100 messages per cell, no open-sessions check")
     add("--full", action="store_true", help="add 200 sessions")
     add("--sessions", help="comma-separated concurrency levels (overrides --quick/--full)")
-    add("--systems", default=",".join(SYSTEMS), help="comma-separated, from " + ",".join(SYSTEMS))
+    add("--systems", default=",".join(SYSTEMS), help="comma-separated, from "
+        + ",".join(SYSTEMS) + f" (default: all; {SINK} is skipped with a note when no "
+        f"binary is found)")
     add("--modes", default=",".join(MODES), help="durable,nofsync")
     add("--messages", type=int, help="messages per cell (default 1000; 100 with --quick)")
     add("--rounds", type=int, help="alternating rounds (default 2; 1 with --quick)")
@@ -1558,7 +1657,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--client-procs", type=int, default=0, help="client processes (default: CPU count)")
     add("--maildir-root", help="where the Maildirs go (default: a new dir under /var/tmp)")
     add("--out", help="results folder (default bench-results/<timestamp>)")
-    add("--port-base", type=int, default=24250, help="forksmtp port; the peer uses +1 (keep it below the ephemeral range, 32768+, where client sockets could hold it)")
+    add("--port-base", type=int, default=24250,
+        help="forksmtp port; the peer uses +1 and smtp-sink +2 (keep them below the "
+        "ephemeral range, 32768+, where client sockets could hold them)")
     add("--spare-workers", type=int, default=2, help="forksmtp workers beyond the sessions")
     add("--big-mib", type=int, default=50, help="size of the streamed message (0: skip)")
     add("--hold", type=int, help="sessions held open at once (default 500; 0 skips)")
@@ -1608,6 +1709,19 @@ def check_systems(bench: Bench) -> None:
     if "loop-tmpfile" in bench.args.systems and not tmpfile_supported(bench.root):
         bench.args.systems.remove("loop-tmpfile")
         bench.warnings.append(f"O_TMPFILE is not supported on {bench.fs}: loop-tmpfile skipped")
+    check_sink(bench)
+
+
+def check_sink(bench: Bench) -> None:
+    """smtp-sink is optional: without a binary it is skipped with a note, never failed."""
+    if SINK not in bench.args.systems:
+        return
+    if bench.smtp_sink:
+        log(f"{SINK}: {bench.smtp_sink}")
+        return
+    bench.args.systems.remove(SINK)
+    bench.warnings.append(sink_missing_note())
+    log(f"note: {bench.warnings[-1]}")
 
 
 def make_bench(args: argparse.Namespace) -> Bench:
@@ -1620,7 +1734,8 @@ def make_bench(args: argparse.Namespace) -> Bench:
     os.makedirs(out, exist_ok=True)
     cmd = shlex.split(args.forksmtp_cmd) if args.forksmtp_cmd else \
         [sys.executable, "-m", "forksmtp"]
-    bench = Bench(args, root, os.path.join(root, "logs"), out, fs_type(root), cmd)
+    bench = Bench(args, root, os.path.join(root, "logs"), out, fs_type(root), cmd,
+                  smtp_sink=find_smtp_sink())
     if bench.fs in NO_DURABILITY_FS:
         bench.warnings.append(f"{root} is on {bench.fs}: fsync costs nothing there, so "
                               f"durable figures mean nothing; use --maildir-root on a disk")

@@ -1,0 +1,26 @@
+"""A worker that stops making progress is killed and replaced (issue 3, supervision)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from daemon import RawSMTP, send_message, serving_worker, wait_until
+
+
+def test_wedged_worker_is_killed_and_replaced(daemon_factory):
+    # Short timeouts: the master's limit is the longest of them plus a grace period.
+    d = daemon_factory(workers=2, sections={"timeouts": {"command": 1, "data_block": 1,
+                                                         "data_done": 2, "session": 120}})
+    client = RawSMTP(d.port)
+    try:
+        assert client.command(b"EHLO wedged.example") == 250
+        worker = serving_worker(d, client.sock)
+        os.kill(worker.pid, signal.SIGSTOP)  # wedged: no heartbeat, no timeout of its own
+        d.wait_for_log(f"worker {worker.pid} made no progress", timeout=40)
+        wait_until(lambda: worker.pid not in {w.pid for w in d.workers()}, 10,
+                   what="the wedged worker gone")
+    finally:
+        client.close()
+    wait_until(lambda: len(d.workers()) >= 2, 10, what="the pool refilled")
+    send_message(d.port)

@@ -279,8 +279,10 @@ class Connection:
     # -- socket I/O ----------------------------------------------------------------------
 
     def _flush(self, final: bool = False) -> None:
-        out = self.session.data_to_send()
-        self._drain_session_log()
+        session = self.session
+        out = session.data_to_send()
+        if session.log or session.error_codes:
+            self._drain_session_log()
         if out:
             try:
                 self._sendall(out)
@@ -291,7 +293,8 @@ class Connection:
             self.stored = False
             self.log.flush()
         self.request_start = time.monotonic()
-        self.worker.session_progress(self.session)
+        if session.phase is not self.worker.last_phase:
+            self.worker.session_progress(session)
 
     def _flush_log(self) -> None:
         self._drain_session_log()
@@ -307,7 +310,13 @@ class Connection:
             session.error_codes.clear()
 
     def _sendall(self, data: bytes) -> None:
-        view = memoryview(data)
+        try:  # the common case: a reply fits the socket buffer at once
+            sent = self.sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
         deadline = time.monotonic() + self.timeouts.command
         while view:
             try:

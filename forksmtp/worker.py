@@ -159,7 +159,7 @@ class Worker:
         now = time.monotonic()
         self.board.set_busy(self.slot, peer, now)
         self._client = ip
-        self._last_phase = ""
+        self.last_phase = ""
         self._title(f"busy {ip}")
         self.log.queue("CONN", ip)
         try:
@@ -230,13 +230,12 @@ class Worker:
         self.listeners = {}
 
     def session_progress(self, session: Session) -> None:
-        phase = session.phase
-        if phase != self._last_phase:
-            self._last_phase = phase
-            self.board.set_phase(self.slot, phase, time.monotonic())
-            self._title(f"busy {self._client} {phase}")
+        """The session entered a new phase (the caller compares with last_phase)."""
+        phase = self.last_phase = session.phase
+        self.board.set_phase(self.slot, phase, time.monotonic())
+        self._title(f"busy {self._client} {phase}")
 
-    _last_phase = ""
+    last_phase = ""
 
     def count_message(self, size: int) -> None:
         self.board.count_message(self.slot, size)

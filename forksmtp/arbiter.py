@@ -158,7 +158,7 @@ class Arbiter:
         while True:
             at_ceiling = len(self.workers) >= self.cfg.server.max_workers
             tick = FAST_TICK if (overflow or self.spawn_pending or at_ceiling) else TICK
-            sigs, _ = self.signals.wait(tick)
+            sigs = self.signals.wait(tick)
             for sig in sigs:
                 getattr(self, f"handle_{NAMES[sig]}")()
             self.reap()
@@ -295,6 +295,9 @@ class Arbiter:
             lifetime = time.monotonic() - child.started
             if not (child.term_sent or child.quit_sent) and _is_crash(status):
                 self.pool_state.record_exit(lifetime, time.monotonic())
+            if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0:
+                # A named tmp file (the non-O_TMPFILE fallback) of a dead pid can go now.
+                self.next_tmp_clean = 0.0
             self._log_exit(child, status, lifetime)
 
     def _log_exit(self, child: Child, status: int, lifetime: float) -> None:

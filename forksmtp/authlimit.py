@@ -5,8 +5,10 @@ the scoreboard): per address, the number of failures in the current window and w
 window started.  Updates take the scoreboard's admission flock for a few memory
 operations.  Over ``max_failures`` failures within ``window`` seconds, AUTH from that
 address is refused with 421 4.7.0 until the window ends: guessing passwords costs an
-attacker the window, not just the 50 ms scrypt check.  A full table overwrites the
-oldest window (an attacker cycling addresses gains nothing over using one).
+attacker the window, not just the 50 ms scrypt check.  A full neighbourhood of the
+table overwrites its oldest window, so an attacker with very many addresses can push a
+blocked address out early; the table is sized (1024 entries) for the addresses one
+server sees in a window, and every attempt still costs a full scrypt check.
 """
 
 from __future__ import annotations

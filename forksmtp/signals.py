@@ -40,24 +40,19 @@ class SignalQueue:
         os.close(self.wake_r)
         os.close(self.wake_w)
 
-    def wait(self, timeout: float, extra: list = ()) -> tuple[list[int], list]:
-        """Sleep until a signal, a readable ``extra`` fd, or the timeout.
-
-        Returns the signals received (in order, SIGCHLD collapsed to one) and the
-        readable extra objects.
-        """
+    def wait(self, timeout: float) -> list[int]:
+        """Sleep until a signal or the timeout; the signals received, in order, with
+        repeated SIGCHLDs collapsed to one."""
         if not self.pending:
             try:
-                ready, _, _ = select.select([self.wake_r, *extra], [], [], max(timeout, 0))
+                select.select([self.wake_r], [], [], max(timeout, 0))
             except InterruptedError:
-                ready = []
-        else:
-            ready = []
+                pass
         self._drain()
         sigs, self.pending = self.pending, []
         if sigs.count(signal.SIGCHLD) > 1:
             sigs = [s for s in sigs if s != signal.SIGCHLD] + [signal.SIGCHLD]
-        return sigs, [r for r in ready if r is not self.wake_r]
+        return sigs
 
     def wake(self) -> None:
         try:

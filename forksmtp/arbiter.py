@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import select
 import os
 import signal
 import socket
@@ -30,8 +29,10 @@ from dataclasses import dataclass
 
 from . import auth, config as config_mod, limits, listeners, maildir, pool, process, stats, tls
 from .authlimit import AuthLimiter
+from .overflow import OverflowGuard
+from .security import Security, listen_addresses, load_security
 from .logs import Log
-from .scoreboard import BUSY, IDLE, STARTING, Scoreboard
+from .scoreboard import BUSY, IDLE, Scoreboard
 from .signals import HANDLED, NAMES, SignalQueue
 from .worker import EXIT_BOOT_ERROR, Worker
 
@@ -40,31 +41,6 @@ FAST_TICK = 0.05  # while spawning or while the master answers overflow connecti
 TMP_CLEAN_INTERVAL = 3600.0
 KILL_GRACE = 3.0  # after SIGQUIT, before SIGKILL
 STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
-OVERFLOW_GRACE = 0.3  # admissions stalled this long at the ceiling: the master answers 421
-OVERFLOW_BATCH = 64  # queued clients refused per tick and socket
-
-
-@dataclass(frozen=True)
-class Security:
-    """What a worker needs for STARTTLS and AUTH, built by the master before forking."""
-
-    tls_context: object = None
-    passwords: dict = None
-    implicit_fds: frozenset = frozenset()
-    auth_limiter: object = None
-
-
-def listen_addresses(cfg) -> tuple[set, set]:
-    """(every address to bind, the implicit-TLS ones among them)."""
-    implicit = set(cfg.tls.implicit_listen) if cfg.tls else set()
-    return set(cfg.server.listen) | implicit, implicit
-
-
-def load_security(cfg) -> tuple[object, dict]:
-    """The SSL context and the password table: every file re-read, even if unchanged."""
-    context = tls.build_context(cfg.tls, cfg.path) if cfg.tls else None
-    passwords = auth.load(cfg.auth.password_file) if cfg.auth else {}
-    return context, passwords
 
 
 def _is_crash(status: int) -> bool:
@@ -98,12 +74,9 @@ class Arbiter:
         self.stopping = False
         self.stop_deadline = 0.0
         self.started = time.monotonic()
-        self.master_rejected: dict[str, int] = {}
         self.pool_state = pool.PoolState()
         self.next_tmp_clean = 0.0
-        self.overflow_logged = False
-        self.overflow_since = 0.0
-        self.overflow_progress = -1
+        self.overflow = OverflowGuard(self.log)
         self.last_pool_reason = ""
         self.spawn_pending = False
 
@@ -171,7 +144,8 @@ class Arbiter:
             snap = self.board.snapshot()
             self._murder_stuck(snap, now)
             self._manage_pool(now, snap)
-            overflow = self._check_overflow(snap, now)
+            overflow = self.overflow.check(snap, now, len(self.workers), self.cfg.server.max_workers,
+                                           list(self.sockets.values()))
             self._housekeeping(now)
 
     # -- signal handlers (run in the loop, never in signal context) ------------------------
@@ -382,53 +356,6 @@ class Arbiter:
             if n:
                 self.log.info("STORE", f"removed {n} stale file(s) from {path}/tmp")
 
-    # -- overflow: the master answers 421 when nobody else can ----------------------------
-
-    def _check_overflow(self, snap, now: float) -> bool:
-        """At the ceiling with every worker busy, answer queued clients with 421 4.3.2.
-
-        Only once admissions have stalled for OVERFLOW_GRACE: while workers keep taking
-        connections (short sessions), a queued client is served within milliseconds and
-        refusing it would be wrong.  When they stop (long or idle sessions fill the pool),
-        queued clients get their 421 within OVERFLOW_GRACE plus a tick, not a silent hang.
-        Returns True while the master should keep polling fast.
-        """
-        if len(self.workers) < self.cfg.server.max_workers or snap.count(IDLE, STARTING):
-            self.overflow_since = 0.0
-            self.overflow_logged = False
-            return False
-        if snap.connections_total != self.overflow_progress or not self.overflow_since:
-            self.overflow_progress = snap.connections_total
-            self.overflow_since = now
-            return True
-        if now - self.overflow_since < OVERFLOW_GRACE:
-            return True
-        if not self.overflow_logged:
-            self.overflow_logged = True
-            self.log.warning("POOL", f"all {len(self.workers)} workers busy (max_workers reached); answering 421 4.3.2")
-        for sock in list(self.sockets.values()):
-            for _ in range(OVERFLOW_BATCH):
-                if not select.select([sock], [], [], 0)[0]:
-                    break
-                self._answer_overflow(sock)
-        return True
-
-    def _answer_overflow(self, sock: socket.socket) -> None:
-        try:
-            conn, peer = sock.accept()
-        except OSError:
-            return  # a worker took it, or the client left
-        try:
-            conn.setblocking(False)
-            # With its enhanced code, as the contract spells it (Postfix does the same).
-            conn.send(limits.reply_for(limits.MAX_CONNECTIONS).wire(True))
-        except OSError:
-            pass
-        finally:
-            conn.close()
-        self.master_rejected["max_connections"] = self.master_rejected.get("max_connections", 0) + 1
-        self.log.info("CONN", f"{peer[0]} refused by master: no worker free")
-
     # -- reload --------------------------------------------------------------------------
 
     def reload(self) -> None:
@@ -497,7 +424,8 @@ class Arbiter:
     def _stats(self) -> dict:
         return stats.build(self.board.snapshot(), started=self.started,
                            config_generation=self.generation,
-                           master_rejected=self.master_rejected, stress=self.board.in_stress())
+                           master_rejected={"max_connections": self.overflow.rejected},
+                           stress=self.board.in_stress())
 
 
 def run(cfg, overrides: dict | None = None) -> int:

@@ -26,7 +26,6 @@ import time
 
 from . import delivery, limits, process
 from .connection import Connection
-from .smtp import replies as R
 from .smtp.session import Session, SessionConfig
 
 EXIT_OK = 0
@@ -41,7 +40,7 @@ class Worker:
                  generation: int, parent_fd: int, log, security=None) -> None:
         self.cfg = cfg
         # TLS context, password table, implicit-TLS listener fds and the AUTH limiter,
-        # all built by the master before it forked (see arbiter.Security).
+        # all built by the master before it forked (see security.Security).
         self.tls_context = getattr(security, "tls_context", None)
         self.passwords = getattr(security, "passwords", {})
         self.implicit_fds = getattr(security, "implicit_fds", frozenset())

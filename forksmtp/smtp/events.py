@@ -8,6 +8,9 @@ from . import replies as R
 from .commands import Path
 from .sasl import Credentials
 
+#: Session phases (RFC 5321 4.1.4 order): also the worker's "SMTP phase" in ps and stats.
+NEW, HELO, MAIL, RCPT, DATA = "new", "helo", "mail", "rcpt", "data"
+
 
 @dataclass(slots=True)
 class Envelope:

@@ -22,8 +22,10 @@ import re
 from . import replies as R
 from .buffer import TOO_LONG, DataReader, LineBuffer
 from .commands import CommandError, Path, parse_params, parse_path, split_prefix
-from .events import AuthRequest, DataChunk, DataEnd, DataStart, Envelope, StartTLS
-from .sasl import MECHANISMS, AuthExchange, Credentials
+from .events import (DATA, HELO, MAIL, NEW, RCPT, AuthRequest, DataChunk, DataEnd, DataStart,
+                     Envelope, StartTLS)
+from .sasl import AuthExchange, Credentials
+from .secure import SecureCommands
 from .settings import SessionConfig
 
 __all__ = ["Session", "SessionConfig", "Envelope", "DataStart", "DataChunk", "DataEnd",
@@ -35,7 +37,6 @@ MAX_AUTH_LINE = 12288  # RFC 4954 4: AUTH lines may carry long SASL responses
 NEED_DATA = "NEED_DATA"
 PAUSED = "PAUSED"
 
-NEW, HELO, MAIL, RCPT, DATA = "new", "helo", "mail", "rcpt", "data"
 
 #: (verb, phase) -> the reply when the verb is out of order (RFC 5321 4.1.4).
 SEQUENCE: dict[tuple[str, str], R.Reply] = {
@@ -66,7 +67,7 @@ NOT_CLIENT_ERRORS = frozenset({R.R452_TOO_MANY_RCPTS, R.R451_STORAGE, R.R452_NO_
 _AUTH_PROTOCOL_SUFFIX = {(False, False): "", (True, False): "S", (False, True): "A", (True, True): "SA"}
 
 
-class Session:
+class Session(SecureCommands):
     def __init__(self, config: SessionConfig, *, normalize: bool | None = None,
                  tls: bool = False) -> None:
         self.config = config
@@ -140,27 +141,6 @@ class Session:
         self._waiting = False
         self._end_transaction()
         self._send(reply)
-
-    def tls_started(self) -> None:
-        """The handshake succeeded: forget everything learned in plaintext (RFC 3207
-        4.2) and wait for a fresh EHLO.  No greeting is sent again."""
-        self._waiting = False
-        self._lines.clear()  # nothing sent before the handshake may count after it
-        self.tls = True
-        self.phase = NEW
-        self.helo_name = ""
-        self.esmtp = False
-        self.envelope = None
-        self.auth_user = ""
-
-    def auth_result(self, ok: bool, username: str = "") -> None:
-        """Answer the pending AuthRequest."""
-        self._waiting = False
-        if ok:
-            self.auth_user = username
-            self._send(R.R235_AUTH_OK)
-        else:
-            self._send(R.R535_AUTH_FAILED)
 
     def close(self, reply: R.Reply) -> None:
         """Send a final reply (421 on timeout or shutdown) and close.
@@ -362,52 +342,6 @@ class Session:
     def _cmd_help(self, arg: str) -> None:
         self._send(R.R214_HELP)
 
-    # -- STARTTLS and AUTH -------------------------------------------------------------
-
-    def _cmd_starttls(self, arg: str) -> None:
-        if self.tls:
-            raise CommandError(R.R503_ALREADY_TLS)
-        if arg:
-            raise CommandError(R.R501_NO_PARAMS)
-        dropped = len(self._lines.take())
-        if dropped:
-            # CVE-2011-0411 and kin: plaintext pipelined behind STARTTLS must never be
-            # executed as if it had arrived over TLS.
-            self._log(f"<discarded {dropped} octets pipelined after STARTTLS>")
-        self._send(R.R220_TLS_READY)
-        self._waiting = True
-        self._events.append(StartTLS())
-
-    def _cmd_auth(self, arg: str) -> None:
-        cfg = self.config
-        if not (self.tls or cfg.auth_insecure):
-            raise CommandError(R.R538_ENCRYPTION_REQUIRED)
-        if self.auth_user:
-            raise CommandError(R.R503_ALREADY_AUTH)
-        mechanism, _, initial = arg.strip().partition(" ")
-        mechanism = mechanism.upper()
-        if mechanism not in MECHANISMS:
-            raise CommandError(R.R504_AUTH_MECHANISM if mechanism else R.R501_SYNTAX)
-        exchange = AuthExchange(mechanism)
-        self._auth_step(exchange, exchange.start, initial.strip() or None)
-
-    def _auth_line(self, line: bytes) -> None:
-        exchange, self._auth = self._auth, None
-        self._log("<AUTH response>")
-        self._auth_step(exchange, exchange.feed, line.decode("latin-1"))
-
-    def _auth_step(self, exchange: AuthExchange, step, value) -> None:
-        try:
-            result = step(value)
-        except CommandError as exc:
-            return self._send(exc.reply)
-        if isinstance(result, Credentials):
-            self._waiting = True
-            self._events.append(AuthRequest(result))
-        else:
-            self._auth = exchange
-            self._send(result)
-
     # -- DATA ------------------------------------------------------------------------
 
     def _feed_data(self, data: bytes) -> None:
@@ -448,8 +382,8 @@ _HANDLERS = {
     "QUIT": Session._cmd_quit,
     "VRFY": Session._cmd_vrfy,
     "HELP": Session._cmd_help,
-    "STARTTLS": Session._cmd_starttls,
-    "AUTH": Session._cmd_auth,
+    "STARTTLS": SecureCommands._cmd_starttls,
+    "AUTH": SecureCommands._cmd_auth,
 }
 
 _MAIL_PARAMS = {

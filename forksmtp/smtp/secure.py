@@ -1,0 +1,82 @@
+"""STARTTLS (RFC 3207) and AUTH (RFC 4954) for the sans-IO session.
+
+A mixin of ``Session``: the commands, the AUTH exchange and the two answers the caller
+owes (``tls_started`` after the handshake, ``auth_result`` after checking a password).
+Kept apart so that session.py reads as plain RFC 5321.
+"""
+
+from __future__ import annotations
+
+from . import replies as R
+from .commands import CommandError
+from .events import NEW, AuthRequest, StartTLS
+from .sasl import MECHANISMS, AuthExchange, Credentials
+
+
+class SecureCommands:
+    """STARTTLS and AUTH state and commands (mixed into Session)."""
+
+    def tls_started(self) -> None:
+        """The handshake succeeded: forget everything learned in plaintext (RFC 3207
+        4.2) and wait for a fresh EHLO.  No greeting is sent again."""
+        self._waiting = False
+        self._lines.clear()  # nothing sent before the handshake may count after it
+        self.tls = True
+        self.phase = NEW
+        self.helo_name = ""
+        self.esmtp = False
+        self.envelope = None
+        self.auth_user = ""
+
+    def auth_result(self, ok: bool, username: str = "") -> None:
+        """Answer the pending AuthRequest."""
+        self._waiting = False
+        if ok:
+            self.auth_user = username
+            self._send(R.R235_AUTH_OK)
+        else:
+            self._send(R.R535_AUTH_FAILED)
+
+    def _cmd_starttls(self, arg: str) -> None:
+        if self.tls:
+            raise CommandError(R.R503_ALREADY_TLS)
+        if arg:
+            raise CommandError(R.R501_NO_PARAMS)
+        dropped = len(self._lines.take())
+        if dropped:
+            # CVE-2011-0411 and kin: plaintext pipelined behind STARTTLS must never be
+            # executed as if it had arrived over TLS.
+            self._log(f"<discarded {dropped} octets pipelined after STARTTLS>")
+        self._send(R.R220_TLS_READY)
+        self._waiting = True
+        self._events.append(StartTLS())
+
+    def _cmd_auth(self, arg: str) -> None:
+        cfg = self.config
+        if not (self.tls or cfg.auth_insecure):
+            raise CommandError(R.R538_ENCRYPTION_REQUIRED)
+        if self.auth_user:
+            raise CommandError(R.R503_ALREADY_AUTH)
+        mechanism, _, initial = arg.strip().partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in MECHANISMS:
+            raise CommandError(R.R504_AUTH_MECHANISM if mechanism else R.R501_SYNTAX)
+        exchange = AuthExchange(mechanism)
+        self._auth_step(exchange, exchange.start, initial.strip() or None)
+
+    def _auth_line(self, line: bytes) -> None:
+        exchange, self._auth = self._auth, None
+        self._log("<AUTH response>")
+        self._auth_step(exchange, exchange.feed, line.decode("latin-1"))
+
+    def _auth_step(self, exchange: AuthExchange, step, value) -> None:
+        try:
+            result = step(value)
+        except CommandError as exc:
+            return self._send(exc.reply)
+        if isinstance(result, Credentials):
+            self._waiting = True
+            self._events.append(AuthRequest(result))
+        else:
+            self._auth = exchange
+            self._send(result)

@@ -7,20 +7,16 @@ walks that table, so an unknown key, a wrong type or a value out of range always
 Paths written in the file are relative to the file's directory; paths given on the command
 line and built-in defaults (``./Maildir``) are relative to the working directory.  Every
 path comes out absolute, so a later chdir or reload cannot change its meaning.  Validation
-only looks: it creates nothing.
+only looks: it creates nothing.  How one value is converted and checked is in
+``forksmtp.config_checks``; this module holds the key table and the rules across keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import grp
-import ipaddress
 import json
-import math
 import os
-import pwd
-import re
 import socket
 import sys
 from collections.abc import Callable, Mapping
@@ -32,6 +28,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from forksmtp.config_checks import (ConfigError, _address, _at_least, _boolean, _convert,
+                                    _creatable_dir, _domains, _group, _hostname, _integer,
+                                    _listens, _log_level, _networks, _non_empty, _not_negative,
+                                    _number, _one_of, _parent_exists, _path, _positive,
+                                    _readable_file, _share, _Source, _string, _strings, _user)
 from forksmtp.listeners import ListenAddr, parse_listen
 
 CLI = "command line"  # the "file" of values that came from flags
@@ -127,184 +128,6 @@ class Config:
     path: str = ""  # absolute path of the config file, "" for built-in defaults
 
 
-class ConfigError(Exception):
-    """An invalid config; ``str()`` is one line: ``FILE: KEY = VALUE: PROBLEM``."""
-
-    def __init__(self, file: str, key: str | None, value: object, problem: str) -> None:
-        super().__init__(file, key, value, problem)
-        self.file, self.key, self.value, self.problem = file, key, value, problem
-
-    def __str__(self) -> str:
-        parts = [self.file or "built-in defaults"]
-        if self.key:
-            parts.append(self.key if self.value is None else f"{self.key} = {_show(self.value)}")
-        parts.append(self.problem)
-        return ": ".join(parts)
-
-
-def _show(value: object) -> str:
-    """A value as it would be written in TOML, cut short for one-line messages."""
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    except ValueError:  # nan
-        text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-# -- types: (raw value, base directory) -> converted value; ValueError(problem) when wrong --
-
-def _integer(value: object, base: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):  # bool is an int subclass
-        raise ValueError("must be an integer")
-    return value
-
-
-def _number(value: object, base: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError("must be a number")
-    return float(value)
-
-
-def _boolean(value: object, base: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("must be true or false")
-    return value
-
-
-def _string(value: object, base: str) -> str:
-    if not isinstance(value, str) or "\0" in value:
-        raise ValueError("must be a string")
-    return value
-
-
-def _strings(value: object, base: str) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ValueError("must be a list of strings")
-    return tuple(value)
-
-
-def _listens(value: object, base: str) -> tuple[ListenAddr, ...]:
-    addrs: list[ListenAddr] = []
-    for text in _strings(value, base):
-        try:
-            addr = parse_listen(text)
-        except ValueError as exc:
-            raise ValueError(f"{text!r}: {exc}") from None
-        if addr in addrs:
-            raise ValueError(f"{addr} is listed twice")
-        addrs.append(addr)
-    return tuple(addrs)
-
-
-def _path(value: object, base: str) -> str:
-    text = _string(value, base)
-    return os.path.abspath(os.path.join(base, os.path.expanduser(text))) if text else ""
-
-
-# -- validators: converted value -> value (possibly normalised); ValueError(problem) --
-
-def _check(ok: Callable[[object], bool], problem: str) -> Callable[[object], object]:
-    def validate(value: object) -> object:
-        if not ok(value):
-            raise ValueError(problem)
-        return value
-    return validate
-
-
-def _at_least(n: int) -> Callable[[object], object]:
-    return _check(lambda v: v >= n, f"must be an integer >= {n}")
-
-
-def _one_of(*choices: str) -> Callable[[object], object]:
-    return _check(lambda v: v in choices, "must be one of " + ", ".join(map(json.dumps, choices)))
-
-
-_non_empty = _check(bool, "must list at least one address")
-_positive = _check(lambda v: v > 0, "must be a number > 0")
-_not_negative = _check(lambda v: v >= 0, "must be a number >= 0")
-_share = _check(lambda v: 0 < v <= 1, "must be a number > 0 and <= 1")
-# A name we put in the greeting and Received headers: a domain or an address literal.
-_HOSTNAME = re.compile(r"\[[!-Z^-~]+\]|(?=.{1,253}\.?$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
-                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?", re.ASCII)
-_hostname = _check(lambda v: _HOSTNAME.fullmatch(v), "must be a domain name or an address literal")
-_DOMAIN = re.compile(r"[^\s@<>\[\]\\\",;:()]+")
-
-
-def _log_level(value: str) -> str:
-    return _one_of("debug", "info", "warning", "error")(value.lower())
-
-
-def _domains(values: tuple[str, ...]) -> tuple[str, ...]:
-    for domain in values:
-        if not _DOMAIN.fullmatch(domain):
-            raise ValueError(f"{domain!r} is not a domain")
-    return tuple(dict.fromkeys(d.lower().rstrip(".") for d in values))
-
-
-def _address(text: str) -> str:
-    local, at, domain = text.rpartition("@")
-    if not at or not local or not _DOMAIN.fullmatch(domain) or any(c.isspace() or c in "<>" for c in local):
-        raise ValueError("not an address (local@domain)")
-    return f"{local}@{domain.rstrip('.')}".lower()
-
-
-def _networks(values: tuple[str, ...]) -> tuple[str, ...]:
-    try:
-        return tuple(str(ipaddress.ip_network(v, strict=False)) for v in values)
-    except ValueError as exc:
-        raise ValueError(f"not a network (CIDR): {exc}") from None
-
-
-def _user(name: str) -> str:
-    return _account(name, pwd.getpwnam, pwd.getpwuid, "user")
-
-
-def _group(name: str) -> str:
-    return _account(name, grp.getgrnam, grp.getgrgid, "group")
-
-
-def _account(name: str, by_name: Callable, by_id: Callable, what: str) -> str:
-    if name:
-        try:
-            by_id(int(name)) if name.isdigit() else by_name(name)
-        except (KeyError, OverflowError):
-            raise ValueError(f"no such {what}") from None
-    return name
-
-
-def _parent_exists(path: str) -> str:
-    """A file we create later: its directory must exist now."""
-    if path and os.path.isdir(path):
-        raise ValueError("is a directory")
-    if path and not os.path.isdir(os.path.dirname(path)):
-        raise ValueError(f"directory {os.path.dirname(path)} does not exist")
-    return path
-
-
-def _creatable_dir(path: str) -> str:
-    """A Maildir we may create later: the nearest existing ancestor must be a writable dir."""
-    if not path:
-        raise ValueError("must not be empty")
-    existing = path
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    where = "" if existing == path else f"{existing} "
-    if not os.path.isdir(existing):
-        raise ValueError(f"{where}is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{where}is not writable")
-    return path
-
-
-def _readable_file(path: str) -> str:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"cannot read: {exc.strerror or exc}") from None
-    return path
-
-
 REQUIRED = object()  # default of keys a present section must set
 
 # (section, key, type, default as written in TOML, validator).  Defaults go through the same
@@ -363,15 +186,6 @@ _SECTIONS: dict[str, type] = {
 }
 _OPTIONAL = frozenset({"tls", "auth"})  # absent section: feature off (None)
 _KNOWN = frozenset(f"{s}.{k}" for s, k, *_ in _KEYS)
-
-
-@dataclass(frozen=True, slots=True)
-class _Source:
-    """Where one raw value came from: its file (or CLI) and the base for relative paths."""
-
-    value: object
-    file: str
-    base: str
 
 
 def load_config(path: str | None, overrides: Mapping[str, object] | None = None) -> Config:
@@ -451,14 +265,6 @@ def _build(section: str, sources: dict[str, _Source], file: str) -> object:
             src = _Source(default() if callable(default) else default, file, os.getcwd())
         values[key] = _convert(dotted, src, kind, validate)
     return _SECTIONS[section](**values)
-
-
-def _convert(dotted: str, src: _Source, kind: Callable, validate: Callable | None) -> object:
-    try:
-        value = kind(src.value, src.base)
-        return validate(value) if validate else value
-    except ValueError as exc:
-        raise ConfigError(src.file, dotted, src.value, str(exc)) from None
 
 
 def _mailboxes(table: dict, file: str, base: str) -> Mapping[str, str]:

@@ -18,6 +18,9 @@ The per-IP table uses open addressing (linear probing over a bounded window) key
 so live keys never outnumber slots; stale entries are cleared by a rebuild.  If no bucket is
 free within the window even after a rebuild, the connection is admitted under the global limit
 only: a full table fails open, as Postfix does when anvil(8) is unreachable.
+
+What a read returns (``Snapshot``, ``SlotInfo``, ``Totals``) and the names readers share with
+this module (slot states, reject codes and reasons, events) are in ``forksmtp.snapshot``.
 """
 
 from __future__ import annotations
@@ -34,21 +37,19 @@ import tempfile
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass
 from typing import Iterator
 
-FREE, STARTING, IDLE, BUSY, STOPPING = range(5)
-STATE_NAMES = ("free", "starting", "idle", "busy", "stopping")
-REJECT_CODES = (421, 450, 451, 452, 500, 501, 502, 503, 504, 530, 535, 538, 550, 552, 553, 554, 555)
-REJECT_KEYS = tuple(str(c) for c in REJECT_CODES) + ("other",)
-CONN_REJECT_REASONS = ("max_connections", "max_connections_per_ip", "early_talker", "other")
+# The read side and the names shared with it; SlotInfo, STATE_NAMES and key_text are re-exported
+# for callers that import them from here.
+from .snapshot import (BUSY, CONN_REJECT_REASONS, EVENT_KEYS, FREE, IDLE, REJECT_CODES,  # noqa: F401
+                       REJECT_KEYS, STARTING, STATE_NAMES, STOPPING, SlotInfo, Snapshot, Totals,
+                       _slot_info, _V4_PREFIX, key_text)
+
 _CODE_POS = {c: i for i, c in enumerate(REJECT_CODES)}
 _REASON_POS = {r: i for i, r in enumerate(CONN_REJECT_REASONS)}
+_EVENT_POS = {e: i for i, e in enumerate(EVENT_KEYS)}
 # Counters kept per slot and, for dead workers, folded into the header in the same layout:
 # sessions, messages_accepted, bytes_received, rejects by code, connection rejects by reason.
-# Session outcomes for the stats: TLS handshakes and AUTH attempts.
-EVENT_KEYS = ("tls_ok", "tls_failed", "auth_ok", "auth_failed")
-_EVENT_POS = {e: i for i, e in enumerate(EVENT_KEYS)}
 _NCOUNTERS = 3 + len(REJECT_KEYS) + len(CONN_REJECT_REASONS) + len(EVENT_KEYS)
 
 _MAGIC, _VERSION = b"FKSMTPSB", 1
@@ -83,7 +84,6 @@ assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (352, 352)
 _BUCKET = struct.Struct("<16sB3xi")
 _EMPTY, _LIVE, _TOMB = 0, 1, 2
 _PROBE_WINDOW = 32
-_V4_PREFIX = b"\0" * 10 + b"\xff\xff"
 
 
 def ip_key(ip: str) -> bytes:
@@ -95,71 +95,6 @@ def ip_key(ip: str) -> bytes:
         return _V4_PREFIX + socket.inet_pton(socket.AF_INET, host)
     except (OSError, ValueError):
         return hashlib.blake2b(ip.encode("utf-8", "surrogateescape"), digest_size=16).digest()
-
-
-def key_text(key: bytes) -> str:
-    if key.startswith(_V4_PREFIX):
-        return socket.inet_ntop(socket.AF_INET, key[12:])
-    return socket.inet_ntop(socket.AF_INET6, key)
-
-
-def _text(raw: bytes) -> str:
-    return raw.rstrip(b"\0").decode("utf-8", "replace")
-
-
-@dataclass(frozen=True, slots=True)
-class Totals:
-    sessions: int
-    messages_accepted: int
-    bytes_received: int
-    messages_rejected: dict[str, int]  # "552" -> count, "other" for codes outside REJECT_CODES
-    connections_rejected: dict[str, int]  # reason -> count, every reason present
-    events: dict[str, int]  # tls_ok, tls_failed, auth_ok, auth_failed
-
-    @classmethod
-    def from_counters(cls, c: tuple[int, ...] | list[int]) -> "Totals":
-        rej = c[3:3 + len(REJECT_KEYS)]
-        conn_at = 3 + len(REJECT_KEYS)
-        conn = c[conn_at:conn_at + len(CONN_REJECT_REASONS)]
-        events = c[conn_at + len(CONN_REJECT_REASONS):]
-        return cls(c[0], c[1], c[2], dict(zip(REJECT_KEYS, rej)),
-                   dict(zip(CONN_REJECT_REASONS, conn)), dict(zip(EVENT_KEYS, events)))
-
-
-@dataclass(frozen=True, slots=True)
-class SlotInfo:
-    index: int
-    pid: int
-    generation: int
-    state: int
-    client: str
-    port: int
-    phase: str
-    last_activity: float  # time.monotonic() of the last step: the heartbeat
-    started: float
-    ip_bucket: int  # -1: holds no per-IP count
-    holds_global: bool
-    counters: Totals
-
-    @property
-    def state_name(self) -> str:
-        return STATE_NAMES[self.state]
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    nslots: int
-    generation: int
-    stress: bool
-    active: int
-    connections_total: int  # every connection that reached admission, refused ones included
-    workers_exited: int
-    slots: tuple[SlotInfo, ...]  # occupied slots only
-    per_ip: tuple[tuple[str, int], ...]  # busiest client addresses first
-    totals: Totals  # live slots + folded counters of dead workers: never decreases
-
-    def count(self, *states: int) -> int:
-        return sum(1 for s in self.slots if s.state in states)
 
 
 _LOCK_PREFIX = "forksmtp-scoreboard-"
@@ -500,8 +435,3 @@ class Scoreboard:
                         q(H_EXITED), tuple(slots), tuple(per_ip.most_common(top)),
                         Totals.from_counters(totals))
 
-
-def _slot_info(index: int, f: tuple) -> SlotInfo:
-    pid, state, holds, port, gen, bucket, _key, client, phase, last, started = f[:11]
-    return SlotInfo(index, pid, gen, state, _text(client), port, _text(phase), last, started,
-                    bucket - 1, bool(holds), Totals.from_counters(f[11:]))

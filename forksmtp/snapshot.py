@@ -1,0 +1,95 @@
+"""What a scoreboard read returns: slot states, counter names and plain value types.
+
+``forksmtp.scoreboard`` keeps the shared memory, its lock and its updates; this module is the
+read side that the pool manager and the stats file consume (``Snapshot``, ``SlotInfo``,
+``Totals``), plus the names both sides share: slot states, reject codes and reasons, session
+events.  It imports nothing from ``forksmtp.scoreboard``: the dependency points one way.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+FREE, STARTING, IDLE, BUSY, STOPPING = range(5)
+STATE_NAMES = ("free", "starting", "idle", "busy", "stopping")
+REJECT_CODES = (421, 450, 451, 452, 500, 501, 502, 503, 504, 530, 535, 538, 550, 552, 553, 554, 555)
+REJECT_KEYS = tuple(str(c) for c in REJECT_CODES) + ("other",)
+CONN_REJECT_REASONS = ("max_connections", "max_connections_per_ip", "early_talker", "other")
+# Session outcomes for the stats: TLS handshakes and AUTH attempts.
+EVENT_KEYS = ("tls_ok", "tls_failed", "auth_ok", "auth_failed")
+# Per-IP keys hold IPv4 as IPv4-mapped IPv6 (scoreboard.ip_key writes them).
+_V4_PREFIX = b"\0" * 10 + b"\xff\xff"
+
+
+def key_text(key: bytes) -> str:
+    if key.startswith(_V4_PREFIX):
+        return socket.inet_ntop(socket.AF_INET, key[12:])
+    return socket.inet_ntop(socket.AF_INET6, key)
+
+
+def _text(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode("utf-8", "replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    sessions: int
+    messages_accepted: int
+    bytes_received: int
+    messages_rejected: dict[str, int]  # "552" -> count, "other" for codes outside REJECT_CODES
+    connections_rejected: dict[str, int]  # reason -> count, every reason present
+    events: dict[str, int]  # tls_ok, tls_failed, auth_ok, auth_failed
+
+    @classmethod
+    def from_counters(cls, c: tuple[int, ...] | list[int]) -> "Totals":
+        # c is in the scoreboard's counter layout: sessions, messages, bytes, then the keys.
+        rej = c[3:3 + len(REJECT_KEYS)]
+        conn_at = 3 + len(REJECT_KEYS)
+        conn = c[conn_at:conn_at + len(CONN_REJECT_REASONS)]
+        events = c[conn_at + len(CONN_REJECT_REASONS):]
+        return cls(c[0], c[1], c[2], dict(zip(REJECT_KEYS, rej)),
+                   dict(zip(CONN_REJECT_REASONS, conn)), dict(zip(EVENT_KEYS, events)))
+
+
+@dataclass(frozen=True, slots=True)
+class SlotInfo:
+    index: int
+    pid: int
+    generation: int
+    state: int
+    client: str
+    port: int
+    phase: str
+    last_activity: float  # time.monotonic() of the last step: the heartbeat
+    started: float
+    ip_bucket: int  # -1: holds no per-IP count
+    holds_global: bool
+    counters: Totals
+
+    @property
+    def state_name(self) -> str:
+        return STATE_NAMES[self.state]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    nslots: int
+    generation: int
+    stress: bool
+    active: int
+    connections_total: int  # every connection that reached admission, refused ones included
+    workers_exited: int
+    slots: tuple[SlotInfo, ...]  # occupied slots only
+    per_ip: tuple[tuple[str, int], ...]  # busiest client addresses first
+    totals: Totals  # live slots + folded counters of dead workers: never decreases
+
+    def count(self, *states: int) -> int:
+        return sum(1 for s in self.slots if s.state in states)
+
+
+def _slot_info(index: int, f: tuple) -> SlotInfo:
+    """One slot as unpacked by the scoreboard's ``_SLOT`` struct, as plain values."""
+    pid, state, holds, port, gen, bucket, _key, client, phase, last, started = f[:11]
+    return SlotInfo(index, pid, gen, state, _text(client), port, _text(phase), last, started,
+                    bucket - 1, bool(holds), Totals.from_counters(f[11:]))

@@ -105,3 +105,18 @@ def test_worker_title_shows_client_and_phase(daemon):
         assert title.startswith("forksmtp: worker busy 127.0.0.1 mail"), title
     master = " ".join(psutil.Process(daemon.pid).cmdline())
     assert master.startswith("forksmtp: master ")
+
+
+def test_workers_are_recycled_after_max_sessions(daemon_factory):
+    """max_sessions_per_worker (Postfix's max_use, gunicorn's max_requests): a worker
+    leaves after that many sessions and the master starts a fresh one."""
+    d = daemon_factory(workers=1, server={"max_workers": 2, "min_spare_workers": 0,
+                                          "max_sessions_per_worker": 3, "max_sessions_jitter": 0})
+    first = {w.pid for w in d.workers()}
+    for _ in range(3):
+        send_message(d.port)
+    wait_until(lambda: {w.pid for w in d.workers()} and not ({w.pid for w in d.workers()} & first),
+               10, what="the recycled worker replaced")
+    send_message(d.port)
+    assert len(d.new_messages()) == 4
+    assert "crash loop" not in d.log_text()

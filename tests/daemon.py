@@ -181,6 +181,18 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: s
         time.sleep(interval)
 
 
+def worker_pids(d: Daemon) -> set[int]:
+    return {w.pid for w in d.workers()}
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie waiting for whoever adopted it counts as exited)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def request_stats(d: Daemon, timeout: float = 10.0) -> dict:
     """Send SIGUSR1 and return the JSON of the ``[STATS]`` line it produced."""
     import json

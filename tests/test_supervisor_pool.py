@@ -10,22 +10,12 @@ import time
 
 import psutil
 
-from daemon import (assert_no_zombies, connect, read_reply, request_stats, send_message,
-                    wait_until)
+from daemon import (assert_no_zombies, connect, gone, read_reply, request_stats, send_message,
+                    wait_until, worker_pids)
 
 SESSIONS = 30
 
 
-def worker_pids(d) -> set[int]:
-    return {w.pid for w in d.workers()}
-
-
-def gone(pid: int) -> bool:
-    """Exited (a zombie waiting for whoever adopted it counts as exited)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def title(pid: int) -> str:

@@ -16,8 +16,8 @@ import time
 import psutil
 import pytest
 
-from daemon import (assert_no_zombies, connect, connection_refused, free_port, read_reply,
-                    request_stats, send_message, wait_until)
+from daemon import (assert_no_zombies, connect, connection_refused, free_port, gone, read_reply,
+                    request_stats, send_message, wait_until, worker_pids)
 
 BODY = b"Subject: supervisor\r\n\r\nhello\r\n"
 WORKER_KEYS = {"pid", "state", "sessions", "rss", "cpu_s", "generation"}
@@ -26,15 +26,6 @@ STATS_KEYS = {"uptime_s", "workers", "connections_active", "connections_total",
               "bytes_received", "config_generation"}
 
 
-def worker_pids(d) -> set[int]:
-    return {w.pid for w in d.workers()}
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def open_transaction(port: int) -> smtplib.SMTP:

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 
 from . import auth
-from .config import ConfigError, load_config
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,17 +28,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _password_file(args: argparse.Namespace, config: str | None) -> str:
+    """-f FILE, or the [auth] password_file of -c CONFIG.  Only that key is read: the
+    password file is often written before the [tls] certificate exists, and a full
+    validation would refuse the config for it."""
     if args.file:
         return args.file
     if not config:
         raise SystemExit("forksmtp passwd: give -f FILE or -c CONFIG with an [auth] section")
     try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        raise SystemExit(f"forksmtp passwd: {exc}") from None
-    if cfg.auth is None:
+        with open(config, "rb") as f:
+            raw = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SystemExit(f"forksmtp passwd: {config}: {exc}") from None
+    path = raw.get("auth", {}).get("password_file") if isinstance(raw.get("auth"), dict) else None
+    if not isinstance(path, str) or not path:
         raise SystemExit(f"forksmtp passwd: {config} has no [auth] password_file")
-    return cfg.auth.password_file
+    # Relative paths are relative to the config file, as everywhere in the config.
+    return os.path.join(os.path.dirname(os.path.abspath(config)), os.path.expanduser(path))
 
 
 def _read_password() -> str:

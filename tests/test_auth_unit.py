@@ -609,3 +609,16 @@ def test_passwd_command_errors(tmp_path):
     conf.write_text(f'[delivery]\nmaildir = "{tmp_path / "Maildir"}"\n')
     r = passwd("passwd", "alice", "-c", str(conf), stdin="pw\n", cwd=tmp_path)
     assert r.returncode == 2 and b"password_file" in r.stderr
+
+
+def test_passwd_with_config_before_the_certificate_exists(tmp_path):
+    """The password file is often set up before the [tls] certificate exists: passwd
+    reads only [auth] password_file (relative to the config file) and does not refuse."""
+    cfg = tmp_path / "forksmtp.toml"
+    cfg.write_text('[tls]\ncert_file = "not-yet.pem"\nkey_file = "not-yet.key"\n'
+                   '[auth]\npassword_file = "passwd"\n')
+    done = subprocess.run([sys.executable, "-m", "forksmtp", "passwd", "carol", "-c", str(cfg)],
+                          input="s3cret\n", capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    users = auth.load(str(tmp_path / "passwd"))
+    assert auth.verify(users["carol"], "s3cret")

@@ -127,26 +127,35 @@ class Arbiter:
         self._manage_pool(time.monotonic())
         self.log.info("READY", f"Listening on {listen} ({self.target} workers)")
         process.sd_notify("READY=1")
-        overflow = False
+        self.fast = False
         while True:
             at_ceiling = len(self.workers) >= self.cfg.server.max_workers
-            tick = FAST_TICK if (overflow or self.spawn_pending or at_ceiling) else TICK
-            sigs = self.signals.wait(tick)
-            for sig in sigs:
-                getattr(self, f"handle_{NAMES[sig]}")()
+            tick = FAST_TICK if (self.fast or self.spawn_pending or at_ceiling) else TICK
+            for sig in self.signals.wait(tick):
+                self._guarded(getattr(self, f"handle_{NAMES[sig]}"))
             self.reap()
-            now = time.monotonic()
             if self.stopping:
-                if self._stop_step(now):
+                if self._stop_step(time.monotonic()):
                     return 0
-                overflow = False
                 continue
-            snap = self.board.snapshot()
-            self._murder_stuck(snap, now)
-            self._manage_pool(now, snap)
-            overflow = self.overflow.check(snap, now, len(self.workers), self.cfg.server.max_workers,
-                                           list(self.sockets.values()))
-            self._housekeeping(now)
+            self._guarded(self._tick)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        snap = self.board.snapshot()
+        self._murder_stuck(snap, now)
+        self._manage_pool(now, snap)
+        self.fast = self.overflow.check(snap, now, len(self.workers), self.cfg.server.max_workers,
+                                        list(self.sockets.values()))
+        self._housekeeping(now)
+
+    def _guarded(self, step) -> None:
+        """Run one step of the loop; an unexpected error is logged, never fatal: the
+        master's death would take every worker's session down with it."""
+        try:
+            step()
+        except Exception:
+            self.log.error("ERROR", "master: " + traceback.format_exc().replace("\n", " | "))
 
     # -- signal handlers (run in the loop, never in signal context) ------------------------
 

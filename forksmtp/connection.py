@@ -101,7 +101,7 @@ class Connection:
                     session.close(R.R421_TIMEOUT)
                 elif not data:
                     self.close_reason = "client disconnected"
-                    return self._flush_log()
+                    return self._drain_session_log()  # the finally clause writes the log
                 else:
                     session.receive_data(data)
                     self._pump()
@@ -235,8 +235,7 @@ class Connection:
         try:
             self.txn = delivery.Transaction(w.router, event.envelope.recipients, info)
         except OSError as exc:
-            self.log.queue("ERROR", f"cannot open Maildir file: {exc}")
-            session.reply(delivery.storage_reply(exc))
+            session.reply(self._storage_error("cannot open Maildir file", exc))
             return
         self.data_start = time.monotonic()
         self.data_bytes = 0
@@ -245,11 +244,16 @@ class Connection:
     def _storage_failed(self, exc: OSError) -> None:
         """A write failed while the message streams in (a full disk): drop the copies
         now, keep reading to the final dot, then answer 451/452 in step with the client."""
-        self.log.queue("ERROR", f"delivery failed: {exc}")
         self.txn.abort()
         self.txn = None
-        self.txn_error = delivery.storage_reply(exc)
+        self.txn_error = self._storage_error("delivery failed", exc)
+
+    def _storage_error(self, what: str, exc: OSError) -> R.Reply:
+        """Log a storage failure, forget cached Maildirs (one may have been removed or
+        replaced; the next message re-creates it), and give the 451/452 to answer."""
+        self.log.queue("ERROR", f"{what}: {exc}")
         self.worker.router.forget()
+        return delivery.storage_reply(exc)
 
     txn_error: R.Reply | None = None
     stored = False
@@ -265,9 +269,7 @@ class Connection:
         try:
             paths = txn.commit()
         except OSError as exc:
-            self.log.queue("ERROR", f"delivery failed: {exc}")
-            self.worker.router.forget()
-            self.session.reply(delivery.storage_reply(exc))
+            self.session.reply(self._storage_error("delivery failed", exc))
             return
         self._drain_session_log()  # keep the log in order: commands, then the store
         for path in paths:
@@ -295,10 +297,6 @@ class Connection:
         self.request_start = time.monotonic()
         if session.phase is not self.worker.last_phase:
             self.worker.session_progress(session)
-
-    def _flush_log(self) -> None:
-        self._drain_session_log()
-        self.log.flush()
 
     def _drain_session_log(self) -> None:
         session = self.session

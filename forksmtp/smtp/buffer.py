@@ -195,13 +195,14 @@ class DataReader:
 
     def _scan_headers(self, text: bytes) -> None:
         """Count Received: fields in the header section (RFC 5321 6.3 loop detection)."""
+        # The blank line that ends the headers: at the very start (text begins at a line
+        # start) or after some header line; until it comes, the whole block is headers.
         end = 0 if text[:1] == b"\n" else text.find(b"\n\n") + 1
-        if end > 0 or text[:1] == b"\n":
-            self._in_headers = False
-            head = text[:end]
+        if end == 0 and text[:1] != b"\n":
+            end = len(text)
         else:
-            head = text
-        low = b"\n" + head.lower()
+            self._in_headers = False
+        low = b"\n" + text[:end].lower()
         self._received += low.count(b"\nreceived:")
         if self._received >= self._max_received:
             self._fail(R.R554_LOOP)

@@ -18,9 +18,13 @@ class Reply:
     text: str
     lines: tuple[str, ...] = ()  # extra lines for multi-line replies (EHLO)
     _wire: tuple[bytes, bytes] = field(default=(b"", b""), init=False, repr=False, compare=False)
+    _log: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Rendered once: every session sends and logs the same few replies over and over.
         object.__setattr__(self, "_wire", (self._render(False), self._render(True)))
+        head = f"{self.code} {self.enhanced} {self.text}" if self.enhanced else f"{self.code} {self.text}"
+        object.__setattr__(self, "_log", head)
 
     def _render(self, enhanced: bool) -> bytes:
         texts = (self.text,) + self.lines
@@ -34,13 +38,9 @@ class Reply:
         """The reply as bytes to send; enhanced status code only when negotiated."""
         return self._wire[enhanced]
 
-    @property
-    def is_error(self) -> bool:
-        return self.code >= 400
-
     def __str__(self) -> str:
         """One-line form for the log: code, enhanced code, first line of text."""
-        return f"{self.code} {self.enhanced} {self.text}" if self.enhanced else f"{self.code} {self.text}"
+        return self._log
 
 
 def greeting(hostname: str) -> Reply:

@@ -35,9 +35,10 @@ RECV_SIZE = 64 * 1024
 # on every read.  64 KiB keeps every per-read object (the copy, the CRLF -> LF text)
 # below glibc's mmap threshold, so they reuse heap memory instead of faulting in pages.
 _recv_buffer = memoryview(bytearray(RECV_SIZE))
-#: Log lines are queued with their timestamps as they happen but written in one
-#: syscall: at the end of the session, or when the client has been quiet this long.
-LOG_FLUSH_DELAY = 0.2
+#: A client quiet this long is slow or idle: write the log lines queued so far (they
+#: are otherwise written in one syscall at the end of the session) and show the phase in
+#: the process title.  A brisk session never waits that long, so it costs neither.
+QUIET_DELAY = 0.2
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _ids = itertools.count(1)
 
@@ -327,13 +328,15 @@ class Connection:
             view = view[sent:]
 
     def _poll(self, timeout: float) -> list:
-        log = self.log
-        if log.pending and timeout > LOG_FLUSH_DELAY:
-            ready = self.poller.poll(LOG_FLUSH_DELAY * 1000)
+        if timeout > QUIET_DELAY:
+            ready = self.poller.poll(QUIET_DELAY * 1000)
             if ready:
                 return ready
-            log.flush()  # the client is slow: let the operator see the session so far
-            timeout -= LOG_FLUSH_DELAY
+            # The client is slow: let the operator see the session so far, in the log
+            # and in ps.
+            self.log.flush()
+            self.worker.show_phase(self.session.phase)
+            timeout -= QUIET_DELAY
         return self.poller.poll(timeout * 1000)
 
     def _deadline(self) -> float:

@@ -26,7 +26,8 @@ class Log:
         self._fd = self._open(path)
         self.pending: list[str] = []
         self._second = -1
-        self._stamp = ""
+        self._ms = -1
+        self._stamp = self._line_prefix = ""
         self.pid = os.getpid()
 
     @staticmethod
@@ -48,15 +49,21 @@ class Log:
 
     def after_fork(self) -> None:
         self.pid = os.getpid()
+        self._ms = -1  # the cached prefix carries the parent's pid
         self.pending.clear()
 
-    def _timestamp(self) -> str:
-        now = time.time()
-        sec = int(now)
-        if sec != self._second:
-            self._second = sec
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        return f"{self._stamp}.{int((now - sec) * 1000):03d}Z"
+    def _prefix(self) -> str:
+        """``<timestamp> <pid> ``, formatted once per millisecond: a session's lines
+        mostly share one."""
+        ms = int(time.time() * 1000)
+        if ms != self._ms:
+            self._ms = ms
+            sec, frac = divmod(ms, 1000)
+            if sec != self._second:
+                self._second = sec
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+            self._line_prefix = f"{self._stamp}.{frac:03d}Z {self.pid} "
+        return self._line_prefix
 
     def queue(self, tag: str, text: str, level: int = 20) -> None:
         """Add a line to the next flush (the worker flushes once per exchange)."""
@@ -64,12 +71,12 @@ class Log:
             return
         if "\n" in text or "\r" in text:
             text = text.replace("\r", "\\r").replace("\n", "\\n")
-        self.pending.append(f"{self._timestamp()} {self.pid} [{tag}] {text}\n")
+        self.pending.append(f"{self._prefix()}[{tag}] {text}\n")
 
     def queue_many(self, tag: str, texts: list[str]) -> None:
         if self.level > 20 or not texts:
             return
-        stamp = f"{self._timestamp()} {self.pid} [{tag}] "
+        stamp = f"{self._prefix()}[{tag}] "
         self.pending.extend(f"{stamp}{t}\n" for t in texts)
 
     def flush(self) -> None:

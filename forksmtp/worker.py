@@ -158,7 +158,7 @@ class Worker:
         now = time.monotonic()
         self.board.set_busy(self.slot, peer, now)
         self._client = ip
-        self.last_phase = ""
+        self.last_phase = self.titled_phase = ""
         self._title(f"busy {ip}")
         self.log.queue("CONN", ip)
         try:
@@ -229,12 +229,21 @@ class Worker:
         self.listeners = {}
 
     def session_progress(self, session: Session) -> None:
-        """The session entered a new phase (the caller compares with last_phase)."""
+        """The session entered a new phase (the caller compares with last_phase): the
+        scoreboard (stats, stuck-worker watch) learns it at once."""
         phase = self.last_phase = session.phase
         self.board.set_phase(self.slot, phase, time.monotonic())
-        self._title(f"busy {self._client} {phase}")
+
+    def show_phase(self, phase: str) -> None:
+        """The client has gone quiet: put the phase in the process title.  Not done on
+        every phase change: a title write costs a prctl(2) and a fast session would
+        change it five times in a millisecond, faster than anyone can read ps."""
+        if phase != self.titled_phase:
+            self.titled_phase = phase
+            self._title(f"busy {self._client} {phase}")
 
     last_phase = ""
+    titled_phase = ""
 
     def count_message(self, size: int) -> None:
         self.board.count_message(self.slot, size)

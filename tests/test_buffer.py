@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 
+from forksmtp.smtp import buffer
 from forksmtp.smtp import replies as R
 from forksmtp.smtp.buffer import TOO_LONG, DataReader, LineBuffer
 
@@ -499,3 +500,100 @@ def test_reader_memory_is_bounded_with_many_lines():
         assert not done and len(reader._pending) <= 1024
     assert reader.feed(b"\r\n.\r\n")[1]
     assert reader.error is None
+
+
+# -- the fast paths: one scan for CRLF dot, CR deletion and the bare CR/LF test ---------------------
+
+
+def no_bare_cr_or_lf(block: bytes) -> bool:
+    """The obvious way: CRLF pairs cannot overlap, so removing them leaves every bare one."""
+    rest = block.replace(b"\r\n", b"")
+    return b"\r" not in rest and b"\n" not in rest
+
+
+@pytest.mark.parametrize("delete_by_replace, rebuild_by_replace", [(24, 8), (1, 1), (10**9, 10**9)],
+                         ids=["default", "replace-always", "replace-never"])
+def test_bare_cr_lf_test_is_exact_on_every_short_block(monkeypatch, delete_by_replace, rebuild_by_replace):
+    # Every block of up to 8 octets over {a, CR, LF}, with both ways to delete and to test.
+    monkeypatch.setattr(buffer, "_DELETE_BY_REPLACE", delete_by_replace)
+    monkeypatch.setattr(buffer, "_REBUILD_BY_REPLACE", rebuild_by_replace)
+    for n in range(9):
+        for octets in itertools.product(b"a\r\n", repeat=n):
+            block = bytes(octets)
+            stuffed = buffer._delete_crs(block)
+            assert stuffed == block.replace(b"\r", b""), block
+            assert buffer._only_crlf(block, stuffed) == no_bare_cr_or_lf(block), block
+
+
+LONG_LINES = b"".join(b"line %04d " % i + b"x" * 60 + b"\r\n" for i in range(400))  # ~28 KiB
+
+
+@pytest.mark.parametrize("bare_cr, bare_lf", [(b"a\rb", b"c\nd"), (b"a\r", b"\nd"), (b"\r\r\n", b"x\n")])
+def test_one_bare_cr_and_one_bare_lf_far_apart_are_refused(bare_cr, bare_lf):
+    # As many CRs as LFs in the block: only where they stand gives the bare ones away.
+    half = len(LONG_LINES) // 2
+    cut = LONG_LINES.index(b"\r\n", half) + 2
+    data = LONG_LINES[:100] + bare_cr + LONG_LINES[100:cut] + bare_lf + LONG_LINES[cut:]
+    assert data.count(b"\r") == data.count(b"\n")
+    r = read(data + b"\r\n" + END)
+    assert r.done and r.error == R.R550_BARE_NEWLINE and r.text == b""
+    for at in (50, 101, half, cut + 1, len(data) - 1):
+        r = Read([data[:at], data[at:] + b"\r\n" + END])
+        assert r.done and r.error == R.R550_BARE_NEWLINE, at
+    r = read(data + b"\r\n" + END, normalize=True)
+    assert r.error is None and b"\r" not in r.text
+
+
+def test_short_and_long_line_blocks_agree():
+    # Empty lines (counting), ordinary lines (replace) and a mixture give the same text.
+    for body in (b"\r\n" * 5000, b"ab\r\n" * 3000, LONG_LINES, LONG_LINES + b"\r\n" * 20000):
+        r = read(body + END)
+        assert (r.text, r.error, r.reader.size) == (body.replace(b"\r\n", b"\n"), None, len(body))
+
+
+SOME_LINES = LONG_LINES[:LONG_LINES.index(b"\r\n", 2000) + 2]
+DOTTED = (b"Subject: dots. Many.\r\n\r\nNo. 1 ends with a dot.\r\n..stuffed\r\n...\r\n..\r\n"
+          b"mid.line.dots\r\n.lone dot dropped\r\n" + SOME_LINES + b"..\r\nlast.\r\n")
+DOTTED_TEXT = (b"Subject: dots. Many.\n\nNo. 1 ends with a dot.\n.stuffed\n..\n.\nmid.line.dots\n"
+               b"lone dot dropped\n" + SOME_LINES.replace(b"\r\n", b"\n") + b".\nlast.\n")
+
+
+def test_stuffed_lines_and_the_end_at_every_split():
+    data = DOTTED + END + b"QUIT\r\n"
+    for pieces in splits(data, 2):
+        r = Read(pieces)
+        assert (r.text, r.done, r.rest, r.error) == (DOTTED_TEXT, True, b"QUIT\r\n", None), len(pieces[0])
+        assert r.reader.size == len(DOTTED) - 5  # five transparency dots
+
+
+def test_end_right_after_a_stuffed_line_in_each_read():
+    # The first CRLF dot in a read is a stuffed line: the end after it must still be found.
+    for first in (b"..a\r\n", b"a\r\n..\r\n", b"a.\r\n.b\r\n"):
+        r = read(first + END + b"NOOP\r\n")
+        assert r.done and r.rest == b"NOOP\r\n" and r.error is None, first
+        r = Read([b"x\r\n", first + END + b"NOOP\r\n"])
+        assert r.done and r.rest == b"NOOP\r\n" and r.error is None, first
+
+
+def test_stuffed_line_after_the_end_is_not_unstuffed_text():
+    # A stuffed line behind the end belongs to the rest, untouched; the text has no dot line.
+    r = read(b"a.b\r\n" + END + b"..x\r\n")
+    assert (r.text, r.rest, r.reader.size) == (b"a.b\n", b"..x\r\n", 5)
+
+
+def test_dot_at_a_read_boundary_after_a_bare_lf_never_ends_data():
+    # After a bare LF no line starts: ".\r\n" there, in this read or the next, is text.
+    for pieces in ([b"x\n", b".\r\nMAIL\r\n"], [b"x\n.", b"\r\nMAIL\r\n"], [b"x\n.\r", b"\nMAIL\r\n"]):
+        r = Read(pieces + [b"\r\n" + END])
+        assert r.done and r.done_at == 2 and r.error == R.R550_BARE_NEWLINE, pieces
+        r = Read(pieces + [b"\r\n" + END], normalize=True)
+        assert r.done_at == 2 and r.text == b"x\n\nMAIL\n\n", pieces
+
+
+def test_end_marker_split_at_every_offset_after_long_lines():
+    # The end after a block of ordinary lines (the replace paths), cut anywhere near it.
+    data = LONG_LINES + b"..tail\r\n" + END + b"QUIT\r\n"
+    for cut in range(len(data) - 20, len(data)):
+        r = Read([data[:cut], data[cut:]])
+        assert r.done and r.rest == b"QUIT\r\n" and r.error is None, cut
+        assert r.text == LONG_LINES.replace(b"\r\n", b"\n") + b".tail\n", cut

@@ -54,6 +54,12 @@ def memory_text(mem: dict) -> str:
 
 # -- 50 clients x 100 messages -------------------------------------------------------------
 
+def unusual_lines(d) -> list[str]:
+    """The server's log lines other than a normal session's, to explain a failure."""
+    usual = ("[SMTP]", "[CONN]", "[STORE]", "client quit", "[READY]")
+    return [line for line in d.log_text().splitlines() if not any(u in line for u in usual)][:40]
+
+
 @pytest.mark.slow
 def test_50_clients_100_messages_each_nothing_lost(daemon_factory):
     d = daemon_factory(workers=CLIENTS + 4, server={
@@ -73,7 +79,7 @@ def test_50_clients_100_messages_each_nothing_lost(daemon_factory):
               f"{figures['acked'] / elapsed:.0f} msgs/s; {memory_text(mem)}")
     print("\n" + report)
     assert all(r == {"tried": PER_CLIENT, "acked": PER_CLIENT, "refused": 0, "broken": 0}
-               for r in results), f"{report}; {results}"
+               for r in results), f"{report}; {results}; server log: {unusual_lines(d)}"
     assert figures["acked"] == figures["sent"] == figures["stored"] == CLIENTS * PER_CLIENT, report
     assert figures["lost"] == 0 and figures["duplicates"] == 0 and audit["bad"] == [], report
     assert mem["worker_uss_max"] < USS_CEILING, report

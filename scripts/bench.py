@@ -1335,33 +1335,6 @@ def disk_write_rate(directory: str, size: int, repeats: int = 3) -> float:
     return statistics.median(rates)
 
 
-def cpython_data_floor(directory: str, size: int, repeats: int = 3) -> float:
-    """The fastest any CPython server could take in DATA (MiB/s): for 64 KiB blocks of
-    78-octet CRLF lines, only the passes no correct server can skip -- find the end
-    marker, CRLF -> LF (translate deleting CR), count LFs (the bare-newline check's
-    cheapest half) -- and the write to the page cache, then one fsync.  No recv, no
-    dot-unstuffing, no line-length check, no Python per line: a generous ceiling."""
-    line = b"x" * 76 + b"\r\n"
-    block = line * (64 * 1024 // len(line))
-    blocks, rates = max(size // len(block), 1), []
-    for n in range(repeats):
-        path = os.path.join(directory, f"floor-{n}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        t0 = time.monotonic()
-        try:
-            for _ in range(blocks):
-                block.find(b"\r\n.\r\n")
-                text = block.translate(None, b"\r")
-                text.count(b"\n")
-                write_all(fd, text)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        rates.append(blocks * len(block) / MiB / (time.monotonic() - t0))
-        os.unlink(path)
-    return statistics.median(rates)
-
-
 class RssSampler(threading.Thread):
     """Samples the RSS of every process of a server every 10 ms until stopped."""
 
@@ -1485,10 +1458,6 @@ def run_extras(bench: Bench) -> dict:
         rate = disk_write_rate(bench.root, bench.args.big_mib * MiB)
         extras["disk_seq_write_mib_per_s"] = rate
         log(f"disk sequential write (1 MiB writes + fsync): {rate:.0f} MiB/s")
-        floor = cpython_data_floor(bench.root, bench.args.big_mib * MiB)
-        extras["cpython_data_floor_mib_per_s"] = floor
-        log(f"CPython DATA ceiling (find + translate + count + write): {floor:.0f} MiB/s "
-            f"({floor / rate:.2f} x disk)")
         for system in systems:
             extras["stream"][system] = result = stream_big(bench, system, rate)
             log(f"  {system}: {bench.args.big_mib} MiB in {result['seconds']:.2f}s = "
@@ -1575,14 +1544,6 @@ def md_extras(extras: dict) -> list[str]:
             lines.append(f"| {system} | {s['size_mib']} | {fmt(s['seconds'], 2)} | "
                          f"{fmt(s['mib_per_s'], 0)} | {fmt(s['vs_disk'], 2)} | "
                          f"{fmt(s['worker_rss_growth_mib'], 2)} |")
-        floor, disk = extras.get("cpython_data_floor_mib_per_s"), extras.get("disk_seq_write_mib_per_s")
-        if floor and disk:
-            lines += ["", f"CPython ceiling for DATA on this machine: {fmt(floor, 0)} MiB/s "
-                          f"({fmt(floor / disk, 2)} × disk) -- the bench process itself doing "
-                          "only the passes no correct CPython server can skip (find the end "
-                          "marker, CRLF → LF by translate, count LFs) and the write, on "
-                          "64 KiB blocks, with no recv, no dot-unstuffing, no line-length "
-                          "check and no Python per line."]
     if extras.get("hold"):
         lines += ["", "### Open sessions held at once (greeting + EHLO, idle)", "",
                   "| system | sessions held | workers | USS/worker median MiB | "

@@ -463,6 +463,18 @@ def test_header_end_at_a_read_boundary():
     assert r.error == R.R554_LOOP
 
 
+def test_received_counting_stops_after_the_header_scan_limit():
+    """A message with no blank line is all header section: the count covers its first
+    HEADER_SCAN_LIMIT octets (a real loop's fields are far fewer), not all of it."""
+    from forksmtp.smtp.buffer import HEADER_SCAN_LIMIT
+    filler = b"X-Filler: " + b"f" * 60 + b"\r\n"
+    big = filler * (2 * HEADER_SCAN_LIMIT // len(filler))
+    feed = lambda data: Read([data[i:i + 65536] for i in range(0, len(data), 65536)])  # noqa: E731
+    assert feed(headers(100) + big + END).error == R.R554_LOOP      # within the limit
+    assert feed(big + headers(100) + END).error is None              # past it: not counted
+    assert feed(big + b"\r\n" + headers(100) + END).error is None
+
+
 def test_custom_received_limit():
     assert read(headers(2) + b"\r\nb\r\n" + END, max_received=3).error is None
     assert read(headers(3) + b"\r\nb\r\n" + END, max_received=3).error == R.R554_LOOP

@@ -15,6 +15,8 @@ from __future__ import annotations
 from . import replies as R
 
 CRLF = b"\r\n"
+#: Octets of message text after which Received: fields are no longer counted.
+HEADER_SCAN_LIMIT = 1024 * 1024
 END_OF_DATA = b"\r\n.\r\n"
 
 #: The reply a line buffer yields for a command line over the limit.
@@ -256,6 +258,11 @@ class DataReader:
         if end == 0 and text[:1] != b"\n":
             end = len(text)
         else:
+            self._in_headers = False
+        # A message without a blank line is all header section; scanning all of it would
+        # lowercase every block of a big one.  A real loop's 100 Received: fields fit in
+        # far less than HEADER_SCAN_LIMIT, so the count stops there.
+        if self.size >= HEADER_SCAN_LIMIT:
             self._in_headers = False
         low = b"\n" + text[:end].lower()
         self._received += low.count(b"\nreceived:")

@@ -39,6 +39,9 @@ _recv_buffer = memoryview(bytearray(RECV_SIZE))
 #: are otherwise written in one syscall at the end of the session) and show the phase in
 #: the process title.  A brisk session never waits that long, so it costs neither.
 QUIET_DELAY = 0.2
+QUIET_DELAY_MS = int(QUIET_DELAY * 1000)
+#: Seconds between heartbeats (the master's stuck-worker watch) while a session runs.
+HEARTBEAT_EVERY = 1.0
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _ids = itertools.count(1)
 
@@ -76,6 +79,8 @@ class Connection:
         self.data_bytes = 0
         self.poller = select.poll()
         self.poller.register(self.fd, _POLLIN)
+        self._client_readable = [(self.fd, select.POLLIN)]  # what poll() returns most often
+        self._beat = now
         for fd in worker.wake_fds:
             self.poller.register(fd, select.POLLIN)
         self.close_reason = "client quit"
@@ -296,8 +301,6 @@ class Connection:
             self.stored = False
             self.log.flush()
         self.request_start = time.monotonic()
-        if session.phase is not self.worker.last_phase:
-            self.worker.session_progress(session)
 
     def _drain_session_log(self) -> None:
         session = self.session
@@ -329,15 +332,18 @@ class Connection:
 
     def _poll(self, timeout: float) -> list:
         if timeout > QUIET_DELAY:
-            ready = self.poller.poll(QUIET_DELAY * 1000)
+            ready = self.poller.poll(QUIET_DELAY_MS)
             if ready:
                 return ready
-            # The client is slow: let the operator see the session so far, in the log
-            # and in ps.
-            self.log.flush()
-            self.worker.show_phase(self.session.phase)
+            self._quiet()
             timeout -= QUIET_DELAY
         return self.poller.poll(timeout * 1000)
+
+    def _quiet(self) -> None:
+        """The client is slow: let the operator see the session so far, in the log, in
+        ps and in the stats; and tell the master this worker is alive."""
+        self.log.flush()
+        self.worker.show_phase(self.session.phase)
 
     def _deadline(self) -> float:
         t = self.timeouts
@@ -353,13 +359,21 @@ class Connection:
         """Bytes from the client, b"" at EOF, None when the deadline passed."""
         while True:
             now = time.monotonic()
+            if now - self._beat > HEARTBEAT_EVERY:  # a long, brisk session is alive too
+                self._beat = now
+                self.worker.heartbeat()
             limit = self._deadline() - now
             if self.session.in_data:
                 limit = min(limit, self.timeouts.data_block)
             # TLS may hold decrypted bytes the kernel no longer reports as readable.
-            buffered = self.tls_info and self.sock.pending()
-            if not buffered and (limit <= 0 or not self._wait(limit)):
-                return None
+            if not (self.tls_info and self.sock.pending()):
+                if limit <= 0:
+                    return None
+                # The usual case, first: the client answers within QUIET_DELAY and
+                # nothing else happened.  Anything else takes the general path.
+                ready = self.poller.poll(QUIET_DELAY_MS) if limit > QUIET_DELAY else None
+                if ready != self._client_readable and not self._wait(limit, first=ready):
+                    return None
             try:
                 n = self.sock.recv_into(_recv_buffer)
                 return bytes(_recv_buffer[:n])
@@ -368,15 +382,25 @@ class Connection:
             except (ConnectionError, ssl.SSLError):
                 return b""
 
-    def _wait(self, timeout: float, events: int = _POLLIN) -> bool:
+    def _wait(self, timeout: float, events: int = _POLLIN, first: list | None = None) -> bool:
         """Wait until the socket is ready: False once ``timeout`` has passed, Stop when
-        the worker must quit.  A signal (SIGTERM: finish this session) is not a timeout."""
+        the worker must quit.  A signal (SIGTERM: finish this session) is not a timeout.
+        ``first``: what a poll of QUIET_DELAY just returned (an empty list: it timed out)."""
         deadline = time.monotonic() + max(timeout, 0.0)
+        if first is not None:
+            deadline -= QUIET_DELAY if not first else 0.0
+            if not first:
+                self._quiet()
         if events != _POLLIN:
             self.poller.modify(self.fd, events)
         try:
-            while True:
+            if first:
+                ready = first
+            elif first is not None:  # the quiet poll timed out; _quiet() ran: the rest
+                ready = self.poller.poll(max(deadline - time.monotonic(), 0.0) * 1000)
+            else:
                 ready = self._poll(max(deadline - time.monotonic(), 0.0))
+            while True:
                 self.worker.heartbeat()
                 ok = False
                 for fd, _ in ready:
@@ -388,6 +412,7 @@ class Connection:
                     raise Stop()
                 if ok or time.monotonic() >= deadline:
                     return ok
+                ready = self._poll(max(deadline - time.monotonic(), 0.0))
         finally:
             if events != _POLLIN:
                 self.poller.modify(self.fd, _POLLIN)

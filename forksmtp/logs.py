@@ -77,7 +77,7 @@ class Log:
         if self.level > 20 or not texts:
             return
         stamp = f"{self._prefix()}[{tag}] "
-        self.pending.extend(f"{stamp}{t}\n" for t in texts)
+        self.pending.append(stamp + f"\n{stamp}".join(texts) + "\n")  # one join, in C
 
     def flush(self) -> None:
         if not self.pending:

@@ -158,7 +158,7 @@ class Worker:
         now = time.monotonic()
         self.board.set_busy(self.slot, peer, now)
         self._client = ip
-        self.last_phase = self.titled_phase = ""
+        self.titled_phase = ""
         self._title(f"busy {ip}")
         self.log.queue("CONN", ip)
         try:
@@ -228,21 +228,16 @@ class Worker:
             sock.close()
         self.listeners = {}
 
-    def session_progress(self, session: Session) -> None:
-        """The session entered a new phase (the caller compares with last_phase): the
-        scoreboard (stats, stuck-worker watch) learns it at once."""
-        phase = self.last_phase = session.phase
-        self.board.set_phase(self.slot, phase, time.monotonic())
-
     def show_phase(self, phase: str) -> None:
-        """The client has gone quiet: put the phase in the process title.  Not done on
-        every phase change: a title write costs a prctl(2) and a fast session would
-        change it five times in a millisecond, faster than anyone can read ps."""
+        """The client has gone quiet: publish the phase, in the scoreboard (stats) and
+        in the process title.  Not done on every phase change: a brisk session goes
+        through five in a millisecond, faster than anyone reads ps or the stats, and a
+        title write costs a prctl(2)."""
+        self.board.set_phase(self.slot, phase, time.monotonic())
         if phase != self.titled_phase:
             self.titled_phase = phase
             self._title(f"busy {self._client} {phase}")
 
-    last_phase = ""
     titled_phase = ""
 
     def count_message(self, size: int) -> None:

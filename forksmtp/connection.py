@@ -375,6 +375,8 @@ class Connection:
                 if ready != self._client_readable and not self._wait(limit, first=ready):
                     return None
             try:
+                if self.session.in_data:  # large reads: one copy, straight into bytes
+                    return self.sock.recv(RECV_SIZE)
                 n = self.sock.recv_into(_recv_buffer)
                 return bytes(_recv_buffer[:n])
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):

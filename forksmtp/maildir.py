@@ -23,6 +23,7 @@ from collections.abc import Sequence
 __all__ = ["Maildir", "Delivery", "commit_all", "clean_tmp", "is_no_space", "escape_host"]
 
 _FLUSH_AT = 256 * 1024          # buffer this much before a write(): few syscalls per message
+_WRITE_THROUGH = 32 * 1024      # a block this big is written as it is, not copied first
 # A big message's pages are handed to the disk every this many octets while the rest
 # still arrives (POSIX_FADV_DONTNEED starts writeback of dirty pages without waiting),
 # so the fsync before the 250 waits for the last stretch only, not the whole message.
@@ -75,7 +76,7 @@ def _unlink_quiet(path: str) -> int:
     return 1
 
 
-def _write_all(fd: int, buf: bytearray) -> None:
+def _write_all(fd: int, buf: bytes | bytearray) -> None:
     with memoryview(buf) as view:
         done, total = 0, len(view)
         while done < total:
@@ -169,9 +170,12 @@ class Delivery:
     def write(self, data: bytes) -> None:
         """Append data. On a failed write the delivery is aborted, then the error raised."""
         buf = self._buf
+        if not buf and len(data) >= _WRITE_THROUGH:
+            self._flush(data)  # a big block of a big message: no copy into the buffer
+            return
         buf += data
         if len(buf) >= _FLUSH_AT:
-            self._flush()
+            self._flush(buf)
 
     def commit(self) -> str:
         """Make the message durable in new/ and return its path; see commit_all()."""
@@ -193,17 +197,19 @@ class Delivery:
             except OSError:
                 pass
 
-    def _flush(self) -> None:
+    def _flush(self, data: bytes | bytearray) -> None:
+        """Write data (the buffer, or a block written through) to the file."""
         if self._fd < 0:
             raise ValueError("delivery already committed or aborted")
         try:
-            _write_all(self._fd, self._buf)
+            _write_all(self._fd, data)
         except BaseException:
             self.abort()
             raise
         written = self._written
-        self._written += len(self._buf)
-        self._buf.clear()
+        self._written += len(data)
+        if data is self._buf:
+            self._buf.clear()
         if self._written // _WRITEBACK_EVERY != written // _WRITEBACK_EVERY and self.maildir.fsync:
             self._start_writeback()
 
@@ -218,7 +224,7 @@ class Delivery:
         if self._fd < 0:
             raise ValueError("delivery already committed or aborted")
         if self._buf:
-            self._flush()
+            self._flush(self._buf)
         if self.maildir.fsync:
             os.fsync(self._fd)
 

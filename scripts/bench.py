@@ -1343,19 +1343,27 @@ class RssSampler(threading.Thread):
         self.server, self.stop = server, threading.Event()
         self.peak: dict[int, int] = {}
         self.first: dict[int, int] = {}
+        self.procs: list[psutil.Process] = []
 
-    def sample(self) -> None:
-        for proc in self.server.tree():
+    def sample(self, refresh: bool = True) -> None:
+        # Listing the tree reads every process in /proc: done once in a while only, so
+        # that the sampler does not steal the CPU the transfer it measures needs.
+        if refresh or not self.procs:
+            self.procs = self.server.tree()
+        for proc in self.procs:
             try:
                 rss = proc.memory_info().rss
             except psutil.Error:
+                self.procs = []
                 continue
             self.first.setdefault(proc.pid, rss)
             self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), rss)
 
     def run(self) -> None:
-        while not self.stop.wait(0.01):
-            self.sample()
+        for n in itertools.count(1):
+            if self.stop.wait(0.01):
+                return
+            self.sample(refresh=n % 50 == 0)
 
 
 def read_reply(sock: socket.socket, limit: float = 120.0) -> int:

@@ -372,7 +372,8 @@ class Connection:
                 # The usual case, first: the client answers within QUIET_DELAY and
                 # nothing else happened.  Anything else takes the general path.
                 ready = self.poller.poll(QUIET_DELAY_MS) if limit > QUIET_DELAY else None
-                if ready != self._client_readable and not self._wait(limit, first=ready):
+                if ready != self._client_readable and \
+                        not self._wait(limit, first=ready, deadline=now + limit):
                     return None
             try:
                 if self.session.in_data:  # large reads: one copy, straight into bytes
@@ -384,15 +385,16 @@ class Connection:
             except (ConnectionError, ssl.SSLError):
                 return b""
 
-    def _wait(self, timeout: float, events: int = _POLLIN, first: list | None = None) -> bool:
-        """Wait until the socket is ready: False once ``timeout`` has passed, Stop when
-        the worker must quit.  A signal (SIGTERM: finish this session) is not a timeout.
-        ``first``: what a poll of QUIET_DELAY just returned (an empty list: it timed out)."""
-        deadline = time.monotonic() + max(timeout, 0.0)
-        if first is not None:
-            deadline -= QUIET_DELAY if not first else 0.0
-            if not first:
-                self._quiet()
+    def _wait(self, timeout: float, events: int = _POLLIN, first: list | None = None,
+              deadline: float | None = None) -> bool:
+        """Wait until the socket is ready: False once ``timeout`` has passed (or the
+        monotonic ``deadline``, when given), Stop when the worker must quit.  A signal
+        (SIGTERM: finish this session) is not a timeout.  ``first``: what a poll of
+        QUIET_DELAY, begun within the same deadline, returned (empty: it timed out)."""
+        if deadline is None:
+            deadline = time.monotonic() + max(timeout, 0.0)
+        if first is not None and not first:
+            self._quiet()
         if events != _POLLIN:
             self.poller.modify(self.fd, events)
         try:

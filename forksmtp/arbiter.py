@@ -315,8 +315,9 @@ class Arbiter:
     def _murder_stuck(self, snap, now: float) -> None:
         """Kill workers whose heartbeat stopped beyond every configured timeout.
 
-        A healthy worker in a session touches its slot at every wait for its client; one
-        silent for longer than the longest timeout is wedged (a hung filesystem, a bug).
+        A healthy worker in a session touches its slot when a wait for its client ends
+        (at most once a second while data flows), and no wait outlasts the longest
+        timeout; one silent for longer than that is wedged (a hung filesystem, a bug).
         Idle workers are skipped: they wait in epoll without touching their slot, whose
         last_activity then says since when they are idle (the pool's max_idle)."""
         t = self.cfg.timeouts

@@ -1,0 +1,125 @@
+"""What a server costs: CPU of its process tree, its memory, RSS sampled over a transfer."""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+
+import psutil
+
+from .constants import MiB
+from .helpers import median_of
+from .servers import Server
+
+
+def runtime_s(pid: int) -> float | None:
+    """CPU time of all threads of pid in seconds, in ns precision (schedstat).
+
+    /proc/PID/stat (psutil's cpu_times) counts 10 ms clock ticks: summed over dozens of
+    workers that each ran a few ms, truncation would swallow most of the CPU."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            continue        # the thread ended meanwhile
+        except (OSError, ValueError, IndexError):
+            return None     # no schedstat on this kernel: the tick counts must do
+    return total / 1e9
+
+
+def cpu_snapshot(server: Server) -> dict:
+    """Per live process: (user ticks s, system ticks s, precise run time s or None);
+    and the master's counters of reaped children."""
+    procs: dict[int, tuple[float, float, float | None]] = {}
+    reaped = (0.0, 0.0)
+    for proc in server.tree():
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        procs[proc.pid] = (t.user, t.system, runtime_s(proc.pid))
+        if proc.pid == server.popen.pid:
+            reaped = (t.children_user, t.children_system)
+    return {"procs": procs, "reaped": reaped}
+
+
+def cpu_delta(before: dict, after: dict) -> tuple[float, float, int]:
+    """(user s, system s, workers that vanished) spent between two snapshots.
+
+    The total comes from the precise run times when every process has one, and is split
+    into user and system in the proportion of the tick counts. Workers reaped meanwhile
+    count through the master's children_* ticks (their part before the first snapshot
+    is taken off again)."""
+    gone = [pid for pid in before["procs"] if pid not in after["procs"]]
+    ticks_user = after["reaped"][0] - before["reaped"][0] - sum(before["procs"][p][0] for p in gone)
+    ticks_sys = after["reaped"][1] - before["reaped"][1] - sum(before["procs"][p][1] for p in gone)
+    reaped_total = ticks_user + ticks_sys
+    precise = 0.0
+    for pid, (u, s, run) in after["procs"].items():
+        u0, s0, run0 = before["procs"].get(pid, (0.0, 0.0, 0.0))
+        ticks_user, ticks_sys = ticks_user + u - u0, ticks_sys + s - s0
+        precise = None if precise is None or run is None or run0 is None else precise + run - run0
+    if precise is None:
+        return ticks_user, ticks_sys, len(gone)
+    total = precise + reaped_total
+    ticks = ticks_user + ticks_sys
+    share = ticks_user / ticks if ticks > 0 else 0.5
+    return total * share, total * (1 - share), len(gone)
+
+
+def memory_report(server: Server) -> dict:
+    """Master RSS/USS and each worker's USS (MiB). The peer is one process: its own USS."""
+    master, workers = None, []
+    for proc in server.tree():
+        try:
+            info = proc.memory_full_info()
+        except psutil.Error:
+            continue
+        if proc.pid == server.popen.pid:
+            master = info
+        else:
+            workers.append(info.uss / MiB)
+    if not workers and master is not None:
+        workers = [master.uss / MiB]
+    return {"master_rss_mib": master.rss / MiB if master else None,
+            "master_uss_mib": master.uss / MiB if master else None,
+            "workers": len(workers),
+            "worker_uss_mib_median": median_of(workers),
+            "worker_uss_mib_max": max(workers) if workers else None}
+
+
+class RssSampler(threading.Thread):
+    """Samples the RSS of every process of a server every 10 ms until stopped."""
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(daemon=True)
+        self.server, self.stop = server, threading.Event()
+        self.peak: dict[int, int] = {}
+        self.first: dict[int, int] = {}
+        self.procs: list[psutil.Process] = []
+
+    def sample(self, refresh: bool = True) -> None:
+        # Listing the tree reads every process in /proc: done once in a while only, so
+        # that the sampler does not steal the CPU the transfer it measures needs.
+        if refresh or not self.procs:
+            self.procs = self.server.tree()
+        for proc in self.procs:
+            try:
+                rss = proc.memory_info().rss
+            except psutil.Error:
+                self.procs = []
+                continue
+            self.first.setdefault(proc.pid, rss)
+            self.peak[proc.pid] = max(self.peak.get(proc.pid, 0), rss)
+
+    def run(self) -> None:
+        for n in itertools.count(1):
+            if self.stop.wait(0.01):
+                return
+            self.sample(refresh=n % 50 == 0)

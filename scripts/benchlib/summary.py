@@ -1,0 +1,85 @@
+"""Medians over rounds, ratios between systems, and the performance targets judged on them."""
+from __future__ import annotations
+
+from .constants import RATIO_PAIRS
+from .context import Bench
+from .helpers import median_of, ratio
+
+# --------------------------------------------------------------------------- summary
+
+METRICS = ("msgs_per_s", "ack_p50_ms", "ack_p99_ms", "txn_p50_ms", "txn_p99_ms",
+           "cpu_user_ms_per_msg", "cpu_sys_ms_per_msg", "cpu_ms_per_msg",
+           "worker_uss_mib_median", "worker_uss_mib_max", "master_rss_mib",
+           "client_cpu_ms_per_msg")
+
+
+def summarise(cells: list[dict]) -> dict:
+    """Median over rounds of every metric: summary[mode][system][sessions]."""
+    groups: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        groups.setdefault((cell["mode"], cell["system"], cell["sessions"]), []).append(cell)
+    summary: dict = {}
+    for (mode, system, sessions), group in groups.items():
+        good = [c for c in group if not c["problem"]]
+        row = {m: median_of([c.get(m) for c in good]) for m in METRICS}
+        row["rounds_ok"], row["rounds"] = len(good), len(group)
+        summary.setdefault(mode, {}).setdefault(system, {})[str(sessions)] = row
+    return summary
+
+
+def compute_ratios(summary: dict) -> list[dict]:
+    """forksmtp/loop, forksmtp/aiosmtpd (and loop-tmpfile/loop) per mode and sessions."""
+    rows = []
+    for mode, systems in summary.items():
+        for top, base in RATIO_PAIRS:
+            if top not in systems or base not in systems:
+                continue
+            for sessions, a in systems[top].items():
+                b = systems[base].get(sessions)
+                if b is None:
+                    continue
+                rows.append({"mode": mode, "sessions": int(sessions), "pair": f"{top}/{base}",
+                             "msgs_per_s": ratio(a["msgs_per_s"], b["msgs_per_s"]),
+                             "cpu_ms_per_msg": ratio(a["cpu_ms_per_msg"], b["cpu_ms_per_msg"]),
+                             "cpu_sys_ms_per_msg": ratio(a["cpu_sys_ms_per_msg"],
+                                                         b["cpu_sys_ms_per_msg"]),
+                             "ack_p99_ms": ratio(a["ack_p99_ms"], b["ack_p99_ms"])})
+    return rows
+
+
+def find_ratio(ratios: list[dict], mode: str, sessions: int, pair: str, key: str):
+    for row in ratios:
+        if (row["mode"], row["sessions"], row["pair"]) == (mode, sessions, pair):
+            return row[key]
+    return None
+
+
+def check_targets(bench: Bench, ratios: list[dict], extras: dict) -> list[dict]:
+    """The performance targets, judged at 50 sessions (or the most measured)."""
+    at = 50 if 50 in bench.args.sessions else max(bench.args.sessions)
+
+    def r(mode: str, pair: str, key: str) -> float | None:
+        return find_ratio(ratios, mode, at, pair, key)
+
+    rows = [
+        (f"durable msgs/s vs loop @{at}", r("durable", "forksmtp/loop", "msgs_per_s"), ">=", 1.0),
+        (f"durable msgs/s vs aiosmtpd @{at}", r("durable", "forksmtp/aiosmtpd", "msgs_per_s"),
+         ">=", 2.5),
+        (f"fsync-off msgs/s vs aiosmtpd @{at}",
+         r("nofsync", "forksmtp/aiosmtpd", "msgs_per_s"), ">=", 2.0),
+        (f"durable CPU/msg vs aiosmtpd @{at}",
+         r("durable", "forksmtp/aiosmtpd", "cpu_ms_per_msg"), "<=", 0.5),
+        (f"durable ack p99 vs loop p99 @{at}", r("durable", "forksmtp/loop", "ack_p99_ms"),
+         "<=", 1.5),
+    ]
+    stream = extras.get("stream", {}).get("forksmtp") or {}
+    big = f"{bench.args.big_mib} MiB message"
+    rows.append((f"{big}: worker RSS growth MiB", stream.get("worker_rss_growth_mib"), "<", 2.0))
+    rows.append((f"{big}: throughput vs disk", stream.get("vs_disk"), ">=", 0.5))
+    hold = extras.get("hold", {}).get("forksmtp") or {}
+    rows.append(("open sessions: worker USS max MiB", hold.get("worker_uss_mib_max"), "<=", 8.0))
+    rows.append(("open sessions: master RSS MiB", hold.get("master_rss_mib"), "<=", 50.0))
+    return [{"target": name, "value": value, "need": f"{op} {limit:g}",
+             "met": None if value is None else (value >= limit if op == ">=" else
+                                                value <= limit if op == "<=" else value < limit)}
+            for name, value, op, limit in rows]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import re
 import shutil
 import stat
@@ -92,6 +93,23 @@ def test_large_message_in_odd_chunks(tmp_path, mode):
     with open(path, "rb") as f:
         assert f.read() == body
     assert listing(md)[0] == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_small_and_large_writes_interleaved_keep_their_order(tmp_path, mode):
+    """Small writes are buffered, big blocks written through when the buffer is empty,
+    and writeback is started every MiB: none of it may reorder or drop a byte."""
+    md = make(tmp_path / "md", mode)
+    rng = random.Random(7)
+    sizes = [100, 70_000, 50, 40_000, 300_000, 10, 33_000, 1_100_000, 7, 65_536, 1]
+    pieces = [rng.randbytes(n) for n in sizes]
+    delivery = md.begin()
+    for piece in pieces:
+        delivery.write(piece)
+    path = delivery.commit()
+    with open(path, "rb") as f:
+        assert f.read() == b"".join(pieces)
+    assert NAME_RE.match(os.path.basename(path))[1] == str(sum(sizes))
 
 
 def test_host_escaping():

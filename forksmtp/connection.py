@@ -130,7 +130,7 @@ class Connection:
         if self.implicit_tls and not self._handshake():
             return False
         delay = self.worker.greeting_delay
-        if delay > 0 and self._wait(delay):
+        if delay > 0 and self._wait(time.monotonic() + delay):
             # RFC 5321 4.3.1: the client must wait for the greeting. Early talkers are
             # almost always bots; Postfix's postscreen rejects them the same way.
             self.close_reason = "early talker"
@@ -195,7 +195,7 @@ class Connection:
                 events = select.POLLOUT
             except (ssl.SSLError, OSError) as exc:
                 return self._tls_failed(exc)
-            if not self._wait(deadline - time.monotonic(), events):
+            if not self._wait(deadline, events):
                 return self._tls_failed(TimeoutError("handshake timed out"))
         self.tls_info = tls.describe(ssock)
         self.log.queue("TLS", f"{self.peer_ip} {self.tls_info}")
@@ -325,7 +325,7 @@ class Connection:
                 sent = self.sock.send(view)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
                 events = _POLLIN if isinstance(exc, ssl.SSLWantReadError) else select.POLLOUT
-                if not self._wait(deadline - time.monotonic(), events):
+                if not self._wait(deadline, events):
                     raise OSError(errno.ETIMEDOUT, "send timed out")
                 continue
             view = view[sent:]
@@ -372,8 +372,7 @@ class Connection:
                 # The usual case, first: the client answers within QUIET_DELAY and
                 # nothing else happened.  Anything else takes the general path.
                 ready = self.poller.poll(QUIET_DELAY_MS) if limit > QUIET_DELAY else None
-                if ready != self._client_readable and \
-                        not self._wait(limit, first=ready, deadline=now + limit):
+                if ready != self._client_readable and not self._wait(now + limit, first=ready):
                     return None
             try:
                 if self.session.in_data:  # large reads: one copy, straight into bytes
@@ -385,14 +384,11 @@ class Connection:
             except (ConnectionError, ssl.SSLError):
                 return b""
 
-    def _wait(self, timeout: float, events: int = _POLLIN, first: list | None = None,
-              deadline: float | None = None) -> bool:
-        """Wait until the socket is ready: False once ``timeout`` has passed (or the
-        monotonic ``deadline``, when given), Stop when the worker must quit.  A signal
-        (SIGTERM: finish this session) is not a timeout.  ``first``: what a poll of
-        QUIET_DELAY, begun within the same deadline, returned (empty: it timed out)."""
-        if deadline is None:
-            deadline = time.monotonic() + max(timeout, 0.0)
+    def _wait(self, deadline: float, events: int = _POLLIN, first: list | None = None) -> bool:
+        """Wait until the socket is ready: False once the monotonic ``deadline`` has
+        passed, Stop when the worker must quit.  A signal (SIGTERM: finish this session)
+        is not a timeout.  ``first``: what a poll of QUIET_DELAY, begun within the same
+        deadline, returned (empty: it timed out)."""
         if first is not None and not first:
             self._quiet()
         if events != _POLLIN:

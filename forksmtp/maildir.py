@@ -210,15 +210,19 @@ class Delivery:
         self._written += len(data)
         if data is self._buf:
             self._buf.clear()
-        if self._written // _WRITEBACK_EVERY != written // _WRITEBACK_EVERY and self.maildir.fsync:
-            self._start_writeback()
+        if self.maildir.fsync:
+            self._start_writeback(written, self._written)
 
-    def _start_writeback(self) -> None:
-        start = self._written - self._written % _WRITEBACK_EVERY - _WRITEBACK_EVERY
-        try:
-            os.posix_fadvise(self._fd, max(start, 0), _WRITEBACK_EVERY, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass  # only a head start for the fsync, which still follows
+    def _start_writeback(self, before: int, after: int) -> None:
+        """Hand the whole _WRITEBACK_EVERY stretches this write completed to the disk
+        (one write of a big block may complete several)."""
+        start = before - before % _WRITEBACK_EVERY
+        end = after - after % _WRITEBACK_EVERY
+        if end > start:
+            try:
+                os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass  # only a head start for the fsync, which still follows
 
     def _sync(self) -> None:
         if self._fd < 0:

@@ -101,7 +101,7 @@ def test_small_and_large_writes_interleaved_keep_their_order(tmp_path, mode):
     and writeback is started every MiB: none of it may reorder or drop a byte."""
     md = make(tmp_path / "md", mode)
     rng = random.Random(7)
-    sizes = [100, 70_000, 50, 40_000, 300_000, 10, 33_000, 1_100_000, 7, 65_536, 1]
+    sizes = [100, 70_000, 50, 40_000, 300_000, 10, 33_000, 1_100_000, 7, 65_536, 1, 2_600_000, 3]
     pieces = [rng.randbytes(n) for n in sizes]
     delivery = md.begin()
     for piece in pieces:
@@ -110,6 +110,29 @@ def test_small_and_large_writes_interleaved_keep_their_order(tmp_path, mode):
     with open(path, "rb") as f:
         assert f.read() == b"".join(pieces)
     assert NAME_RE.match(os.path.basename(path))[1] == str(sum(sizes))
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_writeback_is_started_once_per_completed_mib(tmp_path, monkeypatch, fsync):
+    """Each whole MiB is handed to the disk once, in order, however the writes fall
+    (one big write may complete several); with fsync off nothing is started."""
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(maildir.os, "posix_fadvise",
+                        lambda fd, off, n, advice: calls.append((off, n)) or real(fd, off, n, advice))
+    md = make(tmp_path / "md", fsync=fsync)
+    delivery = md.begin()
+    for size in (100, 900_000, 300_000, 2_600_000, 50, 40_000, 1_000_000):
+        delivery.write(b"x" * size)
+    delivery.commit()
+    mib = 1024 * 1024
+    if not fsync:
+        assert calls == []
+        return
+    assert calls[0][0] == 0 and all(a + n == b for (a, n), (b, _) in zip(calls, calls[1:]))
+    assert sum(n for _, n in calls) == (100 + 900_000 + 300_000 + 2_600_000 + 50 + 40_000
+                                         + 1_000_000) // mib * mib
+    assert all(n % mib == 0 and n > 0 for _, n in calls)
 
 
 def test_host_escaping():

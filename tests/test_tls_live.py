@@ -208,26 +208,28 @@ def swaks(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=45, stdin=subprocess.DEVNULL)
 
 
-def test_swaks_starttls_auth_plain(server, certs):
+def swaks_delivers(server, *args: str) -> tuple[str, object]:
+    """Run swaks; it must succeed and store exactly one message: (its output, the file)."""
     before = set(server.new_messages())
-    r = swaks("--port", str(server.port), "--tls", "--auth", "PLAIN", "--auth-user", "alice",
-              "--auth-password", PASSWORD)
+    r = swaks(*args)
     out = r.stdout.decode(errors="replace")
     assert r.returncode == 0, out + r.stderr.decode(errors="replace")
-    assert "235 2.7.0" in out and "250 2.0.0 Message accepted" in out
     (path,) = stored_since(server, before)
+    return out, path
+
+
+def test_swaks_starttls_auth_plain(server, certs):
+    out, path = swaks_delivers(server, "--port", str(server.port), "--tls", "--auth", "PLAIN",
+                               "--auth-user", "alice", "--auth-password", PASSWORD)
+    assert "235 2.7.0" in out and "250 2.0.0 Message accepted" in out
     assert " with ESMTPSA id " in received_header(path)
 
 
 def test_swaks_implicit_tls_auth_login_verified(server, certs):
-    before = set(server.new_messages())
-    r = swaks("--port", str(server.implicit_port), "--tls-on-connect", "--tls-verify",
-              "--tls-ca-path", str(certs.ca_cert), "--auth", "LOGIN", "--auth-user", "alice",
-              "--auth-password", PASSWORD)
-    out = r.stdout.decode(errors="replace")
-    assert r.returncode == 0, out + r.stderr.decode(errors="replace")
+    out, path = swaks_delivers(server, "--port", str(server.implicit_port), "--tls-on-connect",
+                               "--tls-verify", "--tls-ca-path", str(certs.ca_cert), "--auth",
+                               "LOGIN", "--auth-user", "alice", "--auth-password", PASSWORD)
     assert "334 VXNlcm5hbWU6" in out and "235 2.7.0" in out
-    (path,) = stored_since(server, before)
     assert "(authenticated as alice)" in received_header(path)
 
 

@@ -27,7 +27,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import auth, config as config_mod, limits, listeners, maildir, pool, process, stats, tls
+from . import (auth, config as config_mod, connection, limits, listeners, maildir, pool, process,
+               stats, tls)
 from .authlimit import AuthLimiter
 from .overflow import OverflowGuard
 from .security import Security, listen_addresses, load_security
@@ -98,6 +99,7 @@ class Arbiter:
         self.signals = SignalQueue()
         self.signals.install()
         process.set_title(self._title())
+        connection.tune_for_big_reads()
         gc.collect()
         gc.freeze()  # workers share the master's heap pages instead of copying them
 

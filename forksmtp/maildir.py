@@ -22,8 +22,14 @@ from collections.abc import Sequence
 
 __all__ = ["Maildir", "Delivery", "commit_all", "clean_tmp", "is_no_space", "escape_host"]
 
-_FLUSH_AT = 256 * 1024          # buffer this much before a write(): few syscalls per message
-_WRITE_THROUGH = 32 * 1024      # a block this big is written as it is, not copied first
+# Text is held until this much has come, then written with one writev(): each write(2)
+# to ext4 pays a fixed cost (inode lock, timestamps, delayed-allocation bookkeeping)
+# beside the copy.  Measured on this machine, 64 MiB into a new file with writeback
+# every MiB: 64 KiB writes 0.40-0.69 ms of CPU per MiB, 256 KiB writes 0.20-0.23.
+_FLUSH_AT = 256 * 1024
+# A piece this big is held as it is (one more iovec), not copied into the small-piece
+# buffer: the DATA reader's blocks of a big message are never copied in user space.
+_WRITE_THROUGH = 32 * 1024
 # A big message's pages are handed to the disk every this many octets while the rest
 # still arrives (POSIX_FADV_DONTNEED starts writeback of dirty pages without waiting),
 # so the fsync before the 250 waits for the last stretch only, not the whole message.
@@ -81,6 +87,13 @@ def _write_all(fd: int, buf: bytes | bytearray) -> None:
         done, total = 0, len(view)
         while done < total:
             done += os.write(fd, view[done:])
+
+
+def _writev_all(fd: int, pieces: list, total: int) -> None:
+    """Write every piece, in order, with one writev() in the usual case."""
+    done = os.writev(fd, pieces) if len(pieces) > 1 else os.write(fd, pieces[0])
+    if done < total:  # a short write (a signal, a nearly full disk): finish, or raise
+        _write_all(fd, b"".join(pieces)[done:])
 
 
 class Maildir:
@@ -152,30 +165,38 @@ class Maildir:
 class Delivery:
     """One message being written into one Maildir."""
 
-    __slots__ = ("maildir", "path", "_fd", "_tmp", "_buf", "_written", "_linked")
+    __slots__ = ("maildir", "path", "_fd", "_tmp", "_buf", "_pieces", "_held", "_written",
+                 "_linked")
 
     def __init__(self, maildir: Maildir, fd: int, tmp: str | None) -> None:
         self.maildir = maildir
         self.path: str | None = None     # final path, once committed
         self._fd = fd
         self._tmp = tmp                  # named tmp file, or None for O_TMPFILE
-        self._buf = bytearray()
+        self._buf = bytearray()          # small pieces, copied together
+        self._pieces: list = []          # what goes before _buf in the next writev
+        self._held = 0                   # octets in _pieces and _buf
         self._written = 0
         self._linked: str | None = None  # in new/ but not yet durable
 
     @property
     def size(self) -> int:
-        return self._written + len(self._buf)
+        return self._written + self._held
 
     def write(self, data: bytes) -> None:
         """Append data. On a failed write the delivery is aborted, then the error raised."""
-        buf = self._buf
-        if not buf and len(data) >= _WRITE_THROUGH:
-            self._flush(data)  # a big block of a big message: no copy into the buffer
-            return
-        buf += data
-        if len(buf) >= _FLUSH_AT:
-            self._flush(buf)
+        if len(data) >= _WRITE_THROUGH:
+            if type(data) is not bytes:  # held until the writev: must not change meanwhile
+                data = bytes(data)
+            if self._buf:  # keep the order: the small pieces so far go first
+                self._pieces.append(self._buf)
+                self._buf = bytearray()
+            self._pieces.append(data)
+        else:
+            self._buf += data
+        self._held += len(data)
+        if self._held >= _FLUSH_AT:
+            self._flush()
 
     def commit(self) -> str:
         """Make the message durable in new/ and return its path; see commit_all()."""
@@ -186,6 +207,8 @@ class Delivery:
         no-op after a successful commit."""
         fd, self._fd = self._fd, -1
         self._buf.clear()
+        self._pieces.clear()
+        self._held = 0
         if self._linked is not None:
             _unlink_quiet(self._linked)
         if self._tmp is not None:
@@ -197,19 +220,23 @@ class Delivery:
             except OSError:
                 pass
 
-    def _flush(self, data: bytes | bytearray) -> None:
-        """Write data (the buffer, or a block written through) to the file."""
+    def _flush(self) -> None:
+        """Write everything held to the file."""
         if self._fd < 0:
             raise ValueError("delivery already committed or aborted")
+        pieces = self._pieces
+        if self._buf:
+            pieces.append(self._buf)
         try:
-            _write_all(self._fd, data)
+            _writev_all(self._fd, pieces, self._held)
         except BaseException:
             self.abort()
             raise
+        pieces.clear()
+        self._buf.clear()
         written = self._written
-        self._written += len(data)
-        if data is self._buf:
-            self._buf.clear()
+        self._written += self._held
+        self._held = 0
         if self.maildir.fsync:
             self._start_writeback(written, self._written)
 
@@ -227,8 +254,8 @@ class Delivery:
     def _sync(self) -> None:
         if self._fd < 0:
             raise ValueError("delivery already committed or aborted")
-        if self._buf:
-            self._flush(self._buf)
+        if self._held:
+            self._flush()
         if self.maildir.fsync:
             os.fsync(self._fd)
 

@@ -15,6 +15,26 @@ except ImportError:  # titles are a convenience, never a reason not to run
     _setproctitle = None
 
 
+# mallopt(3) parameter numbers, from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
+    """Have glibc's malloc serve blocks below ``mmap_threshold`` from the heap, and keep
+    up to ``trim_threshold`` octets of free memory at the top of the heap instead of
+    returning it to the kernel.  Both are process-wide settings that fork() inherits,
+    so the master sets them once for every worker.  False where the C library has no
+    mallopt() (musl, for one): the server then keeps its smaller reads."""
+    try:
+        import ctypes
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ImportError, OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and \
+        bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
 def set_title(title: str) -> None:
     if _setproctitle is not None:
         _setproctitle(title)

@@ -108,6 +108,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--warmup", type=int, default=4,
         help="untimed messages per session sent to each SMTP server before its cell")
     add("--big-mib", type=int, default=50, help="size of the streamed message (0: skip)")
+    add("--big-repeats", type=int, default=3,
+        help="times the big message is sent (the median rate is reported)")
     add("--hold", type=int, help="sessions held open at once (default 500; 0 skips)")
     add("--peer-threads", type=int, default=0, help="aiosmtpd stores in N threads (0: inline)")
     add("--server-log-level", default="info", help="forksmtp [log] level (default info)")
@@ -132,8 +134,8 @@ def apply_presets(p: argparse.ArgumentParser, args: argparse.Namespace) -> argpa
         p.error(f"unknown mode {bad!r}; choose from {', '.join(MODES)}")
     if args.client == "smtp-source" and not shutil.which("smtp-source"):
         p.error("smtp-source is not on PATH (Debian: apt-get install postfix)")
-    if min(args.sessions) < 1 or args.size < 512 or args.per_conn < 1:
-        p.error("sessions and --per-conn must be >= 1 and --size >= 512")
+    if min(args.sessions) < 1 or args.size < 512 or args.per_conn < 1 or args.big_repeats < 1:
+        p.error("sessions, --per-conn and --big-repeats must be >= 1 and --size >= 512")
     return args
 
 

@@ -609,3 +609,69 @@ def test_end_marker_split_at_every_offset_after_long_lines():
         r = Read([data[:cut], data[cut:]])
         assert r.done and r.rest == b"QUIT\r\n" and r.error is None, cut
         assert r.text == LONG_LINES.replace(b"\r\n", b"\n") + b".tail\n", cut
+
+
+# -- unfinished lines handed on (after the header section) --------------------------------------------
+
+BODY_START = b"Subject: x\r\n\r\n"
+
+
+def test_an_unfinished_body_line_is_handed_on_not_held():
+    reader = DataReader(1000)
+    assert reader.feed(BODY_START) == (b"Subject: x\n\n", False, b"")
+    assert reader.feed(b"abc\r\nde") == (b"abc\nde", False, b"")
+    assert reader._pending == b""
+    assert reader.feed(b"f\r\n" + END) == (b"f\n", True, b"")
+    assert reader.error is None
+
+
+def test_header_lines_and_dotted_or_cr_ended_leftovers_are_still_held():
+    # A Received: field may be split while headers are counted; a leading dot may start
+    # the end marker or a stuffed line; a CR may be half of a CRLF or a bare CR.
+    for first, held in ((b"Received: fr", b"Received: fr"), (BODY_START + b"a\r\n.", b"."),
+                        (BODY_START + b"a\r\nb\r", b"b\r")):
+        reader = DataReader(1000)
+        reader.feed(first)
+        assert reader._pending == held, first
+
+
+@pytest.mark.parametrize("octets, ok", [(998, True), (999, False)])
+def test_line_length_counts_the_octets_handed_on(octets, ok):
+    line = b"y" * octets + b"\r\n"
+    for cut in (1, 500, octets - 1, octets):
+        r = Read([BODY_START, b"x\r\n" + line[:cut], line[cut:] + END])
+        assert r.done and (r.error is None) == ok, cut
+    r = Read([BODY_START, b"x\r\n" + line[:300], line[300:600], line[600:] + END])
+    assert r.done and (r.error is None) == ok
+
+
+def test_a_line_handed_on_then_continued_without_a_line_end_is_bounded():
+    reader = DataReader(10_000)
+    reader.feed(BODY_START)
+    reader.feed(b"x\r\n" + b"y" * 600)
+    assert reader._pending == b"" and reader._carry == 600
+    reader.feed(b"y" * 600)  # no LF yet: 1200 octets in one line
+    assert reader.error == R.R554_LINE_TOO_LONG and len(reader._pending) <= 1024
+    assert reader.feed(b"\r\n" + END)[1]
+
+
+def test_a_dot_continuing_a_handed_on_line_is_text():
+    # Not a line start: neither a transparency dot nor the end marker.
+    r = Read([BODY_START, b"x\r\nabc", b".def\r\n" + END])
+    assert (r.text, r.error) == (b"Subject: x\n\nx\nabc.def\n", None)
+    r = Read([BODY_START, b"x\r\nabc", b".\r\nmore\r\n" + END + b"QUIT\r\n"])
+    assert (r.text, r.rest, r.error) == (b"Subject: x\n\nx\nabc.\nmore\n", b"QUIT\r\n", None)
+
+
+def test_a_bare_lf_right_after_a_handed_on_line_is_refused():
+    r = Read([BODY_START, b"x\r\nabc", b"\ndef\r\n" + END])
+    assert r.done and r.error == R.R550_BARE_NEWLINE
+
+
+def test_handed_on_lines_at_every_split_store_the_same_text():
+    body = b"".join(b"%d .x..y\r\n" % n + b".dot\r\n" * (n % 3) for n in range(40))
+    expected = read(BODY_START + body + END).text
+    for cut in range(0, len(body) + 1, 7):
+        for cut2 in (cut + 1, cut + 33, cut + 200):
+            r = Read([BODY_START, body[:cut], body[cut:cut2], body[cut2:] + END])
+            assert (r.text, r.error) == (expected, None), (cut, cut2)

@@ -226,11 +226,19 @@ def reference(data: bytes, max_size: int, max_received: int, normalize: bool):
     return True, refused, text, rest, size
 
 
-@settings(max_examples=800, deadline=None, database=None)
-@given(data=st.lists(st.sampled_from(ATOMS), max_size=40).map(b"".join), ended=st.booleans(),
+# Before the body: nothing (all of it is header section), or a header section already
+# ended, after which the reader hands unfinished lines on instead of holding them.
+HEADS = [b"", b"", b"Subject: x\r\n\r\n", b"\r\n"]
+
+
+@settings(max_examples=1500, deadline=None, database=None)
+@given(head=st.sampled_from(HEADS),
+       data=st.lists(st.sampled_from(ATOMS), max_size=40).map(b"".join), ended=st.booleans(),
        max_size=st.sampled_from([30, 300, 10**6]), max_received=st.sampled_from([1, 2, 100]),
-       normalize=st.booleans(), cuts=st.lists(st.integers(0, 20000), max_size=10))
-def test_data_reader_matches_reference(data, ended, max_size, max_received, normalize, cuts):
+       normalize=st.booleans(), cuts=st.lists(st.integers(0, 20000), max_size=12))
+def test_data_reader_matches_reference(head, data, ended, max_size, max_received, normalize,
+                                       cuts):
+    data = head + data
     if ended:
         data += b"\r\n.\r\nNOOP\r\n"
     done, refused, text, rest, size = reference(data, max_size, max_received, normalize)
@@ -251,6 +259,28 @@ def test_data_reader_matches_reference(data, ended, max_size, max_received, norm
         if not refused:
             assert b"".join(got) == text
             assert reader.size == size
+
+
+# Bodies of mostly well-formed lines, cut into many reads: the reader hands most unfinished
+# lines on (see DataReader.feed), and the lines around each cut must still be checked
+# for length, unstuffed and scanned for the end exactly as the reference does.
+LINE = st.tuples(
+    st.sampled_from([b""] * 6 + [b".", b"..", b".x", b"x."]),
+    st.integers(0, 1010),
+    st.sampled_from([b"\r\n"] * 60 + [b"\n", b"\r", b""]))
+
+
+def _line(parts) -> bytes:
+    lead, length, ending = parts
+    return lead + (b"y" * length)[:max(length - len(lead), 0)] + ending
+
+
+@settings(max_examples=1000, deadline=None, database=None)
+@given(head=st.sampled_from(HEADS[2:]), lines=st.lists(LINE.map(_line), max_size=30),
+       ended=st.booleans(), cuts=st.lists(st.integers(0, 40000), max_size=40))
+def test_data_reader_hands_on_unfinished_lines_like_the_reference(head, lines, ended, cuts):
+    test_data_reader_matches_reference.hypothesis.inner_test(
+        head, b"".join(lines), ended, 10**6, 100, False, cuts)
 
 
 # -- the command line buffer against a reference model ---------------------------------------------

@@ -23,14 +23,17 @@ END_OF_DATA = b"\r\n.\r\n"
 TOO_LONG = object()
 
 
-def _has_long_line(text: bytes, limit: int = 998) -> bool:
-    """Is any LF-terminated line longer than ``limit`` octets?  (RFC 5321 4.5.3.1.6:
-    1000 with the CRLF.)  Jumps from line start to the last LF within ``limit`` + 1
-    octets: a window without an LF is a long line; a window with one proves every line
-    starting before that LF short.  About len/limit C-level searches, no split."""
-    n, pos = len(text), 0
+def _has_long_line(text: bytes, carry: int = 0, limit: int = 998) -> bool:
+    """Does ``text`` make any line longer than ``limit`` octets?  (RFC 5321 4.5.3.1.6:
+    1000 with the CRLF.)  ``carry`` octets of its first line came before ``text``; its
+    last line may be unfinished, and counts as long once it is.  Jumps from line start
+    to the last LF within ``limit`` + 1 octets: a window without an LF is a long line;
+    a window with one proves every line starting before that LF short.  About
+    len/limit C-level searches, no split."""
+    n, pos = len(text), -carry
+    rfind = text.rfind
     while n - pos > limit:
-        last = text.rfind(b"\n", pos, pos + limit + 1)
+        last = rfind(b"\n", pos if pos > 0 else 0, pos + limit + 1)
         if last < 0:
             return True
         pos = last + 1
@@ -137,14 +140,19 @@ class DataReader:
     never loses sync with the client.
     """
 
-    __slots__ = ("_pending", "_midline", "_max_size", "_max_received", "_normalize",
+    __slots__ = ("_pending", "_midline", "_carry", "_max_size", "_max_received", "_normalize",
                  "size", "error", "_in_headers", "_received")
 
     def __init__(self, max_size: int, max_received: int = 100, normalize: bool = False) -> None:
         self._pending = b""
-        # True when the pending bytes do not start a line (an overlong line was cut, or
-        # the last line ended in a bare LF): a leading ".\r\n" is then not the end.
+        # True when the pending bytes do not start a line (an overlong line was cut, the
+        # last line ended in a bare LF, or the line's start was handed on already): a
+        # leading ".\r\n" is then not the end.
         self._midline = False
+        # Octets of the current line already handed on (see feed): the next text goes on
+        # with that line, so its first octet is no transparency dot and the line-length
+        # check counts them in.
+        self._carry = 0
         self._max_size = max_size
         self._max_received = max_received
         self._normalize = normalize
@@ -165,10 +173,29 @@ class DataReader:
         if cut < 0:
             self._hold(buf)
             return b"", False, b""
+        tail = len(buf) - cut - 1
+        if tail and self._can_hand_on(buf, tail):
+            # The usual block of a big body: the unfinished last line goes out with the
+            # rest instead of being held, which would copy the block twice (the held
+            # line joined to the next read, the complete lines sliced off).
+            text = self._process(buf, dot)
+            self._pending, self._midline, self._carry = b"", True, tail
+            return text, False, b""
         # After a bare LF no line starts: a "." there must not end the data (smuggling).
         self._midline = buf[cut - 1:cut] != b"\r"
+        text = self._process(buf[: cut + 1], dot)
+        self._carry = 0  # the held text starts a line
         self._hold(buf[cut + 1:])
-        return self._process(buf[: cut + 1], dot), False, b""
+        return text, False, b""
+
+    def _can_hand_on(self, buf: bytes, tail: int) -> bool:
+        """May the unfinished line (the last ``tail`` octets of ``buf``) be stored now?
+        Not if it might start the end marker or be a stuffed line (a leading dot), nor
+        if it ends in a CR (the LF may come next, or not: a bare CR), nor while headers
+        are counted (a Received: field may be split), nor in normalize mode (where a
+        bare CR or LF may end lines, the leftover is not the rest of a line)."""
+        return (buf[-tail] != 0x2E and buf[-1] != 0x0D and not self._in_headers
+                and not self._normalize and self.error is None)
 
     def _find_end(self, buf: bytes) -> tuple[int, int]:
         """``(end, dot)``: the index of the ".\\r\\n" line that ends DATA, or -1; and the
@@ -198,7 +225,7 @@ class DataReader:
 
     def _hold(self, tail: bytes) -> None:
         # An unfinished line may hold 1000 octets plus a transparency dot and a CR.
-        if len(tail) > 1002:
+        if self._carry + len(tail) > 1002:
             self._fail(R.R554_LINE_TOO_LONG)
             tail = tail[-4:]  # enough to recognise an END_OF_DATA that spans reads
             self._midline = True
@@ -221,7 +248,7 @@ class DataReader:
         # and ``dot`` tells whether there is one; after normalising, a bare CR or LF may
         # have become a line start too.
         if normalised or stuffed[:1] == b"." or 0 <= dot < len(block):
-            text = stuffed[1:] if stuffed[:1] == b"." else stuffed
+            text = stuffed[1:] if stuffed[:1] == b"." and not self._carry else stuffed
             text = text.replace(b"\n.", b"\n")
         else:
             text = stuffed
@@ -230,7 +257,7 @@ class DataReader:
         if self.size > self._max_size:
             self._fail(R.R552_TOO_BIG)
             return b""
-        if _has_long_line(text):
+        if _has_long_line(text, self._carry):
             self._fail(R.R554_LINE_TOO_LONG)
             return b""
         if self._in_headers:

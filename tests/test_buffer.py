@@ -5,12 +5,13 @@ every SMTP smuggling variant fed in every possible split."""
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 
 from forksmtp.smtp import buffer
 from forksmtp.smtp import replies as R
-from forksmtp.smtp.buffer import TOO_LONG, DataReader, LineBuffer
+from forksmtp.smtp.buffer import TOO_LONG, DataReader, LineBuffer, _has_long_line
 
 END = b".\r\n"  # the final line; with the CRLF ending the last text line: CRLF.CRLF
 
@@ -675,3 +676,19 @@ def test_handed_on_lines_at_every_split_store_the_same_text():
         for cut2 in (cut + 1, cut + 33, cut + 200):
             r = Read([BODY_START, body[:cut], body[cut:cut2], body[cut2:] + END])
             assert (r.text, r.error) == (expected, None), (cut, cut2)
+
+
+def test_long_line_check_with_carried_octets_matches_splitting():
+    """_has_long_line against the obvious split, on random LF placements, carries
+    (including ones already over the limit) and limits."""
+    rng = random.Random(5321)
+    for _ in range(20_000):
+        n = rng.randint(0, 2500)
+        text = bytearray(b"a" * n)
+        for _ in range(rng.randint(0, 5)):
+            if n:
+                text[rng.randrange(n)] = 10
+        carry, limit = rng.choice([0, rng.randint(0, 1100)]), rng.choice([998, 7, 1])
+        lines = bytes(text).split(b"\n")
+        expected = max(carry + len(lines[0]), *map(len, lines)) > limit
+        assert _has_long_line(bytes(text), carry, limit) == expected, (n, carry, limit)

@@ -30,10 +30,18 @@ def _has_long_line(text: bytes, carry: int = 0, limit: int = 998) -> bool:
     to the last LF within ``limit`` + 1 octets: a window without an LF is a long line;
     a window with one proves every line starting before that LF short.  About
     len/limit C-level searches, no split."""
-    n, pos = len(text), -carry
-    rfind = text.rfind
-    while n - pos > limit:
-        last = rfind(b"\n", pos if pos > 0 else 0, pos + limit + 1)
+    n, pos = len(text), 0
+    if carry:  # the first line's LF must come within limit - carry octets
+        if n + carry <= limit:
+            return False
+        if carry > limit:
+            return True
+        pos = text.rfind(b"\n", 0, limit + 1 - carry) + 1
+        if pos == 0:
+            return True
+    rfind, step, end = text.rfind, limit + 1, n - limit
+    while pos < end:  # more than ``limit`` octets from this line start to the end
+        last = rfind(b"\n", pos, pos + step)
         if last < 0:
             return True
         pos = last + 1

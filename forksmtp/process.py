@@ -35,6 +35,24 @@ def tune_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
         bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
+def batch_scheduling() -> bool:
+    """Put this process under SCHED_BATCH: the kernel then never lets it preempt the task
+    running on a CPU when it wakes up; it waits for that task to block or to use up its
+    time slice.  CPU time is still shared by weight, exactly as for normal tasks, so
+    nothing starves.  A worker wakes once per client request and runs for a fraction of
+    a millisecond: without the flag each wake-up tends to preempt the client or another
+    worker mid-burst, and the switches and cold caches cost more than the wait saved.
+    smtp-source, 4 KiB messages, pairs of alternating runs: 50 sessions durable, -3 to
+    +7 % msgs/s (+4.5 % over 7 pairs); 10 sessions +6.5 to +10 %; 1 session +3 to +6.5 %;
+    50 sessions with fsync off +9 to +21 %.  False where the system refuses it (no
+    SCHED_BATCH, or a seccomp filter): the worker then runs as before."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 def set_title(title: str) -> None:
     if _setproctitle is not None:
         _setproctitle(title)

@@ -62,6 +62,7 @@ class Worker:
         """First steps after fork, before any privilege drop (the scoreboard lock file
         lives in the master's private directory)."""
         self.pid = os.getpid()
+        process.batch_scheduling()  # workers only: the master stays prompt to signals
         self.log.after_fork()
         self.board.after_fork()
         self.board.set_pid(self.slot, self.pid)

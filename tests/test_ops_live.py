@@ -107,6 +107,18 @@ def test_worker_title_shows_client_and_phase(daemon):
     assert master.startswith("forksmtp: master ")
 
 
+def test_workers_run_under_sched_batch_and_the_master_does_not(daemon):
+    """Workers never preempt a running task when a client wakes them (process.py says
+    why); the master keeps the normal policy so that signals and the connection ceiling
+    are handled at once."""
+    with smtplib.SMTP(daemon.host, daemon.port, timeout=10) as client:
+        assert client.noop()[0] == 250
+        workers = daemon.workers()
+        assert workers
+        assert {os.sched_getscheduler(w.pid) for w in workers} == {os.SCHED_BATCH}
+    assert os.sched_getscheduler(daemon.pid) == os.SCHED_OTHER
+
+
 def test_workers_are_recycled_after_max_sessions(daemon_factory):
     """max_sessions_per_worker (Postfix's max_use, gunicorn's max_requests): a worker
     leaves after that many sessions and the master starts a fresh one."""

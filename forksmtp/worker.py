@@ -159,8 +159,9 @@ class Worker:
         now = time.monotonic()
         self.board.set_busy(self.slot, peer, now)
         self._client = ip
+        # The title says "busy" only once the client goes quiet (show_phase): a brisk
+        # session is over before anyone could read it, and each title write is a prctl.
         self.titled_phase = ""
-        self._title(f"busy {ip}")
         self.log.queue("CONN", ip)
         try:
             refused = self.board.admit(self.slot, ip, self.cfg.server.max_connections,
@@ -176,7 +177,8 @@ class Worker:
             self.board.release(self.slot)
             self.served += 1
             self.board.set_idle(self.slot, time.monotonic())
-            self._title("idle")
+            if self.titled_phase:  # the title went busy during this session
+                self._title("idle")
 
     def _refuse(self, sock: socket.socket, ip: str, reason: str) -> None:
         """Over a connection limit: answer 421 at once and close (never a silent wait).

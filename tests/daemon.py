@@ -224,6 +224,12 @@ def assert_no_zombies(d: Daemon, timeout: float = 5.0) -> None:
     wait_until(lambda: not zombie_children(d.pid), timeout, what=f"zombies of {d.pid}")
 
 
+def unusual_lines(d: Daemon) -> list[str]:
+    """The server's log lines other than a normal session's, to explain a failure."""
+    usual = ("[SMTP]", "[CONN]", "[STORE]", "client quit", "[READY]")
+    return [line for line in d.log_text().splitlines() if not any(u in line for u in usual)][:40]
+
+
 def send_message(port: int, host: str = "127.0.0.1", body: bytes = b"Subject: t\r\n\r\nhello\r\n",
                  timeout: float = 10.0) -> None:
     """One complete SMTP delivery; raises on any failure."""

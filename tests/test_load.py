@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from daemon import Ledger, RawSMTP, ledger_client, ledger_message, run_clients, uss
+from daemon import Ledger, RawSMTP, ledger_client, ledger_message, run_clients, unusual_lines, uss
 
 MiB = 1 << 20
 USS_CEILING = 32 * MiB
@@ -53,12 +53,6 @@ def memory_text(mem: dict) -> str:
 
 
 # -- 50 clients x 100 messages -------------------------------------------------------------
-
-def unusual_lines(d) -> list[str]:
-    """The server's log lines other than a normal session's, to explain a failure."""
-    usual = ("[SMTP]", "[CONN]", "[STORE]", "client quit", "[READY]")
-    return [line for line in d.log_text().splitlines() if not any(u in line for u in usual)][:40]
-
 
 @pytest.mark.slow
 def test_50_clients_100_messages_each_nothing_lost(daemon_factory):

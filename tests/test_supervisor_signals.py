@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from daemon import (assert_no_zombies, connect, connection_refused, free_port, gone, read_reply,
-                    request_stats, send_message, wait_until, worker_pids)
+                    request_stats, send_message, unusual_lines, wait_until, worker_pids)
 
 BODY = b"Subject: supervisor\r\n\r\nhello\r\n"
 WORKER_KEYS = {"pid", "state", "sessions", "rss", "cpu_s", "generation"}
@@ -174,7 +174,7 @@ def test_reloads_while_clients_connect_refuse_nothing(daemon_factory):
                 send_message(d.port)
                 ok.append(1)
             except Exception as exc:  # every failure is a finding, whatever its kind
-                failures.append(repr(exc))
+                failures.append(f"{time.strftime('%H:%M:%S', time.gmtime())} {exc!r}")
 
     thread = threading.Thread(target=client_loop, daemon=True)
     thread.start()
@@ -187,7 +187,7 @@ def test_reloads_while_clients_connect_refuse_nothing(daemon_factory):
         done.set()
         thread.join(40)
     assert not thread.is_alive()
-    assert failures == []
+    assert failures == [], f"{failures}; server log: {unusual_lines(d)}"
     assert len(ok) > 5
     assert len(d.new_messages()) == len(ok)
     assert request_stats(d)["config_generation"] == 6

@@ -130,13 +130,18 @@ class Worker:
         self.board.set_idle(self.slot, time.monotonic())
         while not (self.stopping or self.quitting) and self.served < self.max_sessions:
             events = self.epoll.poll(1.0)
+            # Listeners first.  With EPOLLEXCLUSIVE this worker alone was woken for the
+            # connection waiting there; if a SIGTERM (a reload, a graceful stop) came at
+            # the same moment and the worker let it be, nothing would wake another
+            # worker for it until the next connection arrived.  So it is served: only
+            # SIGQUIT (stop now) leaves it.
             for fd, _ in events:
                 sock = self.listeners.get(fd)
-                if sock is None:
-                    if fd in self.wake_fds:  # not a listener closed earlier in this batch
-                        self.on_wake(fd)
-                elif not (self.stopping or self.quitting):
+                if sock is not None and not self.quitting:
                     self._accept(sock)
+            for fd, _ in events:
+                if fd in self.wake_fds:
+                    self.on_wake(fd)
         self.board.set_stopping(self.slot)
         return EXIT_OK
 

@@ -1,0 +1,80 @@
+"""The worker's accept loop when a stop signal meets a waiting connection.
+
+With EPOLLEXCLUSIVE only one idle worker is woken per connection.  If that worker is
+told to stop at the same moment and leaves the connection alone, no other worker is
+woken for it until the next connection arrives: the client waits for its greeting.
+Here a real worker process is woken for a real pending connection, and SIGTERM is
+delivered between its wake-up and its handling of the event.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+from forksmtp import config, logs, scoreboard
+from forksmtp.worker import Worker
+
+
+class _SignalAfterFirstWake:
+    """The worker's epoll, with SIGTERM sent to the worker right after its first wake-up
+    (as if it had arrived during the wait)."""
+
+    def __init__(self, epoll) -> None:
+        self.epoll, self.first = epoll, True
+
+    def poll(self, timeout: float):
+        events = self.epoll.poll(timeout)
+        if self.first and events:
+            self.first = False
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the events do
+        return events
+
+    def __getattr__(self, name):
+        return getattr(self.epoll, name)
+
+
+def _run_worker(cfg, listener, board, log) -> None:
+    """Child process: one worker, its epoll wrapped; exits with the worker's status."""
+    status = 1
+    try:
+        worker = Worker(cfg, [listener], board, 0, 1, os.pipe()[0], log)
+        worker.prepare()
+        setup = worker._setup
+
+        def wrapped_setup() -> None:
+            setup()
+            worker.epoll = _SignalAfterFirstWake(worker.epoll)
+
+        worker._setup = wrapped_setup
+        status = worker.run()
+    finally:
+        os._exit(status)
+
+
+def test_a_connection_that_woke_a_stopping_worker_is_served(tmp_path):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    cfg = config.load_config(None, {"delivery.maildir": str(tmp_path / "md"),
+                                    "server.listen": [f"127.0.0.1:{port}"]})
+    board = scoreboard.Scoreboard.create(4, lock_dir=str(tmp_path))
+    board.claim_slot(0, 0, 1, 0.0)
+    log = logs.Log("info", str(tmp_path / "log"))
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)  # waiting in the backlog
+    pid = os.fork()
+    if pid == 0:
+        _run_worker(cfg, listener, board, log)
+    try:
+        # The worker stops after this session; the listener stays open here, as the
+        # master's does, so an unserved connection would just wait.
+        assert client.recv(512).startswith(b"220 ")
+        client.sendall(b"QUIT\r\n")
+        assert client.recv(512).startswith(b"221 ")
+    finally:
+        client.close()
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "[CLOSE] 127.0.0.1 client quit" in (tmp_path / "log").read_text()

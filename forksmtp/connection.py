@@ -45,6 +45,15 @@ _recv_buffer = memoryview(bytearray(RECV_SIZE))
 #: 528-644; 256 KiB tuned 582-663 but 1.5 MiB of worker RSS growth instead of 0.9.
 DATA_RECV_SIZE = 128 * 1024
 _data_recv_size = RECV_SIZE
+#: A client quiet this long is slow or idle: write the log lines queued so far (they
+#: are otherwise written in one syscall at the end of the session) and show the phase in
+#: the process title.  A brisk session never waits that long, so it costs neither.
+QUIET_DELAY = 0.2
+QUIET_DELAY_MS = int(QUIET_DELAY * 1000)
+#: Seconds between heartbeats (the master's stuck-worker watch) while a session runs.
+HEARTBEAT_EVERY = 1.0
+_POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+_ids = itertools.count(1)
 
 
 def tune_for_big_reads() -> bool:
@@ -55,15 +64,6 @@ def tune_for_big_reads() -> bool:
         _data_recv_size = DATA_RECV_SIZE
         return True
     return False
-#: A client quiet this long is slow or idle: write the log lines queued so far (they
-#: are otherwise written in one syscall at the end of the session) and show the phase in
-#: the process title.  A brisk session never waits that long, so it costs neither.
-QUIET_DELAY = 0.2
-QUIET_DELAY_MS = int(QUIET_DELAY * 1000)
-#: Seconds between heartbeats (the master's stuck-worker watch) while a session runs.
-HEARTBEAT_EVERY = 1.0
-_POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
-_ids = itertools.count(1)
 
 
 def _close_tls(sock: ssl.SSLSocket) -> None:

@@ -29,7 +29,7 @@ __all__ = ["Maildir", "Delivery", "commit_all", "clean_tmp", "is_no_space", "esc
 _FLUSH_AT = 256 * 1024
 # A piece this big is held as it is (one more iovec), not copied into the small-piece
 # buffer: the DATA reader's blocks of a big message are never copied in user space.
-_WRITE_THROUGH = 32 * 1024
+_HOLD_WHOLE = 32 * 1024
 # A big message's pages are handed to the disk every this many octets while the rest
 # still arrives (POSIX_FADV_DONTNEED starts writeback of dirty pages without waiting),
 # so the fsync before the 250 waits for the last stretch only, not the whole message.
@@ -185,7 +185,7 @@ class Delivery:
 
     def write(self, data: bytes) -> None:
         """Append data. On a failed write the delivery is aborted, then the error raised."""
-        if len(data) >= _WRITE_THROUGH:
+        if len(data) >= _HOLD_WHOLE:
             if type(data) is not bytes:  # held until the writev: must not change meanwhile
                 data = bytes(data)
             if self._buf:  # keep the order: the small pieces so far go first

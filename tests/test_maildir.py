@@ -97,7 +97,7 @@ def test_large_message_in_odd_chunks(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_small_and_large_writes_interleaved_keep_their_order(tmp_path, mode):
-    """Small writes are buffered, big blocks written through when the buffer is empty,
+    """Small writes are copied into one buffer, big blocks held whole beside it,
     and writeback is started every MiB: none of it may reorder or drop a byte."""
     md = make(tmp_path / "md", mode)
     rng = random.Random(7)

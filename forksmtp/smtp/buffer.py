@@ -215,8 +215,8 @@ class DataReader:
         end finishes the job, so a block costs at most two scans whatever it holds.
         None of them can come before the first dot in ``buf``: one memchr skips text
         without dots (base64 attachments) outright, or the text up to its first dot."""
-        # ``buf`` starts a line unless the last one ended in a bare LF (``_midline``):
-        # after a bare LF a "." must not end the data (SMTP smuggling).
+        # ``buf`` starts a line unless ``_midline`` says otherwise (see __init__): after
+        # a bare LF, or inside a line handed on, a "." must not end the data (smuggling).
         if not self._midline and buf[:3] == b".\r\n":
             return 0, -1
         first = buf.find(b".")

@@ -10,6 +10,9 @@ One run measures, alternating the systems so that machine drift cancels out:
   forksmtp      the real daemon, started the README's way, storing real Maildir files;
   aiosmtpd      the peer: aiosmtpd with a Maildir handler as durable as forksmtp's
                 (tmp write, fsync, rename into new/, fsync new/, then 250);
+  pyfloor       the floor of forksmtp's shape: a minimal pre-forked Python server
+                (blocking loop per worker, no checks, no limits, no log) storing exactly
+                as forksmtp does -- the most any pre-forked Python server reaches here;
   smtp-sink     Postfix's smtp-sink, a C SMTP server that answers 250 and stores
                 nothing: the ceiling of the SMTP exchange itself (client, kernel TCP and
                 a server doing no storage) on this machine. Optional: run by default only
@@ -67,9 +70,10 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib.cells import run_matrix
-from benchlib.constants import MODES, NO_DURABILITY_FS, SINK, SYSTEMS
+from benchlib.constants import FLOOR, MODES, NO_DURABILITY_FS, SINK, SYSTEMS
 from benchlib.context import Bench
 from benchlib.extras import run_extras
+from benchlib.floor import serve_pyfloor
 from benchlib.helpers import fs_type, log, raise_fd_limit
 from benchlib.maildir import tmpfile_supported
 from benchlib.peer import serve_aiosmtpd
@@ -102,7 +106,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--maildir-root", help="where the Maildirs go (default: a new dir under /var/tmp)")
     add("--out", help="results folder (default bench-results/<timestamp>)")
     add("--port-base", type=int, default=24250,
-        help="forksmtp port; the peer uses +1 and smtp-sink +2 (keep them below the "
+        help="forksmtp port; the peer uses +1, smtp-sink +2, pyfloor +3 (keep them below the "
         "ephemeral range, 32768+, where client sockets could hold them)")
     add("--spare-workers", type=int, default=2, help="forksmtp workers beyond the sessions")
     add("--warmup", type=int, default=4,
@@ -238,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve-aiosmtpd"]:
         return serve_aiosmtpd(argv[1:])
+    if argv[:1] == [f"serve-{FLOOR}"]:
+        return serve_pyfloor(argv[1:])
     args = parse_args(argv)
     raise_fd_limit(4096)
     signal.signal(signal.SIGTERM, _on_sigterm)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import re
 
 SINK = "smtp-sink"            # stores nothing: the ceiling of the SMTP exchange
-SYSTEMS = ("loop", "loop-tmpfile", "forksmtp", "aiosmtpd", SINK)
+FLOOR = "pyfloor"             # the least Python a pre-forked durable server can run
+SYSTEMS = ("loop", "loop-tmpfile", "forksmtp", "aiosmtpd", FLOOR, SINK)
 LOOP_SYSTEMS = ("loop", "loop-tmpfile")
 SMTP_SYSTEMS = ("forksmtp", "aiosmtpd")   # the storing servers: big-message and hold checks
 SINK_ENV = "FORKSMTP_BENCH_SMTP_SINK"
@@ -14,6 +15,7 @@ HOST = "127.0.0.1"
 MiB = 1 << 20
 NO_DURABILITY_FS = ("tmpfs", "ramfs")
 RATIO_PAIRS = (("forksmtp", "loop"), ("forksmtp", "aiosmtpd"), ("loop-tmpfile", "loop"),
+               ("forksmtp", FLOOR), (FLOOR, "loop"), (FLOOR, "aiosmtpd"),
                ("forksmtp", SINK), ("loop", SINK))
 START_TIMEOUT = 60.0          # server boot, worker fork, client/loop process start
 

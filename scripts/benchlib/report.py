@@ -7,7 +7,7 @@ import shlex
 import shutil
 import sys
 
-from .constants import SINK
+from .constants import FLOOR, SINK
 from .context import Bench
 from .summary import find_ratio
 
@@ -67,6 +67,31 @@ def md_sink_note(bench: Bench, payload: dict) -> list[str]:
             f"{SINK} itself exceeds the loop." + verdict]
 
 
+def md_floor_note(bench: Bench, payload: dict) -> list[str]:
+    """What the pyfloor rows mean, with this run's pyfloor/loop and forksmtp/pyfloor."""
+    if not any(FLOOR in systems for systems in payload["summary"].values()):
+        return []
+    modes = bench.args.modes
+    mode = "durable" if "durable" in modes else modes[0]
+    at = 50 if 50 in bench.args.sessions else max(bench.args.sessions)
+    floor_vs = find_ratio(payload["ratios"], mode, at, f"{FLOOR}/loop", "msgs_per_s")
+    ours_vs = find_ratio(payload["ratios"], mode, at, f"forksmtp/{FLOOR}", "msgs_per_s")
+    verdict = ("" if floor_vs is None else
+               f" In this run ({mode}, {at} sessions) {FLOOR}/loop is {fmt(floor_vs, 2)}"
+               + (": no pre-forked Python server reaches the loop here" if floor_vs < 1
+                  else "") + ("" if ours_vs is None else
+                              f"; forksmtp reaches {fmt(ours_vs, 2)} of {FLOOR}") + ".")
+    return ["", f"### {FLOOR}: the floor of forksmtp's shape", "",
+            f"{FLOOR} (scripts/benchlib/floor.py) is a pre-forked Python SMTP server cut to "
+            "the bone: each worker runs a blocking accept/recv/send loop, answers 250 to "
+            "every command without checking it, and stores each message exactly as forksmtp "
+            "does (O_TMPFILE, write, fsync, link into new/, fsync new/); it has no limits, "
+            "no timeouts, no log, no admission control. Every pre-forked Python server does at "
+            "least this work per message, so its rate bounds what one can reach on this "
+            "machine: what separates forksmtp from it is the cost of forksmtp's rules and "
+            "guarantees, and a rate it misses is out of reach for the shape itself." + verdict]
+
+
 def md_extras(extras: dict) -> list[str]:
     lines = []
     if extras.get("stream"):
@@ -116,6 +141,7 @@ def write_markdown(bench: Bench, payload: dict) -> str:
         lines += ["", f"### {titles[mode]}", ""] + md_results_table(payload["summary"], mode)
     if payload["ratios"]:
         lines += ["", "### Ratios (same run, medians)", ""] + md_ratio_table(payload["ratios"])
+    lines += md_floor_note(bench, payload)
     lines += md_sink_note(bench, payload)
     lines += md_extras(payload["extras"])
     lines += ["", "### Targets", "", "| target | value | need | met |", "|---|---:|---|---|"]

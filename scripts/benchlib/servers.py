@@ -1,4 +1,5 @@
-"""Starting the SMTP systems (forksmtp, the aiosmtpd peer, smtp-sink) and waiting for them."""
+"""Starting the SMTP systems (forksmtp, the aiosmtpd peer, pyfloor, smtp-sink) and waiting
+for them."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from .constants import HOST, QUIT, SINK, SINK_ENV, SINK_PATHS, START_TIMEOUT, MiB
+from .constants import FLOOR, HOST, QUIT, SINK, SINK_ENV, SINK_PATHS, START_TIMEOUT, MiB
 from .context import Bench
 from .helpers import port_is_free
 
@@ -142,8 +143,8 @@ def forksmtp_config(path: str, workers: int, sessions: int, fsync_on: bool,
 
 def start_system(bench: "Bench", system: str, fsync_on: bool, sessions: int,
                  maildir: str, workers: int | None = None) -> Server:
-    """Start forksmtp, the peer (storing into maildir) or smtp-sink (storing nothing), each
-    on its own port; wait until ready."""
+    """Start forksmtp, the peer, pyfloor (each storing into maildir) or smtp-sink (storing
+    nothing), each on its own port; wait until ready."""
     args = bench.args
     if system == "forksmtp":
         workers = workers or sessions + args.spare_workers
@@ -154,6 +155,12 @@ def start_system(bench: "Bench", system: str, fsync_on: bool, sessions: int,
         server = start_server(bench, system, sink_argv(binary, port, sessions), port,
                               env=sink_env(binary))
         min_procs = 1
+    elif system == FLOOR:
+        workers = workers or sessions + args.spare_workers
+        argv = [sys.executable, BENCH_SCRIPT, f"serve-{FLOOR}",
+                "--listen", f"{HOST}:{args.port_base + 3}", "--maildir", maildir,
+                "--workers", str(workers)] + ([] if fsync_on else ["--no-fsync"])
+        server, min_procs = start_server(bench, system, argv, args.port_base + 3), workers + 1
     else:
         argv = [sys.executable, BENCH_SCRIPT, "serve-aiosmtpd",
                 "--listen", f"{HOST}:{args.port_base + 1}", "--maildir", maildir,

@@ -1,0 +1,82 @@
+"""The log line format: `<UTC timestamp with ms> <pid> [TAG] text`, one event a line."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from forksmtp import logs
+
+LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (\d+) \[([A-Z]+)\] (.*)$")
+
+
+@pytest.fixture
+def log_path(tmp_path):
+    return str(tmp_path / "forksmtp.log")
+
+
+def read_lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def test_line_carries_utc_milliseconds_pid_and_tag(log_path, monkeypatch):
+    # 2026-11-29T07:05:09.005Z: the millisecond field keeps its leading zeros
+    monkeypatch.setattr(logs.time, "time_ns", lambda: 1_795_935_909_005_123_456)
+    log = logs.Log("info", log_path)
+    log.line("SMTP", "MAIL FROM:<a@example.com>")
+    assert read_lines(log_path) == [
+        f"2026-11-29T07:05:09.005Z {os.getpid()} [SMTP] MAIL FROM:<a@example.com>"]
+
+
+def test_prefix_follows_the_clock_across_milliseconds_and_seconds(log_path, monkeypatch):
+    now = [1_795_935_909_999_000_000]
+    monkeypatch.setattr(logs.time, "time_ns", lambda: now[0])
+    log = logs.Log("info", log_path)
+    log.queue("CONN", "192.0.2.1")
+    now[0] += 1_000_000          # next millisecond, next second
+    log.queue_many("SMTP", ["EHLO client", "250-mx.example.test"])
+    now[0] += 1_000_000_000      # a second later, same millisecond of the second
+    log.queue("CLOSE", "192.0.2.1 client quit")
+    log.flush()
+    stamps = [LINE.match(line).group(1) for line in read_lines(log_path)]
+    assert stamps == ["2026-11-29T07:05:09.999Z", "2026-11-29T07:05:10.000Z",
+                      "2026-11-29T07:05:10.000Z", "2026-11-29T07:05:11.000Z"]
+
+
+def test_every_line_matches_the_format_and_client_newlines_are_escaped(log_path):
+    log = logs.Log("info", log_path)
+    log.queue("SMTP", "HELO evil\r\n[STORE] /forged")
+    log.queue_many("SMTP", ["NOOP", "250 2.0.0 OK"])
+    log.flush()
+    lines = read_lines(log_path)
+    assert len(lines) == 3
+    parsed = [LINE.match(line) for line in lines]
+    assert all(parsed)
+    assert parsed[0].group(4) == "HELO evil\\r\\n[STORE] /forged"
+    assert {m.group(2) for m in parsed} == {str(os.getpid())}
+
+
+def test_level_filters_lines_below_it(log_path):
+    log = logs.Log("warning", log_path)
+    log.info("CONN", "192.0.2.1")
+    log.queue_many("SMTP", ["EHLO client"])
+    log.warning("ERROR", "disk full")
+    log.flush()
+    assert [LINE.match(line).group(3) for line in read_lines(log_path)] == ["ERROR"]
+
+
+def test_child_lines_carry_the_child_pid(log_path):
+    log = logs.Log("info", log_path)
+    log.line("READY", "parent")
+    pid = os.fork()
+    if pid == 0:  # the child logs through the inherited object, as a worker does
+        try:
+            log.after_fork()
+            log.line("CONN", "child")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    pids = {LINE.match(line).group(4): LINE.match(line).group(2) for line in read_lines(log_path)}
+    assert pids == {"parent": str(os.getpid()), "child": str(pid)}

@@ -42,17 +42,28 @@ def md_ratio_table(ratios: list[dict]) -> list[str]:
     return lines
 
 
+def reference_ratios(bench: Bench, payload: dict, system: str,
+                     pairs: tuple[str, ...]) -> tuple[str, list] | None:
+    """For a reference system's note: None when it did not run; else where the note quotes
+    the run ("durable, 50 sessions": where the targets are judged, or the nearest measured)
+    and each pair's msgs/s ratio there (None where not measured)."""
+    if not any(system in systems for systems in payload["summary"].values()):
+        return None
+    modes, levels = bench.args.modes, bench.args.sessions
+    mode = "durable" if "durable" in modes else modes[0]
+    at = 50 if 50 in levels else max(levels)
+    where = f"{mode}, {at} session{'' if at == 1 else 's'}"
+    return where, [find_ratio(payload["ratios"], mode, at, pair, "msgs_per_s") for pair in pairs]
+
+
 def md_sink_note(bench: Bench, payload: dict) -> list[str]:
     """What the smtp-sink rows mean, with this run's loop/smtp-sink at the target level."""
-    if not any(SINK in systems for systems in payload["summary"].values()):
+    ref = reference_ratios(bench, payload, SINK, (f"loop/{SINK}", f"forksmtp/{SINK}"))
+    if ref is None:
         return []
-    modes = bench.args.modes
-    mode = "durable" if "durable" in modes else modes[0]
-    at = 50 if 50 in bench.args.sessions else max(bench.args.sessions)
-    loop_vs = find_ratio(payload["ratios"], mode, at, f"loop/{SINK}", "msgs_per_s")
-    ours_vs = find_ratio(payload["ratios"], mode, at, f"forksmtp/{SINK}", "msgs_per_s")
+    where, (loop_vs, ours_vs) = ref
     verdict = ("" if loop_vs is None else
-               f" In this run ({mode}, {at} sessions) loop/{SINK} is {fmt(loop_vs, 2)}: "
+               f" In this run ({where}) loop/{SINK} is {fmt(loop_vs, 2)}: "
                f"{SINK} {'exceeds' if loop_vs < 1 else 'does not exceed'} the loop"
                + ("" if ours_vs is None else f", and forksmtp reaches {fmt(ours_vs, 2)} "
                   f"of {SINK}") + ".")
@@ -69,15 +80,12 @@ def md_sink_note(bench: Bench, payload: dict) -> list[str]:
 
 def md_floor_note(bench: Bench, payload: dict) -> list[str]:
     """What the pyfloor rows mean, with this run's pyfloor/loop and forksmtp/pyfloor."""
-    if not any(FLOOR in systems for systems in payload["summary"].values()):
+    ref = reference_ratios(bench, payload, FLOOR, (f"{FLOOR}/loop", f"forksmtp/{FLOOR}"))
+    if ref is None:
         return []
-    modes = bench.args.modes
-    mode = "durable" if "durable" in modes else modes[0]
-    at = 50 if 50 in bench.args.sessions else max(bench.args.sessions)
-    floor_vs = find_ratio(payload["ratios"], mode, at, f"{FLOOR}/loop", "msgs_per_s")
-    ours_vs = find_ratio(payload["ratios"], mode, at, f"forksmtp/{FLOOR}", "msgs_per_s")
+    where, (floor_vs, ours_vs) = ref
     verdict = ("" if floor_vs is None else
-               f" In this run ({mode}, {at} sessions) {FLOOR}/loop is {fmt(floor_vs, 2)}"
+               f" In this run ({where}) {FLOOR}/loop is {fmt(floor_vs, 2)}"
                + (": no pre-forked Python server reaches the loop here" if floor_vs < 1
                   else "") + ("" if ours_vs is None else
                               f"; forksmtp reaches {fmt(ours_vs, 2)} of {FLOOR}") + ".")

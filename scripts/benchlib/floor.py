@@ -114,10 +114,10 @@ def serve(conn: socket.socket, store: Store) -> None:
 
 def _read_body(conn: socket.socket, buf: bytes) -> tuple[bytes | None, bytes]:
     """The message up to the final dot (its last CRLF kept), and what follows it."""
-    if buf.startswith(b".\r\n"):
-        return b"", buf[3:]
     start = 0
     while True:
+        if buf.startswith(b".\r\n"):  # an empty message
+            return b"", buf[3:]
         end = buf.find(b"\r\n.\r\n", start)
         if end >= 0:
             return buf[:end + 2], buf[end + 5:]

@@ -87,6 +87,9 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
     # The big-message check runs on the storing SMTP servers, pyfloor aside.
     assert set(results["extras"]["stream"]) == set(systems) - {"loop", "pyfloor"}
     assert "### pyfloor: the floor of forksmtp's shape" in (out / "results.md").read_text()
+    # Each ratio target is judged for pyfloor too: its value sits beside forksmtp's.
+    floor_rows = [t for t in results["targets"] if t["floor_value"] is not None]
+    assert floor_rows and all(t["floor_met"] in (True, False) for t in floor_rows)
     # The script cleans up after itself: its work dir is gone, its servers too.
     assert list((tmp_path / "maildirs").iterdir()) == []
     assert all(_bindable(port + i) for i in (0, 1, 3))

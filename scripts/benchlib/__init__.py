@@ -8,7 +8,8 @@
   context     Bench, the state of one run, and the per-cell Maildirs of its work dir
   loop        the conventional Maildir delivery loop (loop, loop-tmpfile)
   peer        the aiosmtpd peer, run as `bench.py serve-aiosmtpd`
-  servers     starting forksmtp, the peer and smtp-sink and waiting until they answer
+  floor       pyfloor, the floor of forksmtp's shape, run as `bench.py serve-pyfloor`
+  servers     starting forksmtp, the peer, pyfloor and smtp-sink; waiting until they answer
   measure     server CPU and memory sampling
   clients     our load client (non-blocking sockets) and the smtp-source driver
   cells       one measurement per system, mode and concurrency; the matrix of them

@@ -10,6 +10,9 @@ server that stores durably does at least this work per message, so its rate boun
 any such server reaches here: the yardstick for what forksmtp's rules and guarantees cost.
 
 It trusts its client completely and only ever listens on loopback for the benchmark.
+Its reads have no timeout on purpose: a socket timeout makes CPython poll before every
+recv, work the floor must not do.  The benchmark bounds them instead: each cell runs
+under --run-timeout, and the server's whole process group is killed when it ends.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def summarise(cells: list[dict]) -> dict:
 
 
 def compute_ratios(summary: dict) -> list[dict]:
-    """forksmtp/loop, forksmtp/aiosmtpd (and loop-tmpfile/loop) per mode and sessions."""
+    """Every pair of RATIO_PAIRS whose two systems ran, per mode and sessions."""
     rows = []
     for mode, systems in summary.items():
         for top, base in RATIO_PAIRS:

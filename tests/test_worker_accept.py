@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 
+from daemon import wait_until
 from forksmtp import config, logs, scoreboard
 from forksmtp.worker import Worker
 
@@ -52,6 +53,21 @@ def _run_worker(cfg, listener, board, log) -> None:
         os._exit(status)
 
 
+def _exit_status(pid: int, timeout: float = 10.0) -> int:
+    """The child's exit code once it ends; one still running after ``timeout`` is
+    killed, reaped and reported (TimeoutError), so the test never hangs on it."""
+    def ended():
+        done, status = os.waitpid(pid, os.WNOHANG)
+        return (done, status) if done else None
+    try:
+        _, status = wait_until(ended, timeout, what="the worker to exit")
+    except TimeoutError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    return os.waitstatus_to_exitcode(status)
+
+
 def test_a_connection_that_woke_a_stopping_worker_is_served(tmp_path):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -75,6 +91,6 @@ def test_a_connection_that_woke_a_stopping_worker_is_served(tmp_path):
         assert client.recv(512).startswith(b"221 ")
     finally:
         client.close()
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+        code = _exit_status(pid)
+    assert code == 0
     assert "[CLOSE] 127.0.0.1 client quit" in (tmp_path / "log").read_text()

@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from forksmtp import __version__
+from forksmtp import __version__, _native
 from forksmtp.config import ConfigError, load_config, summary
 from forksmtp.listeners import BindError
 
@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", metavar="NAME", help="name in the greeting and Received headers")
     p.add_argument("--pidfile", metavar="PATH", help="write the master's pid here")
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
-    p.add_argument("--version", action="version", version=f"forksmtp {__version__}")
+    p.add_argument("--version", action="version",
+                   version=f"forksmtp {__version__} ({_native.describe()})")
     return p
 
 

@@ -141,7 +141,7 @@ class Connection:
             if self.txn is not None:
                 self.txn.abort()
                 self.txn = None
-            if self.sock is not self.raw_sock:
+            if isinstance(self.sock, ssl.SSLSocket):
                 _close_tls(self.sock)
             self.log.queue("CLOSE", f"{self.peer_ip} {self.close_reason}")
             self.log.flush()
@@ -270,7 +270,8 @@ class Connection:
     def _storage_failed(self, exc: OSError) -> None:
         """A write failed while the message streams in (a full disk): drop the copies
         now, keep reading to the final dot, then answer 451/452 in step with the client."""
-        self.txn.abort()
+        if self.txn is not None:
+            self.txn.abort()
         self.txn = None
         self.txn_error = self._storage_error("delivery failed", exc)
 
@@ -386,7 +387,7 @@ class Connection:
             if self.session.in_data:
                 limit = min(limit, self.timeouts.data_block)
             # TLS may hold decrypted bytes the kernel no longer reports as readable.
-            if not (self.tls_info and self.sock.pending()):
+            if not (self.tls_info and isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
                 if limit <= 0:
                     return None
                 # The usual case, first: the client answers within QUIET_DELAY and

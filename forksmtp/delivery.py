@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from . import maildir, trace
+from .maildir import Delivery
 from .smtp import replies as R
 
 
@@ -56,7 +57,7 @@ class Router:
             md.close()
         self._maildirs.clear()
 
-    def begin(self, path: str) -> maildir.Delivery:
+    def begin(self, path: str) -> Delivery:
         try:
             return self.maildir(path).begin()
         except FileNotFoundError:

@@ -183,7 +183,7 @@ class Delivery:
     def size(self) -> int:
         return self._written + self._held
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         """Append data. On a failed write the delivery is aborted, then the error raised."""
         if len(data) >= _HOLD_WHOLE:
             if type(data) is not bytes:  # held until the writev: must not change meanwhile
@@ -263,7 +263,7 @@ class Delivery:
         md = self.maildir
         dir_fd = md._dir_fd(pid)
         named = self._tmp is not None
-        src = self._tmp if named else f"/proc/self/fd/{self._fd}"
+        src = self._tmp if self._tmp is not None else f"/proc/self/fd/{self._fd}"
         suffix = f",S={self._written}"
         for _ in range(_MAX_TRIES):
             name = _unique(pid, md.host) + suffix
@@ -274,8 +274,8 @@ class Delivery:
             except FileExistsError:
                 continue
             self._linked = os.path.join(md.new, name)
-            if named:
-                os.unlink(src)
+            if self._tmp is not None:
+                os.unlink(self._tmp)
                 self._tmp = None
             return
         raise FileExistsError(errno.EEXIST, "no unique name available", md.new)

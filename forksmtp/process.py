@@ -8,7 +8,9 @@ import grp
 import os
 import pwd
 import socket
+from typing import Callable
 
+_setproctitle: Callable[[str], None] | None
 try:
     from setproctitle import setproctitle as _setproctitle
 except ImportError:  # titles are a convenience, never a reason not to run

@@ -423,7 +423,8 @@ class Scoreboard:
         with self.locked():
             raw = self._mm[:self._table]
         totals = list(_COUNTERS.unpack_from(raw, H_COUNTERS))
-        slots, per_ip = [], Counter()
+        slots: list[SlotInfo] = []
+        per_ip: Counter[str] = Counter()
         for i, base in enumerate(self._bases):
             if raw[base + S_STATE] != FREE:
                 slots.append(_slot_info(i, _SLOT.unpack_from(raw, base)))

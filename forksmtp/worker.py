@@ -43,7 +43,7 @@ class Worker:
         # all built by the master before it forked (see security.Security).
         self.tls_context = getattr(security, "tls_context", None)
         self.passwords = getattr(security, "passwords", {})
-        self.implicit_fds = getattr(security, "implicit_fds", frozenset())
+        self.implicit_fds: frozenset[int] = getattr(security, "implicit_fds", frozenset())
         self.auth_limiter = getattr(security, "auth_limiter", None)
         self.listeners = {s.fileno(): s for s in listeners}
         self.board = board

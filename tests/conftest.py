@@ -1,6 +1,13 @@
 import pytest
 
 from daemon import Daemon
+from helpers import forget_clients
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session_clients():
+    yield
+    forget_clients()
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ code on every reply after it (the EHLO/HELO reply itself and 354 carry none).
 from __future__ import annotations
 
 import re
-import weakref
 from typing import Iterable
 
 from forksmtp.smtp import replies as R
@@ -103,15 +102,21 @@ class Client:
         return out
 
 
-_clients: "weakref.WeakKeyDictionary[Session, Client]" = weakref.WeakKeyDictionary()
+# Keyed by id(): a compiled Session takes no weak references.  Each Client holds its
+# session, so no id is reused while it is here; conftest empties this after each test.
+_clients: dict[int, Client] = {}
 
 
 def client(session: Session) -> Client:
     """The one Client that drives ``session`` (created on first use)."""
-    found = _clients.get(session)
+    found = _clients.get(id(session))
     if found is None:
-        found = _clients[session] = Client(session)
+        found = _clients[id(session)] = Client(session)
     return found
+
+
+def forget_clients() -> None:
+    _clients.clear()
 
 
 # -- the transcript vocabulary -----------------------------------------------------------

@@ -195,6 +195,25 @@ def test_rest_after_the_end_is_returned_untouched():
     assert r.rest == b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n.\r\npartial"
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_reads_that_open_with_a_lf_match_the_whole(normalize):
+    # A LF opening a read after a CRLF is bare: the "." after it starts no line, and
+    # the outcome is the one the stream gives in a single read, wherever it is cut.
+    # (Text and size counted before a refusal go with the message: not compared.)
+    stream = b"line\r\n\n.\r\nmore\r\n.\r\n"
+    whole = DataReader(10_000, normalize=normalize)
+    one = whole.feed(stream)
+    cuts = itertools.combinations(range(1, len(stream)), 2)
+    for pieces in ([stream[:i], stream[i:j], stream[j:]] for i, j in cuts):
+        split = DataReader(10_000, normalize=normalize)
+        results = [split.feed(piece) for piece in pieces]
+        if whole.error is None:
+            assert b"".join(r[0] for r in results) == one[0]
+            assert split.size == whole.size
+        assert results[-1][1:] == one[1:]
+        assert split.error == whole.error
+
+
 def test_only_complete_lines_are_returned():
     reader = DataReader(1000)
     assert reader.feed(b"abc") == (b"", False, b"")

@@ -131,17 +131,21 @@ def gone(procs: list[psutil.Process], timeout: float = 10) -> list[psutil.Proces
 
 # -- --version, --help ---------------------------------------------------------------------
 
+# The daemon runs the same build as this test process (see test_native.py).
+VERSION_LINE = f"forksmtp {forksmtp.__version__} ({forksmtp._native.describe()})"
+
+
 def test_version():
     result = run("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"forksmtp {forksmtp.__version__}"
+    assert result.stdout.strip() == VERSION_LINE
 
 
 def test_module_form_works_too():
     result = subprocess.run([sys.executable, "-m", "forksmtp", "--version"], capture_output=True,
                             text=True, timeout=20, stdin=subprocess.DEVNULL)
     assert result.returncode == 0
-    assert result.stdout.strip() == f"forksmtp {forksmtp.__version__}"
+    assert result.stdout.strip() == VERSION_LINE
 
 
 def test_help():

@@ -190,7 +190,10 @@ class DataReader:
             self._pending, self._midline, self._carry = b"", True, tail
             return text, False, b""
         # After a bare LF no line starts: a "." there must not end the data (smuggling).
-        self._midline = buf[cut - 1:cut] != b"\r"
+        # A LF that opens the read is bare too: a CR before it would have been held.
+        # (Indexing, not buf[cut - 1:cut]: compiled, a slice whose start lies past its
+        # end raises instead of giving b"".)
+        self._midline = cut == 0 or buf[cut - 1] != 13
         text = self._process(buf[: cut + 1], dot)
         self._carry = 0  # the held text starts a line
         self._hold(buf[cut + 1:])

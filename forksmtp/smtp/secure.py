@@ -7,14 +7,41 @@ Kept apart so that session.py reads as plain RFC 5321.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable
+
 from . import replies as R
 from .commands import CommandError
 from .events import NEW, AuthRequest, StartTLS
 from .sasl import MECHANISMS, AuthExchange, Credentials
 
+if TYPE_CHECKING:
+    from .buffer import LineBuffer
+    from .events import Envelope
+    from .settings import SessionConfig
+
 
 class SecureCommands:
     """STARTTLS and AUTH state and commands (mixed into Session)."""
+
+    # Session's state and helpers that these commands use, declared so that each class
+    # type-checks (and compiles) on its own; Session assigns them all in __init__.
+    config: SessionConfig
+    tls: bool
+    phase: str
+    helo_name: str
+    esmtp: bool
+    envelope: Envelope | None
+    auth_user: str
+    _auth: AuthExchange | None
+    _lines: LineBuffer
+    _events: list[object]
+    _waiting: bool
+
+    def _send(self, reply: R.Reply, always_enhanced: bool = False) -> None:
+        raise NotImplementedError  # Session's
+
+    def _log(self, text: str) -> None:
+        raise NotImplementedError  # Session's
 
     def tls_started(self) -> None:
         """The handshake succeeded: forget everything learned in plaintext (RFC 3207
@@ -66,10 +93,11 @@ class SecureCommands:
 
     def _auth_line(self, line: bytes) -> None:
         exchange, self._auth = self._auth, None
+        assert exchange is not None  # Session routes lines here only while one runs
         self._log("<AUTH response>")
         self._auth_step(exchange, exchange.feed, line.decode("latin-1"))
 
-    def _auth_step(self, exchange: AuthExchange, step, value) -> None:
+    def _auth_step(self, exchange: AuthExchange, step: Callable[[Any], Any], value: Any) -> None:
         try:
             result = step(value)
         except CommandError as exc:

@@ -290,6 +290,7 @@ class Session(SecureCommands):
         if rest is None:
             raise CommandError(R.R501_RCPT_SYNTAX)
         env = self.envelope
+        assert env is not None  # SEQUENCE admits RCPT only after MAIL
         path, tail = parse_path(rest, allow_null=False, allow_postmaster=True)
         if not env.smtputf8 and not path.address.isascii():
             raise CommandError(R.R553_NON_ASCII)
@@ -318,6 +319,7 @@ class Session(SecureCommands):
             self.close(R.R554_SYNC)
             return
         self._waiting = True
+        assert self.envelope is not None  # SEQUENCE admits DATA only after RCPT
         self._events.append(DataStart(self.envelope))
 
     def _cmd_rset(self, arg: str) -> None:
@@ -346,6 +348,7 @@ class Session(SecureCommands):
 
     def _feed_data(self, data: bytes) -> None:
         reader = self._reader
+        assert reader is not None and self.envelope is not None  # only in the DATA phase
         text, done, rest = reader.feed(data)
         if text:
             self._events.append(DataChunk(text))
@@ -365,7 +368,9 @@ def _loggable(text: str) -> str:
     """Command line for the log: never an AUTH payload, never a control character."""
     # Any separator after AUTH (a TAB, a NUL) still hides what follows the mechanism.
     if text[:4].upper() == "AUTH" and text[4:5] and not _MECHANISM.fullmatch(text[4:5]):
-        text = f"{text[:4]} {_MECHANISM.match(text, 5).group()} ***"
+        mechanism = _MECHANISM.match(text, 5)
+        assert mechanism is not None  # the pattern matches the empty string too
+        text = f"{text[:4]} {mechanism.group()} ***"
     if not text.isprintable():
         text = text.encode("unicode_escape").decode("ascii")
     return text

@@ -1,0 +1,89 @@
+"""Build forksmtp, compiling its per-message modules with mypyc where the machine can.
+
+Compiled, a worker spends about a sixth less CPU per message and the daemon takes about
+a sixth more messages a second (README, "Compiled build").  The modules stay plain
+Python source, tested both ways; forksmtp/_native.py lists them and decides at start-up
+whether the compiled copies match the source beside them.
+
+FORKSMTP_PURE=1 builds pure Python.  So does a machine where the compile fails (no C
+compiler, no Python headers), with a warning: forksmtp then runs as it always has.
+"""
+
+import importlib.util
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_native():
+    # forksmtp/_native.py by path: importing the package would run its start-up check.
+    spec = importlib.util.spec_from_file_location(
+        "_forksmtp_native", os.path.join(HERE, "forksmtp", "_native.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+native = _load_native()
+SOURCES = [os.path.join(*name.split(".")) + ".py" for name in native.COMPILED]
+
+
+def _pure_requested():
+    return os.environ.get("FORKSMTP_PURE", "") not in ("", "0")
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that falls back to pure Python instead of failing the install, and
+    records the source digests of what it compiled (native.STAMP)."""
+
+    def run(self):
+        if not self.extensions:
+            return
+        digests = {name: native.source_digest(os.path.join(HERE, path))
+                   for name, path in zip(native.COMPILED, SOURCES)}
+        try:
+            super().run()
+        except Exception as exc:  # the compiler's errors have no common base class
+            self._remove_outputs()
+            self.warn(f"forksmtp: compiling with mypyc failed ({exc}); "
+                      "installing pure Python, which runs slower")
+            return
+        # Beside the compiled modules: build/lib, or the source tree when in place.
+        package_dir = os.path.dirname(self.get_ext_fullpath("forksmtp.trace"))
+        with open(os.path.join(package_dir, native.STAMP), "w", encoding="ascii") as f:
+            f.writelines(f"{digests[name]}  {name}\n" for name in native.COMPILED)
+
+    def _remove_outputs(self):
+        # A half-built set must not be found next to the sources.
+        for ext in self.extensions:
+            for inplace in (0, 1):
+                self.inplace, saved = inplace, self.inplace
+                try:
+                    path = self.get_ext_fullpath(ext.name)
+                finally:
+                    self.inplace = saved
+                if os.path.exists(path):
+                    os.unlink(path)
+
+
+def ext_modules():
+    if _pure_requested():
+        # Compiled modules an earlier in-place build left beside the sources lose their
+        # stamp, so that forksmtp never picks them (see _native).
+        stale = os.path.join(HERE, "forksmtp", native.STAMP)
+        if os.path.exists(stale):
+            os.unlink(stale)
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        print("forksmtp: mypyc is not installed; installing pure Python", file=sys.stderr)
+        return []
+    return mypycify(SOURCES, opt_level="3", group_name=native.GROUP)
+
+
+setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})

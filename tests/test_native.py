@@ -1,0 +1,115 @@
+"""Which build runs: the mypyc-compiled modules only when they match their source.
+
+The checks that run code in a child interpreter copy the package to a temporary
+directory first, so that editing a source there leaves the checkout alone.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import forksmtp
+from forksmtp import _native
+
+PACKAGE = Path(forksmtp.__file__).parent
+COMPILED = _native.reason == ""
+
+needs_compiled = pytest.mark.skipif(not COMPILED, reason=f"pure Python build ({_native.reason})")
+
+
+def probe(root: Path, env: dict[str, str] | None = None) -> tuple[str, str]:
+    """(the build a child interpreter reports, the file its Session came from)."""
+    code = ("import forksmtp, forksmtp.smtp.session as s; "
+            "print(forksmtp._native.describe()); print(s.__file__)")
+    full_env = {k: v for k, v in os.environ.items() if k != "FORKSMTP_PURE"}
+    full_env["PYTHONPATH"] = str(root)
+    full_env.update(env or {})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, env=full_env, cwd=root, check=True).stdout
+    build, session_file = out.splitlines()
+    return build, session_file
+
+
+def copy_package(tmp_path: Path) -> Path:
+    """The installed package, and mypyc's shared library beside it, under tmp_path."""
+    root = tmp_path / "site"
+    shutil.copytree(PACKAGE, root / "forksmtp",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    spec = importlib.machinery.PathFinder.find_spec(_native.GROUP + "__mypyc")
+    if spec is not None and spec.origin:
+        shutil.copy2(spec.origin, root)
+    return root
+
+
+def test_the_ci_build_is_the_compiled_one():
+    # CI sets this after a compiled install, so that a silent fall-back to pure Python
+    # (a broken compile) fails here instead of leaving the compiled code untested.
+    if os.environ.get("FORKSMTP_EXPECT_COMPILED") != "1":
+        pytest.skip("FORKSMTP_EXPECT_COMPILED is not set")
+    import forksmtp.smtp.session as session
+    assert _native.reason == ""
+    assert session.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+@needs_compiled
+def test_compiled_modules_are_used_when_they_match(tmp_path):
+    build, session_file = probe(copy_package(tmp_path))
+    assert build == "compiled with mypyc"
+    assert not session_file.endswith(".py")
+
+
+@needs_compiled
+def test_forksmtp_pure_selects_the_source(tmp_path):
+    build, session_file = probe(copy_package(tmp_path), {"FORKSMTP_PURE": "1"})
+    assert build == "pure Python: FORKSMTP_PURE is set"
+    assert session_file.endswith("session.py")
+
+
+@needs_compiled
+def test_a_source_changed_after_the_compile_is_what_runs(tmp_path):
+    root = copy_package(tmp_path)
+    replies = root / "forksmtp" / "smtp" / "replies.py"
+    replies.write_text(replies.read_text() + "\nEDITED = True\n")
+    code = ("import forksmtp, forksmtp.smtp.replies as r, forksmtp.smtp.session as s; "
+            "print(forksmtp._native.describe(), r.EDITED, s.__file__.endswith('.py'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30, cwd=root, check=True,
+                         env={**os.environ, "PYTHONPATH": str(root), "FORKSMTP_PURE": ""}).stdout
+    assert out.strip() == ("pure Python: forksmtp.smtp.replies changed after it was compiled "
+                           "True True")
+
+
+@needs_compiled
+def test_a_missing_compiled_module_selects_the_source(tmp_path):
+    root = copy_package(tmp_path)
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        (root / "forksmtp" / f"connection{suffix}").unlink(missing_ok=True)
+    build, session_file = probe(root)
+    assert build == "pure Python: forksmtp.connection is not compiled"
+    assert session_file.endswith("session.py")
+
+
+def test_without_a_stamp_nothing_compiled_is_trusted(tmp_path):
+    root = copy_package(tmp_path)
+    (root / "forksmtp" / _native.STAMP).unlink(missing_ok=True)
+    build, session_file = probe(root)
+    assert build == "pure Python: not compiled"
+    assert session_file.endswith("session.py")
+
+
+def test_the_stamp_names_every_compiled_module_and_its_digest():
+    if not COMPILED:
+        pytest.skip(f"pure Python build ({_native.reason})")
+    lines = (PACKAGE / _native.STAMP).read_text(encoding="ascii").splitlines()
+    recorded = dict(reversed(line.split()) for line in lines)
+    assert sorted(recorded) == sorted(_native.COMPILED)
+    for name, digest in recorded.items():
+        source = PACKAGE.parent.joinpath(*name.split(".")).with_suffix(".py")
+        assert digest == _native.source_digest(str(source))

@@ -10,11 +10,12 @@ import pwd
 import socket
 from typing import Callable
 
-_setproctitle: Callable[[str], None] | None
+_setproctitle: Callable[[str], None] | None = None
 try:
-    from setproctitle import setproctitle as _setproctitle
+    import setproctitle as _titles
+    _setproctitle = _titles.setproctitle
 except ImportError:  # titles are a convenience, never a reason not to run
-    _setproctitle = None
+    pass
 
 
 # mallopt(3) parameter numbers, from glibc's <malloc.h>.

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -252,7 +253,7 @@ def _did_you_mean(found: list[str], form: str = "{}") -> str:
     return f" (did you mean {form.format(found[0])}?)" if found else ""
 
 
-def _build(section: str, sources: dict[str, _Source], file: str) -> object:
+def _build(section: str, sources: dict[str, _Source], file: str) -> Any:
     values = {}
     for sec, key, kind, default, validate in _KEYS:
         if sec != section:

@@ -18,6 +18,7 @@ import os
 import pwd
 import re
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 from forksmtp.listeners import ListenAddr, parse_listen
@@ -56,7 +57,7 @@ class _Source:
     base: str
 
 
-def _convert(dotted: str, src: _Source, kind: Callable, validate: Callable | None) -> object:
+def _convert(dotted: str, src: _Source, kind: Callable, validate: Callable | None) -> Any:
     try:
         value = kind(src.value, src.base)
         return validate(value) if validate else value
@@ -116,19 +117,20 @@ def _path(value: object, base: str) -> str:
 
 # -- validators: converted value -> value (possibly normalised); ValueError(problem) --
 
-def _check(ok: Callable[[object], bool], problem: str) -> Callable[[object], object]:
-    def validate(value: object) -> object:
+# Validators see what the converter made of a TOML value: its type depends on the key.
+def _check(ok: Callable[[Any], object], problem: str) -> Callable[[Any], Any]:
+    def validate(value: Any) -> Any:
         if not ok(value):
             raise ValueError(problem)
         return value
     return validate
 
 
-def _at_least(n: int) -> Callable[[object], object]:
+def _at_least(n: int) -> Callable[[Any], Any]:
     return _check(lambda v: v >= n, f"must be an integer >= {n}")
 
 
-def _one_of(*choices: str) -> Callable[[object], object]:
+def _one_of(*choices: str) -> Callable[[Any], Any]:
     return _check(lambda v: v in choices, "must be one of " + ", ".join(map(json.dumps, choices)))
 
 

@@ -17,7 +17,7 @@ from . import auth
 try:
     import tomllib
 except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[no-redef]
 
 
 def _parser() -> argparse.ArgumentParser:

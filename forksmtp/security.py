@@ -18,7 +18,7 @@ class Security:
     """What a worker needs for STARTTLS and AUTH, built by the master before forking."""
 
     tls_context: object = None
-    passwords: dict = None
+    passwords: dict | None = None
     implicit_fds: frozenset = frozenset()
     auth_limiter: object = None
 

@@ -15,7 +15,7 @@ import signal
 HANDLED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
            signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD)
 
-NAMES = {sig: sig.name[3:].lower() for sig in HANDLED}  # SIGHUP -> "hup"
+NAMES: dict[int, str] = {sig: sig.name[3:].lower() for sig in HANDLED}  # SIGHUP -> "hup"
 
 
 class SignalQueue:

@@ -104,6 +104,17 @@ def test_without_a_stamp_nothing_compiled_is_trusted(tmp_path):
     assert session_file.endswith("session.py")
 
 
+def test_the_whole_package_type_checks():
+    # Compiled modules check argument and attribute types at run time: a caller that
+    # breaks an annotation, compiled or not, would raise there instead of running on.
+    pytest.importorskip("mypy", reason="mypy comes with the test extra")
+    root = PACKAGE.parent
+    result = subprocess.run([sys.executable, "-m", "mypy", "--config-file",
+                             str(root / "pyproject.toml"), "--cache-dir", "/dev/null", str(PACKAGE)],
+                            capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_the_stamp_names_every_compiled_module_and_its_digest():
     if not COMPILED:
         pytest.skip(f"pure Python build ({_native.reason})")

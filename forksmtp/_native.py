@@ -33,6 +33,8 @@ COMPILED = (
     "forksmtp.delivery",
     "forksmtp.scoreboard",
     "forksmtp.connection",
+    "forksmtp.smtp.settings",
+    "forksmtp.worker",
 )
 
 #: Written by setup.py beside the compiled modules: "<sha256>  <module>" per line.

@@ -24,13 +24,14 @@ import select
 import socket
 import ssl
 import time
+from typing import Final
 
 from . import auth, delivery, process, tls
 from .smtp import replies as R
 from .smtp.session import (NEED_DATA, PAUSED, AuthRequest, DataChunk, DataEnd, DataStart,
                            Session, StartTLS)
 
-RECV_SIZE = 64 * 1024
+RECV_SIZE: Final = 64 * 1024
 # One receive buffer per worker process: recv(n) would allocate a fresh n-octet buffer
 # on every read.  64 KiB keeps every per-read object (the copy, the CRLF -> LF text)
 # below glibc's mmap threshold, so they reuse heap memory instead of faulting in pages.
@@ -43,16 +44,16 @@ _recv_buffer = memoryview(bytearray(RECV_SIZE))
 #: is tuned to keep such blocks on the heap (``tune_for_big_reads``).  50 MiB message,
 #: alternating runs: 64 KiB reads with malloc untuned 393-580 MiB/s, 128 KiB tuned
 #: 528-644; 256 KiB tuned 582-663 but 1.5 MiB of worker RSS growth instead of 0.9.
-DATA_RECV_SIZE = 128 * 1024
+DATA_RECV_SIZE: Final = 128 * 1024
 _data_recv_size = RECV_SIZE
 #: A client quiet this long is slow or idle: write the log lines queued so far (they
 #: are otherwise written in one syscall at the end of the session) and show the phase in
 #: the process title.  A brisk session never waits that long, so it costs neither.
-QUIET_DELAY = 0.2
-QUIET_DELAY_MS = int(QUIET_DELAY * 1000)
+QUIET_DELAY: Final = 0.2
+QUIET_DELAY_MS: Final = int(QUIET_DELAY * 1000)
 #: Seconds between heartbeats (the master's stuck-worker watch) while a session runs.
-HEARTBEAT_EVERY = 1.0
-_POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+HEARTBEAT_EVERY: Final = 1.0
+_POLLIN: Final = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _ids = itertools.count(1)
 
 

@@ -23,6 +23,7 @@ import select
 import signal
 import socket
 import time
+from typing import Protocol
 
 from . import delivery, limits, process
 from .connection import Connection
@@ -33,6 +34,14 @@ EXIT_BOOT_ERROR = 3  # the master backs off instead of respawning in a tight loo
 
 _IGNORED = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
             signal.SIGTTIN, signal.SIGTTOU)
+
+
+class Poller(Protocol):
+    """What the accept loop uses of ``select.epoll`` (a test wraps one to time a signal)."""
+
+    def register(self, fd: int, eventmask: int, /) -> None: ...
+    def unregister(self, fd: int, /) -> None: ...
+    def poll(self, timeout: float, /) -> list[tuple[int, int]]: ...
 
 
 class Worker:
@@ -81,7 +90,7 @@ class Worker:
         self.id_prefix = f"{int(time.time()):X}{self.pid:X}."
         jitter = cfg.server.max_sessions_jitter
         self.max_sessions = cfg.server.max_sessions_per_worker + random.randint(0, max(jitter, 0))
-        self.epoll = select.epoll()
+        self.epoll: Poller = select.epoll()
         exclusive = select.EPOLLIN | getattr(select, "EPOLLEXCLUSIVE", 0)
         for fd in self.listeners:
             self.epoll.register(fd, exclusive)

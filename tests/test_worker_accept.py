@@ -9,6 +9,7 @@ delivered between its wake-up and its handling of the event.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 
@@ -17,15 +18,18 @@ from forksmtp import config, logs, scoreboard
 from forksmtp.worker import Worker
 
 
+_epoll = select.epoll
+
+
 class _SignalAfterFirstWake:
-    """The worker's epoll, with SIGTERM sent to the worker right after its first wake-up
-    (as if it had arrived during the wait)."""
+    """An epoll that sends SIGTERM to its own process right after its first wake-up
+    with events (as if the signal had arrived during the wait)."""
 
-    def __init__(self, epoll) -> None:
-        self.epoll, self.first = epoll, True
+    def __init__(self, *args) -> None:
+        self.epoll, self.first = _epoll(*args), True
 
-    def poll(self, timeout: float):
-        events = self.epoll.poll(timeout)
+    def poll(self, timeout: float = -1, maxevents: int = -1):
+        events = self.epoll.poll(timeout, maxevents)
         if self.first and events:
             self.first = False
             os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the events do
@@ -36,18 +40,14 @@ class _SignalAfterFirstWake:
 
 
 def _run_worker(cfg, listener, board, log) -> None:
-    """Child process: one worker, its epoll wrapped; exits with the worker's status."""
+    """Child process: one worker whose epoll (the only one it makes) signals after its
+    first wake-up; exits with the worker's status.  The worker may be compiled, so
+    its methods cannot be replaced: the select module's epoll is, in this child only."""
     status = 1
     try:
+        select.epoll = _SignalAfterFirstWake
         worker = Worker(cfg, [listener], board, 0, 1, os.pipe()[0], log)
         worker.prepare()
-        setup = worker._setup
-
-        def wrapped_setup() -> None:
-            setup()
-            worker.epoll = _SignalAfterFirstWake(worker.epoll)
-
-        worker._setup = wrapped_setup
         status = worker.run()
     finally:
         os._exit(status)

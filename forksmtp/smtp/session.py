@@ -19,6 +19,7 @@ Message text arrives as ``DataChunk`` events, already LF-terminated and dot-unst
 from __future__ import annotations
 
 import re
+from typing import Final
 from . import replies as R
 from .buffer import TOO_LONG, DataReader, LineBuffer
 from .commands import CommandError, Path, parse_params, parse_path, split_prefix
@@ -34,8 +35,8 @@ __all__ = ["Session", "SessionConfig", "Envelope", "DataStart", "DataChunk", "Da
 MAX_COMMAND = 512  # RFC 5321 4.5.3.1.4, CRLF included
 MAX_AUTH_LINE = 12288  # RFC 4954 4: AUTH lines may carry long SASL responses
 
-NEED_DATA = "NEED_DATA"
-PAUSED = "PAUSED"
+NEED_DATA: Final = "NEED_DATA"
+PAUSED: Final = "PAUSED"
 
 
 #: (verb, phase) -> the reply when the verb is out of order (RFC 5321 4.1.4).

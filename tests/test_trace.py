@@ -1,0 +1,36 @@
+"""The trace headers' date: RFC 5322 section 3.3, UTC, built once per second."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+
+from forksmtp import trace
+
+
+def reference(when: float) -> str:
+    return email.utils.formatdate(int(when), usegmt=True).replace("GMT", "+0000")
+
+
+def test_known_date():
+    assert trace.rfc5322_date(1_700_000_000.75) == "Tue, 14 Nov 2023 22:13:20 +0000"
+    assert trace.rfc5322_date(1_704_067_199.0) == "Sun, 31 Dec 2023 23:59:59 +0000"
+    assert trace.rfc5322_date(1_704_067_200.0) == "Mon, 01 Jan 2024 00:00:00 +0000"
+
+
+def test_every_call_gives_its_own_second_whatever_came_before():
+    # The per-second cache must never hand out the previous second's text: same second,
+    # the next one, one far back, and random times in any order all match the reference.
+    rng = random.Random(5322)
+    base = 1_795_935_909.0
+    times = [base, base + 0.999, base + 1.0, base + 1.5, base - 86_400 * 400, base + 0.2]
+    times += [rng.uniform(0, 4_102_444_800) for _ in range(2_000)]
+    for when in times:
+        assert trace.rfc5322_date(when) == reference(when), when
+
+
+def test_received_header_carries_the_date():
+    header = trace.received(helo="client.test", peer_ip="192.0.2.1", by="mx.test",
+                            protocol="ESMTP", queue_id="ABC", recipient="a@b.test",
+                            when=1_700_000_000.0)
+    assert header.endswith(b"; Tue, 14 Nov 2023 22:13:20 +0000\n")

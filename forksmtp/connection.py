@@ -86,7 +86,7 @@ class Connection:
     def __init__(self, worker, sock: socket.socket, peer: tuple, session: Session, timeouts,
                  implicit_tls: bool = False) -> None:
         self.worker = worker
-        self.sock = self.raw_sock = sock
+        self.sock = sock
         self.fd = sock.fileno()
         self.peer_ip = peer[0]
         self.session = session

@@ -24,12 +24,15 @@ import select
 import socket
 import ssl
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from . import auth, delivery, process, tls
 from .smtp import replies as R
 from .smtp.session import (NEED_DATA, PAUSED, AuthRequest, DataChunk, DataEnd, DataStart,
                            Session, StartTLS)
+
+if TYPE_CHECKING:
+    from .worker import Worker
 
 RECV_SIZE: Final = 64 * 1024
 # One receive buffer per worker process: recv(n) would allocate a fresh n-octet buffer
@@ -83,7 +86,7 @@ class Stop(Exception):
 
 
 class Connection:
-    def __init__(self, worker, sock: socket.socket, peer: tuple, session: Session, timeouts,
+    def __init__(self, worker: Worker, sock: socket.socket, peer: tuple, session: Session, timeouts,
                  implicit_tls: bool = False) -> None:
         self.worker = worker
         self.sock = sock
@@ -197,9 +200,10 @@ class Connection:
 
     def _handshake(self) -> bool:
         """TLS handshake on the non-blocking socket, bounded by the command timeout."""
+        context = self.worker.tls_context
+        assert context is not None  # STARTTLS and implicit TLS exist only with a context
         try:
-            ssock = self.worker.tls_context.wrap_socket(self.sock, server_side=True,
-                                                         do_handshake_on_connect=False)
+            ssock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
         except (OSError, ValueError) as exc:
             return self._tls_failed(exc)
         self.sock = ssock

@@ -27,6 +27,8 @@ from typing import Protocol
 
 from . import delivery, limits, process
 from .connection import Connection
+from .logs import Log
+from .scoreboard import Scoreboard
 from .smtp.session import Session, SessionConfig
 
 EXIT_OK = 0
@@ -45,8 +47,8 @@ class Poller(Protocol):
 
 
 class Worker:
-    def __init__(self, cfg, listeners: list[socket.socket], board, slot: int,
-                 generation: int, parent_fd: int, log, security=None) -> None:
+    def __init__(self, cfg, listeners: list[socket.socket], board: Scoreboard, slot: int,
+                 generation: int, parent_fd: int, log: Log, security=None) -> None:
         self.cfg = cfg
         # TLS context, password table, implicit-TLS listener fds and the AUTH limiter,
         # all built by the master before it forked (see security.Security).

@@ -5,6 +5,7 @@ import argparse
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 
 from .constants import FLOOR, SINK
@@ -153,6 +154,7 @@ def md_header(bench: Bench, payload: dict) -> list[str]:
             f"Load generator: {payload['client']}  ",
             f"Machine: {env['cpus']} CPUs, Linux {env['kernel']}, Maildirs on {env['fs']} "
             f"({env['root']}), Python {env['python']}  ",
+            f"forksmtp: {env['forksmtp_build']}  ",
             f"Messages: {a.size} bytes, {a.messages} per cell (at least one per session), "
             f"{a.per_conn} per connection, {a.rounds} round(s), medians shown; "
             f"forksmtp log level {a.server_log_level}.  ",
@@ -214,7 +216,19 @@ def environment(bench: Bench) -> dict:
     return {"cpus": os.cpu_count(), "kernel": os.uname().release, "fs": bench.fs,
             "root": bench.root, "python": sys.version.split()[0],
             "forksmtp_cmd": shlex.join(bench.forksmtp_cmd),
+            "forksmtp_build": forksmtp_build(bench),
             "smtp_source": shutil.which("smtp-source"), "smtp_sink": bench.smtp_sink}
+
+
+def forksmtp_build(bench: Bench) -> str:
+    """forksmtp's --version line, which names the build that ran (compiled or pure
+    Python, and why)."""
+    try:
+        probe = subprocess.run(bench.forksmtp_cmd + ["--version"], capture_output=True,
+                               text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    return probe.stdout.strip() or f"unknown (--version exited {probe.returncode})"
 
 
 def client_description(args: argparse.Namespace) -> str:

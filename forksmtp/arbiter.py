@@ -33,7 +33,7 @@ from .authlimit import AuthLimiter
 from .overflow import OverflowGuard
 from .security import Security, listen_addresses, load_security
 from .logs import Log
-from .scoreboard import BUSY, IDLE, Scoreboard
+from .scoreboard import BUSY, IDLE, STATE_NAMES, Scoreboard
 from .signals import HANDLED, NAMES, SignalQueue
 from .worker import EXIT_BOOT_ERROR, Worker
 
@@ -51,6 +51,13 @@ def _is_crash(status: int) -> bool:
     if os.WIFSIGNALED(status):
         return os.WTERMSIG(status) not in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
     return os.WEXITSTATUS(status) != 0
+
+
+def silent_for(last_activity: float, started: float, now: float) -> float:
+    """Seconds a worker has shown no progress: never more than the master knows it has
+    lived.  A slot timestamp older than the worker's start says nothing about the worker
+    (one read as 0.0 once got a healthy worker killed as silent for the host's uptime)."""
+    return now - max(last_activity, started)
 
 
 @dataclass
@@ -326,9 +333,14 @@ class Arbiter:
         limit = max(t.command, t.data_block, t.data_done) + STUCK_GRACE
         for slot in snap.slots:
             child = self.workers.get(slot.pid)
-            if child is None or slot.state == IDLE or now - slot.last_activity < limit:
+            if child is None or slot.state == IDLE:
                 continue
-            self.log.error("WORKER", f"worker {child.pid} made no progress for {now - slot.last_activity:.0f}s; killing it")
+            silent = silent_for(slot.last_activity, child.started, now)
+            if silent < limit:
+                continue
+            self.log.error("WORKER", f"worker {child.pid} made no progress for {silent:.0f}s; killing it "
+                                     f"(slot {slot.index} {STATE_NAMES[slot.state]}, last activity "
+                                     f"{slot.last_activity:.3f}, started {child.started:.3f})")
             self._signal(child, signal.SIGKILL)
 
     def _manage_pool(self, now: float, snap=None) -> None:

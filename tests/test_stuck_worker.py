@@ -6,6 +6,7 @@ import os
 import signal
 
 from daemon import RawSMTP, send_message, serving_worker, wait_until
+from forksmtp.arbiter import silent_for
 
 
 def test_wedged_worker_is_killed_and_replaced(daemon_factory):
@@ -24,3 +25,13 @@ def test_wedged_worker_is_killed_and_replaced(daemon_factory):
         client.close()
     wait_until(lambda: len(d.workers()) >= 2, 10, what="the pool refilled")
     send_message(d.port)
+
+
+def test_silence_is_never_longer_than_the_worker_has_lived():
+    # A slot timestamp from before the worker started (0.0: a slot read while reset)
+    # must not make a young, healthy worker look wedged for the host's uptime.
+    assert silent_for(0.0, started=1000.0, now=1005.0) == 5.0
+    assert silent_for(990.0, started=1000.0, now=1005.0) == 5.0
+    # A worker that touched its slot after it started is judged by that touch.
+    assert silent_for(1003.0, started=1000.0, now=1005.0) == 2.0
+    assert silent_for(1000.0, started=1000.0, now=1400.0) == 400.0

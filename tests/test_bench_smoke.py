@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -44,14 +45,21 @@ def forksmtp_runs() -> bool:
 
 
 def free_ports() -> int:
-    """A port p with p, p + 1 and p + 3 free (forksmtp, the peer and pyfloor listen there)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        if port < 65533 and all(_bindable(p) for p in (port, port + 1, port + 3)):
+    """A port p with p, p + 1 and p + 3 free (forksmtp, the peer and pyfloor listen there),
+    below the ephemeral range: the bench's own client connections take ephemeral ports,
+    and one of them holding p + 3 when pyfloor starts would make that server refuse to
+    start (the port looks taken)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(10000, max(low - 4, 10001))
+        if all(_bindable(p) for p in (port, port + 1, port + 3)):
             return port
-    pytest.skip("no two consecutive free loopback ports")
+    pytest.skip("no free loopback ports below the ephemeral range")
 
 
 def _bindable(port: int) -> bool:

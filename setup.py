@@ -32,10 +32,6 @@ native = _load_native()
 SOURCES = [os.path.join(*name.split(".")) + ".py" for name in native.COMPILED]
 
 
-def _pure_requested():
-    return os.environ.get("FORKSMTP_PURE", "") not in ("", "0")
-
-
 class OptionalBuildExt(build_ext):
     """build_ext that falls back to pure Python instead of failing the install, and
     records the source digests of what it compiled (native.STAMP)."""
@@ -71,7 +67,7 @@ class OptionalBuildExt(build_ext):
 
 
 def ext_modules():
-    if _pure_requested():
+    if native.pure_requested():
         # Compiled modules an earlier in-place build left beside the sources lose their
         # stamp, so that forksmtp never picks them (see _native).
         stale = os.path.join(HERE, "forksmtp", native.STAMP)

@@ -62,13 +62,19 @@ def describe() -> str:
     return "compiled with mypyc" if not reason else f"pure Python: {reason}"
 
 
+def pure_requested() -> bool:
+    """FORKSMTP_PURE set to anything but "" or "0": at install time no compile, at run
+    time the source."""
+    return os.environ.get("FORKSMTP_PURE", "") not in ("", "0")
+
+
 def source_digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
 
 def _why_not(package_dir: str) -> str:
-    if os.environ.get("FORKSMTP_PURE", "") not in ("", "0"):
+    if pure_requested():
         return "FORKSMTP_PURE is set"
     try:
         with open(os.path.join(package_dir, STAMP), encoding="ascii") as f:

@@ -262,20 +262,20 @@ class Delivery:
     def _link(self, pid: int) -> None:
         md = self.maildir
         dir_fd = md._dir_fd(pid)
-        named = self._tmp is not None
-        src = self._tmp if self._tmp is not None else f"/proc/self/fd/{self._fd}"
+        tmp = self._tmp  # a named tmp file, or None for O_TMPFILE
+        src = tmp if tmp is not None else f"/proc/self/fd/{self._fd}"
         suffix = f",S={self._written}"
         for _ in range(_MAX_TRIES):
             name = _unique(pid, md.host) + suffix
             try:
                 # dst_dir_fd makes CPython call linkat(); with AT_SYMLINK_FOLLOW it
                 # links the file behind /proc/self/fd/N. Plain link() gives EXDEV.
-                os.link(src, name, dst_dir_fd=dir_fd, follow_symlinks=not named)
+                os.link(src, name, dst_dir_fd=dir_fd, follow_symlinks=tmp is None)
             except FileExistsError:
                 continue
             self._linked = os.path.join(md.new, name)
-            if self._tmp is not None:
-                os.unlink(self._tmp)
+            if tmp is not None:
+                os.unlink(tmp)
                 self._tmp = None
             return
         raise FileExistsError(errno.EEXIST, "no unique name available", md.new)

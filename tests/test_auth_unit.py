@@ -490,7 +490,11 @@ def test_hash_format_is_scrypt_with_salt_and_parameters():
     assert (int(m[1]), int(m[2]), int(m[3])) == (auth.LOG2_N, auth.R, auth.P)
     assert len(base64.b64decode(m[4])) == 16 and len(base64.b64decode(m[5])) == auth.KEY_LEN
     assert auth.hash_password("pw") != encoded  # a fresh salt each time
-    assert "pw" not in encoded.split("$", 4)[4]
+    # The secret is not stored.  It has characters base64 never produces, so this cannot
+    # match a random salt or key by chance (as "pw" could, once in about 60 runs).
+    secret = "open sesame!"
+    assert secret not in auth.hash_password(secret)
+    assert base64.b64encode(secret.encode()).decode() not in auth.hash_password(secret)
 
 
 def test_verify():

@@ -21,7 +21,7 @@ import errno
 import itertools
 import os
 import select
-import socket
+import _socket
 import ssl
 import time
 from typing import TYPE_CHECKING, Final
@@ -38,7 +38,7 @@ RECV_SIZE: Final = 64 * 1024
 # One receive buffer per worker process: recv(n) would allocate a fresh n-octet buffer
 # on every read.  64 KiB keeps every per-read object (the copy, the CRLF -> LF text)
 # below glibc's mmap threshold, so they reuse heap memory instead of faulting in pages.
-_recv_buffer = memoryview(bytearray(RECV_SIZE))
+_recv_buffer: Final = memoryview(bytearray(RECV_SIZE))
 #: Inside DATA each read is a fresh bytes object the DATA reader keeps working on.
 #: Larger reads mean fewer trips through the loop per MiB, but their buffers are above
 #: glibc's default mmap threshold (128 KiB), and a big message's blocks, held until the
@@ -57,7 +57,7 @@ QUIET_DELAY_MS: Final = int(QUIET_DELAY * 1000)
 #: Seconds between heartbeats (the master's stuck-worker watch) while a session runs.
 HEARTBEAT_EVERY: Final = 1.0
 _POLLIN: Final = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
-_ids = itertools.count(1)
+_ids: Final = itertools.count(1)
 
 
 def tune_for_big_reads() -> bool:
@@ -86,11 +86,12 @@ class Stop(Exception):
 
 
 class Connection:
-    def __init__(self, worker: Worker, sock: socket.socket, peer: tuple, session: Session, timeouts,
+    def __init__(self, worker: Worker, sock: _socket.socket, peer: tuple, session: Session, timeouts,
                  implicit_tls: bool = False) -> None:
         self.worker = worker
         self.sock = sock
         self.fd = sock.fileno()
+        self.data_recv_size = _data_recv_size  # read once: a module global is a dict lookup
         self.peer_ip = peer[0]
         self.session = session
         self.timeouts = timeouts
@@ -203,7 +204,9 @@ class Connection:
         context = self.worker.tls_context
         assert context is not None  # STARTTLS and implicit TLS exist only with a context
         try:
-            ssock = context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+            # ssl wraps the C socket as it wraps socket.socket (typeshed asks for the latter).
+            ssock = context.wrap_socket(self.sock, server_side=True,  # type: ignore[arg-type]
+                                        do_handshake_on_connect=False)
         except (OSError, ValueError) as exc:
             return self._tls_failed(exc)
         self.sock = ssock
@@ -402,7 +405,7 @@ class Connection:
                     return None
             try:
                 if self.session.in_data:  # large reads: one copy, straight into bytes
-                    return self.sock.recv(_data_recv_size)
+                    return self.sock.recv(self.data_recv_size)
                 n = self.sock.recv_into(_recv_buffer)
                 return bytes(_recv_buffer[:n])
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):

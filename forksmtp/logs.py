@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Final
 
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 #: ".mmmZ " for every millisecond: a busy worker's lines rarely share a millisecond, so
 #: the prefix is rebuilt for most of them, and a lookup is cheaper than formatting.
-_MILLIS = tuple(f".{ms:03d}Z " for ms in range(1000))
+_MILLIS: Final = tuple(f".{ms:03d}Z " for ms in range(1000))
 
 
 class Log:

@@ -19,6 +19,7 @@ import re
 import socket
 import time
 from collections.abc import Sequence
+from typing import Final
 
 __all__ = ["Maildir", "Delivery", "commit_all", "clean_tmp", "is_no_space", "escape_host"]
 
@@ -26,26 +27,26 @@ __all__ = ["Maildir", "Delivery", "commit_all", "clean_tmp", "is_no_space", "esc
 # to ext4 pays a fixed cost (inode lock, timestamps, delayed-allocation bookkeeping)
 # beside the copy.  Measured on this machine, 64 MiB into a new file with writeback
 # every MiB: 64 KiB writes 0.40-0.69 ms of CPU per MiB, 256 KiB writes 0.20-0.23.
-_FLUSH_AT = 256 * 1024
+_FLUSH_AT: Final = 256 * 1024
 # A piece this big is held as it is (one more iovec), not copied into the small-piece
 # buffer: the DATA reader's blocks of a big message are never copied in user space.
-_HOLD_WHOLE = 32 * 1024
+_HOLD_WHOLE: Final = 32 * 1024
 # A big message's pages are handed to the disk every this many octets while the rest
 # still arrives (POSIX_FADV_DONTNEED starts writeback of dirty pages without waiting),
 # so the fsync before the 250 waits for the last stretch only, not the whole message.
 # 50 MiB message, same run, alternating: none 363-430 MiB/s, every 4 MiB 441-530,
 # every 1 MiB 518-569, every 256 KiB 391-416.  Messages under 1 MiB never pay for it.
-_WRITEBACK_EVERY = 1024 * 1024
-_MAX_TRIES = 100                # bound on name clashes before giving up
-_PID_MAX = 1 << 22              # Linux PID_MAX_LIMIT; larger "pids" are not ours
+_WRITEBACK_EVERY: Final = 1024 * 1024
+_MAX_TRIES: Final = 100         # bound on name clashes before giving up
+_PID_MAX: Final = 1 << 22       # Linux PID_MAX_LIMIT; larger "pids" are not ours
 _TMPFILE = getattr(os, "O_TMPFILE", 0)
 # How kernels and filesystems without O_TMPFILE support answer (EISDIR: kernels
 # that predate it and see only O_DIRECTORY).
-_TMPFILE_REFUSED = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
-_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_EXCL_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_TMP_NAME = re.compile(r"\d+\.M\d+P(\d+)Q\d+\.(.+)\Z")
+_TMPFILE_REFUSED: Final = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
+_NO_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_EXCL_FLAGS: Final = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TMP_NAME: Final = re.compile(r"\d+\.M\d+P(\d+)Q\d+\.(.+)\Z")
 
 _clock = time.time_ns           # looked up at call time, so tests can pin the clock
 _seq = itertools.count(1)       # per-process delivery counter (the Q part)

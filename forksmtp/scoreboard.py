@@ -37,7 +37,7 @@ import tempfile
 import time
 import zlib
 from collections import Counter
-from typing import Iterator
+from typing import Final, Iterator
 
 # The read side and the names shared with it; SlotInfo, STATE_NAMES and key_text are re-exported
 # for callers that import them from here.
@@ -45,45 +45,65 @@ from .snapshot import (BUSY, CONN_REJECT_REASONS, EVENT_KEYS, FREE, IDLE, REJECT
                        REJECT_KEYS, STARTING, STATE_NAMES, STOPPING, SlotInfo, Snapshot, Totals,
                        _slot_info, _V4_PREFIX, key_text)
 
-_CODE_POS = {c: i for i, c in enumerate(REJECT_CODES)}
-_REASON_POS = {r: i for i, r in enumerate(CONN_REJECT_REASONS)}
-_EVENT_POS = {e: i for i, e in enumerate(EVENT_KEYS)}
+# Every module-level name below is Final: the compiled build then reads it from a C static
+# (or inlines it) instead of looking it up in the module's dict on every slot update.
+_CODE_POS: Final = {c: i for i, c in enumerate(REJECT_CODES)}
+_REASON_POS: Final = {r: i for i, r in enumerate(CONN_REJECT_REASONS)}
+_EVENT_POS: Final = {e: i for i, e in enumerate(EVENT_KEYS)}
 # Counters kept per slot and, for dead workers, folded into the header in the same layout:
 # sessions, messages_accepted, bytes_received, rejects by code, connection rejects by reason.
-_NCOUNTERS = 3 + len(REJECT_KEYS) + len(CONN_REJECT_REASONS) + len(EVENT_KEYS)
+_NCOUNTERS: Final = 3 + len(REJECT_KEYS) + len(CONN_REJECT_REASONS) + len(EVENT_KEYS)
 
-_MAGIC, _VERSION = b"FKSMTPSB", 1
-_Q = struct.Struct("<q")
-_I = struct.Struct("<i")
-_D = struct.Struct("<d")
-_COUNTERS = struct.Struct(f"<{_NCOUNTERS}q")
+_MAGIC: Final = b"FKSMTPSB"
+_VERSION: Final = 1
+_Q: Final = struct.Struct("<q")
+_I: Final = struct.Struct("<i")
+_D: Final = struct.Struct("<d")
+_COUNTERS: Final = struct.Struct(f"<{_NCOUNTERS}q")
 
 # Header: magic, version, nslots, ip_buckets, stress @0; then 8-byte values.
-_HDR = struct.Struct("<8sIIII")
-H_STRESS, H_GENERATION, H_ACTIVE, H_TOTAL, H_EXITED, H_COUNTERS = 20, 24, 32, 40, 48, 56
-HEADER_SIZE = H_COUNTERS + _COUNTERS.size
+_HDR: Final = struct.Struct("<8sIIII")
+H_STRESS: Final = 20
+H_GENERATION: Final = 24
+H_ACTIVE: Final = 32
+H_TOTAL: Final = 40
+H_EXITED: Final = 48
+H_COUNTERS: Final = 56
+HEADER_SIZE: Final = H_COUNTERS + _COUNTERS.size
 
 # Slot: pid, state, holds_global, port, generation, ip bucket+1 (0 = none), ip key, client,
 # phase, last_activity, started, counters.  The bucket is stored +1 so a zeroed slot holds none.
-_SLOT = struct.Struct(f"<iBBHqi16s4x46s2x16sdd{_NCOUNTERS}q")
-SLOT_SIZE = _SLOT.size
-S_STATE, S_HOLDS, S_PORT, S_GEN, S_BUCKET, S_KEY, S_CLIENT = 4, 5, 6, 8, 16, 20, 40
-S_PHASE, S_LAST, S_STARTED, S_COUNTERS = 88, 104, 112, 120
-S_MESSAGES, S_REJECTS = S_COUNTERS + 8, S_COUNTERS + 24
-S_CONN_REJECTS = S_REJECTS + 8 * len(REJECT_KEYS)
-S_EVENTS = S_CONN_REJECTS + 8 * len(CONN_REJECT_REASONS)
-_HOLD = struct.Struct("<i16s")
-_PHASE = struct.Struct("<16sd")
-_CLIENT = struct.Struct("<46s")
-_QQ = struct.Struct("<qq")
-_H = struct.Struct("<H")
-_ZERO_SLOT = bytes(SLOT_SIZE)
+_SLOT: Final = struct.Struct(f"<iBBHqi16s4x46s2x16sdd{_NCOUNTERS}q")
+SLOT_SIZE: Final = _SLOT.size
+S_STATE: Final = 4
+S_HOLDS: Final = 5
+S_PORT: Final = 6
+S_GEN: Final = 8
+S_BUCKET: Final = 16
+S_KEY: Final = 20
+S_CLIENT: Final = 40
+S_PHASE: Final = 88
+S_LAST: Final = 104
+S_STARTED: Final = 112
+S_COUNTERS: Final = 120
+S_MESSAGES: Final = S_COUNTERS + 8
+S_REJECTS: Final = S_COUNTERS + 24
+S_CONN_REJECTS: Final = S_REJECTS + 8 * len(REJECT_KEYS)
+S_EVENTS: Final = S_CONN_REJECTS + 8 * len(CONN_REJECT_REASONS)
+_HOLD: Final = struct.Struct("<i16s")
+_PHASE: Final = struct.Struct("<16sd")
+_CLIENT: Final = struct.Struct("<46s")
+_QQ: Final = struct.Struct("<qq")
+_H: Final = struct.Struct("<H")
+_ZERO_SLOT: Final = bytes(SLOT_SIZE)
 assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (352, 352)
 
 # Per-IP bucket: key, state, count.  Tombstones keep probe chains intact after a delete.
-_BUCKET = struct.Struct("<16sB3xi")
-_EMPTY, _LIVE, _TOMB = 0, 1, 2
-_PROBE_WINDOW = 32
+_BUCKET: Final = struct.Struct("<16sB3xi")
+_EMPTY: Final = 0
+_LIVE: Final = 1
+_TOMB: Final = 2
+_PROBE_WINDOW: Final = 32
 
 
 def ip_key(ip: str) -> bytes:
@@ -97,7 +117,7 @@ def ip_key(ip: str) -> bytes:
         return hashlib.blake2b(ip.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
-_LOCK_PREFIX = "forksmtp-scoreboard-"
+_LOCK_PREFIX: Final = "forksmtp-scoreboard-"
 
 
 def _sweep_stale_lock_dirs() -> None:

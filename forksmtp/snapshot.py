@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from typing import Final
 
-FREE, STARTING, IDLE, BUSY, STOPPING = range(5)
+FREE: Final = 0
+STARTING: Final = 1
+IDLE: Final = 2
+BUSY: Final = 3
+STOPPING: Final = 4
 STATE_NAMES = ("free", "starting", "idle", "busy", "stopping")
 REJECT_CODES = (421, 450, 451, 452, 500, 501, 502, 503, 504, 530, 535, 538, 550, 552, 553, 554, 555)
 REJECT_KEYS = tuple(str(c) for c in REJECT_CODES) + ("other",)

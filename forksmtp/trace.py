@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import re
 import time
+from typing import Final
 
-_UNSAFE_HELO = re.compile(r"[^A-Za-z0-9.\-:\[\]_@\u0080-\U0010ffff]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_UNSAFE_HELO: Final = re.compile(r"[^A-Za-z0-9.\-:\[\]_@\u0080-\U0010ffff]")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_DAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def clean(value: str, limit: int = 255) -> str:

@@ -12,15 +12,17 @@ not a Python loop per line.
 
 from __future__ import annotations
 
+from typing import Final
+
 from . import replies as R
 
-CRLF = b"\r\n"
+CRLF: Final = b"\r\n"
 #: Octets of message text after which Received: fields are no longer counted.
-HEADER_SCAN_LIMIT = 1024 * 1024
-END_OF_DATA = b"\r\n.\r\n"
+HEADER_SCAN_LIMIT: Final = 1024 * 1024
+END_OF_DATA: Final = b"\r\n.\r\n"
 
 #: The reply a line buffer yields for a command line over the limit.
-TOO_LONG = object()
+TOO_LONG: Final = object()
 
 
 def _has_long_line(text: bytes, carry: int = 0, limit: int = 998) -> bool:

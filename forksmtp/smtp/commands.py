@@ -10,10 +10,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from . import replies as R
 
-MAX_PATH = 256  # RFC 5321 4.5.3.1.3, including the angle brackets
+MAX_PATH: Final = 256  # RFC 5321 4.5.3.1.3, including the angle brackets
 
 
 class CommandError(Exception):
@@ -39,10 +40,10 @@ def _grammar() -> re.Pattern[str]:
     )
 
 
-_PATH = _grammar()
-_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
-_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
-_GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+\Z")
+_PATH: Final = _grammar()
+_KEYWORD: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_VALUE: Final = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
+_GENERAL_LITERAL: Final = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+\Z")
 
 
 @dataclass(frozen=True, slots=True)

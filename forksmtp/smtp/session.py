@@ -32,15 +32,15 @@ from .settings import SessionConfig
 __all__ = ["Session", "SessionConfig", "Envelope", "DataStart", "DataChunk", "DataEnd",
            "StartTLS", "AuthRequest", "Credentials", "NEED_DATA", "PAUSED"]
 
-MAX_COMMAND = 512  # RFC 5321 4.5.3.1.4, CRLF included
-MAX_AUTH_LINE = 12288  # RFC 4954 4: AUTH lines may carry long SASL responses
+MAX_COMMAND: Final = 512  # RFC 5321 4.5.3.1.4, CRLF included
+MAX_AUTH_LINE: Final = 12288  # RFC 4954 4: AUTH lines may carry long SASL responses
 
 NEED_DATA: Final = "NEED_DATA"
 PAUSED: Final = "PAUSED"
 
 
 #: (verb, phase) -> the reply when the verb is out of order (RFC 5321 4.1.4).
-SEQUENCE: dict[tuple[str, str], R.Reply] = {
+SEQUENCE: Final[dict[tuple[str, str], R.Reply]] = {
     ("MAIL", NEW): R.R503_NEED_HELO,
     ("MAIL", MAIL): R.R503_NESTED_MAIL,
     ("MAIL", RCPT): R.R503_NESTED_MAIL,
@@ -58,14 +58,14 @@ SEQUENCE: dict[tuple[str, str], R.Reply] = {
 }
 
 #: Commands a client may know that this server does not offer (-> 502).
-NOT_OFFERED = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML",
+NOT_OFFERED: Final = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML",
                          "STARTTLS", "AUTH", "XCLIENT", "XFORWARD", "VERB", "ONEX"})
 
 #: Replies that do not count toward the error limit: the client did nothing wrong
 #: (452 for surplus recipients is the orderly way RFC 5321 4.5.3.1.10 asks for).
-NOT_CLIENT_ERRORS = frozenset({R.R452_TOO_MANY_RCPTS, R.R451_STORAGE, R.R452_NO_SPACE})
+NOT_CLIENT_ERRORS: Final = frozenset({R.R452_TOO_MANY_RCPTS, R.R451_STORAGE, R.R452_NO_SPACE})
 
-_AUTH_PROTOCOL_SUFFIX = {(False, False): "", (True, False): "S", (False, True): "A", (True, True): "SA"}
+_AUTH_PROTOCOL_SUFFIX: Final = {(False, False): "", (True, False): "S", (False, True): "A", (True, True): "SA"}
 
 
 class Session(SecureCommands):
@@ -362,7 +362,7 @@ class Session(SecureCommands):
 
 
 #: All of an AUTH line that may be logged after the verb: the SASL mechanism name.
-_MECHANISM = re.compile(r"[A-Za-z0-9_-]*")
+_MECHANISM: Final = re.compile(r"[A-Za-z0-9_-]*")
 
 
 def _loggable(text: str) -> str:
@@ -377,7 +377,7 @@ def _loggable(text: str) -> str:
     return text
 
 
-_HANDLERS = {
+_HANDLERS: Final = {
     "HELO": Session._cmd_helo,
     "EHLO": Session._cmd_ehlo,
     "MAIL": Session._cmd_mail,
@@ -392,7 +392,7 @@ _HANDLERS = {
     "AUTH": SecureCommands._cmd_auth,
 }
 
-_MAIL_PARAMS = {
+_MAIL_PARAMS: Final = {
     "SIZE": Session._param_size,
     "BODY": Session._param_body,
     "SMTPUTF8": Session._param_smtputf8,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from . import replies as R
 
-BASE_KEYWORDS = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8")
+BASE_KEYWORDS: Final = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8")
 
 
 class SessionConfig:

@@ -46,10 +46,17 @@ _VALUE: Final = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
 _GENERAL_LITERAL: Final = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+\Z")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class Path:
+    """A parsed path: a value (nothing assigns to it after parsing).  Its ``__init__`` is
+    written out because a dataclass's generated one is interpreted even when compiled."""
+
     address: str  # "" for the null reverse-path <>; "Postmaster" for bare <Postmaster>
     domain: str  # lower-cased; "" when there is none
+
+    def __init__(self, address: str, domain: str) -> None:
+        self.address = address
+        self.domain = domain
 
     @property
     def is_null(self) -> bool:

@@ -274,7 +274,7 @@ class Delivery:
                 os.link(src, name, dst_dir_fd=dir_fd, follow_symlinks=tmp is None)
             except FileExistsError:
                 continue
-            self._linked = os.path.join(md.new, name)
+            self._linked = f"{md.new}/{name}"  # os.path.join is interpreted code
             if tmp is not None:
                 os.unlink(tmp)
                 self._tmp = None

@@ -55,15 +55,16 @@ class OptionalBuildExt(build_ext):
 
     def _remove_outputs(self):
         # A half-built set must not be found next to the sources.
-        for ext in self.extensions:
-            for inplace in (0, 1):
-                self.inplace, saved = inplace, self.inplace
-                try:
+        saved = self.inplace
+        try:
+            for ext in self.extensions:
+                for inplace in (0, 1):  # both build/lib and the source tree
+                    self.inplace = inplace
                     path = self.get_ext_fullpath(ext.name)
-                finally:
-                    self.inplace = saved
-                if os.path.exists(path):
-                    os.unlink(path)
+                    if os.path.exists(path):
+                        os.unlink(path)
+        finally:
+            self.inplace = saved
 
 
 def ext_modules():

@@ -24,7 +24,7 @@ import signal
 import socket
 import _socket
 import time
-from typing import Final, Protocol
+from typing import Any, Callable, Final, Protocol
 
 from . import delivery, limits, process
 from .connection import Connection
@@ -36,7 +36,7 @@ EXIT_OK: Final = 0
 EXIT_BOOT_ERROR: Final = 3  # the master backs off instead of respawning in a tight loop
 
 _IGNORED: Final = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
-            signal.SIGTTIN, signal.SIGTTOU)
+                   signal.SIGTTIN, signal.SIGTTOU)
 
 
 class Poller(Protocol):
@@ -57,14 +57,14 @@ class Worker:
         self.passwords = getattr(security, "passwords", {})
         self.implicit_fds: frozenset[int] = getattr(security, "implicit_fds", frozenset())
         self.auth_limiter = getattr(security, "auth_limiter", None)
-        self.listeners = {s.fileno(): s for s in listeners}
-        # Per listening fd: its C-level accept and the family, type and protocol of what it
-        # accepts.  socket.socket.accept() is Python code that converts the family and the
-        # type to enums on every call, and socket.socket.close() is Python code too: 8 % of a
-        # busy worker's user time.  Connections are plain C sockets (_socket.socket), which
-        # ssl wraps as it wraps any socket.
-        self.acceptors = {s.fileno(): (s._accept, int(s.family), int(s.type), s.proto)  # type: ignore[attr-defined]
-                          for s in listeners}
+        # Per listening fd: the socket, its C-level accept, and the family, type and
+        # protocol of what it accepts.  socket.socket.accept() is Python code that converts
+        # the family and the type to enums on every call, and socket.socket.close() is
+        # Python code too: 8 % of a busy worker's user time.  Connections are plain C
+        # sockets (_socket.socket), which ssl wraps as it wraps any socket.
+        self.listeners: dict[int, tuple[socket.socket, Callable[[], tuple[int, Any]], int, int, int]] = {
+            s.fileno(): (s, s._accept, int(s.family), int(s.type), s.proto)  # type: ignore[attr-defined]
+            for s in listeners}
         self.board = board
         self.slot = slot
         self.generation = generation
@@ -164,7 +164,7 @@ class Worker:
         return EXIT_OK
 
     def _accept(self, fd: int) -> None:
-        accept, family, type_, proto = self.acceptors[fd]
+        _, accept, family, type_, proto = self.listeners[fd]
         try:
             conn_fd, peer = accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -255,11 +255,10 @@ class Worker:
     def _drop_listeners(self) -> None:
         """A stopping worker lets go of the listening sockets at once: after a stop
         nothing else holds them open, so new clients are refused instead of queued."""
-        for fd, sock in self.listeners.items():
+        for fd, (sock, *_) in self.listeners.items():
             self.epoll.unregister(fd)
             sock.close()
         self.listeners = {}
-        self.acceptors = {}
 
     def show_phase(self, phase: str) -> None:
         """The client has gone quiet: publish the phase, in the scoreboard (stats) and

@@ -2,9 +2,9 @@
 
 50 client threads deliver messages with unique ids (their text is a function of the id)
 and record which ids got a 250, while a killer SIGKILLs a random busy worker every half
-second.  Afterwards the Maildir is audited: every acknowledged id is stored exactly once
-and byte-exact, no file in new/ is shorter or longer than its ``S=`` says, and tmp/ is
-empty.  An id that never got its 250 may be stored or not; it is not counted as lost.
+second, for 8 s and until it has killed three.  Afterwards the Maildir is audited: every
+acknowledged id is stored exactly once and byte-exact, no file in new/ is shorter or
+longer than its ``S=`` says, and tmp/ is empty.  An id that never got its 250 may be stored or not; it is not counted as lost.
 The master must also have repaired the killed workers' scoreboard slots (no phantom
 active connections) and the server must still deliver.
 

@@ -59,7 +59,7 @@ SEQUENCE: Final[dict[tuple[str, str], R.Reply]] = {
 
 #: Commands a client may know that this server does not offer (-> 502).
 NOT_OFFERED: Final = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML",
-                         "STARTTLS", "AUTH", "XCLIENT", "XFORWARD", "VERB", "ONEX"})
+                                "STARTTLS", "AUTH", "XCLIENT", "XFORWARD", "VERB", "ONEX"})
 
 #: Replies that do not count toward the error limit: the client did nothing wrong
 #: (452 for surplus recipients is the orderly way RFC 5321 4.5.3.1.10 asks for).

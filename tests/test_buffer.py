@@ -557,6 +557,26 @@ def test_bare_cr_lf_test_is_exact_on_every_short_block(monkeypatch, delete_by_re
             assert buffer._only_crlf(block, stuffed) == no_bare_cr_or_lf(block), block
 
 
+def test_dot_walk_finds_what_the_plain_search_finds():
+    # Every block of up to 9 octets over {a, ., CR, LF} (more dots than the walk visits
+    # one by one, so the hand-over to the plain search is covered too), from its first dot.
+    assert buffer._DOT_WALK < 9
+    for n in range(1, 10):
+        for octets in itertools.product(b"a.\r\n", repeat=n):
+            block = bytes(octets)
+            first = block.find(b".")
+            if first >= 0:
+                assert buffer._find_crlf_dot(block, first) == block.find(b"\r\n.", max(first - 2, 0)), block
+
+
+def test_dot_walk_in_prose_and_in_dotless_text():
+    prose = b"One. Two. Three.\r\n" * 40 + b".\r\n"
+    assert buffer._find_crlf_dot(prose, prose.find(b".")) == len(prose) - 5
+    plain = b"x" * 4000 + b"\r\n.\r\n"
+    assert buffer._find_crlf_dot(plain, plain.find(b".")) == 4000
+    assert buffer._find_crlf_dot(b"a.b.c.d\r\n", 1) == -1
+
+
 LONG_LINES = b"".join(b"line %04d " % i + b"x" * 60 + b"\r\n" for i in range(400))  # ~28 KiB
 
 

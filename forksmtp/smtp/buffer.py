@@ -87,6 +87,28 @@ def _only_crlf(block: bytes, stuffed: bytes) -> bool:
     return crs == stuffed.count(b"\n") and block.count(CRLF) == crs
 
 
+#: Dots ``_find_crlf_dot`` checks one by one before it searches for CRLF. outright.
+_DOT_WALK: Final = 8
+
+
+def _find_crlf_dot(buf: bytes, dot: int) -> int:
+    """The index of the first CRLF. in ``buf`` whose dot is at ``dot`` (a dot's index)
+    or later, or -1.  CPython finds a one-octet needle with memchr but a three-octet one
+    with a loop that advances about three octets per step: 3.4 us for a 4 KiB body,
+    where a memchr takes 0.1.  So the dots are visited with memchr and the two octets
+    before each checked: a body with few dots (base64, most generated mail) costs a
+    few memchr calls.  Prose has a dot per sentence: after ``_DOT_WALK`` dots the plain
+    search takes over, which bounds the detour at about 1 us."""
+    find = buf.find
+    for _ in range(_DOT_WALK):
+        if dot >= 2 and buf[dot - 1] == 10 and buf[dot - 2] == 13:
+            return dot - 2
+        dot = find(b".", dot + 1)
+        if dot < 0:
+            return -1
+    return find(b"\r\n.", max(dot - 2, 0))
+
+
 class LineBuffer:
     """Extracts CRLF-terminated command lines, never holding more than ``limit`` octets
     of an unfinished line.  An overlong line is discarded as it arrives and reported
@@ -227,7 +249,7 @@ class DataReader:
         first = buf.find(b".")
         if first < 0:
             return -1, -1
-        i = buf.find(b"\r\n.", max(first - 2, 0))
+        i = _find_crlf_dot(buf, first)
         if i < 0:
             return -1, -1
         if buf[i + 3:i + 5] == CRLF:  # CRLF.CRLF: the end, with no stuffed line before it

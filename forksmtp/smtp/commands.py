@@ -41,6 +41,7 @@ def _grammar() -> re.Pattern[str]:
 
 
 _PATH: Final = _grammar()
+assert _PATH.groups == 2  # parse_path unpacks m.groups() as (local, domain)
 _KEYWORD: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _VALUE: Final = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
 _GENERAL_LITERAL: Final = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+\Z")
@@ -74,16 +75,19 @@ def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool = False) -
     m = _PATH.match(text)
     if m is None:
         raise CommandError(R.R501_BAD_ADDRESS)
-    if len(m.group(0).encode("utf-8")) > MAX_PATH:
+    end = m.end()
+    # The limit is in octets.  An ASCII path (str.isascii() reads a flag) has as many
+    # octets as characters; only a UTF-8 one needs encoding to count them.
+    if end > MAX_PATH or (not text.isascii() and len(text[:end].encode("utf-8")) > MAX_PATH):
         raise CommandError(R.R501_PATH_TOO_LONG)
-    local, domain = m.group("local"), m.group("domain")
+    local, domain = m.groups()  # one call for both groups, by position: (local, domain)
     if local is None:
         if not allow_null:
             raise CommandError(R.R501_BAD_ADDRESS)
-        return Path("", ""), text[m.end():]
+        return Path("", ""), text[end:]
     if domain[0] == "[":
         _check_literal(domain)
-    return Path(f"{local}@{domain}", domain.lower()), text[m.end():]
+    return Path(f"{local}@{domain}", domain.lower()), text[end:]
 
 
 def _check_literal(literal: str) -> None:

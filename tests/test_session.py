@@ -779,3 +779,23 @@ def test_log_can_be_turned_off():
     s.data_to_send()
     transcript(s, [E, "FOO", M, RC, D, "x", "."])
     assert s.log == []
+
+
+# -- the verb table and the dispatch chain agree ----------------------------------------------------
+
+
+def test_every_verb_has_a_handler_and_no_other_verb_has_one():
+    from forksmtp.smtp import commands, session as session_module
+    for verb in session_module.VERBS:
+        # In a transaction, where every handler finds the state it may assume.
+        session = new_session(starttls=True, auth=True, auth_insecure=True)
+        session.receive_data(b"EHLO client\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n")
+        assert session.next_event() is NEED_DATA and session.phase == "rcpt"
+        try:
+            session._dispatch(verb, "")
+        except commands.CommandError:
+            pass  # an empty argument may well be a syntax error: the handler ran
+    with pytest.raises(AssertionError):
+        new_session()._dispatch("EXPN", "")
+    assert {verb for verb, _ in session_module.SEQUENCE} <= session_module.VERBS
+    assert not session_module.VERBS & session_module.NOT_OFFERED - {"STARTTLS", "AUTH"}

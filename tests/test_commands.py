@@ -136,17 +136,20 @@ def test_postmaster_with_domain_is_an_ordinary_address():
 
 
 def path_of(octets: int, local_char: str = "a") -> str:
-    """``<aaa...@example.test>`` of exactly ``octets`` octets, brackets included."""
+    """``<aaa...@example.test>`` of exactly ``octets`` octets, brackets included (a
+    multi-octet ``local_char`` repeated as far as it fits, then "a"s)."""
     fixed = len("<@example.test>")
-    local = local_char * ((octets - fixed) // len(local_char.encode()))
+    count, rest = divmod(octets - fixed, len(local_char.encode()))
+    local = local_char * count + "a" * rest
     text = f"<{local}@example.test>"
     assert len(text.encode()) == octets
     return text
 
 
+@pytest.mark.parametrize("local_char", ["a", "é"], ids=["ascii", "utf8"])
 @pytest.mark.parametrize("octets, ok", [(255, True), (256, True), (257, False), (400, False)])
-def test_path_length_limit(octets, ok):
-    text = path_of(octets)
+def test_path_length_limit(octets, ok, local_char):
+    text = path_of(octets, local_char)
     if ok:
         assert parse_path(text, allow_null=False)[0].address == text[1:-1]
     else:
@@ -161,6 +164,13 @@ def test_path_length_counts_octets_not_characters():
     with pytest.raises(CommandError) as info:
         parse_path(text, allow_null=False)
     assert info.value.reply == R.R501_PATH_TOO_LONG
+
+
+def test_ascii_path_before_utf8_parameters_counts_the_path_only():
+    text = path_of(256) + " X-NOTE=\u00e9t\u00e9"
+    assert not text.isascii()
+    path, rest = parse_path(text, allow_null=False)
+    assert len(path.address) == 254 and rest == " X-NOTE=été"
 
 
 def test_path_length_includes_the_source_route():

@@ -57,13 +57,6 @@ SEQUENCE: Final[dict[tuple[str, str], R.Reply]] = {
     ("AUTH", RCPT): R.R503_AUTH_IN_TRANSACTION,
 }
 
-#: The verbs that appear in SEQUENCE: only these need its lookup.
-_SEQUENCED: Final = frozenset(verb for verb, _ in SEQUENCE)
-
-#: The commands this server runs (``Session._dispatch`` has a branch for each).
-VERBS: Final = frozenset({"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT",
-                          "VRFY", "HELP", "STARTTLS", "AUTH"})
-
 #: Commands a client may know that this server does not offer (-> 502).
 NOT_OFFERED: Final = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML",
                                 "STARTTLS", "AUTH", "XCLIENT", "XFORWARD", "VERB", "ONEX"})
@@ -211,49 +204,18 @@ class Session(SecureCommands):
         verb = verb.upper()
         if len(line) > MAX_COMMAND - 2 and verb != "AUTH":
             return self._send(R.R500_LINE_TOO_LONG)  # the buffer allows long AUTH lines only
-        if verb not in VERBS:
+        handler = _HANDLERS.get(verb)
+        if handler is None:
             return self._send(R.R502_NOT_IMPLEMENTED if verb in NOT_OFFERED else R.R500_UNRECOGNIZED)
         if not self._offered(verb):
             return self._send(R.R502_NOT_IMPLEMENTED)
-        if verb in _SEQUENCED:
-            refusal = SEQUENCE.get((verb, self.phase))
-            if refusal is not None:
-                return self._send(refusal)
+        refusal = SEQUENCE.get((verb, self.phase))
+        if refusal is not None:
+            return self._send(refusal)
         try:
-            self._dispatch(verb, arg)
+            handler(self, arg)
         except CommandError as exc:
             self._send(exc.reply)
-
-    def _dispatch(self, verb: str, arg: str) -> None:
-        """Run the verb's handler.  A chain of direct calls, most frequent verbs first:
-        compiled, each test is a length check and a memcmp and each call a C call,
-        where a table of handlers costs a string hash and a generic Python call."""
-        if verb == "MAIL":
-            self._cmd_mail(arg)
-        elif verb == "RCPT":
-            self._cmd_rcpt(arg)
-        elif verb == "DATA":
-            self._cmd_data(arg)
-        elif verb == "QUIT":
-            self._cmd_quit(arg)
-        elif verb == "EHLO":
-            self._cmd_ehlo(arg)
-        elif verb == "HELO":
-            self._cmd_helo(arg)
-        elif verb == "RSET":
-            self._cmd_rset(arg)
-        elif verb == "NOOP":
-            self._cmd_noop(arg)
-        elif verb == "STARTTLS":
-            self._cmd_starttls(arg)
-        elif verb == "AUTH":
-            self._cmd_auth(arg)
-        elif verb == "VRFY":
-            self._cmd_vrfy(arg)
-        elif verb == "HELP":
-            self._cmd_help(arg)
-        else:  # VERBS and this chain list the same verbs (a test holds them equal)
-            raise AssertionError(f"no handler for {verb}")
 
     def _offered(self, verb: str) -> bool:
         if verb == "STARTTLS":
@@ -414,6 +376,21 @@ def _loggable(text: str) -> str:
         text = text.encode("unicode_escape").decode("ascii")
     return text
 
+
+_HANDLERS: Final = {
+    "HELO": Session._cmd_helo,
+    "EHLO": Session._cmd_ehlo,
+    "MAIL": Session._cmd_mail,
+    "RCPT": Session._cmd_rcpt,
+    "DATA": Session._cmd_data,
+    "RSET": Session._cmd_rset,
+    "NOOP": Session._cmd_noop,
+    "QUIT": Session._cmd_quit,
+    "VRFY": Session._cmd_vrfy,
+    "HELP": Session._cmd_help,
+    "STARTTLS": SecureCommands._cmd_starttls,
+    "AUTH": SecureCommands._cmd_auth,
+}
 
 _MAIL_PARAMS: Final = {
     "SIZE": Session._param_size,

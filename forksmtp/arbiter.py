@@ -53,6 +53,17 @@ def _is_crash(status: int) -> bool:
     return os.WEXITSTATUS(status) != 0
 
 
+#: What a reload reports as its failure, keeping the running config; anything else is a bug.
+RELOAD_ERRORS = (config_mod.ConfigError, tls.TLSError, auth.PasswordFileError, listeners.BindError,
+                 OSError)
+
+
+def stuck_limit(timeouts) -> float:
+    """How long a worker in a session may show no progress: no wait of a healthy one
+    outlasts the longest timeout (config.TimeoutsConfig)."""
+    return max(timeouts.command, timeouts.data_block, timeouts.data_done) + STUCK_GRACE
+
+
 def silent_for(last_activity: float, started: float, now: float) -> float:
     """Seconds a worker has shown no progress: never more than the master knows it has
     lived.  A slot timestamp older than the worker's start says nothing about the worker
@@ -66,6 +77,7 @@ class Child:
     slot: int
     generation: int
     started: float
+    stuck_after: float  # silence that proves it wedged, by the config it started with
     term_sent: bool = False
     quit_sent: float = 0.0
 
@@ -92,6 +104,10 @@ class Arbiter:
 
     def start(self) -> None:
         cfg = self.cfg
+        # Queued from the start: a signal sent as soon as the pidfile appears (a HUP from
+        # a script, a TERM) must not find the default action, which kills the master.
+        self.signals = SignalQueue()
+        self.signals.install()
         self.tls_context, self.passwords = load_security(cfg)
         for addr in sorted(listen_addresses(cfg)[0], key=str):
             self.sockets[addr] = self._bind(addr)
@@ -103,8 +119,6 @@ class Arbiter:
         self.board.set_generation(self.generation)
         self.auth_limiter = AuthLimiter(self.board)
         self.death_r, self.death_w = process.parent_death_pipe()
-        self.signals = SignalQueue()
-        self.signals.install()
         process.set_title(self._title())
         connection.tune_for_big_reads()
         gc.collect()
@@ -172,6 +186,9 @@ class Arbiter:
         pass  # reap() runs after every wake-up
 
     def handle_hup(self) -> None:
+        if self.stopping:  # a reload would listen again and start workers for nothing
+            self.log.warning("RELOAD", "stopping: reload ignored")
+            return
         self.reload()
 
     def handle_usr1(self) -> None:
@@ -204,6 +221,8 @@ class Arbiter:
             self._quit(child, time.monotonic())
 
     def handle_ttin(self) -> None:
+        if self.stopping:
+            return
         self.target = min(self.target + 1, self.cfg.server.max_workers)
         self.log.info("POOL", f"SIGTTIN: pool minimum is now {self.target} workers")
 
@@ -238,7 +257,7 @@ class Arbiter:
             finally:
                 os._exit(code)
         self.board.set_pid(slot, pid)
-        self.workers[pid] = Child(pid, slot, self.generation, now)
+        self.workers[pid] = Child(pid, slot, self.generation, now, stuck_limit(self.cfg.timeouts))
         return pid
 
     def _fork(self) -> int:
@@ -328,15 +347,15 @@ class Arbiter:
         (at most once a second while data flows), and no wait outlasts the longest
         timeout; one silent for longer than that is wedged (a hung filesystem, a bug).
         Idle workers are skipped: they wait in epoll without touching their slot, whose
-        last_activity then says since when they are idle (the pool's max_idle)."""
-        t = self.cfg.timeouts
-        limit = max(t.command, t.data_block, t.data_done) + STUCK_GRACE
+        last_activity then says since when they are idle (the pool's max_idle).  Each
+        worker is judged by the timeouts of the config it started with: a session begun
+        before a reload that shortened them may still wait as long as the old ones allow."""
         for slot in snap.slots:
             child = self.workers.get(slot.pid)
             if child is None or slot.state == IDLE:
                 continue
             silent = silent_for(slot.last_activity, child.started, now)
-            if silent < limit:
+            if silent < child.stuck_after:
                 continue
             self.log.error("WORKER", f"worker {child.pid} made no progress for {silent:.0f}s; killing it "
                                      f"(slot {slot.index} {STATE_NAMES[slot.state]}, last activity "
@@ -372,8 +391,14 @@ class Arbiter:
         if now < self.next_tmp_clean:
             return
         self.next_tmp_clean = now + TMP_CLEAN_INTERVAL
+        server = self.cfg.server
         for path in {self.cfg.delivery.maildir, *self.cfg.delivery.mailboxes.values()}:
             try:
+                # Workers make tmp/ and new/ again when they find them gone; a cur/
+                # removed on its own would otherwise stay missing until a reload.
+                made = maildir.Maildir(path, fsync=self.cfg.delivery.fsync).made
+                if made and (server.user or server.group):
+                    process.chown_paths(made, server.user, server.group)
                 n = maildir.clean_tmp(path)
             except OSError:
                 continue
@@ -383,14 +408,21 @@ class Arbiter:
     # -- reload --------------------------------------------------------------------------
 
     def reload(self) -> None:
-        """Parse and bind everything new first; touch no worker until all of it worked."""
+        """Parse, open and bind everything new first; touch nothing running until all of
+        it worked.  The listening sockets come last: a failure after them would leave a
+        new address bound with no worker to serve it."""
+        log_fd = -1
         try:
             new = config_mod.load_config(self.cfg.path or None, self.overrides)
             context, passwords = load_security(new)
-            opened = self._open_new_sockets(new)
             self._prepare_maildirs(new)
-        except (config_mod.ConfigError, tls.TLSError, auth.PasswordFileError, listeners.BindError,
-                OSError) as exc:
+            log_fd = Log.open_file(new.log.file)
+            opened = self._open_new_sockets(new)
+        except BaseException as exc:
+            if log_fd >= 0:
+                Log.discard(new.log.file, log_fd)
+            if not isinstance(exc, RELOAD_ERRORS):
+                raise
             self.log.error("RELOAD", f"reload failed, keeping the running configuration: {exc}")
             return
         self.tls_context, self.passwords = context, passwords
@@ -398,9 +430,11 @@ class Arbiter:
         for addr in old_addrs:
             self.sockets.pop(addr).close()
         self.sockets.update(opened)
-        # Reopen even when unchanged: after logrotate renamed the file, HUP starts a new one.
-        self.log.reopen(new.log.level, new.log.file)
-        self.cfg = new
+        # Reopened even when unchanged: after logrotate renamed the file, HUP starts a new one.
+        self.log.reopen(new.log.level, new.log.file, log_fd)
+        old_pidfile, self.cfg = self.cfg.server.pidfile, new
+        if new.server.pidfile != old_pidfile:
+            self._move_pidfile(old_pidfile, new.server.pidfile)
         self.target = new.server.workers
         self.generation += 1
         self.board.set_generation(self.generation)
@@ -410,6 +444,16 @@ class Arbiter:
                 self._signal(child, signal.SIGTERM)
         self._manage_pool(time.monotonic())
         self.log.info("RELOAD", f"configuration generation {self.generation} loaded from {new.path or 'defaults'}")
+
+    def _move_pidfile(self, old: str, new: str) -> None:
+        """After a reload that names another pidfile: scripts read the new one."""
+        try:
+            if new:
+                process.write_pidfile(new)
+        except (OSError, process.PidfileError) as exc:
+            self.log.error("RELOAD", f"cannot write pidfile {new}: {exc}")
+        if old:
+            process.remove_pidfile(old)
 
     def _open_new_sockets(self, new) -> dict:
         opened = {}

@@ -29,11 +29,12 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from forksmtp.config_checks import (ConfigError, _address, _at_least, _boolean, _convert,
+from forksmtp.config_checks import (ConfigError, _address, _at_least, _between, _boolean, _convert,
                                     _creatable_dir, _domains, _group, _hostname, _integer,
                                     _listens, _log_level, _networks, _non_empty, _not_negative,
                                     _number, _one_of, _parent_exists, _path, _positive,
-                                    _readable_file, _share, _Source, _string, _strings, _user)
+                                    _readable_file, _share, _Source, _string, _strings, _user,
+                                    _writable_file)
 from forksmtp.listeners import ListenAddr, parse_listen
 
 CLI = "command line"  # the "file" of values that came from flags
@@ -133,16 +134,20 @@ REQUIRED = object()  # default of keys a present section must set
 
 # (section, key, type, default as written in TOML, validator).  Defaults go through the same
 # conversion as file values; tests check they agree with the dataclass defaults above.
+#: Worker processes at most: Apache prefork's ServerLimit is 20,000, and each worker
+#: here takes about 2 MiB of memory of its own and a scoreboard slot (twice, for reloads).
+MAX_WORKERS = 10_000
+
 _KEYS: tuple[tuple[str, str, Callable, object, Callable | None], ...] = (
     ("server", "listen", _listens, ["127.0.0.1:2525"], _non_empty),
     ("server", "hostname", _string, socket.gethostname, _hostname),
     ("server", "workers", _integer, 4, _at_least(1)),
-    ("server", "max_workers", _integer, 64, _at_least(1)),
+    ("server", "max_workers", _integer, 64, _between(1, MAX_WORKERS)),  # a process each
     ("server", "max_connections", _integer, 50, _at_least(1)),
     ("server", "max_connections_per_ip", _integer, 10, _at_least(1)),
     ("server", "graceful_timeout", _number, 30, _not_negative),
-    ("server", "pidfile", _path, "", _parent_exists),
-    ("server", "stats_file", _path, "", _parent_exists),
+    ("server", "pidfile", _path, "", _writable_file),
+    ("server", "stats_file", _path, "", _writable_file),
     ("server", "user", _string, "", _user),
     ("server", "group", _string, "", _group),
     ("server", "min_spare_workers", _integer, 1, _at_least(0)),
@@ -170,7 +175,7 @@ _KEYS: tuple[tuple[str, str, Callable, object, Callable | None], ...] = (
     ("delivery", "local_domains", _strings, [], _domains),
     ("delivery", "fsync", _boolean, True, None),
     ("log", "level", _string, "info", _log_level),
-    ("log", "file", _path, "", _parent_exists),
+    ("log", "file", _path, "", _writable_file),
     ("tls", "cert_file", _path, REQUIRED, _readable_file),
     ("tls", "key_file", _path, REQUIRED, _readable_file),
     ("tls", "min_version", _string, "TLSv1.2", _one_of("TLSv1.2", "TLSv1.3")),
@@ -203,7 +208,9 @@ def load_config(path: str | None, overrides: Mapping[str, object] | None = None)
         if key not in _KNOWN:
             raise ConfigError(CLI, key, value, "unknown key" + _suggest_key(key))
         sources[key] = _Source(value, CLI, os.getcwd())
-    present = {key.partition(".")[0] for key in sources}
+    # A section turns its feature on by being there, even empty (its required keys
+    # then say what is missing), never by having keys.
+    present = {key.partition(".")[0] for key in sources} | (raw.keys() & _OPTIONAL)
     built = {name: _build(name, sources, label) for name in _SECTIONS
              if name not in _OPTIONAL or name in present}
     mailboxes = _mailboxes(raw.get("mailboxes", {}), label, base)

@@ -130,6 +130,10 @@ def _at_least(n: int) -> Callable[[Any], Any]:
     return _check(lambda v: v >= n, f"must be an integer >= {n}")
 
 
+def _between(low: int, high: int) -> Callable[[Any], Any]:
+    return _check(lambda v: low <= v <= high, f"must be an integer from {low} to {high}")
+
+
 def _one_of(*choices: str) -> Callable[[Any], Any]:
     return _check(lambda v: v in choices, "must be one of " + ", ".join(map(json.dumps, choices)))
 
@@ -193,6 +197,21 @@ def _parent_exists(path: str) -> str:
         raise ValueError("is a directory")
     if path and not os.path.isdir(os.path.dirname(path)):
         raise ValueError(f"directory {os.path.dirname(path)} does not exist")
+    return path
+
+
+def _writable_file(path: str) -> str:
+    """A file the server writes: it, or its directory when it is still to be made, must
+    be writable now, through any symlink (a dangling one, a read-only filesystem)."""
+    if not path:
+        return path
+    real = os.path.realpath(path)
+    _parent_exists(real)
+    if os.path.exists(real):
+        if not os.access(real, os.W_OK):
+            raise ValueError(f"{real} is not writable")
+    elif not os.access(os.path.dirname(real), os.W_OK | os.X_OK):
+        raise ValueError(f"directory {os.path.dirname(real)} is not writable")
     return path
 
 

@@ -37,11 +37,15 @@ class Router:
     def route(self, recipients: list[str]) -> dict[str, list[str]]:
         """Destination Maildir path -> the distinct recipients stored there."""
         groups: dict[str, list[str]] = {}
+        seen: set[str] = set()
         for rcpt in recipients:
-            path = self.mailboxes.get(rcpt.lower(), self.catch_all)
-            group = groups.setdefault(path, [])
-            if rcpt not in group:
-                group.append(rcpt)
+            key = rcpt.lower()
+            path = self.mailboxes.get(key)
+            if path is None:  # the catch-all: local parts are case-sensitive (RFC 5321 2.4)
+                path, key = self.catch_all, "\0" + rcpt
+            if key not in seen:  # a mailbox's address is matched in any case: one of them
+                seen.add(key)
+                groups.setdefault(path, []).append(rcpt)
         return groups
 
     def maildir(self, path: str) -> maildir.Maildir:
@@ -58,14 +62,7 @@ class Router:
         self._maildirs.clear()
 
     def begin(self, path: str) -> Delivery:
-        try:
-            return self.maildir(path).begin()
-        except FileNotFoundError:
-            # The Maildir was removed while we ran: recreate it (tmp/new/cur, 0700).
-            stale = self._maildirs.pop(path, None)
-            if stale is not None:
-                stale.close()
-            return self.maildir(path).begin()
+        return self.maildir(path).begin()
 
 
 class Transaction:

@@ -27,7 +27,7 @@ class Log:
     def __init__(self, level: str = "info", path: str = "") -> None:
         self.level = LEVELS[level]
         self.path = path
-        self._fd = self._open(path)
+        self._fd = self.open_file(path)
         self.pending: list[str] = []
         self._second = -1
         self._ms = -1
@@ -36,19 +36,31 @@ class Log:
         self._pid_text = f"{self.pid} "
 
     @staticmethod
-    def _open(path: str) -> int:
+    def open_file(path: str) -> int:
+        """The descriptor lines go to: the file at ``path``, or stderr for ""."""
         if not path:
             return sys.stderr.fileno()
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
-    def reopen(self, level: str | None = None, path: str | None = None) -> None:
-        """After a reload (new level or file) or log rotation: reopen the file."""
+    @staticmethod
+    def discard(path: str, fd: int) -> None:
+        """Close what ``open_file(path)`` returned, when it is not to be used after all."""
+        if path:
+            os.close(fd)
+
+    def reopen(self, level: str | None = None, path: str | None = None, fd: int = -1) -> None:
+        """After a reload (new level or file) or log rotation: switch to the file.
+
+        ``fd`` is that file when the caller opened it already with ``open_file``: a
+        reload opens it before it changes anything, so that a file which cannot be
+        opened fails the reload instead of leaving it half done."""
+        new_path = self.path if path is None else path
+        new_fd = self.open_file(new_path) if fd < 0 else fd
         self.flush()
         if level is not None:
             self.level = LEVELS[level]
-        new_path = self.path if path is None else path
-        old_fd, self._fd = self._fd, self._open(new_path)
-        if self.path and old_fd != self._fd:
+        old_fd, self._fd = self._fd, new_fd
+        if self.path and old_fd != new_fd:
             os.close(old_fd)
         self.path = new_path
 

@@ -66,12 +66,23 @@ def _unique(pid: int, host: str) -> str:
     return f"{secs}.M{nsecs // 1000}P{pid}Q{next(_seq)}.{host}"
 
 
-def _mkdir_0700(path: str) -> None:
+def _mkdir(path: str, mode: int) -> bool:
+    """True if this call made the directory."""
     try:
-        os.mkdir(path, 0o700)
+        os.mkdir(path, mode)
     except FileExistsError:
-        return              # never change the mode of a directory we did not make
-    os.chmod(path, 0o700)   # mkdir's mode is filtered by the umask
+        return False        # never change the mode of a directory we did not make
+    if mode != 0o777:
+        os.chmod(path, mode)  # mkdir's mode is filtered by the umask
+    return True
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unlink_quiet(path: str) -> int:
@@ -111,17 +122,39 @@ class Maildir:
         self.use_tmpfile = bool(_TMPFILE) and os.path.isdir("/proc/self/fd")
         self._new_fd = -1
         self._new_fd_pid = 0
+        self._new_id = (0, 0)  # (st_dev, st_ino) of the directory _new_fd is open on
+        self.made = self.make()
+
+    def make(self) -> list[str]:
+        """Create what is missing of the Maildir and of the directories above it, and
+        return what was made.  The parent of each directory made is fsynced (with fsync
+        on): a message fsynced in a new/ whose own entry is not yet on disk would be
+        orphaned by a power cut."""
+        above = []
         parent = os.path.dirname(self.path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        for directory in (self.path, self.tmp, self.new, self.cur):
-            _mkdir_0700(directory)
+        while not os.path.isdir(parent):
+            above.append(parent)
+            parent = os.path.dirname(parent)
+        made = [d for d in reversed(above) if _mkdir(d, 0o777)]  # umask decides, as mkdir -p
+        made += [d for d in (self.path, self.tmp, self.new, self.cur) if _mkdir(d, 0o700)]
+        if self.fsync:
+            for directory in dict.fromkeys([os.path.dirname(d) for d in made]):
+                _fsync_dir(directory)
+        return made
 
     def __repr__(self) -> str:
         return f"Maildir({self.path!r}, fsync={self.fsync})"
 
     def begin(self) -> Delivery:
-        """Start a delivery; the caller must commit() or abort() it."""
+        """Start a delivery; the caller must commit() or abort() it.  A Maildir removed
+        while the server runs is made again."""
+        try:
+            return self._begin()
+        except FileNotFoundError:
+            self.make()
+            return self._begin()
+
+    def _begin(self) -> Delivery:
         if self.use_tmpfile:
             try:
                 fd = os.open(self.tmp, _TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
@@ -154,7 +187,23 @@ class Maildir:
         if self._new_fd_pid != pid:
             self._new_fd = os.open(self.new, _DIR_FLAGS)
             self._new_fd_pid = pid
+            st = os.fstat(self._new_fd)
+            self._new_id = (st.st_dev, st.st_ino)
         return self._new_fd
+
+    def _current_dir_fd(self, pid: int) -> int:
+        """fd of the directory the path of new/ names now (one stat per message).  The
+        fd stays open between messages, so a Maildir moved or replaced meanwhile (an
+        operator's mv, a restore) would otherwise go on getting mail, and the log would
+        name a file that is not there; one removed is made again."""
+        try:
+            st = os.stat(self.new)
+        except FileNotFoundError:
+            self.make()
+            st = os.stat(self.new)
+        if self._new_fd_pid == pid and (st.st_dev, st.st_ino) != self._new_id:
+            self.close()
+        return self._dir_fd(pid)
 
     def close(self) -> None:
         """Release the new/ fd held by this process (it is reopened on demand)."""
@@ -262,7 +311,7 @@ class Delivery:
 
     def _link(self, pid: int) -> None:
         md = self.maildir
-        dir_fd = md._dir_fd(pid)
+        dir_fd = md._current_dir_fd(pid)
         tmp = self._tmp  # a named tmp file, or None for O_TMPFILE
         src = tmp if tmp is not None else f"/proc/self/fd/{self._fd}"
         suffix = f",S={self._written}"

@@ -133,12 +133,17 @@ def drop_privileges(user: str, group: str) -> None:
 
 def chown_tree(paths: list[str], user: str, group: str) -> None:
     """Give the Maildirs to the unprivileged user so workers can write after the drop."""
+    if resolve_ids(user, group) != (None, None):
+        chown_paths([root for top in paths for root, _dirs, _files in os.walk(top)], user, group)
+
+
+def chown_paths(paths: list[str], user: str, group: str) -> None:
+    """Give these paths (directories the master made) to the unprivileged user."""
     uid, gid = resolve_ids(user, group)
     if uid is None and gid is None:
         return
-    for top in paths:
-        for root, dirs, _files in os.walk(top):
-            os.chown(root, -1 if uid is None else uid, -1 if gid is None else gid)
+    for path in paths:
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
 
 
 def sd_notify(message: str) -> None:

@@ -15,6 +15,7 @@ from typing import Final
 
 _UNSAFE_HELO: Final = re.compile(r"[^A-Za-z0-9.\-:\[\]_@\u0080-\U0010ffff]")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+_NON_ASCII: Final = re.compile(r"[^\x00-\x7f]")
 
 _DAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -28,6 +29,18 @@ def clean(value: str, limit: int = 255) -> str:
 def clean_helo(name: str) -> str:
     """HELO names go inside a structured clause: letters, digits and .-:[]_@ only."""
     return _UNSAFE_HELO.sub("?", name[:255]) or "unknown"
+
+
+def ascii_domain(name: str) -> str:
+    """For a message that did not ask for SMTPUTF8, whose header must stay ASCII
+    (RFC 6531 3.7.3): a UTF-8 domain name in its A-label form, or with "?" for each
+    non-ASCII character where it is no domain name."""
+    if name.isascii():
+        return name
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return _NON_ASCII.sub("?", name)
 
 
 # A busy worker stamps many messages within one second: the text is built once per
@@ -59,6 +72,8 @@ def delivered_to(recipient: str) -> bytes:
 def received(*, helo: str, peer_ip: str, by: str, protocol: str, queue_id: str,
              recipient: str | None, when: float, tls: str = "", auth_user: str = "") -> bytes:
     """The Received: field (RFC 5321 4.4, with RFC 3848 protocol names)."""
+    if not protocol.startswith("UTF8"):  # no SMTPUTF8: the recipient is ASCII already
+        helo, auth_user = ascii_domain(helo), _NON_ASCII.sub("?", auth_user)
     extras = ""
     if tls:
         extras += f"\n\t({clean(tls)})"

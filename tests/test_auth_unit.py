@@ -626,3 +626,25 @@ def test_passwd_with_config_before_the_certificate_exists(tmp_path):
     assert done.returncode == 0, done.stderr
     users = auth.load(str(tmp_path / "passwd"))
     assert auth.verify(users["carol"], "s3cret")
+
+
+# -- the AUTH parameter of MAIL (RFC 4954 5) ------------------------------------------------
+
+@pytest.mark.parametrize("value", ["<>", "alice@example.test", "a+2Bb@example.test"])
+def test_mail_auth_parameter_is_taken_where_auth_is_offered(value):
+    p = tls_peer()
+    assert p.send(f"MAIL FROM:<a@x.test> AUTH={value}") == ["250 2.1.0"]
+    assert p.send("RSET", "AUTH PLAIN " + plain("alice", USERS["alice"])) == ["250 2.0.0", "235 2.7.0"]
+    assert p.send(f"MAIL FROM:<a@x.test> AUTH={value}") == ["250 2.1.0"]
+
+
+@pytest.mark.parametrize("param", ["AUTH=a+b@x.test", "AUTH=a+2b@x.test", "AUTH=", "AUTH"])
+def test_mail_auth_parameter_must_be_xtext(param):
+    p = tls_peer()
+    assert p.send(f"MAIL FROM:<a@x.test> {param}") == ["501 5.5.4"]
+
+
+def test_mail_auth_parameter_is_unknown_where_auth_is_not_offered():
+    p = peer(starttls=True, auth=True)  # offered only after STARTTLS
+    assert p.send(E, "MAIL FROM:<a@x.test> AUTH=<>") == ["250", "555 5.5.4"]
+    assert peer().send(E, "MAIL FROM:<a@x.test> AUTH=<>") == ["250", "555 5.5.4"]

@@ -315,6 +315,25 @@ def test_normalize_long_lf_only_text_is_split_invariant():
         assert (r.text, r.error, r.done) == (whole.text, None, True), size
 
 
+def test_normalize_long_cr_only_text_is_split_invariant():
+    # Bare CRs end lines too when normalising: a CR-only body bigger than one read must
+    # not be held back as one overlong "line", however the reads fall.
+    body = b"a line that ends in a bare CR, as old Mac clients wrote\r" * 40 + b"\r\n"
+    whole = read(body + END, normalize=True)
+    assert whole.error is None and whole.text == body[:-2].replace(b"\r", b"\n") + b"\n"
+    for size in (1, 7, 1000, 1500, 4096):
+        pieces = [(body + END)[i:i + size] for i in range(0, len(body) + 3, size)]
+        r = Read(pieces, normalize=True)
+        assert (r.text, r.error, r.done) == (whole.text, None, True), size
+
+
+def test_normalize_a_dot_after_a_bare_cr_at_a_read_end_is_no_end():
+    # Cut after a bare CR, the next read opens mid-line: its ".\r\n" is text, not the end.
+    r = Read([b"x\r.", b"\r\nmore\r\n" + END], normalize=True)
+    assert (r.text, r.error, r.done) == (b"x\n\nmore\n", None, True)
+    assert read(b"x\r.\r\nmore\r\n" + END, normalize=True).text == r.text
+
+
 def test_normalize_still_limits_line_length():
     r = read(b"x" * 999 + b"\n" + END, normalize=True)
     assert r.error == R.R554_LINE_TOO_LONG

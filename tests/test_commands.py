@@ -34,6 +34,11 @@ VALID = [
     ("quoted-escaped-backslash", r'<"a\\b"@x.test>', r'"a\\b"@x.test', "x.test"),
     ("quoted-dots", '<"..a.."@x.test>', '"..a.."@x.test', "x.test"),
     ("quoted-empty", '<""@x.test>', '""@x.test', "x.test"),
+    # a quoted string that needs no quotes is that local part (RFC 5321 4.1.2): one form
+    ("quoted-atom", '<"alice"@x.test>', "alice@x.test", "x.test"),
+    ("quoted-dot-string", '<"a.b"@x.test>', "a.b@x.test", "x.test"),
+    ("quoted-needless-backslash", r'<"al\ice"@x.test>', "alice@x.test", "x.test"),
+    ("quoted-needless-escape-kept", r'<"a\ b"@x.test>', '"a b"@x.test', "x.test"),
     ("ipv4-literal", "<u@[192.0.2.1]>", "u@[192.0.2.1]", "[192.0.2.1]"),
     ("ipv4-literal-zeros", "<u@[0.0.0.0]>", "u@[0.0.0.0]", "[0.0.0.0]"),
     ("ipv6-loopback", "<u@[IPv6:::1]>", "u@[IPv6:::1]", "[ipv6:::1]"),

@@ -27,6 +27,7 @@ def etc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d.mkdir()
     for name in ("cert.pem", "key.pem", "plainfile"):
         (d / name).write_text("x\n")
+    (d / "dangling.log").symlink_to("/nonexistent-dir/forksmtp.log")
     monkeypatch.chdir(tmp_path)
     return d
 
@@ -55,7 +56,8 @@ BAD = [
     ('[server]\nworkers = 1.5\n', "server.workers", "must be an integer"),
     ('[server]\nworkers = "4"\n', "server.workers", "must be an integer"),
     ('[server]\nworkers = 65\n', "server.workers", "must be <= server.max_workers (64)"),
-    ('[server]\nmax_workers = 0\n', "server.max_workers", "must be an integer >= 1"),
+    ('[server]\nmax_workers = 0\n', "server.max_workers", "must be an integer from 1 to 10000"),
+    ('[server]\nmax_workers = 100000000000\n', "server.max_workers", "from 1 to 10000"),
     ('[server]\nmax_workers = 2\n', "server.workers", "must be <= server.max_workers (2)"),
     ('[server]\nmax_connections = 0\n', "server.max_connections", ">= 1"),
     ('[server]\nmax_connections_per_ip = false\n', "server.max_connections_per_ip", "integer"),
@@ -115,6 +117,10 @@ BAD = [
      'mailboxes."a@other.test"', "not in delivery.local_domains"),
     ('[log]\nlevel = "verbose"\n', "log.level", '"debug", "info", "warning", "error"'),
     ('[log]\nfile = "/nonexistent-dir/forksmtp.log"\n', "log.file", "does not exist"),
+    ('[log]\nfile = "dangling.log"\n', "log.file", "/nonexistent-dir does not exist"),
+    ('[log]\nfile = "."\n', "log.file", "is a directory"),
+    ('[tls]\n', "tls.cert_file", "required when [tls] is present"),
+    ('[auth]\n', "auth.password_file", "required when [auth] is present"),
     ('[log]\nlevel = "info"\nformat = "json"\n', "log.format", "unknown key"),
     ('[tls]\nkey_file = "key.pem"\n', "tls.cert_file", "required when [tls] is present"),
     ('[tls]\ncert_file = "cert.pem"\n', "tls.key_file", "required when [tls] is present"),

@@ -27,8 +27,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon import (Ledger, RawSMTP, ledger_client, ledger_message, run_clients,
-                    serving_worker, wait_until)
+from daemon import (Ledger, RawSMTP, connection_refused, free_port, ledger_client, ledger_message,
+                    run_clients, serving_worker, wait_until)
 from forksmtp.maildir import escape_host
 
 EHLO = b"EHLO client.example"
@@ -286,11 +286,13 @@ def test_unwritable_maildir_451_then_recovers(nobody_dir, daemon_factory, subdir
     assert len(listing(md / "new")) == 1
 
 
-def test_removed_maildir_is_recreated(daemon_factory, tmp_path):
-    """Two sessions held open, so both workers have used the Maildir before it goes: each
-    then answers 250 (recreated) or 451 4.3.0, and the next message in the same session
-    is stored, without a restart."""
-    md = tmp_path / "md"
+@pytest.mark.parametrize("change", ["removed", "moved", "moved-and-replaced"])
+def test_a_maildir_removed_or_moved_while_running(daemon_factory, tmp_path, change):
+    """Two sessions held open, so both workers have used the Maildir (and hold its new/
+    open) before an operator removes it, or moves it away and maybe puts an empty one
+    in its place: every next message goes to the configured path, made again if need
+    be, without a restart, and the [STORE] lines name files that exist."""
+    md, moved = tmp_path / "md", tmp_path / "md.old"
     d = daemon_factory(sections={"delivery": {"maildir": str(md)}})
     clients = [RawSMTP(d.port), RawSMTP(d.port)]
     try:
@@ -299,21 +301,27 @@ def test_removed_maildir_is_recreated(daemon_factory, tmp_path):
             assert client.deliver(ledger_message(f"before-{n}"))[0] == 250
         servers = {serving_worker(d, c.sock).pid for c in clients}
         assert len(servers) == 2
-        shutil.rmtree(md)
-        codes = []
+        if change == "removed":
+            shutil.rmtree(md)
+        else:
+            md.rename(moved)
+        if change == "moved-and-replaced":
+            for sub in ("tmp", "new", "cur"):
+                (md / sub).mkdir(parents=True)
         for n, client in enumerate(clients):
-            code, text = client.deliver(ledger_message(f"after-removal-{n}"))
-            assert code == 250 or (code == 451 and b"4.3.0" in text), text
-            codes.append(code)
-        for n, client in enumerate(clients):
-            assert client.deliver(ledger_message(f"recreated-{n}"))[0] == 250
+            assert client.deliver(ledger_message(f"after-{n}"))[0] == 250
+            assert client.deliver(ledger_message(f"again-{n}"))[0] == 250
     finally:
         for client in clients:
             client.close()
-    print(f"\nafter the removal: {codes}")
     assert {"tmp", "new", "cur"} <= set(listing(md))
-    assert (md / "new").stat().st_mode & 0o777 == 0o700
-    assert len(listing(md / "new")) == 2 + codes.count(250)
+    if change != "moved-and-replaced":
+        assert (md / "new").stat().st_mode & 0o777 == 0o700
+    assert len(listing(md / "new")) == 4
+    assert len(listing(moved / "new")) == (0 if change == "removed" else 2)
+    stored = [line.rpartition("[STORE] ")[2] for line in d.wait_for_log("[CLOSE]", count=2).splitlines()
+              if "[STORE] " in line]
+    assert len(stored) == 6 and all(Path(p).exists() for p in stored[2:]), stored
     assert all(psutil.pid_exists(pid) and not dead(pid) for pid in servers)
     assert_no_crash(d)
 
@@ -398,3 +406,26 @@ def test_killed_master_leaves_no_scoreboard_directory(daemon_factory):
         assert not lock_dir.exists()
     finally:
         shutil.rmtree(lock_dir, ignore_errors=True)
+
+
+def test_reload_whose_log_cannot_be_created_changes_nothing(small_tmpfs, daemon_factory):
+    """A log file that cannot be created (no inode left: the config check cannot see it)
+    fails the reload before anything else changed: the new address is not left bound
+    without workers, the old one keeps serving, the old log stays in use."""
+    d = daemon_factory(workers=2)
+    for n in range(1024):  # bounded: 512 inodes
+        try:
+            (small_tmpfs / f"filler-{n}").touch()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            break
+    old_port, new_port = d.port, free_port()
+    d.sections["server"]["listen"] = [f"127.0.0.1:{new_port}"]
+    d.sections["log"]["file"] = str(small_tmpfs / "forksmtp.log")
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("[RELOAD] reload failed, keeping the running configuration")
+    assert connection_refused(new_port)
+    assert deliver_one(old_port, "after-failed-reload")[0] == 250
+    assert "configuration generation 2" not in d.log_text()
+    assert_no_crash(d)

@@ -264,6 +264,24 @@ def test_mailbox_only_recipient_leaves_catch_all_empty(daemon_factory, tmp_path)
     assert fields["Delivered-To"] == "alice@example.test"
 
 
+def test_a_mailbox_is_one_recipient_however_its_address_is_written(daemon_factory, tmp_path):
+    """A quoted local part that needs no quoting is the same mailbox (RFC 5321 4.1.2),
+    and [mailboxes] addresses match in any case: one copy, for that one recipient."""
+    alice = tmp_path / "alice" / "Maildir"
+    d = daemon_factory(sections={"mailboxes": {"alice@example.test": str(alice)}})
+    with connect(d) as client:
+        client.ehlo("client.example")
+        assert client.mail(SENDER)[0] == 250
+        for rcpt in ('"alice"@example.test', '"al\\ice"@example.test', "Alice@example.test"):
+            assert client.docmd("RCPT", f"TO:<{rcpt}>")[0] == 250
+        assert client.data(b"Subject: a\r\n\r\none alice\r\n")[0] == 250
+    assert messages(d.maildir) == []
+    fields, rest = split_trace(only_message(alice))
+    assert fields["Delivered-To"] == "alice@example.test"
+    check_received(fields["Received"], recipient="alice@example.test")
+    assert rest == b"Subject: a\n\none alice\n"
+
+
 def test_local_domains(daemon_factory):
     d = daemon_factory(sections={"delivery": {"local_domains": ["example.test"]}})
     with connect(d) as client:

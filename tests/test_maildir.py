@@ -260,15 +260,59 @@ def test_abort_after_commit_keeps_message(tmp_path):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_commit_fails_when_new_is_missing(tmp_path, mode):
+def test_new_removed_during_a_delivery_is_made_again(tmp_path, mode):
     md = make(tmp_path / "md", mode)
     delivery = md.begin()
-    delivery.write(b"lost\n")
+    delivery.write(b"kept\n")
     os.rmdir(md.new)
-    with pytest.raises(FileNotFoundError):
-        delivery.commit()
-    assert os.listdir(md.tmp) == []
-    delivery.abort()
+    path = delivery.commit()
+    assert os.path.dirname(path) == md.new and mode_of(md.new) == 0o700
+    with open(path, "rb") as f:
+        assert f.read() == b"kept\n"
+    assert listing(md) == ([], [os.path.basename(path)])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("replaced", [False, True], ids=["moved", "moved-and-replaced"])
+def test_a_moved_maildir_never_gets_the_next_message(tmp_path, mode, replaced):
+    """new/ is held open between messages: after an operator moves the Maildir away
+    (and perhaps puts a fresh one in its place), the next message must land under the
+    configured path, where the returned path says, not in the moved directory."""
+    md = make(tmp_path / "md", mode)
+    first = deliver(md, b"first\n")
+    os.rename(md.path, str(tmp_path / "moved"))
+    if replaced:
+        for sub in ("", "tmp", "new", "cur"):
+            os.mkdir(os.path.join(md.path, sub))
+    second = deliver(md, b"second\n")
+    assert os.path.dirname(second) == md.new
+    with open(second, "rb") as f:
+        assert f.read() == b"second\n"
+    assert os.listdir(md.new) == [os.path.basename(second)]
+    assert os.listdir(tmp_path / "moved" / "new") == [os.path.basename(first)]
+    assert sorted(os.listdir(md.path)) == ["cur", "new", "tmp"]
+    assert deliver(md, b"third\n").startswith(md.new + "/")
+
+
+@pytest.mark.parametrize("fsync", [True, False])
+def test_the_parent_of_every_directory_made_is_fsynced(tmp_path, monkeypatch, fsync):
+    """A message fsynced into a new/ whose own directory entry is not on disk yet would
+    be orphaned by a power cut: making a Maildir syncs each parent of what it made."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(maildir.os, "fsync",
+                        lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    (tmp_path / "a").mkdir()
+    md = Maildir(str(tmp_path / "a" / "b" / "md"), fsync=fsync)
+    made = [str(tmp_path / "a" / "b"), md.path, md.tmp, md.new, md.cur]
+    assert md.made == made
+    if not fsync:
+        assert synced == []
+        return
+    assert sorted(synced) == sorted({str(tmp_path / "a"), str(tmp_path / "a" / "b"), md.path})
+    synced.clear()
+    os.rmdir(md.cur)
+    assert Maildir(md.path).made == [md.cur] and synced == [md.path]
 
 
 def _commit_into_readonly_new(md: Maildir) -> None:
@@ -345,7 +389,8 @@ def test_commit_all_is_all_or_nothing(tmp_path, mode):
     for delivery in deliveries:
         delivery.write(b"both or neither\n")
     os.rmdir(b.new)
-    with pytest.raises(FileNotFoundError):
+    open(b.new, "w").close()  # the second link fails after the first one was made
+    with pytest.raises(NotADirectoryError):
         commit_all(deliveries)
     assert listing(a) == ([], []) and os.listdir(b.tmp) == []
 

@@ -157,6 +157,10 @@ AFTER_EHLO = [
     ("mail-junk-after-path", "MAIL FROM:<a@example.test>junk", 501),
     ("mail-space-after-colon", "MAIL FROM: <a@example.test>", 250),
     ("mail-null-path", "MAIL FROM:<>", 250),
+    # verbs are ASCII: str.upper() would turn these letters into the verb's
+    ("verb-dotless-i", "MA\u0131L FROM:<a@example.test>", 500),
+    ("verb-long-s", "r\u017fet", 500),
+    ("verb-dotless-i-quit", "QU\u0131T", 500),
 ]
 
 
@@ -177,7 +181,27 @@ IN_TRANSACTION = [
     ("rcpt-without-brackets", "RCPT TO:b@example.test", 501),
     ("rcpt-space-after-colon", "RCPT TO: <b@example.test>", 250),
     ("rcpt-mixed-case", "rCpT tO:<b@example.test>", 250),
+    ("rcpt-trailing-space", "RCPT TO:<b@example.test> ", 250),
+    ("rcpt-junk-after-path", "RCPT TO:<b@example.test>junk", 501),  # as for MAIL
+    ("rcpt-parameter", "RCPT TO:<b@example.test> NOTIFY=NEVER", 555),  # no DSN offered
 ]
+
+
+PATH_ERRORS = [  # RFC 3463: X.1.7 for the sender's address, X.1.3 for a recipient's
+    ("mail-bad-syntax", [E, "MAIL FROM:<bad"], "501 5.1.7"),
+    ("mail-path-too-long", [E, f"MAIL FROM:<{'a' * 250}@example.test>"], "501 5.1.7"),
+    ("mail-junk-after-path", [E, "MAIL FROM:<a@example.test>x"], "501 5.1.7"),
+    ("rcpt-bad-syntax", [E, M, "RCPT TO:<bad"], "501 5.1.3"),
+    ("rcpt-path-too-long", [E, M, f"RCPT TO:<{'a' * 250}@example.test>"], "501 5.1.3"),
+    ("rcpt-junk-after-path", [E, M, "RCPT TO:<b@example.test>x"], "501 5.1.3"),
+]
+
+
+@pytest.mark.parametrize("name, lines, head", PATH_ERRORS, ids=ids(PATH_ERRORS))
+def test_path_errors_name_the_sender_or_the_recipient(name, lines, head):
+    s = new_session()
+    transcript(s, lines[:-1])
+    assert heads(feed(s, lines[-1].encode() + b"\r\n")) == [head]
 
 
 @pytest.mark.parametrize("name, line, code", IN_TRANSACTION, ids=ids(IN_TRANSACTION))
@@ -352,6 +376,19 @@ def test_bytes_pipelined_behind_data_are_554_and_close():
     assert s.closed
     assert not [e for e in events(s) if isinstance(e, DataStart)]
     assert feed(s, b"NOOP\r\n") == b""
+
+
+def test_a_closing_reply_that_spends_the_error_budget_is_the_only_one():
+    """The 554 for bytes behind DATA closes the session; that it is also the last error
+    the budget allows must not add a 421 behind it."""
+    s = new_session(max_errors=10)
+    transcript(s, [E] + ["FOO"] * 8 + [M, RC])
+    out = feed(s, b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    assert heads(out) == ["554 5.5.0"] and s.closed and s.errors == 9
+    s = new_session(max_errors=10)
+    transcript(s, [E] + ["FOO"] * 9 + [M, RC])
+    out = feed(s, b"DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n")
+    assert heads(out) == ["554 5.5.0"] and s.closed and s.close_reply.code == 554
 
 
 @pytest.mark.parametrize("behind", [b"\r\n", b"Q", b"QUIT\r\n", b"RSET\r\nNOOP\r\n"])

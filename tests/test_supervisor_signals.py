@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import smtplib
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
-from daemon import (assert_no_zombies, connect, connection_refused, free_port, gone, read_reply,
-                    request_stats, send_message, unusual_lines, wait_until, worker_pids)
+from daemon import (Daemon, assert_no_zombies, connect, connection_refused, free_port, gone,
+                    read_reply, request_stats, send_message, unusual_lines, wait_until, worker_pids)
+from forksmtp.arbiter import STUCK_GRACE
 
 BODY = b"Subject: supervisor\r\n\r\nhello\r\n"
 WORKER_KEYS = {"pid", "state", "sessions", "rss", "cpu_s", "generation"}
@@ -149,6 +154,61 @@ def test_hup_with_invalid_config_keeps_running(daemon_factory):
     assert_no_zombies(d)
 
 
+def test_hup_that_shortens_timeouts_spares_the_sessions_begun_before(daemon_factory):
+    """The master kills a worker silent for longer than its timeouts allow; a worker of
+    the old generation is judged by the old ones (contract 2: sessions opened before a
+    reload finish under the config they started with)."""
+    d = daemon_factory(workers=2, sections={"timeouts": {"command": 60, "data_block": 60,
+                                                         "data_done": 120}})
+    client = open_transaction(d.port)
+    d.sections["timeouts"] = {"command": 1, "data_block": 1, "data_done": 1}
+    d.write_config()
+    hup(d)
+    time.sleep(1 + STUCK_GRACE + 2.5)  # past the new limit, far inside the old one
+    code, _ = client.data(BODY)
+    assert code == 250
+    client.quit()
+    assert "made no progress" not in d.log_text()
+    assert len(d.new_messages()) == 1
+
+
+def test_hup_moves_the_pidfile(daemon_factory, tmp_path):
+    first, second = tmp_path / "first.pid", tmp_path / "second.pid"
+    d = daemon_factory(server={"pidfile": str(first)})
+    assert first.read_text() == f"{d.pid}\n"
+    d.sections["server"]["pidfile"] = str(second)
+    d.write_config()
+    hup(d)
+    assert second.read_text() == f"{d.pid}\n" and not first.exists()
+    d.signal(signal.SIGTERM)
+    assert d.proc.wait(15) == 0
+    assert not second.exists()
+
+
+def test_signals_are_caught_before_the_pidfile_appears(tmp_path):
+    """A script that signals the master as soon as the pidfile exists (a logrotate
+    postrotate HUP, a quick TERM) must meet the master's handlers, not the default
+    action, which would kill it."""
+    pidfile = tmp_path / "forksmtp.pid"
+    d = Daemon(tmp_path, server={"pidfile": str(pidfile)})
+    d.write_config()
+    d.proc = subprocess.Popen([sys.executable, "-m", "forksmtp", "-c", str(d.config_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        wait_until(pidfile.exists, 20, 0.001, "the pidfile")
+        status = Path(f"/proc/{d.pid}/status").read_text()
+        caught = int(re.search(r"SigCgt:\s*([0-9a-f]+)", status).group(1), 16)
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
+                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
+            assert caught & 1 << (sig - 1), sig
+        d.signal(signal.SIGHUP)  # at once
+        d.wait_for_log("[RELOAD] configuration generation 2", 20)
+        send_message(d.port)
+    finally:
+        d.stop()
+
+
 def test_hup_binds_new_and_unbinds_removed_listen_address(daemon_factory):
     d = daemon_factory(workers=2)
     old_port, new_port = d.port, free_port()
@@ -240,6 +300,24 @@ def test_graceful_stop_lets_open_session_finish(daemon_factory, sig):
     assert d.proc.wait(15) == 0
     assert len(d.new_messages()) == 1
     assert all(gone(pid) for pid in pids)
+
+
+def test_hup_during_a_graceful_stop_is_ignored(daemon_factory):
+    """A HUP (logrotate) in the middle of a stop must not listen again or start workers:
+    the stop goes on and ends with the last session, not at graceful_timeout."""
+    d = daemon_factory(workers=2, server={"graceful_timeout": 60})
+    client = open_transaction(d.port)
+    d.signal(signal.SIGTERM)
+    d.wait_for_log("[STOP] graceful stop")
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("reload ignored")
+    assert connection_refused(d.port)
+    assert reloads(d) == 0
+    code, _ = client.data(BODY)
+    assert code == 250
+    client.quit()
+    assert d.proc.wait(15) == 0
+    assert len(d.new_messages()) == 1
 
 
 def test_graceful_timeout_ends_idle_session(daemon_factory):

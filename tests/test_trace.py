@@ -34,3 +34,18 @@ def test_received_header_carries_the_date():
                             protocol="ESMTP", queue_id="ABC", recipient="a@b.test",
                             when=1_700_000_000.0)
     assert header.endswith(b"; Tue, 14 Nov 2023 22:13:20 +0000\n")
+
+
+def received_from(helo: str, protocol: str, auth_user: str = "") -> bytes:
+    header = trace.received(helo=helo, peer_ip="192.0.2.1", by="mx.test", protocol=protocol,
+                            queue_id="ABC", recipient=None, when=0.0, auth_user=auth_user)
+    return header
+
+
+def test_a_utf8_helo_name_stays_out_of_a_message_without_smtputf8():
+    # RFC 6531 3.7.3: only an SMTPUTF8 transaction's headers may carry UTF-8.
+    assert received_from("exämple.test", "ESMTP").startswith(b"Received: from xn--exmple-cua.test (")
+    assert received_from("b\u00fccher", "ESMTPSA", auth_user="j\u00f6").isascii()
+    assert b"(authenticated as j?)" in received_from("x", "ESMTPA", auth_user="j\u00f6")
+    utf8 = received_from("exämple.test", "UTF8SMTP", auth_user="j\u00f6").decode()
+    assert utf8.startswith("Received: from exämple.test (") and "authenticated as jö" in utf8

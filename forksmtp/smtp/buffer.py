@@ -200,8 +200,11 @@ class DataReader:
             self._pending = b""
             return self._process(buf[:end], dot), True, buf[end + 3:]
         # Cut after the last LF, bare or not: with normalize a bare LF ends a line too,
-        # and holding LF-only text back as one "line" would refuse it as too long.
+        # and holding LF-only text back as one "line" would refuse it as too long.  So
+        # does a bare CR there; a CR that ends the read may be the first half of a CRLF.
         cut = buf.rfind(b"\n")
+        if self._normalize:
+            cut = max(cut, buf.rfind(b"\r", 0, len(buf) - 1))
         if cut < 0:
             self._hold(buf)
             return b"", False, b""
@@ -213,11 +216,11 @@ class DataReader:
             text = self._process(buf, dot)
             self._pending, self._midline, self._carry = b"", True, tail
             return text, False, b""
-        # After a bare LF no line starts: a "." there must not end the data (smuggling).
-        # A LF that opens the read is bare too: a CR before it would have been held.
-        # (Indexing, not buf[cut - 1:cut]: compiled, a slice whose start lies past its
-        # end raises instead of giving b"".)
-        self._midline = cut == 0 or buf[cut - 1] != 13
+        # After a bare LF or CR no line starts: a "." there must not end the data
+        # (smuggling).  A LF that opens the read is bare too: a CR before it would have
+        # been held.  (Indexing, not buf[cut - 1:cut]: compiled, a slice whose start
+        # lies past its end raises instead of giving b"".)
+        self._midline = buf[cut] != 10 or cut == 0 or buf[cut - 1] != 13
         text = self._process(buf[: cut + 1], dot)
         self._carry = 0  # the held text starts a line
         self._hold(buf[cut + 1:])

@@ -23,7 +23,7 @@ class CommandError(Exception):
         self.reply = reply
 
 
-def _grammar() -> re.Pattern[str]:
+def _grammar() -> dict[str, str]:
     # RFC 6531 3.3 extends atext, qtext and sub-domains with UTF8-non-ascii.
     u8 = "\u0080-\U0010ffff"
     atext = f"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\\-{u8}]"
@@ -35,13 +35,14 @@ def _grammar() -> re.Pattern[str]:
     literal = "\\[[\\x21-\\x5a\\x5e-\\x7e]+\\]"
     adl = f"@{domain}(?:,@{domain})*"
     # A source route needs a mailbox after it: "<@a:>" is no null path (RFC 5321 4.1.2).
-    return re.compile(
-        f"<(?:(?:{adl}:)?(?P<local>{dot_string}|{quoted})@(?P<domain>{domain}|{literal}))?>"
-    )
+    path = f"<(?:(?:{adl}:)?(?P<local>{dot_string}|{quoted})@(?P<domain>{domain}|{literal}))?>"
+    return {"path": path, "dot_string": dot_string}
 
 
-_PATH: Final = _grammar()
+_PATH: Final = re.compile(_grammar()["path"])
+_DOT_STRING: Final = re.compile(_grammar()["dot_string"])
 assert _PATH.groups == 2  # parse_path unpacks m.groups() as (local, domain)
+_QUOTED_PAIR: Final = re.compile(r"\\(.)")
 _KEYWORD: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _VALUE: Final = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
 _GENERAL_LITERAL: Final = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+\Z")
@@ -87,7 +88,20 @@ def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool = False) -
         return Path("", ""), text[end:]
     if domain[0] == "[":
         _check_literal(domain)
+    if local[0] == '"':
+        local = canonical_quoted(local)
     return Path(f"{local}@{domain}", domain.lower()), text[end:]
+
+
+def canonical_quoted(local: str) -> str:
+    """A quoted local part in its one form: ``"alice"`` and ``"al\\ice"`` are the mailbox
+    ``alice`` (RFC 5321 4.1.2: a quoted string that needs no quoting is the same local
+    part), so it meets ``[mailboxes]`` and the log as that; one that does need quoting
+    keeps it, with backslashes only before ``"`` and ``\\``, as Postfix writes it."""
+    inner = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+    if _DOT_STRING.fullmatch(inner):
+        return inner
+    return '"' + inner.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _check_literal(literal: str) -> None:

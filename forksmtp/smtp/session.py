@@ -148,9 +148,11 @@ class Session(SecureCommands):
 
         A closing reply always carries its enhanced code (421 4.4.2, 554 5.5.0 ...), even
         before EHLO: it is the last thing the client learns, and the code says why."""
-        self._send(reply, always_enhanced=reply.code >= 400)
+        if self.closed:
+            return  # one closing reply: a closing 554 that spends the error budget ends here
         self.closed = True
         self.close_reply = reply
+        self._send(reply, always_enhanced=reply.code >= 400)
 
     @property
     def in_data(self) -> bool:
@@ -175,7 +177,7 @@ class Session(SecureCommands):
         self.error_codes.append(reply.code)
         if reply not in NOT_CLIENT_ERRORS and reply.code != 421:
             self.errors += 1
-            if self.errors >= self.config.max_errors:
+            if self.errors >= self.config.max_errors and not self.closed:
                 self.close(R.R421_TOO_MANY_ERRORS)
 
     def _end_transaction(self) -> None:
@@ -201,7 +203,9 @@ class Session(SecureCommands):
         if text is None or "\r" in text or "\n" in text or "\0" in text:
             return self._send(R.R501_BAD_CHARS)
         verb, _, arg = text.partition(" ")
-        verb = verb.upper()
+        # ASCII only: str.upper() maps some other letters onto ASCII ("ı" -> "I",
+        # "ſ" -> "S"), which would run "MAıL" as MAIL.
+        verb = verb.upper() if verb.isascii() else verb
         if len(line) > MAX_COMMAND - 2 and verb != "AUTH":
             return self._send(R.R500_LINE_TOO_LONG)  # the buffer allows long AUTH lines only
         handler = _HANDLERS.get(verb)
@@ -251,8 +255,11 @@ class Session(SecureCommands):
         rest = split_prefix(arg, "FROM:")
         if rest is None:
             raise CommandError(R.R501_MAIL_SYNTAX)
-        sender, tail = parse_path(rest, allow_null=True)
-        params = self._mail_params(tail)
+        try:
+            sender, tail = parse_path(rest, allow_null=True)
+            params = self._mail_params(tail)
+        except CommandError as exc:  # RFC 3463: X.1.7 is the sender's, X.1.3 a recipient's
+            raise CommandError(_AS_SENDER.get(exc.reply, exc.reply)) from None
         utf8 = "SMTPUTF8" in params
         if not utf8 and not sender.address.isascii():
             raise CommandError(R.R553_NON_ASCII)
@@ -270,6 +277,16 @@ class Session(SecureCommands):
                 raise CommandError(R.R555_UNKNOWN_PARAM)
             check(self, value)
         return params
+
+    def _param_auth(self, value: str | None) -> None:
+        """RFC 4954 5: ``AUTH=<mailbox as xtext>`` or ``AUTH=<>``, where AUTH is offered.
+        A receiver that stores mail and relays none has nobody to pass it on to, so the
+        value is checked and dropped, as the RFC has a server do when it does not trust
+        it (the same as ``AUTH=<>``)."""
+        if not self.config.auth or not (self.tls or self.config.auth_insecure):
+            raise CommandError(R.R555_UNKNOWN_PARAM)
+        if value is None or not (value == "<>" or _XTEXT.fullmatch(value)):
+            raise CommandError(R.R501_BAD_PARAM_VALUE)
 
     def _param_size(self, value: str | None) -> None:
         # RFC 1870: 1*20DIGIT, ASCII only (str.isdigit also takes "²", which int() refuses)
@@ -295,7 +312,7 @@ class Session(SecureCommands):
         path, tail = parse_path(rest, allow_null=False, allow_postmaster=True)
         if not env.smtputf8 and not path.address.isascii():
             raise CommandError(R.R553_NON_ASCII)
-        if tail.strip():
+        if tail and parse_params(tail):  # junk glued to the path: 501, as for MAIL
             # No RCPT parameters are offered (no DSN): RFC 5321 4.1.1.11 gives 555.
             raise CommandError(R.R555_UNKNOWN_PARAM)
         if len(env.recipients) >= self.config.max_recipients:
@@ -363,6 +380,8 @@ class Session(SecureCommands):
 
 #: All of an AUTH line that may be logged after the verb: the SASL mechanism name.
 _MECHANISM: Final = re.compile(r"[A-Za-z0-9_-]*")
+# RFC 3461 4: xtext, printable ASCII but "+" and "=", with "+XX" for any octet.
+_XTEXT: Final = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
 
 
 def _loggable(text: str) -> str:
@@ -396,4 +415,11 @@ _MAIL_PARAMS: Final = {
     "SIZE": Session._param_size,
     "BODY": Session._param_body,
     "SMTPUTF8": Session._param_smtputf8,
+    "AUTH": Session._param_auth,
+}
+
+#: A path refused in MAIL FROM: the same reply, with the sender's enhanced code.
+_AS_SENDER: Final = {
+    R.R501_BAD_ADDRESS: R.R501_BAD_SENDER,
+    R.R501_PATH_TOO_LONG: R.R501_SENDER_TOO_LONG,
 }

@@ -427,8 +427,11 @@ class Arbiter:
             return
         self.tls_context, self.passwords = context, passwords
         old_addrs = set(self.sockets) - listen_addresses(new)[0]
+        kept = set(map(id, opened.values()))
         for addr in old_addrs:
-            self.sockets.pop(addr).close()
+            sock = self.sockets.pop(addr)
+            if id(sock) not in kept:  # not taken over by a new spelling of its address
+                sock.close()
         self.sockets.update(opened)
         # Reopened even when unchanged: after logrotate renamed the file, HUP starts a new one.
         self.log.reopen(new.log.level, new.log.file, log_fd)
@@ -456,16 +459,31 @@ class Arbiter:
             process.remove_pidfile(old)
 
     def _open_new_sockets(self, new) -> dict:
+        """The sockets of the new listen addresses.  An address written another way
+        (``localhost:2525`` for ``127.0.0.1:2525``) takes over the socket already bound
+        there, which binding again would find in use."""
+        wanted = listen_addresses(new)[0]
+        leaving = {listeners.bound_identity(sock): sock for addr, sock in self.sockets.items()
+                   if addr not in wanted}
         opened = {}
         try:
-            for addr in sorted(listen_addresses(new)[0], key=str):
+            for addr in sorted(wanted, key=str):
                 if addr not in self.sockets:
-                    opened[addr] = self._bind(addr)
+                    same = self._same_socket(addr, leaving)
+                    opened[addr] = same if same is not None else self._bind(addr)
         except BaseException:
             for sock in opened.values():
-                sock.close()
+                if sock not in leaving.values():
+                    sock.close()
             raise
         return opened
+
+    @staticmethod
+    def _same_socket(addr, leaving: dict) -> socket.socket | None:
+        try:
+            return leaving.get(listeners.identity(addr))
+        except ValueError:  # does not resolve: bind() says so, naming the address
+            return None
 
     # -- stop ----------------------------------------------------------------------------
 

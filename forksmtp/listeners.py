@@ -132,6 +132,21 @@ def bind(addr: ListenAddr, backlog: int = 1024) -> socket.socket:
     return _bind(addr, addr.family, sockaddr, backlog)
 
 
+def identity(addr: ListenAddr) -> tuple:
+    """What ``bind(addr)`` would listen on: (family, socket address, dual-stack); raises
+    ValueError when the host does not resolve."""
+    if not addr.host and socket.has_ipv6:
+        return socket.AF_INET6, ("::", addr.port, 0, 0), True
+    return addr.family, _resolve(addr.host, addr.family, addr.port)[0][4], False
+
+
+def bound_identity(sock: socket.socket) -> tuple:
+    """The same for a listening socket."""
+    dual = (sock.family == socket.AF_INET6
+            and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+    return sock.family, sock.getsockname(), dual
+
+
 def _bind(addr: ListenAddr, family: int, sockaddr: tuple, backlog: int, dual: bool = False) -> socket.socket:
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)

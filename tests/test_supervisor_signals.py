@@ -221,6 +221,26 @@ def test_hup_binds_new_and_unbinds_removed_listen_address(daemon_factory):
     assert_no_zombies(d)
 
 
+def test_hup_with_an_address_written_another_way_keeps_its_socket(daemon_factory):
+    """localhost:P for 127.0.0.1:P is the same socket: the reload takes it over instead
+    of failing to bind it again, and no client is refused meanwhile."""
+    d = daemon_factory(workers=2)
+    master = psutil.Process(d.pid)
+    listening = {c.fd for c in master.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    d.sections["server"]["listen"] = [f"localhost:{d.port}"]
+    d.write_config()
+    hup(d)
+    assert "reload failed" not in d.log_text()
+    assert {c.fd for c in master.net_connections("tcp") if c.status == psutil.CONN_LISTEN} == listening
+    send_message(d.port)
+    d.sections["server"]["listen"] = [f"127.0.0.1:{d.port}"]  # and back
+    d.write_config()
+    hup(d)
+    assert "reload failed" not in d.log_text()
+    send_message(d.port)
+    assert_no_zombies(d)
+
+
 def test_reloads_while_clients_connect_refuse_nothing(daemon_factory):
     d = daemon_factory(workers=2)
     done = threading.Event()

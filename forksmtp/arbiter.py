@@ -168,8 +168,10 @@ class Arbiter:
         snap = self.board.snapshot()
         self._murder_stuck(snap, now)
         self._manage_pool(now, snap)
+        implicit = listen_addresses(self.cfg)[1]
         self.fast = self.overflow.check(snap, now, len(self.workers), self.cfg.server.max_workers,
-                                        list(self.sockets.values()))
+                                        list(self.sockets.values()),
+                                        frozenset(s for a, s in self.sockets.items() if a in implicit))
         self._housekeeping(now)
 
     def _guarded(self, step) -> None:
@@ -391,14 +393,8 @@ class Arbiter:
         if now < self.next_tmp_clean:
             return
         self.next_tmp_clean = now + TMP_CLEAN_INTERVAL
-        server = self.cfg.server
         for path in {self.cfg.delivery.maildir, *self.cfg.delivery.mailboxes.values()}:
             try:
-                # Workers make tmp/ and new/ again when they find them gone; a cur/
-                # removed on its own would otherwise stay missing until a reload.
-                made = maildir.Maildir(path, fsync=self.cfg.delivery.fsync).made
-                if made and (server.user or server.group):
-                    process.chown_paths(made, server.user, server.group)
                 n = maildir.clean_tmp(path)
             except OSError:
                 continue

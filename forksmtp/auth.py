@@ -18,6 +18,8 @@ import hashlib
 import hmac
 import os
 
+from . import process
+
 LOG2_N, R, P, KEY_LEN = 14, 8, 1, 32  # 16 MiB and ~50 ms per check on a 2020s core
 _MAXMEM = 64 * 1024 * 1024
 
@@ -98,10 +100,4 @@ def set_password(path: str, user: str, password: str) -> None:
     out = [entry if line.partition(":")[0] == user else line for line in lines]
     if entry not in out:
         out.append(entry)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write("\n".join(out) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    process.write_atomic(path, "\n".join(out) + "\n", 0o600)

@@ -3,7 +3,7 @@
 A small table in anonymous shared memory (created by the master before it forks, like
 the scoreboard): per address, the number of failures in the current window and when the
 window started.  Updates take the scoreboard's admission flock for a few memory
-operations.  Over ``max_failures`` failures within ``window`` seconds, AUTH from that
+operations.  After ``max_failures`` failures within ``window`` seconds, AUTH from that
 address is refused with 421 4.7.0 until the window ends: guessing passwords costs an
 attacker the window, not just the 50 ms scrypt check.  A full neighbourhood of the
 table overwrites its oldest window, so an attacker with very many addresses can push a
@@ -32,31 +32,42 @@ class AuthLimiter:
         self._mm = mmap.mmap(-1, buckets * _ENTRY.size)
 
     def _find(self, key: bytes, now: float) -> int:
-        """The bucket for key: its own, else an empty or expired one, else the oldest."""
+        """The bucket for key: its own wherever it is in the probe chain (an expired or
+        empty bucket before it must not hide it), else the first empty or expired one,
+        else the oldest."""
         start = zlib.crc32(key) % self.buckets
-        oldest, oldest_t = start, float("inf")
+        free, oldest, oldest_t = -1, start, float("inf")
         for i in range(_PROBE):
             b = (start + i) % self.buckets
             k, n, t = _ENTRY.unpack_from(self._mm, b * _ENTRY.size)
             if k == key:
                 return b
-            if n == 0 or now - t >= self.window:
-                return b
+            if free < 0 and (n == 0 or now - t >= self.window):
+                free = b
             if t < oldest_t:
                 oldest, oldest_t = b, t
-        return oldest
+        return free if free >= 0 else oldest
 
-    def blocked(self, ip: str, now: float) -> bool:
-        key = ip_key(ip)
-        with self.board.locked():
-            k, n, t = _ENTRY.unpack_from(self._mm, self._find(key, now) * _ENTRY.size)
-        return k == key and n >= self.max_failures and now - t < self.window
-
-    def failed(self, ip: str, now: float) -> None:
+    def attempt(self, ip: str, now: float) -> bool:
+        """May this address try a password now?  If so the attempt counts as a failure
+        at once, before the check: checks running at the same time in several workers
+        then never add up to more than ``max_failures``.  ``succeeded`` gives it back."""
         key = ip_key(ip)
         with self.board.locked():
             off = self._find(key, now) * _ENTRY.size
             k, n, t = _ENTRY.unpack_from(self._mm, off)
             if k != key or now - t >= self.window:
                 n, t = 0, now
+            if n >= self.max_failures:
+                return False
             _ENTRY.pack_into(self._mm, off, key, n + 1, t)
+        return True
+
+    def succeeded(self, ip: str, now: float) -> None:
+        """The password was right: the attempt is no failure."""
+        key = ip_key(ip)
+        with self.board.locked():
+            off = self._find(key, now) * _ENTRY.size
+            k, n, t = _ENTRY.unpack_from(self._mm, off)
+            if k == key and n > 0 and now - t < self.window:
+                _ENTRY.pack_into(self._mm, off, key, n - 1, t)

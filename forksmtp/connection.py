@@ -240,7 +240,7 @@ class Connection:
     def _authenticate(self, event: AuthRequest) -> None:
         creds = event.credentials
         w = self.worker
-        if w.auth_blocked(self.peer_ip):
+        if not w.auth_attempt(self.peer_ip):
             self.log.queue("AUTH", f"{self.peer_ip} refused: too many failures")
             self.session.close(R.R421_AUTH_FAILURES)
             return
@@ -248,8 +248,8 @@ class Connection:
         ok = auth.verify(users.get(creds.username), creds.password)
         if ok and creds.authzid and creds.authzid != creds.username:
             ok = False  # no proxy authorization: acting as another user is refused
-        if not ok:
-            w.auth_failed(self.peer_ip)
+        if ok:
+            w.auth_succeeded(self.peer_ip)
         w.count_auth(ok)
         self._drain_session_log()
         self.log.queue("AUTH", f"{self.peer_ip} {creds.mechanism} user={creds.username[:64]!r} "
@@ -326,10 +326,12 @@ class Connection:
             except OSError:
                 if not final:
                     raise
+            # The command timeout runs from the last reply: bytes trickled into a
+            # command line with no reply coming must not extend it (a slowloris).
+            self.request_start = time.monotonic()
         if final or self.stored:
             self.stored = False
             self.log.flush()
-        self.request_start = time.monotonic()
 
     def _drain_session_log(self) -> None:
         session = self.session

@@ -123,7 +123,7 @@ class Maildir:
         self._new_fd = -1
         self._new_fd_pid = 0
         self._new_id = (0, 0)  # (st_dev, st_ino) of the directory _new_fd is open on
-        self.made = self.make()
+        self.make()
 
     def make(self) -> list[str]:
         """Create what is missing of the Maildir and of the directories above it, and

@@ -27,8 +27,10 @@ class OverflowGuard:
         self.logged = False
         self.rejected = 0
 
-    def check(self, snap, now: float, workers: int, max_workers: int, sockets) -> bool:
-        """Answer stalled clients if needed; True while the master should poll fast."""
+    def check(self, snap, now: float, workers: int, max_workers: int, sockets,
+              implicit_tls: frozenset = frozenset()) -> bool:
+        """Answer stalled clients if needed; True while the master should poll fast.
+        ``implicit_tls``: the sockets (of ``sockets``) whose clients speak TLS first."""
         if workers < max_workers or snap.count(IDLE, STARTING):
             self.since, self.logged = 0.0, False
             return False
@@ -44,10 +46,10 @@ class OverflowGuard:
             for _ in range(BATCH):
                 if not select.select([sock], [], [], 0)[0]:
                     break
-                self._answer(sock)
+                self._answer(sock, sock in implicit_tls)
         return True
 
-    def _answer(self, sock: socket.socket) -> None:
+    def _answer(self, sock: socket.socket, tls_first: bool) -> None:
         try:
             conn, peer = sock.accept()
         except OSError:
@@ -55,7 +57,10 @@ class OverflowGuard:
         try:
             conn.setblocking(False)
             # With its enhanced code, as the contract spells it (Postfix does the same).
-            conn.send(limits.reply_for(limits.MAX_CONNECTIONS).wire(True))
+            # An SMTPS client expects a TLS handshake first, and the master does no
+            # handshake (a slow client would stall the supervisor): it only closes.
+            if not tls_first:
+                conn.send(limits.reply_for(limits.MAX_CONNECTIONS).wire(True))
         except OSError:
             pass
         finally:

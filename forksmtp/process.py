@@ -8,6 +8,7 @@ import grp
 import os
 import pwd
 import socket
+import tempfile
 from typing import Callable
 
 _setproctitle: Callable[[str], None] | None = None
@@ -74,10 +75,30 @@ def write_pidfile(path: str) -> None:
         old = 0
     if old and old != os.getpid() and _alive(old):
         raise PidfileError(f"pidfile {path} is held by running process {old}")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    write_atomic(path, f"{os.getpid()}\n")
+
+
+def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text``: readers see the old file or the new one, never half
+    of one.  The temporary file beside it gets a random name and is created exclusively,
+    never through a symlink (``mkstemp``): a predictable name would let anyone who can
+    write the directory plant a file of a wider mode, or a symlink that has root
+    overwrite another file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def remove_pidfile(path: str) -> None:
@@ -133,17 +154,12 @@ def drop_privileges(user: str, group: str) -> None:
 
 def chown_tree(paths: list[str], user: str, group: str) -> None:
     """Give the Maildirs to the unprivileged user so workers can write after the drop."""
-    if resolve_ids(user, group) != (None, None):
-        chown_paths([root for top in paths for root, _dirs, _files in os.walk(top)], user, group)
-
-
-def chown_paths(paths: list[str], user: str, group: str) -> None:
-    """Give these paths (directories the master made) to the unprivileged user."""
     uid, gid = resolve_ids(user, group)
     if uid is None and gid is None:
         return
-    for path in paths:
-        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+    for top in paths:
+        for root, dirs, _files in os.walk(top):
+            os.chown(root, -1 if uid is None else uid, -1 if gid is None else gid)
 
 
 def sd_notify(message: str) -> None:

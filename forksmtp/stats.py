@@ -7,6 +7,8 @@ import json
 import os
 import time
 
+from . import process
+
 try:
     import psutil
 except ImportError:  # stats lose rss/cpu figures, nothing else
@@ -68,9 +70,4 @@ def dumps(stats: dict) -> str:
 
 def write_atomic(path: str, text: str) -> None:
     """Readers see the old file or the new one, never half of one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    process.write_atomic(path, text + "\n")

@@ -34,6 +34,8 @@ from .smtp.session import Session, SessionConfig
 
 EXIT_OK: Final = 0
 EXIT_BOOT_ERROR: Final = 3  # the master backs off instead of respawning in a tight loop
+#: Seconds a refused SMTPS client gets to finish its handshake and read its 421.
+REFUSAL_TLS_TIMEOUT: Final = 5.0
 
 _IGNORED: Final = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                    signal.SIGTTIN, signal.SIGTTOU)
@@ -196,7 +198,7 @@ class Worker:
             refused = self.board.admit(self.slot, ip, self.cfg.server.max_connections,
                                        self.cfg.server.max_connections_per_ip)
             if refused is not None:
-                return self._refuse(sock, ip, refused)
+                return self._refuse(sock, ip, refused, implicit_tls)
             stress = self.board.in_stress()
             self.command_timeout = self.cfg.timeouts.stress_command if stress else self.cfg.timeouts.command
             session = Session(self.stress_cfg if stress else self.session_cfg,
@@ -209,15 +211,23 @@ class Worker:
             if self.titled_phase:  # the title went busy during this session
                 self._title("idle")
 
-    def _refuse(self, sock: _socket.socket, ip: str, reason: str) -> None:
+    def _refuse(self, sock: _socket.socket, ip: str, reason: str, implicit_tls: bool = False) -> None:
         """Over a connection limit: answer 421 at once and close (never a silent wait).
         The reply carries its enhanced code (``421 4.3.2``, ``421 4.7.0``) as the contract
-        spells it, although no EHLO came first: it tells the client why it was refused."""
+        spells it, although no EHLO came first: it tells the client why it was refused.
+        An SMTPS client (RFC 8314) reads it inside TLS, after a handshake cut short at
+        REFUSAL_TLS_TIMEOUT: a refused client must not hold the worker for long."""
         reply = limits.reply_for(reason)
         try:
-            sock.send(reply.wire(True))
-        except OSError:
-            pass
+            if implicit_tls and self.tls_context is not None:
+                sock.settimeout(REFUSAL_TLS_TIMEOUT)
+                # ssl wraps the C socket as it wraps socket.socket (typeshed asks for the latter).
+                with self.tls_context.wrap_socket(sock, server_side=True) as tls:  # type: ignore[arg-type]
+                    tls.send(reply.wire(True))
+            else:
+                sock.send(reply.wire(True))
+        except (OSError, ValueError):
+            pass  # the client left, or its handshake failed or was too slow
         self.log.queue("SMTP", str(reply))
         self.log.queue("CLOSE", f"{ip} refused: {reason}")
         self.log.flush()
@@ -285,12 +295,13 @@ class Worker:
     def count_auth(self, ok: bool) -> None:
         self.board.count_event(self.slot, "auth_ok" if ok else "auth_failed")
 
-    def auth_blocked(self, ip: str) -> bool:
-        return self.auth_limiter is not None and self.auth_limiter.blocked(ip, time.monotonic())
+    def auth_attempt(self, ip: str) -> bool:
+        """May ``ip`` try a password now (the AUTH failure limit)?  Counts the attempt."""
+        return self.auth_limiter is None or self.auth_limiter.attempt(ip, time.monotonic())
 
-    def auth_failed(self, ip: str) -> None:
+    def auth_succeeded(self, ip: str) -> None:
         if self.auth_limiter is not None:
-            self.auth_limiter.failed(ip, time.monotonic())
+            self.auth_limiter.succeeded(ip, time.monotonic())
 
     def count_conn_reject(self, reason: str) -> None:
         self.board.count_conn_reject(self.slot, reason)

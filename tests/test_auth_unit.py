@@ -447,6 +447,30 @@ def test_session_log_never_holds_the_payload_or_the_password():
         assert secret not in repr(event)
 
 
+REFUSED_AUTH = {  # how AUTH is refused -> (the session, the lines before AUTH)
+    "538-before-tls": (lambda: peer(starttls=True, auth=True), [E]),
+    "503-before-ehlo": (lambda: peer(tls=True, auth=True), []),
+    "503-in-a-transaction": (tls_peer, ["MAIL FROM:<a@x.test>"]),
+    "502-not-offered": (lambda: peer(tls=True), [E]),
+}
+
+
+@pytest.mark.parametrize("refusal", list(REFUSED_AUTH))
+def test_responses_pipelined_behind_a_refused_auth_stay_out_of_the_log(refusal):
+    """A client that sends its LOGIN user and password lines without waiting for the 334s
+    has them read as commands once AUTH is refused: they must not be logged as such."""
+    secret = "Tr0ub4dor&3-pipelined"
+    make, before = REFUSED_AUTH[refusal]
+    p = make()
+    p.send(*before)
+    wire = "".join(f"{line}\r\n" for line in ["AUTH LOGIN", b64("alice"), b64(secret), "NOOP"])
+    replies = heads(p.feed(wire.encode()))
+    assert len(replies) == 4 and replies[0][:3] in ("538", "503", "502") and replies[-1].startswith("250")
+    log = "\n".join(p.s.log)
+    assert b64(secret) not in log and b64("alice") not in log
+    assert log.count("<line after AUTH, ") == 2 and "NOOP" in log
+
+
 # -- the Received protocol names (RFC 3848, RFC 6531) ------------------------------------
 
 @pytest.mark.parametrize("tls, auth_user, mail, expected", [

@@ -33,12 +33,14 @@ def test_idle_client_gets_421_4_4_2_and_the_worker_is_freed(daemon_factory):
 
 
 def test_trickled_command_does_not_extend_the_deadline(daemon_factory):
-    """One byte every 0.3 s: each read would reset a per-read timer; ours is per request."""
-    d = fast_daemon(daemon_factory)
+    """One byte every 0.3 s: each read would reset a per-read timer; ours is per request.
+    The session deadline is far off, so only the command timeout (1 s) can end this
+    100-byte line, long before its last byte (30 s)."""
+    d = daemon_factory(workers=2, sections={"timeouts": {**FAST, "session": 300}})
     with socket.create_connection((d.host, d.port), timeout=10) as s:
         assert read_reply(s).startswith(b"220 ")
         reply = b""
-        for byte in b"NOOP NOOP NOOP NOOP NOOP NOOP\r\n":
+        for byte in b"NOOP " + b"x" * 93 + b"\r\n":
             try:
                 s.sendall(bytes([byte]))
             except OSError:
@@ -57,8 +59,9 @@ def test_trickled_command_does_not_extend_the_deadline(daemon_factory):
 
 
 def test_slow_data_below_the_minimum_rate_is_cut_off(daemon_factory):
-    """A slowloris in DATA: bytes keep coming, but far below min_data_rate."""
-    d = fast_daemon(daemon_factory)
+    """A slowloris in DATA: bytes keep coming, but far below min_data_rate.  data_done and
+    the session deadline are far off, so only the rate can end it within the loop."""
+    d = daemon_factory(workers=2, sections={"timeouts": {**FAST, "data_done": 300, "session": 300}})
     c = RawSMTP(d.port)
     try:
         assert c.command(b"EHLO slow.example") == 250

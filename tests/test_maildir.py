@@ -260,6 +260,28 @@ def test_abort_after_commit_keeps_message(tmp_path):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_commit_syncs_each_file_then_links_then_syncs_each_new(tmp_path, monkeypatch, mode):
+    """The order a 250 rests on: every file's data on disk, then every name in new/, then
+    those names on disk (one fsync per distinct new/)."""
+    calls = []
+    real_fsync, real_link = os.fsync, os.link
+    monkeypatch.setattr(maildir.os, "fsync",
+                        lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(maildir.os, "link",
+                        lambda src, dst, **kw: calls.append(("link", dst)) or real_link(src, dst, **kw))
+    a, b = make(tmp_path / "a", mode), make(tmp_path / "b", mode)
+    deliveries = [a.begin(), b.begin()]
+    for delivery in deliveries:
+        delivery.write(b"durable\n")
+    calls.clear()  # making the Maildirs synced their parents
+    paths = commit_all(deliveries)
+    assert [kind for kind, _ in calls] == ["fsync", "fsync", "link", "link", "fsync", "fsync"]
+    assert calls[0][1].startswith(a.tmp + "/") and calls[1][1].startswith(b.tmp + "/")
+    assert [dst for _, dst in calls[2:4]] == [os.path.basename(p) for p in paths]
+    assert [target for _, target in calls[4:]] == [a.new, b.new]
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_new_removed_during_a_delivery_is_made_again(tmp_path, mode):
     md = make(tmp_path / "md", mode)
     delivery = md.begin()
@@ -304,15 +326,14 @@ def test_the_parent_of_every_directory_made_is_fsynced(tmp_path, monkeypatch, fs
                         lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
     (tmp_path / "a").mkdir()
     md = Maildir(str(tmp_path / "a" / "b" / "md"), fsync=fsync)
-    made = [str(tmp_path / "a" / "b"), md.path, md.tmp, md.new, md.cur]
-    assert md.made == made
+    assert all(os.path.isdir(d) for d in (md.tmp, md.new, md.cur))
     if not fsync:
         assert synced == []
         return
     assert sorted(synced) == sorted({str(tmp_path / "a"), str(tmp_path / "a" / "b"), md.path})
     synced.clear()
     os.rmdir(md.cur)
-    assert Maildir(md.path).made == [md.cur] and synced == [md.path]
+    assert md.make() == [md.cur] and synced == [md.path]
 
 
 def _commit_into_readonly_new(md: Maildir) -> None:

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from daemon import free_port, read_reply, send_message, wait_until
+from daemon import free_port, read_reply, send_message, serving_worker, wait_until
 
 
 def test_bare_port_listens_on_ipv4_and_ipv6(daemon_factory):
@@ -79,12 +79,35 @@ def test_sigusr2_does_not_stop_the_master(daemon):
     send_message(daemon.port)
 
 
+def test_workers_ignore_the_signals_meant_for_the_master(daemon):
+    """Ctrl-C on a terminal and `kill` of the whole process group reach the workers too:
+    a worker in a session must let it finish (README, Signals)."""
+    client = smtplib.SMTP(daemon.host, daemon.port, timeout=10)
+    client.ehlo("client.example")
+    assert client.mail("a@client.example")[0] == 250
+    assert client.rcpt("b@example.test")[0] == 250
+    worker = serving_worker(daemon, client.sock)
+    ignored = int(next(line for line in open(f"/proc/{worker.pid}/status")
+                       if line.startswith("SigIgn:")).split()[1], 16)
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
+                signal.SIGTTOU):
+        assert ignored & 1 << (sig - 1), sig
+        os.kill(worker.pid, sig)
+    assert client.data(b"Subject: signals\r\n\r\nstill here\r\n")[0] == 250
+    client.quit()
+    assert worker.is_running()
+
+
 def test_hup_reopens_the_log_after_rotation(daemon):
     rotated = daemon.log_path.with_suffix(".log.1")
+    old = {w.pid for w in daemon.workers()}
     os.rename(daemon.log_path, rotated)
     daemon.signal(signal.SIGHUP)
     wait_until(lambda: daemon.log_path.exists() and "[RELOAD]" in daemon.log_text(), 10,
                what="a fresh log file after HUP")
+    # An old worker woken for a connection as it was told to stop still serves it, with
+    # the log it has (README, Reload): wait until only new workers are left.
+    wait_until(lambda: not old & {w.pid for w in daemon.workers()}, 10, 0.05, "the old workers gone")
     send_message(daemon.port)
     daemon.wait_for_log("[STORE]")
 

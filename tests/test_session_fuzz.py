@@ -231,7 +231,8 @@ def reference(data: bytes, max_size: int, max_received: int, normalize: bool):
 HEADS = [b"", b"", b"Subject: x\r\n\r\n", b"\r\n"]
 
 
-@settings(max_examples=1500, deadline=None, database=None)
+@settings(max_examples=1500, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(head=st.sampled_from(HEADS),
        data=st.lists(st.sampled_from(ATOMS), max_size=40).map(b"".join), ended=st.booleans(),
        max_size=st.sampled_from([30, 300, 10**6]), max_received=st.sampled_from([1, 2, 100]),
@@ -275,7 +276,8 @@ def _line(parts) -> bytes:
     return lead + (b"y" * length)[:max(length - len(lead), 0)] + ending
 
 
-@settings(max_examples=1000, deadline=None, database=None)
+@settings(max_examples=1000, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(head=st.sampled_from(HEADS[2:]), lines=st.lists(LINE.map(_line), max_size=30),
        ended=st.booleans(), cuts=st.lists(st.integers(0, 40000), max_size=40))
 def test_data_reader_hands_on_unfinished_lines_like_the_reference(head, lines, ended, cuts):
@@ -288,7 +290,8 @@ def test_data_reader_hands_on_unfinished_lines_like_the_reference(head, lines, e
 LINE_ATOMS = [b"\r\n", b"\r", b"\n", b"a", b"NOOP", b"x" * 100, b"y" * 509, b"z" * 510, b"w" * 511]
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=300, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.lists(st.sampled_from(LINE_ATOMS), max_size=30).map(b"".join),
        cuts=st.lists(st.integers(0, 20000), max_size=10))
 def test_line_buffer_matches_reference(data, cuts):

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 
 import tls_certs
-from daemon import Daemon, connect, free_port, read_reply, serving_worker, wait_until, write_config
+from daemon import (Daemon, connect, free_port, read_reply, request_stats, serving_worker, wait_until,
+                    write_config)
 from forksmtp import auth
 
 PASSWORD = "Corr3ct-H0rse-b4ttery"  # distinctive: the log is searched for it
@@ -357,6 +358,7 @@ def test_failed_handshake_on_the_smtps_port(server, certs):
 
 def test_log_shows_tls_and_auth_but_never_secrets(server, certs):
     seen = len(log_lines(server, "AUTH"))
+    stored = server.log_text().count("[STORE]")
     payloads = [plain("alice", PASSWORD), b64("alice"), b64(PASSWORD), plain("alice", PASSWORD + "x")]
     with starttls_client(server, certs) as client:
         assert client.docmd("AUTH", "PLAIN " + payloads[3])[0] == 535  # the one failure
@@ -366,7 +368,7 @@ def test_log_shows_tls_and_auth_but_never_secrets(server, certs):
         assert client.docmd("AUTH", "PLAIN " + payloads[0])[0] == 235
         client.sendmail(FROM, [TO], BODY)
     wait_log_count(server, "[AUTH]", seen + 3)
-    wait_log_count(server, "[STORE]", server.log_text().count("[STORE]"))
+    wait_log_count(server, "[STORE]", stored + 1)
     text = server.log_text()
     auth_lines = log_lines(server, "AUTH")[seen:]
     assert any("PLAIN user='alice' failed" in line for line in auth_lines), auth_lines
@@ -378,6 +380,41 @@ def test_log_shows_tls_and_auth_but_never_secrets(server, certs):
 
 
 # -- policies: require_tls, required AUTH, minimum version ----------------------------------
+
+def test_smtps_client_over_the_limit_reads_its_421_inside_tls(daemon_factory, certs, tmp_path):
+    """RFC 8314: on an SMTPS port TLS comes first, so a refused client gets the handshake
+    and then its 421 4.7.0 encrypted, not plaintext a TLS client reads as garbage."""
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    implicit = free_port()
+    d = daemon_factory(server={"max_connections_per_ip": 1},
+                       sections=tls_sections(certs, pw, tls={"implicit_listen": [f"{HOST}:{implicit}"]}))
+    with smtplib.SMTP_SSL(HOST, implicit, timeout=TIMEOUT, context=certs.client_context()) as first:
+        assert first.noop()[0] == 250
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            smtplib.SMTP_SSL(HOST, implicit, timeout=TIMEOUT, context=certs.client_context())
+        assert refused.value.smtp_code == 421 and refused.value.smtp_error.startswith(b"4.7.0 ")
+    wait_log_count(d, "refused: max_connections_per_ip", 1)
+    wait_until(lambda: request_stats(d)["connections_active"] == 0, TIMEOUT, 0.1,
+               "the first session's count released")
+    with smtplib.SMTP_SSL(HOST, implicit, timeout=TIMEOUT, context=certs.client_context()) as again:
+        assert again.noop()[0] == 250  # the worker is free again
+
+
+def test_master_writes_no_plaintext_to_an_smtps_client_when_every_worker_is_busy(
+        daemon_factory, certs, tmp_path):
+    """At the ceiling the master answers queued clients itself, but does no TLS (a slow
+    handshake would stall the supervisor): on the SMTPS port it closes without a word,
+    rather than write a plaintext 421 into what the client reads as TLS."""
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    implicit = free_port()
+    d = daemon_factory(workers=1, server={"max_workers": 1},
+                       sections=tls_sections(certs, pw, tls={"implicit_listen": [f"{HOST}:{implicit}"]}))
+    with smtplib.SMTP(HOST, d.port, timeout=TIMEOUT) as busy:  # the only worker
+        assert busy.noop()[0] == 250
+        with socket.create_connection((HOST, implicit), timeout=TIMEOUT) as queued:
+            assert replies_until_eof(queued) == b""
+        d.wait_for_log("refused by master")
+
 
 def test_require_tls_and_required_auth(daemon_factory, certs, tmp_path):
     pw = password_file(tmp_path / "passwd", alice=PASSWORD)

@@ -75,6 +75,9 @@ class Session(SecureCommands):
         self.tls = tls  # the connection is encrypted (implicit TLS or after STARTTLS)
         self.auth_user = ""
         self._auth: AuthExchange | None = None
+        # Lines after an AUTH command that may be SASL responses sent ahead of a refusal
+        # (a client pipelining its LOGIN user and password): never logged as they are.
+        self._after_auth = 0
         self.phase = NEW
         self.helo_name = ""
         self.esmtp = False
@@ -199,13 +202,18 @@ class Session(SecureCommands):
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             text = None
-        self._log(_loggable(text if text is not None else line.decode("latin-1")))
-        if text is None or "\r" in text or "\n" in text or "\0" in text:
-            return self._send(R.R501_BAD_CHARS)
-        verb, _, arg = text.partition(" ")
+        verb, _, arg = (text or "").partition(" ")
         # ASCII only: str.upper() maps some other letters onto ASCII ("ı" -> "I",
         # "ſ" -> "S"), which would run "MAıL" as MAIL.
         verb = verb.upper() if verb.isascii() else verb
+        if self._after_auth and self._hidden_after_auth(verb):
+            self._log(f"<line after AUTH, {len(line)} octets, not logged>")
+        else:
+            self._log(_loggable(text if text is not None else line.decode("latin-1")))
+        if text is None or "\r" in text or "\n" in text or "\0" in text:
+            return self._send(R.R501_BAD_CHARS)
+        if verb == "AUTH":
+            self._after_auth = 2  # LOGIN: a user name and a password line
         if len(line) > MAX_COMMAND - 2 and verb != "AUTH":
             return self._send(R.R500_LINE_TOO_LONG)  # the buffer allows long AUTH lines only
         handler = _HANDLERS.get(verb)
@@ -220,6 +228,12 @@ class Session(SecureCommands):
             handler(self, arg)
         except CommandError as exc:
             self._send(exc.reply)
+
+    def _hidden_after_auth(self, verb: str) -> bool:
+        """One of the two lines after an AUTH command: no command, so maybe a SASL
+        response the client sent before it learnt AUTH was refused; not to be logged."""
+        self._after_auth -= 1
+        return verb not in _HANDLERS and verb not in NOT_OFFERED
 
     def _offered(self, verb: str) -> bool:
         if verb == "STARTTLS":

@@ -1,0 +1,60 @@
+"""Files the master and ``forksmtp passwd`` replace beside the mail: the password file,
+the pidfile and the stats file.  Each is written to a temporary file that nobody can
+plant in advance and renamed over the old one."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from forksmtp import auth, process, stats
+
+
+def write_password(path: str) -> None:
+    auth.set_password(path, "alice", "pw")
+
+
+WRITERS = [
+    ("password-file", write_password, 0o600),
+    ("pidfile", process.write_pidfile, 0o644),
+    ("stats-file", lambda path: stats.write_atomic(path, "{}"), 0o644),
+]
+
+
+@pytest.mark.parametrize("name, write, mode", WRITERS, ids=[w[0] for w in WRITERS])
+def test_a_planted_temporary_file_is_never_used(tmp_path, name, write, mode):
+    """Someone who can write the directory plants, at the temporary name the writer would
+    once have used, a symlink to a file of theirs and a world-writable file: neither may
+    be written through, and the result has its own mode."""
+    target = tmp_path / name
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    planted = tmp_path / f"{name}.{os.getpid()}.tmp"
+    planted.symlink_to(victim)
+    write(str(target))
+    assert victim.read_text() == "untouched\n"
+    assert planted.is_symlink()
+    assert not target.is_symlink() and stat.S_IMODE(target.stat().st_mode) == mode
+    planted.unlink()
+    planted.write_text("")
+    planted.chmod(0o666)
+    write(str(target))
+    assert stat.S_IMODE(target.stat().st_mode) == mode
+    assert sorted(os.listdir(tmp_path)) == sorted([name, "victim", planted.name])  # nothing left over
+
+
+@pytest.mark.parametrize("name, write, mode", WRITERS, ids=[w[0] for w in WRITERS])
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch, name, write, mode):
+    target = tmp_path / name
+    target.write_text("old\n")
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(process.os, "fsync", no_space)
+    with pytest.raises(OSError):
+        write(str(target))
+    assert target.read_text() == "old\n"
+    assert os.listdir(tmp_path) == [name]

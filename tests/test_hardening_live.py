@@ -10,6 +10,8 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from daemon import RawSMTP, read_reply, request_stats, send_message, wait_until
 
 FAST = {"command": 1, "data_block": 1, "data_done": 4, "session": 6, "min_data_rate": 2000}
@@ -17,6 +19,27 @@ FAST = {"command": 1, "data_block": 1, "data_done": 4, "session": 6, "min_data_r
 
 def fast_daemon(daemon_factory, **server):
     return daemon_factory(workers=2, server={"max_workers": 4, **server}, sections={"timeouts": FAST})
+
+
+def send_until_answered(sock: socket.socket, pieces, every: float) -> bytes:
+    """Send the pieces one by one, ``every`` seconds apart, until the server says
+    something (returned) or the pieces run out (b"")."""
+    for piece in pieces:
+        try:
+            sock.sendall(piece)
+        except OSError:
+            break
+        time.sleep(every)
+        sock.setblocking(False)
+        try:
+            reply = sock.recv(4096)
+        except BlockingIOError:
+            reply = b""
+        finally:
+            sock.setblocking(True)
+        if reply:
+            return reply
+    return b""
 
 
 def test_idle_client_gets_421_4_4_2_and_the_worker_is_freed(daemon_factory):
@@ -39,23 +62,31 @@ def test_trickled_command_does_not_extend_the_deadline(daemon_factory):
     d = daemon_factory(workers=2, sections={"timeouts": {**FAST, "session": 300}})
     with socket.create_connection((d.host, d.port), timeout=10) as s:
         assert read_reply(s).startswith(b"220 ")
-        reply = b""
-        for byte in b"NOOP " + b"x" * 93 + b"\r\n":
-            try:
-                s.sendall(bytes([byte]))
-            except OSError:
-                break
-            time.sleep(0.3)
-            s.setblocking(False)
-            try:
-                reply += s.recv(4096)
-            except BlockingIOError:
-                pass
-            finally:
-                s.setblocking(True)
-            if reply:
-                break
+        line = b"NOOP " + b"x" * 93 + b"\r\n"
+        reply = send_until_answered(s, [line[i:i + 1] for i in range(len(line))], 0.3)
         assert reply.startswith(b"421 4.4.2 "), reply
+
+
+@pytest.mark.parametrize("which, pieces", [
+    ("data_block", [b"Subject: half\r\n\r\nand then nothing\r\n"] + [b""] * 100),  # then silence
+    ("data_done", [b"a steady line\r\n"] * 100),  # each well within data_block, no rate check
+], ids=["silent-client", "steady-client"])
+def test_a_timeout_inside_data_ends_the_transfer(daemon_factory, which, pieces):
+    """Only the timeout under test is short (1 s); the command, session and other DATA
+    limits are far off, so it alone can end the transfer within the 30 s the client
+    keeps going."""
+    timeouts = {"command": 300, "data_block": 60, "data_done": 300, "session": 300,
+                "min_data_rate": 0, which: 1}
+    d = daemon_factory(workers=2, sections={"timeouts": timeouts})
+    c = RawSMTP(d.port)
+    try:
+        assert c.command(b"EHLO client.example") == 250
+        assert c.start_data()[0] == 354
+        got = send_until_answered(c.sock, pieces, 0.3)
+        assert got.startswith(b"421 4.4.2 "), got
+    finally:
+        c.close()
+    assert not d.new_messages()
 
 
 def test_slow_data_below_the_minimum_rate_is_cut_off(daemon_factory):
@@ -67,24 +98,8 @@ def test_slow_data_below_the_minimum_rate_is_cut_off(daemon_factory):
         assert c.command(b"EHLO slow.example") == 250
         code, _ = c.start_data()
         assert code == 354
-        started = time.monotonic()
-        got = None
-        while time.monotonic() - started < 15:
-            try:
-                c.sock.sendall(b"x" * 10 + b"\r\n")
-            except OSError:
-                break
-            time.sleep(0.2)
-            c.sock.setblocking(False)
-            try:
-                got = c.sock.recv(4096)
-            except BlockingIOError:
-                got = None
-            finally:
-                c.sock.setblocking(True)
-            if got is not None:
-                break
-        assert got is not None and got.startswith(b"421 4.4.2 "), got
+        got = send_until_answered(c.sock, [b"x" * 10 + b"\r\n"] * 75, 0.2)  # 15 s, 60 octets/s
+        assert got.startswith(b"421 4.4.2 "), got
     finally:
         c.close()
     assert not d.new_messages()

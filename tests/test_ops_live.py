@@ -7,12 +7,15 @@ import os
 import signal
 import smtplib
 import socket
+import stat
+import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 
-from daemon import free_port, read_reply, send_message, serving_worker, wait_until
+from daemon import Daemon, free_port, read_reply, send_message, serving_worker, wait_until
 
 
 def test_bare_port_listens_on_ipv4_and_ipv6(daemon_factory):
@@ -96,6 +99,35 @@ def test_workers_ignore_the_signals_meant_for_the_master(daemon):
     assert client.data(b"Subject: signals\r\n\r\nstill here\r\n")[0] == 250
     client.quit()
     assert worker.is_running()
+
+
+def test_command_line_flags_outlive_a_reload(daemon_factory):
+    """Flags given with -c override the file, on every reload too (README, Command line)."""
+    d = daemon_factory(extra_args=["--hostname", "flag.example"])
+    assert d.sections["server"]["hostname"] != "flag.example"
+    with smtplib.SMTP(d.host, d.port, timeout=10) as client:
+        assert client.ehlo()[1].startswith(b"flag.example")
+    old = {w.pid for w in d.workers()}
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("[RELOAD] configuration generation 2")
+    wait_until(lambda: not old & {w.pid for w in d.workers()}, 10, 0.05, "the old workers gone")
+    with smtplib.SMTP(d.host, d.port, timeout=10) as client:
+        assert client.ehlo()[1].startswith(b"flag.example")
+
+
+def test_a_pidfile_of_a_running_master_stops_a_second_start(daemon_factory, tmp_path):
+    pidfile = tmp_path / "forksmtp.pid"
+    first = daemon_factory(server={"pidfile": str(pidfile)})
+    assert pidfile.read_text() == f"{first.pid}\n"
+    assert stat.S_IMODE(first.log_path.stat().st_mode) == 0o640  # the log it created
+    second = Daemon(tmp_path / "second", port=free_port(), server={"pidfile": str(pidfile)})
+    second.tmp.mkdir()
+    second.write_config()
+    done = subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(second.config_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert f"is held by running process {first.pid}" in done.stderr + second.log_text()
+    assert pidfile.read_text() == f"{first.pid}\n"
 
 
 def test_hup_reopens_the_log_after_rotation(daemon):

@@ -95,6 +95,10 @@ def test_usr1_logs_stats_and_writes_stats_file(daemon_factory, tmp_path):
         assert WORKER_KEYS <= w.keys()
         assert w["generation"] == 1 and w["rss"] > 0 and w["cpu_s"] >= 0
     assert sum(w["sessions"] for w in stats["workers"]) == 3
+    assert stats["master"]["pid"] == d.pid and stats["master"]["rss"] > 0
+    assert stats["per_ip"] == {} and stats["stress"] is False  # nobody connected now
+    assert stats["auth"] == {"succeeded": 0, "failed": 0}
+    assert stats["tls"] == {"handshakes": 0, "failed": 0}
 
     # One SIGUSR1, one line; the file holds the same document as the last line.
     count = d.log_text().count("[STATS] ")
@@ -102,7 +106,7 @@ def test_usr1_logs_stats_and_writes_stats_file(daemon_factory, tmp_path):
     assert d.log_text().count("[STATS] ") == count + 1
     # The file is written right after the log line.
     wait_until(lambda: json.loads(stats_file.read_text()) == last, 10, what="stats_file updated")
-    assert not list(tmp_path.glob("stats.json.*"))  # no temporary file left behind
+    assert [p.name for p in tmp_path.iterdir() if "stats" in p.name] == ["stats.json"]  # no temporary one
     assert_no_zombies(d)
 
 
@@ -373,6 +377,16 @@ def test_second_term_stops_at_once(daemon_factory):
 
 
 # -- SIGTTIN / SIGTTOU ---------------------------------------------------------------------
+
+def test_ttou_never_takes_the_pool_below_one_worker(daemon_factory):
+    d = daemon_factory(workers=1)
+    for n in (1, 2):  # one at a time: the kernel merges a signal sent while one is pending
+        d.signal(signal.SIGTTOU)
+        d.wait_for_log("SIGTTOU: pool minimum is now 1 workers", count=n)
+    send_message(d.port)
+    assert len(worker_pids(d)) >= 1
+    assert request_stats(d)["messages_accepted"] == 1
+
 
 def test_ttin_adds_and_ttou_removes_a_worker(daemon_factory):
     d = daemon_factory(workers=2)

@@ -28,11 +28,16 @@ def storage_reply(exc: OSError) -> R.Reply:
 class Router:
     """Per-worker cache of Maildir objects and the recipient -> Maildir map."""
 
-    def __init__(self, catch_all: str, mailboxes: Mapping[str, str], fsync: bool = True) -> None:
+    def __init__(self, catch_all: str, mailboxes: Mapping[str, str], fsync: bool = True,
+                 local_domains: tuple[str, ...] = ()) -> None:
         self.catch_all = catch_all
         self.mailboxes = mailboxes
         self.fsync = fsync
         self._maildirs: dict[str, maildir.Maildir] = {}
+        if "postmaster" not in mailboxes:  # bare <Postmaster>, as the session spells it
+            own = postmaster_box(mailboxes, local_domains)
+            if own is not None:
+                self.mailboxes = {**mailboxes, "postmaster": own}
 
     def route(self, recipients: list[str]) -> dict[str, list[str]]:
         """Destination Maildir path -> the distinct recipients stored there."""
@@ -63,6 +68,18 @@ class Router:
 
     def begin(self, path: str) -> Delivery:
         return self.maildir(path).begin()
+
+
+def postmaster_box(mailboxes: Mapping[str, str], local_domains: tuple[str, ...]) -> str | None:
+    """Where bare ``<Postmaster>`` (RFC 5321 4.5.1: this host's postmaster) is stored: the
+    Maildir of ``postmaster@`` the first local domain that has one in ``[mailboxes]``,
+    or, without local domains, of the only ``postmaster@`` there is; else the catch-all
+    (None)."""
+    if local_domains:
+        return next((mailboxes[f"postmaster@{d}"] for d in local_domains
+                     if f"postmaster@{d}" in mailboxes), None)
+    boxes = [path for address, path in mailboxes.items() if address.startswith("postmaster@")]
+    return boxes[0] if len(boxes) == 1 else None
 
 
 class Transaction:

@@ -91,7 +91,8 @@ class Worker:
 
     def _setup(self) -> None:
         cfg = self.cfg
-        self.router = delivery.Router(cfg.delivery.maildir, cfg.delivery.mailboxes, cfg.delivery.fsync)
+        self.router = delivery.Router(cfg.delivery.maildir, cfg.delivery.mailboxes, cfg.delivery.fsync,
+                                      cfg.delivery.local_domains)
         self.session_cfg = self._session_config(cfg.limits.max_errors)
         self.stress_cfg = self._session_config(cfg.limits.stress_max_errors)
         self.normalize_nets = [ipaddress.ip_network(n, strict=False) for n in cfg.limits.normalize_networks]

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from forksmtp import delivery
+
 HOST = "127.0.0.1"
 SENDER = "sender@client.test"
 
@@ -280,6 +282,34 @@ def test_a_mailbox_is_one_recipient_however_its_address_is_written(daemon_factor
     assert fields["Delivered-To"] == "alice@example.test"
     check_received(fields["Received"], recipient="alice@example.test")
     assert rest == b"Subject: a\n\none alice\n"
+
+
+def test_bare_postmaster_reaches_the_postmaster_mailbox(daemon_factory, tmp_path):
+    """<Postmaster> is this host's postmaster (RFC 5321 4.5.1): with a [mailboxes] entry
+    for postmaster@ a local domain, that is where it goes, not the catch-all."""
+    pm = tmp_path / "postmaster" / "Maildir"
+    d = daemon_factory(sections={"delivery": {"local_domains": ["example.test"]},
+                                 "mailboxes": {"postmaster@example.test": str(pm)}})
+    with connect(d) as client:
+        client.ehlo("client.example")
+        assert client.mail(SENDER)[0] == 250
+        assert client.docmd("RCPT", "TO:<Postmaster>")[0] == 250
+        assert client.data(b"Subject: pm\r\n\r\nfor the postmaster\r\n")[0] == 250
+    assert messages(d.maildir) == []
+    _, rest = split_trace(only_message(pm))
+    assert rest == b"Subject: pm\n\nfor the postmaster\n"
+
+
+@pytest.mark.parametrize("boxes, domains, expected", [
+    ({"postmaster@b.test": "B", "postmaster@a.test": "A"}, ("a.test", "b.test"), "A"),
+    ({"postmaster@b.test": "B"}, ("a.test", "b.test"), "B"),
+    ({"postmaster@other.test": "O"}, ("a.test",), None),
+    ({"postmaster@a.test": "A"}, (), "A"),
+    ({"postmaster@a.test": "A", "postmaster@b.test": "B"}, (), None),  # which one? neither
+    ({"alice@a.test": "X"}, ("a.test",), None),
+])
+def test_postmaster_box(boxes, domains, expected):
+    assert delivery.postmaster_box(boxes, domains) == expected
 
 
 def test_local_domains(daemon_factory):

@@ -27,6 +27,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from . import auth, delivery, process, tls
+from .logs import ERROR, INFO, WARNING
 from .smtp import replies as R
 from .smtp.session import (NEED_DATA, PAUSED, AuthRequest, DataChunk, DataEnd, DataStart,
                            Session, StartTLS)
@@ -233,7 +234,7 @@ class Connection:
     def _tls_failed(self, exc: Exception) -> bool:
         reason = getattr(exc, "reason", None) or exc
         self.close_reason = f"TLS handshake failed: {reason}"
-        self.log.queue("TLS", f"{self.peer_ip} handshake failed: {reason}")
+        self.log.queue("TLS", f"{self.peer_ip} handshake failed: {reason}", WARNING)
         self.worker.count_tls(False)
         return False
 
@@ -241,7 +242,7 @@ class Connection:
         creds = event.credentials
         w = self.worker
         if not w.auth_attempt(self.peer_ip):
-            self.log.queue("AUTH", f"{self.peer_ip} refused: too many failures")
+            self.log.queue("AUTH", f"{self.peer_ip} refused: too many failures", WARNING)
             self.session.close(R.R421_AUTH_FAILURES)
             return
         users = w.passwords
@@ -253,7 +254,7 @@ class Connection:
         w.count_auth(ok)
         self._drain_session_log()
         self.log.queue("AUTH", f"{self.peer_ip} {creds.mechanism} user={creds.username[:64]!r} "
-                               f"{'ok' if ok else 'failed'}")
+                               f"{'ok' if ok else 'failed'}", INFO if ok else WARNING)
         self.session.auth_result(ok, creds.username)
 
     # -- storage -------------------------------------------------------------------------
@@ -286,7 +287,7 @@ class Connection:
     def _storage_error(self, what: str, exc: OSError) -> R.Reply:
         """Log a storage failure, forget cached Maildirs (one may have been removed or
         replaced; the next message re-creates it), and give the 451/452 to answer."""
-        self.log.queue("ERROR", f"{what}: {exc}")
+        self.log.queue("ERROR", f"{what}: {exc}", ERROR)
         self.worker.router.forget()
         return delivery.storage_reply(exc)
 

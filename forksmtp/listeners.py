@@ -2,9 +2,9 @@
 
 Accepted forms (``--listen`` and ``server.listen``):
 
-* ``PORT`` (or ``:PORT``, ``*:PORT``) -- every IPv4 interface.  We deliberately bind
-  ``0.0.0.0`` rather than a dual-stack ``::`` socket: dual-stack behaviour depends on the
-  ``net.ipv6.bindv6only`` sysctl, and an operator who wants IPv6 too can say ``[::]:PORT``.
+* ``PORT`` (or ``:PORT``, ``*:PORT``) -- every interface: one dual-stack ``::`` socket
+  with ``IPV6_V6ONLY`` off (set explicitly, whatever ``net.ipv6.bindv6only`` says), so
+  IPv4 clients arrive as ``::ffff:a.b.c.d``; plain ``0.0.0.0`` where IPv6 is off.
 * ``HOST:PORT`` -- an IPv4 address or a host name.  A name is resolved when parsed so that
   ``--check`` reports names that do not resolve; it keeps its spelling for logs and binds
   its first IPv4 address (else its first IPv6 one), so ``localhost`` means 127.0.0.1.

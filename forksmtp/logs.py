@@ -17,7 +17,11 @@ import sys
 import time
 from typing import Final
 
-LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+DEBUG: Final = 10
+INFO: Final = 20
+WARNING: Final = 30
+ERROR: Final = 40
+LEVELS: Final = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERROR}
 #: ".mmmZ " for every millisecond: a busy worker's lines rarely share a millisecond, so
 #: the prefix is rebuilt for most of them, and a lookup is cheaper than formatting.
 _MILLIS: Final = tuple(f".{ms:03d}Z " for ms in range(1000))

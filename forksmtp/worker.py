@@ -28,7 +28,7 @@ from typing import Any, Callable, Final, Protocol
 
 from . import delivery, limits, process
 from .connection import Connection
-from .logs import Log
+from .logs import WARNING, Log
 from .scoreboard import Scoreboard
 from .smtp.session import Session, SessionConfig
 
@@ -230,7 +230,7 @@ class Worker:
         except (OSError, ValueError):
             pass  # the client left, or its handshake failed or was too slow
         self.log.queue("SMTP", str(reply))
-        self.log.queue("CLOSE", f"{ip} refused: {reason}")
+        self.log.queue("CLOSE", f"{ip} refused: {reason}", WARNING)
         self.log.flush()
 
     def _normalize_for(self, ip: str) -> bool | None:

@@ -429,3 +429,24 @@ def test_reload_whose_log_cannot_be_created_changes_nothing(small_tmpfs, daemon_
     assert deliver_one(old_port, "after-failed-reload")[0] == 250
     assert "configuration generation 2" not in d.log_text()
     assert_no_crash(d)
+
+
+def test_storage_errors_are_logged_at_level_warning(daemon_factory, tmp_path):
+    """An operator who keeps only problems in the log (level = "warning") still learns
+    why a client got 451; the session's own lines stay out."""
+    md = tmp_path / "md"
+    d = daemon_factory(sections={"delivery": {"maildir": str(md)}})  # info: [READY] is logged
+    old = {w.pid for w in d.workers()}
+    d.sections["log"]["level"] = "warning"
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: (pids := {w.pid for w in d.workers()}) and not old & pids, 10, 0.05,
+               "workers of the reloaded config only")
+    mark = len(d.log_text())
+    shutil.rmtree(md)
+    md.write_text("a file where the Maildir was\n")
+    code, text = deliver_one(d.port, "into-a-file")
+    assert code == 451 and b"4.3.0" in text, text
+    log = wait_until(lambda: "[ERROR] cannot open Maildir file" in (t := d.log_text()[mark:]) and t, 10,
+                     0.05, "the storage error logged")
+    assert "[SMTP]" not in log and "[CONN]" not in log

@@ -12,7 +12,7 @@ from .context import Bench, discard_maildir, fresh_maildir
 from .helpers import log, percentile, split_evenly
 from .loop import loop_prepare, loop_run
 from .maildir import check_stored
-from .measure import memory_report
+from .measure import MIN_SPLIT_S, memory_report
 from .processes import run_gated
 from .report import fmt
 from .servers import Server, start_system
@@ -35,13 +35,15 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
 
 
-def rate_fields(acked: int, wall: float, user: float, system: float) -> dict:
+def rate_fields(acked: int, wall: float, cpu: float, user_share: float | None) -> dict:
+    """Per-message figures; the user/system split only where it was measured."""
     per = 1000.0 / acked if acked else None
+    split = per is not None and user_share is not None
     return {"acked": acked, "wall_s": wall,
             "msgs_per_s": acked / wall if acked and wall > 0 else None,
-            "cpu_user_ms_per_msg": user * per if per else None,
-            "cpu_sys_ms_per_msg": system * per if per else None,
-            "cpu_ms_per_msg": (user + system) * per if per else None}
+            "cpu_user_ms_per_msg": cpu * user_share * per if split else None,
+            "cpu_sys_ms_per_msg": cpu * (1 - user_share) * per if split else None,
+            "cpu_ms_per_msg": cpu * per if per else None}
 
 
 def run_loop_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str) -> dict:
@@ -58,9 +60,15 @@ def run_loop_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str)
     stored, problem = check_stored(maildir, done)
     discard_maildir(bench, maildir)
     return {"sent": len(ids), "stored": stored, "problem": problem,
-            **rate_fields(len(done), wall, sum(r["user"] for r in results),
-                          sum(r["sys"] for r in results)),
+            **rate_fields(len(done), wall, *_split(sum(r["user"] for r in results),
+                                                    sum(r["sys"] for r in results))),
             **latency_fields("ack", lat)}
+
+
+def _split(user: float, system: float) -> tuple[float, float | None]:
+    """The loop's own rusage: (CPU s, user share), the share only above MIN_SPLIT_S."""
+    total = user + system
+    return total, (user / total if total >= MIN_SPLIT_S else None)
 
 
 def run_smtp_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str) -> dict:
@@ -84,9 +92,9 @@ def run_smtp_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str)
     if problem:
         keep_log(bench, server, tag)
     discard_maildir(bench, maildir)
-    user, system_cpu, vanished = load["cpu"]
+    cpu, user_share, vanished = load["cpu"]
     return {"sent": len(ids), "stored": stored, "problem": problem,
-            **rate_fields(len(acked), load["wall"], user, system_cpu),
+            **rate_fields(len(acked), load["wall"], cpu, user_share),
             **latency_fields("ack", load["ack_lat"]), **latency_fields("txn", load["txn_lat"]),
             "rejected": dict(load["rejected"]), "errors": dict(load["errors"]),
             "unsettled": load["unsettled"], "workers_vanished": vanished,
@@ -151,11 +159,15 @@ def report_cell(bench: Bench, cell: dict) -> None:
 
 
 def run_matrix(bench: Bench) -> list[dict]:
-    """Rounds x modes x sessions, the systems alternating innermost so drift cancels."""
+    """Rounds x modes x sessions, the systems alternating innermost so drift cancels;
+    every other round runs them in reverse order, so that no system always follows the
+    same one (what a cell leaves behind, dirty pages or a warm cache, lands on each in
+    turn)."""
     cells = []
     for rnd in range(bench.args.rounds):
+        systems = bench.args.systems if rnd % 2 == 0 else bench.args.systems[::-1]
         for mode in bench.args.modes:
             for sessions in bench.args.sessions:
-                for system in bench.args.systems:
+                for system in systems:
                     cells.append(run_cell(bench, system, mode, sessions, rnd))
     return cells

@@ -6,7 +6,7 @@ import resource
 import time
 
 from .maildir import maildir_name, write_all
-from .messages import body_for_size, message_head, to_lf
+from .messages import body_for_size, message_head, stored_trace, to_lf
 
 # --------------------------------------------------------------------------- the loop
 
@@ -14,7 +14,8 @@ def loop_prepare(maildir: str, ids: list[str], size: int, fsync_on: bool,
                  tmpfile: bool) -> dict:
     body = to_lf(body_for_size(size))
     return {"maildir": maildir, "fsync": fsync_on, "tmpfile": tmpfile, "ids": ids,
-            "messages": [to_lf(message_head(i)) + body for i in ids]}
+            # As big as a server's file of the same message: its trace fields included.
+            "messages": [stored_trace(i) + to_lf(message_head(i)) + body for i in ids]}
 
 
 def deliver_named(tmpdir: str, newdir: str, new_fd: int, data: bytes, seq: int,

@@ -49,13 +49,18 @@ def cpu_snapshot(server: Server) -> dict:
     return {"procs": procs, "reaped": reaped}
 
 
-def cpu_delta(before: dict, after: dict) -> tuple[float, float, int]:
-    """(user s, system s, workers that vanished) spent between two snapshots.
+#: Below this much CPU time (seconds, in 10 ms ticks) the user/system split of a cell is
+#: not reported: the kernel samples it a tick at a time, and a few ticks say nothing.
+MIN_SPLIT_S = 0.25
+
+
+def cpu_delta(before: dict, after: dict) -> tuple[float, float | None, int]:
+    """(CPU s, user share or None, workers that vanished) between two snapshots.
 
     The total comes from the precise run times when every process has one, and is split
-    into user and system in the proportion of the tick counts. Workers reaped meanwhile
-    count through the master's children_* ticks (their part before the first snapshot
-    is taken off again)."""
+    into user and system in the proportion of the tick counts, when there are enough of
+    them (MIN_SPLIT_S). Workers reaped meanwhile count through the master's children_*
+    ticks (their part before the first snapshot is taken off again)."""
     gone = [pid for pid in before["procs"] if pid not in after["procs"]]
     ticks_user = after["reaped"][0] - before["reaped"][0] - sum(before["procs"][p][0] for p in gone)
     ticks_sys = after["reaped"][1] - before["reaped"][1] - sum(before["procs"][p][1] for p in gone)
@@ -65,12 +70,9 @@ def cpu_delta(before: dict, after: dict) -> tuple[float, float, int]:
         u0, s0, run0 = before["procs"].get(pid, (0.0, 0.0, 0.0))
         ticks_user, ticks_sys = ticks_user + u - u0, ticks_sys + s - s0
         precise = None if precise is None or run is None or run0 is None else precise + run - run0
-    if precise is None:
-        return ticks_user, ticks_sys, len(gone)
-    total = precise + reaped_total
     ticks = ticks_user + ticks_sys
-    share = ticks_user / ticks if ticks > 0 else 0.5
-    return total * share, total * (1 - share), len(gone)
+    share = ticks_user / ticks if ticks >= MIN_SPLIT_S else None
+    return (ticks if precise is None else precise + reaped_total), share, len(gone)
 
 
 def memory_report(server: Server) -> dict:

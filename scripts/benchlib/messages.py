@@ -30,5 +30,14 @@ def body_for_size(size: int) -> bytes:
     return make_body(size - len(message_head("r0-forksmtp-durable-c50.99999")))
 
 
+def stored_trace(msg_id: str) -> bytes:
+    """What a server puts before the message it stores (Return-Path and a Received field
+    the size of forksmtp's), so the loop writes files as big as the servers' files."""
+    return (f"Return-Path: <{SENDER}>\n"
+            f"Received: from bench-client.example.test ([127.0.0.1])\n"
+            f"\tby mx.bench.example.test (forksmtp) with ESMTP id {msg_id[-12:]:>12}\n"
+            f"\tfor <{RECIPIENT}>; Thu, 01 Jan 2026 00:00:00 +0000\n").encode()
+
+
 def to_lf(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n")

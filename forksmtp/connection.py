@@ -351,7 +351,10 @@ class Connection:
         if sent == len(data):
             return
         view = memoryview(data)[sent:]
-        deadline = time.monotonic() + self.timeouts.command
+        # A client that stops reading holds the worker no longer than one that stops
+        # writing: the command timeout (the shorter one in stress mode), and never past
+        # the session deadline.
+        deadline = min(time.monotonic() + self.worker.command_timeout, self.session_deadline)
         while view:
             try:
                 sent = self.sock.send(view)

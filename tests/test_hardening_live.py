@@ -89,6 +89,33 @@ def test_a_timeout_inside_data_ends_the_transfer(daemon_factory, which, pieces):
     assert not d.new_messages()
 
 
+def test_a_client_that_stops_reading_is_cut_off(daemon_factory):
+    """Commands keep coming but their replies are never read: once the socket buffers are
+    full the worker waits to send, and that wait ends at the session deadline (3 s) too,
+    not after the 300 s command timeout."""
+    d = daemon_factory(workers=2, sections={"timeouts": {"command": 300, "session": 3}})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fill up soon
+    s.connect((d.host, d.port))
+    s.setblocking(False)
+    chunk = b"NOOP\r\n" * 10000
+    cut_off = False
+    started = time.monotonic()
+    try:
+        while not cut_off and time.monotonic() - started < 60:
+            try:
+                s.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.05)
+            except OSError:  # reset: the server gave up on this client
+                cut_off = True
+    finally:
+        s.close()
+    assert cut_off
+    assert "[CLOSE] 127.0.0.1 I/O error" in d.wait_for_log("[CLOSE]")
+    send_message(d.port)  # the worker is free again
+
+
 def test_slow_data_below_the_minimum_rate_is_cut_off(daemon_factory):
     """A slowloris in DATA: bytes keep coming, but far below min_data_rate.  data_done and
     the session deadline are far off, so only the rate can end it within the loop."""

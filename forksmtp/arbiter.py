@@ -168,11 +168,14 @@ class Arbiter:
         snap = self.board.snapshot()
         self._murder_stuck(snap, now)
         self._manage_pool(now, snap)
-        implicit = listen_addresses(self.cfg)[1]
         self.fast = self.overflow.check(snap, now, len(self.workers), self.cfg.server.max_workers,
-                                        list(self.sockets.values()),
-                                        frozenset(s for a, s in self.sockets.items() if a in implicit))
+                                        list(self.sockets.values()), frozenset(self._implicit_sockets()))
         self._housekeeping(now)
+
+    def _implicit_sockets(self) -> list[socket.socket]:
+        """The listening sockets whose clients speak TLS first (``implicit_listen``)."""
+        implicit = listen_addresses(self.cfg)[1]
+        return [sock for addr, sock in self.sockets.items() if addr in implicit]
 
     def _guarded(self, step) -> None:
         """Run one step of the loop; an unexpected error is logged, never fatal: the
@@ -281,10 +284,8 @@ class Arbiter:
         self.signals.reset_in_child()
         os.close(self.death_w)
         socks = list(self.sockets.values())
-        implicit = listen_addresses(self.cfg)[1]
         security = Security(self.tls_context, self.passwords,
-                            frozenset(self.sockets[a].fileno() for a in implicit if a in self.sockets),
-                            self.auth_limiter)
+                            frozenset(s.fileno() for s in self._implicit_sockets()), self.auth_limiter)
         w = Worker(self.cfg, socks, self.board, slot, self.generation, self.death_r, self.log, security)
         w.prepare()  # opens what needs privileges (the scoreboard lock) first
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # the worker's handlers are set
@@ -423,10 +424,9 @@ class Arbiter:
             return
         self.tls_context, self.passwords = context, passwords
         old_addrs = set(self.sockets) - listen_addresses(new)[0]
-        kept = set(map(id, opened.values()))
         for addr in old_addrs:
             sock = self.sockets.pop(addr)
-            if id(sock) not in kept:  # not taken over by a new spelling of its address
+            if sock not in opened.values():  # not taken over by a new spelling of its address
                 sock.close()
         self.sockets.update(opened)
         # Reopened even when unchanged: after logrotate renamed the file, HUP starts a new one.

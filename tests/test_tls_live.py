@@ -381,13 +381,19 @@ def test_log_shows_tls_and_auth_but_never_secrets(server, certs):
 
 # -- policies: require_tls, required AUTH, minimum version ----------------------------------
 
-def test_smtps_client_over_the_limit_reads_its_421_inside_tls(daemon_factory, certs, tmp_path):
-    """RFC 8314: on an SMTPS port TLS comes first, so a refused client gets the handshake
-    and then its 421 4.7.0 encrypted, not plaintext a TLS client reads as garbage."""
+def one_smtps_session_per_address(daemon_factory, certs, tmp_path) -> tuple[Daemon, int]:
+    """A daemon with an SMTPS port and max_connections_per_ip = 1; returns it and the port."""
     pw = password_file(tmp_path / "passwd", alice=PASSWORD)
     implicit = free_port()
     d = daemon_factory(server={"max_connections_per_ip": 1},
                        sections=tls_sections(certs, pw, tls={"implicit_listen": [f"{HOST}:{implicit}"]}))
+    return d, implicit
+
+
+def test_smtps_client_over_the_limit_reads_its_421_inside_tls(daemon_factory, certs, tmp_path):
+    """RFC 8314: on an SMTPS port TLS comes first, so a refused client gets the handshake
+    and then its 421 4.7.0 encrypted, not plaintext a TLS client reads as garbage."""
+    d, implicit = one_smtps_session_per_address(daemon_factory, certs, tmp_path)
     with smtplib.SMTP_SSL(HOST, implicit, timeout=TIMEOUT, context=certs.client_context()) as first:
         assert first.noop()[0] == 250
         with pytest.raises(smtplib.SMTPConnectError) as refused:
@@ -398,6 +404,18 @@ def test_smtps_client_over_the_limit_reads_its_421_inside_tls(daemon_factory, ce
                "the first session's count released")
     with smtplib.SMTP_SSL(HOST, implicit, timeout=TIMEOUT, context=certs.client_context()) as again:
         assert again.noop()[0] == 250  # the worker is free again
+
+
+def test_a_refused_smtps_client_that_never_handshakes_is_let_go(daemon_factory, certs, tmp_path):
+    """The refusal's handshake is cut short (worker.REFUSAL_TLS_TIMEOUT, 5 s): a client over
+    the limit that says nothing does not keep the worker."""
+    d, implicit = one_smtps_session_per_address(daemon_factory, certs, tmp_path)
+    with smtplib.SMTP_SSL(HOST, implicit, timeout=TIMEOUT, context=certs.client_context()) as first:
+        assert first.noop()[0] == 250
+        with socket.create_connection((HOST, implicit), timeout=30) as silent:
+            assert replies_until_eof(silent) == b""  # closed by the server, no handshake done
+        wait_log_count(d, "refused: max_connections_per_ip", 1)
+        assert first.noop()[0] == 250
 
 
 def test_master_writes_no_plaintext_to_an_smtps_client_when_every_worker_is_busy(

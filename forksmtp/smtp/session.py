@@ -206,7 +206,13 @@ class Session(SecureCommands):
         # ASCII only: str.upper() maps some other letters onto ASCII ("ı" -> "I",
         # "ſ" -> "S"), which would run "MAıL" as MAIL.
         verb = verb.upper() if verb.isascii() else verb
-        if self._after_auth and self._hidden_after_auth(verb):
+        # Of the two lines after an AUTH command, one that is no command may be a SASL
+        # response sent ahead of the refusal (a LOGIN user name, a password).
+        hidden = False
+        if self._after_auth:
+            self._after_auth -= 1
+            hidden = verb not in _HANDLERS and verb not in NOT_OFFERED
+        if hidden:
             self._log(f"<line after AUTH, {len(line)} octets, not logged>")
         else:
             self._log(_loggable(text if text is not None else line.decode("latin-1")))
@@ -228,12 +234,6 @@ class Session(SecureCommands):
             handler(self, arg)
         except CommandError as exc:
             self._send(exc.reply)
-
-    def _hidden_after_auth(self, verb: str) -> bool:
-        """One of the two lines after an AUTH command: no command, so maybe a SASL
-        response the client sent before it learnt AUTH was refused; not to be logged."""
-        self._after_auth -= 1
-        return verb not in _HANDLERS and verb not in NOT_OFFERED
 
     def _offered(self, verb: str) -> bool:
         if verb == "STARTTLS":

@@ -12,7 +12,7 @@ from .context import Bench, discard_maildir, fresh_maildir
 from .helpers import log, percentile, split_evenly
 from .loop import loop_prepare, loop_run
 from .maildir import check_stored
-from .measure import MIN_SPLIT_S, memory_report
+from .measure import memory_report, user_share
 from .processes import run_gated
 from .report import fmt
 from .servers import Server, start_system
@@ -57,18 +57,12 @@ def run_loop_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str)
     done = [i for r in results for i in r["done"]]
     wall = max(r["t_end"] for r in results) - min(r["t_start"] for r in results)
     lat = [x for r in results for x in r["lat"]]
+    user, system = sum(r["user"] for r in results), sum(r["sys"] for r in results)
     stored, problem = check_stored(maildir, done)
     discard_maildir(bench, maildir)
     return {"sent": len(ids), "stored": stored, "problem": problem,
-            **rate_fields(len(done), wall, *_split(sum(r["user"] for r in results),
-                                                    sum(r["sys"] for r in results))),
+            **rate_fields(len(done), wall, user + system, user_share(user, system)),
             **latency_fields("ack", lat)}
-
-
-def _split(user: float, system: float) -> tuple[float, float | None]:
-    """The loop's own rusage: (CPU s, user share), the share only above MIN_SPLIT_S."""
-    total = user + system
-    return total, (user / total if total >= MIN_SPLIT_S else None)
 
 
 def run_smtp_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str) -> dict:

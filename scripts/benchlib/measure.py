@@ -70,9 +70,14 @@ def cpu_delta(before: dict, after: dict) -> tuple[float, float | None, int]:
         u0, s0, run0 = before["procs"].get(pid, (0.0, 0.0, 0.0))
         ticks_user, ticks_sys = ticks_user + u - u0, ticks_sys + s - s0
         precise = None if precise is None or run is None or run0 is None else precise + run - run0
-    ticks = ticks_user + ticks_sys
-    share = ticks_user / ticks if ticks >= MIN_SPLIT_S else None
-    return (ticks if precise is None else precise + reaped_total), share, len(gone)
+    total = ticks_user + ticks_sys if precise is None else precise + reaped_total
+    return total, user_share(ticks_user, ticks_sys), len(gone)
+
+
+def user_share(user: float, system: float) -> float | None:
+    """The user part of tick-sampled CPU time, or None below MIN_SPLIT_S."""
+    ticks = user + system
+    return user / ticks if ticks >= MIN_SPLIT_S else None
 
 
 def memory_report(server: Server) -> dict:

@@ -9,6 +9,10 @@ attacker the window, not just the 50 ms scrypt check.  A full neighbourhood of t
 table overwrites its oldest window, so an attacker with very many addresses can push a
 blocked address out early; the table is sized (1024 entries) for the addresses one
 server sees in a window, and every attempt still costs a full scrypt check.
+
+An IPv6 client is counted by its /64, not its own address: a /64 is what one site or
+one host is given, and an attacker who holds one has 2**64 addresses to rotate through,
+which would make a per-address limit no limit at all.  IPv4 clients count per address.
 """
 
 from __future__ import annotations
@@ -18,9 +22,19 @@ import struct
 import zlib
 
 from .scoreboard import ip_key
+from .snapshot import _V4_PREFIX
 
 _ENTRY = struct.Struct("<16sId")  # address key, failures, window start (monotonic)
 _PROBE = 8
+_V6_NETWORK = 8  # octets of an IPv6 address that name its /64
+
+
+def client_key(ip: str) -> bytes:
+    """The table key: ``ip_key`` of the address, an IPv6 one cut to its /64."""
+    key = ip_key(ip)
+    if key.startswith(_V4_PREFIX) or ":" not in ip:
+        return key
+    return key[:_V6_NETWORK] + bytes(16 - _V6_NETWORK)
 
 
 class AuthLimiter:
@@ -52,7 +66,7 @@ class AuthLimiter:
         """May this address try a password now?  If so the attempt counts as a failure
         at once, before the check: checks running at the same time in several workers
         then never add up to more than ``max_failures``.  ``succeeded`` gives it back."""
-        key = ip_key(ip)
+        key = client_key(ip)
         with self.board.locked():
             off = self._find(key, now) * _ENTRY.size
             k, n, t = _ENTRY.unpack_from(self._mm, off)
@@ -65,7 +79,7 @@ class AuthLimiter:
 
     def succeeded(self, ip: str, now: float) -> None:
         """The password was right: the attempt is no failure."""
-        key = ip_key(ip)
+        key = client_key(ip)
         with self.board.locked():
             off = self._find(key, now) * _ENTRY.size
             k, n, t = _ENTRY.unpack_from(self._mm, off)

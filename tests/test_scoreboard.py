@@ -394,6 +394,22 @@ def test_auth_limit_counts_checks_in_flight(sb):
     assert limiter.attempt("192.0.2.1", 310.1)  # the window is over
 
 
+def test_auth_limit_counts_an_ipv6_client_by_its_64(sb):
+    """Addresses in one /64 share a count (whoever holds one holds them all); the next
+    /64 and IPv4 addresses count on their own."""
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0)
+    for n in range(1, 6):
+        assert limiter.attempt(f"2001:db8:0:7::{n:x}", 1.0)
+    assert not limiter.attempt("2001:db8:0:7:ffff:ffff:ffff:ffff", 2.0)
+    assert not limiter.attempt("2001:DB8:0:7::abcd%eth0", 2.0)
+    assert limiter.attempt("2001:db8:0:8::1", 2.0)
+    limiter.succeeded("2001:db8:0:7::99", 3.0)  # a right password from the /64 gives one back
+    assert limiter.attempt("2001:db8:0:7::1", 4.0) and not limiter.attempt("2001:db8:0:7::1", 4.0)
+    for n in range(1, 6):
+        assert limiter.attempt(f"192.0.2.{n}", 5.0)  # five IPv4 neighbours: five counts of one
+    assert limiter.attempt("::ffff:192.0.2.1", 5.0)  # the same client as 192.0.2.1: its second
+
+
 def test_auth_limit_holds_across_processes(sb):
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
     pids = [start(sb, lambda: 1 if limiter.attempt("192.0.2.9", 1.0) else 2) for _ in range(12)]

@@ -141,6 +141,10 @@ class Connection:
             self.close_reason = "server stopping"
             session.close(R.R421_SHUTDOWN)
             self._flush(final=True)
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            self.close_reason = "client disconnected"  # TLS seen to end while replying
+        except ssl.SSLError as exc:  # its errno is OpenSSL's code, not a system error
+            self.close_reason = f"TLS error: {exc.reason or exc}"
         except OSError as exc:
             self.close_reason = f"I/O error: {os.strerror(exc.errno) if exc.errno else exc}"
         finally:

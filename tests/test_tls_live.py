@@ -356,6 +356,18 @@ def test_failed_handshake_on_the_smtps_port(server, certs):
         assert c.noop()[0] == 250
 
 
+def test_a_client_that_leaves_right_after_the_handshake_is_logged_as_gone(server, certs):
+    """The greeting's send then fails with an SSL error, whose errno is OpenSSL's code,
+    not a system one: the log must not read it as one ("Exec format error")."""
+    before = len(log_lines(server, "CLOSE"))
+    for _ in range(3):
+        sock = connect(server.implicit_port, timeout=TIMEOUT)
+        certs.client_context().wrap_socket(sock, server_hostname="localhost").close()
+    closes = wait_until(lambda: len(log_lines(server, "CLOSE")) >= before + 3 and log_lines(server, "CLOSE"),
+                        TIMEOUT, what="three [CLOSE] lines")[before:]
+    assert closes and all(line.endswith(" client disconnected") for line in closes), closes
+
+
 def test_log_shows_tls_and_auth_but_never_secrets(server, certs):
     seen = len(log_lines(server, "AUTH"))
     stored = server.log_text().count("[STORE]")

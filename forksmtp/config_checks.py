@@ -141,6 +141,13 @@ def _one_of(*choices: str) -> Callable[[Any], Any]:
 _non_empty = _check(bool, "must list at least one address")
 _positive = _check(lambda v: v > 0, "must be a number > 0")
 _not_negative = _check(lambda v: v >= 0, "must be a number >= 0")
+#: The longest timeout taken: a day.  Waits end in poll(2), whose limit is 24.8 days in
+#: milliseconds, and no SMTP wait has a reason to approach even a day.
+MAX_TIMEOUT = 86400
+_timeout = _check(lambda v: 0 < v <= MAX_TIMEOUT, f"must be a number > 0 and <= {MAX_TIMEOUT} (a day)")
+#: A client waits 5 minutes for the greeting (RFC 5321 4.5.3.2.1): a longer delay would
+#: turn every client away as an early talker or a timeout.
+_greeting_delay = _check(lambda v: 0 <= v < 300, "must be a number >= 0 and < 300 (clients wait 5 minutes for the greeting)")
 _share = _check(lambda v: 0 < v <= 1, "must be a number > 0 and <= 1")
 # A name we put in the greeting and Received headers: a domain or an address literal.
 _HOSTNAME = re.compile(r"\[[!-Z^-~]+\]|(?=.{1,253}\.?$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"

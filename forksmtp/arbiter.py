@@ -32,7 +32,7 @@ from . import (auth, config as config_mod, connection, limits, listeners, maildi
 from .authlimit import AuthLimiter
 from .overflow import OverflowGuard
 from .security import Security, listen_addresses, load_security
-from .logs import Log
+from .logs import ALWAYS, Log
 from .scoreboard import BUSY, IDLE, STATE_NAMES, Scoreboard
 from .signals import HANDLED, NAMES, SignalQueue
 from .worker import EXIT_BOOT_ERROR, Worker
@@ -54,6 +54,13 @@ def _is_crash(status: int) -> bool:
 
 
 #: What a reload reports as its failure, keeping the running config; anything else is a bug.
+class MaildirError(OSError):
+    """A configured Maildir that cannot be made, named by its config key."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 RELOAD_ERRORS = (config_mod.ConfigError, tls.TLSError, auth.PasswordFileError, listeners.BindError,
                  OSError)
 
@@ -111,9 +118,9 @@ class Arbiter:
         self.tls_context, self.passwords = load_security(cfg)
         for addr in sorted(listen_addresses(cfg)[0], key=str):
             self.sockets[addr] = self._bind(addr)
+        self._prepare_maildirs(cfg)
         if cfg.server.pidfile:
             process.write_pidfile(cfg.server.pidfile)
-        self._prepare_maildirs(cfg)
         nslots = 2 * cfg.server.max_workers + 16  # room for an old generation during reload
         self.board = Scoreboard.create(nslots)
         self.board.set_generation(self.generation)
@@ -130,9 +137,15 @@ class Arbiter:
         return sock
 
     def _prepare_maildirs(self, cfg) -> None:
-        paths = {cfg.delivery.maildir, *cfg.delivery.mailboxes.values()}
+        keys = {path: f'mailboxes."{address}"' for address, path in cfg.delivery.mailboxes.items()}
+        keys[cfg.delivery.maildir] = "delivery.maildir"
+        paths = set(keys)
         for path in sorted(paths):
-            maildir.Maildir(path, fsync=cfg.delivery.fsync)
+            try:
+                maildir.Maildir(path, fsync=cfg.delivery.fsync)
+            except OSError as exc:
+                raise MaildirError(exc.errno, f"{keys[path]} = {path}: cannot make the Maildir: "
+                                   f"{exc.filename or path}: {exc.strerror or exc}") from exc
             removed = maildir.clean_tmp(path)
             if removed:
                 self.log.info("STORE", f"removed {removed} stale file(s) from {path}/tmp")
@@ -198,7 +211,7 @@ class Arbiter:
 
     def handle_usr1(self) -> None:
         doc = stats.dumps(self._stats())
-        self.log.info("STATS", doc)
+        self.log.line("STATS", doc, ALWAYS)  # asked for: written whatever the log level
         if self.cfg.server.stats_file:
             try:
                 stats.write_atomic(self.cfg.server.stats_file, doc)
@@ -518,6 +531,8 @@ def run(cfg, overrides: dict | None = None) -> int:
     except (listeners.BindError, process.PidfileError, tls.TLSError, auth.PasswordFileError,
             OSError) as exc:
         print(f"forksmtp: {exc}", file=sys.stderr)
+        if cfg.server.pidfile and not isinstance(exc, process.PidfileError):
+            process.remove_pidfile(cfg.server.pidfile)  # ours only: it checks the pid
         return 1
     try:
         return arbiter.run()

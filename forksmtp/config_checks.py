@@ -234,6 +234,10 @@ def _creatable_dir(path: str) -> str:
         raise ValueError(f"{where}is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{where}is not writable")
+    for sub in ("tmp", "new", "cur"):  # what the server would make inside it
+        inner = os.path.join(path, sub)
+        if os.path.lexists(inner) and not os.path.isdir(inner):
+            raise ValueError(f"{inner} is not a directory")
     return path
 
 

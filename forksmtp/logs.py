@@ -21,6 +21,7 @@ DEBUG: Final = 10
 INFO: Final = 20
 WARNING: Final = 30
 ERROR: Final = 40
+ALWAYS: Final = 100  # a line asked for (SIGUSR1's stats): written at every level
 LEVELS: Final = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERROR}
 #: ".mmmZ " for every millisecond: a busy worker's lines rarely share a millisecond, so
 #: the prefix is rebuilt for most of them, and a lookup is cheaper than formatting.

@@ -71,6 +71,8 @@ def _mkdir(path: str, mode: int) -> bool:
     try:
         os.mkdir(path, mode)
     except FileExistsError:
+        if not os.path.isdir(path):  # a file or a dangling symlink where new/ should be
+            raise NotADirectoryError(errno.ENOTDIR, "exists but is not a directory", path) from None
         return False        # never change the mode of a directory we did not make
     if mode != 0o777:
         os.chmod(path, mode)  # mkdir's mode is filtered by the umask

@@ -159,6 +159,18 @@ def test_every_error_names_file_key_and_problem(etc: Path, snippet: str, key: st
     assert line.startswith(f"{path}: {key}") and line.endswith(err.problem) and "\n" not in line
 
 
+@pytest.mark.parametrize("sub", ["tmp", "new", "cur"])
+def test_a_maildir_holding_a_file_where_a_subdirectory_goes(etc: Path, sub: str) -> None:
+    """Else the server started and every message failed after its DATA."""
+    (etc / "md").mkdir()
+    (etc / "md" / sub).write_text("x\n")
+    path = write(etc, '[delivery]\nmaildir = "md"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert info.value.key == "delivery.maildir"
+    assert info.value.problem == f"{etc / 'md' / sub} is not a directory"
+
+
 def test_error_shows_the_value_as_written(etc: Path) -> None:
     path = write(etc, "[server]\nworkers = -1\n", name="x.toml")
     with pytest.raises(ConfigError) as info:

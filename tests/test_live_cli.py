@@ -253,6 +253,20 @@ def test_port_in_use_is_a_one_line_error(servers):
     assert f"{HOST}:{port}" in err
 
 
+def test_a_maildir_that_cannot_be_made_fails_the_start_by_name(servers, tmp_path):
+    """The path passes --check (its nearest existing ancestor, /proc, looks writable to
+    root) but cannot be made: one line naming the key, exit 1, and no pidfile left behind
+    naming a process that is gone."""
+    pidfile = tmp_path / "forksmtp.pid"
+    server = servers("--listen", f"{HOST}:{free_port()}", "--maildir", "/proc/forksmtp-none/Maildir",
+                     "--pidfile", str(pidfile))
+    assert server.proc.wait(20) == 1
+    err = server.stderr()
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "delivery.maildir = /proc/forksmtp-none/Maildir: cannot make the Maildir" in err
+    assert not pidfile.exists()
+
+
 def test_ctrl_c_stops_master_and_workers(servers, tmp_path):
     port = free_port()
     server = servers("--listen", f"{HOST}:{port}", "--maildir", str(tmp_path / "Maildir"),

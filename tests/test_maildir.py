@@ -63,6 +63,21 @@ def test_leaves_existing_directories_alone(tmp_path):
     assert mode_of(root / "tmp") == 0o700 and mode_of(root / "new") == 0o700
 
 
+@pytest.mark.parametrize("kind", ["file", "dangling symlink"])
+def test_a_file_where_new_goes_is_refused_when_the_maildir_is_made(tmp_path, kind):
+    """Not taken as the directory it should be: the server would start and refuse every
+    message after its DATA."""
+    root = tmp_path / "Maildir"
+    root.mkdir()
+    if kind == "file":
+        (root / "new").write_text("x\n")
+    else:
+        (root / "new").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NotADirectoryError) as info:
+        Maildir(str(root))
+    assert info.value.filename == str(root / "new")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_content_name_and_size(tmp_path, mode):
     md = make(tmp_path / "md", mode)

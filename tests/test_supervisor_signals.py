@@ -21,7 +21,8 @@ import psutil
 import pytest
 
 from daemon import (Daemon, assert_no_zombies, connect, connection_refused, free_port, gone,
-                    read_reply, request_stats, send_message, unusual_lines, wait_until, worker_pids)
+                    read_reply, request_stats, send_message, unusual_lines, wait_until, worker_pids,
+                    write_config)
 from forksmtp.arbiter import STUCK_GRACE
 
 BODY = b"Subject: supervisor\r\n\r\nhello\r\n"
@@ -108,6 +109,19 @@ def test_usr1_logs_stats_and_writes_stats_file(daemon_factory, tmp_path):
     wait_until(lambda: json.loads(stats_file.read_text()) == last, 10, what="stats_file updated")
     assert [p.name for p in tmp_path.iterdir() if "stats" in p.name] == ["stats.json"]  # no temporary one
     assert_no_zombies(d)
+
+
+def test_usr1_writes_its_line_at_every_log_level(daemon_factory):
+    """The operator asked for the stats: a level that hides info lines must not swallow
+    the [STATS] line, the contract's answer to SIGUSR1."""
+    d = daemon_factory(workers=1)
+    old = wait_until(lambda: worker_pids(d), 10, what="a worker")
+    d.sections["log"]["level"] = "error"
+    write_config(d.config_path, d.sections)
+    d.signal(signal.SIGHUP)  # the reload itself is logged at info: seen by its new worker
+    wait_until(lambda: (p := worker_pids(d)) and not p & old, 10, what="the reloaded worker")
+    stats = request_stats(d)
+    assert stats["config_generation"] == 2
 
 
 # -- SIGHUP --------------------------------------------------------------------------------

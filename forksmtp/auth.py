@@ -89,8 +89,9 @@ def load(path: str) -> dict[str, str]:
 def set_password(path: str, user: str, password: str) -> None:
     """Add or replace ``user``'s line, keep the others; the file is 0600 and replaced
     atomically so a crash never leaves it half-written."""
-    if not user or ":" in user or any(c.isspace() for c in user):
-        raise PasswordFileError(f"invalid user name {user!r}")
+    if not user or ":" in user or any(c.isspace() for c in user) or user.startswith("#"):
+        # "#..." would be written, then read back as a comment: a user who never logs in.
+        raise PasswordFileError(f"invalid user name {user!r}: no ':', no spaces, not starting with '#'")
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()

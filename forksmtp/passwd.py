@@ -41,7 +41,9 @@ def _password_file(args: argparse.Namespace, config: str | None) -> str:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SystemExit(f"forksmtp passwd: {config}: {exc}") from None
     path = raw.get("auth", {}).get("password_file") if isinstance(raw.get("auth"), dict) else None
-    if not isinstance(path, str) or not path:
+    if path is not None and not isinstance(path, str):
+        raise SystemExit(f"forksmtp passwd: {config}: auth.password_file = {path!r}: must be a string")
+    if not path:
         raise SystemExit(f"forksmtp passwd: {config} has no [auth] password_file")
     # Relative paths are relative to the config file, as everywhere in the config.
     return os.path.join(os.path.dirname(os.path.abspath(config)), os.path.expanduser(path))
@@ -68,8 +70,11 @@ def main(argv: list[str], config: str | None = None) -> int:
         return 2
     try:
         auth.set_password(path, args.user, password)
-    except (auth.PasswordFileError, OSError) as exc:
+    except auth.PasswordFileError as exc:
         print(f"forksmtp passwd: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # named by the file asked for, not by a temporary one beside it
+        print(f"forksmtp passwd: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     print(f"password for {args.user} written to {path}")
     return 0

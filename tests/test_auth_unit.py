@@ -585,7 +585,7 @@ def test_set_password_replaces_only_that_users_line(tmp_path):
     assert auth.verify(auth.load(str(f))["carol"], "c")
 
 
-@pytest.mark.parametrize("user", ["", "a:b", "a b", "a\tb", "a\nb"])
+@pytest.mark.parametrize("user", ["", "a:b", "a b", "a\tb", "a\nb", "#admin"])  # "#": a comment line
 def test_set_password_refuses_bad_user_names(tmp_path, user):
     with pytest.raises(auth.PasswordFileError):
         auth.set_password(str(tmp_path / "passwd"), user, "pw")
@@ -637,6 +637,13 @@ def test_passwd_command_errors(tmp_path):
     conf.write_text(f'[delivery]\nmaildir = "{tmp_path / "Maildir"}"\n')
     r = passwd("passwd", "alice", "-c", str(conf), stdin="pw\n", cwd=tmp_path)
     assert r.returncode == 2 and b"password_file" in r.stderr
+    conf.write_text('[auth]\npassword_file = 5\n')
+    r = passwd("passwd", "alice", "-c", str(conf), stdin="pw\n", cwd=tmp_path)
+    assert r.returncode == 2 and b"auth.password_file = 5: must be a string" in r.stderr, r.stderr
+    missing = tmp_path / "no-such-dir" / "passwd"
+    r = passwd("passwd", "alice", "-f", str(missing), stdin="pw\n", cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.decode().strip() == f"forksmtp passwd: cannot write {missing}: No such file or directory"
 
 
 def test_passwd_with_config_before_the_certificate_exists(tmp_path):

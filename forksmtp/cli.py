@@ -149,6 +149,8 @@ def _check_files(cfg) -> str:
             tls.build_context(cfg.tls, cfg.path)
         if cfg.auth is not None:
             auth.load(cfg.auth.password_file)
-    except (tls.TLSError, auth.PasswordFileError) as exc:
+    except tls.TLSError as exc:
         return str(exc)
+    except auth.PasswordFileError as exc:  # its text names the password file and the line
+        return f"{cfg.path or 'command line'}: auth.password_file: {exc}"
     return ""

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import socket
 import sys
 from collections.abc import Callable, Mapping
@@ -190,6 +191,7 @@ _SECTIONS: dict[str, type] = {
     "server": ServerConfig, "limits": LimitsConfig, "timeouts": TimeoutsConfig,
     "delivery": DeliveryConfig, "log": LogConfig, "tls": TLSConfig, "auth": AuthConfig,
 }
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _OPTIONAL = frozenset({"tls", "auth"})  # absent section: feature off (None)
 _KNOWN = frozenset(f"{s}.{k}" for s, k, *_ in _KEYS)
 
@@ -236,9 +238,9 @@ def _reject_unknown(raw: dict, file: str) -> None:
     for section, table in raw.items():
         if section not in _SECTIONS and section != "mailboxes":
             if not isinstance(table, dict):  # a key above the first [section]
-                raise ConfigError(file, section, table, "key outside any section" + _suggest_key(section))
+                raise ConfigError(file, _toml_key(section), table, "key outside any section" + _suggest_key(section))
             hint = _did_you_mean(difflib.get_close_matches(section, [*_SECTIONS, "mailboxes"], 1), "[{}]")
-            raise ConfigError(file, f"[{section}]", None, "unknown section" + hint)
+            raise ConfigError(file, f"[{_toml_key(section)}]", None, "unknown section" + hint)
         if not isinstance(table, dict):
             raise ConfigError(file, section, table, f"must be a table, written [{section}]")
         if section == "mailboxes":
@@ -246,7 +248,13 @@ def _reject_unknown(raw: dict, file: str) -> None:
         for key, value in table.items():
             dotted = f"{section}.{key}"
             if dotted not in _KNOWN:
-                raise ConfigError(file, dotted, value, "unknown key" + _suggest_key(dotted))
+                raise ConfigError(file, f"{section}.{_toml_key(key)}", value, "unknown key" + _suggest_key(dotted))
+
+
+def _toml_key(name: str) -> str:
+    """A key as TOML would write it: bare when it can be, else quoted, so that a name
+    holding a newline or a dot cannot break or bend the one-line message."""
+    return name if _BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
 
 
 def _suggest_key(name: str) -> str:
@@ -271,6 +279,13 @@ def _build(section: str, sources: dict[str, _Source], file: str) -> Any:
             if default is REQUIRED:
                 raise ConfigError(file, dotted, None, f"required when [{section}] is present")
             src = _Source(default() if callable(default) else default, file, os.getcwd())
+            try:
+                values[key] = _convert(dotted, src, kind, validate)
+            except ConfigError as exc:  # the file did not set it: do not blame the file alone
+                where = f", relative to the working directory {src.base}" if kind is _path else ""
+                exc.problem += f" (the built-in default: the key is not set{where})"
+                raise
+            continue
         values[key] = _convert(dotted, src, kind, validate)
     return _SECTIONS[section](**values)
 

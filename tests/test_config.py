@@ -131,6 +131,8 @@ BAD = [
     ('[tls]\n', "tls.cert_file", "required when [tls] is present"),
     ('[auth]\n', "auth.password_file", "required when [auth] is present"),
     ('[log]\nlevel = "info"\nformat = "json"\n', "log.format", "unknown key"),
+    ('[server]\n"wor\\nkers" = 1\n', 'server."wor\\nkers"', "unknown key (did you mean server.workers?)"),
+    ('["se\\nrver"]\nworkers = 1\n', '["se\\nrver"]', "unknown section"),
     ('[tls]\nkey_file = "key.pem"\n', "tls.cert_file", "required when [tls] is present"),
     ('[tls]\ncert_file = "cert.pem"\n', "tls.key_file", "required when [tls] is present"),
     ('[tls]\ncert_file = "missing.pem"\nkey_file = "key.pem"\n', "tls.cert_file", "cannot read"),
@@ -367,6 +369,26 @@ def test_check_flags_override_the_file(etc: Path, capsys: pytest.CaptureFixture)
     out = capsys.readouterr().out
     assert code == 0
     assert "listen 127.0.0.1:2600 [::1]:2600, 2 workers" in out and str(etc.parent / "m") in out
+
+
+def test_a_bad_built_in_default_is_not_blamed_on_the_file(etc: Path) -> None:
+    """An empty file and a plain file called Maildir in the working directory: the
+    message says the value is the default, and where the relative path starts."""
+    (etc.parent / "Maildir").write_text("x\n")
+    path = write(etc, "")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == (f'{path}: delivery.maildir = "./Maildir": is not a directory (the built-in '
+                               f"default: the key is not set, relative to the working directory {etc.parent})")
+
+
+def test_check_names_the_config_key_of_a_bad_password_file(etc: Path, capsys: pytest.CaptureFixture) -> None:
+    (etc / "passwd").write_text("no-colon-here\n")
+    path = write(etc, '[auth]\npassword_file = "passwd"\nallow_insecure = true\n'
+                      '[delivery]\nmaildir = "md"\n')
+    assert cli.main(["-c", str(path), "--check"]) == 2
+    assert capsys.readouterr().err == (f"forksmtp: {path}: auth.password_file: {etc / 'passwd'}: "
+                                       "line 1: expected user:hash\n")
 
 
 def test_cli_errors(etc: Path, capsys: pytest.CaptureFixture) -> None:

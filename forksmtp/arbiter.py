@@ -18,6 +18,7 @@ them is postscreen's job there, and ours here.)
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import os
 import signal
@@ -479,13 +480,30 @@ class Arbiter:
             for addr in sorted(wanted, key=str):
                 if addr not in self.sockets:
                     same = self._same_socket(addr, leaving)
-                    opened[addr] = same if same is not None else self._bind(addr)
+                    opened[addr] = same if same is not None else self._bind_beside(addr, leaving)
         except BaseException:
             for sock in opened.values():
                 if sock not in leaving.values():
                     sock.close()
             raise
         return opened
+
+    def _bind_beside(self, addr, leaving: dict) -> socket.socket:
+        """Bind a new address; if its port is still held by an address this reload
+        removes (``0.0.0.0:25`` for ``127.0.0.1:25``, or back), say so.  The workers of
+        the running generation hold that socket too, so it cannot be let go before they
+        are gone: such a move takes a restart, as an inet_interfaces change does in
+        Postfix."""
+        try:
+            return self._bind(addr)
+        except listeners.BindError as exc:
+            held = sorted(str(a) for a, sock in self.sockets.items()
+                          if sock in leaving.values() and listeners.bound_identity(sock)[1][1] == addr.port)
+            if exc.errno != errno.EADDRINUSE or not held:
+                raise
+            raise listeners.BindError(addr, f"{exc.message}: port {addr.port} is still bound to "
+                                      f"{', '.join(held)}, which this reload removes; moving a port "
+                                      "between addresses that overlap takes a restart", exc.errno) from None
 
     @staticmethod
     def _same_socket(addr, leaving: dict) -> socket.socket | None:

@@ -255,6 +255,20 @@ def test_hup_with_an_address_written_another_way_keeps_its_socket(daemon_factory
     assert_no_zombies(d)
 
 
+def test_hup_moving_a_port_to_the_wildcard_says_why_it_cannot(daemon_factory):
+    """127.0.0.1:P to 0.0.0.0:P: the running workers still hold the old socket, so the
+    reload fails (the old config keeps serving) with a message that says why."""
+    d = daemon_factory(workers=1)
+    d.sections["server"]["listen"] = [f"0.0.0.0:{d.port}"]
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    line = d.wait_for_log("reload failed", 10)
+    assert (f"port {d.port} is still bound to 127.0.0.1:{d.port}, which this reload removes; "
+            "moving a port between addresses that overlap takes a restart") in line
+    send_message(d.port)
+    assert_no_zombies(d)
+
+
 def test_reloads_while_clients_connect_refuse_nothing(daemon_factory):
     d = daemon_factory(workers=2)
     done = threading.Event()

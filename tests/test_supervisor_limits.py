@@ -55,6 +55,8 @@ def test_over_max_connections_gets_421_4_3_2(daemon_factory):
         sessions.append(greeted(d.port))
     finally:
         close_all(sessions)
+    # The workers see the closes when they next read: until then the places are held.
+    wait_until(lambda: request_stats(d)["connections_active"] == 0, 10, 0.1, "sessions released")
     send_message(d.port)
     assert_no_zombies(d)
 

@@ -322,7 +322,8 @@ def test_hundred_reloads_leak_no_fds_and_no_children(daemon_factory):
     fds = wait_until(settled, 15, 0.1, "pool settled")
     for _ in range(100):
         hup(d)
-    fds_after = wait_until(settled, 30, 0.1, "pool settled after 100 reloads")
+    # 200 workers started and retired: on a loaded 2-core machine that takes a while.
+    fds_after = wait_until(settled, 60, 0.1, "pool settled after 100 reloads")
     assert fds_after <= fds
     assert len(master.children()) == 2
     assert request_stats(d)["config_generation"] == 104

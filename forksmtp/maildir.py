@@ -332,6 +332,16 @@ class Delivery:
             return
         raise FileExistsError(errno.EEXIST, "no unique name available", md.new)
 
+    def _sync_link(self) -> None:
+        """fsync an unnamed file once more, now that it is linked.  Its first fsync wrote
+        its inode with a link count of 0, and the fsync of new/ persists the entry, not
+        the inode it names: where no journal ties the two (ext4 without one, ext2) a
+        power cut would leave an entry to an inode that fsck takes for deleted, and
+        clears.  With a journal the first of the two fsyncs commits the link, and the
+        one of new/ finds nothing left to do."""
+        if self.maildir.fsync:
+            os.fsync(self._fd)
+
     def _close(self) -> None:
         fd, self._fd = self._fd, -1
         os.close(fd)
@@ -355,6 +365,7 @@ def commit_all(deliveries: Sequence[Delivery]) -> list[str]:
     """Commit several deliveries (one per destination Maildir) all-or-nothing.
 
     Every file is flushed and fsynced first, then all are linked, then each
+    unnamed (O_TMPFILE) file is fsynced again for its link count, then each
     distinct new/ is fsynced once. If anything fails, every copy already
     linked is removed, all deliveries are aborted, and the error is re-raised.
     Returns the final paths in order.
@@ -362,9 +373,12 @@ def commit_all(deliveries: Sequence[Delivery]) -> list[str]:
     try:
         for delivery in deliveries:
             delivery._sync()
+        unnamed = [delivery for delivery in deliveries if delivery._tmp is None]
         pid = os.getpid()
         for delivery in deliveries:
             delivery._link(pid)
+        for delivery in unnamed:
+            delivery._sync_link()
         _sync_dirs(deliveries, pid)
         for delivery in deliveries:
             delivery._close()

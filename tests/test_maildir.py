@@ -277,11 +277,13 @@ def test_abort_after_commit_keeps_message(tmp_path):
 @pytest.mark.parametrize("mode", MODES)
 def test_commit_syncs_each_file_then_links_then_syncs_each_new(tmp_path, monkeypatch, mode):
     """The order a 250 rests on: every file's data on disk, then every name in new/, then
-    those names on disk (one fsync per distinct new/)."""
+    (unnamed files) each file's link count, then those names on disk (one fsync per
+    distinct new/).  See test_power_loss.py for what the second fsync of a file saves."""
     calls = []
     real_fsync, real_link = os.fsync, os.link
     monkeypatch.setattr(maildir.os, "fsync",
-                        lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+                        lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_ino))
+                        or real_fsync(fd))
     monkeypatch.setattr(maildir.os, "link",
                         lambda src, dst, **kw: calls.append(("link", dst)) or real_link(src, dst, **kw))
     a, b = make(tmp_path / "a", mode), make(tmp_path / "b", mode)
@@ -290,10 +292,13 @@ def test_commit_syncs_each_file_then_links_then_syncs_each_new(tmp_path, monkeyp
         delivery.write(b"durable\n")
     calls.clear()  # making the Maildirs synced their parents
     paths = commit_all(deliveries)
-    assert [kind for kind, _ in calls] == ["fsync", "fsync", "link", "link", "fsync", "fsync"]
+    relinked = 2 if mode == "tmpfile" else 0
+    assert [call[0] for call in calls] == ["fsync", "fsync", "link", "link"] + ["fsync"] * (2 + relinked)
     assert calls[0][1].startswith(a.tmp + "/") and calls[1][1].startswith(b.tmp + "/")
-    assert [dst for _, dst in calls[2:4]] == [os.path.basename(p) for p in paths]
-    assert [target for _, target in calls[4:]] == [a.new, b.new]
+    assert [call[1] for call in calls[2:4]] == [os.path.basename(p) for p in paths]
+    # an unnamed file's fd still reads as tmp/#N (deleted) after its link: compare inodes
+    assert [call[2] for call in calls[4:4 + relinked]] == [os.stat(p).st_ino for p in paths][:relinked]
+    assert [call[1] for call in calls[4 + relinked:]] == [a.new, b.new]
 
 
 @pytest.mark.parametrize("mode", MODES)

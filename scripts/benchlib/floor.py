@@ -4,7 +4,7 @@ A master binds, pre-forks N workers, and each worker runs a blocking accept/recv
 loop, as forksmtp's do, and stores every message as forksmtp does by default:
 Return-Path and Received added, LF line endings, an unnamed O_TMPFILE inode in tmp/
 (a named file and rename() where the filesystem refuses it), write, fsync, link into
-new/, fsync new/, then 250.  Nothing else: no command syntax checks, no limits, no
+new/, fsync the linked file again, fsync new/, then 250.  Nothing else: no command syntax checks, no limits, no
 timeouts, no log, no scoreboard, no admission control, no TLS.  Every pre-forked Python
 server that stores durably does at least this work per message, so its rate bounds what
 any such server reaches here: the yardstick for what forksmtp's rules and guarantees cost.
@@ -55,6 +55,8 @@ class Store:
             if tmp is None:
                 os.link(f"/proc/self/fd/{fd}", self.name(), dst_dir_fd=self.new_fd,
                         follow_symlinks=True)
+                if self.fsync_on:  # its link count, as forksmtp does (maildir._sync_link)
+                    os.fsync(fd)
             else:
                 os.rename(tmp, os.path.join(self.new, self.name()))
             if self.fsync_on:

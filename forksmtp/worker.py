@@ -37,6 +37,9 @@ EXIT_BOOT_ERROR: Final = 3  # the master backs off instead of respawning in a ti
 #: Seconds a refused SMTPS client gets to finish its handshake and read its 421.
 REFUSAL_TLS_TIMEOUT: Final = 5.0
 
+# What set_wakeup_fd writes for each signal: its number, one octet.
+_TERM_OCTET: Final = bytes([signal.SIGTERM])
+_QUIT_OCTET: Final = bytes([signal.SIGQUIT])
 _IGNORED: Final = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                    signal.SIGTTIN, signal.SIGTTOU)
 
@@ -257,9 +260,19 @@ class Worker:
                 self.quitting = True
             return
         try:
-            os.read(fd, 512)  # drain the signal wake-up bytes; the handlers ran already
+            signals = os.read(fd, 512)
         except BlockingIOError:
-            pass
+            signals = b""
+        # The octets name the signals, and they are read here rather than left to the
+        # Python handlers.  Compiled code does not look for pending signals: a handler
+        # runs only when something does (an interrupted system call, interpreted code),
+        # which a brisk accept loop may never do.  A SIGTERM would then wait until the
+        # master's SIGQUIT at graceful_timeout, and the worker serve new clients
+        # meanwhile.  (The handlers still set the same flags when they run.)
+        if _TERM_OCTET in signals:
+            self.stopping = True
+        if _QUIT_OCTET in signals:
+            self.quitting = True
         if self.stopping and self.listeners:
             self._drop_listeners()
 

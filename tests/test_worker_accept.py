@@ -13,6 +13,8 @@ import select
 import signal
 import socket
 
+import pytest
+
 from daemon import wait_until
 from forksmtp import config, logs, scoreboard
 from forksmtp.worker import Worker
@@ -39,13 +41,28 @@ class _SignalAfterFirstWake:
         return getattr(self.epoll, name)
 
 
-def _run_worker(cfg, listener, board, log) -> None:
+class _TermOctetAfterFirstWake(_SignalAfterFirstWake):
+    """As above, but only the first half of a signal's delivery: the octet that the C
+    handler writes to the wake-up fd, and not the Python handler, which compiled code
+    runs only when something looks for pending signals."""
+
+    def poll(self, timeout: float = -1, maxevents: int = -1):
+        events = self.epoll.poll(timeout, maxevents)
+        if self.first and events:
+            self.first = False
+            wake_fd = signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(wake_fd)
+            os.write(wake_fd, bytes([signal.SIGTERM]))
+        return events
+
+
+def _run_worker(cfg, listener, board, log, epoll=None) -> None:
     """Child process: one worker whose epoll (the only one it makes) signals after its
     first wake-up; exits with the worker's status.  The worker may be compiled, so
     its methods cannot be replaced: the select module's epoll is, in this child only."""
     status = 1
     try:
-        select.epoll = _SignalAfterFirstWake
+        select.epoll = epoll or _SignalAfterFirstWake
         worker = Worker(cfg, [listener], board, 0, 1, os.pipe()[0], log)
         worker.prepare()
         status = worker.run()
@@ -68,7 +85,11 @@ def _exit_status(pid: int, timeout: float = 10.0) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def test_a_connection_that_woke_a_stopping_worker_is_served(tmp_path):
+@pytest.mark.parametrize("epoll", [_SignalAfterFirstWake, _TermOctetAfterFirstWake],
+                         ids=["signal", "octet only"])
+def test_a_connection_that_woke_a_stopping_worker_is_served(tmp_path, epoll):
+    """Then the worker stops, also when only the wake-up octet of its SIGTERM is there
+    (the handler still pending): it must not wait for the master's SIGQUIT."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -82,7 +103,7 @@ def test_a_connection_that_woke_a_stopping_worker_is_served(tmp_path):
     client = socket.create_connection(("127.0.0.1", port), timeout=10)  # waiting in the backlog
     pid = os.fork()
     if pid == 0:
-        _run_worker(cfg, listener, board, log)
+        _run_worker(cfg, listener, board, log, epoll)
     try:
         # The worker stops after this session; the listener stays open here, as the
         # master's does, so an unserved connection would just wait.

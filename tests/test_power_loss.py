@@ -109,11 +109,11 @@ def test_every_acknowledged_message_survives_a_power_cut(ext4, tmp_path, mode):
         delivery = md.begin()
         delivery.write(b"message %d\n" % i + b"x" * 3000)
         (path,) = commit_all([delivery])
-        bodies[os.path.basename(path)] = 3000 + len(b"message %d\n" % i)
+        last = os.path.basename(path)
+        bodies[last] = 3000 + len(b"message %d\n" % i)
     md.close()
     report = fsck_copy(image, tmp_path / "after-cut.img")  # the cut, right after the last 250
     stored = listing(tmp_path / "after-cut.img", "/Maildir/new")
     assert stored == bodies, report
-    last = max(bodies)
     text = run("debugfs", "-R", f"cat /Maildir/new/{last}", str(tmp_path / "after-cut.img")).stdout
     assert text.startswith(f"message {MESSAGES - 1}\n") and len(text) == bodies[last]

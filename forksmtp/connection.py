@@ -57,6 +57,8 @@ QUIET_DELAY: Final = 0.2
 QUIET_DELAY_MS: Final = int(QUIET_DELAY * 1000)
 #: Seconds between heartbeats (the master's stuck-worker watch) while a session runs.
 HEARTBEAT_EVERY: Final = 1.0
+#: How long the reply that closes a session may wait for a client that does not read.
+LAST_REPLY_WAIT: Final = 1.0
 _POLLIN: Final = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _ids: Final = itertools.count(1)
 
@@ -327,7 +329,10 @@ class Connection:
             self._drain_session_log()
         if out:
             try:
-                self._sendall(out)
+                if final:
+                    self._send_last(out)
+                else:
+                    self._sendall(out)
             except OSError:
                 if not final:
                     raise
@@ -368,6 +373,27 @@ class Connection:
                     raise OSError(errno.ETIMEDOUT, "send timed out")
                 continue
             view = view[sent:]
+
+    def _send_last(self, data: bytes) -> None:
+        """The reply that closes the session on the server's side (the 421 of an
+        immediate stop, the 554 of an early talker): sent if the client takes it within
+        LAST_REPLY_WAIT, else dropped.  A client that does not read must not hold a
+        worker on its way out: at a stop it would wait for the command timeout until
+        the master's SIGKILL."""
+        view = memoryview(data)
+        deadline = time.monotonic() + LAST_REPLY_WAIT
+        waiter = select.poll()
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+                continue
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
+                events = _POLLIN if isinstance(exc, ssl.SSLWantReadError) else select.POLLOUT
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OSError(errno.ETIMEDOUT, "the client does not read")
+            waiter.register(self.fd, events)
+            waiter.poll(left * 1000)
 
     def _poll(self, timeout: float) -> list:
         if timeout > QUIET_DELAY:

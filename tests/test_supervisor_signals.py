@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -390,6 +391,37 @@ def test_quit_stops_at_once(daemon_factory):
     assert shut_down(sock)
     sock.close()
     assert all(gone(pid) for pid in pids)
+
+
+def test_quit_does_not_wait_for_a_client_that_never_reads(daemon_factory):
+    """Its replies fill both socket buffers; the 421 of the stop then cannot go out.
+    The worker gives up on it after a second and exits, instead of waiting for the
+    command timeout until the master's SIGKILL."""
+    d = daemon_factory(workers=1, server={"graceful_timeout": 60})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window fills at once
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", d.port))
+    try:
+        assert read_reply(sock).startswith(b"220")
+        sock.setblocking(False)
+        deadline = time.monotonic() + 10
+        stalled = 0.0
+        while stalled < 1.0 and time.monotonic() < deadline:  # until the server stops taking more
+            try:
+                sock.send(b"NOOP\r\n" * 4000)
+                stalled = 0.0
+            except BlockingIOError:
+                stalled += 0.05
+                time.sleep(0.05)
+        assert stalled >= 1.0, "the server kept reading"
+        started = time.monotonic()
+        d.signal(signal.SIGQUIT)
+        assert d.proc.wait(15) == 0
+        assert time.monotonic() - started < 2.9  # below the master's 3 s before SIGKILL
+        assert "SIGKILL" not in d.log_text()
+    finally:
+        sock.close()
 
 
 def test_second_term_stops_at_once(daemon_factory):

@@ -385,15 +385,17 @@ class Connection:
         waiter = select.poll()
         while view:
             try:
-                view = view[self.sock.send(view):]
-                continue
+                sent = self.sock.send(view)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
-                events = _POLLIN if isinstance(exc, ssl.SSLWantReadError) else select.POLLOUT
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise OSError(errno.ETIMEDOUT, "the client does not read")
-            waiter.register(self.fd, events)
-            waiter.poll(left * 1000)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OSError(errno.ETIMEDOUT, "the client does not read") from None
+                waiter.register(self.fd, _POLLIN if isinstance(exc, ssl.SSLWantReadError) else select.POLLOUT)
+                waiter.poll(left * 1000)
+                continue
+            # Sliced here, outside the try: compiled, a `continue` from inside the try
+            # after slicing there sent the reply twice.
+            view = view[sent:]
 
     def _poll(self, timeout: float) -> list:
         if timeout > QUIET_DELAY:

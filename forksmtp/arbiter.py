@@ -54,7 +54,6 @@ def _is_crash(status: int) -> bool:
     return os.WEXITSTATUS(status) != 0
 
 
-#: What a reload reports as its failure, keeping the running config; anything else is a bug.
 class MaildirError(OSError):
     """A configured Maildir that cannot be made, named by its config key."""
 
@@ -62,6 +61,7 @@ class MaildirError(OSError):
         return str(self.strerror)
 
 
+#: What a reload reports as its failure, keeping the running config; anything else is a bug.
 RELOAD_ERRORS = (config_mod.ConfigError, tls.TLSError, auth.PasswordFileError, listeners.BindError,
                  OSError)
 
@@ -140,8 +140,7 @@ class Arbiter:
     def _prepare_maildirs(self, cfg) -> None:
         keys = {path: f'mailboxes."{address}"' for address, path in cfg.delivery.mailboxes.items()}
         keys[cfg.delivery.maildir] = "delivery.maildir"
-        paths = set(keys)
-        for path in sorted(paths):
+        for path in sorted(keys):
             try:
                 maildir.Maildir(path, fsync=cfg.delivery.fsync)
             except OSError as exc:
@@ -151,7 +150,7 @@ class Arbiter:
             if removed:
                 self.log.info("STORE", f"removed {removed} stale file(s) from {path}/tmp")
         if cfg.server.user or cfg.server.group:
-            process.chown_tree(sorted(paths), cfg.server.user, cfg.server.group)
+            process.chown_tree(sorted(keys), cfg.server.user, cfg.server.group)
 
     def _title(self) -> str:
         where = self.cfg.path or "built-in defaults"
@@ -549,7 +548,7 @@ def run(cfg, overrides: dict | None = None) -> int:
     except (listeners.BindError, process.PidfileError, tls.TLSError, auth.PasswordFileError,
             OSError) as exc:
         print(f"forksmtp: {exc}", file=sys.stderr)
-        if cfg.server.pidfile and not isinstance(exc, process.PidfileError):
+        if cfg.server.pidfile:
             process.remove_pidfile(cfg.server.pidfile)  # ours only: it checks the pid
         return 1
     try:

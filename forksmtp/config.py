@@ -33,9 +33,9 @@ else:  # pragma: no cover
 from forksmtp.config_checks import (ConfigError, _address, _at_least, _between, _boolean, _convert,
                                     _creatable_dir, _domains, _group, _hostname, _integer,
                                     _listens, _log_level, _networks, _non_empty, _not_negative,
-                                    _number, _one_of, _parent_exists, _path, _positive, _timeout, _greeting_delay,
-                                    _readable_file, _share, _Source, _string, _strings, _user,
-                                    _writable_file)
+                                    _greeting_delay, _number, _one_of, _parent_exists, _path,
+                                    _positive, _readable_file, _share, _Source, _string, _strings,
+                                    _timeout, _user, _writable_file)
 from forksmtp.listeners import ListenAddr, parse_listen
 
 CLI = "command line"  # the "file" of values that came from flags
@@ -275,18 +275,18 @@ def _build(section: str, sources: dict[str, _Source], file: str) -> Any:
             continue
         dotted = f"{sec}.{key}"
         src = sources.get(dotted)
+        default_used = src is None
         if src is None:
             if default is REQUIRED:
                 raise ConfigError(file, dotted, None, f"required when [{section}] is present")
             src = _Source(default() if callable(default) else default, file, os.getcwd())
-            try:
-                values[key] = _convert(dotted, src, kind, validate)
-            except ConfigError as exc:  # the file did not set it: do not blame the file alone
+        try:
+            values[key] = _convert(dotted, src, kind, validate)
+        except ConfigError as exc:
+            if default_used:  # the file did not set it: do not blame the file alone
                 where = f", relative to the working directory {src.base}" if kind is _path else ""
                 exc.problem += f" (the built-in default: the key is not set{where})"
-                raise
-            continue
-        values[key] = _convert(dotted, src, kind, validate)
+            raise
     return _SECTIONS[section](**values)
 
 

@@ -329,10 +329,7 @@ class Connection:
             self._drain_session_log()
         if out:
             try:
-                if final:
-                    self._send_last(out)
-                else:
-                    self._sendall(out)
+                self._sendall(out, final)
             except OSError:
                 if not final:
                     raise
@@ -352,7 +349,12 @@ class Connection:
             self.worker.count_rejects(session.error_codes)
             session.error_codes.clear()
 
-    def _sendall(self, data: bytes) -> None:
+    def _sendall(self, data: bytes, last: bool = False) -> None:
+        """Send all of ``data``, or raise OSError.  ``last``: the reply that closes the
+        session from the server's side (the 421 of an immediate stop, the 554 of an
+        early talker) waits LAST_REPLY_WAIT at most and for the socket alone: the worker
+        is on its way out, and a client that does not read must not hold it until the
+        master's SIGKILL."""
         try:  # the common case: a reply fits the socket buffer at once
             sent = self.sock.send(data)
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
@@ -360,42 +362,31 @@ class Connection:
         if sent == len(data):
             return
         view = memoryview(data)[sent:]
+        now = time.monotonic()
         # A client that stops reading holds the worker no longer than one that stops
         # writing: the command timeout (the shorter one in stress mode), and never past
         # the session deadline.
-        deadline = min(time.monotonic() + self.worker.command_timeout, self.session_deadline)
+        deadline = now + LAST_REPLY_WAIT if last else min(now + self.worker.command_timeout,
+                                                          self.session_deadline)
         while view:
             try:
                 sent = self.sock.send(view)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
                 events = _POLLIN if isinstance(exc, ssl.SSLWantReadError) else select.POLLOUT
-                if not self._wait(deadline, events):
+                if not (self._wait_alone(deadline, events) if last else self._wait(deadline, events)):
                     raise OSError(errno.ETIMEDOUT, "send timed out")
                 continue
             view = view[sent:]
 
-    def _send_last(self, data: bytes) -> None:
-        """The reply that closes the session on the server's side (the 421 of an
-        immediate stop, the 554 of an early talker): sent if the client takes it within
-        LAST_REPLY_WAIT, else dropped.  A client that does not read must not hold a
-        worker on its way out: at a stop it would wait for the command timeout until
-        the master's SIGKILL."""
-        view = memoryview(data)
-        deadline = time.monotonic() + LAST_REPLY_WAIT
+    def _wait_alone(self, deadline: float, events: int) -> bool:
+        """Wait for the socket only, ignoring the worker's signals and the master's
+        death (``_wait`` would raise Stop): False once ``deadline`` has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
         waiter = select.poll()
-        while view:
-            try:
-                sent = self.sock.send(view)
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise OSError(errno.ETIMEDOUT, "the client does not read") from None
-                waiter.register(self.fd, _POLLIN if isinstance(exc, ssl.SSLWantReadError) else select.POLLOUT)
-                waiter.poll(left * 1000)
-                continue
-            # Sliced here, outside the try: compiled, a `continue` from inside the try
-            # after slicing there sent the reply twice.
-            view = view[sent:]
+        waiter.register(self.fd, events)
+        return bool(waiter.poll(left * 1000))
 
     def _poll(self, timeout: float) -> list:
         if timeout > QUIET_DELAY:

@@ -173,6 +173,17 @@ def test_a_maildir_holding_a_file_where_a_subdirectory_goes(etc: Path, sub: str)
     assert info.value.problem == f"{etc / 'md' / sub} is not a directory"
 
 
+def test_the_longest_timeouts_and_greeting_delay_are_taken(etc: Path) -> None:
+    """The other side of the limits BAD crosses: a day, and just under 5 minutes."""
+    path = write(etc, "[server]\ngreeting_delay = 299.5\n[timeouts]\n" +
+                 "".join(f"{key} = 86400\n" for key in ("command", "data_block", "data_done",
+                                                           "session", "stress_command")))
+    cfg = load_config(str(path))
+    assert cfg.server.greeting_delay == 299.5
+    t = cfg.timeouts
+    assert (t.command, t.data_block, t.data_done, t.session, t.stress_command) == (86400,) * 5
+
+
 def test_error_shows_the_value_as_written(etc: Path) -> None:
     path = write(etc, "[server]\nworkers = -1\n", name="x.toml")
     with pytest.raises(ConfigError) as info:

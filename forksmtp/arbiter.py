@@ -159,7 +159,8 @@ class Arbiter:
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> int:
-        listen = ", ".join(str(a) for a in self.cfg.server.listen)
+        listen = ", ".join([str(a) for a in self.cfg.server.listen]
+                           + [f"SMTPS {a}" for a in (self.cfg.tls.implicit_listen if self.cfg.tls else ())])
         self._manage_pool(time.monotonic())
         self.log.info("READY", f"Listening on {listen} ({self.target} workers)")
         process.sd_notify("READY=1")

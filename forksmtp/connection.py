@@ -84,6 +84,13 @@ def _close_tls(sock: ssl.SSLSocket) -> None:
     sock.close()
 
 
+def _quoted(name: str) -> str:
+    """A user name as the log shows it: in single quotes, escaped as ``repr`` escapes,
+    which would switch to double quotes for a name that holds a single quote."""
+    return "'" + "".join("\\" + c if c in "\\'" else c if c.isprintable()
+                         else c.encode("unicode_escape").decode("ascii") for c in name) + "'"
+
+
 class Stop(Exception):
     """The worker must stop now (SIGQUIT or the master died): 421 and close."""
 
@@ -247,6 +254,7 @@ class Connection:
     def _authenticate(self, event: AuthRequest) -> None:
         creds = event.credentials
         w = self.worker
+        self._drain_session_log()  # the AUTH command's line first, then the outcome
         if not w.auth_attempt(self.peer_ip):
             self.log.queue("AUTH", f"{self.peer_ip} refused: too many failures", WARNING)
             self.session.close(R.R421_AUTH_FAILURES)
@@ -258,8 +266,7 @@ class Connection:
         if ok:
             w.auth_succeeded(self.peer_ip)
         w.count_auth(ok)
-        self._drain_session_log()
-        self.log.queue("AUTH", f"{self.peer_ip} {creds.mechanism} user={creds.username[:64]!r} "
+        self.log.queue("AUTH", f"{self.peer_ip} {creds.mechanism} user={_quoted(creds.username[:64])} "
                                f"{'ok' if ok else 'failed'}", INFO if ok else WARNING)
         self.session.auth_result(ok, creds.username)
 
@@ -293,6 +300,7 @@ class Connection:
     def _storage_error(self, what: str, exc: OSError) -> R.Reply:
         """Log a storage failure, forget cached Maildirs (one may have been removed or
         replaced; the next message re-creates it), and give the 451/452 to answer."""
+        self._drain_session_log()  # the command that met the failure comes first
         self.log.queue("ERROR", f"{what}: {exc}", ERROR)
         self.worker.router.forget()
         return delivery.storage_reply(exc)

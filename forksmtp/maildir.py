@@ -129,9 +129,10 @@ class Maildir:
 
     def make(self) -> list[str]:
         """Create what is missing of the Maildir and of the directories above it, and
-        return what was made.  The parent of each directory made is fsynced (with fsync
-        on): a message fsynced in a new/ whose own entry is not yet on disk would be
-        orphaned by a power cut."""
+        return what was made.  Each directory made and its parent are fsynced (with
+        fsync on): a message fsynced in a new/ whose own entry is not yet on disk would
+        be orphaned by a power cut, and without a journal the parent's fsync persists
+        the entry but not the directory's own inode, which fsck then clears."""
         above = []
         parent = os.path.dirname(self.path)
         while not os.path.isdir(parent):
@@ -140,7 +141,7 @@ class Maildir:
         made = [d for d in reversed(above) if _mkdir(d, 0o777)]  # umask decides, as mkdir -p
         made += [d for d in (self.path, self.tmp, self.new, self.cur) if _mkdir(d, 0o700)]
         if self.fsync:
-            for directory in dict.fromkeys([os.path.dirname(d) for d in made]):
+            for directory in dict.fromkeys(made + [os.path.dirname(d) for d in made]):
                 _fsync_dir(directory)
         return made
 

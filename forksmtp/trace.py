@@ -13,8 +13,11 @@ import re
 import time
 from typing import Final
 
-_UNSAFE_HELO: Final = re.compile(r"[^A-Za-z0-9.\-:\[\]_@\u0080-\U0010ffff]")
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+# Beside the ASCII controls: the C1 controls (NEL, U+0085, among them) and the Unicode
+# line and paragraph separators, which end a line for some readers of stored mail
+# (Python's str.splitlines, for one), though not for RFC 5322.
+_UNSAFE_HELO: Final = re.compile(r"[^A-Za-z0-9.\-:\[\]_@\u00a0-\u2027\u202a-\U0010ffff]")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NON_ASCII: Final = re.compile(r"[^\x00-\x7f]")
 
 _DAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -22,7 +25,8 @@ _MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep",
 
 
 def clean(value: str, limit: int = 255) -> str:
-    """A header-safe copy: no control characters (so no CR/LF), bounded length."""
+    """A header-safe copy: no control characters (so no CR/LF) and no line separators,
+    bounded length."""
     return _CONTROL.sub("?", value[:limit])
 
 

@@ -192,14 +192,30 @@ def full_disk_daemon(small_tmpfs, daemon_factory):
     return d, md, filler
 
 
+def assert_error_logged_in_order(d, mark: int, what: str, reply: str) -> None:
+    """The session as logged reads in order: the DATA command, the storage error, the
+    reply that reports it.  (Written after ``mark``; a session is one pid's lines.)"""
+    def session_lines():
+        lines = d.log_text()[mark:].splitlines()
+        pid = next((line.split()[1] for line in lines if f"[ERROR] {what}" in line), None)
+        mine = [line for line in lines if pid is not None and line.split()[1] == pid]
+        return mine if any("[CLOSE]" in line for line in mine) else None
+    lines = wait_until(session_lines, 10, 0.05, "the failed session logged")
+    at = {key: next((i for i, line in enumerate(lines) if key in line), None)
+          for key in ("[SMTP] DATA", f"[ERROR] {what}", f"[SMTP] {reply}")}
+    assert None not in at.values() and at["[SMTP] DATA"] < at[f"[ERROR] {what}"] < at[f"[SMTP] {reply}"], lines
+
+
 @pytest.mark.parametrize("size", [300, 100_000, 1_000_000], ids=["small", "100k", "1M"])
 def test_disk_full_452_then_recovers_without_restart(small_tmpfs, daemon_factory, size):
     """ENOSPC at the commit (a message within the write buffer) or while DATA is still
     arriving (1 MB: the buffer is flushed mid-message): 452 4.3.1 after the final dot."""
     d, md, filler = full_disk_daemon(small_tmpfs, daemon_factory)
     pids = {w.pid for w in d.workers()}
+    mark = len(d.log_text())
     code, text = deliver_one(d.port, "while-full", size)
     assert code == 452 and b"4.3.1" in text, text
+    assert_error_logged_in_order(d, mark, "delivery failed", "452 4.3.1")
     assert len(listing(md / "new")) == 1  # only the message from before
     assert listing(md / "tmp") == []
 
@@ -227,12 +243,20 @@ def test_out_of_inodes_452_at_data_then_recovers(small_tmpfs, daemon_factory):
     else:
         pytest.fail("the tmpfs never ran out of inodes")
     pids = {w.pid for w in d.workers()}
+    mark = len(d.log_text())
     client = RawSMTP(d.port)
     try:
         assert client.command(EHLO) == 250
         code, text = client.start_data()
         assert code == 452 and b"4.3.1" in text, text
         assert client.command(b"RSET") == 250  # the session goes on
+        client.command(b"QUIT")
+    finally:
+        client.close()
+    assert_error_logged_in_order(d, mark, "cannot open Maildir file", "452 4.3.1")
+    client = RawSMTP(d.port)
+    try:
+        assert client.command(EHLO) == 250
         shutil.rmtree(fillers)
         assert client.deliver(ledger_message("after-inodes"))[0] == 250
     finally:

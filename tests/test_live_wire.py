@@ -355,6 +355,20 @@ def test_bytes_pipelined_behind_data_are_a_sync_error(shared):
     assert box.added() == []
 
 
+def test_text_behind_a_refused_data_never_runs_as_commands(shared):
+    box = Box(shared)
+    with Wire(shared.port) as w:
+        closing = Closing(shared, w)
+        w.send(b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n"  # no RCPT: DATA fails
+               b"DATA\r\nRSET\r\nMAIL FROM:<ceo@bank.example>\r\nRCPT TO:<b@example.test>\r\n"
+               b"DATA\r\nSubject: forged\r\n\r\nforged body\r\n.\r\n")
+        replies = w.rest_until_eof()
+    assert [r[:3] for r in replies] == [b"250", b"250", b"554"], replies
+    assert replies[-1][:9] == b"554 5.5.0"
+    assert "ceo@bank.example" not in closing.wait()
+    assert box.added() == []
+
+
 # -- line lengths ----------------------------------------------------------------------------
 
 def test_command_line_over_512_octets(shared):

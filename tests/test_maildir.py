@@ -337,9 +337,10 @@ def test_a_moved_maildir_never_gets_the_next_message(tmp_path, mode, replaced):
 
 
 @pytest.mark.parametrize("fsync", [True, False])
-def test_the_parent_of_every_directory_made_is_fsynced(tmp_path, monkeypatch, fsync):
+def test_every_directory_made_and_its_parent_are_fsynced(tmp_path, monkeypatch, fsync):
     """A message fsynced into a new/ whose own directory entry is not on disk yet would
-    be orphaned by a power cut: making a Maildir syncs each parent of what it made."""
+    be orphaned by a power cut, and so would one whose new/ inode is not (without a
+    journal): making a Maildir syncs what it made and each parent of it."""
     synced = []
     real = os.fsync
     monkeypatch.setattr(maildir.os, "fsync",
@@ -350,10 +351,11 @@ def test_the_parent_of_every_directory_made_is_fsynced(tmp_path, monkeypatch, fs
     if not fsync:
         assert synced == []
         return
-    assert sorted(synced) == sorted({str(tmp_path / "a"), str(tmp_path / "a" / "b"), md.path})
+    made = {str(tmp_path / "a" / "b"), md.path, md.tmp, md.new, md.cur}
+    assert sorted(synced) == sorted(made | {str(tmp_path / "a")})
     synced.clear()
     os.rmdir(md.cur)
-    assert md.make() == [md.cur] and synced == [md.path]
+    assert md.make() == [md.cur] and sorted(synced) == sorted([md.cur, md.path])
 
 
 def _commit_into_readonly_new(md: Maildir) -> None:

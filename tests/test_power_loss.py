@@ -117,3 +117,25 @@ def test_every_acknowledged_message_survives_a_power_cut(ext4, tmp_path, mode):
     assert stored == bodies, report
     text = run("debugfs", "-R", f"cat /Maildir/new/{last}", str(tmp_path / "after-cut.img")).stdout
     assert text.startswith(f"message {MESSAGES - 1}\n") and len(text) == bodies[last]
+
+
+def subdirectories(copy: Path, directory: str) -> set[str]:
+    out = run("debugfs", "-R", f"ls -l {directory}", str(copy)).stdout
+    return {fields[-1] for fields in map(str.split, out.splitlines())
+            if len(fields) >= 6 and fields[1].startswith("40")} - {".", ".."}
+
+
+def test_a_maildir_made_survives_a_power_cut(ext4, tmp_path):
+    """Every directory ``make`` creates is on the device when it returns: its own inode
+    (the fsync of its parent persists only the entry that names it) and that entry."""
+    mnt, image = ext4
+    (mnt / "spool").mkdir()
+    for i in range(FILLERS):  # the new directories' inodes in other blocks than spool's
+        (mnt / "spool" / f"filler{i}").write_bytes(b"")
+    os.sync()
+    Maildir(str(mnt / "spool" / "deep" / "Maildir"))
+    copy = tmp_path / "after-cut.img"
+    report = fsck_copy(image, copy)  # the cut, right after the Maildir was made
+    expected = {"/spool/deep": {"Maildir"}, "/spool/deep/Maildir": {"tmp", "new", "cur"}}
+    for directory, names in expected.items():
+        assert subdirectories(copy, directory) == names, (directory, report)

@@ -399,9 +399,26 @@ def test_anything_behind_data_is_a_sync_error(behind):
     assert s.closed
 
 
-def test_data_that_fails_with_503_may_be_followed_by_more():
+def test_data_waited_for_may_fail_and_the_session_goes_on():
     s = new_session()
-    assert feed_codes(s, b"EHLO c\r\nDATA\r\nNOOP\r\n") == [250, 503, 250]
+    assert feed_codes(s, b"EHLO c\r\nDATA\r\n") == [250, 503]
+    assert feed_codes(s, b"NOOP\r\n") == [250]
+
+
+@pytest.mark.parametrize("data", [b"DATA\r\n", b"DATA x\r\n"])
+@pytest.mark.parametrize("before", [b"", b"MAIL FROM:<a@example.test>\r\n",
+                                    b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@elsewhere.test>\r\n"],
+                         ids=["no MAIL", "no RCPT", "no valid RCPT"])
+def test_bytes_behind_a_refused_data_are_a_sync_error_too(before, data):
+    """RFC 2920 3.1: DATA ends its group whether it succeeds or fails.  Otherwise the text
+    a client sent behind a refused DATA runs as commands: here a message with a sender
+    of the text's choosing."""
+    s = new_session(local_domains=("example.test",))
+    smuggled = b"RSET\r\nMAIL FROM:<ceo@bank.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nforged\r\n.\r\n"
+    out = feed(s, b"EHLO c\r\n" + before + data + smuggled)
+    assert heads(out)[-1] == "554 5.5.0" and s.closed
+    assert "250 2.1.0" not in heads(out)[1 + before.count(b"\r\n"):]  # the smuggled MAIL never ran
+    assert not [e for e in events(s) if isinstance(e, DataStart)]
 
 
 def test_nothing_is_sent_before_datastart_is_answered():
@@ -783,10 +800,41 @@ def test_log_lines_never_contain_line_breaks(raw):
         assert line.isprintable(), line
 
 
-def test_long_command_line_is_logged_as_a_marker():
-    s = new_session()
+@pytest.mark.parametrize("auth", [False, True])
+def test_long_command_line_is_logged_as_a_marker(auth):
+    # With AUTH offered the line buffer takes longer lines (for AUTH's payload): any other
+    # command that long is still refused, and logged as the marker, not in full.
+    s = new_session(starttls=True, auth=auth, auth_insecure=auth)
     transcript(s, ["NOOP " + "x" * 600])
     assert s.log[1:] == ["<command line too long>", "500 5.5.6 Line too long"]
+
+
+@pytest.mark.parametrize("raw, logged", [
+    (b"NOOP a\\r\\nb", "NOOP a\\\\r\\\\nb"),   # typed backslashes: doubled
+    (b"NOOP a\rb", "NOOP a\\rb"),                  # a real CR: an escape
+    (b"NOOP \xe9t\xe9", "NOOP \\xe9t\\xe9"),      # no UTF-8: octets escaped
+    (b"NOOP \xc3\xa9t\xc3\xa9", "NOOP \u00e9t\u00e9"),  # UTF-8: as it is
+])
+def test_log_tells_apart_what_looks_alike(raw, logged):
+    s = new_session()
+    feed(s, raw + b"\r\n")
+    assert s.log[1] == logged
+
+
+def test_refused_message_is_logged_with_the_octets_sent():
+    body = "a\nb\r\nbad line\r\n"  # a bare LF: refused
+    s = new_session()
+    codes = transcript(s, [E, M, RC, D, body + "."])
+    assert codes[-1] == 550
+    assert f"<message: {len(body)} octets>" in s.log
+    # Octets that came after the refusal, and an overlong line cut away, count too.
+    s = new_session(max_message_size=100)
+    feed(s, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+    sent = b"x" * 150 + b"\r\n" + b"y" * 3000 + b"\r\n"
+    for i in range(0, len(sent), 700):
+        feed(s, sent[i:i + 700])
+    feed(s, b".\r\n")
+    assert s.log[-2] == f"<message: {len(sent)} octets>" and s.log[-1].startswith("552 5.3.4")
 
 
 AUTH_LINES = ["AUTH PLAIN AGFsaWNlAHNlY3JldA==", "auth plain AGFsaWNlAHNlY3JldA==",

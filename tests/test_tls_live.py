@@ -152,6 +152,9 @@ def test_smtplib_starttls_login_and_delivery(server, certs):
 
 
 def test_smtps_implicit_tls(server, certs):
+    # [READY] names every address the server accepts mail on, SMTPS ones marked.
+    assert (f"[READY] Listening on {HOST}:{server.port}, SMTPS {HOST}:{server.implicit_port} ("
+            in server.log_text())
     before = set(server.new_messages())
     with smtplib.SMTP_SSL(HOST, server.implicit_port, timeout=TIMEOUT,
                           context=certs.client_context()) as client:
@@ -527,13 +530,19 @@ def test_wrong_password_then_the_per_ip_limit(daemon_factory, certs, tmp_path):
             assert client.docmd("AUTH", "PLAIN " + plain("alice", "guess")) == (
                 535, b"5.7.8 Authentication credentials invalid")
     with starttls_client(d, certs) as client:
-        assert client.docmd("AUTH", "PLAIN " + plain("nobody", "guess"))[0] == 535
+        assert client.docmd("AUTH", "PLAIN " + plain("o'brien", "guess"))[0] == 535
         assert client.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD, authzid="root"))[0] == 535
     with starttls_client(d, certs) as client:  # the sixth attempt, with the right password
         code, text = client.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD))
         assert (code, text[:5]) == (421, b"4.7.0")
         assert replies_until_eof(client.sock) == b""
     wait_log_count(d, "refused: too many failures", 1)
+    # The user name in single quotes, whatever it holds; the command before its outcome.
+    assert "PLAIN user='o\\'brien' failed" in d.log_text()
+    lines = d.log_text().splitlines()
+    refused = next(i for i, line in enumerate(lines) if "refused: too many failures" in line)
+    assert "[SMTP] AUTH PLAIN ***" in lines[refused - 1], lines[refused - 3:refused + 2]
+    assert "[SMTP] 421 4.7.0" in lines[refused + 1], lines[refused - 3:refused + 2]
     # Per address: another loopback address is not blocked.
     client = smtplib.SMTP(HOST, d.port, timeout=TIMEOUT, source_address=("127.0.0.2", 0))
     try:

@@ -49,3 +49,18 @@ def test_a_utf8_helo_name_stays_out_of_a_message_without_smtputf8():
     assert b"(authenticated as j?)" in received_from("x", "ESMTPA", auth_user="j\u00f6")
     utf8 = received_from("exämple.test", "UTF8SMTP", auth_user="j\u00f6").decode()
     assert utf8.startswith("Received: from exämple.test (") and "authenticated as jö" in utf8
+
+
+# Characters that end a line for some readers of stored mail (str.splitlines, for one):
+# the ASCII controls, the C1 controls (NEL among them), the line and paragraph separators.
+LINE_ENDERS = ["\r", "\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+
+
+def test_no_client_value_breaks_a_stored_header_line():
+    for char in LINE_ENDERS + ["\x00", "\x7f", "\x9f"]:
+        value = f"a{char}b@ex\u00e4mple.test"
+        for cleaned in (trace.clean(value), trace.clean_helo(value)):
+            assert len(f"X: {cleaned}".splitlines()) == 1 and cleaned.isprintable(), (char, cleaned)
+    # Printable non-ASCII stays: SMTPUTF8 addresses and names are legitimate.
+    assert trace.clean("j\u00f6@b\u00fccher.test") == "j\u00f6@b\u00fccher.test"
+    assert trace.clean_helo("b\u00fccher.test\u00a0") == "b\u00fccher.test\u00a0"

@@ -265,6 +265,7 @@ class DataReader:
         # An unfinished line may hold 1000 octets plus a transparency dot and a CR.
         if self._carry + len(tail) > 1002:
             self._fail(R.R554_LINE_TOO_LONG)
+            self.size += max(len(tail) - 4, 0)  # octets dropped here are counted now
             tail = tail[-4:]  # enough to recognise an END_OF_DATA that spans reads
             self._midline = True
         self._pending = tail
@@ -276,10 +277,14 @@ class DataReader:
     def _process(self, block: bytes, dot: int) -> bytes:
         """``block`` (a prefix of what ``feed`` scanned) as stored text; ``dot`` is the
         first stuffed line ``_find_end`` saw (-1 if none), maybe past ``block``."""
-        if not block or self.error is not None:
+        if not block:
+            return b""
+        if self.error is not None:
+            self.size += len(block)  # nothing stored, but the log says what was sent
             return b""
         stuffed, normalised = self._to_lf(block)
         if stuffed is None:
+            self.size += len(block)
             return b""
         # Unstuff only where a line starts with a dot (no copy per block otherwise).  In a
         # block _to_lf did not normalise every LF follows a CR, so each "\n." is a CRLF.

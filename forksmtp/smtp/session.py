@@ -212,21 +212,33 @@ class Session(SecureCommands):
         if self._after_auth:
             self._after_auth -= 1
             hidden = verb not in _HANDLERS and verb not in NOT_OFFERED
+        if len(line) > MAX_COMMAND - 2 and verb != "AUTH":
+            # The buffer allows long lines for AUTH only (with AUTH offered); any other
+            # is refused unread, and unlogged, like one over the buffer's limit.
+            self._log("<command line too long>")
+            return self._send(R.R500_LINE_TOO_LONG)
         if hidden:
             self._log(f"<line after AUTH, {len(line)} octets, not logged>")
-        else:
-            self._log(_loggable(text if text is not None else line.decode("latin-1")))
+        elif text is not None:
+            self._log(_loggable(text))
+        else:  # not UTF-8: every octet outside printable ASCII as an escape
+            self._log(_loggable(line.decode("latin-1"), escape=True))
         if text is None or "\r" in text or "\n" in text or "\0" in text:
             return self._send(R.R501_BAD_CHARS)
         if verb == "AUTH":
             self._after_auth = 2  # LOGIN: a user name and a password line
-        if len(line) > MAX_COMMAND - 2 and verb != "AUTH":
-            return self._send(R.R500_LINE_TOO_LONG)  # the buffer allows long AUTH lines only
         handler = _HANDLERS.get(verb)
         if handler is None:
             return self._send(R.R502_NOT_IMPLEMENTED if verb in NOT_OFFERED else R.R500_UNRECOGNIZED)
         if not self._offered(verb):
             return self._send(R.R502_NOT_IMPLEMENTED)
+        if verb == "DATA" and self._lines.pending():
+            # RFC 2920 3.1: DATA ends a pipelining group, whether it succeeds or fails.
+            # Bytes behind it before its reply are a client that does not wait, or a
+            # smuggling attempt: after a refused DATA, message text would otherwise run
+            # as commands (a MAIL FROM of the attacker's choice in the body).  Postfix
+            # 3.9's smtpd_forbid_unauth_pipelining closes the same way.
+            return self.close(R.R554_SYNC)
         refusal = SEQUENCE.get((verb, self.phase))
         if refusal is not None:
             return self._send(refusal)
@@ -345,11 +357,7 @@ class Session(SecureCommands):
     def _cmd_data(self, arg: str) -> None:
         if arg:
             raise CommandError(R.R501_NO_PARAMS)
-        if self._lines.pending():
-            # RFC 2920: DATA ends a pipelining group; bytes behind it before our 354
-            # are a client that does not wait, or a smuggling attempt.
-            self.close(R.R554_SYNC)
-            return
+        # _handle_line closed the session if bytes came behind DATA (RFC 2920).
         self._waiting = True
         assert self.envelope is not None  # SEQUENCE admits DATA only after RCPT
         self._events.append(DataStart(self.envelope))
@@ -398,14 +406,17 @@ _MECHANISM: Final = re.compile(r"[A-Za-z0-9_-]*")
 _XTEXT: Final = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
 
 
-def _loggable(text: str) -> str:
-    """Command line for the log: never an AUTH payload, never a control character."""
+def _loggable(text: str, escape: bool = False) -> str:
+    """Command line for the log: never an AUTH payload, never a control character.
+    A line with a control character or a backslash is written with Python escapes, its
+    backslashes doubled, so that ``\\r`` in the log always means a CR was sent;
+    ``escape``: whatever the line holds (octets that are no UTF-8)."""
     # Any separator after AUTH (a TAB, a NUL) still hides what follows the mechanism.
     if text[:4].upper() == "AUTH" and text[4:5] and not _MECHANISM.fullmatch(text[4:5]):
         mechanism = _MECHANISM.match(text, 5)
         assert mechanism is not None  # the pattern matches the empty string too
         text = f"{text[:4]} {mechanism.group()} ***"
-    if not text.isprintable():
+    if escape or "\\" in text or not text.isprintable():
         text = text.encode("unicode_escape").decode("ascii")
     return text
 

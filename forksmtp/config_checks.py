@@ -161,10 +161,29 @@ def _log_level(value: str) -> str:
 
 
 def _domains(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Lower-cased, each with its other spelling (an internationalised domain as its
+    A-label and its U-label): an SMTPUTF8 client may write either."""
     for domain in values:
         if not _DOMAIN.fullmatch(domain):
             raise ValueError(f"{domain!r} is not a domain")
-    return tuple(dict.fromkeys(d.lower().rstrip(".") for d in values))
+    names = [d.lower().rstrip(".") for d in values]
+    return tuple(dict.fromkeys(spelling for name in names for spelling in (name, *_other_spelling(name))))
+
+
+def _other_spelling(name: str) -> tuple[str, ...]:
+    """The A-label form of a UTF-8 domain, or the UTF-8 form of one with A-labels; none
+    where Python's IDNA 2003 codec does not convert both ways to the same name (it
+    maps "ß" to "ss", a different domain under IDNA 2008)."""
+    try:
+        if not name.isascii():
+            other = name.encode("idna").decode("ascii")
+            return (other,) if other.encode("ascii").decode("idna") == name else ()
+        if "xn--" in name:
+            other = name.encode("ascii").decode("idna")
+            return (other,) if other.encode("idna").decode("ascii") == name else ()
+    except UnicodeError:
+        pass
+    return ()
 
 
 def _address(text: str) -> str:

@@ -42,9 +42,14 @@ def ascii_domain(name: str) -> str:
     if name.isascii():
         return name
     try:
-        return name.encode("idna").decode("ascii")
+        label = name.encode("idna").decode("ascii")
+        # Python's codec is IDNA 2003, which maps some names onto others ("straße" to
+        # "strasse"): a form that does not convert back is no A-label of this name.
+        if label.encode("ascii").decode("idna").lower() == name.lower():
+            return label
     except UnicodeError:
-        return _NON_ASCII.sub("?", name)
+        pass
+    return _NON_ASCII.sub("?", name)
 
 
 # A busy worker stamps many messages within one second: the text is built once per

@@ -184,7 +184,8 @@ def test_after_tls_a_new_ehlo_is_required_and_starttls_is_gone():
     p = peer(starttls=True)
     assert p.send(E, "STARTTLS") == ["250", "220 2.0.0"]
     assert p.s.tls and p.s.helo_name == ""
-    assert p.send(M) == ["503 5.5.1"]  # RFC 3207 4.2: back to the greeting state
+    assert p.send(M) == ["503"]  # RFC 3207 4.2: back to the greeting state, without the
+    # enhanced codes the plaintext EHLO negotiated (RFC 2034: they follow an EHLO)
     assert "STARTTLS" not in ehlo_keywords(p)
     assert p.send("STARTTLS") == ["503 5.5.1"]
     assert p.send(M, RC) == ["250 2.1.0", "250 2.1.5"]
@@ -398,9 +399,23 @@ def test_long_response_to_a_challenge_is_accepted():
 def test_other_commands_keep_the_512_octet_limit_when_auth_is_on():
     p = tls_peer()
     assert p.send("NOOP " + "x" * 505) == ["250 2.0.0"]  # 512 with CRLF
-    assert p.send("NOOP " + "x" * 506) == ["500 5.5.6"]  # 513
-    assert p.send("MAIL FROM:<" + "a" * 600 + "@x>") == ["500 5.5.6"]
+    assert p.send("NOOP " + "x" * 506) == ["500 5.5.2"]  # 513
+    assert p.send("MAIL FROM:<" + "a" * 600 + "@x>") == ["500 5.5.2"]
+    assert p.send("NOOP " + "x" * 13000) == ["500 5.5.2"]  # over the buffer's AUTH limit
     assert p.send(M) == ["250 2.1.0"]
+
+
+def test_an_authentication_exchange_line_over_12288_octets_is_5_5_6():
+    # RFC 4954 4: X.5.6 is the code for a line of the exchange (the command, or a
+    # response), sent in one piece or in many; the exchange is cancelled.
+    for pieces in (1, 7):
+        p = tls_peer()
+        assert p.send("AUTH LOGIN") == ["334"]
+        line = b"x" * 13000 + b"\r\n"
+        cuts = [len(line) * i // pieces for i in range(pieces + 1)]
+        out = b"".join(p.feed(line[a:b]) for a, b in zip(cuts, cuts[1:]))
+        assert heads(out) == ["500 5.5.6"]
+        assert p.send("AUTH PLAIN " + plain("alice", USERS["alice"])) == ["235 2.7.0"]
 
 
 # -- require_tls and required auth -------------------------------------------------------

@@ -200,7 +200,10 @@ def test_parse_params(text, params):
 
 
 @pytest.mark.parametrize("text", [" SIZE=", " =10", " -X=1", " SIZE=a=b", " SIZE=1 size=2",
-                                  " BODY=7BIT BODY=7BIT", " K\u00e9Y=1", " SIZE=\x01"])
+                                  " BODY=7BIT BODY=7BIT", " K\u00e9Y=1", " SIZE=\x01",
+                                  # RFC 5321 4.1.2: parameters are separated by SP alone
+                                  " SIZE=10\tBODY=8BITMIME", " SIZE=10\x0bBODY=8BITMIME",
+                                  " SIZE=10\u00a0BODY=8BITMIME", " SIZE=10\u2028BODY=8BITMIME"])
 def test_bad_params_are_501(text):
     with pytest.raises(CommandError) as info:
         parse_params(text)

@@ -430,3 +430,18 @@ def test_overrides_from_flags() -> None:
 ])
 def test_passwd_subcommand_is_recognised(argv: list[str], expected: object) -> None:
     assert cli._split_passwd(argv) == expected
+
+
+def test_an_internationalised_local_domain_is_local_in_either_spelling(etc: Path) -> None:
+    """An SMTPUTF8 client may write a domain as its U-label or as its A-label; the
+    config may list either (RFC 6531 3.2): both are local, postmaster included."""
+    from helpers import new_session, replies
+
+    for listed in ("xn--4ca.test", "\u00e4.test", "\u00c4.TEST"):
+        path = write(etc, f'[delivery]\nlocal_domains = ["{listed}", "stra\u00dfe.test"]\n')
+        domains = load_config(str(path)).delivery.local_domains
+        assert {"xn--4ca.test", "\u00e4.test"} <= set(domains)
+        assert "strasse.test" not in domains  # IDNA 2003's mapping would name another domain
+        for rcpt in ("postmaster@\u00e4.test", "postmaster@xn--4ca.test", "bob@\u00c4.test"):
+            s = new_session(local_domains=domains)
+            assert replies(s, ["EHLO c", "MAIL FROM:<a@b.test> SMTPUTF8", f"RCPT TO:<{rcpt}>"])[2] == "250 2.1.5"

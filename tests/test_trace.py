@@ -64,3 +64,10 @@ def test_no_client_value_breaks_a_stored_header_line():
     # Printable non-ASCII stays: SMTPUTF8 addresses and names are legitimate.
     assert trace.clean("j\u00f6@b\u00fccher.test") == "j\u00f6@b\u00fccher.test"
     assert trace.clean_helo("b\u00fccher.test\u00a0") == "b\u00fccher.test\u00a0"
+
+
+def test_a_helo_name_idna_2003_would_change_is_not_given_as_its_a_label():
+    # Python's codec maps "ß" to "ss": strasse.test is another domain than straße.test.
+    assert trace.ascii_domain("stra\u00dfe.test") == "stra?e.test"
+    assert trace.ascii_domain("B\u00fccher.Test") == "xn--bcher-kva.Test"
+    assert trace.ascii_domain("\u00c4\u00d6.test") == "xn--4ca0b.test"

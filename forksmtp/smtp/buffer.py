@@ -114,12 +114,14 @@ class LineBuffer:
     of an unfinished line.  An overlong line is discarded as it arrives and reported
     once, when its CRLF finally comes, so the reply stays in step with the client."""
 
-    __slots__ = ("_buf", "_limit", "_skipping")
+    __slots__ = ("_buf", "_limit", "_skipping", "head")
 
     def __init__(self, limit: int = 512) -> None:
         self._buf = bytearray()
         self._limit = limit
         self._skipping = False
+        #: The first octets of the last line reported ``TOO_LONG`` (which reply fits).
+        self.head = b""
 
     def feed(self, data: bytes) -> None:
         self._buf += data
@@ -135,11 +137,15 @@ class LineBuffer:
         line = bytes(buf[:end])
         del buf[: end + 2]
         if self._skipping or end + 2 > self._limit:
+            if not self._skipping:
+                self.head = line[:5]
             self._skipping = False
             return TOO_LONG
         return line
 
     def _discard_unfinished(self) -> None:
+        if not self._skipping:
+            self.head = bytes(self._buf[:5])
         # Keep a trailing CR: it may be the first half of the CRLF that ends the line.
         keep = b"\r" if self._buf.endswith(b"\r") else b""
         self._buf[:] = keep

@@ -127,7 +127,11 @@ def parse_params(text: str) -> dict[str, str | None]:
     if text[0] != " ":
         raise CommandError(R.R501_BAD_ADDRESS)
     params: dict[str, str | None] = {}
-    for item in text.split():
+    # RFC 5321 4.1.2: SP between parameters (several are let pass, as many clients send
+    # them); str.split() would also split at a TAB, VT, FF, NBSP or U+2028.
+    for item in text.split(" "):
+        if not item:
+            continue
         key, eq, value = item.partition("=")
         if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
             raise CommandError(R.R501_SYNTAX)

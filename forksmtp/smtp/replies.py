@@ -77,7 +77,9 @@ R452_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 
 # 5xx: permanent
 R500_UNRECOGNIZED = Reply(500, "5.5.2", "Command unrecognized")
-R500_LINE_TOO_LONG = Reply(500, "5.5.6", "Line too long")
+R500_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+# RFC 4954 4: X.5.6 is registered for an authentication exchange's line alone.
+R500_AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long")
 R501_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 R501_BAD_CHARS = Reply(501, "5.5.2", "Syntax error: bare CR or LF, or invalid characters in command")
 R501_NO_PARAMS = Reply(501, "5.5.4", "Syntax error: no parameters allowed")

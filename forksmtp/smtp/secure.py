@@ -30,6 +30,7 @@ class SecureCommands:
     phase: str
     helo_name: str
     esmtp: bool
+    enhanced: bool
     envelope: Envelope | None
     auth_user: str
     _auth: AuthExchange | None
@@ -52,6 +53,7 @@ class SecureCommands:
         self.phase = NEW
         self.helo_name = ""
         self.esmtp = False
+        self.enhanced = False  # as on a new connection: none until the new EHLO
         self.envelope = None
         self.auth_user = ""
 

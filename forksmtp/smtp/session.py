@@ -193,9 +193,12 @@ class Session(SecureCommands):
 
     def _handle_line(self, line) -> None:
         if line is TOO_LONG:
+            # RFC 4954 4: 5.5.6 for a line of an authentication exchange, be it the AUTH
+            # command or a response; 5.5.2 for any other command.
+            in_auth = self._auth is not None or (self.config.auth and self._lines.head.upper() == b"AUTH ")
             self._auth = None
             self._log("<command line too long>")
-            return self._send(R.R500_LINE_TOO_LONG)
+            return self._send(R.R500_AUTH_LINE_TOO_LONG if in_auth else R.R500_LINE_TOO_LONG)
         if self._auth is not None:
             return self._auth_line(line)
         try:

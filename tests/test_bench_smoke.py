@@ -89,7 +89,8 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
     # The report names the forksmtp build that ran, as its --version line gives it.
     build = results["environment"]["forksmtp_build"]
     assert build.startswith("forksmtp ") and ("compiled" in build or "pure Python" in build)
-    assert f"forksmtp: {build}" in (out / "results.md").read_text()
+    assert f"forksmtp: {build}; checkout " in (out / "results.md").read_text()
+    assert results["environment"]["checkout"]  # the commit the run measured
     for cell in results["cells"]:
         assert CELL_KEYS <= set(cell)
         assert cell["stored"] == cell["acked"] == cell["sent"] == 20, cell

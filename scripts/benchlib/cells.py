@@ -35,15 +35,18 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
 
 
-def rate_fields(acked: int, wall: float, cpu: float, user_share: float | None) -> dict:
-    """Per-message figures; the user/system split only where it was measured."""
+def rate_fields(acked: int, wall: float, cpu: float, ticks_user: float, ticks_sys: float) -> dict:
+    """Per-message figures; the user/system split only where there were ticks enough
+    (the summary pools the ticks of a cell's rounds: see summarise)."""
     per = 1000.0 / acked if acked else None
-    split = per is not None and user_share is not None
+    share = user_share(ticks_user, ticks_sys)
+    split = per is not None and share is not None
     return {"acked": acked, "wall_s": wall,
             "msgs_per_s": acked / wall if acked and wall > 0 else None,
-            "cpu_user_ms_per_msg": cpu * user_share * per if split else None,
-            "cpu_sys_ms_per_msg": cpu * (1 - user_share) * per if split else None,
-            "cpu_ms_per_msg": cpu * per if per else None}
+            "cpu_user_ms_per_msg": cpu * share * per if split else None,
+            "cpu_sys_ms_per_msg": cpu * (1 - share) * per if split else None,
+            "cpu_ms_per_msg": cpu * per if per else None,
+            "cpu_ticks_user_s": ticks_user, "cpu_ticks_sys_s": ticks_sys}
 
 
 def run_loop_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str) -> dict:
@@ -61,7 +64,7 @@ def run_loop_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str)
     stored, problem = check_stored(maildir, done)
     discard_maildir(bench, maildir)
     return {"sent": len(ids), "stored": stored, "problem": problem,
-            **rate_fields(len(done), wall, user + system, user_share(user, system)),
+            **rate_fields(len(done), wall, user + system, user, system),
             **latency_fields("ack", lat)}
 
 
@@ -86,9 +89,9 @@ def run_smtp_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str)
     if problem:
         keep_log(bench, server, tag)
     discard_maildir(bench, maildir)
-    cpu, user_share, vanished = load["cpu"]
+    cpu, ticks_user, ticks_sys, vanished = load["cpu"]
     return {"sent": len(ids), "stored": stored, "problem": problem,
-            **rate_fields(len(acked), load["wall"], cpu, user_share),
+            **rate_fields(len(acked), load["wall"], cpu, ticks_user, ticks_sys),
             **latency_fields("ack", load["ack_lat"]), **latency_fields("txn", load["txn_lat"]),
             "rejected": dict(load["rejected"]), "errors": dict(load["errors"]),
             "unsettled": load["unsettled"], "workers_vanished": vanished,

@@ -149,7 +149,11 @@ def run_extras(bench: Bench) -> dict:
         log("big message: each transfer follows a disk sequential write (1 MiB writes "
             "+ fsync) of the same size")
         for system in systems:
-            extras["stream"][system] = result = stream_big(bench, system)
+            try:
+                extras["stream"][system] = result = stream_big(bench, system)
+            except Exception as exc:  # the cells measured so far are still reported
+                bench.failures.append(f"{system} big message: {exc!r}")
+                continue
             each = ", ".join(f"{r:.0f}" for r in result["mib_per_s_each"])
             disk = ", ".join(f"{r:.0f}" for r in result["disk_mib_per_s_each"])
             log(f"  {system}: {bench.args.big_mib} MiB, median {result['mib_per_s']:.0f} MiB/s "
@@ -159,7 +163,11 @@ def run_extras(bench: Bench) -> dict:
             if result["problem"]:
                 bench.failures.append(f"{system} big message: {result['problem']}")
     for system in systems if bench.args.hold else ():
-        extras["hold"][system] = result = hold_sessions(bench, system, bench.args.hold)
+        try:
+            extras["hold"][system] = result = hold_sessions(bench, system, bench.args.hold)
+        except Exception as exc:
+            bench.failures.append(f"{system} open sessions: {exc!r}")
+            continue
         log(f"  {system}: {result['held']}/{bench.args.hold} sessions held, worker USS max "
             f"{fmt(result['worker_uss_mib_max'], 1)} MiB, master RSS "
             f"{fmt(result['master_rss_mib'], 1)} MiB")

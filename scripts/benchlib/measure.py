@@ -49,18 +49,19 @@ def cpu_snapshot(server: Server) -> dict:
     return {"procs": procs, "reaped": reaped}
 
 
-#: Below this much CPU time (seconds, in 10 ms ticks) the user/system split of a cell is
-#: not reported: the kernel samples it a tick at a time, and a few ticks say nothing.
-MIN_SPLIT_S = 0.25
+#: Below this much tick-sampled CPU time (seconds; summed over a cell's rounds) the
+#: user/system split is not reported: the kernel samples it a tick at a time, and a few
+#: ticks say nothing.  0.1 s is 25 ticks at 250 Hz (this kernel), 10 at 100 Hz.
+MIN_SPLIT_S = 0.1
 
 
-def cpu_delta(before: dict, after: dict) -> tuple[float, float | None, int]:
-    """(CPU s, user share or None, workers that vanished) between two snapshots.
+def cpu_delta(before: dict, after: dict) -> tuple[float, float, float, int]:
+    """(CPU s, user ticks s, system ticks s, workers that vanished) between two snapshots.
 
-    The total comes from the precise run times when every process has one, and is split
-    into user and system in the proportion of the tick counts, when there are enough of
-    them (MIN_SPLIT_S). Workers reaped meanwhile count through the master's children_*
-    ticks (their part before the first snapshot is taken off again)."""
+    The total comes from the precise run times when every process has one; the tick
+    counts give the proportion of user and system time (see user_share).  Workers
+    reaped meanwhile count through the master's children_* ticks (their part before the
+    first snapshot is taken off again)."""
     gone = [pid for pid in before["procs"] if pid not in after["procs"]]
     ticks_user = after["reaped"][0] - before["reaped"][0] - sum(before["procs"][p][0] for p in gone)
     ticks_sys = after["reaped"][1] - before["reaped"][1] - sum(before["procs"][p][1] for p in gone)
@@ -71,7 +72,7 @@ def cpu_delta(before: dict, after: dict) -> tuple[float, float | None, int]:
         ticks_user, ticks_sys = ticks_user + u - u0, ticks_sys + s - s0
         precise = None if precise is None or run is None or run0 is None else precise + run - run0
     total = ticks_user + ticks_sys if precise is None else precise + reaped_total
-    return total, user_share(ticks_user, ticks_sys), len(gone)
+    return total, ticks_user, ticks_sys, len(gone)
 
 
 def user_share(user: float, system: float) -> float | None:

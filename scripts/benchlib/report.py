@@ -154,7 +154,7 @@ def md_header(bench: Bench, payload: dict) -> list[str]:
             f"Load generator: {payload['client']}  ",
             f"Machine: {env['cpus']} CPUs, Linux {env['kernel']}, Maildirs on {env['fs']} "
             f"({env['root']}), Python {env['python']}  ",
-            f"forksmtp: {env['forksmtp_build']}  ",
+            f"forksmtp: {env['forksmtp_build']}; checkout {env.get('checkout') or 'unknown'}  ",
             f"Messages: {a.size} bytes, {a.messages} per cell (at least one per session), "
             f"{a.per_conn} per connection, {a.rounds} round(s), medians shown; "
             f"forksmtp log level {a.server_log_level}.  ",
@@ -216,8 +216,24 @@ def environment(bench: Bench) -> dict:
     return {"cpus": os.cpu_count(), "kernel": os.uname().release, "fs": bench.fs,
             "root": bench.root, "python": sys.version.split()[0],
             "forksmtp_cmd": shlex.join(bench.forksmtp_cmd),
-            "forksmtp_build": forksmtp_build(bench),
+            "forksmtp_build": forksmtp_build(bench), "checkout": checkout(),
             "smtp_source": shutil.which("smtp-source"), "smtp_sink": bench.smtp_sink}
+
+
+def checkout() -> str | None:
+    """The commit of the checkout the bench runs from, "+changes" if it has any: runs of
+    different code must not pass for the same one."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + (" +changes" if dirty.stdout.strip() else "")
 
 
 def forksmtp_build(bench: Bench) -> str:

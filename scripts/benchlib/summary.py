@@ -4,6 +4,7 @@ from __future__ import annotations
 from .constants import FLOOR, RATIO_PAIRS
 from .context import Bench
 from .helpers import median_of, ratio
+from .measure import user_share
 
 # --------------------------------------------------------------------------- summary
 
@@ -22,6 +23,15 @@ def summarise(cells: list[dict]) -> dict:
     for (mode, system, sessions), group in groups.items():
         good = [c for c in group if not c["problem"]]
         row = {m: median_of([c.get(m) for c in good]) for m in METRICS}
+        # The user/system split of the median total, in the proportion of the ticks of
+        # all good rounds: user + system is then the total, and rounds too short for a
+        # split of their own still count towards it.
+        share = user_share(sum(c.get("cpu_ticks_user_s") or 0.0 for c in good),
+                           sum(c.get("cpu_ticks_sys_s") or 0.0 for c in good))
+        total = row["cpu_ms_per_msg"]
+        split = share is not None and total is not None
+        row["cpu_user_ms_per_msg"] = total * share if split else None
+        row["cpu_sys_ms_per_msg"] = total * (1 - share) if split else None
         row["rounds_ok"], row["rounds"] = len(good), len(group)
         summary.setdefault(mode, {}).setdefault(system, {})[str(sessions)] = row
     return summary

@@ -63,13 +63,16 @@ class MaildirError(OSError):
 
 #: What a reload reports as its failure, keeping the running config; anything else is a bug.
 RELOAD_ERRORS = (config_mod.ConfigError, tls.TLSError, auth.PasswordFileError, listeners.BindError,
-                 OSError)
+                 process.PidfileError, OSError)
 
 
-def stuck_limit(timeouts) -> float:
+def stuck_limit(cfg) -> float:
     """How long a worker in a session may show no progress: no wait of a healthy one
-    outlasts the longest timeout (config.TimeoutsConfig)."""
-    return max(timeouts.command, timeouts.data_block, timeouts.data_done) + STUCK_GRACE
+    outlasts the longest timeout (config.TimeoutsConfig), the stress-mode command timeout
+    included, nor the greeting delay (a worker heartbeats between waits, not in one)."""
+    t = cfg.timeouts
+    return max(t.command, t.data_block, t.data_done, t.stress_command,
+               cfg.server.greeting_delay) + STUCK_GRACE
 
 
 def silent_for(last_activity: float, started: float, now: float) -> float:
@@ -88,6 +91,7 @@ class Child:
     stuck_after: float  # silence that proves it wedged, by the config it started with
     term_sent: bool = False
     quit_sent: float = 0.0
+    killed_because: str = ""  # why the master itself sent SIGKILL, if it did
 
 
 class Arbiter:
@@ -183,7 +187,8 @@ class Arbiter:
         self._murder_stuck(snap, now)
         self._manage_pool(now, snap)
         self.fast = self.overflow.check(snap, now, len(self.workers), self.cfg.server.max_workers,
-                                        list(self.sockets.values()), frozenset(self._implicit_sockets()))
+                                        list(self.sockets.values()), frozenset(self._implicit_sockets()),
+                                        held_back=now < self.pool_state.backoff_until)
         self._housekeeping(now)
 
     def _implicit_sockets(self) -> list[socket.socket]:
@@ -276,7 +281,7 @@ class Arbiter:
             finally:
                 os._exit(code)
         self.board.set_pid(slot, pid)
-        self.workers[pid] = Child(pid, slot, self.generation, now, stuck_limit(self.cfg.timeouts))
+        self.workers[pid] = Child(pid, slot, self.generation, now, stuck_limit(self.cfg))
         return pid
 
     def _fork(self) -> int:
@@ -331,7 +336,10 @@ class Arbiter:
     def _log_exit(self, child: Child, status: int, lifetime: float) -> None:
         if os.WIFSIGNALED(status):
             sig = signal.Signals(os.WTERMSIG(status)).name
-            hint = " (out of memory, or killed by the operator?)" if sig == "SIGKILL" else ""
+            hint = ""
+            if sig == "SIGKILL":
+                hint = (f" (sent by the master: {child.killed_because})" if child.killed_because
+                        else " (out of memory, or killed by the operator?)")
             self.log.warning("WORKER", f"worker {child.pid} killed by {sig}{hint}")
         elif os.WEXITSTATUS(status) != 0:
             self.log.warning("WORKER", f"worker {child.pid} exited with status {os.WEXITSTATUS(status)} after {lifetime:.1f}s")
@@ -355,6 +363,7 @@ class Arbiter:
             child.quit_sent = now
             self._signal(child, signal.SIGQUIT)
         elif now - child.quit_sent > KILL_GRACE:
+            child.killed_because = f"still running {KILL_GRACE:g}s after SIGQUIT"
             self._signal(child, signal.SIGKILL)
 
     def _murder_stuck(self, snap, now: float) -> None:
@@ -377,14 +386,16 @@ class Arbiter:
             self.log.error("WORKER", f"worker {child.pid} made no progress for {silent:.0f}s; killing it "
                                      f"(slot {slot.index} {STATE_NAMES[slot.state]}, last activity "
                                      f"{slot.last_activity:.3f}, started {child.started:.3f})")
+            child.killed_because = f"no progress for {silent:.0f}s"
             self._signal(child, signal.SIGKILL)
 
     def _manage_pool(self, now: float, snap=None) -> None:
         snap = snap or self.board.snapshot()
         settings = dataclasses.replace(pool.PoolSettings.from_server(self.cfg.server), workers=self.target)
         plan = pool.plan(snap, settings, self.pool_state, now)
-        # Log a reason once, not every tick (its text carries a countdown).
-        reason_key = f"{plan.reason.partition(';')[0]}/{self.pool_state.backoff}" if plan.reason else ""
+        # Log a reason once (per back-off step), not every tick: its text carries a
+        # countdown and the count of crashes, which grows within a step.
+        reason_key = f"{plan.reason.partition(':')[0]}/{self.pool_state.backoff}" if plan.reason else ""
         if reason_key != self.last_pool_reason:
             self.last_pool_reason = reason_key
             if plan.reason:
@@ -423,15 +434,24 @@ class Arbiter:
         it worked.  The listening sockets come last: a failure after them would leave a
         new address bound with no worker to serve it."""
         log_fd = -1
+        opened: dict = {}
         try:
             new = config_mod.load_config(self.cfg.path or None, self.overrides)
             context, passwords = load_security(new)
             self._prepare_maildirs(new)
             log_fd = Log.open_file(new.log.file)
             opened = self._open_new_sockets(new)
+            # Last: a pidfile another live process holds fails the reload, the old one kept.
+            moved_pidfile = new.server.pidfile != self.cfg.server.pidfile
+            if moved_pidfile and new.server.pidfile:
+                process.write_pidfile(new.server.pidfile)
         except BaseException as exc:
             if log_fd >= 0:
                 Log.discard(new.log.file, log_fd)
+            running = set(map(id, self.sockets.values()))
+            for sock in opened.values():
+                if id(sock) not in running:  # bound by this reload: let go again
+                    sock.close()
             if not isinstance(exc, RELOAD_ERRORS):
                 raise
             self.log.error("RELOAD", f"reload failed, keeping the running configuration: {exc}")
@@ -446,8 +466,8 @@ class Arbiter:
         # Reopened even when unchanged: after logrotate renamed the file, HUP starts a new one.
         self.log.reopen(new.log.level, new.log.file, log_fd)
         old_pidfile, self.cfg = self.cfg.server.pidfile, new
-        if new.server.pidfile != old_pidfile:
-            self._move_pidfile(old_pidfile, new.server.pidfile)
+        if moved_pidfile and old_pidfile:
+            process.remove_pidfile(old_pidfile)  # scripts read the new one from now on
         self.target = new.server.workers
         self.generation += 1
         self.board.set_generation(self.generation)
@@ -457,16 +477,6 @@ class Arbiter:
                 self._signal(child, signal.SIGTERM)
         self._manage_pool(time.monotonic())
         self.log.info("RELOAD", f"configuration generation {self.generation} loaded from {new.path or 'defaults'}")
-
-    def _move_pidfile(self, old: str, new: str) -> None:
-        """After a reload that names another pidfile: scripts read the new one."""
-        try:
-            if new:
-                process.write_pidfile(new)
-        except (OSError, process.PidfileError) as exc:
-            self.log.error("RELOAD", f"cannot write pidfile {new}: {exc}")
-        if old:
-            process.remove_pidfile(old)
 
     def _open_new_sockets(self, new) -> dict:
         """The sockets of the new listen addresses.  An address written another way
@@ -537,7 +547,8 @@ class Arbiter:
     def _stats(self) -> dict:
         return stats.build(self.board.snapshot(), started=self.started,
                            config_generation=self.generation,
-                           master_rejected={"max_connections": self.overflow.rejected},
+                           master_rejected={"max_connections": self.overflow.rejected,
+                                            "other": self.overflow.rejected_held},
                            stress=self.board.in_stress())
 
 

@@ -1,10 +1,13 @@
-"""The master's last resort at the pool ceiling: answer queued clients with 421.
+"""The master's last resort when no worker can take a connection: answer queued clients
+with 421.
 
-When every worker is busy and the pool is at ``max_workers``, nobody would accept a new
-connection and clients would wait silently in the listen backlog.  Once admissions have
-stalled for ``GRACE`` seconds, the master accepts them itself and answers ``421 4.3.2``.
-While workers keep taking connections (short sessions) nothing is refused: a queued
-client is then served within milliseconds.
+When every worker is busy and the pool is at ``max_workers``, or while spawning is held
+back after workers kept failing at start (the crash-loop back-off, perhaps with no
+worker left at all), nobody would accept a new connection and clients would wait
+silently in the listen backlog.  Once admissions have stalled for ``GRACE`` seconds, the
+master accepts them itself and answers ``421 4.3.2``.  While workers keep taking
+connections (short sessions) nothing is refused: a queued client is then served within
+milliseconds.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import socket
 
 from . import limits
 from .scoreboard import IDLE, STARTING
+from .smtp.replies import Reply
 
 GRACE = 0.3  # admissions stalled this long at the ceiling: the master answers 421
 BATCH = 64  # queued clients refused per check and socket
@@ -25,13 +29,16 @@ class OverflowGuard:
         self.since = 0.0
         self.progress = -1
         self.logged = False
-        self.rejected = 0
+        self.rejected = 0          # at the ceiling: counted as max_connections
+        self.rejected_held = 0     # while spawning is held back: counted as other
 
     def check(self, snap, now: float, workers: int, max_workers: int, sockets,
-              implicit_tls: frozenset = frozenset()) -> bool:
+              implicit_tls: frozenset = frozenset(), held_back: bool = False) -> bool:
         """Answer stalled clients if needed; True while the master should poll fast.
-        ``implicit_tls``: the sockets (of ``sockets``) whose clients speak TLS first."""
-        if workers < max_workers or snap.count(IDLE, STARTING):
+        ``implicit_tls``: the sockets (of ``sockets``) whose clients speak TLS first;
+        ``held_back``: the pool may not spawn now (crash-loop back-off)."""
+        at_ceiling = workers >= max_workers
+        if not (at_ceiling or held_back) or snap.count(IDLE, STARTING):
             self.since, self.logged = 0.0, False
             return False
         if snap.connections_total != self.progress or not self.since:
@@ -41,29 +48,36 @@ class OverflowGuard:
             return True
         if not self.logged:
             self.logged = True
-            self.log.warning("POOL", f"all {workers} workers busy (max_workers reached); answering 421 4.3.2")
+            why = ("max_workers reached" if at_ceiling else
+                   "no worker may start now: crash-loop back-off")
+            self.log.warning("POOL", f"all {workers} workers busy ({why}); answering 421 4.3.2")
+        reply = limits.reply_for(limits.MAX_CONNECTIONS if at_ceiling else limits.OTHER)
         for sock in sockets:
             for _ in range(BATCH):
                 if not select.select([sock], [], [], 0)[0]:
                     break
-                self._answer(sock, sock in implicit_tls)
+                if self._answer(sock, sock in implicit_tls, reply):
+                    if at_ceiling:
+                        self.rejected += 1
+                    else:
+                        self.rejected_held += 1
         return True
 
-    def _answer(self, sock: socket.socket, tls_first: bool) -> None:
+    def _answer(self, sock: socket.socket, tls_first: bool, reply: Reply) -> bool:
         try:
             conn, peer = sock.accept()
         except OSError:
-            return  # a worker took it, or the client left
+            return False  # a worker took it, or the client left
         try:
             conn.setblocking(False)
             # With its enhanced code, as the contract spells it (Postfix does the same).
             # An SMTPS client expects a TLS handshake first, and the master does no
             # handshake (a slow client would stall the supervisor): it only closes.
             if not tls_first:
-                conn.send(limits.reply_for(limits.MAX_CONNECTIONS).wire(True))
+                conn.send(reply.wire(True))
         except OSError:
             pass
         finally:
             conn.close()
-        self.rejected += 1
         self.log.info("CONN", f"{peer[0]} refused by master: no worker free")
+        return True

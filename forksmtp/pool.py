@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from .scoreboard import BUSY, IDLE, STARTING, STOPPING, Snapshot
 
 MAX_SPAWN_RATE = 32
+RETIRE_EVERY = 1.0  # seconds between two retirements of surplus idle workers (max_idle)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,7 @@ class PoolState:
     backoff: float = 0.0  # current back-off length, 0 when none
     backoff_until: float = float("-inf")
     retire_requests: int = 0  # SIGTTOU: retire one worker now, whatever max_idle says
+    last_idle_retire: float = float("-inf")  # when the last surplus idle worker was retired
 
     def record_exit(self, lifetime: float, now: float) -> None:
         """Report an unplanned worker exit (crash, signal, error status) with its lifetime.
@@ -141,7 +143,12 @@ def _retire(settings: PoolSettings, state: PoolState, now: float, current: list,
     if state.retire_requests > 0:
         state.retire_requests -= 1
         return (ready[0].index,)
+    # One per RETIRE_EVERY: the master runs the policy again at every child's exit (its
+    # SIGCHLD wakes the loop), so "one per call" would retire them all within milliseconds.
+    if now - state.last_idle_retire < RETIRE_EVERY:
+        return ()
     stale = [s for s in ready if now - s.last_activity >= settings.max_idle]
     if len(idle) > max(settings.max_spare, settings.min_spare) and stale:
+        state.last_idle_retire = now
         return (stale[0].index,)
     return ()

@@ -130,6 +130,26 @@ def test_a_pidfile_of_a_running_master_stops_a_second_start(daemon_factory, tmp_
     assert pidfile.read_text() == f"{first.pid}\n"
 
 
+def test_a_reload_naming_a_pidfile_another_process_holds_changes_nothing(daemon_factory, tmp_path):
+    """README, Reload: if anything fails, nothing changes; the running pidfile included."""
+    first, held, third = (tmp_path / n for n in ("first.pid", "held.pid", "third.pid"))
+    d = daemon_factory(server={"pidfile": str(first)})
+    held.write_text(f"{os.getpid()}\n")  # a live process: this test's
+    d.sections["server"]["pidfile"] = str(held)
+    d.write_config()
+    old = {w.pid for w in d.workers()}
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(f"reload failed, keeping the running configuration: pidfile {held} is held "
+                   f"by running process {os.getpid()}")
+    assert first.read_text() == f"{d.pid}\n" and held.read_text() == f"{os.getpid()}\n"
+    assert old <= {w.pid for w in d.workers()}  # no new generation
+    d.sections["server"]["pidfile"] = str(third)
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("[RELOAD] configuration generation 2")
+    assert third.read_text() == f"{d.pid}\n" and not first.exists()
+
+
 def test_hup_reopens_the_log_after_rotation(daemon):
     rotated = daemon.log_path.with_suffix(".log.1")
     old = {w.pid for w in daemon.workers()}

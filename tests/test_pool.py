@@ -61,6 +61,16 @@ def test_plan_table(name, spec, overrides, nslots, spawn, retire):
     assert (result.spawn, result.retire) == (spawn, retire)
 
 
+def test_surplus_idle_workers_go_one_per_second_however_often_the_plan_runs():
+    """The master runs the plan at every child's exit too (SIGCHLD wakes its loop): the
+    retirements of surplus idle workers must not follow one another within milliseconds."""
+    state, spec, cfg = PoolState(), "I900 I900 I900 I900 I900 I900", settings(workers=1)
+    assert plan(snap(spec), cfg, state, NOW).retire == (0,)
+    for dt in (0.001, 0.01, 0.5, 0.99):  # the retired worker's exit, other wake-ups
+        assert plan(snap(spec), cfg, state, NOW + dt).retire == ()
+    assert plan(snap(spec), cfg, state, NOW + 1.0).retire == (0,)
+
+
 def test_ceiling_gives_a_reason():
     result = plan(snap("B B B B"), settings(max_workers=4), PoolState(), NOW)
     assert result.spawn == 0 and "max_workers" in result.reason

@@ -35,3 +35,20 @@ def test_silence_is_never_longer_than_the_worker_has_lived():
     # A worker that touched its slot after it started is judged by that touch.
     assert silent_for(1003.0, started=1000.0, now=1005.0) == 2.0
     assert silent_for(1000.0, started=1000.0, now=1400.0) == 400.0
+
+
+def test_no_healthy_wait_outlasts_the_stuck_limit(tmp_path):
+    """The greeting delay and the stress-mode command timeout are single waits too: a
+    worker in one heartbeats only when it ends, and must not be taken for wedged."""
+    from forksmtp.arbiter import STUCK_GRACE, stuck_limit
+    from forksmtp.config import load_config
+
+    path = tmp_path / "f.toml"
+    path.write_text("[server]\ngreeting_delay = 20\n"
+                    "[timeouts]\ncommand = 3\ndata_block = 3\ndata_done = 3\nstress_command = 30\n")
+    assert stuck_limit(load_config(str(path))) == 30 + STUCK_GRACE
+    path.write_text("[server]\ngreeting_delay = 20\n[timeouts]\ncommand = 3\ndata_block = 3\n"
+                    "data_done = 3\nstress_command = 3\n")
+    assert stuck_limit(load_config(str(path))) == 20 + STUCK_GRACE
+    path.write_text("")
+    assert stuck_limit(load_config(str(path))) == 600 + STUCK_GRACE  # data_done, by default

@@ -88,9 +88,15 @@ def test_crash_loop_backs_off_and_says_why(daemon_factory):
     # Spinning would fork dozens of workers a second; backing off forks a handful.
     crashed = lambda: d.log_text().count("worker crashed")  # noqa: E731
     start = crashed()
+    # Meanwhile no worker takes connections: the master answers 421 (no silent backlog).
+    sock = connect(d.port)
+    sock.settimeout(5)
+    assert read_reply(sock).startswith(b"421 4.3.2 ")
+    sock.close()
     time.sleep(4)
     assert crashed() - start <= 8
     assert d.proc.poll() is None
+    assert "crash-loop back-off); answering 421 4.3.2" in d.log_text()
 
     # The cause removed, the pool comes back once the back-off ends.
     with open(lock, "w"):

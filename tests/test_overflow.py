@@ -1,0 +1,73 @@
+"""The master's 421 when no worker can take a connection (overflow.py), on real sockets."""
+from __future__ import annotations
+
+import socket
+import time
+
+from forksmtp.overflow import GRACE, OverflowGuard
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def warning(self, tag: str, text: str) -> None:
+        self.lines.append(f"[{tag}] {text}")
+
+    info = warning
+
+
+class Snap:
+    """What the guard reads of a scoreboard snapshot: no idle worker, no admission."""
+    connections_total = 7
+
+    def count(self, *states) -> int:
+        return 0
+
+
+def queued_client(listener: socket.socket) -> socket.socket:
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    return client
+
+
+def run_guard(guard: OverflowGuard, listener: socket.socket, **kw) -> None:
+    start = time.monotonic()
+    guard.check(Snap(), start, sockets=[listener], **kw)           # the stall starts
+    guard.check(Snap(), start + GRACE + 0.01, sockets=[listener], **kw)  # and lasts
+
+
+def test_held_back_pool_with_no_worker_answers_421_instead_of_silence():
+    """Workers failing at start (crash-loop back-off) leave none to accept: queued
+    clients get 421 4.3.2 from the master, not a silent backlog."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = queued_client(listener)
+        guard = OverflowGuard(Log())
+        run_guard(guard, listener, workers=0, max_workers=4, held_back=True)
+        assert client.recv(200).startswith(b"421 4.3.2 ")
+        assert guard.rejected_held == 1 and guard.rejected == 0
+        assert any("crash-loop back-off" in line for line in guard.log.lines)
+        client.close()
+
+
+def test_below_the_ceiling_and_free_to_spawn_nothing_is_refused():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = queued_client(listener)
+        guard = OverflowGuard(Log())
+        run_guard(guard, listener, workers=0, max_workers=4, held_back=False)
+        client.settimeout(0.3)
+        try:
+            data = client.recv(200)
+        except socket.timeout:
+            data = None
+        assert data is None and guard.rejected == guard.rejected_held == 0
+        client.close()
+
+
+def test_at_the_ceiling_the_421_counts_as_max_connections():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = queued_client(listener)
+        guard = OverflowGuard(Log())
+        run_guard(guard, listener, workers=4, max_workers=4)
+        assert client.recv(200).startswith(b"421 4.3.2 ")
+        assert guard.rejected == 1 and guard.rejected_held == 0
+        client.close()

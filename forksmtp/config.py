@@ -33,6 +33,7 @@ else:  # pragma: no cover
 from forksmtp.config_checks import (ConfigError, _address, _at_least, _between, _boolean, _convert,
                                     _creatable_dir, _domains, _group, _hostname, _integer,
                                     _listens, _log_level, _networks, _non_empty, _not_negative,
+                                    _other_spelling,
                                     _greeting_delay, _number, _one_of, _parent_exists, _path,
                                     _positive, _readable_file, _share, _Source, _string, _strings,
                                     _timeout, _user, _writable_file)
@@ -301,6 +302,16 @@ def _mailboxes(table: dict, file: str, base: str) -> Mapping[str, str]:
         except ValueError as exc:
             raise ConfigError(file, dotted, maildir, str(exc)) from None
         boxes[key] = _convert(dotted, _Source(maildir, file, base), _path, _creatable_dir)
+    # An internationalised domain's other spelling (A-label or U-label) names the same
+    # mailbox, as it names the same local domain (config_checks._domains): an SMTPUTF8
+    # client may write either.  A key written in both spellings must agree.
+    for key, path in list(boxes.items()):
+        local, _, domain = key.rpartition("@")
+        for other in _other_spelling(domain):
+            twin = f"{local}@{other}"
+            if boxes.setdefault(twin, path) != path:
+                raise ConfigError(file, f"mailboxes.{json.dumps(twin, ensure_ascii=False)}", boxes[twin],
+                                  f"the same mailbox as {key}, which names another Maildir")
     return MappingProxyType(boxes)
 
 

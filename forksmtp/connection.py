@@ -175,6 +175,9 @@ class Connection:
             self.close_reason = "early talker"
             self.worker.count_conn_reject("early_talker")
             self.session.close(R.R554_EARLY_TALKER)
+            # A refused connection counts under connections_rejected alone, as the 421s
+            # of the limits do, not among the replies of sessions (messages_rejected).
+            self.session.error_codes.clear()
             self._flush(final=True)
             return False
         self.session.start()

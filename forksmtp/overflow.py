@@ -48,9 +48,9 @@ class OverflowGuard:
             return True
         if not self.logged:
             self.logged = True
-            why = ("max_workers reached" if at_ceiling else
-                   "no worker may start now: crash-loop back-off")
-            self.log.warning("POOL", f"all {workers} workers busy ({why}); answering 421 4.3.2")
+            self.log.warning("POOL", f"all {workers} workers busy (max_workers reached); answering 421 4.3.2"
+                             if at_ceiling else "no worker free, and none may start now (crash-loop "
+                             "back-off); answering 421 4.3.2")
         reply = limits.reply_for(limits.MAX_CONNECTIONS if at_ceiling else limits.OTHER)
         for sock in sockets:
             for _ in range(BATCH):

@@ -445,3 +445,24 @@ def test_an_internationalised_local_domain_is_local_in_either_spelling(etc: Path
         for rcpt in ("postmaster@\u00e4.test", "postmaster@xn--4ca.test", "bob@\u00c4.test"):
             s = new_session(local_domains=domains)
             assert replies(s, ["EHLO c", "MAIL FROM:<a@b.test> SMTPUTF8", f"RCPT TO:<{rcpt}>"])[2] == "250 2.1.5"
+
+
+def test_a_mailbox_of_an_internationalised_domain_gets_its_mail_in_either_spelling(etc: Path) -> None:
+    """Accepted in either spelling, so routed in either: mail for alice@<A-label> goes to
+    alice's Maildir, not the catch-all; postmaster's too."""
+    from forksmtp.delivery import Router
+
+    for spelled in ("\u00e4.test", "xn--4ca.test"):
+        path = write(etc, f'[delivery]\nmaildir = "catch"\nlocal_domains = ["{spelled}"]\n'
+                          f'[mailboxes]\n"alice@{spelled}" = "alice"\n"postmaster@{spelled}" = "pm"\n')
+        d = load_config(str(path)).delivery
+        router = Router(d.maildir, d.mailboxes, local_domains=d.local_domains)
+        for domain in ("\u00e4.test", "xn--4ca.test", "\u00c4.TEST"):
+            assert router.route([f"alice@{domain}"]) == {str(etc / "alice"): [f"alice@{domain}"]}
+            assert router.route([f"postmaster@{domain}"]) == {str(etc / "pm"): [f"postmaster@{domain}"]}
+        assert router.route(["bob@xn--4ca.test"]) == {str(etc / "catch"): ["bob@xn--4ca.test"]}
+    # Both spellings written, naming two Maildirs: one mailbox cannot have two.
+    path = write(etc, '[delivery]\nlocal_domains = ["\u00e4.test"]\n'
+                      '[mailboxes]\n"alice@\u00e4.test" = "a"\n"alice@xn--4ca.test" = "b"\n')
+    with pytest.raises(ConfigError, match="the same mailbox as alice@\u00e4.test"):
+        load_config(str(path))

@@ -166,6 +166,7 @@ def test_early_talker_gets_554_and_patient_client_is_served(daemon_factory):
     send_message(d.port)  # waits for the 220 as it should, and is served
     stats = request_stats(d)
     assert stats["connections_rejected"]["early_talker"] == 1
+    assert "554" not in stats["messages_rejected"]  # counted once, as a refused connection
 
 
 def test_early_talkers_accepted_when_rejection_is_off(daemon_factory):

@@ -399,6 +399,18 @@ def test_anything_behind_data_is_a_sync_error(behind):
     assert s.closed
 
 
+def test_a_bdat_chunk_never_runs_as_commands():
+    """BDAT is not offered (no CHUNKING); its chunk follows it at once.  Behind a 502 it
+    would run as commands: bytes behind BDAT close the session, as behind DATA."""
+    s = new_session()
+    out = feed(s, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT 80 LAST\r\n"
+                  b"RSET\r\nMAIL FROM:<ceo@bank.test>\r\nRCPT TO:<c@d.test>\r\n")
+    assert heads(out) == ["250", "250 2.1.0", "250 2.1.5", "554 5.5.0"] and s.closed
+    s = new_session()  # BDAT alone, the client waiting: the usual 502, and on
+    assert feed_codes(s, b"EHLO c\r\nBDAT 80 LAST\r\n") == [250, 502]
+    assert feed_codes(s, b"NOOP\r\n") == [250]
+
+
 def test_data_waited_for_may_fail_and_the_session_goes_on():
     s = new_session()
     assert feed_codes(s, b"EHLO c\r\nDATA\r\n") == [250, 503]
@@ -814,6 +826,10 @@ def test_long_command_line_is_logged_as_a_marker(auth):
     (b"NOOP a\rb", "NOOP a\\rb"),                  # a real CR: an escape
     (b"NOOP \xe9t\xe9", "NOOP \\xe9t\\xe9"),      # no UTF-8: octets escaped
     (b"NOOP \xc3\xa9t\xc3\xa9", "NOOP \u00e9t\u00e9"),  # UTF-8: as it is
+    (b"NOOP \xc3\xa9\\", "NOOP \\u00e9\\\\"),   # UTF-8 in an escaped line: \u00NN ...
+    (b"NOOP \xe9\\", "NOOP \\xe9\\\\"),          # ... where octets that are no UTF-8 read \xNN
+    (b"NOOP \xc3\xa9\x01", "NOOP \\u00e9\\x01"),
+    (b"NOOP \xe9\x01", "NOOP \\xe9\\x01"),
 ])
 def test_log_tells_apart_what_looks_alike(raw, logged):
     s = new_session()

@@ -230,18 +230,19 @@ class Session(SecureCommands):
             return self._send(R.R501_BAD_CHARS)
         if verb == "AUTH":
             self._after_auth = 2  # LOGIN: a user name and a password line
+        if (verb == "DATA" or verb == "BDAT") and self._lines.pending():
+            # RFC 2920 3.1: DATA ends a pipelining group, whether it succeeds or fails.
+            # Bytes behind it before its reply are a client that does not wait, or a
+            # smuggling attempt: after a refused DATA, message text would otherwise run
+            # as commands (a MAIL FROM of the attacker's choice in the body).  Postfix
+            # 3.9's smtpd_forbid_unauth_pipelining closes the same way.  So for BDAT,
+            # which is not offered (no CHUNKING) and whose chunk follows at once.
+            return self.close(R.R554_SYNC)
         handler = _HANDLERS.get(verb)
         if handler is None:
             return self._send(R.R502_NOT_IMPLEMENTED if verb in NOT_OFFERED else R.R500_UNRECOGNIZED)
         if not self._offered(verb):
             return self._send(R.R502_NOT_IMPLEMENTED)
-        if verb == "DATA" and self._lines.pending():
-            # RFC 2920 3.1: DATA ends a pipelining group, whether it succeeds or fails.
-            # Bytes behind it before its reply are a client that does not wait, or a
-            # smuggling attempt: after a refused DATA, message text would otherwise run
-            # as commands (a MAIL FROM of the attacker's choice in the body).  Postfix
-            # 3.9's smtpd_forbid_unauth_pipelining closes the same way.
-            return self.close(R.R554_SYNC)
         refusal = SEQUENCE.get((verb, self.phase))
         if refusal is not None:
             return self._send(refusal)
@@ -419,8 +420,14 @@ def _loggable(text: str, escape: bool = False) -> str:
         mechanism = _MECHANISM.match(text, 5)
         assert mechanism is not None  # the pattern matches the empty string too
         text = f"{text[:4]} {mechanism.group()} ***"
-    if escape or "\\" in text or not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
+    if escape:  # one character per octet: \xNN for each octet outside printable ASCII
+        return text.encode("unicode_escape").decode("ascii")
+    if "\\" in text or not text.isprintable():
+        # \u00NN, never \xNN, for U+0080..U+00FF: a UTF-8 line must not read like one
+        # whose octets were no UTF-8.
+        return "".join(c if " " <= c <= "~" and c != "\\" else
+                       f"\\u{ord(c):04x}" if 0x80 <= ord(c) <= 0xFF else
+                       c.encode("unicode_escape").decode("ascii") for c in text)
     return text
 
 

@@ -118,26 +118,61 @@ def ip_key(ip: str) -> bytes:
 
 
 _LOCK_PREFIX: Final = "forksmtp-scoreboard-"
+#: In each lock directory: a file its master and workers hold a shared flock on while
+#: any of them lives (the kernel drops it with the last of them, however they die).
+_ALIVE: Final = "alive"
+#: A directory without that file is left alone this long: its master may be between
+#: making the directory and locking the file.
+_YOUNG_S: Final = 60.0
+
+
+def _in_use(path: str) -> bool:
+    """Does a master (or one of its workers) still use this lock directory?  Told by the
+    flock on its ``alive`` file, which also sees a master in another PID namespace that
+    shares /tmp (a container), where a pid says nothing; by the pid in its name only
+    for a directory without that file, once it is no longer young."""
+    try:
+        fd = os.open(os.path.join(path, _ALIVE), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pid = os.path.basename(path)[len(_LOCK_PREFIX):].partition("-")[0]
+        try:
+            if time.time() - os.stat(path).st_mtime < _YOUNG_S:
+                return True
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except (OSError, ValueError):
+            pass  # alive, owned by someone else; or gone meanwhile
+        return True
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+    return False
 
 
 def _sweep_stale_lock_dirs() -> None:
-    """Remove lock directories of masters that died without an orderly close (SIGKILL):
-    their names carry the master's pid, and a pid that no longer exists owns nothing."""
+    """Remove lock directories of masters that died without an orderly close (SIGKILL)."""
     base = tempfile.gettempdir()
     try:
         names = os.listdir(base)
     except OSError:
         return
     for name in names:
-        pid = name[len(_LOCK_PREFIX):].partition("-")[0]
-        if not name.startswith(_LOCK_PREFIX) or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if name.startswith(_LOCK_PREFIX) and not _in_use(os.path.join(base, name)):
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-        except OSError:
-            pass  # alive, owned by someone else
+
+
+def _hold_alive(lock_dir: str) -> int:
+    """Create the directory's ``alive`` file and hold a shared flock on it: inherited by
+    every worker forked after (one open file description), it lasts while any lives."""
+    fd = os.open(os.path.join(lock_dir, _ALIVE), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
 
 
 class Scoreboard:
@@ -152,6 +187,7 @@ class Scoreboard:
         self._owner_pid = os.getpid()
         self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._fd_pid = self._owner_pid
+        self._alive_fd = _hold_alive(owned_dir) if owned_dir else -1
 
     @classmethod
     def create(cls, nslots: int, ip_buckets: int = 4096, lock_dir: str | None = None) -> "Scoreboard":
@@ -179,6 +215,9 @@ class Scoreboard:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._alive_fd >= 0:  # never LOCK_UN: the lock is shared with the other processes
+            os.close(self._alive_fd)
+            self._alive_fd = -1
         if os.getpid() == self._owner_pid:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.lock_path)

@@ -433,3 +433,49 @@ def test_auth_limit_finds_a_blocked_address_behind_an_expired_bucket(sb):
         assert limiter.attempt(second, 200.0)
     assert not limiter.attempt(second, 301.0)  # first's bucket expired; second is still blocked
     assert limiter.attempt(second, 500.1)
+
+
+def test_a_lock_dir_in_use_is_never_swept_whatever_its_pid_says(tmp_path, monkeypatch):
+    """A master in another PID namespace sharing /tmp (a container) has a pid this one
+    cannot see: its lock directory is told in use by the flock on its alive file, held
+    by its master and workers, not by the pid in its name."""
+    import fcntl
+    import subprocess
+    import tempfile
+    from forksmtp import scoreboard
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    foreign = tmp_path / f"{scoreboard._LOCK_PREFIX}4190000-abc"  # no such pid here
+    foreign.mkdir()
+    fd = scoreboard._hold_alive(str(foreign))  # as its master holds it
+    # ... and a worker of it, forked with the lock, outlives that master.
+    child = subprocess.Popen(["sleep", "30"], pass_fds=(fd,))
+    os.close(fd)
+    try:
+        scoreboard._sweep_stale_lock_dirs()
+        assert foreign.exists()
+    finally:
+        child.kill()
+        child.wait()
+    scoreboard._sweep_stale_lock_dirs()  # the last holder gone: stale
+    assert not foreign.exists()
+    # Without the file (made by an older version, or a master between its two steps):
+    # the pid decides, once the directory is a minute old.
+    young = tmp_path / f"{scoreboard._LOCK_PREFIX}4190001-abc"
+    young.mkdir()
+    scoreboard._sweep_stale_lock_dirs()
+    assert young.exists()
+    os.utime(young, (time.time() - 120, time.time() - 120))
+    scoreboard._sweep_stale_lock_dirs()
+    assert not young.exists()
+    # A live master of this namespace keeps its directory, of course.
+    sb = Scoreboard.create(4)
+    try:
+        scoreboard._sweep_stale_lock_dirs()
+        assert os.path.exists(sb.lock_path)
+        probe = os.open(os.path.join(os.path.dirname(sb.lock_path), "alive"), os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(probe)
+    finally:
+        sb.close()

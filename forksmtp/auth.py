@@ -49,6 +49,12 @@ def _parse(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     values = int(log2_n), int(r), int(p)
     if not (1 <= values[0] <= 20 and 1 <= values[1] <= 32 and 1 <= values[2] <= 16):
         raise ValueError("scrypt parameters out of range")
+    # What OpenSSL allocates for them (B and V of RFC 7914): more than _MAXMEM and every
+    # check of this user would fail with an error instead of an answer.
+    need = 128 * values[1] * values[2] + 128 * values[1] * ((1 << values[0]) + 2)
+    if need > _MAXMEM:
+        raise ValueError(f"scrypt parameters need {need / 2**20:.0f} MiB per check, "
+                         f"more than the {_MAXMEM >> 20} MiB allowed")
     return (*values, base64.b64decode(salt, validate=True), base64.b64decode(key, validate=True))
 
 
@@ -57,8 +63,11 @@ _DUMMY = f"scrypt${LOG2_N}${R}${P}${_b64(b'forksmtp-dummy!!')}${_b64(bytes(KEY_L
 
 def verify(encoded: str | None, password: str) -> bool:
     """True when ``password`` matches; an unknown user (None) costs the same time."""
-    log2_n, r, p, salt, key = _parse(encoded or _DUMMY)
-    got = _derive(password.encode("utf-8"), salt, log2_n, r, p, len(key))
+    try:
+        log2_n, r, p, salt, key = _parse(encoded or _DUMMY)
+        got = _derive(password.encode("utf-8"), salt, log2_n, r, p, len(key))
+    except ValueError:  # load() refuses what cannot be checked; never a dead worker
+        return False
     return hmac.compare_digest(got, key) and encoded is not None
 
 

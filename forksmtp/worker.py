@@ -23,6 +23,7 @@ import select
 import signal
 import socket
 import _socket
+import ssl
 import time
 from typing import Any, Callable, Final, Protocol
 
@@ -34,8 +35,10 @@ from .smtp.session import Session, SessionConfig
 
 EXIT_OK: Final = 0
 EXIT_BOOT_ERROR: Final = 3  # the master backs off instead of respawning in a tight loop
-#: Seconds a refused SMTPS client gets to finish its handshake and read its 421.
-REFUSAL_TLS_TIMEOUT: Final = 5.0
+#: Seconds a refused SMTPS client gets, all told, to finish its handshake and read its
+#: 421: each refusal holds a worker that long at most, so one address over its limit
+#: cannot keep the pool busy with connections that never finish a handshake.
+REFUSAL_TLS_TIMEOUT: Final = 1.0
 
 # What set_wakeup_fd writes for each signal: its number, one octet.
 _TERM_OCTET: Final = bytes([signal.SIGTERM])
@@ -220,21 +223,46 @@ class Worker:
         The reply carries its enhanced code (``421 4.3.2``, ``421 4.7.0``) as the contract
         spells it, although no EHLO came first: it tells the client why it was refused.
         An SMTPS client (RFC 8314) reads it inside TLS, after a handshake cut short at
-        REFUSAL_TLS_TIMEOUT: a refused client must not hold the worker for long."""
+        REFUSAL_TLS_TIMEOUT all told; in stress mode, when workers are scarce, it is
+        closed without one: a refused client must not hold a worker for long."""
         reply = limits.reply_for(reason)
         try:
-            if implicit_tls and self.tls_context is not None:
-                sock.settimeout(REFUSAL_TLS_TIMEOUT)
-                # ssl wraps the C socket as it wraps socket.socket (typeshed asks for the latter).
-                with self.tls_context.wrap_socket(sock, server_side=True) as tls:  # type: ignore[arg-type]
-                    tls.send(reply.wire(True))
-            else:
+            if not implicit_tls:
                 sock.send(reply.wire(True))
+            elif self.tls_context is not None and not self.board.in_stress():
+                self._reply_in_tls(sock, reply.wire(True))
         except (OSError, ValueError):
             pass  # the client left, or its handshake failed or was too slow
         self.log.queue("SMTP", str(reply))
         self.log.queue("CLOSE", f"{ip} refused: {reason}", WARNING)
         self.log.flush()
+
+    def _reply_in_tls(self, sock: _socket.socket, wire: bytes) -> None:
+        """Handshake (the socket is non-blocking) within REFUSAL_TLS_TIMEOUT, a deadline
+        for the whole of it: a timeout per read would let a client that trickles its
+        ClientHello hold the worker indefinitely.  Then the reply, and close."""
+        assert self.tls_context is not None
+        deadline = time.monotonic() + REFUSAL_TLS_TIMEOUT
+        # ssl wraps the C socket as it wraps socket.socket (typeshed asks for the latter).
+        tls = self.tls_context.wrap_socket(sock, server_side=True,  # type: ignore[arg-type]
+                                           do_handshake_on_connect=False)
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    events = select.POLLIN
+                except ssl.SSLWantWriteError:
+                    events = select.POLLOUT
+                left = deadline - time.monotonic()
+                waiter = select.poll()
+                waiter.register(tls.fileno(), events)
+                if left <= 0 or not waiter.poll(left * 1000):
+                    return
+            tls.send(wire)
+        finally:
+            tls.close()
 
     def _normalize_for(self, ip: str) -> bool | None:
         """normalize_networks are exceptions to bare_newline = "reject" (legacy senders

@@ -694,3 +694,26 @@ def test_mail_auth_parameter_is_unknown_where_auth_is_not_offered():
     p = peer(starttls=True, auth=True)  # offered only after STARTTLS
     assert p.send(E, "MAIL FROM:<a@x.test> AUTH=<>") == ["250", "555 5.5.4"]
     assert peer().send(E, "MAIL FROM:<a@x.test> AUTH=<>") == ["250", "555 5.5.4"]
+
+
+@pytest.mark.parametrize("log2_n, r, p, loads", [
+    (14, 8, 1, True),    # the default: 16 MiB
+    (15, 8, 1, True),    # 32 MiB
+    (16, 8, 1, False),   # 64 MiB and a little more: OpenSSL would refuse every check
+    (20, 1, 1, False),   # 128 MiB
+    (10, 32, 16, True),  # 4 MiB
+])
+def test_a_hash_no_check_could_compute_is_refused_at_load(tmp_path, log2_n, r, p, loads):
+    """scrypt parameters within the format's ranges may still need more memory than a
+    check may take: such a line used to load, then crash the worker at every AUTH for
+    that user (a crash loop any client knowing the name could start)."""
+    salt, key = base64.b64encode(b"s" * 16).decode(), base64.b64encode(bytes(32)).decode()
+    f = tmp_path / "passwd"
+    f.write_text(f"carol:scrypt${log2_n}${r}${p}${salt}${key}\n")
+    if loads:
+        assert not auth.verify(auth.load(str(f))["carol"], "wrong")
+    else:
+        with pytest.raises(auth.PasswordFileError, match="line 1: scrypt parameters need .* MiB"):
+            auth.load(str(f))
+    # Whatever a hash says, a check answers (False) instead of raising.
+    assert auth.verify(f"scrypt$16$8$1${salt}${key}", "pw") is False

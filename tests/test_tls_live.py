@@ -426,7 +426,7 @@ def test_smtps_client_over_the_limit_reads_its_421_inside_tls(daemon_factory, ce
 
 
 def test_a_refused_smtps_client_that_never_handshakes_is_let_go(daemon_factory, certs, tmp_path):
-    """The refusal's handshake is cut short (worker.REFUSAL_TLS_TIMEOUT, 5 s): a client over
+    """The refusal's handshake is cut short (worker.REFUSAL_TLS_TIMEOUT, 1 s): a client over
     the limit that says nothing does not keep the worker."""
     d, implicit = one_smtps_session_per_address(daemon_factory, certs, tmp_path)
     with smtplib.SMTP_SSL(HOST, implicit, timeout=TIMEOUT, context=certs.client_context()) as first:
@@ -435,6 +435,50 @@ def test_a_refused_smtps_client_that_never_handshakes_is_let_go(daemon_factory, 
             assert replies_until_eof(silent) == b""  # closed by the server, no handshake done
         wait_log_count(d, "refused: max_connections_per_ip", 1)
         assert first.noop()[0] == 250
+
+
+def test_a_refused_smtps_client_that_trickles_its_hello_is_let_go_within_the_deadline(
+        daemon_factory, certs, tmp_path):
+    """REFUSAL_TLS_TIMEOUT bounds the whole handshake, not each read: a client over its
+    limit that sends its ClientHello an octet at a time cannot hold the worker longer
+    (one address could otherwise keep every worker busy with refusals)."""
+    d, implicit = one_smtps_session_per_address(daemon_factory, certs, tmp_path)
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32)  # a ClientHello's start
+    with smtplib.SMTP_SSL(HOST, implicit, timeout=TIMEOUT, context=certs.client_context()) as first:
+        assert first.noop()[0] == 250
+        with socket.create_connection((HOST, implicit), timeout=TIMEOUT) as slow:
+            slow.settimeout(0.2)
+            start, closed = time.monotonic(), False
+            for octet in hello:  # bounded: 43 octets, one each 0.2 s
+                try:
+                    slow.sendall(bytes([octet]))
+                    closed = slow.recv(4096) == b""
+                except socket.timeout:
+                    continue
+                except OSError:
+                    closed = True
+                if closed:
+                    break
+            elapsed = time.monotonic() - start
+        assert closed and elapsed < 3.0, elapsed  # the old per-read timeout: never, here
+        wait_log_count(d, "refused: max_connections_per_ip", 1)
+
+
+def test_in_stress_mode_a_refused_smtps_client_is_closed_at_once(daemon_factory, certs, tmp_path):
+    """Workers are scarce in stress mode: a refusal on the SMTPS port costs no handshake."""
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    implicit = free_port()
+    d = daemon_factory(workers=2, server={"max_connections_per_ip": 1, "max_workers": 4,
+                                          "stress_threshold": 0.25},
+                       sections=tls_sections(certs, pw, tls={"implicit_listen": [f"{HOST}:{implicit}"]}))
+    with smtplib.SMTP_SSL(HOST, implicit, timeout=TIMEOUT, context=certs.client_context()) as first:
+        assert first.noop()[0] == 250
+        wait_until(lambda: request_stats(d)["stress"], TIMEOUT, 0.1, "stress mode on")
+        with socket.create_connection((HOST, implicit), timeout=TIMEOUT) as refused:
+            start = time.monotonic()
+            assert replies_until_eof(refused) == b""  # no handshake: closed
+            assert time.monotonic() - start < 0.9
+        wait_log_count(d, "refused: max_connections_per_ip", 1)
 
 
 def test_master_writes_no_plaintext_to_an_smtps_client_when_every_worker_is_busy(

@@ -226,21 +226,27 @@ class Worker:
         REFUSAL_TLS_TIMEOUT all told; in stress mode, when workers are scarce, it is
         closed without one: a refused client must not hold a worker for long."""
         reply = limits.reply_for(reason)
+        sent, why = False, "the client left"
         try:
             if not implicit_tls:
-                sock.send(reply.wire(True))
-            elif self.tls_context is not None and not self.board.in_stress():
-                self._reply_in_tls(sock, reply.wire(True))
+                sent = sock.send(reply.wire(True)) > 0
+            elif self.tls_context is None or self.board.in_stress():
+                why = "no TLS handshake in stress mode"
+            else:
+                why = "the client left, or its TLS handshake failed or took over a second"
+                sent = self._reply_in_tls(sock, reply.wire(True))
         except (OSError, ValueError):
             pass  # the client left, or its handshake failed or was too slow
-        self.log.queue("SMTP", str(reply))
+        # The log says what the client got: the reply, or why it got none.
+        self.log.queue("SMTP", str(reply) if sent else f"<{reply.code} not sent: {why}>")
         self.log.queue("CLOSE", f"{ip} refused: {reason}", WARNING)
         self.log.flush()
 
-    def _reply_in_tls(self, sock: _socket.socket, wire: bytes) -> None:
+    def _reply_in_tls(self, sock: _socket.socket, wire: bytes) -> bool:
         """Handshake (the socket is non-blocking) within REFUSAL_TLS_TIMEOUT, a deadline
         for the whole of it: a timeout per read would let a client that trickles its
-        ClientHello hold the worker indefinitely.  Then the reply, and close."""
+        ClientHello hold the worker indefinitely.  Then the reply, and close.  True once
+        the reply went out."""
         assert self.tls_context is not None
         deadline = time.monotonic() + REFUSAL_TLS_TIMEOUT
         # ssl wraps the C socket as it wraps socket.socket (typeshed asks for the latter).
@@ -259,8 +265,8 @@ class Worker:
                 waiter = select.poll()
                 waiter.register(tls.fileno(), events)
                 if left <= 0 or not waiter.poll(left * 1000):
-                    return
-            tls.send(wire)
+                    return False
+            return tls.send(wire) > 0
         finally:
             tls.close()
 

@@ -435,6 +435,8 @@ def test_a_refused_smtps_client_that_never_handshakes_is_let_go(daemon_factory, 
             assert replies_until_eof(silent) == b""  # closed by the server, no handshake done
         wait_log_count(d, "refused: max_connections_per_ip", 1)
         assert first.noop()[0] == 250
+    # The log says the 421 never went out, and why.
+    assert "[SMTP] <421 not sent: the client left, or its TLS handshake failed" in d.log_text()
 
 
 def test_a_refused_smtps_client_that_trickles_its_hello_is_let_go_within_the_deadline(
@@ -479,6 +481,7 @@ def test_in_stress_mode_a_refused_smtps_client_is_closed_at_once(daemon_factory,
             assert replies_until_eof(refused) == b""  # no handshake: closed
             assert time.monotonic() - start < 0.9
         wait_log_count(d, "refused: max_connections_per_ip", 1)
+    assert "[SMTP] <421 not sent: no TLS handshake in stress mode>" in d.log_text()
 
 
 def test_master_writes_no_plaintext_to_an_smtps_client_when_every_worker_is_busy(

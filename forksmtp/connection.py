@@ -24,7 +24,7 @@ import select
 import _socket
 import ssl
 import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Callable, Final
 
 from . import auth, delivery, process, tls
 from .logs import ERROR, INFO, WARNING
@@ -82,6 +82,33 @@ def _close_tls(sock: ssl.SSLSocket) -> None:
     except (OSError, ValueError):  # ssl.SSLError is an OSError: not established, peer gone
         pass
     sock.close()
+
+
+def wait_alone(fd: int, deadline: float, events: int) -> bool:
+    """Wait until ``fd`` is ready for ``events``, watching nothing else (not the worker's
+    signals, not the master's death): False once the monotonic ``deadline`` has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return False
+    waiter = select.poll()
+    waiter.register(fd, events)
+    return bool(waiter.poll(left * 1000))
+
+
+def drive_handshake(ssock: ssl.SSLSocket, deadline: float, wait: Callable[[float, int], bool]) -> bool:
+    """Run the server side of a handshake on a non-blocking TLS socket: True once it is
+    done, False when ``wait(deadline, events)`` gives up; TLS and socket errors
+    propagate.  A session bounds it by its command timeout, a refusal by a second."""
+    while True:
+        try:
+            ssock.do_handshake()
+            return True
+        except ssl.SSLWantReadError:
+            events = _POLLIN
+        except ssl.SSLWantWriteError:
+            events = select.POLLOUT
+        if not wait(deadline, events):
+            return False
 
 
 def _quoted(name: str) -> str:
@@ -230,18 +257,12 @@ class Connection:
         # The worker's command timeout is the short one under stress (as Postfix's
         # smtpd_starttls_timeout); a stalled handshake must not hold a worker longer.
         deadline = min(time.monotonic() + self.worker.command_timeout, self.session_deadline)
-        while True:
-            try:
-                ssock.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                events = _POLLIN
-            except ssl.SSLWantWriteError:
-                events = select.POLLOUT
-            except (ssl.SSLError, OSError) as exc:
-                return self._tls_failed(exc)
-            if not self._wait(deadline, events):
-                return self._tls_failed(TimeoutError("handshake timed out"))
+        try:
+            done = drive_handshake(ssock, deadline, self._wait)
+        except (ssl.SSLError, OSError) as exc:
+            return self._tls_failed(exc)
+        if not done:
+            return self._tls_failed(TimeoutError("handshake timed out"))
         self.tls_info = tls.describe(ssock)
         self.log.queue("TLS", f"{self.peer_ip} {self.tls_info}")
         self.worker.count_tls(True)
@@ -384,20 +405,10 @@ class Connection:
                 sent = self.sock.send(view)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
                 events = _POLLIN if isinstance(exc, ssl.SSLWantReadError) else select.POLLOUT
-                if not (self._wait_alone(deadline, events) if last else self._wait(deadline, events)):
+                if not (wait_alone(self.fd, deadline, events) if last else self._wait(deadline, events)):
                     raise OSError(errno.ETIMEDOUT, "send timed out")
                 continue
             view = view[sent:]
-
-    def _wait_alone(self, deadline: float, events: int) -> bool:
-        """Wait for the socket only, ignoring the worker's signals and the master's
-        death (``_wait`` would raise Stop): False once ``deadline`` has passed."""
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        waiter = select.poll()
-        waiter.register(self.fd, events)
-        return bool(waiter.poll(left * 1000))
 
     def _poll(self, timeout: float) -> list:
         if timeout > QUIET_DELAY:

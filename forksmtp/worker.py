@@ -16,6 +16,7 @@ Signals (handlers only set a flag; the wake-up fd interrupts any wait):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import random
@@ -23,12 +24,11 @@ import select
 import signal
 import socket
 import _socket
-import ssl
 import time
 from typing import Any, Callable, Final, Protocol
 
 from . import delivery, limits, process
-from .connection import Connection
+from .connection import Connection, drive_handshake, wait_alone
 from .logs import WARNING, Log
 from .scoreboard import Scoreboard
 from .smtp.session import Session, SessionConfig
@@ -253,19 +253,9 @@ class Worker:
         tls = self.tls_context.wrap_socket(sock, server_side=True,  # type: ignore[arg-type]
                                            do_handshake_on_connect=False)
         try:
-            while True:
-                try:
-                    tls.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    events = select.POLLIN
-                except ssl.SSLWantWriteError:
-                    events = select.POLLOUT
-                left = deadline - time.monotonic()
-                waiter = select.poll()
-                waiter.register(tls.fileno(), events)
-                if left <= 0 or not waiter.poll(left * 1000):
-                    return False
+            # The wait watches the socket alone: the worker is refusing, not serving.
+            if not drive_handshake(tls, deadline, functools.partial(wait_alone, tls.fileno())):
+                return False
             return tls.send(wire) > 0
         finally:
             tls.close()

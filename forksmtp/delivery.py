@@ -124,8 +124,9 @@ class HeaderInfo:
     def render(self, recipients: list[str], personal: bool) -> bytes:
         one = recipients[0] if len(recipients) == 1 else None
         head = trace.return_path(self.sender)
-        if personal and one is not None:
-            head += trace.delivered_to(one)
+        if personal:  # one line per address the mailbox was reached by, as Postfix adds
+            for rcpt in recipients:  # one per delivery; all of them are its owner's
+                head += trace.delivered_to(rcpt)
         return head + trace.received(
             helo=self.helo, peer_ip=self.peer_ip, by=self.by, protocol=self.protocol,
             queue_id=self.queue_id, recipient=one, when=self.when, tls=self.tls,

@@ -300,6 +300,28 @@ def test_bare_postmaster_reaches_the_postmaster_mailbox(daemon_factory, tmp_path
     assert rest == b"Subject: pm\n\nfor the postmaster\n"
 
 
+def test_a_copy_for_two_addresses_of_one_mailbox_names_both(daemon_factory, tmp_path):
+    """<Postmaster> and postmaster@domain reach one mailbox: one copy, and a Delivered-To:
+    line for each address (RCPT order), but no FOR clause, which names exactly one."""
+    pm = tmp_path / "postmaster" / "Maildir"
+    d = daemon_factory(sections={"delivery": {"local_domains": ["example.test"]},
+                                 "mailboxes": {"postmaster@example.test": str(pm)}})
+    with connect(d) as client:
+        client.ehlo("client.example")
+        assert client.mail(SENDER)[0] == 250
+        assert client.docmd("RCPT", "TO:<postmaster@example.test>")[0] == 250
+        assert client.docmd("RCPT", "TO:<Postmaster>")[0] == 250
+        assert client.data(b"Subject: pm\r\n\r\ntwice the postmaster\r\n")[0] == 250
+    assert messages(d.maildir) == []
+    stored = only_message(pm)
+    head, _, body = stored.partition(b"\nSubject: ")
+    assert body == b"pm\n\ntwice the postmaster\n"
+    assert re.findall(rb"^Delivered-To: (.*)$", head, re.M) == [b"postmaster@example.test",
+                                                               b"Postmaster"]
+    assert head.startswith(b"Return-Path: <" + SENDER.encode() + b">\nDelivered-To: ")
+    assert b" for <" not in head
+
+
 @pytest.mark.parametrize("boxes, domains, expected", [
     ({"postmaster@b.test": "B", "postmaster@a.test": "A"}, ("a.test", "b.test"), "A"),
     ({"postmaster@b.test": "B"}, ("a.test", "b.test"), "B"),

@@ -340,12 +340,15 @@ class Connection:
             reply, self.txn_error = event.error or self.txn_error or R.R451_STORAGE, None
             self.session.reply(reply)
             return
+        # The lines so far (DATA, "<message: N octets>") are stamped now, when the final
+        # dot came, not after the fsyncs; and the log stays in order: commands, then the
+        # storage error or the store.
+        self._drain_session_log()
         try:
             paths = txn.commit()
         except OSError as exc:
             self.session.reply(self._storage_error("delivery failed", exc))
             return
-        self._drain_session_log()  # keep the log in order: commands, then the store
         for path in paths:
             self.log.queue("STORE", path)
         self.stored = True  # write the log once the 250 is out: a stored message is never unlogged

@@ -154,6 +154,11 @@ def _bind(addr: ListenAddr, family: int, sockaddr: tuple, backlog: int, dual: bo
         raise BindError(addr, f"cannot listen on {addr}: {exc.strerror}", exc.errno) from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Every reply goes out whole in one send, so Nagle's algorithm has nothing to
+        # merge; but it held the first reply after a TLS handshake until the client's
+        # delayed ACK of the handshake's last flight came, 40 ms later, in every TLS
+        # session.  Accepted sockets inherit the option (Linux, the BSDs).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual else 1)
         sock.bind(sockaddr)

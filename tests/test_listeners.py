@@ -109,6 +109,21 @@ def test_bind_gives_a_blocking_inheritable_listener() -> None:
         sock.close()
 
 
+@pytest.mark.parametrize("host, family", [("127.0.0.1", V4),
+                                          pytest.param("::1", V6, marks=needs_ipv6)])
+def test_accepted_connections_send_without_nagle(host: str, family: int) -> None:
+    """TCP_NODELAY, set on the listener, is what every accepted connection has: a reply
+    never waits for the client to acknowledge the previous one (after a TLS handshake,
+    Nagle held the first reply back for the client's 40 ms delayed ACK)."""
+    sock = bind(ListenAddr(host, 0, family))
+    with sock:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        with socket.create_connection((host, sock.getsockname()[1]), timeout=5):
+            conn, _ = sock.accept()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 def test_bind_an_address_in_use_is_a_one_line_error() -> None:
     first = bind(ListenAddr("127.0.0.1", 0, V4))
     try:

@@ -10,6 +10,7 @@ import pytest
 
 from forksmtp.smtp import replies as R
 from forksmtp.smtp.session import NEED_DATA, PAUSED, DataChunk, DataEnd, DataStart, Session, SessionConfig
+from forksmtp.smtp.session import _loggable
 from helpers import (HOSTNAME, codes, data_ends, events, feed, feed_codes, heads, new_session,
                      refuse_data_start, replies, stored, transcript)
 
@@ -872,6 +873,18 @@ def test_auth_mechanism_is_kept_in_the_log():
     s = new_session()
     transcript(s, ["AUTH PLAIN AGFsaWNlAHNlY3JldA=="])
     assert s.log[1] == "AUTH PLAIN ***"
+
+
+@pytest.mark.parametrize("line, logged", [
+    ("AUTH PLAIN", "AUTH PLAIN"),        # no initial response: nothing to mask
+    ("AUTH LOGIN", "AUTH LOGIN"),
+    ("auth cram-md5", "auth cram-md5"),
+    ("AUTH PLAIN =", "AUTH PLAIN ***"),  # "=" is an (empty) initial response
+    ("AUTH PLAIN\tAGFsaWNl", "AUTH PLAIN ***"),
+    ("AUTH PLAIN ", "AUTH PLAIN ***"),   # whatever follows the mechanism is masked
+])
+def test_auth_mask_stands_for_an_initial_response(line, logged):
+    assert _loggable(line) == logged
 
 
 def test_log_can_be_turned_off():

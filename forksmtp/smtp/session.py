@@ -419,7 +419,8 @@ def _loggable(text: str, escape: bool = False) -> str:
     if text[:4].upper() == "AUTH" and text[4:5] and not _MECHANISM.fullmatch(text[4:5]):
         mechanism = _MECHANISM.match(text, 5)
         assert mechanism is not None  # the pattern matches the empty string too
-        text = f"{text[:4]} {mechanism.group()} ***"
+        # The mask stands for an initial response, so only where one was sent.
+        text = f"{text[:4]} {mechanism.group()}" + (" ***" if text[mechanism.end():] else "")
     if escape:  # one character per octet: \xNN for each octet outside printable ASCII
         return text.encode("unicode_escape").decode("ascii")
     if "\\" in text or not text.isprintable():

@@ -750,3 +750,15 @@ def test_long_line_check_with_carried_octets_matches_splitting():
         lines = bytes(text).split(b"\n")
         expected = max(carry + len(lines[0]), *map(len, lines)) > limit
         assert _has_long_line(bytes(text), carry, limit) == expected, (n, carry, limit)
+
+
+def test_received_counting_stops_exactly_at_the_header_scan_limit():
+    """The header scan ends once HEADER_SCAN_LIMIT octets were counted: Received: fields
+    after exactly that many octets of header are not counted."""
+    from forksmtp.smtp.buffer import HEADER_SCAN_LIMIT
+    line = b"X-Filler: " + b"f" * 52 + b"\r\n"  # 64 octets: the limit is a whole number of lines
+    reader = DataReader(10 * HEADER_SCAN_LIMIT, 3)
+    reader.feed(line * (HEADER_SCAN_LIMIT // len(line)))
+    assert reader.size == HEADER_SCAN_LIMIT
+    reader.feed(b"Received: a\r\n" * 5 + b"\r\nbody\r\n.\r\n")
+    assert reader.error is None

@@ -349,3 +349,10 @@ def test_utf8_recipient_needs_smtputf8_on_mail():
 def test_rcpt_parameter_after_helo_is_555_like_mail():
     s = new_session()
     assert transcript(s, ["HELO client.test", M, "RCPT TO:<u@x.test> NOTIFY=NEVER"]) == [250, 250, 555]
+
+
+def test_only_spaces_may_follow_the_colon_of_from():
+    """A space after "FROM:" is tolerated (as Postfix does); a TAB is a syntax error."""
+    s = new_session()
+    assert transcript(s, ["EHLO client.test", "MAIL FROM:\t<a@example.test>"]) == [250, 501]
+    assert transcript(s, ["MAIL FROM:  <a@example.test>"]) == [250]

@@ -533,3 +533,81 @@ def test_no_space(tiny_tmpfs, mode):
         assert deliver(md, b"room again\n")   # the space was given back
     finally:
         md.close()                  # its new/ fd would keep the mount busy
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_short_writes_are_finished_not_dropped(tmp_path, monkeypatch, mode):
+    """write(2) and writev(2) may write less than asked (a signal, a nearly full disk):
+    the rest must follow, or a 250 would be given for a truncated message."""
+    md = make(tmp_path / "md", mode)
+    real_write, calls = os.write, []
+
+    def short(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        return real_write(fd, data[:1000])
+
+    monkeypatch.setattr(maildir.os, "write", lambda fd, data: short(fd, bytes(data)))
+    monkeypatch.setattr(maildir.os, "writev",
+                        lambda fd, pieces: short(fd, b"".join(bytes(p) for p in pieces)))
+    body = b"".join(b"line %06d\n" % i for i in range(40_000))  # 480 KB: a flush, then the tail
+    path = deliver(md, body[:100], body[100:300_000], body[300_000:])
+    monkeypatch.undo()
+    assert len(calls) >= len(body) // 1000  # cut short every time, and finished
+    with open(path, "rb") as f:
+        assert f.read() == body
+    assert path.endswith(f",S={len(body)}")
+
+
+def test_a_named_tmp_file_never_takes_over_an_existing_one(tmp_path, monkeypatch):
+    """The named fallback creates its tmp/ file with O_EXCL: a name already there (another
+    delivery in progress) is skipped, never truncated and written over."""
+    monkeypatch.setattr(maildir, "_clock", lambda: 1_700_000_000_123_456_000)
+    md = make(tmp_path / "md", "named", hostname="h")
+    probe = md.begin()
+    name = os.path.basename(probe._tmp)
+    probe.abort()
+    n = int(re.search(r"Q(\d+)\.", name)[1])
+    victim = os.path.join(md.tmp, name.replace(f"Q{n}.", f"Q{n + 1}."))  # the next begin's name
+    with open(victim, "wb") as f:
+        f.write(b"another delivery in progress\n")
+    delivery = md.begin()
+    assert delivery._tmp != victim
+    delivery.write(b"mine\n")
+    with open(delivery.commit(), "rb") as f:
+        assert f.read() == b"mine\n"
+    with open(victim, "rb") as f:
+        assert f.read() == b"another delivery in progress\n"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_commit_and_abort_leave_no_descriptor_open(tmp_path, mode):
+    """A worker stores thousands of messages: one descriptor left open per message would
+    end in EMFILE and a 451 for every message after it."""
+    md = make(tmp_path / "md", mode)
+    deliver(md, b"opens new/ once\n")
+    before = open_fds()
+    for _ in range(20):
+        deliver(md, b"x\n")
+        md.begin().abort()
+    assert open_fds() == before
+
+
+def test_a_failed_write_aborts_the_delivery_itself(tmp_path, monkeypatch):
+    """write() aborts the delivery before it raises: nothing stays in tmp/ even where the
+    caller never calls abort()."""
+    md = make(tmp_path / "md", "named")
+    delivery = md.begin()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(maildir.os, "writev", full)
+    monkeypatch.setattr(maildir.os, "write", full)
+    with pytest.raises(OSError):
+        delivery.write(b"x" * 300_000)
+    monkeypatch.undo()
+    assert os.listdir(md.tmp) == [] and os.listdir(md.new) == []

@@ -479,3 +479,64 @@ def test_a_lock_dir_in_use_is_never_swept_whatever_its_pid_says(tmp_path, monkey
         os.close(probe)
     finally:
         sb.close()
+
+
+def _colliding_ips(n: int, buckets: int) -> list[str]:
+    """n addresses whose probe chains start at the same bucket."""
+    by_start: dict[int, list[str]] = {}
+    for i in range(1, 255):
+        ip = f"192.0.2.{i}"
+        group = by_start.setdefault(zlib.crc32(ip_key(ip)) % buckets, [])
+        group.append(ip)
+        if len(group) == n:
+            return group
+    raise AssertionError("no collision")
+
+
+def test_a_released_bucket_keeps_the_probe_chain_behind_it():
+    """A and B start at the same bucket, B one further on.  When A leaves, its bucket must
+    stay a tombstone: emptied, it would cut the chain, B's count would not be found and
+    B's next connection would pass max_connections_per_ip."""
+    sb = Scoreboard.create(4, ip_buckets=8)
+    try:
+        a, b = _colliding_ips(2, 8)
+        for i in range(3):
+            sb.claim_slot(i, 0, 1, now=0.0)
+        assert sb.admit(0, a, 0, 1) is None
+        assert sb.admit(1, b, 0, 1) is None
+        sb.release(0)
+        assert sb.admit(2, b, 0, 1) == "max_connections_per_ip"
+    finally:
+        sb.close()
+
+
+def test_a_rebuild_counts_only_slots_that_hold_a_session():
+    """A worker that released its session keeps its key; a rebuild (after any worker
+    exits) must not count it, or idle workers would eat into max_connections."""
+    sb = Scoreboard.create(4, ip_buckets=64)
+    try:
+        for i in range(3):
+            sb.claim_slot(i, 0, 1, now=0.0)
+        assert sb.admit(0, "10.0.0.1", 0, 0) is None
+        sb.release(0)
+        assert sb.admit(1, "10.0.0.2", 0, 0) is None
+        sb.repair(2)  # a third worker exits: the table is rebuilt
+        assert (sb.active(), sb.ip_counts()) == (1, {"10.0.0.2": 1})
+    finally:
+        sb.close()
+
+
+def test_a_window_full_of_stale_entries_is_rebuilt_before_admission_fails_open():
+    """Entries left by admissions a SIGKILL cut short (live, count 0, no owner) fill the
+    probe window: admission rebuilds the table and still applies the per-IP limit."""
+    sb = Scoreboard.create(4, ip_buckets=4)
+    try:
+        with sb.locked():
+            for i in range(4):
+                sb._probe(ip_key(f"198.51.100.{i}"))
+        for i in range(2):
+            sb.claim_slot(i, 0, 1, now=0.0)
+        assert sb.admit(0, "10.0.0.1", 0, 1) is None
+        assert sb.admit(1, "10.0.0.1", 0, 1) == "max_connections_per_ip"
+    finally:
+        sb.close()

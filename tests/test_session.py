@@ -913,3 +913,74 @@ def test_every_verb_has_a_handler_and_no_other_verb_has_one():
     assert handlers.get("EXPN") is None
     assert {verb for verb, _ in session_module.SEQUENCE} <= handlers.keys()
     assert not handlers.keys() & session_module.NOT_OFFERED - {"STARTTLS", "AUTH"}
+
+
+def test_4xx_replies_count_in_the_stats_but_not_in_the_error_budget():
+    """452 (too many recipients) is a refusal the stats count; the error budget counts
+    5xx only (Postfix's smtpd_hard_error_limit)."""
+    s = new_session(max_recipients=1)
+    rcpt = "RCPT TO:<bob@example.test>"
+    assert transcript(s, ["EHLO client.test", "MAIL FROM:<alice@example.test>", rcpt, rcpt]) == [
+        250, 250, 250, 452]
+    assert s.error_codes == [452] and s.errors == 0
+
+
+def test_the_helo_name_is_kept_to_255_characters():
+    s = new_session()
+    transcript(s, ["EHLO " + "a" * 300])
+    assert s.helo_name == "a" * 255
+
+
+# -- the sans-IO contract where connection.py does not reach it today -----------------------
+
+def _events_until_wait(s) -> list:
+    out = []
+    while True:
+        event = s.next_event()
+        out.append(event)
+        if event is NEED_DATA or event is PAUSED:
+            return out
+
+
+def _in_data(s) -> None:
+    transcript(s, ["EHLO client.test", "MAIL FROM:<alice@example.test>", "RCPT TO:<bob@example.test>"])
+    s.receive_data(b"DATA\r\n")
+    assert isinstance(s.next_event(), DataStart)
+
+
+def test_commands_that_come_while_the_verdict_is_owed_stay_commands():
+    """After the final dot a later read (QUIT) waits for the verdict; it is never fed to
+    the finished DATA reader."""
+    s = new_session()
+    _in_data(s)
+    s.accept_data()
+    s.receive_data(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    events = _events_until_wait(s)
+    assert isinstance(events[-2], DataEnd) and events[-1] is PAUSED
+    s.receive_data(b"QUIT\r\n")
+    assert s.next_event() is PAUSED
+    s.reply(R.R250_ACCEPTED)
+    assert s.next_event() is NEED_DATA and s.closed
+    assert s.data_to_send().split(b"\r\n")[-2].startswith(b"221 ")
+
+
+def test_nothing_that_comes_after_close_reaches_storage():
+    s = new_session()
+    _in_data(s)
+    s.accept_data()
+    s.close(R.R421_TIMEOUT)
+    s.receive_data(b"hi\r\n.\r\n")
+    assert _events_until_wait(s) == [NEED_DATA]
+
+
+def test_text_sent_before_the_354_is_message_text():
+    """Bytes that came while DataStart was unanswered belong to the message (a client
+    that does not wait for the 354)."""
+    s = new_session()
+    _in_data(s)
+    s.receive_data(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    assert s.next_event() is PAUSED
+    s.accept_data()
+    events = _events_until_wait(s)
+    assert b"".join(e.data for e in events if isinstance(e, DataChunk)) == b"Subject: x\n\nhi\n"
+    assert any(isinstance(e, DataEnd) for e in events)

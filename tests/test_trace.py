@@ -1,11 +1,15 @@
-"""The trace headers' date: RFC 5322 section 3.3, UTC, built once per second."""
+"""The trace headers: the date (RFC 5322 section 3.3, UTC, built once per second), and the
+client-supplied values in them."""
 
 from __future__ import annotations
 
 import email.utils
 import random
 
+import pytest
+
 from forksmtp import trace
+from helpers import new_session, transcript
 
 
 def reference(when: float) -> str:
@@ -71,3 +75,32 @@ def test_a_helo_name_idna_2003_would_change_is_not_given_as_its_a_label():
     assert trace.ascii_domain("stra\u00dfe.test") == "stra?e.test"
     assert trace.ascii_domain("B\u00fccher.Test") == "xn--bcher-kva.Test"
     assert trace.ascii_domain("\u00c4\u00d6.test") == "xn--4ca0b.test"
+
+
+@pytest.mark.parametrize("char", ["\x85", "\u2028", "\u2029"])
+def test_addresses_in_trace_fields_cannot_start_a_line(char):
+    """The session accepts SMTPUTF8 addresses holding NEL, U+2028 or U+2029 (lines end
+    there for some readers): Return-Path, Delivered-To and the FOR clause must not let
+    them start a line of their own."""
+    addr = f'"a{char}X-Injected: 1"@example.test'
+    s = new_session()
+    assert transcript(s, ["EHLO client.test", f"MAIL FROM:<{addr}> SMTPUTF8"]) == [250, 250]
+    fields = [trace.return_path(addr), trace.delivered_to(addr),
+              trace.received(helo="h", peer_ip="192.0.2.1", by="mx.test", protocol="UTF8SMTP",
+                             queue_id="Q", recipient=addr, when=0.0)]
+    for field in fields:
+        text = field.decode("utf-8")
+        assert len(text.splitlines()) == text.count("\n"), repr(text)
+
+
+def test_an_ipv6_peer_is_an_ipv6_address_literal():
+    """RFC 5321 4.1.3: [IPv6:...]."""
+    field = trace.received(helo="h", peer_ip="2001:db8::1", by="mx.test", protocol="ESMTP",
+                           queue_id="Q", recipient=None, when=0.0)
+    assert field.startswith(b"Received: from h ([IPv6:2001:db8::1])\n")
+
+
+def test_the_authenticated_user_is_cut_to_64_characters():
+    field = trace.received(helo="h", peer_ip="192.0.2.1", by="mx.test", protocol="ESMTPA",
+                           queue_id="Q", recipient=None, when=0.0, auth_user="u" * 300)
+    assert b"(authenticated as " + b"u" * 64 + b")" in field

@@ -906,10 +906,16 @@ def test_every_verb_has_a_handler_and_no_other_verb_has_one():
         session = new_session(starttls=True, auth=True, auth_insecure=True)
         session.receive_data(b"EHLO client\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n")
         assert session.next_event() is NEED_DATA and session.phase == "rcpt"
+        session.data_to_send()  # the three replies so far
         try:
             handler(session, "")
-        except commands.CommandError:
-            pass  # an empty argument may well be a syntax error: the handler ran
+        except commands.CommandError as exc:  # an empty argument may well be a syntax error
+            assert 500 <= exc.reply.code < 600, (handler, exc.reply)
+            continue
+        # Otherwise the handler answered, or handed the socket loop an event (DATA's
+        # DataStart, STARTTLS's handshake): never neither, which would leave the
+        # client waiting for a reply.
+        assert session.data_to_send() or session.next_event() not in (NEED_DATA, PAUSED), handler
     assert handlers.get("EXPN") is None
     assert {verb for verb, _ in session_module.SEQUENCE} <= handlers.keys()
     assert not handlers.keys() & session_module.NOT_OFFERED - {"STARTTLS", "AUTH"}

@@ -17,6 +17,8 @@ code on every reply after it (the EHLO/HELO reply itself and 354 carry none).
 
 from __future__ import annotations
 
+import os
+import random
 import re
 from typing import Iterable
 
@@ -229,3 +231,10 @@ def check_enhanced(wire: bytes, negotiated: bool) -> None:
         assert enhanced[0] == str(code)[0], f"enhanced code of the wrong class: {group!r}"
         for line in group:
             assert line[4:].startswith(enhanced.encode()), group
+
+
+def chosen_seed() -> int:
+    """The seed of a randomised live test: FORKSMTP_TEST_SEED when set (to run a failure
+    again with the seed its message printed), else a new one each run."""
+    given = os.environ.get("FORKSMTP_TEST_SEED", "")
+    return int(given) if given else random.randrange(1 << 30)

@@ -22,6 +22,7 @@ import time
 import psutil
 
 from daemon import Ledger, ledger_client, request_stats, run_clients, send_message, wait_until
+from helpers import chosen_seed
 
 CLIENTS = 50
 RUN_SECONDS = 8.0
@@ -70,7 +71,7 @@ def test_acknowledged_messages_survive_worker_kills(daemon_factory):
         "max_connections_per_ip": 4 * CLIENTS},
         sections={"limits": {"max_message_size": 2_000_000}})
     ledger = Ledger("cc")
-    seed = random.randrange(1 << 30)
+    seed = chosen_seed()
     stop = threading.Event()
     killed: list[int] = []
     started = time.monotonic()
@@ -94,7 +95,7 @@ def test_acknowledged_messages_survive_worker_kills(daemon_factory):
                "killer_seed": seed}
     report = f"crash consistency: {figures}"
     print("\n" + report)
-    assert all(r is not None and "error" not in r for r in results), results
+    assert all(r is not None and "error" not in r for r in results), (report, results)
     assert figures["lost"] == 0, f"{report}; lost {audit['lost_ids']}"
     assert figures["duplicates"] == 0, report
     assert audit["bad"] == [], f"{report}; {audit['bad'][:10]}"

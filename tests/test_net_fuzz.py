@@ -19,6 +19,7 @@ import time
 import pytest
 
 from daemon import request_stats, run_clients, send_message, wait_until
+from helpers import chosen_seed
 
 FUZZ_SECONDS = 5.0
 THREADS = 20
@@ -170,7 +171,7 @@ def test_hostile_input_from_many_connections(daemon_factory, bare_newline):
                                           "max_connections_per_ip": 5 * THREADS},
                        sections={"limits": {"bare_newline": bare_newline}})
     before = {w.pid for w in d.workers()}
-    base = random.randrange(1 << 30)
+    base = chosen_seed()
     bad: list[bytes] = []
     results = run_clients(THREADS, lambda seed, **kw: fuzz_client(seed=base + seed, **kw),
                           join_timeout=60, port=d.port, deadline=time.monotonic() + FUZZ_SECONDS,

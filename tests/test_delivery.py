@@ -8,10 +8,7 @@ import os
 import pytest
 
 from forksmtp import delivery
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+from helpers import open_fds
 
 
 def header() -> delivery.HeaderInfo:

@@ -284,36 +284,37 @@ def test_a_mailbox_is_one_recipient_however_its_address_is_written(daemon_factor
     assert rest == b"Subject: a\n\none alice\n"
 
 
-def test_bare_postmaster_reaches_the_postmaster_mailbox(daemon_factory, tmp_path):
-    """<Postmaster> is this host's postmaster (RFC 5321 4.5.1): with a [mailboxes] entry
-    for postmaster@ a local domain, that is where it goes, not the catch-all."""
+def to_the_postmaster_mailbox(daemon_factory, tmp_path, rcpts: list[str], message: bytes) -> bytes:
+    """Deliver ``message`` to ``rcpts`` with a [mailboxes] entry for postmaster@ the local
+    domain; the copy stored there (the catch-all must stay empty)."""
     pm = tmp_path / "postmaster" / "Maildir"
     d = daemon_factory(sections={"delivery": {"local_domains": ["example.test"]},
                                  "mailboxes": {"postmaster@example.test": str(pm)}})
     with connect(d) as client:
         client.ehlo("client.example")
         assert client.mail(SENDER)[0] == 250
-        assert client.docmd("RCPT", "TO:<Postmaster>")[0] == 250
-        assert client.data(b"Subject: pm\r\n\r\nfor the postmaster\r\n")[0] == 250
+        for rcpt in rcpts:
+            assert client.docmd("RCPT", f"TO:<{rcpt}>")[0] == 250
+        assert client.data(message)[0] == 250
     assert messages(d.maildir) == []
-    _, rest = split_trace(only_message(pm))
+    return only_message(pm)
+
+
+def test_bare_postmaster_reaches_the_postmaster_mailbox(daemon_factory, tmp_path):
+    """<Postmaster> is this host's postmaster (RFC 5321 4.5.1): with a [mailboxes] entry
+    for postmaster@ a local domain, that is where it goes, not the catch-all."""
+    stored = to_the_postmaster_mailbox(daemon_factory, tmp_path, ["Postmaster"],
+                                       b"Subject: pm\r\n\r\nfor the postmaster\r\n")
+    _, rest = split_trace(stored)
     assert rest == b"Subject: pm\n\nfor the postmaster\n"
 
 
 def test_a_copy_for_two_addresses_of_one_mailbox_names_both(daemon_factory, tmp_path):
     """<Postmaster> and postmaster@domain reach one mailbox: one copy, and a Delivered-To:
     line for each address (RCPT order), but no FOR clause, which names exactly one."""
-    pm = tmp_path / "postmaster" / "Maildir"
-    d = daemon_factory(sections={"delivery": {"local_domains": ["example.test"]},
-                                 "mailboxes": {"postmaster@example.test": str(pm)}})
-    with connect(d) as client:
-        client.ehlo("client.example")
-        assert client.mail(SENDER)[0] == 250
-        assert client.docmd("RCPT", "TO:<postmaster@example.test>")[0] == 250
-        assert client.docmd("RCPT", "TO:<Postmaster>")[0] == 250
-        assert client.data(b"Subject: pm\r\n\r\ntwice the postmaster\r\n")[0] == 250
-    assert messages(d.maildir) == []
-    stored = only_message(pm)
+    stored = to_the_postmaster_mailbox(daemon_factory, tmp_path,
+                                       ["postmaster@example.test", "Postmaster"],
+                                       b"Subject: pm\r\n\r\ntwice the postmaster\r\n")
     head, _, body = stored.partition(b"\nSubject: ")
     assert body == b"pm\n\ntwice the postmaster\n"
     assert re.findall(rb"^Delivered-To: (.*)$", head, re.M) == [b"postmaster@example.test",

@@ -16,6 +16,7 @@ import pytest
 
 from forksmtp import maildir
 from forksmtp.maildir import Maildir, clean_tmp, commit_all, escape_host, is_no_space
+from helpers import open_fds
 
 NAME_RE = re.compile(r"^\d+\.M\d+P\d+Q\d+\.[^/:]+,S=(\d+)$")
 MODES = ["tmpfile", "named"]
@@ -533,10 +534,6 @@ def test_no_space(tiny_tmpfs, mode):
         assert deliver(md, b"room again\n")   # the space was given back
     finally:
         md.close()                  # its new/ fd would keep the mount busy
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.mark.parametrize("mode", MODES)

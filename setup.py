@@ -3,7 +3,9 @@
 Compiled, a worker spends about a sixth less CPU per message and the daemon takes about
 a sixth more messages a second (README, "Compiled build").  The modules stay plain
 Python source, tested both ways; forksmtp/_native.py lists them and decides at start-up
-whether the compiled copies match the source beside them.
+whether the compiled copies match the source beside them.  The same build compiles the
+one hand-written C module, the DATA reader's per-octet pass (smtp/_lftext.c), whose
+Python twin the pure build runs.
 
 FORKSMTP_PURE=1 builds pure Python.  So does a machine where the compile fails (no C
 compiler, no Python headers), with a warning: forksmtp then runs as it always has.
@@ -13,7 +15,7 @@ import importlib.util
 import os
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,7 +31,7 @@ def _load_native():
 
 
 native = _load_native()
-SOURCES = [os.path.join(*name.split(".")) + ".py" for name in native.COMPILED]
+SOURCES = native.sources()  # module: source path, every module of the compiled build
 
 
 class OptionalBuildExt(build_ext):
@@ -40,7 +42,7 @@ class OptionalBuildExt(build_ext):
         if not self.extensions:
             return
         digests = {name: native.source_digest(os.path.join(HERE, path))
-                   for name, path in zip(native.COMPILED, SOURCES)}
+                   for name, path in SOURCES.items()}
         try:
             super().run()
         except Exception as exc:  # the compiler's errors have no common base class
@@ -51,7 +53,7 @@ class OptionalBuildExt(build_ext):
         # Beside the compiled modules: build/lib, or the source tree when in place.
         package_dir = os.path.dirname(self.get_ext_fullpath("forksmtp.trace"))
         with open(os.path.join(package_dir, native.STAMP), "w", encoding="ascii") as f:
-            f.writelines(f"{digests[name]}  {name}\n" for name in native.COMPILED)
+            f.writelines(f"{digest}  {name}\n" for name, digest in digests.items())
 
     def _remove_outputs(self):
         # A half-built set must not be found next to the sources.
@@ -82,8 +84,10 @@ def ext_modules():
         return []
     # The build environment holds only the build requirements: the runtime dependencies
     # (setproctitle, psutil) are not there to type-check against, and need not be.
-    return mypycify(["--ignore-missing-imports", *SOURCES], opt_level="3",
-                    group_name=native.GROUP)
+    compiled = [SOURCES[name] for name in native.COMPILED]
+    hand_written = [Extension(name, [path]) for name, path in native.C_MODULES.items()]
+    return mypycify(["--ignore-missing-imports", *compiled], opt_level="3",
+                    group_name=native.GROUP) + hand_written
 
 
 setup(ext_modules=ext_modules(), cmdclass={"build_ext": OptionalBuildExt})

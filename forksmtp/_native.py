@@ -37,6 +37,12 @@ COMPILED = (
     "forksmtp.worker",
 )
 
+#: Hand-written C built with them (module: its source, relative to the package's parent):
+#: the DATA reader's per-octet pass.  Part of the same all-or-nothing build.
+C_MODULES = {
+    "forksmtp.smtp._lftext": os.path.join("forksmtp", "smtp", "_lftext.c"),
+}
+
 #: Written by setup.py beside the compiled modules: "<sha256>  <module>" per line.
 STAMP = "compiled.sha256"
 
@@ -68,6 +74,13 @@ def pure_requested() -> bool:
     return os.environ.get("FORKSMTP_PURE", "") not in ("", "0")
 
 
+def sources() -> dict[str, str]:
+    """Every module of the compiled build and its source, relative to the package's
+    parent directory: the mypyc modules, then the C ones."""
+    mypyc = {name: os.path.join(*name.split(".")) + ".py" for name in COMPILED}
+    return {**mypyc, **C_MODULES}
+
+
 def source_digest(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -82,12 +95,12 @@ def _why_not(package_dir: str) -> str:
     except (OSError, ValueError):
         return "not compiled"
     root = os.path.dirname(package_dir)
-    for name in COMPILED:
+    for name, source in sources().items():
         base = os.path.join(root, *name.split("."))
         if name not in recorded or not _has_extension(base):
             return f"{name} is not compiled"
         try:
-            digest = source_digest(base + ".py")
+            digest = source_digest(os.path.join(root, source))
         except FileNotFoundError:
             continue  # installed without its source: nothing to differ from
         if digest != recorded[name]:
@@ -103,12 +116,14 @@ def _has_extension(base: str) -> bool:
 
 class _SourceFirst:
     """Meta-path finder that loads forksmtp's submodules from their .py files, so that
-    extension modules beside them are never picked."""
+    extension modules beside them are never picked, and refuses the C modules."""
 
     @staticmethod
     def find_spec(name, path=None, target=None):
         if not name.startswith("forksmtp.") or not path:
             return None
+        if name in C_MODULES:  # C without a Python source: the pure build has its twin
+            raise ModuleNotFoundError(f"{name} is not used by the pure Python build", name=name)
         for entry in path:
             finder = importlib.machinery.FileFinder(
                 entry, (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES))

@@ -87,12 +87,24 @@ def test_a_source_changed_after_the_compile_is_what_runs(tmp_path):
 
 
 @needs_compiled
-def test_a_missing_compiled_module_selects_the_source(tmp_path):
+def test_a_c_source_changed_after_the_compile_selects_the_pure_build(tmp_path):
     root = copy_package(tmp_path)
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        (root / "forksmtp" / f"connection{suffix}").unlink(missing_ok=True)
+    source = root / "forksmtp" / "smtp" / "_lftext.c"
+    source.write_text(source.read_text() + "\n/* edited */\n")
     build, session_file = probe(root)
-    assert build == "pure Python: forksmtp.connection is not compiled"
+    assert build == "pure Python: forksmtp.smtp._lftext changed after it was compiled"
+    assert session_file.endswith("session.py")
+
+
+@needs_compiled
+@pytest.mark.parametrize("module", ["forksmtp.connection", "forksmtp.smtp._lftext"])
+def test_a_missing_compiled_module_selects_the_source(tmp_path, module):
+    root = copy_package(tmp_path)
+    base = root.joinpath(*module.split("."))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        base.with_name(base.name + suffix).unlink(missing_ok=True)
+    build, session_file = probe(root)
+    assert build == f"pure Python: {module} is not compiled"
     assert session_file.endswith("session.py")
 
 
@@ -120,7 +132,7 @@ def test_the_stamp_names_every_compiled_module_and_its_digest():
         pytest.skip(f"pure Python build ({_native.reason})")
     lines = (PACKAGE / _native.STAMP).read_text(encoding="ascii").splitlines()
     recorded = dict(reversed(line.split()) for line in lines)
-    assert sorted(recorded) == sorted(_native.COMPILED)
+    assert sorted(recorded) == sorted([*_native.COMPILED, *_native.C_MODULES])
     for name, digest in recorded.items():
-        source = PACKAGE.parent.joinpath(*name.split(".")).with_suffix(".py")
+        source = PACKAGE.parent / _native.sources()[name]
         assert digest == _native.source_digest(str(source))

@@ -41,19 +41,32 @@ class OptionalBuildExt(build_ext):
     def run(self):
         if not self.extensions:
             return
-        digests = {name: native.source_digest(os.path.join(HERE, path))
-                   for name, path in SOURCES.items()}
         try:
+            # Read before compiling: the digests must be those of what was compiled.
+            digests = {name: native.source_digest(os.path.join(HERE, path))
+                       for name, path in SOURCES.items()}
             super().run()
         except Exception as exc:  # the compiler's errors have no common base class
             self._remove_outputs()
-            self.warn(f"forksmtp: compiling with mypyc failed ({exc}); "
+            self.warn(f"forksmtp: compiling failed ({exc}); "
                       "installing pure Python, which runs slower")
             return
         # Beside the compiled modules: build/lib, or the source tree when in place.
         package_dir = os.path.dirname(self.get_ext_fullpath("forksmtp.trace"))
         with open(os.path.join(package_dir, native.STAMP), "w", encoding="ascii") as f:
             f.writelines(f"{digest}  {name}\n" for name, digest in digests.items())
+
+    def build_extension(self, ext):
+        # build_ext skips an extension whose output is newer than its sources, and a
+        # source can carry an old time (cp -p, rsync -a, an unpacked tarball): the old
+        # .so would then run under the new source's digest.  mypyc rewrites its C from
+        # the .py on every build, so only the hand-written C needs forcing.
+        saved = self.force
+        self.force = saved or ext.name in native.C_MODULES
+        try:
+            super().build_extension(ext)
+        finally:
+            self.force = saved
 
     def _remove_outputs(self):
         # A half-built set must not be found next to the sources.

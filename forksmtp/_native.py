@@ -14,6 +14,7 @@ Never compiled itself: it must run before any compiled module is imported.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.machinery
 import importlib.util
 import os
@@ -107,6 +108,13 @@ def _why_not(package_dir: str) -> str:
             return f"{name} changed after it was compiled"
     if importlib.util.find_spec(GROUP + "__mypyc") is None:
         return f"{GROUP}__mypyc is missing"
+    for name in C_MODULES:
+        # A C module that does not load would leave its callers on their Python twins,
+        # correct but several times slower, under a build that says it is compiled.
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            return f"{name} does not load ({exc})"
     return ""
 
 

@@ -97,6 +97,20 @@ def test_a_c_source_changed_after_the_compile_selects_the_pure_build(tmp_path):
 
 
 @needs_compiled
+def test_a_c_module_that_does_not_load_selects_the_source(tmp_path):
+    # A broken .so would otherwise leave the DATA reader on its Python twin, several
+    # times slower, under a build that says it is compiled.
+    root = copy_package(tmp_path)
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        built = root / "forksmtp" / "smtp" / f"_lftext{suffix}"
+        if built.exists():
+            built.write_bytes(b"not a shared object")
+    build, session_file = probe(root)
+    assert build.startswith("pure Python: forksmtp.smtp._lftext does not load (")
+    assert session_file.endswith("session.py")
+
+
+@needs_compiled
 @pytest.mark.parametrize("module", ["forksmtp.connection", "forksmtp.smtp._lftext"])
 def test_a_missing_compiled_module_selects_the_source(tmp_path, module):
     root = copy_package(tmp_path)

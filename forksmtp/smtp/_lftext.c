@@ -82,6 +82,7 @@ lf_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     char *out, *base;
     int first = 1, is_long = 0;
 
+    (void)module;
     if (parse_args("lf_text", args, nargs, 2, &s, &n, ints) < 0)
         return NULL;
     carry = ints[0];
@@ -174,6 +175,7 @@ find_dots(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *s;
     Py_ssize_t n, start, dot, end;
 
+    (void)module;
     if (parse_args("find_dots", args, nargs, 1, &s, &n, &start) < 0)
         return NULL;
     dot = find_marker(s, n, start, 3);

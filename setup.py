@@ -98,7 +98,11 @@ def ext_modules():
     # The build environment holds only the build requirements: the runtime dependencies
     # (setproctitle, psutil) are not there to type-check against, and need not be.
     compiled = [SOURCES[name] for name in native.COMPILED]
-    hand_written = [Extension(name, [path]) for name, path in native.C_MODULES.items()]
+    # -O3 whatever Python was built with: the C's comparison loops are vectorised only
+    # there (GCC 12 at Debian's -O2 leaves them scalar: 1.25 against 0.23 ms per MiB
+    # for lf_text, 1.16 against 0.13 for find_dots).  Passed last, so it wins.
+    hand_written = [Extension(name, [path], extra_compile_args=["-O3"])
+                    for name, path in native.C_MODULES.items()]
     return mypycify(["--ignore-missing-imports", *compiled], opt_level="3",
                     group_name=native.GROUP) + hand_written
 

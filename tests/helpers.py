@@ -17,10 +17,16 @@ code on every reply after it (the EHLO/HELO reply itself and 354 carry none).
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import random
 import re
+import shutil
+from pathlib import Path
 from typing import Iterable
+
+import forksmtp
+from forksmtp import _native
 
 from forksmtp.smtp import replies as R
 from forksmtp.smtp.session import (NEED_DATA, PAUSED, DataChunk, DataEnd, DataStart,
@@ -243,3 +249,15 @@ def chosen_seed() -> int:
 def open_fds() -> int:
     """Descriptors this process holds: a leak check for storage code run in-process."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def copy_package(tmp_path: Path) -> Path:
+    """The installed package, and mypyc's shared library beside it, under tmp_path/site
+    (to run a build that a test edits or rebuilds without touching the checkout)."""
+    root = tmp_path / "site"
+    shutil.copytree(Path(forksmtp.__file__).parent, root / "forksmtp",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    spec = importlib.machinery.PathFinder.find_spec(_native.GROUP + "__mypyc")
+    if spec is not None and spec.origin:
+        shutil.copy2(spec.origin, root)
+    return root

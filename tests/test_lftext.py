@@ -23,6 +23,7 @@ import pytest
 import forksmtp
 from forksmtp import _native
 from forksmtp.smtp import buffer
+from helpers import copy_package
 
 try:
     from forksmtp.smtp import _lftext as lf_text_module
@@ -235,11 +236,9 @@ def test_the_reader_tests_pass_with_the_c_pass_under_asan_and_ubsan(tmp_path):
     if not runtimes:
         pytest.skip("gcc with the ASan and UBSan runtimes is not installed")
     package = Path(forksmtp.__file__).parent
-    root = tmp_path / "site"
-    shutil.copytree(package, root / "forksmtp", ignore=shutil.ignore_patterns("__pycache__"))
     spec = importlib.machinery.PathFinder.find_spec(_native.GROUP + "__mypyc")
     assert spec is not None and spec.origin
-    shutil.copy2(spec.origin, root)
+    root = copy_package(tmp_path)
     built = Path(lf_text_module.__file__)
     target = root / "forksmtp" / "smtp" / built.name
     subprocess.run(["gcc", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",

@@ -18,6 +18,7 @@ import pytest
 
 import forksmtp
 from forksmtp import _native
+from helpers import copy_package
 
 PACKAGE = Path(forksmtp.__file__).parent
 COMPILED = _native.reason == ""
@@ -36,17 +37,6 @@ def probe(root: Path, env: dict[str, str] | None = None) -> tuple[str, str]:
                          timeout=30, env=full_env, cwd=root, check=True).stdout
     build, session_file = out.splitlines()
     return build, session_file
-
-
-def copy_package(tmp_path: Path) -> Path:
-    """The installed package, and mypyc's shared library beside it, under tmp_path."""
-    root = tmp_path / "site"
-    shutil.copytree(PACKAGE, root / "forksmtp",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    spec = importlib.machinery.PathFinder.find_spec(_native.GROUP + "__mypyc")
-    if spec is not None and spec.origin:
-        shutil.copy2(spec.origin, root)
-    return root
 
 
 def test_the_ci_build_is_the_compiled_one():

@@ -48,9 +48,10 @@ def _c_passes() -> tuple[LfText | None, FindDots | None]:
     return lf_text, find_dots
 
 
+_C_PASSES: Final = _c_passes()
 #: None in the pure build.
-_LF_TEXT: Final = _c_passes()[0]
-_FIND_DOTS: Final = _c_passes()[1]
+_LF_TEXT: Final = _C_PASSES[0]
+_FIND_DOTS: Final = _C_PASSES[1]
 
 
 def _has_long_line(text: bytes, carry: int = 0, limit: int = LINE_LIMIT) -> bool:

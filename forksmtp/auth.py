@@ -17,6 +17,7 @@ import base64
 import hashlib
 import hmac
 import os
+import stat
 
 from . import process
 
@@ -96,11 +97,20 @@ def load(path: str) -> dict[str, str]:
 
 
 def set_password(path: str, user: str, password: str) -> None:
-    """Add or replace ``user``'s line, keep the others; the file is 0600 and replaced
-    atomically so a crash never leaves it half-written."""
+    """Add or replace ``user``'s line, keep the others; the file is replaced atomically so
+    a crash never leaves it half-written.  A new file is 0600; an existing one keeps its
+    owner, group and mode (an operator's 0640 root:forksmtp stays so), except that others
+    lose any access: hashes are never world-readable.  A symlink is followed, so the file
+    it names is the one updated and the link stays."""
     if not user or ":" in user or any(c.isspace() for c in user) or user.startswith("#"):
         # "#..." would be written, then read back as a comment: a user who never logs in.
         raise PasswordFileError(f"invalid user name {user!r}: no ':', no spaces, not starting with '#'")
+    path = os.path.realpath(path)
+    try:
+        st = os.stat(path)
+        mode, owner = stat.S_IMODE(st.st_mode) & 0o770, (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        mode, owner = 0o600, None
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
@@ -110,4 +120,4 @@ def set_password(path: str, user: str, password: str) -> None:
     out = [entry if line.partition(":")[0] == user else line for line in lines]
     if entry not in out:
         out.append(entry)
-    process.write_atomic(path, "\n".join(out) + "\n", 0o600)
+    process.write_atomic(path, "\n".join(out) + "\n", mode, owner)

@@ -36,8 +36,8 @@ from forksmtp.config_checks import (ConfigError, _address, _at_least, _between, 
                                     _other_spelling,
                                     _greeting_delay, _number, _one_of, _parent_exists, _path,
                                     _positive, _readable_file, _share, _Source, _string, _strings,
-                                    _timeout, _user, _writable_file)
-from forksmtp.listeners import ListenAddr, parse_listen
+                                    _replaceable_file, _timeout, _user, _writable_file)
+from forksmtp.listeners import ListenAddr, clash, parse_listen
 
 CLI = "command line"  # the "file" of values that came from flags
 
@@ -148,8 +148,8 @@ _KEYS: tuple[tuple[str, str, Callable, object, Callable | None], ...] = (
     ("server", "max_connections", _integer, 50, _at_least(1)),
     ("server", "max_connections_per_ip", _integer, 10, _at_least(1)),
     ("server", "graceful_timeout", _number, 30, _not_negative),
-    ("server", "pidfile", _path, "", _writable_file),
-    ("server", "stats_file", _path, "", _writable_file),
+    ("server", "pidfile", _path, "", _replaceable_file),
+    ("server", "stats_file", _path, "", _replaceable_file),
     ("server", "user", _string, "", _user),
     ("server", "group", _string, "", _group),
     ("server", "min_spare_workers", _integer, 1, _at_least(0)),
@@ -331,8 +331,21 @@ def _cross_check(cfg: Config, sources: dict[str, _Source], file: str) -> None:
     if cfg.tls:
         for addr in set(cfg.tls.implicit_listen) & set(s.listen):
             fail("tls.implicit_listen", [str(addr)], f"{addr} is also in server.listen")
+        problem = clash(s.listen + cfg.tls.implicit_listen)  # each list alone is clash-free
+        if problem:
+            fail("tls.implicit_listen", [str(a) for a in cfg.tls.implicit_listen],
+                 f"{problem} (server.listen)")
     if cfg.auth and cfg.auth.required and not cfg.tls and not cfg.auth.allow_insecure:
         fail("auth.required", True, "AUTH is offered only over TLS: add [tls] or set auth.allow_insecure")
+    files = {"server.pidfile": s.pidfile, "server.stats_file": s.stats_file, "log.file": cfg.log.file,
+             "auth.password_file": cfg.auth.password_file if cfg.auth else ""}
+    seen: dict[str, str] = {}
+    for key, path in files.items():
+        real = os.path.realpath(path) if path else ""
+        if real in seen:  # one rename over another's file: the log went to an unlinked inode
+            fail(key, path, f"is also {seen[real]}")
+        if real:
+            seen[real] = key
     domains = cfg.delivery.local_domains
     for address in cfg.delivery.mailboxes if domains else ():
         if address.rpartition("@")[2] not in domains:

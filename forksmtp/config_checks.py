@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass
 
-from forksmtp.listeners import ListenAddr, parse_listen
+from forksmtp.listeners import ListenAddr, clash, parse_listen
 
 
 class ConfigError(Exception):
@@ -107,6 +107,9 @@ def _listens(value: object, base: str) -> tuple[ListenAddr, ...]:
         if addr in addrs:
             raise ValueError(f"{addr} is listed twice")
         addrs.append(addr)
+    problem = clash(addrs)
+    if problem:
+        raise ValueError(problem)
     return tuple(addrs)
 
 
@@ -238,6 +241,19 @@ def _writable_file(path: str) -> str:
             raise ValueError(f"{real} is not writable")
     elif not os.access(os.path.dirname(real), os.W_OK | os.X_OK):
         raise ValueError(f"directory {os.path.dirname(real)} is not writable")
+    return path
+
+
+def _replaceable_file(path: str) -> str:
+    """A file the server replaces by renaming a new one over it (the pidfile, the stats
+    file): its directory must be writable, whether or not the file exists, and the
+    rename replaces a symlink itself, so the directory is the one the path names."""
+    if not path:
+        return path
+    _parent_exists(path)
+    directory = os.path.dirname(path)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"directory {directory} is not writable (the file is replaced by a rename)")
     return path
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -138,6 +139,38 @@ def identity(addr: ListenAddr) -> tuple:
     if not addr.host and socket.has_ipv6:
         return socket.AF_INET6, ("::", addr.port, 0, 0), True
     return addr.family, _resolve(addr.host, addr.family, addr.port)[0][4], False
+
+
+def clash(addrs: Sequence[ListenAddr]) -> str | None:
+    """Why two of ``addrs`` cannot both be listening, or None.  Compared as bound, not
+    as written: ``localhost:25`` is ``127.0.0.1:25``, ``127.1`` is ``127.0.0.1``.  A
+    name that does not resolve is skipped (parse_listen reported it already)."""
+    seen: list[tuple[ListenAddr, tuple]] = []
+    for addr in addrs:
+        try:
+            ident = identity(addr)
+        except ValueError:
+            continue
+        for other, other_ident in seen:
+            if ident[:2] == other_ident[:2]:
+                return f"{addr} is the same socket as {other}"
+            if _overlap(ident, other_ident):
+                return f"{addr} and {other} overlap: a wildcard address takes the port on every address"
+        seen.append((addr, ident))
+    return None
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    """Linux refuses the second of two listening sockets on one port when one is the
+    wildcard of the other's family, even with SO_REUSEADDR; a dual-stack ``::`` socket
+    is the IPv4 wildcard too.  An IPv6-only socket and an IPv4 one never clash."""
+    (fam_a, sa_a, dual_a), (fam_b, sa_b, dual_b) = a, b
+    if sa_a[1] != sa_b[1]:
+        return False
+    if fam_a != fam_b:
+        return dual_a or dual_b
+    wildcard = "0.0.0.0" if fam_a == socket.AF_INET else "::"
+    return sa_a[0] == wildcard or sa_b[0] == wildcard
 
 
 def bound_identity(sock: socket.socket) -> tuple:

@@ -75,18 +75,26 @@ def write_pidfile(path: str) -> None:
         old = 0
     if old and old != os.getpid() and _alive(old):
         raise PidfileError(f"pidfile {path} is held by running process {old}")
-    write_atomic(path, f"{os.getpid()}\n")
+    try:
+        write_atomic(path, f"{os.getpid()}\n")
+    except OSError as exc:  # else the message names the temporary file, not the pidfile
+        raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from exc
 
 
-def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
+def write_atomic(path: str, text: str, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
     """Replace ``path`` with ``text``: readers see the old file or the new one, never half
     of one.  The temporary file beside it gets a random name and is created exclusively,
     never through a symlink (``mkstemp``): a predictable name would let anyone who can
     write the directory plant a file of a wider mode, or a symlink that has root
-    overwrite another file."""
+    overwrite another file.  ``owner``: the (uid, gid) the file must keep; failing to
+    give it that is an error, not a silent change of who may read it."""
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
                                dir=os.path.dirname(os.path.abspath(path)))
     try:
+        if owner is not None:
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != owner:
+                os.fchown(fd, *owner)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -594,7 +594,7 @@ def test_set_password_replaces_only_that_users_line(tmp_path):
     assert after[2] != before[2] and after[2].startswith("alice:")
     users = auth.load(str(f))
     assert auth.verify(users["alice"], "new") and not auth.verify(users["alice"], "old")
-    assert stat.S_IMODE(f.stat().st_mode) == 0o600
+    assert stat.S_IMODE(f.stat().st_mode) == 0o640  # others lose access; the group keeps it
     auth.set_password(str(f), "carol", "c")
     assert f.read_text().splitlines()[:4] == after
     assert auth.verify(auth.load(str(f))["carol"], "c")

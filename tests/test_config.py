@@ -68,6 +68,12 @@ BAD = [
     ('[server]\nlisten = []\n', "server.listen", "at least one address"),
     ('[server]\nlisten = ["::1:25"]\n', "server.listen", "brackets"),
     ('[server]\nlisten = ["25", ":25"]\n', "server.listen", ":25 is listed twice"),
+    # Spelled apart, bound the same: --check passed them and the start then failed.
+    ('[server]\nlisten = ["127.0.0.1:2525", "localhost:2525"]\n', "server.listen",
+     "localhost:2525 is the same socket as 127.0.0.1:2525"),
+    ('[server]\nlisten = ["127.0.0.1:2525", "127.1:2525"]\n', "server.listen", "same socket"),
+    ('[server]\nlisten = ["0.0.0.0:2525", "127.0.0.2:2525"]\n', "server.listen", "overlap"),
+    ('[server]\nlisten = ["127.0.0.2:2525", "2525"]\n', "server.listen", "overlap"),
     ('[server]\nhostname = "mx example"\n', "server.hostname", "domain name"),
     ('[server]\nhostname = ""\n', "server.hostname", "domain name"),
     ('[server]\nhostname = "mx.test\\r\\n250 x"\n', "server.hostname", "domain name"),
@@ -139,11 +145,17 @@ BAD = [
     ('[tls]\ncert_file = "cert.pem"\nkey_file = "."\n', "tls.key_file", "cannot read"),
     (TLS + 'min_version = "TLSv1.1"\n', "tls.min_version", '"TLSv1.2", "TLSv1.3"'),
     (TLS + 'implicit_listen = ["127.0.0.1:2525"]\n', "tls.implicit_listen", "also in server.listen"),
+    (TLS + 'implicit_listen = ["localhost:2525"]\n', "tls.implicit_listen", "same socket as 127.0.0.1:2525"),
+    (TLS + 'implicit_listen = ["2525"]\n', "tls.implicit_listen", "overlap"),
     (TLS + 'implicit_listen = ["x"]\n', "tls.implicit_listen", "expected PORT"),
     (TLS + 'require_tls = "no"\n', "tls.require_tls", "true or false"),
     (TLS + 'ciphers = "HIGH"\n', "tls.ciphers", "unknown key"),
     ('[auth]\nrequired = false\n', "auth.password_file", "required when [auth] is present"),
     ('[auth]\npassword_file = "nodir/passwd"\n', "auth.password_file", "does not exist"),
+    ('[server]\nstats_file = "f"\n[log]\nfile = "f"\n', "log.file", "is also server.stats_file"),
+    ('[server]\npidfile = "f"\nstats_file = "./f"\n', "server.stats_file", "is also server.pidfile"),
+    ('[log]\nfile = "f"\n[auth]\npassword_file = "f"\nallow_insecure = true\n', "auth.password_file",
+     "is also log.file"),
     ('[auth]\npassword_file = "passwd"\nrequired = true\n', "auth.required", "only over TLS"),
     ('[auth]\npassword_file = "passwd"\nallow_insecure = 1\n', "auth.allow_insecure", "true or false"),
 ]
@@ -159,6 +171,37 @@ def test_every_error_names_file_key_and_problem(etc: Path, snippet: str, key: st
     assert problem in err.problem
     line = str(err)
     assert line.startswith(f"{path}: {key}") and line.endswith(err.problem) and "\n" not in line
+
+
+@pytest.mark.parametrize("listen", [
+    ["127.0.0.1:2525", "127.0.0.2:2525"],
+    ["127.0.0.1:2525", "127.0.0.1:2526"],
+    ["[::1]:2525", "127.0.0.1:2525"],
+    ["[::]:2525", "0.0.0.0:2525"],  # an IPv6-only wildcard leaves IPv4 alone
+])
+def test_listen_addresses_that_can_all_be_bound_are_accepted(etc: Path, listen: list[str]) -> None:
+    path = write(etc, f"[server]\nlisten = {listen!r}\n".replace("'", '"'))
+    assert [str(a) for a in load_config(str(path)).server.listen] == listen
+
+
+def test_a_pidfile_in_a_directory_that_cannot_take_a_rename_is_refused(etc: Path) -> None:
+    """The pidfile and the stats file are replaced by a rename: a writable file in a
+    directory that is not writable passed the check, and the start then failed.  An
+    immutable directory refuses root too."""
+    d = etc / "ro"
+    d.mkdir()
+    (d / "run.pid").write_text("")
+    if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        for key in ("pidfile", "stats_file"):
+            path = write(etc, f'[server]\n{key} = "ro/run.pid"\n')
+            with pytest.raises(ConfigError) as info:
+                load_config(str(path))
+            assert info.value.key == f"server.{key}"
+            assert info.value.problem.startswith(f"directory {d} is not writable")
+    finally:
+        subprocess.run(["chattr", "-i", str(d)], check=True)
 
 
 @pytest.mark.parametrize("sub", ["tmp", "new", "cur"])
@@ -245,7 +288,7 @@ def test_values_and_normalisation(etc: Path) -> None:
     (etc / "passwd").write_text("")
     path = write(etc, TLS + """
 [server]
-listen = ["2525", "[::1]:2525"]
+listen = ["2525", "[::1]:2526"]
 hostname = "mx.example.test"
 workers = 2
 graceful_timeout = 5
@@ -264,7 +307,7 @@ required = true
 """)
     cfg = load_config(str(path))
     root = etc.parent
-    assert [str(a) for a in cfg.server.listen] == [":2525", "[::1]:2525"]
+    assert [str(a) for a in cfg.server.listen] == [":2525", "[::1]:2526"]
     assert cfg.server.graceful_timeout == 5.0
     assert cfg.limits.normalize_networks == ("10.0.0.0/8", "::1/128")
     assert cfg.delivery.maildir == str(root / "var" / "Maildir")  # relative to the file
@@ -277,7 +320,7 @@ required = true
     assert cfg.path == str(path)
     assert not (root / "var").exists()  # validation creates nothing
     line = summary(cfg)
-    assert line.startswith(f"config OK: {path}: listen :2525 [::1]:2525, 2 workers")
+    assert line.startswith(f"config OK: {path}: listen :2525 [::1]:2526, 2 workers")
     assert str(root / "var" / "Maildir") in line and "TLS" in line and "AUTH required" in line
 
 

@@ -54,7 +54,32 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(process.os, "fsync", no_space)
-    with pytest.raises(OSError):
+    with pytest.raises((OSError, process.PidfileError)) as info:
         write(str(target))
     assert target.read_text() == "old\n"
     assert os.listdir(tmp_path) == [name]
+    if name == "pidfile":  # not the temporary file's name: the operator's key and path
+        assert str(info.value) == f"cannot write pidfile {target}: No space left on device"
+
+
+def test_passwd_keeps_an_existing_files_mode_owner_and_group(tmp_path):
+    """A password file an operator made 0640 root:<group> for the server to read stays
+    so; only a new file is created 0600."""
+    target = tmp_path / "passwd"
+    target.write_text("bob:x\n")
+    os.chown(target, 0, 65534)
+    target.chmod(0o640)
+    auth.set_password(str(target), "alice", "pw")
+    st = target.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, 65534)
+    assert [line.partition(":")[0] for line in target.read_text().splitlines()] == ["bob", "alice"]
+
+
+def test_passwd_through_a_symlink_updates_the_file_it_names(tmp_path):
+    real = tmp_path / "real"
+    real.write_text("bob:x\n")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    auth.set_password(str(link), "alice", "pw")
+    assert link.is_symlink()
+    assert "alice:" in real.read_text() and "bob:x" in real.read_text()

@@ -219,7 +219,6 @@ class Connection:
                 return
             if type(event) is DataChunk:
                 if self.txn is not None:
-                    self.data_bytes += len(event.data)
                     try:
                         self.txn.write(event.data)
                     except OSError as exc:
@@ -459,7 +458,12 @@ class Connection:
                     return None
             try:
                 if self.session.in_data:  # large reads: one copy, straight into bytes
-                    return self.sock.recv(self.data_recv_size)
+                    data = self.sock.recv(self.data_recv_size)
+                    # The minimum rate counts what arrives, not what is stored: a message
+                    # already refused (a bare LF, a long line) stores nothing, yet its
+                    # client keeps sending and must reach the final dot to get the 5xx.
+                    self.data_bytes += len(data)
+                    return data
                 n = self.sock.recv_into(_recv_buffer)
                 return bytes(_recv_buffer[:n])
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):

@@ -26,6 +26,10 @@ LEVELS: Final = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERRO
 #: ".mmmZ " for every millisecond: a busy worker's lines rarely share a millisecond, so
 #: the prefix is rebuilt for most of them, and a lookup is cheaper than formatting.
 _MILLIS: Final = tuple(f".{ms:03d}Z " for ms in range(1000))
+#: Queued text is written out once it reaches this many characters, whatever the
+#: worker's rhythm: a client that pipelines commands without a pause would otherwise
+#: grow the queue by a line per command, and a reply, until the session ends.
+MAX_PENDING: Final = 64 * 1024
 
 
 class Log:
@@ -34,6 +38,7 @@ class Log:
         self.path = path
         self._fd = self.open_file(path)
         self.pending: list[str] = []
+        self._pending_size = 0
         self._second = -1
         self._ms = -1
         self._stamp = self._line_prefix = ""
@@ -74,6 +79,7 @@ class Log:
         self._pid_text = f"{self.pid} "
         self._ms = -1  # the cached prefix carries the parent's pid
         self.pending.clear()
+        self._pending_size = 0
 
     def _prefix(self) -> str:
         """``<timestamp> <pid> ``, formatted once per millisecond: a session's lines
@@ -94,19 +100,26 @@ class Log:
             return
         if "\n" in text or "\r" in text:
             text = text.replace("\r", "\\r").replace("\n", "\\n")
-        self.pending.append(f"{self._prefix()}[{tag}] {text}\n")
+        self._append(f"{self._prefix()}[{tag}] {text}\n")
 
     def queue_many(self, tag: str, texts: list[str]) -> None:
         if self.level > 20 or not texts:
             return
         stamp = f"{self._prefix()}[{tag}] "
-        self.pending.append(stamp + f"\n{stamp}".join(texts) + "\n")  # one join, in C
+        self._append(stamp + f"\n{stamp}".join(texts) + "\n")  # one join, in C
+
+    def _append(self, text: str) -> None:
+        self.pending.append(text)
+        self._pending_size += len(text)
+        if self._pending_size >= MAX_PENDING:
+            self.flush()
 
     def flush(self) -> None:
         if not self.pending:
             return
         data = "".join(self.pending).encode("utf-8", "backslashreplace")
         self.pending.clear()
+        self._pending_size = 0
         try:
             while data:
                 n = os.write(self._fd, data)

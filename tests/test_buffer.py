@@ -473,6 +473,15 @@ def test_received_header_count_is_case_insensitive():
     assert read(data).error == R.R554_LOOP
 
 
+def test_received_with_white_space_before_the_colon_is_counted():
+    """RFC 5322 4.5.3's obsolete syntax: "Received :" is the same field, a hop all the same."""
+    data = (headers(40) + headers(30, b"Received ") + headers(30, b"received\t \t")
+            + b"\r\nbody\r\n" + END)
+    assert read(data).error == R.R554_LOOP
+    assert read(headers(60) + headers(39, b"Received ") + b"\r\nbody\r\n" + END).error is None
+    assert read(headers(99) + headers(5, b"Received-From ") + b"\r\nbody\r\n" + END).error is None
+
+
 def test_received_in_the_body_is_not_counted():
     data = headers(99) + b"\r\n" + headers(500) + END
     assert read(data).error is None

@@ -206,3 +206,51 @@ def test_stress_mode_lowers_the_error_limit_and_says_so(daemon_factory):
         assert read_reply(s).startswith(b"500 ")
         s.sendall(b"NOOP\r\n")
         assert read_reply(s).startswith(b"250 ")
+
+
+@pytest.mark.parametrize("flaw, reply", [
+    (b"Subject: bare\nLF\r\n", b"550 5.6.0 "),
+    (b"Subject: long\r\n" + b"x" * 1200 + b"\r\n", b"554 5.6.0 "),
+], ids=["bare-lf", "long-line"])
+def test_a_refused_message_at_a_good_rate_gets_its_5xx_not_a_timeout(daemon_factory, flaw, reply):
+    """Once the text is known to be refused nothing more is stored, but the client keeps
+    sending at a healthy rate: the minimum rate must count what arrives, or the refusal
+    turned into 421 4.4.2 (a retry) once data_block passed."""
+    d = daemon_factory(workers=2, sections={"timeouts": {**FAST, "data_block": 1, "data_done": 30,
+                                                         "session": 60, "min_data_rate": 500}})
+    c = RawSMTP(d.port)
+    try:
+        assert c.command(b"EHLO steady.example") == 250
+        code, _ = c.start_data()
+        assert code == 354
+        c.sock.sendall(flaw)
+        got = send_until_answered(c.sock, [b"y" * 98 + b"\r\n"] * 30, 0.1)  # 3 s at 1,000 octets/s
+        assert got == b"", got  # nothing said before the final dot
+        c.sock.sendall(b".\r\n")
+        code, text = c.reply()
+        assert text.startswith(reply), text
+    finally:
+        c.close()
+    assert not d.new_messages()
+
+
+def test_a_client_pipelining_without_pause_does_not_grow_the_log_queue(daemon_factory):
+    """Log lines are queued until the client pauses; one that never pauses must still see
+    its lines written as they pile up, not held in the worker until the session ends
+    (every command and reply was a line in memory: gigabytes within the session timeout)."""
+    d = daemon_factory(workers=1, sections={"timeouts": {"command": 30, "session": 60}})
+    with socket.create_connection((d.host, d.port), timeout=10) as s:
+        read_reply(s)
+        s.sendall(b"EHLO busy.example\r\n")
+        read_reply(s)
+        for _ in range(200):  # 4,000 NOOPs, about 370 KiB of log lines, with no pause
+            s.sendall(b"NOOP\r\n" * 20)
+            got = b""
+            while got.count(b"\r\n") < 20:
+                chunk = s.recv(65536)
+                assert chunk, "the server closed the connection"
+                got += chunk
+        # Written while the session is still open: at most MAX_PENDING (about 700 NOOPs'
+        # lines) may still wait in the worker.
+        assert d.log_text().count("[SMTP] NOOP") >= 3000
+        s.sendall(b"QUIT\r\n")

@@ -80,3 +80,20 @@ def test_child_lines_carry_the_child_pid(log_path):
     os.waitpid(pid, 0)
     pids = {LINE.match(line).group(4): LINE.match(line).group(2) for line in read_lines(log_path)}
     assert pids == {"parent": str(os.getpid()), "child": str(pid)}
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["queue", "queue_many"])
+def test_the_queue_is_written_out_once_it_reaches_its_bound(log_path, many):
+    """A session that never pauses must not hold its lines in memory until it ends."""
+    log = logs.Log("info", log_path)
+    for i in range(20_000):
+        if many:
+            log.queue_many("SMTP", [f"NOOP {i}", "250 2.0.0 Ok"])
+        else:
+            log.queue("SMTP", f"NOOP {i}")
+        assert sum(map(len, log.pending)) < logs.MAX_PENDING
+    written = read_lines(log_path)
+    assert len(written) > (40_000 if many else 20_000) - logs.MAX_PENDING // 30
+    log.flush()
+    lines = read_lines(log_path)
+    assert [line.rsplit(" ", 1)[-1] for line in lines if "NOOP" in line] == [str(i) for i in range(20_000)]

@@ -14,6 +14,7 @@ bare CR/LF proof, the line limit; the search for stuffed lines and the end) in C
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Final
 
 from . import replies as R
@@ -118,6 +119,8 @@ def _only_crlf(block: bytes, stuffed: bytes) -> bool:
 
 #: Dots ``_find_crlf_dot`` checks one by one before it searches for CRLF. outright.
 _DOT_WALK: Final = 8
+#: A Received: field written with white space before its colon (obsolete syntax).
+_RECEIVED_WSP: Final = re.compile(rb"\nreceived[ \t]+:")
 
 
 def _find_crlf_dot(buf: bytes, dot: int) -> int:
@@ -392,5 +395,9 @@ class DataReader:
             self._in_headers = False
         low = b"\n" + text[:end].lower()
         self._received += low.count(b"\nreceived:")
+        # RFC 5322 4.5 obsolete syntax allows white space before the colon; Postfix
+        # counts such a field as a hop too, so a loop cannot hide behind the spelling.
+        if b"\nreceived " in low or b"\nreceived\t" in low:
+            self._received += len(_RECEIVED_WSP.findall(low))
         if self._received >= self._max_received:
             self._fail(R.R554_LOOP)

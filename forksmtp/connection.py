@@ -239,6 +239,9 @@ class Connection:
         self._flush()
         if self._handshake():
             self.session.tls_started()
+            # The wait for the new EHLO starts now: a slow handshake (bounded by the
+            # command timeout on its own) must not use up the client's turn as well.
+            self.request_start = time.monotonic()
         else:
             self.session.closed = True
 

@@ -486,6 +486,27 @@ def test_responses_pipelined_behind_a_refused_auth_stay_out_of_the_log(refusal):
     assert log.count("<line after AUTH, ") == 2 and "NOOP" in log
 
 
+@pytest.mark.parametrize("auth_line", [
+    b"AUTH\tLOGIN",                     # a TAB for the space: 500, the verb unknown
+    b"AUTH LOGIN " + b"A" * 13000,      # over the AUTH line limit: 500 5.5.6
+    b"AUTH LOGIN \xff",                 # not UTF-8: 501
+    b"AUTH LOGIN \x01",                 # a control character: 501
+    b"AUTH",                            # no mechanism: 501
+], ids=["tab", "too-long", "not-utf8", "control", "bare"])
+def test_responses_pipelined_behind_a_malformed_auth_stay_out_of_the_log(auth_line):
+    """The mask took these lines for AUTH commands, but the count of response lines to
+    hide was set only for well-formed ones: the user name and password behind them
+    were logged as unknown commands."""
+    secret = "Tr0ub4dor&3-malformed"
+    p = tls_peer()
+    wire = auth_line + b"\r\n" + "".join(f"{line}\r\n" for line in [b64("alice"), b64(secret), "NOOP"]).encode()
+    replies = heads(p.feed(wire))
+    assert len(replies) == 4 and replies[0][:1] == "5" and replies[-1].startswith("250")
+    log = "\n".join(p.s.log)
+    assert b64(secret) not in log and b64("alice") not in log
+    assert log.count("<line after AUTH, ") == 2 and "NOOP" in log
+
+
 # -- the Received protocol names (RFC 3848, RFC 6531) ------------------------------------
 
 @pytest.mark.parametrize("tls, auth_user, mail, expected", [

@@ -882,6 +882,15 @@ def test_auth_mechanism_is_kept_in_the_log():
     ("AUTH PLAIN =", "AUTH PLAIN ***"),  # "=" is an (empty) initial response
     ("AUTH PLAIN\tAGFsaWNl", "AUTH PLAIN ***"),
     ("AUTH PLAIN ", "AUTH PLAIN ***"),   # whatever follows the mechanism is masked
+    ("AUTH CRAM-MD5 abc", "AUTH CRAM-MD5 ***"),
+    ("AUTH ", "AUTH"),
+    # No mechanism name: base64 in its place is a credential, masked whole.  A name is 1
+    # to 20 characters (RFC 4422 3.1) in one case, followed by the end or a space.
+    ("AUTH AGFsaWNlAExFQUtQVy1ub21lY2g=", "AUTH ***"),
+    ("AUTH AGFsaWNlAExFQUtQVy1ub21lY2g", "AUTH ***"),
+    ("AUTH AGFsaWNl", "AUTH ***"),
+    ("AUTH ABCDEFGHIJKLMNOPQRSTU", "AUTH ***"),
+    ("AUTH PLAIN\x00AGFsaWNl", "AUTH ***"),
 ])
 def test_auth_mask_stands_for_an_initial_response(line, logged):
     assert _loggable(line) == logged

@@ -585,6 +585,30 @@ def test_handshake_has_its_own_timeout(daemon_factory, certs, tmp_path):
     assert "handshake timed out" in text
 
 
+def test_the_wait_for_ehlo_after_starttls_starts_when_the_handshake_ends(daemon_factory, certs, tmp_path):
+    """The handshake and the next command each get the command timeout (as Postfix's
+    smtpd_starttls_timeout and smtpd_timeout); the time a slow handshake took used to
+    come out of the client's wait for its EHLO."""
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    d = daemon_factory(sections={**tls_sections(certs, pw), "timeouts": {"command": 2}})
+    sock = socket.create_connection((HOST, d.port), timeout=TIMEOUT)
+    try:
+        read_reply(sock)
+        sock.sendall(b"EHLO client.test\r\n")
+        read_reply(sock)
+        sock.sendall(b"STARTTLS\r\n")
+        assert read_reply(sock).startswith(b"220 ")
+        time.sleep(1.3)  # a slow client: the handshake ends 1.3 s after the 220
+        tls = certs.client_context().wrap_socket(sock, server_hostname="localhost")
+        time.sleep(1.3)  # 2.6 s after the 220, 1.3 s after the handshake
+        tls.sendall(b"EHLO client.test\r\n")
+        assert read_reply(tls).startswith(b"250-"), "timed out during the client's turn"
+        tls.sendall(b"QUIT\r\n")
+        assert read_reply(tls).startswith(b"221 ")
+    finally:
+        sock.close()
+
+
 def test_handshake_timeout_is_short_in_stress_mode(daemon_factory, certs, tmp_path):
     """Under stress the command timeout shrinks (Postfix: smtpd_starttls_timeout is
     ${stress?10}:{300}); a client that stalls in the handshake must not keep the worker

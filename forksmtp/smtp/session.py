@@ -197,6 +197,10 @@ class Session(SecureCommands):
             # command or a response; 5.5.2 for any other command.
             in_auth = self._auth is not None or (self.config.auth and self._lines.head.upper() == b"AUTH ")
             self._auth = None
+            if self._after_auth:
+                self._after_auth -= 1
+            if _auth_like(self._lines.head):  # LOGIN lines pipelined behind it stay unlogged
+                self._after_auth = 2
             self._log("<command line too long>")
             return self._send(R.R500_AUTH_LINE_TOO_LONG if in_auth else R.R500_LINE_TOO_LONG)
         if self._auth is not None:
@@ -215,6 +219,11 @@ class Session(SecureCommands):
         if self._after_auth:
             self._after_auth -= 1
             hidden = verb not in _HANDLERS and verb not in NOT_OFFERED
+        if _auth_like(line):
+            # LOGIN: a user name and a password line.  Set for every line the log mask
+            # takes for AUTH, before any refusal: one refused for its length, its octets
+            # or its separator may have its response lines pipelined behind it all the same.
+            self._after_auth = 2
         if len(line) > MAX_COMMAND - 2 and verb != "AUTH":
             # The buffer allows long lines for AUTH only (with AUTH offered); any other
             # is refused unread, and unlogged, like one over the buffer's limit.
@@ -228,8 +237,6 @@ class Session(SecureCommands):
             self._log(_loggable(line.decode("latin-1"), escape=True))
         if text is None or "\r" in text or "\n" in text or "\0" in text:
             return self._send(R.R501_BAD_CHARS)
-        if verb == "AUTH":
-            self._after_auth = 2  # LOGIN: a user name and a password line
         if (verb == "DATA" or verb == "BDAT") and self._lines.pending():
             # RFC 2920 3.1: DATA ends a pipelining group, whether it succeeds or fails.
             # Bytes behind it before its reply are a client that does not wait, or a
@@ -406,6 +413,19 @@ class Session(SecureCommands):
 
 #: All of an AUTH line that may be logged after the verb: the SASL mechanism name.
 _MECHANISM: Final = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _is_mechanism(name: str) -> bool:
+    """A SASL mechanism name (RFC 4422 3.1: 1 to 20 of A-Z, 0-9, "-", "_"), sent in one
+    case as clients do; base64 sent where the name goes is nearly always mixed case or
+    longer, and is masked."""
+    return 0 < len(name) <= 20 and (name == name.upper() or name == name.lower())
+
+
+def _auth_like(line: bytes) -> bool:
+    """Whether the log mask takes ``line`` for an AUTH command: AUTH, then the end or
+    any octet that cannot continue the verb."""
+    return line[:4].upper() == b"AUTH" and not line[4:5].isalnum() and line[4:5] not in (b"_", b"-")
 # RFC 3461 4: xtext, printable ASCII but "+" and "=", with "+XX" for any octet.
 _XTEXT: Final = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
 
@@ -417,10 +437,16 @@ def _loggable(text: str, escape: bool = False) -> str:
     ``escape``: whatever the line holds (octets that are no UTF-8)."""
     # Any separator after AUTH (a TAB, a NUL) still hides what follows the mechanism.
     if text[:4].upper() == "AUTH" and text[4:5] and not _MECHANISM.fullmatch(text[4:5]):
-        mechanism = _MECHANISM.match(text, 5)
-        assert mechanism is not None  # the pattern matches the empty string too
-        # The mask stands for an initial response, so only where one was sent.
-        text = f"{text[:4]} {mechanism.group()}" + (" ***" if text[mechanism.end():] else "")
+        run = _MECHANISM.match(text, 5)
+        assert run is not None  # the pattern matches the empty string too
+        name, rest = run.group(), text[run.end():]
+        if not name and not rest:
+            text = text[:4]
+        elif _is_mechanism(name) and rest[:1] in ("", " ", "\t"):
+            # The mask stands for an initial response, so only where one was sent.
+            text = f"{text[:4]} {name}" + (" ***" if rest else "")
+        else:  # no mechanism name there: base64 sent in its place is a credential
+            text = f"{text[:4]} ***"
     if escape:  # one character per octet: \xNN for each octet outside printable ASCII
         return text.encode("unicode_escape").decode("ascii")
     if "\\" in text or not text.isprintable():

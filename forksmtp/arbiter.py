@@ -267,8 +267,9 @@ class Arbiter:
         self.board.claim_slot(slot, 0, self.generation, now)
         try:
             pid = self._fork()
-        except OSError as exc:  # EAGAIN/ENOMEM: no process this tick; free the slot
+        except OSError as exc:  # EAGAIN/ENOMEM: free the slot, and wait before trying again
             self.board.repair(slot)
+            self.pool_state.record_fork_failure(now)
             self.log.error("POOL", f"cannot fork a worker: {exc.strerror}")
             return None
         if pid == 0:  # child: never return into the master's code

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import mmap
 import struct
-import zlib
 
 from .scoreboard import ip_key
 from .snapshot import _V4_PREFIX
@@ -49,7 +48,7 @@ class AuthLimiter:
         """The bucket for key: its own wherever it is in the probe chain (an expired or
         empty bucket before it must not hide it), else the first empty or expired one,
         else the oldest."""
-        start = zlib.crc32(key) % self.buckets
+        start = self.board.bucket_of(key, self.buckets)  # keyed: nobody picks colliding addresses
         free, oldest, oldest_t = -1, start, float("inf")
         for i in range(_PROBE):
             b = (start + i) % self.buckets

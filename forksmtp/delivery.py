@@ -14,6 +14,7 @@ them all-or-nothing.  Errors propagate as ``OSError``; ``storage_reply`` maps th
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
 
 from . import maildir, trace
 from .maildir import Delivery
@@ -23,6 +24,13 @@ from .smtp import replies as R
 def storage_reply(exc: OSError) -> R.Reply:
     """ENOSPC/EDQUOT -> 452 4.3.1, any other storage failure -> 451 4.3.0."""
     return R.R452_NO_SPACE if maildir.is_no_space(exc) else R.R451_STORAGE
+
+
+#: Maildirs whose new/ a worker keeps open between messages, the most recently used.  A
+#: site with more mailboxes than that reopens the others as mail comes; without a bound
+#: a worker held one fd per Maildir it ever delivered to, and past its fd limit sent
+#: 451 to good mail.
+MAX_OPEN_MAILDIRS: Final = 64
 
 
 class Router:
@@ -54,10 +62,21 @@ class Router:
         return groups
 
     def maildir(self, path: str) -> maildir.Maildir:
-        md = self._maildirs.get(path)
+        # Taken out and put back: the dict's order is then least recently used first.
+        md = self._maildirs.pop(path, None)
         if md is None:
-            md = self._maildirs[path] = maildir.Maildir(path, fsync=self.fsync)
+            md = maildir.Maildir(path, fsync=self.fsync)
+        self._maildirs[path] = md
         return md
+
+    def trim(self) -> None:
+        """Between messages (no copy in flight uses a Maildir): close the least recently
+        used beyond MAX_OPEN_MAILDIRS.  One message may open more meanwhile, as many
+        as its recipients' Maildirs."""
+        extra = len(self._maildirs) - MAX_OPEN_MAILDIRS
+        if extra > 0:
+            for path in list(self._maildirs)[:extra]:
+                self._maildirs.pop(path).close()
 
     def forget(self) -> None:
         """Drop cached Maildirs (and their open new/ fds) after a storage error, so the
@@ -86,6 +105,7 @@ class Transaction:
     """The Maildir copies of one message."""
 
     def __init__(self, router: Router, recipients: list[str], header: "HeaderInfo") -> None:
+        self._router = router
         self._copies: list[maildir.Delivery] = []
         try:
             for path, rcpts in router.route(recipients).items():
@@ -103,11 +123,15 @@ class Transaction:
             copy.write(data)
 
     def commit(self) -> list[str]:
-        return maildir.commit_all(self._copies)
+        try:
+            return maildir.commit_all(self._copies)
+        finally:
+            self._router.trim()
 
     def abort(self) -> None:
         for copy in self._copies:
             copy.abort()
+        self._router.trim()
 
 
 class HeaderInfo:

@@ -49,8 +49,8 @@ class OverflowGuard:
         if not self.logged:
             self.logged = True
             self.log.warning("POOL", f"all {workers} workers busy (max_workers reached); answering 421 4.3.2"
-                             if at_ceiling else "no worker free, and none may start now (crash-loop "
-                             "back-off); answering 421 4.3.2")
+                             if at_ceiling else "no worker free, and none may start now (back-off after a crash loop "
+                             "or a failed fork); answering 421 4.3.2")
         reply = limits.reply_for(limits.MAX_CONNECTIONS if at_ceiling else limits.OTHER)
         for sock in sockets:
             for _ in range(BATCH):

@@ -54,6 +54,7 @@ class PoolState:
     last_crash: float = float("-inf")
     backoff: float = 0.0  # current back-off length, 0 when none
     backoff_until: float = float("-inf")
+    fork_failed: bool = False  # the back-off is for fork() failing, not for workers crashing
     retire_requests: int = 0  # SIGTTOU: retire one worker now, whatever max_idle says
     last_idle_retire: float = float("-inf")  # when the last surplus idle worker was retired
 
@@ -75,10 +76,22 @@ class PoolState:
                                self.backoff * 2 if self.backoff else self.backoff_initial)
             self.backoff_until = now + self.backoff
 
+    def record_fork_failure(self, now: float) -> None:
+        """fork() failed (EAGAIN at a process limit, ENOMEM): hold spawning back as after
+        a crash loop, so that the master retries after a growing pause instead of every
+        tick (and logs once per pause), and answers queued clients 421 meanwhile."""
+        self.fork_failed = True
+        self.crashes = max(self.crashes, self.crash_threshold)
+        self.last_crash = now
+        if now >= self.backoff_until:
+            self.backoff = min(self.backoff_max,
+                               self.backoff * 2 if self.backoff else self.backoff_initial)
+            self.backoff_until = now + self.backoff
+
     def _settle(self, now: float) -> None:
         # No crash since the back-off ended, and a crash_window has passed: recovered.
         if self.backoff and self.last_crash < self.backoff_until <= now - self.crash_window:
-            self.crashes, self.backoff = 0, 0.0
+            self.crashes, self.backoff, self.fork_failed = 0, 0.0, False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +128,9 @@ def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, i
         return 0, ""
     if now < state.backoff_until:
         state.spawn_rate = 1
-        return 0, (f"crash loop: {state.crashes} workers exited within "
-                   f"{state.crash_window:g}s of start; not spawning for "
+        cause = ("fork failed: the system refused a new process" if state.fork_failed else
+                 f"crash loop: {state.crashes} workers exited within {state.crash_window:g}s of start")
+        return 0, (f"{cause}; not spawning for "
                    f"{state.backoff_until - now:.1f}s (back-off {state.backoff:g}s)")
     if room <= 0:
         state.spawn_rate = 1

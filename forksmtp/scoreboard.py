@@ -35,7 +35,6 @@ import socket
 import struct
 import tempfile
 import time
-import zlib
 from collections import Counter
 from typing import Final, Iterator
 
@@ -183,6 +182,7 @@ class Scoreboard:
         self._bases = tuple(HEADER_SIZE + i * SLOT_SIZE for i in range(nslots))
         self._table = HEADER_SIZE + nslots * SLOT_SIZE
         self._zero_table = bytes(ip_buckets * _BUCKET.size)
+        self._hash_key = os.urandom(16)  # drawn in the master; workers inherit it by fork
         self.lock_path, self._owned_dir = lock_path, owned_dir
         self._owner_pid = os.getpid()
         self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -417,10 +417,18 @@ class Scoreboard:
             mm[base + S_HOLDS] = 0
 
     # -- per-IP table (lock held) -----------------------------------------------------------
+    def bucket_of(self, key: bytes, n: int) -> int:
+        """Where ``key`` starts its probe in a table of ``n`` buckets.  The hash is keyed
+        with a secret of this server's, so nobody can pick addresses that crowd one
+        neighbourhood of a table: with CRC-32, 32 addresses chosen offline filled a
+        client's probe window, and its max_connections_per_ip no longer held."""
+        digest = hashlib.blake2b(key, digest_size=8, key=self._hash_key).digest()
+        return int.from_bytes(digest, "little") % n
+
     def _probe(self, key: bytes) -> int:
         """The bucket holding key, else a new one claimed for it, else -1 (window full)."""
         mm, n, size, table = self._mm, self.ip_buckets, _BUCKET.size, self._table
-        start, tomb = zlib.crc32(key) % n, -1
+        start, tomb = self.bucket_of(key, n), -1
         for i in range(min(n, _PROBE_WINDOW)):
             b = (start + i) % n
             k, state, _ = _BUCKET.unpack_from(mm, table + b * size)

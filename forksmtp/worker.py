@@ -16,6 +16,7 @@ Signals (handlers only set a flag; the wake-up fd interrupts any wait):
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import os
@@ -39,6 +40,10 @@ EXIT_BOOT_ERROR: Final = 3  # the master backs off instead of respawning in a ti
 #: 421: each refusal holds a worker that long at most, so one address over its limit
 #: cannot keep the pool busy with connections that never finish a handshake.
 REFUSAL_TLS_TIMEOUT: Final = 1.0
+#: accept() failing for want of a resource (fds, memory): the connection stays queued for
+#: a worker that can take it, and this one pauses so as not to spin on it.
+_ACCEPT_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_PAUSE: Final = 0.1
 
 # What set_wakeup_fd writes for each signal: its number, one octet.
 _TERM_OCTET: Final = bytes([signal.SIGTERM])
@@ -81,6 +86,7 @@ class Worker:
         self.stopping = False
         self.quitting = False
         self.served = 0
+        self._shortage_logged = float("-inf")
         self.pid = 0
 
     # -- set-up in the child -------------------------------------------------------------
@@ -178,6 +184,16 @@ class Worker:
             conn_fd, peer = accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return  # another worker took it, or the client already left
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_SHORTAGE:
+                raise
+            # Out of fds or memory: exiting would only start a crash loop.
+            now = time.monotonic()
+            if now >= self._shortage_logged + 60:
+                self._shortage_logged = now
+                self.log.line("WORKER", f"cannot accept a connection: {exc.strerror}", WARNING)
+            time.sleep(ACCEPT_PAUSE)
+            return
         try:
             sock = _socket.socket(family, type_, proto, conn_fd)
         except BaseException:

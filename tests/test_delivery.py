@@ -75,3 +75,23 @@ def test_catch_all_recipients_differing_only_in_case_are_two():
     router = delivery.Router("/nonexistent/catch", {})
     assert router.route(["Bob@x.test", "bob@x.test", "Bob@x.test"]) == {
         "/nonexistent/catch": ["Bob@x.test", "bob@x.test"]}
+
+
+def test_a_worker_keeps_a_bounded_number_of_maildirs_open(tmp_path):
+    """One new/ fd per Maildir ever delivered to: a site with more Maildirs than the fd
+    limit got 451 for good mail.  Past MAX_OPEN_MAILDIRS the least recently used close,
+    and a Maildir closed that way takes mail again."""
+    boxes = {f"u{i}@x.test": str(tmp_path / f"u{i}") for i in range(delivery.MAX_OPEN_MAILDIRS + 36)}
+    router = delivery.Router(str(tmp_path / "catch"), boxes)
+    before = open_fds()
+    for address in list(boxes) + list(boxes)[:5]:  # the first five a second time, reopened
+        txn = delivery.Transaction(router, [address], header())
+        txn.write(b"Subject: x\n\nbody\n")
+        txn.commit()
+        assert open_fds() <= before + delivery.MAX_OPEN_MAILDIRS
+    assert open_fds() == before + delivery.MAX_OPEN_MAILDIRS
+    for i, path in enumerate(boxes.values()):
+        assert len(os.listdir(os.path.join(path, "new"))) == (2 if i < 5 else 1)
+    txn = delivery.Transaction(router, list(boxes)[:3], header())  # an abort trims as well
+    txn.abort()
+    assert open_fds() == before + delivery.MAX_OPEN_MAILDIRS

@@ -423,7 +423,7 @@ def test_auth_limit_finds_a_blocked_address_behind_an_expired_bucket(sb):
     by_start: dict[int, str] = {}
     for n in range(1, 255):
         ip = f"198.51.100.{n}"
-        start_bucket = zlib.crc32(ip_key(ip)) % 64
+        start_bucket = sb.bucket_of(ip_key(ip), 64)
         if start_bucket in by_start:
             first, second = by_start[start_bucket], ip
             break
@@ -481,12 +481,12 @@ def test_a_lock_dir_in_use_is_never_swept_whatever_its_pid_says(tmp_path, monkey
         sb.close()
 
 
-def _colliding_ips(n: int, buckets: int) -> list[str]:
+def _colliding_ips(sb: Scoreboard, n: int, buckets: int) -> list[str]:
     """n addresses whose probe chains start at the same bucket."""
     by_start: dict[int, list[str]] = {}
     for i in range(1, 255):
         ip = f"192.0.2.{i}"
-        group = by_start.setdefault(zlib.crc32(ip_key(ip)) % buckets, [])
+        group = by_start.setdefault(sb.bucket_of(ip_key(ip), buckets), [])
         group.append(ip)
         if len(group) == n:
             return group
@@ -499,7 +499,7 @@ def test_a_released_bucket_keeps_the_probe_chain_behind_it():
     B's next connection would pass max_connections_per_ip."""
     sb = Scoreboard.create(4, ip_buckets=8)
     try:
-        a, b = _colliding_ips(2, 8)
+        a, b = _colliding_ips(sb, 2, 8)
         for i in range(3):
             sb.claim_slot(i, 0, 1, now=0.0)
         assert sb.admit(0, a, 0, 1) is None
@@ -540,3 +540,41 @@ def test_a_window_full_of_stale_entries_is_rebuilt_before_admission_fails_open()
         assert sb.admit(1, "10.0.0.1", 0, 1) == "max_connections_per_ip"
     finally:
         sb.close()
+
+
+def test_addresses_chosen_to_collide_cannot_lift_the_per_ip_limit():
+    """An attacker who knows the table's hash picks 32 addresses whose probe chains start
+    where a target's does, opens a session from each, and the target's window is full:
+    with CRC-32 its admissions then failed open and max_connections_per_ip no longer
+    held.  The hash is keyed with a secret drawn at start, so such a crowd scatters."""
+    target = "192.0.2.77"
+    start = zlib.crc32(ip_key(target)) % 4096
+    crowd: list[str] = []
+    for i in range(1 << 22):
+        ip = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+        if zlib.crc32(ip_key(ip)) % 4096 == start:
+            crowd.append(ip)
+            if len(crowd) == 32:
+                break
+    sb = Scoreboard.create(40)
+    try:
+        for slot, ip in enumerate(crowd):
+            sb.claim_slot(slot, 0, 1, now=0.0)
+            assert sb.admit(slot, ip, 0, 2) is None
+        results = []
+        for slot in range(32, 36):
+            sb.claim_slot(slot, 0, 1, now=0.0)
+            results.append(sb.admit(slot, target, 0, 2))
+        assert results == [None, None, "max_connections_per_ip", "max_connections_per_ip"]
+    finally:
+        sb.close()
+
+
+def test_each_server_draws_its_own_hash_key():
+    one, two = Scoreboard.create(2), Scoreboard.create(2)
+    try:
+        keys = [ip_key(f"198.51.100.{i}") for i in range(1, 65)]
+        assert [one.bucket_of(k, 4096) for k in keys] != [two.bucket_of(k, 4096) for k in keys]
+    finally:
+        one.close()
+        two.close()

@@ -4,11 +4,14 @@ back, a crash loop that backs off, the master's death, and what ``ps`` shows."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import smtplib
 import time
+from pathlib import Path
 
 import psutil
+import pytest
 
 from daemon import (assert_no_zombies, connect, gone, read_reply, request_stats, send_message,
                     wait_until, worker_pids)
@@ -96,7 +99,7 @@ def test_crash_loop_backs_off_and_says_why(daemon_factory):
     time.sleep(4)
     assert crashed() - start <= 8
     assert d.proc.poll() is None
-    assert "crash-loop back-off); answering 421 4.3.2" in d.log_text()
+    assert "back-off after a crash loop or a failed fork); answering 421 4.3.2" in d.log_text()
 
     # The cause removed, the pool comes back once the back-off ends.
     with open(lock, "w"):
@@ -105,6 +108,51 @@ def test_crash_loop_backs_off_and_says_why(daemon_factory):
     wait_until(lambda: len(idle()) == 2, 40, 0.2, "pool restored")
     wait_until(lambda: _delivered(d.port), 20, 0.2, "delivery after recovery")
     assert_no_zombies(d)
+
+
+PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
+
+
+def test_when_fork_fails_the_master_backs_off_and_answers_421(daemon_factory):
+    """At a process limit fork() fails with EAGAIN.  The master retried every tick, 20
+    log lines a second, and never answered the clients queued meanwhile: with every
+    worker busy they waited in the backlog until they gave up."""
+    if os.geteuid() != 0 or not (PIDS_CGROUPS / "cgroup.procs").exists():
+        pytest.skip("needs root and the cgroup v1 pids controller")
+    group = PIDS_CGROUPS / f"forksmtp-test-{os.getpid()}"
+    group.mkdir()
+    d = None
+    busy: list[smtplib.SMTP] = []
+    try:
+        d = daemon_factory(workers=2, server={"max_workers": 6, "max_connections_per_ip": 20})
+        (group / "pids.max").write_text("1")  # the master alone: every fork fails from now on
+        (group / "cgroup.procs").write_text(str(d.pid))
+        for i in range(2):  # both workers busy: the pool wants a spare and cannot fork one
+            client = smtplib.SMTP("127.0.0.1", d.port, timeout=10)
+            client.ehlo(f"busy{i}.example")
+            busy.append(client)
+        d.wait_for_log("cannot fork a worker", 10)
+        sock = connect(d.port)
+        sock.settimeout(5)
+        assert read_reply(sock).startswith(b"421 4.3.2 ")  # at once, not a silent backlog
+        sock.close()
+        time.sleep(3)
+        assert d.log_text().count("cannot fork a worker") <= 4  # 1, 2 s back-off: no retry per tick
+        assert "[POOL] fork failed" in d.log_text()
+        assert d.proc.poll() is None
+
+        (group / "pids.max").write_text("max")
+        for client in busy:
+            client.quit()
+        busy.clear()
+        wait_until(lambda: _delivered(d.port), 40, 0.2, "delivery once forks work again")
+    finally:
+        for client in busy:
+            client.close()
+        (group / "pids.max").write_text("max")
+        if d is not None:
+            d.stop()
+        group.rmdir()
 
 
 def _delivered(port: int) -> bool:
@@ -155,3 +203,29 @@ def test_process_titles(daemon_factory):
         client.quit()
     wait_until(lambda: all("idle" in title(p) for p in worker_pids(d)), 10, what="idle again")
     assert_no_zombies(d)
+
+
+def _lowest_free_fd(pid: int) -> int:
+    used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+    return min(set(range(len(used) + 1)) - used)
+
+
+def test_a_worker_out_of_fds_pauses_instead_of_exiting(daemon_factory):
+    """accept() failing with EMFILE killed the worker (exit status 1: a crash, and with a
+    few more the crash-loop back-off).  Now it logs, pauses, and takes the connection
+    once it can."""
+    d = daemon_factory(workers=1, server={"max_workers": 1, "min_spare_workers": 0})
+    (worker,) = list(worker_pids(d))
+    soft, hard = resource.prlimit(worker, resource.RLIMIT_NOFILE)
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (_lowest_free_fd(worker), hard))
+    sock = connect(d.port)
+    try:
+        d.wait_for_log("cannot accept a connection: Too many open files", 10)
+        time.sleep(0.5)
+        assert set(worker_pids(d)) == {worker}
+        resource.prlimit(worker, resource.RLIMIT_NOFILE, (soft, hard))
+        sock.settimeout(10)
+        assert read_reply(sock).startswith(b"220 ")
+    finally:
+        sock.close()
+    assert d.log_text().count("cannot accept a connection") == 1  # once a minute, not per try

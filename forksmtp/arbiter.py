@@ -39,6 +39,9 @@ from .signals import HANDLED, NAMES, SignalQueue
 from .worker import EXIT_BOOT_ERROR, Worker
 
 TICK = 1.0  # seconds between pool checks when nothing happens
+#: An idle worker turns its accept loop every second: one silent this long is stopped
+#: (SIGSTOP) or wedged.
+IDLE_SILENCE = 30.0
 FAST_TICK = 0.05  # while spawning or while the master answers overflow connections
 TMP_CLEAN_INTERVAL = 3600.0
 KILL_GRACE = 3.0  # after SIGQUIT, before SIGKILL
@@ -109,6 +112,7 @@ class Arbiter:
         self.pool_state = pool.PoolState()
         self.next_tmp_clean = 0.0
         self.overflow = OverflowGuard(self.log)
+        self._last_stuck_check = float("-inf")  # the first check judges no idle worker
         self.last_pool_reason = ""
         self.spawn_pending = False
 
@@ -373,13 +377,22 @@ class Arbiter:
         A healthy worker in a session touches its slot when a wait for its client ends
         (at most once a second while data flows), and no wait outlasts the longest
         timeout; one silent for longer than that is wedged (a hung filesystem, a bug).
-        Idle workers are skipped: they wait in epoll without touching their slot, whose
-        last_activity then says since when they are idle (the pool's max_idle).  Each
+        Idle workers are judged by their idle beat instead (their last_activity says
+        since when they are idle, the pool's max_idle): one whose accept loop has not
+        turned for IDLE_SILENCE is stopped or wedged.  Each
         worker is judged by the timeouts of the config it started with: a session begun
         before a reload that shortened them may still wait as long as the old ones allow."""
+        # A master that itself did not run for a while (the host or the VM was frozen,
+        # every process stalled together) cannot tell an idle worker's silence apart.
+        judge_idle = now - self._last_stuck_check < IDLE_SILENCE / 4
+        self._last_stuck_check = now
         for slot in snap.slots:
             child = self.workers.get(slot.pid)
-            if child is None or slot.state == IDLE:
+            if child is None:
+                continue
+            if slot.state == IDLE:
+                if judge_idle and slot.idle_beat and now - max(slot.idle_beat, child.started) > IDLE_SILENCE:
+                    self._kill_idle(child, slot, now)
                 continue
             silent = silent_for(slot.last_activity, child.started, now)
             if silent < child.stuck_after:
@@ -389,6 +402,17 @@ class Arbiter:
                                      f"{slot.last_activity:.3f}, started {child.started:.3f})")
             child.killed_because = f"no progress for {silent:.0f}s"
             self._signal(child, signal.SIGKILL)
+
+    def _kill_idle(self, child: Child, slot, now: float) -> None:
+        """An idle worker that no longer turns its accept loop (stopped with SIGSTOP,
+        wedged) still counts as a spare, so none would replace it; and, waiting in
+        epoll with EPOLLEXCLUSIVE, it may be the one worker woken for a connection,
+        which then waits for the next one to arrive."""
+        silent = now - max(slot.idle_beat, child.started)
+        self.log.error("WORKER", f"idle worker {child.pid} has not turned its accept loop for "
+                                 f"{silent:.0f}s; killing it (slot {slot.index})")
+        child.killed_because = f"idle and silent for {silent:.0f}s"
+        self._signal(child, signal.SIGKILL)
 
     def _manage_pool(self, now: float, snap=None) -> None:
         snap = snap or self.board.snapshot()

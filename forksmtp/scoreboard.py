@@ -70,9 +70,10 @@ H_EXITED: Final = 48
 H_COUNTERS: Final = 56
 HEADER_SIZE: Final = H_COUNTERS + _COUNTERS.size
 
-# Slot: pid, state, holds_global, port, generation, ip bucket+1 (0 = none), ip key, client,
-# phase, last_activity, started, counters.  The bucket is stored +1 so a zeroed slot holds none.
-_SLOT: Final = struct.Struct(f"<iBBHqi16s4x46s2x16sdd{_NCOUNTERS}q")
+# Slot: pid, state, holds_global, port, generation, ip bucket+1 (0 = none), ip key, idle
+# beat, client, phase, last_activity, started, counters.  The bucket is stored +1 so a
+# zeroed slot holds none; the idle beat is whole monotonic seconds, 0 for none yet.
+_SLOT: Final = struct.Struct(f"<iBBHqi16si46s2x16sdd{_NCOUNTERS}q")
 SLOT_SIZE: Final = _SLOT.size
 S_STATE: Final = 4
 S_HOLDS: Final = 5
@@ -80,6 +81,7 @@ S_PORT: Final = 6
 S_GEN: Final = 8
 S_BUCKET: Final = 16
 S_KEY: Final = 20
+S_BEAT: Final = 36
 S_CLIENT: Final = 40
 S_PHASE: Final = 88
 S_LAST: Final = 104
@@ -329,8 +331,14 @@ class Scoreboard:
     def touch(self, idx: int, now: float) -> None:
         _D.pack_into(self._mm, self._bases[idx] + S_LAST, now)
 
+    def beat(self, idx: int, now: float) -> None:
+        """An idle worker's sign of life, once per turn of its accept loop (a second at
+        most): last_activity stays the moment it became idle, the pool's max_idle."""
+        _I.pack_into(self._mm, self._bases[idx] + S_BEAT, int(now))
+
     def set_idle(self, idx: int, now: float) -> None:
         base, mm = self._bases[idx], self._mm
+        _I.pack_into(mm, base + S_BEAT, int(now))
         _CLIENT.pack_into(mm, base + S_CLIENT, b"")
         _H.pack_into(mm, base + S_PORT, 0)
         _PHASE.pack_into(mm, base + S_PHASE, b"", now)

@@ -71,6 +71,7 @@ class SlotInfo:
     ip_bucket: int  # -1: holds no per-IP count
     holds_global: bool
     counters: Totals
+    idle_beat: int = 0  # whole monotonic seconds of an idle worker's last loop; 0: none yet
 
     @property
     def state_name(self) -> str:
@@ -95,6 +96,6 @@ class Snapshot:
 
 def _slot_info(index: int, f: tuple) -> SlotInfo:
     """One slot as unpacked by the scoreboard's ``_SLOT`` struct, as plain values."""
-    pid, state, holds, port, gen, bucket, _key, client, phase, last, started = f[:11]
+    pid, state, holds, port, gen, bucket, _key, beat, client, phase, last, started = f[:12]
     return SlotInfo(index, pid, gen, state, _text(client), port, _text(phase), last, started,
-                    bucket - 1, bool(holds), Totals.from_counters(f[11:]))
+                    bucket - 1, bool(holds), Totals.from_counters(f[12:]), beat)

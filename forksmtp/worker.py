@@ -164,6 +164,7 @@ class Worker:
         self.board.set_idle(self.slot, time.monotonic())
         while not (self.stopping or self.quitting) and self.served < self.max_sessions:
             events = self.epoll.poll(1.0)
+            self.board.beat(self.slot, time.monotonic())
             # Listeners first.  With EPOLLEXCLUSIVE this worker alone was woken for the
             # connection waiting there; if a SIGTERM (a reload, a graceful stop) came at
             # the same moment and the worker let it be, nothing would wake another

@@ -578,3 +578,18 @@ def test_each_server_draws_its_own_hash_key():
     finally:
         one.close()
         two.close()
+
+
+def test_an_idle_worker_beats_without_moving_its_idle_clock():
+    """The beat says the worker's loop turns; last_activity stays the moment it became
+    idle, which the pool's max_idle measures."""
+    sb = Scoreboard.create(2)
+    try:
+        sb.claim_slot(0, 0, 1, now=1.0)
+        assert sb.snapshot().slots[0].idle_beat == 0
+        sb.set_idle(0, 100.5)
+        sb.beat(0, 161.9)
+        slot = sb.snapshot().slots[0]
+        assert (slot.idle_beat, slot.last_activity, slot.state_name) == (161, 100.5, "idle")
+    finally:
+        sb.close()

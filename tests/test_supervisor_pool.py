@@ -229,3 +229,23 @@ def test_a_worker_out_of_fds_pauses_instead_of_exiting(daemon_factory):
     finally:
         sock.close()
     assert d.log_text().count("cannot accept a connection") == 1  # once a minute, not per try
+
+
+def test_a_stopped_idle_worker_is_killed_and_replaced(daemon_factory):
+    """An idle worker stopped with SIGSTOP counted as a spare for good: nothing replaced
+    it, and the connections the kernel woke it for (EPOLLEXCLUSIVE) waited."""
+    d = daemon_factory(workers=2, server={"max_workers": 4})
+    victim = min(worker_pids(d))
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        d.wait_for_log(f"idle worker {victim} has not turned its accept loop", 50)
+        wait_until(lambda: victim not in worker_pids(d) and len(worker_pids(d)) >= 2, 15, 0.2,
+                   "the stopped worker replaced")
+        for _ in range(4):
+            send_message(d.port)
+    finally:
+        try:
+            os.kill(victim, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert "crash loop" not in d.log_text()

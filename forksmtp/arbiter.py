@@ -112,7 +112,8 @@ class Arbiter:
         self.pool_state = pool.PoolState()
         self.next_tmp_clean = 0.0
         self.overflow = OverflowGuard(self.log)
-        self._last_stuck_check = float("-inf")  # the first check judges no idle worker
+        self._last_stuck_check = float("-inf")
+        self._idle_clock_from = 0.0  # idle silence counts from here (the end of a stall)
         self.last_pool_reason = ""
         self.spawn_pending = False
 
@@ -384,14 +385,16 @@ class Arbiter:
         before a reload that shortened them may still wait as long as the old ones allow."""
         # A master that itself did not run for a while (the host or the VM was frozen,
         # every process stalled together) cannot tell an idle worker's silence apart.
-        judge_idle = now - self._last_stuck_check < IDLE_SILENCE / 4
+        # Idle silence is then counted from the end of the stall, not from before it.
+        if now - self._last_stuck_check >= IDLE_SILENCE / 4:
+            self._idle_clock_from = now
         self._last_stuck_check = now
         for slot in snap.slots:
             child = self.workers.get(slot.pid)
-            if child is None:
+            if child is None or child.killed_because:  # killed already: one line, one signal
                 continue
             if slot.state == IDLE:
-                if judge_idle and slot.idle_beat and now - max(slot.idle_beat, child.started) > IDLE_SILENCE:
+                if slot.idle_beat and now - max(slot.idle_beat, child.started, self._idle_clock_from) > IDLE_SILENCE:
                     self._kill_idle(child, slot, now)
                 continue
             silent = silent_for(slot.last_activity, child.started, now)
@@ -408,7 +411,7 @@ class Arbiter:
         wedged) still counts as a spare, so none would replace it; and, waiting in
         epoll with EPOLLEXCLUSIVE, it may be the one worker woken for a connection,
         which then waits for the next one to arrive."""
-        silent = now - max(slot.idle_beat, child.started)
+        silent = now - max(slot.idle_beat, child.started, self._idle_clock_from)
         self.log.error("WORKER", f"idle worker {child.pid} has not turned its accept loop for "
                                  f"{silent:.0f}s; killing it (slot {slot.index})")
         child.killed_because = f"idle and silent for {silent:.0f}s"

@@ -100,17 +100,29 @@ def set_password(path: str, user: str, password: str) -> None:
     """Add or replace ``user``'s line, keep the others; the file is replaced atomically so
     a crash never leaves it half-written.  A new file is 0600; an existing one keeps its
     owner, group and mode (an operator's 0640 root:forksmtp stays so), except that others
-    lose any access: hashes are never world-readable.  A symlink is followed, so the file
-    it names is the one updated and the link stays."""
+    lose any access: hashes are never world-readable.  A symlink of root's or the
+    caller's is followed, so the file it names is the one updated and the link stays;
+    another user's symlink, or a file another user owns, is refused."""
     if not user or ":" in user or any(c.isspace() for c in user) or user.startswith("#"):
         # "#..." would be written, then read back as a comment: a user who never logs in.
         raise PasswordFileError(f"invalid user name {user!r}: no ':', no spaces, not starting with '#'")
+    trusted = (0, os.geteuid())
+    try:
+        link = os.lstat(path)
+    except FileNotFoundError:
+        link = None
+    if link is not None and stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
+        # Whoever can write the directory could point it at any file root may write.
+        raise PasswordFileError(f"{path} is a symlink owned by uid {link.st_uid}: not followed")
     path = os.path.realpath(path)
     try:
         st = os.stat(path)
-        mode, owner = stat.S_IMODE(st.st_mode) & 0o770, (st.st_uid, st.st_gid)
     except FileNotFoundError:
         mode, owner = 0o600, None
+    else:
+        if st.st_uid not in trusted:  # its owner would read every hash written into it
+            raise PasswordFileError(f"{path} is owned by uid {st.st_uid}, neither root nor you: not written")
+        mode, owner = stat.S_IMODE(st.st_mode) & 0o770, (st.st_uid, st.st_gid)
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()

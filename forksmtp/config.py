@@ -341,7 +341,10 @@ def _cross_check(cfg: Config, sources: dict[str, _Source], file: str) -> None:
              "auth.password_file": cfg.auth.password_file if cfg.auth else ""}
     seen: dict[str, str] = {}
     for key, path in files.items():
-        real = os.path.realpath(path) if path else ""
+        # The pidfile and the stats file are renamed over (a symlink there is replaced):
+        # the path itself; the log and the password file are written through one.
+        follows = key in ("log.file", "auth.password_file")
+        real = (os.path.realpath(path) if follows else os.path.abspath(path)) if path else ""
         if real in seen:  # one rename over another's file: the log went to an unlinked inode
             fail(key, path, f"is also {seen[real]}")
         if real:

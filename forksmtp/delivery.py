@@ -42,6 +42,8 @@ class Router:
         self.mailboxes = mailboxes
         self.fsync = fsync
         self._maildirs: dict[str, maildir.Maildir] = {}
+        # Those whose new/ fd may be open, least recently used first (trim closes them).
+        self._open: dict[str, maildir.Maildir] = {}
         if "postmaster" not in mailboxes:  # bare <Postmaster>, as the session spells it
             own = postmaster_box(mailboxes, local_domains)
             if own is not None:
@@ -62,21 +64,23 @@ class Router:
         return groups
 
     def maildir(self, path: str) -> maildir.Maildir:
-        # Taken out and put back: the dict's order is then least recently used first.
-        md = self._maildirs.pop(path, None)
+        md = self._maildirs.get(path)
         if md is None:
-            md = maildir.Maildir(path, fsync=self.fsync)
-        self._maildirs[path] = md
+            md = self._maildirs[path] = maildir.Maildir(path, fsync=self.fsync)
+        # Taken out and put back: the dict's order is then least recently used first.
+        self._open.pop(path, None)
+        self._open[path] = md
         return md
 
     def trim(self) -> None:
-        """Between messages (no copy in flight uses a Maildir): close the least recently
-        used beyond MAX_OPEN_MAILDIRS.  One message may open more meanwhile, as many
-        as its recipients' Maildirs."""
-        extra = len(self._maildirs) - MAX_OPEN_MAILDIRS
+        """Between messages (no copy in flight uses a Maildir): close the new/ fds of the
+        least recently used beyond MAX_OPEN_MAILDIRS; the objects, and what they learnt
+        (a filesystem without O_TMPFILE), stay, and reopen new/ when mail comes.  One
+        message may open more meanwhile, as many as its recipients' Maildirs."""
+        extra = len(self._open) - MAX_OPEN_MAILDIRS
         if extra > 0:
-            for path in list(self._maildirs)[:extra]:
-                self._maildirs.pop(path).close()
+            for path in list(self._open)[:extra]:
+                self._open.pop(path).close()
 
     def forget(self) -> None:
         """Drop cached Maildirs (and their open new/ fds) after a storage error, so the
@@ -84,6 +88,7 @@ class Router:
         for md in self._maildirs.values():
             md.close()
         self._maildirs.clear()
+        self._open.clear()
 
     def begin(self, path: str) -> Delivery:
         return self.maildir(path).begin()

@@ -65,6 +65,7 @@ class PoolState:
         """
         if lifetime >= self.crash_window:
             return  # an old worker's death says nothing about whether new ones can start
+        self.fork_failed = False  # a worker started and crashed: the back-off is a crash loop's
         if now - self.last_crash > self.backoff_max + self.crash_window:
             self.crashes = 0  # the last crash was long ago: start counting afresh
         self.crashes += 1
@@ -81,7 +82,6 @@ class PoolState:
         a crash loop, so that the master retries after a growing pause instead of every
         tick (and logs once per pause), and answers queued clients 421 meanwhile."""
         self.fork_failed = True
-        self.crashes = max(self.crashes, self.crash_threshold)
         self.last_crash = now
         if now >= self.backoff_until:
             self.backoff = min(self.backoff_max,

@@ -87,6 +87,7 @@ class Worker:
         self.quitting = False
         self.served = 0
         self._shortage_logged = float("-inf")
+        self._reserve_fd = -1  # opened in _setup: spent to answer 421 when accept() finds no fd
         self.pid = 0
 
     # -- set-up in the child -------------------------------------------------------------
@@ -103,6 +104,7 @@ class Worker:
 
     def _setup(self) -> None:
         cfg = self.cfg
+        self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.router = delivery.Router(cfg.delivery.maildir, cfg.delivery.mailboxes, cfg.delivery.fsync,
                                       cfg.delivery.local_domains)
         self.session_cfg = self._session_config(cfg.limits.max_errors)
@@ -193,7 +195,8 @@ class Worker:
             if now >= self._shortage_logged + 60:
                 self._shortage_logged = now
                 self.log.line("WORKER", f"cannot accept a connection: {exc.strerror}", WARNING)
-            time.sleep(ACCEPT_PAUSE)
+            if not self._refuse_with_reserve(accept):
+                time.sleep(ACCEPT_PAUSE)
             return
         try:
             sock = _socket.socket(family, type_, proto, conn_fd)
@@ -205,6 +208,36 @@ class Worker:
             self._serve(sock, peer, fd in self.implicit_fds)
         finally:
             sock.close()
+
+    def _refuse_with_reserve(self, accept: Callable) -> bool:
+        """Out of fds: give up the one held in reserve for this, accept the connection
+        and answer it 421 4.3.2, so that its client hears at once rather than waiting
+        (with EPOLLEXCLUSIVE this worker alone was woken for it).  False when there is
+        no reserve, or the accept failed all the same."""
+        if self._reserve_fd < 0:
+            return False
+        os.close(self._reserve_fd)
+        self._reserve_fd = -1
+        try:
+            try:
+                conn_fd, peer = accept()
+            except OSError:
+                return False
+            try:
+                os.write(conn_fd, limits.reply_for(limits.OTHER).wire(True))
+            except OSError:
+                pass
+            finally:
+                os.close(conn_fd)
+        finally:  # taken back at once, in the number the connection just gave up
+            try:
+                self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass
+        self.count_conn_reject(limits.OTHER)
+        self.log.queue("CLOSE", f"{peer[0]} refused: out of file descriptors or memory", WARNING)
+        self.log.flush()
+        return True
 
     def _serve(self, sock: _socket.socket, peer: tuple, implicit_tls: bool = False) -> None:
         ip = peer[0]

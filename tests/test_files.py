@@ -62,6 +62,10 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monke
         assert str(info.value) == f"cannot write pidfile {target}: No space left on device"
 
 
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files away")
+
+
+@root_only
 def test_passwd_keeps_an_existing_files_mode_owner_and_group(tmp_path):
     """A password file an operator made 0640 root:<group> for the server to read stays
     so; only a new file is created 0600."""
@@ -83,3 +87,23 @@ def test_passwd_through_a_symlink_updates_the_file_it_names(tmp_path):
     auth.set_password(str(link), "alice", "pw")
     assert link.is_symlink()
     assert "alice:" in real.read_text() and "bob:x" in real.read_text()
+
+
+@root_only
+def test_passwd_refuses_another_users_symlink_and_file(tmp_path):
+    """Whoever can write the directory could plant a symlink to a file root may write,
+    or a file of their own to read the hashes from: neither is written."""
+    victim = tmp_path / "victim"
+    victim.write_text("root:x\n")
+    link = tmp_path / "passwd"
+    link.symlink_to(victim)
+    os.lchown(link, 65534, 65534)
+    with pytest.raises(auth.PasswordFileError, match="symlink owned by uid 65534"):
+        auth.set_password(str(link), "root", "pw")
+    assert victim.read_text() == "root:x\n"
+    link.unlink()
+    link.write_text("")
+    os.chown(link, 65534, 65534)
+    with pytest.raises(auth.PasswordFileError, match="owned by uid 65534"):
+        auth.set_password(str(link), "root", "pw")
+    assert link.read_text() == ""

@@ -210,25 +210,29 @@ def _lowest_free_fd(pid: int) -> int:
     return min(set(range(len(used) + 1)) - used)
 
 
-def test_a_worker_out_of_fds_pauses_instead_of_exiting(daemon_factory):
+def test_a_worker_out_of_fds_answers_421_and_lives_on(daemon_factory):
     """accept() failing with EMFILE killed the worker (exit status 1: a crash, and with a
-    few more the crash-loop back-off).  Now it logs, pauses, and takes the connection
-    once it can."""
+    few more the crash-loop back-off).  Now it spends the fd it keeps in reserve to tell
+    the client 421 at once (EPOLLEXCLUSIVE woke it alone), and serves once it can."""
     d = daemon_factory(workers=1, server={"max_workers": 1, "min_spare_workers": 0})
     (worker,) = list(worker_pids(d))
+    # Its setup done (every fd it keeps is open), or the limit would stop the setup itself.
+    wait_until(lambda: [w["state"] for w in request_stats(d)["workers"]] == ["idle"], 10, 0.1, "idle")
     soft, hard = resource.prlimit(worker, resource.RLIMIT_NOFILE)
     resource.prlimit(worker, resource.RLIMIT_NOFILE, (_lowest_free_fd(worker), hard))
-    sock = connect(d.port)
-    try:
-        d.wait_for_log("cannot accept a connection: Too many open files", 10)
-        time.sleep(0.5)
-        assert set(worker_pids(d)) == {worker}
-        resource.prlimit(worker, resource.RLIMIT_NOFILE, (soft, hard))
+    for _ in range(3):
+        sock = connect(d.port)
         sock.settimeout(10)
-        assert read_reply(sock).startswith(b"220 ")
-    finally:
-        sock.close()
+        try:
+            assert read_reply(sock).startswith(b"421 4.3.2 ")
+        finally:
+            sock.close()
+    assert "cannot accept a connection: Too many open files" in d.log_text()
     assert d.log_text().count("cannot accept a connection") == 1  # once a minute, not per try
+    assert set(worker_pids(d)) == {worker}
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (soft, hard))
+    send_message(d.port)
+    assert request_stats(d)["connections_rejected"]["other"] == 3
 
 
 def test_a_stopped_idle_worker_is_killed_and_replaced(daemon_factory):

@@ -590,7 +590,7 @@ def test_the_wait_for_ehlo_after_starttls_starts_when_the_handshake_ends(daemon_
     smtpd_starttls_timeout and smtpd_timeout); the time a slow handshake took used to
     come out of the client's wait for its EHLO."""
     pw = password_file(tmp_path / "passwd", alice=PASSWORD)
-    d = daemon_factory(sections={**tls_sections(certs, pw), "timeouts": {"command": 2}})
+    d = daemon_factory(sections={**tls_sections(certs, pw), "timeouts": {"command": 4}})
     sock = socket.create_connection((HOST, d.port), timeout=TIMEOUT)
     try:
         read_reply(sock)
@@ -598,9 +598,9 @@ def test_the_wait_for_ehlo_after_starttls_starts_when_the_handshake_ends(daemon_
         read_reply(sock)
         sock.sendall(b"STARTTLS\r\n")
         assert read_reply(sock).startswith(b"220 ")
-        time.sleep(1.3)  # a slow client: the handshake ends 1.3 s after the 220
+        time.sleep(2.6)  # a slow client: the handshake ends 2.6 s after the 220
         tls = certs.client_context().wrap_socket(sock, server_hostname="localhost")
-        time.sleep(1.3)  # 2.6 s after the 220, 1.3 s after the handshake
+        time.sleep(2.6)  # 5.2 s after the 220, 2.6 s after the handshake
         tls.sendall(b"EHLO client.test\r\n")
         assert read_reply(tls).startswith(b"250-"), "timed out during the client's turn"
         tls.sendall(b"QUIT\r\n")

@@ -43,6 +43,11 @@ REFUSAL_TLS_TIMEOUT: Final = 1.0
 #: accept() failing for want of a resource (fds, memory): the connection stays queued for
 #: a worker that can take it, and this one pauses so as not to spin on it.
 _ACCEPT_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Errors of the connection being accepted, which Linux reports through accept(): accept(2)
+#: asks that they be retried like EAGAIN (the next connection is unaffected).
+_ACCEPT_RETRY: Final = frozenset({errno.EPROTO, errno.ENOPROTOOPT, errno.ENETDOWN, errno.ENETUNREACH,
+                                  errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                                  getattr(errno, "ENONET", errno.ENETDOWN)})
 ACCEPT_PAUSE: Final = 0.1
 
 # What set_wakeup_fd writes for each signal: its number, one octet.
@@ -188,6 +193,8 @@ class Worker:
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return  # another worker took it, or the client already left
         except OSError as exc:
+            if exc.errno in _ACCEPT_RETRY:
+                return
             if exc.errno not in _ACCEPT_SHORTAGE:
                 raise
             # Out of fds or memory: exiting would only start a crash loop.

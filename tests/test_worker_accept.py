@@ -8,6 +8,7 @@ delivered between its wake-up and its handling of the event.
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -115,3 +116,56 @@ def test_a_connection_that_woke_a_stopping_worker_is_served(tmp_path, epoll):
         code = _exit_status(pid)
     assert code == 0
     assert "[CLOSE] 127.0.0.1 client quit" in (tmp_path / "log").read_text()
+
+
+class _SignalAfterSecondWake(_SignalAfterFirstWake):
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.wakes = 0
+
+    def poll(self, timeout: float = -1, maxevents: int = -1):
+        events = self.epoll.poll(timeout, maxevents)
+        if events:
+            self.wakes += 1
+            if self.wakes == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return events
+
+
+class _ProtocolErrorFirst(socket.socket):
+    """A listener whose first accept() reports an error of the pending connection, as
+    Linux does (EPROTO and the like)."""
+    failed = False
+
+    def _accept(self):
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.EPROTO, "Protocol error")
+        return super()._accept()
+
+
+def test_an_error_of_a_pending_connection_is_retried_not_fatal(tmp_path):
+    """accept(2): EPROTO, ENETUNREACH and the rest are to be retried like EAGAIN; they
+    ended the worker (exit status 1, counted toward a crash loop)."""
+    listener = _ProtocolErrorFirst()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    cfg = config.load_config(None, {"delivery.maildir": str(tmp_path / "md"),
+                                    "server.listen": [f"127.0.0.1:{port}"]})
+    board = scoreboard.Scoreboard.create(4, lock_dir=str(tmp_path))
+    board.claim_slot(0, 0, 1, 0.0)
+    log = logs.Log("info", str(tmp_path / "log"))
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    pid = os.fork()
+    if pid == 0:
+        _run_worker(cfg, listener, board, log, _SignalAfterSecondWake)
+    try:
+        assert client.recv(512).startswith(b"220 ")
+        client.sendall(b"QUIT\r\n")
+        assert client.recv(512).startswith(b"221 ")
+    finally:
+        client.close()
+        code = _exit_status(pid)
+    assert code == 0

@@ -86,12 +86,9 @@ def _exit_status(pid: int, timeout: float = 10.0) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-@pytest.mark.parametrize("epoll", [_SignalAfterFirstWake, _TermOctetAfterFirstWake],
-                         ids=["signal", "octet only"])
-def test_a_connection_that_woke_a_stopping_worker_is_served(tmp_path, epoll):
-    """Then the worker stops, also when only the wake-up octet of its SIGTERM is there
-    (the handler still pending): it must not wait for the master's SIGQUIT."""
-    listener = socket.socket()
+def _one_session_in_a_worker(tmp_path, listener: socket.socket, epoll) -> int:
+    """A client waiting in the backlog of ``listener``, a worker in a child process with
+    ``epoll``: the client must be greeted and get its 221; the worker's exit status."""
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     listener.setblocking(False)
@@ -114,7 +111,15 @@ def test_a_connection_that_woke_a_stopping_worker_is_served(tmp_path, epoll):
     finally:
         client.close()
         code = _exit_status(pid)
-    assert code == 0
+    return code
+
+
+@pytest.mark.parametrize("epoll", [_SignalAfterFirstWake, _TermOctetAfterFirstWake],
+                         ids=["signal", "octet only"])
+def test_a_connection_that_woke_a_stopping_worker_is_served(tmp_path, epoll):
+    """Then the worker stops, also when only the wake-up octet of its SIGTERM is there
+    (the handler still pending): it must not wait for the master's SIGQUIT."""
+    assert _one_session_in_a_worker(tmp_path, socket.socket(), epoll) == 0
     assert "[CLOSE] 127.0.0.1 client quit" in (tmp_path / "log").read_text()
 
 
@@ -147,25 +152,4 @@ class _ProtocolErrorFirst(socket.socket):
 def test_an_error_of_a_pending_connection_is_retried_not_fatal(tmp_path):
     """accept(2): EPROTO, ENETUNREACH and the rest are to be retried like EAGAIN; they
     ended the worker (exit status 1, counted toward a crash loop)."""
-    listener = _ProtocolErrorFirst()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.setblocking(False)
-    port = listener.getsockname()[1]
-    cfg = config.load_config(None, {"delivery.maildir": str(tmp_path / "md"),
-                                    "server.listen": [f"127.0.0.1:{port}"]})
-    board = scoreboard.Scoreboard.create(4, lock_dir=str(tmp_path))
-    board.claim_slot(0, 0, 1, 0.0)
-    log = logs.Log("info", str(tmp_path / "log"))
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    pid = os.fork()
-    if pid == 0:
-        _run_worker(cfg, listener, board, log, _SignalAfterSecondWake)
-    try:
-        assert client.recv(512).startswith(b"220 ")
-        client.sendall(b"QUIT\r\n")
-        assert client.recv(512).startswith(b"221 ")
-    finally:
-        client.close()
-        code = _exit_status(pid)
-    assert code == 0
+    assert _one_session_in_a_worker(tmp_path, _ProtocolErrorFirst(), _SignalAfterSecondWake) == 0

@@ -394,8 +394,9 @@ class Arbiter:
             if child is None or child.killed_because:  # killed already: one line, one signal
                 continue
             if slot.state == IDLE:
-                if slot.idle_beat and now - max(slot.idle_beat, child.started, self._idle_clock_from) > IDLE_SILENCE:
-                    self._kill_idle(child, slot, now)
+                silent = now - max(slot.idle_beat, child.started, self._idle_clock_from)
+                if slot.idle_beat and silent > IDLE_SILENCE:
+                    self._kill_idle(child, slot, silent)
                 continue
             silent = silent_for(slot.last_activity, child.started, now)
             if silent < child.stuck_after:
@@ -406,12 +407,11 @@ class Arbiter:
             child.killed_because = f"no progress for {silent:.0f}s"
             self._signal(child, signal.SIGKILL)
 
-    def _kill_idle(self, child: Child, slot, now: float) -> None:
+    def _kill_idle(self, child: Child, slot, silent: float) -> None:
         """An idle worker that no longer turns its accept loop (stopped with SIGSTOP,
         wedged) still counts as a spare, so none would replace it; and, waiting in
         epoll with EPOLLEXCLUSIVE, it may be the one worker woken for a connection,
         which then waits for the next one to arrive."""
-        silent = now - max(slot.idle_beat, child.started, self._idle_clock_from)
         self.log.error("WORKER", f"idle worker {child.pid} has not turned its accept loop for "
                                  f"{silent:.0f}s; killing it (slot {slot.index})")
         child.killed_because = f"idle and silent for {silent:.0f}s"

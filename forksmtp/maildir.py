@@ -209,10 +209,16 @@ class Maildir:
         return self._dir_fd(pid)
 
     def close(self) -> None:
-        """Release the new/ fd held by this process (it is reopened on demand)."""
-        if self._new_fd_pid == os.getpid():
-            os.close(self._new_fd)
+        """Release the new/ fd held by this process (it is reopened on demand).  Never
+        raises: it runs after a commit (the Maildir LRU), where an error would turn a
+        stored message's 250 into a 451, and Linux frees the fd whatever close says."""
+        fd, pid = self._new_fd, self._new_fd_pid
         self._new_fd, self._new_fd_pid = -1, 0
+        if pid == os.getpid():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class Delivery:

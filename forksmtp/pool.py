@@ -72,10 +72,8 @@ class PoolState:
         self.last_crash = now
         # Grow once per back-off period: the workers already started when it began all die
         # together, and that is one failed attempt, not several.
-        if self.crashes >= self.crash_threshold and now >= self.backoff_until:
-            self.backoff = min(self.backoff_max,
-                               self.backoff * 2 if self.backoff else self.backoff_initial)
-            self.backoff_until = now + self.backoff
+        if self.crashes >= self.crash_threshold:
+            self._grow_backoff(now)
 
     def record_fork_failure(self, now: float) -> None:
         """fork() failed (EAGAIN at a process limit, ENOMEM): hold spawning back as after
@@ -83,6 +81,9 @@ class PoolState:
         tick (and logs once per pause), and answers queued clients 421 meanwhile."""
         self.fork_failed = True
         self.last_crash = now
+        self._grow_backoff(now)
+
+    def _grow_backoff(self, now: float) -> None:
         if now >= self.backoff_until:
             self.backoff = min(self.backoff_max,
                                self.backoff * 2 if self.backoff else self.backoff_initial)

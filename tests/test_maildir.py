@@ -608,3 +608,15 @@ def test_a_failed_write_aborts_the_delivery_itself(tmp_path, monkeypatch):
         delivery.write(b"x" * 300_000)
     monkeypatch.undo()
     assert os.listdir(md.tmp) == [] and os.listdir(md.new) == []
+
+
+def test_close_never_raises_and_a_later_message_reopens_new(tmp_path):
+    """close() runs right after a commit (the worker's Maildir LRU): a failing close(2)
+    there must not turn the stored message's 250 into a 451."""
+    md = Maildir(str(tmp_path / "md"))
+    md.begin().commit()
+    os.close(md._new_fd)  # the fd gone behind its back: close(2) now fails with EBADF
+    md.close()
+    d = md.begin()
+    d.write(b"Subject: again\n\nbody\n")
+    assert os.path.exists(d.commit())

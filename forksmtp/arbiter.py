@@ -34,7 +34,7 @@ from .authlimit import AuthLimiter
 from .overflow import OverflowGuard
 from .security import Security, listen_addresses, load_security
 from .logs import ALWAYS, Log
-from .scoreboard import BUSY, IDLE, STATE_NAMES, Scoreboard
+from .scoreboard import BUSY, IDLE, STATE_NAMES, LockBusy, Scoreboard
 from .signals import HANDLED, NAMES, SignalQueue
 from .worker import EXIT_BOOT_ERROR, Worker
 
@@ -46,6 +46,9 @@ FAST_TICK = 0.05  # while spawning or while the master answers overflow connecti
 TMP_CLEAN_INTERVAL = 3600.0
 KILL_GRACE = 3.0  # after SIGQUIT, before SIGKILL
 STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
+#: Workers hold the admission lock for microseconds: one seen holding it this long, tick
+#: after tick, is stopped or wedged, and every admission waits behind it.
+LOCK_STALL = 5.0
 
 
 def _is_crash(status: int) -> bool:
@@ -116,6 +119,8 @@ class Arbiter:
         self._idle_clock_from = 0.0  # idle silence counts from here (the end of a stall)
         self.last_pool_reason = ""
         self.spawn_pending = False
+        self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
+        self.lock_suspect: tuple[int | None, float] | None = None  # (holder, seen since)
 
     # -- start ---------------------------------------------------------------------------
 
@@ -188,7 +193,10 @@ class Arbiter:
 
     def _tick(self) -> None:
         now = time.monotonic()
+        for slot in sorted(self.unrepaired):
+            self._repair(slot)
         snap = self.board.snapshot()
+        self._watch_lock(now)
         self._murder_stuck(snap, now)
         self._manage_pool(now, snap)
         self.fast = self.overflow.check(snap, now, len(self.workers), self.cfg.server.max_workers,
@@ -273,7 +281,7 @@ class Arbiter:
         try:
             pid = self._fork()
         except OSError as exc:  # EAGAIN/ENOMEM: free the slot, and wait before trying again
-            self.board.repair(slot)
+            self._repair(slot)
             self.pool_state.record_fork_failure(now)
             self.log.error("POOL", f"cannot fork a worker: {exc.strerror}")
             return None
@@ -330,7 +338,7 @@ class Arbiter:
             child = self.workers.pop(pid, None)
             if child is None:
                 continue  # not ours (e.g. a reparented orphan when we run as pid 1)
-            self.board.repair(child.slot)
+            self._repair(child.slot)
             lifetime = time.monotonic() - child.started
             if not (child.term_sent or child.quit_sent) and _is_crash(status):
                 self.pool_state.record_exit(lifetime, time.monotonic())
@@ -338,6 +346,46 @@ class Arbiter:
                 # A named tmp file (the non-O_TMPFILE fallback) of a dead pid can go now.
                 self.next_tmp_clean = 0.0
             self._log_exit(child, status, lifetime)
+
+    def _repair(self, slot: int) -> None:
+        """Free a dead worker's slot and drop its counts, or, while the admission lock is
+        held, mark the slot stopping (so the pool does not count it) and retry next tick."""
+        try:
+            self.board.repair(slot)
+        except LockBusy:
+            self.board.set_stopping(slot)
+            self.unrepaired.add(slot)
+        else:
+            self.unrepaired.discard(slot)
+
+    def _watch_lock(self, now: float) -> None:
+        """Kill a worker that holds the admission lock tick after tick for LOCK_STALL.
+
+        One stopped (SIGSTOP, a debugger) or wedged inside admission would otherwise hold
+        every other worker's next session at its first step, and the master's repairs."""
+        if self.board.lock_missed_since is None:
+            self.lock_suspect = None
+            return
+        holder = self.board.lock_holder()
+        if self.lock_suspect is None or self.lock_suspect[0] != holder:
+            self.lock_suspect = (holder, now)
+            return
+        held = now - self.lock_suspect[1]
+        if held < LOCK_STALL:
+            return
+        child = self.workers.get(holder) if holder is not None else None
+        if child is None:
+            self.log.error("WORKER", f"the admission lock has been held for {held:.0f}s by "
+                                     f"{f'process {holder}' if holder else 'an unknown process'}, "
+                                     f"not a worker; admissions wait for it")
+        elif not child.killed_because:
+            self.log.error("WORKER", f"worker {child.pid} has held the admission lock for "
+                                     f"{held:.0f}s; killing it (slot {child.slot})")
+            child.killed_because = f"held the admission lock for {held:.0f}s"
+            self._signal(child, signal.SIGKILL)
+        else:
+            return
+        self.lock_suspect = (holder, now)  # said once per LOCK_STALL, not every tick
 
     def _log_exit(self, child: Child, status: int, lifetime: float) -> None:
         if os.WIFSIGNALED(status):

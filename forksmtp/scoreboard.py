@@ -11,7 +11,10 @@ Admission (check-and-increment of the global and per-IP counts) is serialised by
 lock file that every process opens itself.  The kernel drops a flock when its holder dies,
 unlike a ``multiprocessing.Lock``; and an fd inherited across fork shares one lock with the
 parent, so it excludes nothing: a child must call ``after_fork()`` (before dropping
-privileges, since the lock directory is private to the master's user).
+privileges, since the lock directory is private to the master's user).  Workers wait for the
+lock; the master never waits more than ``MASTER_LOCK_WAIT``: a worker stopped or traced
+while it holds the lock must not stop the supervisor too, which then finds the holder in
+``/proc/locks`` (``lock_holder()``) and kills it.
 
 The per-IP table uses open addressing (linear probing over a bounded window) keyed by the
 16-byte packed address, IPv4 as ``::ffff:a.b.c.d``.  A slot holds at most one per-IP count,
@@ -106,6 +109,17 @@ _LIVE: Final = 1
 _TOMB: Final = 2
 _PROBE_WINDOW: Final = 32
 
+#: The longest the master waits for the admission lock.  Workers hold it for a few
+#: microseconds; one that holds it longer is stopped, traced or wedged, and the master
+#: must go on supervising: it then reads what it can without the lock, or tries again on
+#: its next tick.
+MASTER_LOCK_WAIT: Final = 0.01
+_LOCK_RETRY: Final = 0.0005
+
+
+class LockBusy(Exception):
+    """The master could not take the admission lock within MASTER_LOCK_WAIT."""
+
 
 def ip_key(ip: str) -> bytes:
     """The 16-byte table key: IPv6 packed, IPv4 as IPv4-mapped IPv6, anything else hashed."""
@@ -190,6 +204,10 @@ class Scoreboard:
         self._fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._fd_pid = self._owner_pid
         self._alive_fd = _hold_alive(owned_dir) if owned_dir else -1
+        # In the master every wait for the lock is bounded; workers (after_fork) wait.
+        self._lock_wait: float | None = MASTER_LOCK_WAIT
+        #: When the master last began to fail to take the lock; None while it succeeds.
+        self.lock_missed_since: float | None = None
 
     @classmethod
     def create(cls, nslots: int, ip_buckets: int = 4096, lock_dir: str | None = None) -> "Scoreboard":
@@ -210,6 +228,7 @@ class Scoreboard:
         old = self._fd
         self._fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
         self._fd_pid = os.getpid()
+        self._lock_wait = None
         os.close(old)  # never flock(LOCK_UN) it: that would release the parent's lock
 
     def close(self) -> None:
@@ -229,12 +248,47 @@ class Scoreboard:
 
     # -- the lock ---------------------------------------------------------------------------
     def _lock(self) -> None:
+        """Take the lock; in the master, raise LockBusy after MASTER_LOCK_WAIT."""
         if self._fd_pid != os.getpid():
             raise RuntimeError("Scoreboard.after_fork() was not called in this process")
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        if self._lock_wait is None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            return
+        deadline = time.monotonic() + self._lock_wait
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                now = time.monotonic()
+                if now >= deadline:
+                    if self.lock_missed_since is None:
+                        self.lock_missed_since = now
+                    raise LockBusy() from None
+                time.sleep(_LOCK_RETRY)
+                continue
+            self.lock_missed_since = None
+            return
 
     def _unlock(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def lock_holder(self) -> int | None:
+        """The pid that holds the lock, as ``/proc/locks`` shows it (None: free or unknown).
+        Workers open the lock file after fork, so the pid the kernel records is the
+        holder's own."""
+        try:
+            st = os.fstat(self._fd)
+            # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; a waiter's line has "->"
+            # before FLOCK, so its fields do not match these positions.
+            inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+            with open("/proc/locks", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode:
+                        return int(fields[4])
+        except (OSError, ValueError):
+            pass
+        return None
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -297,7 +351,8 @@ class Scoreboard:
         _I.pack_into(self._mm, self._bases[idx], pid)
 
     def repair(self, idx: int) -> bool:
-        """Master, after reaping the slot's worker: fold its counters, drop its counts, free it."""
+        """Master, after reaping the slot's worker: fold its counters, drop its counts, free it.
+        Raises LockBusy when the lock stays held (try again later)."""
         base, mm = self._bases[idx], self._mm
         self._lock()
         try:
@@ -494,8 +549,13 @@ class Scoreboard:
 
     # -- snapshot ---------------------------------------------------------------------------
     def snapshot(self, top: int = 10) -> Snapshot:
-        """A consistent copy (taken under the lock, parsed outside it) as plain values."""
-        with self.locked():
+        """A consistent copy (taken under the lock, parsed outside it) as plain values.  If
+        the master cannot take the lock, the copy is taken as it stands: slots are written
+        without it anyway, and a shared count caught mid-update is off by one for a tick."""
+        try:
+            with self.locked():
+                raw = self._mm[:self._table]
+        except LockBusy:
             raw = self._mm[:self._table]
         totals = list(_COUNTERS.unpack_from(raw, H_COUNTERS))
         slots: list[SlotInfo] = []

@@ -272,6 +272,69 @@ def test_worker_killed_while_holding_the_lock(sb):
     assert sb.admit(0, "10.1.1.1", 1, 1) is None  # the kernel dropped the dead holder's flock
 
 
+def test_the_master_never_waits_long_for_a_lock_a_worker_keeps(sb):
+    """A worker stopped while it holds the lock must not stop the master: its reads come
+    back within MASTER_LOCK_WAIT, its repairs say to try later, and it can name the holder."""
+    from forksmtp.scoreboard import MASTER_LOCK_WAIT, LockBusy
+
+    ready_r, ready_w = os.pipe()
+    sb.claim_slot(1, 0, 1, now=0.0)
+
+    def child():
+        with sb.locked():
+            os.write(ready_w, b"x")
+            time.sleep(60)
+
+    pid = start(sb, child)
+    try:
+        os.close(ready_w)
+        assert read_byte(ready_r) == b"x"
+        assert sb.lock_missed_since is None
+        began = time.monotonic()
+        snap = sb.snapshot()
+        took = time.monotonic() - began
+        assert snap.nslots == 8 and [s.index for s in snap.slots] == [1]  # read unlocked
+        assert MASTER_LOCK_WAIT <= took < 1.0
+        assert sb.lock_missed_since is not None and sb.lock_missed_since >= began
+        with pytest.raises(LockBusy):
+            sb.repair(1)
+        assert [s.index for s in sb.snapshot().slots] == [1]  # nothing freed without the lock
+        assert sb.lock_holder() == pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        wait(pid)
+    assert sb.lock_holder() is None
+    assert sb.repair(1) is True
+    assert sb.lock_missed_since is None and sb.snapshot().slots == ()
+
+
+def test_workers_wait_for_the_lock_however_long_it_is_held(sb):
+    """Only the master's waits are bounded: a worker's admission waits for the lock."""
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+
+    def holder():
+        with sb.locked():
+            os.write(ready_w, b"x")
+            time.sleep(0.5)
+
+    def admitter():
+        began = time.monotonic()
+        assert sb.admit(0, "10.2.2.2", 5, 5) is None
+        os.write(done_w, b"%.3f" % (time.monotonic() - began))
+
+    sb.claim_slot(0, 0, 1, now=0.0)
+    first = start(sb, holder)
+    os.close(ready_w)
+    assert read_byte(ready_r) == b"x"
+    second = start(sb, admitter)
+    os.close(done_w)
+    assert [wait(first), wait(second)] == [0, 0]
+    assert float(os.read(done_r, 16)) >= 0.3
+    os.close(done_r)
+    assert sb.active() == 1
+
+
 def test_lock_excludes_processes_that_reopened_it(sb):
     """Read-modify-write with a yield inside the lock: any overlap would lose increments."""
     sb.set_generation(0)

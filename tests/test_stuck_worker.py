@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import time
 
-from daemon import RawSMTP, send_message, serving_worker, wait_until
-from forksmtp.arbiter import silent_for
+import pytest
+
+from daemon import RawSMTP, connect, request_stats, send_message, serving_worker, wait_until
+from forksmtp.arbiter import LOCK_STALL, silent_for
 
 
 def test_wedged_worker_is_killed_and_replaced(daemon_factory):
@@ -25,6 +30,65 @@ def test_wedged_worker_is_killed_and_replaced(daemon_factory):
         client.close()
     wait_until(lambda: len(d.workers()) >= 2, 10, what="the pool refilled")
     send_message(d.port)
+
+
+def trace_next_admission(pid: int) -> subprocess.Popen:
+    """Attach strace to a worker so that its next flock(2), the LOCK_EX of its next
+    admission, returns only after a while: the worker holds the admission lock meanwhile."""
+    tracer = subprocess.Popen(["strace", "-p", str(pid), "-o", os.devnull, "-e", "trace=flock",
+                               "-e", "inject=flock:delay_exit=30s:when=1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    line = tracer.stderr.readline()
+    if "attached" not in line:
+        tracer.kill()
+        tracer.wait()
+        pytest.skip(f"strace cannot attach here: {line.strip()}")
+    return tracer
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (Debian: strace)")
+def test_a_worker_stopped_holding_the_admission_lock_is_killed(daemon_factory):
+    d = daemon_factory(workers=1)
+    [worker] = d.workers()
+    tracer = trace_next_admission(worker.pid)
+    frozen = connect(d.port)  # accepted by the worker, which then takes the lock
+    try:
+        wait_until(lambda: worker.status() == "tracing-stop", 10, what="the worker held in flock")
+        # Stopped while it holds the lock, as SIGSTOP or a debugger may catch it: the stop
+        # takes effect as the tracer lets go and the flock returns.
+        worker.send_signal(signal.SIGSTOP)
+        tracer.terminate()
+        tracer.wait(10)
+        wait_until(lambda: worker.status() == "stopped", 10, what="the worker stopped")
+        began = time.monotonic()
+        # The master still answers (it never waits long for the lock) and starts a spare.
+        wait_until(lambda: len(d.workers()) == 2, 10, what="a spare beside the stopped worker")
+        [spare] = [w for w in d.workers() if w.pid != worker.pid]
+        # A worker that dies meanwhile cannot have its slot repaired without the lock:
+        # the slot is set aside as stopping until the lock is free.
+        spare.kill()
+        d.wait_for_log(f"worker {spare.pid} killed by SIGKILL", timeout=5)
+        states = {w["pid"]: w["state"] for w in request_stats(d, timeout=3)["workers"]}
+        assert states[spare.pid] == "stopping" and states[worker.pid] == "busy"
+        # Every admission now waits behind the holder, until the master kills it.
+        send_message(d.port, timeout=LOCK_STALL + 20)
+        waited = time.monotonic() - began
+        d.wait_for_log(f"worker {worker.pid} has held the admission lock for", timeout=1)
+        d.wait_for_log(f"worker {worker.pid} killed by SIGKILL (sent by the master: held the "
+                       f"admission lock for", timeout=5)
+        assert LOCK_STALL - 1 <= waited < LOCK_STALL + 15
+    finally:
+        frozen.close()
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait()
+    assert len(d.new_messages()) == 1
+    send_message(d.port)  # the pool goes on serving
+    # Both dead workers' slots were repaired once the lock came free: none is left over.
+    live = {w.pid for w in d.workers()}
+    stats = request_stats(d)
+    assert {w["pid"] for w in stats["workers"]} <= live
+    assert not {worker.pid, spare.pid} & {w["pid"] for w in stats["workers"]}
 
 
 def test_silence_is_never_longer_than_the_worker_has_lived():

@@ -440,6 +440,28 @@ def test_size_limit_at_every_split(size, ok):
         assert r.done and (r.error is None) == ok, pieces
 
 
+@pytest.mark.parametrize("piece", [1, 7, 500, 1000, 1001, 2999, 3000, 1 << 20])
+def test_an_oversized_message_gets_552_however_its_long_line_is_cut(piece):
+    """Over the size limit and with a line over 1000 octets: 552 whatever the reads, not
+    554 when the long line was still unfinished at the end of one."""
+    data = b"Subject: x\r\n\r\n" + b"A" * 3000 + b"\r\n" + END
+    pieces = [data[i:i + piece] for i in range(0, len(data), piece)]
+    r = Read(pieces, max_size=2000)
+    assert (r.error, r.done) == (R.R552_TOO_BIG, True), piece  # (text handed on before: discarded)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 1000, 1 << 20])
+def test_refused_text_is_still_sized_without_its_transparency_dots(piece):
+    # A bare LF refuses the message at once; the stuffed lines after it still count as
+    # sent, less their dots: 552 only when the text as sent is over the limit.
+    body = b"x\ny\r\n" + b"..dot\r\n" * 10
+    size = len(body) - 10
+    for limit, error in ((size, R.R550_BARE_NEWLINE), (size - 1, R.R552_TOO_BIG)):
+        data = body + END
+        r = Read([data[i:i + piece] for i in range(0, len(data), piece)], max_size=limit)
+        assert (r.error, r.reader.size) == (error, size), (piece, limit)
+
+
 def test_oversized_message_hands_on_no_text_but_still_finds_the_end():
     reader = DataReader(10)
     text, done, _ = reader.feed(b"12345678\r\n")

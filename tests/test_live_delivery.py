@@ -15,12 +15,14 @@ import smtplib
 import stat
 import subprocess
 import threading
+import time
 import uuid
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
 
+from daemon import RawSMTP
 from forksmtp import delivery
 
 HOST = "127.0.0.1"
@@ -376,6 +378,27 @@ def test_size_limit_at_mail_and_after_the_dot(daemon_factory):
         # The session is still usable for the next message.
         assert client.sendmail(SENDER, ["rcpt@example.test"], small) == {}
     assert split_trace(only_message(d.maildir))[1] == small.replace(b"\r\n", b"\n")
+
+
+def test_an_oversized_message_with_a_long_line_gets_552_however_it_is_sent(daemon_factory):
+    """The same message, over the size limit and with a line over 1000 octets: 552 when
+    the long line ends a read unfinished, as when it arrives in small pieces."""
+    d = daemon_factory(sections={"limits": {"max_message_size": 2000}})
+    client = RawSMTP(d.port)
+    try:
+        assert client.command(b"EHLO c.example") == 250
+        for cut in (None, 1000):
+            assert client.start_data()[0] == 354
+            text = b"A" * 3000 + b"\r\n"
+            for i in range(0, len(text), cut or len(text)):
+                client.sock.sendall(text[i:i + (cut or len(text))])
+                time.sleep(0.05)  # separate reads: the line is unfinished at each end
+            client.sock.sendall(b".\r\n")
+            code, reply = client.reply()
+            assert (code, reply[4:9]) == (552, b"5.3.4"), cut
+    finally:
+        client.close()
+    assert d.new_messages() == []
 
 
 def test_recipients_past_the_limit_get_452(daemon_factory):

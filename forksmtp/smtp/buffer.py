@@ -251,7 +251,14 @@ class DataReader:
         end, dot = self._find_end(buf)
         if end >= 0:
             self._pending = b""
-            return self._process(buf[:end], dot), True, buf[end + 3:]
+            text = self._process(buf[:end], dot)
+            if self.size > self._max_size:
+                # Every octet counts toward the size whatever else was wrong, so its
+                # verdict does not depend on how the reads cut the text, where the first
+                # other problem found may: a long line held unfinished at a read's end
+                # was refused before the octets that carried the message over the size.
+                self.error = R.R552_TOO_BIG
+            return text, True, buf[end + 3:]
         # Cut after the last LF, bare or not: with normalize a bare LF ends a line too,
         # and holding LF-only text back as one "line" would refuse it as too long.  So
         # does a bare CR there; a CR that ends the read may be the first half of a CRLF.
@@ -333,11 +340,11 @@ class DataReader:
         if not block:
             return b""
         if self.error is not None:
-            self.size += len(block)  # nothing stored, but the log says what was sent
+            self.size += self._sent_size(block)  # nothing stored, but the log says what was sent
             return b""
         stuffed, normalised, long = self._to_lf(block)
         if stuffed is None:
-            self.size += len(block)
+            self.size += self._sent_size(block)
             return b""
         # Unstuff only where a line starts with a dot (no copy per block otherwise).  In a
         # block _to_lf did not normalise every LF follows a CR, so each "\n." is a CRLF.
@@ -359,6 +366,13 @@ class DataReader:
         if self._in_headers:
             self._scan_headers(text)
         return text
+
+    def _sent_size(self, block: bytes) -> int:
+        """A refused block's size as RFC 1870 counts it, less a transparency dot for each
+        line that starts with one: refused text is still sized as if stored, so that
+        whether the total passes the limit (552 wins at the end) does not depend on the
+        point where the text was refused."""
+        return len(block) - block.count(b"\n.") - (block[:1] == b"." and not self._carry)
 
     def _to_lf(self, block: bytes) -> tuple[bytes | None, bool, bool | None]:
         """CRLF -> LF, whether bare CR/LF were normalised, and whether a line is over

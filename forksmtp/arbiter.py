@@ -46,8 +46,8 @@ FAST_TICK = 0.05  # while spawning or while the master answers overflow connecti
 TMP_CLEAN_INTERVAL = 3600.0
 KILL_GRACE = 3.0  # after SIGQUIT, before SIGKILL
 STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
-#: Workers hold the admission lock for microseconds: one seen holding it this long, tick
-#: after tick, is stopped or wedged, and every admission waits behind it.
+#: Workers hold the admission lock for microseconds: when the master has failed to take it
+#: for this long, its holder is stopped or wedged, and every admission waits behind it.
 LOCK_STALL = 5.0
 
 
@@ -120,7 +120,7 @@ class Arbiter:
         self.last_pool_reason = ""
         self.spawn_pending = False
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
-        self.lock_suspect: tuple[int | None, float] | None = None  # (holder, seen since)
+        self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
 
     # -- start ---------------------------------------------------------------------------
 
@@ -188,14 +188,13 @@ class Arbiter:
             if self.stopping:
                 if self._stop_step(time.monotonic()):
                     return 0
+                self._guarded(self._stopping_tick)
                 continue
             self._guarded(self._tick)
 
     def _tick(self) -> None:
         now = time.monotonic()
-        for slot in sorted(self.unrepaired):
-            self._repair(slot)
-        snap = self.board.snapshot()
+        snap = self._snapshot()
         self._watch_lock(now)
         self._murder_stuck(snap, now)
         self._manage_pool(now, snap)
@@ -203,6 +202,23 @@ class Arbiter:
                                         list(self.sockets.values()), frozenset(self._implicit_sockets()),
                                         held_back=now < self.pool_state.backoff_until)
         self._housekeeping(now)
+
+    def _stopping_tick(self) -> None:
+        """While sessions drain: a worker stopped holding the admission lock would hold
+        every other one at its session's end (release) until the graceful timeout."""
+        self._snapshot()
+        self._watch_lock(time.monotonic())
+
+    def _snapshot(self):
+        """The scoreboard as the master plans with it: slots of reaped workers whose
+        repair waits for the lock are left out (their processes are gone)."""
+        for slot in sorted(self.unrepaired):
+            self._repair(slot)
+        snap = self.board.snapshot()
+        if self.unrepaired:
+            snap = dataclasses.replace(snap, slots=tuple(s for s in snap.slots
+                                                         if s.index not in self.unrepaired))
+        return snap
 
     def _implicit_sockets(self) -> list[socket.socket]:
         """The listening sockets whose clients speak TLS first (``implicit_listen``)."""
@@ -349,43 +365,38 @@ class Arbiter:
 
     def _repair(self, slot: int) -> None:
         """Free a dead worker's slot and drop its counts, or, while the admission lock is
-        held, mark the slot stopping (so the pool does not count it) and retry next tick."""
+        held, retry on the next tick (``_snapshot`` leaves the slot out meanwhile)."""
         try:
             self.board.repair(slot)
         except LockBusy:
-            self.board.set_stopping(slot)
             self.unrepaired.add(slot)
         else:
             self.unrepaired.discard(slot)
 
     def _watch_lock(self, now: float) -> None:
-        """Kill a worker that holds the admission lock tick after tick for LOCK_STALL.
+        """Kill the stopped workers in admission once the master has failed to take the
+        admission lock for LOCK_STALL.
 
-        One stopped (SIGSTOP, a debugger) or wedged inside admission would otherwise hold
-        every other worker's next session at its first step, and the master's repairs."""
-        if self.board.lock_missed_since is None:
-            self.lock_suspect = None
+        A worker stopped (SIGSTOP, a debugger) while it holds the lock would otherwise
+        hold every other worker's next session at its first step, and the master's
+        repairs.  Workers that merely wait for the lock sleep in flock; one that is
+        stopped while it waits holds nothing, but serves nobody either."""
+        since = self.board.lock_missed_since
+        if since is None or now - since < LOCK_STALL or now - self.lock_judged < LOCK_STALL:
             return
-        holder = self.board.lock_holder()
-        if self.lock_suspect is None or self.lock_suspect[0] != holder:
-            self.lock_suspect = (holder, now)
-            return
-        held = now - self.lock_suspect[1]
-        if held < LOCK_STALL:
-            return
-        child = self.workers.get(holder) if holder is not None else None
-        if child is None:
-            self.log.error("WORKER", f"the admission lock has been held for {held:.0f}s by "
-                                     f"{f'process {holder}' if holder else 'an unknown process'}, "
-                                     f"not a worker; admissions wait for it")
-        elif not child.killed_because:
-            self.log.error("WORKER", f"worker {child.pid} has held the admission lock for "
-                                     f"{held:.0f}s; killing it (slot {child.slot})")
-            child.killed_because = f"held the admission lock for {held:.0f}s"
+        self.lock_judged = now  # judged and said once per LOCK_STALL, not every tick
+        by_slot = {c.slot: c for c in self.workers.values()}
+        waiting = [by_slot[i] for i in self.board.in_admission() if i in by_slot]
+        stopped = [c for c in waiting if not c.killed_because and process.is_stopped(c.pid)]
+        if not stopped:
+            self.log.error("WORKER", f"the admission lock {self.board.lock_path} has been held for "
+                                     f"{now - since:.0f}s and no worker in admission is stopped "
+                                     f"({len(waiting)} waiting); admissions wait for it")
+        for child in stopped:
+            self.log.error("WORKER", f"worker {child.pid} has been stopped in admission while the "
+                                     f"lock was held for {now - since:.0f}s; killing it (slot {child.slot})")
+            child.killed_because = f"stopped in admission for {now - since:.0f}s"
             self._signal(child, signal.SIGKILL)
-        else:
-            return
-        self.lock_suspect = (holder, now)  # said once per LOCK_STALL, not every tick
 
     def _log_exit(self, child: Child, status: int, lifetime: float) -> None:
         if os.WIFSIGNALED(status):
@@ -466,7 +477,7 @@ class Arbiter:
         self._signal(child, signal.SIGKILL)
 
     def _manage_pool(self, now: float, snap=None) -> None:
-        snap = snap or self.board.snapshot()
+        snap = snap or self._snapshot()
         settings = dataclasses.replace(pool.PoolSettings.from_server(self.cfg.server), workers=self.target)
         plan = pool.plan(snap, settings, self.pool_state, now)
         # Log a reason once (per back-off step), not every tick: its text carries a
@@ -621,7 +632,7 @@ class Arbiter:
         self.log.info("STOP", "stopped")
 
     def _stats(self) -> dict:
-        return stats.build(self.board.snapshot(), started=self.started,
+        return stats.build(self._snapshot(), started=self.started,
                            config_generation=self.generation,
                            master_rejected={"max_connections": self.overflow.rejected,
                                             "other": self.overflow.rejected_held},

@@ -129,6 +129,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def is_stopped(pid: int) -> bool:
+    """Is ``pid`` stopped (SIGSTOP, job control) or held by a tracer (a debugger)?
+    Read from ``/proc/PID/stat``; False when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # "pid (comm) S ...": comm may hold spaces and parentheses, so the state is the
+    # first field after the last ")".
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] in (b"T", b"t")
+
+
 def parent_death_pipe() -> tuple[int, int]:
     """(read end for workers, write end the master keeps open until it dies).
 

@@ -13,8 +13,9 @@ unlike a ``multiprocessing.Lock``; and an fd inherited across fork shares one lo
 parent, so it excludes nothing: a child must call ``after_fork()`` (before dropping
 privileges, since the lock directory is private to the master's user).  Workers wait for the
 lock; the master never waits more than ``MASTER_LOCK_WAIT``: a worker stopped or traced
-while it holds the lock must not stop the supervisor too, which then finds the holder in
-``/proc/locks`` (``lock_holder()``) and kills it.
+while it holds the lock must not stop the supervisor too.  A worker marks its slot while it
+waits for or holds the lock (``in_admission()``), so that the master can find a stopped
+one there and kill it.
 
 The per-IP table uses open addressing (linear probing over a bounded window) keyed by the
 16-byte packed address, IPv4 as ``::ffff:a.b.c.d``.  A slot holds at most one per-IP count,
@@ -74,8 +75,9 @@ H_COUNTERS: Final = 56
 HEADER_SIZE: Final = H_COUNTERS + _COUNTERS.size
 
 # Slot: pid, state, holds_global, port, generation, ip bucket+1 (0 = none), ip key, idle
-# beat, client, phase, last_activity, started, counters.  The bucket is stored +1 so a
-# zeroed slot holds none; the idle beat is whole monotonic seconds, 0 for none yet.
+# beat, client, in-admission mark (in the pad, outside _SLOT's fields), phase, last_activity,
+# started, counters.  The bucket is stored +1 so a zeroed slot holds none; the idle beat
+# is whole monotonic seconds, 0 for none yet.
 _SLOT: Final = struct.Struct(f"<iBBHqi16si46s2x16sdd{_NCOUNTERS}q")
 SLOT_SIZE: Final = _SLOT.size
 S_STATE: Final = 4
@@ -86,6 +88,7 @@ S_BUCKET: Final = 16
 S_KEY: Final = 20
 S_BEAT: Final = 36
 S_CLIENT: Final = 40
+S_IN_LOCK: Final = 86  # 1 while the slot's worker waits for or holds the admission lock
 S_PHASE: Final = 88
 S_LAST: Final = 104
 S_STARTED: Final = 112
@@ -206,6 +209,7 @@ class Scoreboard:
         self._alive_fd = _hold_alive(owned_dir) if owned_dir else -1
         # In the master every wait for the lock is bounded; workers (after_fork) wait.
         self._lock_wait: float | None = MASTER_LOCK_WAIT
+        self._mark = -1  # where this process marks that it holds the lock (workers)
         #: When the master last began to fail to take the lock; None while it succeeds.
         self.lock_missed_since: float | None = None
 
@@ -223,12 +227,14 @@ class Scoreboard:
             lock_dir = owned = tempfile.mkdtemp(prefix=f"{_LOCK_PREFIX}{os.getpid()}-")
         return cls(mm, nslots, ip_buckets, os.path.join(lock_dir, "scoreboard.lock"), owned)
 
-    def after_fork(self) -> None:
-        """Child, right after fork: open the lock file anew so flock excludes the parent."""
+    def after_fork(self, slot: int | None = None) -> None:
+        """Child, right after fork: open the lock file anew so flock excludes the parent.
+        A worker names its slot, where it marks the time it waits for or holds the lock."""
         old = self._fd
         self._fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
         self._fd_pid = os.getpid()
         self._lock_wait = None
+        self._mark = -1 if slot is None else self._bases[slot] + S_IN_LOCK
         os.close(old)  # never flock(LOCK_UN) it: that would release the parent's lock
 
     def close(self) -> None:
@@ -252,9 +258,15 @@ class Scoreboard:
         if self._fd_pid != os.getpid():
             raise RuntimeError("Scoreboard.after_fork() was not called in this process")
         if self._lock_wait is None:
+            # Marked before the flock, not after it: a signal that stops the worker
+            # takes effect as the syscall returns, before any code after it runs.
+            if self._mark >= 0:
+                self._mm[self._mark] = 1
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             return
-        deadline = time.monotonic() + self._lock_wait
+        # Once an attempt has failed, later ones try once until one succeeds: a tick
+        # with many repairs to make must not wait MASTER_LOCK_WAIT for each.
+        deadline = time.monotonic() + (self._lock_wait if self.lock_missed_since is None else 0.0)
         while True:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -271,24 +283,17 @@ class Scoreboard:
 
     def _unlock(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if self._mark >= 0:
+            self._mm[self._mark] = 0
 
-    def lock_holder(self) -> int | None:
-        """The pid that holds the lock, as ``/proc/locks`` shows it (None: free or unknown).
-        Workers open the lock file after fork, so the pid the kernel records is the
-        holder's own."""
-        try:
-            st = os.fstat(self._fd)
-            # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; a waiter's line has "->"
-            # before FLOCK, so its fields do not match these positions.
-            inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-            with open("/proc/locks", encoding="ascii", errors="replace") as f:
-                for line in f:
-                    fields = line.split()
-                    if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode:
-                        return int(fields[4])
-        except (OSError, ValueError):
-            pass
-        return None
+    def in_admission(self) -> list[int]:
+        """The slots whose workers wait for or hold the lock: the holder is among them,
+        however it stopped.  (``/proc/locks`` names a holder by pid and device, but as
+        the pid namespace and the filesystem its /proc was mounted in see them, which
+        on an overlay or in a pid namespace without its own /proc are not the master's.)
+        A dead worker's mark goes with its slot's repair."""
+        mm = self._mm
+        return [i for i, base in enumerate(self._bases) if mm[base + S_IN_LOCK]]
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

@@ -103,7 +103,7 @@ class Worker:
         self.pid = os.getpid()
         process.batch_scheduling()  # workers only: the master stays prompt to signals
         self.log.after_fork()
-        self.board.after_fork()
+        self.board.after_fork(self.slot)
         self.board.set_pid(self.slot, self.pid)
         self._signals()
 

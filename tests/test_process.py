@@ -52,3 +52,27 @@ def test_without_mallopt_nothing_is_tuned(monkeypatch):
         raise OSError("no C library here")
     monkeypatch.setattr(ctypes, "CDLL", no_libc)
     assert process.tune_malloc(1 << 20, 1 << 20) is False
+
+
+def test_is_stopped_tells_a_stopped_process_from_a_sleeping_one():
+    import signal
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.2)
+        assert process.is_stopped(child.pid) is False
+        child.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while not process.is_stopped(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process.is_stopped(child.pid) is True
+        child.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while process.is_stopped(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process.is_stopped(child.pid) is False
+    finally:
+        child.kill()
+        child.wait()
+    assert process.is_stopped(child.pid) is False  # gone: nothing to read

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from daemon import RawSMTP, connect, request_stats, send_message, serving_worker, wait_until
@@ -46,49 +49,94 @@ def trace_next_admission(pid: int) -> subprocess.Popen:
     return tracer
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (Debian: strace)")
+#: flock(2)'s number, for /proc/PID/syscall.
+FLOCK_NR = {"x86_64": 73, "aarch64": 32}.get(os.uname().machine)
+
+
+def in_flock_lock_ex(worker: psutil.Process) -> bool:
+    """Is the worker stopped by its tracer in flock(fd, LOCK_EX)?  Traced, it stops at
+    every syscall, so its status alone does not say where."""
+    try:
+        with open(f"/proc/{worker.pid}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return False
+    return (worker.status() == "tracing-stop" and len(fields) > 2
+            and fields[0] == str(FLOCK_NR) and int(fields[2], 16) == fcntl.LOCK_EX)
+
+
+def stop_in_admission(d, worker: psutil.Process) -> socket.socket:
+    """Connect a client and stop ``worker`` (the daemon's only idle one) while it holds the
+    admission lock for it, as SIGSTOP or a debugger may catch it: strace holds its flock's
+    return, and the stop takes effect as the tracer lets go.  The client's socket."""
+    tracer = trace_next_admission(worker.pid)
+    try:
+        client = connect(d.port)  # accepted by the worker, which then takes the lock
+        wait_until(lambda: in_flock_lock_ex(worker), 10, what="the worker held in flock")
+        worker.send_signal(signal.SIGSTOP)
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+    wait_until(lambda: worker.status() == "stopped", 10, what="the worker stopped")
+    return client
+
+
+needs_strace = pytest.mark.skipif(shutil.which("strace") is None or FLOCK_NR is None,
+                                  reason="needs strace (Debian: strace) on x86_64 or aarch64")
+
+
+@needs_strace
 def test_a_worker_stopped_holding_the_admission_lock_is_killed(daemon_factory):
     d = daemon_factory(workers=1)
     [worker] = d.workers()
-    tracer = trace_next_admission(worker.pid)
-    frozen = connect(d.port)  # accepted by the worker, which then takes the lock
+    frozen = stop_in_admission(d, worker)
     try:
-        wait_until(lambda: worker.status() == "tracing-stop", 10, what="the worker held in flock")
-        # Stopped while it holds the lock, as SIGSTOP or a debugger may catch it: the stop
-        # takes effect as the tracer lets go and the flock returns.
-        worker.send_signal(signal.SIGSTOP)
-        tracer.terminate()
-        tracer.wait(10)
-        wait_until(lambda: worker.status() == "stopped", 10, what="the worker stopped")
         began = time.monotonic()
         # The master still answers (it never waits long for the lock) and starts a spare.
-        wait_until(lambda: len(d.workers()) == 2, 10, what="a spare beside the stopped worker")
-        [spare] = [w for w in d.workers() if w.pid != worker.pid]
-        # A worker that dies meanwhile cannot have its slot repaired without the lock:
-        # the slot is set aside as stopping until the lock is free.
+        wait_until(lambda: len(d.workers()) >= 2, 10, what="a spare beside the stopped worker")
+        spare = next(w for w in d.workers() if w.pid != worker.pid)
+        # A worker that dies meanwhile cannot have its slot repaired without the lock;
+        # the repair waits, but the pool does not count the dead worker: it starts another.
         spare.kill()
         d.wait_for_log(f"worker {spare.pid} killed by SIGKILL", timeout=5)
-        states = {w["pid"]: w["state"] for w in request_stats(d, timeout=3)["workers"]}
-        assert states[spare.pid] == "stopping" and states[worker.pid] == "busy"
+        wait_until(lambda: {w.pid for w in d.workers()} - {worker.pid, spare.pid}, 10,
+                   what="a spare beside the stopped worker again")
+        stats = request_stats(d, timeout=3)
+        assert spare.pid not in {w["pid"] for w in stats["workers"]}
+        assert time.monotonic() - began < LOCK_STALL - 1  # all this while the lock is held
         # Every admission now waits behind the holder, until the master kills it.
         send_message(d.port, timeout=LOCK_STALL + 20)
         waited = time.monotonic() - began
-        d.wait_for_log(f"worker {worker.pid} has held the admission lock for", timeout=1)
-        d.wait_for_log(f"worker {worker.pid} killed by SIGKILL (sent by the master: held the "
-                       f"admission lock for", timeout=5)
+        d.wait_for_log(f"worker {worker.pid} has been stopped in admission while the lock was "
+                       f"held for", timeout=1)
+        d.wait_for_log(f"worker {worker.pid} killed by SIGKILL (sent by the master: stopped in "
+                       f"admission for", timeout=5)
         assert LOCK_STALL - 1 <= waited < LOCK_STALL + 15
     finally:
         frozen.close()
-        if tracer.poll() is None:
-            tracer.kill()
-            tracer.wait()
     assert len(d.new_messages()) == 1
     send_message(d.port)  # the pool goes on serving
-    # Both dead workers' slots were repaired once the lock came free: none is left over.
-    live = {w.pid for w in d.workers()}
+    # Both dead workers' slots were repaired once the lock came free: none is left over,
+    # and no session count leaked.
     stats = request_stats(d)
-    assert {w["pid"] for w in stats["workers"]} <= live
-    assert not {worker.pid, spare.pid} & {w["pid"] for w in stats["workers"]}
+    assert {w["pid"] for w in stats["workers"]} <= {w.pid for w in d.workers()}
+    assert stats["connections_active"] == 0
+
+
+@needs_strace
+def test_a_graceful_stop_does_not_wait_for_a_worker_stopped_holding_the_lock(daemon_factory):
+    d = daemon_factory(workers=1, server={"graceful_timeout": 60})
+    [worker] = d.workers()
+    frozen = stop_in_admission(d, worker)
+    try:
+        began = time.monotonic()
+        d.signal(signal.SIGTERM)
+        d.proc.wait(LOCK_STALL + 20)  # not the graceful timeout: the holder is killed
+        assert time.monotonic() - began < LOCK_STALL + 20
+        assert f"worker {worker.pid} has been stopped in admission" in d.log_text()
+        assert d.proc.returncode == 0
+    finally:
+        frozen.close()
 
 
 def test_silence_is_never_longer_than_the_worker_has_lived():

@@ -1,10 +1,11 @@
 """The operator's log: one event a line, in the contract's ``[TAG] text`` format.
 
-    2026-11-29T00:53:20.123Z 4711 [SMTP] MAIL FROM:<a@example.com>
+    2026-11-29T00:53:20.123Z/4711 [SMTP] MAIL FROM:<a@example.com>
 
-A line is a UTC timestamp, the pid of the process that wrote it (a worker serves one
-session at a time, so the pid and the ``[CONN]`` line before it identify the session),
-then the tag and the text.  Lines are queued and written with one ``write(2)`` per
+A line starts with one field, the UTC timestamp and the pid of the process that wrote it
+(a worker serves one session at a time, so the pid and the ``[CONN]`` line before it
+identify the session), then the tag and the text: the tag follows the leading field, as
+the contract has it follow a timestamp.  Lines are queued and written with one ``write(2)`` per
 flush on an ``O_APPEND`` descriptor, so lines from many workers never interleave
 mid-line, and a pipelined SMTP exchange costs one syscall of logging, not one per line.
 CR and LF from clients are escaped so that nobody can forge a log line.
@@ -23,9 +24,9 @@ WARNING: Final = 30
 ERROR: Final = 40
 ALWAYS: Final = 100  # a line asked for (SIGUSR1's stats): written at every level
 LEVELS: Final = {"debug": DEBUG, "info": INFO, "warning": WARNING, "error": ERROR}
-#: ".mmmZ " for every millisecond: a busy worker's lines rarely share a millisecond, so
+#: ".mmmZ/" for every millisecond: a busy worker's lines rarely share a millisecond, so
 #: the prefix is rebuilt for most of them, and a lookup is cheaper than formatting.
-_MILLIS: Final = tuple(f".{ms:03d}Z " for ms in range(1000))
+_MILLIS: Final = tuple(f".{ms:03d}Z/" for ms in range(1000))
 #: Queued text is written out once it reaches this many characters, whatever the
 #: worker's rhythm: a client that pipelines commands without a pause would otherwise
 #: grow the queue by a line per command, and a reply, until the session ends.
@@ -82,7 +83,7 @@ class Log:
         self._pending_size = 0
 
     def _prefix(self) -> str:
-        """``<timestamp> <pid> ``, formatted once per millisecond: a session's lines
+        """``<timestamp>/<pid> ``, formatted once per millisecond: a session's lines
         mostly share one."""
         ms = time.time_ns() // 1_000_000
         if ms != self._ms:

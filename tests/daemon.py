@@ -169,6 +169,11 @@ def smtp_exchange(port: int, data: bytes, host: str = "127.0.0.1", timeout: floa
 
 # -- helpers for the supervisor tests (real processes, bounded waits) ----------------------
 
+def line_pid(line: str) -> str:
+    """The pid of a log line's writer: ``<timestamp>/<pid> [TAG] text``."""
+    return line.split(" ", 1)[0].rpartition("/")[2]
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = ""):
     """Poll ``predicate`` until it returns something true; that value, or TimeoutError."""
     deadline = time.monotonic() + timeout

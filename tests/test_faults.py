@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from daemon import (Ledger, RawSMTP, connection_refused, free_port, ledger_client, ledger_message,
-                    run_clients, serving_worker, wait_until)
+                    line_pid, run_clients, serving_worker, wait_until)
 from forksmtp.maildir import escape_host
 
 EHLO = b"EHLO client.example"
@@ -197,8 +197,8 @@ def assert_error_logged_in_order(d, mark: int, what: str, reply: str) -> None:
     reply that reports it.  (Written after ``mark``; a session is one pid's lines.)"""
     def session_lines():
         lines = d.log_text()[mark:].splitlines()
-        pid = next((line.split()[1] for line in lines if f"[ERROR] {what}" in line), None)
-        mine = [line for line in lines if pid is not None and line.split()[1] == pid]
+        pid = next((line_pid(line) for line in lines if f"[ERROR] {what}" in line), None)
+        mine = [line for line in lines if pid is not None and line_pid(line) == pid]
         return mine if any("[CLOSE]" in line for line in mine) else None
     lines = wait_until(session_lines, 10, 0.05, "the failed session logged")
     at = {key: next((i for i, line in enumerate(lines) if key in line), None)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import RawSMTP
+from daemon import RawSMTP, line_pid
 from forksmtp import delivery
 
 HOST = "127.0.0.1"
@@ -107,7 +107,7 @@ def stored_form(message: bytes) -> bytes:
 
 
 def log_lines_of(log: str, pid: str) -> list[str]:
-    return [line for line in log.splitlines() if line.split(" ", 2)[1:2] == [pid]]
+    return [line for line in log.splitlines() if line_pid(line) == pid]
 
 
 # -- smtplib delivery ----------------------------------------------------------------------
@@ -517,9 +517,9 @@ def test_log_reconstructs_the_session_and_never_holds_message_text(daemon_factor
     text = d.wait_for_log("[CLOSE]")
     assert marker not in text  # neither header nor body text, stored or refused
     path, = d.new_messages()
-    conn = re.search(r"^\S+ (\d+) \[CONN\] 127\.0\.0\.1$", text, re.M)
+    conn = re.search(r"^\S+/(\d+) \[CONN\] 127\.0\.0\.1$", text, re.M)
     assert conn, text
-    events = [re.sub(r"^\S+ \d+ ", "", line) for line in log_lines_of(text, conn.group(1))]
+    events = [re.sub(r"^\S+ ", "", line) for line in log_lines_of(text, conn.group(1))]
     i = 0
     for pattern in SESSION_LOG:
         pattern = pattern.replace("@STORE@", rf"\[STORE\] {re.escape(str(path))}")

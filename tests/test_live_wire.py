@@ -146,7 +146,7 @@ class Closing:
 
     def __init__(self, d: Daemon, w: Wire) -> None:
         self.d = d
-        self.needle = f" {serving_worker(d, w).pid} [CLOSE] "
+        self.needle = f"/{serving_worker(d, w).pid} [CLOSE] "
         self.before = d.log_text().count(self.needle)
 
     def wait(self) -> str:

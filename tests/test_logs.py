@@ -8,7 +8,7 @@ import pytest
 
 from forksmtp import logs
 
-LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) (\d+) \[([A-Z]+)\] (.*)$")
+LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z)/(\d+) \[([A-Z]+)\] (.*)$")
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def test_line_carries_utc_milliseconds_pid_and_tag(log_path, monkeypatch):
     log = logs.Log("info", log_path)
     log.line("SMTP", "MAIL FROM:<a@example.com>")
     assert read_lines(log_path) == [
-        f"2026-11-29T07:05:09.005Z {os.getpid()} [SMTP] MAIL FROM:<a@example.com>"]
+        f"2026-11-29T07:05:09.005Z/{os.getpid()} [SMTP] MAIL FROM:<a@example.com>"]
 
 
 def test_prefix_follows_the_clock_across_milliseconds_and_seconds(log_path, monkeypatch):

@@ -1,7 +1,8 @@
 """From an SMTP envelope to durable Maildir copies.
 
 Routing: a recipient listed in ``[mailboxes]`` goes to its own Maildir (with a
-``Delivered-To:`` line); every other recipient goes to the catch-all ``maildir``, and
+``Delivered-To:`` line, even where that Maildir is the catch-all's); every other
+recipient goes to the catch-all ``maildir``, without one, and
 the catch-all copy is stored once per transaction however many recipients share it.
 The Maildir paths come only from the configuration, never from an address, so no
 recipient can name a path outside the configured Maildirs.
@@ -63,6 +64,10 @@ class Router:
                 groups.setdefault(path, []).append(rcpt)
         return groups
 
+    def is_mailbox(self, rcpt: str) -> bool:
+        """Is ``rcpt`` a ``[mailboxes]`` address (matched in any case)?"""
+        return rcpt.lower() in self.mailboxes
+
     def maildir(self, path: str) -> maildir.Maildir:
         md = self._maildirs.get(path)
         if md is None:
@@ -116,7 +121,7 @@ class Transaction:
             for path, rcpts in router.route(recipients).items():
                 copy = router.begin(path)
                 self._copies.append(copy)
-                copy.write(header.render(rcpts, personal=path != router.catch_all))
+                copy.write(header.render(rcpts, [r for r in rcpts if router.is_mailbox(r)]))
         except BaseException:
             self.abort()
             raise
@@ -150,12 +155,15 @@ class HeaderInfo:
         self.protocol, self.queue_id, self.when = protocol, queue_id, when
         self.tls, self.auth_user = tls, auth_user
 
-    def render(self, recipients: list[str], personal: bool) -> bytes:
+    def render(self, recipients: list[str], delivered_to: list[str]) -> bytes:
+        """The trace fields of a copy for ``recipients``; ``delivered_to``: those of
+        them that reached it as a ``[mailboxes]`` address."""
         one = recipients[0] if len(recipients) == 1 else None
         head = trace.return_path(self.sender)
-        if personal:  # one line per address the mailbox was reached by, as Postfix adds
-            for rcpt in recipients:  # one per delivery; all of them are its owner's
-                head += trace.delivered_to(rcpt)
+        # One line per address the mailbox was reached by, as Postfix adds one per
+        # delivery; all of them are the Maildir's owner's, so none reveals a blind copy.
+        for rcpt in delivered_to:
+            head += trace.delivered_to(rcpt)
         return head + trace.received(
             helo=self.helo, peer_ip=self.peer_ip, by=self.by, protocol=self.protocol,
             queue_id=self.queue_id, recipient=one, when=self.when, tls=self.tls,

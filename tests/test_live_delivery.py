@@ -258,6 +258,24 @@ def test_mailboxes_get_own_copy_and_catch_all_one_per_transaction(daemon_factory
     assert d.wait_for_log("[CLOSE]").count("[STORE] ") == 3  # one line per copy
 
 
+def test_a_mailbox_whose_maildir_is_the_catch_all_still_gets_delivered_to(daemon_factory, tmp_path):
+    """A [mailboxes] address routed to the catch-all's own Maildir is still delivered as
+    a mailbox: its copy says so; the catch-all recipients sharing that copy are not named."""
+    catch_all = tmp_path / "d0" / "Maildir"  # the daemon's catch-all (daemon_factory's layout)
+    d = daemon_factory(sections={"mailboxes": {"dave@example.test": str(catch_all)}})
+    assert d.maildir == catch_all
+    with connect(d) as client:
+        client.sendmail(SENDER, ["dave@example.test"], b"Subject: 1\r\n\r\ndave alone\r\n")
+        client.sendmail(SENDER, ["bob@example.test", "dave@example.test"],
+                        b"Subject: 2\r\n\r\nbob and dave\r\n")
+    stored = {rest.rsplit(b"\n\n", 1)[1]: fields
+              for fields, rest in (split_trace(m.read_bytes()) for m in messages(catch_all))}
+    assert set(stored) == {b"dave alone\n", b"bob and dave\n"}
+    assert stored[b"dave alone\n"]["Delivered-To"] == "dave@example.test"
+    assert stored[b"bob and dave\n"]["Delivered-To"] == "dave@example.test"
+    assert b"bob@" not in b"".join(m.read_bytes() for m in messages(catch_all))
+
+
 def test_mailbox_only_recipient_leaves_catch_all_empty(daemon_factory, tmp_path):
     alice = tmp_path / "alice" / "Maildir"
     d = daemon_factory(sections={"mailboxes": {"alice@example.test": str(alice)}})

@@ -112,7 +112,8 @@ _LIVE: Final = 1
 _TOMB: Final = 2
 _PROBE_WINDOW: Final = 32
 
-#: The longest the master waits for the admission lock.  Workers hold it for a few
+#: The longest the master waits for the admission lock (and, once an attempt has failed,
+#: it tries once per attempt until one succeeds).  Workers hold it for a few
 #: microseconds; one that holds it longer is stopped, traced or wedged, and the master
 #: must go on supervising: it then reads what it can without the lock, or tries again on
 #: its next tick.
@@ -209,7 +210,7 @@ class Scoreboard:
         self._alive_fd = _hold_alive(owned_dir) if owned_dir else -1
         # In the master every wait for the lock is bounded; workers (after_fork) wait.
         self._lock_wait: float | None = MASTER_LOCK_WAIT
-        self._mark = -1  # where this process marks that it holds the lock (workers)
+        self._mark = -1  # where a worker marks that it waits for or holds the lock
         #: When the master last began to fail to take the lock; None while it succeeds.
         self.lock_missed_since: float | None = None
 

@@ -49,6 +49,9 @@ class Router:
             own = postmaster_box(mailboxes, local_domains)
             if own is not None:
                 self.mailboxes = {**mailboxes, "postmaster": own}
+        # Whether some [mailboxes] address stores into the catch-all's Maildir: only then
+        # may a catch-all copy carry Delivered-To lines (and need a lookup per recipient).
+        self._mailbox_at_catch_all = catch_all in self.mailboxes.values()
 
     def route(self, recipients: list[str]) -> dict[str, list[str]]:
         """Destination Maildir path -> the distinct recipients stored there."""
@@ -64,9 +67,14 @@ class Router:
                 groups.setdefault(path, []).append(rcpt)
         return groups
 
-    def is_mailbox(self, rcpt: str) -> bool:
-        """Is ``rcpt`` a ``[mailboxes]`` address (matched in any case)?"""
-        return rcpt.lower() in self.mailboxes
+    def delivered_to(self, path: str, rcpts: list[str]) -> list[str]:
+        """Those of ``rcpts`` (as ``route`` grouped them for ``path``) that reached it as
+        ``[mailboxes]`` addresses: all of them but at the catch-all's Maildir."""
+        if path != self.catch_all:
+            return rcpts
+        if not self._mailbox_at_catch_all:
+            return []
+        return [r for r in rcpts if r.lower() in self.mailboxes]
 
     def maildir(self, path: str) -> maildir.Maildir:
         md = self._maildirs.get(path)
@@ -121,7 +129,7 @@ class Transaction:
             for path, rcpts in router.route(recipients).items():
                 copy = router.begin(path)
                 self._copies.append(copy)
-                copy.write(header.render(rcpts, [r for r in rcpts if router.is_mailbox(r)]))
+                copy.write(header.render(rcpts, router.delivered_to(path, rcpts)))
         except BaseException:
             self.abort()
             raise

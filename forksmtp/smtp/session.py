@@ -191,16 +191,27 @@ class Session(SecureCommands):
 
     # -- command dispatch --------------------------------------------------------------
 
+    def _count_after_auth(self, line: bytes) -> bool:
+        """Count ``line`` against the two after an AUTH command; True if it was one.
+
+        LOGIN sends a user name and a password line.  The count starts again at every
+        line the log mask takes for AUTH, before any refusal: one refused for its length,
+        its octets or its separator may have its response lines pipelined behind it all
+        the same."""
+        was = self._after_auth > 0
+        if was:
+            self._after_auth -= 1
+        if _auth_like(line):
+            self._after_auth = 2
+        return was
+
     def _handle_line(self, line) -> None:
         if line is TOO_LONG:
             # RFC 4954 4: 5.5.6 for a line of an authentication exchange, be it the AUTH
             # command or a response; 5.5.2 for any other command.
             in_auth = self._auth is not None or (self.config.auth and self._lines.head.upper() == b"AUTH ")
             self._auth = None
-            if self._after_auth:
-                self._after_auth -= 1
-            if _auth_like(self._lines.head):  # LOGIN lines pipelined behind it stay unlogged
-                self._after_auth = 2
+            self._count_after_auth(self._lines.head)  # LOGIN lines pipelined behind it stay unlogged
             self._log("<command line too long>")
             return self._send(R.R500_AUTH_LINE_TOO_LONG if in_auth else R.R500_LINE_TOO_LONG)
         if self._auth is not None:
@@ -215,15 +226,8 @@ class Session(SecureCommands):
         verb = verb.upper() if verb.isascii() else verb
         # Of the two lines after an AUTH command, one that is no command may be a SASL
         # response sent ahead of the refusal (a LOGIN user name, a password).
-        hidden = False
-        if self._after_auth:
-            self._after_auth -= 1
-            hidden = verb not in _HANDLERS and verb not in NOT_OFFERED
-        if _auth_like(line):
-            # LOGIN: a user name and a password line.  Set for every line the log mask
-            # takes for AUTH, before any refusal: one refused for its length, its octets
-            # or its separator may have its response lines pipelined behind it all the same.
-            self._after_auth = 2
+        hidden = (self._count_after_auth(line)
+                  and verb not in _HANDLERS and verb not in NOT_OFFERED)
         if len(line) > MAX_COMMAND - 2 and verb != "AUTH":
             # The buffer allows long lines for AUTH only (with AUTH offered); any other
             # is refused unread, and unlogged, like one over the buffer's limit.

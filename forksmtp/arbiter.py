@@ -181,8 +181,11 @@ class Arbiter:
         self.fast = False
         while True:
             at_ceiling = len(self.workers) >= self.cfg.server.max_workers
-            tick = FAST_TICK if (self.fast or self.spawn_pending or at_ceiling) else TICK
-            for sig in self.signals.wait(tick):
+            # A worker's call for more workers (the pool ran dry) ends a slow tick's wait,
+            # not a fast one's, and not twice running: at most one extra tick per FAST_TICK
+            # however often workers call (with min_spare_workers = 0, say, every busy one).
+            slow = not (self.fast or self.spawn_pending or at_ceiling or self.signals.wanted)
+            for sig in self.signals.wait(TICK if slow else FAST_TICK, want=slow):
                 self._guarded(getattr(self, f"handle_{NAMES[sig]}"))
             self.reap()
             if self.stopping:
@@ -335,7 +338,8 @@ class Arbiter:
         socks = list(self.sockets.values())
         security = Security(self.tls_context, self.passwords,
                             frozenset(s.fileno() for s in self._implicit_sockets()), self.auth_limiter)
-        w = Worker(self.cfg, socks, self.board, slot, self.generation, self.death_r, self.log, security)
+        w = Worker(self.cfg, socks, self.board, slot, self.generation, self.death_r, self.log, security,
+                   self.signals.want_w)
         w.prepare()  # opens what needs privileges (the scoreboard lock) first
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # the worker's handlers are set
         server = self.cfg.server

@@ -71,12 +71,13 @@ H_GENERATION: Final = 24
 H_ACTIVE: Final = 32
 H_TOTAL: Final = 40
 H_EXITED: Final = 48
-H_COUNTERS: Final = 56
+H_IDLE: Final = 56  # workers free to take a connection: slots with their S_IDLE mark set
+H_COUNTERS: Final = 64
 HEADER_SIZE: Final = H_COUNTERS + _COUNTERS.size
 
 # Slot: pid, state, holds_global, port, generation, ip bucket+1 (0 = none), ip key, idle
-# beat, client, in-admission mark (in the pad, outside _SLOT's fields), phase, last_activity,
-# started, counters.  The bucket is stored +1 so a zeroed slot holds none; the idle beat
+# beat, client, in-admission and idle marks (in the pad, outside _SLOT's fields), phase,
+# last_activity, started, counters.  The bucket is stored +1 so a zeroed slot holds none; the idle beat
 # is whole monotonic seconds, 0 for none yet.
 _SLOT: Final = struct.Struct(f"<iBBHqi16si46s2x16sdd{_NCOUNTERS}q")
 SLOT_SIZE: Final = _SLOT.size
@@ -89,6 +90,7 @@ S_KEY: Final = 20
 S_BEAT: Final = 36
 S_CLIENT: Final = 40
 S_IN_LOCK: Final = 86  # 1 while the slot's worker waits for or holds the admission lock
+S_IDLE: Final = 87  # 1 while the slot's worker is counted in H_IDLE (changed under the lock)
 S_PHASE: Final = 88
 S_LAST: Final = 104
 S_STARTED: Final = 112
@@ -406,6 +408,29 @@ class Scoreboard:
         if mm[base + S_STATE] != STOPPING:
             mm[base + S_STATE] = IDLE
 
+    def set_available(self, idx: int, available: bool) -> None:
+        """Count the slot's worker among the idle ones (``idle_workers``), or stop counting
+        it: when its accept loop starts, and when it stops accepting.  Sessions move it
+        in ``admit`` and ``release``, under the lock they take anyway."""
+        base = self._bases[idx]
+        if self._mm[base + S_IDLE] == available:
+            return
+        self._lock()
+        try:
+            self._mark_idle(base, available)
+        finally:
+            self._unlock()
+
+    def idle_workers(self) -> int:
+        """Workers free to take a connection now, as they counted themselves."""
+        return _Q.unpack_from(self._mm, H_IDLE)[0]
+
+    def _mark_idle(self, base: int, available: bool) -> None:
+        mm = self._mm
+        if mm[base + S_IDLE] != available:
+            mm[base + S_IDLE] = 1 if available else 0  # the mark first: see _rebuild()
+            _Q.pack_into(mm, H_IDLE, _Q.unpack_from(mm, H_IDLE)[0] + (1 if available else -1))
+
     def set_stopping(self, idx: int) -> None:
         self._mm[self._bases[idx] + S_STATE] = STOPPING
 
@@ -455,18 +480,23 @@ class Scoreboard:
             _Q.pack_into(mm, H_ACTIVE, active + 1)
             if bucket >= 0:
                 _I.pack_into(mm, self._table + bucket * _BUCKET.size + 20, count + 1)
+            self._mark_idle(base, False)
             return None
         finally:
             self._unlock()
 
-    def release(self, idx: int) -> None:
-        """Drop the counts slot idx holds (end of session).  Idempotent and cheap when none."""
+    def release(self, idx: int, available: bool = True) -> None:
+        """Drop the counts slot idx holds (end of session), and count its worker idle
+        again if it goes on accepting (``available``).  Idempotent and cheap when there is
+        nothing to change."""
         base, mm = self._bases[idx], self._mm
-        if not mm[base + S_HOLDS] and not _I.unpack_from(mm, base + S_BUCKET)[0]:
+        if (not mm[base + S_HOLDS] and not _I.unpack_from(mm, base + S_BUCKET)[0]
+                and mm[base + S_IDLE] == available):
             return  # holds is set only by the owner; rebuild() never gives a non-holder a bucket
         self._lock()
         try:
             self._release(base)
+            self._mark_idle(base, available)
         finally:
             self._unlock()
 
@@ -530,11 +560,15 @@ class Scoreboard:
                 break
 
     def _rebuild(self) -> None:
-        """Recount active sessions and the per-IP table from what live slots say they hold."""
+        """Recount active sessions, idle workers and the per-IP table from what live slots
+        say they hold.  A worker killed between its idle mark and the count (marks move
+        first) leaves the count off by one until this runs, in the repair of its slot."""
         mm = self._mm
         mm[self._table:self._table + len(self._zero_table)] = self._zero_table
-        active = 0
+        active = idle = 0
         for base in self._bases:
+            if mm[base + S_STATE] != FREE:
+                idle += mm[base + S_IDLE]
             if mm[base + S_STATE] == FREE or not mm[base + S_HOLDS]:
                 _I.pack_into(mm, base + S_BUCKET, 0)
                 mm[base + S_HOLDS] = 0
@@ -546,6 +580,7 @@ class Scoreboard:
                 _I.pack_into(mm, off, _I.unpack_from(mm, off)[0] + 1)
             _I.pack_into(mm, base + S_BUCKET, b + 1)
         _Q.pack_into(mm, H_ACTIVE, active)
+        _Q.pack_into(mm, H_IDLE, idle)
 
     def ip_counts(self) -> dict[str, int]:
         """The per-IP table as it stands (diagnostics and tests)."""

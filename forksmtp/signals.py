@@ -4,6 +4,11 @@ A handler only appends the signal number to a list (safe at any bytecode boundar
 the C-level ``signal.set_wakeup_fd`` writes a byte to a pipe, which wakes the master's
 ``select``.  No logging, no ``waitpid``, no I/O in a handler: that is where gunicorn's
 reentrancy and deadlock bugs came from, and Postfix's master_sig.c warns the same.
+
+The same wait also watches a second pipe, the workers' call for more workers: a worker
+that takes the last idle place in the pool writes to it (``Worker._pool_dry``), so a
+burst of clients gets new workers at once rather than at the master's next tick, a
+second away.  Postfix's master does the same through its children's status pipe.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ class SignalQueue:
     def __init__(self) -> None:
         self.pending: list[int] = []
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Workers keep the write end (inherited by fork); see the module's docstring.
+        self.want_r, self.want_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wanted = False  # the last wait() was ended by a worker's call
 
     def install(self) -> None:
         for sig in HANDLED:
@@ -33,22 +41,30 @@ class SignalQueue:
         self.pending.append(signum)
 
     def reset_in_child(self) -> None:
-        """A forked worker must not run the master's handlers or share its pipe."""
+        """A forked worker must not run the master's handlers or share its pipe; it
+        keeps ``want_w`` only."""
         signal.set_wakeup_fd(-1)
         for sig in HANDLED:
             signal.signal(sig, signal.SIG_DFL)
         os.close(self.wake_r)
         os.close(self.wake_w)
+        os.close(self.want_r)
 
-    def wait(self, timeout: float) -> list[int]:
-        """Sleep until a signal or the timeout; the signals received, in order, with
-        repeated SIGCHLDs collapsed to one."""
+    def wait(self, timeout: float, want: bool = False) -> list[int]:
+        """Sleep until a signal, a worker's call for more workers (if ``want``) or the
+        timeout; the signals received, in order, with repeated SIGCHLDs collapsed to
+        one.  ``wanted`` tells whether a worker called."""
+        self.wanted = False
         if not self.pending:
+            fds = [self.wake_r, self.want_r] if want else [self.wake_r]
             try:
-                select.select([self.wake_r], [], [], max(timeout, 0))
+                ready = select.select(fds, [], [], max(timeout, 0))[0]
             except InterruptedError:
-                pass
-        self._drain()
+                ready = []
+            if self.want_r in ready:
+                self.wanted = True
+                _drain(self.want_r)
+        _drain(self.wake_r)
         sigs, self.pending = self.pending, []
         if sigs.count(signal.SIGCHLD) > 1:
             sigs = [s for s in sigs if s != signal.SIGCHLD] + [signal.SIGCHLD]
@@ -60,9 +76,10 @@ class SignalQueue:
         except BlockingIOError:
             pass
 
-    def _drain(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
             pass
+    except BlockingIOError:
+        pass

@@ -67,7 +67,7 @@ class Poller(Protocol):
 
 class Worker:
     def __init__(self, cfg, listeners: list[socket.socket], board: Scoreboard, slot: int,
-                 generation: int, parent_fd: int, log: Log, security=None) -> None:
+                 generation: int, parent_fd: int, log: Log, security=None, want_fd: int = -1) -> None:
         self.cfg = cfg
         # TLS context, password table, implicit-TLS listener fds and the AUTH limiter,
         # all built by the master before it forked (see security.Security).
@@ -87,6 +87,7 @@ class Worker:
         self.slot = slot
         self.generation = generation
         self.parent_fd = parent_fd
+        self.want_fd = want_fd  # the master's pipe for a call for more workers (_pool_dry)
         self.log = log
         self.stopping = False
         self.quitting = False
@@ -169,7 +170,8 @@ class Worker:
         # pool).  An idle worker does not touch its slot while it waits: last_activity is
         # then the moment it became idle, the clock of the pool's max_idle.
         self.board.set_idle(self.slot, time.monotonic())
-        while not (self.stopping or self.quitting) and self.served < self.max_sessions:
+        self.board.set_available(self.slot, True)
+        while self._accepting():
             events = self.epoll.poll(1.0)
             self.board.beat(self.slot, time.monotonic())
             # Listeners first.  With EPOLLEXCLUSIVE this worker alone was woken for the
@@ -183,8 +185,13 @@ class Worker:
             for fd, _ in events:
                 if fd in self.wake_fds:
                     self.on_wake(fd)
+        self.board.set_available(self.slot, False)
         self.board.set_stopping(self.slot)
         return EXIT_OK
+
+    def _accepting(self) -> bool:
+        """Whether this worker takes another connection after the current one."""
+        return not (self.stopping or self.quitting) and self.served < self.max_sessions
 
     def _accept(self, fd: int) -> None:
         _, accept, family, type_, proto = self.listeners[fd]
@@ -263,17 +270,28 @@ class Worker:
                                        self.cfg.server.max_connections_per_ip)
             if refused is not None:
                 return self._refuse(sock, ip, refused, implicit_tls)
+            if self.board.idle_workers() <= 0:
+                self._pool_dry()
             stress = self.board.in_stress()
             self.command_timeout = self.cfg.timeouts.stress_command if stress else self.cfg.timeouts.command
             session = Session(self.stress_cfg if stress else self.session_cfg,
                               normalize=self._normalize_for(ip), tls=implicit_tls)
             Connection(self, sock, peer, session, self.cfg.timeouts, implicit_tls).run()
         finally:
-            self.board.release(self.slot)
             self.served += 1
+            self.board.release(self.slot, self._accepting())
             self.board.set_idle(self.slot, time.monotonic())
             if self.titled_phase:  # the title went busy during this session
                 self._title("idle")
+
+    def _pool_dry(self) -> None:
+        """This session took the last idle worker: call the master, which starts more at
+        once instead of at its next tick, up to a second away, while the clients of a
+        burst wait in the listen queue for a greeting."""
+        try:
+            os.write(self.want_fd, b"\0")
+        except OSError:
+            pass  # the pipe is full (the master has calls to read already), or no master
 
     def _refuse(self, sock: _socket.socket, ip: str, reason: str, implicit_tls: bool = False) -> None:
         """Over a connection limit: answer 421 at once and close (never a silent wait).
@@ -364,6 +382,7 @@ class Worker:
             self.epoll.unregister(fd)
             sock.close()
         self.listeners = {}
+        self.board.set_available(self.slot, False)
 
     def show_phase(self, phase: str) -> None:
         """The client has gone quiet: publish the phase, in the scoreboard (stats) and

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import time
 import traceback
 import zlib
@@ -11,8 +12,8 @@ from typing import Callable
 import pytest
 
 from forksmtp.authlimit import AuthLimiter
-from forksmtp.scoreboard import (BUSY, CONN_REJECT_REASONS, FREE, IDLE, REJECT_KEYS, STARTING,
-                                 STOPPING, Scoreboard, ip_key, key_text)
+from forksmtp.scoreboard import (BUSY, CONN_REJECT_REASONS, FREE, H_IDLE, IDLE, REJECT_KEYS,
+                                 STARTING, STOPPING, Scoreboard, ip_key, key_text)
 
 
 @pytest.fixture
@@ -48,6 +49,24 @@ def read_byte(fd: int) -> bytes:
     data = os.read(fd, 1)
     os.close(fd)
     return data
+
+
+def killed_after(board: Scoreboard, steps: Callable[[], None]) -> None:
+    """Fork a worker that takes ``steps`` and waits; SIGKILL it once they are done."""
+    ready_r, ready_w = os.pipe()
+
+    def child():
+        steps()
+        os.write(ready_w, b"x")
+        time.sleep(60)
+
+    pid = start(board, child)
+    os.close(ready_w)
+    try:
+        assert read_byte(ready_r) == b"x"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        assert wait(pid) == -signal.SIGKILL
 
 
 def test_create_layout_and_close(tmp_path):
@@ -203,24 +222,15 @@ def test_sigkilled_worker_counts_restored_by_repair(sb):
     sb.claim_slot(0, 0, 1, now=0.0)
     sb.claim_slot(1, 0, 1, now=0.0)
     assert sb.admit(1, "198.51.100.7", 10, 10) is None  # a live neighbour keeps its count
-    ready_r, ready_w = os.pipe()
 
-    def child():
+    def steps():
         sb.claim_slot(0, os.getpid(), 1)
         assert sb.admit(0, "198.51.100.7", 10, 10) is None
         sb.set_busy(0, ("198.51.100.7", 1025), time.monotonic())
         sb.count_message(0, 500)
         sb.count_reject(0, 550)
-        os.write(ready_w, b"x")
-        time.sleep(60)
 
-    pid = start(sb, child)
-    os.close(ready_w)
-    try:
-        assert read_byte(ready_r) == b"x"
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        assert wait(pid) == -signal.SIGKILL
+    killed_after(sb, steps)
     assert (sb.active(), sb.ip_counts()) == (2, {"198.51.100.7": 2})
     before = sb.snapshot().totals
     assert sb.repair(0) is True
@@ -706,3 +716,34 @@ def test_an_idle_worker_beats_without_moving_its_idle_clock():
         assert (slot.idle_beat, slot.last_activity, slot.state_name) == (161, 100.5, "idle")
     finally:
         sb.close()
+
+
+def test_workers_count_themselves_idle_and_a_repair_recounts(sb):
+    """The count a worker reads to call for more workers (the pool ran dry): a session
+    takes its worker off, its end puts it back unless the worker stops accepting, a
+    refusal changes nothing, and a worker that died counted idle stops counting once
+    its slot is repaired, whatever the count said."""
+    for i in range(3):
+        sb.claim_slot(i, 0, 1, now=0.0)
+        sb.set_available(i, True)
+    sb.set_available(0, True)  # no second count
+    assert sb.idle_workers() == 3
+    assert sb.admit(0, "198.51.100.7", 2, 10) is None
+    assert sb.admit(1, "198.51.100.8", 2, 10) is None
+    assert sb.idle_workers() == 1
+    assert sb.admit(2, "198.51.100.9", 2, 10) == "max_connections"
+    assert sb.idle_workers() == 1  # it refused and stays free
+    sb.release(2)
+    sb.release(0)
+    assert sb.idle_workers() == 2
+    sb.release(1, available=False)  # that was its last session
+    assert sb.idle_workers() == 2
+    sb.set_available(2, False)  # it stopped accepting
+    assert sb.idle_workers() == 1
+
+    sb.claim_slot(3, 0, 1, now=0.0)
+    killed_after(sb, lambda: (sb.claim_slot(3, os.getpid(), 1), sb.set_available(3, True)))
+    assert sb.idle_workers() == 2
+    struct.pack_into("<q", sb._mm, H_IDLE, 9)  # as if a worker died between mark and count
+    assert sb.repair(3) is True
+    assert sb.idle_workers() == 1  # slot 0 alone is marked

@@ -26,7 +26,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Callable, Final
 
-from . import auth, delivery, process, tls
+from . import auth, delivery, maildir, process, tls
 from .logs import ERROR, INFO, WARNING
 from .smtp import replies as R
 from .smtp.session import (NEED_DATA, PAUSED, AuthRequest, DataChunk, DataEnd, DataStart,
@@ -327,7 +327,8 @@ class Connection:
         """Log a storage failure, forget cached Maildirs (one may have been removed or
         replaced; the next message re-creates it), and give the 451/452 to answer."""
         self._drain_session_log()  # the command that met the failure comes first
-        self.log.queue("ERROR", f"{what}: {exc}", ERROR)
+        where = maildir.blamed(exc)
+        self.log.queue("ERROR", f"{what} in {where}: {exc}" if where else f"{what}: {exc}", ERROR)
         self.worker.router.forget()
         return delivery.storage_reply(exc)
 
@@ -353,7 +354,7 @@ class Connection:
             return
         for path in paths:
             self.log.queue("STORE", path)
-        self.stored = True  # write the log once the 250 is out: a stored message is never unlogged
+        self.stored = True  # the log is written before this 250 goes out (_flush)
         self.worker.count_message(event.size)
         self.session.reply(R.R250_ACCEPTED)
 
@@ -364,6 +365,12 @@ class Connection:
         out = session.data_to_send()
         if session.log or session.error_codes:
             self._drain_session_log()
+        if self.stored:
+            # Written before the 250 leaves: a message acknowledged is in the log even if
+            # the worker is killed the next instant (sessions are logged in one write
+            # otherwise, when the client pauses or the session ends).
+            self.stored = False
+            self.log.flush()
         if out:
             try:
                 self._sendall(out, final)
@@ -373,8 +380,7 @@ class Connection:
             # The command timeout runs from the last reply: bytes trickled into a
             # command line with no reply coming must not extend it (a slowloris).
             self.request_start = time.monotonic()
-        if final or self.stored:
-            self.stored = False
+        if final:
             self.log.flush()
 
     def _drain_session_log(self) -> None:

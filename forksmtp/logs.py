@@ -40,6 +40,7 @@ class Log:
         self._fd = self.open_file(path)
         self.pending: list[str] = []
         self._pending_size = 0
+        self._torn = False  # a write stopped inside a line: the next one starts a new line
         self._second = -1
         self._ms = -1
         self._stamp = self._line_prefix = ""
@@ -119,14 +120,20 @@ class Log:
         if not self.pending:
             return
         data = "".join(self.pending).encode("utf-8", "backslashreplace")
+        if self._torn:
+            data = b"\n" + data
         self.pending.clear()
         self._pending_size = 0
+        done = 0
         try:
-            while data:
-                n = os.write(self._fd, data)
-                data = data[n:]
+            while done < len(data):
+                done += os.write(self._fd, data[done:])
+            self._torn = False
         except OSError:
-            pass  # a full log disk must not stop mail; there is nowhere to report it
+            # A full log disk must not stop mail, and there is nowhere to report it.  A
+            # write it cut short may have stopped inside a line: the next write ends it.
+            if done:
+                self._torn = data[done - 1] != 10
 
     def line(self, tag: str, text: str, level: int = 20) -> None:
         """Write one line now (master events, rare worker events)."""

@@ -110,6 +110,18 @@ def _writev_all(fd: int, pieces: list, total: int) -> None:
         _write_all(fd, b"".join(pieces)[done:])
 
 
+def _blame(exc: BaseException, md: "Maildir") -> None:
+    """Name the Maildir on a storage error, for the operator's log: an fsync's EIO names
+    no file, a link names /proc/self/fd/N, and a transaction may store in several."""
+    if isinstance(exc, OSError) and not hasattr(exc, "maildir"):
+        setattr(exc, "maildir", md.path)
+
+
+def blamed(exc: OSError) -> str:
+    """The Maildir a storage error happened in, or "" if it is not known."""
+    return getattr(exc, "maildir", "")
+
+
 class Maildir:
     """One Maildir directory. Safe to create in a master and use in forked workers."""
 
@@ -152,10 +164,14 @@ class Maildir:
         """Start a delivery; the caller must commit() or abort() it.  A Maildir removed
         while the server runs is made again."""
         try:
-            return self._begin()
-        except FileNotFoundError:
-            self.make()
-            return self._begin()
+            try:
+                return self._begin()
+            except FileNotFoundError:
+                self.make()
+                return self._begin()
+        except OSError as exc:
+            _blame(exc, self)
+            raise
 
     def _begin(self) -> Delivery:
         if self.use_tmpfile:
@@ -288,8 +304,9 @@ class Delivery:
             pieces.append(self._buf)
         try:
             _writev_all(self._fd, pieces, self._held)
-        except BaseException:
+        except BaseException as exc:
             self.abort()
+            _blame(exc, self.maildir)
             raise
         pieces.clear()
         self._buf.clear()
@@ -365,7 +382,11 @@ def _sync_dirs(deliveries: Sequence[Delivery], pid: int) -> None:
         md = delivery.maildir
         if md.fsync and md.new not in seen:
             seen.add(md.new)
-            os.fsync(md._dir_fd(pid))
+            try:
+                os.fsync(md._dir_fd(pid))
+            except OSError as exc:
+                _blame(exc, md)
+                raise
 
 
 def commit_all(deliveries: Sequence[Delivery]) -> list[str]:
@@ -377,6 +398,7 @@ def commit_all(deliveries: Sequence[Delivery]) -> list[str]:
     linked is removed, all deliveries are aborted, and the error is re-raised.
     Returns the final paths in order.
     """
+    delivery = deliveries[0]  # the one at work when an error comes (_sync_dirs: its own)
     try:
         for delivery in deliveries:
             delivery._sync()
@@ -389,9 +411,10 @@ def commit_all(deliveries: Sequence[Delivery]) -> list[str]:
         _sync_dirs(deliveries, pid)
         for delivery in deliveries:
             delivery._close()
-    except BaseException:
-        for delivery in deliveries:
-            delivery.abort()
+    except BaseException as exc:
+        _blame(exc, delivery.maildir)
+        for copy in deliveries:
+            copy.abort()
         raise
     return [delivery._finish() for delivery in deliveries]
 

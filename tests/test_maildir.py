@@ -434,9 +434,10 @@ def test_commit_all_is_all_or_nothing(tmp_path, mode):
         delivery.write(b"both or neither\n")
     os.rmdir(b.new)
     open(b.new, "w").close()  # the second link fails after the first one was made
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(NotADirectoryError) as failed:
         commit_all(deliveries)
     assert listing(a) == ([], []) and os.listdir(b.tmp) == []
+    assert maildir.blamed(failed.value) == b.path  # the log names the Maildir that failed
 
 
 def test_tmpfile_refusal_falls_back_and_is_remembered(tmp_path, monkeypatch):

@@ -160,9 +160,7 @@ class Arbiter:
             except OSError as exc:
                 raise MaildirError(exc.errno, f"{keys[path]} = {path}: cannot make the Maildir: "
                                    f"{exc.filename or path}: {exc.strerror or exc}") from exc
-            removed = maildir.clean_tmp(path)
-            if removed:
-                self.log.info("STORE", f"removed {removed} stale file(s) from {path}/tmp")
+            self._clean_tmp(path)
         if cfg.server.user or cfg.server.group:
             process.chown_tree(sorted(keys), cfg.server.user, cfg.server.group)
 
@@ -511,12 +509,18 @@ class Arbiter:
             return
         self.next_tmp_clean = now + TMP_CLEAN_INTERVAL
         for path in {self.cfg.delivery.maildir, *self.cfg.delivery.mailboxes.values()}:
-            try:
-                n = maildir.clean_tmp(path)
-            except OSError:
-                continue
-            if n:
-                self.log.info("STORE", f"removed {n} stale file(s) from {path}/tmp")
+            self._clean_tmp(path)
+
+    def _clean_tmp(self, path: str) -> None:
+        """Best effort: a tmp/ that cannot be read (or is a symlink, never followed) gets
+        its deliveries refused with 451 anyway, and is logged."""
+        try:
+            n = maildir.clean_tmp(path)
+        except OSError as exc:
+            self.log.warning("STORE", f"cannot clean {path}/tmp: {exc.strerror or exc}")
+            return
+        if n:
+            self.log.info("STORE", f"removed {n} stale file(s) from {path}/tmp")
 
     # -- reload --------------------------------------------------------------------------
 

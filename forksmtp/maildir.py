@@ -44,7 +44,10 @@ _TMPFILE = getattr(os, "O_TMPFILE", 0)
 # that predate it and see only O_DIRECTORY).
 _TMPFILE_REFUSED: Final = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
 _NO_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
-_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# tmp/ and new/ are never followed as symlinks: workers may run as root, and whoever owns
+# a mailbox's directory could otherwise point them at any directory of the host, where
+# the sender's text would be written.  (The configured Maildir path itself may be one.)
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _EXCL_FLAGS: Final = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TMP_NAME: Final = re.compile(r"\d+\.M\d+P(\d+)Q\d+\.(.+)\Z")
 
@@ -176,7 +179,7 @@ class Maildir:
     def _begin(self) -> Delivery:
         if self.use_tmpfile:
             try:
-                fd = os.open(self.tmp, _TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+                fd = os.open(self.tmp, _TMPFILE | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             except OSError as exc:
                 if exc.errno not in _TMPFILE_REFUSED:
                     raise
@@ -190,13 +193,17 @@ class Maildir:
 
     def _begin_named(self) -> Delivery:
         pid = os.getpid()
-        for _ in range(_MAX_TRIES):
-            tmp = os.path.join(self.tmp, _unique(pid, self.host))
-            try:
-                fd = os.open(tmp, _EXCL_FLAGS, 0o600)
-            except FileExistsError:
-                continue
-            return Delivery(self, fd, tmp)
+        tmp_fd = os.open(self.tmp, _DIR_FLAGS)  # not a symlink (see _DIR_FLAGS)
+        try:
+            for _ in range(_MAX_TRIES):
+                name = _unique(pid, self.host)
+                try:
+                    fd = os.open(name, _EXCL_FLAGS, 0o600, dir_fd=tmp_fd)
+                except FileExistsError:
+                    continue
+                return Delivery(self, fd, os.path.join(self.tmp, name))
+        finally:
+            os.close(tmp_fd)
         raise FileExistsError(errno.EEXIST, "no unique name available", self.tmp)
 
     def _dir_fd(self, pid: int) -> int:
@@ -216,10 +223,10 @@ class Maildir:
         operator's mv, a restore) would otherwise go on getting mail, and the log would
         name a file that is not there; one removed is made again."""
         try:
-            st = os.stat(self.new)
+            st = os.stat(self.new, follow_symlinks=False)
         except FileNotFoundError:
             self.make()
-            st = os.stat(self.new)
+            st = os.stat(self.new, follow_symlinks=False)
         if self._new_fd_pid == pid and (st.st_dev, st.st_ino) != self._new_id:
             self.close()
         return self._dir_fd(pid)
@@ -454,10 +461,18 @@ def clean_tmp(path: str, *, now: float | None = None, max_age: float = 36 * 3600
     host = escape_host(socket.gethostname() if hostname is None else hostname)
     cutoff = (time.time() if now is None else now) - max_age
     removed = 0
-    with os.scandir(os.path.join(os.fspath(path), "tmp")) as entries:
-        for entry in entries:
-            if not entry.name.startswith(".") and _stale(entry, cutoff, host):
-                removed += _unlink_quiet(entry.path)
+    tmp_fd = os.open(os.path.join(os.fspath(path), "tmp"), _DIR_FLAGS)  # the master is often root
+    try:
+        with os.scandir(tmp_fd) as entries:
+            for entry in entries:
+                if not entry.name.startswith(".") and _stale(entry, cutoff, host):
+                    try:
+                        os.unlink(entry.name, dir_fd=tmp_fd)
+                    except OSError:
+                        continue
+                    removed += 1
+    finally:
+        os.close(tmp_fd)
     return removed
 
 

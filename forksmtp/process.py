@@ -179,8 +179,10 @@ def chown_tree(paths: list[str], user: str, group: str) -> None:
     if uid is None and gid is None:
         return
     for top in paths:
-        for root, dirs, _files in os.walk(top):
-            os.chown(root, -1 if uid is None else uid, -1 if gid is None else gid)
+        for root, dirs, _files in os.walk(top):  # never into a symlinked directory
+            # Nor through one swapped in meanwhile: only the configured path may be a link.
+            os.chown(root, -1 if uid is None else uid, -1 if gid is None else gid,
+                     follow_symlinks=root == top)
 
 
 def sd_notify(message: str) -> None:

@@ -621,3 +621,41 @@ def test_close_never_raises_and_a_later_message_reopens_new(tmp_path):
     d = md.begin()
     d.write(b"Subject: again\n\nbody\n")
     assert os.path.exists(d.commit())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sub", ["tmp", "new"])
+def test_a_tmp_or_new_replaced_by_a_symlink_is_refused_not_followed(tmp_path, mode, sub):
+    """Whoever owns a mailbox's directory must not be able to point a worker, perhaps
+    running as root, at another directory of the host through a symlinked tmp/ or new/:
+    the delivery fails (451) and nothing is written behind the link."""
+    md = make(tmp_path / "md", mode)
+    deliver(md, b"before\n")  # new/ is open and cached from here on
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    moved = tmp_path / f"old-{sub}"
+    os.rename(getattr(md, sub), moved)
+    os.symlink(elsewhere, getattr(md, sub))
+    with pytest.raises(OSError) as refused:
+        deliver(md, b"through the link\n")
+    assert refused.value.errno in (errno.ENOTDIR, errno.ELOOP)
+    assert maildir.blamed(refused.value) == md.path
+    assert os.listdir(elsewhere) == []
+    os.unlink(getattr(md, sub))
+    os.rename(moved, getattr(md, sub))
+    deliver(md, b"after\n")
+    assert len(os.listdir(md.new)) == 2
+
+
+def test_clean_tmp_does_not_follow_a_symlinked_tmp(tmp_path):
+    md = make(tmp_path / "md")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    victim = elsewhere / "1700000000.M1P99999999Q1.host"
+    victim.write_bytes(b"not ours")
+    os.utime(victim, (0, 0))  # old enough for the age rule
+    os.rmdir(md.tmp)
+    os.symlink(elsewhere, md.tmp)
+    with pytest.raises(OSError):
+        clean_tmp(md.path)
+    assert victim.exists()

@@ -120,7 +120,8 @@ class Worker:
         # pregreet test); without the rejection there is no reason to make clients wait.
         self.greeting_delay = cfg.server.greeting_delay if cfg.server.reject_early_talkers else 0.0
         self.command_timeout = cfg.timeouts.command
-        self.id_prefix = f"{int(time.time()):X}{self.pid:X}."
+        # The Received: id is an RFC 5321 Atom, so no '.' (not atext) in it.
+        self.id_prefix = f"{int(time.time()):X}{self.pid:X}-"
         jitter = cfg.server.max_sessions_jitter
         self.max_sessions = cfg.server.max_sessions_per_worker + random.randint(0, max(jitter, 0))
         self.epoll: Poller = select.epoll()

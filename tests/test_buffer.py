@@ -462,6 +462,19 @@ def test_refused_text_is_still_sized_without_its_transparency_dots(piece):
         assert (r.error, r.reader.size) == (error, size), (piece, limit)
 
 
+@pytest.mark.parametrize("cut", [20, 40, 1074, 1100, 1200])
+def test_a_long_stuffed_line_is_sized_without_its_dot_wherever_the_reads_cut_it(cut):
+    """A line over 1000 octets that starts with a transparency dot: the octets dropped
+    with it are counted without the dot, as every other refused text is, so that the
+    size, and whether 552 or 554 answers at exactly the limit, do not depend on where
+    the reads cut it."""
+    data = b"Subject: x\r\n\r\n..." + b"a" * 1196 + b"\r\n" + END
+    size = len(data) - len(END) - 1  # one transparency dot
+    for limit, error in ((size, R.R554_LINE_TOO_LONG), (size - 1, R.R552_TOO_BIG)):
+        r = Read([data[:cut], data[cut:]], max_size=limit)
+        assert (r.error, r.reader.size) == (error, size), (cut, limit)
+
+
 def test_oversized_message_hands_on_no_text_but_still_finds_the_end():
     reader = DataReader(10)
     text, done, _ = reader.feed(b"12345678\r\n")

@@ -183,6 +183,12 @@ IN_TRANSACTION = [
     ("rcpt-space-after-colon", "RCPT TO: <b@example.test>", 250),
     ("rcpt-mixed-case", "rCpT tO:<b@example.test>", 250),
     ("rcpt-trailing-space", "RCPT TO:<b@example.test> ", 250),
+    # Trailing blanks mean nothing, whatever their number or kind (as in Postfix).
+    ("rcpt-trailing-spaces", "RCPT TO:<b@example.test>   ", 250),
+    ("rcpt-trailing-tab", "RCPT TO:<b@example.test>\t", 250),
+    ("rset-trailing-spaces", "RSET  ", 250),
+    ("rset-trailing-tab", "RSET\t", 250),
+    ("noop-trailing-tab", "NOOP \t", 250),
     ("rcpt-junk-after-path", "RCPT TO:<b@example.test>junk", 501),  # as for MAIL
     ("rcpt-parameter", "RCPT TO:<b@example.test> NOTIFY=NEVER", 555),  # no DSN offered
 ]
@@ -208,6 +214,13 @@ def test_path_errors_name_the_sender_or_the_recipient(name, lines, head):
 @pytest.mark.parametrize("name, line, code", IN_TRANSACTION, ids=ids(IN_TRANSACTION))
 def test_command_in_transaction(name, line, code):
     assert transcript(new_session(), [E, M, line]) == [250, 250, code]
+
+
+def test_data_and_quit_with_trailing_blanks_are_data_and_quit():
+    s = new_session()
+    assert transcript(s, [E, M, RC, "DATA  \t"]) == OK3 + [354]
+    s = new_session()
+    assert transcript(s, [E, "QUIT\t "]) == [250, 221] and s.closed
 
 
 def test_data_with_parameter_is_501_and_transaction_survives():

@@ -325,7 +325,10 @@ class DataReader:
         # An unfinished line may hold 1000 octets plus a transparency dot and a CR.
         if self._carry + len(tail) > 1002:
             self._fail(R.R554_LINE_TOO_LONG)
-            self.size += max(len(tail) - 4, 0)  # octets dropped here are counted now
+            # Octets dropped here are counted now, as _sent_size counts: less the
+            # transparency dot if the line starts here with one.
+            opens = not (self._carry or self._midline) and tail[:1] == b"."
+            self.size += max(len(tail) - 4, 0) - opens
             tail = tail[-4:]  # enough to recognise an END_OF_DATA that spans reads
             self._midline = True
         self._pending = tail

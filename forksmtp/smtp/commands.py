@@ -46,6 +46,7 @@ _QUOTED_PAIR: Final = re.compile(r"\\(.)")
 _KEYWORD: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _VALUE: Final = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
 _GENERAL_LITERAL: Final = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+\Z")
+_IPV4_LITERAL: Final = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 
 
 @dataclass(slots=True, init=False)
@@ -113,7 +114,9 @@ def _check_literal(literal: str) -> None:
                 raise ValueError(inner)
             ipaddress.IPv6Address(inner[5:])
         elif inner[:1].isdigit():
-            ipaddress.IPv4Address(inner)
+            # Snum = 1*3DIGIT, 0 to 255: leading zeros are allowed, which ipaddress refuses.
+            if not _IPV4_LITERAL.fullmatch(inner) or max(map(int, inner.split("."))) > 255:
+                raise ValueError(inner)
         elif not _GENERAL_LITERAL.match(inner):
             raise ValueError(inner)
     except ValueError:

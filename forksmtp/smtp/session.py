@@ -220,6 +220,10 @@ class Session(SecureCommands):
             text = line.decode("utf-8")
         except UnicodeDecodeError:
             text = None
+        if text and (text[-1] == " " or text[-1] == "\t"):
+            # Trailing blanks mean nothing, whatever the command: "RSET " and "RSET  "
+            # and "QUIT\t" are RSET and QUIT (as Postfix, which splits on any blank).
+            text = text.rstrip(" \t")
         verb, _, arg = (text or "").partition(" ")
         # ASCII only: str.upper() maps some other letters onto ASCII ("ı" -> "I",
         # "ſ" -> "S"), which would run "MAıL" as MAIL.

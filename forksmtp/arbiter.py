@@ -28,7 +28,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import (auth, config as config_mod, connection, limits, listeners, maildir, pool, process,
+from . import (auth, config as config_mod, config_checks, connection, limits, listeners, maildir, pool, process,
                stats, tls)
 from .authlimit import AuthLimiter
 from .overflow import OverflowGuard
@@ -152,17 +152,31 @@ class Arbiter:
         return sock
 
     def _prepare_maildirs(self, cfg) -> None:
+        """Make every Maildir.  One the catch-all cannot use stops a start or a reload;
+        a ``[mailboxes]`` one is logged and left out (its mail gets 451 until it is
+        fixed), as Postfix's delivery agents defer one mailbox's mail and take the rest:
+        a read-only file system under one user's Maildir must not stop a certificate's
+        reload, or the server from starting after a reboot."""
         keys = {path: f'mailboxes."{address}"' for address, path in cfg.delivery.mailboxes.items()}
         keys[cfg.delivery.maildir] = "delivery.maildir"
+        ready = []
         for path in sorted(keys):
             try:
                 maildir.Maildir(path, fsync=cfg.delivery.fsync)
-            except OSError as exc:
-                raise MaildirError(exc.errno, f"{keys[path]} = {path}: cannot make the Maildir: "
-                                   f"{exc.filename or path}: {exc.strerror or exc}") from exc
+                config_checks._creatable_dir(path)  # made, but perhaps on a read-only file system
+            except (OSError, ValueError) as exc:
+                problem = (f"cannot make the Maildir: {exc.filename or path}: {exc.strerror or exc}"
+                           if isinstance(exc, OSError) else str(exc))
+                if path == cfg.delivery.maildir:
+                    raise MaildirError(getattr(exc, "errno", None) or errno.EIO,
+                                       f"{keys[path]} = {path}: {problem}") from exc
+                self.log.warning("STORE", f"{keys[path]} = {path}: {problem}; "
+                                          "its mail gets 451 until this is fixed")
+                continue
+            ready.append(path)
             self._clean_tmp(path)
         if cfg.server.user or cfg.server.group:
-            process.chown_tree(sorted(keys), cfg.server.user, cfg.server.group)
+            process.chown_tree(ready, cfg.server.user, cfg.server.group)
 
     def _title(self) -> str:
         where = self.cfg.path or "built-in defaults"
@@ -531,7 +545,7 @@ class Arbiter:
         log_fd = -1
         opened: dict = {}
         try:
-            new = config_mod.load_config(self.cfg.path or None, self.overrides)
+            new = config_mod.load_config(self.cfg.path or None, self.overrides, mailbox_storage=False)
             context, passwords = load_security(new)
             self._prepare_maildirs(new)
             log_fd = Log.open_file(new.log.file)

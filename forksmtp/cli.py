@@ -72,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     overrides = overrides_from(args)
     try:
-        cfg = load_config(args.config, overrides)
+        # A [mailboxes] Maildir that cannot be used now fails --check, not a start: the
+        # master logs it and the other mailboxes' mail goes on (Arbiter._prepare_maildirs).
+        cfg = load_config(args.config, overrides, mailbox_storage=args.check)
     except ConfigError as exc:
         print(f"forksmtp: {exc}", file=sys.stderr)
         return 2

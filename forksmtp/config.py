@@ -197,8 +197,12 @@ _OPTIONAL = frozenset({"tls", "auth"})  # absent section: feature off (None)
 _KNOWN = frozenset(f"{s}.{k}" for s, k, *_ in _KEYS)
 
 
-def load_config(path: str | None, overrides: Mapping[str, object] | None = None) -> Config:
-    """Read, merge (overrides win) and validate; raises ConfigError."""
+def load_config(path: str | None, overrides: Mapping[str, object] | None = None, *,
+                mailbox_storage: bool = True) -> Config:
+    """Read, merge (overrides win) and validate; raises ConfigError.  Without
+    ``mailbox_storage``, a ``[mailboxes]`` Maildir that cannot be made or written now is
+    no error: a start or a reload goes on without it (its mail gets 451, and the master
+    logs why), as one mailbox's storage must not hold up the others' mail."""
     label = path or ""
     raw = _read(path) if path else {}
     base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
@@ -216,7 +220,7 @@ def load_config(path: str | None, overrides: Mapping[str, object] | None = None)
     present = {key.partition(".")[0] for key in sources} | (raw.keys() & _OPTIONAL)
     built = {name: _build(name, sources, label) for name in _SECTIONS
              if name not in _OPTIONAL or name in present}
-    mailboxes = _mailboxes(raw.get("mailboxes", {}), label, base)
+    mailboxes = _mailboxes(raw.get("mailboxes", {}), label, base, mailbox_storage)
     built["delivery"] = dataclasses.replace(built["delivery"], mailboxes=mailboxes)
     cfg = Config(**built, path=os.path.abspath(path) if path else "")
     _cross_check(cfg, sources, label)
@@ -291,7 +295,7 @@ def _build(section: str, sources: dict[str, _Source], file: str) -> Any:
     return _SECTIONS[section](**values)
 
 
-def _mailboxes(table: dict, file: str, base: str) -> Mapping[str, str]:
+def _mailboxes(table: dict, file: str, base: str, storage: bool = True) -> Mapping[str, str]:
     boxes: dict[str, str] = {}
     for address, maildir in table.items():
         dotted = f"mailboxes.{json.dumps(address, ensure_ascii=False)}"
@@ -301,7 +305,8 @@ def _mailboxes(table: dict, file: str, base: str) -> Mapping[str, str]:
                 raise ValueError(f"{key} is listed twice (addresses are case-insensitive)")
         except ValueError as exc:
             raise ConfigError(file, dotted, maildir, str(exc)) from None
-        boxes[key] = _convert(dotted, _Source(maildir, file, base), _path, _creatable_dir)
+        boxes[key] = _convert(dotted, _Source(maildir, file, base), _path,
+                              _creatable_dir if storage else _non_empty)
     # An internationalised domain's other spelling (A-label or U-label) names the same
     # mailbox, as it names the same local domain (config_checks._domains): an SMTPUTF8
     # client may write either.  A key written in both spellings must agree.

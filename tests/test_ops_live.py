@@ -207,3 +207,54 @@ def test_workers_are_recycled_after_max_sessions(daemon_factory):
     send_message(d.port)
     assert len(d.new_messages()) == 4
     assert "crash loop" not in d.log_text()
+
+
+def _data_reply(port: int, rcpt: str) -> int:
+    """The reply to a whole message for ``rcpt`` (451 at DATA counts as the reply)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("ops.example")
+        client.mail("a@ops.example")
+        assert client.rcpt(rcpt)[0] == 250
+        try:
+            return client.data(b"Subject: one mailbox down\r\n\r\nhello\r\n")[0]
+        except smtplib.SMTPDataError as exc:  # refused in answer to DATA
+            return exc.smtp_code
+
+
+def test_a_broken_mailbox_fails_check_but_neither_the_start_nor_a_reload(daemon_factory, tmp_path):
+    """One [mailboxes] Maildir that cannot be made or written (a file in its path here; a
+    read-only file system in life) must not keep the server from starting after a
+    reboot, or block a reload that rotates a certificate: the master logs it, that
+    mailbox's mail gets 451, and everyone else's goes on.  --check still refuses it."""
+    blocker = tmp_path / "bob-home"
+    blocker.write_text("a file where bob's home directory should be\n")
+    boxes = {"bob@mx.test.example": str(blocker / "Maildir"),
+             "carol@mx.test.example": str(tmp_path / "carol" / "Maildir")}
+    check = Daemon(tmp_path / "check", sections={"mailboxes": boxes})
+    (tmp_path / "check").mkdir()
+    check.write_config()
+    result = subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(check.config_path), "--check"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and 'mailboxes."bob@mx.test.example"' in result.stderr, result
+
+    d = daemon_factory(sections={"mailboxes": boxes})
+    warning = f'[STORE] mailboxes."bob@mx.test.example" = {blocker}/Maildir: '
+    assert warning in d.log_text() and "its mail gets 451 until this is fixed" in d.log_text()
+    assert _data_reply(d.port, "bob@mx.test.example") == 451
+    assert _data_reply(d.port, "carol@mx.test.example") == 250
+    send_message(d.port)  # the catch-all
+    assert len(list((tmp_path / "carol" / "Maildir" / "new").iterdir())) == 1
+
+    # A reload for something else entirely goes through, with bob still broken.
+    d.sections["server"]["hostname"] = "mx2.test.example"
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("configuration generation 2 loaded")
+    assert d.log_text().count(warning) == 2
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as client:
+        assert b"mx2.test.example" in client.ehlo("ops.example")[1]
+    # Fixed: bob's mail is stored again, with no reload needed.
+    blocker.unlink()
+    assert _data_reply(d.port, "bob@mx.test.example") == 250
+    assert len(list((blocker / "Maildir" / "new").iterdir())) == 1
+    assert "reload failed" not in d.log_text() and "Traceback" not in d.log_text()

@@ -311,6 +311,14 @@ class Connection:
         except OSError as exc:
             session.reply(self._storage_error("cannot open Maildir file", exc))
             return
+        declared = event.envelope.params.get("SIZE")
+        if declared:
+            full = self.txn.room_for(int(declared))
+            if full is not None:
+                self.txn.abort()
+                self.txn = None
+                session.reply(self._storage_error("no room for the message", full))
+                return
         self.data_start = time.monotonic()
         self.data_bytes = 0
         session.accept_data()

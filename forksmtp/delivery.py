@@ -14,6 +14,7 @@ them all-or-nothing.  Errors propagate as ``OSError``; ``storage_reply`` maps th
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Mapping
 from typing import Final
 
@@ -135,6 +136,19 @@ class Transaction:
             raise
         # The common case is one copy: bind its write method to skip a loop per chunk.
         self.write = self._copies[0].write if len(self._copies) == 1 else self._write_all
+
+    def room_for(self, size: int) -> OSError | None:
+        """The ENOSPC of the first copy whose file system has no room now for a message
+        of the client's declared ``size`` (RFC 1870 SIZE) and half as much again, as
+        Postfix keeps for the queue; None when every one has.  Refused before the 354,
+        the client sends no text that could only fail at the end."""
+        for copy in self._copies:
+            free = copy.free_space()
+            if free < size + size // 2:
+                exc = OSError(errno.ENOSPC, f"{free} octets free for a message of {size} (SIZE)")
+                maildir.blame(exc, copy.maildir)
+                return exc
+        return None
 
     def _write_all(self, data: bytes) -> None:
         for copy in self._copies:

@@ -113,7 +113,7 @@ def _writev_all(fd: int, pieces: list, total: int) -> None:
         _write_all(fd, b"".join(pieces)[done:])
 
 
-def _blame(exc: BaseException, md: "Maildir") -> None:
+def blame(exc: BaseException, md: "Maildir") -> None:
     """Name the Maildir on a storage error, for the operator's log: an fsync's EIO names
     no file, a link names /proc/self/fd/N, and a transaction may store in several."""
     if isinstance(exc, OSError) and not hasattr(exc, "maildir"):
@@ -173,7 +173,7 @@ class Maildir:
                 self.make()
                 return self._begin()
         except OSError as exc:
-            _blame(exc, self)
+            blame(exc, self)
             raise
 
     def _begin(self) -> Delivery:
@@ -280,6 +280,11 @@ class Delivery:
         if self._held >= _FLUSH_AT:
             self._flush()
 
+    def free_space(self) -> int:
+        """Octets an unprivileged writer may still add to this file's file system."""
+        st = os.fstatvfs(self._fd)
+        return st.f_bavail * st.f_frsize
+
     def commit(self) -> str:
         """Make the message durable in new/ and return its path; see commit_all()."""
         return commit_all((self,))[0]
@@ -313,7 +318,7 @@ class Delivery:
             _writev_all(self._fd, pieces, self._held)
         except BaseException as exc:
             self.abort()
-            _blame(exc, self.maildir)
+            blame(exc, self.maildir)
             raise
         pieces.clear()
         self._buf.clear()
@@ -392,7 +397,7 @@ def _sync_dirs(deliveries: Sequence[Delivery], pid: int) -> None:
             try:
                 os.fsync(md._dir_fd(pid))
             except OSError as exc:
-                _blame(exc, md)
+                blame(exc, md)
                 raise
 
 
@@ -419,7 +424,7 @@ def commit_all(deliveries: Sequence[Delivery]) -> list[str]:
         for delivery in deliveries:
             delivery._close()
     except BaseException as exc:
-        _blame(exc, delivery.maildir)
+        blame(exc, delivery.maildir)
         for copy in deliveries:
             copy.abort()
         raise

@@ -226,6 +226,36 @@ def test_disk_full_452_then_recovers_without_restart(small_tmpfs, daemon_factory
     assert_no_crash(d)
 
 
+def test_a_declared_size_the_disk_cannot_take_gets_452_before_the_text(small_tmpfs, daemon_factory):
+    """MAIL FROM SIZE=3000000 on a 2 MiB file system: 452 4.3.1 in answer to DATA, so the
+    client sends no 3 MB that could only be refused after the final dot (RFC 1870 6.1:
+    452 when the size cannot be accommodated now).  A SIZE that fits goes on; the log
+    names the Maildir and the shortfall."""
+    md = small_tmpfs / "Maildir"
+    d = daemon_factory(sections={"delivery": {"maildir": str(md)},
+                                 "limits": {"max_message_size": 4_000_000}})
+    mark = len(d.log_text())
+    client = RawSMTP(d.port)
+    try:
+        assert client.command(EHLO) == 250
+        client.sock.sendall(b"MAIL FROM:<a@client.example> SIZE=3000000\r\nRCPT TO:<b@mx.test.example>\r\n"
+                            b"DATA\r\n")
+        assert [client.reply()[0] for _ in range(2)] == [250, 250]
+        code, text = client.reply()
+        assert code == 452 and b"4.3.1" in text, text
+        assert client.command(b"RSET") == 250
+        client.sock.sendall(b"MAIL FROM:<a@client.example> SIZE=1000\r\nRCPT TO:<b@mx.test.example>\r\n"
+                            b"DATA\r\n")
+        assert [client.reply()[0] for _ in range(3)] == [250, 250, 354]
+        client.sock.sendall(b"Subject: fits\r\n\r\nsmall\r\n.\r\n")
+        assert client.reply()[0] == 250
+    finally:
+        client.close()
+    assert_error_logged_in_order(d, mark, f"no room for the message in {md}: ", "452 4.3.1")
+    assert "(SIZE)" in d.log_text()[mark:]
+    assert len(listing(md / "new")) == 1 and listing(md / "tmp") == []
+
+
 def test_out_of_inodes_452_at_data_then_recovers(small_tmpfs, daemon_factory):
     """Every message needs an inode, even an unnamed O_TMPFILE one: none left gets 452
     4.3.1 in answer to DATA, before the client sends the message."""

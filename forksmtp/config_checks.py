@@ -271,6 +271,8 @@ def _creatable_dir(path: str) -> str:
         raise ValueError(f"{where}is not writable")
     for sub in ("tmp", "new", "cur"):  # what the server would make inside it
         inner = os.path.join(path, sub)
+        if sub != "cur" and os.path.islink(inner):
+            raise ValueError(f"{inner} is a symlink, which is not followed")
         if os.path.lexists(inner) and not os.path.isdir(inner):
             raise ValueError(f"{inner} is not a directory")
     return path

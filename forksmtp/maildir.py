@@ -44,10 +44,7 @@ _TMPFILE = getattr(os, "O_TMPFILE", 0)
 # that predate it and see only O_DIRECTORY).
 _TMPFILE_REFUSED: Final = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT})
 _NO_SPACE: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
-# tmp/ and new/ are never followed as symlinks: workers may run as root, and whoever owns
-# a mailbox's directory could otherwise point them at any directory of the host, where
-# the sender's text would be written.  (The configured Maildir path itself may be one.)
-_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _EXCL_FLAGS: Final = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TMP_NAME: Final = re.compile(r"\d+\.M\d+P(\d+)Q\d+\.(.+)\Z")
 
@@ -80,6 +77,21 @@ def _mkdir(path: str, mode: int) -> bool:
     if mode != 0o777:
         os.chmod(path, mode)  # mkdir's mode is filtered by the umask
     return True
+
+
+def _open_sub(path: str, flags: int, mode: int = 0o600) -> int:
+    """Open tmp/ or new/ (or an unnamed file in tmp/) without following a symlink there.
+
+    Workers may run as root, and whoever owns a mailbox's directory could otherwise point
+    them at any directory of the host, where the sender's text would be written.  (The
+    configured Maildir path itself, and the directories above it, may be links: they
+    come from the operator.)  O_NOFOLLOW alone reports a link as ENOTDIR; it is named."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except NotADirectoryError:
+        if os.path.islink(path):
+            raise OSError(errno.ELOOP, "a symlink, which is not followed", path) from None
+        raise
 
 
 def _fsync_dir(path: str) -> None:
@@ -155,6 +167,9 @@ class Maildir:
             parent = os.path.dirname(parent)
         made = [d for d in reversed(above) if _mkdir(d, 0o777)]  # umask decides, as mkdir -p
         made += [d for d in (self.path, self.tmp, self.new, self.cur) if _mkdir(d, 0o700)]
+        for sub in (self.tmp, self.new):  # refused now, not at each message (_open_sub)
+            if os.path.islink(sub):
+                raise OSError(errno.ELOOP, "a symlink, which is not followed", sub)
         if self.fsync:
             for directory in dict.fromkeys(made + [os.path.dirname(d) for d in made]):
                 _fsync_dir(directory)
@@ -179,7 +194,7 @@ class Maildir:
     def _begin(self) -> Delivery:
         if self.use_tmpfile:
             try:
-                fd = os.open(self.tmp, _TMPFILE | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                fd = _open_sub(self.tmp, _TMPFILE | os.O_WRONLY | os.O_CLOEXEC)
             except OSError as exc:
                 if exc.errno not in _TMPFILE_REFUSED:
                     raise
@@ -193,7 +208,7 @@ class Maildir:
 
     def _begin_named(self) -> Delivery:
         pid = os.getpid()
-        tmp_fd = os.open(self.tmp, _DIR_FLAGS)  # not a symlink (see _DIR_FLAGS)
+        tmp_fd = _open_sub(self.tmp, _DIR_FLAGS)
         try:
             for _ in range(_MAX_TRIES):
                 name = _unique(pid, self.host)
@@ -211,7 +226,7 @@ class Maildir:
         is left alone rather than closed: the child may already have closed
         that number and reused it for something else."""
         if self._new_fd_pid != pid:
-            self._new_fd = os.open(self.new, _DIR_FLAGS)
+            self._new_fd = _open_sub(self.new, _DIR_FLAGS)
             self._new_fd_pid = pid
             st = os.fstat(self._new_fd)
             self._new_id = (st.st_dev, st.st_ino)
@@ -466,7 +481,7 @@ def clean_tmp(path: str, *, now: float | None = None, max_age: float = 36 * 3600
     host = escape_host(socket.gethostname() if hostname is None else hostname)
     cutoff = (time.time() if now is None else now) - max_age
     removed = 0
-    tmp_fd = os.open(os.path.join(os.fspath(path), "tmp"), _DIR_FLAGS)  # the master is often root
+    tmp_fd = _open_sub(os.path.join(os.fspath(path), "tmp"), _DIR_FLAGS)  # the master is often root
     try:
         with os.scandir(tmp_fd) as entries:
             for entry in entries:

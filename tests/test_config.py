@@ -216,6 +216,20 @@ def test_a_maildir_holding_a_file_where_a_subdirectory_goes(etc: Path, sub: str)
     assert info.value.problem == f"{etc / 'md' / sub} is not a directory"
 
 
+@pytest.mark.parametrize("sub", ["tmp", "new"])
+def test_a_maildir_whose_tmp_or_new_is_a_symlink_is_refused(etc: Path, sub: str) -> None:
+    """The server never follows them (SECURITY.md, 7): --check says so, rather than
+    passing a config whose every message would get 451."""
+    (etc / "elsewhere").mkdir()
+    (etc / "md").mkdir()
+    (etc / "md" / sub).symlink_to(etc / "elsewhere")
+    path = write(etc, '[delivery]\nmaildir = "md"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert info.value.key == "delivery.maildir"
+    assert info.value.problem == f"{etc / 'md' / sub} is a symlink, which is not followed"
+
+
 def test_the_longest_timeouts_and_greeting_delay_are_taken(etc: Path) -> None:
     """The other side of the limits BAD crosses: a day, and just under 5 minutes."""
     path = write(etc, "[server]\ngreeting_delay = 299.5\n[timeouts]\n" +

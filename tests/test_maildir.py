@@ -638,7 +638,7 @@ def test_a_tmp_or_new_replaced_by_a_symlink_is_refused_not_followed(tmp_path, mo
     os.symlink(elsewhere, getattr(md, sub))
     with pytest.raises(OSError) as refused:
         deliver(md, b"through the link\n")
-    assert refused.value.errno in (errno.ENOTDIR, errno.ELOOP)
+    assert refused.value.errno == errno.ELOOP and "symlink" in str(refused.value)
     assert maildir.blamed(refused.value) == md.path
     assert os.listdir(elsewhere) == []
     os.unlink(getattr(md, sub))
@@ -659,3 +659,29 @@ def test_clean_tmp_does_not_follow_a_symlinked_tmp(tmp_path):
     with pytest.raises(OSError):
         clean_tmp(md.path)
     assert victim.exists()
+
+
+def test_a_maildir_path_that_is_a_symlink_or_below_one_is_made_and_used(tmp_path):
+    """Only tmp/ and new/ are never followed: the configured path, and the directories
+    above it (Debian's /var/spool/mail -> ../mail), come from the operator, and a first
+    start must make the Maildir behind them, fsyncing each directory it made."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    for path in (tmp_path / "link", tmp_path / "link" / "alice" / "Maildir"):
+        md = Maildir(str(path), fsync=True)
+        deliver(md, b"through the operator's link\n")
+        assert len(os.listdir(md.new)) == 1
+
+
+@pytest.mark.parametrize("sub", ["tmp", "new"])
+def test_a_symlinked_tmp_or_new_is_refused_when_the_maildir_is_made(tmp_path, sub):
+    """Refused at start (the master makes every Maildir), named as a link, not at each
+    message with a misleading 'Not a directory'."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "md").mkdir()
+    (tmp_path / "md" / sub).symlink_to(elsewhere)
+    with pytest.raises(OSError) as refused:
+        Maildir(str(tmp_path / "md"))
+    assert refused.value.errno == errno.ELOOP and "symlink" in str(refused.value)

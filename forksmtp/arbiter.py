@@ -28,8 +28,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from . import (auth, config as config_mod, config_checks, connection, limits, listeners, maildir, pool, process,
-               stats, tls)
+from . import (auth, config as config_mod, config_checks, connection, limits, listeners, maildir, pool,
+               process, stats, tls)
 from .authlimit import AuthLimiter
 from .overflow import OverflowGuard
 from .security import Security, listen_addresses, load_security
@@ -157,7 +157,9 @@ class Arbiter:
         fixed), as Postfix's delivery agents defer one mailbox's mail and take the rest:
         a read-only file system under one user's Maildir must not stop a certificate's
         reload, or the server from starting after a reboot."""
-        keys = {path: f'mailboxes."{address}"' for address, path in cfg.delivery.mailboxes.items()}
+        keys: dict[str, str] = {}
+        for address, path in cfg.delivery.mailboxes.items():  # every address a path serves
+            keys[path] = f'{keys[path]}, "{address}"' if path in keys else f'mailboxes."{address}"'
         keys[cfg.delivery.maildir] = "delivery.maildir"
         ready = []
         for path in sorted(keys):

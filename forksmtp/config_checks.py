@@ -142,6 +142,7 @@ def _one_of(*choices: str) -> Callable[[Any], Any]:
 
 
 _non_empty = _check(bool, "must list at least one address")
+_given_path = _check(bool, "must not be empty")
 _positive = _check(lambda v: v > 0, "must be a number > 0")
 _not_negative = _check(lambda v: v >= 0, "must be a number >= 0")
 #: The longest timeout taken: a day.  Waits end in poll(2), whose limit is 24.8 days in

@@ -317,7 +317,7 @@ class Connection:
             if full is not None:
                 self.txn.abort()
                 self.txn = None
-                session.reply(self._storage_error("no room for the message", full))
+                session.reply(self._storage_error("no room for the message", full, forget=False))
                 return
         self.data_start = time.monotonic()
         self.data_bytes = 0
@@ -331,13 +331,15 @@ class Connection:
         self.txn = None
         self.txn_error = self._storage_error("delivery failed", exc)
 
-    def _storage_error(self, what: str, exc: OSError) -> R.Reply:
+    def _storage_error(self, what: str, exc: OSError, forget: bool = True) -> R.Reply:
         """Log a storage failure, forget cached Maildirs (one may have been removed or
-        replaced; the next message re-creates it), and give the 451/452 to answer."""
+        replaced; the next message re-creates it) unless nothing failed but a check,
+        and give the 451/452 to answer."""
         self._drain_session_log()  # the command that met the failure comes first
         where = maildir.blamed(exc)
         self.log.queue("ERROR", f"{what} in {where}: {exc}" if where else f"{what}: {exc}", ERROR)
-        self.worker.router.forget()
+        if forget:
+            self.worker.router.forget()
         return delivery.storage_reply(exc)
 
     txn_error: R.Reply | None = None

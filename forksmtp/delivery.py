@@ -138,14 +138,19 @@ class Transaction:
         self.write = self._copies[0].write if len(self._copies) == 1 else self._write_all
 
     def room_for(self, size: int) -> OSError | None:
-        """The ENOSPC of the first copy whose file system has no room now for a message
-        of the client's declared ``size`` (RFC 1870 SIZE) and half as much again, as
-        Postfix keeps for the queue; None when every one has.  Refused before the 354,
-        the client sends no text that could only fail at the end."""
+        """The ENOSPC of the first copy whose file system has no room now for its copies
+        of a message of the client's declared ``size`` (RFC 1870 SIZE) and half as much
+        again, as Postfix keeps for the queue; None when every one has.  Refused before
+        the 354, the client sends no text that could only fail at the end."""
+        need = size + size // 2
+        wanted: dict[int, int] = {}  # file system -> what its copies need together
         for copy in self._copies:
-            free = copy.free_space()
-            if free < size + size // 2:
-                exc = OSError(errno.ENOSPC, f"{free} octets free for a message of {size} (SIZE)")
+            fs, free = copy.free_space()
+            wanted[fs] = wanted.get(fs, 0) + need
+            if free < wanted[fs]:
+                copies = wanted[fs] // need
+                what = "1 copy" if copies == 1 else f"{copies} copies"
+                exc = OSError(errno.ENOSPC, f"{free} octets free for {what} of a message of {size} (SIZE)")
                 maildir.blame(exc, copy.maildir)
                 return exc
         return None

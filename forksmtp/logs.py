@@ -13,6 +13,7 @@ CR and LF from clients are escaped so that nobody can forge a log line.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import time
@@ -40,7 +41,10 @@ class Log:
         self._fd = self.open_file(path)
         self.pending: list[str] = []
         self._pending_size = 0
-        self._torn = False  # a write stopped inside a line: the next one starts a new line
+        # 1 when a write stopped inside a line (a full disk): the next write starts a new
+        # one.  Shared with every process forked from this one, as the file is, since the
+        # next to write after a cut line may be the master or another worker.
+        self._torn = mmap.mmap(-1, 1)
         self._second = -1
         self._ms = -1
         self._stamp = self._line_prefix = ""
@@ -74,6 +78,7 @@ class Log:
         old_fd, self._fd = self._fd, new_fd
         if self.path and old_fd != new_fd:
             os.close(old_fd)
+            self._torn[0] = 0  # a new file (rotation): nothing cut in it
         self.path = new_path
 
     def after_fork(self) -> None:
@@ -120,7 +125,10 @@ class Log:
         if not self.pending:
             return
         data = "".join(self.pending).encode("utf-8", "backslashreplace")
-        if self._torn:
+        torn = self._torn
+        ends_cut = torn[0] == 1
+        if ends_cut:
+            torn[0] = 0
             data = b"\n" + data
         self.pending.clear()
         self._pending_size = 0
@@ -128,12 +136,13 @@ class Log:
         try:
             while done < len(data):
                 done += os.write(self._fd, data[done:])
-            self._torn = False
         except OSError:
             # A full log disk must not stop mail, and there is nowhere to report it.  A
             # write it cut short may have stopped inside a line: the next write ends it.
             if done:
-                self._torn = data[done - 1] != 10
+                torn[0] = 1 if data[done - 1] != 10 else 0
+            elif ends_cut:
+                torn[0] = 1
 
     def line(self, tag: str, text: str, level: int = 20) -> None:
         """Write one line now (master events, rare worker events)."""

@@ -295,10 +295,11 @@ class Delivery:
         if self._held >= _FLUSH_AT:
             self._flush()
 
-    def free_space(self) -> int:
-        """Octets an unprivileged writer may still add to this file's file system."""
+    def free_space(self) -> tuple[int, int]:
+        """This file's file system (its id) and the octets an unprivileged writer may
+        still add to it."""
         st = os.fstatvfs(self._fd)
-        return st.f_bavail * st.f_frsize
+        return st.f_fsid, st.f_bavail * st.f_frsize
 
     def commit(self) -> str:
         """Make the message durable in new/ and return its path; see commit_all()."""

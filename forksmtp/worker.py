@@ -120,6 +120,8 @@ class Worker:
         # pregreet test); without the rejection there is no reason to make clients wait.
         self.greeting_delay = cfg.server.greeting_delay if cfg.server.reject_early_talkers else 0.0
         self.command_timeout = cfg.timeouts.command
+        # Without spares to keep the pool starts none when it runs dry: no call then.
+        self.call_when_dry = cfg.server.min_spare_workers > 0
         # The Received: id is an RFC 5321 Atom, so no '.' (not atext) in it.
         self.id_prefix = f"{int(time.time()):X}{self.pid:X}-"
         jitter = cfg.server.max_sessions_jitter
@@ -271,7 +273,7 @@ class Worker:
                                        self.cfg.server.max_connections_per_ip)
             if refused is not None:
                 return self._refuse(sock, ip, refused, implicit_tls)
-            if self.board.idle_workers() <= 0:
+            if self.call_when_dry and self.board.idle_workers() <= 0:
                 self._pool_dry()
             stress = self.board.in_stress()
             self.command_timeout = self.cfg.timeouts.stress_command if stress else self.cfg.timeouts.command

@@ -216,6 +216,19 @@ def test_a_maildir_holding_a_file_where_a_subdirectory_goes(etc: Path, sub: str)
     assert info.value.problem == f"{etc / 'md' / sub} is not a directory"
 
 
+def test_without_the_storage_check_a_mailbox_path_must_still_be_given(etc: Path) -> None:
+    """A start or a reload leaves out a [mailboxes] Maildir it cannot use, but an empty
+    path is a mistake in the file, not the state of a disk."""
+    (etc / "plainfile").write_text("x\n")
+    path = write(etc, '[mailboxes]\n"a@example.test" = "plainfile/Maildir"\n')
+    cfg = load_config(str(path), mailbox_storage=False)
+    assert cfg.delivery.mailboxes["a@example.test"] == str(etc / "plainfile" / "Maildir")
+    path = write(etc, '[mailboxes]\n"a@example.test" = ""\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), mailbox_storage=False)
+    assert (info.value.key, info.value.problem) == ('mailboxes."a@example.test"', "must not be empty")
+
+
 @pytest.mark.parametrize("sub", ["tmp", "new"])
 def test_a_maildir_whose_tmp_or_new_is_a_symlink_is_refused(etc: Path, sub: str) -> None:
     """The server never follows them (SECURITY.md, 7): --check says so, rather than

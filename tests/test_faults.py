@@ -256,6 +256,28 @@ def test_a_declared_size_the_disk_cannot_take_gets_452_before_the_text(small_tmp
     assert len(listing(md / "new")) == 1 and listing(md / "tmp") == []
 
 
+def test_the_declared_size_is_checked_for_all_the_copies_a_file_system_takes(small_tmpfs, daemon_factory):
+    """Three recipients whose Maildirs share one 2 MiB file system: SIZE=500000 fits
+    one copy (with its margin, 750 kB) but not three (2.25 MB), which the check adds up
+    per file system, not per copy."""
+    boxes = {f"{name}@mx.test.example": str(small_tmpfs / name) for name in ("alice", "bob")}
+    d = daemon_factory(sections={"delivery": {"maildir": str(small_tmpfs / "all")}, "mailboxes": boxes,
+                                 "limits": {"max_message_size": 4_000_000}})
+    for rcpts, expected in (([b"alice"], 354), ([b"alice", b"bob", b"carol"], 452)):
+        client = RawSMTP(d.port)
+        try:
+            assert client.command(EHLO) == 250
+            assert client.command(b"MAIL FROM:<a@client.example> SIZE=500000") == 250
+            for rcpt in rcpts:
+                assert client.command(b"RCPT TO:<%s@mx.test.example>" % rcpt) == 250
+            client.sock.sendall(b"DATA\r\n")
+            code, text = client.reply()
+            assert code == expected, (rcpts, text)
+        finally:
+            client.close()
+    d.wait_for_log("octets free for 3 copies of a message of 500000 (SIZE)")  # at the session's end
+
+
 def test_out_of_inodes_452_at_data_then_recovers(small_tmpfs, daemon_factory):
     """Every message needs an inode, even an unnamed O_TMPFILE one: none left gets 452
     4.3.1 in answer to DATA, before the client sends the message."""

@@ -101,29 +101,36 @@ def test_the_queue_is_written_out_once_it_reaches_its_bound(log_path, many):
     assert [line.rsplit(" ", 1)[-1] for line in lines if "NOOP" in line] == [str(i) for i in range(20_000)]
 
 
-def test_a_line_cut_short_by_a_full_disk_is_ended_by_the_next_write(log_path):
-    """A full log file system may stop a write inside a line; the next write starts on a
+def test_a_line_cut_short_by_a_full_disk_is_ended_by_the_next_write_of_any_process(log_path):
+    """A full log file system may stop a write inside a line; the next write, by that
+    process or another one (the master, another worker: they share the file), starts on a
     line of its own, so no two lines are glued.  The file size limit plays the full disk
     here: the kernel writes what fits, then refuses (EFBIG) as it would with ENOSPC."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            log = logs.Log("info", log_path)
-            log.info("CONN", "198.51.100.7")
-            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(log_path) + 20, hard))
-            log.info("SMTP", "MAIL FROM:<" + "x" * 100 + "@example.test>")  # 20 octets of it
-            log.info("SMTP", "lost")  # none of it
-            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    log = logs.Log("info", log_path)  # as the master's, inherited by its workers
+    for writer in ("the same process", "another process"):
+        os.truncate(log_path, 0)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                log.after_fork()
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                log.info("CONN", "198.51.100.7")
+                soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(log_path) + 20, hard))
+                log.info("SMTP", "MAIL FROM:<" + "x" * 100 + "@example.test>")  # 20 octets of it
+                log.info("SMTP", "lost")  # none of it
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+                if writer == "the same process":
+                    log.info("CLOSE", "198.51.100.7 client quit")
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        if writer == "another process":
             log.info("CLOSE", "198.51.100.7 client quit")
-            code = 0
-        finally:
-            os._exit(code)
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-    lines = read_lines(log_path)
-    assert len(lines) == 3, lines
-    assert LINE.match(lines[0]).group(3, 4) == ("CONN", "198.51.100.7")
-    assert len(lines[1]) == 20 and not LINE.match(lines[1])
-    assert LINE.match(lines[2]).group(3, 4) == ("CLOSE", "198.51.100.7 client quit")
+        lines = read_lines(log_path)
+        assert len(lines) == 3, (writer, lines)
+        assert LINE.match(lines[0]).group(3, 4) == ("CONN", "198.51.100.7")
+        assert len(lines[1]) == 20 and not LINE.match(lines[1])
+        assert LINE.match(lines[2]).group(3, 4) == ("CLOSE", "198.51.100.7 client quit"), writer

@@ -80,7 +80,11 @@ class Router:
     def maildir(self, path: str) -> maildir.Maildir:
         md = self._maildirs.get(path)
         if md is None:
-            md = self._maildirs[path] = maildir.Maildir(path, fsync=self.fsync)
+            try:  # made on first use, and again after a storage error (forget)
+                md = self._maildirs[path] = maildir.Maildir(path, fsync=self.fsync)
+            except OSError as exc:
+                maildir.blame(exc, path)
+                raise
         # Taken out and put back: the dict's order is then least recently used first.
         self._open.pop(path, None)
         self._open[path] = md
@@ -151,7 +155,7 @@ class Transaction:
                 copies = wanted[fs] // need
                 what = "1 copy" if copies == 1 else f"{copies} copies"
                 exc = OSError(errno.ENOSPC, f"{free} octets free for {what} of a message of {size} (SIZE)")
-                maildir.blame(exc, copy.maildir)
+                maildir.blame(exc, copy.maildir.path)
                 return exc
         return None
 

@@ -34,6 +34,15 @@ _MILLIS: Final = tuple(f".{ms:03d}Z/" for ms in range(1000))
 MAX_PENDING: Final = 64 * 1024
 
 
+def _same_file(a: int, b: int) -> bool:
+    """Whether two descriptors are open on one file (a reload reopens the same log)."""
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 class Log:
     def __init__(self, level: str = "info", path: str = "") -> None:
         self.level = LEVELS[level]
@@ -77,8 +86,9 @@ class Log:
             self.level = LEVELS[level]
         old_fd, self._fd = self._fd, new_fd
         if self.path and old_fd != new_fd:
+            if not _same_file(old_fd, new_fd):
+                self._torn[0] = 0  # a new file (rotation): nothing cut in it
             os.close(old_fd)
-            self._torn[0] = 0  # a new file (rotation): nothing cut in it
         self.path = new_path
 
     def after_fork(self) -> None:

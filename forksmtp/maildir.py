@@ -125,11 +125,12 @@ def _writev_all(fd: int, pieces: list, total: int) -> None:
         _write_all(fd, b"".join(pieces)[done:])
 
 
-def blame(exc: BaseException, md: "Maildir") -> None:
-    """Name the Maildir on a storage error, for the operator's log: an fsync's EIO names
-    no file, a link names /proc/self/fd/N, and a transaction may store in several."""
+def blame(exc: BaseException, path: str) -> None:
+    """Name the Maildir at ``path`` on a storage error, for the operator's log: an
+    fsync's EIO names no file, a link names /proc/self/fd/N, and a transaction may store
+    in several."""
     if isinstance(exc, OSError) and not hasattr(exc, "maildir"):
-        setattr(exc, "maildir", md.path)
+        setattr(exc, "maildir", path)
 
 
 def blamed(exc: OSError) -> str:
@@ -188,7 +189,7 @@ class Maildir:
                 self.make()
                 return self._begin()
         except OSError as exc:
-            blame(exc, self)
+            blame(exc, self.path)
             raise
 
     def _begin(self) -> Delivery:
@@ -334,7 +335,7 @@ class Delivery:
             _writev_all(self._fd, pieces, self._held)
         except BaseException as exc:
             self.abort()
-            blame(exc, self.maildir)
+            blame(exc, self.maildir.path)
             raise
         pieces.clear()
         self._buf.clear()
@@ -413,7 +414,7 @@ def _sync_dirs(deliveries: Sequence[Delivery], pid: int) -> None:
             try:
                 os.fsync(md._dir_fd(pid))
             except OSError as exc:
-                blame(exc, md)
+                blame(exc, md.path)
                 raise
 
 
@@ -440,7 +441,7 @@ def commit_all(deliveries: Sequence[Delivery]) -> list[str]:
         for delivery in deliveries:
             delivery._close()
     except BaseException as exc:
-        blame(exc, delivery.maildir)
+        blame(exc, delivery.maildir.path)
         for copy in deliveries:
             copy.abort()
         raise

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from forksmtp import delivery
+from forksmtp import delivery, maildir
 from helpers import open_fds
 
 
@@ -38,6 +38,17 @@ def test_a_copy_that_cannot_be_opened_drops_the_ones_opened_before(router, tmp_p
         delivery.Transaction(router, ["a@x.test", "other@x.test"], header())
     assert os.listdir(tmp_path / "a" / "tmp") == []
     assert open_fds() == before
+
+
+def test_a_maildir_that_cannot_be_made_is_named_by_its_error(tmp_path):
+    """Made on first use, and again after a storage error: its error names the Maildir
+    for the log, as one of an open Maildir does (a file in the path here)."""
+    (tmp_path / "home").write_text("a file where a directory should be")
+    bob = str(tmp_path / "home" / "Maildir")
+    router = delivery.Router(str(tmp_path / "catch"), {"bob@x.test": bob})
+    with pytest.raises(OSError) as failed:
+        delivery.Transaction(router, ["bob@x.test"], header())
+    assert maildir.blamed(failed.value) == bob
 
 
 def test_abort_drops_every_copy(router, tmp_path):

@@ -101,36 +101,64 @@ def test_the_queue_is_written_out_once_it_reaches_its_bound(log_path, many):
     assert [line.rsplit(" ", 1)[-1] for line in lines if "NOOP" in line] == [str(i) for i in range(20_000)]
 
 
+def _cut_a_line(log: logs.Log, log_path: str, close: bool = False) -> None:
+    """In a child, as a worker: a CONN line, then one a full disk cuts short (the file
+    size limit plays the full disk: the kernel writes what fits, then refuses with EFBIG
+    as it would with ENOSPC), one it refuses whole, and with ``close`` a CLOSE line once
+    there is room again."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            log.after_fork()
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            log.info("CONN", "198.51.100.7")
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(log_path) + 20, hard))
+            log.info("SMTP", "MAIL FROM:<" + "x" * 100 + "@example.test>")  # 20 octets of it
+            log.info("SMTP", "lost")  # none of it
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            if close:
+                log.info("CLOSE", "198.51.100.7 client quit")
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def _assert_cut_then(log_path: str, tag: str) -> None:
+    lines = read_lines(log_path)
+    assert len(lines) == 3, lines
+    assert LINE.match(lines[0]).group(3, 4) == ("CONN", "198.51.100.7")
+    assert len(lines[1]) == 20 and not LINE.match(lines[1])
+    assert LINE.match(lines[2]).group(3) == tag, lines
+
+
 def test_a_line_cut_short_by_a_full_disk_is_ended_by_the_next_write_of_any_process(log_path):
     """A full log file system may stop a write inside a line; the next write, by that
     process or another one (the master, another worker: they share the file), starts on a
-    line of its own, so no two lines are glued.  The file size limit plays the full disk
-    here: the kernel writes what fits, then refuses (EFBIG) as it would with ENOSPC."""
+    line of its own, so no two lines are glued."""
     log = logs.Log("info", log_path)  # as the master's, inherited by its workers
-    for writer in ("the same process", "another process"):
-        os.truncate(log_path, 0)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                log.after_fork()
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-                log.info("CONN", "198.51.100.7")
-                soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-                resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(log_path) + 20, hard))
-                log.info("SMTP", "MAIL FROM:<" + "x" * 100 + "@example.test>")  # 20 octets of it
-                log.info("SMTP", "lost")  # none of it
-                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-                if writer == "the same process":
-                    log.info("CLOSE", "198.51.100.7 client quit")
-                code = 0
-            finally:
-                os._exit(code)
-        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-        if writer == "another process":
-            log.info("CLOSE", "198.51.100.7 client quit")
-        lines = read_lines(log_path)
-        assert len(lines) == 3, (writer, lines)
-        assert LINE.match(lines[0]).group(3, 4) == ("CONN", "198.51.100.7")
-        assert len(lines[1]) == 20 and not LINE.match(lines[1])
-        assert LINE.match(lines[2]).group(3, 4) == ("CLOSE", "198.51.100.7 client quit"), writer
+    _cut_a_line(log, log_path, close=True)  # the same process writes next
+    _assert_cut_then(log_path, "CLOSE")
+    os.truncate(log_path, 0)
+    _cut_a_line(log, log_path)
+    log.info("STATS", "{}")  # another process writes next
+    _assert_cut_then(log_path, "STATS")
+
+
+def test_a_reload_keeps_the_cut_mark_and_a_rotation_clears_it(log_path):
+    """A reload reopens the same file, whose last line is still cut; a rotation starts a
+    new file, which must not begin with an empty line."""
+    log = logs.Log("info", log_path)
+    _cut_a_line(log, log_path)
+    log.reopen()  # SIGHUP: the same file
+    log.info("RELOAD", "configuration generation 2 loaded")
+    _assert_cut_then(log_path, "RELOAD")
+
+    _cut_a_line(log, log_path)
+    os.rename(log_path, log_path + ".1")  # logrotate, then SIGHUP
+    log.reopen()
+    log.info("RELOAD", "configuration generation 3 loaded")
+    with open(log_path, "rb") as f:
+        assert f.read().startswith(b"20")  # the first line, no empty one before it

@@ -526,39 +526,3 @@ def test_storage_errors_are_logged_at_level_warning(daemon_factory, tmp_path):
     log = wait_until(lambda: "[ERROR] cannot open Maildir file" in (t := d.log_text()[mark:]) and t, 10,
                      0.05, "the storage error logged")
     assert "[SMTP]" not in log and "[CONN]" not in log
-
-
-@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (Debian: strace)")
-def test_an_acknowledged_message_is_logged_though_its_worker_dies_at_once(daemon_factory):
-    """A session's queued log lines are written before the 250 that acknowledges its
-    message leaves, not after: the worker killed the moment its client reads the 250 (the
-    OOM killer, an operator's kill -9) leaves the message in the log.  strace holds each
-    of the worker's writes to the log file for a second; in the old order it held the
-    log and not the 250."""
-    d = daemon_factory(workers=1)
-    client = RawSMTP(d.port)
-    try:
-        assert client.command(EHLO) == 250
-        worker = serving_worker(d, client.sock)
-        tracer = subprocess.Popen(
-            ["strace", "-p", str(worker.pid), "-o", os.devnull, "-P", str(d.log_path),
-             "-e", "trace=write", "-e", "inject=write:delay_enter=1s"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            line = tracer.stderr.readline()
-            if "attached" not in line:
-                pytest.skip(f"strace cannot attach here: {line.strip()}")
-            code, text = client.deliver(b"Subject: logged\r\n\r\nhello\r\n")
-            assert code == 250, text
-            worker.kill()
-        finally:
-            tracer.terminate()
-            tracer.wait(10)
-    finally:
-        client.close()
-    wait_until(lambda: f"worker {worker.pid} killed by SIGKILL" in d.log_text(), 10, 0.05, "the kill logged")
-    stored = [p.name for p in d.new_messages()]
-    assert len(stored) == 1
-    mine = [line for line in d.log_text().splitlines() if line_pid(line) == str(worker.pid)]
-    assert any(line.endswith(f"[STORE] {d.maildir}/new/{stored[0]}") for line in mine), mine
-    assert any(line.endswith("[SMTP] 250 2.0.0 Message accepted") for line in mine), mine

@@ -197,7 +197,7 @@ class Arbiter:
             at_ceiling = len(self.workers) >= self.cfg.server.max_workers
             # A worker's call for more workers (the pool ran dry) ends a slow tick's wait,
             # not a fast one's, and not twice running: at most one extra tick per FAST_TICK
-            # however often workers call (with min_spare_workers = 0, say, every busy one).
+            # however often workers call.
             slow = not (self.fast or self.spawn_pending or at_ceiling or self.signals.wanted)
             for sig in self.signals.wait(TICK if slow else FAST_TICK, want=slow):
                 self._guarded(getattr(self, f"handle_{NAMES[sig]}"))

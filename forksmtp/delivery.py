@@ -147,13 +147,12 @@ class Transaction:
         again, as Postfix keeps for the queue; None when every one has.  Refused before
         the 354, the client sends no text that could only fail at the end."""
         need = size + size // 2
-        wanted: dict[int, int] = {}  # file system -> what its copies need together
+        copies: dict[int, int] = {}  # file system -> the copies it takes so far
         for copy in self._copies:
             fs, free = copy.free_space()
-            wanted[fs] = wanted.get(fs, 0) + need
-            if free < wanted[fs]:
-                copies = wanted[fs] // need
-                what = "1 copy" if copies == 1 else f"{copies} copies"
+            n = copies[fs] = copies.get(fs, 0) + 1
+            if free < n * need:
+                what = "1 copy" if n == 1 else f"{n} copies"
                 exc = OSError(errno.ENOSPC, f"{free} octets free for {what} of a message of {size} (SIZE)")
                 maildir.blame(exc, copy.maildir.path)
                 return exc

@@ -90,8 +90,12 @@ def _open_sub(path: str, flags: int, mode: int = 0o600) -> int:
         return os.open(path, flags | os.O_NOFOLLOW, mode)
     except NotADirectoryError:
         if os.path.islink(path):
-            raise OSError(errno.ELOOP, "a symlink, which is not followed", path) from None
+            raise _symlink_refused(path) from None
         raise
+
+
+def _symlink_refused(path: str) -> OSError:
+    return OSError(errno.ELOOP, "a symlink, which is not followed", path)
 
 
 def _fsync_dir(path: str) -> None:
@@ -170,7 +174,7 @@ class Maildir:
         made += [d for d in (self.path, self.tmp, self.new, self.cur) if _mkdir(d, 0o700)]
         for sub in (self.tmp, self.new):  # refused now, not at each message (_open_sub)
             if os.path.islink(sub):
-                raise OSError(errno.ELOOP, "a symlink, which is not followed", sub)
+                raise _symlink_refused(sub)
         if self.fsync:
             for directory in dict.fromkeys(made + [os.path.dirname(d) for d in made]):
                 _fsync_dir(directory)

@@ -77,8 +77,8 @@ HEADER_SIZE: Final = H_COUNTERS + _COUNTERS.size
 
 # Slot: pid, state, holds_global, port, generation, ip bucket+1 (0 = none), ip key, idle
 # beat, client, in-admission and idle marks (in the pad, outside _SLOT's fields), phase,
-# last_activity, started, counters.  The bucket is stored +1 so a zeroed slot holds none; the idle beat
-# is whole monotonic seconds, 0 for none yet.
+# last_activity, started, counters.  The bucket is stored +1 so a zeroed slot holds none;
+# the idle beat is whole monotonic seconds, 0 for none yet.
 _SLOT: Final = struct.Struct(f"<iBBHqi16si46s2x16sdd{_NCOUNTERS}q")
 SLOT_SIZE: Final = _SLOT.size
 S_STATE: Final = 4

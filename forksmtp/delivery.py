@@ -188,12 +188,13 @@ class HeaderInfo:
     def render(self, recipients: list[str], delivered_to: list[str]) -> bytes:
         """The trace fields of a copy for ``recipients``; ``delivered_to``: those of
         them that reached it as a ``[mailboxes]`` address."""
-        one = recipients[0] if len(recipients) == 1 else None
+        by = self.by
+        one = trace.qualified(recipients[0], by) if len(recipients) == 1 else None
         head = trace.return_path(self.sender)
         # One line per address the mailbox was reached by, as Postfix adds one per
         # delivery; all of them are the Maildir's owner's, so none reveals a blind copy.
         for rcpt in delivered_to:
-            head += trace.delivered_to(rcpt)
+            head += trace.delivered_to(trace.qualified(rcpt, by))
         return head + trace.received(
             helo=self.helo, peer_ip=self.peer_ip, by=self.by, protocol=self.protocol,
             queue_id=self.queue_id, recipient=one, when=self.when, tls=self.tls,

@@ -70,6 +70,14 @@ def rfc5322_date(when: float) -> str:
     return text
 
 
+def qualified(recipient: str, host: str) -> str:
+    """A recipient as a trace field names it.  Bare ``Postmaster`` (RFC 5321 4.5.1) is
+    the only address a client may give without a domain, and the FOR clause's grammar
+    (a Path or Mailbox, 4.4) has no room for one: it becomes ``Postmaster@<host>``, this
+    server's name, as Postfix qualifies it with its own."""
+    return recipient if "@" in recipient else f"{recipient}@{ascii_domain(host)}"
+
+
 def return_path(sender: str) -> bytes:
     return f"Return-Path: <{clean(sender)}>\n".encode("utf-8")
 

@@ -326,8 +326,11 @@ def test_bare_postmaster_reaches_the_postmaster_mailbox(daemon_factory, tmp_path
     for postmaster@ a local domain, that is where it goes, not the catch-all."""
     stored = to_the_postmaster_mailbox(daemon_factory, tmp_path, ["Postmaster"],
                                        b"Subject: pm\r\n\r\nfor the postmaster\r\n")
-    _, rest = split_trace(stored)
+    fields, rest = split_trace(stored)
     assert rest == b"Subject: pm\n\nfor the postmaster\n"
+    # A trace field names a mailbox with its domain (RFC 5321 4.4): this server's name.
+    assert fields["Delivered-To"] == "Postmaster@mx.test.example"
+    check_received(fields["Received"], recipient="Postmaster@mx.test.example")
 
 
 def test_a_copy_for_two_addresses_of_one_mailbox_names_both(daemon_factory, tmp_path):
@@ -339,7 +342,7 @@ def test_a_copy_for_two_addresses_of_one_mailbox_names_both(daemon_factory, tmp_
     head, _, body = stored.partition(b"\nSubject: ")
     assert body == b"pm\n\ntwice the postmaster\n"
     assert re.findall(rb"^Delivered-To: (.*)$", head, re.M) == [b"postmaster@example.test",
-                                                               b"Postmaster"]
+                                                               b"Postmaster@mx.test.example"]
     assert head.startswith(b"Return-Path: <" + SENDER.encode() + b">\nDelivered-To: ")
     assert b" for <" not in head
 

@@ -104,3 +104,17 @@ def test_the_authenticated_user_is_cut_to_64_characters():
     field = trace.received(helo="h", peer_ip="192.0.2.1", by="mx.test", protocol="ESMTPA",
                            queue_id="Q", recipient=None, when=0.0, auth_user="u" * 300)
     assert b"(authenticated as " + b"u" * 64 + b")" in field
+
+
+@pytest.mark.parametrize("host, expected", [
+    ("mx.example.test", "Postmaster@mx.example.test"),
+    ("mx.bücher.test", "Postmaster@mx.xn--bcher-kva.test"),
+])
+def test_bare_postmaster_is_named_with_this_servers_domain(host, expected):
+    """RFC 5321 4.4: a FOR clause holds a Path or a Mailbox, both with a domain."""
+    assert trace.qualified("Postmaster", host) == expected
+    assert trace.qualified("postmaster@a.test", host) == "postmaster@a.test"
+    field = trace.received(helo="c.test", peer_ip="127.0.0.1", by=host, protocol="ESMTP",
+                           queue_id="1-1", recipient=trace.qualified("Postmaster", host),
+                           when=0.0).decode()
+    assert f"for <{expected}>;" in field

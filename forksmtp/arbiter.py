@@ -291,16 +291,32 @@ class Arbiter:
             self._quit(child, time.monotonic())
 
     def handle_ttin(self) -> None:
+        """One worker more than run now, kept: the pool minimum becomes that count.  (Only
+        raising the minimum would do nothing while load keeps the pool above it.)"""
         if self.stopping:
             return
-        self.target = min(self.target + 1, self.cfg.server.max_workers)
-        self.log.info("POOL", f"SIGTTIN: pool minimum is now {self.target} workers")
+        size = len(pool.current_workers(self._snapshot()))
+        self.target = min(max(self.target, size) + 1, self.cfg.server.max_workers)
+        self.log.info("POOL", f"SIGTTIN: {size} workers; pool minimum is now {self.target}")
 
     def handle_ttou(self) -> None:
-        if self.target > 1:
-            self.target -= 1
-            self.pool_state.retire_requests += 1
-        self.log.info("POOL", f"SIGTTOU: pool minimum is now {self.target} workers")
+        """One worker fewer than run now: one is retired (see pool._retire_requested), and
+        the pool minimum drops below the count, never below 1."""
+        current = pool.current_workers(self._snapshot())
+        size = len(current) - self.pool_state.retire_requests  # an earlier SIGTTOU's pending
+        if self.stopping or size <= 1:
+            self.log.info("POOL", f"SIGTTOU: {max(size, 0)} workers; the pool keeps at least one")
+            return
+        self.target = min(self.target, size - 1)
+        spares = self.cfg.server.min_spare_workers
+        if size <= spares and not any(s.state == BUSY for s in current):
+            self.log.info("POOL", f"SIGTTOU: {size} workers, all idle spares that "
+                                  f"min_spare_workers = {spares} keeps; pool minimum is now "
+                                  f"{self.target}")
+            return
+        self.pool_state.retire_requests += 1
+        self.log.info("POOL", f"SIGTTOU: {size} workers; retiring one; pool minimum is now "
+                              f"{self.target}")
 
     # -- workers -------------------------------------------------------------------------
 
@@ -525,7 +541,27 @@ class Arbiter:
             return
         self.next_tmp_clean = now + TMP_CLEAN_INTERVAL
         for path in {self.cfg.delivery.maildir, *self.cfg.delivery.mailboxes.values()}:
+            self._remake(path)
             self._clean_tmp(path)
+
+    def _remake(self, path: str) -> None:
+        """Make again what is missing of a Maildir.  Delivery makes ``tmp/`` and ``new/``
+        when it finds them gone, but never looks at ``cur/``, which only readers use."""
+        missing = [d for d in (path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur")))
+                   if not os.path.isdir(d)]
+        if not missing:
+            return
+        try:
+            maildir.Maildir(path, fsync=self.cfg.delivery.fsync)
+            if self.cfg.server.user or self.cfg.server.group:
+                uid, gid = process.resolve_ids(self.cfg.server.user, self.cfg.server.group)
+                for directory in missing:
+                    os.chown(directory, -1 if uid is None else uid, -1 if gid is None else gid,
+                             follow_symlinks=False)
+        except (OSError, ValueError) as exc:
+            self.log.warning("STORE", f"cannot make {path} again: {exc}")
+            return
+        self.log.warning("STORE", f"made again, found missing: {', '.join(missing)}")
 
     def _clean_tmp(self, path: str) -> None:
         """Best effort: a tmp/ that cannot be read (or is a symlink, never followed) gets

@@ -106,9 +106,14 @@ class Plan:
     counts: dict[str, int] = field(default_factory=dict)  # what the decision was based on
 
 
+def current_workers(snap: Snapshot) -> list:
+    """The slots of the workers that make up the pool: this generation's, not stopping."""
+    return [s for s in snap.slots if s.generation == snap.generation and s.state != STOPPING]
+
+
 def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float) -> Plan:
     state._settle(now)
-    current = [s for s in snap.slots if s.generation == snap.generation and s.state != STOPPING]
+    current = current_workers(snap)
     idle = [s for s in current if s.state in (STARTING, IDLE)]
     room = min(settings.max_workers, snap.nslots) - len(snap.slots)
     counts = {"current": len(current), "idle": len(idle), "occupied": len(snap.slots),
@@ -153,11 +158,10 @@ def _retire(settings: PoolSettings, state: PoolState, now: float, current: list,
         state.retire_requests = 0  # SIGTTOU below the minimum has nothing left to do
         return ()
     ready = sorted((s for s in idle if s.state == IDLE), key=lambda s: s.last_activity)
+    if state.retire_requests > 0:
+        return _retire_requested(settings, state, current, idle, ready)
     if not ready:
         return ()
-    if state.retire_requests > 0:
-        state.retire_requests -= 1
-        return (ready[0].index,)
     # One per RETIRE_EVERY: the master runs the policy again at every child's exit (its
     # SIGCHLD wakes the loop), so "one per call" would retire them all within milliseconds.
     if now - state.last_idle_retire < RETIRE_EVERY:
@@ -167,3 +171,23 @@ def _retire(settings: PoolSettings, state: PoolState, now: float, current: list,
         state.last_idle_retire = now
         return (stale[0].index,)
     return ()
+
+
+def _retire_requested(settings: PoolSettings, state: PoolState, current: list, idle: list,
+                      ready: list) -> tuple[int, ...]:
+    """SIGTTOU: one worker fewer, now.  An idle one while more are idle than the spares
+    the pool keeps; else the one longest in its session, which finishes it first (a
+    retirement is a SIGTERM, and that is graceful), so that the spare rule does not start
+    a new worker in place of the one retired."""
+    busy = sorted((s for s in current if s.state == BUSY), key=lambda s: s.last_activity)
+    if ready and len(idle) > settings.min_spare:
+        pick = ready[0]
+    elif busy:
+        pick = busy[0]
+    elif len(idle) > settings.min_spare:
+        return ()  # the ones beyond the spares are still starting: a later turn retires one
+    else:
+        state.retire_requests = 0  # every worker is a spare the pool keeps: none to retire
+        return ()
+    state.retire_requests -= 1
+    return (pick.index,)

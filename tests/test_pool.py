@@ -99,12 +99,27 @@ def test_spawn_rate_resets_at_the_ceiling():
 
 def test_retire_request_from_sigttou():
     state = PoolState(retire_requests=1)
-    cfg = settings(workers=3)  # the master lowered the minimum from 4
+    cfg = settings(workers=3)  # the master lowered the minimum below the count
+    # More idle than the one spare kept: the longest idle goes.
     assert plan(snap("I1 B I3 I2"), cfg, state, NOW).retire == (2,)
     assert state.retire_requests == 0
-    state.retire_requests = 1  # all busy: the request waits for an idle worker
-    assert plan(snap("B B B B"), dataclasses.replace(cfg, min_spare=0), state, NOW).retire == ()
+    # The only idle worker is the spare: the one longest in its session goes instead (a
+    # SIGTERM lets it finish), or the spare rule would start another in its place.
+    state.retire_requests = 1
+    assert plan(snap("B I B5 B"), cfg, state, NOW).retire == (2,)
+    assert state.retire_requests == 0
+    state.retire_requests = 1  # all busy, no spares kept
+    assert plan(snap("B B10 B B"), dataclasses.replace(cfg, min_spare=0), state, NOW).retire == (1,)
+    assert state.retire_requests == 0
+    state.retire_requests = 1  # beyond the spare only workers still starting: it waits
+    assert plan(snap("S S S S"), cfg, state, NOW).retire == ()
     assert state.retire_requests == 1
+    assert plan(snap("S I I I"), cfg, state, NOW).retire == (1,)
+    assert state.retire_requests == 0
+    state.retire_requests = 1  # every worker an idle spare the pool keeps: dropped
+    assert plan(snap("I I I I"), dataclasses.replace(cfg, min_spare=4), state, NOW).retire == ()
+    assert state.retire_requests == 0
+    state.retire_requests = 1
     assert plan(snap("I B B"), cfg, state, NOW).retire == ()  # at the minimum: dropped
     assert state.retire_requests == 0
 

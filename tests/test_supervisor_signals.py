@@ -12,6 +12,7 @@ import re
 import signal
 import smtplib
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -443,7 +444,7 @@ def test_ttou_never_takes_the_pool_below_one_worker(daemon_factory):
     d = daemon_factory(workers=1)
     for n in (1, 2):  # one at a time: the kernel merges a signal sent while one is pending
         d.signal(signal.SIGTTOU)
-        d.wait_for_log("SIGTTOU: pool minimum is now 1 workers", count=n)
+        d.wait_for_log("SIGTTOU: 1 workers; the pool keeps at least one", count=n)
     send_message(d.port)
     assert len(worker_pids(d)) >= 1
     assert request_stats(d)["messages_accepted"] == 1
@@ -462,6 +463,51 @@ def test_ttin_adds_and_ttou_removes_a_worker(daemon_factory):
     wait_until(lambda: len(worker_pids(d)) == 2, 10, what="2 workers after SIGTTOU")
     send_message(d.port)
     assert_no_zombies(d)
+
+
+def test_ttin_adds_a_worker_while_spares_hold_the_pool_above_its_minimum(daemon_factory):
+    """One worker more than run now: raising the minimum alone (1 to 2) would start
+    nothing while min_spare_workers keeps three."""
+    d = daemon_factory(workers=1, server={"min_spare_workers": 3, "max_workers": 8})
+    wait_until(lambda: len(worker_pids(d)) == 3, 10, what="3 workers")
+    d.signal(signal.SIGTTIN)
+    d.wait_for_log("SIGTTIN: 3 workers; pool minimum is now 4")
+    wait_until(lambda: len(worker_pids(d)) == 4, 10, what="4 workers after SIGTTIN")
+    time.sleep(1.5)  # a few turns of the pool: it keeps the fourth
+    assert len(worker_pids(d)) == 4
+
+
+def test_ttou_beside_a_session_retires_the_busy_worker_once_its_session_ends(daemon_factory):
+    """One session and one spare: retiring the spare would only make the pool start
+    another; the busy worker goes instead, after its session, which is not cut."""
+    d = daemon_factory(workers=2)
+    wait_until(lambda: len(worker_pids(d)) == 2, 10, what="2 workers")
+    client = open_transaction(d.port)
+    busy = wait_until(lambda: [w["pid"] for w in request_stats(d)["workers"]
+                               if w["state"] == "busy"], 10, 0.1, "a busy worker")
+    d.signal(signal.SIGTTOU)
+    d.wait_for_log("SIGTTOU: 2 workers; retiring one; pool minimum is now 1")
+    assert client.data(b"Subject: t\r\n\r\nstill served\r\n")[0] == 250
+    client.quit()
+    wait_until(lambda: gone(busy[0]), 10, what="the busy worker gone after its session")
+    time.sleep(1.5)  # a few turns of the pool: no worker started in its place
+    assert len(worker_pids(d)) == 1
+    assert len(d.new_messages()) == 1
+    send_message(d.port)
+
+
+def test_the_masters_pass_over_the_maildirs_makes_a_removed_cur_again(daemon_factory):
+    """Delivery never looks at cur/ (readers use it): the master's pass over the Maildirs,
+    hourly and after a worker's crash, makes it again."""
+    d = daemon_factory(workers=1, server={"min_spare_workers": 0})  # one worker, no spare
+    send_message(d.port)  # the worker has the Maildir open now
+    (d.maildir / "cur").rmdir()
+    send_message(d.port)
+    assert not (d.maildir / "cur").exists()  # delivery does not notice
+    os.kill(next(iter(worker_pids(d))), signal.SIGKILL)  # a crash: the pass runs at once
+    wait_until(lambda: (d.maildir / "cur").is_dir(), 10, what="cur/ made again")
+    assert stat.S_IMODE((d.maildir / "cur").stat().st_mode) == 0o700
+    d.wait_for_log(f"[STORE] made again, found missing: {d.maildir / 'cur'}")
 
 
 # -- a worker killed -----------------------------------------------------------------------

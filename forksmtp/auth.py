@@ -73,13 +73,16 @@ def verify(encoded: str | None, password: str) -> bool:
 
 
 def load(path: str) -> dict[str, str]:
-    """user -> hash; blank lines and ``#`` comments are skipped; errors name the line."""
+    """user -> hash; blank lines and ``#`` comments are skipped; errors name the line.  A
+    missing file is an error, not an empty table: a typo in the path, or a file moved
+    away when a reload came, would otherwise shut every user out without a word."""
     users: dict[str, str] = {}
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
-        return users
+        raise PasswordFileError(f"{path}: no such file (make it with: forksmtp passwd USER "
+                                f"-f {path})") from None
     except OSError as exc:
         raise PasswordFileError(f"{path}: cannot read: {exc.strerror}") from None
     for number, line in enumerate(lines, 1):

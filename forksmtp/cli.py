@@ -145,14 +145,10 @@ def _run_passwd(args: list[str], config: str | None) -> int:
 def _check_files(cfg) -> str:
     """--check loads what the server would load: the certificate pair and the passwords."""
     from forksmtp import auth, tls
+    from forksmtp.security import load_security
 
     try:
-        if cfg.tls is not None:
-            tls.build_context(cfg.tls, cfg.path)
-        if cfg.auth is not None:
-            auth.load(cfg.auth.password_file)
-    except tls.TLSError as exc:
+        load_security(cfg)
+    except (tls.TLSError, auth.PasswordFileError) as exc:  # each names the file and the key
         return str(exc)
-    except auth.PasswordFileError as exc:  # its text names the password file and the line
-        return f"{cfg.path or 'command line'}: auth.password_file: {exc}"
     return ""

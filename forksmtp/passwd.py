@@ -50,8 +50,13 @@ def _password_file(args: argparse.Namespace, config: str | None) -> str:
 
 
 def _read_password() -> str:
+    """One line; "" at end of input (Ctrl-D at the prompt), which main() refuses."""
     if sys.stdin.isatty():
-        return getpass.getpass("Password: ")
+        try:
+            return getpass.getpass("Password: ")
+        except EOFError:
+            print(file=sys.stderr)  # end the prompt's line
+            return ""
     return sys.stdin.readline().rstrip("\r\n")
 
 
@@ -64,7 +69,11 @@ def main(argv: list[str], config: str | None = None) -> int:
             print(exc.code, file=sys.stderr)
             return 2
         return exc.code or 0
-    password = _read_password()
+    try:
+        password = _read_password()
+    except KeyboardInterrupt:  # Ctrl-C at the prompt: nothing written, no traceback
+        print(file=sys.stderr)
+        return 130
     if not password:
         print("forksmtp passwd: empty password refused", file=sys.stderr)
         return 2

@@ -32,5 +32,8 @@ def listen_addresses(cfg) -> tuple[set, set]:
 def load_security(cfg) -> tuple[object, dict]:
     """The SSL context and the password table: every file re-read, even if unchanged."""
     context = tls.build_context(cfg.tls, cfg.path) if cfg.tls else None
-    passwords = auth.load(cfg.auth.password_file) if cfg.auth else {}
+    try:
+        passwords = auth.load(cfg.auth.password_file) if cfg.auth else {}
+    except auth.PasswordFileError as exc:  # named as a config error is: file, key, problem
+        raise auth.PasswordFileError(f"{cfg.path or 'command line'}: auth.password_file: {exc}") from None
     return context, passwords

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import base64
 import os
+import pty
 import re
+import select
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,6 +217,27 @@ def test_auth_before_tls_is_refused_with_538():
     p = peer(starttls=True, auth=True)
     assert p.send(E, "AUTH PLAIN " + plain("alice", USERS["alice"])) == ["250", "538 5.7.11"]
     assert p.send("AUTH LOGIN") == ["538 5.7.11"]
+    assert not any(isinstance(e, AuthRequest) for e in p.events)
+    assert p.s.auth_user == ""
+
+
+def test_auth_where_no_tls_can_come_is_not_offered_502():
+    """[auth] without [tls] (and without allow_insecure): 538 would ask for encryption
+    that this listener cannot give, so AUTH is known but not offered (contract: 502)."""
+    p = peer(auth=True)
+    assert not any(k.startswith("AUTH") for k in ehlo_keywords(p))
+    assert p.send("AUTH PLAIN " + plain("alice", USERS["alice"]), "AUTH LOGIN") == [
+        "502 5.5.1", "502 5.5.1"]
+    assert not any(isinstance(e, AuthRequest) for e in p.events)
+    assert peer(tls=True, auth=True).send(E, "AUTH PLAIN " + plain("alice", USERS["alice"])) == [
+        "250", "235 2.7.0"]  # an implicit-TLS listener's session is encrypted from the start
+
+
+@pytest.mark.parametrize("mechanism", ["PLA\u0131N", "LOG\u0131N", "PLAIN\u200b", "ＰＬＡＩＮ"])
+def test_a_mechanism_name_is_ascii_or_unknown(mechanism):
+    """RFC 4422 3.1: "PLAıN".upper() is "PLAIN" in Python, and must not run PLAIN."""
+    p = tls_peer()
+    assert p.send(f"AUTH {mechanism} " + plain("alice", USERS["alice"])) == ["504 5.5.4"]
     assert not any(isinstance(e, AuthRequest) for e in p.events)
     assert p.s.auth_user == ""
 
@@ -579,8 +603,13 @@ def test_load_skips_comments_and_blank_lines(tmp_path):
     assert auth.verify(users["alice"], "a") and not auth.verify(users["bob"], "a")
 
 
-def test_load_missing_file_is_empty(tmp_path):
-    assert auth.load(str(tmp_path / "nothing")) == {}
+def test_a_missing_file_is_an_error_that_says_how_to_make_it(tmp_path):
+    """Not an empty table: a typo in the path would shut every user out without a word."""
+    path = tmp_path / "nothing"
+    with pytest.raises(auth.PasswordFileError, match=f"{path}: no such file .*forksmtp passwd"):
+        auth.load(str(path))
+    path.write_text("")  # an empty file is no users, as the operator made it
+    assert auth.load(str(path)) == {}
 
 
 @pytest.mark.parametrize("bad", ["alice", "alice:plaintext", ":scrypt$14$8$1$AAAA$AAAA",
@@ -738,3 +767,41 @@ def test_a_hash_no_check_could_compute_is_refused_at_load(tmp_path, log2_n, r, p
             auth.load(str(f))
     # Whatever a hash says, a check answers (False) instead of raising.
     assert auth.verify(f"scrypt$16$8$1${salt}${key}", "pw") is False
+
+
+def _passwd_at_a_terminal(tmp_path: Path, keys: bytes) -> tuple[int, bytes]:
+    """`forksmtp passwd` with a terminal of its own (getpass reads /dev/tty): ``keys``
+    typed at the prompt; its exit status and everything it wrote to the terminal."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the pty is its controlling terminal
+        os.execv(sys.executable, [sys.executable, "-m", "forksmtp", "passwd", "alice",
+                                  "-f", str(tmp_path / "passwd")])
+    out, deadline, typed = b"", time.monotonic() + 30, False
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not chunk:
+                break
+            out += chunk
+            if not typed and b"Password: " in out:
+                os.write(fd, keys)
+                typed = True
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out
+
+
+@pytest.mark.parametrize("keys, code", [(b"\x04", 2), (b"\x03", 130)])
+def test_passwd_at_a_terminal_ended_by_ctrl_d_or_ctrl_c_writes_nothing_and_no_traceback(
+        tmp_path, keys, code):
+    status, out = _passwd_at_a_terminal(tmp_path, keys)
+    assert b"Traceback" not in out, out.decode(errors="replace")
+    assert status == code, out.decode(errors="replace")
+    assert not (tmp_path / "passwd").exists()

@@ -847,6 +847,23 @@ def test_sighup_rereads_the_password_file(daemon_factory, certs, tmp_path):
     assert "(authenticated as bob)" in received_header(path)
 
 
+def test_sighup_with_the_password_file_gone_keeps_the_old_users(daemon_factory, certs, tmp_path):
+    """A password file moved away (a typo, a deploy) when a reload comes is a failed reload,
+    as a bad certificate is, not a server where nobody can authenticate any more."""
+    d, _, _, pw = live_cert_daemon(daemon_factory, certs, tmp_path, alice="old-alice")
+    pw.rename(tmp_path / "moved")
+    d.signal(signal.SIGHUP)
+    text = d.wait_for_log("reload failed", TIMEOUT)
+    failure = [line for line in text.splitlines() if "reload failed" in line][-1]
+    assert f"auth.password_file: {pw}: no such file" in failure, failure
+    with starttls_client(d, certs) as client:
+        assert client.docmd("AUTH", "PLAIN " + plain("alice", "old-alice"))[0] == 235
+    # --check and a start say the same and refuse.
+    done = subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(d.config_path), "--check"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and f"{pw}: no such file" in done.stderr, done
+
+
 def test_stats_count_tls_and_auth_outcomes(daemon_factory, certs, tmp_path):
     """Issue 5: the stats show the TLS and AUTH outcome of sessions."""
     from daemon import request_stats

@@ -87,7 +87,9 @@ class SecureCommands:
         if self.auth_user:
             raise CommandError(R.R503_ALREADY_AUTH)
         mechanism, _, initial = arg.strip().partition(" ")
-        mechanism = mechanism.upper()
+        # ASCII only (RFC 4422 3.1): str.upper() maps "ı" (U+0131) to "I", so "PLAıN" would
+        # otherwise run PLAIN, as the command verbs guard against too.
+        mechanism = mechanism.upper() if mechanism.isascii() else "?"
         if mechanism not in MECHANISMS:
             raise CommandError(R.R504_AUTH_MECHANISM if mechanism else R.R501_SYNTAX)
         exchange = AuthExchange(mechanism)

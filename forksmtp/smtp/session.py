@@ -269,8 +269,9 @@ class Session(SecureCommands):
     def _offered(self, verb: str) -> bool:
         if verb == "STARTTLS":
             return self.config.starttls or self.tls
-        if verb == "AUTH":
-            return self.config.auth
+        if verb == "AUTH":  # 538 asks for encryption: only where STARTTLS can give it
+            cfg = self.config
+            return cfg.auth and (self.tls or cfg.starttls or cfg.auth_insecure)
         return True
 
     def _log(self, text: str) -> None:

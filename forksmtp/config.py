@@ -334,8 +334,10 @@ def _cross_check(cfg: Config, sources: dict[str, _Source], file: str) -> None:
         fail("server.min_spare_workers", s.min_spare_workers,
              f"must be <= server.max_spare_workers ({s.max_spare_workers})")
     if cfg.tls:
+        flag = sources.get("server.listen")
+        listen = "server.listen (--listen on the command line)" if flag and flag.file == CLI else "server.listen"
         for addr in set(cfg.tls.implicit_listen) & set(s.listen):
-            fail("tls.implicit_listen", [str(addr)], f"{addr} is also in server.listen")
+            fail("tls.implicit_listen", [str(addr)], f"{addr} is also in {listen}")
         problem = clash(s.listen + cfg.tls.implicit_listen)  # each list alone is clash-free
         if problem:
             fail("tls.implicit_listen", [str(a) for a in cfg.tls.implicit_listen],

@@ -383,6 +383,19 @@ def test_override_errors_blame_the_command_line(etc: Path) -> None:
         load_config(str(path), {"server.workers": 3})
 
 
+def test_a_listen_flag_that_clashes_with_the_files_implicit_listen_says_it_is_the_flag(etc: Path) -> None:
+    (etc / "c.pem").write_text("x")
+    (etc / "k.pem").write_text("x")
+    path = write(etc, '[tls]\ncert_file = "c.pem"\nkey_file = "k.pem"\n'
+                      'implicit_listen = ["127.0.0.1:4650"]\n')
+    with pytest.raises(ConfigError, match=r"4650 is also in server\.listen \(--listen on the command line\)$"):
+        load_config(str(path), {"server.listen": ["127.0.0.1:4650"]})
+    both = write(etc, '[server]\nlisten = ["127.0.0.1:4650"]\n[tls]\ncert_file = "c.pem"\n'
+                      'key_file = "k.pem"\nimplicit_listen = ["127.0.0.1:4650"]\n')
+    with pytest.raises(ConfigError, match=r"4650 is also in server\.listen$"):
+        load_config(str(both))
+
+
 def test_maildir_is_checked_but_never_created(etc: Path) -> None:
     deep = etc.parent / "a" / "b" / "c"
     cfg = load_config(None, {"delivery.maildir": str(deep)})

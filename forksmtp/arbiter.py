@@ -290,33 +290,51 @@ class Arbiter:
         for child in list(self.workers.values()):
             self._quit(child, time.monotonic())
 
+    def _pool_count(self, current: list) -> int:
+        """The pool's size once what was asked settles: the workers running, or the
+        minimum a SIGTTIN raised above them (its worker may not have started yet), less
+        the retirements a SIGTTOU asked for.  Both handlers count so, or a SIGTTIN and a
+        SIGTTOU handled in one turn would not cancel out."""
+        return max(len(current), self.target) - self.pool_state.retire_requests
+
     def handle_ttin(self) -> None:
-        """One worker more than run now, kept: the pool minimum becomes that count.  (Only
+        """One worker more, kept: the pool minimum becomes the count plus one.  (Only
         raising the minimum would do nothing while load keeps the pool above it.)"""
         if self.stopping:
+            self.log.info("POOL", "SIGTTIN ignored during a stop")
             return
-        size = len(pool.current_workers(self._snapshot()))
-        self.target = min(max(self.target, size) + 1, self.cfg.server.max_workers)
-        self.log.info("POOL", f"SIGTTIN: {size} workers; pool minimum is now {self.target}")
+        size = self._pool_count(pool.current_workers(self._snapshot()))
+        if size >= self.cfg.server.max_workers:
+            self.log.info("POOL", f"SIGTTIN: {size} workers, the max_workers ceiling; none added")
+            return
+        if self.pool_state.retire_requests:
+            self.pool_state.retire_requests -= 1  # an earlier SIGTTOU's worker stays instead
+        self.target = max(self.target, size + 1)
+        self.log.info("POOL", f"SIGTTIN: {size} workers; one more; pool minimum is now {self.target}")
 
     def handle_ttou(self) -> None:
-        """One worker fewer than run now: one is retired (see pool._retire_requested), and
-        the pool minimum drops below the count, never below 1."""
+        """One worker fewer: the pool minimum drops below the count (never below 1) and,
+        unless that only cancels a SIGTTIN's worker not started yet, one is retired (see
+        pool._retire_requested)."""
+        if self.stopping:
+            self.log.info("POOL", "SIGTTOU ignored during a stop")
+            return
         current = pool.current_workers(self._snapshot())
-        size = len(current) - self.pool_state.retire_requests  # an earlier SIGTTOU's pending
-        if self.stopping or size <= 1:
-            self.log.info("POOL", f"SIGTTOU: {max(size, 0)} workers; the pool keeps at least one")
+        size = self._pool_count(current)
+        if size <= 1:
+            self.log.info("POOL", f"SIGTTOU: {size} workers; the pool keeps at least one")
             return
         self.target = min(self.target, size - 1)
+        running = len(current) - self.pool_state.retire_requests
         spares = self.cfg.server.min_spare_workers
-        if size <= spares and not any(s.state == BUSY for s in current):
-            self.log.info("POOL", f"SIGTTOU: {size} workers, all idle spares that "
-                                  f"min_spare_workers = {spares} keeps; pool minimum is now "
-                                  f"{self.target}")
-            return
-        self.pool_state.retire_requests += 1
-        self.log.info("POOL", f"SIGTTOU: {size} workers; retiring one; pool minimum is now "
-                              f"{self.target}")
+        if running <= self.target:
+            what = "one fewer"  # a SIGTTIN's worker, not started yet, will not be
+        elif running <= spares and not any(s.state == BUSY for s in current):
+            what = f"all idle spares that min_spare_workers = {spares} keeps; none retired"
+        else:
+            self.pool_state.retire_requests += 1
+            what = "retiring one"
+        self.log.info("POOL", f"SIGTTOU: {size} workers; {what}; pool minimum is now {self.target}")
 
     # -- workers -------------------------------------------------------------------------
 
@@ -553,15 +571,28 @@ class Arbiter:
             return
         try:
             maildir.Maildir(path, fsync=self.cfg.delivery.fsync)
-            if self.cfg.server.user or self.cfg.server.group:
-                uid, gid = process.resolve_ids(self.cfg.server.user, self.cfg.server.group)
-                for directory in missing:
-                    os.chown(directory, -1 if uid is None else uid, -1 if gid is None else gid,
-                             follow_symlinks=False)
         except (OSError, ValueError) as exc:
             self.log.warning("STORE", f"cannot make {path} again: {exc}")
+        finally:
+            # Also what a failure part of the way left made: root's, the workers could not
+            # write there, and a later pass would not find it missing.
+            made = [d for d in missing if os.path.isdir(d) and not os.path.islink(d)]
+            self._give_to_workers(made)
+        if made:
+            self.log.warning("STORE", f"made again, found missing: {', '.join(made)}")
+
+    def _give_to_workers(self, directories: list[str]) -> None:
+        """chown to server.user/group, if set, the directories the master made."""
+        server = self.cfg.server
+        if not (server.user or server.group) or not directories:
             return
-        self.log.warning("STORE", f"made again, found missing: {', '.join(missing)}")
+        uid, gid = process.resolve_ids(server.user, server.group)
+        for directory in directories:
+            try:
+                os.chown(directory, -1 if uid is None else uid, -1 if gid is None else gid,
+                         follow_symlinks=False)
+            except OSError as exc:
+                self.log.warning("STORE", f"cannot give {directory} to the workers' user: {exc}")
 
     def _clean_tmp(self, path: str) -> None:
         """Best effort: a tmp/ that cannot be read (or is a symlink, never followed) gets

@@ -176,18 +176,19 @@ def _retire(settings: PoolSettings, state: PoolState, now: float, current: list,
 def _retire_requested(settings: PoolSettings, state: PoolState, current: list, idle: list,
                       ready: list) -> tuple[int, ...]:
     """SIGTTOU: one worker fewer, now.  An idle one while more are idle than the spares
-    the pool keeps; else the one longest in its session, which finishes it first (a
-    retirement is a SIGTERM, and that is graceful), so that the spare rule does not start
-    a new worker in place of the one retired."""
-    busy = sorted((s for s in current if s.state == BUSY), key=lambda s: s.last_activity)
-    if ready and len(idle) > settings.min_spare:
+    the pool keeps (once one of them has started); else a busy one, which finishes its
+    session first (a retirement is a SIGTERM, and that is graceful), so that the spare
+    rule does not start a new worker in place of the one retired: the one whose client
+    has been quiet longest."""
+    if len(idle) > settings.min_spare:
+        if not ready:
+            return ()  # the ones beyond the spares are still starting: a later turn
         pick = ready[0]
-    elif busy:
-        pick = busy[0]
-    elif len(idle) > settings.min_spare:
-        return ()  # the ones beyond the spares are still starting: a later turn retires one
     else:
-        state.retire_requests = 0  # every worker is a spare the pool keeps: none to retire
-        return ()
+        busy = sorted((s for s in current if s.state == BUSY), key=lambda s: s.last_activity)
+        if not busy:
+            state.retire_requests = 0  # every worker is a spare the pool keeps: none to retire
+            return ()
+        pick = busy[0]
     state.retire_requests -= 1
     return (pick.index,)

@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from daemon import (Ledger, RawSMTP, connection_refused, free_port, ledger_client, ledger_message,
-                    line_pid, run_clients, serving_worker, wait_until)
+                    line_pid, run_clients, serving_worker, wait_until, worker_pids)
 from forksmtp.maildir import escape_host
 
 EHLO = b"EHLO client.example"
@@ -526,3 +526,24 @@ def test_storage_errors_are_logged_at_level_warning(daemon_factory, tmp_path):
     log = wait_until(lambda: "[ERROR] cannot open Maildir file" in (t := d.log_text()[mark:]) and t, 10,
                      0.05, "the storage error logged")
     assert "[SMTP]" not in log and "[CONN]" not in log
+
+
+def test_directories_the_masters_pass_makes_are_the_workers_even_when_it_fails_part_way(
+        nobody_dir, daemon_factory):
+    """A pass that made tmp/ and new/ and then failed on cur/ (a file in its place) left
+    the two root's: every message got 451 even once cur/ was fixed, and no later pass
+    found them missing.  They are handed to server.user whatever happens after."""
+    base, nobody = nobody_dir
+    md = base / "Maildir"
+    d = daemon_factory(server={"user": "nobody", "min_spare_workers": 0},
+                       sections={"delivery": {"maildir": str(md)}})
+    for sub in ("tmp", "new", "cur"):
+        (md / sub).rmdir()
+    (md / "cur").write_text("in the way")
+    os.kill(next(iter(worker_pids(d))), signal.SIGKILL)  # a crash: the pass runs at once
+    d.wait_for_log(f"cannot make {md} again")
+    d.wait_for_log(f"made again, found missing: {md / 'tmp'}, {md / 'new'}")
+    assert (md / "tmp").stat().st_uid == (md / "new").stat().st_uid == nobody.pw_uid
+    (md / "cur").unlink()
+    code, text = deliver_one(d.port, "after the fix")
+    assert code == 250, text

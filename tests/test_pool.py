@@ -103,8 +103,8 @@ def test_retire_request_from_sigttou():
     # More idle than the one spare kept: the longest idle goes.
     assert plan(snap("I1 B I3 I2"), cfg, state, NOW).retire == (2,)
     assert state.retire_requests == 0
-    # The only idle worker is the spare: the one longest in its session goes instead (a
-    # SIGTERM lets it finish), or the spare rule would start another in its place.
+    # The only idle worker is the spare: a busy one goes instead, the one whose client has
+    # been quiet longest (a SIGTERM lets it finish), or the spare rule would start another.
     state.retire_requests = 1
     assert plan(snap("B I B5 B"), cfg, state, NOW).retire == (2,)
     assert state.retire_requests == 0
@@ -113,6 +113,8 @@ def test_retire_request_from_sigttou():
     assert state.retire_requests == 0
     state.retire_requests = 1  # beyond the spare only workers still starting: it waits
     assert plan(snap("S S S S"), cfg, state, NOW).retire == ()
+    assert state.retire_requests == 1
+    assert plan(snap("B S S B"), cfg, state, NOW).retire == ()  # for one of them, not a busy one
     assert state.retire_requests == 1
     assert plan(snap("S I I I"), cfg, state, NOW).retire == (1,)
     assert state.retire_requests == 0

@@ -471,10 +471,27 @@ def test_ttin_adds_a_worker_while_spares_hold_the_pool_above_its_minimum(daemon_
     d = daemon_factory(workers=1, server={"min_spare_workers": 3, "max_workers": 8})
     wait_until(lambda: len(worker_pids(d)) == 3, 10, what="3 workers")
     d.signal(signal.SIGTTIN)
-    d.wait_for_log("SIGTTIN: 3 workers; pool minimum is now 4")
+    d.wait_for_log("SIGTTIN: 3 workers; one more; pool minimum is now 4")
     wait_until(lambda: len(worker_pids(d)) == 4, 10, what="4 workers after SIGTTIN")
     time.sleep(1.5)  # a few turns of the pool: it keeps the fourth
     assert len(worker_pids(d)) == 4
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGTTOU, signal.SIGTTIN),
+                                           (signal.SIGTTIN, signal.SIGTTOU)])
+def test_a_ttin_and_a_ttou_sent_together_cancel_out(daemon_factory, first, second):
+    """Sent back to back, the master mostly handles both in one turn, before the SIGTTIN's
+    worker has started or the SIGTTOU's has gone: the pool must end where it began."""
+    d = daemon_factory(workers=3, server={"max_workers": 8})
+    wait_until(lambda: len(worker_pids(d)) == 3, 10, what="3 workers")
+    for n in range(1, 4):
+        os.kill(d.pid, first)
+        os.kill(d.pid, second)
+        d.wait_for_log("SIGTTIN: ", count=n)
+        d.wait_for_log("SIGTTOU: ", count=n)
+        time.sleep(1.5)  # a few turns of the pool, and a retired worker's exit
+        wait_until(lambda: len(worker_pids(d)) == 3, 10, what=f"3 workers after pair {n}")
+    assert "max_workers ceiling" not in d.log_text()
 
 
 def test_ttou_beside_a_session_retires_the_busy_worker_once_its_session_ends(daemon_factory):

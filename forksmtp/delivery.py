@@ -46,10 +46,12 @@ class Router:
         self._maildirs: dict[str, maildir.Maildir] = {}
         # Those whose new/ fd may be open, least recently used first (trim closes them).
         self._open: dict[str, maildir.Maildir] = {}
-        if "postmaster" not in mailboxes:  # bare <Postmaster>, as the session spells it
-            own = postmaster_box(mailboxes, local_domains)
-            if own is not None:
-                self.mailboxes = {**mailboxes, "postmaster": own}
+        own = postmaster_address(mailboxes, local_domains)
+        if own is not None:  # bare <Postmaster> ("postmaster", as the session spells it)
+            self.mailboxes = {**mailboxes, "postmaster": mailboxes[own]}
+        # How trace fields name bare <Postmaster>: the address it is stored for, else at the
+        # first local domain, which the server accepts; "" (its hostname) without them.
+        self.postmaster = own or (f"postmaster@{local_domains[0]}" if local_domains else "")
         # Whether some [mailboxes] address stores into the catch-all's Maildir: only then
         # may a catch-all copy carry Delivered-To lines (and need a lookup per recipient).
         self._mailbox_at_catch_all = catch_all in self.mailboxes.values()
@@ -112,16 +114,22 @@ class Router:
         return self.maildir(path).begin()
 
 
-def postmaster_box(mailboxes: Mapping[str, str], local_domains: tuple[str, ...]) -> str | None:
-    """Where bare ``<Postmaster>`` (RFC 5321 4.5.1: this host's postmaster) is stored: the
-    Maildir of ``postmaster@`` the first local domain that has one in ``[mailboxes]``,
-    or, without local domains, of the only ``postmaster@`` there is; else the catch-all
-    (None)."""
+def postmaster_address(mailboxes: Mapping[str, str], local_domains: tuple[str, ...]) -> str | None:
+    """The ``[mailboxes]`` address whose Maildir bare ``<Postmaster>`` (RFC 5321 4.5.1:
+    this host's postmaster) is stored in: ``postmaster@`` the first local domain that
+    has one, or, without local domains, the only ``postmaster@`` there is; else None
+    (the catch-all)."""
     if local_domains:
-        return next((mailboxes[f"postmaster@{d}"] for d in local_domains
-                     if f"postmaster@{d}" in mailboxes), None)
-    boxes = [path for address, path in mailboxes.items() if address.startswith("postmaster@")]
+        return next((f"postmaster@{d}" for d in local_domains if f"postmaster@{d}" in mailboxes),
+                    None)
+    boxes = [address for address in mailboxes if address.startswith("postmaster@")]
     return boxes[0] if len(boxes) == 1 else None
+
+
+def postmaster_box(mailboxes: Mapping[str, str], local_domains: tuple[str, ...]) -> str | None:
+    """The Maildir of ``postmaster_address``, or None for the catch-all."""
+    address = postmaster_address(mailboxes, local_domains)
+    return None if address is None else mailboxes[address]
 
 
 class Transaction:
@@ -134,7 +142,8 @@ class Transaction:
             for path, rcpts in router.route(recipients).items():
                 copy = router.begin(path)
                 self._copies.append(copy)
-                copy.write(header.render(rcpts, router.delivered_to(path, rcpts)))
+                copy.write(header.render(rcpts, router.delivered_to(path, rcpts),
+                                         router.postmaster))
         except BaseException:
             self.abort()
             raise
@@ -185,16 +194,18 @@ class HeaderInfo:
         self.protocol, self.queue_id, self.when = protocol, queue_id, when
         self.tls, self.auth_user = tls, auth_user
 
-    def render(self, recipients: list[str], delivered_to: list[str]) -> bytes:
+    def render(self, recipients: list[str], delivered_to: list[str], postmaster: str = "") -> bytes:
         """The trace fields of a copy for ``recipients``; ``delivered_to``: those of
-        them that reached it as a ``[mailboxes]`` address."""
+        them that reached it as a ``[mailboxes]`` address; ``postmaster``: how to name
+        bare ``<Postmaster>`` (Router.postmaster)."""
         by = self.by
-        one = trace.qualified(recipients[0], by) if len(recipients) == 1 else None
+        one = trace.qualified(recipients[0], postmaster, by) if len(recipients) == 1 else None
         head = trace.return_path(self.sender)
         # One line per address the mailbox was reached by, as Postfix adds one per
         # delivery; all of them are the Maildir's owner's, so none reveals a blind copy.
-        for rcpt in delivered_to:
-            head += trace.delivered_to(trace.qualified(rcpt, by))
+        # Bare <Postmaster> and the address it is stored for are one line (dict: once each).
+        for rcpt in dict.fromkeys([trace.qualified(r, postmaster, by) for r in delivered_to]):
+            head += trace.delivered_to(rcpt)
         return head + trace.received(
             helo=self.helo, peer_ip=self.peer_ip, by=self.by, protocol=self.protocol,
             queue_id=self.queue_id, recipient=one, when=self.when, tls=self.tls,

@@ -328,21 +328,22 @@ def test_bare_postmaster_reaches_the_postmaster_mailbox(daemon_factory, tmp_path
                                        b"Subject: pm\r\n\r\nfor the postmaster\r\n")
     fields, rest = split_trace(stored)
     assert rest == b"Subject: pm\n\nfor the postmaster\n"
-    # A trace field names a mailbox with its domain (RFC 5321 4.4): this server's name.
-    assert fields["Delivered-To"] == "Postmaster@mx.test.example"
-    check_received(fields["Received"], recipient="Postmaster@mx.test.example")
+    # A trace field names a mailbox with its domain (RFC 5321 4.4): the address whose
+    # Maildir it reached, which the server accepts, not its hostname, which it refuses.
+    assert fields["Delivered-To"] == "postmaster@example.test"
+    check_received(fields["Received"], recipient="postmaster@example.test")
 
 
-def test_a_copy_for_two_addresses_of_one_mailbox_names_both(daemon_factory, tmp_path):
-    """<Postmaster> and postmaster@domain reach one mailbox: one copy, and a Delivered-To:
-    line for each address (RCPT order), but no FOR clause, which names exactly one."""
+def test_bare_postmaster_and_its_address_are_one_copy_and_one_delivered_to(daemon_factory, tmp_path):
+    """<Postmaster> and postmaster@domain reach one mailbox: one copy, one Delivered-To:
+    line (both are named postmaster@domain), and no FOR clause, which names exactly one
+    recipient."""
     stored = to_the_postmaster_mailbox(daemon_factory, tmp_path,
                                        ["postmaster@example.test", "Postmaster"],
                                        b"Subject: pm\r\n\r\ntwice the postmaster\r\n")
     head, _, body = stored.partition(b"\nSubject: ")
     assert body == b"pm\n\ntwice the postmaster\n"
-    assert re.findall(rb"^Delivered-To: (.*)$", head, re.M) == [b"postmaster@example.test",
-                                                               b"Postmaster@mx.test.example"]
+    assert re.findall(rb"^Delivered-To: (.*)$", head, re.M) == [b"postmaster@example.test"]
     assert head.startswith(b"Return-Path: <" + SENDER.encode() + b">\nDelivered-To: ")
     assert b" for <" not in head
 
@@ -357,6 +358,20 @@ def test_a_copy_for_two_addresses_of_one_mailbox_names_both(daemon_factory, tmp_
 ])
 def test_postmaster_box(boxes, domains, expected):
     assert delivery.postmaster_box(boxes, domains) == expected
+
+
+@pytest.mark.parametrize("boxes, domains, named", [
+    ({"postmaster@b.test": "B"}, ("a.test", "b.test"), "postmaster@b.test"),  # where it goes
+    ({}, ("a.test", "b.test"), "postmaster@a.test"),  # the catch-all: a domain we accept
+    ({}, (), "Postmaster@mx.test.example"),  # no local domains: the server's own name
+])
+def test_bare_postmaster_is_named_in_trace_fields_by_an_address_this_server_accepts(
+        boxes, domains, named):
+    router = delivery.Router("/nonexistent", boxes, local_domains=domains)
+    info = delivery.HeaderInfo(sender="a@b.test", helo="c.test", peer_ip="127.0.0.1",
+                               by="mx.test.example", protocol="ESMTP", queue_id="1-1", when=0.0)
+    head = info.render(["Postmaster"], ["Postmaster"], router.postmaster).decode()
+    assert f"Delivered-To: {named}\n" in head and f"for <{named}>;" in head, head
 
 
 def test_local_domains(daemon_factory):

@@ -110,11 +110,13 @@ def test_the_authenticated_user_is_cut_to_64_characters():
     ("mx.example.test", "Postmaster@mx.example.test"),
     ("mx.bücher.test", "Postmaster@mx.xn--bcher-kva.test"),
 ])
-def test_bare_postmaster_is_named_with_this_servers_domain(host, expected):
-    """RFC 5321 4.4: a FOR clause holds a Path or a Mailbox, both with a domain."""
-    assert trace.qualified("Postmaster", host) == expected
-    assert trace.qualified("postmaster@a.test", host) == "postmaster@a.test"
+def test_bare_postmaster_is_named_with_a_domain(host, expected):
+    """RFC 5321 4.4: a FOR clause holds a Path or a Mailbox, both with a domain: the
+    address it is stored for, else this server's name."""
+    assert trace.qualified("Postmaster", "", host) == expected
+    assert trace.qualified("Postmaster", "postmaster@a.test", host) == "postmaster@a.test"
+    assert trace.qualified("postmaster@b.test", "postmaster@a.test", host) == "postmaster@b.test"
     field = trace.received(helo="c.test", peer_ip="127.0.0.1", by=host, protocol="ESMTP",
-                           queue_id="1-1", recipient=trace.qualified("Postmaster", host),
+                           queue_id="1-1", recipient=trace.qualified("Postmaster", "", host),
                            when=0.0).decode()
     assert f"for <{expected}>;" in field

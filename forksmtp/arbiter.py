@@ -100,6 +100,11 @@ class Child:
     killed_because: str = ""  # why the master itself sent SIGKILL, if it did
 
 
+def _maildir_dirs(path: str) -> list[str]:
+    """A Maildir's own directories: itself, tmp/, new/ and cur/."""
+    return [path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur"))]
+
+
 class Arbiter:
     def __init__(self, cfg, overrides: dict | None = None) -> None:
         self.cfg = cfg
@@ -174,6 +179,10 @@ class Arbiter:
                                        f"{keys[path]} = {path}: {problem}") from exc
                 self.log.warning("STORE", f"{keys[path]} = {path}: {problem}; "
                                           "its mail gets 451 until this is fixed")
+                # What it made before failing (tmp/ and new/, with a file where cur/
+                # belongs) must be the workers' once the rest is fixed.
+                self._give_to_workers([d for d in _maildir_dirs(path)
+                                       if os.path.isdir(d) and not os.path.islink(d)], cfg)
                 continue
             ready.append(path)
             self._clean_tmp(path)
@@ -565,8 +574,7 @@ class Arbiter:
     def _remake(self, path: str) -> None:
         """Make again what is missing of a Maildir.  Delivery makes ``tmp/`` and ``new/``
         when it finds them gone, but never looks at ``cur/``, which only readers use."""
-        missing = [d for d in (path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur")))
-                   if not os.path.isdir(d)]
+        missing = [d for d in _maildir_dirs(path) if not os.path.isdir(d)]
         if not missing:
             return
         try:
@@ -581,9 +589,9 @@ class Arbiter:
         if made:
             self.log.warning("STORE", f"made again, found missing: {', '.join(made)}")
 
-    def _give_to_workers(self, directories: list[str]) -> None:
+    def _give_to_workers(self, directories: list[str], cfg=None) -> None:
         """chown to server.user/group, if set, the directories the master made."""
-        server = self.cfg.server
+        server = (cfg or self.cfg).server
         if not (server.user or server.group) or not directories:
             return
         uid, gid = process.resolve_ids(server.user, server.group)
@@ -647,6 +655,7 @@ class Arbiter:
         if moved_pidfile and old_pidfile:
             process.remove_pidfile(old_pidfile)  # scripts read the new one from now on
         self.target = new.server.workers
+        self.pool_state.retire_requests = 0  # the new minimum replaces what SIGTTOU asked
         self.generation += 1
         self.board.set_generation(self.generation)
         process.set_title(self._title())

@@ -123,7 +123,8 @@ def postmaster_address(mailboxes: Mapping[str, str], local_domains: tuple[str, .
         return next((f"postmaster@{d}" for d in local_domains if f"postmaster@{d}" in mailboxes),
                     None)
     boxes = [address for address in mailboxes if address.startswith("postmaster@")]
-    return boxes[0] if len(boxes) == 1 else None
+    # One entry can be two keys: an internationalised domain is listed in both spellings.
+    return boxes[0] if len({mailboxes[a] for a in boxes}) == 1 else None
 
 
 def postmaster_box(mailboxes: Mapping[str, str], local_domains: tuple[str, ...]) -> str | None:
@@ -198,14 +199,20 @@ class HeaderInfo:
         """The trace fields of a copy for ``recipients``; ``delivered_to``: those of
         them that reached it as a ``[mailboxes]`` address; ``postmaster``: how to name
         bare ``<Postmaster>`` (Router.postmaster)."""
-        by = self.by
-        one = trace.qualified(recipients[0], postmaster, by) if len(recipients) == 1 else None
+        by, utf8 = self.by, self.protocol.startswith("UTF8")
+        one = (trace.qualified(recipients[0], postmaster, by, utf8) if len(recipients) == 1
+               else None)
         head = trace.return_path(self.sender)
         # One line per address the mailbox was reached by, as Postfix adds one per
         # delivery; all of them are the Maildir's owner's, so none reveals a blind copy.
-        # Bare <Postmaster> and the address it is stored for are one line (dict: once each).
-        for rcpt in dict.fromkeys([trace.qualified(r, postmaster, by) for r in delivered_to]):
-            head += trace.delivered_to(rcpt)
+        # Bare <Postmaster> and the address it is stored for, however the client cased
+        # it, are one line.
+        named: dict[str, str] = {}
+        for rcpt in delivered_to:
+            address = trace.qualified(rcpt, postmaster, by, utf8)
+            named.setdefault(address.lower(), address)
+        for address in named.values():
+            head += trace.delivered_to(address)
         return head + trace.received(
             helo=self.helo, peer_ip=self.peer_ip, by=self.by, protocol=self.protocol,
             queue_id=self.queue_id, recipient=one, when=self.when, tls=self.tls,

@@ -70,15 +70,17 @@ def rfc5322_date(when: float) -> str:
     return text
 
 
-def qualified(recipient: str, postmaster: str, host: str) -> str:
+def qualified(recipient: str, postmaster: str, host: str, utf8: bool = False) -> str:
     """A recipient as a trace field names it.  Bare ``Postmaster`` (RFC 5321 4.5.1) is
     the only address a client may give without a domain, and the FOR clause's grammar
     (a Path or Mailbox, 4.4) has no room for one: it is named as ``postmaster``, the
     address it is stored for, or, where there is none, ``Postmaster@<host>``, this
-    server's name, as Postfix qualifies the bare name with its own."""
+    server's name, as Postfix qualifies the bare name with its own.  Without ``utf8``
+    (the message did not ask for SMTPUTF8) its domain is given in ASCII."""
     if "@" in recipient:
         return recipient
-    return postmaster or f"{recipient}@{ascii_domain(host)}"
+    local, _, domain = (postmaster or f"{recipient}@{host}").rpartition("@")
+    return f"{local}@{domain if utf8 else ascii_domain(domain)}"
 
 
 def return_path(sender: str) -> bytes:

@@ -17,6 +17,7 @@ import os
 import pwd
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import tempfile
@@ -547,3 +548,25 @@ def test_directories_the_masters_pass_makes_are_the_workers_even_when_it_fails_p
     (md / "cur").unlink()
     code, text = deliver_one(d.port, "after the fix")
     assert code == 250, text
+
+
+def test_a_mailbox_that_fails_part_way_at_start_is_still_the_workers_once_fixed(
+        nobody_dir, daemon_factory):
+    """A start that made a [mailboxes] Maildir's tmp/ and new/ and then met a file where
+    cur/ belongs goes on without it (451 for its mail) and hands what is there to the
+    workers' user: once the file is gone, the mail is stored, with no reload."""
+    base, nobody = nobody_dir
+    md, box = base / "Maildir", base / "alice" / "Maildir"
+    box.mkdir(parents=True)
+    (box / "cur").write_text("in the way")
+    d = daemon_factory(server={"user": "nobody"},
+                       sections={"delivery": {"maildir": str(md)},
+                                 "mailboxes": {"alice@example.test": str(box)}})
+    d.wait_for_log(f'mailboxes."alice@example.test" = {box}: ')
+    assert (box / "tmp").stat().st_uid == (box / "new").stat().st_uid == nobody.pw_uid
+    (box / "cur").unlink()
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as client:
+        client.ehlo("client.example")
+        assert client.sendmail("a@client.example", ["alice@example.test"],
+                               b"Subject: x\r\n\r\nfor alice\r\n") == {}
+    assert len(list((box / "new").iterdir())) == 1

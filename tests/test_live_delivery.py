@@ -354,10 +354,32 @@ def test_bare_postmaster_and_its_address_are_one_copy_and_one_delivered_to(daemo
     ({"postmaster@other.test": "O"}, ("a.test",), None),
     ({"postmaster@a.test": "A"}, (), "A"),
     ({"postmaster@a.test": "A", "postmaster@b.test": "B"}, (), None),  # which one? neither
+    ({"postmaster@ä.test": "A", "postmaster@xn--4ca.test": "A"}, (), "A"),  # one, two spellings
     ({"alice@a.test": "X"}, ("a.test",), None),
 ])
 def test_postmaster_box(boxes, domains, expected):
     assert delivery.postmaster_box(boxes, domains) == expected
+
+
+def test_postmaster_and_its_address_in_another_case_are_one_delivered_to():
+    router = delivery.Router("/nonexistent", {"postmaster@example.test": "/pm"},
+                             local_domains=("example.test",))
+    info = delivery.HeaderInfo(sender="a@b.test", helo="c.test", peer_ip="127.0.0.1",
+                               by="mx.test.example", protocol="ESMTP", queue_id="1-1", when=0.0)
+    head = info.render(["Postmaster", "PostMaster@Example.test"],
+                       ["Postmaster", "PostMaster@Example.test"], router.postmaster).decode()
+    assert re.findall(r"^Delivered-To: (.*)$", head, re.M) == ["postmaster@example.test"]
+
+
+@pytest.mark.parametrize("protocol, named", [("ESMTP", "postmaster@xn--4ca.test"),
+                                             ("UTF8SMTP", "postmaster@ä.test")])
+def test_bare_postmaster_at_an_internationalised_domain_is_ascii_unless_smtputf8(protocol, named):
+    """A header of a message that did not ask for SMTPUTF8 stays ASCII (RFC 6531 3.7.3)."""
+    router = delivery.Router("/nonexistent", {}, local_domains=("ä.test", "xn--4ca.test"))
+    info = delivery.HeaderInfo(sender="a@b.test", helo="c.test", peer_ip="127.0.0.1",
+                               by="mx.test.example", protocol=protocol, queue_id="1-1", when=0.0)
+    head = info.render(["Postmaster"], [], router.postmaster).decode()
+    assert f"for <{named}>;" in head, head
 
 
 @pytest.mark.parametrize("boxes, domains, named", [

@@ -35,6 +35,7 @@ import hashlib
 import mmap
 import os
 import shutil
+import signal
 import socket
 import struct
 import tempfile
@@ -121,10 +122,22 @@ _PROBE_WINDOW: Final = 32
 #: its next tick.
 MASTER_LOCK_WAIT: Final = 0.01
 _LOCK_RETRY: Final = 0.0005
+#: A worker waits for the lock in steps this long, and between them asks whether its
+#: master still lives: the master is what kills a holder that stopped, and without it a
+#: wait behind one would have no end.
+WORKER_LOCK_STEP: Final = 1.0
 
 
 class LockBusy(Exception):
     """The master could not take the admission lock within MASTER_LOCK_WAIT."""
+
+
+class MasterGone(Exception):
+    """A worker gave up waiting for the admission lock: its master has died."""
+
+
+class _LockStep(Exception):
+    """Raised by the SIGALRM handler to end one step of a worker's wait for the lock."""
 
 
 def ip_key(ip: str) -> bytes:
@@ -213,6 +226,7 @@ class Scoreboard:
         # In the master every wait for the lock is bounded; workers (after_fork) wait.
         self._lock_wait: float | None = MASTER_LOCK_WAIT
         self._mark = -1  # where a worker marks that it waits for or holds the lock
+        self._waiting = False  # inside a worker's timed wait for the lock (_on_alarm)
         #: When the master last began to fail to take the lock; None while it succeeds.
         self.lock_missed_since: float | None = None
 
@@ -239,6 +253,14 @@ class Scoreboard:
         self._lock_wait = None
         self._mark = -1 if slot is None else self._bases[slot] + S_IN_LOCK
         os.close(old)  # never flock(LOCK_UN) it: that would release the parent's lock
+        self._waiting = False
+        signal.signal(signal.SIGALRM, self._on_alarm)
+
+    def _on_alarm(self, signum, frame) -> None:
+        # Only inside the wait: an alarm that lands after the flock succeeded runs this
+        # later, wherever signals are next looked at, and must do nothing there.
+        if self._waiting:
+            raise _LockStep()
 
     def close(self) -> None:
         """Release fds and memory; in the creating process also remove the lock file."""
@@ -265,7 +287,10 @@ class Scoreboard:
             # takes effect as the syscall returns, before any code after it runs.
             if self._mark >= 0:
                 self._mm[self._mark] = 1
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._wait_for_lock()
             return
         # Once an attempt has failed, later ones try once until one succeeds: a tick
         # with many repairs to make must not wait MASTER_LOCK_WAIT for each.
@@ -283,6 +308,25 @@ class Scoreboard:
                 continue
             self.lock_missed_since = None
             return
+
+    def _wait_for_lock(self) -> None:
+        """A worker's wait for the lock another process holds, in steps of
+        WORKER_LOCK_STEP: raises MasterGone once the master has died.  An alarm after the
+        flock succeeded may still end a step; flock again is then a no-op (the lock
+        belongs to this open file already)."""
+        while True:
+            try:
+                self._waiting = True
+                signal.setitimer(signal.ITIMER_REAL, WORKER_LOCK_STEP)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+                return
+            except _LockStep:
+                pass
+            finally:
+                self._waiting = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            if os.getppid() != self._owner_pid:  # reparented: the master is gone
+                raise MasterGone()
 
     def _unlock(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -31,7 +31,8 @@ from typing import Any, Callable, Final, Protocol
 from . import delivery, limits, process
 from .connection import Connection, drive_handshake, wait_alone
 from .logs import WARNING, Log
-from .scoreboard import Scoreboard
+from .scoreboard import MasterGone, Scoreboard
+from .smtp.replies import R421_SHUTDOWN
 from .smtp.session import Session, SessionConfig
 
 EXIT_OK: Final = 0
@@ -269,8 +270,11 @@ class Worker:
         self.titled_phase = ""
         self.log.queue("CONN", ip)
         try:
-            refused = self.board.admit(self.slot, ip, self.cfg.server.max_connections,
-                                       self.cfg.server.max_connections_per_ip)
+            try:
+                refused = self.board.admit(self.slot, ip, self.cfg.server.max_connections,
+                                           self.cfg.server.max_connections_per_ip)
+            except MasterGone:  # waited behind a stopped holder the master can no longer kill
+                return self._master_gone(sock, ip, implicit_tls)
             if refused is not None:
                 return self._refuse(sock, ip, refused, implicit_tls)
             if self.call_when_dry and self.board.idle_workers() <= 0:
@@ -282,7 +286,10 @@ class Worker:
             Connection(self, sock, peer, session, self.cfg.timeouts, implicit_tls).run()
         finally:
             self.served += 1
-            self.board.release(self.slot, self._accepting())
+            try:
+                self.board.release(self.slot, self._accepting())
+            except MasterGone:
+                self.quitting = True
             self.board.set_idle(self.slot, time.monotonic())
             if self.titled_phase:  # the title went busy during this session
                 self._title("idle")
@@ -295,6 +302,18 @@ class Worker:
             os.write(self.want_fd, b"\0")
         except OSError:
             pass  # the pipe is full (the master has calls to read already), or no master
+
+    def _master_gone(self, sock: _socket.socket, ip: str, implicit_tls: bool) -> None:
+        """The master died while this worker waited for the admission lock: the client
+        hears 421 at once (a plaintext one; an SMTPS client just sees the close), and
+        the worker exits after it, as every worker does when its master is gone."""
+        self.quitting = True
+        self.log.queue("CLOSE", f"{ip} not served: the master is gone", WARNING)
+        if not implicit_tls:
+            try:
+                sock.send(R421_SHUTDOWN.wire(True))
+            except OSError:
+                pass
 
     def _refuse(self, sock: _socket.socket, ip: str, reason: str, implicit_tls: bool = False) -> None:
         """Over a connection limit: answer 421 at once and close (never a silent wait).

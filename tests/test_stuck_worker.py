@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 import psutil
@@ -15,6 +17,7 @@ import pytest
 
 from daemon import RawSMTP, connect, request_stats, send_message, serving_worker, wait_until
 from forksmtp.arbiter import LOCK_STALL, silent_for
+from forksmtp.scoreboard import _LOCK_PREFIX, WORKER_LOCK_STEP
 
 
 def test_wedged_worker_is_killed_and_replaced(daemon_factory):
@@ -54,7 +57,7 @@ FLOCK_NR = {"x86_64": 73, "aarch64": 32}.get(os.uname().machine)
 
 
 def in_flock_lock_ex(worker: psutil.Process) -> bool:
-    """Is the worker stopped by its tracer in flock(fd, LOCK_EX)?  Traced, it stops at
+    """Is the worker stopped by its tracer in flock(fd, LOCK_EX[|LOCK_NB])?  Traced, it stops at
     every syscall, so its status alone does not say where."""
     try:
         with open(f"/proc/{worker.pid}/syscall") as f:
@@ -62,7 +65,8 @@ def in_flock_lock_ex(worker: psutil.Process) -> bool:
     except OSError:
         return False
     return (worker.status() == "tracing-stop" and len(fields) > 2
-            and fields[0] == str(FLOCK_NR) and int(fields[2], 16) == fcntl.LOCK_EX)
+            and fields[0] == str(FLOCK_NR)
+            and int(fields[2], 16) & ~fcntl.LOCK_NB == fcntl.LOCK_EX)  # tried first without waiting
 
 
 def stop_in_admission(d, worker: psutil.Process) -> socket.socket:
@@ -164,3 +168,30 @@ def test_no_healthy_wait_outlasts_the_stuck_limit(tmp_path):
     assert stuck_limit(load_config(str(path))) == 20 + STUCK_GRACE
     path.write_text("")
     assert stuck_limit(load_config(str(path))) == 600 + STUCK_GRACE  # data_done, by default
+
+
+def test_workers_waiting_behind_a_held_lock_exit_when_the_master_dies(daemon_factory):
+    """The double fault: the admission lock held by a process that does not let it go (a
+    stopped worker; here the test) and the master, which alone would kill that holder,
+    killed too.  A worker waiting for the lock asks every WORKER_LOCK_STEP whether its
+    master lives: its client gets 421 4.3.2, and every worker exits."""
+    d = daemon_factory(workers=2)
+    wait_until(lambda: len(d.workers()) == 2, 10, what="2 workers")
+    master = d.pid
+    (lock,) = glob.glob(os.path.join(tempfile.gettempdir(), f"{_LOCK_PREFIX}{master}-*",
+                                     "scoreboard.lock"))
+    workers = d.workers()
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        sock = connect(d.port)  # a worker accepts it and waits for the lock
+        sock.settimeout(10 + WORKER_LOCK_STEP)
+        time.sleep(0.3)
+        os.kill(master, signal.SIGKILL)
+        reply = sock.recv(512)
+        assert reply.startswith(b"421 4.3.2 "), reply
+        sock.close()
+        wait_until(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE
+                                   for w in workers), 10, what="every worker gone")
+    finally:
+        os.close(fd)

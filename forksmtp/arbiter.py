@@ -100,11 +100,6 @@ class Child:
     killed_because: str = ""  # why the master itself sent SIGKILL, if it did
 
 
-def _maildir_dirs(path: str) -> list[str]:
-    """A Maildir's own directories: itself, tmp/, new/ and cur/."""
-    return [path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur"))]
-
-
 class Arbiter:
     def __init__(self, cfg, overrides: dict | None = None) -> None:
         self.cfg = cfg
@@ -181,8 +176,8 @@ class Arbiter:
                                           "its mail gets 451 until this is fixed")
                 # What it made before failing (tmp/ and new/, with a file where cur/
                 # belongs) must be the workers' once the rest is fixed.
-                self._give_to_workers([d for d in _maildir_dirs(path)
-                                       if os.path.isdir(d) and not os.path.islink(d)], cfg)
+                if os.path.isdir(path):  # chown_tree never follows a link below it
+                    self._give_to_workers([path], cfg)
                 continue
             ready.append(path)
             self._clean_tmp(path)
@@ -574,7 +569,8 @@ class Arbiter:
     def _remake(self, path: str) -> None:
         """Make again what is missing of a Maildir.  Delivery makes ``tmp/`` and ``new/``
         when it finds them gone, but never looks at ``cur/``, which only readers use."""
-        missing = [d for d in _maildir_dirs(path) if not os.path.isdir(d)]
+        missing = [d for d in (path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur")))
+                   if not os.path.isdir(d)]
         if not missing:
             return
         try:
@@ -590,15 +586,14 @@ class Arbiter:
             self.log.warning("STORE", f"made again, found missing: {', '.join(made)}")
 
     def _give_to_workers(self, directories: list[str], cfg=None) -> None:
-        """chown to server.user/group, if set, the directories the master made."""
+        """chown to server.user/group, if set, directories the master made; a failure
+        is logged, not raised (a broken mailbox must not stop the rest)."""
         server = (cfg or self.cfg).server
-        if not (server.user or server.group) or not directories:
+        if not (server.user or server.group):
             return
-        uid, gid = process.resolve_ids(server.user, server.group)
         for directory in directories:
             try:
-                os.chown(directory, -1 if uid is None else uid, -1 if gid is None else gid,
-                         follow_symlinks=False)
+                process.chown_tree([directory], server.user, server.group)
             except OSError as exc:
                 self.log.warning("STORE", f"cannot give {directory} to the workers' user: {exc}")
 

@@ -127,12 +127,6 @@ def postmaster_address(mailboxes: Mapping[str, str], local_domains: tuple[str, .
     return boxes[0] if len({mailboxes[a] for a in boxes}) == 1 else None
 
 
-def postmaster_box(mailboxes: Mapping[str, str], local_domains: tuple[str, ...]) -> str | None:
-    """The Maildir of ``postmaster_address``, or None for the catch-all."""
-    address = postmaster_address(mailboxes, local_domains)
-    return None if address is None else mailboxes[address]
-
-
 class Transaction:
     """The Maildir copies of one message."""
 

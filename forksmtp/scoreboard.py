@@ -253,7 +253,6 @@ class Scoreboard:
         self._lock_wait = None
         self._mark = -1 if slot is None else self._bases[slot] + S_IN_LOCK
         os.close(old)  # never flock(LOCK_UN) it: that would release the parent's lock
-        self._waiting = False
         signal.signal(signal.SIGALRM, self._on_alarm)
 
     def _on_alarm(self, signum, frame) -> None:
@@ -315,6 +314,8 @@ class Scoreboard:
         flock succeeded may still end a step; flock again is then a no-op (the lock
         belongs to this open file already)."""
         while True:
+            if os.getppid() != self._owner_pid:  # reparented: the master is gone
+                raise MasterGone()
             try:
                 self._waiting = True
                 signal.setitimer(signal.ITIMER_REAL, WORKER_LOCK_STEP)
@@ -325,8 +326,6 @@ class Scoreboard:
             finally:
                 self._waiting = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            if os.getppid() != self._owner_pid:  # reparented: the master is gone
-                raise MasterGone()
 
     def _unlock(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)

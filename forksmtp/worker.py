@@ -169,6 +169,15 @@ class Worker:
     # -- the accept loop -----------------------------------------------------------------
 
     def run(self) -> int:
+        try:
+            return self._run()
+        except MasterGone:
+            # Waited for the admission lock behind a holder only the master could kill,
+            # and the master is gone: nobody reads the scoreboard any more.
+            self.log.flush()
+            return EXIT_OK
+
+    def _run(self) -> int:
         self._setup()
         # Ready: idle from now on (a worker left STARTING would never be retired by the
         # pool).  An idle worker does not touch its slot while it waits: last_activity is
@@ -286,10 +295,7 @@ class Worker:
             Connection(self, sock, peer, session, self.cfg.timeouts, implicit_tls).run()
         finally:
             self.served += 1
-            try:
-                self.board.release(self.slot, self._accepting())
-            except MasterGone:
-                self.quitting = True
+            self.board.release(self.slot, self._accepting())  # MasterGone: see run()
             self.board.set_idle(self.slot, time.monotonic())
             if self.titled_phase:  # the title went busy during this session
                 self._title("idle")

@@ -195,5 +195,7 @@ def test_workers_waiting_behind_a_held_lock_exit_when_the_master_dies(daemon_fac
         sock.close()
         wait_until(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE
                                    for w in workers), 10, what="every worker gone")
+        assert "not served: the master is gone" in d.log_text()
+        assert "crashed" not in d.log_text()  # they exit, not fall over on the way out
     finally:
         os.close(fd)

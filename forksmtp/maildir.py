@@ -409,7 +409,12 @@ class Delivery:
         return path  # type: ignore[return-value]
 
 
-def _sync_dirs(deliveries: Sequence[Delivery], pid: int) -> None:
+def _sync_dirs(deliveries: Sequence[Delivery], pid: int, best_effort: bool = False) -> None:
+    """fsync each distinct new/ once.  ``best_effort`` after a rollback: the removal of
+    copies already linked must be durable too, or a copy whose new/ was fsynced before a
+    later copy failed (an EIO on another disk) comes back after a power cut, and the
+    client, told 451, sends the message again: a duplicate in that Maildir.  The error
+    being reported then matters more than one met on the way."""
     seen: set[str] = set()
     for delivery in deliveries:
         md = delivery.maildir
@@ -418,6 +423,8 @@ def _sync_dirs(deliveries: Sequence[Delivery], pid: int) -> None:
             try:
                 os.fsync(md._dir_fd(pid))
             except OSError as exc:
+                if best_effort:
+                    continue
                 blame(exc, md.path)
                 raise
 
@@ -428,15 +435,16 @@ def commit_all(deliveries: Sequence[Delivery]) -> list[str]:
     Every file is flushed and fsynced first, then all are linked, then each
     unnamed (O_TMPFILE) file is fsynced again for its link count, then each
     distinct new/ is fsynced once. If anything fails, every copy already
-    linked is removed, all deliveries are aborted, and the error is re-raised.
+    linked is removed (and its new/ fsynced again, so the removal outlives a power
+    cut), all deliveries are aborted, and the error is re-raised.
     Returns the final paths in order.
     """
     delivery = deliveries[0]  # the one at work when an error comes (_sync_dirs: its own)
+    pid = os.getpid()
     try:
         for delivery in deliveries:
             delivery._sync()
         unnamed = [delivery for delivery in deliveries if delivery._tmp is None]
-        pid = os.getpid()
         for delivery in deliveries:
             delivery._link(pid)
         for delivery in unnamed:
@@ -446,8 +454,10 @@ def commit_all(deliveries: Sequence[Delivery]) -> list[str]:
             delivery._close()
     except BaseException as exc:
         blame(exc, delivery.maildir.path)
+        linked = [copy for copy in deliveries if copy._linked is not None]
         for copy in deliveries:
             copy.abort()
+        _sync_dirs(linked, pid, best_effort=True)
         raise
     return [delivery._finish() for delivery in deliveries]
 

@@ -440,6 +440,40 @@ def test_commit_all_is_all_or_nothing(tmp_path, mode):
     assert maildir.blamed(failed.value) == b.path  # the log names the Maildir that failed
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_rollback_after_a_synced_new_syncs_the_removal_too(tmp_path, monkeypatch, mode):
+    """The second Maildir's new/ fails its fsync (an EIO) after the first's has made that
+    copy durable: the copy is unlinked and the first new/ fsynced again after the unlink,
+    so that a power cut cannot bring back a copy whose client was told 451."""
+    a, b = make(tmp_path / "a", mode), make(tmp_path / "b", mode)
+    deliveries = [a.begin(), b.begin()]
+    for delivery in deliveries:
+        delivery.write(b"both or neither\n")
+    events = []
+    real_fsync, real_unlink = os.fsync, os.unlink
+    bad = os.stat(b.new).st_ino
+
+    def fsync(fd):
+        ino = os.fstat(fd).st_ino
+        events.append(("fsync", ino))
+        if ino == bad:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(maildir.os, "fsync", fsync)
+    monkeypatch.setattr(maildir.os, "unlink", lambda path: events.append(("unlink", path)) or real_unlink(path))
+    with pytest.raises(OSError) as failed:
+        commit_all(deliveries)
+    monkeypatch.undo()
+    assert failed.value.errno == errno.EIO and maildir.blamed(failed.value) == b.path
+    assert listing(a) == ([], []) and listing(b) == ([], [])
+    a_new = os.stat(a.new).st_ino
+    unlinked = [i for i, event in enumerate(events) if event[0] == "unlink" and event[1].startswith(a.new + "/")]
+    assert len(unlinked) == 1
+    assert ("fsync", a_new) in events[:unlinked[0]]       # the copy was durable in new/ ...
+    assert ("fsync", a_new) in events[unlinked[0] + 1:]   # ... and so is its removal
+
+
 def test_tmpfile_refusal_falls_back_and_is_remembered(tmp_path, monkeypatch):
     monkeypatch.setattr(maildir, "_TMPFILE", os.O_DIRECTORY)  # open(tmp, O_DIRECTORY|O_WRONLY) -> EISDIR
     md = Maildir(str(tmp_path / "md"))

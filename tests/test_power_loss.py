@@ -17,6 +17,7 @@ Needs root, a free loop device and e2fsprogs; skipped otherwise.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from forksmtp import maildir
 from forksmtp.maildir import Maildir, commit_all
 
 TOOLS = ("losetup", "mkfs.ext4", "e2fsck", "debugfs", "mount", "umount")
@@ -121,6 +123,40 @@ def test_every_acknowledged_message_survives_a_power_cut(ext4, tmp_path, mode):
     assert stored == bodies, report
     text = run("debugfs", "-R", f"cat /Maildir/new/{last}", str(tmp_path / "after-cut.img")).stdout
     assert text.startswith(f"message {MESSAGES - 1}\n") and len(text) == bodies[last]
+
+
+def test_a_copy_rolled_back_after_a_451_stays_gone_after_a_power_cut(ext4, tmp_path, monkeypatch):
+    """A message for two Maildirs on two disks: the first copy is linked and its new/
+    fsynced, then the second disk fails the fsync of its new/ (EIO, injected: the one
+    fault here that is not real).  The client is told 451 and will send the message
+    again, so the first copy, unlinked in the rollback, must stay gone after a power cut
+    right then, or that Maildir gets the message twice."""
+    mnt, image = ext4
+    first = Maildir(str(mnt / "Maildir"))
+    second = Maildir(str(tmp_path / "other-disk"))
+    for i in range(FILLERS):
+        (mnt / "Maildir" / "cur" / f"filler{i}").write_bytes(b"")
+    os.sync()
+    deliveries = [first.begin(), second.begin()]
+    for delivery in deliveries:
+        delivery.write(b"x" * 3000)
+    failing = os.stat(second.new).st_ino
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.fstat(fd).st_ino == failing:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(maildir.os, "fsync", fsync)
+    with pytest.raises(OSError):
+        commit_all(deliveries)
+    monkeypatch.undo()
+    first.close()
+    second.close()
+    assert os.listdir(first.new) == []
+    report = fsck_copy(image, tmp_path / "after-cut.img")  # the cut, right after the 451
+    assert listing(tmp_path / "after-cut.img", "/Maildir/new") == {}, report
 
 
 def subdirectories(copy: Path, directory: str) -> set[str]:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Final
 
 from . import auth, delivery, maildir, process, tls
 from .logs import ERROR, INFO, WARNING
+from .scoreboard import MasterGone
 from .smtp import replies as R
 from .smtp.session import (NEED_DATA, PAUSED, AuthRequest, DataChunk, DataEnd, DataStart,
                            Session, StartTLS)
@@ -173,7 +174,7 @@ class Connection:
                 else:
                     session.receive_data(data)
                     self._pump()
-        except Stop:
+        except (Stop, MasterGone):  # MasterGone: AUTH's failure limit waited for the lock
             self.close_reason = "server stopping"
             session.close(R.R421_SHUTDOWN)
             self._flush(final=True)

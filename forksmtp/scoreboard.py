@@ -310,15 +310,17 @@ class Scoreboard:
 
     def _wait_for_lock(self) -> None:
         """A worker's wait for the lock another process holds, in steps of
-        WORKER_LOCK_STEP: raises MasterGone once the master has died.  An alarm after the
-        flock succeeded may still end a step; flock again is then a no-op (the lock
-        belongs to this open file already)."""
+        WORKER_LOCK_STEP: raises MasterGone once the master has died.  The timer repeats:
+        an alarm that comes between setitimer and flock (the worker off the CPU for the
+        step, or stopped) interrupts nothing, and a one-shot timer would leave the flock
+        waiting with none to end it.  An alarm after the flock succeeded may still end a
+        step; flock again is then a no-op (the lock belongs to this open file already)."""
         while True:
             if os.getppid() != self._owner_pid:  # reparented: the master is gone
                 raise MasterGone()
             try:
                 self._waiting = True
-                signal.setitimer(signal.ITIMER_REAL, WORKER_LOCK_STEP)
+                signal.setitimer(signal.ITIMER_REAL, WORKER_LOCK_STEP, WORKER_LOCK_STEP)
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
                 return
             except _LockStep:

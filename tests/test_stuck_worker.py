@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import glob
 import os
@@ -16,6 +17,7 @@ import psutil
 import pytest
 
 from daemon import RawSMTP, connect, request_stats, send_message, serving_worker, wait_until
+from forksmtp import auth
 from forksmtp.arbiter import LOCK_STALL, silent_for
 from forksmtp.scoreboard import _LOCK_PREFIX, WORKER_LOCK_STEP
 
@@ -41,8 +43,13 @@ def test_wedged_worker_is_killed_and_replaced(daemon_factory):
 def trace_next_admission(pid: int) -> subprocess.Popen:
     """Attach strace to a worker so that its next flock(2), the LOCK_EX of its next
     admission, returns only after a while: the worker holds the admission lock meanwhile."""
-    tracer = subprocess.Popen(["strace", "-p", str(pid), "-o", os.devnull, "-e", "trace=flock",
-                               "-e", "inject=flock:delay_exit=30s:when=1"],
+    return delay_next(pid, "flock", 30)
+
+
+def delay_next(pid: int, syscall: str, seconds: float) -> subprocess.Popen:
+    """Attach strace to a process so that its next ``syscall`` returns ``seconds`` late."""
+    tracer = subprocess.Popen(["strace", "-p", str(pid), "-o", os.devnull, "-e", f"trace={syscall}",
+                               "-e", f"inject={syscall}:delay_exit={seconds:g}s:when=1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     line = tracer.stderr.readline()
     if "attached" not in line:
@@ -172,6 +179,76 @@ def test_no_healthy_wait_outlasts_the_stuck_limit(tmp_path):
     assert stuck_limit(load_config(str(path))) == 600 + STUCK_GRACE  # data_done, by default
 
 
+def hold_admission_lock(master: int) -> int:
+    """Take the daemon's admission lock from outside, as a stopped holder would keep it."""
+    (lock,) = glob.glob(os.path.join(tempfile.gettempdir(), f"{_LOCK_PREFIX}{master}-*",
+                                     "scoreboard.lock"))
+    fd = os.open(lock, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+@needs_strace
+def test_an_alarm_before_the_flock_does_not_leave_the_wait_without_end(daemon_factory):
+    """The step's alarm comes after setitimer returned but before flock entered the kernel
+    (strace holds setitimer's return for two steps, as a worker off the CPU that long
+    would be): it interrupts nothing, so a one-shot timer left the flock waiting for
+    good, and the master's death went unseen.  The timer repeats."""
+    d = daemon_factory(workers=1)
+    wait_until(lambda: len(d.workers()) == 1, 10, what="1 worker")
+    (worker,) = d.workers()
+    fd = hold_admission_lock(d.pid)
+    try:
+        tracer = delay_next(worker.pid, "setitimer", 2 * WORKER_LOCK_STEP)
+        try:
+            sock = connect(d.port)  # the worker accepts it, arms its alarm, waits for the lock
+            time.sleep(2 * WORKER_LOCK_STEP + 1)
+        finally:
+            tracer.terminate()
+            tracer.wait(10)
+        wait_until(lambda: worker.status() == psutil.STATUS_SLEEPING, 10, what="the worker in flock")
+        os.kill(d.pid, signal.SIGKILL)
+        sock.settimeout(5 * WORKER_LOCK_STEP)
+        reply = sock.recv(512)
+        assert reply.startswith(b"421 4.3.2 "), reply
+        sock.close()
+        wait_until(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE,
+                   10, what="the worker gone")
+    finally:
+        os.close(fd)
+
+
+def test_auth_waiting_behind_a_held_lock_when_the_master_dies_sends_what_it_owes(daemon_factory, tmp_path):
+    """AUTH counts attempts under the admission lock, mid-session.  A message's text, its
+    final dot and AUTH arrive in one segment while the lock is held and the master dies:
+    the stored message's 250 is still sent, then 421 4.3.2, and the log says why.  (It
+    went without a reply before: a client would send the stored message again.)"""
+    passwd = tmp_path / "passwd"
+    auth.set_password(str(passwd), "alice", "secret-pass")
+    d = daemon_factory(workers=1, sections={"auth": {"password_file": str(passwd), "allow_insecure": True}})
+    wait_until(lambda: len(d.workers()) == 1, 10, what="1 worker")
+    (worker,) = d.workers()
+    client = RawSMTP(d.port, timeout=5 * WORKER_LOCK_STEP)
+    assert client.command(b"EHLO client.example") == 250
+    assert client.start_data()[0] == 354
+    fd = hold_admission_lock(d.pid)
+    try:
+        credentials = base64.b64encode(b"\0alice\0secret-pass")
+        client.sock.sendall(b"Subject: owed\r\n\r\nbody\r\n.\r\nAUTH PLAIN " + credentials + b"\r\n")
+        wait_until(lambda: len(d.new_messages()) == 1, 10, what="the message stored")
+        os.kill(d.pid, signal.SIGKILL)
+        assert client.reply()[0] == 250   # the message's, owed before AUTH ran
+        code, text = client.reply()
+        assert (code, text[:10]) == (421, b"421 4.3.2 "), text
+        wait_until(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE,
+                   10, what="the worker gone")
+    finally:
+        os.close(fd)
+        client.close()
+    assert "127.0.0.1 server stopping" in d.log_text()
+    assert "crashed" not in d.log_text()
+
+
 def test_workers_waiting_behind_a_held_lock_exit_when_the_master_dies(daemon_factory):
     """The double fault: the admission lock held by a process that does not let it go (a
     stopped worker; here the test) and the master, which alone would kill that holder,
@@ -180,12 +257,9 @@ def test_workers_waiting_behind_a_held_lock_exit_when_the_master_dies(daemon_fac
     d = daemon_factory(workers=2)
     wait_until(lambda: len(d.workers()) == 2, 10, what="2 workers")
     master = d.pid
-    (lock,) = glob.glob(os.path.join(tempfile.gettempdir(), f"{_LOCK_PREFIX}{master}-*",
-                                     "scoreboard.lock"))
     workers = d.workers()
-    fd = os.open(lock, os.O_RDONLY)
+    fd = hold_admission_lock(master)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         sock = connect(d.port)  # a worker accepts it and waits for the lock
         sock.settimeout(10 + WORKER_LOCK_STEP)
         time.sleep(0.3)

@@ -397,6 +397,7 @@ class Arbiter:
         server = self.cfg.server
         if server.user or server.group:
             process.drop_privileges(server.user, server.group)
+        process.continue_when_orphaned()
         return w.run()
 
     def reap(self) -> None:

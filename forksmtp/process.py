@@ -7,6 +7,7 @@ import errno
 import grp
 import os
 import pwd
+import signal
 import socket
 import tempfile
 from typing import Callable
@@ -37,6 +38,24 @@ def tune_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and \
         bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2), from <linux/prctl.h>
+
+
+def continue_when_orphaned() -> bool:
+    """Have the kernel send this process SIGCONT when its parent dies.  A worker stopped
+    (SIGSTOP, an operator's Ctrl-Z) when its master is killed would otherwise stay stopped
+    for good, holding the listening sockets, so that the port cannot be bound again, and
+    perhaps the admission lock; continued, it finds the master's death pipe closed as
+    every other worker does, and exits.  A running worker is not disturbed: SIGCONT has
+    no handler, so no system call is interrupted.  Call it after any privilege drop,
+    which clears the setting.  False where there is no prctl() (not Linux)."""
+    try:
+        import ctypes
+        return ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGCONT) == 0
+    except (ImportError, OSError, AttributeError):
+        return False
 
 
 def batch_scheduling() -> bool:

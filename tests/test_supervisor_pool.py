@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from daemon import (assert_no_zombies, connect, gone, read_reply, request_stats, send_message,
-                    wait_until, worker_pids)
+                    serving_worker, wait_until, worker_pids)
 
 SESSIONS = 30
 
@@ -209,6 +209,30 @@ def test_master_killed_workers_exit_and_port_is_free(daemon_factory):
     send_message(port)
     assert len(fresh.new_messages()) == 1
     assert_no_zombies(fresh)
+
+
+def test_a_worker_stopped_when_the_master_is_killed_goes_too(daemon_factory):
+    """A worker stopped (SIGSTOP) in a session when the master is SIGKILLed: the kernel
+    continues it (the master's death sends SIGCONT), its client gets 421 4.3.2, it exits,
+    and the port can be bound again.  Left stopped, it held the listening socket."""
+    d = daemon_factory(workers=2)
+    pids = wait_until(lambda: len(p := worker_pids(d)) == 2 and p, 10, what="2 workers")
+    sock = connect(d.port)
+    assert read_reply(sock).startswith(b"220 ")
+    stopped = serving_worker(d, sock)
+    stopped.send_signal(signal.SIGSTOP)
+    wait_until(lambda: stopped.status() == psutil.STATUS_STOPPED, 10, what="the worker stopped")
+    port = d.port
+
+    os.kill(d.pid, signal.SIGKILL)
+    d.proc.wait(10)
+    wait_until(lambda: all(gone(p) for p in pids), 10, 0.1, "every worker gone, the stopped one too")
+    sock.settimeout(5)
+    assert read_reply(sock).startswith(b"421 4.3.2 ")
+    sock.close()
+    fresh = daemon_factory(port=port, workers=1)
+    send_message(port)
+    assert len(fresh.new_messages()) == 1
 
 
 def test_process_titles(daemon_factory):

@@ -118,6 +118,7 @@ class Arbiter:
         self._last_stuck_check = float("-inf")
         self._idle_clock_from = 0.0  # idle silence counts from here (the end of a stall)
         self.last_pool_reason = ""
+        self.ceiling_warned = -pool.CEILING_WARN_EVERY  # when the last ceiling warning was
         self.spawn_pending = False
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
@@ -542,7 +543,7 @@ class Arbiter:
         reason_key = f"{plan.reason.partition(':')[0]}/{self.pool_state.backoff}" if plan.reason else ""
         if reason_key != self.last_pool_reason:
             self.last_pool_reason = reason_key
-            if plan.reason:
+            if plan.reason and self._worth_warning(plan.reason, now):
                 self.log.warning("POOL", plan.reason)
         for _ in range(plan.spawn):
             if self.spawn() is None:
@@ -558,6 +559,16 @@ class Arbiter:
         if stress != snap.stress:
             self.board.set_stress(stress)
             self.log.warning("STRESS", f"stress mode {'on' if stress else 'off'}: {busy} busy workers")
+
+    def _worth_warning(self, reason: str, now: float) -> bool:
+        """Every reason is logged when it begins, except the ceiling, which comes back with
+        each session that ends under steady load: once per CEILING_WARN_EVERY."""
+        if not reason.startswith(pool.CEILING):
+            return True
+        if now - self.ceiling_warned < pool.CEILING_WARN_EVERY:
+            return False
+        self.ceiling_warned = now
+        return True
 
     def _housekeeping(self, now: float) -> None:
         if now < self.next_tmp_clean:
@@ -652,6 +663,8 @@ class Arbiter:
             process.remove_pidfile(old_pidfile)  # scripts read the new one from now on
         self.target = new.server.workers
         self.pool_state.retire_requests = 0  # the new minimum replaces what SIGTTOU asked
+        # A new max_workers is a new ceiling: the first time it is reached is worth a line.
+        self.ceiling_warned = self.overflow.ceiling_warned = -pool.CEILING_WARN_EVERY
         self.generation += 1
         self.board.set_generation(self.generation)
         process.set_title(self._title())

@@ -16,6 +16,7 @@ import select
 import socket
 
 from . import limits
+from .pool import CEILING_WARN_EVERY
 from .scoreboard import IDLE, STARTING
 from .smtp.replies import Reply
 
@@ -29,6 +30,7 @@ class OverflowGuard:
         self.since = 0.0
         self.progress = -1
         self.logged = False
+        self.ceiling_warned = -CEILING_WARN_EVERY  # at most one ceiling warning per interval
         self.rejected = 0          # at the ceiling: counted as max_connections
         self.rejected_held = 0     # while spawning is held back: counted as other
 
@@ -48,9 +50,12 @@ class OverflowGuard:
             return True
         if not self.logged:
             self.logged = True
-            self.log.warning("POOL", f"all {workers} workers busy (max_workers reached); answering 421 4.3.2"
-                             if at_ceiling else "no worker free, and none may start now (back-off after a crash loop "
-                             "or a failed fork); answering 421 4.3.2")
+            if not at_ceiling:
+                self.log.warning("POOL", "no worker free, and none may start now (back-off after a crash loop "
+                                 "or a failed fork); answering 421 4.3.2")
+            elif now - self.ceiling_warned >= CEILING_WARN_EVERY:  # see pool.CEILING_WARN_EVERY
+                self.ceiling_warned = now
+                self.log.warning("POOL", f"all {workers} workers busy (max_workers reached); answering 421 4.3.2")
         reply = limits.reply_for(limits.MAX_CONNECTIONS if at_ceiling else limits.OTHER)
         for sock in sockets:
             for _ in range(BATCH):

@@ -23,6 +23,12 @@ from dataclasses import dataclass, field
 
 from .scoreboard import BUSY, IDLE, STARTING, STOPPING, Snapshot
 
+CEILING = "max_workers reached"
+#: Seconds between two warnings that the pool is at max_workers.  Under steady load the
+#: ceiling comes and goes with every session that ends; Postfix's master repeats its
+#: "has reached its process limit" warning at most once per 1000 s as well.
+CEILING_WARN_EVERY = 1000.0
+
 MAX_SPAWN_RATE = 32
 RETIRE_EVERY = 1.0  # seconds between two retirements of surplus idle workers (max_idle)
 
@@ -140,7 +146,7 @@ def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, i
                    f"{state.backoff_until - now:.1f}s (back-off {state.backoff:g}s)")
     if room <= 0:
         state.spawn_rate = 1
-        return 0, f"max_workers reached ({settings.max_workers} workers): no spare to start"
+        return 0, f"{CEILING} ({settings.max_workers} workers): no spare to start"
     # The minimum is restored at once (boot, after a crash); spares grow at the doubling rate.
     # Every worker busy means a burst: spawn the whole rate (1, 2, 4 ... 32, as Apache
     # prefork), not just the shortfall, so queued clients get workers in a few ticks.

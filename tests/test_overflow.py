@@ -5,6 +5,7 @@ import socket
 import time
 
 from forksmtp.overflow import GRACE, OverflowGuard
+from forksmtp.pool import CEILING_WARN_EVERY
 
 
 class Log:
@@ -71,3 +72,28 @@ def test_at_the_ceiling_the_421_counts_as_max_connections():
         assert client.recv(200).startswith(b"421 4.3.2 ")
         assert guard.rejected == 1 and guard.rejected_held == 0
         client.close()
+
+
+class Relieved(Snap):
+    """A worker is idle again: the stall is over."""
+
+    def count(self, *states) -> int:
+        return 1
+
+
+def test_the_ceiling_warning_comes_once_per_interval_however_often_the_pool_fills():
+    """Under steady load the pool fills, a worker frees, it fills again: each stall still
+    answers its queued clients, but the warning is written once per CEILING_WARN_EVERY."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        guard = OverflowGuard(Log())
+        start = time.monotonic()
+        for i, at in enumerate([start, start + 10, start + 20, start + CEILING_WARN_EVERY + 1]):
+            client = queued_client(listener)
+            guard.check(Snap(), at, 4, 4, [listener])
+            guard.check(Snap(), at + GRACE + 0.01, 4, 4, [listener])
+            assert client.recv(200).startswith(b"421 4.3.2 ")
+            client.close()
+            guard.check(Relieved(), at + 1, 4, 4, [listener])
+        assert guard.rejected == 4
+        warned = [line for line in guard.log.lines if "max_workers reached" in line]
+        assert len(warned) == 2, guard.log.lines  # the first stall's and the one an interval later

@@ -13,12 +13,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon import (assert_no_zombies, connect, gone, read_reply, request_stats, send_message,
+from daemon import (RawSMTP, assert_no_zombies, connect, gone, read_reply, request_stats, send_message,
                     serving_worker, wait_until, worker_pids)
+from forksmtp.arbiter import TICK
 
 SESSIONS = 30
-
-
 
 
 def title(pid: int) -> str:
@@ -233,6 +232,25 @@ def test_a_worker_stopped_when_the_master_is_killed_goes_too(daemon_factory):
     fresh = daemon_factory(port=port, workers=1)
     send_message(port)
     assert len(fresh.new_messages()) == 1
+
+
+def test_the_ceiling_warning_is_not_repeated_as_sessions_come_and_go(daemon_factory):
+    """Two workers at most, one spare wanted: a second session fills the pool (no spare can
+    start: warned), ends (a spare again), and comes back, three times over.  The pool
+    reaches its ceiling three times; the log says so once."""
+    d = daemon_factory(workers=1, server={"max_workers": 2, "min_spare_workers": 1})
+    first = RawSMTP(d.port)
+    try:
+        for _ in range(3):
+            second = RawSMTP(d.port)
+            time.sleep(TICK + 0.5)  # the master's tick sees the pool full
+            assert second.command(b"QUIT") == 221
+            second.close()
+            time.sleep(TICK + 0.5)  # and then a spare again
+        d.wait_for_log("max_workers reached (2 workers): no spare to start")
+        assert d.log_text().count("max_workers reached (2 workers)") == 1
+    finally:
+        first.close()
 
 
 def test_process_titles(daemon_factory):

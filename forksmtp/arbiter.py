@@ -386,6 +386,9 @@ class Arbiter:
         return pid
 
     def _child(self, slot: int) -> int:
+        # First thing, and again after a privilege drop, which clears it: a worker stopped
+        # before the call would get no SIGCONT at the master's death (see the function).
+        process.continue_when_orphaned()
         self.signals.reset_in_child()
         os.close(self.death_w)
         socks = list(self.sockets.values())
@@ -398,7 +401,7 @@ class Arbiter:
         server = self.cfg.server
         if server.user or server.group:
             process.drop_privileges(server.user, server.group)
-        process.continue_when_orphaned()
+            process.continue_when_orphaned()
         return w.run()
 
     def reap(self) -> None:
@@ -413,6 +416,9 @@ class Arbiter:
             if child is None:
                 continue  # not ours (e.g. a reparented orphan when we run as pid 1)
             self._repair(child.slot)
+            if child.generation != self.generation and all(
+                    c.generation == self.generation for c in self.workers.values()):
+                self._fresh_ceiling_warnings()  # the drain's ceiling is over (see there)
             lifetime = time.monotonic() - child.started
             if not (child.term_sent or child.quit_sent) and _is_crash(status):
                 self.pool_state.record_exit(lifetime, time.monotonic())
@@ -560,6 +566,13 @@ class Arbiter:
             self.board.set_stress(stress)
             self.log.warning("STRESS", f"stress mode {'on' if stress else 'off'}: {busy} busy workers")
 
+    def _fresh_ceiling_warnings(self) -> None:
+        """After a reload (a new max_workers is a new ceiling) and again once the old
+        generation has drained (its workers count towards the ceiling while they finish
+        their sessions, which may spend the warning on a ceiling of the reload's making),
+        the first time the pool is full is worth a line."""
+        self.ceiling_warned = self.overflow.ceiling_warned = -pool.CEILING_WARN_EVERY
+
     def _worth_warning(self, reason: str, now: float) -> bool:
         """Every reason is logged when it begins, except the ceiling, which comes back with
         each session that ends under steady load: once per CEILING_WARN_EVERY."""
@@ -663,8 +676,7 @@ class Arbiter:
             process.remove_pidfile(old_pidfile)  # scripts read the new one from now on
         self.target = new.server.workers
         self.pool_state.retire_requests = 0  # the new minimum replaces what SIGTTOU asked
-        # A new max_workers is a new ceiling: the first time it is reached is worth a line.
-        self.ceiling_warned = self.overflow.ceiling_warned = -pool.CEILING_WARN_EVERY
+        self._fresh_ceiling_warnings()
         self.generation += 1
         self.board.set_generation(self.generation)
         process.set_title(self._title())

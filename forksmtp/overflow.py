@@ -29,7 +29,7 @@ class OverflowGuard:
         self.log = log
         self.since = 0.0
         self.progress = -1
-        self.logged = False
+        self.logged = ""  # the stall's kind whose warning was handled: "ceiling" or "held"
         self.ceiling_warned = -CEILING_WARN_EVERY  # at most one ceiling warning per interval
         self.rejected = 0          # at the ceiling: counted as max_connections
         self.rejected_held = 0     # while spawning is held back: counted as other
@@ -41,32 +41,38 @@ class OverflowGuard:
         ``held_back``: the pool may not spawn now (crash-loop back-off)."""
         at_ceiling = workers >= max_workers
         if not (at_ceiling or held_back) or snap.count(IDLE, STARTING):
-            self.since, self.logged = 0.0, False
+            self.since, self.logged = 0.0, ""
             return False
         if snap.connections_total != self.progress or not self.since:
             self.progress, self.since = snap.connections_total, now
             return True
         if now - self.since < GRACE:
             return True
-        if not self.logged:
-            self.logged = True
-            if not at_ceiling:
-                self.log.warning("POOL", "no worker free, and none may start now (back-off after a crash loop "
-                                 "or a failed fork); answering 421 4.3.2")
-            elif now - self.ceiling_warned >= CEILING_WARN_EVERY:  # see pool.CEILING_WARN_EVERY
-                self.ceiling_warned = now
-                self.log.warning("POOL", f"all {workers} workers busy (max_workers reached); answering 421 4.3.2")
         reply = limits.reply_for(limits.MAX_CONNECTIONS if at_ceiling else limits.OTHER)
+        kind = "ceiling" if at_ceiling else "held"
         for sock in sockets:
             for _ in range(BATCH):
                 if not select.select([sock], [], [], 0)[0]:
                     break
+                # Warned only once a client is there to be refused: a stall nobody met
+                # must not spend the ceiling's one warning per CEILING_WARN_EVERY.
+                if self.logged != kind:
+                    self.logged = kind
+                    self._warn(at_ceiling, workers, now)
                 if self._answer(sock, sock in implicit_tls, reply):
                     if at_ceiling:
                         self.rejected += 1
                     else:
                         self.rejected_held += 1
         return True
+
+    def _warn(self, at_ceiling: bool, workers: int, now: float) -> None:
+        if not at_ceiling:
+            self.log.warning("POOL", "no worker free, and none may start now (back-off after a crash loop "
+                             "or a failed fork); answering 421 4.3.2")
+        elif now - self.ceiling_warned >= CEILING_WARN_EVERY:  # see pool.CEILING_WARN_EVERY
+            self.ceiling_warned = now
+            self.log.warning("POOL", f"all {workers} workers busy (max_workers reached); answering 421 4.3.2")
 
     def _answer(self, sock: socket.socket, tls_first: bool, reply: Reply) -> bool:
         try:

@@ -49,8 +49,9 @@ def continue_when_orphaned() -> bool:
     for good, holding the listening sockets, so that the port cannot be bound again, and
     perhaps the admission lock; continued, it finds the master's death pipe closed as
     every other worker does, and exits.  A running worker is not disturbed: SIGCONT has
-    no handler, so no system call is interrupted.  Call it after any privilege drop,
-    which clears the setting.  False where there is no prctl() (not Linux)."""
+    no handler, so no system call is interrupted.  Call it first thing after fork(),
+    and again after any privilege drop, which clears the setting.  False where there
+    is no prctl() (not Linux)."""
     try:
         import ctypes
         return ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGCONT) == 0

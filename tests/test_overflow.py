@@ -97,3 +97,39 @@ def test_the_ceiling_warning_comes_once_per_interval_however_often_the_pool_fill
         assert guard.rejected == 4
         warned = [line for line in guard.log.lines if "max_workers reached" in line]
         assert len(warned) == 2, guard.log.lines  # the first stall's and the one an interval later
+
+
+def test_a_stall_that_refused_nobody_does_not_spend_the_warning():
+    """Every worker busy past GRACE with nobody queued refuses nobody: no warning then,
+    so the interval's one warning is there for the stall that does refuse a client."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        guard = OverflowGuard(Log())
+        start = time.monotonic()
+        guard.check(Snap(), start, 4, 4, [listener])
+        guard.check(Snap(), start + GRACE + 0.01, 4, 4, [listener])  # nobody waits
+        guard.check(Relieved(), start + 1, 4, 4, [listener])
+        assert guard.log.lines == []
+        client = queued_client(listener)
+        guard.check(Snap(), start + 2, 4, 4, [listener])
+        guard.check(Snap(), start + 2 + GRACE + 0.01, 4, 4, [listener])
+        assert client.recv(200).startswith(b"421 4.3.2 ")
+        client.close()
+        assert guard.log.lines[0] == "[POOL] all 4 workers busy (max_workers reached); answering 421 4.3.2"
+
+
+def test_a_stall_that_turns_into_a_back_off_still_says_so():
+    """A stall at the ceiling whose warning the interval holds back, then workers crash
+    and spawning is held back: that is another reason, and its warning is written."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        guard = OverflowGuard(Log())
+        start = time.monotonic()
+        run_guard(guard, listener, workers=4, max_workers=4)      # warned; then quiet for a while
+        guard.check(Relieved(), start + 1, 4, 4, [listener])
+        for at, workers, held in [(start + 2, 4, False), (start + 3, 2, True)]:
+            client = queued_client(listener)
+            guard.check(Snap(), at, workers, 4, [listener], held_back=held)
+            guard.check(Snap(), at + GRACE + 0.01, workers, 4, [listener], held_back=held)
+            assert client.recv(200).startswith(b"421 4.3.2 ")
+            client.close()
+        warnings = [line for line in guard.log.lines if line.startswith("[POOL]")]
+        assert len(warnings) == 2 and "back-off after a crash loop" in warnings[1], warnings

@@ -253,6 +253,29 @@ def test_the_ceiling_warning_is_not_repeated_as_sessions_come_and_go(daemon_fact
         first.close()
 
 
+def test_a_reloads_own_ceiling_does_not_silence_the_next(daemon_factory):
+    """Two idle workers and a reload: the old generation, still draining, counts towards
+    max_workers, and the pool's ceiling warning may be written then.  Once it has drained,
+    the first real ceiling (two sessions) is written too."""
+    d = daemon_factory(workers=1, server={"max_workers": 2, "min_spare_workers": 1})
+    busy = RawSMTP(d.port)  # takes the one worker: a spare starts
+    wait_until(lambda: len(worker_pids(d)) == 2, 10, what="a spare")
+    busy.close()
+    time.sleep(TICK + 0.5)
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("[RELOAD] configuration generation 2")
+    wait_until(lambda: all("(gen 2)" in title(p) for p in worker_pids(d)), 10, what="the old generation gone")
+    time.sleep(TICK + 0.5)
+    after = len(d.log_text())
+    first, second = RawSMTP(d.port), RawSMTP(d.port)
+    try:
+        wait_until(lambda: "max_workers reached (2 workers)" in d.log_text()[after:], 10,
+                   what="the ceiling warned after the drain")
+    finally:
+        first.close()
+        second.close()
+
+
 def test_process_titles(daemon_factory):
     d = daemon_factory(workers=2)
     assert "forksmtp: master" in title(d.pid)

@@ -135,6 +135,9 @@ class Arbiter:
         for addr in sorted(listen_addresses(cfg)[0], key=str):
             self.sockets[addr] = self._bind(addr)
         self._prepare_maildirs(cfg)
+        # That made and swept every Maildir: the next pass is due in an hour.  Run again
+        # at the first tick, it would race an operator's first change to a Maildir.
+        self.next_tmp_clean = time.monotonic() + TMP_CLEAN_INTERVAL
         if cfg.server.pidfile:
             process.write_pidfile(cfg.server.pidfile)
         nslots = 2 * cfg.server.max_workers + 16  # room for an old generation during reload

@@ -35,7 +35,7 @@ from .overflow import OverflowGuard
 from .security import Security, listen_addresses, load_security
 from .logs import ALWAYS, Log
 from .scoreboard import BUSY, IDLE, STATE_NAMES, LockBusy, Scoreboard
-from .signals import HANDLED, NAMES, SignalQueue
+from .signals import HANDLED, MAILDIR_CALL_EVERY, NAMES, SignalQueue
 from .worker import EXIT_BOOT_ERROR, Worker
 
 TICK = 1.0  # seconds between pool checks when nothing happens
@@ -114,6 +114,7 @@ class Arbiter:
         self.started = time.monotonic()
         self.pool_state = pool.PoolState()
         self.next_tmp_clean = 0.0
+        self.last_pass = -MAILDIR_CALL_EVERY
         self.overflow = OverflowGuard(self.log)
         self._last_stuck_check = float("-inf")
         self._idle_clock_from = 0.0  # idle silence counts from here (the end of a stall)
@@ -209,6 +210,8 @@ class Arbiter:
             slow = not (self.fast or self.spawn_pending or at_ceiling or self.signals.wanted)
             for sig in self.signals.wait(TICK if slow else FAST_TICK, want=slow):
                 self._guarded(getattr(self, f"handle_{NAMES[sig]}"))
+            if self.signals.maildirs_wanted:
+                self._bring_pass_forward(time.monotonic())
             self.reap()
             if self.stopping:
                 if self._stop_step(time.monotonic()):
@@ -586,10 +589,17 @@ class Arbiter:
         self.ceiling_warned = now
         return True
 
+    def _bring_pass_forward(self, now: float) -> None:
+        """A worker met a Maildir gone that it could not make again: the pass below makes
+        it (and hands it to server.user) now, or MAILDIR_CALL_EVERY after the last pass,
+        rather than within the hour."""
+        self.next_tmp_clean = min(self.next_tmp_clean, max(now, self.last_pass + MAILDIR_CALL_EVERY))
+
     def _housekeeping(self, now: float) -> None:
         if now < self.next_tmp_clean:
             return
         self.next_tmp_clean = now + TMP_CLEAN_INTERVAL
+        self.last_pass = now
         for path in {self.cfg.delivery.maildir, *self.cfg.delivery.mailboxes.values()}:
             self._remake(path)
             self._clean_tmp(path)

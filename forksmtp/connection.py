@@ -341,6 +341,8 @@ class Connection:
         self.log.queue("ERROR", f"{what} in {where}: {exc}" if where else f"{what}: {exc}", ERROR)
         if forget:
             self.worker.router.forget()
+        if where and not (os.path.isdir(where + "/tmp") and os.path.isdir(where + "/new")):
+            self.worker.call_for_maildirs()  # gone, and this worker could not make it again
         return delivery.storage_reply(exc)
 
     txn_error: R.Reply | None = None

@@ -8,7 +8,10 @@ reentrancy and deadlock bugs came from, and Postfix's master_sig.c warns the sam
 The same wait also watches a second pipe, the workers' call for more workers: a worker
 that takes the last idle place in the pool writes to it (``Worker._pool_dry``), so a
 burst of clients gets new workers at once rather than at the master's next tick, a
-second away.  Postfix's master does the same through its children's status pipe.
+second away.  Postfix's master does the same through its children's status pipe.  A
+worker that meets a Maildir gone which it cannot make again (it runs as ``server.user``
+in a directory of root's) calls through the same pipe with ``MAILDIR_CALL``: the master
+then runs its pass over the Maildirs at once rather than within the hour.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ HANDLED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.
 
 NAMES: dict[int, str] = {sig: sig.name[3:].lower() for sig in HANDLED}  # SIGHUP -> "hup"
 
+POOL_CALL = b"\0"     # a worker took the last idle place: start more workers now
+MAILDIR_CALL = b"M"   # a worker met a Maildir it cannot make again: run the pass now
+#: Seconds between two passes a worker's call may bring forward: a Maildir that even the
+#: master cannot make (a read-only file system) is then tried, and logged, once a minute.
+MAILDIR_CALL_EVERY = 60.0
+
 
 class SignalQueue:
     def __init__(self) -> None:
@@ -30,6 +39,7 @@ class SignalQueue:
         # Workers keep the write end (inherited by fork); see the module's docstring.
         self.want_r, self.want_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.wanted = False  # the last wait() was ended by a worker's call
+        self.maildirs_wanted = False  # ... and that call was (also) MAILDIR_CALL
 
     def install(self) -> None:
         for sig in HANDLED:
@@ -54,7 +64,7 @@ class SignalQueue:
         """Sleep until a signal, a worker's call for more workers (if ``want``) or the
         timeout; the signals received, in order, with repeated SIGCHLDs collapsed to
         one.  ``wanted`` tells whether a worker called."""
-        self.wanted = False
+        self.wanted = self.maildirs_wanted = False
         if not self.pending:
             fds = [self.wake_r, self.want_r] if want else [self.wake_r]
             try:
@@ -63,7 +73,7 @@ class SignalQueue:
                 ready = []
             if self.want_r in ready:
                 self.wanted = True
-                _drain(self.want_r)
+                self.maildirs_wanted = MAILDIR_CALL in _drain(self.want_r)
         _drain(self.wake_r)
         sigs, self.pending = self.pending, []
         if sigs.count(signal.SIGCHLD) > 1:
@@ -77,9 +87,12 @@ class SignalQueue:
             pass
 
 
-def _drain(fd: int) -> None:
+def _drain(fd: int) -> bytes:
+    """What a non-blocking pipe holds (at most its 64 KiB), read out."""
+    got = b""
     try:
-        while os.read(fd, 4096):
-            pass
+        while chunk := os.read(fd, 4096):
+            got += chunk
     except BlockingIOError:
         pass
+    return got

@@ -32,6 +32,7 @@ from . import delivery, limits, process
 from .connection import Connection, drive_handshake, wait_alone
 from .logs import WARNING, Log
 from .scoreboard import MasterGone, Scoreboard
+from .signals import MAILDIR_CALL, MAILDIR_CALL_EVERY, POOL_CALL
 from .smtp.replies import R421_SHUTDOWN
 from .smtp.session import Session, SessionConfig
 
@@ -94,6 +95,7 @@ class Worker:
         self.quitting = False
         self.served = 0
         self._shortage_logged = float("-inf")
+        self._maildirs_called = -MAILDIR_CALL_EVERY
         self._reserve_fd = -1  # opened in _setup: spent to answer 421 when accept() finds no fd
         self.pid = 0
 
@@ -304,8 +306,19 @@ class Worker:
         """This session took the last idle worker: call the master, which starts more at
         once instead of at its next tick, up to a second away, while the clients of a
         burst wait in the listen queue for a greeting."""
+        self._call_master(POOL_CALL)
+
+    def call_for_maildirs(self) -> None:
+        """A Maildir is gone and this worker could not make it again: ask the master,
+        which can, for its pass now (at most once per MAILDIR_CALL_EVERY from here)."""
+        now = time.monotonic()
+        if now - self._maildirs_called >= MAILDIR_CALL_EVERY:
+            self._maildirs_called = now
+            self._call_master(MAILDIR_CALL)
+
+    def _call_master(self, call: bytes) -> None:
         try:
-            os.write(self.want_fd, b"\0")
+            os.write(self.want_fd, call)
         except OSError:
             pass  # the pipe is full (the master has calls to read already), or no master
 

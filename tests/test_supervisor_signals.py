@@ -26,6 +26,7 @@ from daemon import (Daemon, assert_no_zombies, connect, connection_refused, free
                     read_reply, request_stats, send_message, unusual_lines, wait_until, worker_pids,
                     write_config)
 from forksmtp.arbiter import STUCK_GRACE
+from forksmtp.signals import MAILDIR_CALL, POOL_CALL, SignalQueue
 
 BODY = b"Subject: supervisor\r\n\r\nhello\r\n"
 WORKER_KEYS = {"pid", "state", "sessions", "rss", "cpu_s", "generation"}
@@ -69,6 +70,22 @@ def hup(d) -> None:
 
 
 # -- SIGUSR1 -------------------------------------------------------------------------------
+
+def test_a_workers_calls_are_told_apart():
+    """Workers call the master through one pipe: for workers, and for a Maildir pass."""
+    queue = SignalQueue()
+    try:
+        for calls, wanted, maildirs in [(POOL_CALL, True, False), (MAILDIR_CALL, True, True),
+                                        (POOL_CALL * 3 + MAILDIR_CALL + POOL_CALL, True, True),
+                                        (b"", False, False)]:
+            if calls:
+                os.write(queue.want_w, calls)
+            assert queue.wait(0.01, want=True) == []
+            assert (queue.wanted, queue.maildirs_wanted) == (wanted, maildirs)
+    finally:
+        for fd in (queue.wake_r, queue.wake_w, queue.want_r, queue.want_w):
+            os.close(fd)
+
 
 def test_usr1_logs_stats_and_writes_stats_file(daemon_factory, tmp_path):
     stats_file = tmp_path / "stats.json"

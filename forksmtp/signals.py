@@ -11,7 +11,8 @@ burst of clients gets new workers at once rather than at the master's next tick,
 second away.  Postfix's master does the same through its children's status pipe.  A
 worker that meets a Maildir gone which it cannot make again (it runs as ``server.user``
 in a directory of root's) calls through the same pipe with ``MAILDIR_CALL``: the master
-then runs its pass over the Maildirs at once rather than within the hour.
+then runs its pass over the Maildirs within a second (at most once a minute) rather
+than within the hour.
 """
 
 from __future__ import annotations
@@ -71,9 +72,12 @@ class SignalQueue:
                 ready = select.select(fds, [], [], max(timeout, 0))[0]
             except InterruptedError:
                 ready = []
-            if self.want_r in ready:
-                self.wanted = True
-                self.maildirs_wanted = MAILDIR_CALL in _drain(self.want_r)
+            self.wanted = self.want_r in ready
+        # Read after every wait, fast ones too: a fast tick does not wake for the workers'
+        # calls (it comes within FAST_TICK anyway, and so does the pool's check), but must
+        # not leave a MAILDIR_CALL unread behind them for as long as ticks stay fast (the
+        # pool at max_workers: always, with workers = max_workers).
+        self.maildirs_wanted = MAILDIR_CALL in _drain(self.want_r)
         _drain(self.wake_r)
         sigs, self.pending = self.pending, []
         if sigs.count(signal.SIGCHLD) > 1:

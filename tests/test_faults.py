@@ -403,13 +403,17 @@ def test_a_maildir_removed_or_moved_while_running(daemon_factory, tmp_path, chan
     assert_no_crash(d)
 
 
-def test_removed_maildir_it_cannot_recreate_gets_451_until_the_master_makes_it(nobody_dir, daemon_factory):
+@pytest.mark.parametrize("max_workers", [64, 2], ids=["room", "at max_workers"])
+def test_removed_maildir_it_cannot_recreate_gets_451_until_the_master_makes_it(nobody_dir, daemon_factory,
+                                                                              max_workers):
     """Workers running as nobody cannot recreate a Maildir in a directory owned by root:
     451 4.3.0, the worker survives and calls the master, whose pass (due within the hour
-    otherwise) makes the Maildir again at once, the workers' own: mail flows again."""
+    otherwise) makes the Maildir again at once, the workers' own: mail flows again.  Also
+    with the pool at max_workers, where the master's ticks are all fast ones."""
     base, nobody = nobody_dir
     md = base / "Maildir"
-    d = daemon_factory(server={"user": "nobody"}, sections={"delivery": {"maildir": str(md)}})
+    d = daemon_factory(workers=2, server={"user": "nobody", "max_workers": max_workers},
+                       sections={"delivery": {"maildir": str(md)}})
     pids = {w.pid for w in d.workers()}
     shutil.rmtree(md)
     code, text = deliver_one(d.port, "gone")

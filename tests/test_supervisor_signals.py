@@ -82,6 +82,11 @@ def test_a_workers_calls_are_told_apart():
                 os.write(queue.want_w, calls)
             assert queue.wait(0.01, want=True) == []
             assert (queue.wanted, queue.maildirs_wanted) == (wanted, maildirs)
+        # A fast tick's wait does not end for a call, but a Maildir call is read all the same.
+        os.write(queue.want_w, POOL_CALL + MAILDIR_CALL)
+        assert queue.wait(0.01, want=False) == []
+        assert (queue.wanted, queue.maildirs_wanted) == (False, True)
+        assert queue.wait(0.01, want=True) == [] and not queue.wanted  # nothing left behind
     finally:
         for fd in (queue.wake_r, queue.wake_w, queue.want_r, queue.want_w):
             os.close(fd)

@@ -119,7 +119,7 @@ class Arbiter:
         self._last_stuck_check = float("-inf")
         self._idle_clock_from = 0.0  # idle silence counts from here (the end of a stall)
         self.last_pool_reason = ""
-        self.ceiling_warned = -pool.CEILING_WARN_EVERY  # when the last ceiling warning was
+        self.ceiling_warning = limits.Seldom(pool.CEILING_WARN_EVERY)
         self.spawn_pending = False
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
@@ -577,17 +577,13 @@ class Arbiter:
         generation has drained (its workers count towards the ceiling while they finish
         their sessions, which may spend the warning on a ceiling of the reload's making),
         the first time the pool is full is worth a line."""
-        self.ceiling_warned = self.overflow.ceiling_warned = -pool.CEILING_WARN_EVERY
+        self.ceiling_warning.reset()
+        self.overflow.ceiling_warning.reset()
 
     def _worth_warning(self, reason: str, now: float) -> bool:
         """Every reason is logged when it begins, except the ceiling, which comes back with
         each session that ends under steady load: once per CEILING_WARN_EVERY."""
-        if not reason.startswith(pool.CEILING):
-            return True
-        if now - self.ceiling_warned < pool.CEILING_WARN_EVERY:
-            return False
-        self.ceiling_warned = now
-        return True
+        return not reason.startswith(pool.CEILING) or self.ceiling_warning.allow(now)
 
     def _bring_pass_forward(self, now: float) -> None:
         """A worker met a Maildir gone that it could not make again: the pass below makes

@@ -10,6 +10,24 @@ import math
 
 from .smtp.replies import R421_BUSY, R421_PER_IP, R554_EARLY_TALKER, Reply
 
+
+class Seldom:
+    """Lets a thing happen at most once per ``every`` seconds (of time.monotonic()):
+    a warning that a lasting condition would otherwise repeat, a call for help."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.last = -every
+
+    def allow(self, now: float) -> bool:
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        return True
+
+    def reset(self) -> None:
+        self.last = -self.every
+
 # Reasons a connection is refused, as counted in the scoreboard and shown in the stats'
 # "connections_rejected" object.
 MAX_CONNECTIONS = "max_connections"

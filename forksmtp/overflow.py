@@ -30,7 +30,7 @@ class OverflowGuard:
         self.since = 0.0
         self.progress = -1
         self.logged = ""  # the stall's kind whose warning was handled: "ceiling" or "held"
-        self.ceiling_warned = -CEILING_WARN_EVERY  # at most one ceiling warning per interval
+        self.ceiling_warning = limits.Seldom(CEILING_WARN_EVERY)  # see pool.CEILING_WARN_EVERY
         self.rejected = 0          # at the ceiling: counted as max_connections
         self.rejected_held = 0     # while spawning is held back: counted as other
 
@@ -70,8 +70,7 @@ class OverflowGuard:
         if not at_ceiling:
             self.log.warning("POOL", "no worker free, and none may start now (back-off after a crash loop "
                              "or a failed fork); answering 421 4.3.2")
-        elif now - self.ceiling_warned >= CEILING_WARN_EVERY:  # see pool.CEILING_WARN_EVERY
-            self.ceiling_warned = now
+        elif self.ceiling_warning.allow(now):
             self.log.warning("POOL", f"all {workers} workers busy (max_workers reached); answering 421 4.3.2")
 
     def _answer(self, sock: socket.socket, tls_first: bool, reply: Reply) -> bool:

@@ -94,8 +94,8 @@ class Worker:
         self.stopping = False
         self.quitting = False
         self.served = 0
-        self._shortage_logged = float("-inf")
-        self._maildirs_called = -MAILDIR_CALL_EVERY
+        self._shortage_warning = limits.Seldom(60.0)
+        self._maildirs_call = limits.Seldom(MAILDIR_CALL_EVERY)
         self._reserve_fd = -1  # opened in _setup: spent to answer 421 when accept() finds no fd
         self.pid = 0
 
@@ -220,9 +220,7 @@ class Worker:
             if exc.errno not in _ACCEPT_SHORTAGE:
                 raise
             # Out of fds or memory: exiting would only start a crash loop.
-            now = time.monotonic()
-            if now >= self._shortage_logged + 60:
-                self._shortage_logged = now
+            if self._shortage_warning.allow(time.monotonic()):
                 self.log.line("WORKER", f"cannot accept a connection: {exc.strerror}", WARNING)
             if not self._refuse_with_reserve(accept):
                 time.sleep(ACCEPT_PAUSE)
@@ -311,9 +309,7 @@ class Worker:
     def call_for_maildirs(self) -> None:
         """A Maildir is gone and this worker could not make it again: ask the master,
         which can, for its pass now (at most once per MAILDIR_CALL_EVERY from here)."""
-        now = time.monotonic()
-        if now - self._maildirs_called >= MAILDIR_CALL_EVERY:
-            self._maildirs_called = now
+        if self._maildirs_call.allow(time.monotonic()):
             self._call_master(MAILDIR_CALL)
 
     def _call_master(self, call: bytes) -> None:

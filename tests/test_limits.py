@@ -45,3 +45,12 @@ def test_reasons_match_the_scoreboard_counters():
 ])
 def test_in_stress(busy, max_workers, threshold, stress):
     assert limits.in_stress(busy, max_workers, threshold) is stress
+
+
+def test_seldom_allows_once_per_interval_and_afresh_after_reset():
+    seldom = limits.Seldom(60.0)
+    assert seldom.allow(0.0)                      # the first time, even at monotonic 0
+    assert not seldom.allow(59.9)                 # within the interval
+    assert seldom.allow(60.0) and not seldom.allow(60.1)
+    seldom.reset()
+    assert seldom.allow(60.2)

@@ -280,9 +280,11 @@ def _creatable_dir(path: str) -> str:
 
 
 def _readable_file(path: str) -> str:
+    """The resolved path is in the message: a relative name is read beside the config
+    file, which is not always where the operator made it."""
     try:
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise ValueError(f"cannot read: {exc.strerror or exc}") from None
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
     return path

@@ -141,7 +141,8 @@ BAD = [
     ('["se\\nrver"]\nworkers = 1\n', '["se\\nrver"]', "unknown section"),
     ('[tls]\nkey_file = "key.pem"\n', "tls.cert_file", "required when [tls] is present"),
     ('[tls]\ncert_file = "cert.pem"\n', "tls.key_file", "required when [tls] is present"),
-    ('[tls]\ncert_file = "missing.pem"\nkey_file = "key.pem"\n', "tls.cert_file", "cannot read"),
+    ('[tls]\ncert_file = "missing.pem"\nkey_file = "key.pem"\n', "tls.cert_file",
+     "/missing.pem: No such file"),  # the resolved path, beside the config file
     ('[tls]\ncert_file = "cert.pem"\nkey_file = "."\n', "tls.key_file", "cannot read"),
     (TLS + 'min_version = "TLSv1.1"\n', "tls.min_version", '"TLSv1.2", "TLSv1.3"'),
     (TLS + 'implicit_listen = ["127.0.0.1:2525"]\n', "tls.implicit_listen", "also in server.listen"),

@@ -125,6 +125,16 @@ def test_invalid_path_is_501(name, text):
     assert info.value.reply == R.R501_BAD_ADDRESS
 
 
+@pytest.mark.parametrize("text, address", [("<user>", "user"), ('<"u s">', '"u s"'),
+                                           ('<"user">', "user"), ("<@a.test:user>", "user")])
+def test_a_path_without_a_domain_only_where_allowed(text, address):
+    path, rest = parse_path(text + " SIZE=1", allow_null=True, allow_no_domain=True)
+    assert path == Path(address, "") and rest == " SIZE=1" and not path.is_null
+    with pytest.raises(CommandError) as info:
+        parse_path(text, allow_null=True)
+    assert info.value.reply == R.R501_BAD_ADDRESS
+
+
 def test_null_path_only_where_allowed():
     path, rest = parse_path("<> BODY=7BIT", allow_null=True)
     assert path.is_null and path == Path("", "") and rest == " BODY=7BIT"
@@ -240,7 +250,11 @@ MAIL = [
     ("bad-literal", "<u@[300.1.1.1]>", "501"),
     ("source-route", "<@a.test,@b.test:u@c.test>", "250 2.1.0"),
     ("source-route-without-mailbox", "<@a.test:>", "501"),
-    ("postmaster-is-rcpt-only", "<Postmaster>", "501"),
+    # No special case in MAIL: a sender without a domain, like any other (README).
+    ("postmaster-as-plain-sender", "<Postmaster>", "250 2.1.0"),
+    ("no-domain", "<u>", "250 2.1.0"),
+    ("no-domain-utf8-without-smtputf8", "<jösé>", "553 5.6.7"),
+    ("no-domain-size-over", "<a> SIZE=1001", "552 5.3.4"),
     ("path-too-long", path_of(257), "501"),
     ("path-at-limit", path_of(256), "250 2.1.0"),
     ("utf8-without-smtputf8", "<jösé@example.test>", "553 5.6.7"),

@@ -436,6 +436,24 @@ def test_data_rset_quit_with_parameters(shared):
     assert len(box.added()) == 1
 
 
+def test_a_sender_without_a_domain(shared):
+    """The contract's own example of a SIZE refusal, word for word, and the same sender
+    without SIZE: taken as Postfix takes it, and stored as sent."""
+    box = Box(shared)
+    over = 10**12  # past any max_message_size
+    with Wire(shared.port) as w:
+        assert w.code("EHLO client.test") == 250
+        assert w.cmd(f"MAIL FROM:<a> SIZE={over}")[:9] == b"552 5.3.4"
+        assert w.cmd("MAIL FROM:<a>")[:9] == b"250 2.1.0"
+        assert w.cmd("RCPT TO:<b>")[:9] == b"501 5.1.3"  # a recipient needs a domain
+        assert w.code("RCPT TO:<b@example.test>") == 250
+        assert w.code("DATA") == 354
+        w.send(b"Subject: no domain\r\n\r\n.\r\n")
+        assert w.codes(1) == [250]
+    stored, = box.added()
+    assert stored.startswith(b"Return-Path: <a>\n")
+
+
 # -- a client that goes away ---------------------------------------------------------------
 
 @pytest.mark.parametrize("tail", [b"", b"\r\n.", b"\r\n.\r"], ids=["mid-text", "CRLF-dot", "CRLF-dot-CR"])

@@ -158,6 +158,11 @@ AFTER_EHLO = [
     ("mail-junk-after-path", "MAIL FROM:<a@example.test>junk", 501),
     ("mail-space-after-colon", "MAIL FROM: <a@example.test>", 250),
     ("mail-null-path", "MAIL FROM:<>", 250),
+    # A sender without a domain, as Postfix takes it (README, "Decisions"); a recipient
+    # needs one (IN_TRANSACTION).
+    ("mail-no-domain", "MAIL FROM:<a>", 250),
+    ("mail-no-domain-quoted", 'MAIL FROM:<"a b">', 250),
+    ("mail-no-domain-at", "MAIL FROM:<a@>", 501),
     # verbs are ASCII: str.upper() would turn these letters into the verb's
     ("verb-dotless-i", "MA\u0131L FROM:<a@example.test>", 500),
     ("verb-long-s", "r\u017fet", 500),
@@ -180,6 +185,7 @@ IN_TRANSACTION = [
     ("rcpt-from", "RCPT FROM:<b@example.test>", 501),
     ("rcpt-null-path", "RCPT TO:<>", 501),
     ("rcpt-without-brackets", "RCPT TO:b@example.test", 501),
+    ("rcpt-no-domain", "RCPT TO:<b>", 501),
     ("rcpt-space-after-colon", "RCPT TO: <b@example.test>", 250),
     ("rcpt-mixed-case", "rCpT tO:<b@example.test>", 250),
     ("rcpt-trailing-space", "RCPT TO:<b@example.test> ", 250),
@@ -531,10 +537,20 @@ def test_message_size_exactly_at_limit(size, code):
     assert transcript(s, [E, M, RC, D, line, "."]) == OK3 + [354, code]
 
 
+@pytest.mark.parametrize("sender", ["<a@example.test>", "<a>"])
 @pytest.mark.parametrize("size, code", [(1000, 250), (1001, 552)])
-def test_mail_size_parameter_against_limit(size, code):
+def test_mail_size_parameter_against_limit(size, code, sender):
+    # "<a>": the contract's own example of the SIZE refusal is written with that sender.
     s = new_session(max_message_size=1000)
-    assert transcript(s, [E, f"MAIL FROM:<a@example.test> SIZE={size}"]) == [250, code]
+    assert transcript(s, [E, f"MAIL FROM:{sender} SIZE={size}"]) == [250, code]
+
+
+def test_a_sender_without_a_domain_is_stored_as_sent():
+    s = new_session()
+    assert transcript(s, [E, "MAIL FROM:<a>", RC, D, "x", "."]) == OK3 + MSG
+    [start] = [e for e in events(s) if isinstance(e, DataStart)]
+    assert (start.envelope.sender.address, start.envelope.sender.domain) == ("a", "")
+    assert stored(s) == [b"x\n"]
 
 
 def test_text_line_over_1000_octets_is_refused_after_dot():

@@ -35,7 +35,9 @@ def _grammar() -> dict[str, str]:
     literal = "\\[[\\x21-\\x5a\\x5e-\\x7e]+\\]"
     adl = f"@{domain}(?:,@{domain})*"
     # A source route needs a mailbox after it: "<@a:>" is no null path (RFC 5321 4.1.2).
-    path = f"<(?:(?:{adl}:)?(?P<local>{dot_string}|{quoted})@(?P<domain>{domain}|{literal}))?>"
+    # The domain is optional here; parse_path refuses a path without one except where the
+    # caller allows it (a sender, as Postfix does).
+    path = f"<(?:(?:{adl}:)?(?P<local>{dot_string}|{quoted})(?:@(?P<domain>{domain}|{literal}))?)?>"
     return {"path": path, "dot_string": dot_string}
 
 
@@ -66,11 +68,13 @@ class Path:
         return not self.address
 
 
-def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool = False) -> tuple[Path, str]:
+def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool = False,
+               allow_no_domain: bool = False) -> tuple[Path, str]:
     """Parse ``<path>`` at the start of ``text``; returns the path and the rest.
 
     The grammar admits RFC 6531 UTF-8 addresses; the caller refuses them (553 5.6.7)
-    when SMTPUTF8 was not requested.
+    when SMTPUTF8 was not requested.  ``allow_no_domain``: a mailbox without ``@domain``
+    (``<a>``) is taken as it is, with the domain "".
     """
     if allow_postmaster and text[:12].lower() == "<postmaster>":
         return Path("Postmaster", ""), text[12:]
@@ -87,6 +91,10 @@ def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool = False) -
         if not allow_null:
             raise CommandError(R.R501_BAD_ADDRESS)
         return Path("", ""), text[end:]
+    if domain is None:
+        if not allow_no_domain:
+            raise CommandError(R.R501_BAD_ADDRESS)
+        return Path(canonical_quoted(local) if local[0] == '"' else local, ""), text[end:]
     if domain[0] == "[":
         _check_literal(domain)
     if local[0] == '"':

@@ -302,7 +302,9 @@ class Session(SecureCommands):
         if rest is None:
             raise CommandError(R.R501_MAIL_SYNTAX)
         try:
-            sender, tail = parse_path(rest, allow_null=True)
+            # A sender without a domain is taken as Postfix takes it by default
+            # (README, "Decisions"); a recipient needs one.
+            sender, tail = parse_path(rest, allow_null=True, allow_no_domain=True)
             params = self._mail_params(tail)
         except CommandError as exc:  # RFC 3463: X.1.7 is the sender's, X.1.3 a recipient's
             raise CommandError(_AS_SENDER.get(exc.reply, exc.reply)) from None

@@ -84,7 +84,8 @@ def stuck_limit(cfg) -> float:
 def silent_for(last_activity: float, started: float, now: float) -> float:
     """Seconds a worker has shown no progress: never more than the master knows it has
     lived.  A slot timestamp older than the worker's start says nothing about the worker
-    (one read as 0.0 once got a healthy worker killed as silent for the host's uptime)."""
+    (one read as 0.0 once got a healthy worker killed as silent for the host's uptime;
+    such torn reads are gone, see ``scoreboard._store``, and this bound stays)."""
     return now - max(last_activity, started)
 
 

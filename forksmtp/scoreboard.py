@@ -108,6 +108,17 @@ _H: Final = struct.Struct("<H")
 _ZERO_SLOT: Final = bytes(SLOT_SIZE)
 assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (352, 352)
 
+
+
+def _store(mm: mmap.mmap, off: int, packed: bytes) -> None:
+    """Write a field that other processes read without the lock: one copy of the packed
+    bytes.  Never ``Struct.pack_into``: CPython's clears the whole target before it
+    writes the fields, so a reader could see 0 where no one ever wrote it; the master
+    once read a busy worker's last_activity as 0.0 that way and killed it as silent,
+    and a counter read in that instant goes back to 0 in the stats."""
+    mm[off:off + len(packed)] = packed
+
+
 # Per-IP bucket: key, state, count.  Tombstones keep probe chains intact after a delete.
 _BUCKET: Final = struct.Struct("<16sB3xi")
 _EMPTY: Final = 0
@@ -237,7 +248,7 @@ class Scoreboard:
             raise ValueError("nslots and ip_buckets must be positive")
         size = HEADER_SIZE + nslots * SLOT_SIZE + ip_buckets * _BUCKET.size
         mm = mmap.mmap(-1, size)  # anonymous + MAP_SHARED: one copy shared across fork
-        _HDR.pack_into(mm, 0, _MAGIC, _VERSION, nslots, ip_buckets, 0)
+        _store(mm, 0, _HDR.pack(_MAGIC, _VERSION, nslots, ip_buckets, 0))
         owned = None
         if lock_dir is None:
             _sweep_stale_lock_dirs()
@@ -360,7 +371,7 @@ class Scoreboard:
         return _Q.unpack_from(self._mm, H_GENERATION)[0]
 
     def set_generation(self, generation: int) -> None:
-        _Q.pack_into(self._mm, H_GENERATION, generation)
+        _store(self._mm, H_GENERATION, _Q.pack(generation))
 
     def in_stress(self) -> bool:
         """The stress flag the master sets from the busy share (limits.in_stress)."""
@@ -388,20 +399,20 @@ class Scoreboard:
         state = mm[base + S_STATE]
         if state != FREE:
             if state in (STARTING, STOPPING) and _I.unpack_from(mm, base)[0] in (0, pid):
-                _I.pack_into(mm, base, pid)
+                _store(mm, base, _I.pack(pid))
                 return
             raise ValueError(f"scoreboard slot {idx} is in use")
         now = time.monotonic() if now is None else now
         mm[base:base + SLOT_SIZE] = _ZERO_SLOT
-        _I.pack_into(mm, base, pid)
-        _Q.pack_into(mm, base + S_GEN, generation)
-        _D.pack_into(mm, base + S_LAST, now)
-        _D.pack_into(mm, base + S_STARTED, now)
+        _store(mm, base, _I.pack(pid))
+        _store(mm, base + S_GEN, _Q.pack(generation))
+        _store(mm, base + S_LAST, _D.pack(now))
+        _store(mm, base + S_STARTED, _D.pack(now))
         mm[base + S_STATE] = STARTING
 
     def set_pid(self, idx: int, pid: int) -> None:
         """Parent and child both call it after fork: same value, so no ordering race."""
-        _I.pack_into(self._mm, self._bases[idx], pid)
+        _store(self._mm, self._bases[idx], _I.pack(pid))
 
     def repair(self, idx: int) -> bool:
         """Master, after reaping the slot's worker: fold its counters, drop its counts, free it.
@@ -413,43 +424,43 @@ class Scoreboard:
                 return False
             slot = _COUNTERS.unpack_from(mm, base + S_COUNTERS)
             folded = _COUNTERS.unpack_from(mm, H_COUNTERS)
-            _COUNTERS.pack_into(mm, H_COUNTERS, *map(int.__add__, folded, slot))
-            _Q.pack_into(mm, H_EXITED, _Q.unpack_from(mm, H_EXITED)[0] + 1)
+            _store(mm, H_COUNTERS, _COUNTERS.pack(*map(int.__add__, folded, slot)))
+            _store(mm, H_EXITED, _Q.pack(_Q.unpack_from(mm, H_EXITED)[0] + 1))
             mm[base:base + SLOT_SIZE] = _ZERO_SLOT
             self._rebuild()
             return True
         finally:
             self._unlock()
 
-    # -- worker state (hot path: a few pack_into each, no lock) -----------------------------
+    # -- worker state (hot path: a few _store each, no lock) ---------------------------------
     def set_busy(self, idx: int, client: tuple | str, now: float) -> None:
         """A session starts: client is the peername tuple (host, port, ...) or a host."""
         base, mm = self._bases[idx], self._mm
         host, port = (client, 0) if isinstance(client, str) else (client[0], client[1])
-        _CLIENT.pack_into(mm, base + S_CLIENT, host.encode("utf-8", "replace"))
-        _H.pack_into(mm, base + S_PORT, port)
-        _PHASE.pack_into(mm, base + S_PHASE, b"greeting", now)
-        _Q.pack_into(mm, base + S_COUNTERS, _Q.unpack_from(mm, base + S_COUNTERS)[0] + 1)
+        _store(mm, base + S_CLIENT, _CLIENT.pack(host.encode("utf-8", "replace")))
+        _store(mm, base + S_PORT, _H.pack(port))
+        _store(mm, base + S_PHASE, _PHASE.pack(b"greeting", now))
+        _store(mm, base + S_COUNTERS, _Q.pack(_Q.unpack_from(mm, base + S_COUNTERS)[0] + 1))
         if mm[base + S_STATE] != STOPPING:  # stopping is sticky: the master signals once
             mm[base + S_STATE] = BUSY
 
     def set_phase(self, idx: int, phase: str, now: float) -> None:
-        _PHASE.pack_into(self._mm, self._bases[idx] + S_PHASE, phase.encode(), now)
+        _store(self._mm, self._bases[idx] + S_PHASE, _PHASE.pack(phase.encode(), now))
 
     def touch(self, idx: int, now: float) -> None:
-        _D.pack_into(self._mm, self._bases[idx] + S_LAST, now)
+        _store(self._mm, self._bases[idx] + S_LAST, _D.pack(now))
 
     def beat(self, idx: int, now: float) -> None:
         """An idle worker's sign of life, once per turn of its accept loop (a second at
         most): last_activity stays the moment it became idle, the pool's max_idle."""
-        _I.pack_into(self._mm, self._bases[idx] + S_BEAT, int(now))
+        _store(self._mm, self._bases[idx] + S_BEAT, _I.pack(int(now)))
 
     def set_idle(self, idx: int, now: float) -> None:
         base, mm = self._bases[idx], self._mm
-        _I.pack_into(mm, base + S_BEAT, int(now))
-        _CLIENT.pack_into(mm, base + S_CLIENT, b"")
-        _H.pack_into(mm, base + S_PORT, 0)
-        _PHASE.pack_into(mm, base + S_PHASE, b"", now)
+        _store(mm, base + S_BEAT, _I.pack(int(now)))
+        _store(mm, base + S_CLIENT, _CLIENT.pack(b""))
+        _store(mm, base + S_PORT, _H.pack(0))
+        _store(mm, base + S_PHASE, _PHASE.pack(b"", now))
         if mm[base + S_STATE] != STOPPING:
             mm[base + S_STATE] = IDLE
 
@@ -474,7 +485,7 @@ class Scoreboard:
         mm = self._mm
         if mm[base + S_IDLE] != available:
             mm[base + S_IDLE] = 1 if available else 0  # the mark first: see _rebuild()
-            _Q.pack_into(mm, H_IDLE, _Q.unpack_from(mm, H_IDLE)[0] + (1 if available else -1))
+            _store(mm, H_IDLE, _Q.pack(_Q.unpack_from(mm, H_IDLE)[0] + (1 if available else -1)))
 
     def set_stopping(self, idx: int) -> None:
         self._mm[self._bases[idx] + S_STATE] = STOPPING
@@ -482,20 +493,20 @@ class Scoreboard:
     def count_message(self, idx: int, nbytes: int) -> None:
         off = self._bases[idx] + S_MESSAGES
         n, total = _QQ.unpack_from(self._mm, off)
-        _QQ.pack_into(self._mm, off, n + 1, total + nbytes)
+        _store(self._mm, off, _QQ.pack(n + 1, total + nbytes))
 
     def count_reject(self, idx: int, code: int) -> None:
         off = self._bases[idx] + S_REJECTS + 8 * _CODE_POS.get(code, len(REJECT_CODES))
-        _Q.pack_into(self._mm, off, _Q.unpack_from(self._mm, off)[0] + 1)
+        _store(self._mm, off, _Q.pack(_Q.unpack_from(self._mm, off)[0] + 1))
 
     def count_event(self, idx: int, name: str) -> None:
         off = self._bases[idx] + S_EVENTS + 8 * _EVENT_POS[name]
-        _Q.pack_into(self._mm, off, _Q.unpack_from(self._mm, off)[0] + 1)
+        _store(self._mm, off, _Q.pack(_Q.unpack_from(self._mm, off)[0] + 1))
 
     def count_conn_reject(self, idx: int, reason: str) -> None:
         pos = _REASON_POS.get(reason, len(CONN_REJECT_REASONS) - 1)
         off = self._bases[idx] + S_CONN_REJECTS + 8 * pos
-        _Q.pack_into(self._mm, off, _Q.unpack_from(self._mm, off)[0] + 1)
+        _store(self._mm, off, _Q.pack(_Q.unpack_from(self._mm, off)[0] + 1))
 
     # -- admission --------------------------------------------------------------------------
     def admit(self, idx: int, ip: str, max_conn: int, max_per_ip: int) -> str | None:
@@ -508,7 +519,7 @@ class Scoreboard:
         self._lock()
         try:
             self._release(base)
-            _Q.pack_into(mm, H_TOTAL, _Q.unpack_from(mm, H_TOTAL)[0] + 1)
+            _store(mm, H_TOTAL, _Q.pack(_Q.unpack_from(mm, H_TOTAL)[0] + 1))
             active = _Q.unpack_from(mm, H_ACTIVE)[0]
             if 0 < max_conn <= active:
                 return self._refuse(idx, "max_connections")
@@ -520,11 +531,11 @@ class Scoreboard:
             if 0 < max_per_ip <= count:
                 return self._refuse(idx, "max_connections_per_ip")
             # The slot records what it holds before the shared counts move (see repair()).
-            _HOLD.pack_into(mm, base + S_BUCKET, bucket + 1, key)
+            _store(mm, base + S_BUCKET, _HOLD.pack(bucket + 1, key))
             mm[base + S_HOLDS] = 1
-            _Q.pack_into(mm, H_ACTIVE, active + 1)
+            _store(mm, H_ACTIVE, _Q.pack(active + 1))
             if bucket >= 0:
-                _I.pack_into(mm, self._table + bucket * _BUCKET.size + 20, count + 1)
+                _store(mm, self._table + bucket * _BUCKET.size + 20, _I.pack(count + 1))
             self._mark_idle(base, False)
             return None
         finally:
@@ -554,10 +565,10 @@ class Scoreboard:
         stored = _I.unpack_from(mm, base + S_BUCKET)[0]
         if stored > 0:
             self._decrement(stored - 1)
-            _I.pack_into(mm, base + S_BUCKET, 0)
+            _store(mm, base + S_BUCKET, _I.pack(0))
         if mm[base + S_HOLDS]:
             active = _Q.unpack_from(mm, H_ACTIVE)[0]
-            _Q.pack_into(mm, H_ACTIVE, max(active - 1, 0))
+            _store(mm, H_ACTIVE, _Q.pack(max(active - 1, 0)))
             mm[base + S_HOLDS] = 0
 
     # -- per-IP table (lock held) -----------------------------------------------------------
@@ -584,22 +595,22 @@ class Scoreboard:
             if state == _TOMB and tomb < 0:
                 tomb = b
         if tomb >= 0:
-            _BUCKET.pack_into(mm, table + tomb * size, key, _LIVE, 0)
+            _store(mm, table + tomb * size, _BUCKET.pack(key, _LIVE, 0))
         return tomb
 
     def _decrement(self, b: int) -> None:
         mm, n, size, table = self._mm, self.ip_buckets, _BUCKET.size, self._table
         key, _, count = _BUCKET.unpack_from(mm, table + b * size)
         if count > 1:
-            _BUCKET.pack_into(mm, table + b * size, key, _LIVE, count - 1)
+            _store(mm, table + b * size, _BUCKET.pack(key, _LIVE, count - 1))
             return
         if mm[table + ((b + 1) % n) * size + 16] != _EMPTY:
-            _BUCKET.pack_into(mm, table + b * size, b"", _TOMB, 0)  # a chain may pass here
+            _store(mm, table + b * size, _BUCKET.pack(b"", _TOMB, 0))  # a chain may pass here
             return
         # Followed by an empty bucket, no chain passes through b: empty it and the tombstones
         # before it, so tombstones do not pile up and lengthen every probe.
         for _ in range(n):
-            _BUCKET.pack_into(mm, table + b * size, b"", _EMPTY, 0)
+            _store(mm, table + b * size, _BUCKET.pack(b"", _EMPTY, 0))
             b = (b - 1) % n
             if mm[table + b * size + 16] != _TOMB:
                 break
@@ -615,17 +626,17 @@ class Scoreboard:
             if mm[base + S_STATE] != FREE:
                 idle += mm[base + S_IDLE]
             if mm[base + S_STATE] == FREE or not mm[base + S_HOLDS]:
-                _I.pack_into(mm, base + S_BUCKET, 0)
+                _store(mm, base + S_BUCKET, _I.pack(0))
                 mm[base + S_HOLDS] = 0
                 continue
             active += 1
             b = self._probe(mm[base + S_KEY:base + S_KEY + 16])
             if b >= 0:
                 off = self._table + b * _BUCKET.size + 20
-                _I.pack_into(mm, off, _I.unpack_from(mm, off)[0] + 1)
-            _I.pack_into(mm, base + S_BUCKET, b + 1)
-        _Q.pack_into(mm, H_ACTIVE, active)
-        _Q.pack_into(mm, H_IDLE, idle)
+                _store(mm, off, _I.pack(_I.unpack_from(mm, off)[0] + 1))
+            _store(mm, base + S_BUCKET, _I.pack(b + 1))
+        _store(mm, H_ACTIVE, _Q.pack(active))
+        _store(mm, H_IDLE, _Q.pack(idle))
 
     def ip_counts(self) -> dict[str, int]:
         """The per-IP table as it stands (diagnostics and tests)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import struct
 import time
@@ -475,6 +476,54 @@ def test_totals_monotonic_across_repair_and_reuse(sb):
     assert seen[-1].sessions == 15 and seen[-1].bytes_received == 1500
     assert seen[-1].messages_rejected["421"] == 15
     assert seen[-1].connections_rejected["early_talker"] == 15
+
+
+def test_a_reader_never_sees_a_field_pass_through_zero(sb):
+    """The master reads slots without the lock while their workers write them.  A field
+    must go from its old value to its new one, never through a value nobody wrote: a
+    busy worker's last_activity read as 0.0 got it killed as silent, and a counter read
+    as 0 makes the stats go back.  A worker touches, changes phase and counts as fast
+    as it can while this process reads snapshots, as the master's ticks do."""
+    sb.claim_slot(0, 0, 1, now=1000.0)
+    stop_r, stop_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+
+    def child():
+        sb.claim_slot(0, os.getpid(), 1)
+        sb.set_busy(0, ("127.0.0.1", 1234), 1001.0)
+        sb.count_message(0, 1)
+        os.write(ready_w, b"x")  # from here on no field is 0
+        now = 1002.0
+        while not select.select([stop_r], [], [], 0)[0]:
+            for _ in range(200):
+                now += 0.001
+                sb.touch(0, now)
+                sb.set_phase(0, "data", now)
+                sb.count_message(0, 1)
+                sb.count_event(0, "tls_ok")
+
+    pid = start(sb, child)
+    assert read_byte(ready_r) == b"x"
+    reads, zeros, backwards, last = 0, [], 0, (0, 0)
+    deadline = time.monotonic() + 1.5
+    try:
+        while time.monotonic() < deadline:
+            for slot in sb.snapshot().slots:
+                if slot.pid != pid:
+                    continue
+                reads += 1
+                counts = (slot.counters.messages_accepted, slot.counters.bytes_received)
+                if slot.last_activity < 1000.0 or 0 in counts:
+                    zeros.append((slot.last_activity, counts))
+                backwards += counts < last
+                last = max(last, counts)
+    finally:
+        os.write(stop_w, b"x")
+        assert wait(pid) == 0
+        for fd in (stop_r, stop_w, ready_w):
+            os.close(fd)
+    assert reads > 1000 and last[0] > 1000  # both sides ran, and at the same time
+    assert zeros == [] and backwards == 0
 
 
 def test_snapshot_states(sb):

@@ -27,6 +27,7 @@ COMPILED = (
     "forksmtp.smtp.commands",
     "forksmtp.smtp.buffer",
     "forksmtp.smtp.secure",
+    "forksmtp.smtp.sessionlog",
     "forksmtp.smtp.session",
     "forksmtp.trace",
     "forksmtp.logs",

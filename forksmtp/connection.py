@@ -190,6 +190,8 @@ class Connection:
                 self.txn = None
             if isinstance(self.sock, ssl.SSLSocket):
                 _close_tls(self.sock)
+            session.end_log()
+            self._drain_session_log()
             self.log.queue("CLOSE", f"{self.peer_ip} {self.close_reason}")
             self.log.flush()
 

@@ -454,6 +454,28 @@ def test_a_sender_without_a_domain(shared):
     assert stored.startswith(b"Return-Path: <a>\n")
 
 
+def test_a_flood_of_noops_does_not_flood_the_log(shared):
+    """Past a session's free log lines, chatter is counted, not logged: 20,000 pipelined
+    NOOPs (120 kB) would otherwise write some 2 MB of log."""
+    from forksmtp.smtp.sessionlog import FREE_LINES
+    start = len(shared.log_text())
+    with Wire(shared.port) as w:
+        closing = Closing(shared, w)
+        pid = serving_worker(shared, w).pid
+        assert w.code("EHLO client.test") == 250
+        for _ in range(20):  # in groups, so that neither side waits on a full buffer
+            w.send(b"NOOP\r\n" * 1000)
+            assert w.codes(1000) == [250] * 1000  # every one answered, in order
+        assert w.code("QUIT") == 221
+        closing.wait()
+    ours = [line for line in shared.log_text()[start:].splitlines() if f"/{pid} [SMTP] " in line]
+    assert len(ours) == FREE_LINES + 1, ours[-3:]
+    # The greeting, EHLO and its reply, then NOOPs: the 1,000th line is a NOOP, the
+    # first one past is its reply, and the count line follows at the end.
+    assert ours[-2].endswith("[SMTP] NOOP")
+    assert ours[-1].endswith(f"[SMTP] <{2 * 20000 + 2 + 3 - FREE_LINES} command and reply lines not logged>")
+
+
 # -- a client that goes away ---------------------------------------------------------------
 
 @pytest.mark.parametrize("tail", [b"", b"\r\n.", b"\r\n.\r"], ids=["mid-text", "CRLF-dot", "CRLF-dot-CR"])

@@ -11,6 +11,7 @@ import pytest
 from forksmtp.smtp import replies as R
 from forksmtp.smtp.session import NEED_DATA, PAUSED, DataChunk, DataEnd, DataStart, Session, SessionConfig
 from forksmtp.smtp.session import _loggable
+from forksmtp.smtp.sessionlog import FREE_LINES
 from helpers import (HOSTNAME, codes, data_ends, events, feed, feed_codes, heads, new_session,
                      refuse_data_start, replies, stored, transcript)
 
@@ -923,6 +924,86 @@ def test_auth_mechanism_is_kept_in_the_log():
 ])
 def test_auth_mask_stands_for_an_initial_response(line, logged):
     assert _loggable(line) == logged
+
+
+# -- the bound on a session's log (smtp/sessionlog.py) ---------------------------------------------
+
+def spent_session(**config) -> Session:
+    """A session whose free log lines are all spent, and its log emptied.  The greeting,
+    EHLO and its reply take 3 lines, so the last NOOP's reply is the first line past
+    them: every count below includes it."""
+    s = new_session(**config)
+    transcript(s, [E] + ["NOOP"] * ((FREE_LINES - 3) // 2 + 1))
+    assert len(s.log) == FREE_LINES and s.log[-1] == "NOOP"
+    s.log.clear()
+    return s
+
+
+def test_every_line_is_logged_up_to_the_free_lines():
+    s = new_session()
+    transcript(s, [E] + ["NOOP"] * ((FREE_LINES - 3) // 2))
+    assert len(s.log) == FREE_LINES - 1 and s.log[-2:] == ["NOOP", "250 2.0.0 Ok"]
+
+
+def test_past_the_free_lines_chatter_is_counted_not_logged():
+    s = spent_session()
+    transcript(s, ["NOOP", "RSET", "VRFY x", "HELP", E, "HELO c"] * 100)
+    assert s.log == []  # 1,200 lines, none written: the log no longer grows with them
+    s.end_log()
+    assert s.log == ["<1201 command and reply lines not logged>"]
+
+
+def test_past_the_free_lines_errors_are_logged_with_their_command():
+    s = spent_session(max_errors=100)
+    transcript(s, ["NOOP", "FOO", "NOOP", "NOOP", "MAIL FROM:<bad"])
+    assert s.log == ["<3 command and reply lines not logged>", "FOO", "500 5.5.2 Command unrecognized",
+                     "<4 command and reply lines not logged>", "MAIL FROM:<bad",
+                     "501 5.1.7 Bad sender address syntax"]
+
+
+def test_past_the_free_lines_a_stored_message_keeps_its_transaction():
+    s = spent_session(max_recipients=1)
+    transcript(s, ["NOOP", M, "NOOP", RC, RC, D, "text", ".", "QUIT"])
+    assert s.log == ["<7 command and reply lines not logged>", M, "250 2.1.0 Sender ok", RC,
+                     "250 2.1.5 Recipient ok", "DATA", "354 End data with <CR><LF>.<CR><LF>",
+                     "<message: 6 octets>", "250 2.0.0 Message accepted"]
+    s.end_log()
+    assert s.log[-1] == "<2 command and reply lines not logged>"  # QUIT and its 221
+
+
+def test_past_the_free_lines_an_abandoned_transaction_is_counted():
+    s = spent_session()
+    transcript(s, [M, RC, "RSET"] * 50)
+    assert s.log == []
+    transcript(s, [M, RC, D, "x", "."])
+    assert s.log == ["<301 command and reply lines not logged>", M, "250 2.1.0 Sender ok", RC,
+                     "250 2.1.5 Recipient ok", "DATA", "354 End data with <CR><LF>.<CR><LF>",
+                     "<message: 3 octets>", "250 2.0.0 Message accepted"]
+
+
+def test_past_the_free_lines_a_refused_message_keeps_its_transaction():
+    s = spent_session(max_message_size=10)
+    transcript(s, [M, RC, D, "x" * 20, "."])
+    assert s.log == ["<1 command and reply line not logged>", M, "250 2.1.0 Sender ok", RC, "250 2.1.5 Recipient ok", "DATA",
+                     "354 End data with <CR><LF>.<CR><LF>", "<message: 22 octets>",
+                     "552 5.3.4 Message size exceeds fixed maximum message size"]
+
+
+def test_past_the_free_lines_the_held_transaction_is_bounded():
+    """What waits for a verdict is the transaction's own lines; surplus recipients and
+    NOOPs inside it are counted at once, however many."""
+    s = spent_session(max_recipients=2)
+    transcript(s, [M, RC, RC] + [RC, "NOOP"] * 5000)
+    assert s.log == [] and len(s._logbook._held) == 6
+    s.end_log()
+    assert s.log == ["<20007 command and reply lines not logged>"]
+
+
+def test_a_session_that_ends_within_the_free_lines_logs_no_count():
+    s = new_session()
+    transcript(s, [E, "NOOP", "QUIT"])
+    s.end_log()
+    assert not [line for line in s.log if "not logged" in line]
 
 
 def test_log_can_be_turned_off():

@@ -27,6 +27,7 @@ from .events import (DATA, HELO, MAIL, NEW, RCPT, AuthRequest, DataChunk, DataEn
                      Envelope, StartTLS)
 from .sasl import AuthExchange, Credentials
 from .secure import SecureCommands
+from .sessionlog import SessionLog
 from .settings import SessionConfig
 
 __all__ = ["Session", "SessionConfig", "Envelope", "DataStart", "DataChunk", "DataEnd",
@@ -87,6 +88,7 @@ class Session(SecureCommands):
         self.close_reply: R.Reply | None = None  # the reply that closed the session
         self.envelope: Envelope | None = None
         self.log: list[str] = []  # command and reply lines for the session log
+        self._logbook = SessionLog(self.log)  # what goes into it, and its bound
         self.error_codes: list[int] = []  # 4xx/5xx replies given, for the stats
         self._normalize = config.normalize_bare_newlines if normalize is None else normalize
         self._lines = LineBuffer(MAX_AUTH_LINE if config.auth else MAX_COMMAND)
@@ -174,7 +176,7 @@ class Session(SecureCommands):
     def _send(self, reply: R.Reply, always_enhanced: bool = False) -> None:
         self._out.append(reply.wire(self.enhanced or always_enhanced))
         if self.config.log_commands:
-            self.log.append(str(reply))
+            self._logbook.reply(reply, self.envelope is not None)
         if reply.code < 400:
             return
         self.error_codes.append(reply.code)
@@ -276,7 +278,12 @@ class Session(SecureCommands):
 
     def _log(self, text: str) -> None:
         if self.config.log_commands:
-            self.log.append(text)
+            self._logbook.command(text)
+
+    def end_log(self) -> None:
+        """The connection is over: log how many lines the bound kept out, if any."""
+        if self.config.log_commands:
+            self._logbook.end()
 
     def _cmd_helo(self, arg: str, esmtp: bool = False) -> None:
         name = arg.strip()

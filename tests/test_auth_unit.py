@@ -363,7 +363,10 @@ def test_star_cancels_with_501(start, responses):
     ["AUTH PLAIN", "%%%%"],
     ["AUTH LOGIN", "a b c"],
     ["AUTH LOGIN", b64("alice"), "////=x"],
-], ids=["initial", "padding", "no-nul", "not-utf8", "plain-response", "login-user", "login-password"])
+    ["AUTH LOGIN", "YWxpY2U=", "YWJj===="],  # "abc" with padding where none is needed
+    ["AUTH LOGIN", "YWxpY2V="],  # "alice", its padding bits not zero (canonical: YWxpY2U=)
+], ids=["initial", "padding", "no-nul", "not-utf8", "plain-response", "login-user", "login-password",
+        "excess-padding", "nonzero-padding-bits"])
 def test_malformed_base64_is_501_5_5_2(lines):
     p = tls_peer()
     assert p.send(*lines)[-1] == "501 5.5.2"

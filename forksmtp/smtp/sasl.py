@@ -32,10 +32,17 @@ class Credentials:
 def _decode(text: str) -> bytes:
     if text == "*":
         raise CommandError(R.R501_AUTH_CANCELLED)
+    text = text.strip()
     try:
-        return base64.b64decode(text.strip(), validate=True)
+        data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise CommandError(R.R501_BAD_BASE64) from None
+    # b64decode takes padding beyond the needed ("QUJD====") and padding bits that are
+    # not zero ("QR=="); RFC 4648 3.5 lets a decoder refuse both, and one spelling per
+    # value is what a client must send.
+    if base64.b64encode(data) != text.encode("ascii"):
+        raise CommandError(R.R501_BAD_BASE64)
+    return data
 
 
 def _utf8(data: bytes) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 from dataclasses import dataclass
 
 from forksmtp.listeners import ListenAddr, clash, parse_listen
+from forksmtp.smtp.commands import is_address_literal
 
 
 class ConfigError(Exception):
@@ -154,9 +155,20 @@ _timeout = _check(lambda v: 0 < v <= MAX_TIMEOUT, f"must be a number > 0 and <= 
 _greeting_delay = _check(lambda v: 0 <= v < 300, "must be a number >= 0 and < 300 (clients wait 5 minutes for the greeting)")
 _share = _check(lambda v: 0 < v <= 1, "must be a number > 0 and <= 1")
 # A name we put in the greeting and Received headers: a domain or an address literal.
-_HOSTNAME = re.compile(r"\[[!-Z^-~]+\]|(?=.{1,253}\.?$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
                        r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?", re.ASCII)
-_hostname = _check(lambda v: _HOSTNAME.fullmatch(v), "must be a domain name or an address literal")
+
+
+def _is_hostname(value: str) -> bool:
+    """A domain name of labels of 63 octets at most (RFC 1035 2.3.4), or an address
+    literal that RFC 5321 4.1.3 allows: what a client may have to send back in a path."""
+    if value.startswith("["):
+        return is_address_literal(value)
+    return bool(_HOSTNAME.fullmatch(value)) and all(len(label) <= 63 for label in value.rstrip(".").split("."))
+
+
+_hostname = _check(_is_hostname, "must be a domain name (labels of 63 octets at most) or an "
+                                 "address literal such as [192.0.2.1] or [IPv6:2001:db8::1]")
 _DOMAIN = re.compile(r"[^\s@<>\[\]\\\",;:()]+")
 
 

@@ -76,6 +76,12 @@ BAD = [
     ('[server]\nlisten = ["127.0.0.2:2525", "2525"]\n', "server.listen", "overlap"),
     ('[server]\nhostname = "mx example"\n', "server.hostname", "domain name"),
     ('[server]\nhostname = ""\n', "server.hostname", "domain name"),
+    ('[server]\nhostname = "[foo]"\n', "server.hostname", "address literal"),
+    ('[server]\nhostname = "[999.1.1.1]"\n', "server.hostname", "address literal"),
+    ('[server]\nhostname = "[1.2.3]"\n', "server.hostname", "address literal"),
+    ('[server]\nhostname = "[IPv6:zz]"\n', "server.hostname", "address literal"),
+    ('[server]\nhostname = "[::1]"\n', "server.hostname", "address literal"),
+    ('[server]\nhostname = "' + "a" * 64 + '.example"\n', "server.hostname", "63 octets"),
     ('[server]\nhostname = "mx.test\\r\\n250 x"\n', "server.hostname", "domain name"),
     ('[server]\ngraceful_timeout = -1\n', "server.graceful_timeout", "must be a number >= 0"),
     ('[server]\ngraceful_timeout = "30s"\n', "server.graceful_timeout", "must be a number"),
@@ -160,6 +166,12 @@ BAD = [
     ('[auth]\npassword_file = "passwd"\nrequired = true\n', "auth.required", "only over TLS"),
     ('[auth]\npassword_file = "passwd"\nallow_insecure = 1\n', "auth.allow_insecure", "true or false"),
 ]
+
+
+@pytest.mark.parametrize("name", ["[192.0.2.1]", "[IPv6:2001:db8::1]", "a" * 63 + ".example", "mx.example.test.",
+                                  "my_host", "localhost"])
+def test_hostnames_that_are_taken(etc: Path, name: str) -> None:
+    assert load_config(str(write(etc, f'[server]\nhostname = "{name}"\n'))).server.hostname == name
 
 
 @pytest.mark.parametrize("snippet, key, problem", BAD, ids=[row[1] + ":" + row[2] for row in BAD])

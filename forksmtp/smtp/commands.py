@@ -38,10 +38,11 @@ def _grammar() -> dict[str, str]:
     # The domain is optional here; parse_path refuses a path without one except where the
     # caller allows it (a sender, as Postfix does).
     path = f"<(?:(?:{adl}:)?(?P<local>{dot_string}|{quoted})(?:@(?P<domain>{domain}|{literal}))?)?>"
-    return {"path": path, "dot_string": dot_string}
+    return {"path": path, "dot_string": dot_string, "literal": literal}
 
 
 _PATH: Final = re.compile(_grammar()["path"])
+_LITERAL: Final = re.compile(_grammar()["literal"])
 _DOT_STRING: Final = re.compile(_grammar()["dot_string"])
 assert _PATH.groups == 2  # parse_path unpacks m.groups() as (local, domain)
 _QUOTED_PAIR: Final = re.compile(r"\\(.)")
@@ -111,6 +112,17 @@ def canonical_quoted(local: str) -> str:
     if _DOT_STRING.fullmatch(inner):
         return inner
     return '"' + inner.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def is_address_literal(text: str) -> bool:
+    """``[...]`` that RFC 5321 4.1.3 allows, as a path's domain would be checked."""
+    if not (text.startswith("[") and text.endswith("]") and _LITERAL.fullmatch(text)):
+        return False
+    try:
+        _check_literal(text)
+    except CommandError:
+        return False
+    return True
 
 
 def _check_literal(literal: str) -> None:

@@ -44,7 +44,11 @@ def hash_password(password: str) -> str:
 
 
 def _parse(encoded: str) -> tuple[int, int, int, bytes, bytes]:
-    scheme, log2_n, r, p, salt, key = encoded.split("$")
+    fields = encoded.split("$")
+    if len(fields) != 6:
+        raise ValueError(f"expected scrypt$<log2 N>$<r>$<p>$<salt>$<key>, got {len(fields)} "
+                         f"field{'s' if len(fields) != 1 else ''} separated by '$'")
+    scheme, log2_n, r, p, salt, key = fields
     if scheme != "scrypt":
         raise ValueError(f"unknown hash scheme {scheme!r}")
     values = int(log2_n), int(r), int(p)
@@ -54,8 +58,8 @@ def _parse(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     # check of this user would fail with an error instead of an answer.
     need = 128 * values[1] * values[2] + 128 * values[1] * ((1 << values[0]) + 2)
     if need > _MAXMEM:
-        raise ValueError(f"scrypt parameters need {need / 2**20:.0f} MiB per check, "
-                         f"more than the {_MAXMEM >> 20} MiB allowed")
+        raise ValueError(f"scrypt parameters need {need:,} octets per check, more than the "
+                         f"{_MAXMEM:,} ({_MAXMEM >> 20} MiB) allowed")
     return (*values, base64.b64decode(salt, validate=True), base64.b64decode(key, validate=True))
 
 

@@ -227,6 +227,22 @@ def load_config(path: str | None, overrides: Mapping[str, object] | None = None,
     return cfg
 
 
+def _line_shown(path: str, message: str) -> str:
+    """tomllib names the line, not the key: ': <that line>' shows both (a key given
+    twice, a value left out), or "" when the line cannot be had."""
+    m = re.search(r"at line (\d+)", message)
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        text = lines[int(m.group(1)) - 1].strip() if m else ""
+    except (OSError, IndexError):
+        return ""
+    if not text:
+        return ""
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:80])
+    return f": {shown}{'...' if len(text) > 80 else ''}"
+
+
 def _read(path: str) -> dict:
     try:
         with open(path, "rb") as f:
@@ -234,7 +250,7 @@ def _read(path: str) -> dict:
     except OSError as exc:
         raise ConfigError(path, None, None, f"cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, None, None, f"invalid TOML: {exc}") from None
+        raise ConfigError(path, None, None, f"invalid TOML: {exc}{_line_shown(path, str(exc))}") from None
     except UnicodeDecodeError:
         raise ConfigError(path, None, None, "invalid TOML: not UTF-8 text") from None
 

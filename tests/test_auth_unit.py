@@ -623,6 +623,15 @@ def test_load_bad_line_names_the_line(tmp_path, bad):
     with pytest.raises(auth.PasswordFileError) as exc:
         auth.load(str(f))
     assert "line 2" in str(exc.value) and str(f) in str(exc.value)
+    assert "unpack" not in str(exc.value)  # the problem in the file's terms, not Python's
+
+
+def test_a_hash_with_fields_missing_says_what_is_expected(tmp_path):
+    f = tmp_path / "passwd"
+    f.write_text("alice:scrypt$14$8$1$AAAA\n")
+    with pytest.raises(auth.PasswordFileError, match=r"line 1: expected scrypt\$<log2 N>\$<r>\$<p>\$<salt>\$<key>, "
+                                                     r"got 5 fields separated by '\$'$"):
+        auth.load(str(f))
 
 
 def test_set_password_creates_a_0600_file(tmp_path):
@@ -766,8 +775,11 @@ def test_a_hash_no_check_could_compute_is_refused_at_load(tmp_path, log2_n, r, p
     if loads:
         assert not auth.verify(auth.load(str(f))["carol"], "wrong")
     else:
-        with pytest.raises(auth.PasswordFileError, match="line 1: scrypt parameters need .* MiB"):
+        with pytest.raises(auth.PasswordFileError, match="line 1: scrypt parameters need .* octets") as info:
             auth.load(str(f))
+        # The figures say why: the need, exactly, above the allowance.
+        need, allowed = (int(n.replace(",", "")) for n in re.findall(r"[\d,]{6,}", str(info.value)))
+        assert need > allowed == 64 << 20
     # Whatever a hash says, a check answers (False) instead of raising.
     assert auth.verify(f"scrypt$16$8$1${salt}${key}", "pw") is False
 

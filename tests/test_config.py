@@ -275,15 +275,17 @@ def test_error_shows_the_value_as_written(etc: Path) -> None:
     assert info.value.value == -1
 
 
-@pytest.mark.parametrize("snippet, line", [
-    ("[server]\nworkers = \n", 2),
-    ("[server]\nworkers = 4\nworkers = 5\n", 3),  # TOML forbids a key twice
-    ("[server\n", 1),
+@pytest.mark.parametrize("snippet, line, shown", [
+    ("[server]\nworkers = \n", 2, "workers ="),
+    ("[server]\nworkers = 4\nworkers = 5\n", 3, "workers = 5"),  # TOML forbids a key twice
+    ("[server\n", 1, "[server"),
+    ("[server]\nhostname = \"a\tb\" x\n", 2, 'hostname = "a\\tb" x'),
 ])
-def test_toml_syntax_errors_name_the_line(etc: Path, snippet: str, line: int) -> None:
+def test_toml_syntax_errors_name_and_show_the_line(etc: Path, snippet: str, line: int, shown: str) -> None:
     path = write(etc, snippet)
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: invalid TOML: .*line {line}\b"):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: invalid TOML: .*line {line}\b") as info:
         load_config(str(path))
+    assert str(info.value).endswith(f"): {shown}")
 
 
 def test_unreadable_and_non_utf8_files(etc: Path) -> None:

@@ -51,7 +51,10 @@ def _parse(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     scheme, log2_n, r, p, salt, key = fields
     if scheme != "scrypt":
         raise ValueError(f"unknown hash scheme {scheme!r}")
-    values = int(log2_n), int(r), int(p)
+    try:
+        values = int(log2_n), int(r), int(p)
+    except ValueError:
+        raise ValueError(f"log2 N, r and p must be integers, got {log2_n!r}, {r!r}, {p!r}") from None
     if not (1 <= values[0] <= 20 and 1 <= values[1] <= 32 and 1 <= values[2] <= 16):
         raise ValueError("scrypt parameters out of range")
     # What OpenSSL allocates for them (B and V of RFC 7914): more than _MAXMEM and every
@@ -60,7 +63,10 @@ def _parse(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     if need > _MAXMEM:
         raise ValueError(f"scrypt parameters need {need:,} octets per check, more than the "
                          f"{_MAXMEM:,} ({_MAXMEM >> 20} MiB) allowed")
-    return (*values, base64.b64decode(salt, validate=True), base64.b64decode(key, validate=True))
+    try:
+        return (*values, base64.b64decode(salt, validate=True), base64.b64decode(key, validate=True))
+    except ValueError:  # binascii.Error is one
+        raise ValueError("the salt and the key must be base64") from None
 
 
 _DUMMY = f"scrypt${LOG2_N}${R}${P}${_b64(b'forksmtp-dummy!!')}${_b64(bytes(KEY_LEN))}"

@@ -283,7 +283,7 @@ class Connection:
     def _authenticate(self, event: AuthRequest) -> None:
         creds = event.credentials
         w = self.worker
-        self._drain_session_log()  # the AUTH command's line first, then the outcome
+        self._drain_session_log(release=True)  # the AUTH command's line first, then the outcome
         if not w.auth_attempt(self.peer_ip):
             self.log.queue("AUTH", f"{self.peer_ip} refused: too many failures", WARNING)
             self.session.close(R.R421_AUTH_FAILURES)
@@ -338,7 +338,7 @@ class Connection:
         """Log a storage failure, forget cached Maildirs (one may have been removed or
         replaced; the next message re-creates it) unless nothing failed but a check,
         and give the 451/452 to answer."""
-        self._drain_session_log()  # the command that met the failure comes first
+        self._drain_session_log(release=True)  # the command that met the failure comes first
         where = maildir.blamed(exc)
         self.log.queue("ERROR", f"{what} in {where}: {exc}" if where else f"{what}: {exc}", ERROR)
         if forget:
@@ -361,7 +361,7 @@ class Connection:
         # The lines so far (DATA, "<message: N octets>") are stamped now, when the final
         # dot came, not after the fsyncs; and the log stays in order: commands, then the
         # storage error or the store.
-        self._drain_session_log()
+        self._drain_session_log(release=True)
         try:
             paths = txn.commit()
         except OSError as exc:
@@ -400,8 +400,13 @@ class Connection:
             self.stored = False
             self.log.flush()
 
-    def _drain_session_log(self) -> None:
+    def _drain_session_log(self, release: bool = False) -> None:
+        """Queue the session's lines.  ``release``: the caller logs an outcome next (a
+        store, a storage error, an AUTH verdict); the lines that led to it, which a
+        long session holds back until it knows they matter, come first."""
         session = self.session
+        if release:
+            session.release_log()
         if session.log:
             self.log.queue_many("SMTP", session.log)
             session.log.clear()

@@ -476,6 +476,37 @@ def test_a_flood_of_noops_does_not_flood_the_log(shared):
     assert ours[-1].endswith(f"[SMTP] <{2 * 20000 + 2 + 3 - FREE_LINES} command and reply lines not logged>")
 
 
+def test_past_the_free_lines_each_store_follows_its_own_transaction(shared):
+    """The worker logs [STORE] itself; the transaction a long session held back until its
+    verdict must come before it, or a reader gives the file to the previous sender."""
+    from forksmtp.smtp.sessionlog import FREE_LINES
+    start = len(shared.log_text())
+    with Wire(shared.port) as w:
+        closing = Closing(shared, w)
+        pid = serving_worker(shared, w).pid
+        assert w.code("EHLO client.test") == 250
+        w.send(b"NOOP\r\n" * (FREE_LINES // 2))
+        assert w.codes(FREE_LINES // 2) == [250] * (FREE_LINES // 2)
+        for n in (1, 2):  # pipelined, as a relay sends them
+            w.send(f"MAIL FROM:<s{n}@client.test>\r\nRCPT TO:<r{n}@example.test>\r\nDATA\r\n".encode())
+            assert w.codes(3) == [250, 250, 354]
+            w.send(b"Subject: order\r\n\r\n.\r\n")
+            assert w.codes(1) == [250]
+        assert w.code("QUIT") == 221
+        closing.wait()
+    ours = [line.split(f"/{pid} ", 1)[1] for line in shared.log_text()[start:].splitlines()
+            if f"/{pid} [" in line]
+    tail = ours[ours.index("[SMTP] MAIL FROM:<s1@client.test>"):]
+    stores = [i for i, line in enumerate(tail) if line.startswith("[STORE] ")]
+    assert len(stores) == 2
+    for n, at in zip((1, 2), stores):
+        assert tail[at - 7:at] == [f"[SMTP] MAIL FROM:<s{n}@client.test>", "[SMTP] 250 2.1.0 Sender ok",
+                                   f"[SMTP] RCPT TO:<r{n}@example.test>", "[SMTP] 250 2.1.5 Recipient ok",
+                                   "[SMTP] DATA", "[SMTP] 354 End data with <CR><LF>.<CR><LF>",
+                                   "[SMTP] <message: 18 octets>"], tail
+        assert tail[at + 1] == "[SMTP] 250 2.0.0 Message accepted"
+
+
 # -- a client that goes away ---------------------------------------------------------------
 
 @pytest.mark.parametrize("tail", [b"", b"\r\n.", b"\r\n.\r"], ids=["mid-text", "CRLF-dot", "CRLF-dot-CR"])

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from forksmtp.smtp import replies as R
-from forksmtp.smtp.session import NEED_DATA, PAUSED, DataChunk, DataEnd, DataStart, Session, SessionConfig
+from forksmtp.smtp.session import (NEED_DATA, PAUSED, DataChunk, DataEnd, DataStart, Session, SessionConfig,
+                                   StartTLS)
 from forksmtp.smtp.session import _loggable
 from forksmtp.smtp.sessionlog import FREE_LINES
 from helpers import (HOSTNAME, codes, data_ends, events, feed, feed_codes, heads, new_session,
@@ -636,10 +637,10 @@ def test_data_buffer_stays_bounded_without_crlf():
 
 
 def test_datastart_refused_with_451_clears_transaction():
-    s = new_session(max_errors=2)
+    s = new_session(max_errors=3)
     refuse_data_start(s, R.R451_STORAGE)
     assert replies(s, [E, M, RC, D]) == ["250", "250 2.1.0", "250 2.1.5", "451 4.3.0"]
-    assert not s.closed  # storage trouble is not the client's error
+    assert not s.closed
     assert not s.in_data
     refuse_data_start(s, None)
     assert transcript(s, [RC, "NOOP", M, RC, D, "x", "."]) == [503, 250, 250, 250] + MSG
@@ -964,8 +965,11 @@ def test_past_the_free_lines_errors_are_logged_with_their_command():
 def test_past_the_free_lines_a_stored_message_keeps_its_transaction():
     s = spent_session(max_recipients=1)
     transcript(s, ["NOOP", M, "NOOP", RC, RC, D, "text", ".", "QUIT"])
-    assert s.log == ["<7 command and reply lines not logged>", M, "250 2.1.0 Sender ok", RC,
+    # The counts stand where the lines were: three before the transaction, four
+    # inside it (a NOOP, a surplus recipient and their replies).
+    assert s.log == ["<3 command and reply lines not logged>", M, "250 2.1.0 Sender ok", RC,
                      "250 2.1.5 Recipient ok", "DATA", "354 End data with <CR><LF>.<CR><LF>",
+                     "<4 command and reply lines not logged>",
                      "<message: 6 octets>", "250 2.0.0 Message accepted"]
     s.end_log()
     assert s.log[-1] == "<2 command and reply lines not logged>"  # QUIT and its 221
@@ -997,6 +1001,43 @@ def test_past_the_free_lines_the_held_transaction_is_bounded():
     assert s.log == [] and len(s._logbook._held) == 6
     s.end_log()
     assert s.log == ["<20007 command and reply lines not logged>"]
+
+
+def test_past_the_free_lines_the_outcome_follows_what_led_to_it():
+    """The connection logs a store, a storage error or an AUTH verdict itself, after it
+    lets out what the session held back: the transaction comes before its [STORE]."""
+    s = spent_session()
+    transcript(s, [M, RC])
+    s.receive_data(b"DATA\r\n")
+    assert isinstance(s.next_event(), DataStart) and s.log == []
+    s.release_log()
+    assert s.log == ["<1 command and reply line not logged>", M, "250 2.1.0 Sender ok", RC,
+                     "250 2.1.5 Recipient ok", "DATA"]
+    s.log.clear()
+    s.accept_data()
+    assert s.log == []  # the 354 is held again, until the verdict
+    s.release_log()
+    s.release_log()  # nothing held: nothing written twice
+    assert s.log == ["354 End data with <CR><LF>.<CR><LF>"]
+
+
+def test_storage_refusals_count_toward_max_errors():
+    """As every failed command in Postfix's smtpd: a session cannot make the server
+    try, fail and log without end while a disk is full."""
+    s = new_session(max_errors=3)
+    refuse_data_start(s, R.R452_NO_SPACE)
+    assert transcript(s, [E, M, RC, D, M, RC, D]) == [250, 250, 250, 452, 250, 250, 452]
+    assert not s.closed
+    assert transcript(s, [M, RC, D]) == [250, 250, 452, 421]
+    assert s.closed
+
+
+def test_past_the_free_lines_plaintext_discarded_after_starttls_is_still_logged():
+    s = spent_session(starttls=True)
+    s.receive_data(b"STARTTLS\r\nMAIL FROM:<evil@x.test>\r\n")
+    assert isinstance(s.next_event(), StartTLS)
+    assert s.log == ["<1 command and reply line not logged>", "STARTTLS",
+                     "<discarded 25 octets pipelined after STARTTLS>"]
 
 
 def test_a_session_that_ends_within_the_free_lines_logs_no_count():

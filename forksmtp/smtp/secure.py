@@ -44,6 +44,9 @@ class SecureCommands:
     def _log(self, text: str) -> None:
         raise NotImplementedError  # Session's
 
+    def _keep_in_log(self, text: str) -> None:
+        raise NotImplementedError  # Session's
+
     def tls_started(self) -> None:
         """The handshake succeeded: forget everything learned in plaintext (RFC 3207
         4.2) and wait for a fresh EHLO.  No greeting is sent again."""
@@ -75,7 +78,7 @@ class SecureCommands:
         if dropped:
             # CVE-2011-0411 and kin: plaintext pipelined behind STARTTLS must never be
             # executed as if it had arrived over TLS.
-            self._log(f"<discarded {dropped} octets pipelined after STARTTLS>")
+            self._keep_in_log(f"<discarded {dropped} octets pipelined after STARTTLS>")
         self._send(R.R220_TLS_READY)
         self._waiting = True
         self._events.append(StartTLS())

@@ -64,7 +64,10 @@ NOT_OFFERED: Final = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", 
 
 #: Replies that do not count toward the error limit: the client did nothing wrong
 #: (452 for surplus recipients is the orderly way RFC 5321 4.5.3.1.10 asks for).
-NOT_CLIENT_ERRORS: Final = frozenset({R.R452_TOO_MANY_RCPTS, R.R451_STORAGE, R.R452_NO_SPACE})
+#: Storage refusals (451, 452 4.3.1) count, as every failed command does in Postfix's
+#: smtpd: the client is not at fault, but a session may not make the server try and
+#: fail, and log it, without end while a disk is full.
+NOT_CLIENT_ERRORS: Final = frozenset({R.R452_TOO_MANY_RCPTS})
 
 _AUTH_PROTOCOL_SUFFIX: Final = {(False, False): "", (True, False): "S", (False, True): "A", (True, True): "SA"}
 
@@ -279,6 +282,16 @@ class Session(SecureCommands):
     def _log(self, text: str) -> None:
         if self.config.log_commands:
             self._logbook.command(text)
+
+    def _keep_in_log(self, text: str) -> None:
+        """Log ``text`` even past the free lines (evidence an operator must see)."""
+        if self.config.log_commands:
+            self._logbook.keep(text)
+
+    def release_log(self) -> None:
+        """The caller logs an outcome of what the session holds back: let it out first."""
+        if self.config.log_commands:
+            self._logbook.release()
 
     def end_log(self) -> None:
         """The connection is over: log how many lines the bound kept out, if any."""

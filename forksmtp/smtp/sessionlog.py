@@ -8,10 +8,12 @@ write hundreds of gigabytes.  From there on only what an operator needs is writt
 
 * every reply that is an error, with its command (``max_errors`` bounds them);
 * every transaction that stores a message: its MAIL, RCPT and DATA lines are held
-  until the verdict, written with a ``250``, counted if the transaction ends without.
+  until the verdict, written with a ``250``, counted if the transaction ends without;
+* what the session keeps as evidence (``keep``: plaintext discarded after STARTTLS).
 
 The rest (NOOP, RSET, VRFY, HELP, EHLO, surplus recipients, transactions abandoned) is
-counted, and the count written before the next line that is, and at the session's end.
+counted, and the count written where the lines would have been, before the next line
+that is written and at the session's end.
 """
 
 from __future__ import annotations
@@ -24,18 +26,24 @@ from . import replies as R
 FREE_LINES: Final = 1000
 
 
+def _skipped(n: int) -> str:
+    return f"<{n} command and reply line{'s' if n != 1 else ''} not logged>"
+
+
 class SessionLog:
     """Fed each logged command (``command``) and each reply (``reply``); appends what
     is to be written to ``lines``, the list the connection drains."""
 
-    __slots__ = ("lines", "_left", "_pending", "_held", "_unlogged")
+    __slots__ = ("lines", "_left", "_pending", "_held", "_before", "_within")
 
     def __init__(self, lines: list[str]) -> None:
         self.lines = lines
         self._left = FREE_LINES
-        self._pending: str | None = None  # past the free lines: the command awaiting its reply
-        self._held: list[str] = []  # past the free lines: the open transaction's lines
-        self._unlogged = 0
+        # Past the free lines:
+        self._pending: str | None = None  # the command awaiting its reply
+        self._held: list[str] = []  # the open transaction's own lines
+        self._before = 0  # lines not logged before the held ones ...
+        self._within = 0  # ... and among them (a NOOP inside the transaction)
 
     def command(self, text: str) -> None:
         if self._left > 0:
@@ -43,8 +51,17 @@ class SessionLog:
             self.lines.append(text)
             return
         if self._pending is not None:  # a line that no reply answered
-            self._unlogged += 1
+            self._skip(1)
         self._pending = text
+
+    def keep(self, text: str) -> None:
+        """A line written whatever the count, with the command it follows."""
+        if self._left > 0:
+            self._left -= 1
+            self.lines.append(text)
+            return
+        self.release()
+        self._write([text])
 
     def reply(self, reply: R.Reply, in_transaction: bool) -> None:
         """``in_transaction``: a transaction is still open once this reply is sent."""
@@ -55,26 +72,45 @@ class SessionLog:
         pending, self._pending = self._pending, None
         pair = [str(reply)] if pending is None else [pending, str(reply)]
         if reply is R.R250_ACCEPTED or (reply.code >= 400 and reply is not R.R452_TOO_MANY_RCPTS):
-            held, self._held = self._held, []
-            self._write(held + pair)
+            self._write(pair)
         elif in_transaction and (reply is R.R250_SENDER_OK or reply is R.R250_RCPT_OK
                                  or reply is R.R354_DATA):
             self._held += pair
         else:
-            self._unlogged += len(pair)
-            if not in_transaction:  # ended without a message (RSET, EHLO, QUIT)
-                self._unlogged += len(self._held)
-                self._held = []
+            self._skip(len(pair))
+            if not in_transaction and self._held:  # ended without a message
+                self._before += len(self._held) + self._within
+                self._held, self._within = [], 0
+
+    def release(self) -> None:
+        """Write what is held now: the caller is about to log the outcome it leads to
+        (the stored file, a storage error, an AUTH verdict), which must follow it."""
+        if self._left > 0 or (self._pending is None and not self._held):
+            return
+        pending, self._pending = self._pending, None
+        self._write([] if pending is None else [pending])
 
     def end(self) -> None:
         """The session is over: write the count of what was not."""
-        self._unlogged += len(self._held) + (self._pending is not None)
-        self._held, self._pending = [], None
+        self._before += len(self._held) + self._within + (self._pending is not None)
+        self._held, self._within, self._pending = [], 0, None
         self._write([])
 
+    def _skip(self, n: int) -> None:
+        if self._held:
+            self._within += n
+        else:
+            self._before += n
+
     def _write(self, lines: list[str]) -> None:
-        if self._unlogged:
-            n = self._unlogged
-            self.lines.append(f"<{n} command and reply line{'s' if n != 1 else ''} not logged>")
-            self._unlogged = 0
-        self.lines += lines
+        out = self.lines
+        if self._before:
+            out.append(_skipped(self._before))
+            self._before = 0
+        if self._held:
+            out += self._held
+            self._held = []
+            if self._within:
+                out.append(_skipped(self._within))
+                self._within = 0
+        out += lines

@@ -507,6 +507,26 @@ def test_past_the_free_lines_each_store_follows_its_own_transaction(shared):
         assert tail[at + 1] == "[SMTP] 250 2.0.0 Message accepted"
 
 
+def test_past_the_free_lines_a_transfer_cut_off_is_logged(shared):
+    from forksmtp.smtp.sessionlog import FREE_LINES
+    start = len(shared.log_text())
+    with Wire(shared.port) as w:
+        closing = Closing(shared, w)
+        pid = serving_worker(shared, w).pid
+        assert w.code("EHLO client.test") == 250
+        w.send(b"NOOP\r\n" * (FREE_LINES // 2))
+        assert w.codes(FREE_LINES // 2) == [250] * (FREE_LINES // 2)
+        w.open_data()
+        w.send(b"Subject: cut off\r\n\r\nhalf a")
+    closing.wait()  # the client went in the middle of the text
+    ours = [line.split(f"/{pid} ", 1)[1] for line in shared.log_text()[start:].splitlines()
+            if f"/{pid} [" in line]
+    assert ours[-7:-1] == ["[SMTP] MAIL FROM:<sender@client.test>", "[SMTP] 250 2.1.0 Sender ok",
+                           "[SMTP] RCPT TO:<rcpt@example.test>", "[SMTP] 250 2.1.5 Recipient ok",
+                           "[SMTP] DATA", "[SMTP] 354 End data with <CR><LF>.<CR><LF>"], ours[-12:]
+    assert ours[-1].endswith("client disconnected")
+
+
 # -- a client that goes away ---------------------------------------------------------------
 
 @pytest.mark.parametrize("tail", [b"", b"\r\n.", b"\r\n.\r"], ids=["mid-text", "CRLF-dot", "CRLF-dot-CR"])

@@ -1040,6 +1040,21 @@ def test_past_the_free_lines_plaintext_discarded_after_starttls_is_still_logged(
                      "<discarded 25 octets pipelined after STARTTLS>"]
 
 
+def test_past_the_free_lines_a_transfer_cut_off_keeps_its_transaction():
+    """A client gone in the middle of a message's text: its transaction is logged, as
+    within the free lines, once (the session is over); one gone before DATA is counted."""
+    s = spent_session()
+    transcript(s, ["NOOP", M, RC, D])
+    feed(s, b"Subject: cut\r\n")
+    s.end_log()
+    assert s.log == ["<3 command and reply lines not logged>", M, "250 2.1.0 Sender ok", RC,
+                     "250 2.1.5 Recipient ok", "DATA", "354 End data with <CR><LF>.<CR><LF>"]
+    s = spent_session()
+    transcript(s, [M, RC])
+    s.end_log()
+    assert s.log == ["<5 command and reply lines not logged>"]
+
+
 def test_a_session_that_ends_within_the_free_lines_logs_no_count():
     s = new_session()
     transcript(s, [E, "NOOP", "QUIT"])

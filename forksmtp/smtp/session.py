@@ -296,7 +296,7 @@ class Session(SecureCommands):
     def end_log(self) -> None:
         """The connection is over: log how many lines the bound kept out, if any."""
         if self.config.log_commands:
-            self._logbook.end()
+            self._logbook.end(self.in_data)
 
     def _cmd_helo(self, arg: str, esmtp: bool = False) -> None:
         name = arg.strip()

@@ -9,11 +9,12 @@ write hundreds of gigabytes.  From there on only what an operator needs is writt
 * every reply that is an error, with its command (``max_errors`` bounds them);
 * every transaction that stores a message: its MAIL, RCPT and DATA lines are held
   until the verdict, written with a ``250``, counted if the transaction ends without;
-* what the session keeps as evidence (``keep``: plaintext discarded after STARTTLS).
+* what the session keeps as evidence (``keep``: plaintext discarded after STARTTLS);
+* a transaction whose text was cut off by the session's end.
 
-The rest (NOOP, RSET, VRFY, HELP, EHLO, surplus recipients, transactions abandoned) is
-counted, and the count written where the lines would have been, before the next line
-that is written and at the session's end.
+The rest (NOOP, RSET, VRFY, HELP, EHLO, surplus recipients, transactions abandoned
+before their text) is counted, and the count written where the lines would have been,
+before the next line that is written and at the session's end.
 """
 
 from __future__ import annotations
@@ -90,8 +91,12 @@ class SessionLog:
         pending, self._pending = self._pending, None
         self._write([] if pending is None else [pending])
 
-    def end(self) -> None:
-        """The session is over: write the count of what was not."""
+    def end(self, in_data: bool = False) -> None:
+        """The session is over: write the count of what was not.  ``in_data``: it ended
+        inside a message's text (the client went, or the server stopped): the lines of
+        that transaction are written, once, as they would be within the free lines."""
+        if in_data:
+            self.release()
         self._before += len(self._held) + self._within + (self._pending is not None)
         self._held, self._within, self._pending = [], 0, None
         self._write([])

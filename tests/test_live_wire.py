@@ -476,17 +476,27 @@ def test_a_flood_of_noops_does_not_flood_the_log(shared):
     assert ours[-1].endswith(f"[SMTP] <{2 * 20000 + 2 + 3 - FREE_LINES} command and reply lines not logged>")
 
 
+def spend_free_lines(w: Wire) -> None:
+    """EHLO, then NOOPs until the session has logged its free lines and a little more."""
+    from forksmtp.smtp.sessionlog import FREE_LINES
+    assert w.code("EHLO client.test") == 250
+    w.send(b"NOOP\r\n" * (FREE_LINES // 2))
+    assert w.codes(FREE_LINES // 2) == [250] * (FREE_LINES // 2)
+
+
+def worker_lines(d: Daemon, start: int, pid: int) -> list[str]:
+    """The log lines of worker ``pid`` written after offset ``start``, without their stamp."""
+    return [line.split(f"/{pid} ", 1)[1] for line in d.log_text()[start:].splitlines() if f"/{pid} [" in line]
+
+
 def test_past_the_free_lines_each_store_follows_its_own_transaction(shared):
     """The worker logs [STORE] itself; the transaction a long session held back until its
     verdict must come before it, or a reader gives the file to the previous sender."""
-    from forksmtp.smtp.sessionlog import FREE_LINES
     start = len(shared.log_text())
     with Wire(shared.port) as w:
         closing = Closing(shared, w)
         pid = serving_worker(shared, w).pid
-        assert w.code("EHLO client.test") == 250
-        w.send(b"NOOP\r\n" * (FREE_LINES // 2))
-        assert w.codes(FREE_LINES // 2) == [250] * (FREE_LINES // 2)
+        spend_free_lines(w)
         for n in (1, 2):  # pipelined, as a relay sends them
             w.send(f"MAIL FROM:<s{n}@client.test>\r\nRCPT TO:<r{n}@example.test>\r\nDATA\r\n".encode())
             assert w.codes(3) == [250, 250, 354]
@@ -494,8 +504,7 @@ def test_past_the_free_lines_each_store_follows_its_own_transaction(shared):
             assert w.codes(1) == [250]
         assert w.code("QUIT") == 221
         closing.wait()
-    ours = [line.split(f"/{pid} ", 1)[1] for line in shared.log_text()[start:].splitlines()
-            if f"/{pid} [" in line]
+    ours = worker_lines(shared, start, pid)
     tail = ours[ours.index("[SMTP] MAIL FROM:<s1@client.test>"):]
     stores = [i for i, line in enumerate(tail) if line.startswith("[STORE] ")]
     assert len(stores) == 2
@@ -508,19 +517,15 @@ def test_past_the_free_lines_each_store_follows_its_own_transaction(shared):
 
 
 def test_past_the_free_lines_a_transfer_cut_off_is_logged(shared):
-    from forksmtp.smtp.sessionlog import FREE_LINES
     start = len(shared.log_text())
     with Wire(shared.port) as w:
         closing = Closing(shared, w)
         pid = serving_worker(shared, w).pid
-        assert w.code("EHLO client.test") == 250
-        w.send(b"NOOP\r\n" * (FREE_LINES // 2))
-        assert w.codes(FREE_LINES // 2) == [250] * (FREE_LINES // 2)
+        spend_free_lines(w)
         w.open_data()
         w.send(b"Subject: cut off\r\n\r\nhalf a")
     closing.wait()  # the client went in the middle of the text
-    ours = [line.split(f"/{pid} ", 1)[1] for line in shared.log_text()[start:].splitlines()
-            if f"/{pid} [" in line]
+    ours = worker_lines(shared, start, pid)
     assert ours[-7:-1] == ["[SMTP] MAIL FROM:<sender@client.test>", "[SMTP] 250 2.1.0 Sender ok",
                            "[SMTP] RCPT TO:<rcpt@example.test>", "[SMTP] 250 2.1.5 Recipient ok",
                            "[SMTP] DATA", "[SMTP] 354 End data with <CR><LF>.<CR><LF>"], ours[-12:]

@@ -109,7 +109,6 @@ _ZERO_SLOT: Final = bytes(SLOT_SIZE)
 assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (352, 352)
 
 
-
 def _store(mm: mmap.mmap, off: int, packed: bytes) -> None:
     """Write a field that other processes read without the lock: one copy of the packed
     bytes.  Never ``Struct.pack_into``: CPython's clears the whole target before it

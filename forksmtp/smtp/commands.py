@@ -92,14 +92,14 @@ def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool = False,
         if not allow_null:
             raise CommandError(R.R501_BAD_ADDRESS)
         return Path("", ""), text[end:]
+    if local[0] == '"':
+        local = canonical_quoted(local)
     if domain is None:
         if not allow_no_domain:
             raise CommandError(R.R501_BAD_ADDRESS)
-        return Path(canonical_quoted(local) if local[0] == '"' else local, ""), text[end:]
+        return Path(local, ""), text[end:]
     if domain[0] == "[":
         _check_literal(domain)
-    if local[0] == '"':
-        local = canonical_quoted(local)
     return Path(f"{local}@{domain}", domain.lower()), text[end:]
 
 
@@ -116,7 +116,7 @@ def canonical_quoted(local: str) -> str:
 
 def is_address_literal(text: str) -> bool:
     """``[...]`` that RFC 5321 4.1.3 allows, as a path's domain would be checked."""
-    if not (text.startswith("[") and text.endswith("]") and _LITERAL.fullmatch(text)):
+    if not _LITERAL.fullmatch(text):  # the brackets, and what may stand between them
         return False
     try:
         _check_literal(text)

@@ -121,6 +121,7 @@ class Arbiter:
         self._idle_clock_from = 0.0  # idle silence counts from here (the end of a stall)
         self.last_pool_reason = ""
         self.ceiling_warning = limits.Seldom(pool.CEILING_WARN_EVERY)
+        self.stress = limits.StressSwitch()
         self.spawn_pending = False
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
@@ -568,7 +569,8 @@ class Arbiter:
                 self._signal(child, signal.SIGTERM)
         self.spawn_pending = plan.spawn > 0
         busy = snap.count(BUSY)
-        stress = limits.in_stress(busy, self.cfg.server.max_workers, self.cfg.server.stress_threshold)
+        over = limits.in_stress(busy, self.cfg.server.max_workers, self.cfg.server.stress_threshold)
+        stress = self.stress.decide(over, snap.stress, now)
         if stress != snap.stress:
             self.board.set_stress(stress)
             self.log.warning("STRESS", f"stress mode {'on' if stress else 'off'}: {busy} busy workers")

@@ -60,3 +60,28 @@ def in_stress(busy: int, max_workers: int, threshold: float) -> bool:
     if max_workers <= 0 or threshold <= 0:
         return False
     return busy >= max(1, math.ceil(threshold * max_workers - 1e-9))
+
+
+# How long the busy count must stay below the threshold before stress mode ends.
+STRESS_HOLD = 5.0
+
+
+class StressSwitch:
+    """Stress mode with a hold: on as soon as the pool is that busy, off only once it has
+    stayed below the threshold for ``hold`` seconds (of time.monotonic()).  A load that
+    hovers at the threshold would otherwise switch the mode at every pool check: a log
+    line each time, and sessions' timeouts chosen by a coin toss."""
+
+    def __init__(self, hold: float = STRESS_HOLD) -> None:
+        self.hold = hold
+        self.calm_since: float | None = None
+
+    def decide(self, over: bool, on: bool, now: float) -> bool:
+        """The mode from now on, given whether the pool is at the threshold (``over``)
+        and whether the mode is ``on`` now."""
+        if over or not on:
+            self.calm_since = None
+            return over
+        if self.calm_since is None:
+            self.calm_since = now
+        return now - self.calm_since < self.hold

@@ -208,6 +208,30 @@ def test_stress_mode_lowers_the_error_limit_and_says_so(daemon_factory):
         assert read_reply(s).startswith(b"250 ")
 
 
+def test_a_load_hovering_at_the_stress_threshold_does_not_flap_the_mode(daemon_factory):
+    """One session held and a second coming and going across several pool checks: stress
+    mode comes on once and stays on, rather than a line (and a change of timeouts) at
+    every check; it goes off once the pool has been calm for the hold."""
+    d = daemon_factory(workers=2, server={"max_workers": 4, "stress_threshold": 0.5,
+                                          "max_spare_workers": 4})
+    holder = RawSMTP(d.port)
+    try:
+        assert holder.command(b"EHLO holder.example") == 250
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            visitor = RawSMTP(d.port)
+            time.sleep(0.6)
+            visitor.close()
+            time.sleep(0.6)
+        assert request_stats(d)["stress"] is True
+    finally:
+        holder.close()
+    d.wait_for_log("[STRESS] stress mode off", timeout=15)
+    log = d.log_text()
+    assert log.count("[STRESS] stress mode on") == 1, log
+    assert log.count("[STRESS] stress mode off") == 1, log
+
+
 @pytest.mark.parametrize("flaw, reply", [
     (b"Subject: bare\nLF\r\n", b"550 5.6.0 "),
     (b"Subject: long\r\n" + b"x" * 1200 + b"\r\n", b"554 5.6.0 "),

@@ -54,3 +54,35 @@ def test_seldom_allows_once_per_interval_and_afresh_after_reset():
     assert seldom.allow(60.0) and not seldom.allow(60.1)
     seldom.reset()
     assert seldom.allow(60.2)
+
+
+def test_stress_mode_comes_at_once_and_goes_after_a_calm_hold():
+    switch = limits.StressSwitch(hold=5.0)
+    assert switch.decide(over=False, on=False, now=0.0) is False
+    assert switch.decide(over=True, on=False, now=1.0) is True      # on at once
+    assert switch.decide(over=False, on=True, now=2.0) is True      # calm from 2.0 ...
+    assert switch.decide(over=False, on=True, now=6.9) is True      # ... not yet 5 s
+    assert switch.decide(over=False, on=True, now=7.0) is False     # 5 s calm: off
+    assert switch.decide(over=False, on=False, now=7.5) is False
+
+
+def test_a_load_hovering_at_the_threshold_keeps_stress_mode_on():
+    """Busy one check, calm the next: the calm spells never add up to the hold."""
+    switch, on = limits.StressSwitch(hold=5.0), False
+    changes = 0
+    for tick in range(100):
+        now = tick * 1.0
+        new = switch.decide(over=tick % 2 == 0, on=on, now=now)
+        changes += new != on
+        on = new
+    assert (changes, on) == (1, True)
+
+
+def test_the_calm_hold_starts_again_after_each_busy_spell():
+    switch = limits.StressSwitch(hold=5.0)
+    switch.decide(over=True, on=False, now=0.0)
+    assert switch.decide(over=False, on=True, now=1.0) is True      # calm from 1.0
+    assert switch.decide(over=True, on=True, now=4.0) is True       # busy again
+    assert switch.decide(over=False, on=True, now=5.0) is True      # calm from 5.0
+    assert switch.decide(over=False, on=True, now=9.9) is True      # 4.9 s: still on
+    assert switch.decide(over=False, on=True, now=10.0) is False

@@ -214,7 +214,7 @@ class Arbiter:
                 self._guarded(getattr(self, f"handle_{NAMES[sig]}"))
             if self.signals.maildirs_wanted:
                 self._bring_pass_forward(time.monotonic())
-            self.reap()
+            self._guarded(self.reap)
             if self.stopping:
                 if self._stop_step(time.monotonic()):
                     return 0
@@ -472,7 +472,7 @@ class Arbiter:
 
     def _log_exit(self, child: Child, status: int, lifetime: float) -> None:
         if os.WIFSIGNALED(status):
-            sig = signal.Signals(os.WTERMSIG(status)).name
+            sig = process.signal_name(os.WTERMSIG(status))
             hint = ""
             if sig == "SIGKILL":
                 hint = (f" (sent by the master: {child.killed_because})" if child.killed_because

@@ -77,6 +77,18 @@ def batch_scheduling() -> bool:
     return True
 
 
+def signal_name(number: int) -> str:
+    """``SIGTERM`` for 15, ``SIGRTMIN+6`` for a real-time signal (which has no name in
+    the signal module), ``signal 99`` for anything else: any number wait(2) reports."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        pass
+    if signal.SIGRTMIN <= number <= signal.SIGRTMAX:
+        return f"SIGRTMIN+{number - signal.SIGRTMIN}"
+    return f"signal {number}"
+
+
 def set_title(title: str) -> None:
     if _setproctitle is not None:
         _setproctitle(title)

@@ -219,6 +219,18 @@ def _hold_alive(lock_dir: str) -> int:
     return fd
 
 
+def _reopen(fd: int, path: str) -> int:
+    """A new open file description of the file open at ``fd``, read-only.  Through
+    /proc, not by ``path``: a tmp cleaner that removed the lock directory of a master
+    up for days (systemd-tmpfiles ages /tmp, a service's PrivateTmp included) would
+    otherwise leave every worker forked after it unable to start.  By path only where
+    there is no /proc."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
 class Scoreboard:
     def __init__(self, mm: mmap.mmap, nslots: int, ip_buckets: int, lock_path: str,
                  owned_dir: str | None) -> None:
@@ -258,7 +270,7 @@ class Scoreboard:
         """Child, right after fork: open the lock file anew so flock excludes the parent.
         A worker names its slot, where it marks the time it waits for or holds the lock."""
         old = self._fd
-        self._fd = os.open(self.lock_path, os.O_RDONLY | os.O_CLOEXEC)
+        self._fd = _reopen(old, self.lock_path)
         self._fd_pid = os.getpid()
         self._lock_wait = None
         self._mark = -1 if slot is None else self._bases[slot] + S_IN_LOCK

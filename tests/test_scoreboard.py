@@ -1,7 +1,9 @@
 """The scoreboard across real processes: shared memory, flock admission, repair after SIGKILL."""
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import select
 import signal
 import struct
@@ -396,20 +398,47 @@ def test_workers_wait_for_the_lock_however_long_it_is_held(sb):
     assert sb.active() == 1
 
 
-def test_lock_excludes_processes_that_reopened_it(sb):
+def _count_under_lock(board: Scoreboard) -> None:
     """Read-modify-write with a yield inside the lock: any overlap would lose increments."""
+    for _ in range(300):
+        with board.locked():
+            value = board.generation()
+            os.sched_yield()
+            board.set_generation(value + 1)
+
+
+def test_lock_excludes_processes_that_reopened_it(sb):
     sb.set_generation(0)
-
-    def child():
-        for _ in range(300):
-            with sb.locked():
-                value = sb.generation()
-                os.sched_yield()
-                sb.set_generation(value + 1)
-
-    pids = [start(sb, child) for _ in range(4)]
+    pids = [start(sb, lambda: _count_under_lock(sb)) for _ in range(4)]
     assert [wait(p) for p in pids] == [0, 0, 0, 0]
     assert sb.generation() == 1200
+
+
+def test_workers_forked_after_a_tmp_cleaner_removed_the_lock_dir_still_exclude_each_other():
+    """An age-based tmp cleaner removes the lock directory of a long-lived master: the
+    workers forked after it still open the one lock, through the master's descriptor."""
+    board = Scoreboard.create(8, ip_buckets=64)
+    try:
+        shutil.rmtree(os.path.dirname(board.lock_path))
+        board.set_generation(0)
+        pids = [start(board, lambda: _count_under_lock(board)) for _ in range(4)]
+        assert [wait(p) for p in pids] == [0, 0, 0, 0]
+        assert board.generation() == 1200
+        with board.locked():  # the master's own descriptor is the same lock
+            pid = start(board, lambda: 0 if not _try_lock(board) else 1)
+            assert wait(pid) == 0
+    finally:
+        board.close()
+
+
+def _try_lock(board: Scoreboard) -> bool:
+    """Whether this process can take the board's lock at once."""
+    try:
+        fcntl.flock(board._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(board._fd, fcntl.LOCK_UN)
+    return True
 
 
 def test_lock_without_after_fork_refuses(sb):

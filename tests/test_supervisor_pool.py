@@ -3,10 +3,12 @@ back, a crash loop that backs off, the master's death, and what ``ps`` shows."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
 import smtplib
+import threading
 import time
 from pathlib import Path
 
@@ -96,40 +98,52 @@ def test_the_session_that_takes_the_last_idle_worker_gets_the_next_one_started_a
     assert_no_zombies(d)
 
 
-def _lock_file(pid: int) -> str:
-    """The scoreboard lock file the master holds open (every new worker opens it)."""
-    paths = [f.path for f in psutil.Process(pid).open_files() if f.path.endswith("scoreboard.lock")]
-    assert len(paths) == 1, paths
-    return paths[0]
+class _Killer(threading.Thread):
+    """Kills each worker of a daemon as soon as it appears, with a signal that is no
+    operator's stop: workers that die as they start, as on a broken host."""
+
+    SIG = signal.SIGRTMIN + 1
+
+    def __init__(self, d) -> None:
+        super().__init__(daemon=True)
+        self.d = d
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.01):
+            for pid in worker_pids(self.d):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, self.SIG)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(10)
 
 
 def test_crash_loop_backs_off_and_says_why(daemon_factory):
     d = daemon_factory(workers=2)
-    lock = _lock_file(d.pid)
-    # What a /tmp cleaner could do: without the lock file no new worker can start
-    # (each one fails in its first step and exits at once).
-    os.unlink(lock)
-    for pid in worker_pids(d):
-        os.kill(pid, signal.SIGKILL)
-    d.wait_for_log("crash loop", 20)
-    assert "[POOL] crash loop" in d.log_text()
+    killer = _Killer(d)
+    killer.start()
+    try:
+        d.wait_for_log("crash loop", 20)
+        assert "[POOL] crash loop" in d.log_text()
 
-    # Spinning would fork dozens of workers a second; backing off forks a handful.
-    crashed = lambda: d.log_text().count("worker crashed")  # noqa: E731
-    start = crashed()
-    # Meanwhile no worker takes connections: the master answers 421 (no silent backlog).
-    sock = connect(d.port)
-    sock.settimeout(5)
-    assert read_reply(sock).startswith(b"421 4.3.2 ")
-    sock.close()
-    time.sleep(4)
-    assert crashed() - start <= 8
-    assert d.proc.poll() is None
-    assert "back-off after a crash loop or a failed fork); answering 421 4.3.2" in d.log_text()
+        # Spinning would fork dozens of workers a second; backing off forks a handful.
+        crashed = lambda: d.log_text().count("killed by SIGRTMIN+1")  # noqa: E731
+        start = crashed()
+        # Meanwhile no worker takes connections: the master answers 421 (no silent backlog).
+        sock = connect(d.port)
+        sock.settimeout(5)
+        assert read_reply(sock).startswith(b"421 4.3.2 ")
+        sock.close()
+        time.sleep(4)
+        assert crashed() - start <= 8
+        assert d.proc.poll() is None
+        assert "back-off after a crash loop or a failed fork); answering 421 4.3.2" in d.log_text()
+    finally:
+        killer.stop()
 
     # The cause removed, the pool comes back once the back-off ends.
-    with open(lock, "w"):
-        pass
     idle = lambda: [p for p in worker_pids(d) if "idle" in title(p)]  # noqa: E731
     wait_until(lambda: len(idle()) == 2, 40, 0.2, "pool restored")
     wait_until(lambda: _delivered(d.port), 20, 0.2, "delivery after recovery")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import smtplib
 import socket
@@ -574,3 +575,38 @@ def test_killed_worker_is_replaced_and_its_session_count_repaired(daemon_factory
         send_message(d.port)
     assert len(d.new_messages()) == 3
     assert_no_zombies(d)
+
+
+def test_a_worker_killed_by_a_real_time_signal_is_logged_and_replaced(daemon_factory):
+    """wait(2) reports signals the signal module has no name for; the master names them
+    and carries on rather than die of the number."""
+    d = daemon_factory(workers=2)
+    victim = min(worker_pids(d))
+    os.kill(victim, signal.SIGRTMIN + 6)
+    wait_until(lambda: victim not in worker_pids(d) and len(worker_pids(d)) >= 2, 10,
+               what="worker replaced")
+    assert d.proc.poll() is None
+    assert f"worker {victim} killed by SIGRTMIN+6" in d.log_text()
+    send_message(d.port)
+    assert len(d.new_messages()) == 1
+    assert_no_zombies(d)
+
+
+def test_workers_start_after_a_tmp_cleaner_removed_the_scoreboard_lock_dir(
+        daemon_factory, tmp_path, monkeypatch):
+    """systemd-tmpfiles ages /tmp (a service's PrivateTmp included): the lock directory
+    of a master up for days goes, and the workers of the next reload must still start."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    d = daemon_factory(workers=2)
+    [lock_dir] = list(tmpdir.glob("forksmtp-scoreboard-*"))
+    shutil.rmtree(lock_dir)
+    old = set(worker_pids(d))
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: len(set(worker_pids(d)) - old) >= 2 and not old & set(worker_pids(d)), 15,
+               what="a new generation of workers")
+    for _ in range(3):
+        send_message(d.port)
+    assert len(d.new_messages()) == 3
+    assert "exited with status" not in d.log_text() and "Traceback" not in d.log_text()

@@ -106,6 +106,7 @@ class Worker:
         lives in the master's private directory)."""
         self.pid = os.getpid()
         process.batch_scheduling()  # workers only: the master stays prompt to signals
+        process.oom_first()
         self.log.after_fork()
         self.board.after_fork(self.slot)
         self.board.set_pid(self.slot, self.pid)

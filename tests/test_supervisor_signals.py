@@ -610,3 +610,15 @@ def test_workers_start_after_a_tmp_cleaner_removed_the_scoreboard_lock_dir(
         send_message(d.port)
     assert len(d.new_messages()) == 3
     assert "exited with status" not in d.log_text() and "Traceback" not in d.log_text()
+
+
+def test_workers_are_the_oom_killers_choice_before_the_master(daemon_factory):
+    """The master's RSS is above a worker's: without the bonus the kernel picks it first
+    under memory pressure, and every session ends with it."""
+    d = daemon_factory(workers=2)
+
+    def adj(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+    master = adj(d.pid)
+    assert [adj(pid) for pid in worker_pids(d)] == [min(1000, master + 200)] * 2

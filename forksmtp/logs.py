@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
+import socket
+import stat
 import sys
 import time
 from typing import Final
@@ -32,6 +35,10 @@ _MILLIS: Final = tuple(f".{ms:03d}Z/" for ms in range(1000))
 #: worker's rhythm: a client that pipelines commands without a pause would otherwise
 #: grow the queue by a line per command, and a reply, until the session ends.
 MAX_PENDING: Final = 64 * 1024
+#: How long a flush waits for a log output that takes nothing (a pipe or a socket whose
+#: reader has stopped: a stuck journald, a paused pager) before it drops its lines.
+#: Once it has, later flushes do not wait until the output takes a line again.
+LOG_STALL: Final = 2.0
 
 
 def _same_file(a: int, b: int) -> bool:
@@ -59,6 +66,48 @@ class Log:
         self._stamp = self._line_prefix = ""
         self.pid = os.getpid()
         self._pid_text = f"{self.pid} "
+        # A pipe, a socket or a terminal is written without blocking (see _stream_sink);
+        # a regular file is written as it is.
+        self._nb_fd = -1
+        self._nb_sock: socket.socket | None = None
+        self._poll_fd = -1
+        self._stream_sink(self._fd)
+        self._stalled = False  # a wait for the output has timed out; lines were dropped
+        self._dropped = 0
+
+    def _stream_sink(self, fd: int) -> None:
+        """For a log output that can stop taking data, a way to write to it that never
+        blocks: a write to a pipe whose reader has stopped would otherwise freeze the
+        master (no signal handled, no worker reaped) and every worker after its reply.
+        The descriptor's own flags are shared with whoever else holds it (the service
+        manager, a shell), so they stay as they are: a pipe or a terminal is opened
+        anew, non-blocking, through /proc, and a socket is sent to with MSG_DONTWAIT.
+        Where neither works the output is written as before."""
+        self._close_stream_sink()
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            return
+        if stat.S_ISREG(mode):
+            return
+        self._poll_fd = fd
+        if stat.S_ISSOCK(mode):
+            try:
+                self._nb_sock = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                self._poll_fd = -1
+            return
+        try:
+            self._nb_fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self._poll_fd = -1
+
+    def _close_stream_sink(self) -> None:
+        if self._nb_fd >= 0:
+            os.close(self._nb_fd)
+        if self._nb_sock is not None:
+            self._nb_sock.close()
+        self._nb_fd, self._nb_sock, self._poll_fd = -1, None, -1
 
     @staticmethod
     def open_file(path: str) -> int:
@@ -85,6 +134,7 @@ class Log:
         if level is not None:
             self.level = LEVELS[level]
         old_fd, self._fd = self._fd, new_fd
+        self._stream_sink(new_fd)
         if self.path and old_fd != new_fd:
             if not _same_file(old_fd, new_fd):
                 self._torn[0] = 0  # a new file (rotation): nothing cut in it
@@ -134,25 +184,68 @@ class Log:
     def flush(self) -> None:
         if not self.pending:
             return
+        note = 0
+        if self._stalled:  # say what was lost, first, once the output takes lines again
+            self.pending.insert(0, f"{self._prefix()}[ERROR] log output blocked for {LOG_STALL:g}s "
+                                   f"or more: {self._dropped} line(s) not logged\n")
+            note = len(self.pending[0])  # ASCII: as many octets as characters
         data = "".join(self.pending).encode("utf-8", "backslashreplace")
         torn = self._torn
         ends_cut = torn[0] == 1
         if ends_cut:
             torn[0] = 0
             data = b"\n" + data
+            note += 1 if note else 0
         self.pending.clear()
         self._pending_size = 0
         done = 0
         try:
-            while done < len(data):
-                done += os.write(self._fd, data[done:])
+            if self._poll_fd < 0:
+                while done < len(data):
+                    done += os.write(self._fd, data[done:])
+            else:
+                done = self._write_stream(data, note)
         except OSError:
-            # A full log disk must not stop mail, and there is nowhere to report it.  A
-            # write it cut short may have stopped inside a line: the next write ends it.
-            if done:
-                torn[0] = 1 if data[done - 1] != 10 else 0
-            elif ends_cut:
-                torn[0] = 1
+            # A full log disk must not stop mail, and there is nowhere to report it.
+            pass
+        # A write cut short may have stopped inside a line: the next write ends it.
+        if done:
+            torn[0] = 1 if data[done - 1] != 10 else 0
+        elif ends_cut:
+            torn[0] = 1
+
+    def _write_stream(self, data: bytes, note: int) -> int:
+        """Write to a pipe, socket or terminal without blocking; wait at most LOG_STALL
+        for it to take more, and not at all while it is known to be stalled.  The lines
+        it does not take are dropped and counted; ``data`` starts with ``note`` octets
+        that report the last count.  Returns the octets written."""
+        done = 0
+        deadline = -1.0
+        while done < len(data):
+            try:
+                if self._nb_sock is not None:
+                    done += self._nb_sock.send(data[done:], socket.MSG_DONTWAIT)
+                else:
+                    done += os.write(self._nb_fd, data[done:])
+                continue
+            except BlockingIOError:
+                pass
+            now = time.monotonic()
+            if deadline < 0:
+                deadline = now + LOG_STALL
+            if self._stalled or now >= deadline or not self._writable(deadline - now):
+                break
+        if done >= note:
+            self._dropped = 0  # the count went out (or there was none to give)
+        self._stalled = done < len(data)
+        if self._stalled:
+            self._dropped += data.count(b"\n", max(done, note))
+        return done
+
+    def _writable(self, timeout: float) -> bool:
+        poller = select.poll()
+        poller.register(self._poll_fd, select.POLLOUT)
+        return bool(poller.poll(max(1, int(timeout * 1000))))
 
     def line(self, tag: str, text: str, level: int = 20) -> None:
         """Write one line now (master events, rare worker events)."""

@@ -20,6 +20,7 @@ import signal
 import smtplib
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -29,7 +30,8 @@ import psutil
 import pytest
 
 from daemon import (Ledger, RawSMTP, connection_refused, free_port, ledger_client, ledger_message,
-                    line_pid, run_clients, serving_worker, wait_until, worker_pids)
+                    line_pid, run_clients, send_message, serving_worker, wait_until, worker_pids,
+                    write_config)
 from forksmtp.maildir import escape_host
 
 EHLO = b"EHLO client.example"
@@ -573,3 +575,38 @@ def test_a_mailbox_that_fails_part_way_at_start_is_still_the_workers_once_fixed(
         assert client.sendmail("a@client.example", ["alice@example.test"],
                                b"Subject: x\r\n\r\nfor alice\r\n") == {}
     assert len(list((box / "new").iterdir())) == 1
+
+
+def test_a_log_reader_that_stops_reading_stops_neither_mail_nor_the_master(tmp_path):
+    """stderr is a pipe whose reader has stopped (a stuck journald): past the pipe's
+    64 KiB, every write would block.  Mail still flows, SIGTERM still stops the server,
+    and once the reader is back the log says how many lines it lost."""
+    port = free_port()
+    config = write_config(tmp_path / "forksmtp.toml", {
+        "server": {"listen": [f"127.0.0.1:{port}"], "hostname": "mx.test.example", "workers": 2},
+        "delivery": {"maildir": str(tmp_path / "Maildir")},
+        "log": {"file": "", "level": "info"}})
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "forksmtp", "-c", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=w, start_new_session=True)
+    os.close(w)
+    try:
+        wait_until(lambda: not connection_refused(port), 15, what="the server listening")
+        for _ in range(150):  # about 1 KiB of log each: twice what the pipe holds
+            send_message(port)
+        assert len(listing(tmp_path / "Maildir" / "new")) == 150
+        os.set_blocking(r, False)
+        taken = [os.read(r, 1 << 20)]
+        send_message(port)  # the worker's first flush after the reader is back
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        os.set_blocking(r, True)
+        while chunk := os.read(r, 1 << 16):
+            taken.append(chunk)
+        log = b"".join(taken).decode()
+        assert "line(s) not logged" in log and "[STOP]" in log, log[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        os.close(r)

@@ -5,6 +5,8 @@ import os
 import re
 import resource
 import signal
+import socket
+import time
 
 import pytest
 
@@ -162,3 +164,74 @@ def test_a_reload_keeps_the_cut_mark_and_a_rotation_clears_it(log_path):
     log.info("RELOAD", "configuration generation 3 loaded")
     with open(log_path, "rb") as f:
         assert f.read().startswith(b"20")  # the first line, no empty one before it
+
+
+class _Stderr:
+    """Stands in for sys.stderr: the log's default output is its descriptor."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+@pytest.fixture(params=["pipe", "socket"])
+def stalled_output(request, monkeypatch):
+    """A log on stderr that is a pipe or a socket nobody reads (yet); yields the log and
+    the reading end's descriptor, non-blocking."""
+    if request.param == "pipe":
+        r, w = os.pipe()
+    else:
+        a, b = socket.socketpair()
+        r, w = os.dup(a.fileno()), os.dup(b.fileno())
+        a.close()
+        b.close()
+    os.set_blocking(r, False)
+    monkeypatch.setattr(logs.sys, "stderr", _Stderr(w))
+    log = logs.Log("info", "")
+    yield log, r
+    os.close(r)
+    os.close(w)
+
+
+def drain(fd: int) -> str:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def test_an_output_that_takes_nothing_costs_one_bounded_wait_and_the_loss_is_counted(stalled_output):
+    """A reader that stops (a stuck journald, a paused pager) must not freeze the master
+    or a worker: one wait of LOG_STALL, then lines are dropped without waiting, and the
+    first line the output takes again says how many were lost."""
+    log, r = stalled_output
+    body = "x" * 90
+    started = time.monotonic()
+    for i in range(3000):  # about 360 KiB: more than any pipe or socket buffer holds
+        log.queue("SMTP", f"{i:05d} {body}")
+    log.flush()
+    first = time.monotonic() - started
+    assert logs.LOG_STALL - 0.1 <= first < logs.LOG_STALL + 2.0
+    started = time.monotonic()
+    log.line("SMTP", "while stalled")
+    assert time.monotonic() - started < 0.5
+
+    taken = drain(r).split("\n")
+    log.line("SMTP", "taken again")
+    after = drain(r).splitlines()
+    whole = [line for line in taken if LINE.match(line) and line.endswith(body)]
+    assert whole == [line for line in taken[:len(whole)]]  # in order, none missing inside
+    note = LINE.match(after[-2])
+    assert note and note.group(3) == "ERROR", after
+    lost = int(re.fullmatch(r"log output blocked for 2s or more: (\d+) line\(s\) not logged",
+                            note.group(4)).group(1))
+    assert len(whole) + lost == 3001  # the line logged while stalled is among the lost
+    assert after[-1].endswith("[SMTP] taken again")

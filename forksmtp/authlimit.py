@@ -1,14 +1,21 @@
 """Failed-AUTH rate limit per client address, shared by every worker.
 
 A small table in anonymous shared memory (created by the master before it forks, like
-the scoreboard): per address, the number of failures in the current window and when the
-window started.  Updates take the scoreboard's admission flock for a few memory
+the scoreboard): per address, the number of failures in the current window, the checks
+running now, and when the window started.  Updates take the scoreboard's admission flock for a few memory
 operations.  After ``max_failures`` failures within ``window`` seconds, AUTH from that
 address is refused with 421 4.7.0 until the window ends: guessing passwords costs an
 attacker the window, not just the 50 ms scrypt check.  A full neighbourhood of the
 table overwrites its oldest window, so an attacker with very many addresses can push a
 blocked address out early; the table is sized (1024 entries) for the addresses one
 server sees in a window, and every attempt still costs a full scrypt check.
+
+Checks running at the same moment in several workers count against the limit with the
+failures: an address with ``failures + running`` at the limit waits for a running check
+to end (``BUSY``) rather than start one more, so that an attacker with many connections
+never has more than ``max_failures`` guesses checked in a window.  Waiting, not refusal:
+a right password is no failure, and a client that logs in on many connections at once
+(an MTA's parallel deliveries) must not be told it failed.
 
 An IPv6 client is counted by its /64, not its own address: a /64 is what one site or
 one host is given, and an attacker who holds one has 2**64 addresses to rotate through,
@@ -23,7 +30,9 @@ import struct
 from .scoreboard import ip_key
 from .snapshot import _V4_PREFIX
 
-_ENTRY = struct.Struct("<16sId")  # address key, failures, window start (monotonic)
+_ENTRY = struct.Struct("<16sIId")  # address key, failures, checks running, window start (monotonic)
+ALLOWED, REFUSED, BUSY = 0, 1, 2  # what attempt() says
+BUSY_TEXT = "password checks running at once fill the failure limit"
 _PROBE = 8
 _V6_NETWORK = 8  # octets of an IPv6 address that name its /64
 
@@ -52,35 +61,42 @@ class AuthLimiter:
         free, oldest, oldest_t = -1, start, float("inf")
         for i in range(_PROBE):
             b = (start + i) % self.buckets
-            k, n, t = _ENTRY.unpack_from(self._mm, b * _ENTRY.size)
+            k, n, running, t = _ENTRY.unpack_from(self._mm, b * _ENTRY.size)
             if k == key:
                 return b
-            if free < 0 and (n == 0 or now - t >= self.window):
+            if free < 0 and ((n == 0 and running == 0) or now - t >= self.window):
                 free = b
             if t < oldest_t:
                 oldest, oldest_t = b, t
         return free if free >= 0 else oldest
 
-    def attempt(self, ip: str, now: float) -> bool:
-        """May this address try a password now?  If so the attempt counts as a failure
-        at once, before the check: checks running at the same time in several workers
-        then never add up to more than ``max_failures``.  ``succeeded`` gives it back."""
+    def attempt(self, ip: str, now: float) -> int:
+        """May this address have a password checked now?  ``ALLOWED`` counts the check
+        as running until ``finished``; ``REFUSED``: it has failed ``max_failures`` times
+        in this window; ``BUSY``: failures and running checks are at the limit, try
+        again when one has ended.  A window that is over takes its running checks with
+        it: a worker killed in a check never gives its count back."""
         key = client_key(ip)
         with self.board.locked():
             off = self._find(key, now) * _ENTRY.size
-            k, n, t = _ENTRY.unpack_from(self._mm, off)
+            k, n, running, t = _ENTRY.unpack_from(self._mm, off)
             if k != key or now - t >= self.window:
-                n, t = 0, now
+                n, running, t = 0, 0, now
             if n >= self.max_failures:
-                return False
-            _ENTRY.pack_into(self._mm, off, key, n + 1, t)
-        return True
+                return REFUSED
+            if n + running >= self.max_failures:
+                return BUSY
+            _ENTRY.pack_into(self._mm, off, key, n, running + 1, t)
+        return ALLOWED
 
-    def succeeded(self, ip: str, now: float) -> None:
-        """The password was right: the attempt is no failure."""
+    def finished(self, ip: str, now: float, ok: bool) -> None:
+        """The check ``attempt`` allowed has ended; a wrong password is a failure."""
         key = client_key(ip)
         with self.board.locked():
             off = self._find(key, now) * _ENTRY.size
-            k, n, t = _ENTRY.unpack_from(self._mm, off)
-            if k == key and n > 0 and now - t < self.window:
-                _ENTRY.pack_into(self._mm, off, key, n - 1, t)
+            k, n, running, t = _ENTRY.unpack_from(self._mm, off)
+            if k != key or now - t >= self.window:  # the window is over, or the entry gone
+                if ok:
+                    return
+                n, running, t = 0, 1, now
+            _ENTRY.pack_into(self._mm, off, key, n + (0 if ok else 1), max(0, running - 1), t)

@@ -26,7 +26,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Callable, Final
 
-from . import auth, delivery, maildir, process, tls
+from . import auth, authlimit, delivery, maildir, process, tls
 from .logs import ERROR, INFO, WARNING
 from .scoreboard import MasterGone
 from .smtp import replies as R
@@ -284,16 +284,22 @@ class Connection:
         creds = event.credentials
         w = self.worker
         self._drain_session_log(release=True)  # the AUTH command's line first, then the outcome
-        if not w.auth_attempt(self.peer_ip):
+        verdict = w.auth_attempt(self.peer_ip)
+        if verdict == authlimit.REFUSED:
             self.log.queue("AUTH", f"{self.peer_ip} refused: too many failures", WARNING)
             self.session.close(R.R421_AUTH_FAILURES)
             return
-        users = w.passwords
-        ok = auth.verify(users.get(creds.username), creds.password)
-        if ok and creds.authzid and creds.authzid != creds.username:
-            ok = False  # no proxy authorization: acting as another user is refused
-        if ok:
-            w.auth_succeeded(self.peer_ip)
+        if verdict == authlimit.BUSY:
+            self.log.queue("AUTH", f"{self.peer_ip} deferred: {authlimit.BUSY_TEXT}", WARNING)
+            self.session.auth_deferred()
+            return
+        ok = False
+        try:
+            ok = auth.verify(w.passwords.get(creds.username), creds.password)
+            if ok and creds.authzid and creds.authzid != creds.username:
+                ok = False  # no proxy authorization: acting as another user is refused
+        finally:
+            w.auth_finished(self.peer_ip, ok)
         w.count_auth(ok)
         self.log.queue("AUTH", f"{self.peer_ip} {creds.mechanism} user={_quoted(creds.username[:64])} "
                                f"{'ok' if ok else 'failed'}", INFO if ok else WARNING)

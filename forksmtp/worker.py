@@ -28,7 +28,7 @@ import _socket
 import time
 from typing import Any, Callable, Final, Protocol
 
-from . import delivery, limits, process
+from . import authlimit, delivery, limits, process
 from .connection import Connection, drive_handshake, wait_alone
 from .logs import WARNING, Log
 from .scoreboard import MasterGone, Scoreboard
@@ -51,6 +51,10 @@ _ACCEPT_RETRY: Final = frozenset({errno.EPROTO, errno.ENOPROTOOPT, errno.ENETDOW
                                   errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
                                   getattr(errno, "ENONET", errno.ENETDOWN)})
 ACCEPT_PAUSE: Final = 0.1
+# How long an AUTH waits while the password checks running for its address fill the
+# failure limit (then 454 4.7.0), and how often it looks again.
+AUTH_WAIT: Final = 5.0
+AUTH_WAIT_STEP: Final = 0.02
 
 # What set_wakeup_fd writes for each signal: its number, one octet.
 _TERM_OCTET: Final = bytes([signal.SIGTERM])
@@ -447,13 +451,25 @@ class Worker:
     def count_auth(self, ok: bool) -> None:
         self.board.count_event(self.slot, "auth_ok" if ok else "auth_failed")
 
-    def auth_attempt(self, ip: str) -> bool:
-        """May ``ip`` try a password now (the AUTH failure limit)?  Counts the attempt."""
-        return self.auth_limiter is None or self.auth_limiter.attempt(ip, time.monotonic())
+    def auth_attempt(self, ip: str) -> int:
+        """May ``ip`` have a password checked now (the AUTH failure limit)?  While the
+        checks already running for it fill the limit, wait for one to end, a check
+        taking about 60 ms, for at most AUTH_WAIT.  ``authlimit.ALLOWED`` counts the
+        check as running until ``auth_finished``."""
+        limiter = self.auth_limiter
+        if limiter is None:
+            return authlimit.ALLOWED
+        deadline = time.monotonic() + AUTH_WAIT
+        while True:
+            now = time.monotonic()
+            verdict: int = limiter.attempt(ip, now)
+            if verdict != authlimit.BUSY or now >= deadline:
+                return verdict
+            time.sleep(AUTH_WAIT_STEP)
 
-    def auth_succeeded(self, ip: str) -> None:
+    def auth_finished(self, ip: str, ok: bool) -> None:
         if self.auth_limiter is not None:
-            self.auth_limiter.succeeded(ip, time.monotonic())
+            self.auth_limiter.finished(ip, time.monotonic(), ok)
 
     def count_conn_reject(self, reason: str) -> None:
         self.board.count_conn_reject(self.slot, reason)

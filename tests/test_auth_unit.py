@@ -822,3 +822,19 @@ def test_passwd_at_a_terminal_ended_by_ctrl_d_or_ctrl_c_writes_nothing_and_no_tr
     assert b"Traceback" not in out, out.decode(errors="replace")
     assert status == code, out.decode(errors="replace")
     assert not (tmp_path / "passwd").exists()
+
+
+def test_an_auth_deferred_is_454_4_7_0_and_the_client_may_try_again():
+    """The worker could not have the credentials checked now (the checks running for the
+    client's address fill the failure limit): a temporary failure, RFC 4954 6, and the
+    session goes on unauthenticated."""
+    p = tls_peer()
+    p.s.receive_data(f"AUTH PLAIN {plain('alice', 'correct horse')}\r\n".encode())
+    event = p.s.next_event()
+    assert isinstance(event, AuthRequest)
+    p.s.auth_deferred()
+    wire = p.s.data_to_send()
+    check_wire(wire)
+    assert wire == b"454 4.7.0 Temporary authentication failure\r\n"
+    assert p.s.auth_user == ""
+    assert p.send(f"AUTH PLAIN {plain('alice', 'correct horse')}") == ["235 2.7.0"]

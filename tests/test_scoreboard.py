@@ -14,7 +14,8 @@ from typing import Callable
 
 import pytest
 
-from forksmtp.authlimit import AuthLimiter
+from forksmtp.authlimit import ALLOWED, REFUSED, AuthLimiter
+from forksmtp.authlimit import BUSY as WAIT
 from forksmtp.scoreboard import (BUSY, CONN_REJECT_REASONS, FREE, H_IDLE, IDLE, REJECT_KEYS,
                                  STARTING, STOPPING, Scoreboard, ip_key, key_text)
 
@@ -583,16 +584,58 @@ def test_many_admissions_and_releases_balance(sb):
 
 # -- the AUTH failure limit (authlimit.py) -------------------------------------------------
 
-def test_auth_limit_counts_checks_in_flight(sb):
-    """Workers checking passwords at the same moment each count before the check: never
-    more than max_failures checks per window, whatever their order; a right password
-    gives its count back."""
+def fail(limiter: AuthLimiter, ip: str, now: float, times: int = 1) -> None:
+    """``times`` checks of ``ip`` that end with a wrong password."""
+    for _ in range(times):
+        assert limiter.attempt(ip, now) == ALLOWED
+        limiter.finished(ip, now, ok=False)
+
+
+def test_auth_limit_refuses_after_max_failures_in_the_window(sb):
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
-    assert [limiter.attempt("192.0.2.1", 10.0) for _ in range(6)] == [True] * 5 + [False]
-    assert limiter.attempt("192.0.2.2", 10.0)  # another address is not affected
-    limiter.succeeded("192.0.2.1", 11.0)
-    assert limiter.attempt("192.0.2.1", 12.0) and not limiter.attempt("192.0.2.1", 12.0)
-    assert limiter.attempt("192.0.2.1", 310.1)  # the window is over
+    fail(limiter, "192.0.2.1", 10.0, 5)
+    assert limiter.attempt("192.0.2.1", 11.0) == REFUSED
+    assert limiter.attempt("192.0.2.2", 11.0) == ALLOWED  # another address is not affected
+    assert limiter.attempt("192.0.2.1", 310.1) == ALLOWED  # the window is over
+
+
+def test_auth_limit_counts_running_checks_and_makes_the_next_wait_not_fail(sb):
+    """Checks running at the same moment count against the limit with the failures:
+    never more than max_failures guesses in a window, whatever their order.  One more
+    waits (WAIT), it is not refused: a right password is no failure."""
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0)
+    assert [limiter.attempt("192.0.2.1", 10.0) for _ in range(6)] == [ALLOWED] * 5 + [WAIT]
+    limiter.finished("192.0.2.1", 10.1, ok=True)  # a right password: gone without a trace
+    assert limiter.attempt("192.0.2.1", 10.2) == ALLOWED
+    assert limiter.attempt("192.0.2.1", 10.2) == WAIT
+    for _ in range(5):
+        limiter.finished("192.0.2.1", 10.3, ok=False)  # all five were wrong
+    assert limiter.attempt("192.0.2.1", 10.4) == REFUSED
+
+
+def test_auth_limit_running_checks_plus_failures_make_the_limit(sb):
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0)
+    fail(limiter, "192.0.2.1", 1.0, 3)
+    assert [limiter.attempt("192.0.2.1", 2.0) for _ in range(3)] == [ALLOWED, ALLOWED, WAIT]
+    limiter.finished("192.0.2.1", 2.1, ok=True)
+    assert limiter.attempt("192.0.2.1", 2.2) == ALLOWED
+
+
+def test_auth_limit_right_passwords_in_any_number_are_never_refused(sb):
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0)
+    for n in range(100):
+        assert limiter.attempt("192.0.2.1", n * 0.1) == ALLOWED
+        limiter.finished("192.0.2.1", n * 0.1, ok=True)
+
+
+def test_auth_limit_a_check_never_finished_ends_with_its_window(sb):
+    """A worker killed during a check never gives its count back: the window takes it."""
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0)
+    for _ in range(5):
+        assert limiter.attempt("192.0.2.1", 1.0) == ALLOWED
+    assert limiter.attempt("192.0.2.1", 200.0) == WAIT
+    assert limiter.attempt("192.0.2.1", 301.0) == ALLOWED
+    limiter.finished("192.0.2.1", 302.0, ok=True)
 
 
 def test_auth_limit_counts_an_ipv6_client_by_its_64(sb):
@@ -600,21 +643,21 @@ def test_auth_limit_counts_an_ipv6_client_by_its_64(sb):
     /64 and IPv4 addresses count on their own."""
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
     for n in range(1, 6):
-        assert limiter.attempt(f"2001:db8:0:7::{n:x}", 1.0)
-    assert not limiter.attempt("2001:db8:0:7:ffff:ffff:ffff:ffff", 2.0)
-    assert not limiter.attempt("2001:DB8:0:7::abcd%eth0", 2.0)
-    assert limiter.attempt("2001:db8:0:8::1", 2.0)
-    limiter.succeeded("2001:db8:0:7::99", 3.0)  # a right password from the /64 gives one back
-    assert limiter.attempt("2001:db8:0:7::1", 4.0) and not limiter.attempt("2001:db8:0:7::1", 4.0)
-    for n in range(1, 6):
-        assert limiter.attempt(f"192.0.2.{n}", 5.0)  # five IPv4 neighbours: five counts of one
-    assert limiter.attempt("::ffff:192.0.2.1", 5.0)  # the same client as 192.0.2.1: its second
+        fail(limiter, f"2001:db8:0:7::{n:x}", 1.0)
+    assert limiter.attempt("2001:db8:0:7:ffff:ffff:ffff:ffff", 2.0) == REFUSED
+    assert limiter.attempt("2001:DB8:0:7::abcd%eth0", 2.0) == REFUSED
+    assert limiter.attempt("2001:db8:0:8::1", 2.0) == ALLOWED
+    for n in range(1, 5):
+        fail(limiter, f"192.0.2.{n}", 5.0)  # four IPv4 neighbours: four counts of one
+    fail(limiter, "::ffff:192.0.2.1", 5.0)  # the same client as 192.0.2.1: its second
+    assert limiter.attempt("192.0.2.5", 5.0) == ALLOWED
+    assert limiter.attempt("192.0.2.1", 5.0) == ALLOWED  # two failures of five
 
 
 def test_auth_limit_holds_across_processes(sb):
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
-    pids = [start(sb, lambda: 1 if limiter.attempt("192.0.2.9", 1.0) else 2) for _ in range(12)]
-    assert sorted(wait(pid) for pid in pids) == [1] * 5 + [2] * 7
+    pids = [start(sb, lambda: 10 + limiter.attempt("192.0.2.9", 1.0)) for _ in range(12)]
+    assert sorted(wait(pid) for pid in pids) == [10 + ALLOWED] * 5 + [10 + WAIT] * 7
 
 
 def test_auth_limit_finds_a_blocked_address_behind_an_expired_bucket(sb):
@@ -629,11 +672,10 @@ def test_auth_limit_finds_a_blocked_address_behind_an_expired_bucket(sb):
             first, second = by_start[start_bucket], ip
             break
         by_start[start_bucket] = ip
-    assert limiter.attempt(first, 0.0)
-    for _ in range(5):
-        assert limiter.attempt(second, 200.0)
-    assert not limiter.attempt(second, 301.0)  # first's bucket expired; second is still blocked
-    assert limiter.attempt(second, 500.1)
+    fail(limiter, first, 0.0)
+    fail(limiter, second, 200.0, 5)
+    assert limiter.attempt(second, 301.0) == REFUSED  # first's bucket expired; second is still blocked
+    assert limiter.attempt(second, 500.1) == ALLOWED
 
 
 def test_a_lock_dir_in_use_is_never_swept_whatever_its_pid_says(tmp_path, monkeypatch):

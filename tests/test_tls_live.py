@@ -21,6 +21,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -658,6 +659,35 @@ def test_wrong_password_then_the_per_ip_limit(daemon_factory, certs, tmp_path):
         assert client.login("alice", PASSWORD)[0] == 235
     finally:
         client.close()
+
+
+def test_right_passwords_sent_at_once_on_many_connections_are_all_taken(daemon_factory, certs,
+                                                                         tmp_path):
+    """An MTA delivering in parallel logs in on many connections at the same moment.
+    The checks running count against the failure limit (5), so the sixth and later wait
+    for one to end: each login succeeds, none is told it failed."""
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    d = daemon_factory(workers=8, server={"max_workers": 12}, sections=tls_sections(certs, pw))
+    clients = [starttls_client(d, certs) for _ in range(8)]
+    barrier = threading.Barrier(len(clients))
+    results: list[int] = []
+
+    def login(client: smtplib.SMTP) -> None:
+        barrier.wait(TIMEOUT)
+        results.append(client.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD))[0])
+
+    threads = [threading.Thread(target=login, args=(c,)) for c in clients]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(3 * TIMEOUT)
+    finally:
+        for c in clients:
+            c.close()
+    assert results == [235] * 8
+    assert request_stats(d)["auth"] == {"succeeded": 8, "failed": 0}
+    assert "too many failures" not in d.log_text()
 
 
 # -- --check ---------------------------------------------------------------------------------------

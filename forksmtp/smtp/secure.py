@@ -69,6 +69,12 @@ class SecureCommands:
         else:
             self._send(R.R535_AUTH_FAILED)
 
+    def auth_deferred(self) -> None:
+        """Answer the pending AuthRequest with a temporary failure (RFC 4954 6): the
+        credentials were not checked; the client may try again."""
+        self._waiting = False
+        self._send(R.R454_AUTH_TEMPORARY)
+
     def _cmd_starttls(self, arg: str) -> None:
         if self.tls:
             raise CommandError(R.R503_ALREADY_TLS)

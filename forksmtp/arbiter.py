@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import gc
 import os
+import select
 import signal
 import socket
 import sys
@@ -34,7 +35,7 @@ from .authlimit import AuthLimiter
 from .overflow import OverflowGuard
 from .security import Security, listen_addresses, load_security
 from .logs import ALWAYS, Log
-from .scoreboard import BUSY, IDLE, STATE_NAMES, LockBusy, Scoreboard
+from .scoreboard import BUSY, IDLE, STARTING, STATE_NAMES, LockBusy, Scoreboard
 from .signals import HANDLED, MAILDIR_CALL_EVERY, NAMES, SignalQueue
 from .worker import EXIT_BOOT_ERROR, Worker
 
@@ -123,6 +124,7 @@ class Arbiter:
         self.ceiling_warning = limits.Seldom(pool.CEILING_WARN_EVERY)
         self.stress = limits.StressSwitch()
         self.spawn_pending = False
+        self.dry = False  # no worker idle or starting at the last look
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
 
@@ -209,7 +211,8 @@ class Arbiter:
             # A worker's call for more workers (the pool ran dry) ends a slow tick's wait,
             # not a fast one's, and not twice running: at most one extra tick per FAST_TICK
             # however often workers call.
-            slow = not (self.fast or self.spawn_pending or at_ceiling or self.signals.wanted)
+            # With no worker free, the master watches the listen queues (see _manage_pool).
+            slow = not (self.fast or self.spawn_pending or at_ceiling or self.dry or self.signals.wanted)
             for sig in self.signals.wait(TICK if slow else FAST_TICK, want=slow):
                 self._guarded(getattr(self, f"handle_{NAMES[sig]}"))
             if self.signals.maildirs_wanted:
@@ -529,6 +532,14 @@ class Arbiter:
                 if slot.idle_beat and silent > IDLE_SILENCE:
                     self._kill_idle(child, slot, silent)
                 continue
+            if slot.state == STARTING:
+                # Counted as a spare while it starts, so none replaces it: a worker that
+                # does not get ready (stopped, a hung user lookup before the privilege
+                # drop) is judged as a silent idle one is, not by the session timeouts.
+                silent = now - max(child.started, self._idle_clock_from)
+                if silent > IDLE_SILENCE:
+                    self._kill_idle(child, slot, silent, "did not get ready")
+                continue
             silent = silent_for(slot.last_activity, child.started, now)
             if silent < child.stuck_after:
                 continue
@@ -538,12 +549,15 @@ class Arbiter:
             child.killed_because = f"no progress for {silent:.0f}s"
             self._signal(child, signal.SIGKILL)
 
-    def _kill_idle(self, child: Child, slot, silent: float) -> None:
+    def _kill_idle(self, child: Child, slot, silent: float,
+                   what: str = "has not turned its accept loop") -> None:
         """An idle worker that no longer turns its accept loop (stopped with SIGSTOP,
         wedged) still counts as a spare, so none would replace it; and, waiting in
         epoll with EPOLLEXCLUSIVE, it may be the one worker woken for a connection,
-        which then waits for the next one to arrive."""
-        self.log.error("WORKER", f"idle worker {child.pid} has not turned its accept loop for "
+        which then waits for the next one to arrive.  So does a starting one that never
+        gets ready."""
+        kind = "idle" if slot.state == IDLE else "starting"
+        self.log.error("WORKER", f"{kind} worker {child.pid} {what} for "
                                  f"{silent:.0f}s; killing it (slot {slot.index})")
         child.killed_because = f"idle and silent for {silent:.0f}s"
         self._signal(child, signal.SIGKILL)
@@ -551,7 +565,8 @@ class Arbiter:
     def _manage_pool(self, now: float, snap=None) -> None:
         snap = snap or self._snapshot()
         settings = dataclasses.replace(pool.PoolSettings.from_server(self.cfg.server), workers=self.target)
-        plan = pool.plan(snap, settings, self.pool_state, now)
+        self.dry = not snap.count(IDLE, STARTING)
+        plan = pool.plan(snap, settings, self.pool_state, now, waiting=self.dry and self._clients_waiting())
         # Log a reason once (per back-off step), not every tick: its text carries a
         # countdown and the count of crashes, which grows within a step.
         reason_key = f"{plan.reason.partition(':')[0]}/{self.pool_state.backoff}" if plan.reason else ""
@@ -574,6 +589,11 @@ class Arbiter:
         if stress != snap.stress:
             self.board.set_stress(stress)
             self.log.warning("STRESS", f"stress mode {'on' if stress else 'off'}: {busy} busy workers")
+
+    def _clients_waiting(self) -> bool:
+        """Whether a client waits in a listen queue (a poll, which takes nothing from it)."""
+        socks = list(self.sockets.values())
+        return bool(socks) and bool(select.select(socks, [], [], 0)[0])
 
     def _fresh_ceiling_warnings(self) -> None:
         """After a reload (a new max_workers is a new ceiling) and again once the old

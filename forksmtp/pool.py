@@ -117,7 +117,12 @@ def current_workers(snap: Snapshot) -> list:
     return [s for s in snap.slots if s.generation == snap.generation and s.state != STOPPING]
 
 
-def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float) -> Plan:
+def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float,
+         waiting: bool = False) -> Plan:
+    """What to start and what to retire.  ``waiting``: a client waits in a listen queue
+    and no worker is idle or starting; the pool then grows below the ceiling even where
+    it keeps no spares (``min_spare_workers = 0``), as Postfix's master starts a process
+    for a waiting client, so that nobody waits for a worker to finish its session."""
     state._settle(now)
     current = current_workers(snap)
     idle = [s for s in current if s.state in (STARTING, IDLE)]
@@ -125,16 +130,17 @@ def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float) -
     counts = {"current": len(current), "idle": len(idle), "occupied": len(snap.slots),
               "busy": sum(1 for s in current if s.state == BUSY), "room": max(room, 0)}
     starting = sum(1 for s in current if s.state == STARTING)
-    spawn, reason = _spawn(settings, state, now, len(current), len(idle), room, starting)
+    spawn, reason = _spawn(settings, state, now, len(current), len(idle), room, starting,
+                           waiting and not idle)
     retire = () if spawn else _retire(settings, state, now, current, idle)
     return Plan(spawn, retire, state.backoff_until, reason, counts)
 
 
 def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, idle: int,
-           room: int, starting: int = 0) -> tuple[int, str]:
+           room: int, starting: int = 0, waiting: bool = False) -> tuple[int, str]:
     need_min = settings.workers - current
     need_spare = max(settings.min_spare, 0) - idle
-    if need_min <= 0 and need_spare <= 0:
+    if need_min <= 0 and need_spare <= 0 and not waiting:
         if not starting:  # a burst is still being absorbed while workers start up
             state.spawn_rate = 1
         return 0, ""
@@ -151,7 +157,7 @@ def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, i
     # Every worker busy means a burst: spawn the whole rate (1, 2, 4 ... 32, as Apache
     # prefork), not just the shortfall, so queued clients get workers in a few ticks.
     # With some idle, top up to min_spare only, which never overshoots the pool.
-    burst = need_min <= 0 and idle == 0 and need_spare > 0  # not a fresh generation
+    burst = need_min <= 0 and idle == 0 and (need_spare > 0 or waiting)  # not a fresh generation
     spawn = min(room, max(need_min, state.spawn_rate if burst else max(need_spare, 0)))
     if burst:
         state.spawn_rate = min(state.spawn_rate * 2, MAX_SPAWN_RATE)

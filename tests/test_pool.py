@@ -71,6 +71,21 @@ def test_surplus_idle_workers_go_one_per_second_however_often_the_plan_runs():
     assert plan(snap(spec), cfg, state, NOW + 1.0).retire == (0,)
 
 
+def test_a_waiting_client_grows_a_pool_that_keeps_no_spares():
+    """min_spare_workers = 0, every worker busy, a client in the listen queue: start one
+    (as Postfix's master does for a waiting client) rather than leave it waiting for a
+    session to end; none while nobody waits, and none past the ceiling."""
+    cfg = settings(min_spare=0)
+    assert plan(snap("B B B B"), cfg, PoolState(), NOW, waiting=False).spawn == 0
+    assert plan(snap("B B B B"), cfg, PoolState(), NOW, waiting=True).spawn == 1
+    assert plan(snap("B B B S"), cfg, PoolState(), NOW, waiting=True).spawn == 0  # one coming
+    capped = plan(snap("B B B B"), settings(min_spare=0, max_workers=4), PoolState(), NOW,
+                  waiting=True)
+    assert capped.spawn == 0 and "max_workers" in capped.reason
+    state = PoolState()  # a burst of waiting clients: the doubling rate, as with spares
+    assert [plan(snap("B " * n), cfg, state, NOW, waiting=True).spawn for n in (4, 5, 7)] == [1, 2, 4]
+
+
 def test_ceiling_gives_a_reason():
     result = plan(snap("B B B B"), settings(max_workers=4), PoolState(), NOW)
     assert result.spawn == 0 and "max_workers" in result.reason

@@ -273,3 +273,33 @@ def test_workers_waiting_behind_a_held_lock_exit_when_the_master_dies(daemon_fac
         assert "crashed" not in d.log_text()  # they exit, not fall over on the way out
     finally:
         os.close(fd)
+
+
+def test_a_worker_that_never_gets_ready_is_killed_as_a_silent_idle_one_is(tmp_path):
+    """A starting worker counts as a spare, so none replaces it: one that never gets
+    ready (stopped, a user lookup that hangs before the privilege drop) used to wait for
+    the session timeouts' stuck limit (610 s by default) while clients queued."""
+    from forksmtp.arbiter import IDLE_SILENCE, Arbiter, Child
+    from forksmtp.config import load_config
+    from forksmtp.scoreboard import _NCOUNTERS, STARTING, SlotInfo, Snapshot, Totals
+
+    log = tmp_path / "forksmtp.log"
+    (tmp_path / "forksmtp.toml").write_text(f'[log]\nfile = "{log}"\n')
+    arbiter = Arbiter(load_config(str(tmp_path / "forksmtp.toml")))
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        t0 = time.monotonic()
+        arbiter.workers[sleeper.pid] = Child(sleeper.pid, 0, 1, t0, stuck_after=610.0)
+        zero = Totals.from_counters([0] * _NCOUNTERS)
+        slot = SlotInfo(0, sleeper.pid, 1, STARTING, "", 0, "", 0.0, t0, -1, False, zero)
+        snap = Snapshot(8, 1, False, 0, 0, 0, (slot,), (), zero)
+        for step in range(0, int(IDLE_SILENCE) + 1, 5):  # the master looks every few seconds
+            arbiter._murder_stuck(snap, t0 + step)
+        assert sleeper.poll() is None  # 30 s: not yet
+        arbiter._murder_stuck(snap, t0 + IDLE_SILENCE + 4)
+        assert sleeper.wait(5) == -signal.SIGKILL
+        assert f"starting worker {sleeper.pid} did not get ready for 34s; killing it" in log.read_text()
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()

@@ -359,3 +359,24 @@ def test_a_stopped_idle_worker_is_killed_and_replaced(daemon_factory):
         except ProcessLookupError:
             pass
     assert "crash loop" not in d.log_text()
+
+
+def test_a_pool_that_keeps_no_spares_starts_a_worker_for_a_waiting_client(daemon_factory):
+    """min_spare_workers = 0, the one worker busy, max_workers not reached: the next
+    client is greeted by a worker started for it, not left silent in the listen queue
+    until the first session ends."""
+    d = daemon_factory(workers=1, server={"max_workers": 3, "min_spare_workers": 0})
+    holder = RawSMTP(d.port)
+    try:
+        assert holder.command(b"EHLO holder.example") == 250
+        sock = connect(d.port)
+        sock.settimeout(3)
+        started = time.monotonic()
+        try:
+            assert read_reply(sock).startswith(b"220 ")
+        finally:
+            sock.close()
+        print(f"\ngreeting after {time.monotonic() - started:.3f}s")
+    finally:
+        holder.close()
+    assert_no_zombies(d)

@@ -158,6 +158,8 @@ class Connection:
             if not self._greet():
                 return
             while True:
+                if session.closed:
+                    self.worker.session_over()
                 self._flush()
                 if session.closed:
                     reply = session.close_reply

@@ -283,6 +283,7 @@ class Worker:
         # session is over before anyone could read it, and each title write is a prctl.
         self.titled_phase = ""
         self.log.queue("CONN", ip)
+        self.served += 1  # counted from its start: _accepting() then speaks of the next one
         try:
             try:
                 refused = self.board.admit(self.slot, ip, self.cfg.server.max_connections,
@@ -299,11 +300,18 @@ class Worker:
                               normalize=self._normalize_for(ip), tls=implicit_tls)
             Connection(self, sock, peer, session, self.cfg.timeouts, implicit_tls).run()
         finally:
-            self.served += 1
             self.board.release(self.slot, self._accepting())  # MasterGone: see run()
             self.board.set_idle(self.slot, time.monotonic())
             if self.titled_phase:  # the title went busy during this session
                 self._title("idle")
+
+    def session_over(self) -> None:
+        """The session's last reply is queued: give its connection counts back now, not
+        after that reply is sent and the log written, so that a client that connects
+        again as soon as it reads the reply (at its max_connections_per_ip) is not
+        refused for a session that is over.  The release after the session is then a
+        no-op."""
+        self.board.release(self.slot, self._accepting())
 
     def _pool_dry(self) -> None:
         """This session took the last idle worker: call the master, which starts more at

@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import smtplib
+import socket
 import threading
 import time
 from pathlib import Path
@@ -380,3 +381,21 @@ def test_a_pool_that_keeps_no_spares_starts_a_worker_for_a_waiting_client(daemon
     finally:
         holder.close()
     assert_no_zombies(d)
+
+
+def test_a_client_that_reconnects_as_soon_as_it_reads_221_is_never_over_its_limit(daemon_factory):
+    """max_connections_per_ip = 1 and never two sessions at once: the counts of a
+    session are given back before its last reply, not after the log is written, so the
+    next connection, made the moment the 221 is read, is not refused for it."""
+    d = daemon_factory(workers=2, server={"max_connections_per_ip": 1})
+    refused = 0
+    for _ in range(2000):
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+            stream = sock.makefile("rb")
+            if stream.readline().startswith(b"421"):
+                refused += 1
+                continue
+            sock.sendall(b"QUIT\r\n")
+            assert stream.readline().startswith(b"221 ")
+    assert refused == 0
+    assert request_stats(d)["connections_rejected"]["max_connections_per_ip"] == 0

@@ -35,7 +35,7 @@ from .authlimit import AuthLimiter
 from .overflow import OverflowGuard
 from .security import Security, listen_addresses, load_security
 from .logs import ALWAYS, Log
-from .scoreboard import BUSY, IDLE, STARTING, STATE_NAMES, LockBusy, Scoreboard
+from .scoreboard import BUSY, IDLE, STARTING, STATE_NAMES, STOPPING, LockBusy, Scoreboard
 from .signals import HANDLED, MAILDIR_CALL_EVERY, NAMES, SignalQueue
 from .worker import EXIT_BOOT_ERROR, Worker
 
@@ -251,7 +251,22 @@ class Arbiter:
         if self.unrepaired:
             snap = dataclasses.replace(snap, slots=tuple(s for s in snap.slots
                                                          if s.index not in self.unrepaired))
-        return snap
+        return self._mark_signalled(snap)
+
+    def _mark_signalled(self, snap):
+        """A worker writes its busy or idle state without the lock, after checking that
+        the master has not marked it stopping: a SIGTERM's mark set in between is lost,
+        and the retiring worker would count as one of the pool for the rest of its
+        session (a SIGTTOU spent on it again, its replacement started late).  The master
+        knows whom it sent SIGTERM: it marks them again, and plans with them stopping."""
+        signalled = {c.slot for c in self.workers.values() if c.term_sent}
+        lost = [s for s in snap.slots if s.index in signalled and s.state != STOPPING]
+        if not lost:
+            return snap
+        for s in lost:
+            self.board.set_stopping(s.index)
+        fixed = {s.index: dataclasses.replace(s, state=STOPPING) for s in lost}
+        return dataclasses.replace(snap, slots=tuple(fixed.get(s.index, s) for s in snap.slots))
 
     def _implicit_sockets(self) -> list[socket.socket]:
         """The listening sockets whose clients speak TLS first (``implicit_listen``)."""

@@ -303,3 +303,31 @@ def test_a_worker_that_never_gets_ready_is_killed_as_a_silent_idle_one_is(tmp_pa
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
+
+
+def test_the_master_marks_again_a_worker_it_sent_sigterm_whose_mark_was_lost(tmp_path):
+    """A worker writes busy or idle without the lock after checking for the master's
+    stopping mark; a SIGTERM's mark set between its check and its write was lost, and
+    the retiring worker counted as one of the pool for the rest of its session."""
+    from forksmtp.arbiter import Arbiter, Child
+    from forksmtp.config import load_config
+    from forksmtp.scoreboard import BUSY, S_STATE, STOPPING, Scoreboard
+
+    (tmp_path / "forksmtp.toml").write_text(f'[log]\nfile = "{tmp_path / "forksmtp.log"}"\n')
+    arbiter = Arbiter(load_config(str(tmp_path / "forksmtp.toml")))
+    arbiter.board = board = Scoreboard.create(8, ip_buckets=64)
+    try:
+        board.set_generation(1)
+        for idx, pid in ((0, 4_000_001), (1, 4_000_002)):
+            board.claim_slot(idx, pid, 1)
+            arbiter.workers[pid] = Child(pid, idx, 1, time.monotonic(), 610.0)
+        arbiter.workers[4_000_001].term_sent = True
+        board.set_stopping(0)
+        board.set_busy(0, ("192.0.2.1", 25), time.monotonic())  # respects the mark
+        board._mm[board._bases[0] + S_STATE] = BUSY  # the interleaving: check, mark, write
+        board.set_busy(1, ("192.0.2.2", 25), time.monotonic())
+        states = {s.index: s.state for s in arbiter._snapshot().slots}
+        assert states == {0: STOPPING, 1: BUSY}
+        assert {s.index: s.state for s in board.snapshot().slots} == {0: STOPPING, 1: BUSY}
+    finally:
+        board.close()

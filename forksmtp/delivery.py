@@ -15,6 +15,7 @@ them all-or-nothing.  Errors propagate as ``OSError``; ``storage_reply`` maps th
 from __future__ import annotations
 
 import errno
+import resource
 from collections.abc import Mapping
 from typing import Final
 
@@ -35,6 +36,17 @@ def storage_reply(exc: OSError) -> R.Reply:
 MAX_OPEN_MAILDIRS: Final = 64
 
 
+def open_maildirs_bound() -> int:
+    """MAX_OPEN_MAILDIRS, or a quarter of the worker's descriptor limit where that is
+    less: under a limit of 64 the cache alone would take every descriptor the worker has
+    left after its own dozen, and a message for one more Maildir got 451 at each
+    fiftieth message.  Read when the worker sets up, after any privilege drop."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return MAX_OPEN_MAILDIRS
+    return max(1, min(MAX_OPEN_MAILDIRS, soft // 4))
+
+
 class Router:
     """Per-worker cache of Maildir objects and the recipient -> Maildir map."""
 
@@ -46,6 +58,7 @@ class Router:
         self._maildirs: dict[str, maildir.Maildir] = {}
         # Those whose new/ fd may be open, least recently used first (trim closes them).
         self._open: dict[str, maildir.Maildir] = {}
+        self.max_open = open_maildirs_bound()
         own = postmaster_address(mailboxes, local_domains)
         if own is not None:  # bare <Postmaster> ("postmaster", as the session spells it)
             self.mailboxes = {**mailboxes, "postmaster": mailboxes[own]}
@@ -94,10 +107,10 @@ class Router:
 
     def trim(self) -> None:
         """Between messages (no copy in flight uses a Maildir): close the new/ fds of the
-        least recently used beyond MAX_OPEN_MAILDIRS; the objects, and what they learnt
+        least recently used beyond ``max_open``; the objects, and what they learnt
         (a filesystem without O_TMPFILE), stay, and reopen new/ when mail comes.  One
         message may open more meanwhile, as many as its recipients' Maildirs."""
-        extra = len(self._open) - MAX_OPEN_MAILDIRS
+        extra = len(self._open) - self.max_open
         if extra > 0:
             for path in list(self._open)[:extra]:
                 self._open.pop(path).close()

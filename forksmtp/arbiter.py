@@ -212,7 +212,8 @@ class Arbiter:
             # not a fast one's, and not twice running: at most one extra tick per FAST_TICK
             # however often workers call.
             # With no worker free, the master watches the listen queues (see _manage_pool).
-            slow = not (self.fast or self.spawn_pending or at_ceiling or self.dry or self.signals.wanted)
+            dry = self.dry and not self.stopping  # a stop starts no worker
+            slow = not (self.fast or self.spawn_pending or at_ceiling or dry or self.signals.wanted)
             for sig in self.signals.wait(TICK if slow else FAST_TICK, want=slow):
                 self._guarded(getattr(self, f"handle_{NAMES[sig]}"))
             if self.signals.maildirs_wanted:

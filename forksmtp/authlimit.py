@@ -30,7 +30,12 @@ import struct
 from .scoreboard import ip_key
 from .snapshot import _V4_PREFIX
 
-_ENTRY = struct.Struct("<16sIId")  # address key, failures, checks running, window start (monotonic)
+# Address key, failures, checks running, window start, last check's start (monotonic).
+_ENTRY = struct.Struct("<16sIIdd")
+#: Running checks of an address none of which has started for this long are taken to be
+#: gone: a worker killed in a check (the OOM killer picks workers first) never gives its
+#: count back, and a check takes well under a second.
+RUNNING_STALE = 10.0
 ALLOWED, REFUSED, BUSY = 0, 1, 2  # what attempt() says
 BUSY_TEXT = "password checks running at once fill the failure limit"
 _PROBE = 8
@@ -61,7 +66,7 @@ class AuthLimiter:
         free, oldest, oldest_t = -1, start, float("inf")
         for i in range(_PROBE):
             b = (start + i) % self.buckets
-            k, n, running, t = _ENTRY.unpack_from(self._mm, b * _ENTRY.size)
+            k, n, running, t, _ = _ENTRY.unpack_from(self._mm, b * _ENTRY.size)
             if k == key:
                 return b
             if free < 0 and ((n == 0 and running == 0) or now - t >= self.window):
@@ -74,19 +79,22 @@ class AuthLimiter:
         """May this address have a password checked now?  ``ALLOWED`` counts the check
         as running until ``finished``; ``REFUSED``: it has failed ``max_failures`` times
         in this window; ``BUSY``: failures and running checks are at the limit, try
-        again when one has ended.  A window that is over takes its running checks with
-        it: a worker killed in a check never gives its count back."""
+        again when one has ended.  Running checks none of which started within
+        RUNNING_STALE, and those of a window that is over, are dropped: a worker killed
+        in a check never gives its count back."""
         key = client_key(ip)
         with self.board.locked():
             off = self._find(key, now) * _ENTRY.size
-            k, n, running, t = _ENTRY.unpack_from(self._mm, off)
+            k, n, running, t, last = _ENTRY.unpack_from(self._mm, off)
             if k != key or now - t >= self.window:
                 n, running, t = 0, 0, now
+            elif now - last >= RUNNING_STALE:
+                running = 0
             if n >= self.max_failures:
                 return REFUSED
             if n + running >= self.max_failures:
                 return BUSY
-            _ENTRY.pack_into(self._mm, off, key, n, running + 1, t)
+            _ENTRY.pack_into(self._mm, off, key, n, running + 1, t, now)
         return ALLOWED
 
     def finished(self, ip: str, now: float, ok: bool) -> None:
@@ -94,9 +102,9 @@ class AuthLimiter:
         key = client_key(ip)
         with self.board.locked():
             off = self._find(key, now) * _ENTRY.size
-            k, n, running, t = _ENTRY.unpack_from(self._mm, off)
+            k, n, running, t, last = _ENTRY.unpack_from(self._mm, off)
             if k != key or now - t >= self.window:  # the window is over, or the entry gone
                 if ok:
                     return
-                n, running, t = 0, 1, now
-            _ENTRY.pack_into(self._mm, off, key, n + (0 if ok else 1), max(0, running - 1), t)
+                n, running, t, last = 0, 1, now, now
+            _ENTRY.pack_into(self._mm, off, key, n + (0 if ok else 1), max(0, running - 1), t, last)

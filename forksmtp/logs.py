@@ -70,6 +70,7 @@ class Log:
         # a regular file is written as it is.
         self._nb_fd = -1
         self._nb_sock: socket.socket | None = None
+        self._nb_shared = False  # _nb_fd is the log's own descriptor, made non-blocking
         self._poll_fd = -1
         self._stream_sink(self._fd)
         self._stalled = False  # a wait for the output has timed out; lines were dropped
@@ -100,11 +101,20 @@ class Log:
         try:
             self._nb_fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            self._poll_fd = -1
+            # Refused (a pipe another user made, for a daemon that is not root; no
+            # /proc): the descriptor itself is made non-blocking, its flags shared with
+            # whoever holds it too.  A log that can freeze the master is worse.
+            try:
+                os.set_blocking(fd, False)
+            except OSError:
+                self._poll_fd = -1
+                return
+            self._nb_fd, self._nb_shared = fd, True
 
     def _close_stream_sink(self) -> None:
-        if self._nb_fd >= 0:
+        if self._nb_fd >= 0 and not self._nb_shared:
             os.close(self._nb_fd)
+        self._nb_shared = False
         if self._nb_sock is not None:
             self._nb_sock.close()
         self._nb_fd, self._nb_sock, self._poll_fd = -1, None, -1
@@ -147,6 +157,7 @@ class Log:
         self._ms = -1  # the cached prefix carries the parent's pid
         self.pending.clear()
         self._pending_size = 0
+        self._stalled, self._dropped = False, 0  # the parent's losses are the parent's to report
 
     def _prefix(self) -> str:
         """``<timestamp>/<pid> ``, formatted once per millisecond: a session's lines
@@ -192,10 +203,11 @@ class Log:
         data = "".join(self.pending).encode("utf-8", "backslashreplace")
         torn = self._torn
         ends_cut = torn[0] == 1
+        lines_from = note  # where this flush's own lines begin in data
         if ends_cut:
             torn[0] = 0
             data = b"\n" + data
-            note += 1 if note else 0
+            lines_from += 1
         self.pending.clear()
         self._pending_size = 0
         done = 0
@@ -204,7 +216,7 @@ class Log:
                 while done < len(data):
                     done += os.write(self._fd, data[done:])
             else:
-                done = self._write_stream(data, note)
+                done = self._write_stream(data, lines_from if note else 0, lines_from)
         except OSError:
             # A full log disk must not stop mail, and there is nowhere to report it.
             pass
@@ -214,11 +226,13 @@ class Log:
         elif ends_cut:
             torn[0] = 1
 
-    def _write_stream(self, data: bytes, note: int) -> int:
+    def _write_stream(self, data: bytes, note_end: int, lines_from: int) -> int:
         """Write to a pipe, socket or terminal without blocking; wait at most LOG_STALL
         for it to take more, and not at all while it is known to be stalled.  The lines
-        it does not take are dropped and counted; ``data`` starts with ``note`` octets
-        that report the last count.  Returns the octets written."""
+        it does not take are dropped and counted.  ``data`` reports the last count in
+        its first ``note_end`` octets (0: no report); the lines to count begin at
+        ``lines_from`` (after the report, and after the LF that ends a line another
+        write cut).  Returns the octets written."""
         done = 0
         deadline = -1.0
         while done < len(data):
@@ -235,11 +249,11 @@ class Log:
                 deadline = now + LOG_STALL
             if self._stalled or now >= deadline or not self._writable(deadline - now):
                 break
-        if done >= note:
+        if done >= note_end:
             self._dropped = 0  # the count went out (or there was none to give)
         self._stalled = done < len(data)
         if self._stalled:
-            self._dropped += data.count(b"\n", max(done, note))
+            self._dropped += data.count(b"\n", max(done, lines_from))
         return done
 
     def _writable(self, timeout: float) -> bool:

@@ -306,12 +306,17 @@ class Worker:
                 self._title("idle")
 
     def session_over(self) -> None:
-        """The session's last reply is queued: give its connection counts back now, not
-        after that reply is sent and the log written, so that a client that connects
-        again as soon as it reads the reply (at its max_connections_per_ip) is not
-        refused for a session that is over.  The release after the session is then a
-        no-op."""
-        self.board.release(self.slot, self._accepting())
+        """The session is over: give its connection counts back now rather than after
+        its log is written, so that a client that connects again as soon as it reads
+        the last reply (at its max_connections_per_ip) is not refused for a session
+        that is over (the connection calls it just before that reply when the reply
+        goes at once, else right after it).  The release after the session is then a
+        no-op.  A master gone while the lock is held (MasterGone) must not cost the
+        client that reply: nobody reads the counts any more."""
+        try:
+            self.board.release(self.slot, self._accepting())
+        except MasterGone:
+            pass
 
     def _pool_dry(self) -> None:
         """This session took the last idle worker: call the master, which starts more at
@@ -471,9 +476,12 @@ class Worker:
         while True:
             now = time.monotonic()
             verdict: int = limiter.attempt(ip, now)
-            if verdict != authlimit.BUSY or now >= deadline:
+            if verdict != authlimit.BUSY or now >= deadline or self.quitting:
                 return verdict
-            time.sleep(AUTH_WAIT_STEP)
+            # Asleep, but awake to SIGQUIT and the master's death (on_wake), so that
+            # the session still gets its 421 before the master's SIGKILL.
+            for fd in select.select(self.wake_fds, [], [], AUTH_WAIT_STEP)[0]:
+                self.on_wake(fd)
 
     def auth_finished(self, ip: str, ok: bool) -> None:
         if self.auth_limiter is not None:

@@ -838,3 +838,15 @@ def test_an_auth_deferred_is_454_4_7_0_and_the_client_may_try_again():
     assert wire == b"454 4.7.0 Temporary authentication failure\r\n"
     assert p.s.auth_user == ""
     assert p.send(f"AUTH PLAIN {plain('alice', 'correct horse')}") == ["235 2.7.0"]
+
+
+def test_an_auth_deferred_does_not_count_toward_max_errors():
+    """The server checked nothing: in stress mode (one error allowed) the 454 must not
+    close the session of a client it told to try again."""
+    p = tls_peer(max_errors=1)
+    p.s.receive_data(f"AUTH PLAIN {plain('alice', 'correct horse')}\r\n".encode())
+    assert isinstance(p.s.next_event(), AuthRequest)
+    p.s.auth_deferred()
+    assert heads(p.s.data_to_send()) == ["454 4.7.0"]
+    assert not p.s.closed
+    assert p.send(f"AUTH PLAIN {plain('alice', 'correct horse')}") == ["235 2.7.0"]

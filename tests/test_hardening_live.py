@@ -284,3 +284,50 @@ def test_a_client_pipelining_without_pause_does_not_grow_the_log_queue(daemon_fa
         waiting = MAX_PENDING // (len(noop) + 40) + 1
         assert d.log_text().count("[SMTP] NOOP x") >= count // 20 * 20 - waiting
         s.sendall(b"QUIT\r\n")
+
+
+def _server_receive_queue(server_port: int, client_port: int) -> int:
+    """Octets the server has not read yet on one loopback connection (/proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+                return int(fields[4].split(":")[1], 16)
+    return -1
+
+
+def test_a_session_whose_last_reply_is_not_read_still_counts_against_its_limit(daemon_factory):
+    """QUIT read, its 221 stuck behind replies the client does not read: the session
+    holds a worker until the command timeout, so it must still count against
+    max_connections_per_ip; giving its counts back before the last reply was sent let
+    one address hold every worker."""
+    d = daemon_factory(workers=3, server={"max_connections_per_ip": 1},
+                       sections={"timeouts": {"command": 20}})
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    holder.settimeout(10)
+    try:
+        holder.connect((d.host, d.port))
+        assert holder.recv(100).startswith(b"220 ")
+        batch = b"EHLO x\r\n" * 8000  # 1.2 MB of replies a batch
+        holder.sendall(batch)
+        holder.sendall(batch)
+        time.sleep(0.5)
+        holder.sendall(batch + b"QUIT\r\n")
+        holder.setblocking(False)
+        client_port = holder.getsockname()[1]
+        for _ in range(2000):  # read only until the server has taken in the QUIT
+            if _server_receive_queue(d.port, client_port) == 0:
+                break
+            try:
+                holder.recv(16384)
+            except BlockingIOError:
+                pass
+            time.sleep(0.005)
+        assert _server_receive_queue(d.port, client_port) == 0
+        time.sleep(0.3)
+        with socket.create_connection((d.host, d.port), timeout=10) as fresh:
+            assert read_reply(fresh).startswith(b"421 4.7.0 "), "the stuck session no longer counted"
+    finally:
+        holder.close()

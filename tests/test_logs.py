@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 import re
 import resource
+import select
 import signal
 import socket
+import sys
 import time
 
 import pytest
@@ -235,3 +237,94 @@ def test_an_output_that_takes_nothing_costs_one_bounded_wait_and_the_loss_is_cou
                             note.group(4)).group(1))
     assert len(whole) + lost == 3001  # the line logged while stalled is among the lost
     assert after[-1].endswith("[SMTP] taken again")
+
+
+def _fill_and_flush(log: logs.Log, tag: str, lines: int = 3000) -> None:
+    for i in range(lines):
+        log.queue(tag, f"{i:05d} {'x' * 90}")
+    log.flush()
+
+
+def _count_note(text: str) -> list[tuple[int, int]]:
+    """(pid, count) of each loss report in text."""
+    return [(int(m.group(1)), int(m.group(2))) for m in re.finditer(
+        r"/(\d+) \[ERROR\] log output blocked for 2s or more: (\d+) line\(s\) not logged", text)]
+
+
+def _run_child(step) -> int:
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            step()
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1]
+
+
+def test_a_worker_forked_during_a_stall_does_not_report_the_masters_loss(stalled_output):
+    log, r = stalled_output
+    _fill_and_flush(log, "STATS")
+    drain(r)
+
+    def child():
+        log.after_fork()
+        log.line("CONN", "192.0.2.1")
+
+    assert _run_child(child) == 0
+    assert _count_note(drain(r)) == []  # the child's line, and no report of the master's loss
+    log.line("STOP", "stopping")
+    assert [pid for pid, _ in _count_note(drain(r))] == [os.getpid()]
+
+
+def test_the_loss_after_a_line_another_process_cut_is_counted_exactly(stalled_output):
+    """Another process's write stopped inside a line: this one's next write starts with
+    the LF that ends it, which is no line of its own to count as lost."""
+    log, r = stalled_output
+
+    def child():
+        log.after_fork()
+        _fill_and_flush(log, "CHILD")  # cuts a line (the shared mark says so)
+
+    assert _run_child(child) == 0
+    assert log._torn[0] == 1
+    _fill_and_flush(log, "PARENT", lines=10)  # into the output the child left full
+    drain(r)
+    log.line("STOP", "stopping")
+    assert _count_note(drain(r)) == [(os.getpid(), 10)]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to drop to another user")
+def test_a_pipe_of_another_user_is_still_written_without_blocking():
+    """A daemon that is not root, its stderr a pipe root made (a container's USER, a
+    runuser ... | logger): /proc refuses to open the pipe anew, so the descriptor itself
+    is made non-blocking rather than left to freeze the process."""
+    r, w = os.pipe()
+    res_r, res_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            sys.stderr = _Stderr(w)
+            log = logs.Log("info", "")
+            started = time.monotonic()
+            _fill_and_flush(log, "SMTP")
+            os.write(res_w, f"{time.monotonic() - started:.3f}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(res_w)
+    try:
+        ready, _, _ = select.select([res_r], [], [], logs.LOG_STALL + 5)
+        assert ready, "the flush blocked"
+        assert logs.LOG_STALL - 0.1 <= float(os.read(res_r, 64)) < logs.LOG_STALL + 2
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for fd in (r, w, res_r):
+            os.close(fd)

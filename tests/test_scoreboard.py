@@ -14,7 +14,7 @@ from typing import Callable
 
 import pytest
 
-from forksmtp.authlimit import ALLOWED, REFUSED, AuthLimiter
+from forksmtp.authlimit import ALLOWED, REFUSED, RUNNING_STALE, AuthLimiter
 from forksmtp.authlimit import BUSY as WAIT
 from forksmtp.scoreboard import (BUSY, CONN_REJECT_REASONS, FREE, H_IDLE, IDLE, REJECT_KEYS,
                                  STARTING, STOPPING, Scoreboard, ip_key, key_text)
@@ -628,14 +628,19 @@ def test_auth_limit_right_passwords_in_any_number_are_never_refused(sb):
         limiter.finished("192.0.2.1", n * 0.1, ok=True)
 
 
-def test_auth_limit_a_check_never_finished_ends_with_its_window(sb):
-    """A worker killed during a check never gives its count back: the window takes it."""
+def test_auth_limit_checks_never_finished_are_dropped_once_stale(sb):
+    """A worker killed during a check (the OOM killer picks workers first) never gives
+    its count back: once no check of the address has started for RUNNING_STALE, the
+    running ones are taken to be gone; failures stay for their window."""
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
-    for _ in range(5):
+    fail(limiter, "192.0.2.1", 1.0, 2)
+    for _ in range(3):
         assert limiter.attempt("192.0.2.1", 1.0) == ALLOWED
-    assert limiter.attempt("192.0.2.1", 200.0) == WAIT
-    assert limiter.attempt("192.0.2.1", 301.0) == ALLOWED
-    limiter.finished("192.0.2.1", 302.0, ok=True)
+    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE - 0.1) == WAIT
+    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE) == ALLOWED
+    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE) == ALLOWED
+    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE) == ALLOWED
+    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE) == WAIT  # 2 failures + 3 running
 
 
 def test_auth_limit_counts_an_ipv6_client_by_its_64(sb):

@@ -10,6 +10,7 @@ every wait is bounded; every daemon is stopped and reaped by its fixture.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import pty
 import re
@@ -25,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import tls_certs
@@ -688,6 +690,36 @@ def test_right_passwords_sent_at_once_on_many_connections_are_all_taken(daemon_f
     assert results == [235] * 8
     assert request_stats(d)["auth"] == {"succeeded": 8, "failed": 0}
     assert "too many failures" not in d.log_text()
+
+
+def test_sigquit_reaches_an_auth_waiting_for_the_checks_of_its_address(daemon_factory, certs,
+                                                                         tmp_path):
+    """Five checks of one address stay running (their workers stopped mid-check): a
+    sixth AUTH waits for one of them to end.  SIGQUIT to the master must still get that
+    session its 421 before the master's SIGKILL, 3 s later, not a reset."""
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    d = daemon_factory(workers=8, server={"max_workers": 12}, sections=tls_sections(certs, pw))
+    clients = [starttls_client(d, certs) for _ in range(6)]
+    stopped = []
+    try:
+        workers = [serving_worker(d, c.sock) for c in clients[:5]]
+        for client, worker in zip(clients[:5], workers):
+            client.send(f"AUTH PLAIN {plain('alice', PASSWORD)}\r\n".encode())
+            time.sleep(0.02)  # inside its scrypt check, about 60 ms
+            worker.suspend()
+            stopped.append(worker)
+        waiting = clients[5]
+        waiting.send(f"AUTH PLAIN {plain('alice', PASSWORD)}\r\n".encode())
+        time.sleep(0.5)
+        d.signal(signal.SIGQUIT)
+        waiting.sock.settimeout(2.5)
+        assert read_reply(waiting.sock).startswith(b"421 4.3.2 "), "no 421 before the SIGKILL"
+    finally:
+        for worker in stopped:
+            with contextlib.suppress(psutil.Error):
+                worker.resume()
+        for c in clients:
+            c.close()
 
 
 # -- --check ---------------------------------------------------------------------------------------

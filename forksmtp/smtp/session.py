@@ -66,8 +66,11 @@ NOT_OFFERED: Final = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", 
 #: (452 for surplus recipients is the orderly way RFC 5321 4.5.3.1.10 asks for).
 #: Storage refusals (451, 452 4.3.1) count, as every failed command does in Postfix's
 #: smtpd: the client is not at fault, but a session may not make the server try and
-#: fail, and log it, without end while a disk is full.
-NOT_CLIENT_ERRORS: Final = frozenset({R.R452_TOO_MANY_RCPTS})
+#: fail, and log it, without end while a disk is full.  454 for an AUTH deferred does
+#: not: the server checked nothing (other sessions' checks filled the failure limit), and
+#: in stress mode (one error allowed) it would close the session of a client told it may
+#: try again; each such AUTH costs the session a wait of up to 5 s, which bounds the rate.
+NOT_CLIENT_ERRORS: Final = frozenset({R.R452_TOO_MANY_RCPTS, R.R454_AUTH_TEMPORARY})
 
 _AUTH_PROTOCOL_SUFFIX: Final = {(False, False): "", (True, False): "S", (False, True): "A", (True, True): "SA"}
 

@@ -125,6 +125,7 @@ class Arbiter:
         self.stress = limits.StressSwitch()
         self.spawn_pending = False
         self.dry = False  # no worker idle or starting at the last look
+        self.old_pending = False  # a reload's old generation still to be retired
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
 
@@ -232,6 +233,7 @@ class Arbiter:
         self._watch_lock(now)
         self._murder_stuck(snap, now)
         self._manage_pool(now, snap)
+        self._retire_old()
         self.fast = self.overflow.check(snap, now, len(self.workers), self.cfg.server.max_workers,
                                         list(self.sockets.values()), frozenset(self._implicit_sockets()),
                                         held_back=now < self.pool_state.backoff_until)
@@ -728,11 +730,27 @@ class Arbiter:
         self.generation += 1
         self.board.set_generation(self.generation)
         process.set_title(self._title())
+        self._manage_pool(time.monotonic())  # the new generation first: see _retire_old
+        self.old_pending = True
+        self._retire_old()
+        self.log.info("RELOAD", f"configuration generation {self.generation} loaded from {new.path or 'defaults'}")
+
+    def _retire_old(self) -> None:
+        """Stop the workers of earlier generations (gracefully: a busy one finishes its
+        session) once one of the new generation has been forked, or at once where the
+        pool's ceiling leaves the new one no room until they go.  A new worker that
+        could not be forked (a process limit reached, EAGAIN) would otherwise leave no
+        worker at all, and every client the master's 421, until the back-off ends: the
+        old ones serve meanwhile, with the old configuration."""
+        if not self.old_pending:
+            return
+        current = sum(1 for c in self.workers.values() if c.generation == self.generation)
+        if not current and len(self.workers) < self.cfg.server.max_workers:
+            return
+        self.old_pending = False
         for child in list(self.workers.values()):
             if child.generation != self.generation:
                 self._signal(child, signal.SIGTERM)
-        self._manage_pool(time.monotonic())
-        self.log.info("RELOAD", f"configuration generation {self.generation} loaded from {new.path or 'defaults'}")
 
     def _open_new_sockets(self, new) -> dict:
         """The sockets of the new listen addresses.  An address written another way

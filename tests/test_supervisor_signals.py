@@ -6,6 +6,7 @@ happened before a generous deadline (a hang would never end).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -622,3 +623,36 @@ def test_workers_are_the_oom_killers_choice_before_the_master(daemon_factory):
 
     master = adj(d.pid)
     assert [adj(pid) for pid in worker_pids(d)] == [min(1000, master + 200)] * 2
+
+
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.mark.skipif(not os.access(PIDS_CGROUP, os.W_OK), reason="needs a writable cgroup v1 pids hierarchy")
+def test_a_reload_that_cannot_fork_keeps_the_old_workers_serving(daemon_factory, tmp_path):
+    """The new generation cannot be forked (a pids cgroup at its limit: EAGAIN).  The
+    old workers were retired first, so no worker was left and every client got the
+    master's 421 until the back-off ended; now they serve until a new one starts."""
+    d = daemon_factory(workers=2)
+    group = PIDS_CGROUP / f"forksmtp-test-{os.getpid()}-{d.port}"
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(d.pid))  # the master: its forks land here
+        (group / "pids.max").write_text("1")
+        old = set(worker_pids(d))
+        d.signal(signal.SIGHUP)
+        d.wait_for_log("cannot fork a worker")
+        for _ in range(5):
+            send_message(d.port)  # an old worker takes each, with the old configuration
+        assert set(worker_pids(d)) == old
+        (group / "pids.max").write_text("100")
+        wait_until(lambda: worker_pids(d) and not old & set(worker_pids(d)), 20, 0.1,
+                   "the new generation in place of the old")
+        send_message(d.port)
+        assert len(d.new_messages()) == 6
+    finally:
+        (PIDS_CGROUP / "cgroup.procs").write_text(str(d.pid))
+        for pid in worker_pids(d):
+            with contextlib.suppress(OSError):
+                (PIDS_CGROUP / "cgroup.procs").write_text(str(pid))
+        group.rmdir()

@@ -52,12 +52,17 @@ STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
 LOCK_STALL = 5.0
 
 
-def _is_crash(status: int) -> bool:
+def _is_crash(status: int, served: int = 1) -> bool:
     """An exit that says "this worker could not run": an error status or a fault
     signal.  SIGKILL/SIGTERM/SIGINT/SIGQUIT come from an operator (or the OOM killer)
-    and say nothing about whether the next worker can start."""
+    and say nothing about whether the next worker can start; except a SIGKILL (the
+    master's own aside) of a worker that had not ``served`` a session yet: something
+    that kills every new worker at once (the OOM killer under a memory limit, which
+    picks workers first) would otherwise have the master fork as fast as it can."""
     if os.WIFSIGNALED(status):
-        return os.WTERMSIG(status) not in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+        sig = os.WTERMSIG(status)
+        return sig not in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT) or (
+            sig == signal.SIGKILL and served == 0)
     return os.WEXITSTATUS(status) != 0
 
 
@@ -444,12 +449,14 @@ class Arbiter:
             child = self.workers.pop(pid, None)
             if child is None:
                 continue  # not ours (e.g. a reparented orphan when we run as pid 1)
+            served = self.board.sessions(child.slot)  # before the repair clears the slot
             self._repair(child.slot)
             if child.generation != self.generation and all(
                     c.generation == self.generation for c in self.workers.values()):
                 self._fresh_ceiling_warnings()  # the drain's ceiling is over (see there)
             lifetime = time.monotonic() - child.started
-            if not (child.term_sent or child.quit_sent) and _is_crash(status):
+            if not (child.term_sent or child.quit_sent or child.killed_because) and _is_crash(
+                    status, served):
                 self.pool_state.record_exit(lifetime, time.monotonic())
             if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0:
                 # A named tmp file (the non-O_TMPFILE fallback) of a dead pid can go now.

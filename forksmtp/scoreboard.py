@@ -455,6 +455,10 @@ class Scoreboard:
         if mm[base + S_STATE] != STOPPING:  # stopping is sticky: the master signals once
             mm[base + S_STATE] = BUSY
 
+    def sessions(self, idx: int) -> int:
+        """Sessions the slot's worker has begun."""
+        return int(_Q.unpack_from(self._mm, self._bases[idx] + S_COUNTERS)[0])
+
     def set_phase(self, idx: int, phase: str, now: float) -> None:
         _store(self._mm, self._bases[idx] + S_PHASE, _PHASE.pack(phase.encode(), now))
 

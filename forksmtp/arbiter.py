@@ -52,7 +52,7 @@ STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
 LOCK_STALL = 5.0
 
 
-def _is_crash(status: int, served: int = 1) -> bool:
+def _is_crash(status: int, served: int) -> bool:
     """An exit that says "this worker could not run": an error status or a fault
     signal.  SIGKILL/SIGTERM/SIGINT/SIGQUIT come from an operator (or the OOM killer)
     and say nothing about whether the next worker can start; except a SIGKILL (the
@@ -584,7 +584,7 @@ class Arbiter:
         kind = "idle" if slot.state == IDLE else "starting"
         self.log.error("WORKER", f"{kind} worker {child.pid} {what} for "
                                  f"{silent:.0f}s; killing it (slot {slot.index})")
-        child.killed_because = f"idle and silent for {silent:.0f}s"
+        child.killed_because = f"{kind} and silent for {silent:.0f}s"
         self._signal(child, signal.SIGKILL)
 
     def _manage_pool(self, now: float, snap=None) -> None:

@@ -71,7 +71,7 @@ class Log:
         self._nb_fd = -1
         self._nb_sock: socket.socket | None = None
         self._nb_shared = False  # _nb_fd is the log's own descriptor, made non-blocking
-        self._poll_fd = -1
+        self._stream = False  # the output is one of those (and _fd is what to poll)
         self._stream_sink(self._fd)
         self._stalled = False  # a wait for the output has timed out; lines were dropped
         self._dropped = 0
@@ -91,12 +91,12 @@ class Log:
             return
         if stat.S_ISREG(mode):
             return
-        self._poll_fd = fd
+        self._stream = True
         if stat.S_ISSOCK(mode):
             try:
                 self._nb_sock = socket.socket(fileno=os.dup(fd))
             except OSError:
-                self._poll_fd = -1
+                self._stream = False
             return
         try:
             self._nb_fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -107,7 +107,7 @@ class Log:
             try:
                 os.set_blocking(fd, False)
             except OSError:
-                self._poll_fd = -1
+                self._stream = False
                 return
             self._nb_fd, self._nb_shared = fd, True
 
@@ -117,7 +117,7 @@ class Log:
         self._nb_shared = False
         if self._nb_sock is not None:
             self._nb_sock.close()
-        self._nb_fd, self._nb_sock, self._poll_fd = -1, None, -1
+        self._nb_fd, self._nb_sock, self._stream = -1, None, False
 
     @staticmethod
     def open_file(path: str) -> int:
@@ -212,7 +212,7 @@ class Log:
         self._pending_size = 0
         done = 0
         try:
-            if self._poll_fd < 0:
+            if not self._stream:
                 while done < len(data):
                     done += os.write(self._fd, data[done:])
             else:
@@ -258,7 +258,7 @@ class Log:
 
     def _writable(self, timeout: float) -> bool:
         poller = select.poll()
-        poller.register(self._poll_fd, select.POLLOUT)
+        poller.register(self._fd, select.POLLOUT)
         return bool(poller.poll(max(1, int(timeout * 1000))))
 
     def line(self, tag: str, text: str, level: int = 20) -> None:

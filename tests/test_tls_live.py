@@ -692,22 +692,37 @@ def test_right_passwords_sent_at_once_on_many_connections_are_all_taken(daemon_f
     assert "too many failures" not in d.log_text()
 
 
+def _five_checks_held(daemon_factory, certs, tmp_path, clients: list, stopped: list):
+    """A daemon with AUTH and six STARTTLS sessions (appended to ``clients``): AUTH sent
+    on the first five, each one's worker stopped inside its scrypt check (about 60 ms,
+    appended to ``stopped``), so that five checks of the address stay running."""
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    d = daemon_factory(workers=8, server={"max_workers": 12}, sections=tls_sections(certs, pw))
+    clients.extend(starttls_client(d, certs) for _ in range(6))
+    for client in clients[:5]:
+        worker = serving_worker(d, client.sock)
+        client.send(f"AUTH PLAIN {plain('alice', PASSWORD)}\r\n".encode())
+        time.sleep(0.02)
+        worker.suspend()
+        stopped.append(worker)
+    return d
+
+
+def _resume(workers: list) -> None:
+    for worker in workers:
+        with contextlib.suppress(psutil.Error):
+            worker.resume()
+
+
 def test_sigquit_reaches_an_auth_waiting_for_the_checks_of_its_address(daemon_factory, certs,
                                                                          tmp_path):
     """Five checks of one address stay running (their workers stopped mid-check): a
     sixth AUTH waits for one of them to end.  SIGQUIT to the master must still get that
     session its 421 before the master's SIGKILL, 3 s later, not a reset."""
-    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
-    d = daemon_factory(workers=8, server={"max_workers": 12}, sections=tls_sections(certs, pw))
-    clients = [starttls_client(d, certs) for _ in range(6)]
-    stopped = []
+    clients: list = []
+    stopped: list = []
     try:
-        workers = [serving_worker(d, c.sock) for c in clients[:5]]
-        for client, worker in zip(clients[:5], workers):
-            client.send(f"AUTH PLAIN {plain('alice', PASSWORD)}\r\n".encode())
-            time.sleep(0.02)  # inside its scrypt check, about 60 ms
-            worker.suspend()
-            stopped.append(worker)
+        d = _five_checks_held(daemon_factory, certs, tmp_path, clients, stopped)
         waiting = clients[5]
         waiting.send(f"AUTH PLAIN {plain('alice', PASSWORD)}\r\n".encode())
         time.sleep(0.5)
@@ -715,11 +730,31 @@ def test_sigquit_reaches_an_auth_waiting_for_the_checks_of_its_address(daemon_fa
         waiting.sock.settimeout(2.5)
         assert read_reply(waiting.sock).startswith(b"421 4.3.2 "), "no 421 before the SIGKILL"
     finally:
-        for worker in stopped:
-            with contextlib.suppress(psutil.Error):
-                worker.resume()
+        _resume(stopped)
         for c in clients:
             c.close()
+
+
+def test_an_auth_that_waits_past_its_bound_gets_454_and_the_session_goes_on(daemon_factory, certs,
+                                                                             tmp_path):
+    """No running check of the address ends within AUTH_WAIT (5 s): the sixth AUTH gets
+    454 4.7.0, its credentials unchecked, and the session goes on."""
+    clients: list = []
+    stopped: list = []
+    try:
+        d = _five_checks_held(daemon_factory, certs, tmp_path, clients, stopped)
+        waiting = clients[5]
+        started = time.monotonic()
+        code, text = waiting.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD))
+        waited = time.monotonic() - started
+        assert (code, text) == (454, b"4.7.0 Temporary authentication failure")
+        assert 4.9 <= waited < 8.0, waited
+        assert waiting.noop()[0] == 250
+    finally:
+        _resume(stopped)
+        for c in clients:
+            c.close()
+    d.wait_for_log("deferred: password checks running at once fill the failure limit")
 
 
 # -- --check ---------------------------------------------------------------------------------------

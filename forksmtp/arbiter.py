@@ -172,10 +172,7 @@ class Arbiter:
         fixed), as Postfix's delivery agents defer one mailbox's mail and take the rest:
         a read-only file system under one user's Maildir must not stop a certificate's
         reload, or the server from starting after a reboot."""
-        keys: dict[str, str] = {}
-        for address, path in cfg.delivery.mailboxes.items():  # every address a path serves
-            keys[path] = f'{keys[path]}, "{address}"' if path in keys else f'mailboxes."{address}"'
-        keys[cfg.delivery.maildir] = "delivery.maildir"
+        keys = config_mod.maildir_keys(cfg.delivery)
         ready = []
         for path in sorted(keys):
             try:

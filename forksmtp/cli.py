@@ -13,8 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from forksmtp import __version__, _native
-from forksmtp.config import ConfigError, load_config, summary
+from forksmtp import __version__, _native, config_checks
+from forksmtp.config import ConfigError, load_config, maildir_keys, summary
 from forksmtp.listeners import BindError
 
 # flag destination -> dotted config key it overrides
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="PORT, HOST:PORT or [V6ADDR]:PORT; repeatable; replaces the file's list")
     p.add_argument("--maildir", metavar="DIR", help="catch-all Maildir (created if missing)")
     p.add_argument("--workers", type=int, metavar="N", help="workers started at boot")
-    p.add_argument("--hostname", metavar="NAME", help="name in the greeting and Received headers")
+    p.add_argument("--hostname", metavar="NAME", help="name in the greeting, the EHLO reply and Received headers")
     p.add_argument("--pidfile", metavar="PATH", help="write the master's pid here")
     p.add_argument("--log-level", metavar="LEVEL", help="debug, info, warning or error")
     p.add_argument("--version", action="version",
@@ -72,9 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     overrides = overrides_from(args)
     try:
-        # A [mailboxes] Maildir that cannot be used now fails --check, not a start: the
-        # master logs it and the other mailboxes' mail goes on (Arbiter._prepare_maildirs).
-        cfg = load_config(args.config, overrides, mailbox_storage=args.check)
+        # A [mailboxes] Maildir that cannot be used now stops neither a start nor a
+        # reload: the master logs it and the other mailboxes' mail goes on
+        # (Arbiter._prepare_maildirs).  --check says what a start would do.
+        cfg = load_config(args.config, overrides, mailbox_storage=False)
     except ConfigError as exc:
         print(f"forksmtp: {exc}", file=sys.stderr)
         return 2
@@ -83,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             print(f"forksmtp: {problem}", file=sys.stderr)
             return 2
+        for warning in _mailbox_warnings(cfg):
+            print(f"forksmtp: warning: {warning}", file=sys.stderr)
         print(summary(cfg))
         return 0
     from forksmtp import arbiter  # imported late: --check needs none of the process machinery
@@ -140,6 +143,20 @@ def _run_passwd(args: list[str], config: str | None) -> int:
         print("passwd: not available", file=sys.stderr)
         return 2
     return passwd.main(args, config)
+
+
+def _mailbox_warnings(cfg) -> list[str]:
+    """The [mailboxes] Maildirs a start could not use now.  They fail no --check: run
+    before every start (the systemd unit's ExecStartPre), one user's broken Maildir
+    would otherwise keep everyone's mail out, which the start itself avoids."""
+    keys = maildir_keys(cfg.delivery)
+    warnings = []
+    for path in sorted(set(cfg.delivery.mailboxes.values()) - {cfg.delivery.maildir}):
+        try:
+            config_checks._creatable_dir(path)
+        except ValueError as exc:
+            warnings.append(f"{keys[path]} = {path}: {exc}; its mail would get 451 until this is fixed")
+    return warnings
 
 
 def _check_files(cfg) -> str:

@@ -336,6 +336,16 @@ def _mailboxes(table: dict, file: str, base: str, storage: bool = True) -> Mappi
     return MappingProxyType(boxes)
 
 
+def maildir_keys(delivery: DeliveryConfig) -> dict[str, str]:
+    """Each configured Maildir path and the keys that name it, as messages show them:
+    ``mailboxes."a@x.test", "b@x.test"``, or ``delivery.maildir`` for the catch-all's."""
+    keys: dict[str, str] = {}
+    for address, path in delivery.mailboxes.items():
+        keys[path] = f'{keys[path]}, "{address}"' if path in keys else f'mailboxes."{address}"'
+    keys[delivery.maildir] = "delivery.maildir"
+    return keys
+
+
 def _cross_check(cfg: Config, sources: dict[str, _Source], file: str) -> None:
     """Rules that involve two keys; the error names the key that is usually changed."""
 

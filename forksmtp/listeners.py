@@ -45,6 +45,14 @@ class BindError(Exception):
         self.errno = errno
 
 
+def client_ip(address: str) -> str:
+    """A client's address as logs and limits name it: an IPv4 client of a dual-stack
+    socket arrives as ``::ffff:a.b.c.d`` and is the IPv4 client ``a.b.c.d``."""
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address
+
+
 def parse_listen(text: str) -> ListenAddr:
     """Parse one listen address; raises ValueError with a short reason."""
     text = text.strip()

@@ -16,6 +16,7 @@ import select
 import socket
 
 from . import limits
+from .listeners import client_ip
 from .pool import CEILING_WARN_EVERY
 from .scoreboard import IDLE, STARTING
 from .smtp.replies import Reply
@@ -89,5 +90,5 @@ class OverflowGuard:
             pass
         finally:
             conn.close()
-        self.log.info("CONN", f"{peer[0]} refused by master: no worker free")
+        self.log.info("CONN", f"{client_ip(peer[0])} refused by master: no worker free")
         return True

@@ -30,6 +30,7 @@ from typing import Any, Callable, Final, Protocol
 
 from . import authlimit, delivery, limits, process
 from .connection import Connection, drive_handshake, wait_alone
+from .listeners import client_ip
 from .logs import WARNING, Log
 from .scoreboard import MasterGone, Scoreboard
 from .signals import MAILDIR_CALL, MAILDIR_CALL_EVERY, POOL_CALL
@@ -267,14 +268,13 @@ class Worker:
             except OSError:
                 pass
         self.count_conn_reject(limits.OTHER)
-        self.log.queue("CLOSE", f"{peer[0]} refused: out of file descriptors or memory", WARNING)
+        self.log.queue("CLOSE", f"{client_ip(peer[0])} refused: out of file descriptors or memory", WARNING)
         self.log.flush()
         return True
 
     def _serve(self, sock: _socket.socket, peer: tuple, implicit_tls: bool = False) -> None:
-        ip = peer[0]
-        if ip.startswith("::ffff:") and "." in ip:  # IPv4 client on a dual-stack socket
-            ip = ip[7:]
+        ip = client_ip(peer[0])
+        if ip != peer[0]:
             peer = (ip, *peer[1:])
         now = time.monotonic()
         self.board.set_busy(self.slot, peer, now)

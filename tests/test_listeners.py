@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from forksmtp.listeners import BindError, ListenAddr, bind, diff, parse_listen
+from forksmtp.listeners import BindError, ListenAddr, bind, client_ip, diff, parse_listen
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
 
@@ -168,3 +168,14 @@ def test_bind_ipv6_in_use() -> None:
         addr = ListenAddr("::1", sock.getsockname()[1], V6)
         with pytest.raises(BindError, match=r"^cannot listen on \[::1\]:\d+: Address already in use$"):
             bind(addr)
+
+
+@pytest.mark.parametrize("address, ip", [
+    ("::ffff:127.0.0.1", "127.0.0.1"),  # an IPv4 client of a dual-stack socket
+    ("127.0.0.2", "127.0.0.2"),
+    ("::1", "::1"),
+    ("::ffff:7f00:1", "::ffff:7f00:1"),  # not how Linux reports a mapped address: kept
+    ("2001:db8::ffff:1.2.3.4", "2001:db8::ffff:1.2.3.4"),
+])
+def test_client_ip_names_an_ipv4_client_of_a_dual_stack_socket_as_ipv4(address: str, ip: str) -> None:
+    assert client_ip(address) == ip

@@ -4,6 +4,8 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from forksmtp.overflow import GRACE, OverflowGuard
 from forksmtp.pool import CEILING_WARN_EVERY
 
@@ -47,6 +49,18 @@ def test_held_back_pool_with_no_worker_answers_421_instead_of_silence():
         assert client.recv(200).startswith(b"421 4.3.2 ")
         assert guard.rejected_held == 1 and guard.rejected == 0
         assert any("back-off after a crash loop or a failed fork" in line for line in guard.log.lines)
+        client.close()
+
+
+@pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="no dual-stack IPv6")
+def test_an_ipv4_client_of_a_dual_stack_listener_is_logged_as_ipv4():
+    """As the workers name it (a "PORT" listen address takes IPv4 as ::ffff:a.b.c.d)."""
+    with socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as listener:
+        client = socket.create_connection(("127.0.0.1", listener.getsockname()[1]), timeout=5)
+        guard = OverflowGuard(Log())
+        run_guard(guard, listener, workers=4, max_workers=4)
+        assert client.recv(200).startswith(b"421 4.3.2 ")
+        assert "[CONN] 127.0.0.1 refused by master: no worker free" in guard.log.lines, guard.log.lines
         client.close()
 
 

@@ -124,7 +124,7 @@ class Arbiter:
         self.last_pass = -MAILDIR_CALL_EVERY
         self.overflow = OverflowGuard(self.log)
         self._last_stuck_check = float("-inf")
-        self._idle_clock_from = 0.0  # idle silence counts from here (the end of a stall)
+        self._silence_from = 0.0  # silence counts from here at the earliest (the end of a stall)
         self.last_pool_reason = ""
         self.ceiling_warning = limits.Seldom(pool.CEILING_WARN_EVERY)
         self.stress = limits.StressSwitch()
@@ -540,17 +540,19 @@ class Arbiter:
         worker is judged by the timeouts of the config it started with: a session begun
         before a reload that shortened them may still wait as long as the old ones allow."""
         # A master that itself did not run for a while (the host or the VM was frozen,
-        # every process stalled together) cannot tell an idle worker's silence apart.
-        # Idle silence is then counted from the end of the stall, not from before it.
+        # a cgroup freezer or `docker pause` held every process together) cannot tell
+        # a worker's silence apart, idle or busy: woken before its workers, it would
+        # kill them for the stall's length.  Silence is then counted from the end of
+        # the stall, not from before it.
         if now - self._last_stuck_check >= IDLE_SILENCE / 4:
-            self._idle_clock_from = now
+            self._silence_from = now
         self._last_stuck_check = now
         for slot in snap.slots:
             child = self.workers.get(slot.pid)
             if child is None or child.killed_because:  # killed already: one line, one signal
                 continue
             if slot.state == IDLE:
-                silent = now - max(slot.idle_beat, child.started, self._idle_clock_from)
+                silent = now - max(slot.idle_beat, child.started, self._silence_from)
                 if slot.idle_beat and silent > IDLE_SILENCE:
                     self._kill_idle(child, slot, silent)
                 continue
@@ -558,11 +560,11 @@ class Arbiter:
                 # Counted as a spare while it starts, so none replaces it: a worker that
                 # does not get ready (stopped, a hung user lookup before the privilege
                 # drop) is judged as a silent idle one is, not by the session timeouts.
-                silent = now - max(child.started, self._idle_clock_from)
+                silent = now - max(child.started, self._silence_from)
                 if silent > IDLE_SILENCE:
                     self._kill_idle(child, slot, silent, "did not get ready")
                 continue
-            silent = silent_for(slot.last_activity, child.started, now)
+            silent = silent_for(max(slot.last_activity, self._silence_from), child.started, now)
             if silent < child.stuck_after:
                 continue
             self.log.error("WORKER", f"worker {child.pid} made no progress for {silent:.0f}s; killing it "
@@ -832,7 +834,11 @@ class Arbiter:
 
 def run(cfg, overrides: dict | None = None) -> int:
     """Run the server until it is stopped; the exit status for the CLI."""
-    arbiter = Arbiter(cfg, overrides)
+    try:
+        arbiter = Arbiter(cfg, overrides)
+    except OSError as exc:  # the log file: writable when checked, and yet (a FIFO, no reader)
+        print(f"forksmtp: log.file: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
     try:
         arbiter.start()
     except (listeners.BindError, process.PidfileError, tls.TLSError, auth.PasswordFileError,

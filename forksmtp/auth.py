@@ -88,7 +88,7 @@ def load(path: str) -> dict[str, str]:
     away when a reload came, would otherwise shut every user out without a word."""
     users: dict[str, str] = {}
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(process.open_regular(path), encoding="utf-8") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         raise PasswordFileError(f"{path}: no such file (make it with: forksmtp passwd USER "
@@ -133,6 +133,8 @@ def set_password(path: str, user: str, password: str) -> None:
     except FileNotFoundError:
         mode, owner = 0o600, None
     else:
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would hold the reader; a device, feed it
+            raise PasswordFileError(f"{path} is not a regular file: not written")
         if st.st_uid not in trusted:  # its owner would read every hash written into it
             raise PasswordFileError(f"{path} is owned by uid {st.st_uid}, neither root nor you: not written")
         mode, owner = stat.S_IMODE(st.st_mode) & 0o770, (st.st_uid, st.st_gid)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass
 
+from forksmtp import process
 from forksmtp.listeners import ListenAddr, clash, parse_listen
 from forksmtp.smtp.commands import is_address_literal
 
@@ -295,8 +296,7 @@ def _readable_file(path: str) -> str:
     """The resolved path is in the message: a relative name is read beside the config
     file, which is not always where the operator made it."""
     try:
-        with open(path, "rb"):
-            pass
+        os.close(process.open_regular(path))
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
     return path

@@ -121,10 +121,14 @@ class Log:
 
     @staticmethod
     def open_file(path: str) -> int:
-        """The descriptor lines go to: the file at ``path``, or stderr for ""."""
+        """The descriptor lines go to: the file at ``path``, or stderr for "".
+
+        Opened without blocking: a FIFO with no reader fails at once (ENXIO), where it
+        would hold the master's start or reload until one came.  Writes to a FIFO, as
+        to any stream, do not block either (see ``_stream_sink``)."""
         if not path:
             return sys.stderr.fileno()
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o640)
 
     @staticmethod
     def discard(path: str, fd: int) -> None:

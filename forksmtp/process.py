@@ -1,5 +1,5 @@
-"""Operating-system plumbing: process titles, the pidfile, privilege drop,
-the parent-death pipe and readiness notification."""
+"""Operating-system plumbing: process titles, the pidfile and the files the master
+reads or replaces, privilege drop, the parent-death pipe and readiness notification."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import pwd
 import signal
 import socket
+import stat
 import tempfile
 from typing import Callable
 
@@ -160,6 +161,24 @@ def write_atomic(path: str, text: str, mode: int = 0o644, owner: tuple[int, int]
         except OSError:
             pass
         raise
+
+
+def open_regular(path: str) -> int:
+    """A descriptor of the regular file at ``path`` (through symlinks), read-only.
+
+    Opened without blocking: a FIFO put where a certificate, a key or the password file
+    belongs would otherwise hold the opener until something writes into it, and the
+    opener is the master, reloading (no signal handled, no worker reaped meanwhile).
+    Anything but a regular file raises OSError (EINVAL), as a device would feed the
+    reader without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def remove_pidfile(path: str) -> None:

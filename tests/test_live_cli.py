@@ -316,3 +316,36 @@ def test_no_arguments_uses_the_built_in_defaults(servers, tmp_path):
     assert len(files) == 1 and b"body defaults\n" in files[0].read_bytes()
     os.killpg(server.proc.pid, signal.SIGINT)
     assert server.proc.wait(20) == 0
+
+
+def test_a_log_fifo_with_no_reader_fails_the_start_at_once_and_one_with_a_reader_gets_the_log(tmp_path):
+    """Opening a FIFO for writing waits for a reader: the master sat in that open, before
+    it bound anything.  It now fails at once, in one line; with a reader the log goes to
+    it (a log shipper's pipe)."""
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    path = write_config(tmp_path / "f.toml", {
+        "server": {"listen": [f"{HOST}:{free_port()}"], "workers": 1},
+        "delivery": {"maildir": str(tmp_path / "Maildir")},
+        "log": {"file": str(fifo)},
+    })
+    result = run("-c", str(path), cwd=tmp_path)
+    assert result.returncode == 1, result
+    assert result.stderr == f"forksmtp: log.file: {fifo}: No such device or address\n"
+
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    proc = subprocess.Popen([*FORKSMTP, "-c", str(path)], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        text, deadline = b"", time.monotonic() + 20
+        while b"[READY]" not in text and time.monotonic() < deadline:
+            try:
+                text += os.read(reader, 65536)
+            except BlockingIOError:
+                time.sleep(0.05)
+        assert b"[READY] Listening on" in text, (text, proc.poll())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        os.close(reader)
+    assert proc.returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import glob
 import os
@@ -275,13 +276,14 @@ def test_workers_waiting_behind_a_held_lock_exit_when_the_master_dies(daemon_fac
         os.close(fd)
 
 
-def test_a_worker_that_never_gets_ready_is_killed_as_a_silent_idle_one_is(tmp_path):
-    """A starting worker counts as a spare, so none replaces it: one that never gets
-    ready (stopped, a user lookup that hangs before the privilege drop) used to wait for
-    the session timeouts' stuck limit (610 s by default) while clients queued."""
-    from forksmtp.arbiter import IDLE_SILENCE, Arbiter, Child
+@contextlib.contextmanager
+def _master_judging_one_slot(tmp_path, state: int, stuck_after: float = 610.0):
+    """The master's own check (Arbiter._murder_stuck) of a real process in one scoreboard
+    slot of the given state, with a heartbeat at the start: (arbiter, process, snapshot,
+    start time, log file)."""
+    from forksmtp.arbiter import Arbiter, Child
     from forksmtp.config import load_config
-    from forksmtp.scoreboard import _NCOUNTERS, STARTING, SlotInfo, Snapshot, Totals
+    from forksmtp.scoreboard import _NCOUNTERS, SlotInfo, Snapshot, Totals
 
     log = tmp_path / "forksmtp.log"
     (tmp_path / "forksmtp.toml").write_text(f'[log]\nfile = "{log}"\n')
@@ -289,20 +291,48 @@ def test_a_worker_that_never_gets_ready_is_killed_as_a_silent_idle_one_is(tmp_pa
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         t0 = time.monotonic()
-        arbiter.workers[sleeper.pid] = Child(sleeper.pid, 0, 1, t0, stuck_after=610.0)
+        arbiter.workers[sleeper.pid] = Child(sleeper.pid, 0, 1, t0, stuck_after=stuck_after)
         zero = Totals.from_counters([0] * _NCOUNTERS)
-        slot = SlotInfo(0, sleeper.pid, 1, STARTING, "", 0, "", 0.0, t0, -1, False, zero)
-        snap = Snapshot(8, 1, False, 0, 0, 0, (slot,), (), zero)
+        slot = SlotInfo(0, sleeper.pid, 1, state, "", 0, "", t0, t0, -1, False, zero)
+        yield arbiter, sleeper, Snapshot(8, 1, False, 0, 0, 0, (slot,), (), zero), t0, log
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+
+
+def test_a_worker_that_never_gets_ready_is_killed_as_a_silent_idle_one_is(tmp_path):
+    """A starting worker counts as a spare, so none replaces it: one that never gets
+    ready (stopped, a user lookup that hangs before the privilege drop) used to wait for
+    the session timeouts' stuck limit (610 s by default) while clients queued."""
+    from forksmtp.arbiter import IDLE_SILENCE
+    from forksmtp.scoreboard import STARTING
+
+    with _master_judging_one_slot(tmp_path, STARTING) as (arbiter, sleeper, snap, t0, log):
         for step in range(0, int(IDLE_SILENCE) + 1, 5):  # the master looks every few seconds
             arbiter._murder_stuck(snap, t0 + step)
         assert sleeper.poll() is None  # 30 s: not yet
         arbiter._murder_stuck(snap, t0 + IDLE_SILENCE + 4)
         assert sleeper.wait(5) == -signal.SIGKILL
         assert f"starting worker {sleeper.pid} did not get ready for 34s; killing it" in log.read_text()
-    finally:
-        if sleeper.poll() is None:
-            sleeper.kill()
-            sleeper.wait()
+
+
+def test_a_busy_worker_is_not_killed_for_a_stall_of_the_whole_host(tmp_path):
+    """A VM paused, a cgroup frozen (`docker pause`) for longer than the stuck limit: the
+    master, woken before its workers, judged a busy worker silent for the whole stall
+    and killed it (its client reset, not sent its 421).  Silence counts from the end of
+    a stall in the master's own loop; a worker silent for the limit after it still goes."""
+    from forksmtp.scoreboard import BUSY
+
+    with _master_judging_one_slot(tmp_path, BUSY, stuck_after=40.0) as (arbiter, sleeper, snap, t0, log):
+        arbiter._murder_stuck(snap, t0 + 1)
+        arbiter._murder_stuck(snap, t0 + 46)  # the master's first look after a 45 s stall
+        for step in range(46, 46 + 40, 5):  # no heartbeat since: the limit counts from 46
+            arbiter._murder_stuck(snap, t0 + step)
+        assert "made no progress" not in log.read_text() and not arbiter.workers[sleeper.pid].killed_because
+        arbiter._murder_stuck(snap, t0 + 46 + 41)
+        assert sleeper.wait(5) == -signal.SIGKILL
+        assert f"worker {sleeper.pid} made no progress for 41s; killing it" in log.read_text()
 
 
 def test_the_master_marks_again_a_worker_it_sent_sigterm_whose_mark_was_lost(tmp_path):

@@ -961,6 +961,31 @@ def test_sighup_with_the_password_file_gone_keeps_the_old_users(daemon_factory, 
     assert done.returncode == 2 and f"{pw}: no such file" in done.stderr, done
 
 
+@pytest.mark.parametrize("which, key", [("cert", "tls.cert_file"), ("key", "tls.key_file"),
+                                        ("passwords", "auth.password_file")])
+def test_a_fifo_where_a_tls_or_password_file_belongs_fails_the_reload_at_once(
+        daemon_factory, certs, tmp_path, which, key):
+    """Opening a FIFO for reading waits for a writer: the master, reloading, sat in that
+    open, handling no signal (SIGUSR1, SIGTERM) and reaping no worker until something
+    wrote into it; --check hung the same way.  Such a file is not a regular file, and
+    the reload fails at once, naming it."""
+    d, cert, key_file, pw = live_cert_daemon(daemon_factory, certs, tmp_path)
+    path = {"cert": cert, "key": key_file, "passwords": pw}[which]
+    path.unlink()
+    os.mkfifo(path)
+    d.signal(signal.SIGHUP)
+    text = d.wait_for_log("reload failed", TIMEOUT)
+    failure = [line for line in text.splitlines() if "reload failed" in line][-1]
+    assert key in failure and f"{path}" in failure and "not a regular file" in failure, failure
+    assert request_stats(d)["config_generation"] == 1  # the master answers signals
+    with starttls_client(d, certs) as client:  # and the old files serve on
+        assert fingerprint(client.sock) == certs.fingerprint(1)
+        assert client.login("alice", PASSWORD)[0] == 235
+    done = subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(d.config_path), "--check"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "not a regular file" in done.stderr, done
+
+
 def test_stats_count_tls_and_auth_outcomes(daemon_factory, certs, tmp_path):
     """Issue 5: the stats show the TLS and AUTH outcome of sessions."""
     from daemon import request_stats

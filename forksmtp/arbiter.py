@@ -837,7 +837,8 @@ def run(cfg, overrides: dict | None = None) -> int:
     try:
         arbiter = Arbiter(cfg, overrides)
     except OSError as exc:  # the log file: writable when checked, and yet (a FIFO, no reader)
-        print(f"forksmtp: log.file: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        where = f"log.file: {exc.filename}: {exc.strerror}" if exc.filename == cfg.log.file else exc
+        print(f"forksmtp: {where}", file=sys.stderr)
         return 1
     try:
         arbiter.start()

@@ -139,7 +139,7 @@ def set_password(path: str, user: str, password: str) -> None:
             raise PasswordFileError(f"{path} is owned by uid {st.st_uid}, neither root nor you: not written")
         mode, owner = stat.S_IMODE(st.st_mode) & 0o770, (st.st_uid, st.st_gid)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(process.open_regular(path), encoding="utf-8") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         lines = []

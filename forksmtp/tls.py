@@ -4,7 +4,10 @@ without a restart; a certificate that does not load keeps the old context."""
 
 from __future__ import annotations
 
+import os
 import ssl
+
+from . import process
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -21,8 +24,36 @@ def build_context(tls_cfg, config_file: str = "") -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     where = f"{config_file}: " if config_file else ""
+    fds = [_open(where, "tls.cert_file", tls_cfg.cert_file)]
     try:
-        ctx.load_cert_chain(tls_cfg.cert_file, tls_cfg.key_file, password=_no_passphrase)
+        fds.append(_open(where, "tls.key_file", tls_cfg.key_file))
+        _load(ctx, _by_descriptor(fds[0], tls_cfg.cert_file), _by_descriptor(fds[1], tls_cfg.key_file),
+              tls_cfg, where)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return ctx
+
+
+def _open(where: str, key: str, path: str) -> int:
+    """The file, opened without blocking and only if regular (process.open_regular): a
+    FIFO swapped in after the config was checked must not hold the master either."""
+    try:
+        return process.open_regular(path)
+    except OSError as exc:
+        raise TLSError(f"{where}{key}: {path}: {exc.strerror}") from None
+
+
+def _by_descriptor(fd: int, path: str) -> str:
+    """A name for OpenSSL that opens the file ``fd`` holds, not whatever ``path`` names
+    by then; the path itself where /proc is missing."""
+    name = f"/proc/self/fd/{fd}"
+    return name if os.path.exists(name) else path
+
+
+def _load(ctx: ssl.SSLContext, cert_name: str, key_name: str, tls_cfg, where: str) -> None:
+    try:
+        ctx.load_cert_chain(cert_name, key_name, password=_no_passphrase)
     except _Encrypted:
         raise TLSError(f"{where}tls.key_file: {tls_cfg.key_file}: the key is encrypted with a "
                        "pass phrase; give an unencrypted key readable only by forksmtp") from None
@@ -31,7 +62,7 @@ def build_context(tls_cfg, config_file: str = "") -> ssl.SSLContext:
     except ssl.SSLError as exc:
         # OpenSSL's "PEM lib" does not say which file failed; a cert file that parses
         # on its own leaves the key (unreadable, or not the certificate's).
-        if _holds_certificate(tls_cfg.cert_file):
+        if _holds_certificate(cert_name):
             key, path = "tls.key_file", tls_cfg.key_file
         else:
             key, path = "tls.cert_file", tls_cfg.cert_file
@@ -39,7 +70,6 @@ def build_context(tls_cfg, config_file: str = "") -> ssl.SSLContext:
                        f"{exc.reason or exc}") from None
     except OSError as exc:
         raise TLSError(f"{where}tls.cert_file/tls.key_file: {exc.strerror}") from None
-    return ctx
 
 
 class _Encrypted(Exception):

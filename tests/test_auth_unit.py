@@ -379,6 +379,29 @@ def test_unknown_mechanism_is_504_and_a_bare_auth_is_501():
     assert p.send("AUTH CRAM-MD5", "AUTH GSSAPI abc=", "AUTH") == ["504 5.5.4", "504 5.5.4", "501 5.5.4"]
 
 
+@pytest.mark.parametrize("separator", ["\t", "\x7f", "\x85"])
+def test_a_control_character_before_the_response_is_a_syntax_error_not_an_unknown_mechanism(separator):
+    """Only SP separates the response (RFC 4954 4); "PLAIN<TAB>..." names no mechanism."""
+    p = tls_peer()
+    assert p.send(f"AUTH PLAIN{separator}" + plain("alice", USERS["alice"])) == ["501 5.5.4"]
+    assert not any(isinstance(e, AuthRequest) for e in p.events)
+
+
+def test_a_mail_line_may_run_500_octets_over_the_limit_for_its_auth_parameter():
+    """RFC 4954 5: AUTH= lengthens the MAIL line by up to 500 octets, where AUTH is taken;
+    the rest of the line keeps the 512 limit."""
+    core = "MAIL FROM:<a@example.test>"
+    core += " " * (510 - len(core))  # 512 octets with the CRLF
+    value = "x" * (500 - len(" AUTH="))
+    p = tls_peer()
+    assert p.send(core + " AUTH=" + value, "RSET") == ["250 2.1.0", "250 2.0.0"]
+    assert p.send(core + " AUTH=" + value + "x") == ["500 5.5.2"]
+    assert p.send(core + "x AUTH=" + value) == ["500 5.5.2"]
+    # Where AUTH= is not taken (before TLS), it adds nothing.
+    p = peer(starttls=True, auth=True)
+    assert p.send(E, core + " AUTH=<>") == ["250", "500 5.5.2"]
+
+
 def test_failed_auth_counts_toward_the_error_limit():
     p = tls_peer(max_errors=3)
     assert p.send("AUTH PLAIN " + plain("alice", "x"), "AUTH PLAIN " + plain("alice", "y")) == [

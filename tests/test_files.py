@@ -107,3 +107,14 @@ def test_passwd_refuses_another_users_symlink_and_file(tmp_path):
     with pytest.raises(auth.PasswordFileError, match="owned by uid 65534"):
         auth.set_password(str(link), "root", "pw")
     assert link.read_text() == ""
+
+
+def test_passwd_refuses_a_fifo_or_a_device_in_the_password_files_place(tmp_path):
+    """Reading a FIFO waits for a writer, a device feeds the reader without end: neither
+    is a password file to update."""
+    fifo = tmp_path / "passwd"
+    os.mkfifo(fifo)
+    with pytest.raises(auth.PasswordFileError, match="not a regular file"):
+        auth.set_password(str(fifo), "alice", "pw")
+    with pytest.raises(auth.PasswordFileError, match="not a regular file"):
+        auth.set_password("/dev/zero", "alice", "pw")

@@ -11,7 +11,7 @@ import pytest
 from forksmtp.smtp import replies as R
 from forksmtp.smtp.session import (NEED_DATA, PAUSED, DataChunk, DataEnd, DataStart, Session, SessionConfig,
                                    StartTLS)
-from forksmtp.smtp.session import _loggable
+from forksmtp.smtp.session import MAX_LINE, _loggable
 from forksmtp.smtp.sessionlog import FREE_LINES
 from helpers import (HOSTNAME, codes, data_ends, events, feed, feed_codes, heads, new_session,
                      refuse_data_start, replies, stored, transcript)
@@ -327,6 +327,37 @@ def test_command_line_of_513_octets_is_500_and_session_goes_on():
     assert transcript(s, [M, RC, D, *BODY]) == [250, 250] + MSG
 
 
+def test_a_mail_line_may_run_over_the_limit_by_what_size_and_smtputf8_add():
+    """RFC 1870 6 and RFC 6531 3.4: SIZE= lengthens the MAIL line by up to 26 octets and
+    SMTPUTF8 by 10; the rest of the line keeps the 512 limit, and other commands too."""
+    core = "MAIL FROM:<alice@example.test>"
+    core += " " * (510 - len(core))  # 512 octets with the CRLF
+    size = " SIZE=" + "0" * 16 + "1000"  # 26 octets
+    s = new_session()
+    assert transcript(s, [E, core + size + " SMTPUTF8", "RSET"]) == [250, 250, 250]
+    assert transcript(s, [core + size + "0", core + "x" + size]) == [500, 500]
+    assert transcript(s, [core + " SMTPUTF8 SMTPUTF8"]) == [500]  # counted once
+    assert transcript(s, ["NOOP" + " " * (len(core) - 4) + size]) == [500]
+    assert transcript(s, [M, RC, D, *BODY]) == [250, 250] + MSG
+
+
+def test_parameter_words_inside_a_quoted_local_part_lengthen_nothing():
+    """The allowance is for the parameters after the path: a quoted local part may hold
+    spaces and words that look like them."""
+    core = 'MAIL FROM:<"a SIZE=' + "0" * 20 + ' SMTPUTF8 b"@example.test>'
+    core += " " * (510 - len(core))
+    s = new_session()
+    assert transcript(s, [E, core + " x"]) == [250, 500]
+    assert transcript(s, [core, "RSET"]) == [250, 250]  # 512 octets: taken
+
+
+def test_an_auth_line_over_512_octets_is_500_where_auth_is_not_configured():
+    """Only with [auth] may an AUTH line be longer (RFC 4954 4); without, AUTH is a
+    command like any other here, and the buffer now reads MAIL lines of 548 octets."""
+    s = new_session()
+    assert transcript(s, [E, "AUTH PLAIN " + "A" * 514, "AUTH PLAIN " + "A" * 499]) == [250, 500, 502]
+
+
 def test_long_ehlo_before_helo_is_500():
     s = new_session()
     assert transcript(s, ["EHLO " + "a" * 600, E]) == [500, 250]
@@ -343,7 +374,7 @@ def test_huge_line_in_pieces_gives_one_500():
     transcript(s, [E])
     for _ in range(200):
         assert feed(s, b"y" * 1000) == b""
-        assert s._lines.pending() <= 512
+        assert s._lines.pending() <= MAX_LINE
     assert feed_codes(s, b"\r\nNOOP\r\n") == [500, 250]
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from forksmtp.smtp import replies as R
 from forksmtp.smtp.buffer import TOO_LONG, DataReader, LineBuffer
-from forksmtp.smtp.session import DataEnd, DataStart, Session, SessionConfig
+from forksmtp.smtp.session import MAX_LINE, DataEnd, DataStart, Session, SessionConfig
 from helpers import HOSTNAME, Client
 
 # No example database: the tests leave no files behind; a failure prints its example.
@@ -74,7 +74,7 @@ def check_invariants(s: Session) -> None:
         assert s._lines.pending() == 0
         assert len(s._reader._pending) <= 1024
     else:
-        assert s._lines.pending() <= 512
+        assert s._lines.pending() <= MAX_LINE
 
 
 # -- random bytes -----------------------------------------------------------------------------------

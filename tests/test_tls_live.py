@@ -986,6 +986,34 @@ def test_a_fifo_where_a_tls_or_password_file_belongs_fails_the_reload_at_once(
     assert done.returncode == 2 and "not a regular file" in done.stderr, done
 
 
+@pytest.mark.parametrize("which", ["cert", "key"])
+def test_the_context_is_built_from_what_was_opened_never_from_a_fifo(certs, tmp_path, which):
+    """build_context opens each file without blocking, and OpenSSL reads what it opened:
+    a FIFO swapped in after the config was checked fails at once, naming the key."""
+    import threading
+    from types import SimpleNamespace
+
+    from forksmtp.tls import TLSError, build_context
+
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)
+    paths = {"cert_file": certs.cert, "key_file": certs.key, "min_version": "TLSv1.2"}
+    paths[f"{which}_file"] = fifo
+    outcome: list = []
+
+    def build() -> None:
+        try:
+            build_context(SimpleNamespace(**paths), "f.toml")
+        except TLSError as exc:
+            outcome.append(str(exc))
+
+    worker = threading.Thread(target=build, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert outcome == [f"f.toml: tls.{which}_file: {fifo}: not a regular file"], "still in open()"
+    build_context(SimpleNamespace(cert_file=certs.cert, key_file=certs.key, min_version="TLSv1.2"))
+
+
 def test_stats_count_tls_and_auth_outcomes(daemon_factory, certs, tmp_path):
     """Issue 5: the stats show the TLS and AUTH outcome of sessions."""
     from daemon import request_stats

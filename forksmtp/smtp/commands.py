@@ -7,7 +7,6 @@ in effect (RFC 6531); otherwise they get 553 5.6.7.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -48,8 +47,9 @@ assert _PATH.groups == 2  # parse_path unpacks m.groups() as (local, domain)
 _QUOTED_PAIR: Final = re.compile(r"\\(.)")
 _KEYWORD: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _VALUE: Final = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+\Z")
-_GENERAL_LITERAL: Final = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+\Z")
-_IPV4_LITERAL: Final = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+_IPV4_LITERAL: Final = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}\Z")
+_IPV6_HEX: Final = re.compile(r"[0-9A-Fa-f]{1,4}\Z")
+MAX_LABEL: Final = 63  # RFC 1035 2.3.4: octets of one label of a domain name
 
 
 @dataclass(slots=True, init=False)
@@ -100,7 +100,17 @@ def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool = False,
         return Path(local, ""), text[end:]
     if domain[0] == "[":
         _check_literal(domain)
+    elif (len(domain) > MAX_LABEL or not domain.isascii()) and any(map(_label_too_long, domain.split("."))):
+        raise CommandError(R.R501_BAD_ADDRESS)
     return Path(f"{local}@{domain}", domain.lower()), text[end:]
+
+
+def _label_too_long(label: str) -> bool:
+    """Over 63 octets in DNS: an internationalised label is its A-label there
+    (RFC 5890 2.3.2.1), "xn--" and the Punycode of its characters."""
+    if label.isascii():
+        return len(label) > MAX_LABEL
+    return 4 + len(label.encode("punycode")) > MAX_LABEL
 
 
 def canonical_quoted(local: str) -> str:
@@ -126,21 +136,39 @@ def is_address_literal(text: str) -> bool:
 
 
 def _check_literal(literal: str) -> None:
-    """RFC 5321 4.1.3: IPv4, IPv6: or a standardized-tag general literal."""
+    """RFC 5321 4.1.3: an IPv4 or an IPv6 address literal.  A General-address-literal's
+    tag must be registered with IANA, and IPv6 is the only one that is."""
     inner = literal[1:-1]
-    try:
-        if inner[:5].lower() == "ipv6:":
-            if "%" in inner:  # ipaddress takes a zone id ("fe80::1%eth0"); RFC 5321 does not
-                raise ValueError(inner)
-            ipaddress.IPv6Address(inner[5:])
-        elif inner[:1].isdigit():
-            # Snum = 1*3DIGIT, 0 to 255: leading zeros are allowed, which ipaddress refuses.
-            if not _IPV4_LITERAL.fullmatch(inner) or max(map(int, inner.split("."))) > 255:
-                raise ValueError(inner)
-        elif not _GENERAL_LITERAL.match(inner):
-            raise ValueError(inner)
-    except ValueError:
-        raise CommandError(R.R501_BAD_ADDRESS) from None
+    ok = _ipv6_literal(inner[5:]) if inner[:5].lower() == "ipv6:" else _ipv4_literal(inner)
+    if not ok:
+        raise CommandError(R.R501_BAD_ADDRESS)
+
+
+def _ipv4_literal(text: str) -> bool:
+    """Snum "." Snum "." Snum "." Snum; Snum = 1*3DIGIT, 0 to 255 (leading zeros allowed,
+    which Python's ipaddress refuses)."""
+    return bool(_IPV4_LITERAL.match(text)) and max(map(int, text.split("."))) <= 255
+
+
+def _ipv6_literal(text: str) -> bool:
+    """RFC 5321 4.1.3's IPv6-addr, written out: Python's ipaddress is laxer ("::" for a
+    single group, as in 1:2:3:4:5:6:7::, where the RFC allows at most 6 groups beside
+    it; a zone id) and stricter (no leading zero in an IPv4 part, which Snum allows)."""
+    groups = 8
+    if "." in text:  # IPv6v4-full or -comp: the IPv4 address stands for two groups
+        text, _, v4 = text.rpartition(":")
+        if not _ipv4_literal(v4):
+            return False
+        groups = 6
+        if text.endswith(":"):  # "::" right before the IPv4 part: put its colon back
+            text += ":"
+    if "::" in text:
+        left, _, right = text.partition("::")
+        parts = (left.split(":") if left else []) + (right.split(":") if right else [])
+        limit = groups - 2  # "::" stands for at least two groups
+        return len(parts) <= limit and all(_IPV6_HEX.match(p) for p in parts)
+    parts = text.split(":")
+    return len(parts) == groups and all(_IPV6_HEX.match(p) for p in parts)
 
 
 def parse_params(text: str) -> dict[str, str | None]:

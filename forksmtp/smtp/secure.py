@@ -96,11 +96,14 @@ class SecureCommands:
         if self.auth_user:
             raise CommandError(R.R503_ALREADY_AUTH)
         mechanism, _, initial = arg.strip().partition(" ")
+        # A control character in the name ("PLAIN<TAB>response": only SP separates the
+        # response) is a syntax error, not a mechanism this server lacks.
+        named = mechanism != "" and not any(c < " " or "\x7f" <= c <= "\x9f" for c in mechanism)
         # ASCII only (RFC 4422 3.1): str.upper() maps "ı" (U+0131) to "I", so "PLAıN" would
         # otherwise run PLAIN, as the command verbs guard against too.
         mechanism = mechanism.upper() if mechanism.isascii() else "?"
         if mechanism not in MECHANISMS:
-            raise CommandError(R.R504_AUTH_MECHANISM if mechanism else R.R501_SYNTAX)
+            raise CommandError(R.R504_AUTH_MECHANISM if named else R.R501_SYNTAX)
         exchange = AuthExchange(mechanism)
         self._auth_step(exchange, exchange.start, initial.strip() or None)
 

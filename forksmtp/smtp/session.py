@@ -34,6 +34,10 @@ __all__ = ["Session", "SessionConfig", "Envelope", "DataStart", "DataChunk", "Da
            "StartTLS", "AuthRequest", "Credentials", "NEED_DATA", "PAUSED"]
 
 MAX_COMMAND: Final = 512  # RFC 5321 4.5.3.1.4, CRLF included
+#: What MAIL parameters add to that limit, each at most (see Session._mail_allowance).
+_MAIL_ALLOWANCES: Final = {"SIZE": 26, "SMTPUTF8": 10, "AUTH": 500}
+#: The longest line read whole where AUTH is not offered: a MAIL line at its limit.
+MAX_LINE: Final = MAX_COMMAND + _MAIL_ALLOWANCES["SIZE"] + _MAIL_ALLOWANCES["SMTPUTF8"]
 MAX_AUTH_LINE: Final = 12288  # RFC 4954 4: AUTH lines may carry long SASL responses
 
 NEED_DATA: Final = "NEED_DATA"
@@ -97,7 +101,7 @@ class Session(SecureCommands):
         self._logbook = SessionLog(self.log)  # what goes into it, and its bound
         self.error_codes: list[int] = []  # 4xx/5xx replies given, for the stats
         self._normalize = config.normalize_bare_newlines if normalize is None else normalize
-        self._lines = LineBuffer(MAX_AUTH_LINE if config.auth else MAX_COMMAND)
+        self._lines = LineBuffer(MAX_AUTH_LINE if config.auth else MAX_LINE)
         self._reader: DataReader | None = None
         self._out: list[bytes] = []
         self._events: list[object] = []
@@ -240,9 +244,11 @@ class Session(SecureCommands):
         # response sent ahead of the refusal (a LOGIN user name, a password).
         hidden = (self._count_after_auth(line)
                   and verb not in _HANDLERS and verb not in NOT_OFFERED)
-        if len(line) > MAX_COMMAND - 2 and verb != "AUTH":
-            # The buffer allows long lines for AUTH only (with AUTH offered); any other
-            # is refused unread, and unlogged, like one over the buffer's limit.
+        if len(line) > MAX_COMMAND - 2 and not (verb == "AUTH" and self.config.auth) and not (
+                verb == "MAIL" and len(line) + 2 - self._mail_allowance(arg) <= MAX_COMMAND):
+            # The buffer allows long lines for AUTH (with AUTH offered) and for the
+            # parameters that lengthen MAIL; any other is refused unread, and
+            # unlogged, like one over the buffer's limit.
             self._log("<command line too long>")
             return self._send(R.R500_LINE_TOO_LONG)
         if hidden:
@@ -273,6 +279,27 @@ class Session(SecureCommands):
             handler(self, arg)
         except CommandError as exc:
             self._send(exc.reply)
+
+    def _mail_allowance(self, arg: str) -> int:
+        """Octets a MAIL line may run over MAX_COMMAND for its parameters: up to 26 for
+        SIZE= (RFC 1870 6), 10 for SMTPUTF8 (RFC 6531 3.4) and, with AUTH offered, 500
+        for AUTH= (RFC 4954 5), each counted once with the space before it."""
+        rest = split_prefix(arg, "FROM:")
+        try:  # the parameters are what follows the path (a quoted one may hold spaces)
+            tail = parse_path(rest, allow_null=True, allow_no_domain=True)[1] if rest else ""
+        except CommandError:
+            return 0  # refused as too long rather than for its syntax, as any long line
+        allowance: dict[str, int] = {}
+        for item in tail.split(" "):
+            key = item.partition("=")[0]
+            key = key.upper() if key.isascii() else ""  # "ſIZE".upper() is "SIZE"
+            limit = _MAIL_ALLOWANCES.get(key, 0) if key != "AUTH" or self._auth_usable() else 0
+            allowance[key] = min(len(item) + 1, limit)
+        return sum(allowance.values())
+
+    def _auth_usable(self) -> bool:
+        """AUTH may run now, and so AUTH= is taken: over TLS, or where allowed without."""
+        return self.config.auth and (self.tls or self.config.auth_insecure)
 
     def _offered(self, verb: str) -> bool:
         if verb == "STARTTLS":
@@ -354,7 +381,7 @@ class Session(SecureCommands):
         A receiver that stores mail and relays none has nobody to pass it on to, so the
         value is checked and dropped, as the RFC has a server do when it does not trust
         it (the same as ``AUTH=<>``)."""
-        if not self.config.auth or not (self.tls or self.config.auth_insecure):
+        if not self._auth_usable():
             raise CommandError(R.R555_UNKNOWN_PARAM)
         if value is None or not (value == "<>" or _XTEXT.fullmatch(value)):
             raise CommandError(R.R501_BAD_PARAM_VALUE)
@@ -367,7 +394,8 @@ class Session(SecureCommands):
             raise CommandError(R.R552_TOO_BIG)
 
     def _param_body(self, value: str | None) -> None:
-        if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+        # ASCII only: str.upper() makes "8BıTMIME" (a dotless i) 8BITMIME.
+        if value is None or not value.isascii() or value.upper() not in ("7BIT", "8BITMIME"):
             raise CommandError(R.R501_BAD_PARAM_VALUE)
 
     def _param_smtputf8(self, value: str | None) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from benchlib.measure import MIN_SPLIT_S  # noqa: E402
-from benchlib.summary import summarise  # noqa: E402
+from benchlib.summary import check_targets, summarise  # noqa: E402
 
 
 def cell(round_: int, cpu_ms: float, ticks_user: float, ticks_sys: float, problem: str = "") -> dict:
@@ -32,3 +32,11 @@ def test_no_split_from_too_few_ticks():
     row = summarise([cell(1, 0.1, MIN_SPLIT_S * 0.2, MIN_SPLIT_S * 0.2)])["durable"]["loop"]["1"]
     assert row["cpu_ms_per_msg"] == 0.1
     assert row["cpu_user_ms_per_msg"] is None and row["cpu_sys_ms_per_msg"] is None
+
+
+def test_a_skipped_big_message_is_not_named_a_0_mib_one():
+    from types import SimpleNamespace
+    for mib, name in ((50, "50 MiB message"), (0, "big message (--big-mib 0: not run)")):
+        bench = SimpleNamespace(args=SimpleNamespace(sessions=[50], big_mib=mib))
+        rows = [row["target"] for row in check_targets(bench, [], {})]
+        assert f"{name}: worker RSS growth MiB" in rows and f"{name}: throughput vs disk" in rows

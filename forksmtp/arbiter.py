@@ -173,10 +173,11 @@ class Arbiter:
         a read-only file system under one user's Maildir must not stop a certificate's
         reload, or the server from starting after a reboot."""
         keys = config_mod.maildir_keys(cfg.delivery)
-        ready = []
         for path in sorted(keys):
+            error = self._make_maildir(path, cfg)[1]
             try:
-                maildir.Maildir(path, fsync=cfg.delivery.fsync)
+                if error is not None:
+                    raise error
                 config_checks._creatable_dir(path)  # made, but perhaps on a read-only file system
             except (OSError, ValueError) as exc:
                 problem = (f"cannot make the Maildir: {exc.filename or path}: {exc.strerror or exc}"
@@ -186,15 +187,26 @@ class Arbiter:
                                        f"{keys[path]} = {path}: {problem}") from exc
                 self.log.warning("STORE", f"{keys[path]} = {path}: {problem}; "
                                           "its mail gets 451 until this is fixed")
-                # What it made before failing (tmp/ and new/, with a file where cur/
-                # belongs) must be the workers' once the rest is fixed.
-                if os.path.isdir(path):  # chown_tree never follows a link below it
-                    self._give_to_workers([path], cfg)
                 continue
-            ready.append(path)
             self._clean_tmp(path)
-        if cfg.server.user or cfg.server.group:
-            process.chown_tree(ready, cfg.server.user, cfg.server.group)
+
+    def _make_maildir(self, path: str, cfg=None) -> tuple[list[str], Exception | None]:
+        """Make what is missing of the Maildir at ``path``: what was made, and the error
+        that stopped it, if one did.  What was made goes to the workers' user, also what
+        a failure part of the way left (tmp/ and new/, with a file where cur/ belongs):
+        root's, the workers could not write there once the rest is fixed, and no later
+        pass would find it missing.  What was there already is left as it is: it may be
+        a mail reader's (Dovecot's folders, which a chown locks it out of)."""
+        subs = [os.path.join(path, sub) for sub in ("tmp", "new", "cur")]
+        missing = [d for d in (path, *subs) if not os.path.isdir(d)]
+        error: Exception | None = None
+        try:
+            maildir.Maildir(path, fsync=(cfg or self.cfg).delivery.fsync)
+        except (OSError, ValueError) as exc:
+            error = exc
+        made = [d for d in missing if os.path.isdir(d) and not os.path.islink(d)]
+        self._give_to_workers(made, cfg)
+        return made, error
 
     def _title(self) -> str:
         where = self.cfg.path or "built-in defaults"
@@ -650,31 +662,24 @@ class Arbiter:
     def _remake(self, path: str) -> None:
         """Make again what is missing of a Maildir.  Delivery makes ``tmp/`` and ``new/``
         when it finds them gone, but never looks at ``cur/``, which only readers use."""
-        missing = [d for d in (path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur")))
-                   if not os.path.isdir(d)]
-        if not missing:
+        if all(os.path.isdir(d) for d in (path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur")))):
             return
-        try:
-            maildir.Maildir(path, fsync=self.cfg.delivery.fsync)
-        except (OSError, ValueError) as exc:
-            self.log.warning("STORE", f"cannot make {path} again: {exc}")
-        finally:
-            # Also what a failure part of the way left made: root's, the workers could not
-            # write there, and a later pass would not find it missing.
-            made = [d for d in missing if os.path.isdir(d) and not os.path.islink(d)]
-            self._give_to_workers(made)
+        made, error = self._make_maildir(path)
+        if error is not None:
+            self.log.warning("STORE", f"cannot make {path} again: {error}")
         if made:
             self.log.warning("STORE", f"made again, found missing: {', '.join(made)}")
 
     def _give_to_workers(self, directories: list[str], cfg=None) -> None:
-        """chown to server.user/group, if set, directories the master made; a failure
-        is logged, not raised (a broken mailbox must not stop the rest)."""
+        """chown to server.user/group, if set, directories the master made (each alone,
+        not what is below it); a failure is logged, not raised (a broken mailbox must
+        not stop the rest)."""
         server = (cfg or self.cfg).server
         if not (server.user or server.group):
             return
         for directory in directories:
             try:
-                process.chown_tree([directory], server.user, server.group)
+                process.chown_dir(directory, server.user, server.group)
             except OSError as exc:
                 self.log.warning("STORE", f"cannot give {directory} to the workers' user: {exc}")
 

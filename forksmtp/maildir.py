@@ -115,6 +115,29 @@ def _unlink_quiet(path: str) -> int:
     return 1
 
 
+def _unlink_copy(linked: str, md: "Maildir") -> None:
+    """Remove a copy linked into new/ by a delivery that then failed, best effort.  A
+    mail reader may have moved it into cur/ meanwhile (as NAME:2,FLAGS): it goes there,
+    or the client's retry after the 451 would leave the message twice."""
+    try:
+        os.unlink(linked)
+        return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return
+    name = linked.rpartition("/")[2]
+    try:
+        with os.scandir(md.cur) as entries:
+            moved = [e.path for e in entries if e.name == name or e.name.startswith(name + ":")]
+        for path in moved:
+            os.unlink(path)
+        if moved and md.fsync:
+            _fsync_dir(md.cur)
+    except OSError:
+        pass
+
+
 def _write_all(fd: int, buf: bytes | bytearray) -> None:
     with memoryview(buf) as view:
         done, total = 0, len(view)
@@ -171,7 +194,14 @@ class Maildir:
             above.append(parent)
             parent = os.path.dirname(parent)
         made = [d for d in reversed(above) if _mkdir(d, 0o777)]  # umask decides, as mkdir -p
-        made += [d for d in (self.path, self.tmp, self.new, self.cur) if _mkdir(d, 0o700)]
+        made += [d for d in (self.path, self.tmp, self.new) if _mkdir(d, 0o700)]
+        try:
+            if _mkdir(self.cur, 0o700):
+                made.append(self.cur)
+        except PermissionError:
+            # Only readers use cur/: a worker that may not make it in a Maildir it does
+            # not own still delivers, and the master's pass makes it (README, Layout).
+            pass
         for sub in (self.tmp, self.new):  # refused now, not at each message (_open_sub)
             if os.path.islink(sub):
                 raise _symlink_refused(sub)
@@ -188,24 +218,27 @@ class Maildir:
         while the server runs is made again."""
         try:
             try:
-                return self._begin()
+                return self._begin(first=True)
             except FileNotFoundError:
                 self.make()
-                return self._begin()
+                return self._begin(first=False)
         except OSError as exc:
             blame(exc, self.path)
             raise
 
-    def _begin(self) -> Delivery:
+    def _begin(self, first: bool) -> Delivery:
         if self.use_tmpfile:
             try:
                 fd = _open_sub(self.tmp, _TMPFILE | os.O_WRONLY | os.O_CLOEXEC)
             except OSError as exc:
                 if exc.errno not in _TMPFILE_REFUSED:
                     raise
+                if exc.errno == errno.ENOENT and first:
+                    # Most likely tmp/ gone for a moment (a reader renaming the folder,
+                    # a remove): begin() makes it and tries again.  Only an ENOENT right
+                    # after that is a kernel refusing O_TMPFILE, to remember.
+                    raise
                 delivery = self._begin_named()
-                # Remembered only now: ENOENT may just mean tmp/ is gone, which
-                # the named fallback would have reported above.
                 self.use_tmpfile = False
                 return delivery
             return Delivery(self, fd, None)
@@ -318,7 +351,7 @@ class Delivery:
         self._pieces.clear()
         self._held = 0
         if self._linked is not None:
-            _unlink_quiet(self._linked)
+            _unlink_copy(self._linked, self.maildir)
         if self._tmp is not None:
             _unlink_quiet(self._tmp)
         self._linked = self._tmp = None

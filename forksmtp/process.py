@@ -245,16 +245,13 @@ def drop_privileges(user: str, group: str) -> None:
         os.setuid(uid)
 
 
-def chown_tree(paths: list[str], user: str, group: str) -> None:
-    """Give the Maildirs to the unprivileged user so workers can write after the drop."""
+def chown_dir(path: str, user: str, group: str) -> None:
+    """Give a directory the master made to the unprivileged user, so that workers can
+    write there after the drop; never through a symlink swapped in meanwhile."""
     uid, gid = resolve_ids(user, group)
     if uid is None and gid is None:
         return
-    for top in paths:
-        for root, dirs, _files in os.walk(top):  # never into a symlinked directory
-            # Nor through one swapped in meanwhile: only the configured path may be a link.
-            os.chown(root, -1 if uid is None else uid, -1 if gid is None else gid,
-                     follow_symlinks=root == top)
+    os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
 
 
 def sd_notify(message: str) -> None:

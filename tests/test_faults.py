@@ -577,6 +577,32 @@ def test_a_mailbox_that_fails_part_way_at_start_is_still_the_workers_once_fixed(
     assert len(list((box / "new").iterdir())) == 1
 
 
+def test_a_maildir_that_was_there_keeps_its_owner_and_so_do_its_folders(nobody_dir, daemon_factory):
+    """A mail reader's Maildir (Dovecot's, made as its own user, with Maildir++ folders)
+    listed under [mailboxes]: every start and reload chowned the whole tree to
+    server.user, and the reader could no longer open it.  Only what the master makes
+    goes to the workers' user; a message file is the workers' as always."""
+    base, nobody = nobody_dir
+    md, box = base / "Maildir", base / "reader" / "Maildir"
+    reader = nobody.pw_uid + 1000
+    dirs = [box, *(box / sub for sub in ("tmp", "new", "cur", ".Sub", ".Sub/tmp", ".Sub/new", ".Sub/cur"))]
+    for directory in dirs:
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o777)  # a reader that lets the workers write (a shared group, say)
+        os.chown(directory, reader, reader)
+    d = daemon_factory(server={"user": "nobody"}, sections={"delivery": {"maildir": str(md)},
+                                                           "mailboxes": {"reader@example.test": str(box)}})
+    assert (md / "new").stat().st_uid == nobody.pw_uid  # made by the master: the workers'
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as client:
+        client.ehlo("client.example")
+        assert client.sendmail("a@client.example", ["reader@example.test"], b"Subject: x\r\n\r\nhi\r\n") == {}
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("configuration generation 2 loaded")
+    assert {str(p): (p.stat().st_uid, p.stat().st_gid) for p in dirs} == {str(p): (reader, reader) for p in dirs}
+    (stored,) = (box / "new").iterdir()
+    assert stored.stat().st_uid == nobody.pw_uid
+
+
 def test_a_log_reader_that_stops_reading_stops_neither_mail_nor_the_master(tmp_path):
     """stderr is a pipe whose reader has stopped (a stuck journald): past the pipe's
     64 KiB, every write would block.  Mail still flows, SIGTERM still stops the server,

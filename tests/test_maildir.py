@@ -264,6 +264,51 @@ def test_abort_is_idempotent(tmp_path, mode):
         delivery.commit()
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_failed_delivery_takes_back_a_copy_a_reader_already_moved_to_cur(tmp_path, mode):
+    """Between the link into new/ and the fsync that makes it durable, a mail reader
+    (Dovecot, on a SELECT) may move the copy into cur/ as NAME:2,FLAGS.  If the commit
+    then fails, the copy must go from there: the client is told 451 and sends again."""
+    md = make(tmp_path / "md", mode)
+    kept = deliver(md, b"Subject: an earlier message\n\n")
+    os.rename(kept, os.path.join(md.cur, os.path.basename(kept) + ":2,S"))
+    delivery = md.begin()
+    delivery.write(b"Subject: x\n\nbody\n")
+    delivery._sync()
+    delivery._link(os.getpid())  # as commit_all does before its fsyncs
+    linked = delivery._linked
+    assert linked is not None
+    os.rename(linked, os.path.join(md.cur, os.path.basename(linked) + ":2,"))  # the reader
+    delivery.abort()  # what commit_all does when a later step fails
+    assert listing(md) == ([], [])
+    assert os.listdir(md.cur) == [os.path.basename(kept) + ":2,S"]
+
+
+@pytest.mark.parametrize("refusals, tmpfile_kept", [(1, True), (2, False)],
+                         ids=["tmp-gone-for-a-moment", "o_tmpfile-refused"])
+def test_an_enoent_on_the_unnamed_open_gives_o_tmpfile_up_only_if_it_comes_again(
+        tmp_path, monkeypatch, refusals, tmpfile_kept):
+    """ENOENT from the O_TMPFILE open is a kernel without O_TMPFILE, or tmp/ gone for a
+    moment (a reader renaming the folder, another worker remaking it): the worker used
+    named tmp/ files for that Maildir until it exited.  The Maildir is made and the
+    open tried again; only a second ENOENT is remembered as a refusal."""
+    md = make(tmp_path / "md")
+    if not md.use_tmpfile:
+        pytest.skip("no O_TMPFILE here")
+    real_open, failed = os.open, []
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & maildir._TMPFILE == maildir._TMPFILE and len(failed) < refusals:
+            failed.append(path)
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(maildir.os, "open", open_)
+    deliver(md, b"Subject: x\n\nbody\n")
+    assert len(failed) == refusals and md.use_tmpfile is tmpfile_kept
+    assert listing(md)[0] == [] and len(listing(md)[1]) == 1
+
+
 def test_abort_after_commit_keeps_message(tmp_path):
     md = Maildir(str(tmp_path / "md"))
     delivery = md.begin()

@@ -188,7 +188,30 @@ class Arbiter:
                 self.log.warning("STORE", f"{keys[path]} = {path}: {problem}; "
                                           "its mail gets 451 until this is fixed")
                 continue
+            self._warn_unwritable(path, keys[path], cfg)
             self._clean_tmp(path)
+
+    def _warn_unwritable(self, path: str, key: str, cfg) -> None:
+        """A Maildir that was there (a mail reader's: the master gives the workers only
+        what it makes) whose tmp/ or new/ the workers' user may not write: say so at the
+        start or reload, not only at its first message's 451."""
+        server = cfg.server
+        try:
+            uid, gid = process.resolve_ids(server.user, server.group)
+        except (KeyError, OSError):
+            return  # the user went since the config was checked: the drop will say so
+        if uid is None or gid is None:
+            return  # workers run as root
+        for sub in ("tmp", "new"):
+            directory = os.path.join(path, sub)
+            try:
+                st = os.stat(directory)
+            except OSError:
+                continue
+            if not process.writable_by(st, uid, gid):
+                self.log.warning("STORE", f"{key} = {path}: {directory} is not writable by the workers' "
+                                          f"user {server.user} (owner {st.st_uid}:{st.st_gid}, mode "
+                                          f"{st.st_mode & 0o7777:04o}); its mail gets 451 until this is fixed")
 
     def _make_maildir(self, path: str, cfg=None) -> tuple[list[str], Exception | None]:
         """Make what is missing of the Maildir at ``path``: what was made, and the error

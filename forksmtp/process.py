@@ -245,6 +245,15 @@ def drop_privileges(user: str, group: str) -> None:
         os.setuid(uid)
 
 
+def writable_by(st: os.stat_result, uid: int, gid: int) -> bool:
+    """Whether a directory's mode lets ``uid``, in the one group ``gid`` (as workers run:
+    drop_privileges keeps no other), make entries in it.  ACLs are not read."""
+    if uid == 0:
+        return True
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
+    return (st.st_mode >> shift) & 0o3 == 0o3
+
+
 def chown_dir(path: str, user: str, group: str) -> None:
     """Give a directory the master made to the unprivileged user, so that workers can
     write there after the drop; never through a symlink swapped in meanwhile."""

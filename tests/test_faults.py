@@ -603,6 +603,30 @@ def test_a_maildir_that_was_there_keeps_its_owner_and_so_do_its_folders(nobody_d
     assert stored.stat().st_uid == nobody.pw_uid
 
 
+def test_a_maildir_the_workers_user_may_not_write_is_named_at_start(nobody_dir, daemon_factory):
+    """A Maildir that was there keeps its owner, so one its owner keeps to itself gets
+    451 for every message: the start says so, naming the directory, its owner and mode."""
+    base, nobody = nobody_dir
+    md, box = base / "Maildir", base / "private" / "Maildir"
+    other = nobody.pw_uid + 1000
+    for directory in (box, box / "tmp", box / "new", box / "cur"):
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o755 if directory == box else 0o700)
+        os.chown(directory, other, other)
+    d = daemon_factory(server={"user": "nobody"}, sections={"delivery": {"maildir": str(md)},
+                                                           "mailboxes": {"private@example.test": str(box)}})
+    text = d.wait_for_log("[READY]")
+    for sub in ("tmp", "new"):
+        assert (f'[STORE] mailboxes."private@example.test" = {box}: {box / sub} is not writable by the '
+                f"workers' user nobody (owner {other}:{other}, mode 0700); its mail gets 451") in text
+    assert f"{md}" not in text.split("[READY]")[0]  # the catch-all, made by the master: the workers'
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as client:
+        client.ehlo("client.example")
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("a@client.example", ["private@example.test"], b"Subject: x\r\n\r\nhi\r\n")
+        assert refused.value.smtp_code == 451
+
+
 def test_a_log_reader_that_stops_reading_stops_neither_mail_nor_the_master(tmp_path):
     """stderr is a pipe whose reader has stopped (a stuck journald): past the pipe's
     64 KiB, every write would block.  Mail still flows, SIGTERM still stops the server,

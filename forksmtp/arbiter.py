@@ -24,6 +24,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import sys
 import time
 import traceback
@@ -50,6 +51,15 @@ STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
 #: Workers hold the admission lock for microseconds: when the master has failed to take it
 #: for this long, its holder is stopped or wedged, and every admission waits behind it.
 LOCK_STALL = 5.0
+
+
+def _roots_directory(path: str, follow: bool) -> bool:
+    """A directory (through a symlink only if ``follow``) that root owns."""
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0
 
 
 def _is_crash(status: int, served: int) -> bool:
@@ -202,24 +212,29 @@ class Arbiter:
             return  # the user went since the config was checked: the drop will say so
         if uid is None or gid is None:
             return  # workers run as root
-        for sub in ("tmp", "new"):
-            directory = os.path.join(path, sub)
+        for directory, need, what in ((path, 0o1, "searchable"), (os.path.join(path, "tmp"), 0o3, "writable"),
+                                      (os.path.join(path, "new"), 0o3, "writable")):
             try:
                 st = os.stat(directory)
             except OSError:
                 continue
-            if not process.writable_by(st, uid, gid):
-                self.log.warning("STORE", f"{key} = {path}: {directory} is not writable by the workers' "
+            if not process.writable_by(st, uid, gid, need):
+                self.log.warning("STORE", f"{key} = {path}: {directory} is not {what} by the workers' "
                                           f"user {server.user} (owner {st.st_uid}:{st.st_gid}, mode "
                                           f"{st.st_mode & 0o7777:04o}); its mail gets 451 until this is fixed")
+                return
 
     def _make_maildir(self, path: str, cfg=None) -> tuple[list[str], Exception | None]:
         """Make what is missing of the Maildir at ``path``: what was made, and the error
-        that stopped it, if one did.  What was made goes to the workers' user, also what
-        a failure part of the way left (tmp/ and new/, with a file where cur/ belongs):
-        root's, the workers could not write there once the rest is fixed, and no later
-        pass would find it missing.  What was there already is left as it is: it may be
-        a mail reader's (Dovecot's folders, which a chown locks it out of)."""
+        that stopped it, if one did.
+
+        Then the Maildir's own directories that are root's go to the workers' user:
+        what this master made, also what a failure part of the way left (tmp/ and new/,
+        with a file where cur/ belongs), and what an earlier run without server.user or
+        an operator's mkdir made; the workers must write tmp/ and new/.  A directory of
+        any other owner is left as it is, and nothing below them is touched: it is a
+        mail reader's (Dovecot's, and its Maildir++ folders, which a chown locked it out
+        of), or one a reader made meanwhile."""
         subs = [os.path.join(path, sub) for sub in ("tmp", "new", "cur")]
         missing = [d for d in (path, *subs) if not os.path.isdir(d)]
         error: Exception | None = None
@@ -228,7 +243,7 @@ class Arbiter:
         except (OSError, ValueError) as exc:
             error = exc
         made = [d for d in missing if os.path.isdir(d) and not os.path.islink(d)]
-        self._give_to_workers(made, cfg)
+        self._give_to_workers([d for d in (path, *subs) if _roots_directory(d, follow=d == path)], cfg, top=path)
         return made, error
 
     def _title(self) -> str:
@@ -693,16 +708,16 @@ class Arbiter:
         if made:
             self.log.warning("STORE", f"made again, found missing: {', '.join(made)}")
 
-    def _give_to_workers(self, directories: list[str], cfg=None) -> None:
-        """chown to server.user/group, if set, directories the master made (each alone,
-        not what is below it); a failure is logged, not raised (a broken mailbox must
-        not stop the rest)."""
+    def _give_to_workers(self, directories: list[str], cfg=None, top: str = "") -> None:
+        """chown to server.user/group, if set, each directory alone (not what is below
+        it), through a symlink only for ``top``, the configured path; a failure is
+        logged, not raised (a broken mailbox must not stop the rest)."""
         server = (cfg or self.cfg).server
         if not (server.user or server.group):
             return
         for directory in directories:
             try:
-                process.chown_dir(directory, server.user, server.group)
+                process.chown_dir(directory, server.user, server.group, follow=directory == top)
             except OSError as exc:
                 self.log.warning("STORE", f"cannot give {directory} to the workers' user: {exc}")
 

@@ -245,22 +245,24 @@ def drop_privileges(user: str, group: str) -> None:
         os.setuid(uid)
 
 
-def writable_by(st: os.stat_result, uid: int, gid: int) -> bool:
+def writable_by(st: os.stat_result, uid: int, gid: int, need: int = 0o3) -> bool:
     """Whether a directory's mode lets ``uid``, in the one group ``gid`` (as workers run:
-    drop_privileges keeps no other), make entries in it.  ACLs are not read."""
+    drop_privileges keeps no other), make entries in it (``need`` 0o3: write and
+    search), or pass through it (0o1).  ACLs are not read."""
     if uid == 0:
         return True
     shift = 6 if st.st_uid == uid else 3 if st.st_gid == gid else 0
-    return (st.st_mode >> shift) & 0o3 == 0o3
+    return (st.st_mode >> shift) & need == need
 
 
-def chown_dir(path: str, user: str, group: str) -> None:
-    """Give a directory the master made to the unprivileged user, so that workers can
-    write there after the drop; never through a symlink swapped in meanwhile."""
+def chown_dir(path: str, user: str, group: str, follow: bool = False) -> None:
+    """Give a Maildir's directory to the unprivileged user, so that workers can write
+    there after the drop; through a symlink only if ``follow`` (the configured path
+    may be one; nothing below it, where one may be swapped in meanwhile)."""
     uid, gid = resolve_ids(user, group)
     if uid is None and gid is None:
         return
-    os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
+    os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=follow)
 
 
 def sd_notify(message: str) -> None:

@@ -603,6 +603,24 @@ def test_a_maildir_that_was_there_keeps_its_owner_and_so_do_its_folders(nobody_d
     assert stored.stat().st_uid == nobody.pw_uid
 
 
+def test_a_maildir_root_made_by_hand_is_given_to_the_workers_but_nothing_below_it(nobody_dir, daemon_factory):
+    """A Maildir an operator made as root (mkdir -p .../{tmp,new,cur}), or an earlier run
+    without server.user: its own directories go to the workers' user, as they always
+    did, so its mail is stored; a folder below it keeps its owner."""
+    base, nobody = nobody_dir
+    md, box = base / "Maildir", base / "byhand" / "Maildir"
+    for sub in ("tmp", "new", "cur", ".Sub/new"):
+        (box / sub).mkdir(parents=True)
+    d = daemon_factory(server={"user": "nobody"}, sections={"delivery": {"maildir": str(md)},
+                                                           "mailboxes": {"byhand@example.test": str(box)}})
+    assert [(box / sub).stat().st_uid for sub in ("", "tmp", "new", "cur")] == [nobody.pw_uid] * 4
+    assert (box / ".Sub").stat().st_uid == (box / ".Sub" / "new").stat().st_uid == 0
+    assert "is not writable" not in d.log_text()
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as client:
+        client.ehlo("client.example")
+        assert client.sendmail("a@client.example", ["byhand@example.test"], b"Subject: x\r\n\r\nhi\r\n") == {}
+
+
 def test_a_maildir_the_workers_user_may_not_write_is_named_at_start(nobody_dir, daemon_factory):
     """A Maildir that was there keeps its owner, so one its owner keeps to itself gets
     451 for every message: the start says so, naming the directory, its owner and mode."""
@@ -616,9 +634,8 @@ def test_a_maildir_the_workers_user_may_not_write_is_named_at_start(nobody_dir, 
     d = daemon_factory(server={"user": "nobody"}, sections={"delivery": {"maildir": str(md)},
                                                            "mailboxes": {"private@example.test": str(box)}})
     text = d.wait_for_log("[READY]")
-    for sub in ("tmp", "new"):
-        assert (f'[STORE] mailboxes."private@example.test" = {box}: {box / sub} is not writable by the '
-                f"workers' user nobody (owner {other}:{other}, mode 0700); its mail gets 451") in text
+    assert (f'[STORE] mailboxes."private@example.test" = {box}: {box / "tmp"} is not writable by the '
+            f"workers' user nobody (owner {other}:{other}, mode 0700); its mail gets 451") in text
     assert f"{md}" not in text.split("[READY]")[0]  # the catch-all, made by the master: the workers'
     with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as client:
         client.ehlo("client.example")

@@ -636,6 +636,15 @@ def test_a_maildir_the_workers_user_may_not_write_is_named_at_start(nobody_dir, 
     text = d.wait_for_log("[READY]")
     assert (f'[STORE] mailboxes."private@example.test" = {box}: {box / "tmp"} is not writable by the '
             f"workers' user nobody (owner {other}:{other}, mode 0700); its mail gets 451") in text
+    # Nor may the workers pass through a Maildir its owner keeps to itself, whatever
+    # tmp/ and new/ allow: named at the reload.
+    for sub in ("tmp", "new"):
+        (box / sub).chmod(0o777)
+    box.chmod(0o700)
+    d.signal(signal.SIGHUP)
+    text = d.wait_for_log("configuration generation 2 loaded")
+    assert (f'[STORE] mailboxes."private@example.test" = {box}: {box} is not searchable by the '
+            f"workers' user nobody (owner {other}:{other}, mode 0700); its mail gets 451") in text
     assert f"{md}" not in text.split("[READY]")[0]  # the catch-all, made by the master: the workers'
     with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as client:
         client.ehlo("client.example")

@@ -53,6 +53,11 @@ STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
 LOCK_STALL = 5.0
 
 
+def _maildir_dirs(path: str) -> list[str]:
+    """A Maildir's own directories: itself, tmp/, new/ and cur/."""
+    return [path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur"))]
+
+
 def _roots_directory(path: str, follow: bool) -> bool:
     """A directory (through a symlink only if ``follow``) that root owns."""
     try:
@@ -202,9 +207,10 @@ class Arbiter:
             self._clean_tmp(path)
 
     def _warn_unwritable(self, path: str, key: str, cfg) -> None:
-        """A Maildir that was there (a mail reader's: the master gives the workers only
-        what it makes) whose tmp/ or new/ the workers' user may not write: say so at the
-        start or reload, not only at its first message's 451."""
+        """A Maildir of another owner than root (a mail reader's: the master gives the
+        workers only root's directories) that the workers' user may not pass through, or
+        whose tmp/ or new/ it may not write: say so at the start or reload, not only at
+        its first message's 451."""
         server = cfg.server
         try:
             uid, gid = process.resolve_ids(server.user, server.group)
@@ -212,8 +218,8 @@ class Arbiter:
             return  # the user went since the config was checked: the drop will say so
         if uid is None or gid is None:
             return  # workers run as root
-        for directory, need, what in ((path, 0o1, "searchable"), (os.path.join(path, "tmp"), 0o3, "writable"),
-                                      (os.path.join(path, "new"), 0o3, "writable")):
+        dirs = _maildir_dirs(path)
+        for directory, need, what in zip(dirs, (0o1, 0o3, 0o3), ("searchable", "writable", "writable")):
             try:
                 st = os.stat(directory)
             except OSError:
@@ -235,15 +241,15 @@ class Arbiter:
         any other owner is left as it is, and nothing below them is touched: it is a
         mail reader's (Dovecot's, and its Maildir++ folders, which a chown locked it out
         of), or one a reader made meanwhile."""
-        subs = [os.path.join(path, sub) for sub in ("tmp", "new", "cur")]
-        missing = [d for d in (path, *subs) if not os.path.isdir(d)]
+        dirs = _maildir_dirs(path)
+        missing = [d for d in dirs if not os.path.isdir(d)]
         error: Exception | None = None
         try:
             maildir.Maildir(path, fsync=(cfg or self.cfg).delivery.fsync)
         except (OSError, ValueError) as exc:
             error = exc
         made = [d for d in missing if os.path.isdir(d) and not os.path.islink(d)]
-        self._give_to_workers([d for d in (path, *subs) if _roots_directory(d, follow=d == path)], cfg, top=path)
+        self._give_to_workers([d for d in dirs if _roots_directory(d, follow=d == path)], cfg, top=path)
         return made, error
 
     def _title(self) -> str:
@@ -700,7 +706,7 @@ class Arbiter:
     def _remake(self, path: str) -> None:
         """Make again what is missing of a Maildir.  Delivery makes ``tmp/`` and ``new/``
         when it finds them gone, but never looks at ``cur/``, which only readers use."""
-        if all(os.path.isdir(d) for d in (path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur")))):
+        if all(os.path.isdir(d) for d in _maildir_dirs(path)):
             return
         made, error = self._make_maildir(path)
         if error is not None:

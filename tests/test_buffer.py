@@ -11,7 +11,7 @@ import pytest
 
 from forksmtp.smtp import buffer
 from forksmtp.smtp import replies as R
-from forksmtp.smtp.buffer import TOO_LONG, DataReader, LineBuffer, _has_long_line
+from forksmtp.smtp.buffer import BARE_LF, TOO_LONG, DataReader, LineBuffer, _has_long_line
 
 END = b".\r\n"  # the final line; with the CRLF ending the last text line: CRLF.CRLF
 
@@ -35,17 +35,43 @@ def test_line_buffer_yields_lines_without_crlf():
     assert buf.pending() == 0
 
 
-@pytest.mark.parametrize("raw, line", [
-    (b"a\nb\r\n", b"a\nb"),
-    (b"a\rb\r\n", b"a\rb"),
-    (b"a\r\r\n", b"a\r"),
-    (b"\n\r\n", b"\n"),
-    (b"a\n\rb\r\n", b"a\n\rb"),
+@pytest.mark.parametrize("raw, lines", [
+    (b"a\rb\r\n", [b"a\rb"]),
+    (b"a\r\r\n", [b"a\r"]),
+    (b"a\nb\r\n", [BARE_LF, b"b"]),
+    (b"\n\r\n", [BARE_LF, b""]),
+    (b"a\n\rb\r\n", [BARE_LF, b"\rb"]),
+    (b"\n\n", [BARE_LF, BARE_LF]),
+    (b"a\r\r\nb\n", [b"a\r", BARE_LF]),
 ])
-def test_only_crlf_ends_a_command_line(raw, line):
+def test_only_crlf_ends_a_command_line_and_a_bare_lf_is_reported_at_once(raw, lines):
     buf = LineBuffer()
     buf.feed(raw)
-    assert lines_of(buf) == [line]
+    assert lines_of(buf) == lines
+    assert buf.pending() == 0
+
+
+def test_a_bare_lf_is_told_apart_from_a_crlf_split_between_reads():
+    buf = LineBuffer()
+    buf.feed(b"NOOP\r")
+    assert lines_of(buf) == []
+    buf.feed(b"\nNOOP")
+    assert lines_of(buf) == [b"NOOP"]
+    buf.feed(b"\n")
+    assert (lines_of(buf), buf.head) == ([BARE_LF], b"NOOP")
+
+
+def test_an_overlong_line_ended_by_a_bare_lf_is_reported_too_long():
+    for chunks in ([b"x" * 600 + b"\n"], [b"x" * 600, b"\n"], [b"x" * 512, b"\n"]):
+        buf = LineBuffer(512)
+        got = []
+        for chunk in chunks:
+            buf.feed(chunk)
+            got += lines_of(buf)
+        assert got == [TOO_LONG], chunks
+    buf = LineBuffer(512)
+    buf.feed(b"x" * 510 + b"\n")  # 511 octets with its LF: within the limit
+    assert lines_of(buf) == [BARE_LF]
 
 
 def test_line_split_at_every_offset():

@@ -55,6 +55,20 @@ def test_idle_client_gets_421_4_4_2_and_the_worker_is_freed(daemon_factory):
     send_message(d.port)  # the worker serves others again
 
 
+def test_a_command_typed_with_a_bare_lf_is_answered_at_once(daemon):
+    """A person at ``nc`` without ``-C`` sends LF line ends.  Only CRLF ends a command,
+    yet the client is told at once, with the command timeout (300 s) far off."""
+    with socket.create_connection((daemon.host, daemon.port), timeout=10) as s:
+        assert read_reply(s).startswith(b"220 ")
+        s.sendall(b"EHLO typed.example\n")
+        assert read_reply(s) == b"501 Syntax error: line ended by a bare LF; end each line with CRLF\r\n"
+        s.sendall(b"EHLO typed.example\r\n")
+        assert read_reply(s).startswith(b"250-")
+        s.sendall(b"QUIT\r\n")
+        assert read_reply(s).startswith(b"221 ")
+    daemon.wait_for_log("<command line ended by a bare LF>")
+
+
 def test_trickled_command_does_not_extend_the_deadline(daemon_factory):
     """One byte every 0.3 s: each read would reset a per-read timer; ours is per request.
     The session deadline is far off, so only the command timeout (1 s) can end this

@@ -269,11 +269,8 @@ def test_close_with_timeout_reply():
 # -- bare CR / LF, NUL and invalid UTF-8 inside a command line ------------------------------------
 
 BAD_BYTES = [
-    ("bare-lf-joins-two-commands", b"NOOP\nNOOP\r\n"),
     ("bare-cr-inside", b"NOOP\rNOOP\r\n"),
     ("cr-before-crlf", b"NOOP \r\r\n"),
-    ("smuggled-lf-in-ehlo", b"EHLO x\nMAIL FROM:<a@example.test>\r\n"),
-    ("lf-at-start", b"\nNOOP\r\n"),
     ("nul", b"NOOP \x00\r\n"),
     ("invalid-utf8-byte", b"NOOP \xff\r\n"),
     ("truncated-utf8", b"EHLO \xc3\r\n"),
@@ -298,11 +295,45 @@ def test_bad_bytes_before_helo_are_501_without_enhanced_code(name, raw):
     assert heads(feed(s, raw)) == ["501"]
 
 
-def test_bare_lf_never_ends_a_command_line():
+def test_a_line_ended_by_a_bare_lf_is_answered_at_once_and_not_run():
+    # Only CRLF ends a command (RFC 5321 2.3.8), and an LF is known to be bare as soon as
+    # it comes: a client typing with LF line ends hears so then, not at the timeout.
     s = new_session()
-    assert feed(s, b"NOOP\n") == b""
-    assert feed(s, b"NOOP\n") == b""
-    assert feed_codes(s, b"\r\n") == [501]
+    wire = feed(s, b"NOOP\n")
+    assert wire == b"501 Syntax error: line ended by a bare LF; end each line with CRLF\r\n"
+    assert transcript(s, [E]) == [250]
+    assert heads(feed(s, b"QUIT\n")) == ["501 5.5.2"] and not s.closed
+    assert feed_codes(s, b"NOOP\r\n") == [250]
+    assert s.log[1:3] == ["<command line ended by a bare LF>",
+                          "501 5.5.2 Syntax error: line ended by a bare LF; end each line with CRLF"]
+
+
+@pytest.mark.parametrize("raw, codes", [
+    (b"NOOP\nNOOP\r\n", [501, 250]),
+    (b"\nNOOP\r\n", [501, 250]),
+    (b"\n\n\n", [501, 501, 501]),
+    (b"RSET\r\nNOOP \r\n\nNOOP\r\n", [250, 250, 501, 250]),
+    (b"MAIL FROM:<a@example.test>\nRCPT TO:<b@example.test>\r\n", [501, 503]),
+], ids=repr)
+def test_each_bare_lf_gets_one_reply_in_order(raw, codes):
+    s = new_session()
+    assert transcript(s, [E]) == [250]
+    assert feed_codes(s, raw) == codes
+
+
+@pytest.mark.parametrize("verb", [b"DATA", b"QUIT", b"RSET", b"EHLO x", b"HELO x"])
+def test_a_command_ended_by_a_bare_lf_changes_nothing(verb):
+    s = new_session()
+    assert transcript(s, [E, M, RC]) == [250, 250, 250]
+    assert feed_codes(s, verb + b"\n") == [501]
+    assert not s.closed and not s.in_data and s.envelope is not None
+    assert transcript(s, [D, "Subject: x", "", "body", "."]) == [354, 250]
+
+
+def test_bare_lfs_spend_the_error_budget():
+    s = new_session(max_errors=3)
+    assert feed_codes(s, b"NOOP\n" * 5) == [501, 501, 501, 421]
+    assert s.closed
 
 
 def test_crlf_split_between_reads_ends_the_line():
@@ -860,7 +891,7 @@ def test_log_never_holds_message_text():
     assert not [line for line in s.log if "TOPSECRET" in line]
 
 
-NASTY = [b"NOOP a\rb", b"NOOP a\nb", b"EHLO \xff\xfe", b"NOOP \xc2\x85next", b"NOOP \xe2\x80\xa8next",
+NASTY = [b"NOOP a\rb", b"EHLO \xff\xfe", b"NOOP \xc2\x85next", b"NOOP \xe2\x80\xa8next",
          b"NOOP \x1b[31mred", b"NOOP \x00", b"NOOP \x0bx\x0cy", b"FOO \xed\xa0\x80", b"\x85", b"NOOP \\x0d"]
 
 

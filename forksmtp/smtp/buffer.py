@@ -1,7 +1,8 @@
 """Bounded input buffers: command lines and DATA text.
 
 Only CRLF ends a line (RFC 5321 4.1.1.4): a bare CR or a bare LF never does, which is
-what closes the SMTP smuggling family (CVE-2023-51764/5/6).  Neither buffer ever holds
+what closes the SMTP smuggling family (CVE-2023-51764/5/6).  (A command line ended by a
+bare LF is refused as soon as the LF comes, not run.)  Neither buffer ever holds
 more than one line plus what the client has pipelined behind it, so memory per session
 is O(line length), never O(message size).
 
@@ -26,8 +27,10 @@ END_OF_DATA: Final = b"\r\n.\r\n"
 #: The longest text line, in octets without its CRLF (RFC 5321 4.5.3.1.6: 1000 with it).
 LINE_LIMIT: Final = 998
 
-#: The reply a line buffer yields for a command line over the limit.
+#: What a line buffer yields for a command line over the limit.
 TOO_LONG: Final = object()
+#: What a line buffer yields for a command line ended by a bare LF.
+BARE_LF: Final = object()
 
 
 LfText = Callable[[bytes, int, int], "tuple[bytes | None, bool]"]
@@ -159,7 +162,12 @@ def _find_dots(buf: bytes, start: int) -> tuple[int, int]:
 class LineBuffer:
     """Extracts CRLF-terminated command lines, never holding more than ``limit`` octets
     of an unfinished line.  An overlong line is discarded as it arrives and reported
-    once, when its CRLF finally comes, so the reply stays in step with the client."""
+    once, when its CRLF finally comes, so the reply stays in step with the client.
+
+    A bare LF ends no line, yet it is reported at once (``BARE_LF``, the line before it
+    dropped): whether an LF is bare is settled the moment it arrives, and a client that
+    ends its lines with LF alone (``nc`` without ``-C``) is then told so, where waiting
+    for a CRLF would leave it without an answer until the command timeout."""
 
     __slots__ = ("_buf", "_limit", "_skipping", "head")
 
@@ -167,28 +175,42 @@ class LineBuffer:
         self._buf = bytearray()
         self._limit = limit
         self._skipping = False
-        #: The first octets of the last line reported ``TOO_LONG`` (which reply fits).
+        #: The first octets of the last line reported ``TOO_LONG`` or ``BARE_LF``.
         self.head = b""
 
     def feed(self, data: bytes) -> None:
         self._buf += data
 
     def next_line(self):
-        """A complete line without its CRLF, ``TOO_LONG``, or None (need more data)."""
+        """A complete line without its CRLF, ``TOO_LONG``, ``BARE_LF``, or None (need
+        more data)."""
         buf = self._buf
-        end = buf.find(CRLF)
+        end = buf.find(b"\n")
         if end < 0:
             if len(buf) > self._limit:
                 self._discard_unfinished()
             return None
-        line = bytes(buf[:end])
-        del buf[: end + 2]
-        if self._skipping or end + 2 > self._limit:
+        if end == 0 or buf[end - 1] != 13:  # 13: CR
+            return self._bare_lf(end)
+        line = bytes(buf[:end - 1])
+        del buf[: end + 1]
+        if self._skipping or end + 1 > self._limit:
             if not self._skipping:
                 self.head = line[:5]
             self._skipping = False
             return TOO_LONG
         return line
+
+    def _bare_lf(self, end: int):
+        """Drop the line that the LF at ``end`` ends; an overlong one is reported as
+        such (its first octets are gone already)."""
+        buf = self._buf
+        skipping = self._skipping
+        if not skipping:
+            self.head = bytes(buf[:min(end, 5)])
+        del buf[: end + 1]
+        self._skipping = False
+        return TOO_LONG if skipping or end + 1 > self._limit else BARE_LF
 
     def _discard_unfinished(self) -> None:
         if not self._skipping:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Final
 from . import replies as R
-from .buffer import TOO_LONG, DataReader, LineBuffer
+from .buffer import BARE_LF, TOO_LONG, DataReader, LineBuffer
 from .commands import CommandError, Path, parse_params, parse_path, split_prefix
 from .events import (DATA, HELO, MAIL, NEW, RCPT, AuthRequest, DataChunk, DataEnd, DataStart,
                      Envelope, StartTLS)
@@ -226,6 +226,14 @@ class Session(SecureCommands):
             self._count_after_auth(self._lines.head)  # LOGIN lines pipelined behind it stay unlogged
             self._log("<command line too long>")
             return self._send(R.R500_AUTH_LINE_TOO_LONG if in_auth else R.R500_LINE_TOO_LONG)
+        if line is BARE_LF:
+            # Not run, whatever it says (only CRLF ends a command), and not logged: it
+            # may be an AUTH response.  An AUTH exchange ends with it, as with any
+            # malformed response (RFC 4954 4).
+            self._auth = None
+            self._count_after_auth(self._lines.head)
+            self._log("<command line ended by a bare LF>")
+            return self._send(R.R501_BARE_LF)
         if self._auth is not None:
             return self._auth_line(line)
         try:
@@ -257,7 +265,7 @@ class Session(SecureCommands):
             self._log(_loggable(text))
         else:  # not UTF-8: every octet outside printable ASCII as an escape
             self._log(_loggable(line.decode("latin-1"), escape=True))
-        if text is None or "\r" in text or "\n" in text or "\0" in text:
+        if text is None or "\r" in text or "\0" in text:  # (an LF ends the line it is in)
             return self._send(R.R501_BAD_CHARS)
         if (verb == "DATA" or verb == "BDAT") and self._lines.pending():
             # RFC 2920 3.1: DATA ends a pipelining group, whether it succeeds or fails.

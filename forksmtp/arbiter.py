@@ -159,7 +159,7 @@ class Arbiter:
         self.signals.install()
         self.tls_context, self.passwords = load_security(cfg)
         for addr in sorted(listen_addresses(cfg)[0], key=str):
-            self.sockets[addr] = self._bind(addr)
+            self.sockets[addr] = listeners.bind(addr)
         self._prepare_maildirs(cfg)
         # That made and swept every Maildir: the next pass is due in an hour.  Run again
         # at the first tick, it would race an operator's first change to a Maildir.
@@ -175,11 +175,6 @@ class Arbiter:
         connection.tune_for_big_reads()
         gc.collect()
         gc.freeze()  # workers share the master's heap pages instead of copying them
-
-    def _bind(self, addr) -> socket.socket:
-        sock = listeners.bind(addr)
-        sock.setblocking(False)
-        return sock
 
     def _prepare_maildirs(self, cfg) -> None:
         """Make every Maildir.  One the catch-all cannot use stops a start or a reload;
@@ -834,7 +829,7 @@ class Arbiter:
         are gone: such a move takes a restart, as an inet_interfaces change does in
         Postfix."""
         try:
-            return self._bind(addr)
+            return listeners.bind(addr)
         except listeners.BindError as exc:
             held = sorted(str(a) for a, sock in self.sockets.items()
                           if sock in leaving.values() and listeners.bound_identity(sock)[1][1] == addr.port)

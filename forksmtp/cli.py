@@ -8,14 +8,12 @@ so that a reload (SIGHUP) re-reads the file and still applies them.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from forksmtp import __version__, _native, config_checks
 from forksmtp.config import ConfigError, load_config, maildir_keys, summary
-from forksmtp.listeners import BindError
 
 # flag destination -> dotted config key it overrides
 _OVERRIDES = {
@@ -90,11 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from forksmtp import arbiter  # imported late: --check needs none of the process machinery
 
-    try:
-        return arbiter.run(cfg, overrides)
-    except BindError as exc:
-        print(f"forksmtp: {exc}", file=sys.stderr)
-        return 1
+    return arbiter.run(cfg, overrides)  # which reports its own start failures
 
 
 def _split_passwd(argv: list[str]) -> tuple[list[str], str | None] | None:
@@ -135,13 +129,8 @@ def _take_config(argv: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _run_passwd(args: list[str], config: str | None) -> int:
-    try:
-        passwd = importlib.import_module("forksmtp.passwd")  # a later addition
-    except ModuleNotFoundError as exc:
-        if exc.name != "forksmtp.passwd":
-            raise
-        print("passwd: not available", file=sys.stderr)
-        return 2
+    from forksmtp import passwd  # imported late: a server start needs none of it
+
     return passwd.main(args, config)
 
 

@@ -134,12 +134,12 @@ class Config:
 
 REQUIRED = object()  # default of keys a present section must set
 
-# (section, key, type, default as written in TOML, validator).  Defaults go through the same
-# conversion as file values; tests check they agree with the dataclass defaults above.
 #: Worker processes at most: Apache prefork's ServerLimit is 20,000, and each worker
 #: here takes about 2 MiB of memory of its own and a scoreboard slot (twice, for reloads).
 MAX_WORKERS = 10_000
 
+# (section, key, type, default as written in TOML, validator).  Defaults go through the same
+# conversion as file values; tests check they agree with the dataclass defaults above.
 _KEYS: tuple[tuple[str, str, Callable, object, Callable | None], ...] = (
     ("server", "listen", _listens, ["127.0.0.1:2525"], _non_empty),
     ("server", "hostname", _string, socket.gethostname, _hostname),

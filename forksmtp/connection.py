@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Final
 from . import auth, authlimit, delivery, maildir, process, tls
 from .logs import ERROR, INFO, WARNING
 from .scoreboard import MasterGone
+from .snapshot import EARLY_TALKER
 from .smtp import replies as R
 from .smtp.session import (NEED_DATA, PAUSED, AuthRequest, DataChunk, DataEnd, DataStart,
                            Session, StartTLS)
@@ -211,7 +212,7 @@ class Connection:
             # RFC 5321 4.3.1: the client must wait for the greeting. Early talkers are
             # almost always bots; Postfix's postscreen rejects them the same way.
             self.close_reason = "early talker"
-            self.worker.count_conn_reject("early_talker")
+            self.worker.count_conn_reject(EARLY_TALKER)
             self.session.close(R.R554_EARLY_TALKER)
             # A refused connection counts under connections_rejected alone, as the 421s
             # of the limits do, not among the replies of sessions (messages_rejected).

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from .smtp.replies import R421_BUSY, R421_PER_IP, R554_EARLY_TALKER, Reply
+from .smtp.replies import R421_BUSY, R421_PER_IP, R421_UNAVAILABLE, R554_EARLY_TALKER, Reply
+from .snapshot import EARLY_TALKER, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, OTHER_REASON  # noqa: F401
 
 
 class Seldom:
@@ -27,16 +28,6 @@ class Seldom:
 
     def reset(self) -> None:
         self.last = -self.every
-
-# Reasons a connection is refused, as counted in the scoreboard and shown in the stats'
-# "connections_rejected" object.
-MAX_CONNECTIONS = "max_connections"
-MAX_CONNECTIONS_PER_IP = "max_connections_per_ip"
-EARLY_TALKER = "early_talker"
-OTHER = "other"
-REASONS = (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, EARLY_TALKER, OTHER)
-
-R421_UNAVAILABLE = Reply(421, "4.3.2", "Service not available, closing transmission channel")
 
 _REPLIES = {
     MAX_CONNECTIONS: R421_BUSY,  # contract: 421 4.3.2 over max_connections

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class ListenAddr:
-    host: str  # "" for all IPv4 interfaces, else an IP literal or a host name
+    host: str  # "" for every interface (dual-stack where IPv6 is on), else an IP literal or a host name
     port: int
     family: int  # socket.AF_INET or socket.AF_INET6
 
@@ -124,7 +124,9 @@ def _resolve(host: str, family: int, port: int = 0) -> list[tuple]:
 
 
 def bind(addr: ListenAddr, backlog: int = 1024) -> socket.socket:
-    """Open a blocking, inheritable listening socket; raises BindError.
+    """Open a non-blocking listening socket; raises BindError.  Workers share it
+    through fork() and accept under epoll, one of them winning each connection (the
+    others get EAGAIN: a non-blocking socket never holds a worker in accept()).
 
     The bare ``PORT`` form means every interface: one dual-stack IPv6 socket that also
     takes IPv4 clients (as ``::ffff:a.b.c.d``), or plain IPv4 where IPv6 is off."""
@@ -208,19 +210,6 @@ def _bind(addr: ListenAddr, family: int, sockaddr: tuple, backlog: int, dual: bo
         sock.close()
         reason = exc.strerror or str(exc)
         raise BindError(addr, f"cannot listen on {addr}: {reason}", exc.errno) from None
-    # Blocking accept in the workers; inheritable so forked workers share the socket.
-    sock.setblocking(True)
-    sock.set_inheritable(True)
+    sock.setblocking(False)
     return sock
 
-
-def diff(
-    old: set[ListenAddr], new: set[ListenAddr]
-) -> tuple[set[ListenAddr], set[ListenAddr], set[ListenAddr]]:
-    """Split a reload into (to_open, to_close, unchanged).
-
-    Open the new ones before closing the old ones: unchanged sockets are never touched, so a
-    reload refuses no connection on them.
-    """
-    old, new = set(old), set(new)
-    return new - old, old - new, old & new

@@ -49,7 +49,7 @@ class OverflowGuard:
             return True
         if now - self.since < GRACE:
             return True
-        reply = limits.reply_for(limits.MAX_CONNECTIONS if at_ceiling else limits.OTHER)
+        reply = limits.reply_for(limits.MAX_CONNECTIONS if at_ceiling else limits.OTHER_REASON)
         kind = "ceiling" if at_ceiling else "held"
         for sock in sockets:
             for _ in range(BATCH):

@@ -19,7 +19,7 @@ the master passes a scoreboard snapshot and gets a Plan:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .scoreboard import BUSY, IDLE, STARTING, STOPPING, Snapshot
 
@@ -109,7 +109,6 @@ class Plan:
     retire: tuple[int, ...] = ()
     backoff_until: float = float("-inf")
     reason: str = ""  # why spawning is held back (crash loop, ceiling); empty when it is not
-    counts: dict[str, int] = field(default_factory=dict)  # what the decision was based on
 
 
 def current_workers(snap: Snapshot) -> list:
@@ -127,13 +126,11 @@ def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float,
     current = current_workers(snap)
     idle = [s for s in current if s.state in (STARTING, IDLE)]
     room = min(settings.max_workers, snap.nslots) - len(snap.slots)
-    counts = {"current": len(current), "idle": len(idle), "occupied": len(snap.slots),
-              "busy": sum(1 for s in current if s.state == BUSY), "room": max(room, 0)}
     starting = sum(1 for s in current if s.state == STARTING)
     spawn, reason = _spawn(settings, state, now, len(current), len(idle), room, starting,
                            waiting and not idle)
     retire = () if spawn else _retire(settings, state, now, current, idle)
-    return Plan(spawn, retire, state.backoff_until, reason, counts)
+    return Plan(spawn, retire, state.backoff_until, reason)
 
 
 def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, idle: int,

@@ -45,7 +45,8 @@ from typing import Final, Iterator
 
 # The read side and the names shared with it; SlotInfo, STATE_NAMES and key_text are re-exported
 # for callers that import them from here.
-from .snapshot import (BUSY, CONN_REJECT_REASONS, EVENT_KEYS, FREE, IDLE, REJECT_CODES,  # noqa: F401
+from .snapshot import (BUSY, CONN_REJECT_REASONS, EVENT_KEYS, FREE, IDLE, MAX_CONNECTIONS,  # noqa: F401
+                       MAX_CONNECTIONS_PER_IP, REJECT_CODES,
                        REJECT_KEYS, STARTING, STATE_NAMES, STOPPING, SlotInfo, Snapshot, Totals,
                        _slot_info, _V4_PREFIX, key_text)
 
@@ -55,7 +56,8 @@ _CODE_POS: Final = {c: i for i, c in enumerate(REJECT_CODES)}
 _REASON_POS: Final = {r: i for i, r in enumerate(CONN_REJECT_REASONS)}
 _EVENT_POS: Final = {e: i for i, e in enumerate(EVENT_KEYS)}
 # Counters kept per slot and, for dead workers, folded into the header in the same layout:
-# sessions, messages_accepted, bytes_received, rejects by code, connection rejects by reason.
+# sessions, messages_accepted, bytes_received, rejects by code, connection rejects by
+# reason, and the events (EVENT_KEYS).
 _NCOUNTERS: Final = 3 + len(REJECT_KEYS) + len(CONN_REJECT_REASONS) + len(EVENT_KEYS)
 
 _MAGIC: Final = b"FKSMTPSB"
@@ -402,16 +404,13 @@ class Scoreboard:
     def claim_slot(self, idx: int, pid: int, generation: int, now: float | None = None) -> None:
         """Take a free slot: STARTING, counters zero.
 
-        The master claims before fork (pid 0) so no second spawn can pick the slot; the child
-        claims again with its pid, which then only records the pid (a STOPPING mark set by the
-        master in between survives, so the worker is never signalled twice).
+        The master claims before fork (pid 0) so no second spawn can pick the slot; both
+        sides record the child's pid after the fork with ``set_pid``, which leaves the
+        state alone (a STOPPING mark set by the master in between survives, so the
+        worker is never signalled twice).
         """
         base, mm = self._bases[idx], self._mm
-        state = mm[base + S_STATE]
-        if state != FREE:
-            if state in (STARTING, STOPPING) and _I.unpack_from(mm, base)[0] in (0, pid):
-                _store(mm, base, _I.pack(pid))
-                return
+        if mm[base + S_STATE] != FREE:
             raise ValueError(f"scoreboard slot {idx} is in use")
         now = time.monotonic() if now is None else now
         mm[base:base + SLOT_SIZE] = _ZERO_SLOT
@@ -537,14 +536,14 @@ class Scoreboard:
             _store(mm, H_TOTAL, _Q.pack(_Q.unpack_from(mm, H_TOTAL)[0] + 1))
             active = _Q.unpack_from(mm, H_ACTIVE)[0]
             if 0 < max_conn <= active:
-                return self._refuse(idx, "max_connections")
+                return self._refuse(idx, MAX_CONNECTIONS)
             bucket = self._probe(key)
             if bucket < 0:
                 self._rebuild()  # clears stale entries; live keys are few
                 bucket = self._probe(key)
             count = _I.unpack_from(mm, self._table + bucket * _BUCKET.size + 20)[0] if bucket >= 0 else 0
             if 0 < max_per_ip <= count:
-                return self._refuse(idx, "max_connections_per_ip")
+                return self._refuse(idx, MAX_CONNECTIONS_PER_IP)
             # The slot records what it holds before the shared counts move (see repair()).
             _store(mm, base + S_BUCKET, _HOLD.pack(bucket + 1, key))
             mm[base + S_HOLDS] = 1

@@ -84,12 +84,6 @@ class SignalQueue:
             sigs = [s for s in sigs if s != signal.SIGCHLD] + [signal.SIGCHLD]
         return sigs
 
-    def wake(self) -> None:
-        try:
-            os.write(self.wake_w, b"\0")
-        except BlockingIOError:
-            pass
-
 
 def _drain(fd: int) -> bytes:
     """What a non-blocking pipe holds (at most its 64 KiB), read out."""

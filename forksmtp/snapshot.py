@@ -20,7 +20,13 @@ STOPPING: Final = 4
 STATE_NAMES = ("free", "starting", "idle", "busy", "stopping")
 REJECT_CODES = (421, 450, 451, 452, 500, 501, 502, 503, 504, 530, 535, 538, 550, 552, 553, 554, 555)
 REJECT_KEYS = tuple(str(c) for c in REJECT_CODES) + ("other",)
-CONN_REJECT_REASONS = ("max_connections", "max_connections_per_ip", "early_talker", "other")
+# Reasons a connection is refused: the counters' layout, the stats' "connections_rejected"
+# keys, and (limits.py) which reply each gets.
+MAX_CONNECTIONS: Final = "max_connections"
+MAX_CONNECTIONS_PER_IP: Final = "max_connections_per_ip"
+EARLY_TALKER: Final = "early_talker"
+OTHER_REASON: Final = "other"
+CONN_REJECT_REASONS = (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, EARLY_TALKER, OTHER_REASON)
 # Session outcomes for the stats: TLS handshakes and AUTH attempts.
 EVENT_KEYS = ("tls_ok", "tls_failed", "auth_ok", "auth_failed")
 # Per-IP keys hold IPv4 as IPv4-mapped IPv6 (scoreboard.ip_key writes them).

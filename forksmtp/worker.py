@@ -38,7 +38,10 @@ from .smtp.replies import R421_SHUTDOWN
 from .smtp.session import Session, SessionConfig
 
 EXIT_OK: Final = 0
-EXIT_BOOT_ERROR: Final = 3  # the master backs off instead of respawning in a tight loop
+#: The exit status of a worker that failed so early that not even its crash line could
+#: be written.  The master treats every non-zero status alike (a crash; worker lifetimes,
+#: not statuses, decide the back-off); this one only tells the case apart in a trace.
+EXIT_BOOT_ERROR: Final = 3
 #: Seconds a refused SMTPS client gets, all told, to finish its handshake and read its
 #: 421: each refusal holds a worker that long at most, so one address over its limit
 #: cannot keep the pool busy with connections that never finish a handshake.
@@ -257,7 +260,7 @@ class Worker:
             except OSError:
                 return False
             try:
-                os.write(conn_fd, limits.reply_for(limits.OTHER).wire(True))
+                os.write(conn_fd, limits.reply_for(limits.OTHER_REASON).wire(True))
             except OSError:
                 pass
             finally:
@@ -267,7 +270,7 @@ class Worker:
                 self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 pass
-        self.count_conn_reject(limits.OTHER)
+        self.count_conn_reject(limits.OTHER_REASON)
         self.log.queue("CLOSE", f"{client_ip(peer[0])} refused: out of file descriptors or memory", WARNING)
         self.log.flush()
         return True

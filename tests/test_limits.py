@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from forksmtp import limits, scoreboard
+from forksmtp import limits
 from forksmtp.smtp.replies import R421_BUSY, R421_PER_IP
 
 
@@ -23,10 +23,6 @@ def test_reply_for(reason, code, enhanced):
 def test_contract_replies_are_the_shared_constants():
     assert limits.reply_for("max_connections") is R421_BUSY
     assert limits.reply_for("max_connections_per_ip") is R421_PER_IP
-
-
-def test_reasons_match_the_scoreboard_counters():
-    assert limits.REASONS == scoreboard.CONN_REJECT_REASONS
 
 
 @pytest.mark.parametrize("busy,max_workers,threshold,stress", [

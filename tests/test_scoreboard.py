@@ -98,7 +98,7 @@ def test_slot_life_cycle(sb):
     assert sb.free_slot() == 0
     sb.claim_slot(0, 0, 7, now=100.0)  # the master, before fork
     assert sb.free_slot() == 1
-    sb.claim_slot(0, 4242, 7)  # the child confirms with its pid
+    sb.set_pid(0, 4242)  # after the fork
     sb.set_busy(0, ("2001:db8::1", 40000, 0, 0), 101.0)
     sb.set_phase(0, "rcpt", 102.0)
     sb.count_message(0, 1234)
@@ -121,7 +121,7 @@ def test_slot_life_cycle(sb):
 def test_stopping_is_sticky(sb):
     sb.claim_slot(0, 0, 1, now=0.0)
     sb.set_stopping(0)  # the master retires it before the child even claimed
-    sb.claim_slot(0, 555, 1)
+    sb.set_pid(0, 555)
     sb.set_busy(0, "10.0.0.1", 1.0)
     sb.set_idle(0, 2.0)
     (slot,) = sb.snapshot().slots
@@ -228,7 +228,7 @@ def test_sigkilled_worker_counts_restored_by_repair(sb):
     assert sb.admit(1, "198.51.100.7", 10, 10) is None  # a live neighbour keeps its count
 
     def steps():
-        sb.claim_slot(0, os.getpid(), 1)
+        sb.set_pid(0, os.getpid())
         assert sb.admit(0, "198.51.100.7", 10, 10) is None
         sb.set_busy(0, ("198.51.100.7", 1025), time.monotonic())
         sb.count_message(0, 500)
@@ -459,7 +459,7 @@ def test_concurrent_admission_never_exceeds_limits():
     try:
         def child(idx: int) -> Callable[[], int]:
             def run() -> int:
-                board.claim_slot(idx, os.getpid(), 1)
+                board.set_pid(idx, os.getpid())
                 for n in range(500):
                     if board.admit(idx, ips[n % 2], 3, 1) is None:
                         counts = board.ip_counts()  # the table, read while we hold a count
@@ -488,7 +488,7 @@ def test_totals_monotonic_across_repair_and_reuse(sb):
         sb.claim_slot(0, 0, round_, now=0.0)
 
         def child():
-            sb.claim_slot(0, os.getpid(), round_)
+            sb.set_pid(0, os.getpid())
             for _ in range(5):
                 sb.set_busy(0, "10.0.0.1", 1.0)
                 sb.count_message(0, 100)
@@ -519,7 +519,7 @@ def test_a_reader_never_sees_a_field_pass_through_zero(sb):
     ready_r, ready_w = os.pipe()
 
     def child():
-        sb.claim_slot(0, os.getpid(), 1)
+        sb.set_pid(0, os.getpid())
         sb.set_busy(0, ("127.0.0.1", 1234), 1001.0)
         sb.count_message(0, 1)
         os.write(ready_w, b"x")  # from here on no field is 0
@@ -867,7 +867,7 @@ def test_workers_count_themselves_idle_and_a_repair_recounts(sb):
     assert sb.idle_workers() == 1
 
     sb.claim_slot(3, 0, 1, now=0.0)
-    killed_after(sb, lambda: (sb.claim_slot(3, os.getpid(), 1), sb.set_available(3, True)))
+    killed_after(sb, lambda: (sb.set_pid(3, os.getpid()), sb.set_available(3, True)))
     assert sb.idle_workers() == 2
     struct.pack_into("<q", sb._mm, H_IDLE, 9)  # as if a worker died between mark and count
     assert sb.repair(3) is True

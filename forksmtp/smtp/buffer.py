@@ -344,7 +344,9 @@ class DataReader:
         return (end + 2 if end >= 0 else -1), dot + 2
 
     def _hold(self, tail: bytes) -> None:
-        # An unfinished line may hold 1000 octets plus a transparency dot and a CR.
+        # A legal unfinished line holds at most 1000 octets (998 of text, a transparency
+        # dot, the CR of its CRLF); the two more let through here cost nothing, as the
+        # line is measured again, exactly, when its LF comes.
         if self._carry + len(tail) > 1002:
             self._fail(R.R554_LINE_TOO_LONG)
             # Octets dropped here are counted now, as _sent_size counts: less the

@@ -7,11 +7,16 @@ in microseconds.
 
 Phases: new -> helo -> mail -> rcpt -> data.  Which command may run in which phase is
 one table (``SEQUENCE``); everything else a command needs is in its ``_cmd_*`` method.
-The only decisions left to the caller are storage ones, asked for with two events:
+What the session cannot decide alone it asks the caller for with an event, and waits
+(``next_event`` returns ``PAUSED``; feed nothing more until it is answered):
 
 * ``DataStart``: open the Maildir copies; answer ``accept_data()`` (-> 354) or
   ``reply(R451...)``.
 * ``DataEnd``: commit (or discard, when ``error`` is set); answer ``reply(...)``.
+* ``StartTLS`` (secure.py): send the 220, run the handshake; answer ``tls_started()``,
+  or close the connection.
+* ``AuthRequest`` (secure.py): check the credentials; answer ``auth_result(ok, user)``,
+  or ``auth_deferred()`` when they could not be checked.
 
 Message text arrives as ``DataChunk`` events, already LF-terminated and dot-unstuffed.
 """
@@ -27,7 +32,7 @@ from .events import (DATA, HELO, MAIL, NEW, RCPT, AuthRequest, DataChunk, DataEn
                      Envelope, StartTLS)
 from .sasl import AuthExchange, Credentials
 from .secure import SecureCommands
-from .sessionlog import SessionLog
+from .sessionlog import SessionLog, auth_like, loggable
 from .settings import SessionConfig
 
 __all__ = ["Session", "SessionConfig", "Envelope", "DataStart", "DataChunk", "DataEnd",
@@ -64,7 +69,11 @@ SEQUENCE: Final[dict[tuple[str, str], R.Reply]] = {
 
 #: Commands a client may know that this server does not offer (-> 502).
 NOT_OFFERED: Final = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "BDAT", "SEND", "SOML", "SAML",
-                                "STARTTLS", "AUTH", "XCLIENT", "XFORWARD", "VERB", "ONEX"})
+                                "XCLIENT", "XFORWARD", "VERB", "ONEX"})
+# (STARTTLS and AUTH, offered only with their configuration, get their 502 from _offered.)
+
+# RFC 3461 4: xtext, printable ASCII but "+" and "=", with "+XX" for any octet.
+_XTEXT: Final = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
 
 #: Replies that do not count toward the error limit: the client did nothing wrong
 #: (452 for surplus recipients is the orderly way RFC 5321 4.5.3.1.10 asks for).
@@ -149,7 +158,7 @@ class Session(SecureCommands):
         self._reader = DataReader(cfg.max_message_size, cfg.max_received_headers, self._normalize)
         self.phase = DATA
         pending = self._lines.take()
-        if pending:  # only reachable if the caller skipped the sync check
+        if pending:  # only if the caller fed bytes while the session was PAUSED
             self._feed_data(pending)
 
     def reply(self, reply: R.Reply) -> None:
@@ -213,27 +222,33 @@ class Session(SecureCommands):
         was = self._after_auth > 0
         if was:
             self._after_auth -= 1
-        if _auth_like(line):
+        if auth_like(line):
             self._after_auth = 2
         return was
 
+    def _refuse_overlong(self) -> None:
+        # RFC 4954 4: 5.5.6 for a line of an authentication exchange, be it the AUTH
+        # command or a response; 5.5.2 for any other command.
+        in_auth = self._auth is not None or (self.config.auth and self._lines.head.upper() == b"AUTH ")
+        self._auth = None
+        self._count_after_auth(self._lines.head)  # LOGIN lines pipelined behind it stay unlogged
+        self._log("<command line too long>")
+        self._send(R.R500_AUTH_LINE_TOO_LONG if in_auth else R.R500_LINE_TOO_LONG)
+
+    def _refuse_bare_lf(self) -> None:
+        # Not run, whatever it says (only CRLF ends a command), and not logged: it may
+        # be an AUTH response.  An AUTH exchange ends with it, as with any malformed
+        # response (RFC 4954 4).
+        self._auth = None
+        self._count_after_auth(self._lines.head)
+        self._log("<command line ended by a bare LF>")
+        self._send(R.R501_BARE_LF)
+
     def _handle_line(self, line) -> None:
         if line is TOO_LONG:
-            # RFC 4954 4: 5.5.6 for a line of an authentication exchange, be it the AUTH
-            # command or a response; 5.5.2 for any other command.
-            in_auth = self._auth is not None or (self.config.auth and self._lines.head.upper() == b"AUTH ")
-            self._auth = None
-            self._count_after_auth(self._lines.head)  # LOGIN lines pipelined behind it stay unlogged
-            self._log("<command line too long>")
-            return self._send(R.R500_AUTH_LINE_TOO_LONG if in_auth else R.R500_LINE_TOO_LONG)
+            return self._refuse_overlong()
         if line is BARE_LF:
-            # Not run, whatever it says (only CRLF ends a command), and not logged: it
-            # may be an AUTH response.  An AUTH exchange ends with it, as with any
-            # malformed response (RFC 4954 4).
-            self._auth = None
-            self._count_after_auth(self._lines.head)
-            self._log("<command line ended by a bare LF>")
-            return self._send(R.R501_BARE_LF)
+            return self._refuse_bare_lf()
         if self._auth is not None:
             return self._auth_line(line)
         try:
@@ -262,9 +277,9 @@ class Session(SecureCommands):
         if hidden:
             self._log(f"<line after AUTH, {len(line)} octets, not logged>")
         elif text is not None:
-            self._log(_loggable(text))
+            self._log(loggable(text))
         else:  # not UTF-8: every octet outside printable ASCII as an escape
-            self._log(_loggable(line.decode("latin-1"), escape=True))
+            self._log(loggable(line.decode("latin-1"), escape=True))
         if text is None or "\r" in text or "\0" in text:  # (an LF ends the line it is in)
             return self._send(R.R501_BAD_CHARS)
         if (verb == "DATA" or verb == "BDAT") and self._lines.pending():
@@ -479,53 +494,6 @@ class Session(SecureCommands):
             self._log(f"<message: {reader.size} octets>")
             if rest:
                 self._lines.feed(rest)
-
-
-#: All of an AUTH line that may be logged after the verb: the SASL mechanism name.
-_MECHANISM: Final = re.compile(r"[A-Za-z0-9_-]*")
-
-
-def _is_mechanism(name: str) -> bool:
-    """A SASL mechanism name (RFC 4422 3.1: 1 to 20 of A-Z, 0-9, "-", "_"), sent in one
-    case as clients do; base64 sent where the name goes is nearly always mixed case or
-    longer, and is masked."""
-    return 0 < len(name) <= 20 and (name == name.upper() or name == name.lower())
-
-
-def _auth_like(line: bytes) -> bool:
-    """Whether the log mask takes ``line`` for an AUTH command: AUTH, then the end or
-    any octet that cannot continue the verb."""
-    return line[:4].upper() == b"AUTH" and not line[4:5].isalnum() and line[4:5] not in (b"_", b"-")
-# RFC 3461 4: xtext, printable ASCII but "+" and "=", with "+XX" for any octet.
-_XTEXT: Final = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
-
-
-def _loggable(text: str, escape: bool = False) -> str:
-    """Command line for the log: never an AUTH payload, never a control character.
-    A line with a control character or a backslash is written with Python escapes, its
-    backslashes doubled, so that ``\\r`` in the log always means a CR was sent;
-    ``escape``: whatever the line holds (octets that are no UTF-8)."""
-    # Any separator after AUTH (a TAB, a NUL) still hides what follows the mechanism.
-    if text[:4].upper() == "AUTH" and text[4:5] and not _MECHANISM.fullmatch(text[4:5]):
-        run = _MECHANISM.match(text, 5)
-        assert run is not None  # the pattern matches the empty string too
-        name, rest = run.group(), text[run.end():]
-        if not name and not rest:
-            text = text[:4]
-        elif _is_mechanism(name) and rest[:1] in ("", " ", "\t"):
-            # The mask stands for an initial response, so only where one was sent.
-            text = f"{text[:4]} {name}" + (" ***" if rest else "")
-        else:  # no mechanism name there: base64 sent in its place is a credential
-            text = f"{text[:4]} ***"
-    if escape:  # one character per octet: \xNN for each octet outside printable ASCII
-        return text.encode("unicode_escape").decode("ascii")
-    if "\\" in text or not text.isprintable():
-        # \u00NN, never \xNN, for U+0080..U+00FF: a UTF-8 line must not read like one
-        # whose octets were no UTF-8.
-        return "".join(c if " " <= c <= "~" and c != "\\" else
-                       f"\\u{ord(c):04x}" if 0x80 <= ord(c) <= 0xFF else
-                       c.encode("unicode_escape").decode("ascii") for c in text)
-    return text
 
 
 _HANDLERS: Final = {

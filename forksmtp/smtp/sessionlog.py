@@ -15,10 +15,14 @@ write hundreds of gigabytes.  From there on only what an operator needs is writt
 The rest (NOOP, RSET, VRFY, HELP, EHLO, surplus recipients, transactions abandoned
 before their text) is counted, and the count written where the lines would have been,
 before the next line that is written and at the session's end.
+
+What of a command line may be written is decided here too (``loggable``): never an AUTH
+payload, never a control character.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 from . import replies as R
@@ -119,3 +123,52 @@ class SessionLog:
                 out.append(_skipped(self._within))
                 self._within = 0
         out += lines
+
+
+# -- what of a command line may be logged -------------------------------------------------
+
+#: All of an AUTH line that may be logged after the verb: the SASL mechanism name.
+_MECHANISM: Final = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _is_mechanism(name: str) -> bool:
+    """A SASL mechanism name (RFC 4422 3.1: 1 to 20 of A-Z, 0-9, "-", "_"), sent in one
+    case as clients do; base64 sent where the name goes is nearly always mixed case or
+    longer, and is masked."""
+    return 0 < len(name) <= 20 and (name == name.upper() or name == name.lower())
+
+
+def auth_like(line: bytes) -> bool:
+    """Whether the log mask takes ``line`` for an AUTH command: AUTH, then the end or
+    any octet that cannot continue the verb."""
+    return line[:4].upper() == b"AUTH" and not line[4:5].isalnum() and line[4:5] not in (b"_", b"-")
+
+
+
+
+def loggable(text: str, escape: bool = False) -> str:
+    """Command line for the log: never an AUTH payload, never a control character.
+    A line with a control character or a backslash is written with Python escapes, its
+    backslashes doubled, so that ``\\r`` in the log always means a CR was sent;
+    ``escape``: whatever the line holds (octets that are no UTF-8)."""
+    # Any separator after AUTH (a TAB, a NUL) still hides what follows the mechanism.
+    if text[:4].upper() == "AUTH" and text[4:5] and not _MECHANISM.fullmatch(text[4:5]):
+        run = _MECHANISM.match(text, 5)
+        assert run is not None  # the pattern matches the empty string too
+        name, rest = run.group(), text[run.end():]
+        if not name and not rest:
+            text = text[:4]
+        elif _is_mechanism(name) and rest[:1] in ("", " ", "\t"):
+            # The mask stands for an initial response, so only where one was sent.
+            text = f"{text[:4]} {name}" + (" ***" if rest else "")
+        else:  # no mechanism name there: base64 sent in its place is a credential
+            text = f"{text[:4]} ***"
+    if escape:  # one character per octet: \xNN for each octet outside printable ASCII
+        return text.encode("unicode_escape").decode("ascii")
+    if "\\" in text or not text.isprintable():
+        # \u00NN, never \xNN, for U+0080..U+00FF: a UTF-8 line must not read like one
+        # whose octets were no UTF-8.
+        return "".join(c if " " <= c <= "~" and c != "\\" else
+                       f"\\u{ord(c):04x}" if 0x80 <= ord(c) <= 0xFF else
+                       c.encode("unicode_escape").decode("ascii") for c in text)
+    return text

@@ -24,14 +24,13 @@ import os
 import select
 import signal
 import socket
-import stat
 import sys
 import time
 import traceback
 from dataclasses import dataclass
 
-from . import (auth, config as config_mod, config_checks, connection, limits, listeners, maildir, pool,
-               process, stats, tls)
+from . import (auth, config as config_mod, connection, limits, listeners, maildirs, pool, process,
+               stats, tls)
 from .authlimit import AuthLimiter
 from .overflow import OverflowGuard
 from .security import Security, listen_addresses, load_security
@@ -53,20 +52,6 @@ STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
 LOCK_STALL = 5.0
 
 
-def _maildir_dirs(path: str) -> list[str]:
-    """A Maildir's own directories: itself, tmp/, new/ and cur/."""
-    return [path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur"))]
-
-
-def _roots_directory(path: str, follow: bool) -> bool:
-    """A directory (through a symlink only if ``follow``) that root owns."""
-    try:
-        st = os.stat(path) if follow else os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0
-
-
 def _is_crash(status: int, served: int) -> bool:
     """An exit that says "this worker could not run": an error status or a fault
     signal.  SIGKILL/SIGTERM/SIGINT/SIGQUIT come from an operator (or the OOM killer)
@@ -81,16 +66,9 @@ def _is_crash(status: int, served: int) -> bool:
     return os.WEXITSTATUS(status) != 0
 
 
-class MaildirError(OSError):
-    """A configured Maildir that cannot be made, named by its config key."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
 #: What a reload reports as its failure, keeping the running config; anything else is a bug.
 RELOAD_ERRORS = (config_mod.ConfigError, tls.TLSError, auth.PasswordFileError, listeners.BindError,
-                 process.PidfileError, OSError)
+                 process.PidfileError, OSError)  # (maildirs.MaildirError is an OSError)
 
 
 def stuck_limit(cfg) -> float:
@@ -160,7 +138,7 @@ class Arbiter:
         self.tls_context, self.passwords = load_security(cfg)
         for addr in sorted(listen_addresses(cfg)[0], key=str):
             self.sockets[addr] = listeners.bind(addr)
-        self._prepare_maildirs(cfg)
+        maildirs.prepare(cfg, self.log)
         # That made and swept every Maildir: the next pass is due in an hour.  Run again
         # at the first tick, it would race an operator's first change to a Maildir.
         self.next_tmp_clean = time.monotonic() + TMP_CLEAN_INTERVAL
@@ -175,77 +153,6 @@ class Arbiter:
         connection.tune_for_big_reads()
         gc.collect()
         gc.freeze()  # workers share the master's heap pages instead of copying them
-
-    def _prepare_maildirs(self, cfg) -> None:
-        """Make every Maildir.  One the catch-all cannot use stops a start or a reload;
-        a ``[mailboxes]`` one is logged and left out (its mail gets 451 until it is
-        fixed), as Postfix's delivery agents defer one mailbox's mail and take the rest:
-        a read-only file system under one user's Maildir must not stop a certificate's
-        reload, or the server from starting after a reboot."""
-        keys = config_mod.maildir_keys(cfg.delivery)
-        for path in sorted(keys):
-            error = self._make_maildir(path, cfg)[1]
-            try:
-                if error is not None:
-                    raise error
-                config_checks._creatable_dir(path)  # made, but perhaps on a read-only file system
-            except (OSError, ValueError) as exc:
-                problem = (f"cannot make the Maildir: {exc.filename or path}: {exc.strerror or exc}"
-                           if isinstance(exc, OSError) else str(exc))
-                if path == cfg.delivery.maildir:
-                    raise MaildirError(getattr(exc, "errno", None) or errno.EIO,
-                                       f"{keys[path]} = {path}: {problem}") from exc
-                self.log.warning("STORE", f"{keys[path]} = {path}: {problem}; "
-                                          "its mail gets 451 until this is fixed")
-                continue
-            self._warn_unwritable(path, keys[path], cfg)
-            self._clean_tmp(path)
-
-    def _warn_unwritable(self, path: str, key: str, cfg) -> None:
-        """A Maildir of another owner than root (a mail reader's: the master gives the
-        workers only root's directories) that the workers' user may not pass through, or
-        whose tmp/ or new/ it may not write: say so at the start or reload, not only at
-        its first message's 451."""
-        server = cfg.server
-        try:
-            uid, gid = process.resolve_ids(server.user, server.group)
-        except (KeyError, OSError):
-            return  # the user went since the config was checked: the drop will say so
-        if uid is None or gid is None:
-            return  # workers run as root
-        dirs = _maildir_dirs(path)
-        for directory, need, what in zip(dirs, (0o1, 0o3, 0o3), ("searchable", "writable", "writable")):
-            try:
-                st = os.stat(directory)
-            except OSError:
-                continue
-            if not process.writable_by(st, uid, gid, need):
-                self.log.warning("STORE", f"{key} = {path}: {directory} is not {what} by the workers' "
-                                          f"user {server.user} (owner {st.st_uid}:{st.st_gid}, mode "
-                                          f"{st.st_mode & 0o7777:04o}); its mail gets 451 until this is fixed")
-                return
-
-    def _make_maildir(self, path: str, cfg=None) -> tuple[list[str], Exception | None]:
-        """Make what is missing of the Maildir at ``path``: what was made, and the error
-        that stopped it, if one did.
-
-        Then the Maildir's own directories that are root's go to the workers' user:
-        what this master made, also what a failure part of the way left (tmp/ and new/,
-        with a file where cur/ belongs), and what an earlier run without server.user or
-        an operator's mkdir made; the workers must write tmp/ and new/.  A directory of
-        any other owner is left as it is, and nothing below them is touched: it is a
-        mail reader's (Dovecot's, and its Maildir++ folders, which a chown locked it out
-        of), or one a reader made meanwhile."""
-        dirs = _maildir_dirs(path)
-        missing = [d for d in dirs if not os.path.isdir(d)]
-        error: Exception | None = None
-        try:
-            maildir.Maildir(path, fsync=(cfg or self.cfg).delivery.fsync)
-        except (OSError, ValueError) as exc:
-            error = exc
-        made = [d for d in missing if os.path.isdir(d) and not os.path.islink(d)]
-        self._give_to_workers([d for d in dirs if _roots_directory(d, follow=d == path)], cfg, top=path)
-        return made, error
 
     def _title(self) -> str:
         where = self.cfg.path or "built-in defaults"
@@ -694,44 +601,7 @@ class Arbiter:
             return
         self.next_tmp_clean = now + TMP_CLEAN_INTERVAL
         self.last_pass = now
-        for path in {self.cfg.delivery.maildir, *self.cfg.delivery.mailboxes.values()}:
-            self._remake(path)
-            self._clean_tmp(path)
-
-    def _remake(self, path: str) -> None:
-        """Make again what is missing of a Maildir.  Delivery makes ``tmp/`` and ``new/``
-        when it finds them gone, but never looks at ``cur/``, which only readers use."""
-        if all(os.path.isdir(d) for d in _maildir_dirs(path)):
-            return
-        made, error = self._make_maildir(path)
-        if error is not None:
-            self.log.warning("STORE", f"cannot make {path} again: {error}")
-        if made:
-            self.log.warning("STORE", f"made again, found missing: {', '.join(made)}")
-
-    def _give_to_workers(self, directories: list[str], cfg=None, top: str = "") -> None:
-        """chown to server.user/group, if set, each directory alone (not what is below
-        it), through a symlink only for ``top``, the configured path; a failure is
-        logged, not raised (a broken mailbox must not stop the rest)."""
-        server = (cfg or self.cfg).server
-        if not (server.user or server.group):
-            return
-        for directory in directories:
-            try:
-                process.chown_dir(directory, server.user, server.group, follow=directory == top)
-            except OSError as exc:
-                self.log.warning("STORE", f"cannot give {directory} to the workers' user: {exc}")
-
-    def _clean_tmp(self, path: str) -> None:
-        """Best effort: a tmp/ that cannot be read (or is a symlink, never followed) gets
-        its deliveries refused with 451 anyway, and is logged."""
-        try:
-            n = maildir.clean_tmp(path)
-        except OSError as exc:
-            self.log.warning("STORE", f"cannot clean {path}/tmp: {exc.strerror or exc}")
-            return
-        if n:
-            self.log.info("STORE", f"removed {n} stale file(s) from {path}/tmp")
+        maildirs.look_after(self.cfg, self.log)
 
     # -- reload --------------------------------------------------------------------------
 
@@ -744,7 +614,7 @@ class Arbiter:
         try:
             new = config_mod.load_config(self.cfg.path or None, self.overrides, mailbox_storage=False)
             context, passwords = load_security(new)
-            self._prepare_maildirs(new)
+            maildirs.prepare(new, self.log)
             log_fd = Log.open_file(new.log.file)
             opened = self._open_new_sockets(new)
             # Last: a pidfile another live process holds fails the reload, the old one kept.

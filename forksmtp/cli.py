@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # A [mailboxes] Maildir that cannot be used now stops neither a start nor a
         # reload: the master logs it and the other mailboxes' mail goes on
-        # (Arbiter._prepare_maildirs).  --check says what a start would do.
+        # (maildirs.prepare).  --check says what a start would do.
         cfg = load_config(args.config, overrides, mailbox_storage=False)
     except ConfigError as exc:
         print(f"forksmtp: {exc}", file=sys.stderr)

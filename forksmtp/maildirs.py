@@ -1,0 +1,155 @@
+"""The master's care of the configured Maildirs: making them at a start and a reload,
+handing what it makes to the workers' user, warning where the workers could not
+deliver, and the hourly pass that makes again what went missing and sweeps ``tmp/``.
+
+Workers deliver (maildir.py); this is the part that needs the master's privileges and
+runs outside any session.  Nothing here is on a message's path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from . import config as config_mod, config_checks, maildir, process
+from .logs import Log
+
+
+class MaildirError(OSError):
+    """A configured Maildir that cannot be made, named by its config key."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def own_dirs(path: str) -> list[str]:
+    """A Maildir's own directories: itself, tmp/, new/ and cur/."""
+    return [path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur"))]
+
+
+def prepare(cfg, log: Log) -> None:
+    """Make every Maildir of ``cfg``.  One the catch-all cannot use stops a start or a
+    reload (``MaildirError``); a ``[mailboxes]`` one is logged and left out (its mail gets
+    451 until it is fixed), as Postfix's delivery agents defer one mailbox's mail and take
+    the rest: a read-only file system under one user's Maildir must not stop a
+    certificate's reload, or the server from starting after a reboot."""
+    keys = config_mod.maildir_keys(cfg.delivery)
+    for path in sorted(keys):
+        error = make(path, cfg, log)[1]
+        try:
+            if error is not None:
+                raise error
+            config_checks._creatable_dir(path)  # made, but perhaps on a read-only file system
+        except (OSError, ValueError) as exc:
+            problem = (f"cannot make the Maildir: {exc.filename or path}: {exc.strerror or exc}"
+                       if isinstance(exc, OSError) else str(exc))
+            if path == cfg.delivery.maildir:
+                raise MaildirError(getattr(exc, "errno", None) or errno.EIO,
+                                   f"{keys[path]} = {path}: {problem}") from exc
+            log.warning("STORE", f"{keys[path]} = {path}: {problem}; its mail gets 451 until this is fixed")
+            continue
+        _warn_unwritable(path, keys[path], cfg, log)
+        _clean_tmp(path, log)
+
+
+def look_after(cfg, log: Log) -> None:
+    """The hourly pass over every Maildir of ``cfg``: make again what went missing, and
+    remove what crashed deliveries left in ``tmp/``."""
+    for path in {cfg.delivery.maildir, *cfg.delivery.mailboxes.values()}:
+        _remake(path, cfg, log)
+        _clean_tmp(path, log)
+
+
+def make(path: str, cfg, log: Log) -> tuple[list[str], Exception | None]:
+    """Make what is missing of the Maildir at ``path``: what was made, and the error
+    that stopped it, if one did.
+
+    Then the Maildir's own directories that are root's go to the workers' user: what
+    this master made, also what a failure part of the way left (tmp/ and new/, with a
+    file where cur/ belongs), and what an earlier run without server.user or an
+    operator's mkdir made; the workers must write tmp/ and new/.  A directory of any
+    other owner is left as it is, and nothing below them is touched: it is a mail
+    reader's (Dovecot's, and its Maildir++ folders, which a chown locked it out of), or
+    one a reader made meanwhile."""
+    dirs = own_dirs(path)
+    missing = [d for d in dirs if not os.path.isdir(d)]
+    error: Exception | None = None
+    try:
+        maildir.Maildir(path, fsync=cfg.delivery.fsync)
+    except (OSError, ValueError) as exc:
+        error = exc
+    made = [d for d in missing if os.path.isdir(d) and not os.path.islink(d)]
+    _give_to_workers([d for d in dirs if _roots_directory(d, follow=d == path)], cfg, log, top=path)
+    return made, error
+
+
+def _roots_directory(path: str, follow: bool) -> bool:
+    """A directory (through a symlink only if ``follow``) that root owns."""
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0
+
+
+def _give_to_workers(directories: list[str], cfg, log: Log, top: str) -> None:
+    """chown to server.user/group, if set, each directory alone (not what is below it),
+    through a symlink only for ``top``, the configured path; a failure is logged, not
+    raised (a broken mailbox must not stop the rest)."""
+    server = cfg.server
+    if not (server.user or server.group):
+        return
+    for directory in directories:
+        try:
+            process.chown_dir(directory, server.user, server.group, follow=directory == top)
+        except OSError as exc:
+            log.warning("STORE", f"cannot give {directory} to the workers' user: {exc}")
+
+
+def _warn_unwritable(path: str, key: str, cfg, log: Log) -> None:
+    """A Maildir of another owner than root (a mail reader's: the master gives the
+    workers only root's directories) that the workers' user may not pass through, or
+    whose tmp/ or new/ it may not write: say so at the start or reload, not only at its
+    first message's 451."""
+    server = cfg.server
+    try:
+        uid, gid = process.resolve_ids(server.user, server.group)
+    except (KeyError, OSError):
+        return  # the user went since the config was checked: the drop will say so
+    if uid is None or gid is None:
+        return  # workers run as root
+    for directory, need, what in zip(own_dirs(path), (0o1, 0o3, 0o3), ("searchable", "writable", "writable")):
+        try:
+            st = os.stat(directory)
+        except OSError:
+            continue
+        if not process.writable_by(st, uid, gid, need):
+            log.warning("STORE", f"{key} = {path}: {directory} is not {what} by the workers' "
+                                 f"user {server.user} (owner {st.st_uid}:{st.st_gid}, mode "
+                                 f"{st.st_mode & 0o7777:04o}); its mail gets 451 until this is fixed")
+            return
+
+
+def _remake(path: str, cfg, log: Log) -> None:
+    """Make again what is missing of a Maildir.  Delivery makes ``tmp/`` and ``new/``
+    when it finds them gone, but never looks at ``cur/``, which only readers use."""
+    if all(os.path.isdir(d) for d in own_dirs(path)):
+        return
+    made, error = make(path, cfg, log)
+    if error is not None:
+        log.warning("STORE", f"cannot make {path} again: {error}")
+    if made:
+        log.warning("STORE", f"made again, found missing: {', '.join(made)}")
+
+
+def _clean_tmp(path: str, log: Log) -> None:
+    """Best effort: a tmp/ that cannot be read (or is a symlink, never followed) gets
+    its deliveries refused with 451 anyway, and is logged."""
+    try:
+        n = maildir.clean_tmp(path)
+    except OSError as exc:
+        log.warning("STORE", f"cannot clean {path}/tmp: {exc.strerror or exc}")
+        return
+    if n:
+        log.info("STORE", f"removed {n} stale file(s) from {path}/tmp")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import os
 import pty
 import re
@@ -692,18 +693,40 @@ def test_right_passwords_sent_at_once_on_many_connections_are_all_taken(daemon_f
     assert "too many failures" not in d.log_text()
 
 
+def _slow_password_file(path: Path, user: str, password: str) -> Path:
+    """A password file whose hash takes about a second to check (scrypt's p = 16, where
+    the default is 1): time enough to stop a worker inside the check, however slow the
+    machine is at the moment."""
+    salt = os.urandom(16)
+    key = hashlib.scrypt(password.encode(), salt=salt, n=1 << auth.LOG2_N, r=auth.R, p=16,
+                         dklen=auth.KEY_LEN, maxmem=64 << 20)
+    encoded = "$".join(["scrypt", str(auth.LOG2_N), str(auth.R), "16",
+                        base64.b64encode(salt).decode(), base64.b64encode(key).decode()])
+    path.write_text(f"{user}:{encoded}\n")
+    path.chmod(0o600)
+    return path
+
+
+def _stop_inside_the_check(worker: psutil.Process, before: float) -> None:
+    """Suspend ``worker`` once it has spent 30 ms of CPU since ``before`` (its CPU time
+    then): it is inside the check, which takes about a second."""
+    wait_until(lambda: sum(worker.cpu_times()[:2]) - before >= 0.03, timeout=20, interval=0.002,
+               what="the worker to start the password check")
+    worker.suspend()
+
+
 def _five_checks_held(daemon_factory, certs, tmp_path, clients: list, stopped: list):
     """A daemon with AUTH and six STARTTLS sessions (appended to ``clients``): AUTH sent
-    on the first five, each one's worker stopped inside its scrypt check (about 60 ms,
-    appended to ``stopped``), so that five checks of the address stay running."""
-    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    on the first five, each one's worker stopped inside its scrypt check (appended to
+    ``stopped``), so that five checks of the address stay running."""
+    pw = _slow_password_file(tmp_path / "passwd", "alice", PASSWORD)
     d = daemon_factory(workers=8, server={"max_workers": 12}, sections=tls_sections(certs, pw))
     clients.extend(starttls_client(d, certs) for _ in range(6))
     for client in clients[:5]:
         worker = serving_worker(d, client.sock)
+        before = sum(worker.cpu_times()[:2])
         client.send(f"AUTH PLAIN {plain('alice', PASSWORD)}\r\n".encode())
-        time.sleep(0.02)
-        worker.suspend()
+        _stop_inside_the_check(worker, before)
         stopped.append(worker)
     return d
 

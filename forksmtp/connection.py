@@ -358,8 +358,10 @@ class Connection:
         self._drain_session_log(release=True)  # the command that met the failure comes first
         where = maildir.blamed(exc)
         self.log.queue("ERROR", f"{what} in {where}: {exc}" if where else f"{what}: {exc}", ERROR)
-        if forget:
+        if forget:  # a failure, not a check (room_for) that a smaller message may pass
             self.worker.router.forget()
+            if where:
+                self.worker.router.defer(where, exc)
         if where and not (os.path.isdir(where + "/tmp") and os.path.isdir(where + "/new")):
             self.worker.call_for_maildirs()  # gone, and this worker could not make it again
         return delivery.storage_reply(exc)

@@ -9,13 +9,17 @@ recipient can name a path outside the configured Maildirs.
 
 A ``Transaction`` opens its copies when DATA is accepted (so storage problems get a 4xx
 before the client sends the message), streams the text into all of them, and commits
-them all-or-nothing.  Errors propagate as ``OSError``; ``storage_reply`` maps them.
+them all-or-nothing.  Errors propagate as ``OSError``; ``storage_reply`` maps them.  A
+Maildir that failed is remembered, and its recipients are refused at RCPT while it looks
+broken (``Router.defer``, ``Router.deferral``), so that the message goes on for the rest.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import resource
+import stat
 from collections.abc import Mapping
 from typing import Final
 
@@ -47,6 +51,30 @@ def open_maildirs_bound() -> int:
     return max(1, min(MAX_OPEN_MAILDIRS, soft // 4))
 
 
+#: The failures that are a Maildir's own (its permissions, its file system, its quota):
+#: not a worker's (out of descriptors or memory), which would defer a good mailbox.
+_MAILDIR_FAULTS: Final = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                                    errno.EDQUOT, errno.ENOENT, errno.ENOTDIR, errno.ELOOP,
+                                    errno.EIO, errno.EISDIR})
+
+
+def looks_broken(path: str) -> bool:
+    """Whether the Maildir at ``path`` visibly cannot take a message now: its tmp/ or
+    new/ is not a directory this process may write (permissions, a read-only file
+    system, a file or a symlink in its place), or its file system has no block or no
+    inode left for an unprivileged writer.  Five system calls; asked only of a Maildir
+    that failed."""
+    tmp = os.path.join(path, "tmp")
+    try:
+        for sub in (tmp, os.path.join(path, "new")):
+            if not stat.S_ISDIR(os.lstat(sub).st_mode) or not os.access(sub, os.W_OK | os.X_OK):
+                return True
+        fs = os.statvfs(tmp)
+    except OSError:
+        return True
+    return fs.f_bavail == 0 or (fs.f_files > 0 and fs.f_favail == 0)
+
+
 class Router:
     """Per-worker cache of Maildir objects and the recipient -> Maildir map."""
 
@@ -68,6 +96,38 @@ class Router:
         # Whether some [mailboxes] address stores into the catch-all's Maildir: only then
         # may a catch-all copy carry Delivered-To lines (and need a lookup per recipient).
         self._mailbox_at_catch_all = catch_all in self.mailboxes.values()
+        # Maildir path -> the RCPT reply, for Maildirs that failed: see defer.
+        self._deferred: dict[str, R.Reply] = {}
+        # A storage error names its Maildir by absolute path (maildir.blamed).
+        self._paths = {os.path.abspath(p): p for p in (catch_all, *mailboxes.values())}
+
+    def defer(self, path: str, exc: OSError) -> None:
+        """``path`` failed with ``exc``.  If the fault is the Maildir's own, its
+        recipients are refused at RCPT (451, 452 for no space) for as long as it still
+        looks broken, so that a message for several Maildirs is stored for the others
+        instead of deferred as a whole: SMTP has one reply for a message's text, and the
+        RCPT is the last moment one recipient can be told apart from the rest.  Learnt
+        per worker, from its own failures."""
+        if exc.errno in _MAILDIR_FAULTS:
+            reply = R.R452_MAILBOX_NO_SPACE if maildir.is_no_space(exc) else R.R451_MAILBOX_DEFERRED
+            self._deferred[self._paths.get(path, path)] = reply
+
+    def deferral(self, rcpt: str) -> R.Reply | None:
+        """The reply for ``rcpt`` while its Maildir is deferred, else None (the session's
+        recipient check: one test of an empty dict while no Maildir failed).  A deferred
+        Maildir is looked at again at each of its recipients, and once it looks sound
+        (mended, space freed) the next message tries it; what no look can tell (a quota,
+        an I/O error) is tried again by that message too."""
+        if not self._deferred:
+            return None
+        path = self.mailboxes.get(rcpt.lower(), self.catch_all)
+        reply = self._deferred.get(path)
+        if reply is None:
+            return None
+        if looks_broken(path):
+            return reply
+        del self._deferred[path]
+        return None
 
     def route(self, recipients: list[str]) -> dict[str, list[str]]:
         """Destination Maildir path -> the distinct recipients stored there."""

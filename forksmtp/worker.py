@@ -160,7 +160,8 @@ class Worker:
             require_tls=cfg.tls is not None and cfg.tls.require_tls,
             auth=cfg.auth is not None,
             auth_insecure=cfg.auth is not None and cfg.auth.allow_insecure,
-            auth_required=cfg.auth is not None and cfg.auth.required)
+            auth_required=cfg.auth is not None and cfg.auth.required,
+            recipient_check=self.router.deferral)
 
     def _signals(self) -> None:
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -3,11 +3,15 @@ that leave nothing behind, and routing rules the live tests do not reach."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
 
 import pytest
 
 from forksmtp import delivery, maildir
+from forksmtp.smtp import replies as R
 from helpers import open_fds
 
 
@@ -106,3 +110,91 @@ def test_a_worker_keeps_a_bounded_number_of_maildirs_open(tmp_path):
     txn = delivery.Transaction(router, list(boxes)[:3], header())  # an abort trims as well
     txn.abort()
     assert open_fds() == before + delivery.MAX_OPEN_MAILDIRS
+
+
+# -- a Maildir that failed is deferred at RCPT while it looks broken ------------------------------
+
+def test_a_failed_maildir_defers_its_recipients_only_and_while_it_looks_broken(router, tmp_path):
+    replace_with_file(tmp_path / "a" / "tmp")
+    with pytest.raises(OSError) as caught:
+        delivery.Transaction(router, ["a@x.test", "other@x.test"], header())
+    assert maildir.blamed(caught.value) == os.path.abspath(tmp_path / "a")
+    assert router.deferral("a@x.test") is None  # nothing learnt yet
+    router.defer(maildir.blamed(caught.value), caught.value)
+    assert router.deferral("A@X.test") is R.R451_MAILBOX_DEFERRED  # its address in any case
+    assert router.deferral("a@x.test") is R.R451_MAILBOX_DEFERRED  # asked again: still
+    assert router.deferral("other@x.test") is None  # the catch-all is sound
+    (tmp_path / "a" / "tmp").unlink()
+    (tmp_path / "a" / "tmp").mkdir()  # mended
+    assert router.deferral("a@x.test") is None
+    replace_with_file(tmp_path / "a" / "tmp")
+    assert router.deferral("a@x.test") is None  # forgotten once sound: the next failure tells
+
+
+@pytest.mark.parametrize("err, reply", [
+    (errno.EACCES, R.R451_MAILBOX_DEFERRED), (errno.EROFS, R.R451_MAILBOX_DEFERRED),
+    (errno.ENOTDIR, R.R451_MAILBOX_DEFERRED), (errno.EIO, R.R451_MAILBOX_DEFERRED),
+    (errno.ENOSPC, R.R452_MAILBOX_NO_SPACE), (errno.EDQUOT, R.R452_MAILBOX_NO_SPACE),
+    (errno.EMFILE, None), (errno.ENFILE, None), (errno.ENOMEM, None), (errno.EINTR, None),
+])
+def test_only_a_maildirs_own_faults_defer_it(tmp_path, err, reply):
+    """Out of descriptors or memory is the worker's trouble, not the mailbox's."""
+    # The configured path with a trailing slash: errors name the Maildir by absolute path.
+    router = delivery.Router(str(tmp_path / "catch"), {"a@x.test": str(tmp_path / "a") + "/"})
+    router.maildir(str(tmp_path / "a") + "/")
+    replace_with_file(tmp_path / "a" / "new")
+    router.defer(os.path.abspath(tmp_path / "a"), OSError(err, os.strerror(err)))
+    assert router.deferral("a@x.test") is reply
+    assert router.deferral("b@x.test") is None
+
+
+def test_a_catch_all_that_failed_defers_every_address_without_a_mailbox(router, tmp_path):
+    router.defer(os.path.abspath(tmp_path / "catch"), OSError(errno.EACCES, "denied"))
+    replace_with_file(tmp_path / "catch" / "new")
+    assert router.deferral("anyone@x.test") is R.R451_MAILBOX_DEFERRED
+    assert router.deferral("Postmaster") is R.R451_MAILBOX_DEFERRED
+    assert router.deferral("a@x.test") is None
+
+
+@pytest.mark.parametrize("change", ["tmp-is-a-file", "new-is-a-symlink", "new-missing"])
+def test_what_makes_a_maildir_look_broken(tmp_path, change):
+    md = maildir.Maildir(str(tmp_path / "m"))
+    assert not delivery.looks_broken(md.path)
+    if change == "tmp-is-a-file":
+        replace_with_file(tmp_path / "m" / "tmp")
+    elif change == "new-is-a-symlink":
+        os.rmdir(tmp_path / "m" / "new")
+        os.symlink(tmp_path / "m" / "cur", tmp_path / "m" / "new")
+    else:
+        os.rmdir(tmp_path / "m" / "new")
+    assert delivery.looks_broken(md.path)
+
+
+def test_a_maildir_its_user_may_not_write_looks_broken_to_it():
+    """Judged as the process that delivers: a worker running as another user than the
+    Maildir's owner (here the test's child, run as nobody where the test runs as root)."""
+    base = tempfile.mkdtemp(prefix="forksmtp-looks-")
+    try:
+        os.chmod(base, 0o755)  # under /tmp, which everyone may pass through
+        ok, no = (maildir.Maildir(os.path.join(base, name)) for name in ("ok", "no"))
+        for path in (ok.path, no.path, *(os.path.join(p, sub) for p in (ok.path, no.path)
+                                          for sub in ("tmp", "new"))):
+            os.chmod(path, 0o755)
+        as_root = os.geteuid() == 0
+        if as_root:
+            for sub in ("tmp", "new"):
+                os.chown(os.path.join(ok.path, sub), 65534, 65534)
+        else:
+            os.chmod(os.path.join(no.path, "tmp"), 0o500)
+        pid = os.fork()
+        if pid == 0:  # the child: not the owner of "no", never root
+            try:
+                if as_root:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                os._exit(0 if (not delivery.looks_broken(ok.path) and delivery.looks_broken(no.path)) else 1)
+            finally:
+                os._exit(2)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -365,6 +365,36 @@ def test_unwritable_maildir_451_then_recovers(nobody_dir, daemon_factory, subdir
     assert len(listing(md / "new")) == 1
 
 
+def test_a_broken_mailbox_is_deferred_at_rcpt_and_the_others_get_the_message(nobody_dir, daemon_factory):
+    """SMTP gives a message's text one reply for all its recipients: once a Maildir has
+    failed, its recipients get 451 at RCPT while it looks broken, and the message is
+    stored for the rest instead of refused as a whole again; once mended, it takes mail."""
+    base, nobody = nobody_dir
+    catch, bob = base / "Maildir", base / "bob"
+    d = daemon_factory(server={"user": "nobody"}, sections={
+        "delivery": {"maildir": str(catch)}, "mailboxes": {"bob@example.test": str(bob)}})
+    rcpts = ["carol@example.test", "bob@example.test"]
+    (bob / "tmp").chmod(0o500)
+    try:
+        with smtplib.SMTP(d.host, d.port, timeout=10) as client:
+            with pytest.raises(smtplib.SMTPDataError) as first:  # learnt at DATA: all refused
+                client.sendmail("s@client.example", rcpts, b"Subject: first\r\n\r\nhi\r\n")
+            assert first.value.smtp_code == 451
+            client.rset()
+            for n in range(12):  # more than max_errors (10): the deferrals are not counted
+                refused = client.sendmail("s@client.example", rcpts, f"Subject: n{n}\r\n\r\nhi\r\n".encode())
+                assert refused == {"bob@example.test": (451, b"4.3.0 Mailbox temporarily unavailable, "
+                                                             b"try again later")}
+            assert len(listing(catch / "new")) == 12 and listing(bob / "new") == []
+            (bob / "tmp").chmod(0o700)  # mended
+            assert client.sendmail("s@client.example", rcpts, b"Subject: last\r\n\r\nhi\r\n") == {}
+    finally:
+        (bob / "tmp").chmod(0o700)
+    assert len(listing(catch / "new")) == 13 and len(listing(bob / "new")) == 1
+    assert listing(bob / "tmp") == [] and listing(catch / "tmp") == []
+    assert_no_crash(d)
+
+
 @pytest.mark.parametrize("change", ["removed", "moved", "moved-and-replaced"])
 def test_a_maildir_removed_or_moved_while_running(daemon_factory, tmp_path, change):
     """Two sessions held open, so both workers have used the Maildir (and hold its new/

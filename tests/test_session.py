@@ -1228,3 +1228,37 @@ def test_text_sent_before_the_354_is_message_text():
     events = _events_until_wait(s)
     assert b"".join(e.data for e in events if isinstance(e, DataChunk)) == b"Subject: x\n\nhi\n"
     assert any(isinstance(e, DataEnd) for e in events)
+
+
+# -- recipients whose Maildir failed a moment ago (the caller's recipient_check) ------------------
+
+DEFERRED = {"bob@example.test": R.R451_MAILBOX_DEFERRED, "full@example.test": R.R452_MAILBOX_NO_SPACE}
+
+
+def test_a_deferred_recipient_is_refused_and_the_message_goes_on_for_the_others():
+    asked = []
+
+    def check(address):
+        asked.append(address)
+        return DEFERRED.get(address)
+
+    s = new_session(recipient_check=check, max_errors=1)
+    assert replies(s, [E, M, "RCPT TO:<bob@example.test>", "RCPT TO:<full@example.test>",
+                       "RCPT TO:<carol@example.test>", D, "Subject: x", "", "hi", "."]) == [
+        "250", "250 2.1.0", "451 4.3.0", "452 4.3.1", "250 2.1.5", "354", "250 2.0.0"]
+    assert [end.envelope.recipients for end in data_ends(s)] == [["carol@example.test"]]
+    # Asked only for a recipient every other rule took, and not counted as an error:
+    # with max_errors = 1 any counted refusal would have closed the session.
+    assert asked == ["bob@example.test", "full@example.test", "carol@example.test"] and not s.closed
+
+
+def test_a_transaction_whose_every_recipient_is_deferred_has_no_data():
+    s = new_session(recipient_check=DEFERRED.get)
+    assert transcript(s, [E, M, "RCPT TO:<bob@example.test>", D]) == [250, 250, 451, 503]
+    assert s.errors == 1  # the 503 alone
+
+
+def test_past_the_free_lines_deferred_recipients_are_counted_not_logged():
+    s = spent_session(recipient_check=DEFERRED.get, max_recipients=1000)
+    transcript(s, [M] + ["RCPT TO:<bob@example.test>"] * 300 + ["RSET"])
+    assert s.log == [] and not s.closed

@@ -74,6 +74,10 @@ R421_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 R421_UNAVAILABLE = Reply(421, "4.3.2", "Service not available, closing transmission channel")
 R451_STORAGE = Reply(451, "4.3.0", "Local error in processing, try again later")
 R452_NO_SPACE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+# A recipient whose Maildir failed a moment ago, deferred at RCPT so that the message
+# goes on for the others (the server tried nothing: no error of the client's).
+R451_MAILBOX_DEFERRED = Reply(451, "4.3.0", "Mailbox temporarily unavailable, try again later")
+R452_MAILBOX_NO_SPACE = Reply(452, "4.3.1", "Insufficient system storage for this mailbox, try again later")
 R452_TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
 
 # 5xx: permanent

@@ -83,7 +83,11 @@ _XTEXT: Final = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
 #: not: the server checked nothing (other sessions' checks filled the failure limit), and
 #: in stress mode (one error allowed) it would close the session of a client told it may
 #: try again; each such AUTH costs the session a wait of up to 5 s, which bounds the rate.
-NOT_CLIENT_ERRORS: Final = frozenset({R.R452_TOO_MANY_RCPTS, R.R454_AUTH_TEMPORARY})
+#: Nor does a recipient deferred at RCPT because its Maildir failed a moment ago: the
+#: server tried nothing, and a client sending a batch of messages for several mailboxes,
+#: one of them broken, must not have its session closed for it.
+NOT_CLIENT_ERRORS: Final = frozenset({R.R452_TOO_MANY_RCPTS, R.R454_AUTH_TEMPORARY,
+                                      R.R451_MAILBOX_DEFERRED, R.R452_MAILBOX_NO_SPACE})
 
 _AUTH_PROTOCOL_SUFFIX: Final = {(False, False): "", (True, False): "S", (False, True): "A", (True, True): "SA"}
 
@@ -441,6 +445,11 @@ class Session(SecureCommands):
             raise CommandError(R.R452_TOO_MANY_RCPTS)
         if not self._is_local(path):
             raise CommandError(R.R550_NOT_LOCAL)
+        check = self.config.recipient_check
+        if check is not None:
+            deferred = check(path.address)
+            if deferred is not None:
+                raise CommandError(deferred)
         env.recipients.append(path.address)
         self.phase = RCPT
         self._send(R.R250_RCPT_OK)

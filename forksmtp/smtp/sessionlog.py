@@ -35,6 +35,14 @@ def _skipped(n: int) -> str:
     return f"<{n} command and reply line{'s' if n != 1 else ''} not logged>"
 
 
+def _unbounded(reply: R.Reply) -> bool:
+    """Refusals that past the free lines are counted, not written, as lines that are no
+    error are: nothing bounds them (none counts toward max_errors), so a client that
+    repeats the RCPT could otherwise write without end."""
+    return (reply is R.R452_TOO_MANY_RCPTS or reply is R.R451_MAILBOX_DEFERRED
+            or reply is R.R452_MAILBOX_NO_SPACE)
+
+
 class SessionLog:
     """Fed each logged command (``command``) and each reply (``reply``); appends what
     is to be written to ``lines``, the list the connection drains."""
@@ -76,7 +84,7 @@ class SessionLog:
             return
         pending, self._pending = self._pending, None
         pair = [str(reply)] if pending is None else [pending, str(reply)]
-        if reply is R.R250_ACCEPTED or (reply.code >= 400 and reply is not R.R452_TOO_MANY_RCPTS):
+        if reply is R.R250_ACCEPTED or (reply.code >= 400 and not _unbounded(reply)):
             self._write(pair)
         elif in_transaction and (reply is R.R250_SENDER_OK or reply is R.R250_RCPT_OK
                                  or reply is R.R354_DATA):

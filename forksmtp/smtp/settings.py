@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Callable, Final, Optional
 
 from . import replies as R
+
+#: Asked at each RCPT that passed every other check, with the address: a reply that
+#: defers it (its Maildir failed a moment ago), or None.
+RecipientCheck = Callable[[str], Optional[R.Reply]]
 
 BASE_KEYWORDS: Final = ("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8")
 
@@ -22,7 +26,8 @@ class SessionConfig:
                  max_received_headers: int = 100, local_domains: tuple[str, ...] = (),
                  normalize_bare_newlines: bool = False, log_commands: bool = True,
                  starttls: bool = False, auth: bool = False, auth_insecure: bool = False,
-                 require_tls: bool = False, auth_required: bool = False) -> None:
+                 require_tls: bool = False, auth_required: bool = False,
+                 recipient_check: RecipientCheck | None = None) -> None:
         self.hostname = hostname
         self.max_message_size = max_message_size
         self.max_recipients = max_recipients
@@ -36,6 +41,7 @@ class SessionConfig:
         self.auth_insecure = auth_insecure
         self.require_tls = require_tls
         self.auth_required = auth_required
+        self.recipient_check = recipient_check
         self.greeting = R.greeting(hostname)
         self.helo_reply = R.helo(hostname)
         self._ehlo = {tls: R.ehlo(hostname, self._keywords(tls)) for tls in (False, True)}

@@ -50,6 +50,9 @@ STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
 #: Workers hold the admission lock for microseconds: when the master has failed to take it
 #: for this long, its holder is stopped or wedged, and every admission waits behind it.
 LOCK_STALL = 5.0
+#: Seconds a reload waits for the workers of an earlier configuration to let go of an
+#: address it binds again (see _bind_when_let_go).
+LET_GO_WAIT = 2.0
 
 
 def _is_crash(status: int, served: int) -> bool:
@@ -126,6 +129,9 @@ class Arbiter:
         self.old_pending = False  # a reload's old generation still to be retired
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
+        # What reloads stopped listening on (bound identities), which the workers of an
+        # earlier configuration may hold a while yet: see _bind_when_let_go.
+        self.let_go: set[tuple] = set()
 
     # -- start ---------------------------------------------------------------------------
 
@@ -168,7 +174,7 @@ class Arbiter:
         process.sd_notify("READY=1")
         self.fast = False
         while True:
-            at_ceiling = len(self.workers) >= self.cfg.server.max_workers
+            at_ceiling = len(self.workers) >= self._ceiling()
             # A worker's call for more workers (the pool ran dry) ends a slow tick's wait,
             # not a fast one's, and not twice running: at most one extra tick per FAST_TICK
             # however often workers call.
@@ -194,7 +200,7 @@ class Arbiter:
         self._murder_stuck(snap, now)
         self._manage_pool(now, snap)
         self._retire_old()
-        self.fast = self.overflow.check(snap, now, len(self.workers), self.cfg.server.max_workers,
+        self.fast = self.overflow.check(snap, now, len(self.workers), self._ceiling(),
                                         list(self.sockets.values()), frozenset(self._implicit_sockets()),
                                         held_back=now < self.pool_state.backoff_until)
         self._housekeeping(now)
@@ -298,7 +304,7 @@ class Arbiter:
             self.log.info("POOL", "SIGTTIN ignored during a stop")
             return
         size = self._pool_count(pool.current_workers(self._snapshot()))
-        if size >= self.cfg.server.max_workers:
+        if size >= self._ceiling():
             self.log.info("POOL", f"SIGTTIN: {size} workers, the max_workers ceiling; none added")
             return
         if self.pool_state.retire_requests:
@@ -566,11 +572,18 @@ class Arbiter:
                 self._signal(child, signal.SIGTERM)
         self.spawn_pending = plan.spawn > 0
         busy = snap.count(BUSY)
-        over = limits.in_stress(busy, self.cfg.server.max_workers, self.cfg.server.stress_threshold)
+        over = limits.in_stress(busy, self._ceiling(), self.cfg.server.stress_threshold)
         stress = self.stress.decide(over, snap.stress, now)
         if stress != snap.stress:
             self.board.set_stress(stress)
             self.log.warning("STRESS", f"stress mode {'on' if stress else 'off'}: {busy} busy workers")
+
+    def _ceiling(self) -> int:
+        """The most workers there may be: max_workers, unless a reload raised it beyond
+        the scoreboard made at start (2 x max_workers + 16 slots), which holds no more.
+        The pool's plan stops there too; the master answers 421 from there, where at the
+        configured figure it would leave clients waiting silently in the backlog."""
+        return min(self.cfg.server.max_workers, self.board.nslots)
 
     def _clients_waiting(self) -> bool:
         """Whether a client waits in a listen queue (a poll, which takes nothing from it)."""
@@ -637,6 +650,7 @@ class Arbiter:
         for addr in old_addrs:
             sock = self.sockets.pop(addr)
             if sock not in opened.values():  # not taken over by a new spelling of its address
+                self.let_go.add(listeners.bound_identity(sock))
                 sock.close()
         self.sockets.update(opened)
         # Reopened even when unchanged: after logrotate renamed the file, HUP starts a new one.
@@ -654,6 +668,13 @@ class Arbiter:
         self.old_pending = True
         self._retire_old()
         self.log.info("RELOAD", f"configuration generation {self.generation} loaded from {new.path or 'defaults'}")
+        nslots = self.board.nslots
+        for key in ("max_workers", "workers"):
+            value = getattr(new.server, key)
+            if value > nslots:
+                self.log.warning("RELOAD", f"server.{key} = {value} is more than the {nslots} workers the "
+                                           f"scoreboard made at start holds; the pool stays within "
+                                           f"{nslots} until a restart")
 
     def _retire_old(self) -> None:
         """Stop the workers of earlier generations (gracefully: a busy one finishes its
@@ -665,7 +686,7 @@ class Arbiter:
         if not self.old_pending:
             return
         current = sum(1 for c in self.workers.values() if c.generation == self.generation)
-        if not current and len(self.workers) < self.cfg.server.max_workers:
+        if not current and len(self.workers) < self._ceiling():
             return
         self.old_pending = False
         for child in list(self.workers.values()):
@@ -701,20 +722,51 @@ class Arbiter:
         try:
             return listeners.bind(addr)
         except listeners.BindError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
             held = sorted(str(a) for a, sock in self.sockets.items()
                           if sock in leaving.values() and listeners.bound_identity(sock)[1][1] == addr.port)
-            if exc.errno != errno.EADDRINUSE or not held:
+            if held:
+                raise listeners.BindError(addr, f"{exc.message}: port {addr.port} is still bound to "
+                                          f"{', '.join(held)}, which this reload removes; moving a port "
+                                          "between addresses that overlap takes a restart", exc.errno) from None
+            older = sum(1 for c in self.workers.values() if c.generation != self.generation)
+            if not older or self._identity(addr) not in self.let_go:
                 raise
-            raise listeners.BindError(addr, f"{exc.message}: port {addr.port} is still bound to "
-                                      f"{', '.join(held)}, which this reload removes; moving a port "
-                                      "between addresses that overlap takes a restart", exc.errno) from None
+            sock = self._bind_when_let_go(addr)
+            if sock is None:
+                raise listeners.BindError(addr, f"{exc.message}: {older} workers of an earlier configuration, "
+                                          f"which listened there, have not let it go within "
+                                          f"{LET_GO_WAIT:g}s", exc.errno) from None
+            return sock
 
     @staticmethod
-    def _same_socket(addr, leaving: dict) -> socket.socket | None:
+    def _identity(addr) -> tuple | None:
         try:
-            return leaving.get(listeners.identity(addr))
-        except ValueError:  # does not resolve: bind() says so, naming the address
+            return listeners.identity(addr)
+        except ValueError:
             return None
+
+    @staticmethod
+    def _bind_when_let_go(addr) -> socket.socket | None:
+        """Bind ``addr`` once the workers of an earlier configuration let go of it.  An
+        address a reload removed is still held by those workers until they act on their
+        SIGTERM (tens of milliseconds, a second under load), so a reload that puts it
+        back at once (an editor's second save, a HUP sent twice) would fail.  Each
+        retry is a bind(2); the wait is bounded, and only an address such workers may
+        hold is waited for."""
+        deadline = time.monotonic() + LET_GO_WAIT
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+            try:
+                return listeners.bind(addr)
+            except listeners.BindError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+        return None
+
+    def _same_socket(self, addr, leaving: dict) -> socket.socket | None:
+        return leaving.get(self._identity(addr))  # None where it does not resolve: bind() says so
 
     # -- stop ----------------------------------------------------------------------------
 

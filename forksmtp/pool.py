@@ -125,16 +125,17 @@ def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float,
     state._settle(now)
     current = current_workers(snap)
     idle = [s for s in current if s.state in (STARTING, IDLE)]
-    room = min(settings.max_workers, snap.nslots) - len(snap.slots)
+    ceiling = min(settings.max_workers, snap.nslots)  # a reload may raise it past the slots
+    room = ceiling - len(snap.slots)
     starting = sum(1 for s in current if s.state == STARTING)
-    spawn, reason = _spawn(settings, state, now, len(current), len(idle), room, starting,
+    spawn, reason = _spawn(settings, state, now, len(current), len(idle), room, ceiling, starting,
                            waiting and not idle)
     retire = () if spawn else _retire(settings, state, now, current, idle)
     return Plan(spawn, retire, state.backoff_until, reason)
 
 
 def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, idle: int,
-           room: int, starting: int = 0, waiting: bool = False) -> tuple[int, str]:
+           room: int, ceiling: int, starting: int = 0, waiting: bool = False) -> tuple[int, str]:
     need_min = settings.workers - current
     need_spare = max(settings.min_spare, 0) - idle
     if need_min <= 0 and need_spare <= 0 and not waiting:
@@ -149,7 +150,7 @@ def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, i
                    f"{state.backoff_until - now:.1f}s (back-off {state.backoff:g}s)")
     if room <= 0:
         state.spawn_rate = 1
-        return 0, f"{CEILING} ({settings.max_workers} workers): no spare to start"
+        return 0, f"{CEILING} ({ceiling} workers): no spare to start"
     # The minimum is restored at once (boot, after a crash); spares grow at the doubling rate.
     # Every worker busy means a burst: spawn the whole rate (1, 2, 4 ... 32, as Apache
     # prefork), not just the shortfall, so queued clients get workers in a few ticks.

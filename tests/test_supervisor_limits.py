@@ -8,6 +8,7 @@ tells apart is an answer from a hang, which would last the whole command timeout
 
 from __future__ import annotations
 
+import signal
 import socket
 
 import pytest
@@ -122,3 +123,29 @@ def test_refusals_do_not_leak_counts(daemon_factory, limit):
         close_all(sessions)
     wait_until(lambda: request_stats(d)["connections_active"] == 0, 10, 0.1, "all released")
     send_message(d.port)
+
+
+def test_a_max_workers_raised_by_reload_past_the_scoreboard_still_gets_421_at_the_ceiling(daemon_factory):
+    """The scoreboard is sized at start for 2 x max_workers + 16 workers.  A reload that
+    raises max_workers past that is warned about, and where the slots end the master
+    answers 421 4.3.2: it waited for the configured ceiling, never reached, and left the
+    clients beyond the slots silent in the backlog."""
+    d = daemon_factory(workers=1, server={"max_workers": 1, "max_connections_per_ip": 100})
+    d.sections["server"]["max_workers"] = 40
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("server.max_workers = 40 is more than the 18 workers the scoreboard made at start holds")
+    sessions: list[socket.socket] = []
+    try:
+        for _ in range(19):
+            sock = connect(d.port, timeout=ANSWER)
+            reply = read_reply(sock)  # a hang would time out here
+            if reply.startswith(b"421 "):
+                sock.close()
+                break
+            assert reply.startswith(b"220 "), reply
+            sessions.append(sock)
+        assert reply.startswith(b"421 4.3.2 ") and 17 <= len(sessions) <= 18, (reply, len(sessions))
+        d.wait_for_log("max_workers reached (18 workers)")
+    finally:
+        close_all(sessions)

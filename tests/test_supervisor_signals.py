@@ -261,6 +261,39 @@ def test_hup_binds_new_and_unbinds_removed_listen_address(daemon_factory):
     assert_no_zombies(d)
 
 
+def test_an_address_put_back_before_the_old_workers_let_go_is_bound_again(daemon_factory):
+    """A reload removes an address; the next puts it back while a worker of the first
+    configuration still holds the socket (here: stopped, resumed half a second into
+    the reload).  The reload waits for it to let go instead of failing with EADDRINUSE,
+    as an editor's second save or a HUP sent twice would otherwise make it."""
+    d = daemon_factory(workers=1, server={"min_spare_workers": 0})
+    extra = free_port()
+    both = [f"127.0.0.1:{d.port}", f"127.0.0.1:{extra}"]
+    d.sections["server"]["listen"] = both
+    d.write_config()
+    hup(d)
+    send_message(extra)
+    first = wait_until(lambda: d.workers() if len(d.workers()) == 1 else None, 10, 0.1, "one worker")[0]
+    first.suspend()  # holds both sockets, and will not act on its SIGTERM yet
+    try:
+        d.sections["server"]["listen"] = both[:1]
+        d.write_config()
+        d.signal(signal.SIGHUP)
+        d.wait_for_log("configuration generation 3 loaded")
+        d.sections["server"]["listen"] = both
+        d.write_config()
+        threading.Timer(0.5, first.resume).start()
+        d.signal(signal.SIGHUP)
+        d.wait_for_log("configuration generation 4 loaded")
+    finally:
+        with contextlib.suppress(psutil.Error):
+            first.resume()
+    assert "reload failed" not in d.log_text()
+    send_message(extra)
+    send_message(d.port)
+    assert_no_zombies(d)
+
+
 def test_hup_with_an_address_written_another_way_keeps_its_socket(daemon_factory):
     """localhost:P for 127.0.0.1:P is the same socket: the reload takes it over instead
     of failing to bind it again, and no client is refused meanwhile."""

@@ -62,17 +62,22 @@ def looks_broken(path: str) -> bool:
     """Whether the Maildir at ``path`` visibly cannot take a message now: its tmp/ or
     new/ is not a directory this process may write (permissions, a read-only file
     system, a file or a symlink in its place), or its file system has no block or no
-    inode left for an unprivileged writer.  Five system calls; asked only of a Maildir
-    that failed."""
+    inode left for this process (root may use the reserved blocks).  At most five
+    system calls; asked only of a Maildir that failed.  One whose tmp/ or new/ is gone
+    does not look broken: the next delivery makes it again, or has the master do so."""
     tmp = os.path.join(path, "tmp")
     try:
         for sub in (tmp, os.path.join(path, "new")):
-            if not stat.S_ISDIR(os.lstat(sub).st_mode) or not os.access(sub, os.W_OK | os.X_OK):
+            if (not stat.S_ISDIR(os.lstat(sub).st_mode)
+                    or not os.access(sub, os.W_OK | os.X_OK, effective_ids=True)):
                 return True
         fs = os.statvfs(tmp)
+    except FileNotFoundError:
+        return False
     except OSError:
         return True
-    return fs.f_bavail == 0 or (fs.f_files > 0 and fs.f_favail == 0)
+    blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
+    return blocks == 0 or (fs.f_files > 0 and fs.f_favail == 0)
 
 
 class Router:

@@ -557,10 +557,10 @@ def test_responses_pipelined_behind_a_malformed_auth_stay_out_of_the_log(auth_li
     assert log.count("<line after AUTH, ") == 2 and "NOOP" in log
 
 
-def test_responses_pipelined_behind_an_auth_ended_by_a_bare_lf_stay_out_of_the_log():
+def test_responses_pipelined_behind_an_auth_with_a_bare_lf_stay_out_of_the_log():
     secret = "Tr0ub4dor&3-bare-lf"
     p = tls_peer()
-    wire = b"AUTH LOGIN\n" + "".join(f"{line}\r\n" for line in [b64("alice"), b64(secret), "NOOP"]).encode()
+    wire = b"AUTH LOGIN\n\r\n" + "".join(f"{line}\r\n" for line in [b64("alice"), b64(secret), "NOOP"]).encode()
     replies = heads(p.feed(wire))
     assert len(replies) == 4 and replies[0] == "501 5.5.2" and replies[-1].startswith("250")
     log = "\n".join(p.s.log)
@@ -568,16 +568,20 @@ def test_responses_pipelined_behind_an_auth_ended_by_a_bare_lf_stay_out_of_the_l
     assert log.count("<line after AUTH, ") == 2 and "NOOP" in log and not p.s.auth_user
 
 
-def test_a_response_ended_by_a_bare_lf_ends_the_exchange_unlogged():
-    secret = "Tr0ub4dor&3-in-exchange"
+def test_a_response_with_a_bare_lf_ends_the_exchange_and_nothing_of_it_is_logged():
+    """A SASL response base64-wrapped at 76 octets (LF between the pieces): each piece
+    ran as a command of its own, and the last one was logged as one."""
+    secret = "correct-horse-battery-staple-" * 4
+    wrapped = base64.encodebytes(f"\0alice\0{secret}".encode()).rstrip(b"\n")
+    assert wrapped.count(b"\n") >= 2
     p = tls_peer()
-    assert p.send("AUTH LOGIN") == ["334"]
-    assert heads(p.feed(b64("alice").encode() + b"\n")) == ["501 5.5.2"]
-    assert heads(p.feed(b64(secret).encode() + b"\n")) == ["501 5.5.2"]
+    assert p.send("AUTH PLAIN") == ["334"]
+    assert heads(p.feed(wrapped + b"\r\n")) == ["501 5.5.2"]  # one line, one reply
     assert p.send("NOOP") == ["250 2.0.0"] and not p.s.auth_user
     log = "\n".join(p.s.log)
-    assert b64(secret) not in log and b64("alice") not in log
-    assert log.count("<command line ended by a bare LF>") == 2
+    for piece in wrapped.split(b"\n"):
+        assert piece.decode() not in log
+    assert log.count("<command line with a bare LF>") == 1
 
 
 # -- the Received protocol names (RFC 3848, RFC 6531) ------------------------------------

@@ -38,10 +38,11 @@ def test_line_buffer_yields_lines_without_crlf():
 @pytest.mark.parametrize("raw, lines", [
     (b"a\rb\r\n", [b"a\rb"]),
     (b"a\r\r\n", [b"a\r"]),
-    (b"a\nb\r\n", [BARE_LF, b"b"]),
-    (b"\n\r\n", [BARE_LF, b""]),
-    (b"a\n\rb\r\n", [BARE_LF, b"\rb"]),
-    (b"\n\n", [BARE_LF, BARE_LF]),
+    (b"a\nb\r\n", [BARE_LF]),  # the rest of the line, after its first bare LF, is dropped
+    (b"\n\r\n", [BARE_LF]),
+    (b"a\n\rb\r\n", [BARE_LF]),
+    (b"\n\n", [BARE_LF]),
+    (b"a\nb\nc\r\nNOOP\r\n", [BARE_LF, b"NOOP"]),
     (b"a\r\r\nb\n", [b"a\r", BARE_LF]),
 ])
 def test_only_crlf_ends_a_command_line_and_a_bare_lf_is_reported_at_once(raw, lines):
@@ -59,6 +60,23 @@ def test_a_bare_lf_is_told_apart_from_a_crlf_split_between_reads():
     assert lines_of(buf) == [b"NOOP"]
     buf.feed(b"\n")
     assert (lines_of(buf), buf.head) == ([BARE_LF], b"NOOP")
+    buf.feed(b"QUIT\n")  # still the same line: until its CRLF, nothing is a line
+    assert lines_of(buf) == []
+    buf.feed(b"x\r")
+    assert lines_of(buf) == [] and buf.pending() == 1  # a CR that may end it, no more
+    buf.feed(b"\nQUIT\r\n")
+    assert lines_of(buf) == [b"QUIT"]
+
+
+def test_the_rest_of_a_refused_line_is_never_held():
+    buf = LineBuffer(512)
+    buf.feed(b"AUTH PLAIN\n")
+    assert lines_of(buf) == [BARE_LF] and buf.head == b"AUTH "
+    for _ in range(100):
+        buf.feed(b"A" * 65536)
+        assert lines_of(buf) == [] and buf.pending() == 0
+    buf.feed(b"\r\nNOOP\r\n")
+    assert lines_of(buf) == [b"NOOP"]
 
 
 def test_an_overlong_line_ended_by_a_bare_lf_is_reported_too_long():
@@ -72,6 +90,8 @@ def test_an_overlong_line_ended_by_a_bare_lf_is_reported_too_long():
     buf = LineBuffer(512)
     buf.feed(b"x" * 510 + b"\n")  # 511 octets with its LF: within the limit
     assert lines_of(buf) == [BARE_LF]
+    buf.feed(b"y" * 2000 + b"\r\n")  # its rest, however long, is dropped: no second report
+    assert lines_of(buf) == []
 
 
 def test_line_split_at_every_offset():

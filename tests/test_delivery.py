@@ -156,18 +156,26 @@ def test_a_catch_all_that_failed_defers_every_address_without_a_mailbox(router, 
     assert router.deferral("a@x.test") is None
 
 
-@pytest.mark.parametrize("change", ["tmp-is-a-file", "new-is-a-symlink", "new-missing"])
+@pytest.mark.parametrize("change", ["tmp-is-a-file", "new-is-a-symlink"])
 def test_what_makes_a_maildir_look_broken(tmp_path, change):
     md = maildir.Maildir(str(tmp_path / "m"))
     assert not delivery.looks_broken(md.path)
     if change == "tmp-is-a-file":
         replace_with_file(tmp_path / "m" / "tmp")
-    elif change == "new-is-a-symlink":
-        os.rmdir(tmp_path / "m" / "new")
-        os.symlink(tmp_path / "m" / "cur", tmp_path / "m" / "new")
     else:
         os.rmdir(tmp_path / "m" / "new")
+        os.symlink(tmp_path / "m" / "cur", tmp_path / "m" / "new")
     assert delivery.looks_broken(md.path)
+
+
+def test_a_maildir_that_is_gone_does_not_look_broken(tmp_path):
+    """Gone, it is made again by the next delivery (or, where the worker may not, by the
+    master, whom that delivery's failure calls): deferring it would keep it gone."""
+    md = maildir.Maildir(str(tmp_path / "m"))
+    os.rmdir(tmp_path / "m" / "new")
+    assert not delivery.looks_broken(md.path)
+    shutil.rmtree(tmp_path / "m")
+    assert not delivery.looks_broken(md.path)
 
 
 def test_a_maildir_its_user_may_not_write_looks_broken_to_it():

@@ -61,12 +61,12 @@ def test_a_command_typed_with_a_bare_lf_is_answered_at_once(daemon):
     with socket.create_connection((daemon.host, daemon.port), timeout=10) as s:
         assert read_reply(s).startswith(b"220 ")
         s.sendall(b"EHLO typed.example\n")
-        assert read_reply(s) == b"501 Syntax error: line ended by a bare LF; end each line with CRLF\r\n"
-        s.sendall(b"EHLO typed.example\r\n")
+        assert read_reply(s) == b"501 Syntax error: bare LF in command line; end each line with CRLF\r\n"
+        s.sendall(b"\r\nEHLO typed.example\r\n")  # the CRLF ends the refused line
         assert read_reply(s).startswith(b"250-")
         s.sendall(b"QUIT\r\n")
         assert read_reply(s).startswith(b"221 ")
-    daemon.wait_for_log("<command line ended by a bare LF>")
+    daemon.wait_for_log("<command line with a bare LF>")
 
 
 def test_trickled_command_does_not_extend_the_deadline(daemon_factory):

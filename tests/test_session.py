@@ -296,44 +296,59 @@ def test_bad_bytes_before_helo_are_501_without_enhanced_code(name, raw):
     assert heads(feed(s, raw)) == ["501"]
 
 
-def test_a_line_ended_by_a_bare_lf_is_answered_at_once_and_not_run():
+def test_a_line_with_a_bare_lf_is_answered_at_once_and_not_run():
     # Only CRLF ends a command (RFC 5321 2.3.8), and an LF is known to be bare as soon as
     # it comes: a client typing with LF line ends hears so then, not at the timeout.
     s = new_session()
     wire = feed(s, b"NOOP\n")
-    assert wire == b"501 Syntax error: line ended by a bare LF; end each line with CRLF\r\n"
+    assert wire == b"501 Syntax error: bare LF in command line; end each line with CRLF\r\n"
+    assert feed(s, b"NOOP\n") == b""  # the same line still: one reply a line
+    assert feed_codes(s, b"\r\n") == []
     assert transcript(s, [E]) == [250]
     assert heads(feed(s, b"QUIT\n")) == ["501 5.5.2"] and not s.closed
-    assert feed_codes(s, b"NOOP\r\n") == [250]
-    assert s.log[1:3] == ["<command line ended by a bare LF>",
-                          "501 5.5.2 Syntax error: line ended by a bare LF; end each line with CRLF"]
+    assert feed_codes(s, b"\r\nNOOP\r\n") == [250]
+    assert s.log[1:3] == ["<command line with a bare LF>",
+                          "501 5.5.2 Syntax error: bare LF in command line; end each line with CRLF"]
 
 
 @pytest.mark.parametrize("raw, codes", [
-    (b"NOOP\nNOOP\r\n", [501, 250]),
-    (b"\nNOOP\r\n", [501, 250]),
-    (b"\n\n\n", [501, 501, 501]),
-    (b"RSET\r\nNOOP \r\n\nNOOP\r\n", [250, 250, 501, 250]),
-    (b"MAIL FROM:<a@example.test>\nRCPT TO:<b@example.test>\r\n", [501, 503]),
+    (b"NOOP\nNOOP\r\n", [501]),
+    (b"\nNOOP\r\nNOOP\r\n", [501, 250]),
+    (b"\n\n\n\r\n", [501]),
+    (b"RSET\r\nNOOP \r\n\nNOOP\r\n", [250, 250, 501]),
+    # What follows a bare LF never runs: not the second RCPT, so DATA has no recipient.
+    (b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\nRCPT TO:<evil@example.test>\r\nDATA\r\n",
+     [250, 501, 503]),
 ], ids=repr)
-def test_each_bare_lf_gets_one_reply_in_order(raw, codes):
+def test_one_reply_for_each_line_and_nothing_after_a_bare_lf_runs(raw, codes):
     s = new_session()
     assert transcript(s, [E]) == [250]
     assert feed_codes(s, raw) == codes
+    assert not [e for e in events(s) if isinstance(e, DataStart)]
 
 
-@pytest.mark.parametrize("verb", [b"DATA", b"QUIT", b"RSET", b"EHLO x", b"HELO x"])
-def test_a_command_ended_by_a_bare_lf_changes_nothing(verb):
+@pytest.mark.parametrize("verb", [b"QUIT", b"RSET", b"EHLO x", b"HELO x", b"DATA"])
+def test_a_command_with_a_bare_lf_changes_nothing(verb):
     s = new_session()
     assert transcript(s, [E, M, RC]) == [250, 250, 250]
     assert feed_codes(s, verb + b"\n") == [501]
     assert not s.closed and not s.in_data and s.envelope is not None
+    assert feed_codes(s, b"\r\n") == []
     assert transcript(s, [D, "Subject: x", "", "body", "."]) == [354, 250]
+
+
+@pytest.mark.parametrize("raw", [b"DATA\nSubject: x\r\n", b"DATA \nx", b"bdat\n\r\n"], ids=repr)
+def test_a_data_with_a_bare_lf_and_text_behind_it_closes_the_session(raw):
+    # The text would otherwise run as commands, as behind any refused DATA (RFC 2920).
+    s = new_session()
+    assert transcript(s, [E, M, RC]) == [250, 250, 250]
+    assert heads(feed(s, raw)) == ["554 5.5.0"] and s.closed
+    assert not [e for e in events(s) if isinstance(e, DataStart)]
 
 
 def test_bare_lfs_spend_the_error_budget():
     s = new_session(max_errors=3)
-    assert feed_codes(s, b"NOOP\n" * 5) == [501, 501, 501, 421]
+    assert feed_codes(s, b"NOOP\n\r\n" * 5) == [501, 501, 501, 421]
     assert s.closed
 
 
@@ -1250,6 +1265,14 @@ def test_a_deferred_recipient_is_refused_and_the_message_goes_on_for_the_others(
     # Asked only for a recipient every other rule took, and not counted as an error:
     # with max_errors = 1 any counted refusal would have closed the session.
     assert asked == ["bob@example.test", "full@example.test", "carol@example.test"] and not s.closed
+
+
+def test_postmaster_is_never_deferred_at_rcpt():
+    """RFC 5321 4.5.1 and the contract: always accepted.  A failure of its Maildir
+    defers the message at DATA instead."""
+    s = new_session(recipient_check=lambda address: R.R451_MAILBOX_DEFERRED)
+    assert transcript(s, [E, M, "RCPT TO:<Postmaster>", "RCPT TO:<POSTMASTER@example.test>",
+                          "RCPT TO:<bob@example.test>"]) == [250, 250, 250, 250, 451]
 
 
 def test_a_transaction_whose_every_recipient_is_deferred_has_no_data():

@@ -295,10 +295,17 @@ LINE_ATOMS = [b"\r\n", b"\r", b"\n", b"a", b"NOOP", b"x" * 100, b"y" * 509, b"z"
 @given(data=st.lists(st.sampled_from(LINE_ATOMS), max_size=30).map(b"".join),
        cuts=st.lists(st.integers(0, 20000), max_size=10))
 def test_line_buffer_matches_reference(data, cuts):
-    # Each LF ends a line: with the CR before it, a command; without, a bare LF.  The
-    # limit counts the line with its ending.
-    expected = [TOO_LONG if len(line) + 1 > 512 else line[:-1] if line.endswith(b"\r") else BARE_LF
-                for line in data.split(b"\n")[:-1]]
+    # A line ends at its CRLF, and is reported at its first bare LF if it has one (its
+    # rest dropped).  The limit counts the line up to that LF, the LF included.
+    expected: list = []
+    *lines, unfinished = data.split(b"\r\n")
+    if b"\n" in unfinished:  # reported at its bare LF, before its CRLF comes
+        lines.append(unfinished)
+    for line in lines:
+        first = line.find(b"\n")
+        seen = line if first < 0 else line[:first + 1]
+        expected.append(TOO_LONG if len(seen) + (2 if first < 0 else 0) > 512
+                        else line if first < 0 else BARE_LF)
     buf = LineBuffer(512)
     bounds = [0, *sorted(cut % (len(data) + 1) for cut in cuts), len(data)]
     got = []

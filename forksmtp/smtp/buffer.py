@@ -1,8 +1,8 @@
 """Bounded input buffers: command lines and DATA text.
 
 Only CRLF ends a line (RFC 5321 4.1.1.4): a bare CR or a bare LF never does, which is
-what closes the SMTP smuggling family (CVE-2023-51764/5/6).  (A command line ended by a
-bare LF is refused as soon as the LF comes, not run.)  Neither buffer ever holds
+what closes the SMTP smuggling family (CVE-2023-51764/5/6).  (A command line with a bare
+LF in it is refused as soon as that LF comes, and nothing of it runs.)  Neither buffer ever holds
 more than one line plus what the client has pipelined behind it, so memory per session
 is O(line length), never O(message size).
 
@@ -29,7 +29,7 @@ LINE_LIMIT: Final = 998
 
 #: What a line buffer yields for a command line over the limit.
 TOO_LONG: Final = object()
-#: What a line buffer yields for a command line ended by a bare LF.
+#: What a line buffer yields for a command line with a bare LF in it.
 BARE_LF: Final = object()
 
 
@@ -164,17 +164,21 @@ class LineBuffer:
     of an unfinished line.  An overlong line is discarded as it arrives and reported
     once, when its CRLF finally comes, so the reply stays in step with the client.
 
-    A bare LF ends no line, yet it is reported at once (``BARE_LF``, the line before it
-    dropped): whether an LF is bare is settled the moment it arrives, and a client that
-    ends its lines with LF alone (``nc`` without ``-C``) is then told so, where waiting
-    for a CRLF would leave it without an answer until the command timeout."""
+    A line with a bare LF in it is reported at its first one (``BARE_LF``): whether an
+    LF is bare is settled the moment it arrives, and a client that ends its lines with
+    LF alone (``nc`` without ``-C``) is told so then, not at the command timeout.  The
+    rest of that line, up to its CRLF, is dropped unread: one report per line, as the
+    client counts lines, and nothing after a bare LF is ever taken for a command (an
+    AUTH response wrapped at 76 octets would otherwise run, and be logged, piece by
+    piece)."""
 
-    __slots__ = ("_buf", "_limit", "_skipping", "head")
+    __slots__ = ("_buf", "_limit", "_skipping", "_refused", "head")
 
     def __init__(self, limit: int = 512) -> None:
         self._buf = bytearray()
         self._limit = limit
-        self._skipping = False
+        self._skipping = False  # an overlong line, reported at its end
+        self._refused = False  # a line reported at a bare LF, dropped up to its CRLF
         #: The first octets of the last line reported ``TOO_LONG`` or ``BARE_LF``.
         self.head = b""
 
@@ -185,31 +189,42 @@ class LineBuffer:
         """A complete line without its CRLF, ``TOO_LONG``, ``BARE_LF``, or None (need
         more data)."""
         buf = self._buf
-        end = buf.find(b"\n")
-        if end < 0:
-            if len(buf) > self._limit:
-                self._discard_unfinished()
-            return None
-        if end == 0 or buf[end - 1] != 13:  # 13: CR
-            return self._bare_lf(end)
-        line = bytes(buf[:end - 1])
-        del buf[: end + 1]
-        if self._skipping or end + 1 > self._limit:
-            if not self._skipping:
-                self.head = line[:5]
-            self._skipping = False
-            return TOO_LONG
-        return line
+        while True:
+            end = buf.find(b"\n")
+            if end < 0:
+                if self._refused:  # nothing of it is kept but a CR that may end it
+                    buf[:] = b"\r" if buf.endswith(b"\r") else b""
+                elif len(buf) > self._limit:
+                    self._discard_unfinished()
+                return None
+            crlf = end > 0 and buf[end - 1] == 13  # 13: CR
+            if self._refused:
+                del buf[: end + 1]
+                self._refused = not crlf
+                continue
+            if not crlf:
+                return self._bare_lf(end)
+            line = bytes(buf[:end - 1])
+            del buf[: end + 1]
+            if self._skipping or end + 1 > self._limit:
+                if not self._skipping:
+                    self.head = line[:5]
+                self._skipping = False
+                return TOO_LONG
+            return line
 
     def _bare_lf(self, end: int):
-        """Drop the line that the LF at ``end`` ends; an overlong one is reported as
-        such (its first octets are gone already)."""
+        """Report the line whose first bare LF is at ``end`` (an overlong one as such:
+        its first octets are gone already), and drop the rest of it from there on.
+        What the client sent after the LF stays buffered until the next call, so that
+        ``pending`` still sees it (a DATA refused so must not have text behind it)."""
         buf = self._buf
         skipping = self._skipping
         if not skipping:
             self.head = bytes(buf[:min(end, 5)])
         del buf[: end + 1]
         self._skipping = False
+        self._refused = True
         return TOO_LONG if skipping or end + 1 > self._limit else BARE_LF
 
     def _discard_unfinished(self) -> None:
@@ -228,12 +243,12 @@ class LineBuffer:
         """Remove and return everything buffered (the switch into DATA mode)."""
         data = bytes(self._buf)
         self._buf.clear()
-        self._skipping = False
+        self._skipping = self._refused = False
         return data
 
     def clear(self) -> None:
         self._buf.clear()
-        self._skipping = False
+        self._skipping = self._refused = False
 
 
 class DataReader:

@@ -240,12 +240,19 @@ class Session(SecureCommands):
         self._send(R.R500_AUTH_LINE_TOO_LONG if in_auth else R.R500_LINE_TOO_LONG)
 
     def _refuse_bare_lf(self) -> None:
-        # Not run, whatever it says (only CRLF ends a command), and not logged: it may
-        # be an AUTH response.  An AUTH exchange ends with it, as with any malformed
-        # response (RFC 4954 4).
+        # Not run, whatever it says (only CRLF ends a command; the buffer drops the rest
+        # of the line), and not logged: it may be an AUTH response.  An AUTH exchange
+        # ends with it, as with any malformed response (RFC 4954 4).
+        head = self._lines.head
         self._auth = None
-        self._count_after_auth(self._lines.head)
-        self._log("<command line ended by a bare LF>")
+        self._count_after_auth(head)
+        self._log("<command line with a bare LF>")
+        verb = head[:4].upper()
+        if (verb == b"DATA" or verb == b"BDAT") and head[4:5] in (b"", b" ", b"\t", b"\r") \
+                and self._lines.pending():
+            # Text sent behind a DATA that is not run would run as commands: closed as
+            # bytes behind any refused DATA are (RFC 2920 3.1, see _handle_line).
+            return self.close(R.R554_SYNC)
         self._send(R.R501_BARE_LF)
 
     def _handle_line(self, line) -> None:
@@ -448,7 +455,9 @@ class Session(SecureCommands):
         check = self.config.recipient_check
         if check is not None:
             deferred = check(path.address)
-            if deferred is not None:
+            # Postmaster is always accepted (RFC 5321 4.5.1); a failure of its Maildir
+            # then defers the message at DATA, as before any was known.
+            if deferred is not None and path.address.partition("@")[0].lower() != "postmaster":
                 raise CommandError(deferred)
         env.recipients.append(path.address)
         self.phase = RCPT

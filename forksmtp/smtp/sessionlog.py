@@ -152,8 +152,6 @@ def auth_like(line: bytes) -> bool:
     return line[:4].upper() == b"AUTH" and not line[4:5].isalnum() and line[4:5] not in (b"_", b"-")
 
 
-
-
 def loggable(text: str, escape: bool = False) -> str:
     """Command line for the log: never an AUTH payload, never a control character.
     A line with a control character or a backslash is written with Python escapes, its

@@ -50,9 +50,6 @@ STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
 #: Workers hold the admission lock for microseconds: when the master has failed to take it
 #: for this long, its holder is stopped or wedged, and every admission waits behind it.
 LOCK_STALL = 5.0
-#: Seconds a reload waits for the workers of an earlier configuration to let go of an
-#: address it binds again (see _bind_when_let_go).
-LET_GO_WAIT = 2.0
 
 
 def _is_crash(status: int, served: int) -> bool:
@@ -129,9 +126,6 @@ class Arbiter:
         self.old_pending = False  # a reload's old generation still to be retired
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
-        # What reloads stopped listening on (bound identities), which the workers of an
-        # earlier configuration may hold a while yet: see _bind_when_let_go.
-        self.let_go: set[tuple] = set()
 
     # -- start ---------------------------------------------------------------------------
 
@@ -650,8 +644,7 @@ class Arbiter:
         for addr in old_addrs:
             sock = self.sockets.pop(addr)
             if sock not in opened.values():  # not taken over by a new spelling of its address
-                self.let_go.add(listeners.bound_identity(sock))
-                sock.close()
+                listeners.stop_listening(sock)
         self.sockets.update(opened)
         # Reopened even when unchanged: after logrotate renamed the file, HUP starts a new one.
         self.log.reopen(new.log.level, new.log.file, log_fd)
@@ -715,10 +708,10 @@ class Arbiter:
 
     def _bind_beside(self, addr, leaving: dict) -> socket.socket:
         """Bind a new address; if its port is still held by an address this reload
-        removes (``0.0.0.0:25`` for ``127.0.0.1:25``, or back), say so.  The workers of
-        the running generation hold that socket too, so it cannot be let go before they
-        are gone: such a move takes a restart, as an inet_interfaces change does in
-        Postfix."""
+        removes (``0.0.0.0:25`` for ``127.0.0.1:25``, or back), say so.  The old socket
+        listens until everything new is bound (a reload that fails keeps it serving),
+        and the new one cannot be bound beside it: such a move takes a restart, as an
+        inet_interfaces change does in Postfix."""
         try:
             return listeners.bind(addr)
         except listeners.BindError as exc:
@@ -730,15 +723,7 @@ class Arbiter:
                 raise listeners.BindError(addr, f"{exc.message}: port {addr.port} is still bound to "
                                           f"{', '.join(held)}, which this reload removes; moving a port "
                                           "between addresses that overlap takes a restart", exc.errno) from None
-            older = sum(1 for c in self.workers.values() if c.generation != self.generation)
-            if not older or self._identity(addr) not in self.let_go:
-                raise
-            sock = self._bind_when_let_go(addr)
-            if sock is None:
-                raise listeners.BindError(addr, f"{exc.message}: {older} workers of an earlier configuration, "
-                                          f"which listened there, have not let it go within "
-                                          f"{LET_GO_WAIT:g}s", exc.errno) from None
-            return sock
+            raise
 
     @staticmethod
     def _identity(addr) -> tuple | None:
@@ -746,24 +731,6 @@ class Arbiter:
             return listeners.identity(addr)
         except ValueError:
             return None
-
-    @staticmethod
-    def _bind_when_let_go(addr) -> socket.socket | None:
-        """Bind ``addr`` once the workers of an earlier configuration let go of it.  An
-        address a reload removed is still held by those workers until they act on their
-        SIGTERM (tens of milliseconds, a second under load), so a reload that puts it
-        back at once (an editor's second save, a HUP sent twice) would fail.  Each
-        retry is a bind(2); the wait is bounded, and only an address such workers may
-        hold is waited for."""
-        deadline = time.monotonic() + LET_GO_WAIT
-        while time.monotonic() < deadline:
-            time.sleep(0.02)
-            try:
-                return listeners.bind(addr)
-            except listeners.BindError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-        return None
 
     def _same_socket(self, addr, leaving: dict) -> socket.socket | None:
         return leaving.get(self._identity(addr))  # None where it does not resolve: bind() says so

@@ -20,7 +20,7 @@ import errno
 import os
 import resource
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from . import maildir, trace
@@ -62,20 +62,44 @@ def looks_broken(path: str) -> bool:
     """Whether the Maildir at ``path`` visibly cannot take a message now: its tmp/ or
     new/ is not a directory this process may write (permissions, a read-only file
     system, a file or a symlink in its place), or its file system has no block or no
-    inode left for this process (root may use the reserved blocks).  At most five
-    system calls; asked only of a Maildir that failed.  One whose tmp/ or new/ is gone
-    does not look broken: the next delivery makes it again, or has the master do so."""
+    inode left for this process (root may use the reserved blocks); or it is gone, and
+    this process could not make it again where it was.  A few system calls; asked only
+    of a Maildir that failed."""
     tmp = os.path.join(path, "tmp")
     try:
         for sub in (tmp, os.path.join(path, "new")):
             if (not stat.S_ISDIR(os.lstat(sub).st_mode)
                     or not os.access(sub, os.W_OK | os.X_OK, effective_ids=True)):
                 return True
-        fs = os.statvfs(tmp)
+        return _full(tmp)
     except FileNotFoundError:
-        return False
+        return not _could_make(path)
     except OSError:
         return True
+
+
+def _could_make(path: str) -> bool:
+    """A Maildir that is gone, wholly or in part: may this process make what is
+    missing (the nearest directory that is there writable, its file system not full)?"""
+    here = path
+    while True:
+        try:
+            st = os.stat(here)
+        except FileNotFoundError:
+            parent = os.path.dirname(here)
+            if parent == here:
+                return False
+            here = parent
+            continue
+        except OSError:
+            return False
+        return (stat.S_ISDIR(st.st_mode) and os.access(here, os.W_OK | os.X_OK, effective_ids=True)
+                and not _full(here))
+
+
+def _full(directory: str) -> bool:
+    """No block or no inode left on ``directory``'s file system for this process."""
+    fs = os.statvfs(directory)
     blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
     return blocks == 0 or (fs.f_files > 0 and fs.f_favail == 0)
 
@@ -105,6 +129,9 @@ class Router:
         self._deferred: dict[str, R.Reply] = {}
         # A storage error names its Maildir by absolute path (maildir.blamed).
         self._paths = {os.path.abspath(p): p for p in (catch_all, *mailboxes.values())}
+        #: Called when a deferred Maildir is gone and this process cannot make it again
+        #: (the worker asks the master, which may: see Worker.call_for_maildirs).
+        self.on_gone: Callable[[], None] | None = None
 
     def defer(self, path: str, exc: OSError) -> None:
         """``path`` failed with ``exc``.  If the fault is the Maildir's own, its
@@ -130,6 +157,9 @@ class Router:
         if reply is None:
             return None
         if looks_broken(path):
+            if self.on_gone is not None and not (os.path.isdir(os.path.join(path, "tmp"))
+                                                  and os.path.isdir(os.path.join(path, "new"))):
+                self.on_gone()
             return reply
         del self._deferred[path]
         return None

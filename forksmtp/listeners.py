@@ -143,6 +143,21 @@ def bind(addr: ListenAddr, backlog: int = 1024) -> socket.socket:
     return _bind(addr, addr.family, sockaddr, backlog)
 
 
+def stop_listening(sock: socket.socket) -> None:
+    """Stop listening on ``sock`` now, though forked workers still hold it, then close
+    it.  A close alone leaves the socket listening until the last worker that has it
+    lets go (after its SIGTERM, up to a second under load): connections meanwhile wait
+    in a backlog nobody accepts from, and a reload that puts the address back fails
+    to bind it.  shutdown(2) of a listening socket ends it for every holder: the port
+    is free at once, queued clients are reset, and a worker's accept() gets EINVAL
+    (worker.py drops the listener then)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not listening any more: nothing to end
+    sock.close()
+
+
 def identity(addr: ListenAddr) -> tuple:
     """What ``bind(addr)`` would listen on: (family, socket address, dual-stack); raises
     ValueError when the host does not resolve."""

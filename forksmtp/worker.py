@@ -125,6 +125,7 @@ class Worker:
         self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.router = delivery.Router(cfg.delivery.maildir, cfg.delivery.mailboxes, cfg.delivery.fsync,
                                       cfg.delivery.local_domains)
+        self.router.on_gone = self.call_for_maildirs
         self.session_cfg = self._session_config(cfg.limits.max_errors)
         self.stress_cfg = self._session_config(cfg.limits.stress_max_errors)
         self.normalize_nets = [ipaddress.ip_network(n, strict=False) for n in cfg.limits.normalize_networks]
@@ -226,6 +227,9 @@ class Worker:
             return  # another worker took it, or the client already left
         except OSError as exc:
             if exc.errno in _ACCEPT_RETRY:
+                return
+            if exc.errno == errno.EINVAL:  # a reload removed it (listeners.stop_listening)
+                self._drop_listener(fd)
                 return
             if exc.errno not in _ACCEPT_SHORTAGE:
                 raise
@@ -437,11 +441,14 @@ class Worker:
     def _drop_listeners(self) -> None:
         """A stopping worker lets go of the listening sockets at once: after a stop
         nothing else holds them open, so new clients are refused instead of queued."""
-        for fd, (sock, *_) in self.listeners.items():
-            self.epoll.unregister(fd)
-            sock.close()
-        self.listeners = {}
+        for fd in list(self.listeners):
+            self._drop_listener(fd)
         self.board.set_available(self.slot, False)
+
+    def _drop_listener(self, fd: int) -> None:
+        sock = self.listeners.pop(fd)[0]
+        self.epoll.unregister(fd)
+        sock.close()
 
     def show_phase(self, phase: str) -> None:
         """The client has gone quiet: publish the phase, in the scoreboard (stats) and

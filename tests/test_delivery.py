@@ -168,14 +168,30 @@ def test_what_makes_a_maildir_look_broken(tmp_path, change):
     assert delivery.looks_broken(md.path)
 
 
-def test_a_maildir_that_is_gone_does_not_look_broken(tmp_path):
-    """Gone, it is made again by the next delivery (or, where the worker may not, by the
-    master, whom that delivery's failure calls): deferring it would keep it gone."""
+def test_a_maildir_that_is_gone_looks_broken_only_where_it_could_not_be_made_again(tmp_path):
+    """Gone, it is made again by the next delivery, so it does not look broken; unless
+    the directory it would be made in may not be written."""
     md = maildir.Maildir(str(tmp_path / "m"))
     os.rmdir(tmp_path / "m" / "new")
     assert not delivery.looks_broken(md.path)
     shutil.rmtree(tmp_path / "m")
     assert not delivery.looks_broken(md.path)
+    assert not delivery.looks_broken(str(tmp_path / "a" / "b" / "m"))  # parents made too
+    (tmp_path / "a").write_text("x")
+    assert delivery.looks_broken(str(tmp_path / "a" / "b" / "m"))  # a file in the way
+
+
+def test_a_deferred_maildir_that_is_gone_asks_the_master_while_it_cannot_be_made(tmp_path):
+    calls = []
+    router = delivery.Router(str(tmp_path / "catch"), {"a@x.test": str(tmp_path / "box" / "a")})
+    router.on_gone = lambda: calls.append(1)
+    router.maildir(str(tmp_path / "box" / "a"))
+    router.defer(os.path.abspath(tmp_path / "box" / "a"), OSError(errno.EACCES, "denied"))
+    shutil.rmtree(tmp_path / "box")
+    (tmp_path / "box").write_text("in the way")  # where the worker cannot make it again
+    assert router.deferral("a@x.test") is R.R451_MAILBOX_DEFERRED and calls == [1]
+    (tmp_path / "box").unlink()  # the way is free: the next message makes it
+    assert router.deferral("a@x.test") is None and calls == [1]
 
 
 def test_a_maildir_its_user_may_not_write_looks_broken_to_it():

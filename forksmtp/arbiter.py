@@ -710,8 +710,8 @@ class Arbiter:
         """Bind a new address; if its port is still held by an address this reload
         removes (``0.0.0.0:25`` for ``127.0.0.1:25``, or back), say so.  The old socket
         listens until everything new is bound (a reload that fails keeps it serving),
-        and the new one cannot be bound beside it: such a move takes a restart, as an
-        inet_interfaces change does in Postfix."""
+        and the new one cannot be bound beside it: such a move takes two reloads (remove,
+        then add) or a restart, as an inet_interfaces change does in Postfix."""
         try:
             return listeners.bind(addr)
         except listeners.BindError as exc:
@@ -720,9 +720,10 @@ class Arbiter:
             held = sorted(str(a) for a, sock in self.sockets.items()
                           if sock in leaving.values() and listeners.bound_identity(sock)[1][1] == addr.port)
             if held:
-                raise listeners.BindError(addr, f"{exc.message}: port {addr.port} is still bound to "
-                                          f"{', '.join(held)}, which this reload removes; moving a port "
-                                          "between addresses that overlap takes a restart", exc.errno) from None
+                raise listeners.BindError(
+                    addr, f"{exc.message}: port {addr.port} is still bound to {', '.join(held)}, which "
+                          "this reload removes; moving a port between addresses that overlap takes two "
+                          "reloads (remove, then add) or a restart", exc.errno) from None
             raise
 
     @staticmethod

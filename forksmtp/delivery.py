@@ -11,7 +11,7 @@ A ``Transaction`` opens its copies when DATA is accepted (so storage problems ge
 before the client sends the message), streams the text into all of them, and commits
 them all-or-nothing.  Errors propagate as ``OSError``; ``storage_reply`` maps them.  A
 Maildir that failed is remembered, and its recipients are refused at RCPT while it looks
-broken (``Router.defer``, ``Router.deferral``), so that the message goes on for the rest.
+broken (``Router.defer``, ``Router.deferral``, ``condition``), so that the message goes on for the rest.
 """
 
 from __future__ import annotations
@@ -58,33 +58,42 @@ _MAILDIR_FAULTS: Final = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errn
                                     errno.EIO, errno.EISDIR})
 
 
-def looks_broken(path: str) -> bool:
-    """Whether the Maildir at ``path`` visibly cannot take a message now: its tmp/ or
-    new/ is not a directory this process may write (permissions, a read-only file
-    system, a file or a symlink in its place), or its file system has no block or no
-    inode left for this process (root may use the reserved blocks); or it is gone, and
-    this process could not make it again where it was.  A few system calls; asked only
-    of a Maildir that failed."""
+#: What ``condition`` says of a Maildir.
+SOUND: Final = ""
+BROKEN: Final = "broken"
+GONE: Final = "gone"
+
+
+def condition(path: str) -> str:
+    """How the Maildir at ``path`` looks now.  BROKEN: its tmp/ or new/ is not a
+    directory this process may write (permissions, a read-only file system, a file or
+    a symlink in its place), or its file system has no block or no inode left for this
+    process (root may use the reserved blocks).  GONE: tmp/ or new/ is missing and this
+    process could not make it again where it was.  SOUND otherwise, gone but makeable
+    included (the next delivery makes it).  A few system calls; asked only of a
+    Maildir that failed."""
     tmp = os.path.join(path, "tmp")
     try:
         for sub in (tmp, os.path.join(path, "new")):
             if (not stat.S_ISDIR(os.lstat(sub).st_mode)
                     or not os.access(sub, os.W_OK | os.X_OK, effective_ids=True)):
-                return True
-        return _full(tmp)
+                return BROKEN
+        return BROKEN if _full(tmp) else SOUND
     except FileNotFoundError:
-        return not _could_make(path)
-    except OSError:
-        return True
+        return SOUND if _could_make(path) else GONE
+    except OSError:  # a directory above that may not be searched, a loop ...
+        return BROKEN
 
 
 def _could_make(path: str) -> bool:
     """A Maildir that is gone, wholly or in part: may this process make what is
-    missing (the nearest directory that is there writable, its file system not full)?"""
-    here = path
+    missing (the nearest entry that is there a directory it may write, its file system
+    not full)?  A file, or a symlink that leads nowhere, in the way: no, as make() and
+    the master's pass would find."""
+    here = os.path.abspath(path)
     while True:
         try:
-            st = os.stat(here)
+            os.lstat(here)
         except FileNotFoundError:
             parent = os.path.dirname(here)
             if parent == here:
@@ -93,7 +102,7 @@ def _could_make(path: str) -> bool:
             continue
         except OSError:
             return False
-        return (stat.S_ISDIR(st.st_mode) and os.access(here, os.W_OK | os.X_OK, effective_ids=True)
+        return (os.path.isdir(here) and os.access(here, os.W_OK | os.X_OK, effective_ids=True)
                 and not _full(here))
 
 
@@ -156,9 +165,9 @@ class Router:
         reply = self._deferred.get(path)
         if reply is None:
             return None
-        if looks_broken(path):
-            if self.on_gone is not None and not (os.path.isdir(os.path.join(path, "tmp"))
-                                                  and os.path.isdir(os.path.join(path, "new"))):
+        state = condition(path)
+        if state != SOUND:
+            if state == GONE and self.on_gone is not None:
                 self.on_gone()
             return reply
         del self._deferred[path]

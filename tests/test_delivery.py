@@ -11,6 +11,7 @@ import tempfile
 import pytest
 
 from forksmtp import delivery, maildir
+from forksmtp.delivery import BROKEN, GONE, SOUND
 from forksmtp.smtp import replies as R
 from helpers import open_fds
 
@@ -159,13 +160,13 @@ def test_a_catch_all_that_failed_defers_every_address_without_a_mailbox(router, 
 @pytest.mark.parametrize("change", ["tmp-is-a-file", "new-is-a-symlink"])
 def test_what_makes_a_maildir_look_broken(tmp_path, change):
     md = maildir.Maildir(str(tmp_path / "m"))
-    assert not delivery.looks_broken(md.path)
+    assert SOUND == delivery.condition(md.path)
     if change == "tmp-is-a-file":
         replace_with_file(tmp_path / "m" / "tmp")
     else:
         os.rmdir(tmp_path / "m" / "new")
         os.symlink(tmp_path / "m" / "cur", tmp_path / "m" / "new")
-    assert delivery.looks_broken(md.path)
+    assert delivery.condition(md.path) == BROKEN
 
 
 def test_a_maildir_that_is_gone_looks_broken_only_where_it_could_not_be_made_again(tmp_path):
@@ -173,12 +174,15 @@ def test_a_maildir_that_is_gone_looks_broken_only_where_it_could_not_be_made_aga
     the directory it would be made in may not be written."""
     md = maildir.Maildir(str(tmp_path / "m"))
     os.rmdir(tmp_path / "m" / "new")
-    assert not delivery.looks_broken(md.path)
+    assert SOUND == delivery.condition(md.path)
     shutil.rmtree(tmp_path / "m")
-    assert not delivery.looks_broken(md.path)
-    assert not delivery.looks_broken(str(tmp_path / "a" / "b" / "m"))  # parents made too
+    assert SOUND == delivery.condition(md.path)
+    assert SOUND == delivery.condition(str(tmp_path / "a" / "b" / "m"))  # parents made too
     (tmp_path / "a").write_text("x")
-    assert delivery.looks_broken(str(tmp_path / "a" / "b" / "m"))  # a file in the way
+    assert delivery.condition(str(tmp_path / "a" / "b" / "m")) == BROKEN  # a file in the way
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")  # a volume not mounted, say
+    assert delivery.condition(str(tmp_path / "dangling")) == GONE
+    assert delivery.condition(str(tmp_path / "dangling" / "m")) == GONE
 
 
 def test_a_deferred_maildir_that_is_gone_asks_the_master_while_it_cannot_be_made(tmp_path):
@@ -188,10 +192,14 @@ def test_a_deferred_maildir_that_is_gone_asks_the_master_while_it_cannot_be_made
     router.maildir(str(tmp_path / "box" / "a"))
     router.defer(os.path.abspath(tmp_path / "box" / "a"), OSError(errno.EACCES, "denied"))
     shutil.rmtree(tmp_path / "box")
-    (tmp_path / "box").write_text("in the way")  # where the worker cannot make it again
+    os.symlink(tmp_path / "unmounted", tmp_path / "box")  # gone, and not to be made there
     assert router.deferral("a@x.test") is R.R451_MAILBOX_DEFERRED and calls == [1]
     (tmp_path / "box").unlink()  # the way is free: the next message makes it
     assert router.deferral("a@x.test") is None and calls == [1]
+    maildir.Maildir(str(tmp_path / "box" / "a"))  # made again
+    router.defer(os.path.abspath(tmp_path / "box" / "a"), OSError(errno.EACCES, "denied"))
+    replace_with_file(tmp_path / "box" / "a" / "tmp")  # broken, not gone: no pass would mend it
+    assert router.deferral("a@x.test") is R.R451_MAILBOX_DEFERRED and calls == [1]
 
 
 def test_a_maildir_its_user_may_not_write_looks_broken_to_it():
@@ -216,7 +224,7 @@ def test_a_maildir_its_user_may_not_write_looks_broken_to_it():
                 if as_root:
                     os.setgid(65534)
                     os.setuid(65534)
-                os._exit(0 if (not delivery.looks_broken(ok.path) and delivery.looks_broken(no.path)) else 1)
+                os._exit(0 if (delivery.condition(ok.path) == SOUND and delivery.condition(no.path) == BROKEN) else 1)
             finally:
                 os._exit(2)
         assert os.waitpid(pid, 0)[1] == 0

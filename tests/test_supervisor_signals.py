@@ -317,17 +317,26 @@ def test_hup_with_an_address_written_another_way_keeps_its_socket(daemon_factory
     assert_no_zombies(d)
 
 
-def test_hup_moving_a_port_to_the_wildcard_says_why_it_cannot(daemon_factory):
-    """127.0.0.1:P to 0.0.0.0:P: the running workers still hold the old socket, so the
-    reload fails (the old config keeps serving) with a message that says why."""
+def test_hup_moving_a_port_to_the_wildcard_says_why_it_cannot_and_two_reloads_do_it(daemon_factory):
+    """127.0.0.1:P to 0.0.0.0:P in one reload: the old socket listens until everything
+    new is bound, so the reload fails (the old config keeps serving) with a message that
+    says why.  Removing the old address and then adding the new moves it."""
     d = daemon_factory(workers=1)
+    other = free_port()
     d.sections["server"]["listen"] = [f"0.0.0.0:{d.port}"]
     d.write_config()
     d.signal(signal.SIGHUP)
     line = d.wait_for_log("reload failed", 10)
     assert (f"port {d.port} is still bound to 127.0.0.1:{d.port}, which this reload removes; "
-            "moving a port between addresses that overlap takes a restart") in line
+            "moving a port between addresses that overlap takes two reloads (remove, then add) "
+            "or a restart") in line
     send_message(d.port)
+    for listen in ([f"127.0.0.1:{other}"], [f"127.0.0.1:{other}", f"0.0.0.0:{d.port}"]):
+        d.sections["server"]["listen"] = listen
+        d.write_config()
+        hup(d)
+    assert d.log_text().count("reload failed") == 1
+    send_message(d.port, host="127.0.0.2")  # the wildcard's
     assert_no_zombies(d)
 
 

@@ -142,7 +142,7 @@ def _mailbox_warnings(cfg) -> list[str]:
     warnings = []
     for path in sorted(set(cfg.delivery.mailboxes.values()) - {cfg.delivery.maildir}):
         try:
-            config_checks._creatable_dir(path)
+            config_checks.creatable_dir(path)
         except ValueError as exc:
             warnings.append(f"{keys[path]} = {path}: {exc}; its mail would get 451 until this is fixed")
     return warnings

@@ -31,7 +31,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from forksmtp.config_checks import (ConfigError, _address, _at_least, _between, _boolean, _convert,
-                                    _creatable_dir, _domains, _given_path, _group, _hostname, _integer,
+                                    creatable_dir, _domains, _given_path, _group, _hostname, _integer,
                                     _listens, _log_level, _networks, _non_empty, _not_negative,
                                     _other_spelling,
                                     _greeting_delay, _number, _one_of, _parent_exists, _path,
@@ -173,7 +173,7 @@ _KEYS: tuple[tuple[str, str, Callable, object, Callable | None], ...] = (
     ("timeouts", "session", _number, 3600, _timeout),
     ("timeouts", "min_data_rate", _integer, 500, _at_least(0)),
     ("timeouts", "stress_command", _number, 10, _timeout),
-    ("delivery", "maildir", _path, "./Maildir", _creatable_dir),
+    ("delivery", "maildir", _path, "./Maildir", creatable_dir),
     ("delivery", "local_domains", _strings, [], _domains),
     ("delivery", "fsync", _boolean, True, None),
     ("log", "level", _string, "info", _log_level),
@@ -322,7 +322,7 @@ def _mailboxes(table: dict, file: str, base: str, storage: bool = True) -> Mappi
         except ValueError as exc:
             raise ConfigError(file, dotted, maildir, str(exc)) from None
         boxes[key] = _convert(dotted, _Source(maildir, file, base), _path,
-                              _creatable_dir if storage else _given_path)
+                              creatable_dir if storage else _given_path)
     # An internationalised domain's other spelling (A-label or U-label) names the same
     # mailbox, as it names the same local domain (config_checks._domains): an SMTPUTF8
     # client may write either.  A key written in both spellings must agree.

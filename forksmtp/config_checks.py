@@ -271,7 +271,7 @@ def _replaceable_file(path: str) -> str:
     return path
 
 
-def _creatable_dir(path: str) -> str:
+def creatable_dir(path: str) -> str:
     """A Maildir we may create later: the nearest existing ancestor must be a writable dir."""
     if not path:
         raise ValueError("must not be empty")

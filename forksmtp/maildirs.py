@@ -40,7 +40,7 @@ def prepare(cfg, log: Log) -> None:
         try:
             if error is not None:
                 raise error
-            config_checks._creatable_dir(path)  # made, but perhaps on a read-only file system
+            config_checks.creatable_dir(path)  # made, but perhaps on a read-only file system
         except (OSError, ValueError) as exc:
             problem = (f"cannot make the Maildir: {exc.filename or path}: {exc.strerror or exc}"
                        if isinstance(exc, OSError) else str(exc))

@@ -8,19 +8,22 @@ which listening sockets speak TLS from the first byte, and the shared AUTH limit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 
 from . import auth, tls
+from .authlimit import AuthLimiter
 
 
 @dataclass(frozen=True)
 class Security:
-    """What a worker needs for STARTTLS and AUTH, built by the master before forking."""
+    """What a worker needs for STARTTLS and AUTH, built by the master before forking.
+    The defaults are a server without TLS or AUTH."""
 
-    tls_context: object = None
-    passwords: dict | None = None
-    implicit_fds: frozenset = frozenset()
-    auth_limiter: object = None
+    tls_context: ssl.SSLContext | None = None
+    passwords: dict[str, str] = field(default_factory=dict)  # user -> scrypt hash
+    implicit_fds: frozenset[int] = frozenset()
+    auth_limiter: AuthLimiter | None = None
 
 
 def listen_addresses(cfg) -> tuple[set, set]:
@@ -29,7 +32,7 @@ def listen_addresses(cfg) -> tuple[set, set]:
     return set(cfg.server.listen) | implicit, implicit
 
 
-def load_security(cfg) -> tuple[object, dict]:
+def load_security(cfg) -> tuple[ssl.SSLContext | None, dict[str, str]]:
     """The SSL context and the password table: every file re-read, even if unchanged."""
     context = tls.build_context(cfg.tls, cfg.path) if cfg.tls else None
     try:

@@ -33,6 +33,7 @@ from .connection import Connection, drive_handshake, wait_alone
 from .listeners import client_ip
 from .logs import WARNING, Log
 from .scoreboard import MasterGone, Scoreboard
+from .security import Security
 from .signals import MAILDIR_CALL, MAILDIR_CALL_EVERY, POOL_CALL
 from .smtp.replies import R421_SHUTDOWN
 from .smtp.session import Session, SessionConfig
@@ -77,14 +78,15 @@ class Poller(Protocol):
 
 class Worker:
     def __init__(self, cfg, listeners: list[socket.socket], board: Scoreboard, slot: int,
-                 generation: int, parent_fd: int, log: Log, security=None, want_fd: int = -1) -> None:
+                 generation: int, parent_fd: int, log: Log, security: Security = Security(),
+                 want_fd: int = -1) -> None:
         self.cfg = cfg
         # TLS context, password table, implicit-TLS listener fds and the AUTH limiter,
         # all built by the master before it forked (see security.Security).
-        self.tls_context = getattr(security, "tls_context", None)
-        self.passwords = getattr(security, "passwords", {})
-        self.implicit_fds: frozenset[int] = getattr(security, "implicit_fds", frozenset())
-        self.auth_limiter = getattr(security, "auth_limiter", None)
+        self.tls_context = security.tls_context
+        self.passwords = security.passwords
+        self.implicit_fds = security.implicit_fds
+        self.auth_limiter = security.auth_limiter
         # Per listening fd: the socket, its C-level accept, and the family, type and
         # protocol of what it accepts.  socket.socket.accept() is Python code that converts
         # the family and the type to enums on every call, and socket.socket.close() is

@@ -662,12 +662,10 @@ class Arbiter:
         self._retire_old()
         self.log.info("RELOAD", f"configuration generation {self.generation} loaded from {new.path or 'defaults'}")
         nslots = self.board.nslots
-        for key in ("max_workers", "workers"):
-            value = getattr(new.server, key)
-            if value > nslots:
-                self.log.warning("RELOAD", f"server.{key} = {value} is more than the {nslots} workers the "
-                                           f"scoreboard made at start holds; the pool stays within "
-                                           f"{nslots} until a restart")
+        if new.server.max_workers > nslots:  # (workers <= max_workers: one line says both)
+            self.log.warning("RELOAD", f"server.max_workers = {new.server.max_workers} is more than the "
+                                       f"{nslots} workers the scoreboard made at start holds; the pool "
+                                       f"stays within {nslots} until a restart")
 
     def _retire_old(self) -> None:
         """Stop the workers of earlier generations (gracefully: a busy one finishes its
@@ -727,14 +725,11 @@ class Arbiter:
             raise
 
     @staticmethod
-    def _identity(addr) -> tuple | None:
+    def _same_socket(addr, leaving: dict) -> socket.socket | None:
         try:
-            return listeners.identity(addr)
-        except ValueError:
+            return leaving.get(listeners.identity(addr))
+        except ValueError:  # does not resolve: bind() says so, naming the address
             return None
-
-    def _same_socket(self, addr, leaving: dict) -> socket.socket | None:
-        return leaving.get(self._identity(addr))  # None where it does not resolve: bind() says so
 
     # -- stop ----------------------------------------------------------------------------
 

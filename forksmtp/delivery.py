@@ -11,7 +11,8 @@ A ``Transaction`` opens its copies when DATA is accepted (so storage problems ge
 before the client sends the message), streams the text into all of them, and commits
 them all-or-nothing.  Errors propagate as ``OSError``; ``storage_reply`` maps them.  A
 Maildir that failed is remembered, and its recipients are refused at RCPT while it looks
-broken (``Router.defer``, ``Router.deferral``, ``condition``), so that the message goes on for the rest.
+broken (``Router.defer``, ``Router.deferral``, ``condition``), so that the message goes
+on for the rest.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Bounded input buffers: command lines and DATA text.
 
 Only CRLF ends a line (RFC 5321 4.1.1.4): a bare CR or a bare LF never does, which is
-what closes the SMTP smuggling family (CVE-2023-51764/5/6).  (A command line with a bare
-LF in it is refused as soon as that LF comes, and nothing of it runs.)  Neither buffer ever holds
-more than one line plus what the client has pipelined behind it, so memory per session
-is O(line length), never O(message size).
+what closes the SMTP smuggling family (CVE-2023-51764/5/6): a command line with a bare
+LF in it is refused as soon as that LF comes, and nothing of it runs.  Neither buffer
+ever holds more than one line plus what the client has pipelined behind it, so memory
+per session is O(line length), never O(message size).
 
 The DATA reader works on whole blocks of complete lines with bytes methods that run in C
 (``find``, ``replace``, ``translate``, ``count``): per block it costs a handful of calls,

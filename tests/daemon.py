@@ -356,6 +356,33 @@ def serving_worker(d: Daemon, sock: socket.socket, timeout: float = 10.0) -> psu
     return wait_until(find, timeout, 0.02, "the worker serving this connection")
 
 
+def open_tmp_files(proc: psutil.Process, maildir: Path) -> list[int]:
+    """Sizes of the files the process holds open in maildir/tmp (an O_TMPFILE file is
+    shown by /proc as ``tmp/#<inode> (deleted)``)."""
+    sizes = []
+    prefix = str(maildir / "tmp") + "/"
+    for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+            if target.startswith(prefix):
+                sizes.append(os.stat(f"/proc/{proc.pid}/fd/{fd}").st_size)
+        except OSError:
+            continue
+    return sizes
+
+
+def assert_nothing_left_in_tmp(d: Daemon, maildir: Path) -> None:
+    """A failed or cut-off copy leaves nothing in tmp/: no named file (the O_EXCL
+    fallback's), and no unnamed O_TMPFILE one still held open by the master or a worker,
+    which would keep its space in use until that process ends."""
+    assert os.listdir(maildir / "tmp") == []
+    for proc in [psutil.Process(d.pid)] + d.workers():
+        try:
+            assert open_tmp_files(proc, maildir) == [], f"process {proc.pid} holds a tmp/ file open"
+        except FileNotFoundError:  # exited meanwhile: its descriptors are closed
+            pass
+
+
 def uss(pid: int) -> int:
     return psutil.Process(pid).memory_full_info().uss
 

@@ -249,6 +249,9 @@ def test_reads_that_open_with_a_lf_match_the_whole(normalize):
     stream = b"line\r\n\n.\r\nmore\r\n.\r\n"
     whole = DataReader(10_000, normalize=normalize)
     one = whole.feed(stream)
+    # Refused, or stored with the bare LF as a line end and the dot after it unstuffed.
+    assert one == ((b"line\n\n\nmore\n", True, b"") if normalize else (b"", True, b""))
+    assert whole.error == (None if normalize else R.R550_BARE_NEWLINE)
     cuts = itertools.combinations(range(1, len(stream)), 2)
     for pieces in ([stream[:i], stream[i:j], stream[j:]] for i, j in cuts):
         split = DataReader(10_000, normalize=normalize)
@@ -819,7 +822,10 @@ def test_a_bare_lf_right_after_a_handed_on_line_is_refused():
 
 def test_handed_on_lines_at_every_split_store_the_same_text():
     body = b"".join(b"%d .x..y\r\n" % n + b".dot\r\n" * (n % 3) for n in range(40))
-    expected = read(BODY_START + body + END).text
+    # Built apart from the reader: each stuffed ".dot" line loses its dot, CRLF becomes LF.
+    expected = b"".join(b"%d .x..y\n" % n + b"dot\n" * (n % 3) for n in range(40))
+    expected = b"Subject: x\n\n" + expected
+    assert read(BODY_START + body + END).text == expected
     for cut in range(0, len(body) + 1, 7):
         for cut2 in (cut + 1, cut + 33, cut + 200):
             r = Read([BODY_START, body[:cut], body[cut:cut2], body[cut2:] + END])
@@ -852,3 +858,8 @@ def test_received_counting_stops_exactly_at_the_header_scan_limit():
     assert reader.size == HEADER_SCAN_LIMIT
     reader.feed(b"Received: a\r\n" * 5 + b"\r\nbody\r\n.\r\n")
     assert reader.error is None
+    # One line less, and the scan is still on: the same fields are counted, a loop.
+    reader = DataReader(10 * HEADER_SCAN_LIMIT, 3)
+    reader.feed(line * (HEADER_SCAN_LIMIT // len(line) - 1))
+    reader.feed(b"Received: a\r\n" * 5 + b"\r\nbody\r\n.\r\n")
+    assert reader.error == R.R554_LOOP

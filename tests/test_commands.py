@@ -279,15 +279,15 @@ MAIL = [
     ("null-path", "<>", "250 2.1.0"),
     ("ipv4-literal", "<u@[192.0.2.1]>", "250 2.1.0"),
     ("ipv6-literal", "<u@[IPv6:::1]>", "250 2.1.0"),
-    ("bad-literal", "<u@[300.1.1.1]>", "501"),
+    ("bad-literal", "<u@[300.1.1.1]>", "501 5.1.7"),
     ("source-route", "<@a.test,@b.test:u@c.test>", "250 2.1.0"),
-    ("source-route-without-mailbox", "<@a.test:>", "501"),
+    ("source-route-without-mailbox", "<@a.test:>", "501 5.1.7"),
     # No special case in MAIL: a sender without a domain, like any other (README).
     ("postmaster-as-plain-sender", "<Postmaster>", "250 2.1.0"),
     ("no-domain", "<u>", "250 2.1.0"),
     ("no-domain-utf8-without-smtputf8", "<jösé>", "553 5.6.7"),
     ("no-domain-size-over", "<a> SIZE=1001", "552 5.3.4"),
-    ("path-too-long", path_of(257), "501"),
+    ("path-too-long", path_of(257), "501 5.1.7"),
     ("path-at-limit", path_of(256), "250 2.1.0"),
     ("utf8-without-smtputf8", "<jösé@example.test>", "553 5.6.7"),
     ("utf8-domain-without-smtputf8", "<u@bücher.example>", "553 5.6.7"),
@@ -296,37 +296,37 @@ MAIL = [
     ("size-zero", "<a@x.test> SIZE=0", "250 2.1.0"),
     ("size-over", "<a@x.test> SIZE=1001", "552 5.3.4"),
     ("size-20-digits", "<a@x.test> SIZE=" + "9" * 20, "552 5.3.4"),
-    ("size-21-digits", "<a@x.test> SIZE=" + "9" * 21, "501"),
-    ("size-missing-value", "<a@x.test> SIZE", "501"),
-    ("size-empty-value", "<a@x.test> SIZE=", "501"),
-    ("size-not-a-number", "<a@x.test> SIZE=ten", "501"),
-    ("size-negative", "<a@x.test> SIZE=-1", "501"),
-    ("size-fraction", "<a@x.test> SIZE=1.5", "501"),
-    ("size-hex", "<a@x.test> SIZE=0x10", "501"),
-    ("size-superscript-digit", "<a@x.test> SIZE=\u00b2", "501"),
-    ("size-circled-digit", "<a@x.test> SIZE=\u2460", "501"),
-    ("size-arabic-indic-digits", "<a@x.test> SIZE=\u0661\u0662", "501"),
-    ("size-fullwidth-digits", "<a@x.test> SIZE=\uff11\uff12", "501"),
+    ("size-21-digits", "<a@x.test> SIZE=" + "9" * 21, "501 5.5.4"),
+    ("size-missing-value", "<a@x.test> SIZE", "501 5.5.4"),
+    ("size-empty-value", "<a@x.test> SIZE=", "501 5.5.4"),
+    ("size-not-a-number", "<a@x.test> SIZE=ten", "501 5.5.4"),
+    ("size-negative", "<a@x.test> SIZE=-1", "501 5.5.4"),
+    ("size-fraction", "<a@x.test> SIZE=1.5", "501 5.5.4"),
+    ("size-hex", "<a@x.test> SIZE=0x10", "501 5.5.4"),
+    ("size-superscript-digit", "<a@x.test> SIZE=\u00b2", "501 5.5.4"),
+    ("size-circled-digit", "<a@x.test> SIZE=\u2460", "501 5.5.4"),
+    ("size-arabic-indic-digits", "<a@x.test> SIZE=\u0661\u0662", "501 5.5.4"),
+    ("size-fullwidth-digits", "<a@x.test> SIZE=\uff11\uff12", "501 5.5.4"),
     ("body-7bit", "<a@x.test> BODY=7BIT", "250 2.1.0"),
     ("body-8bitmime", "<a@x.test> BODY=8BITMIME", "250 2.1.0"),
     ("body-lower-case", "<a@x.test> body=8bitmime", "250 2.1.0"),
-    ("body-binarymime-not-offered", "<a@x.test> BODY=BINARYMIME", "501"),
-    ("body-unknown", "<a@x.test> BODY=9BIT", "501"),
+    ("body-binarymime-not-offered", "<a@x.test> BODY=BINARYMIME", "501 5.5.4"),
+    ("body-unknown", "<a@x.test> BODY=9BIT", "501 5.5.4"),
     # ASCII only: "8BıTMIME".upper() is "8BITMIME" in Python.
-    ("body-dotless-i", "<a@x.test> BODY=8B\u0131TMIME SMTPUTF8", "501"),
-    ("body-missing-value", "<a@x.test> BODY", "501"),
+    ("body-dotless-i", "<a@x.test> BODY=8B\u0131TMIME SMTPUTF8", "501 5.5.4"),
+    ("body-missing-value", "<a@x.test> BODY", "501 5.5.4"),
     ("smtputf8", "<a@x.test> SMTPUTF8", "250 2.1.0"),
-    ("smtputf8-with-value", "<a@x.test> SMTPUTF8=yes", "501"),
+    ("smtputf8-with-value", "<a@x.test> SMTPUTF8=yes", "501 5.5.4"),
     ("all-three", "<a@x.test> SIZE=10 BODY=8BITMIME SMTPUTF8", "250 2.1.0"),
     ("unknown-param", "<a@x.test> FOO=bar", "555 5.5.4"),
     ("unknown-flag", "<a@x.test> X-FOO", "555 5.5.4"),
     ("dsn-not-offered", "<a@x.test> RET=HDRS", "555 5.5.4"),
     ("auth-not-offered", "<a@x.test> AUTH=<>", "555 5.5.4"),
     ("unknown-after-known", "<a@x.test> SIZE=10 FOO=1", "555 5.5.4"),
-    ("duplicate-size", "<a@x.test> SIZE=10 SIZE=10", "501"),
-    ("duplicate-any-case", "<a@x.test> BODY=7BIT body=7bit", "501"),
-    ("duplicate-smtputf8", "<a@x.test> SMTPUTF8 SMTPUTF8", "501"),
-    ("param-syntax", "<a@x.test> =1", "501"),
+    ("duplicate-size", "<a@x.test> SIZE=10 SIZE=10", "501 5.5.4"),
+    ("duplicate-any-case", "<a@x.test> BODY=7BIT body=7bit", "501 5.5.4"),
+    ("duplicate-smtputf8", "<a@x.test> SMTPUTF8 SMTPUTF8", "501 5.5.4"),
+    ("param-syntax", "<a@x.test> =1", "501 5.5.4"),
     ("trailing-space", "<a@x.test> ", "250 2.1.0"),
 ]
 
@@ -335,7 +335,7 @@ MAIL = [
 def test_mail_argument(name, arg, expected):
     s = new_session(max_message_size=1000)
     got = replies(s, [E, "MAIL FROM:" + arg])[1]
-    assert got == expected if " " in expected else got.split()[0] == expected
+    assert got == expected
 
 
 def test_mail_envelope_keeps_sender_and_params():
@@ -365,15 +365,15 @@ def test_utf8_sender_after_helo_is_553():
 RCPT = [
     ("quoted-gt", '<"a>b"@x.test>', "250 2.1.5", '"a>b"@x.test'),
     ("quoted-escaped-quote", r'<"a\"b"@x.test>', "250 2.1.5", r'"a\"b"@x.test'),
-    ("null-path", "<>", "501", None),
+    ("null-path", "<>", "501 5.1.3", None),
     ("ipv4-literal", "<u@[127.0.0.1]>", "250 2.1.5", "u@[127.0.0.1]"),
     ("ipv6-literal", "<u@[IPv6:::1]>", "250 2.1.5", "u@[IPv6:::1]"),
-    ("bad-ipv4-literal", "<u@[127.0.0.256]>", "501", None),
-    ("bad-ipv6-literal", "<u@[IPv6:12345::]>", "501", None),
+    ("bad-ipv4-literal", "<u@[127.0.0.256]>", "501 5.1.3", None),
+    ("bad-ipv6-literal", "<u@[IPv6:12345::]>", "501 5.1.3", None),
     ("source-route-ignored", "<@a.test,@b.test:u@c.test>", "250 2.1.5", "u@c.test"),
     ("bare-postmaster", "<Postmaster>", "250 2.1.5", "Postmaster"),
     ("bare-postmaster-lower", "<postmaster>", "250 2.1.5", "Postmaster"),
-    ("path-too-long", path_of(257), "501", None),
+    ("path-too-long", path_of(257), "501 5.1.3", None),
     ("utf8-without-smtputf8", "<jösé@example.test>", "553 5.6.7", None),
     ("parameter-not-offered", "<u@x.test> NOTIFY=NEVER", "555 5.5.4", None),
     ("orcpt-not-offered", "<u@x.test> ORCPT=rfc822;u@x.test", "555 5.5.4", None),
@@ -386,7 +386,7 @@ RCPT = [
 def test_rcpt_argument(name, arg, expected, address):
     s = new_session()
     got = replies(s, [E, M, "RCPT TO:" + arg])[2]
-    assert got == expected if " " in expected else got.split()[0] == expected
+    assert got == expected
     if address is not None:
         assert s.envelope.recipients == [address]
     else:

@@ -29,9 +29,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon import (Ledger, RawSMTP, connection_refused, free_port, ledger_client, ledger_message,
-                    line_pid, run_clients, send_message, serving_worker, wait_until, worker_pids,
-                    write_config)
+from daemon import (Ledger, RawSMTP, assert_nothing_left_in_tmp, connection_refused, free_port,
+                    ledger_client, ledger_message, line_pid, open_tmp_files, run_clients, send_message,
+                    serving_worker, wait_until, worker_pids, write_config)
 from forksmtp.maildir import escape_host
 
 EHLO = b"EHLO client.example"
@@ -52,21 +52,6 @@ def assert_no_crash(d) -> None:
     log = d.log_text()
     for needle in ("Traceback", "crashed", "crash loop"):
         assert needle not in log, log[-3000:]
-
-
-def open_tmp_files(proc: psutil.Process, maildir: Path) -> list[int]:
-    """Sizes of the files the process holds open in maildir/tmp (an O_TMPFILE file is
-    shown by /proc as ``tmp/#<inode> (deleted)``)."""
-    sizes = []
-    prefix = str(maildir / "tmp") + "/"
-    for fd in os.listdir(f"/proc/{proc.pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{proc.pid}/fd/{fd}")
-            if target.startswith(prefix):
-                sizes.append(os.stat(f"/proc/{proc.pid}/fd/{fd}").st_size)
-        except OSError:
-            continue
-    return sizes
 
 
 def deliver_one(port: int, msg_id: str, size: int = 300) -> tuple[int, bytes]:
@@ -92,6 +77,8 @@ def reply_after_kill(client: RawSMTP, rest: bytes):
 # -- a worker killed in the middle of DATA ------------------------------------------------
 
 def test_worker_killed_mid_data_stores_nothing_and_leaves_no_tmp_file(daemon_factory):
+    """Killed with part of the message in its unnamed tmp/ file: nothing reaches new/, and
+    no process is left holding that file (its space freed with the worker)."""
     d = daemon_factory(workers=2)
     client = RawSMTP(d.port)
     assert client.command(EHLO) == 250
@@ -109,11 +96,11 @@ def test_worker_killed_mid_data_stores_nothing_and_leaves_no_tmp_file(daemon_fac
     client.close()
     d.wait_for_log(f"worker {worker.pid} killed by SIGKILL")
     assert listing(d.maildir / "new") == []
-    assert listing(d.maildir / "tmp") == []
+    assert_nothing_left_in_tmp(d, d.maildir)
     # The master replaced the worker, and the next message goes through.
     assert deliver_one(d.port, "after-kill")[0] == 250
     assert len(listing(d.maildir / "new")) == 1
-    assert listing(d.maildir / "tmp") == []
+    assert_nothing_left_in_tmp(d, d.maildir)
 
 
 def test_start_up_and_reload_sweep_orphaned_tmp_files(daemon_factory, tmp_path):
@@ -216,11 +203,13 @@ def test_disk_full_452_then_recovers_without_restart(small_tmpfs, daemon_factory
     d, md, filler = full_disk_daemon(small_tmpfs, daemon_factory)
     pids = {w.pid for w in d.workers()}
     mark = len(d.log_text())
+    free = os.statvfs(md).f_bfree
     code, text = deliver_one(d.port, "while-full", size)
     assert code == 452 and b"4.3.1" in text, text
     assert_error_logged_in_order(d, mark, f"delivery failed in {md}: ", "452 4.3.1")
     assert len(listing(md / "new")) == 1  # only the message from before
-    assert listing(md / "tmp") == []
+    assert_nothing_left_in_tmp(d, md)
+    assert os.statvfs(md).f_bfree == free  # what the failed copy took is free again
 
     filler.unlink()
     assert deliver_one(d.port, "after-full", size)[0] == 250
@@ -256,7 +245,8 @@ def test_a_declared_size_the_disk_cannot_take_gets_452_before_the_text(small_tmp
         client.close()
     assert_error_logged_in_order(d, mark, f"no room for the message in {md}: ", "452 4.3.1")
     assert "(SIZE)" in d.log_text()[mark:]
-    assert len(listing(md / "new")) == 1 and listing(md / "tmp") == []
+    assert len(listing(md / "new")) == 1
+    assert_nothing_left_in_tmp(d, md)
 
 
 def test_the_declared_size_is_checked_for_all_the_copies_a_file_system_takes(small_tmpfs, daemon_factory):
@@ -316,7 +306,8 @@ def test_out_of_inodes_452_at_data_then_recovers(small_tmpfs, daemon_factory):
         assert client.deliver(ledger_message("after-inodes"))[0] == 250
     finally:
         client.close()
-    assert len(listing(md / "new")) == 2 and listing(md / "tmp") == []
+    assert len(listing(md / "new")) == 2
+    assert_nothing_left_in_tmp(d, md)
     assert pids <= {w.pid for w in d.workers()}
     assert_no_crash(d)
 
@@ -360,7 +351,7 @@ def test_unwritable_maildir_451_then_recovers(nobody_dir, daemon_factory, subdir
     finally:
         (md / subdir).chmod(0o700)
     storage_failure(d, md, code, text, pids)
-    assert listing(md / "tmp") == []
+    assert_nothing_left_in_tmp(d, md)
     assert deliver_one(d.port, f"writable-{subdir}")[0] == 250
     assert len(listing(md / "new")) == 1
 
@@ -391,7 +382,8 @@ def test_a_broken_mailbox_is_deferred_at_rcpt_and_the_others_get_the_message(nob
     finally:
         (bob / "tmp").chmod(0o700)
     assert len(listing(catch / "new")) == 13 and len(listing(bob / "new")) == 1
-    assert listing(bob / "tmp") == [] and listing(catch / "tmp") == []
+    assert_nothing_left_in_tmp(d, bob)
+    assert_nothing_left_in_tmp(d, catch)
     assert_no_crash(d)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 
 import pytest
 
@@ -24,25 +25,34 @@ WRITERS = [
 
 
 @pytest.mark.parametrize("name, write, mode", WRITERS, ids=[w[0] for w in WRITERS])
-def test_a_planted_temporary_file_is_never_used(tmp_path, name, write, mode):
-    """Someone who can write the directory plants, at the temporary name the writer would
-    once have used, a symlink to a file of theirs and a world-writable file: neither may
-    be written through, and the result has its own mode."""
+def test_a_planted_temporary_file_is_never_used(tmp_path, monkeypatch, name, write, mode):
+    """Someone who can write the directory plants, at the temporary name the writer
+    draws (the random part made known here) and at the name it would once have used, a
+    symlink to a file of theirs, then a world-writable file: neither may be written
+    through, the writer draws another name, and the result has its own mode."""
+    drawn = iter(["known1", "fresh1", "known2", "fresh2"])
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: drawn)
     target = tmp_path / name
     victim = tmp_path / "victim"
     victim.write_text("untouched\n")
-    planted = tmp_path / f"{name}.{os.getpid()}.tmp"
-    planted.symlink_to(victim)
+    planted = [tmp_path / f".{name}.known1.tmp", tmp_path / f"{name}.{os.getpid()}.tmp"]
+    for path in planted:
+        path.symlink_to(victim)
     write(str(target))
     assert victim.read_text() == "untouched\n"
-    assert planted.is_symlink()
+    assert all(path.is_symlink() for path in planted)
     assert not target.is_symlink() and stat.S_IMODE(target.stat().st_mode) == mode
-    planted.unlink()
-    planted.write_text("")
-    planted.chmod(0o666)
+    assert target.stat().st_size > 0
+    planted.append(tmp_path / f".{name}.known2.tmp")
+    for path in planted:
+        path.unlink(missing_ok=True)
+        path.write_text("")
+        path.chmod(0o666)
     write(str(target))
+    assert all(path.read_text() == "" for path in planted)
     assert stat.S_IMODE(target.stat().st_mode) == mode
-    assert sorted(os.listdir(tmp_path)) == sorted([name, "victim", planted.name])  # nothing left over
+    assert next(drawn, None) is None  # each write drew the planted name, then a free one
+    assert sorted(os.listdir(tmp_path)) == sorted([name, "victim"] + [p.name for p in planted])  # nothing left over
 
 
 @pytest.mark.parametrize("name, write, mode", WRITERS, ids=[w[0] for w in WRITERS])

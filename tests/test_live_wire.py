@@ -8,7 +8,6 @@ Every test reads the server's replies in order and then looks at the Maildir.
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import time
@@ -16,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from daemon import Daemon
+from daemon import Daemon, assert_nothing_left_in_tmp
 
 HOST = "127.0.0.1"
 CRLF = b"\r\n"
@@ -114,9 +113,6 @@ class Box:
 
     def added(self) -> list[bytes]:
         return [p.read_bytes() for p in sorted(set(self.d.new_messages()) - self.before)]
-
-    def tmp_files(self) -> list[str]:
-        return os.listdir(self.d.maildir / "tmp")
 
 
 def message_text(stored: bytes) -> bytes:
@@ -552,7 +548,7 @@ def test_early_eof_in_data_stores_nothing(shared, tail, abort):
         w.sock.close()
     log = closing.wait()
     assert box.added() == []
-    assert box.tmp_files() == []
+    assert_nothing_left_in_tmp(shared, shared.maildir)
     assert "never be stored" not in log
 
 

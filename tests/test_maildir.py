@@ -740,15 +740,24 @@ def test_clean_tmp_does_not_follow_a_symlinked_tmp(tmp_path):
     assert victim.exists()
 
 
-def test_a_maildir_path_that_is_a_symlink_or_below_one_is_made_and_used(tmp_path):
+def test_a_maildir_path_that_is_a_symlink_or_below_one_is_made_and_used(tmp_path, monkeypatch):
     """Only tmp/ and new/ are never followed: the configured path, and the directories
     above it (Debian's /var/spool/mail -> ../mail), come from the operator, and a first
-    start must make the Maildir behind them, fsyncing each directory it made."""
+    start must make the Maildir behind them, fsyncing each directory it made and its
+    parent (where they really are, behind the link)."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(maildir.os, "fsync",
+                        lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
     real = tmp_path / "real"
     real.mkdir()
     (tmp_path / "link").symlink_to(real)
-    for path in (tmp_path / "link", tmp_path / "link" / "alice" / "Maildir"):
+    for path, made in ((tmp_path / "link", []), (tmp_path / "link" / "alice" / "Maildir", ["alice", "alice/Maildir"])):
+        synced.clear()
         md = Maildir(str(path), fsync=True)
+        behind = real / os.path.relpath(path, tmp_path / "link")
+        made_dirs = {str(real / m) for m in made} | {str(behind / sub) for sub in ("tmp", "new", "cur")}
+        assert sorted(synced) == sorted(made_dirs | {os.path.dirname(m) for m in made_dirs})
         deliver(md, b"through the operator's link\n")
         assert len(os.listdir(md.new)) == 1
 

@@ -158,13 +158,27 @@ ROUND = st.tuples(ROUND_COMMANDS, st.one_of(BODY, BODY, st.none()))
 GREETING = st.sampled_from([b"EHLO client.test\r\n"] * 3 + [b"HELO client.test\r\n", b""])
 
 
+def ends_group(line: bytes) -> bool:
+    """A line that ends a pipelining group (RFC 2920 3.1): DATA or BDAT, with an argument
+    or not, run or refused.  Bytes behind one in the same read close the session (554),
+    so where the reads fall decides its reply: the client waits after it."""
+    return line[:4].upper() in (b"DATA", b"BDAT")
+
+
 def client_rounds(greeting: bytes, rounds, quit_last: bool) -> list[bytes]:
     """What a client sends between waits for the server: DATA ends a round, as RFC 2920
-    asks, and the message text with its dot starts the next (whatever DATA's reply was)."""
+    asks, and the message text with its dot starts the next (whatever DATA's reply was);
+    so does a DATA-like line among the commands."""
     raws, text = [], [greeting.rstrip(b"\r\n")] if greeting else []
     for commands, body in rounds:
         lines = text + commands + ([b"DATA"] if body is not None else [])
-        raws.append(b"".join(line + b"\r\n" for line in lines))
+        group: list[bytes] = []
+        for number, line in enumerate(lines, 1):
+            group.append(line)
+            if ends_group(line) and number < len(lines):
+                raws.append(b"".join(line + b"\r\n" for line in group))
+                group = []
+        raws.append(b"".join(line + b"\r\n" for line in group))
         text = [*body, b"."] if body is not None else []
     if text or quit_last:
         raws.append(b"".join(line + b"\r\n" for line in text + ([b"QUIT"] if quit_last else [])))

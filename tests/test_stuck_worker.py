@@ -143,10 +143,8 @@ def test_a_graceful_stop_does_not_wait_for_a_worker_stopped_holding_the_lock(dae
     [worker] = d.workers()
     frozen = stop_in_admission(d, worker)
     try:
-        began = time.monotonic()
         d.signal(signal.SIGTERM)
-        d.proc.wait(LOCK_STALL + 20)  # not the graceful timeout: the holder is killed
-        assert time.monotonic() - began < LOCK_STALL + 20
+        d.proc.wait(LOCK_STALL + 20)  # not the graceful timeout (60 s): the holder is killed
         assert f"worker {worker.pid} has been stopped in admission" in d.log_text()
         assert d.proc.returncode == 0
     finally:

@@ -20,7 +20,7 @@ from daemon import (RawSMTP, assert_no_zombies, connect, gone, read_reply, reque
                     serving_worker, wait_until, worker_pids)
 from forksmtp.arbiter import TICK
 
-SESSIONS = 30
+SESSIONS = 12
 
 
 def title(pid: int) -> str:

@@ -455,8 +455,8 @@ def test_quit_stops_at_once(daemon_factory):
     pids = wait_until(lambda: len(p := worker_pids(d)) == 2 and p, 10, what="2 workers")
     sock = open_idle_session(d.port)
     d.signal(signal.SIGQUIT)
-    rc = d.proc.wait(15)  # far below graceful_timeout: the session is not waited for
-    assert rc is not None and rc >= 0
+    # Far below graceful_timeout: the session is not waited for.  A stop is a clean exit.
+    assert d.proc.wait(15) == 0
     sock.settimeout(5)
     assert shut_down(sock)
     sock.close()
@@ -485,10 +485,9 @@ def test_quit_does_not_wait_for_a_client_that_never_reads(daemon_factory):
                 stalled += 0.05
                 time.sleep(0.05)
         assert stalled >= 1.0, "the server kept reading"
-        started = time.monotonic()
         d.signal(signal.SIGQUIT)
         assert d.proc.wait(15) == 0
-        assert time.monotonic() - started < 2.9  # below the master's 3 s before SIGKILL
+        # The worker left on its own, before the master's SIGKILL (3 s after SIGQUIT).
         assert "SIGKILL" not in d.log_text()
     finally:
         sock.close()

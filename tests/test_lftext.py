@@ -111,7 +111,8 @@ def test_the_line_limit_at_its_edges(wire, carry, long):
 
 
 @pytest.mark.parametrize("block", [b"\n", b"a\n", b"\r", b"a\rb\r\n", b"a\r\n\n", b"\r\r\n",
-                                   b"a\r\nb\r", b"x" * 5000 + b"\r\n\n"])
+                                   b"a\r\nb\r", b"x" * 5000 + b"\r\n\n"],
+                         ids=["lf", "a-lf", "cr", "a-cr-b", "crlf-lf", "cr-crlf", "crlf-b-cr", "long-line-lf"])
 def test_a_bare_cr_or_lf_anywhere_is_refused(block):
     assert lf_text(block, 0, 998) == (None, False)
 
@@ -187,7 +188,7 @@ def test_find_dots_across_its_chunks():
     b"\r\n" * 100_000,  # empty lines
     b"." * 200_000,
     (b"line\r\n..stuffed\r\n" * 5000) + b".\r\n" + b"after\r\n",
-])
+], ids=["prose", "no-dots", "empty-lines", "dots", "stuffed"])  # pytest would spell out each octet
 def test_find_dots_on_big_blocks(text):
     for start in (0, 1, 2, len(text) // 2, len(text) - 3, len(text)):
         assert find_dots(text, start) == obvious_dots(text, start)

@@ -52,7 +52,8 @@ def test_a_planted_temporary_file_is_never_used(tmp_path, monkeypatch, name, wri
     assert all(path.read_text() == "" for path in planted)
     assert stat.S_IMODE(target.stat().st_mode) == mode
     assert next(drawn, None) is None  # each write drew the planted name, then a free one
-    assert sorted(os.listdir(tmp_path)) == sorted([name, "victim"] + [p.name for p in planted])  # nothing left over
+    # Nothing left over.
+    assert sorted(os.listdir(tmp_path)) == sorted([name, "victim"] + [p.name for p in planted])
 
 
 @pytest.mark.parametrize("name, write, mode", WRITERS, ids=[w[0] for w in WRITERS])

@@ -112,7 +112,8 @@ def test_the_line_limit_at_its_edges(wire, carry, long):
 
 @pytest.mark.parametrize("block", [b"\n", b"a\n", b"\r", b"a\rb\r\n", b"a\r\n\n", b"\r\r\n",
                                    b"a\r\nb\r", b"x" * 5000 + b"\r\n\n"],
-                         ids=["lf", "a-lf", "cr", "a-cr-b", "crlf-lf", "cr-crlf", "crlf-b-cr", "long-line-lf"])
+                         ids=["lf", "a-lf", "cr", "a-cr-b", "crlf-lf", "cr-crlf", "crlf-b-cr",
+                              "long-line-lf"])
 def test_a_bare_cr_or_lf_anywhere_is_refused(block):
     assert lf_text(block, 0, 998) == (None, False)
 

@@ -29,6 +29,15 @@ def make(path, mode: str = "tmpfile", **kwargs) -> Maildir:
     return md
 
 
+def record_fsyncs(monkeypatch) -> list[str]:
+    """The paths maildir.py fsyncs from now on, in order (the descriptors' targets)."""
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(maildir.os, "fsync",
+                        lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    return synced
+
+
 def deliver(md: Maildir, *chunks: bytes) -> str:
     delivery = md.begin()
     for chunk in chunks:
@@ -387,10 +396,7 @@ def test_every_directory_made_and_its_parent_are_fsynced(tmp_path, monkeypatch, 
     """A message fsynced into a new/ whose own directory entry is not on disk yet would
     be orphaned by a power cut, and so would one whose new/ inode is not (without a
     journal): making a Maildir syncs what it made and each parent of it."""
-    synced = []
-    real = os.fsync
-    monkeypatch.setattr(maildir.os, "fsync",
-                        lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    synced = record_fsyncs(monkeypatch)
     (tmp_path / "a").mkdir()
     md = Maildir(str(tmp_path / "a" / "b" / "md"), fsync=fsync)
     assert all(os.path.isdir(d) for d in (md.tmp, md.new, md.cur))
@@ -745,17 +751,15 @@ def test_a_maildir_path_that_is_a_symlink_or_below_one_is_made_and_used(tmp_path
     above it (Debian's /var/spool/mail -> ../mail), come from the operator, and a first
     start must make the Maildir behind them, fsyncing each directory it made and its
     parent (where they really are, behind the link)."""
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(maildir.os, "fsync",
-                        lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    synced = record_fsyncs(monkeypatch)
     real = tmp_path / "real"
     real.mkdir()
-    (tmp_path / "link").symlink_to(real)
-    for path, made in ((tmp_path / "link", []), (tmp_path / "link" / "alice" / "Maildir", ["alice", "alice/Maildir"])):
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    for path, made in ((link, []), (link / "alice" / "Maildir", ["alice", "alice/Maildir"])):
         synced.clear()
         md = Maildir(str(path), fsync=True)
-        behind = real / os.path.relpath(path, tmp_path / "link")
+        behind = real / os.path.relpath(path, link)
         made_dirs = {str(real / m) for m in made} | {str(behind / sub) for sub in ("tmp", "new", "cur")}
         assert sorted(synced) == sorted(made_dirs | {os.path.dirname(m) for m in made_dirs})
         deliver(md, b"through the operator's link\n")

@@ -165,6 +165,17 @@ def ends_group(line: bytes) -> bool:
     return line[:4].upper() in (b"DATA", b"BDAT")
 
 
+def groups(lines: list[bytes]) -> list[list[bytes]]:
+    """The lines cut after each one that ends a pipelining group (but the last)."""
+    cuts = [number for number, line in enumerate(lines[:-1], 1) if ends_group(line)]
+    bounds = [0, *cuts, len(lines)]
+    return [lines[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def crlf_lines(lines: list[bytes]) -> bytes:
+    return b"".join(line + b"\r\n" for line in lines)
+
+
 def client_rounds(greeting: bytes, rounds, quit_last: bool) -> list[bytes]:
     """What a client sends between waits for the server: DATA ends a round, as RFC 2920
     asks, and the message text with its dot starts the next (whatever DATA's reply was);
@@ -172,16 +183,10 @@ def client_rounds(greeting: bytes, rounds, quit_last: bool) -> list[bytes]:
     raws, text = [], [greeting.rstrip(b"\r\n")] if greeting else []
     for commands, body in rounds:
         lines = text + commands + ([b"DATA"] if body is not None else [])
-        group: list[bytes] = []
-        for number, line in enumerate(lines, 1):
-            group.append(line)
-            if ends_group(line) and number < len(lines):
-                raws.append(b"".join(line + b"\r\n" for line in group))
-                group = []
-        raws.append(b"".join(line + b"\r\n" for line in group))
+        raws += [crlf_lines(group) for group in groups(lines)]
         text = [*body, b"."] if body is not None else []
     if text or quit_last:
-        raws.append(b"".join(line + b"\r\n" for line in text + ([b"QUIT"] if quit_last else [])))
+        raws.append(crlf_lines(text + ([b"QUIT"] if quit_last else [])))
     return raws
 
 

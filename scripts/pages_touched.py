@@ -28,6 +28,7 @@ user as the worker, or root).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -81,6 +82,20 @@ def deliver(port: int, body: bytes) -> None:
         reply()
 
 
+def _forksmtp_dirs() -> tuple[str, ...]:
+    """Where forksmtp's compiled files are: its package directory (one small module per
+    compiled source, and the DATA reader's C) and the one above it (mypyc's shared
+    library of them all), found without importing the package."""
+    spec = importlib.util.find_spec("forksmtp")
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    package = os.path.realpath(list(spec.submodule_search_locations)[0])
+    return (package + os.sep, os.path.join(os.path.dirname(package), "forksmtp_native"))
+
+
+FORKSMTP_DIRS = _forksmtp_dirs()
+
+
 def region(path: str, perms: str) -> str:
     """The region a mapping belongs to, named for the report."""
     if not path.startswith("/"):
@@ -88,7 +103,7 @@ def region(path: str, perms: str) -> str:
     base = os.path.basename(path)
     if "libpython" in base:
         lib = "libpython"
-    elif "forksmtp" in base:
+    elif FORKSMTP_DIRS and os.path.realpath(path).startswith(FORKSMTP_DIRS):
         lib = "forksmtp compiled"
     elif base.startswith(("libc.", "libc-", "ld-linux", "libm.")):
         lib = "libc"

@@ -1,7 +1,7 @@
 """scripts/pages_touched.py keeps working: both systems counted, by region, into JSON.
 
-Real daemons on loopback and real page tables; nothing about the counts' size is asserted
-beyond what any run must show (a message runs through code, and its reader reads data).
+Real daemons on loopback and real page tables.  Nothing is asserted about the counts'
+size beyond what any run must show: a message runs through some code and some data.
 """
 from __future__ import annotations
 

@@ -41,10 +41,13 @@ import tempfile
 import time
 from collections import Counter
 
-HOST = "127.0.0.1"
+from benchlib.constants import DATA, EHLO, HOST, MAIL, QUIT, RCPT
+from benchlib.extras import read_reply
+from benchlib.messages import body_for_size, message_head
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-# 4 KiB, as scripts/bench.py sends by default.
-BODY = b"Subject: pages\r\nFrom: a@client.example\r\n\r\n" + (b"x" * 70 + b"\r\n") * 56
+# What scripts/bench.py sends by default: 4 KiB, headers included.
+MESSAGE = message_head("pages") + body_for_size(4096)
 TIMEOUT = 30.0
 SETTLE = 0.05
 
@@ -55,31 +58,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deliver(port: int, body: bytes) -> None:
+def deliver(port: int) -> None:
     """One message on a new connection, one command per round trip."""
     with socket.create_connection((HOST, port), timeout=TIMEOUT) as sock:
-        replies = sock.makefile("rb")
-
-        def reply() -> bytes:
-            for _ in range(64):  # a multi-line reply is bounded too
-                line = replies.readline(1024)
-                if not line:
-                    raise ConnectionError("the server closed the connection")
-                if line[3:4] != b"-":
-                    return line
-            raise ConnectionError("reply too long")
-
-        reply()
-        for command in (b"EHLO pages.example", b"MAIL FROM:<a@client.example>",
-                        b"RCPT TO:<b@server.example>", b"DATA"):
-            sock.sendall(command + b"\r\n")
-            reply()
-        sock.sendall(body + b".\r\n")
-        last = reply()
-        if not last.startswith(b"250"):
-            raise RuntimeError(f"message refused: {last!r}")
-        sock.sendall(b"QUIT\r\n")
-        reply()
+        for command, wanted in ((b"", 220), (EHLO, 250), (MAIL, 250), (RCPT, 250), (DATA, 354),
+                                (MESSAGE + b".\r\n", 250), (QUIT, 221)):
+            sock.sendall(command)
+            code = read_reply(sock, TIMEOUT)
+            if code != wanted:
+                raise RuntimeError(f"{command[:20]!r}: {code}, not {wanted}")
 
 
 def _forksmtp_dirs() -> tuple[str, ...]:
@@ -147,7 +134,7 @@ def measure(name: str, argv: list[str], port: int, warmup: int, trials: int) -> 
         deadline = time.monotonic() + TIMEOUT
         while True:  # until it answers
             try:
-                deliver(port, BODY)
+                deliver(port)
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
@@ -155,7 +142,7 @@ def measure(name: str, argv: list[str], port: int, warmup: int, trials: int) -> 
                 time.sleep(0.1)
         worker = the_worker(server.pid, time.monotonic() + TIMEOUT)
         for _ in range(warmup):
-            deliver(port, BODY)
+            deliver(port)
         samples = []
         for _ in range(trials):
             # The pause lets the worker finish the session (its close, its log write)
@@ -163,7 +150,7 @@ def measure(name: str, argv: list[str], port: int, warmup: int, trials: int) -> 
             time.sleep(SETTLE)
             with open(f"/proc/{worker}/clear_refs", "w", encoding="ascii") as f:
                 f.write("1")
-            deliver(port, BODY)
+            deliver(port)
             time.sleep(SETTLE)
             samples.append(referenced(worker))
     finally:

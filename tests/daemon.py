@@ -186,6 +186,15 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: s
         time.sleep(interval)
 
 
+def poll_for(read, expected, timeout: float = 10.0, interval: float = 0.05):
+    """Poll ``read()`` until it returns ``expected``; what it returned last, so that the
+    caller's own assert shows the difference when the timeout passed first."""
+    deadline = time.monotonic() + timeout
+    while (value := read()) != expected and time.monotonic() < deadline:
+        time.sleep(interval)
+    return value
+
+
 def worker_pids(d: Daemon) -> set[int]:
     return {w.pid for w in d.workers()}
 

@@ -15,7 +15,7 @@ import time
 import psutil
 import pytest
 
-from daemon import Daemon, free_port, read_reply, send_message, serving_worker, wait_until
+from daemon import Daemon, free_port, poll_for, read_reply, send_message, serving_worker, wait_until
 
 
 def test_bare_port_listens_on_ipv4_and_ipv6(daemon_factory):
@@ -195,11 +195,7 @@ def test_workers_run_under_sched_batch_and_the_master_does_not(daemon):
 
         # A worker takes SCHED_BATCH in its first steps after fork; one forked a moment
         # ago (a spare) may not have taken them yet.
-        try:
-            wait_until(lambda: policies() == {os.SCHED_BATCH}, 10, what="every worker under SCHED_BATCH")
-        except TimeoutError:
-            pass
-        assert policies() == {os.SCHED_BATCH}
+        assert poll_for(policies, {os.SCHED_BATCH}) == {os.SCHED_BATCH}
     assert os.sched_getscheduler(daemon.pid) == os.SCHED_OTHER
 
 

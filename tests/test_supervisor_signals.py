@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon import (Daemon, assert_no_zombies, connect, connection_refused, free_port, gone,
+from daemon import (Daemon, assert_no_zombies, connect, connection_refused, free_port, gone, poll_for,
                     read_reply, request_stats, send_message, unusual_lines, wait_until, worker_pids,
                     write_config)
 from forksmtp.arbiter import STUCK_GRACE
@@ -673,11 +673,7 @@ def test_workers_are_the_oom_killers_choice_before_the_master(daemon_factory):
 
     # [READY] follows the forks, not each child's first steps: a worker that has not yet
     # run them still shows the value it inherited.
-    try:
-        wait_until(lambda: workers_adj() == expected, 10, what="both workers raised their oom_score_adj")
-    except TimeoutError:
-        pass
-    assert workers_adj() == expected
+    assert poll_for(workers_adj, expected) == expected
 
 
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids")

@@ -27,6 +27,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import (auth, config as config_mod, connection, limits, listeners, maildirs, pool, process,
@@ -137,8 +138,8 @@ class Arbiter:
         self.signals.install()
         self.tls_context, self.passwords = load_security(cfg)
         for addr in sorted(listen_addresses(cfg)[0], key=str):
-            self.sockets[addr] = listeners.bind(addr)
-        maildirs.prepare(cfg, self.log)
+            self.sockets[addr] = self._named(cfg, addr, listeners.bind)
+        maildirs.prepare(cfg, self.log, config_mod.source_of(cfg, "delivery.maildir", self.overrides))
         # That made and swept every Maildir: the next pass is due in an hour.  Run again
         # at the first tick, it would race an operator's first change to a Maildir.
         self.next_tmp_clean = time.monotonic() + TMP_CLEAN_INTERVAL
@@ -621,7 +622,7 @@ class Arbiter:
         try:
             new = config_mod.load_config(self.cfg.path or None, self.overrides, mailbox_storage=False)
             context, passwords = load_security(new)
-            maildirs.prepare(new, self.log)
+            maildirs.prepare(new, self.log, config_mod.source_of(new, "delivery.maildir", self.overrides))
             log_fd = Log.open_file(new.log.file)
             opened = self._open_new_sockets(new)
             # Last: a pidfile another live process holds fails the reload, the old one kept.
@@ -696,13 +697,24 @@ class Arbiter:
             for addr in sorted(wanted, key=str):
                 if addr not in self.sockets:
                     same = self._same_socket(addr, leaving)
-                    opened[addr] = same if same is not None else self._bind_beside(addr, leaving)
+                    opened[addr] = (same if same is not None
+                                    else self._named(new, addr, lambda a: self._bind_beside(a, leaving)))
         except BaseException:
             for sock in opened.values():
                 if sock not in leaving.values():
                     sock.close()
             raise
         return opened
+
+    def _named(self, cfg, addr, bind: Callable[[listeners.ListenAddr], socket.socket]) -> socket.socket:
+        """``bind(addr)``, its error naming where the address was set, as config errors
+        do: ``FILE: server.listen: cannot listen on ADDR: REASON``."""
+        try:
+            return bind(addr)
+        except listeners.BindError as exc:
+            key = "tls.implicit_listen" if addr in listen_addresses(cfg)[1] else "server.listen"
+            where = config_mod.source_of(cfg, key, self.overrides)
+            raise listeners.BindError(addr, f"{where}: {key}: {exc.message}", exc.errno) from None
 
     def _bind_beside(self, addr, leaving: dict) -> socket.socket:
         """Bind a new address; if its port is still held by an address this reload

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from forksmtp import __version__, _native, config_checks
-from forksmtp.config import ConfigError, load_config, maildir_keys, summary
+from forksmtp.config import ConfigError, load_config, maildir_keys, source_of, summary
 
 # flag destination -> dotted config key it overrides
 _OVERRIDES = {
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"forksmtp: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        problem = _check_files(cfg)
+        problem = _check_files(cfg) or _check_maildir(cfg, overrides)
         if problem:
             print(f"forksmtp: {problem}", file=sys.stderr)
             return 2
@@ -143,9 +143,21 @@ def _mailbox_warnings(cfg) -> list[str]:
     for path in sorted(set(cfg.delivery.mailboxes.values()) - {cfg.delivery.maildir}):
         try:
             config_checks.creatable_dir(path)
+            config_checks.makeable_now(path)
         except ValueError as exc:
             warnings.append(f"{keys[path]} = {path}: {exc}; its mail would get 451 until this is fixed")
     return warnings
+
+
+def _check_maildir(cfg, overrides: dict) -> str:
+    """The catch-all Maildir, made where the start would make it (the config's check
+    saw only the permission bits): a start that would fail there fails --check too."""
+    try:
+        config_checks.makeable_now(cfg.delivery.maildir)
+    except ValueError as exc:
+        where = source_of(cfg, "delivery.maildir", overrides)
+        return str(ConfigError(where, "delivery.maildir", cfg.delivery.maildir, str(exc)))
+    return ""
 
 
 def _check_files(cfg) -> str:

@@ -336,6 +336,14 @@ def _mailboxes(table: dict, file: str, base: str, storage: bool = True) -> Mappi
     return MappingProxyType(boxes)
 
 
+def source_of(cfg: Config, key: str, overrides: Mapping[str, object] | None) -> str:
+    """Where the value of ``key`` came from, as errors name it: the command line when a
+    flag set it, else the config file (or the built-in defaults, without one)."""
+    if overrides and key in overrides:
+        return CLI
+    return cfg.path or "built-in defaults"
+
+
 def maildir_keys(delivery: DeliveryConfig) -> dict[str, str]:
     """Each configured Maildir path and the keys that name it, as messages show them:
     ``mailboxes."a@x.test", "b@x.test"``, or ``delivery.maildir`` for the catch-all's."""

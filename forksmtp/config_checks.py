@@ -17,6 +17,7 @@ import math
 import os
 import pwd
 import re
+import tempfile
 from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass
@@ -290,6 +291,25 @@ def creatable_dir(path: str) -> str:
         if os.path.lexists(inner) and not os.path.isdir(inner):
             raise ValueError(f"{inner} is not a directory")
     return path
+
+
+def makeable_now(path: str) -> None:
+    """What a start would make of the Maildir at ``path`` can be made now: a directory is
+    made and removed again where the first missing one would go.  That finds what the
+    permission bits do not show (a file system full or out of inodes, /proc).  Raises
+    ValueError naming that directory; an existing Maildir needs nothing made."""
+    missing = [d for d in (path, *(os.path.join(path, s) for s in ("tmp", "new", "cur")))
+               if not os.path.isdir(d)]
+    if not missing:
+        return
+    first, existing = missing[0], os.path.dirname(missing[0])
+    while not os.path.lexists(existing):
+        first, existing = existing, os.path.dirname(existing)
+    try:
+        probe = tempfile.mkdtemp(prefix=".forksmtp-check-", dir=existing)
+    except OSError as exc:  # named as the start names it: the directory it would make
+        raise ValueError(f"cannot make the Maildir: {first}: {exc.strerror or exc}") from None
+    os.rmdir(probe)
 
 
 def _readable_file(path: str) -> str:

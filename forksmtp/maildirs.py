@@ -28,9 +28,10 @@ def own_dirs(path: str) -> list[str]:
     return [path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur"))]
 
 
-def prepare(cfg, log: Log) -> None:
+def prepare(cfg, log: Log, source: str) -> None:
     """Make every Maildir of ``cfg``.  One the catch-all cannot use stops a start or a
-    reload (``MaildirError``); a ``[mailboxes]`` one is logged and left out (its mail gets
+    reload (``MaildirError``, naming ``source``, where ``delivery.maildir`` was set, as
+    config errors do); a ``[mailboxes]`` one is logged and left out (its mail gets
     451 until it is fixed), as Postfix's delivery agents defer one mailbox's mail and take
     the rest: a read-only file system under one user's Maildir must not stop a
     certificate's reload, or the server from starting after a reboot."""
@@ -45,8 +46,8 @@ def prepare(cfg, log: Log) -> None:
             problem = (f"cannot make the Maildir: {exc.filename or path}: {exc.strerror or exc}"
                        if isinstance(exc, OSError) else str(exc))
             if path == cfg.delivery.maildir:
-                raise MaildirError(getattr(exc, "errno", None) or errno.EIO,
-                                   f"{keys[path]} = {path}: {problem}") from exc
+                named = config_checks.ConfigError(source, keys[path], path, problem)
+                raise MaildirError(getattr(exc, "errno", None) or errno.EIO, str(named)) from exc
             log.warning("STORE", f"{keys[path]} = {path}: {problem}; its mail gets 451 until this is fixed")
             continue
         _warn_unwritable(path, keys[path], cfg, log)

@@ -248,23 +248,73 @@ def test_port_in_use_is_a_one_line_error(servers):
         server = servers("--listen", f"{HOST}:{port}", "--maildir", "Maildir")
         assert server.proc.wait(20) == 1
         err = server.stderr()
-    assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
-    assert f"{HOST}:{port}" in err
+    # Named as a config error is: where the address was set, and the key.
+    assert err == f"forksmtp: command line: server.listen: cannot listen on {HOST}:{port}: Address already in use\n"
 
 
-def test_a_maildir_that_cannot_be_made_fails_the_start_by_name(servers, tmp_path):
-    """The path passes --check (its nearest existing ancestor, /proc, looks writable to
-    root) but cannot be made: one line naming the key, exit 1, and no pidfile left behind
-    naming a process that is gone."""
+def test_a_maildir_that_cannot_be_made_fails_the_start_and_check_by_name(servers, tmp_path):
+    """Its nearest existing ancestor, /proc, looks writable to root, yet nothing can be
+    made in it: the start fails with one line naming where the key was set, the key and
+    the value, exits 1 and leaves no pidfile naming a process that is gone; --check,
+    which makes and removes a directory where the start would make the Maildir, fails
+    with the same line."""
     pidfile = tmp_path / "forksmtp.pid"
-    server = servers("--listen", f"{HOST}:{free_port()}", "--maildir", "/proc/forksmtp-none/Maildir",
-                     "--pidfile", str(pidfile))
+    args = ("--listen", f"{HOST}:{free_port()}", "--maildir", "/proc/forksmtp-none/Maildir")
+    server = servers(*args, "--pidfile", str(pidfile))
     assert server.proc.wait(20) == 1
-    err = server.stderr()
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert "delivery.maildir = /proc/forksmtp-none/Maildir: cannot make the Maildir" in err
+    line = ('forksmtp: command line: delivery.maildir = "/proc/forksmtp-none/Maildir": '
+            "cannot make the Maildir: /proc/forksmtp-none: No such file or directory\n")
+    assert server.stderr() == line
     assert not pidfile.exists()
+    result = run(*args, "--check", cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", line)
+
+
+@pytest.fixture
+def full_fs(tmp_path):
+    """A file system with no inode left: made (a tmpfs of two inodes, one file in it)
+    where the permission bits say every directory may be made."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=2", "tmpfs",
+                                            str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        (mount / "last-inode").write_text("")
+        with pytest.raises(OSError, match="No space left on device"):
+            (mount / "one-more").mkdir()
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_check_fails_where_a_full_file_system_would_fail_the_start(servers, tmp_path, full_fs):
+    """The start makes the Maildir and fails on a full file system (exit 1); --check
+    used to pass it, since only the permission bits were looked at.  Both now say the
+    same line; a [mailboxes] Maildir there is a warning, as at the start, and the probe
+    leaves nothing behind."""
+    maildir = full_fs / "Maildir"
+    line = (f'forksmtp: command line: delivery.maildir = "{maildir}": '
+            f"cannot make the Maildir: {maildir}: No space left on device\n")
+    args = ("--listen", f"{HOST}:{free_port()}", "--maildir", str(maildir))
+    server = servers(*args)
+    assert server.proc.wait(20) == 1
+    assert server.stderr() == line
+    result = run(*args, "--check", cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", line)
+
+    path = write_config(tmp_path / "boxes.toml", {
+        "server": {"listen": [f"{HOST}:{free_port()}"]},
+        "delivery": {"maildir": str(tmp_path / "Maildir")},
+        "mailboxes": {"bob@example.org": str(maildir)},
+    })
+    result = run("-c", str(path), "--check", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (f'forksmtp: warning: mailboxes."bob@example.org" = {maildir}: cannot make the '
+                             f"Maildir: {maildir}: No space left on device; its mail would get 451 until "
+                             "this is fixed\n")
+    assert sorted(p.name for p in full_fs.iterdir()) == ["last-inode"]
+    assert not (tmp_path / "Maildir").exists()  # --check makes nothing
 
 
 def test_ctrl_c_stops_master_and_workers(servers, tmp_path):

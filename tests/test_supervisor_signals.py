@@ -194,6 +194,25 @@ def test_hup_with_invalid_config_keeps_running(daemon_factory):
     assert_no_zombies(d)
 
 
+def test_hup_adding_an_address_in_use_names_the_file_and_the_key(daemon_factory):
+    """A bind that fails is the config's problem to the operator: the failure names the
+    file and the key, as an invalid value does, and the old config serves on."""
+    d = daemon_factory(workers=1)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        d.sections["server"]["listen"] = [f"127.0.0.1:{d.port}", f"127.0.0.1:{busy}"]
+        d.write_config()
+        d.signal(signal.SIGHUP)
+        text = d.wait_for_log("reload failed", 10)
+    (line,) = [line for line in text.splitlines() if "reload failed" in line]
+    assert line.endswith(f"[RELOAD] reload failed, keeping the running configuration: {d.config_path}: "
+                         f"server.listen: cannot listen on 127.0.0.1:{busy}: Address already in use"), line
+    assert request_stats(d)["config_generation"] == 1
+    send_message(d.port)
+
+
 def test_hup_that_shortens_timeouts_spares_the_sessions_begun_before(daemon_factory):
     """The master kills a worker silent for longer than its timeouts allow; a worker of
     the old generation is judged by the old ones (contract 2: sessions opened before a
@@ -327,7 +346,9 @@ def test_hup_moving_a_port_to_the_wildcard_says_why_it_cannot_and_two_reloads_do
     d.write_config()
     d.signal(signal.SIGHUP)
     line = d.wait_for_log("reload failed", 10)
-    assert (f"port {d.port} is still bound to 127.0.0.1:{d.port}, which this reload removes; "
+    assert (f"keeping the running configuration: {d.config_path}: server.listen: cannot listen on "
+            f"0.0.0.0:{d.port}: Address already in use: "
+            f"port {d.port} is still bound to 127.0.0.1:{d.port}, which this reload removes; "
             "moving a port between addresses that overlap takes two reloads (remove, then add) "
             "or a restart") in line
     send_message(d.port)

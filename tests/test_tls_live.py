@@ -984,6 +984,25 @@ def test_sighup_with_the_password_file_gone_keeps_the_old_users(daemon_factory, 
     assert done.returncode == 2 and f"{pw}: no such file" in done.stderr, done
 
 
+def test_sighup_adding_an_smtps_address_in_use_names_its_key(daemon_factory, certs, tmp_path):
+    """An implicit-TLS address that cannot be bound is named by its own key, not by
+    server.listen, with the file it was set in."""
+    d, _, _, _ = live_cert_daemon(daemon_factory, certs, tmp_path)
+    with socket.socket() as holder:
+        holder.bind((HOST, 0))
+        holder.listen()
+        busy = holder.getsockname()[1]
+        d.sections["tls"]["implicit_listen"] = [f"{HOST}:{busy}"]
+        d.write_config()
+        d.signal(signal.SIGHUP)
+        text = d.wait_for_log("reload failed", TIMEOUT)
+    failure = [line for line in text.splitlines() if "reload failed" in line][-1]
+    assert failure.endswith(f"keeping the running configuration: {d.config_path}: tls.implicit_listen: "
+                            f"cannot listen on {HOST}:{busy}: Address already in use"), failure
+    with starttls_client(d, certs) as client:
+        assert client.login("alice", PASSWORD)[0] == 235
+
+
 @pytest.mark.parametrize("which, key", [("cert", "tls.cert_file"), ("key", "tls.key_file"),
                                         ("passwords", "auth.password_file")])
 def test_a_fifo_where_a_tls_or_password_file_belongs_fails_the_reload_at_once(

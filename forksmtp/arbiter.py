@@ -46,6 +46,8 @@ TICK = 1.0  # seconds between pool checks when nothing happens
 IDLE_SILENCE = 30.0
 FAST_TICK = 0.05  # while spawning or while the master answers overflow connections
 TMP_CLEAN_INTERVAL = 3600.0
+#: A certificate near its end is warned about at most this often (seconds).
+CERT_WARN_EVERY = 86400.0
 KILL_GRACE = 3.0  # after SIGQUIT, before SIGKILL
 STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
 #: Workers hold the admission lock for microseconds: when the master has failed to take it
@@ -127,6 +129,8 @@ class Arbiter:
         self.old_pending = False  # a reload's old generation still to be retired
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
+        self.cert_end: float | None = None  # when the certificate loaded last ends (epoch s)
+        self.cert_warning = limits.Seldom(CERT_WARN_EVERY)
 
     # -- start ---------------------------------------------------------------------------
 
@@ -137,6 +141,7 @@ class Arbiter:
         self.signals = SignalQueue()
         self.signals.install()
         self.tls_context, self.passwords = load_security(cfg)
+        self._note_certificate(cfg)
         for addr in sorted(listen_addresses(cfg)[0], key=str):
             self.sockets[addr] = self._named(cfg, addr, listeners.bind)
         maildirs.prepare(cfg, self.log, config_mod.source_of(cfg, "delivery.maildir", self.overrides))
@@ -610,6 +615,21 @@ class Arbiter:
         self.next_tmp_clean = now + TMP_CLEAN_INTERVAL
         self.last_pass = now
         maildirs.look_after(self.cfg, self.log)
+        self._warn_certificate(now)
+
+    def _note_certificate(self, cfg) -> None:
+        """At a start and a reload: the end of the certificate just loaded, said at once
+        if it is near (a server up for months is told again each day, by the hourly pass)."""
+        self.cert_end = tls.not_after(cfg.tls.cert_file) if cfg.tls else None
+        self.cert_warning.reset()
+        self._warn_certificate(time.monotonic())
+
+    def _warn_certificate(self, now: float) -> None:
+        text = tls.expiry_warning(self.cert_end, time.time())
+        if text and self.cfg.tls and self.cert_warning.allow(now):
+            where = config_mod.source_of(self.cfg, "tls.cert_file", self.overrides)
+            self.log.warning("TLS", str(config_mod.ConfigError(where, "tls.cert_file", self.cfg.tls.cert_file,
+                                                               f"{text}; renew it, then SIGHUP")))
 
     # -- reload --------------------------------------------------------------------------
 
@@ -662,6 +682,7 @@ class Arbiter:
         self.old_pending = True
         self._retire_old()
         self.log.info("RELOAD", f"configuration generation {self.generation} loaded from {new.path or 'defaults'}")
+        self._note_certificate(new)
         nslots = self.board.nslots
         if new.server.max_workers > nslots:  # (workers <= max_workers: one line says both)
             self.log.warning("RELOAD", f"server.max_workers = {new.server.max_workers} is more than the "

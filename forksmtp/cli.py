@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from forksmtp import __version__, _native, config_checks
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             print(f"forksmtp: {problem}", file=sys.stderr)
             return 2
-        for warning in _mailbox_warnings(cfg):
+        for warning in _mailbox_warnings(cfg) + _certificate_warnings(cfg, overrides):
             print(f"forksmtp: warning: {warning}", file=sys.stderr)
         print(summary(cfg))
         return 0
@@ -147,6 +148,18 @@ def _mailbox_warnings(cfg) -> list[str]:
         except ValueError as exc:
             warnings.append(f"{keys[path]} = {path}: {exc}; its mail would get 451 until this is fixed")
     return warnings
+
+
+def _certificate_warnings(cfg, overrides: dict) -> list[str]:
+    """A certificate near its end or past it: said, but no failure (it still loads, and
+    most clients do not verify it)."""
+    from forksmtp import tls
+
+    text = tls.expiry_warning(tls.not_after(cfg.tls.cert_file), time.time()) if cfg.tls else ""
+    if not text:
+        return []
+    where = source_of(cfg, "tls.cert_file", overrides)
+    return [str(ConfigError(where, "tls.cert_file", cfg.tls.cert_file, f"{text}; renew it, then SIGHUP"))]
 
 
 def _check_maildir(cfg, overrides: dict) -> str:

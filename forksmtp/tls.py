@@ -4,12 +4,18 @@ without a restart; a certificate that does not load keeps the old context."""
 
 from __future__ import annotations
 
+import _ssl
+import math
 import os
 import ssl
+import time
 
 from . import process
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+#: A certificate this close to its end is warned about (at a start, a reload, --check,
+#: and once a day): renewal jobs run at 30 days left, so 14 means one is failing.
+EXPIRY_WARN_DAYS = 14
 
 
 class TLSError(Exception):
@@ -89,6 +95,37 @@ def _holds_certificate(path: str) -> bool:
     except (ssl.SSLError, OSError, ValueError):
         return False
     return True
+
+
+def not_after(path: str) -> float | None:
+    """When the (first) certificate in ``path`` ends, in seconds of the epoch; None if it
+    cannot be read so (loading the context says why)."""
+    decode = getattr(_ssl, "_test_decode_cert", None)  # CPython's own X.509 reader
+    if decode is None:
+        return None
+    try:
+        fd = process.open_regular(path)
+    except OSError:
+        return None
+    try:
+        return ssl.cert_time_to_seconds(decode(_by_descriptor(fd, path))["notAfter"])
+    except (OSError, ValueError, KeyError, ssl.SSLError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def expiry_warning(end: float | None, now: float) -> str:
+    """What to tell the operator about a certificate ending at ``end``: "" while it has
+    more than EXPIRY_WARN_DAYS left.  Most clients do not verify and go on; those that
+    do (MTA-STS, DANE, submission clients) refuse the session once it has ended."""
+    if end is None or end - now > EXPIRY_WARN_DAYS * 86400:
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(end))
+    if end <= now:
+        return f"the certificate expired on {when}; clients that verify it refuse the session"
+    days = math.ceil((end - now) / 86400)  # "in 1 day" until it has ended
+    return f"the certificate expires on {when}, in {days} day{'' if days == 1 else 's'}"
 
 
 def describe(sock: ssl.SSLSocket) -> str:

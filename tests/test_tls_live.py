@@ -34,6 +34,7 @@ import tls_certs
 from daemon import (Daemon, connect, free_port, read_reply, request_stats, serving_worker, wait_until,
                     write_config)
 from forksmtp import auth
+from forksmtp.tls import expiry_warning
 
 PASSWORD = "Corr3ct-H0rse-b4ttery"  # distinctive: the log is searched for it
 HOST = "127.0.0.1"
@@ -982,6 +983,54 @@ def test_sighup_with_the_password_file_gone_keeps_the_old_users(daemon_factory, 
     done = subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(d.config_path), "--check"],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and f"{pw}: no such file" in done.stderr, done
+
+
+@pytest.mark.parametrize("left, said", [
+    (14 * 86400 + 1, ""),
+    (14 * 86400, "the certificate expires on 2023-11-28 22:13:20 UTC, in 14 days"),
+    (86400 + 1, "the certificate expires on 2023-11-15 22:13:21 UTC, in 2 days"),
+    (1, "the certificate expires on 2023-11-14 22:13:21 UTC, in 1 day"),
+    (0, "the certificate expired on 2023-11-14 22:13:20 UTC; clients that verify it refuse the session"),
+], ids=["15-days", "14-days", "a-day-and-a-second", "a-second", "ended"])
+def test_when_the_end_of_a_certificate_is_said(left, said):
+    now = 1_700_000_000.0
+    assert expiry_warning(now + left, now) == said
+    assert expiry_warning(None, now) == ""  # not read: loading the context says why
+
+
+def test_a_certificate_past_or_near_its_end_is_warned_about(daemon_factory, certs, tmp_path):
+    """It loads and is served (most clients do not verify), but the operator is told, at
+    a start, a reload and --check, naming the file, the key and the value; a renewed
+    one is not warned about."""
+    expired = tls_certs.dated_cert(certs, "expired", start="20200101000000Z", end="20200201000000Z")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "cert.pem", live / "key.pem"
+    install(expired, certs.key, cert, key)
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    d = daemon_factory(sections=tls_sections(certs, pw, cert=cert, key=key))
+    text = d.wait_for_log("tls.cert_file = ", TIMEOUT)
+    problem = (f'{d.config_path}: tls.cert_file = "{cert}": the certificate expired on 2020-02-01 00:00:00 UTC; '
+               "clients that verify it refuse the session; renew it, then SIGHUP")
+    assert [line.split(" [TLS] ", 1)[1] for line in text.splitlines() if "tls.cert_file = " in line] == [problem]
+    check = subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(d.config_path), "--check"],
+                           capture_output=True, text=True, timeout=30)
+    assert (check.returncode, check.stderr) == (0, f"forksmtp: warning: {problem}\n")
+    unverified = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+    with smtplib.SMTP(HOST, d.port, timeout=TIMEOUT) as client:
+        client.ehlo("client.test")
+        assert client.starttls(context=unverified)[0] == 220
+        assert client.sock.getpeercert(True) == ssl.PEM_cert_to_DER_cert(expired.read_text())
+
+    install(certs.cert, certs.key, cert, key)  # renewed: 30 days left
+    reload(d, 2)
+    install(tls_certs.dated_cert(certs, "ending", days=3), certs.key, cert, key)
+    reload(d, 3)
+    text = d.wait_for_log("tls.cert_file = ", TIMEOUT, count=2)
+    warnings = [line for line in text.splitlines() if " [TLS] " in line and "tls.cert_file = " in line]
+    assert len(warnings) == 2 and ": the certificate expires on " in warnings[1], warnings
+    assert warnings[1].endswith(", in 3 days; renew it, then SIGHUP"), warnings[1]
 
 
 def test_sighup_adding_an_smtps_address_in_use_names_its_key(daemon_factory, certs, tmp_path):

@@ -79,9 +79,27 @@ def _server_cert(d: Path, name: str, serial: int) -> tuple[Path, Path]:
     _run("req", "-new", "-key", str(key), "-subj", f"/CN=localhost/O=forksmtp test {name}",
          "-out", str(csr), cwd=d)
     _run("x509", "-req", "-in", str(csr), "-CA", "ca.pem", "-CAkey", "ca.key",
-         "-set_serial", str(serial), "-days", "2", "-sha256", "-extfile", str(ext),
+         "-set_serial", str(serial), "-days", "30", "-sha256", "-extfile", str(ext),
          "-out", str(cert), cwd=d)
     return cert, key
+
+
+def dated_cert(certs: Certs, name: str, *, start: str = "", end: str = "", days: int = 0) -> Path:
+    """A self-signed certificate for ``localhost`` with ``certs.key``, valid from
+    ``start`` to ``end`` (``YYYYMMDDHHMMSSZ``; an end in the past makes it expired) or
+    for ``days`` from now: ``openssl ca`` is the command that takes the dates."""
+    d = certs.dir / name
+    d.mkdir()
+    (d / "ca.cnf").write_text("[ca]\ndefault_ca = dated\n[dated]\ndir = .\ndatabase = index.txt\n"
+                              "new_certs_dir = .\nserial = serial\ndefault_md = sha256\n"
+                              "policy = anything\nemail_in_dn = no\n[anything]\ncommonName = supplied\n")
+    (d / "index.txt").write_text("")
+    (d / "serial").write_text("01\n")
+    _run("req", "-new", "-key", str(certs.key), "-subj", "/CN=localhost", "-out", "req.csr", cwd=d)
+    dates = ["-startdate", start, "-enddate", end] if end else ["-days", str(days)]
+    _run("ca", "-batch", "-notext", "-config", "ca.cnf", "-selfsign", "-keyfile", str(certs.key), "-in", "req.csr",
+         *dates, "-out", "cert.pem", cwd=d)
+    return d / "cert.pem"
 
 
 def make_certs(d: Path) -> Certs:
@@ -90,7 +108,7 @@ def make_certs(d: Path) -> Certs:
     d.mkdir(parents=True, exist_ok=True)
     _genkey(d / "ca.key")
     _run("req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=forksmtp test CA",
-         "-days", "2", "-sha256", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-days", "30", "-sha256", "-addext", "basicConstraints=critical,CA:TRUE",
          "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-out", "ca.pem", cwd=d)
     (d / "server.ext").write_text(_SERVER_EXT)
     cert, key = _server_cert(d, "server1", 1001)

@@ -10,6 +10,7 @@ The key table that says which key gets which converter and validator is ``forksm
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import ipaddress
 import json
@@ -309,7 +310,8 @@ def makeable_now(path: str) -> None:
         probe = tempfile.mkdtemp(prefix=".forksmtp-check-", dir=existing)
     except OSError as exc:  # named as the start names it: the directory it would make
         raise ValueError(f"cannot make the Maildir: {first}: {exc.strerror or exc}") from None
-    os.rmdir(probe)
+    with contextlib.suppress(OSError):  # made, so it goes: nothing to tell if it cannot
+        os.rmdir(probe)
 
 
 def _readable_file(path: str) -> str:

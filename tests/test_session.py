@@ -1184,6 +1184,20 @@ def test_4xx_replies_count_in_the_stats_but_not_in_the_error_budget():
     assert s.error_codes == [452] and s.errors == 0
 
 
+@pytest.mark.parametrize("raw", [b"EHLO x\x0b\r\n", b"EHLO \x0cx\r\n", b"EHLO x\x1c\r\n", b"EHLO x\x1f\r\n",
+                                 b"HELO \x1ex\r\n", b"EHLO \xc2\x85x\r\n", b"EHLO x\x01\r\n", b"HELO \x0b\r\n"],
+                         ids=["vt-after", "ff-before", "fs-after", "us-after", "rs-before", "nel-before",
+                              "soh-after", "vt-alone"])
+def test_an_unprintable_character_at_either_end_of_the_helo_name_is_refused(raw):
+    """Python's strip() takes these off as white space; the name is refused instead,
+    as one with them inside it is, and the session stays before HELO."""
+    s = new_session()
+    assert feed(s, raw) == b"501 Syntax: EHLO/HELO hostname\r\n"
+    assert s.helo_name == ""
+    assert feed(s, b"EHLO client.test \t\r\n").startswith(b"250-mx.test\r\n")  # spaces and tabs go
+    assert s.helo_name == "client.test"
+
+
 def test_the_helo_name_is_kept_to_255_characters():
     s = new_session()
     transcript(s, ["EHLO " + "a" * 300])

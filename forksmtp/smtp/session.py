@@ -363,7 +363,9 @@ class Session(SecureCommands):
             self._logbook.end(self.in_data)
 
     def _cmd_helo(self, arg: str, esmtp: bool = False) -> None:
-        name = arg.strip()
+        # Spaces and tabs only: str.strip() also takes VT, FF, 0x1C-0x1F and NEL off
+        # the ends, which would let those unprintable characters through unrefused.
+        name = arg.strip(" \t")
         if not name or not name.isprintable():
             raise CommandError(R.R501_HELO_SYNTAX)
         self.helo_name = name.split()[0][:255]

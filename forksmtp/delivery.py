@@ -296,6 +296,17 @@ class Transaction:
         self._router.trim()
 
 
+def _one_address(recipients: list[str], postmaster: str, by: str, utf8: bool) -> str | None:
+    """The one address several recipients of a copy name, or None: bare <Postmaster>
+    and the address it is stored for, in any case, are one recipient for the FOR clause
+    as they are one Delivered-To line."""
+    first = trace.qualified(recipients[0], postmaster, by, utf8)
+    for rcpt in recipients[1:]:
+        if trace.qualified(rcpt, postmaster, by, utf8).lower() != first.lower():
+            return None
+    return first
+
+
 class HeaderInfo:
     """What the trace headers need, gathered once per message."""
 
@@ -313,7 +324,7 @@ class HeaderInfo:
         bare ``<Postmaster>`` (Router.postmaster)."""
         by, utf8 = self.by, self.protocol.startswith("UTF8")
         one = (trace.qualified(recipients[0], postmaster, by, utf8) if len(recipients) == 1
-               else None)
+               else _one_address(recipients, postmaster, by, utf8))
         head = trace.return_path(self.sender)
         # One line per address the mailbox was reached by, as Postfix adds one per
         # delivery; all of them are the Maildir's owner's, so none reveals a blind copy.

@@ -373,6 +373,10 @@ def test_postmaster_and_its_address_in_another_case_are_one_delivered_to():
     head = info.render(["Postmaster", "PostMaster@Example.test"],
                        ["Postmaster", "PostMaster@Example.test"], router.postmaster).decode()
     assert re.findall(r"^Delivered-To: (.*)$", head, re.M) == ["postmaster@example.test"]
+    # One recipient for the FOR clause too, named as the Delivered-To line names it.
+    assert re.findall(r"\tfor <(.*)>;", head) == ["postmaster@example.test"]
+    two = info.render(["Postmaster", "alice@example.test"], ["Postmaster"], router.postmaster).decode()
+    assert "\tfor <" not in two  # two mailboxes' recipients: no FOR clause, as ever
 
 
 @pytest.mark.parametrize("protocol, named", [("ESMTP", "postmaster@xn--4ca.test"),

@@ -34,7 +34,7 @@ from . import (auth, config as config_mod, connection, limits, listeners, maildi
                stats, tls)
 from .authlimit import AuthLimiter
 from .overflow import OverflowGuard
-from .security import Security, listen_addresses, load_security
+from .security import Security, certificate_warning, listen_addresses, load_security
 from .logs import ALWAYS, Log
 from .scoreboard import BUSY, IDLE, STARTING, STATE_NAMES, STOPPING, LockBusy, Scoreboard
 from .signals import HANDLED, MAILDIR_CALL_EVERY, NAMES, SignalQueue
@@ -625,11 +625,10 @@ class Arbiter:
         self._warn_certificate(time.monotonic())
 
     def _warn_certificate(self, now: float) -> None:
-        text = tls.expiry_warning(self.cert_end, time.time())
-        if text and self.cfg.tls and self.cert_warning.allow(now):
-            where = config_mod.source_of(self.cfg, "tls.cert_file", self.overrides)
-            self.log.warning("TLS", str(config_mod.ConfigError(where, "tls.cert_file", self.cfg.tls.cert_file,
-                                                               f"{text}; renew it, then SIGHUP")))
+        where = config_mod.source_of(self.cfg, "tls.cert_file", self.overrides)
+        text = certificate_warning(self.cfg, where, self.cert_end, time.time())
+        if text and self.cert_warning.allow(now):
+            self.log.warning("TLS", text)
 
     # -- reload --------------------------------------------------------------------------
 

@@ -154,12 +154,11 @@ def _certificate_warnings(cfg, overrides: dict) -> list[str]:
     """A certificate near its end or past it: said, but no failure (it still loads, and
     most clients do not verify it)."""
     from forksmtp import tls
+    from forksmtp.security import certificate_warning
 
-    text = tls.expiry_warning(tls.not_after(cfg.tls.cert_file), time.time()) if cfg.tls else ""
-    if not text:
-        return []
-    where = source_of(cfg, "tls.cert_file", overrides)
-    return [str(ConfigError(where, "tls.cert_file", cfg.tls.cert_file, f"{text}; renew it, then SIGHUP"))]
+    end = tls.not_after(cfg.tls.cert_file) if cfg.tls else None
+    text = certificate_warning(cfg, source_of(cfg, "tls.cert_file", overrides), end, time.time())
+    return [text] if text else []
 
 
 def _check_maildir(cfg, overrides: dict) -> str:

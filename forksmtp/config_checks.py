@@ -273,6 +273,11 @@ def _replaceable_file(path: str) -> str:
     return path
 
 
+def own_dirs(path: str) -> list[str]:
+    """A Maildir's own directories: itself, tmp/, new/ and cur/."""
+    return [path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur"))]
+
+
 def creatable_dir(path: str) -> str:
     """A Maildir we may create later: the nearest existing ancestor must be a writable dir."""
     if not path:
@@ -299,8 +304,7 @@ def makeable_now(path: str) -> None:
     made and removed again where the first missing one would go.  That finds what the
     permission bits do not show (a file system full or out of inodes, /proc).  Raises
     ValueError naming that directory; an existing Maildir needs nothing made."""
-    missing = [d for d in (path, *(os.path.join(path, s) for s in ("tmp", "new", "cur")))
-               if not os.path.isdir(d)]
+    missing = [d for d in own_dirs(path) if not os.path.isdir(d)]
     if not missing:
         return
     first, existing = missing[0], os.path.dirname(missing[0])

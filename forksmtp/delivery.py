@@ -297,9 +297,11 @@ class Transaction:
 
 
 def _one_address(recipients: list[str], postmaster: str, by: str, utf8: bool) -> str | None:
-    """The one address several recipients of a copy name, or None: bare <Postmaster>
-    and the address it is stored for, in any case, are one recipient for the FOR clause
+    """The one address the recipients of a copy name, for the FOR clause, or None: bare
+    <Postmaster> and the address it is stored for, in any case, are one recipient there
     as they are one Delivered-To line."""
+    if not recipients:
+        return None
     first = trace.qualified(recipients[0], postmaster, by, utf8)
     for rcpt in recipients[1:]:
         if trace.qualified(rcpt, postmaster, by, utf8).lower() != first.lower():
@@ -323,8 +325,7 @@ class HeaderInfo:
         them that reached it as a ``[mailboxes]`` address; ``postmaster``: how to name
         bare ``<Postmaster>`` (Router.postmaster)."""
         by, utf8 = self.by, self.protocol.startswith("UTF8")
-        one = (trace.qualified(recipients[0], postmaster, by, utf8) if len(recipients) == 1
-               else _one_address(recipients, postmaster, by, utf8))
+        one = _one_address(recipients, postmaster, by, utf8)
         head = trace.return_path(self.sender)
         # One line per address the mailbox was reached by, as Postfix adds one per
         # delivery; all of them are the Maildir's owner's, so none reveals a blind copy.

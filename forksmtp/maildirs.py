@@ -23,11 +23,6 @@ class MaildirError(OSError):
         return str(self.strerror)
 
 
-def own_dirs(path: str) -> list[str]:
-    """A Maildir's own directories: itself, tmp/, new/ and cur/."""
-    return [path, *(os.path.join(path, sub) for sub in ("tmp", "new", "cur"))]
-
-
 def prepare(cfg, log: Log, source: str) -> None:
     """Make every Maildir of ``cfg``.  One the catch-all cannot use stops a start or a
     reload (``MaildirError``, naming ``source``, where ``delivery.maildir`` was set, as
@@ -73,7 +68,7 @@ def make(path: str, cfg, log: Log) -> tuple[list[str], Exception | None]:
     other owner is left as it is, and nothing below them is touched: it is a mail
     reader's (Dovecot's, and its Maildir++ folders, which a chown locked it out of), or
     one a reader made meanwhile."""
-    dirs = own_dirs(path)
+    dirs = config_checks.own_dirs(path)
     missing = [d for d in dirs if not os.path.isdir(d)]
     error: Exception | None = None
     try:
@@ -120,7 +115,8 @@ def _warn_unwritable(path: str, key: str, cfg, log: Log) -> None:
         return  # the user went since the config was checked: the drop will say so
     if uid is None or gid is None:
         return  # workers run as root
-    for directory, need, what in zip(own_dirs(path), (0o1, 0o3, 0o3), ("searchable", "writable", "writable")):
+    for directory, need, what in zip(config_checks.own_dirs(path), (0o1, 0o3, 0o3),
+                                     ("searchable", "writable", "writable")):
         try:
             st = os.stat(directory)
         except OSError:
@@ -135,7 +131,7 @@ def _warn_unwritable(path: str, key: str, cfg, log: Log) -> None:
 def _remake(path: str, cfg, log: Log) -> None:
     """Make again what is missing of a Maildir.  Delivery makes ``tmp/`` and ``new/``
     when it finds them gone, but never looks at ``cur/``, which only readers use."""
-    if all(os.path.isdir(d) for d in own_dirs(path)):
+    if all(os.path.isdir(d) for d in config_checks.own_dirs(path)):
         return
     made, error = make(path, cfg, log)
     if error is not None:

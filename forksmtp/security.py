@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from . import auth, tls
 from .authlimit import AuthLimiter
+from .config_checks import ConfigError
 
 
 @dataclass(frozen=True)
@@ -40,3 +41,13 @@ def load_security(cfg) -> tuple[ssl.SSLContext | None, dict[str, str]]:
     except auth.PasswordFileError as exc:  # named as a config error is: file, key, problem
         raise auth.PasswordFileError(f"{cfg.path or 'command line'}: auth.password_file: {exc}") from None
     return context, passwords
+
+
+def certificate_warning(cfg, source: str, end: float | None, now: float) -> str:
+    """The line that warns of a certificate near its end or past it, named as config
+    errors are (``source``: where tls.cert_file was set); "" when there is nothing to
+    say.  The master logs it, --check prints it."""
+    text = tls.expiry_warning(end, now) if cfg.tls else ""
+    if not text:
+        return ""
+    return str(ConfigError(source, "tls.cert_file", cfg.tls.cert_file, f"{text}; renew it, then SIGHUP"))

@@ -1033,6 +1033,29 @@ def test_a_certificate_past_or_near_its_end_is_warned_about(daemon_factory, cert
     assert warnings[1].endswith(", in 3 days; renew it, then SIGHUP"), warnings[1]
 
 
+def test_a_certificate_near_its_end_is_warned_about_once_a_day_while_it_is_served(certs, tmp_path):
+    """A server up for months is told again by the hourly pass, at most once in 24 hours
+    (CERT_WARN_EVERY), however often the pass runs; the master's own step, in-process."""
+    from forksmtp.arbiter import CERT_WARN_EVERY, Arbiter
+    from forksmtp.config import load_config
+
+    assert CERT_WARN_EVERY == 86400.0
+    cert = tls_certs.dated_cert(certs, "daily", start="20200101000000Z", end="20200201000000Z")
+    log = tmp_path / "forksmtp.log"
+    (tmp_path / "forksmtp.toml").write_text(f'[log]\nfile = "{log}"\n[tls]\ncert_file = "{cert}"\n'
+                                            f'key_file = "{certs.key}"\n')
+    arbiter = Arbiter(load_config(str(tmp_path / "forksmtp.toml")))
+    arbiter._note_certificate(arbiter.cfg)  # the start's: said at once
+    start = time.monotonic()
+    for hours in (1, 2, 23):
+        arbiter._warn_certificate(start + hours * 3600)
+    assert log.read_text().count("the certificate expired on 2020-02-01") == 1
+    arbiter._warn_certificate(start + CERT_WARN_EVERY + 1)  # a day on: said again
+    assert log.read_text().count("the certificate expired on 2020-02-01") == 2
+    arbiter._note_certificate(arbiter.cfg)  # a reload: said at once, whatever the day's count
+    assert log.read_text().count("the certificate expired on 2020-02-01") == 3
+
+
 def test_sighup_adding_an_smtps_address_in_use_names_its_key(daemon_factory, certs, tmp_path):
     """An implicit-TLS address that cannot be bound is named by its own key, not by
     server.listen, with the file it was set in."""

@@ -6,6 +6,10 @@ attacker with a stolen file GPU/ASIC time, and it needs no extra dependency.  Fo
 
     scrypt$<log2 N>$<r>$<p>$<salt, base64>$<key, base64>
 
+User names and passwords are prepared with SASLprep (RFC 4013, ``saslprep.py``) both
+when they are written and when a client presents them, so that two spellings of one
+string (composed and decomposed accents, a no-break space) are one.
+
 Verification compares in constant time, and an unknown user is checked against a
 dummy hash of the same cost, so timing tells nothing about which users exist.
 Neither passwords nor hashes are ever logged.
@@ -19,7 +23,7 @@ import hmac
 import os
 import stat
 
-from . import process
+from . import process, saslprep
 
 LOG2_N, R, P, KEY_LEN = 14, 8, 1, 32  # 16 MiB and ~50 ms per check on a 2020s core
 _MAXMEM = 64 * 1024 * 1024
@@ -38,6 +42,7 @@ def _derive(password: bytes, salt: bytes, log2_n: int, r: int, p: int, dklen: in
 
 
 def hash_password(password: str) -> str:
+    """The hash of an already prepared password (``stored_password``)."""
     salt = os.urandom(16)
     key = _derive(password.encode("utf-8"), salt, LOG2_N, R, P, KEY_LEN)
     return f"scrypt${LOG2_N}${R}${P}${_b64(salt)}${_b64(key)}"
@@ -82,6 +87,44 @@ def verify(encoded: str | None, password: str) -> bool:
     return hmac.compare_digest(got, key) and encoded is not None
 
 
+def check(users: dict[str, str], username: str, password: str, authzid: str = "") -> str | None:
+    """The user's name in its prepared form when ``password`` is theirs, else None.
+    Exactly one hash is computed whatever fails, so timing tells nothing; a name or
+    password that SASLprep refuses cannot match, since none such is ever stored."""
+    try:
+        user, secret = saslprep.prepare(username), saslprep.prepare(password)
+        # No proxy authorization: an authzid naming anyone else is refused.
+        acting = saslprep.prepare(authzid) if authzid else user
+    except saslprep.PrepError:
+        verify(None, password)
+        return None
+    ok = verify(users.get(user), secret)
+    return user if ok and acting == user else None
+
+
+def stored_user(user: str) -> str:
+    """``user`` as the password file holds it: prepared, and a name load() reads back."""
+    try:
+        user = saslprep.prepare(user, stored=True)
+    except saslprep.PrepError as exc:
+        raise PasswordFileError(f"invalid user name {user!r}: {exc}") from None
+    if not user or ":" in user or any(c.isspace() for c in user) or user.startswith("#"):
+        # "#..." would be written, then read back as a comment: a user who never logs in.
+        raise PasswordFileError(f"invalid user name {user!r}: no ':', no spaces, not starting with '#'")
+    return user
+
+
+def stored_password(password: str) -> str:
+    """``password`` prepared for hashing; refused when SASLprep refuses it or leaves nothing."""
+    try:
+        prepared = saslprep.prepare(password, stored=True)
+    except saslprep.PrepError as exc:
+        raise PasswordFileError(f"password refused: {exc} (SASLprep, RFC 4013)") from None
+    if not prepared:
+        raise PasswordFileError("password refused: nothing is left of it after SASLprep (RFC 4013)")
+    return prepared
+
+
 def load(path: str) -> dict[str, str]:
     """user -> hash; blank lines and ``#`` comments are skipped; errors name the line.  A
     missing file is an error, not an empty table: a typo in the path, or a file moved
@@ -103,22 +146,36 @@ def load(path: str) -> dict[str, str]:
             if not sep or not user:
                 raise ValueError("expected user:hash")
             _parse(encoded)
+            # Prepared as a client's name is, so a line written by hand in another
+            # spelling still matches; one SASLprep refuses could never log in.
+            user = saslprep.prepare(user)
+        except saslprep.PrepError as exc:
+            raise PasswordFileError(f"{path}: line {number}: user name {user!r}: {exc} "
+                                    f"(SASLprep, RFC 4013)") from None
         except ValueError as exc:
             raise PasswordFileError(f"{path}: line {number}: {exc}") from None
         users[user] = encoded
     return users
 
 
-def set_password(path: str, user: str, password: str) -> None:
-    """Add or replace ``user``'s line, keep the others; the file is replaced atomically so
+def _line_user(line: str) -> str:
+    """The prepared user name of a password file line (as written when SASLprep refuses it)."""
+    user = line.partition(":")[0]
+    try:
+        return saslprep.prepare(user)
+    except saslprep.PrepError:
+        return user
+
+
+def set_password(path: str, user: str, password: str) -> str:
+    """Add or replace ``user``'s line, keep the others, and return the name as written
+    (its SASLprep form); the file is replaced atomically so
     a crash never leaves it half-written.  A new file is 0600; an existing one keeps its
     owner, group and mode (an operator's 0640 root:forksmtp stays so), except that others
     lose any access: hashes are never world-readable.  A symlink of root's or the
     caller's is followed, so the file it names is the one updated and the link stays;
     another user's symlink, or a file another user owns, is refused."""
-    if not user or ":" in user or any(c.isspace() for c in user) or user.startswith("#"):
-        # "#..." would be written, then read back as a comment: a user who never logs in.
-        raise PasswordFileError(f"invalid user name {user!r}: no ':', no spaces, not starting with '#'")
+    user, password = stored_user(user), stored_password(password)
     trusted = (0, os.geteuid())
     try:
         link = os.lstat(path)
@@ -144,7 +201,10 @@ def set_password(path: str, user: str, password: str) -> None:
     except FileNotFoundError:
         lines = []
     entry = f"{user}:{hash_password(password)}"
-    out = [entry if line.partition(":")[0] == user else line for line in lines]
-    if entry not in out:
-        out.append(entry)
+    # The user's line is replaced where it stood; further lines of the same user (the
+    # same name in another spelling, written by hand) go, since load() keeps the last.
+    mine = [_line_user(line) == user for line in lines]
+    out = [line for line, is_mine in zip(lines, mine) if not is_mine]
+    out.insert(mine.index(True) if True in mine else len(out), entry)
     process.write_atomic(path, "\n".join(out) + "\n", mode, owner)
+    return user

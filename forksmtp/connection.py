@@ -304,17 +304,16 @@ class Connection:
             self.log.queue("AUTH", f"{self.peer_ip} deferred: {authlimit.BUSY_TEXT}", WARNING)
             self.session.auth_deferred()
             return
-        ok = False
+        user: str | None = None
         try:
-            ok = auth.verify(w.passwords.get(creds.username), creds.password)
-            if ok and creds.authzid and creds.authzid != creds.username:
-                ok = False  # no proxy authorization: acting as another user is refused
+            user = auth.check(w.passwords, creds.username, creds.password, creds.authzid)
         finally:
-            w.auth_finished(self.peer_ip, ok)
+            w.auth_finished(self.peer_ip, user is not None)
+        ok = user is not None
         w.count_auth(ok)
         self.log.queue("AUTH", f"{self.peer_ip} {creds.mechanism} user={_quoted(creds.username[:64])} "
                                f"{'ok' if ok else 'failed'}", INFO if ok else WARNING)
-        self.session.auth_result(ok, creds.username)
+        self.session.auth_result(ok, user or creds.username)
 
     # -- storage -------------------------------------------------------------------------
 

@@ -78,12 +78,13 @@ def main(argv: list[str], config: str | None = None) -> int:
         print("forksmtp passwd: empty password refused", file=sys.stderr)
         return 2
     try:
-        auth.set_password(path, args.user, password)
+        user = auth.set_password(path, args.user, password)
     except auth.PasswordFileError as exc:
         print(f"forksmtp passwd: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # named by the file asked for, not by a temporary one beside it
         print(f"forksmtp passwd: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    print(f"password for {args.user} written to {path}")
+    spelt = "" if user == args.user else f" (as {user!r}, its SASLprep form)"
+    print(f"password for {args.user}{spelt} written to {path}")
     return 0

@@ -721,6 +721,87 @@ def test_set_password_refuses_bad_user_names(tmp_path, user):
     assert not (tmp_path / "passwd").exists()
 
 
+# -- SASLprep of names and passwords (RFC 4013, RFC 4616 2) -------------------------------
+
+NFC_USER, NFD_USER = "jos\u00e9", "jose\u0301"
+STORED_PW, SENT_PW = "caf\u00e9 cr\u00e8me", "cafe\u0301\u00a0cre\u0300me\u00ad"  # NBSP, soft hyphen
+
+
+def test_check_compares_the_prepared_forms(tmp_path):
+    f = tmp_path / "passwd"
+    assert auth.set_password(str(f), NFD_USER, STORED_PW) == NFC_USER
+    users = auth.load(str(f))
+    assert list(users) == [NFC_USER] and f.read_text().startswith(NFC_USER + ":")
+    assert auth.check(users, NFD_USER, SENT_PW) == NFC_USER
+    assert auth.check(users, NFC_USER, STORED_PW) == NFC_USER
+    assert auth.check(users, NFC_USER, STORED_PW, authzid=NFD_USER) == NFC_USER  # itself, spelt otherwise
+    assert auth.check(users, NFC_USER, STORED_PW, authzid="bob") is None  # no proxy authorization
+    assert auth.check(users, NFC_USER, "cafe creme") is None
+    assert auth.check(users, "bob", STORED_PW) is None
+    assert auth.check(users, NFC_USER, STORED_PW + "\u0007") is None  # SASLprep refuses it: no match
+    assert auth.check(users, NFC_USER + "\u0007", STORED_PW) is None
+    assert auth.check(users, NFC_USER, STORED_PW, authzid="\u0007") is None
+
+
+def test_check_computes_one_hash_whatever_fails(tmp_path, monkeypatch):
+    """Timing tells nothing: an unknown user, a wrong password, a refused character and an
+    authzid of someone else each cost one scrypt, as a success does."""
+    auth.set_password(str(tmp_path / "passwd"), "alice", "pw")
+    users = auth.load(str(tmp_path / "passwd"))
+    derive, calls = auth._derive, []
+    monkeypatch.setattr(auth, "_derive", lambda *a: calls.append(a) or derive(*a))
+    for attempt in [("alice", "pw"), ("alice", "nope"), ("mallory", "pw"), ("alice", "p\u0000w"),
+                    ("al\u202eice", "pw"), ("alice", "pw", "bob"), ("alice", "pw", "\ue000")]:
+        calls.clear()
+        auth.check(users, *attempt)
+        assert len(calls) == 1, attempt
+
+
+def test_load_prepares_the_names_written_by_hand(tmp_path):
+    f = tmp_path / "passwd"
+    f.write_text(f"{NFD_USER}:{auth.hash_password(STORED_PW)}\n")
+    assert auth.check(auth.load(str(f)), NFC_USER, SENT_PW) == NFC_USER
+
+
+def test_load_refuses_a_name_no_client_could_send_and_names_the_line(tmp_path):
+    f = tmp_path / "passwd"
+    f.write_text(f"alice:{auth.hash_password('a')}\nb\u0007b:{auth.hash_password('b')}\n")
+    with pytest.raises(auth.PasswordFileError) as exc:
+        auth.load(str(f))
+    assert str(exc.value) == (f"{f}: line 2: user name 'b\\x07b': U+0007 is a control character "
+                              f"(SASLprep, RFC 4013)")
+
+
+def test_set_password_replaces_the_users_line_in_any_spelling(tmp_path):
+    f = tmp_path / "passwd"
+    f.write_text(f"{NFD_USER}:{auth.hash_password('old')}\nbob:{auth.hash_password('b')}\n"
+                 f"{NFC_USER}:{auth.hash_password('older')}\n")
+    auth.set_password(str(f), NFC_USER, "new")
+    lines = f.read_text().splitlines()
+    assert [line.partition(":")[0] for line in lines] == [NFC_USER, "bob"]  # in its place, once
+    users = auth.load(str(f))
+    assert auth.check(users, NFD_USER, "new") == NFC_USER and auth.check(users, "bob", "b") == "bob"
+
+
+@pytest.mark.parametrize("password, reason", [
+    ("pw\u0007", "password refused: U+0007 is a control character (SASLprep, RFC 4013)"),
+    ("pw\U0001f600", "password refused: U+1F600 is not assigned in Unicode 3.2, which SASLprep uses "
+                      "(SASLprep, RFC 4013)"),
+    ("\u00ad\u200b", "password refused: nothing is left of it after SASLprep (RFC 4013)"),
+])
+def test_set_password_refuses_what_saslprep_refuses(tmp_path, password, reason):
+    with pytest.raises(auth.PasswordFileError) as exc:
+        auth.set_password(str(tmp_path / "passwd"), "alice", password)
+    assert str(exc.value) == reason
+    assert not (tmp_path / "passwd").exists()
+
+
+def test_set_password_stores_the_prepared_password(tmp_path):
+    f = tmp_path / "passwd"
+    auth.set_password(str(f), "alice", SENT_PW)
+    assert auth.verify(auth.load(str(f))["alice"], STORED_PW)  # the hash is of the prepared form
+
+
 # -- forksmtp passwd, as a process -------------------------------------------------------
 
 def passwd(*args: str, stdin: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -740,6 +821,19 @@ def test_passwd_command_with_file(tmp_path):
     assert auth.verify(users["alice"], "s3cret pass")  # the line as typed, spaces kept
     assert auth.verify(users["bob"], "other")
     assert "s3cret" not in f.read_text()
+
+
+def test_passwd_command_says_how_it_wrote_a_name_saslprep_changed(tmp_path):
+    f = tmp_path / "passwd"
+    r = passwd("passwd", "\u2168", "-f", str(f), stdin="pw\n", cwd=tmp_path)  # ROMAN NUMERAL NINE
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == f"password for \u2168 (as 'IX', its SASLprep form) written to {f}\n"
+    assert list(auth.load(str(f))) == ["IX"]
+    r = passwd("passwd", "bob", "-f", str(f), stdin="pw\u0007\n", cwd=tmp_path)
+    assert r.returncode == 1 and r.stdout == b""
+    assert r.stderr.decode() == ("forksmtp passwd: password refused: U+0007 is a control character "
+                                 "(SASLprep, RFC 4013)\n")
+    assert list(auth.load(str(f))) == ["IX"]
 
 
 def test_passwd_command_uses_the_config_password_file(tmp_path):

@@ -631,6 +631,33 @@ def test_handshake_timeout_is_short_in_stress_mode(daemon_factory, certs, tmp_pa
         idle.close()
 
 
+# -- SASLprep: one password, several spellings -----------------------------------------------
+
+def test_a_password_set_in_one_unicode_spelling_logs_in_from_another(daemon_factory, certs, tmp_path):
+    """RFC 4616 2 / RFC 4013: `forksmtp passwd` stores the prepared form and the daemon
+    prepares what the client sends, so a decomposed accent, a no-break space or a soft
+    hyphen (what another keyboard or a pasted password gives) is the same password."""
+    pw = tmp_path / "passwd"
+    made = subprocess.run([sys.executable, "-m", "forksmtp", "passwd", "jose\u0301", "-f", str(pw)],
+                          input="caf\u00e9 cr\u00e8me\n".encode(), capture_output=True, timeout=30)
+    assert made.returncode == 0, made.stderr
+    d = daemon_factory(sections=tls_sections(certs, pw))
+    before = set(d.new_messages())
+    with starttls_client(d, certs) as client:
+        assert client.docmd("AUTH", "PLAIN " + plain("jose\u0301", "cafe\u0301\u00a0cr\u00e8\u00adme")) == (
+            235, b"2.7.0 Authentication successful")
+        assert client.sendmail(FROM, [TO], BODY) == {}
+    with starttls_client(d, certs) as client:
+        assert client.docmd("AUTH", "LOGIN " + b64("jos\u00e9"))[0] == 334
+        assert client.docmd(b64("caf\u00e9\u3000cre\u0300me"))[0] == 235  # IDEOGRAPHIC SPACE
+    with starttls_client(d, certs) as client:  # another password is still another password
+        assert client.docmd("AUTH", "PLAIN " + plain("jos\u00e9", "cafe creme"))[0] == 535
+        assert client.docmd("AUTH", "PLAIN " + plain("jos\u00e9", "caf\u00e9 cr\u00e8me\u0007"))[0] == 535
+    (path,) = stored_since(d, before)
+    # The name as stored (one "?" for "é"), not as sent ("jose?" for "e" + U+0301).
+    assert "(authenticated as jos?)" in received_header(path)
+
+
 # -- AUTH failures and the per-IP limit ---------------------------------------------------------
 
 def test_wrong_password_then_the_per_ip_limit(daemon_factory, certs, tmp_path):

@@ -81,7 +81,8 @@ def verify(encoded: str | None, password: str) -> bool:
     """True when ``password`` matches; an unknown user (None) costs the same time."""
     try:
         log2_n, r, p, salt, key = _parse(encoded or _DUMMY)
-        got = _derive(password.encode("utf-8"), salt, log2_n, r, p, len(key))
+        # surrogatepass: even a string no UTF-8 decoder returns costs its hash.
+        got = _derive(password.encode("utf-8", "surrogatepass"), salt, log2_n, r, p, len(key))
     except ValueError:  # load() refuses what cannot be checked; never a dead worker
         return False
     return hmac.compare_digest(got, key) and encoded is not None
@@ -89,17 +90,33 @@ def verify(encoded: str | None, password: str) -> bool:
 
 def check(users: dict[str, str], username: str, password: str, authzid: str = "") -> str | None:
     """The user's name in its prepared form when ``password`` is theirs, else None.
-    Exactly one hash is computed whatever fails, so timing tells nothing; a name or
-    password that SASLprep refuses cannot match, since none such is ever stored."""
+
+    The password is checked in its SASLprep form and, where that differs, as sent too:
+    files written before forksmtp prepared passwords hold hashes of them as typed.  So
+    how many hashes are computed depends on what the client sent and on nothing the
+    server holds (whether the user exists, which check failed), and timing tells
+    nothing.  A name SASLprep refuses, or that it leaves empty (RFC 4616 2), is no one's."""
     try:
-        user, secret = saslprep.prepare(username), saslprep.prepare(password)
+        user = saslprep.prepare(username)
         # No proxy authorization: an authzid naming anyone else is refused.
         acting = saslprep.prepare(authzid) if authzid else user
     except saslprep.PrepError:
-        verify(None, password)
-        return None
-    ok = verify(users.get(user), secret)
+        user = acting = ""
+    encoded = users.get(user) if user else None
+    ok = False
+    for secret in _spellings(password):
+        ok = verify(encoded, secret) or ok  # each one checked, whatever the first said
     return user if ok and acting == user else None
+
+
+def _spellings(password: str) -> list[str]:
+    """The SASLprep form of a password a client sent (when it has one, and it is not
+    empty), and the password as sent when that differs."""
+    try:
+        prepared = saslprep.prepare(password)
+    except saslprep.PrepError:
+        return [password]
+    return [prepared, password] if prepared and prepared != password else [password]
 
 
 def stored_user(user: str) -> str:
@@ -130,6 +147,7 @@ def load(path: str) -> dict[str, str]:
     missing file is an error, not an empty table: a typo in the path, or a file moved
     away when a reload came, would otherwise shut every user out without a word."""
     users: dict[str, str] = {}
+    lines_of: dict[str, int] = {}
     try:
         with open(process.open_regular(path), encoding="utf-8") as f:
             lines = f.read().splitlines()
@@ -148,13 +166,22 @@ def load(path: str) -> dict[str, str]:
             _parse(encoded)
             # Prepared as a client's name is, so a line written by hand in another
             # spelling still matches; one SASLprep refuses could never log in.
-            user = saslprep.prepare(user)
+            prepared = saslprep.prepare(user)
+            if not prepared:
+                raise saslprep.PrepError("nothing is left of it")
         except saslprep.PrepError as exc:
             raise PasswordFileError(f"{path}: line {number}: user name {user!r}: {exc} "
                                     f"(SASLprep, RFC 4013)") from None
         except ValueError as exc:
             raise PasswordFileError(f"{path}: line {number}: {exc}") from None
-        users[user] = encoded
+        if prepared in lines_of:
+            # Two spellings of one name (as "Ⅸ" and "IX"): whichever line won, the other
+            # user would be shut out, or log in as the first.
+            raise PasswordFileError(f"{path}: line {number}: user name {user!r} is the user of line "
+                                    f"{lines_of[prepared]} too (both are {prepared!r} in SASLprep form, "
+                                    f"RFC 4013); remove one of the lines, or set the password again with "
+                                    f"forksmtp passwd to make them one")
+        users[prepared], lines_of[prepared] = encoded, number
     return users
 
 
@@ -167,9 +194,9 @@ def _line_user(line: str) -> str:
         return user
 
 
-def set_password(path: str, user: str, password: str) -> str:
+def set_password(path: str, user: str, password: str) -> tuple[str, int]:
     """Add or replace ``user``'s line, keep the others, and return the name as written
-    (its SASLprep form); the file is replaced atomically so
+    (its SASLprep form) and how many lines of it there were; the file is replaced atomically so
     a crash never leaves it half-written.  A new file is 0600; an existing one keeps its
     owner, group and mode (an operator's 0640 root:forksmtp stays so), except that others
     lose any access: hashes are never world-readable.  A symlink of root's or the
@@ -207,4 +234,4 @@ def set_password(path: str, user: str, password: str) -> str:
     out = [line for line, is_mine in zip(lines, mine) if not is_mine]
     out.insert(mine.index(True) if True in mine else len(out), entry)
     process.write_atomic(path, "\n".join(out) + "\n", mode, owner)
-    return user
+    return user, mine.count(True)

@@ -78,7 +78,7 @@ def main(argv: list[str], config: str | None = None) -> int:
         print("forksmtp passwd: empty password refused", file=sys.stderr)
         return 2
     try:
-        user = auth.set_password(path, args.user, password)
+        user, replaced = auth.set_password(path, args.user, password)
     except auth.PasswordFileError as exc:
         print(f"forksmtp passwd: {exc}", file=sys.stderr)
         return 1
@@ -87,4 +87,6 @@ def main(argv: list[str], config: str | None = None) -> int:
         return 1
     spelt = "" if user == args.user else f" (as {user!r}, its SASLprep form)"
     print(f"password for {args.user}{spelt} written to {path}")
+    if replaced > 1:  # the same name in other spellings, which load() would refuse
+        print(f"its {replaced} lines in other spellings are now this one line")
     return 0

@@ -69,6 +69,10 @@ def prepare(text: str, stored: bool = False) -> str:
     points Unicode 3.2 left unassigned (their meaning could change with a later Unicode)."""
     if text.isascii() and text.isprintable():
         return text  # printable ASCII is its own SASLprep form: the common case, at once
+    return _prepare(text, stored)
+
+
+def _prepare(text: str, stored: bool) -> str:
     result = unicodedata.ucd_3_2_0.normalize("NFKC", _mapped(text))
     for ch in result:
         for in_table, what in _PROHIBITED:

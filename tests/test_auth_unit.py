@@ -729,7 +729,7 @@ STORED_PW, SENT_PW = "caf\u00e9 cr\u00e8me", "cafe\u0301\u00a0cre\u0300me\u00ad"
 
 def test_check_compares_the_prepared_forms(tmp_path):
     f = tmp_path / "passwd"
-    assert auth.set_password(str(f), NFD_USER, STORED_PW) == NFC_USER
+    assert auth.set_password(str(f), NFD_USER, STORED_PW) == (NFC_USER, 0)
     users = auth.load(str(f))
     assert list(users) == [NFC_USER] and f.read_text().startswith(NFC_USER + ":")
     assert auth.check(users, NFD_USER, SENT_PW) == NFC_USER
@@ -743,18 +743,43 @@ def test_check_compares_the_prepared_forms(tmp_path):
     assert auth.check(users, NFC_USER, STORED_PW, authzid="\u0007") is None
 
 
-def test_check_computes_one_hash_whatever_fails(tmp_path, monkeypatch):
-    """Timing tells nothing: an unknown user, a wrong password, a refused character and an
-    authzid of someone else each cost one scrypt, as a success does."""
+def test_how_many_hashes_a_check_computes_depends_on_what_was_sent_only(tmp_path, monkeypatch):
+    """Timing tells nothing the server holds: for one password sent, a success, a wrong
+    password, an unknown user, a refused name and an authzid of someone else cost the
+    same number of scrypt checks: one, or two where SASLprep changes the password (its
+    prepared form and, for hashes written before forksmtp prepared passwords, as sent)."""
     auth.set_password(str(tmp_path / "passwd"), "alice", "pw")
-    users = auth.load(str(tmp_path / "passwd"))
+    f = tmp_path / "passwd"
+    auth.set_password(str(f), "prep", SENT_PW)  # its prepared form, matched by the first check
+    f.write_text(f.read_text() + f"nfd:{auth.hash_password(SENT_PW)}\n")  # as an older passwd wrote it
+    users = auth.load(str(f))
     derive, calls = auth._derive, []
     monkeypatch.setattr(auth, "_derive", lambda *a: calls.append(a) or derive(*a))
-    for attempt in [("alice", "pw"), ("alice", "nope"), ("mallory", "pw"), ("alice", "p\u0000w"),
-                    ("al\u202eice", "pw"), ("alice", "pw", "bob"), ("alice", "pw", "\ue000")]:
-        calls.clear()
-        auth.check(users, *attempt)
-        assert len(calls) == 1, attempt
+    for password, hashes in [("pw", 1), (SENT_PW, 2), ("p\u0000w", 1), ("\u00ad", 1), ("p\ud800w", 1)]:
+        for user, authzid in [("alice", ""), ("prep", ""), ("nfd", ""), ("mallory", ""), ("al\u202eice", ""),
+                              ("\u200b", ""), ("alice", "bob"), ("alice", "\ue000")]:
+            calls.clear()
+            auth.check(users, user, password, authzid)
+            assert len(calls) == hashes, (user, password, authzid)
+
+
+def test_a_hash_of_a_password_as_typed_still_matches_it_as_typed(tmp_path):
+    """Files written before forksmtp prepared passwords hold hashes of them as typed: a
+    tab, full-width letters, a decomposed accent.  Sent as typed, each still logs in."""
+    f = tmp_path / "passwd"
+    typed = {"tab": "pw\tx", "wide": "\uff50\uff41\uff53\uff53", "nfd": "cafe\u0301", "micro": "mu\u00b5"}
+    f.write_text("".join(f"{user}:{auth.hash_password(pw)}\n" for user, pw in typed.items()))
+    users = auth.load(str(f))
+    for user, pw in typed.items():
+        assert auth.check(users, user, pw) == user, user
+        assert auth.check(users, user, pw + "x") is None
+    assert auth.check(users, "wide", "pass") is None  # the prepared form is not what was hashed
+
+
+def test_a_name_saslprep_leaves_empty_is_no_one(tmp_path):
+    """RFC 4616 2: verification fails when preparation gives an empty string."""
+    users = {"": auth.hash_password("pw")}  # no file can hold it (load refuses it), a table could
+    assert auth.check(users, "\u200b", "pw") is None and auth.check(users, "", "pw") is None
 
 
 def test_load_prepares_the_names_written_by_hand(tmp_path):
@@ -763,20 +788,42 @@ def test_load_prepares_the_names_written_by_hand(tmp_path):
     assert auth.check(auth.load(str(f)), NFC_USER, SENT_PW) == NFC_USER
 
 
-def test_load_refuses_a_name_no_client_could_send_and_names_the_line(tmp_path):
-    f = tmp_path / "passwd"
-    f.write_text(f"alice:{auth.hash_password('a')}\nb\u0007b:{auth.hash_password('b')}\n")
+def load_error(f: Path, text: str) -> str:
+    f.write_text(text)
     with pytest.raises(auth.PasswordFileError) as exc:
         auth.load(str(f))
-    assert str(exc.value) == (f"{f}: line 2: user name 'b\\x07b': U+0007 is a control character "
-                              f"(SASLprep, RFC 4013)")
+    return str(exc.value)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("b\u0007b", "U+0007 is a control character"),
+    ("\u00ad", "nothing is left of it"),
+    ("\u05d3\u05d5\u05d3" + "1", "right-to-left text must begin and end with a right-to-left character"),
+    ("a\u200eb", "U+200E is a character that changes display properties or is deprecated"),
+])
+def test_load_refuses_a_name_saslprep_refuses_and_names_the_line(tmp_path, name, reason):
+    """No client could log in as it; the file is wrong, as with a bad hash."""
+    f = tmp_path / "passwd"
+    assert load_error(f, f"alice:{auth.hash_password('a')}\n{name}:{auth.hash_password('b')}\n") == (
+        f"{f}: line 2: user name {name!r}: {reason} (SASLprep, RFC 4013)")
+
+
+def test_load_refuses_two_lines_of_one_name_in_two_spellings(tmp_path):
+    """Whichever line won, one user would be shut out, or log in as the other."""
+    f = tmp_path / "passwd"
+    assert load_error(f, f"IX:{auth.hash_password('a')}\n# and\n\u2168:{auth.hash_password('b')}\n") == (
+        f"{f}: line 3: user name '\u2168' is the user of line 1 too (both are 'IX' in SASLprep form, "
+        f"RFC 4013); remove one of the lines, or set the password again with forksmtp passwd to make "
+        f"them one")
 
 
 def test_set_password_replaces_the_users_line_in_any_spelling(tmp_path):
     f = tmp_path / "passwd"
     f.write_text(f"{NFD_USER}:{auth.hash_password('old')}\nbob:{auth.hash_password('b')}\n"
                  f"{NFC_USER}:{auth.hash_password('older')}\n")
-    auth.set_password(str(f), NFC_USER, "new")
+    with pytest.raises(auth.PasswordFileError, match="is the user of line 1 too"):
+        auth.load(str(f))
+    assert auth.set_password(str(f), NFC_USER, "new") == (NFC_USER, 2)
     lines = f.read_text().splitlines()
     assert [line.partition(":")[0] for line in lines] == [NFC_USER, "bob"]  # in its place, once
     users = auth.load(str(f))
@@ -829,6 +876,13 @@ def test_passwd_command_says_how_it_wrote_a_name_saslprep_changed(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode() == f"password for \u2168 (as 'IX', its SASLprep form) written to {f}\n"
     assert list(auth.load(str(f))) == ["IX"]
+    with f.open("a") as out:
+        out.write(f"I\u00adX:{auth.hash_password('old')}\n")  # the same name, written by hand
+    r = passwd("passwd", "IX", "-f", str(f), stdin="pw2\n", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == (f"password for IX written to {f}\n"
+                                 f"its 2 lines in other spellings are now this one line\n")
+    assert list(auth.load(str(f))) == ["IX"] and len(f.read_text().splitlines()) == 1
     r = passwd("passwd", "bob", "-f", str(f), stdin="pw\u0007\n", cwd=tmp_path)
     assert r.returncode == 1 and r.stdout == b""
     assert r.stderr.decode() == ("forksmtp passwd: password refused: U+0007 is a control character "

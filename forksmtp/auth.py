@@ -18,6 +18,7 @@ Neither passwords nor hashes are ever logged.
 from __future__ import annotations
 
 import base64
+import codecs
 import hashlib
 import hmac
 import os
@@ -142,6 +143,22 @@ def stored_password(password: str) -> str:
     return prepared
 
 
+def _read_lines(path: str) -> list[str]:
+    """The file's lines, split at LF, CR or CRLF only (SASLprep judges any other character
+    in a name).  A line that is not UTF-8 is an error naming it; a byte order mark, which
+    some editors write, is skipped."""
+    with open(process.open_regular(path), "rb") as f:
+        raw = f.read().removeprefix(codecs.BOM_UTF8).splitlines()
+    lines = []
+    for number, line in enumerate(raw, 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise PasswordFileError(f"{path}: line {number}: not UTF-8 text (octet 0x{line[exc.start]:02x} "
+                                    f"at position {exc.start + 1})") from None
+    return lines
+
+
 def load(path: str) -> dict[str, str]:
     """user -> hash; blank lines and ``#`` comments are skipped; errors name the line.  A
     missing file is an error, not an empty table: a typo in the path, or a file moved
@@ -149,8 +166,7 @@ def load(path: str) -> dict[str, str]:
     users: dict[str, str] = {}
     lines_of: dict[str, int] = {}
     try:
-        with open(process.open_regular(path), encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = _read_lines(path)
     except FileNotFoundError:
         raise PasswordFileError(f"{path}: no such file (make it with: forksmtp passwd USER "
                                 f"-f {path})") from None
@@ -223,13 +239,12 @@ def set_password(path: str, user: str, password: str) -> tuple[str, int]:
             raise PasswordFileError(f"{path} is owned by uid {st.st_uid}, neither root nor you: not written")
         mode, owner = stat.S_IMODE(st.st_mode) & 0o770, (st.st_uid, st.st_gid)
     try:
-        with open(process.open_regular(path), encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = _read_lines(path)  # a line that is not UTF-8 stops it: nothing is rewritten
     except FileNotFoundError:
         lines = []
     entry = f"{user}:{hash_password(password)}"
     # The user's line is replaced where it stood; further lines of the same user (the
-    # same name in another spelling, written by hand) go, since load() keeps the last.
+    # same name in another spelling, written by hand) go: load() refuses two.
     mine = [_line_user(line) == user for line in lines]
     out = [line for line, is_mine in zip(lines, mine) if not is_mine]
     out.insert(mine.index(True) if True in mine else len(out), entry)

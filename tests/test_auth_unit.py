@@ -808,6 +808,33 @@ def test_load_refuses_a_name_saslprep_refuses_and_names_the_line(tmp_path, name,
         f"{f}: line 2: user name {name!r}: {reason} (SASLprep, RFC 4013)")
 
 
+def test_a_line_that_is_not_utf8_is_an_error_naming_it_and_passwd_leaves_the_file(tmp_path):
+    """Not a traceback at a start, a reload or in `forksmtp passwd`; nothing rewritten."""
+    f = tmp_path / "passwd"
+    content = f"alice:{auth.hash_password('a')}\n".encode() + b"# caf\xe9 (Latin-1)\n"
+    f.write_bytes(content)
+    with pytest.raises(auth.PasswordFileError) as exc:
+        auth.load(str(f))
+    assert str(exc.value) == f"{f}: line 2: not UTF-8 text (octet 0xe9 at position 6)"
+    r = passwd("passwd", "bob", "-f", str(f), stdin="pw\n", cwd=tmp_path)
+    assert (r.returncode, r.stdout) == (1, b"")
+    assert r.stderr.decode() == f"forksmtp passwd: {f}: line 2: not UTF-8 text (octet 0xe9 at position 6)\n"
+    assert f.read_bytes() == content
+
+
+def test_a_byte_order_mark_and_any_line_ending_are_read(tmp_path):
+    """Files saved by editors that write a BOM, or CRLF or CR line endings."""
+    f = tmp_path / "passwd"
+    a, b = auth.hash_password("a"), auth.hash_password("b")
+    for text in [f"\ufeff# users\r\nalice:{a}\r\nbob:{b}\r\n", f"\ufeffalice:{a}\rbob:{b}"]:
+        f.write_bytes(text.encode())
+        users = auth.load(str(f))
+        assert (auth.check(users, "alice", "a"), auth.check(users, "bob", "b")) == ("alice", "bob")
+    auth.set_password(str(f), "carol", "c")  # rewritten with LF endings and no mark
+    lines = f.read_bytes().split(b"\n")
+    assert lines[:2] == [f"alice:{a}".encode(), f"bob:{b}".encode()] and lines[2].startswith(b"carol:")
+
+
 def test_load_refuses_two_lines_of_one_name_in_two_spellings(tmp_path):
     """Whichever line won, one user would be shut out, or log in as the other."""
     f = tmp_path / "passwd"

@@ -995,21 +995,35 @@ def test_sighup_rereads_the_password_file(daemon_factory, certs, tmp_path):
     assert "(authenticated as bob)" in received_header(path)
 
 
-def test_sighup_with_the_password_file_gone_keeps_the_old_users(daemon_factory, certs, tmp_path):
-    """A password file moved away (a typo, a deploy) when a reload comes is a failed reload,
-    as a bad certificate is, not a server where nobody can authenticate any more."""
+def _hash_of_bob() -> str:
+    return auth.hash_password("b")
+
+
+@pytest.mark.parametrize("break_it, said", [
+    (lambda pw: pw.rename(pw.parent / "moved"), "no such file"),
+    (lambda pw: pw.write_bytes(b"b\xf6b:" + _hash_of_bob().encode() + b"\n"),
+     "line 1: not UTF-8 text (octet 0xf6 at position 2)"),  # Latin-1, from an old editor
+    (lambda pw: pw.write_text(f"IX:{_hash_of_bob()}\n\u2168:{_hash_of_bob()}\n"),
+     "line 2: user name '\u2168' is the user of line 1 too"),
+], ids=["gone", "not-utf-8", "one-name-twice"])
+def test_sighup_with_the_password_file_broken_keeps_the_old_users(daemon_factory, certs, tmp_path,
+                                                                  break_it, said):
+    """A password file moved away (a typo, a deploy) or broken when a reload comes is a
+    failed reload, as a bad certificate is, not a server where nobody can authenticate
+    any more, nor a master that dies of it."""
     d, _, _, pw = live_cert_daemon(daemon_factory, certs, tmp_path, alice="old-alice")
-    pw.rename(tmp_path / "moved")
+    break_it(pw)
     d.signal(signal.SIGHUP)
     text = d.wait_for_log("reload failed", TIMEOUT)
     failure = [line for line in text.splitlines() if "reload failed" in line][-1]
-    assert f"auth.password_file: {pw}: no such file" in failure, failure
+    assert f"auth.password_file: {pw}: {said}" in failure, failure
     with starttls_client(d, certs) as client:
         assert client.docmd("AUTH", "PLAIN " + plain("alice", "old-alice"))[0] == 235
     # --check and a start say the same and refuse.
     done = subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(d.config_path), "--check"],
                           capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2 and f"{pw}: no such file" in done.stderr, done
+    assert done.returncode == 2 and f"{pw}: {said}" in done.stderr, done
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("left, said", [

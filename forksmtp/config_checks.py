@@ -18,6 +18,7 @@ import math
 import os
 import pwd
 import re
+import stat
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -270,6 +271,14 @@ def _replaceable_file(path: str) -> str:
     directory = os.path.dirname(path)
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ValueError(f"directory {directory} is not writable (the file is replaced by a rename)")
+    try:
+        st = os.stat(path)  # through a symlink: the pidfile is read there for an old pid
+    except OSError:
+        return path  # none yet (or a dangling link, which the rename replaces)
+    if not stat.S_ISREG(st.st_mode):
+        # The rename would put a regular file in place of a FIFO, a socket or a device
+        # (stats_file = "/dev/null" would take /dev/null out of /dev).
+        raise ValueError(f"{path} is not a regular file, and would be replaced by one")
     return path
 
 

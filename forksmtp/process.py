@@ -120,13 +120,32 @@ class PidfileError(Exception):
     pass
 
 
+PID_MAX_LIMIT = 1 << 22  # Linux's highest possible pid_max
+
+
+def _pid_in(path: str) -> int:
+    """The pid a pidfile holds, 0 for none or junk.  Read as the TLS files are
+    (open_regular): a FIFO put there would hold the master at its start, or at a
+    reload, until something wrote into it."""
+    fd = open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        try:
+            pid = int(f.read(64).strip() or 0)
+        except ValueError:
+            return 0
+    return pid if 0 < pid <= PID_MAX_LIMIT else 0  # os.kill() overflows past it
+
+
 def write_pidfile(path: str) -> None:
-    """Create the pidfile, refusing when a live process already holds it."""
+    """Create the pidfile, refusing when a live process already holds it, and refusing
+    to replace anything but a regular file (a FIFO, a socket, or a device such as
+    /dev/null, which the rename would take out of /dev)."""
     try:
-        with open(path) as f:
-            old = int(f.read().strip() or 0)
-    except (FileNotFoundError, ValueError):
+        old = _pid_in(path)
+    except FileNotFoundError:
         old = 0
+    except OSError as exc:
+        raise PidfileError(f"pidfile {path}: {exc.strerror or exc}: not replaced") from None
     if old and old != os.getpid() and _alive(old):
         raise PidfileError(f"pidfile {path} is held by running process {old}")
     try:
@@ -183,11 +202,10 @@ def open_regular(path: str) -> int:
 
 def remove_pidfile(path: str) -> None:
     try:
-        with open(path) as f:
-            if int(f.read().strip() or 0) != os.getpid():
-                return  # not ours any more: another master took over
+        if _pid_in(path) != os.getpid():
+            return  # not ours any more: another master took over (or not a pidfile)
         os.unlink(path)
-    except (OSError, ValueError):
+    except OSError:
         pass
 
 

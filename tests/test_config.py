@@ -217,6 +217,24 @@ def test_a_pidfile_in_a_directory_that_cannot_take_a_rename_is_refused(etc: Path
         subprocess.run(["chattr", "-i", str(d)], check=True)
 
 
+@pytest.mark.parametrize("key", ["pidfile", "stats_file"])
+def test_a_pidfile_or_stats_file_where_a_fifo_or_a_device_is_is_refused(etc: Path, key: str) -> None:
+    """The rename would put a regular file in its place: stats_file = "/dev/null", meant
+    to throw the stats away, would have taken /dev/null out of /dev."""
+    os.mkfifo(etc / "a.fifo")
+    os.symlink(etc / "a.fifo", etc / "link")
+    for value, named in [("a.fifo", etc / "a.fifo"), ("link", etc / "link"), ("/dev/null", "/dev/null")]:
+        path = write(etc, f'[server]\n{key} = "{value}"\n')
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path))
+        assert (info.value.key, info.value.problem) == (
+            f"server.{key}", f"{named} is not a regular file, and would be replaced by one")
+    (etc / "dangling").symlink_to(etc / "nothing")  # the rename replaces the link itself
+    (etc / "run.pid").write_text("123\n")
+    for value in ("dangling", "run.pid", "new.pid"):
+        assert getattr(load_config(str(write(etc, f'[server]\n{key} = "{value}"\n'))).server, key) == str(etc / value)
+
+
 @pytest.mark.parametrize("sub", ["tmp", "new", "cur"])
 def test_a_maildir_holding_a_file_where_a_subdirectory_goes(etc: Path, sub: str) -> None:
     """Else the server started and every message failed after its DATA."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -129,3 +131,28 @@ def test_passwd_refuses_a_fifo_or_a_device_in_the_password_files_place(tmp_path)
         auth.set_password(str(fifo), "alice", "pw")
     with pytest.raises(auth.PasswordFileError, match="not a regular file"):
         auth.set_password("/dev/zero", "alice", "pw")
+
+
+def test_a_fifo_put_where_the_pidfile_goes_is_neither_waited_on_nor_replaced(tmp_path):
+    """Put there after the config was checked (a start, or a reload moving the pidfile):
+    reading it for an old pid waited for a writer, with the master doing nothing else.
+    Run in a child with a deadline, so that a wait fails the test instead of hanging it."""
+    fifo = tmp_path / "run.pid"
+    os.mkfifo(fifo)
+    code = ("import sys\nfrom forksmtp import process\n"
+            "try:\n    process.write_pidfile(sys.argv[1])\n"
+            "except process.PidfileError as exc:\n    print(exc)\n"
+            "process.remove_pidfile(sys.argv[1])\nprint('removed: done')\n")
+    done = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=20)
+    assert done.stdout == f"pidfile {fifo}: not a regular file: not replaced\nremoved: done\n", done
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_pidfile_holding_junk_or_a_huge_file_is_read_as_no_pid(tmp_path):
+    path = tmp_path / "run.pid"
+    for content in (b"", b"\xff\xfe junk\n", b"1" * 10_000_000):
+        path.write_bytes(content)
+        process.write_pidfile(str(path))
+        assert path.read_text() == f"{os.getpid()}\n"
+    process.remove_pidfile(str(path))
+    assert not path.exists()

@@ -11,6 +11,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -366,6 +367,22 @@ def test_no_arguments_uses_the_built_in_defaults(servers, tmp_path):
     assert len(files) == 1 and b"body defaults\n" in files[0].read_bytes()
     os.killpg(server.proc.pid, signal.SIGINT)
     assert server.proc.wait(20) == 0
+
+
+def test_a_fifo_where_the_pidfile_goes_fails_check_and_start_at_once(tmp_path):
+    """The start read the old pid with an open() that waited for a writer: the master sat
+    there before it bound anything, and a rename would then have replaced the FIFO."""
+    fifo = tmp_path / "run.pid"
+    os.mkfifo(fifo)
+    path = write_config(tmp_path / "f.toml", {
+        "server": {"listen": [f"{HOST}:{free_port()}"], "workers": 1, "pidfile": str(fifo)},
+        "delivery": {"maildir": str(tmp_path / "Maildir")},
+    })
+    said = f'forksmtp: {path}: server.pidfile = "{fifo}": {fifo} is not a regular file, and would be replaced by one\n'
+    for args in (["--check"], []):
+        result = run("-c", str(path), *args, cwd=tmp_path)
+        assert (result.returncode, result.stderr) == (2, said), result
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
 def test_a_log_fifo_with_no_reader_fails_the_start_at_once_and_one_with_a_reader_gets_the_log(tmp_path):

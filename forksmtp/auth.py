@@ -28,6 +28,7 @@ from . import process, saslprep
 
 LOG2_N, R, P, KEY_LEN = 14, 8, 1, 32  # 16 MiB and ~50 ms per check on a 2020s core
 _MAXMEM = 64 * 1024 * 1024
+MAX_FILE_OCTETS = 16 << 20  # about 150,000 users' lines
 
 
 class PasswordFileError(Exception):
@@ -148,7 +149,10 @@ def _read_lines(path: str) -> list[str]:
     in a name).  A line that is not UTF-8 is an error naming it; a byte order mark, which
     some editors write, is skipped."""
     with open(process.open_regular(path), "rb") as f:
-        raw = f.read().removeprefix(codecs.BOM_UTF8).splitlines()
+        data = f.read(MAX_FILE_OCTETS + 1)
+    if len(data) > MAX_FILE_OCTETS:  # the master reads it whole at each start and reload
+        raise PasswordFileError(f"{path}: larger than {MAX_FILE_OCTETS >> 20} MiB: not a password file")
+    raw = data.removeprefix(codecs.BOM_UTF8).splitlines()
     lines = []
     for number, line in enumerate(raw, 1):
         try:

@@ -30,6 +30,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from forksmtp import process
 from forksmtp.config_checks import (ConfigError, _address, _at_least, _between, _boolean, _convert,
                                     creatable_dir, _domains, _given_path, _group, _hostname, _integer,
                                     _listens, _log_level, _networks, _non_empty, _not_negative,
@@ -204,7 +205,7 @@ def load_config(path: str | None, overrides: Mapping[str, object] | None = None,
     no error: a start or a reload goes on without it (its mail gets 451, and the master
     logs why), as one mailbox's storage must not hold up the others' mail."""
     label = path or ""
-    raw = _read(path) if path else {}
+    raw = read_toml(path) if path else {}
     base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
     _reject_unknown(raw, label)
     sources = {
@@ -227,15 +228,13 @@ def load_config(path: str | None, overrides: Mapping[str, object] | None = None,
     return cfg
 
 
-def _line_shown(path: str, message: str) -> str:
+def _line_shown(source: str, message: str) -> str:
     """tomllib names the line, not the key: ': <that line>' shows both (a key given
     twice, a value left out), or "" when the line cannot be had."""
     m = re.search(r"at line (\d+)", message)
     try:
-        with open(path, "rb") as f:
-            lines = f.read().decode("utf-8", "replace").splitlines()
-        text = lines[int(m.group(1)) - 1].strip() if m else ""
-    except (OSError, IndexError):
+        text = source.splitlines()[int(m.group(1)) - 1].strip() if m else ""
+    except IndexError:
         return ""
     if not text:
         return ""
@@ -243,16 +242,34 @@ def _line_shown(path: str, message: str) -> str:
     return f": {shown}{'...' if len(text) > 80 else ''}"
 
 
-def _read(path: str) -> dict:
+MAX_CONFIG_OCTETS = 1 << 20  # a config is a few KiB: a MiB of it is something else
+
+
+def read_toml(path: str) -> dict:
+    """The TOML table of the file at ``path``; ConfigError naming the file otherwise.
+    Opened as the TLS and password files are (a FIFO there would hold a reload, with the
+    master handling no signal meanwhile) and read to a bound (/dev/zero has no end)."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        with os.fdopen(process.open_regular(path), "rb") as f:
+            data = f.read(MAX_CONFIG_OCTETS + 1)
     except OSError as exc:
         raise ConfigError(path, None, None, f"cannot read: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, None, None, f"invalid TOML: {exc}{_line_shown(path, str(exc))}") from None
+    if len(data) > MAX_CONFIG_OCTETS:
+        raise ConfigError(path, None, None, f"larger than {MAX_CONFIG_OCTETS >> 20} MiB: not a config file")
+    try:
+        source = data.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(path, None, None, "invalid TOML: not UTF-8 text") from None
+    try:
+        return tomllib.loads(source)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, None, None, f"invalid TOML: {exc}{_line_shown(source, str(exc))}") from None
+    except ValueError:  # Python's own bound on the digits of an int it converts
+        raise ConfigError(path, None, None, f"invalid TOML: a number of more than "
+                                            f"{sys.get_int_max_str_digits():,} digits") from None
+    except RecursionError:  # arrays or inline tables nested a thousand deep
+        raise ConfigError(path, None, None, "invalid TOML: nested too deeply") from None
+
 
 
 def _reject_unknown(raw: dict, file: str) -> None:

@@ -11,6 +11,7 @@ The key table that says which key gets which converter and validator is ``forksm
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import ipaddress
 import json
@@ -18,7 +19,6 @@ import math
 import os
 import pwd
 import re
-import stat
 import tempfile
 from collections.abc import Callable
 from typing import Any
@@ -79,9 +79,15 @@ def _integer(value: object, base: str) -> int:
 
 
 def _number(value: object, base: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError("must be a number")
-    return float(value)
+    try:
+        number = float(value)  # an integer of 400 digits has no float
+    except OverflowError:
+        raise ValueError("must be a number of a sensible size") from None
+    if not math.isfinite(number):
+        raise ValueError("must be a number")
+    return number
 
 
 def _boolean(value: object, base: str) -> bool:
@@ -272,13 +278,13 @@ def _replaceable_file(path: str) -> str:
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ValueError(f"directory {directory} is not writable (the file is replaced by a rename)")
     try:
-        st = os.stat(path)  # through a symlink: the pidfile is read there for an old pid
-    except OSError:
-        return path  # none yet (or a dangling link, which the rename replaces)
-    if not stat.S_ISREG(st.st_mode):
-        # The rename would put a regular file in place of a FIFO, a socket or a device
-        # (stats_file = "/dev/null" would take /dev/null out of /dev).
-        raise ValueError(f"{path} is not a regular file, and would be replaced by one")
+        # Through a symlink, as the pidfile is read for an old pid.  The rename would put
+        # a regular file in place of a FIFO, a socket or a device (stats_file =
+        # "/dev/null" would take /dev/null out of /dev).
+        process.refuse_non_regular(path)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            raise ValueError(f"{path} is {exc.strerror}") from None
     return path
 
 

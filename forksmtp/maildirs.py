@@ -101,6 +101,9 @@ def _give_to_workers(directories: list[str], cfg, log: Log, top: str) -> None:
             process.chown_dir(directory, server.user, server.group, follow=directory == top)
         except OSError as exc:
             log.warning("STORE", f"cannot give {directory} to the workers' user: {exc}")
+        except KeyError as exc:  # the user or group went since the config was checked
+            log.warning("STORE", f"cannot give {directory} to the workers' user: {exc.args[0]}")
+            return  # the same for every directory: said once
 
 
 def _warn_unwritable(path: str, key: str, cfg, log: Log) -> None:

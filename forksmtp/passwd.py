@@ -13,11 +13,8 @@ import os
 import sys
 
 from . import auth
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
+from .config import read_toml
+from .config_checks import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,10 +33,9 @@ def _password_file(args: argparse.Namespace, config: str | None) -> str:
     if not config:
         raise SystemExit("forksmtp passwd: give -f FILE or -c CONFIG with an [auth] section")
     try:
-        with open(config, "rb") as f:
-            raw = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SystemExit(f"forksmtp passwd: {config}: {exc}") from None
+        raw = read_toml(config)
+    except ConfigError as exc:
+        raise SystemExit(f"forksmtp passwd: {exc}") from None
     path = raw.get("auth", {}).get("password_file") if isinstance(raw.get("auth"), dict) else None
     if path is not None and not isinstance(path, str):
         raise SystemExit(f"forksmtp passwd: {config}: auth.password_file = {path!r}: must be a string")
@@ -47,6 +43,11 @@ def _password_file(args: argparse.Namespace, config: str | None) -> str:
         raise SystemExit(f"forksmtp passwd: {config} has no [auth] password_file")
     # Relative paths are relative to the config file, as everywhere in the config.
     return os.path.join(os.path.dirname(os.path.abspath(config)), os.path.expanduser(path))
+
+
+#: What a client could send at all: RFC 4954 bounds an AUTH line to 12,288 octets, of
+#: base64 (9,216 octets of name and password); 4,096 characters is more than anyone types.
+MAX_PASSWORD = 4096
 
 
 def _read_password() -> str:
@@ -57,7 +58,8 @@ def _read_password() -> str:
         except EOFError:
             print(file=sys.stderr)  # end the prompt's line
             return ""
-    return sys.stdin.readline().rstrip("\r\n")
+    # Read to a bound: stdin may be /dev/zero, or a file that is not a password.
+    return sys.stdin.readline(MAX_PASSWORD + 2).rstrip("\r\n")
 
 
 def main(argv: list[str], config: str | None = None) -> int:
@@ -76,6 +78,9 @@ def main(argv: list[str], config: str | None = None) -> int:
         return 130
     if not password:
         print("forksmtp passwd: empty password refused", file=sys.stderr)
+        return 2
+    if len(password) > MAX_PASSWORD:
+        print(f"forksmtp passwd: password of more than {MAX_PASSWORD:,} characters refused", file=sys.stderr)
         return 2
     try:
         user, replaced = auth.set_password(path, args.user, password)

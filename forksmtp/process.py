@@ -154,6 +154,16 @@ def write_pidfile(path: str) -> None:
         raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from exc
 
 
+def refuse_non_regular(path: str) -> None:
+    """OSError unless ``path`` (through a symlink) is a regular file or nothing at all."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file, and would be replaced by one", path)
+
+
 def write_atomic(path: str, text: str, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
     """Replace ``path`` with ``text``: readers see the old file or the new one, never half
     of one.  The temporary file beside it gets a random name and is created exclusively,

@@ -69,5 +69,8 @@ def dumps(stats: dict) -> str:
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Readers see the old file or the new one, never half of one."""
+    """Readers see the old file or the new one, never half of one.  What is there must be
+    a regular file (or nothing), as the config check wanted: a FIFO or a device put there
+    since would be replaced by the rename."""
+    process.refuse_non_regular(path)
     process.write_atomic(path, text + "\n")

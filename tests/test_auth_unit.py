@@ -950,6 +950,39 @@ def test_passwd_command_errors(tmp_path):
     assert r.stderr.decode().strip() == f"forksmtp passwd: cannot write {missing}: No such file or directory"
 
 
+def test_passwd_with_a_config_or_an_input_that_is_no_such_thing_says_so_at_once(tmp_path):
+    """A FIFO for -c held it, a config that is not UTF-8 or has a 5,000-digit number gave
+    a traceback, and /dev/zero for the password was read without end."""
+    os.mkfifo(tmp_path / "fifo.toml")
+    (tmp_path / "latin1.toml").write_bytes(b'[auth]\npassword_file = "caf\xe9"\n')
+    (tmp_path / "digits.toml").write_text("[server]\nworkers = " + "1" * 5000 + "\n")
+    for name, said in [("fifo.toml", "cannot read: not a regular file"),
+                       ("latin1.toml", "invalid TOML: not UTF-8 text"),
+                       ("digits.toml", "invalid TOML: a number of more than 4,300 digits")]:
+        r = passwd("-c", str(tmp_path / name), "passwd", "alice", stdin="pw\n", cwd=tmp_path)
+        assert (r.returncode, r.stderr.decode()) == (2, f"forksmtp passwd: {tmp_path / name}: {said}\n")
+    f = tmp_path / "passwd"
+    with open("/dev/zero", "rb") as zero:
+        r = subprocess.run([sys.executable, "-m", "forksmtp", "passwd", "alice", "-f", str(f)], stdin=zero,
+                           capture_output=True, cwd=tmp_path, timeout=30)
+    assert (r.returncode, r.stderr) == (2, b"forksmtp passwd: password of more than 4,096 characters refused\n")
+    r = passwd("passwd", "alice", "-f", str(f), stdin="x" * 4096 + "\n", cwd=tmp_path)
+    assert r.returncode == 0 and auth.check(auth.load(str(f)), "alice", "x" * 4096) == "alice"
+    assert not (tmp_path / "caf\xe9").exists()
+
+
+def test_a_password_file_past_16_mib_is_refused_unread(tmp_path):
+    f = tmp_path / "passwd"
+    f.write_text(f"alice:{auth.hash_password('a')}\n")
+    os.truncate(f, auth.MAX_FILE_OCTETS)  # sparse: NULs up to the bound, still read
+    with pytest.raises(auth.PasswordFileError, match="line 2: expected user:hash"):
+        auth.load(str(f))
+    os.truncate(f, auth.MAX_FILE_OCTETS + 1)
+    with pytest.raises(auth.PasswordFileError) as exc:
+        auth.load(str(f))
+    assert str(exc.value) == f"{f}: larger than 16 MiB: not a password file"
+
+
 def test_passwd_with_config_before_the_certificate_exists(tmp_path):
     """The password file is often set up before the [tls] certificate exists: passwd
     reads only [auth] password_file (relative to the config file) and does not refuse."""

@@ -315,6 +315,39 @@ def test_unreadable_and_non_utf8_files(etc: Path) -> None:
         load_config(str(bad))
 
 
+def test_a_config_that_is_no_config_file_is_refused_in_one_line(etc: Path) -> None:
+    """A FIFO would hold the reader (at a reload, the master) until something wrote into
+    it, a device would be read without end, and numbers and nesting past Python's own
+    bounds ended in a traceback.  The FIFO is read in a child with a deadline, so that a
+    wait fails the test instead of hanging it."""
+    os.mkfifo(etc / "fifo.toml")
+    code = ("import sys\nfrom forksmtp.config import ConfigError, load_config\n"
+            "try:\n    load_config(sys.argv[1])\nexcept ConfigError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(etc / "fifo.toml")], capture_output=True,
+                          text=True, timeout=20)
+    assert done.stdout == f"{etc / 'fifo.toml'}: cannot read: not a regular file\n", done
+    (etc / "big.toml").write_text("# " + "x" * (1 << 20) + "\n")
+    for path, said in [("/dev/zero", "cannot read: not a regular file"), (str(etc), "cannot read: not a regular file"),
+                       (str(etc / "big.toml"), "larger than 1 MiB: not a config file"),
+                       (str(write(etc, "[server]\nworkers = " + "1" * 5000 + "\n", "digits.toml")),
+                        "invalid TOML: a number of more than 4,300 digits"),
+                       (str(write(etc, "[server]\nlisten = " + "[" * 2000 + "]" * 2000 + "\n", "deep.toml")),
+                        "invalid TOML: nested too deeply")]:
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert str(info.value) == f"{path}: {said}"
+    (etc / "edge.toml").write_text("# " + "x" * ((1 << 20) - 3) + "\n")  # 1 MiB exactly: read
+    assert load_config(str(etc / "edge.toml")).path == str(etc / "edge.toml")
+
+
+@pytest.mark.parametrize("value, said", [("1" + "0" * 400, "must be a number of a sensible size"),
+                                         ("inf", "must be a number"), ("nan", "must be a number")])
+def test_a_number_no_float_holds_is_refused_by_its_key(etc: Path, value: str, said: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(str(write(etc, f"[timeouts]\ncommand = {value}\n")))
+    assert (info.value.key, info.value.problem) == ("timeouts.command", said)
+
+
 def test_defaults_match_the_dataclasses(etc: Path) -> None:
     cfg = load_config(None)
     assert cfg == Config()

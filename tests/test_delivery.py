@@ -3,6 +3,7 @@ that leave nothing behind, and routing rules the live tests do not reach."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -10,7 +11,8 @@ import tempfile
 
 import pytest
 
-from forksmtp import delivery, maildir
+from forksmtp import delivery, logs, maildir, maildirs
+from forksmtp.config import load_config
 from forksmtp.delivery import BROKEN, GONE, SOUND
 from forksmtp.smtp import replies as R
 from helpers import open_fds
@@ -230,3 +232,24 @@ def test_a_maildir_its_user_may_not_write_looks_broken_to_it():
         assert os.waitpid(pid, 0)[1] == 0
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_workers_user_gone_since_the_check_does_not_stop_the_hourly_pass(tmp_path):
+    """userdel, or an NSS or LDAP outage, after the start: the pass made the first missing
+    Maildir, then the user's lookup raised KeyError out of it, and the other Maildirs
+    waited an hour.  Now it says so once and makes every one."""
+    config = tmp_path / "f.toml"
+    config.write_text(f'[server]\nuser = "nobody"\n[delivery]\nmaildir = "{tmp_path / "catchall"}"\n'
+                      f'[mailboxes]\n"a@example.test" = "{tmp_path / "boxa"}"\n'
+                      f'"b@example.test" = "{tmp_path / "boxb"}"\n')
+    cfg = load_config(str(config))
+    cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, user="forksmtp-no-such-user"))
+    log_path = tmp_path / "log"
+    log = logs.Log("info", str(log_path))
+    maildirs.look_after(cfg, log)
+    log.flush()
+    for name in ("catchall", "boxa", "boxb"):
+        assert (tmp_path / name / "new").is_dir(), name
+    lines = [line for line in log_path.read_text().splitlines() if "workers' user" in line]
+    assert len(lines) == 3 and all(line.endswith("getpwnam(): name not found: 'forksmtp-no-such-user'")
+                                   for line in lines), lines

@@ -156,3 +156,17 @@ def test_a_pidfile_holding_junk_or_a_huge_file_is_read_as_no_pid(tmp_path):
         assert path.read_text() == f"{os.getpid()}\n"
     process.remove_pidfile(str(path))
     assert not path.exists()
+
+
+def test_a_fifo_put_where_the_stats_file_goes_after_the_check_is_left_alone(tmp_path):
+    """SIGUSR1 writes the stats file by a rename, which would replace the FIFO."""
+    fifo = tmp_path / "stats.json"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError) as exc:
+        stats.write_atomic(str(fifo), "{}")
+    assert exc.value.strerror == "not a regular file, and would be replaced by one"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.listdir(tmp_path) == ["stats.json"]
+    regular = tmp_path / "regular.json"
+    stats.write_atomic(str(regular), "{}")
+    stats.write_atomic(str(regular), '{"a":1}')
+    assert regular.read_text() == '{"a":1}\n'

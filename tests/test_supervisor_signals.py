@@ -194,6 +194,36 @@ def test_hup_with_invalid_config_keeps_running(daemon_factory):
     assert_no_zombies(d)
 
 
+@pytest.mark.parametrize("put", ["fifo", "zero", "digits", "nesting"])
+def test_hup_with_a_config_that_is_no_config_file_keeps_running(daemon_factory, put):
+    """A FIFO at the config path held the master in open() (signals queued, nothing
+    reaped, only SIGKILL ended it); /dev/zero was read without end; a 5,000-digit number
+    and arrays nested 2,000 deep were logged as a traceback, not as a failed reload."""
+    d = daemon_factory(workers=1)
+    good = d.config_path.read_text()
+    d.config_path.unlink()
+    said = {"fifo": "cannot read: not a regular file", "zero": "cannot read: not a regular file",
+            "digits": "invalid TOML: a number of more than 4,300 digits",
+            "nesting": "invalid TOML: nested too deeply"}[put]
+    if put == "fifo":
+        os.mkfifo(d.config_path)
+    elif put == "zero":
+        d.config_path.symlink_to("/dev/zero")
+    else:
+        d.config_path.write_text(good + ("\n[limits]\nmax_errors = " + "1" * 5000 if put == "digits" else
+                                         "\n[extra]\nx = " + "[" * 2000 + "]" * 2000) + "\n")
+    d.signal(signal.SIGHUP)
+    text = d.wait_for_log("reload failed", 10)
+    (line,) = [line for line in text.splitlines() if "reload failed" in line]
+    assert line.endswith(f"[RELOAD] reload failed, keeping the running configuration: {d.config_path}: {said}"), line
+    assert "Traceback" not in d.log_text()
+    send_message(d.port)
+    d.config_path.unlink()
+    d.config_path.write_text(good)
+    hup(d)
+    assert request_stats(d)["config_generation"] == 2
+
+
 def test_hup_adding_an_address_in_use_names_the_file_and_the_key(daemon_factory):
     """A bind that fails is the config's problem to the operator: the failure names the
     file and the key, as an invalid value does, and the old config serves on."""

@@ -131,6 +131,7 @@ class Arbiter:
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
         self.cert_end: float | None = None  # when the certificate loaded last ends (epoch s)
         self.cert_warning = limits.Seldom(CERT_WARN_EVERY)
+        self.ids: tuple[int | None, int | None] = (None, None)  # workers' uid and gid, with the config
 
     # -- start ---------------------------------------------------------------------------
 
@@ -141,6 +142,7 @@ class Arbiter:
         self.signals = SignalQueue()
         self.signals.install()
         self.tls_context, self.passwords = load_security(cfg)
+        self.ids = self._worker_ids(cfg)
         self._note_certificate(cfg)
         for addr in sorted(listen_addresses(cfg)[0], key=str):
             self.sockets[addr] = self._named(cfg, addr, listeners.bind)
@@ -393,9 +395,8 @@ class Arbiter:
                    self.signals.want_w)
         w.prepare()  # opens what needs privileges (the scoreboard lock) first
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)  # the worker's handlers are set
-        server = self.cfg.server
-        if server.user or server.group:
-            process.drop_privileges(server.user, server.group)
+        if self.ids != (None, None):
+            process.drop_privileges(*self.ids)
             process.continue_when_orphaned()
         return w.run()
 
@@ -641,6 +642,7 @@ class Arbiter:
         try:
             new = config_mod.load_config(self.cfg.path or None, self.overrides, mailbox_storage=False)
             context, passwords = load_security(new)
+            ids = self._worker_ids(new)
             maildirs.prepare(new, self.log, config_mod.source_of(new, "delivery.maildir", self.overrides))
             log_fd = Log.open_file(new.log.file)
             opened = self._open_new_sockets(new)
@@ -659,7 +661,7 @@ class Arbiter:
                 raise
             self.log.error("RELOAD", f"reload failed, keeping the running configuration: {exc}")
             return
-        self.tls_context, self.passwords = context, passwords
+        self.tls_context, self.passwords, self.ids = context, passwords, ids
         old_addrs = set(self.sockets) - listen_addresses(new)[0]
         for addr in old_addrs:
             sock = self.sockets.pop(addr)
@@ -725,6 +727,19 @@ class Arbiter:
                     sock.close()
             raise
         return opened
+
+    def _worker_ids(self, cfg) -> tuple[int | None, int | None]:
+        """server.user and server.group as numbers, looked up with the config: a worker
+        forked later (a respawn, hours on) must not need the user database to answer
+        then (an LDAP outage, a userdel), or every respawn would fail its drop."""
+        user, group = cfg.server.user, cfg.server.group
+        for key, value, names in (("server.user", user, (user, "")), ("server.group", group, ("", group))):
+            try:
+                process.resolve_ids(*names)
+            except KeyError:  # gone since the config's own check, a moment ago
+                raise config_mod.ConfigError(config_mod.source_of(cfg, key, self.overrides), key, value,
+                                             f"no such {key.partition('.')[2]}") from None
+        return process.resolve_ids(user, group)
 
     def _named(self, cfg, addr, bind: Callable[[listeners.ListenAddr], socket.socket]) -> socket.socket:
         """``bind(addr)``, its error naming where the address was set, as config errors

@@ -69,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
+    if args.config == "":  # -c "$CONF" with CONF unset: not the built-in defaults, in silence
+        print("forksmtp: -c: an empty path names no config file (leave -c out for the built-in "
+              "defaults)", file=sys.stderr)
+        return 2
     overrides = overrides_from(args)
     try:
         # A [mailboxes] Maildir that cannot be used now stops neither a start nor a

@@ -263,9 +263,8 @@ def resolve_ids(user: str, group: str) -> tuple[int | None, int | None]:
     return uid, gid
 
 
-def drop_privileges(user: str, group: str) -> None:
-    """Become user/group (after the sockets are bound), group first, for good."""
-    uid, gid = resolve_ids(user, group)
+def drop_privileges(uid: int | None, gid: int | None) -> None:
+    """Become uid/gid (after the sockets are bound), group first, for good."""
     if gid is not None and os.getgid() != gid:
         os.setgroups([gid])
         os.setgid(gid)

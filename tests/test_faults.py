@@ -577,6 +577,46 @@ def test_directories_the_masters_pass_makes_are_the_workers_even_when_it_fails_p
     assert code == 250, text
 
 
+@pytest.fixture
+def own_user():
+    """A user of the test's own, added for it and removed after (or by) it."""
+    if os.geteuid() != 0 or not (shutil.which("useradd") and shutil.which("userdel")):
+        pytest.skip("adding a user needs root and useradd")
+    name = f"fsmtp-t{os.getpid() % 100000}"
+    made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                          capture_output=True, text=True, timeout=30)
+    if made.returncode != 0:
+        pytest.skip(f"useradd failed: {made.stderr.strip()}")
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", "--force", name], capture_output=True, timeout=30)
+
+
+def test_a_worker_forked_after_the_user_went_still_drops_to_it(nobody_dir, daemon_factory, own_user):
+    """The workers' user looked up again at each fork: after a userdel (or in an LDAP
+    outage) every respawned worker died in its drop, and the pool could not be refilled
+    until a restart.  The ids now come with the config, looked up at a start or reload."""
+    base, _ = nobody_dir
+    uid = pwd.getpwnam(own_user).pw_uid
+    d = daemon_factory(workers=1, server={"user": own_user, "min_spare_workers": 0},
+                       sections={"delivery": {"maildir": str(base / "Maildir")}})
+    before = wait_until(lambda: (p := set(worker_pids(d))) and p, 10, what="a worker")
+    subprocess.run(["userdel", "--force", own_user], check=True, capture_output=True, timeout=30)
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    after = wait_until(lambda: (p := set(worker_pids(d)) - before) and p, 10, what="a worker forked since")
+    assert {psutil.Process(pid).uids().real for pid in after} == {uid}
+    code, text = deliver_one(d.port, "after userdel")
+    assert code == 250, text
+    assert "Traceback" not in d.log_text()
+    # A reload now refuses the config, naming the key, and the workers serve on.
+    d.signal(signal.SIGHUP)
+    line = [x for x in d.wait_for_log("reload failed", 10).splitlines() if "reload failed" in x][-1]
+    assert line.endswith(f'server.user = "{own_user}": no such user'), line
+    assert deliver_one(d.port, "after the reload")[0] == 250
+
+
 def test_a_mailbox_that_fails_part_way_at_start_is_still_the_workers_once_fixed(
         nobody_dir, daemon_factory):
     """A start that made a [mailboxes] Maildir's tmp/ and new/ and then met a file where

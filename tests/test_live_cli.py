@@ -369,6 +369,17 @@ def test_no_arguments_uses_the_built_in_defaults(servers, tmp_path):
     assert server.proc.wait(20) == 0
 
 
+@pytest.mark.parametrize("flag", [["-c", ""], ["--config="], ["--config", ""]])
+def test_an_empty_config_path_is_an_error_not_the_built_in_defaults(tmp_path, flag):
+    """`forksmtp -c "$CONF"` with CONF unset started on the defaults, listening on
+    127.0.0.1:2525 with a Maildir in the working directory, and said nothing."""
+    for args in ([*flag, "--check"], flag):
+        result = run(*args, cwd=tmp_path)
+        assert (result.returncode, result.stderr) == (
+            2, "forksmtp: -c: an empty path names no config file (leave -c out for the built-in defaults)\n")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_fifo_where_the_pidfile_goes_fails_check_and_start_at_once(tmp_path):
     """The start read the old pid with an open() that waited for a writer: the master sat
     there before it bound anything, and a rename would then have replaced the FIFO."""

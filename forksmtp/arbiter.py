@@ -270,7 +270,8 @@ class Arbiter:
             try:
                 stats.write_atomic(self.cfg.server.stats_file, doc)
             except OSError as exc:
-                self.log.error("ERROR", f"cannot write stats_file {self.cfg.server.stats_file}: {exc}")
+                self.log.error("ERROR", f"cannot write stats_file {self.cfg.server.stats_file}: "
+                                        f"{exc.strerror or exc}")
 
     def handle_term(self) -> None:
         if self.stopping:
@@ -733,13 +734,16 @@ class Arbiter:
         forked later (a respawn, hours on) must not need the user database to answer
         then (an LDAP outage, a userdel), or every respawn would fail its drop."""
         user, group = cfg.server.user, cfg.server.group
-        for key, value, names in (("server.user", user, (user, "")), ("server.group", group, ("", group))):
-            try:
-                process.resolve_ids(*names)
-            except KeyError:  # gone since the config's own check, a moment ago
-                raise config_mod.ConfigError(config_mod.source_of(cfg, key, self.overrides), key, value,
-                                             f"no such {key.partition('.')[2]}") from None
-        return process.resolve_ids(user, group)
+        key = "server.user"
+        try:
+            uid, gid = process.resolve_ids(user, "")
+            key = "server.group"
+            gid = process.resolve_ids("", group)[1] if group else gid
+        except KeyError:  # gone since the config's own check, a moment ago
+            value = user if key == "server.user" else group
+            raise config_mod.ConfigError(config_mod.source_of(cfg, key, self.overrides), key, value,
+                                         f"no such {key.partition('.')[2]}") from None
+        return uid, gid
 
     def _named(self, cfg, addr, bind: Callable[[listeners.ListenAddr], socket.socket]) -> socket.socket:
         """``bind(addr)``, its error naming where the address was set, as config errors
@@ -819,7 +823,7 @@ def run(cfg, overrides: dict | None = None) -> int:
     try:
         arbiter.start()
     except (listeners.BindError, process.PidfileError, tls.TLSError, auth.PasswordFileError,
-            OSError) as exc:
+            config_mod.ConfigError, OSError) as exc:
         print(f"forksmtp: {exc}", file=sys.stderr)
         if cfg.server.pidfile:
             process.remove_pidfile(cfg.server.pidfile)  # ours only: it checks the pid

@@ -242,13 +242,14 @@ def _line_shown(source: str, message: str) -> str:
     return f": {shown}{'...' if len(text) > 80 else ''}"
 
 
-MAX_CONFIG_OCTETS = 1 << 20  # a config is a few KiB: a MiB of it is something else
+MAX_CONFIG_OCTETS = 16 << 20  # a few KiB, or some MiB with a [mailboxes] table of 100,000 lines
 
 
 def read_toml(path: str) -> dict:
     """The TOML table of the file at ``path``; ConfigError naming the file otherwise.
     Opened as the TLS and password files are (a FIFO there would hold a reload, with the
-    master handling no signal meanwhile) and read to a bound (/dev/zero has no end)."""
+    master handling no signal meanwhile) and read to a bound (/dev/zero has no end).
+    A pipe (``-c <(envsubst < tpl)``) is refused too: SIGHUP could never read it again."""
     try:
         with os.fdopen(process.open_regular(path), "rb") as f:
             data = f.read(MAX_CONFIG_OCTETS + 1)

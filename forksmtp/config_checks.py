@@ -11,7 +11,6 @@ The key table that says which key gets which converter and validator is ``forksm
 from __future__ import annotations
 
 import contextlib
-import errno
 import grp
 import ipaddress
 import json
@@ -46,11 +45,18 @@ class ConfigError(Exception):
 
 def _show(value: object) -> str:
     """A value as it would be written in TOML, cut short for one-line messages."""
+    if isinstance(value, int) and value.bit_length() > _SHOWN_BITS:
+        # Python refuses to write an integer of more than 4,300 digits in decimal, and
+        # TOML's hexadecimal, octal and binary ones have no such bound.
+        return f"<an integer of {value.bit_length():,} bits>"
     try:
         text = json.dumps(value, ensure_ascii=False, default=str)
-    except ValueError:  # nan
-        text = repr(value)
+    except ValueError:  # nan, or an integer too long for decimal inside a list
+        text = "<a value too long to show>"
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+_SHOWN_BITS = 256  # far below the 4,300 decimal digits Python writes at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +81,8 @@ def _convert(dotted: str, src: _Source, kind: Callable, validate: Callable | Non
 def _integer(value: object, base: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):  # bool is an int subclass
         raise ValueError("must be an integer")
+    if value.bit_length() > 63:  # what the C calls it ends up in take
+        raise ValueError("must be an integer of a sensible size")
     return value
 
 
@@ -282,9 +290,10 @@ def _replaceable_file(path: str) -> str:
         # a regular file in place of a FIFO, a socket or a device (stats_file =
         # "/dev/null" would take /dev/null out of /dev).
         process.refuse_non_regular(path)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            raise ValueError(f"{path} is {exc.strerror}") from None
+    except process.NotRegularFile:
+        raise ValueError(f"{path} is not a regular file") from None
+    except OSError:
+        pass  # none yet, or not to be looked at now: the start says what it meets
     return path
 
 

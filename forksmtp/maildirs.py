@@ -115,7 +115,7 @@ def _warn_unwritable(path: str, key: str, cfg, log: Log) -> None:
     try:
         uid, gid = process.resolve_ids(server.user, server.group)
     except (KeyError, OSError):
-        return  # the user went since the config was checked: the drop will say so
+        return  # the user went since the config was checked; workers drop to the ids kept
     if uid is None or gid is None:
         return  # workers run as root
     for directory, need, what in zip(config_checks.own_dirs(path), (0o1, 0o3, 0o3),

@@ -92,6 +92,6 @@ def main(argv: list[str], config: str | None = None) -> int:
         return 1
     spelt = "" if user == args.user else f" (as {user!r}, its SASLprep form)"
     print(f"password for {args.user}{spelt} written to {path}")
-    if replaced > 1:  # the same name in other spellings, which load() would refuse
-        print(f"its {replaced} lines in other spellings are now this one line")
+    if replaced > 1:  # the same name on several lines (in any spelling), which load() refuses
+        print(f"the {replaced} lines of that name are now this one line")
     return 0

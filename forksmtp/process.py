@@ -155,13 +155,13 @@ def write_pidfile(path: str) -> None:
 
 
 def refuse_non_regular(path: str) -> None:
-    """OSError unless ``path`` (through a symlink) is a regular file or nothing at all."""
+    """NotRegularFile unless ``path`` (through a symlink) is a regular file or nothing."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISREG(st.st_mode):
-        raise OSError(errno.EINVAL, "not a regular file, and would be replaced by one", path)
+        raise NotRegularFile(path)
 
 
 def write_atomic(path: str, text: str, mode: int = 0o644, owner: tuple[int, int] | None = None) -> None:
@@ -192,6 +192,13 @@ def write_atomic(path: str, text: str, mode: int = 0o644, owner: tuple[int, int]
         raise
 
 
+class NotRegularFile(OSError):
+    """A FIFO, a socket, a device or a directory where a regular file belongs."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(errno.EINVAL, "not a regular file", path)
+
+
 def open_regular(path: str) -> int:
     """A descriptor of the regular file at ``path`` (through symlinks), read-only.
 
@@ -203,7 +210,7 @@ def open_regular(path: str) -> int:
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", path)
+            raise NotRegularFile(path)
     except BaseException:
         os.close(fd)
         raise

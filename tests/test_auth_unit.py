@@ -908,7 +908,7 @@ def test_passwd_command_says_how_it_wrote_a_name_saslprep_changed(tmp_path):
     r = passwd("passwd", "IX", "-f", str(f), stdin="pw2\n", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode() == (f"password for IX written to {f}\n"
-                                 f"its 2 lines in other spellings are now this one line\n")
+                                 f"the 2 lines of that name are now this one line\n")
     assert list(auth.load(str(f))) == ["IX"] and len(f.read_text().splitlines()) == 1
     r = passwd("passwd", "bob", "-f", str(f), stdin="pw\u0007\n", cwd=tmp_path)
     assert r.returncode == 1 and r.stdout == b""

@@ -12,6 +12,7 @@ after a dead pid, or old ones) is created by hand instead, and start-up must swe
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import pwd
@@ -582,6 +583,8 @@ def own_user():
     """A user of the test's own, added for it and removed after (or by) it."""
     if os.geteuid() != 0 or not (shutil.which("useradd") and shutil.which("userdel")):
         pytest.skip("adding a user needs root and useradd")
+    for stale in [e.pw_name for e in pwd.getpwall() if e.pw_name.startswith("fsmtp-t")]:
+        subprocess.run(["userdel", "--force", stale], capture_output=True, timeout=30)  # a killed run's
     name = f"fsmtp-t{os.getpid() % 100000}"
     made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
                           capture_output=True, text=True, timeout=30)
@@ -612,9 +615,32 @@ def test_a_worker_forked_after_the_user_went_still_drops_to_it(nobody_dir, daemo
     assert "Traceback" not in d.log_text()
     # A reload now refuses the config, naming the key, and the workers serve on.
     d.signal(signal.SIGHUP)
-    line = [x for x in d.wait_for_log("reload failed", 10).splitlines() if "reload failed" in x][-1]
+    line = [x for x in d.wait_for_log("reload failed", 30).splitlines() if "reload failed" in x][-1]
     assert line.endswith(f'server.user = "{own_user}": no such user'), line
     assert deliver_one(d.port, "after the reload")[0] == 250
+
+
+def test_the_workers_ids_are_looked_up_with_the_config_and_a_name_gone_names_its_key(tmp_path):
+    """Arbiter._worker_ids, run at a start and at each reload right after the config's
+    own check: a user or group gone in between is that key's error, not a KeyError."""
+    from forksmtp.arbiter import Arbiter
+    from forksmtp.config import ConfigError, load_config
+    config = tmp_path / "f.toml"
+    config.write_text('[server]\nuser = "nobody"\n')
+    cfg = load_config(str(config))
+    nobody = pwd.getpwnam("nobody")
+    arbiter = Arbiter(cfg)
+    assert arbiter._worker_ids(cfg) == (nobody.pw_uid, nobody.pw_gid)
+    root_group = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, group="0"))
+    assert arbiter._worker_ids(root_group) == (nobody.pw_uid, 0)
+    for key, server in [("server.user", {"user": "fsmtp-no-such-user"}),
+                        ("server.group", {"group": "fsmtp-no-such-group"})]:
+        gone = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **server))
+        with pytest.raises(ConfigError) as exc:
+            arbiter._worker_ids(gone)
+        value = server[key.split(".")[1]]
+        assert str(exc.value) == f'{config}: {key} = "{value}": no such {key.split(".")[1]}'
+    assert arbiter._worker_ids(load_config(None)) == (None, None)
 
 
 def test_a_mailbox_that_fails_part_way_at_start_is_still_the_workers_once_fixed(

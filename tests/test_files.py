@@ -150,7 +150,7 @@ def test_a_fifo_put_where_the_pidfile_goes_is_neither_waited_on_nor_replaced(tmp
 
 def test_a_pidfile_holding_junk_or_a_huge_file_is_read_as_no_pid(tmp_path):
     path = tmp_path / "run.pid"
-    for content in (b"", b"\xff\xfe junk\n", b"1" * 10_000_000):
+    for content in (b"", b"\xff\xfe junk\n", b"1" * 10_000_000, b"-1\n", b"0\n"):  # -1: kill(-1, 0)
         path.write_bytes(content)
         process.write_pidfile(str(path))
         assert path.read_text() == f"{os.getpid()}\n"
@@ -164,7 +164,7 @@ def test_a_fifo_put_where_the_stats_file_goes_after_the_check_is_left_alone(tmp_
     os.mkfifo(fifo)
     with pytest.raises(OSError) as exc:
         stats.write_atomic(str(fifo), "{}")
-    assert exc.value.strerror == "not a regular file, and would be replaced by one"
+    assert isinstance(exc.value, process.NotRegularFile) and exc.value.strerror == "not a regular file"
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.listdir(tmp_path) == ["stats.json"]
     regular = tmp_path / "regular.json"
     stats.write_atomic(str(regular), "{}")

@@ -213,7 +213,7 @@ def test_hup_with_a_config_that_is_no_config_file_keeps_running(daemon_factory, 
         d.config_path.write_text(good + ("\n[limits]\nmax_errors = " + "1" * 5000 if put == "digits" else
                                          "\n[extra]\nx = " + "[" * 2000 + "]" * 2000) + "\n")
     d.signal(signal.SIGHUP)
-    text = d.wait_for_log("reload failed", 10)
+    text = d.wait_for_log("reload failed", 30)
     (line,) = [line for line in text.splitlines() if "reload failed" in line]
     assert line.endswith(f"[RELOAD] reload failed, keeping the running configuration: {d.config_path}: {said}"), line
     assert "Traceback" not in d.log_text()

@@ -146,7 +146,8 @@ class Arbiter:
         self._note_certificate(cfg)
         for addr in sorted(listen_addresses(cfg)[0], key=str):
             self.sockets[addr] = self._named(cfg, addr, listeners.bind)
-        maildirs.prepare(cfg, self.log, config_mod.source_of(cfg, "delivery.maildir", self.overrides))
+        maildirs.prepare(cfg, self.log, config_mod.source_of(cfg, "delivery.maildir", self.overrides),
+                         self.ids)
         # That made and swept every Maildir: the next pass is due in an hour.  Run again
         # at the first tick, it would race an operator's first change to a Maildir.
         self.next_tmp_clean = time.monotonic() + TMP_CLEAN_INTERVAL
@@ -616,7 +617,7 @@ class Arbiter:
             return
         self.next_tmp_clean = now + TMP_CLEAN_INTERVAL
         self.last_pass = now
-        maildirs.look_after(self.cfg, self.log)
+        maildirs.look_after(self.cfg, self.log, self.ids)
         self._warn_certificate(now)
 
     def _note_certificate(self, cfg) -> None:
@@ -644,7 +645,8 @@ class Arbiter:
             new = config_mod.load_config(self.cfg.path or None, self.overrides, mailbox_storage=False)
             context, passwords = load_security(new)
             ids = self._worker_ids(new)
-            maildirs.prepare(new, self.log, config_mod.source_of(new, "delivery.maildir", self.overrides))
+            maildirs.prepare(new, self.log, config_mod.source_of(new, "delivery.maildir", self.overrides),
+                             ids)
             log_fd = Log.open_file(new.log.file)
             opened = self._open_new_sockets(new)
             # Last: a pidfile another live process holds fails the reload, the old one kept.

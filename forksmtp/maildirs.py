@@ -23,8 +23,11 @@ class MaildirError(OSError):
         return str(self.strerror)
 
 
-def prepare(cfg, log: Log, source: str) -> None:
-    """Make every Maildir of ``cfg``.  One the catch-all cannot use stops a start or a
+Ids = tuple[int | None, int | None]  # the workers' uid and gid, looked up with the config
+
+
+def prepare(cfg, log: Log, source: str, ids: Ids) -> None:
+    """Make every Maildir of ``cfg`` and give what it makes to the workers' ``ids``.  One the catch-all cannot use stops a start or a
     reload (``MaildirError``, naming ``source``, where ``delivery.maildir`` was set, as
     config errors do); a ``[mailboxes]`` one is logged and left out (its mail gets
     451 until it is fixed), as Postfix's delivery agents defer one mailbox's mail and take
@@ -32,7 +35,7 @@ def prepare(cfg, log: Log, source: str) -> None:
     certificate's reload, or the server from starting after a reboot."""
     keys = config_mod.maildir_keys(cfg.delivery)
     for path in sorted(keys):
-        error = make(path, cfg, log)[1]
+        error = make(path, cfg, log, ids)[1]
         try:
             if error is not None:
                 raise error
@@ -45,23 +48,23 @@ def prepare(cfg, log: Log, source: str) -> None:
                 raise MaildirError(getattr(exc, "errno", None) or errno.EIO, str(named)) from exc
             log.warning("STORE", f"{keys[path]} = {path}: {problem}; its mail gets 451 until this is fixed")
             continue
-        _warn_unwritable(path, keys[path], cfg, log)
+        _warn_unwritable(path, keys[path], cfg, log, ids)
         _clean_tmp(path, log)
 
 
-def look_after(cfg, log: Log) -> None:
+def look_after(cfg, log: Log, ids: Ids) -> None:
     """The hourly pass over every Maildir of ``cfg``: make again what went missing, and
     remove what crashed deliveries left in ``tmp/``."""
     for path in {cfg.delivery.maildir, *cfg.delivery.mailboxes.values()}:
-        _remake(path, cfg, log)
+        _remake(path, cfg, log, ids)
         _clean_tmp(path, log)
 
 
-def make(path: str, cfg, log: Log) -> tuple[list[str], Exception | None]:
+def make(path: str, cfg, log: Log, ids: Ids) -> tuple[list[str], Exception | None]:
     """Make what is missing of the Maildir at ``path``: what was made, and the error
     that stopped it, if one did.
 
-    Then the Maildir's own directories that are root's go to the workers' user: what
+    Then the Maildir's own directories that are root's go to the workers' ``ids``: what
     this master made, also what a failure part of the way left (tmp/ and new/, with a
     file where cur/ belongs), and what an earlier run without server.user or an
     operator's mkdir made; the workers must write tmp/ and new/.  A directory of any
@@ -76,7 +79,7 @@ def make(path: str, cfg, log: Log) -> tuple[list[str], Exception | None]:
     except (OSError, ValueError) as exc:
         error = exc
     made = [d for d in missing if os.path.isdir(d) and not os.path.islink(d)]
-    _give_to_workers([d for d in dirs if _roots_directory(d, follow=d == path)], cfg, log, top=path)
+    _give_to_workers([d for d in dirs if _roots_directory(d, follow=d == path)], ids, log, top=path)
     return made, error
 
 
@@ -89,33 +92,27 @@ def _roots_directory(path: str, follow: bool) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == 0
 
 
-def _give_to_workers(directories: list[str], cfg, log: Log, top: str) -> None:
-    """chown to server.user/group, if set, each directory alone (not what is below it),
-    through a symlink only for ``top``, the configured path; a failure is logged, not
-    raised (a broken mailbox must not stop the rest)."""
-    server = cfg.server
-    if not (server.user or server.group):
+def _give_to_workers(directories: list[str], ids: Ids, log: Log, top: str) -> None:
+    """chown to the workers' uid/gid, if set, each directory alone (not what is below
+    it), through a symlink only for ``top``, the configured path; a failure is logged,
+    not raised (a broken mailbox must not stop the rest).  The ids are those the workers
+    drop to, looked up with the config: a pass an hour later needs no user database."""
+    if ids == (None, None):
         return
     for directory in directories:
         try:
-            process.chown_dir(directory, server.user, server.group, follow=directory == top)
+            process.chown_dir(directory, *ids, follow=directory == top)
         except OSError as exc:
             log.warning("STORE", f"cannot give {directory} to the workers' user: {exc}")
-        except KeyError as exc:  # the user or group went since the config was checked
-            log.warning("STORE", f"cannot give {directory} to the workers' user: {exc.args[0]}")
-            return  # the same for every directory: said once
 
 
-def _warn_unwritable(path: str, key: str, cfg, log: Log) -> None:
+def _warn_unwritable(path: str, key: str, cfg, log: Log, ids: Ids) -> None:
     """A Maildir of another owner than root (a mail reader's: the master gives the
     workers only root's directories) that the workers' user may not pass through, or
     whose tmp/ or new/ it may not write: say so at the start or reload, not only at its
     first message's 451."""
     server = cfg.server
-    try:
-        uid, gid = process.resolve_ids(server.user, server.group)
-    except (KeyError, OSError):
-        return  # the user went since the config was checked; workers drop to the ids kept
+    uid, gid = ids
     if uid is None or gid is None:
         return  # workers run as root
     for directory, need, what in zip(config_checks.own_dirs(path), (0o1, 0o3, 0o3),
@@ -131,12 +128,12 @@ def _warn_unwritable(path: str, key: str, cfg, log: Log) -> None:
             return
 
 
-def _remake(path: str, cfg, log: Log) -> None:
+def _remake(path: str, cfg, log: Log, ids: Ids) -> None:
     """Make again what is missing of a Maildir.  Delivery makes ``tmp/`` and ``new/``
     when it finds them gone, but never looks at ``cur/``, which only readers use."""
     if all(os.path.isdir(d) for d in config_checks.own_dirs(path)):
         return
-    made, error = make(path, cfg, log)
+    made, error = make(path, cfg, log, ids)
     if error is not None:
         log.warning("STORE", f"cannot make {path} again: {error}")
     if made:

@@ -289,11 +289,10 @@ def writable_by(st: os.stat_result, uid: int, gid: int, need: int = 0o3) -> bool
     return (st.st_mode >> shift) & need == need
 
 
-def chown_dir(path: str, user: str, group: str, follow: bool = False) -> None:
-    """Give a Maildir's directory to the unprivileged user, so that workers can write
+def chown_dir(path: str, uid: int | None, gid: int | None, follow: bool = False) -> None:
+    """Give a Maildir's directory to the workers' uid/gid, so that workers can write
     there after the drop; through a symlink only if ``follow`` (the configured path
     may be one; nothing below it, where one may be swapped in meanwhile)."""
-    uid, gid = resolve_ids(user, group)
     if uid is None and gid is None:
         return
     os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=follow)

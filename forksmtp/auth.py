@@ -148,8 +148,7 @@ def _read_lines(path: str) -> list[str]:
     """The file's lines, split at LF, CR or CRLF only (SASLprep judges any other character
     in a name).  A line that is not UTF-8 is an error naming it; a byte order mark, which
     some editors write, is skipped."""
-    with open(process.open_regular(path), "rb") as f:
-        data = f.read(MAX_FILE_OCTETS + 1)
+    data = process.read_regular(path, MAX_FILE_OCTETS)
     if len(data) > MAX_FILE_OCTETS:  # the master reads it whole at each start and reload
         raise PasswordFileError(f"{path}: larger than {MAX_FILE_OCTETS >> 20} MiB: not a password file")
     raw = data.removeprefix(codecs.BOM_UTF8).splitlines()

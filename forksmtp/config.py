@@ -251,8 +251,7 @@ def read_toml(path: str) -> dict:
     master handling no signal meanwhile) and read to a bound (/dev/zero has no end).
     A pipe (``-c <(envsubst < tpl)``) is refused too: SIGHUP could never read it again."""
     try:
-        with os.fdopen(process.open_regular(path), "rb") as f:
-            data = f.read(MAX_CONFIG_OCTETS + 1)
+        data = process.read_regular(path, MAX_CONFIG_OCTETS)
     except OSError as exc:
         raise ConfigError(path, None, None, f"cannot read: {exc.strerror or exc}") from None
     if len(data) > MAX_CONFIG_OCTETS:
@@ -270,7 +269,6 @@ def read_toml(path: str) -> dict:
                                             f"{sys.get_int_max_str_digits():,} digits") from None
     except RecursionError:  # arrays or inline tables nested a thousand deep
         raise ConfigError(path, None, None, "invalid TOML: nested too deeply") from None
-
 
 
 def _reject_unknown(raw: dict, file: str) -> None:

@@ -43,6 +43,9 @@ class ConfigError(Exception):
         return ": ".join(parts)
 
 
+_SHOWN_BITS = 256  # far below the 4,300 decimal digits Python writes at most
+
+
 def _show(value: object) -> str:
     """A value as it would be written in TOML, cut short for one-line messages."""
     if isinstance(value, int) and value.bit_length() > _SHOWN_BITS:
@@ -54,9 +57,6 @@ def _show(value: object) -> str:
     except ValueError:  # nan, or an integer too long for decimal inside a list
         text = "<a value too long to show>"
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-_SHOWN_BITS = 256  # far below the 4,300 decimal digits Python writes at most
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,12 +127,10 @@ def _pid_in(path: str) -> int:
     """The pid a pidfile holds, 0 for none or junk.  Read as the TLS files are
     (open_regular): a FIFO put there would hold the master at its start, or at a
     reload, until something wrote into it."""
-    fd = open_regular(path)
-    with os.fdopen(fd, "rb") as f:
-        try:
-            pid = int(f.read(64).strip() or 0)
-        except ValueError:
-            return 0
+    try:
+        pid = int(read_regular(path, 63).strip() or 0)
+    except ValueError:
+        return 0
     return pid if 0 < pid <= PID_MAX_LIMIT else 0  # os.kill() overflows past it
 
 
@@ -215,6 +213,14 @@ def open_regular(path: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def read_regular(path: str, limit: int) -> bytes:
+    """At most ``limit`` + 1 octets of the regular file at ``path`` (open_regular): more
+    than ``limit`` tells the caller the file is larger than it takes, without reading
+    the rest (/dev/zero, or a file that is not what the operator meant)."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        return f.read(limit + 1)
 
 
 def remove_pidfile(path: str) -> None:

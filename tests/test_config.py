@@ -365,6 +365,16 @@ def test_a_number_too_big_for_its_use_is_refused_by_its_key(etc: Path, key: str,
         assert f"{key} = <an integer of 16,000 bits>: " in line
 
 
+def test_the_63_bit_bound_of_an_integer_key_is_crossed_at_2_to_the_63(etc: Path) -> None:
+    """2**63 - 1 is an integer of a sensible size (the key's own range judges it then);
+    2**63 is not."""
+    cfg = load_config(str(write(etc, f"[limits]\nmax_message_size = {2**63 - 1}\n", "edge.toml")))
+    assert cfg.limits.max_message_size == 2**63 - 1
+    with pytest.raises(ConfigError) as info:
+        load_config(str(write(etc, f"[limits]\nmax_message_size = {2**63}\n", "past.toml")))
+    assert (info.value.key, info.value.problem) == ("limits.max_message_size", "must be an integer of a sensible size")
+
+
 def test_defaults_match_the_dataclasses(etc: Path) -> None:
     cfg = load_config(None)
     assert cfg == Config()

@@ -38,6 +38,14 @@ def toml_value(value) -> str:
     raise TypeError(value)
 
 
+def shown(value: str) -> str:
+    """A string value as a config error shows it: in TOML's quotes, and cut to its first
+    77 characters and "..." past 80, so that a test's expectation does not depend on how
+    long its temporary directory's path happens to be."""
+    text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def write_config(path: Path, sections: dict[str, dict]) -> Path:
     lines = []
     for section, values in sections.items():

@@ -296,6 +296,17 @@ def test_error_shows_the_value_as_written(etc: Path) -> None:
     assert info.value.value == -1
 
 
+def test_a_long_value_is_shown_cut_to_one_line(etc: Path) -> None:
+    """A value of 80 characters in its quotes is shown whole; one longer is cut to its
+    first 77 and "...", the key and the reason still whole."""
+    for name, whole in (("a" * 78, True), ("a" * 79, False)):
+        path = write(etc, f'[server]\nhostname = "{name}"\n', name="x.toml")
+        with pytest.raises(ConfigError) as info:
+            load_config(str(path))
+        value = f'"{name}"' if whole else f'"{name[:76]}...'
+        assert str(info.value).startswith(f"{path}: server.hostname = {value}: "), str(info.value)
+
+
 @pytest.mark.parametrize("snippet, line, shown", [
     ("[server]\nworkers = \n", 2, "workers ="),
     ("[server]\nworkers = 4\nworkers = 5\n", 3, "workers = 5"),  # TOML forbids a key twice

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 import forksmtp
-from daemon import free_port, write_config
+from daemon import free_port, shown, write_config
 
 HOST = "127.0.0.1"
 
@@ -295,7 +295,7 @@ def test_check_fails_where_a_full_file_system_would_fail_the_start(servers, tmp_
     same line; a [mailboxes] Maildir there is a warning, as at the start, and the probe
     leaves nothing behind."""
     maildir = full_fs / "Maildir"
-    line = (f'forksmtp: command line: delivery.maildir = "{maildir}": '
+    line = (f"forksmtp: command line: delivery.maildir = {shown(str(maildir))}: "
             f"cannot make the Maildir: {maildir}: No space left on device\n")
     args = ("--listen", f"{HOST}:{free_port()}", "--maildir", str(maildir))
     server = servers(*args)
@@ -389,7 +389,7 @@ def test_a_fifo_where_the_pidfile_goes_fails_check_and_start_at_once(tmp_path):
         "server": {"listen": [f"{HOST}:{free_port()}"], "workers": 1, "pidfile": str(fifo)},
         "delivery": {"maildir": str(tmp_path / "Maildir")},
     })
-    said = f'forksmtp: {path}: server.pidfile = "{fifo}": {fifo} is not a regular file\n'
+    said = f"forksmtp: {path}: server.pidfile = {shown(str(fifo))}: {fifo} is not a regular file\n"
     for args in (["--check"], []):
         result = run("-c", str(path), *args, cwd=tmp_path)
         assert (result.returncode, result.stderr) == (2, said), result

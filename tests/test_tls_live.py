@@ -31,7 +31,7 @@ import psutil
 import pytest
 
 import tls_certs
-from daemon import (Daemon, connect, free_port, read_reply, request_stats, serving_worker, wait_until,
+from daemon import (Daemon, connect, free_port, read_reply, request_stats, serving_worker, shown, wait_until,
                     write_config)
 from forksmtp import auth
 from forksmtp.tls import expiry_warning
@@ -1051,7 +1051,7 @@ def test_a_certificate_past_or_near_its_end_is_warned_about(daemon_factory, cert
     pw = password_file(tmp_path / "passwd", alice=PASSWORD)
     d = daemon_factory(sections=tls_sections(certs, pw, cert=cert, key=key))
     text = d.wait_for_log("tls.cert_file = ", TIMEOUT)
-    problem = (f'{d.config_path}: tls.cert_file = "{cert}": the certificate expired on 2020-02-01 00:00:00 UTC; '
+    problem = (f"{d.config_path}: tls.cert_file = {shown(str(cert))}: the certificate expired on 2020-02-01 00:00:00 UTC; "
                "clients that verify it refuse the session; renew it, then SIGHUP")
     assert [line.split(" [TLS] ", 1)[1] for line in text.splitlines() if "tls.cert_file = " in line] == [problem]
     check = subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(d.config_path), "--check"],

@@ -502,7 +502,9 @@ def test_a_refused_smtps_client_that_trickles_its_hello_is_let_go_within_the_dea
                 if closed:
                     break
             elapsed = time.monotonic() - start
-        assert closed and elapsed < 3.0, elapsed  # the old per-read timeout: never, here
+        # About REFUSAL_TLS_TIMEOUT (1 s); the old per-read timeout let the 43 octets
+        # take their 8.6 s and more.  The bound leaves room for a loaded machine.
+        assert closed and elapsed < 6.0, elapsed
         wait_log_count(d, "refused: max_connections_per_ip", 1)
 
 
@@ -799,7 +801,7 @@ def test_an_auth_that_waits_past_its_bound_gets_454_and_the_session_goes_on(daem
         code, text = waiting.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD))
         waited = time.monotonic() - started
         assert (code, text) == (454, b"4.7.0 Temporary authentication failure")
-        assert 4.9 <= waited < 8.0, waited
+        assert 4.9 <= waited < 10.0, waited  # AUTH_WAIT, not the checks' end (never, here)
         assert waiting.noop()[0] == 250
     finally:
         _resume(stopped)

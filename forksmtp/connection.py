@@ -82,14 +82,40 @@ def tune_for_big_reads() -> bool:
     return False
 
 
-def _close_tls(sock: ssl.SSLSocket) -> None:
+#: Reads of RECV_SIZE that _discard_unread makes at most: 256 KiB thrown away.
+DISCARD_READS: Final = 4
+#: Why a session ended when the client ended it; any other reason is the server's.
+_CLIENT_ENDED: Final = ("client quit", "client disconnected")
+
+
+def _discard_unread(sock: _socket.socket) -> None:
+    """Read and drop, without waiting, what the client sent that no reply will answer,
+    before a close the server begins (the 554 to an early talker, a 421, a failed
+    handshake).  A close with unread octets in the socket makes the kernel send a reset
+    instead of a FIN, and a client stack that throws away its unread input on a reset
+    (Windows does) then loses the reply that says why.  The plain socket's own read is
+    used on a TLS socket too: what is left there is never decrypted.  Octets that come
+    after the close still meet a reset; waiting for them (Apache's lingering close)
+    would hold a worker for every bot."""
+    try:
+        for _ in range(DISCARD_READS):
+            if _socket.socket.recv_into(sock, _recv_buffer, 0, _socket.MSG_DONTWAIT) == 0:
+                return
+    except OSError:  # BlockingIOError: nothing more there; or the client already reset
+        pass
+
+
+def _close_tls(sock: ssl.SSLSocket, discard: bool) -> None:
     """Send our close_notify, then close: without it OpenSSL 3 clients report the end of
     the session as a truncation ("unexpected eof").  The peer's close_notify is not
-    awaited (RFC 8446 6.1), so this never blocks; the TLS wrapper owns the descriptor."""
+    awaited (RFC 8446 6.1), so this never blocks; the TLS wrapper owns the descriptor.
+    ``discard``: the server ends the session (see _discard_unread)."""
     try:
         sock.unwrap()
     except (OSError, ValueError):  # ssl.SSLError is an OSError: not established, peer gone
         pass
+    if discard:
+        _discard_unread(sock)
     sock.close()
 
 
@@ -197,8 +223,11 @@ class Connection:
             if self.txn is not None:
                 self.txn.abort()
                 self.txn = None
+            discard = self.close_reason not in _CLIENT_ENDED
             if isinstance(self.sock, ssl.SSLSocket):
-                _close_tls(self.sock)
+                _close_tls(self.sock, discard)
+            elif discard:  # the worker closes the plain socket
+                _discard_unread(self.sock)
             session.end_log()
             self._drain_session_log()
             self.log.queue("CLOSE", f"{self.peer_ip} {self.close_reason}")

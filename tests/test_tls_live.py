@@ -449,6 +449,24 @@ def one_smtps_session_per_address(daemon_factory, certs, tmp_path) -> tuple[Daem
     return d, implicit
 
 
+def test_an_smtps_early_talker_reads_its_554_and_a_clean_close(daemon_factory, certs, tmp_path):
+    """On an SMTPS port the greeting delay starts after the handshake: a client that
+    talks first gets 554 inside TLS, then our close_notify and a FIN, not a reset (the
+    TLS shutdown reads its early record, or the close throws it away unread)."""
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    implicit = free_port()
+    d = daemon_factory(server={"greeting_delay": 0.5},
+                       sections=tls_sections(certs, pw, tls={"implicit_listen": [f"{HOST}:{implicit}"]}))
+    with socket.create_connection((HOST, implicit), timeout=TIMEOUT) as raw:
+        with certs.client_context().wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(b"EHLO eager.example\r\n")
+            wire = b""
+            while chunk := s.recv(4096):  # a reset raises ConnectionResetError
+                wire += chunk
+    assert wire == b"554 5.5.0 SMTP protocol violation: data sent before greeting\r\n"
+    assert request_stats(d)["connections_rejected"]["early_talker"] == 1
+
+
 def test_smtps_client_over_the_limit_reads_its_421_inside_tls(daemon_factory, certs, tmp_path):
     """RFC 8314: on an SMTPS port TLS comes first, so a refused client gets the handshake
     and then its 421 4.7.0 encrypted, not plaintext a TLS client reads as garbage."""

@@ -82,16 +82,16 @@ def tune_for_big_reads() -> bool:
     return False
 
 
-#: Reads of RECV_SIZE that _discard_unread makes at most: 256 KiB thrown away.
+#: Reads of RECV_SIZE that discard_unread makes at most: 256 KiB thrown away.
 DISCARD_READS: Final = 4
 #: Why a session ended when the client ended it; any other reason is the server's.
 _CLIENT_ENDED: Final = ("client quit", "client disconnected")
 
 
-def _discard_unread(sock: _socket.socket) -> None:
+def discard_unread(sock: _socket.socket) -> None:
     """Read and drop, without waiting, what the client sent that no reply will answer,
     before a close the server begins (the 554 to an early talker, a 421, a failed
-    handshake).  A close with unread octets in the socket makes the kernel send a reset
+    handshake, a refusal at a connection limit).  A close with unread octets in the socket makes the kernel send a reset
     instead of a FIN, and a client stack that throws away its unread input on a reset
     (Windows does) then loses the reply that says why.  The plain socket's own read is
     used on a TLS socket too: what is left there is never decrypted.  Octets that come
@@ -109,13 +109,13 @@ def _close_tls(sock: ssl.SSLSocket, discard: bool) -> None:
     """Send our close_notify, then close: without it OpenSSL 3 clients report the end of
     the session as a truncation ("unexpected eof").  The peer's close_notify is not
     awaited (RFC 8446 6.1), so this never blocks; the TLS wrapper owns the descriptor.
-    ``discard``: the server ends the session (see _discard_unread)."""
+    ``discard``: the server ends the session (see discard_unread)."""
     try:
         sock.unwrap()
     except (OSError, ValueError):  # ssl.SSLError is an OSError: not established, peer gone
         pass
     if discard:
-        _discard_unread(sock)
+        discard_unread(sock)
     sock.close()
 
 
@@ -227,7 +227,7 @@ class Connection:
             if isinstance(self.sock, ssl.SSLSocket):
                 _close_tls(self.sock, discard)
             elif discard:  # the worker closes the plain socket
-                _discard_unread(self.sock)
+                discard_unread(self.sock)
             session.end_log()
             self._drain_session_log()
             self.log.queue("CLOSE", f"{self.peer_ip} {self.close_reason}")

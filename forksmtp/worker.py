@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable, Final, Protocol
 
 from . import authlimit, delivery, limits, process
-from .connection import Connection, drive_handshake, wait_alone
+from .connection import Connection, discard_unread, drive_handshake, wait_alone
 from .listeners import client_ip
 from .logs import WARNING, Log
 from .scoreboard import MasterGone, Scoreboard
@@ -370,6 +370,7 @@ class Worker:
         try:
             if not implicit_tls:
                 sent = sock.send(reply.wire(True)) > 0
+                discard_unread(sock)  # a client that talked first: a FIN, not a reset
             elif self.tls_context is None or self.board.in_stress():
                 why = "no TLS handshake in stress mode"
             else:

@@ -8,13 +8,15 @@ tells apart is an answer from a hang, which would last the whole command timeout
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+import time
 
 import pytest
 
 from daemon import (assert_no_zombies, connect, free_port, read_reply, request_stats, send_message,
-                    wait_until)
+                    serving_worker, wait_until, worker_pids)
 
 ANSWER = 5.0
 
@@ -60,6 +62,36 @@ def test_over_max_connections_gets_421_4_3_2(daemon_factory):
     wait_until(lambda: request_stats(d)["connections_active"] == 0, 10, 0.1, "sessions released")
     send_message(d.port)
     assert_no_zombies(d)
+
+
+def test_a_refused_client_that_talked_first_reads_its_421_and_a_clean_close(daemon_factory):
+    """Its EHLO is never read: closed with it unread, the connection ended in a reset
+    after the 421, which a client stack that drops unread input on a reset (Windows)
+    never shows.  The idle workers are stopped while the client connects and talks, so
+    that its EHLO is there before any worker accepts it."""
+    d = daemon_factory(workers=2, server={"max_connections_per_ip": 1, "max_workers": 6})
+    holder = greeted(d.port)
+    try:
+        busy = serving_worker(d, holder).pid
+        idle = [pid for pid in worker_pids(d) if pid != busy]
+        assert idle
+        for pid in idle:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            talker = connect(d.port, timeout=ANSWER)
+            talker.sendall(b"EHLO eager.example\r\n")
+            time.sleep(0.2)
+        finally:
+            for pid in idle:
+                os.kill(pid, signal.SIGCONT)
+        with talker:
+            wire = b""
+            while chunk := talker.recv(4096):  # to the close: a reset raises ConnectionResetError
+                wire += chunk
+        assert wire.startswith(b"421 4.7.0 ") and wire.count(b"\r\n") == 1, wire
+    finally:
+        holder.close()
+    assert request_stats(d)["connections_rejected"]["max_connections_per_ip"] == 1
 
 
 def test_over_max_connections_per_ip_gets_421_4_7_0_other_address_served(daemon_factory):

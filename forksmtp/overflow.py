@@ -16,6 +16,7 @@ import select
 import socket
 
 from . import limits
+from .connection import discard_unread
 from .listeners import client_ip
 from .pool import CEILING_WARN_EVERY
 from .scoreboard import IDLE, STARTING
@@ -86,6 +87,7 @@ class OverflowGuard:
             # handshake (a slow client would stall the supervisor): it only closes.
             if not tls_first:
                 conn.send(reply.wire(True))
+            discard_unread(conn)  # a client that talked first: a FIN after the 421, not a reset
         except OSError:
             pass
         finally:

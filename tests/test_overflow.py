@@ -52,6 +52,21 @@ def test_held_back_pool_with_no_worker_answers_421_instead_of_silence():
         client.close()
 
 
+def test_a_client_that_talked_first_reads_the_421_and_a_clean_close():
+    """Its EHLO is never read: closed with it unread, the connection ended in a reset
+    after the 421, which a client stack that drops unread input on a reset (Windows)
+    never shows."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        with queued_client(listener) as client:
+            client.sendall(b"EHLO eager.example\r\n")
+            time.sleep(0.1)
+            run_guard(OverflowGuard(Log()), listener, workers=4, max_workers=4, held_back=False)
+            wire = b""
+            while chunk := client.recv(200):  # to the close: a reset raises ConnectionResetError
+                wire += chunk
+    assert wire.startswith(b"421 4.3.2 ") and wire.count(b"\r\n") == 1, wire
+
+
 @pytest.mark.skipif(not socket.has_dualstack_ipv6(), reason="no dual-stack IPv6")
 def test_an_ipv4_client_of_a_dual_stack_listener_is_logged_as_ipv4():
     """As the workers name it (a "PORT" listen address takes IPv4 as ::ffff:a.b.c.d)."""

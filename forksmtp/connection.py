@@ -91,12 +91,14 @@ _CLIENT_ENDED: Final = ("client quit", "client disconnected")
 def discard_unread(sock: _socket.socket) -> None:
     """Read and drop, without waiting, what the client sent that no reply will answer,
     before a close the server begins (the 554 to an early talker, a 421, a failed
-    handshake, a refusal at a connection limit).  A close with unread octets in the socket makes the kernel send a reset
-    instead of a FIN, and a client stack that throws away its unread input on a reset
-    (Windows does) then loses the reply that says why.  The plain socket's own read is
-    used on a TLS socket too: what is left there is never decrypted.  Octets that come
-    after the close still meet a reset; waiting for them (Apache's lingering close)
-    would hold a worker for every bot."""
+    handshake, a refusal at a connection limit).  A close with unread octets in the
+    socket makes the kernel send a reset instead of a FIN, and a client stack that
+    throws away its unread input on a reset (Windows does) then loses the reply that
+    says why.  The plain socket's own read is used on a TLS socket too: what is left
+    there is never decrypted.  At most DISCARD_READS reads, so a client that keeps
+    sending cannot keep the process here; octets that come after the close still meet a
+    reset, and waiting for them (Apache's lingering close) would hold a worker for
+    every bot."""
     try:
         for _ in range(DISCARD_READS):
             if _socket.socket.recv_into(sock, _recv_buffer, 0, _socket.MSG_DONTWAIT) == 0:

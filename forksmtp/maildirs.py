@@ -29,10 +29,11 @@ Ids = tuple[int | None, int | None]  # the workers' uid and gid, looked up with 
 def prepare(cfg, log: Log, source: str, ids: Ids) -> None:
     """Make every Maildir of ``cfg`` and give what it makes to the workers' ``ids``.  One
     the catch-all cannot use stops a start or a reload (``MaildirError``, naming
-    ``source``, where ``delivery.maildir`` was set, as config errors do); a ``[mailboxes]`` one is logged and left out (its mail gets
-    451 until it is fixed), as Postfix's delivery agents defer one mailbox's mail and take
-    the rest: a read-only file system under one user's Maildir must not stop a
-    certificate's reload, or the server from starting after a reboot."""
+    ``source``, where ``delivery.maildir`` was set, as config errors do); a
+    ``[mailboxes]`` one is logged and left out (its mail gets 451 until it is fixed), as
+    Postfix's delivery agents defer one mailbox's mail and take the rest: a read-only
+    file system under one user's Maildir must not stop a certificate's reload, or the
+    server from starting after a reboot."""
     keys = config_mod.maildir_keys(cfg.delivery)
     for path in sorted(keys):
         error = make(path, cfg, log, ids)[1]

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from daemon import RawSMTP, read_reply, request_stats, send_message, wait_until
+from forksmtp.connection import DISCARD_READS, RECV_SIZE, discard_unread
 
 FAST = {"command": 1, "data_block": 1, "data_done": 4, "session": 6, "min_data_rate": 2000}
 
@@ -184,6 +185,26 @@ def test_early_talker_gets_554_and_patient_client_is_served(daemon_factory):
     assert "554" not in stats["messages_rejected"]  # counted once, as a refused connection
 
 
+def test_what_is_discarded_before_a_close_is_bounded():
+    """A client that keeps sending must not keep the worker reading: past DISCARD_READS
+    reads of RECV_SIZE, the rest is left (and meets the reset).  Less than that is all
+    read, and an end of input stops the reads."""
+    a, b = socket.socketpair()
+    with a, b:
+        for s in (a, b):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            s.setblocking(False)
+        bound = RECV_SIZE * DISCARD_READS
+        a.sendall(b"x" * (bound + RECV_SIZE))  # one read's worth past the bound
+        discard_unread(b)
+        assert len(b.recv(4 * bound)) == RECV_SIZE
+        a.sendall(b"y" * (bound - 1))
+        a.shutdown(socket.SHUT_WR)
+        discard_unread(b)
+        assert b.recv(16) == b""  # all of it read, then the end
+
+
 def test_early_talkers_accepted_when_rejection_is_off(daemon_factory):
     d = daemon_factory(workers=2, server={"greeting_delay": 0.5, "reject_early_talkers": False})
     with socket.create_connection((d.host, d.port), timeout=10) as s:
@@ -314,10 +335,6 @@ def _server_queues(server_port: int, client_port: int) -> tuple[int, int]:
     return -1, -1
 
 
-def _server_receive_queue(server_port: int, client_port: int) -> int:
-    return _server_queues(server_port, client_port)[1]
-
-
 def test_a_session_whose_last_reply_is_not_read_still_counts_against_its_limit(daemon_factory):
     """QUIT read, its 221 stuck behind replies the client does not read: the session
     holds a worker until the command timeout, so it must still count against
@@ -346,7 +363,7 @@ def test_a_session_whose_last_reply_is_not_read_still_counts_against_its_limit(d
         # the small buffer between looks at /proc keep a loaded machine's looks from
         # stretching it; they read far less than the 1.2 MB still held behind the QUIT.
         deadline = time.monotonic() + 60
-        while _server_receive_queue(d.port, client_port) != 0 and time.monotonic() < deadline:
+        while _server_queues(d.port, client_port)[1] != 0 and time.monotonic() < deadline:
             try:
                 for _ in range(16):
                     holder.recv(16384)

@@ -195,6 +195,7 @@ def test_an_alarm_before_the_flock_does_not_leave_the_wait_without_end(daemon_fa
     good, and the master's death went unseen.  The timer repeats."""
     d = daemon_factory(workers=1)
     wait_until(lambda: len(d.workers()) == 1, 10, what="1 worker")
+    _wait_idle(d, 1)
     (worker,) = d.workers()
     fd = hold_admission_lock(d.pid)
     try:
@@ -251,6 +252,13 @@ def test_auth_waiting_behind_a_held_lock_when_the_master_dies_sends_what_it_owes
     assert "crashed" not in d.log_text()
 
 
+def _wait_idle(d, count: int) -> None:
+    """Every worker in its accept loop: one still starting takes the admission lock to
+    mark itself idle, and held there by the test it would never accept the client."""
+    wait_until(lambda: [w["state"] for w in request_stats(d)["workers"]] == ["idle"] * count, 10,
+               0.1, "every worker idle")
+
+
 def test_workers_waiting_behind_a_held_lock_exit_when_the_master_dies(daemon_factory):
     """The double fault: the admission lock held by a process that does not let it go (a
     stopped worker; here the test) and the master, which alone would kill that holder,
@@ -258,6 +266,7 @@ def test_workers_waiting_behind_a_held_lock_exit_when_the_master_dies(daemon_fac
     master lives: its client gets 421 4.3.2, and every worker exits."""
     d = daemon_factory(workers=2)
     wait_until(lambda: len(d.workers()) == 2, 10, what="2 workers")
+    _wait_idle(d, 2)
     master = d.pid
     workers = d.workers()
     fd = hold_admission_lock(master)

@@ -107,7 +107,7 @@ def discard_unread(sock: _socket.socket) -> None:
         pass
 
 
-def _close_tls(sock: ssl.SSLSocket, discard: bool) -> None:
+def close_tls(sock: ssl.SSLSocket, discard: bool) -> None:
     """Send our close_notify, then close: without it OpenSSL 3 clients report the end of
     the session as a truncation ("unexpected eof").  The peer's close_notify is not
     awaited (RFC 8446 6.1), so this never blocks; the TLS wrapper owns the descriptor.
@@ -227,7 +227,7 @@ class Connection:
                 self.txn = None
             discard = self.close_reason not in _CLIENT_ENDED
             if isinstance(self.sock, ssl.SSLSocket):
-                _close_tls(self.sock, discard)
+                close_tls(self.sock, discard)
             elif discard:  # the worker closes the plain socket
                 discard_unread(self.sock)
             session.end_log()

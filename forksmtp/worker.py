@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable, Final, Protocol
 
 from . import authlimit, delivery, limits, process
-from .connection import Connection, discard_unread, drive_handshake, wait_alone
+from .connection import Connection, close_tls, discard_unread, drive_handshake, wait_alone
 from .listeners import client_ip
 from .logs import WARNING, Log
 from .scoreboard import MasterGone, Scoreboard
@@ -386,8 +386,9 @@ class Worker:
     def _reply_in_tls(self, sock: _socket.socket, wire: bytes) -> bool:
         """Handshake (the socket is non-blocking) within REFUSAL_TLS_TIMEOUT, a deadline
         for the whole of it: a timeout per read would let a client that trickles its
-        ClientHello hold the worker indefinitely.  Then the reply, and close.  True once
-        the reply went out."""
+        ClientHello hold the worker indefinitely.  Then the reply, our close_notify, and a
+        close with what the client sent unread discarded (connection.discard_unread): a
+        FIN, not a reset.  True once the reply went out."""
         assert self.tls_context is not None
         deadline = time.monotonic() + REFUSAL_TLS_TIMEOUT
         # ssl wraps the C socket as it wraps socket.socket (typeshed asks for the latter).
@@ -399,7 +400,7 @@ class Worker:
                 return False
             return tls.send(wire) > 0
         finally:
-            tls.close()
+            close_tls(tls, discard=True)
 
     def _normalize_for(self, ip: str) -> bool | None:
         """normalize_networks are exceptions to bare_newline = "reject" (legacy senders

@@ -483,6 +483,41 @@ def test_smtps_client_over_the_limit_reads_its_421_inside_tls(daemon_factory, ce
         assert again.noop()[0] == 250  # the worker is free again
 
 
+def test_a_refused_smtps_client_that_talked_first_reads_its_421_and_a_clean_close(
+        daemon_factory, certs, tmp_path):
+    """The client's handshake runs in memory, so that its Finished and an EHLO go out in
+    one segment: the worker's handshake reads the Finished and leaves the EHLO's record
+    unread.  Closed with it there, the connection ended in a reset after the 421, which a
+    client stack that drops unread input on a reset (Windows) never shows."""
+    d, implicit = one_smtps_session_per_address(daemon_factory, certs, tmp_path)
+    with smtplib.SMTP_SSL(HOST, implicit, timeout=TIMEOUT, context=certs.client_context()) as first:
+        assert first.noop()[0] == 250
+        with socket.create_connection((HOST, implicit), timeout=TIMEOUT) as raw:
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = certs.client_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+            for _ in range(20):  # a handful of flights; bounded all the same
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    raw.sendall(outgoing.read())
+                    flight = raw.recv(65536)
+                    assert flight, "closed during the handshake"
+                    incoming.write(flight)
+            assert tls.version() == "TLSv1.3"  # the client's Finished is its last word
+            tls.write(b"EHLO eager.example\r\n")
+            raw.sendall(outgoing.read())  # its Finished and its EHLO together
+            while chunk := raw.recv(65536):  # to the close: a reset raises ConnectionResetError
+                incoming.write(chunk)
+        wire = b""
+        with contextlib.suppress(ssl.SSLZeroReturnError):  # our close_notify ends the text
+            while text := tls.read(65536):
+                wire += text
+        assert wire.startswith(b"421 4.7.0 ") and wire.count(b"\r\n") == 1, wire
+        assert first.noop()[0] == 250
+    assert request_stats(d)["connections_rejected"]["max_connections_per_ip"] == 1
+
+
 def test_a_refused_smtps_client_that_never_handshakes_is_let_go(daemon_factory, certs, tmp_path):
     """The refusal's handshake is cut short (worker.REFUSAL_TLS_TIMEOUT, 1 s): a client over
     the limit that says nothing does not keep the worker."""

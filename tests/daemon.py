@@ -373,6 +373,39 @@ def serving_worker(d: Daemon, sock: socket.socket, timeout: float = 10.0) -> psu
     return wait_until(find, timeout, 0.02, "the worker serving this connection")
 
 
+def hold_syscall(pid: int, syscall: str, seconds: float, *, when: int = 1,
+                 at: str = "exit") -> subprocess.Popen:
+    """Attach strace to a process so that its ``when``-th ``syscall`` from now is held
+    ``seconds`` at its entry (``at="enter"``: before the kernel runs it) or at its exit
+    (after it ran, before the process sees its result).  Skips the test where strace
+    cannot attach; the caller terminates the tracer."""
+    import pytest
+    tracer = subprocess.Popen(["strace", "-p", str(pid), "-o", os.devnull, "-e", f"trace={syscall}",
+                               "-e", f"inject={syscall}:delay_{at}={seconds:g}s:when={when}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    line = tracer.stderr.readline()
+    if "attached" not in line:
+        tracer.kill()
+        tracer.wait()
+        pytest.skip(f"strace cannot attach here: {line.strip()}")
+    return tracer
+
+
+def held_in(proc: psutil.Process, number: int) -> list[int] | None:
+    """The arguments of system call ``number`` if ``proc`` is stopped by its tracer inside
+    it, else None.  Traced, it stops at every traced call, so its status alone does not
+    say where; /proc/PID/syscall does."""
+    try:
+        with open(f"/proc/{proc.pid}/syscall") as f:
+            fields = f.read().split()
+        status = proc.status()
+    except (OSError, psutil.Error):
+        return None
+    if status != "tracing-stop" or len(fields) < 7 or fields[0] != str(number):
+        return None
+    return [int(field, 16) for field in fields[1:7]]
+
+
 def open_tmp_files(proc: psutil.Process, maildir: Path) -> list[int]:
     """Sizes of the files the process holds open in maildir/tmp (an O_TMPFILE file is
     shown by /proc as ``tmp/#<inode> (deleted)``)."""

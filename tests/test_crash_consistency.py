@@ -8,20 +8,28 @@ longer than its ``S=`` says, and tmp/ is empty.  An id that never got its 250 ma
 The master must also have repaired the killed workers' scoreboard slots (no phantom
 active connections) and the server must still deliver.
 
+Then the same, one step at a time: a worker held by strace at each system call of its
+commit (the message file's fsync, its link into new/, new/'s fsync) is killed there, and
+the Maildir must show the message absent before the link and whole after it, never a 250.
+
 Run with ``pytest -s`` to see the figures; they are in the assertion message as well.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import signal
 import threading
 import time
 
 import psutil
+import pytest
 
-from daemon import (Ledger, assert_nothing_left_in_tmp, ledger_client, request_stats, run_clients,
-                    send_message, wait_until)
+from daemon import (Ledger, RawSMTP, SMTPClosed, assert_nothing_left_in_tmp, held_in, hold_syscall,
+                    ledger_client, ledger_message, request_stats, run_clients, send_message,
+                    serving_worker, wait_until)
 from helpers import chosen_seed
 
 CLIENTS = 50
@@ -113,3 +121,77 @@ def test_acknowledged_messages_survive_worker_kills(daemon_factory):
 def idle_stats(d) -> dict | None:
     stats = request_stats(d)
     return stats if stats["connections_active"] == 0 else None
+
+
+#: System call numbers, for /proc/PID/syscall.
+SYSCALL_NR = {"x86_64": {"fsync": 74, "linkat": 265},
+              "aarch64": {"fsync": 82, "linkat": 37}}.get(os.uname().machine)
+
+#: Where a worker is held and killed, in the order of the commit (maildir.py): the
+#: message file's first fsync, its link into new/, and new/'s fsync (the third: an
+#: unnamed file is fsynced again once linked); and whether the message is then in new/.
+COMMIT_STEPS = [
+    pytest.param("fsync", 1, "enter", False, id="before-the-file-is-durable"),
+    pytest.param("linkat", 1, "enter", False, id="durable-not-linked"),
+    pytest.param("linkat", 1, "exit", True, id="linked-into-new"),
+    pytest.param("fsync", 3, "exit", True, id="new-durable-before-the-250"),
+]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None or SYSCALL_NR is None,
+                    reason="needs strace (Debian: strace) on x86_64 or aarch64")
+@pytest.mark.parametrize("syscall,when,at,stored", COMMIT_STEPS)
+def test_a_worker_killed_at_each_step_of_its_commit(daemon_factory, syscall, when, at, stored):
+    """Killed before its link into new/, the message is not there; after it, it is
+    there whole, stored without its 250.  The client sees no 250 either way, and sends
+    it again: a duplicate, the lesser evil RFC 5321 6.1 accepts over a loss."""
+    d = daemon_factory(workers=1)
+    ledger = Ledger("commit")
+    client = RawSMTP(d.port)
+    try:
+        assert client.command(b"EHLO commit.example") == 250
+        # A first message, so that nothing the worker does once (a Maildir's first
+        # use) counts among the calls the tracer counts.
+        first = ledger.new_id(3000)
+        assert client.deliver(ledger_message(first, 3000))[0] == 250
+        ledger.ack(first)
+        worker = serving_worker(d, client.sock)
+        tracer = hold_syscall(worker.pid, syscall, 30, when=when, at=at)
+        try:
+            msg_id = ledger.new_id(3000)
+            assert client.start_data()[0] == 354
+            client.sock.sendall(ledger_message(msg_id, 3000) + b".\r\n")
+            args = wait_until(lambda: held_in(worker, SYSCALL_NR[syscall]), 10,
+                              what=f"the worker held in its {syscall} #{when}")
+            if syscall == "fsync":  # the premise: which file it was syncing
+                target = os.readlink(f"/proc/{worker.pid}/fd/{args[0]}")
+                if when == 3:
+                    assert target == str(d.maildir / "new"), target
+                else:  # the unnamed file, shown as tmp/#INODE (deleted)
+                    assert target.startswith(f"{d.maildir / 'tmp'}/#"), target
+            worker.kill()
+        finally:
+            tracer.terminate()
+            tracer.wait(10)
+        with pytest.raises((SMTPClosed, ConnectionResetError)):
+            client.reply()  # no reply at all: above all, no 250
+    finally:
+        client.close()
+    d.wait_for_log(f"worker {worker.pid} killed by SIGKILL", timeout=10)
+
+    audit = ledger.audit(d.maildir)
+    assert audit["bad"] == [], audit  # nothing half-written or misnamed in new/
+    assert audit["figures"]["lost"] == 0, audit
+    assert audit["figures"]["stored_unacked"] == (1 if stored else 0), audit
+    assert_nothing_left_in_tmp(d, d.maildir)
+
+    retry = RawSMTP(d.port)  # the pool has a worker again, and the client tries again
+    try:
+        assert retry.command(b"EHLO commit.example") == 250
+        assert retry.deliver(ledger_message(msg_id, 3000))[0] == 250
+        ledger.ack(msg_id)
+    finally:
+        retry.close()
+    audit = ledger.audit(d.maildir)
+    assert audit["bad"] == [] and audit["figures"]["lost"] == 0, audit
+    assert audit["figures"]["duplicates"] == (1 if stored else 0), audit

@@ -17,7 +17,8 @@ import time
 import psutil
 import pytest
 
-from daemon import RawSMTP, connect, request_stats, send_message, serving_worker, wait_until
+from daemon import (RawSMTP, connect, held_in, hold_syscall, request_stats, send_message,
+                    serving_worker, wait_until)
 from forksmtp import auth
 from forksmtp.arbiter import LOCK_STALL, silent_for
 from forksmtp.scoreboard import _LOCK_PREFIX, WORKER_LOCK_STEP
@@ -49,15 +50,7 @@ def trace_next_admission(pid: int) -> subprocess.Popen:
 
 def delay_next(pid: int, syscall: str, seconds: float) -> subprocess.Popen:
     """Attach strace to a process so that its next ``syscall`` returns ``seconds`` late."""
-    tracer = subprocess.Popen(["strace", "-p", str(pid), "-o", os.devnull, "-e", f"trace={syscall}",
-                               "-e", f"inject={syscall}:delay_exit={seconds:g}s:when=1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    line = tracer.stderr.readline()
-    if "attached" not in line:
-        tracer.kill()
-        tracer.wait()
-        pytest.skip(f"strace cannot attach here: {line.strip()}")
-    return tracer
+    return hold_syscall(pid, syscall, seconds)
 
 
 #: flock(2)'s number, for /proc/PID/syscall.
@@ -65,16 +58,9 @@ FLOCK_NR = {"x86_64": 73, "aarch64": 32}.get(os.uname().machine)
 
 
 def in_flock_lock_ex(worker: psutil.Process) -> bool:
-    """Is the worker stopped by its tracer in flock(fd, LOCK_EX[|LOCK_NB])?  Traced, it stops at
-    every syscall, so its status alone does not say where."""
-    try:
-        with open(f"/proc/{worker.pid}/syscall") as f:
-            fields = f.read().split()
-    except OSError:
-        return False
-    return (worker.status() == "tracing-stop" and len(fields) > 2
-            and fields[0] == str(FLOCK_NR)
-            and int(fields[2], 16) & ~fcntl.LOCK_NB == fcntl.LOCK_EX)  # tried first without waiting
+    """Is the worker stopped by its tracer in flock(fd, LOCK_EX[|LOCK_NB])?"""
+    args = held_in(worker, FLOCK_NR) if FLOCK_NR is not None else None
+    return args is not None and args[1] & ~fcntl.LOCK_NB == fcntl.LOCK_EX  # tried first without waiting
 
 
 def stop_in_admission(d, worker: psutil.Process) -> socket.socket:

@@ -18,14 +18,12 @@ is consumed (RFC 2920), as one ``send``.
 from __future__ import annotations
 
 import errno
-import fcntl
 import itertools
 import os
 import select
 import _socket
 import ssl
 import struct
-import termios
 import time
 from typing import TYPE_CHECKING, Callable, Final
 
@@ -64,10 +62,15 @@ QUIET_DELAY_MS: Final = int(QUIET_DELAY * 1000)
 HEARTBEAT_EVERY: Final = 1.0
 #: How long the reply that closes a session may wait for a client that does not read.
 LAST_REPLY_WAIT: Final = 1.0
-# The octets queued in a socket's send buffer (ioctl TIOCOUTQ, which sockets answer as
-# SIOCOUTQ), an int.
-_OUTQ: Final = struct.Struct("i")
-_OUTQ_BUF: Final = bytes(_OUTQ.size)
+# SO_MEMINFO (Linux 4.6): a socket's memory counters as u32s, of which [3] is the send
+# buffer's size (sk_sndbuf) and [5] the memory its queue holds (sk_wmem_queued).
+_SO_MEMINFO: Final = getattr(_socket, "SO_MEMINFO", 55)
+_MEMINFO: Final = struct.Struct("6I")
+#: Free send-buffer memory a last reply needs to go at once: a line of up to 160 octets
+#: (the longest closing reply, in a TLS record) in segments of 48 octets, the smallest
+#: MSS Linux lets a peer ask for (net.ipv4.tcp_min_snd_mss), at under 1 KiB of memory
+#: each with its overhead.
+LINE_ROOM: Final = 8192
 _POLLIN: Final = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
 _ids: Final = itertools.count(1)
 
@@ -105,6 +108,22 @@ def discard_unread(sock: _socket.socket) -> None:
                 return
     except OSError:  # BlockingIOError: nothing more there; or the client already reset
         pass
+
+
+def room_for_a_line(sock: _socket.socket) -> bool:
+    """Whether the socket's send buffer takes a short line at once.  The kernel takes
+    a write while the memory its queue holds is below the buffer's size
+    (sk_stream_memory_free), each segment's overhead counted: so the measure is free
+    memory, not octets queued.  A client with a small window gets segments of a few
+    hundred octets, and 1.7 MB of replies filled a 4 MiB buffer."""
+    try:
+        info = sock.getsockopt(_socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
+    except OSError:
+        return False
+    if len(info) < _MEMINFO.size:
+        return False
+    counters = _MEMINFO.unpack(info)
+    return counters[3] - counters[5] >= LINE_ROOM
 
 
 def close_tls(sock: ssl.SSLSocket, discard: bool) -> None:
@@ -430,14 +449,9 @@ class Connection:
         if session.log or session.error_codes:
             self._drain_session_log()
         if out:
-            if session.closed and self._goes_at_once(len(out)):
-                # The session's counts go before its last reply: after it, a client
-                # that connects again the moment it reads the 221 races the release
-                # (54 and 144 of 2,000 such reconnections refused at a per-IP limit
-                # of 1).  Not when the reply has to wait for a client that does not
-                # read: the session then holds its worker, and still counts.
-                self.worker.session_over()
             try:
+                if session.closed:
+                    out = self._release_before_last_reply(out, final)
                 self._sendall(out, final)
             except OSError:
                 if not final:
@@ -470,16 +484,21 @@ class Connection:
             self.worker.count_rejects(session.error_codes)
             session.error_codes.clear()
 
-    def _goes_at_once(self, size: int) -> bool:
-        """Whether ``size`` octets fit the socket's send buffer now, behind what is
-        queued there (sent and not yet acknowledged, or not sent): half the buffer, the
-        kernel's share for data, less room for a TLS record's overhead."""
-        try:
-            queued = _OUTQ.unpack(fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, _OUTQ_BUF))[0]
-            room = self.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF) // 2
-        except OSError:
-            return False
-        return queued + size + 1024 <= room
+    def _release_before_last_reply(self, out: bytes, final: bool) -> bytes:
+        """Give the session's counts back before its last reply (the 221, a closing 421)
+        when that reply goes at once: after it, a client that connects again the moment
+        it reads the reply races the release (54 and 144 of 2,000 such reconnections
+        refused at a per-IP limit of 1).  Not when the reply has to wait for a client
+        that does not read: the session then holds its worker, and still counts.
+        Replies pipelined before the last one are sent first, since only then can the
+        kernel tell whether the last one fits.  Returns what is left to send."""
+        before = out.rfind(b"\r\n", 0, len(out) - 2)  # the last reply is one line
+        if before >= 0:
+            self._sendall(out[:before + 2], final)
+            out = out[before + 2:]
+        if room_for_a_line(self.sock):
+            self.worker.session_over()
+        return out
 
     def _sendall(self, data: bytes, last: bool = False) -> None:
         """Send all of ``data``, or raise OSError.  ``last``: the reply that closes the

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from daemon import RawSMTP, read_reply, request_stats, send_message, wait_until
-from forksmtp.connection import DISCARD_READS, RECV_SIZE, discard_unread
+from forksmtp.connection import DISCARD_READS, RECV_SIZE, discard_unread, room_for_a_line
 
 FAST = {"command": 1, "data_block": 1, "data_done": 4, "session": 6, "min_data_rate": 2000}
 
@@ -205,6 +205,37 @@ def test_what_is_discarded_before_a_close_is_bounded():
         assert b.recv(16) == b""  # all of it read, then the end
 
 
+def test_a_line_goes_at_once_whenever_there_is_room_for_a_line():
+    """The judgement behind giving a session's counts back before its last reply, on a
+    TCP connection whose client asks for the smallest segments and keeps a small
+    window, as one that stops reading can.  Once the buffer refuses a write there is
+    no room, although octets fill under half of it; once there is room, a line longer
+    than any closing reply goes whole."""
+    line = b"421 4.3.2 " + b"x" * 140 + b"\r\n"
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.socket()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 88)  # the least Linux allows
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        client.connect(listener.getsockname())
+        server, _ = listener.accept()
+    with client, server:
+        server.setblocking(False)
+        client.settimeout(5)
+        assert room_for_a_line(server)
+        for _ in range(3):
+            filled = 0
+            try:
+                while True:  # the buffer is bounded, so this ends
+                    filled += server.send(line)
+            except BlockingIOError:
+                pass
+            assert filled > 0 and not room_for_a_line(server)
+            drained = 0
+            while not room_for_a_line(server):
+                drained += len(client.recv(4096))  # a timeout, not a hang, if it never frees
+            assert server.send(line) == len(line), (filled, drained)
+
+
 def test_early_talkers_accepted_when_rejection_is_off(daemon_factory):
     d = daemon_factory(workers=2, server={"greeting_delay": 0.5, "reject_early_talkers": False})
     with socket.create_connection((d.host, d.port), timeout=10) as s:
@@ -322,17 +353,18 @@ def test_a_client_pipelining_without_pause_does_not_grow_the_log_queue(daemon_fa
         s.sendall(b"QUIT\r\n")
 
 
-def _server_queues(server_port: int, client_port: int) -> tuple[int, int]:
-    """Octets the server has queued to send and not yet read, on one loopback connection
-    (/proc/net/tcp's tx_queue:rx_queue)."""
+def _server_side(server_port: int, client_port: int) -> tuple[int, int, str]:
+    """Octets the server has queued to send and not yet read on one loopback connection,
+    and the state of its end (/proc/net/tcp's tx_queue:rx_queue and st: "01" while the
+    worker holds it open, "04" once it closed it with octets still to send)."""
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
             local, remote = fields[1], fields[2]
             if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
                 tx, rx = fields[4].split(":")
-                return int(tx, 16), int(rx, 16)
-    return -1, -1
+                return int(tx, 16), int(rx, 16), fields[3]
+    return -1, -1, ""
 
 
 def test_a_session_whose_last_reply_is_not_read_still_counts_against_its_limit(daemon_factory):
@@ -355,23 +387,28 @@ def test_a_session_whose_last_reply_is_not_read_still_counts_against_its_limit(d
         holder.sendall(batch)
         time.sleep(0.5)
         holder.sendall(batch + b"QUIT\r\n")
-        holder.setblocking(False)
+        holder.settimeout(0.05)
         client_port = holder.getsockname()[1]
         # Read only until the server has taken in the QUIT: how much that takes depends
-        # on how its reads split the batches (about 0.5 MB, at worst 3.6), so the bound
-        # is a time, below the command timeout, not a count of reads.  A few reads of
-        # the small buffer between looks at /proc keep a loaded machine's looks from
-        # stretching it; they read far less than the 1.2 MB still held behind the QUIT.
+        # on how its reads split the batches and on how far its socket's buffer has
+        # grown, so the bound is a time, below the command timeout, not a count of
+        # reads.  Between two looks at /proc at most 128 KiB is read, far less than the
+        # 0.8 MB of replies the last batch holds behind the QUIT: reading on past the
+        # moment the server reads its QUIT would let those replies, and the 221, out.
+        # Each read returns as soon as there is something to take: a loaded machine
+        # (a look at /proc took 30 ms there) made a fixed pause per read overrun 60 s.
         deadline = time.monotonic() + 60
-        while _server_queues(d.port, client_port)[1] != 0 and time.monotonic() < deadline:
+        while _server_side(d.port, client_port)[1] != 0 and time.monotonic() < deadline:
+            taken = 0
             try:
-                for _ in range(16):
-                    holder.recv(16384)
-            except BlockingIOError:
-                time.sleep(0.005)
-        unsent, unread = _server_queues(d.port, client_port)
+                while taken < 131072 and (chunk := holder.recv(16384)):
+                    taken += len(chunk)
+            except TimeoutError:
+                pass
+        unsent, unread, state = _server_side(d.port, client_port)
         assert unread == 0
-        assert unsent > 0, "the replies before the 221 were all read: nothing holds the session"
+        assert unsent > 0 and state == "01", (
+            f"{unsent} octets unsent, state {state}: nothing holds the session")
         time.sleep(0.3)
         with socket.create_connection((d.host, d.port), timeout=10) as fresh:
             assert read_reply(fresh).startswith(b"421 4.7.0 "), "the stuck session no longer counted"

@@ -207,6 +207,15 @@ def worker_pids(d: Daemon) -> set[int]:
     return {w.pid for w in d.workers()}
 
 
+def workers_replacing(d: Daemon, old: set[int], count: int = 1) -> set[int]:
+    """The daemon's workers, from one look, once at least ``count`` run and none of
+    ``old`` is among them; else an empty set, for wait_until.  (Two looks could pass
+    on a moment with no worker at all, between an old one's exit and a new one's
+    fork, as with max_workers = 1.)"""
+    now = worker_pids(d)
+    return now if len(now) >= count and not old & now else set()
+
+
 def gone(pid: int) -> bool:
     """Exited (a zombie waiting for whoever adopted it counts as exited)."""
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import RawSMTP, line_pid, wait_until, worker_pids
+from daemon import RawSMTP, line_pid, wait_until, worker_pids, workers_replacing
 from forksmtp import delivery
 
 HOST = "127.0.0.1"
@@ -607,8 +607,7 @@ def test_a_low_descriptor_limit_bounds_the_open_maildirs_so_mail_never_gets_451(
     resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (64, hard))  # workers forked after inherit it
     old = set(worker_pids(d))
     d.signal(signal.SIGHUP)
-    wait_until(lambda: worker_pids(d) and not old & set(worker_pids(d)), 15, what="a new worker")
-    (worker,) = worker_pids(d)
+    (worker,) = wait_until(lambda: workers_replacing(d, old), 15, what="a new worker")
     assert resource.prlimit(worker, resource.RLIMIT_NOFILE)[0] == 64
     with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as client:
         for n in range(240):

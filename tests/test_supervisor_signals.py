@@ -26,7 +26,7 @@ import pytest
 
 from daemon import (Daemon, assert_no_zombies, connect, connection_refused, free_port, gone, poll_for,
                     read_reply, request_stats, send_message, unusual_lines, wait_until, worker_pids,
-                    write_config)
+                    workers_replacing, write_config)
 from forksmtp.arbiter import STUCK_GRACE
 from forksmtp.signals import MAILDIR_CALL, POOL_CALL, SignalQueue
 
@@ -700,8 +700,7 @@ def test_workers_start_after_a_tmp_cleaner_removed_the_scoreboard_lock_dir(
     shutil.rmtree(lock_dir)
     old = set(worker_pids(d))
     d.signal(signal.SIGHUP)
-    wait_until(lambda: len(set(worker_pids(d)) - old) >= 2 and not old & set(worker_pids(d)), 15,
-               what="a new generation of workers")
+    wait_until(lambda: workers_replacing(d, old, 2), 15, what="a new generation of workers")
     for _ in range(3):
         send_message(d.port)
     assert len(d.new_messages()) == 3
@@ -748,8 +747,7 @@ def test_a_reload_that_cannot_fork_keeps_the_old_workers_serving(daemon_factory,
             send_message(d.port)  # an old worker takes each, with the old configuration
         assert set(worker_pids(d)) == old
         (group / "pids.max").write_text("100")
-        wait_until(lambda: worker_pids(d) and not old & set(worker_pids(d)), 20, 0.1,
-                   "the new generation in place of the old")
+        wait_until(lambda: workers_replacing(d, old), 20, 0.1, "the new generation in place of the old")
         send_message(d.port)
         assert len(d.new_messages()) == 6
     finally:

@@ -291,6 +291,15 @@ def read_reply(sock: socket.socket) -> bytes:
         buf += chunk
 
 
+def read_to_close(sock: socket.socket, size: int = 4096) -> bytes:
+    """Everything the peer sends up to its FIN.  A reset in its place raises
+    ConnectionResetError: tests of a clean close rely on that."""
+    wire = b""
+    while chunk := sock.recv(size):
+        wire += chunk
+    return wire
+
+
 def connection_refused(port: int, host: str = "127.0.0.1") -> bool:
     """True when nothing listens on host:port any more."""
     try:

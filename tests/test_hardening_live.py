@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from daemon import RawSMTP, read_reply, request_stats, send_message, wait_until
+from daemon import RawSMTP, read_reply, read_to_close, request_stats, send_message, wait_until
 from forksmtp.connection import DISCARD_READS, RECV_SIZE, discard_unread, room_for_a_line
 
 FAST = {"command": 1, "data_block": 1, "data_done": 4, "session": 6, "min_data_rate": 2000}
@@ -175,9 +175,7 @@ def test_early_talker_gets_554_and_patient_client_is_served(daemon_factory):
     d = daemon_factory(workers=2, server={"greeting_delay": 0.5})
     with socket.create_connection((d.host, d.port), timeout=10) as s:
         s.sendall(b"EHLO eager.example\r\n")  # before the greeting: a protocol violation
-        wire = b""
-        while chunk := s.recv(4096):  # to the close: a reset raises ConnectionResetError
-            wire += chunk
+        wire = read_to_close(s)
     assert wire == b"554 5.5.0 SMTP protocol violation: data sent before greeting\r\n"  # once
     send_message(d.port)  # waits for the 220 as it should, and is served
     stats = request_stats(d)

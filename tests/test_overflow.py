@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from daemon import read_to_close
 from forksmtp.overflow import GRACE, OverflowGuard
 from forksmtp.pool import CEILING_WARN_EVERY
 
@@ -61,9 +62,7 @@ def test_a_client_that_talked_first_reads_the_421_and_a_clean_close():
             client.sendall(b"EHLO eager.example\r\n")
             time.sleep(0.1)
             run_guard(OverflowGuard(Log()), listener, workers=4, max_workers=4, held_back=False)
-            wire = b""
-            while chunk := client.recv(200):  # to the close: a reset raises ConnectionResetError
-                wire += chunk
+            wire = read_to_close(client, 200)
     assert wire.startswith(b"421 4.3.2 ") and wire.count(b"\r\n") == 1, wire
 
 

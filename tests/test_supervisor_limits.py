@@ -16,7 +16,7 @@ import time
 import pytest
 
 from daemon import (assert_no_zombies, connect, free_port, read_reply, request_stats, send_message,
-                    serving_worker, wait_until, worker_pids)
+                    read_to_close, serving_worker, wait_until, worker_pids)
 
 ANSWER = 5.0
 
@@ -85,9 +85,7 @@ def test_a_refused_client_that_talked_first_reads_its_421_and_a_clean_close(daem
             for pid in idle:
                 os.kill(pid, signal.SIGCONT)
         with talker:
-            wire = b""
-            while chunk := talker.recv(4096):  # to the close: a reset raises ConnectionResetError
-                wire += chunk
+            wire = read_to_close(talker)
         assert wire.startswith(b"421 4.7.0 ") and wire.count(b"\r\n") == 1, wire
     finally:
         holder.close()

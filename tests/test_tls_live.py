@@ -31,8 +31,8 @@ import psutil
 import pytest
 
 import tls_certs
-from daemon import (Daemon, connect, free_port, read_reply, request_stats, serving_worker, shown, wait_until,
-                    write_config)
+from daemon import (Daemon, connect, free_port, read_reply, read_to_close, request_stats, serving_worker,
+                    shown, wait_until, write_config)
 from forksmtp import auth
 from forksmtp.tls import expiry_warning
 
@@ -460,9 +460,7 @@ def test_an_smtps_early_talker_reads_its_554_and_a_clean_close(daemon_factory, c
     with socket.create_connection((HOST, implicit), timeout=TIMEOUT) as raw:
         with certs.client_context().wrap_socket(raw, server_hostname="localhost") as s:
             s.sendall(b"EHLO eager.example\r\n")
-            wire = b""
-            while chunk := s.recv(4096):  # a reset raises ConnectionResetError
-                wire += chunk
+            wire = read_to_close(s)
     assert wire == b"554 5.5.0 SMTP protocol violation: data sent before greeting\r\n"
     assert request_stats(d)["connections_rejected"]["early_talker"] == 1
 
@@ -507,8 +505,7 @@ def test_a_refused_smtps_client_that_talked_first_reads_its_421_and_a_clean_clos
             assert tls.version() == "TLSv1.3"  # the client's Finished is its last word
             tls.write(b"EHLO eager.example\r\n")
             raw.sendall(outgoing.read())  # its Finished and its EHLO together
-            while chunk := raw.recv(65536):  # to the close: a reset raises ConnectionResetError
-                incoming.write(chunk)
+            incoming.write(read_to_close(raw, 65536))
         wire = b""
         with contextlib.suppress(ssl.SSLZeroReturnError):  # our close_notify ends the text
             while text := tls.read(65536):

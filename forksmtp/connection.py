@@ -451,8 +451,9 @@ class Connection:
         if out:
             try:
                 if session.closed:
-                    out = self._release_before_last_reply(out, final)
-                self._sendall(out, final)
+                    self._send_last(out, final)
+                else:
+                    self._sendall(out, final)
             except OSError:
                 if not final:
                     raise
@@ -484,28 +485,41 @@ class Connection:
             self.worker.count_rejects(session.error_codes)
             session.error_codes.clear()
 
-    def _release_before_last_reply(self, out: bytes, final: bool) -> bytes:
-        """Give the session's counts back before its last reply (the 221, a closing 421)
-        when that reply goes at once: after it, a client that connects again the moment
-        it reads the reply races the release (54 and 144 of 2,000 such reconnections
-        refused at a per-IP limit of 1).  Not when the reply has to wait for a client
-        that does not read: the session then holds its worker, and still counts.
-        Replies pipelined before the last one are sent first, since only then can the
-        kernel tell whether the last one fits.  Returns what is left to send."""
+    def _send_last(self, out: bytes, final: bool) -> None:
+        """Send the session's last replies, giving its counts back before the last one
+        (the 221, a closing 421) when that one goes at once: after it, a client that
+        connects again the moment it reads the reply races the release (54 and 144 of
+        2,000 such reconnections refused at a per-IP limit of 1).  Not when the reply
+        has to wait for a client that does not read: the session then holds its worker,
+        and still counts.  Replies pipelined before the last one are sent first, since
+        only then can the kernel tell whether the last one fits; both sends share one
+        deadline, so splitting them does not lengthen the wait."""
+        deadline = self._send_deadline(final)
         before = out.rfind(b"\r\n", 0, len(out) - 2)  # the last reply is one line
         if before >= 0:
-            self._sendall(out[:before + 2], final)
+            self._sendall(out[:before + 2], final, deadline)
             out = out[before + 2:]
         if room_for_a_line(self.sock):
             self.worker.session_over()
-        return out
+        self._sendall(out, final, deadline)
 
-    def _sendall(self, data: bytes, last: bool = False) -> None:
-        """Send all of ``data``, or raise OSError.  ``last``: the reply that closes the
-        session from the server's side (the 421 of an immediate stop, the 554 of an
-        early talker) waits LAST_REPLY_WAIT at most and for the socket alone: the worker
-        is on its way out, and a client that does not read must not hold it until the
-        master's SIGKILL."""
+    def _send_deadline(self, last: bool) -> float:
+        """When a send that has to wait gives up.  A client that stops reading holds the
+        worker no longer than one that stops writing: the command timeout (the shorter
+        one in stress mode), and never past the session deadline.  ``last``: the reply
+        that closes the session from the server's side (the 421 of an immediate stop,
+        the 554 of an early talker) waits LAST_REPLY_WAIT at most: the worker is on its
+        way out, and a client that does not read must not hold it until the master's
+        SIGKILL."""
+        now = time.monotonic()
+        if last:
+            return now + LAST_REPLY_WAIT
+        return min(now + self.worker.command_timeout, self.session_deadline)
+
+    def _sendall(self, data: bytes, last: bool = False, deadline: float | None = None) -> None:
+        """Send all of ``data``, or raise OSError once ``deadline`` (by default, from
+        _send_deadline now) has passed.  ``last``: the worker is on its way out, so it
+        waits for the socket alone, not for the master's signals."""
         try:  # the common case: a reply fits the socket buffer at once
             sent = self.sock.send(data)
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
@@ -513,12 +527,8 @@ class Connection:
         if sent == len(data):
             return
         view = memoryview(data)[sent:]
-        now = time.monotonic()
-        # A client that stops reading holds the worker no longer than one that stops
-        # writing: the command timeout (the shorter one in stress mode), and never past
-        # the session deadline.
-        deadline = now + LAST_REPLY_WAIT if last else min(now + self.worker.command_timeout,
-                                                          self.session_deadline)
+        if deadline is None:
+            deadline = self._send_deadline(last)
         while view:
             try:
                 sent = self.sock.send(view)

@@ -148,7 +148,6 @@ class Worker:
         self.wake_fds = (self.wake_r, self.parent_fd)
         for fd in self.wake_fds:
             self.epoll.register(fd, select.EPOLLIN)
-        self._title("idle")
 
     def _session_config(self, max_errors: int) -> SessionConfig:
         cfg = self.cfg
@@ -199,6 +198,7 @@ class Worker:
         # then the moment it became idle, the clock of the pool's max_idle.
         self.board.set_idle(self.slot, time.monotonic())
         self.board.set_available(self.slot, True)
+        self._title("idle")  # only now: the master counts it as starting until here
         while self._accepting():
             events = self.epoll.poll(1.0)
             self.board.beat(self.slot, time.monotonic())

@@ -350,6 +350,9 @@ def test_a_stopped_idle_worker_is_killed_and_replaced(daemon_factory):
     it, and the connections the kernel woke it for (EPOLLEXCLUSIVE) waited."""
     d = daemon_factory(workers=2, server={"max_workers": 4})
     victim = min(worker_pids(d))
+    # Idle, not still starting: a worker stopped before it got ready is killed as one
+    # that "did not get ready", another path.
+    wait_until(lambda: "worker idle" in title(victim), 10, 0.05, "the worker idle")
     os.kill(victim, signal.SIGSTOP)
     try:
         d.wait_for_log(f"idle worker {victim} has not turned its accept loop", 50)

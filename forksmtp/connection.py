@@ -345,6 +345,8 @@ class Connection:
         self._drain_session_log(release=True)  # the AUTH command's line first, then the outcome
         verdict = w.auth_attempt(self.peer_ip)
         if w.quitting:  # SIGQUIT (or the master's death) came while it waited
+            if verdict == authlimit.ALLOWED:  # a slot freed in that instant: not kept
+                w.auth_finished(self.peer_ip, True)
             raise Stop()
         if verdict == authlimit.REFUSED:
             self.log.queue("AUTH", f"{self.peer_ip} refused: too many failures", WARNING)

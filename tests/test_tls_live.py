@@ -838,6 +838,40 @@ def test_sigquit_reaches_an_auth_waiting_for_the_checks_of_its_address(daemon_fa
             c.close()
 
 
+def test_an_auth_told_to_quit_as_a_check_slot_frees_gives_that_slot_back(daemon_factory, certs,
+                                                                          tmp_path):
+    """A sixth AUTH waits for one of five running checks of its address to end; one
+    ends, and in the same instant its worker is told to quit (a SIGQUIT, as at the end
+    of a reload's graceful_timeout).  The slot it was then given must be given back:
+    kept, the address had one check fewer until the stale-entry repair, and its next
+    AUTH waited 5 s for a 454 while only four checks ran."""
+    clients: list = []
+    stopped: list = []
+    try:
+        d = _five_checks_held(daemon_factory, certs, tmp_path, clients, stopped)
+        waiting = clients[5]
+        waiter = serving_worker(d, waiting.sock)
+        waiting.send(f"AUTH PLAIN {plain('alice', PASSWORD)}\r\n".encode())
+        time.sleep(0.5)  # in its wait (AUTH_WAIT is 5 s)
+        waiter.suspend()
+        stopped[0].resume()  # one check ends: a slot is free when the waiter looks again
+        assert read_reply(clients[0].sock).startswith(b"235 ")
+        waiter.send_signal(signal.SIGQUIT)
+        waiter.resume()
+        waiting.sock.settimeout(5)
+        assert read_reply(waiting.sock).startswith(b"421 4.3.2 ")
+        fresh = starttls_client(d, certs)
+        clients.append(fresh)
+        started = time.monotonic()
+        code, _ = fresh.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD))
+        # Four checks run (their workers stopped): the fifth slot is the fresh one's.
+        assert code == 235, f"{code} after {time.monotonic() - started:.1f}s: the slot was kept"
+    finally:
+        _resume(stopped)
+        for c in clients:
+            c.close()
+
+
 def test_an_auth_that_waits_past_its_bound_gets_454_and_the_session_goes_on(daemon_factory, certs,
                                                                              tmp_path):
     """No running check of the address ends within AUTH_WAIT (5 s): the sixth AUTH gets

@@ -503,7 +503,8 @@ class Arbiter:
         timeout; one silent for longer than that is wedged (a hung filesystem, a bug).
         Idle workers are judged by their idle beat instead (their last_activity says
         since when they are idle, the pool's max_idle): one whose accept loop has not
-        turned for IDLE_SILENCE is stopped or wedged.  Each
+        turned for IDLE_SILENCE is stopped or wedged, and so is one told to stop while
+        idle that has neither left it nor exited in that time.  Each
         worker is judged by the timeouts of the config it started with: a session begun
         before a reload that shortened them may still wait as long as the old ones allow."""
         # A master that itself did not run for a while (the host or the VM was frozen,
@@ -518,12 +519,20 @@ class Arbiter:
             child = self.workers.get(slot.pid)
             if child is None or child.killed_because:  # killed already: one line, one signal
                 continue
-            if slot.state == IDLE:
+            # Told to stop (a reload, a retirement, a graceful stop) while idle: its
+            # last_activity is still the moment it became idle, which says nothing of
+            # whether it is alive now (one idle for longer than the stuck limit was
+            # killed at every reload).  It leaves its accept loop within a second.
+            sessionless = slot.state == STOPPING and not slot.client
+            if slot.state == IDLE or (sessionless and slot.idle_beat):
                 silent = now - max(slot.idle_beat, child.started, self._silence_from)
                 if slot.idle_beat and silent > IDLE_SILENCE:
-                    self._kill_idle(child, slot, silent)
+                    if sessionless:
+                        self._kill_idle(child, slot, silent, "has not left its accept loop")
+                    else:
+                        self._kill_idle(child, slot, silent)
                 continue
-            if slot.state == STARTING:
+            if slot.state == STARTING or sessionless:
                 # Counted as a spare while it starts, so none replaces it: a worker that
                 # does not get ready (stopped, a hung user lookup before the privilege
                 # drop) is judged as a silent idle one is, not by the session timeouts.
@@ -547,7 +556,7 @@ class Arbiter:
         epoll with EPOLLEXCLUSIVE, it may be the one worker woken for a connection,
         which then waits for the next one to arrive.  So does a starting one that never
         gets ready."""
-        kind = "idle" if slot.state == IDLE else "starting"
+        kind = {IDLE: "idle", STARTING: "starting"}.get(slot.state, "stopping")
         self.log.error("WORKER", f"{kind} worker {child.pid} {what} for "
                                  f"{silent:.0f}s; killing it (slot {slot.index})")
         child.killed_because = f"{kind} and silent for {silent:.0f}s"

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import fcntl
 import glob
+import math
 import os
 import shutil
 import signal
@@ -314,6 +315,33 @@ def test_a_worker_that_never_gets_ready_is_killed_as_a_silent_idle_one_is(tmp_pa
         arbiter._murder_stuck(snap, t0 + IDLE_SILENCE + 4)
         assert sleeper.wait(5) == -signal.SIGKILL
         assert f"starting worker {sleeper.pid} did not get ready for 34s; killing it" in log.read_text()
+
+
+def test_a_worker_told_to_stop_while_idle_is_judged_by_its_idle_beat(tmp_path):
+    """A reload (or a retirement) marks an idle worker stopping.  Its last_activity is
+    the moment it became idle: judged by it, a worker idle for longer than the stuck
+    limit (610 s by default) was killed at every reload, the instant it was marked.  It
+    is judged by its idle beat, and killed only if it then neither leaves its accept
+    loop nor exits for IDLE_SILENCE."""
+    import dataclasses
+
+    from forksmtp.arbiter import IDLE_SILENCE
+    from forksmtp.scoreboard import IDLE, STOPPING
+
+    with _master_judging_one_slot(tmp_path, IDLE) as (arbiter, sleeper, snap, t0, log):
+        def look(at: float, state: int, beat: float) -> None:
+            slot = dataclasses.replace(snap.slots[0], state=state, idle_beat=int(beat))
+            arbiter._murder_stuck(dataclasses.replace(snap, slots=(slot,)), at)
+
+        for step in range(0, 701, 5):  # idle for 700 s, its loop turning
+            look(t0 + step, IDLE, t0 + step)
+        told = float(math.ceil(t0 + 700))  # the beat is in whole seconds
+        for step in range(0, int(IDLE_SILENCE) + 1, 5):  # told to stop; no beat since
+            look(told + step, STOPPING, told)
+        assert sleeper.poll() is None and "killing it" not in log.read_text()
+        look(told + IDLE_SILENCE + 4, STOPPING, told)
+        assert sleeper.wait(5) == -signal.SIGKILL
+        assert f"stopping worker {sleeper.pid} has not left its accept loop for 34s; killing it" in log.read_text()
 
 
 def test_a_busy_worker_is_not_killed_for_a_stall_of_the_whole_host(tmp_path):

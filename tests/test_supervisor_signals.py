@@ -243,6 +243,23 @@ def test_hup_adding_an_address_in_use_names_the_file_and_the_key(daemon_factory)
     send_message(d.port)
 
 
+def test_hup_retires_workers_idle_for_longer_than_the_stuck_limit_gracefully(daemon_factory):
+    """Workers idle for longer than the master's stuck limit (the longest timeout plus
+    STUCK_GRACE; 610 s by default) were SIGKILLed as wedged the moment a SIGHUP marked
+    them stopping, their idle time taken for silence: every reload of a quiet server
+    logged errors and killed healthy workers.  They exit by themselves."""
+    timeouts = {"command": 1, "data_block": 1, "data_done": 1, "stress_command": 1}
+    d = daemon_factory(workers=2, sections={"timeouts": timeouts})
+    old = worker_pids(d)
+    time.sleep(1 + STUCK_GRACE + 2)  # idle past the stuck limit
+    hup(d)
+    wait_until(lambda: workers_replacing(d, old, 2), 10, 0.05, "a new generation of workers")
+    wait_until(lambda: all(gone(pid) for pid in old), 10, 0.05, "the old workers gone")
+    text = d.log_text()
+    assert "killing it" not in text and "SIGKILL" not in text, text[-2000:]
+    send_message(d.port)
+
+
 def test_hup_that_shortens_timeouts_spares_the_sessions_begun_before(daemon_factory):
     """The master kills a worker silent for longer than its timeouts allow; a worker of
     the old generation is judged by the old ones (contract 2: sessions opened before a

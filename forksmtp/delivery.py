@@ -266,12 +266,15 @@ class Transaction:
     def room_for(self, size: int) -> OSError | None:
         """The ENOSPC of the first copy whose file system has no room now for its copies
         of a message of the client's declared ``size`` (RFC 1870 SIZE) and half as much
-        again, as Postfix keeps for the queue; None when every one has.  Refused before
-        the 354, the client sends no text that could only fail at the end."""
+        again, as Postfix keeps for the queue; None when every one has, or cannot tell.
+        Refused before the 354, the client sends no text that could only fail at the end."""
         need = size + size // 2
         copies: dict[int, int] = {}  # file system -> the copies it takes so far
         for copy in self._copies:
-            fs, free = copy.free_space()
+            try:
+                fs, free = copy.free_space()
+            except OSError:  # a file system that cannot say now (NFS, FUSE): the writes will
+                continue
             n = copies[fs] = copies.get(fs, 0) + 1
             if free < n * need:
                 what = "1 copy" if n == 1 else f"{n} copies"

@@ -51,10 +51,14 @@ REFUSAL_TLS_TIMEOUT: Final = 1.0
 #: a worker that can take it, and this one pauses so as not to spin on it.
 _ACCEPT_SHORTAGE: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: Errors of the connection being accepted, which Linux reports through accept(): accept(2)
-#: asks that they be retried like EAGAIN (the next connection is unaffected).
+#: asks that they be retried like EAGAIN (the next connection is unaffected), and lists
+#: the others a kernel may give for one connection (EPERM: firewall rules forbid it).
+#: Any other error ends the worker, loudly, through the crash-loop back-off.
 _ACCEPT_RETRY: Final = frozenset({errno.EPROTO, errno.ENOPROTOOPT, errno.ENETDOWN, errno.ENETUNREACH,
                                   errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
-                                  getattr(errno, "ENONET", errno.ENETDOWN)})
+                                  getattr(errno, "ENONET", errno.ENETDOWN), errno.EPERM,
+                                  errno.ETIMEDOUT, getattr(errno, "ENOSR", errno.EPROTO),
+                                  errno.ESOCKTNOSUPPORT, errno.EPROTONOSUPPORT})
 ACCEPT_PAUSE: Final = 0.1
 # How long an AUTH waits while the password checks running for its address fill the
 # failure limit (then 454 4.7.0), and how often it looks again.

@@ -58,6 +58,24 @@ def test_a_maildir_that_cannot_be_made_is_named_by_its_error(tmp_path):
     assert maildir.blamed(failed.value) == bob
 
 
+def test_a_file_system_that_cannot_tell_its_free_space_is_not_refused_for_size(router, tmp_path):
+    """MAIL's SIZE is checked against the free space before the 354.  A file system whose
+    statvfs fails (an NFS server that does not answer it, a FUSE one that does not
+    implement it) cannot say; the message then goes on, and a write that fails gives its
+    own 4xx at the end.  The error escaped and closed the session with no reply."""
+    txn = delivery.Transaction(router, ["a@x.test"], header())
+    copy = txn._copies[0]
+    fd, copy._fd = copy._fd, 2 ** 20  # a descriptor nothing has open: statvfs fails
+    try:
+        with pytest.raises(OSError):
+            copy.free_space()
+        assert txn.room_for(10 ** 15) is None
+    finally:
+        copy._fd = fd
+    assert txn.room_for(10 ** 15).errno == errno.ENOSPC  # the check itself still works
+    txn.abort()
+
+
 def test_abort_drops_every_copy(router, tmp_path):
     before = open_fds()
     txn = delivery.Transaction(router, ["a@x.test", "other@x.test"], header())

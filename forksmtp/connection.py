@@ -597,8 +597,11 @@ class Connection:
                 return bytes(_recv_buffer[:n])
             except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 continue
-            except (ConnectionError, ssl.SSLError):
+            except (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
                 return b""
+            # Any other ssl.SSLError (a record that fails its check, a renegotiation
+            # refused) propagates: run() logs it as "TLS error: ...", not as the client's
+            # ordinary leave-taking.
 
     def _wait(self, deadline: float, events: int = _POLLIN, first: list | None = None) -> bool:
         """Wait until the socket is ready: False once the monotonic ``deadline`` has

@@ -399,6 +399,20 @@ def test_failed_handshake_on_the_smtps_port(server, certs):
         assert c.noop()[0] == 250
 
 
+def test_a_tls_record_that_fails_its_check_is_logged_as_a_tls_error(server, certs):
+    """A record the server cannot decrypt (tampered with on the way, or forged) ends
+    the session with an alert; the log must say so, not "client disconnected"."""
+    seen = server.log_text().count(" TLS error: ")
+    with smtplib.SMTP_SSL(HOST, server.implicit_port, timeout=TIMEOUT, context=certs.client_context()) as c:
+        assert c.ehlo("tampered.example")[0] == 250
+        forged = bytes([0x17, 0x03, 0x03, 0x00, 0x30]) + b"A" * 0x30  # application data, bad tag
+        socket.socket.send(c.sock, forged)  # beside the TLS layer, on the TCP connection
+        with pytest.raises((ssl.SSLError, OSError, smtplib.SMTPServerDisconnected)):
+            c.noop()  # the server's alert, then its close
+    wait_log_count(server, " TLS error: ", seen + 1)
+    assert "[CLOSE] 127.0.0.1 TLS error: " in server.log_text()
+
+
 def test_a_client_that_leaves_right_after_the_handshake_is_logged_as_gone(server, certs):
     """The greeting's send then fails with an SSL error, whose errno is OpenSSL's code,
     not a system one: the log must not read it as one ("Exec format error")."""

@@ -66,30 +66,39 @@ class AuthLimiter:
         free, oldest, oldest_t = -1, start, float("inf")
         for i in range(_PROBE):
             b = (start + i) % self.buckets
-            k, n, running, t, _ = _ENTRY.unpack_from(self._mm, b * _ENTRY.size)
+            k, n, running, t, last = _ENTRY.unpack_from(self._mm, b * _ENTRY.size)
             if k == key:
                 return b
-            if free < 0 and ((n == 0 and running == 0) or now - t >= self.window):
+            if free < 0 and self._spent(n, running, t, last, now):
                 free = b
             if t < oldest_t:
                 oldest, oldest_t = b, t
         return free if free >= 0 else oldest
+
+    def _spent(self, n: int, running: int, t: float, last: float, now: float) -> bool:
+        """An entry with nothing left to keep: no failure in a window still open, and no
+        check running (or none started within RUNNING_STALE)."""
+        return (n == 0 or now - t >= self.window) and (running == 0 or now - last >= RUNNING_STALE)
 
     def attempt(self, ip: str, now: float) -> int:
         """May this address have a password checked now?  ``ALLOWED`` counts the check
         as running until ``finished``; ``REFUSED``: it has failed ``max_failures`` times
         in this window; ``BUSY``: failures and running checks are at the limit, try
         again when one has ended.  Running checks none of which started within
-        RUNNING_STALE, and those of a window that is over, are dropped: a worker killed
-        in a check never gives its count back."""
+        RUNNING_STALE are dropped: a worker killed in a check never gives its count
+        back.  Those still running when a window ends count in the next one, so that
+        checks begun just before its end cannot double the guesses."""
         key = client_key(ip)
         with self.board.locked():
             off = self._find(key, now) * _ENTRY.size
             k, n, running, t, last = _ENTRY.unpack_from(self._mm, off)
-            if k != key or now - t >= self.window:
+            if k != key:
                 n, running, t = 0, 0, now
-            elif now - last >= RUNNING_STALE:
-                running = 0
+            else:
+                if now - last >= RUNNING_STALE:
+                    running = 0
+                if now - t >= self.window:
+                    n, t = 0, now
             if n >= self.max_failures:
                 return REFUSED
             if n + running >= self.max_failures:
@@ -98,13 +107,20 @@ class AuthLimiter:
         return ALLOWED
 
     def finished(self, ip: str, now: float, ok: bool) -> None:
-        """The check ``attempt`` allowed has ended; a wrong password is a failure."""
+        """The check ``attempt`` allowed has ended; a wrong password is a failure.  The
+        window opens at an address's first failure, not at its first check: a login
+        that succeeds (the client's own, or a neighbour's behind the same NAT) must not
+        choose where the window of the guesses that follow it starts."""
         key = client_key(ip)
         with self.board.locked():
             off = self._find(key, now) * _ENTRY.size
             k, n, running, t, last = _ENTRY.unpack_from(self._mm, off)
-            if k != key or now - t >= self.window:  # the window is over, or the entry gone
+            if k != key:  # the entry is gone, pushed out of its neighbourhood
                 if ok:
                     return
                 n, running, t, last = 0, 1, now, now
+            elif now - t >= self.window:  # the window is over
+                n, t = 0, now
+            if not ok and n == 0:
+                t = now
             _ENTRY.pack_into(self._mm, off, key, n + (0 if ok else 1), max(0, running - 1), t, last)

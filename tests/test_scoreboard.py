@@ -599,6 +599,31 @@ def test_auth_limit_refuses_after_max_failures_in_the_window(sb):
     assert limiter.attempt("192.0.2.1", 310.1) == ALLOWED  # the window is over
 
 
+def test_auth_limit_window_opens_at_the_first_failure_not_the_first_check(sb):
+    """A login that succeeds opened the window: five guesses just before its end and
+    five more just after it were all checked, ten in 7 s.  The window opens at the
+    first failure, so the second five are refused."""
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0)
+    assert limiter.attempt("192.0.2.1", 0.0) == ALLOWED
+    limiter.finished("192.0.2.1", 0.1, ok=True)
+    fail(limiter, "192.0.2.1", 294.0, 5)
+    assert limiter.attempt("192.0.2.1", 301.0) == REFUSED
+    assert limiter.attempt("192.0.2.1", 593.9) == REFUSED
+    assert limiter.attempt("192.0.2.1", 594.1) == ALLOWED  # 300 s after the first failure
+
+
+def test_auth_limit_checks_running_as_a_window_ends_count_in_the_next(sb):
+    """Checks begun just before a window ends are still running after it: dropping
+    them from the count let as many again begin at once."""
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0)
+    fail(limiter, "192.0.2.1", 10.0, 3)
+    assert [limiter.attempt("192.0.2.1", 309.9) for _ in range(3)] == [ALLOWED, ALLOWED, WAIT]
+    assert [limiter.attempt("192.0.2.1", 310.1) for _ in range(4)] == [ALLOWED] * 3 + [WAIT]
+    for _ in range(5):
+        limiter.finished("192.0.2.1", 310.2, ok=False)
+    assert limiter.attempt("192.0.2.1", 310.3) == REFUSED
+
+
 def test_auth_limit_counts_running_checks_and_makes_the_next_wait_not_fail(sb):
     """Checks running at the same moment count against the limit with the failures:
     never more than max_failures guesses in a window, whatever their order.  One more

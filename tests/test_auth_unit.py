@@ -476,6 +476,16 @@ def test_require_tls_refuses_mail_before_starttls():
     assert p.send("STARTTLS", E, M) == ["220 2.0.0", "250", "250 2.1.0"]
 
 
+def test_require_tls_takes_no_password_in_the_clear_even_with_allow_insecure():
+    """RFC 3207 4: with TLS required, commands before STARTTLS are refused; credentials
+    above all.  allow_insecure let AUTH run in the clear there (235)."""
+    p = peer(starttls=True, auth=True, auth_insecure=True, require_tls=True)
+    assert not any(k.startswith("AUTH") for k in ehlo_keywords(p))
+    assert p.send("AUTH PLAIN " + plain("alice", USERS["alice"])) == ["538 5.7.11"]
+    assert p.send("STARTTLS", E, "AUTH PLAIN " + plain("alice", USERS["alice"])) == [
+        "220 2.0.0", "250", "235 2.7.0"]
+
+
 def test_auth_required_refuses_mail_before_auth():
     p = tls_peer(auth_required=True)
     assert p.send(M) == ["530 5.7.0"]

@@ -38,7 +38,10 @@ class SessionConfig:
         self.log_commands = log_commands
         self.starttls = starttls
         self.auth = auth
-        self.auth_insecure = auth_insecure
+        # require_tls overrides allow_insecure, as Postfix's smtpd_enforce_tls implies
+        # smtpd_tls_auth_only: a server that carries no mail in the clear takes no
+        # password in it either (AUTH before STARTTLS gets 538).
+        self.auth_insecure = auth_insecure and not require_tls
         self.require_tls = require_tls
         self.auth_required = auth_required
         self.recipient_check = recipient_check

@@ -1092,6 +1092,19 @@ def test_passwd_at_a_terminal_ended_by_ctrl_d_or_ctrl_c_writes_nothing_and_no_tr
     assert not (tmp_path / "passwd").exists()
 
 
+def test_passwd_at_a_terminal_asks_once_and_does_not_echo(tmp_path):
+    """Contract: the password is read without echo on a terminal, with no confirmation
+    line: one prompt, the typed password nowhere in what the terminal shows, and the
+    stored hash verifies it."""
+    secret = "s3cret-typed-at-a-tty"
+    status, out = _passwd_at_a_terminal(tmp_path, secret.encode() + b"\r")
+    assert status == 0, out.decode(errors="replace")
+    assert out.count(b"Password: ") == 1, out
+    assert secret.encode() not in out, out
+    name, _, stored = (tmp_path / "passwd").read_text().strip().partition(":")
+    assert name == "alice" and auth.verify(stored, secret)
+
+
 def test_an_auth_deferred_is_454_4_7_0_and_the_client_may_try_again():
     """The worker could not have the credentials checked now (the checks running for the
     client's address fill the failure limit): a temporary failure, RFC 4954 6, and the

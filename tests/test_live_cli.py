@@ -38,6 +38,13 @@ def _command() -> list[str]:
 FORKSMTP = _command()
 
 
+def test_the_console_script_is_installed():
+    """The contract's command is `forksmtp -c FILE`: the install must make the script,
+    not leave these tests to fall back on `python -m forksmtp`."""
+    assert FORKSMTP[0] != sys.executable, "no forksmtp script next to this Python or on PATH"
+    assert run("--version").stdout.startswith("forksmtp ")
+
+
 def run(*args: str, cwd: Path | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
     return subprocess.run([*FORKSMTP, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)

@@ -90,6 +90,9 @@ def check_received(value: str, *, recipient: str | None, protocol: str = "ESMTP"
 def check_name(path: Path, worker_pids: set[int]) -> None:
     m = MAILDIR_NAME.match(path.name)
     assert m, path.name
+    # <secs> is the time of the delivery (the file's own mtime, to the second), <usecs>
+    # microseconds
+    assert abs(int(m["secs"]) - path.stat().st_mtime) < 2 and int(m["usecs"]) < 10 ** 6, path.name
     size = path.stat().st_size
     assert int(m["size"]) == size
     if m["wsize"] is not None:
@@ -615,3 +618,24 @@ def test_a_low_descriptor_limit_bounds_the_open_maildirs_so_mail_never_gets_451(
                                        b"Subject: fd\r\n\r\nx\r\n")
     assert sum(len(os.listdir(p / "new")) for p in boxes.values()) == 240
     assert "delivery failed" not in d.log_text()
+
+
+def test_a_recipient_address_never_becomes_a_path(daemon_factory):
+    """Contract 5: addresses that read as paths (quoted local parts with slashes and
+    dots, which RFC 5321 allows) reach the catch-all Maildir, or the mailbox the
+    configuration names, and nothing is written anywhere else."""
+    d = daemon_factory(sections={"mailboxes": {"alice@mx.test.example": str(Path("boxes") / "alice")}})
+    hostile = ['"../../escape"@mx.test.example', '"/tmp/forksmtp-abs"@mx.test.example',
+               '"a/../../../b"@mx.test.example', '"..\\\\..\\\\c"@mx.test.example',
+               '"alice/../../x"@mx.test.example']
+    before = {p for p in d.tmp.rglob("*")}
+    with smtplib.SMTP(HOST, d.port, timeout=10) as c:
+        refused = c.sendmail(SENDER, hostile + ["alice@mx.test.example"],
+                             b"Subject: paths\r\n\r\nbody\r\n")
+    assert refused == {}
+    made = {p for p in d.tmp.rglob("*") if p not in before and p.is_file()}
+    catch_all = set((d.maildir / "new").iterdir())
+    alice = d.config_path.parent / "boxes" / "alice" / "new"
+    assert len(catch_all) == 1 and len(list(alice.iterdir())) == 1  # one copy per Maildir
+    assert made <= catch_all | set(alice.iterdir()) | {d.log_path}, made - catch_all
+    assert not os.path.exists("/tmp/forksmtp-abs")

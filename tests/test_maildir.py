@@ -92,7 +92,10 @@ def test_a_file_where_new_goes_is_refused_when_the_maildir_is_made(tmp_path, kin
 def test_content_name_and_size(tmp_path, mode):
     md = make(tmp_path / "md", mode)
     body = b"Return-Path: <a@example.org>\nSubject: hi\n\nbody\n"
+    before = int(time.time())
     path = deliver(md, body[:10], body[10:], b"")
+    secs, usecs = re.match(r"(\d+)\.M(\d+)P", os.path.basename(path)).groups()
+    assert before <= int(secs) <= time.time() and int(usecs) < 10 ** 6
     assert os.path.dirname(path) == md.new
     name = os.path.basename(path)
     match = NAME_RE.match(name)
@@ -217,6 +220,8 @@ def test_never_overwrites(tmp_path, monkeypatch):
     monkeypatch.setattr(maildir, "_clock", lambda: 1_700_000_000_123_456_000)
     md = Maildir(str(tmp_path / "md"))
     first = os.path.basename(deliver(md, b"one\n"))
+    # <secs>.M<usecs>P<pid>Q<n>: seconds and microseconds of the clock, not nanoseconds
+    assert first.startswith(f"1700000000.M123456P{os.getpid()}Q"), first
     n = int(re.search(r"Q(\d+)\.", first)[1])
     taken = first.replace(f"Q{n}.", f"Q{n + 1}.")
     with open(os.path.join(md.new, taken), "wb") as f:

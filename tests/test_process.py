@@ -39,9 +39,10 @@ def test_tuned_malloc_keeps_big_read_buffers_on_the_heap():
     """Untuned, glibc returns the freed blocks to the kernel and faults them in again on
     the next round; tuned, the pages stay and the rounds after the first fault (almost)
     nothing."""
-    tuned, tuned_faults = _faults("tuned")
-    if not tuned:
+    if not hasattr(ctypes.CDLL(None), "mallopt"):  # asked of the C library, not of the code
         pytest.skip("this C library has no mallopt()")
+    tuned, tuned_faults = _faults("tuned")
+    assert tuned
     _, plain_faults = _faults("plain")
     assert plain_faults > 1000          # 50 rounds x 6 blocks x 32 pages, give or take
     assert tuned_faults < plain_faults / 10

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from daemon import (Daemon, assert_no_zombies, connect, connection_refused, free_port, gone, poll_for,
-                    read_reply, request_stats, send_message, unusual_lines, wait_until, worker_pids,
+                    read_reply, read_to_close, request_stats, send_message, unusual_lines, wait_until, worker_pids,
                     workers_replacing, write_config)
 from forksmtp.arbiter import STUCK_GRACE
 from forksmtp.signals import MAILDIR_CALL, POOL_CALL, SignalQueue
@@ -94,6 +94,27 @@ def test_a_workers_calls_are_told_apart():
             os.close(fd)
 
 
+def test_usr1_gives_each_worker_its_own_process_figures(daemon_factory):
+    """cpu_s and rss are the worker process's own (psutil), not placeholders: a worker
+    made to spend CPU (thousands of pipelined commands) shows it, and what the dump says
+    lies between two readings of the process taken around it."""
+    d = daemon_factory(workers=1)
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        read_reply(s)
+        s.sendall(b"EHLO busy.example\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
+        got = read_to_close(s, 65536)
+    assert got.count(b"\r\n250 2.0.0 ") == 20000 and got.endswith(b"\r\n221 2.0.0 Bye\r\n")
+    procs = {pid: psutil.Process(pid) for pid in worker_pids(d)}  # the pool's spare too
+    before = {pid: sum(p.cpu_times()[:2]) for pid, p in procs.items()}
+    workers = {w["pid"]: w for w in request_stats(d)["workers"]}
+    assert workers.keys() == procs.keys()
+    assert max(before.values()) > 0.01, before  # the work above shows in its worker's figure
+    for pid, proc in procs.items():
+        after = sum(proc.cpu_times()[:2])
+        assert before[pid] - 0.001 <= workers[pid]["cpu_s"] <= after + 0.001, (before, workers, after)
+        assert abs(workers[pid]["rss"] - proc.memory_info().rss) < 4 << 20, (workers, proc.memory_info())
+
+
 def test_usr1_logs_stats_and_writes_stats_file(daemon_factory, tmp_path):
     stats_file = tmp_path / "stats.json"
     d = daemon_factory(server={"stats_file": str(stats_file)},
@@ -120,7 +141,10 @@ def test_usr1_logs_stats_and_writes_stats_file(daemon_factory, tmp_path):
     assert {w["pid"] for w in stats["workers"]} == worker_pids(d)
     for w in stats["workers"]:
         assert WORKER_KEYS <= w.keys()
-        assert w["generation"] == 1 and w["rss"] > 0 and w["cpu_s"] >= 0
+        assert w["generation"] == 1
+        # The process's own figures (psutil), read after the dump: CPU only grows, and
+        # an idle worker's RSS moves little.
+        assert w["rss"] > 0 and w["cpu_s"] >= 0  # the figures themselves: the test below
     assert sum(w["sessions"] for w in stats["workers"]) == 3
     assert stats["master"]["pid"] == d.pid and stats["master"]["rss"] > 0
     assert stats["per_ip"] == {} and stats["stress"] is False  # nobody connected now
@@ -363,17 +387,24 @@ def test_a_removed_address_stops_listening_at_once_and_can_be_put_back(daemon_fa
     assert_no_zombies(d)
 
 
+def _listening_sockets(pid: int) -> set[str]:
+    """The master's listening sockets by inode ("socket:[N]"): a socket closed and bound
+    again may get its old descriptor number back, never its inode."""
+    fds = {c.fd for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    return {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds}
+
+
 def test_hup_with_an_address_written_another_way_keeps_its_socket(daemon_factory):
     """localhost:P for 127.0.0.1:P is the same socket: the reload takes it over instead
     of failing to bind it again, and no client is refused meanwhile."""
     d = daemon_factory(workers=2)
-    master = psutil.Process(d.pid)
-    listening = {c.fd for c in master.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    listening = _listening_sockets(d.pid)
+    assert len(listening) == 1
     d.sections["server"]["listen"] = [f"localhost:{d.port}"]
     d.write_config()
     hup(d)
     assert "reload failed" not in d.log_text()
-    assert {c.fd for c in master.net_connections("tcp") if c.status == psutil.CONN_LISTEN} == listening
+    assert _listening_sockets(d.pid) == listening  # the same socket, not one bound again
     send_message(d.port)
     d.sections["server"]["listen"] = [f"127.0.0.1:{d.port}"]  # and back
     d.write_config()

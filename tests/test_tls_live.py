@@ -158,7 +158,8 @@ def test_smtplib_starttls_login_and_delivery(server, certs):
 
 def test_smtps_implicit_tls(server, certs):
     # [READY] names every address the server accepts mail on, SMTPS ones marked.
-    assert (f"[READY] Listening on {HOST}:{server.port}, SMTPS {HOST}:{server.implicit_port} ("
+    # ... and the workers it started (contract 6: "(4 workers)"; this daemon has 2).
+    assert (f"[READY] Listening on {HOST}:{server.port}, SMTPS {HOST}:{server.implicit_port} (2 workers)\n"
             in server.log_text())
     before = set(server.new_messages())
     with smtplib.SMTP_SSL(HOST, server.implicit_port, timeout=TIMEOUT,

@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -28,9 +29,13 @@ HOST = "127.0.0.1"
 
 def _command() -> list[str]:
     """The console script next to this interpreter (what `pip install -e .` made)."""
-    script = Path(sys.executable).with_name("forksmtp")
-    if script.exists():
-        return [str(script)]
+    # Where pip puts scripts: beside the interpreter (a venv), the scheme's scripts
+    # directory (/usr/local/bin for a system Python), or the user's (~/.local/bin).
+    places = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts")),
+              Path(sysconfig.get_path("scripts", f"{os.name}_user"))]
+    for place in places:
+        if (place / "forksmtp").exists():
+            return [str(place / "forksmtp")]
     found = shutil.which("forksmtp")
     return [found] if found else [sys.executable, "-m", "forksmtp"]
 

@@ -796,8 +796,12 @@ class Arbiter:
     # -- stop ----------------------------------------------------------------------------
 
     def _close_listeners(self) -> None:
+        """A stop: new clients are refused from now on, not queued.  A close alone left
+        each socket listening while a worker still held it (one in a long fsync, or a
+        stopped one, until its SIGKILL): clients connected, waited for a greeting that
+        never came, and were reset up to graceful_timeout + 3 s later."""
         for sock in self.sockets.values():
-            sock.close()
+            listeners.stop_listening(sock)
         self.sockets.clear()
 
     def _stop_step(self, now: float) -> bool:

@@ -521,6 +521,28 @@ def test_graceful_stop_lets_open_session_finish(daemon_factory, sig):
     assert all(gone(pid) for pid in pids)
 
 
+def test_a_graceful_stop_refuses_new_clients_though_a_worker_still_holds_the_socket(daemon_factory):
+    """README: at a stop new clients are refused, not queued.  The master only closed its
+    listening sockets, which go on listening while any worker holds them: with one
+    worker slow to let go (stopped here; a long fsync does the same) a client connected,
+    had no greeting, and was reset when that worker was killed, graceful_timeout + 3 s
+    later."""
+    d = daemon_factory(workers=2, server={"graceful_timeout": 5})
+    pids = wait_until(lambda: len(p := worker_pids(d)) == 2 and p, 10, what="2 workers")
+    stopped = min(pids)
+    wait_until(lambda: all("worker idle" in " ".join(psutil.Process(p).cmdline()) for p in pids),
+               10, 0.05, "both workers idle")
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        d.signal(signal.SIGTERM)
+        d.wait_for_log("[STOP] graceful stop")
+        wait_until(lambda: gone(max(pids)), 10, 0.05, "the other worker gone")
+        assert connection_refused(d.port), "a new client was let into a queue nobody serves"
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert d.proc.wait(15) == 0
+
+
 def test_hup_during_a_graceful_stop_is_ignored(daemon_factory):
     """A HUP (logrotate) in the middle of a stop must not listen again or start workers:
     the stop goes on and ends with the last session, not at graceful_timeout."""

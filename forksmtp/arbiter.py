@@ -568,12 +568,18 @@ class Arbiter:
         self.dry = not snap.count(IDLE, STARTING)
         plan = pool.plan(snap, settings, self.pool_state, now, waiting=self.dry and self._clients_waiting())
         # Log a reason once (per back-off step), not every tick: its text carries a
-        # countdown and the count of crashes, which grows within a step.
-        reason_key = f"{plan.reason.partition(':')[0]}/{self.pool_state.backoff}" if plan.reason else ""
-        if reason_key != self.last_pool_reason:
-            self.last_pool_reason = reason_key
-            if plan.reason and self._worth_warning(plan.reason, now):
-                self.log.warning("POOL", plan.reason)
+        # countdown and the count of crashes, which grows within a step.  A tick that
+        # needs no worker has no reason to give; within a back-off it does not make the
+        # step's reason news again (spares come and go with the sessions: one step was
+        # logged 16 times).
+        if plan.reason:
+            reason_key = f"{plan.reason.partition(':')[0]}/{self.pool_state.backoff}"
+            if reason_key != self.last_pool_reason:
+                self.last_pool_reason = reason_key
+                if self._worth_warning(plan.reason, now):
+                    self.log.warning("POOL", plan.reason)
+        elif not self.pool_state.backoff:
+            self.last_pool_reason = ""
         for _ in range(plan.spawn):
             if self.spawn() is None:
                 break

@@ -405,3 +405,34 @@ def test_a_client_that_reconnects_as_soon_as_it_reads_221_is_never_over_its_limi
             assert stream.readline().startswith(b"221 ")
     assert refused == 0
     assert request_stats(d)["connections_rejected"]["max_connections_per_ip"] == 0
+
+
+def test_a_crash_loop_step_is_logged_once_though_spares_come_and_go(tmp_path):
+    """README: the back-off is logged once per step.  A tick that needed no worker (the
+    spares back, as sessions end) gave no reason, and the next tick that needed one
+    logged the same step again: 16 lines in one 8 s step under load."""
+    from forksmtp.arbiter import Arbiter
+    from forksmtp.config import load_config
+    from forksmtp.scoreboard import _NCOUNTERS, IDLE, Scoreboard, SlotInfo, Snapshot, Totals
+
+    log = tmp_path / "forksmtp.log"
+    (tmp_path / "forksmtp.toml").write_text(f'[server]\nworkers = 2\n[log]\nfile = "{log}"\n')
+    arbiter = Arbiter(load_config(str(tmp_path / "forksmtp.toml")))
+    arbiter.board = Scoreboard.create(8, ip_buckets=64)
+    now = time.monotonic()
+    state = arbiter.pool_state
+    state.crashes, state.backoff, state.backoff_until = 6, 8.0, now + 8.0
+    zero = Totals.from_counters([0] * _NCOUNTERS)
+
+    def snapshot(idle: int) -> Snapshot:
+        slots = tuple(SlotInfo(i, 4_000_000 + i, 1, IDLE, "", 0, "", now, now, -1, False, zero,
+                               idle_beat=int(now)) for i in range(idle))
+        return Snapshot(8, 1, False, 0, 0, 0, slots, (), zero)
+
+    try:
+        for tick in range(14):  # within the step: workers gone, then back, then gone ...
+            arbiter._manage_pool(now + tick * 0.5, snapshot(0 if tick % 2 == 0 else 2))
+    finally:
+        arbiter.board.close()
+    assert arbiter.workers == {}  # nothing was started: the back-off holds
+    assert log.read_text().count("[POOL] crash loop: 6 workers exited") == 1, log.read_text()

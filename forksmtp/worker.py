@@ -140,7 +140,11 @@ class Worker:
         self.greeting_delay = cfg.server.greeting_delay if cfg.server.reject_early_talkers else 0.0
         self.command_timeout = cfg.timeouts.command
         # Without spares to keep the pool starts none when it runs dry: no call then.
-        self.call_when_dry = cfg.server.min_spare_workers > 0
+        # Called when dry: to restore the spares, or, with none kept, to have the master
+        # watch the listen queues at once rather than from its next tick (up to a second
+        # away) while a client waits there; not where the pool cannot grow.
+        self.call_when_dry = (cfg.server.min_spare_workers > 0
+                              or cfg.server.max_workers > cfg.server.workers)
         # The Received: id is an RFC 5321 Atom, so no '.' (not atext) in it.
         self.id_prefix = f"{int(time.time()):X}{self.pid:X}-"
         jitter = cfg.server.max_sessions_jitter

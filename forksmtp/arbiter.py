@@ -50,6 +50,10 @@ TMP_CLEAN_INTERVAL = 3600.0
 CERT_WARN_EVERY = 86400.0
 KILL_GRACE = 3.0  # after SIGQUIT, before SIGKILL
 STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
+#: How long a silent busy worker waiting on its disk is left to it: storing a message is
+#: bounded by no timeout of ours, and RFC 5321 4.5.3.2.6 has the client wait 10 minutes
+#: for the reply to its final dot.
+DISK_WAIT = 600.0 + STUCK_GRACE
 #: Workers hold the admission lock for microseconds: when the master has failed to take it
 #: for this long, its holder is stopped or wedged, and every admission waits behind it.
 LOCK_STALL = 5.0
@@ -101,6 +105,7 @@ class Child:
     term_sent: bool = False
     quit_sent: float = 0.0
     killed_because: str = ""  # why the master itself sent SIGKILL, if it did
+    disk_wait_logged: bool = False  # its wait on a slow disk has been logged
 
 
 class Arbiter:
@@ -542,6 +547,16 @@ class Arbiter:
                 continue
             silent = silent_for(max(slot.last_activity, self._silence_from), child.started, now)
             if silent < child.stuck_after:
+                continue
+            if silent < DISK_WAIT and process.waits_on_disk(child.pid):
+                # Not wedged: storing on a slow disk (a large message's fsync), which no
+                # timeout bounds.  Killed, it would lose the message, and every retry of
+                # it the same way.
+                if not child.disk_wait_logged:
+                    child.disk_wait_logged = True
+                    self.log.warning("WORKER", f"worker {child.pid} has waited on its disk for "
+                                               f"{silent:.0f}s; left to it up to {DISK_WAIT:.0f}s "
+                                               f"(slot {slot.index})")
                 continue
             self.log.error("WORKER", f"worker {child.pid} made no progress for {silent:.0f}s; killing it "
                                      f"(slot {slot.index} {STATE_NAMES[slot.state]}, last activity "

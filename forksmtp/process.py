@@ -242,17 +242,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def is_stopped(pid: int) -> bool:
-    """Is ``pid`` stopped (SIGSTOP, job control) or held by a tracer (a debugger)?
-    Read from ``/proc/PID/stat``; False when it cannot be read."""
+def _state(pid: int) -> bytes:
+    """The one-letter state of ``pid`` in ``/proc/PID/stat``; b"" when it cannot be read."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
-        return False
+        return b""
     # "pid (comm) S ...": comm may hold spaces and parentheses, so the state is the
     # first field after the last ")".
-    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] in (b"T", b"t")
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
+
+
+def is_stopped(pid: int) -> bool:
+    """Is ``pid`` stopped (SIGSTOP, job control) or held by a tracer (a debugger)?
+    Read from ``/proc/PID/stat``; False when it cannot be read."""
+    return _state(pid) in (b"T", b"t")
+
+
+def waits_on_disk(pid: int) -> bool:
+    """Is ``pid`` in an uninterruptible wait ("D"), as a process is while its fsync, or a
+    write the kernel throttles, waits for the disk?  False when it cannot be read."""
+    return _state(pid) == b"D"
 
 
 def parent_death_pipe() -> tuple[int, int]:

@@ -104,10 +104,12 @@ def test_usr1_gives_each_worker_its_own_process_figures(daemon_factory):
         s.sendall(b"EHLO busy.example\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
         got = read_to_close(s, 65536)
     assert got.count(b"\r\n250 2.0.0 ") == 20000 and got.endswith(b"\r\n221 2.0.0 Bye\r\n")
-    procs = {pid: psutil.Process(pid) for pid in worker_pids(d)}  # the pool's spare too
+    # The pool's spare too; one started after this look (the session took the last idle
+    # worker) is in the dump but not compared.
+    procs = {pid: psutil.Process(pid) for pid in worker_pids(d)}
     before = {pid: sum(p.cpu_times()[:2]) for pid, p in procs.items()}
     workers = {w["pid"]: w for w in request_stats(d)["workers"]}
-    assert workers.keys() == procs.keys()
+    assert procs.keys() <= workers.keys()
     assert max(before.values()) > 0.01, before  # the work above shows in its worker's figure
     for pid, proc in procs.items():
         after = sum(proc.cpu_times()[:2])
@@ -282,6 +284,38 @@ def test_hup_retires_workers_idle_for_longer_than_the_stuck_limit_gracefully(dae
     text = d.log_text()
     assert "killing it" not in text and "SIGKILL" not in text, text[-2000:]
     send_message(d.port)
+
+
+def test_a_session_open_across_a_reload_keeps_the_config_it_started_with(daemon_factory):
+    """Contract 2: sessions opened before a reload finish under the config they started
+    with: its message size limit, its local domains and its host name, here; new
+    sessions get the new ones."""
+    d = daemon_factory(workers=2, sections={"limits": {"max_message_size": 100000},
+                                            "delivery": {"local_domains": ["mx.test.example"]}})
+    old = worker_pids(d)
+    before = smtplib.SMTP("127.0.0.1", d.port, timeout=10)
+    try:
+        before.ehlo("client.example")
+        assert before.esmtp_features["size"] == "100000"
+        d.sections["limits"]["max_message_size"] = 1000
+        d.sections["delivery"]["local_domains"] = ["other.example"]
+        d.sections["server"]["hostname"] = "new.test.example"
+        d.write_config()
+        hup(d)
+        # The old worker in this session stays to finish it, beside the new generation.
+        wait_until(lambda: len(worker_pids(d) - old) >= 2, 10, 0.05, "a new generation of workers")
+        body = b"Subject: begun before\r\n\r\n" + (b"x" * 98 + b"\r\n") * 50  # 5 KB
+        assert before.sendmail("a@client.example", ["b@mx.test.example"], body) == {}
+        before.quit()
+    finally:
+        before.close()
+    (stored,) = d.new_messages()
+    assert "\tby mx.test.example (forksmtp) " in stored.read_text() and stored.stat().st_size > 5000
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as after:
+        code, greeting = after.ehlo("client.example")
+        assert greeting.startswith(b"new.test.example") and after.esmtp_features["size"] == "1000"
+        assert after.mail("a@client.example")[0] == 250
+        assert after.rcpt("b@mx.test.example")[0] == 550  # not a local domain any more
 
 
 def test_hup_that_shortens_timeouts_spares_the_sessions_begun_before(daemon_factory):

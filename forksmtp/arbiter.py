@@ -604,7 +604,10 @@ class Arbiter:
             if child is not None:
                 self._signal(child, signal.SIGTERM)
         self.spawn_pending = plan.spawn > 0
-        busy = snap.count(BUSY)
+        # Workers in a session, those marked stopping (a reload's old generation, a
+        # retirement) included: that mark sticks for the rest of their sessions, and
+        # counting states alone turned stress off while every worker was still busy.
+        busy = sum(1 for s in snap.slots if s.state == BUSY or (s.state == STOPPING and s.client))
         over = limits.in_stress(busy, self._ceiling(), self.cfg.server.stress_threshold)
         stress = self.stress.decide(over, snap.stress, now)
         if stress != snap.stress:

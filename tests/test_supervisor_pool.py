@@ -436,3 +436,29 @@ def test_a_crash_loop_step_is_logged_once_though_spares_come_and_go(tmp_path):
         arbiter.board.close()
     assert arbiter.workers == {}  # nothing was started: the back-off holds
     assert log.read_text().count("[POOL] crash loop: 6 workers exited") == 1, log.read_text()
+
+
+def test_workers_marked_stopping_in_their_sessions_still_count_for_stress(tmp_path):
+    """A reload at full load marks the whole old generation stopping while its workers
+    finish their sessions; the mark sticks.  Counted by state, they were no longer busy,
+    and stress mode went off 5 s later with every worker still in a session."""
+    from forksmtp.arbiter import Arbiter
+    from forksmtp.config import load_config
+    from forksmtp.limits import STRESS_HOLD
+    from forksmtp.scoreboard import _NCOUNTERS, STOPPING, Scoreboard, SlotInfo, Snapshot, Totals
+
+    log = tmp_path / "forksmtp.log"
+    (tmp_path / "forksmtp.toml").write_text(
+        f'[server]\nworkers = 4\nmax_workers = 4\nstress_threshold = 0.75\n[log]\nfile = "{log}"\n')
+    arbiter = Arbiter(load_config(str(tmp_path / "forksmtp.toml")))
+    arbiter.board = Scoreboard.create(8, ip_buckets=64)
+    now = time.monotonic()
+    zero = Totals.from_counters([0] * _NCOUNTERS)
+    slots = tuple(SlotInfo(i, 4_000_000 + i, 1, STOPPING, "192.0.2.1", 25, "data", now, now, -1,
+                           False, zero) for i in range(4))
+    try:
+        for tick in range(int(STRESS_HOLD) + 3):
+            arbiter._manage_pool(now + tick, Snapshot(8, 2, True, 4, 4, 0, slots, (), zero))
+    finally:
+        arbiter.board.close()
+    assert "stress mode off" not in log.read_text(), log.read_text()

@@ -37,7 +37,8 @@ from forksmtp.config_checks import (ConfigError, _address, _at_least, _between, 
                                     _other_spelling,
                                     _greeting_delay, _number, _one_of, _parent_exists, _path,
                                     _positive, _readable_file, _share, _Source, _string, _strings,
-                                    _replaceable_file, _timeout, _user, _writable_file)
+                                    _replaceable_file, _timeout, _user, _writable_file,
+                                    working_directory)
 from forksmtp.listeners import ListenAddr, clash, parse_listen
 
 CLI = "command line"  # the "file" of values that came from flags
@@ -206,7 +207,7 @@ def load_config(path: str | None, overrides: Mapping[str, object] | None = None,
     logs why), as one mailbox's storage must not hold up the others' mail."""
     label = path or ""
     raw = read_toml(path) if path else {}
-    base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+    base = os.path.dirname(os.path.abspath(path)) if path else working_directory()
     _reject_unknown(raw, label)
     sources = {
         f"{s}.{k}": _Source(v, label, base)
@@ -215,7 +216,7 @@ def load_config(path: str | None, overrides: Mapping[str, object] | None = None,
     for key, value in (overrides or {}).items():
         if key not in _KNOWN:
             raise ConfigError(CLI, key, value, "unknown key" + _suggest_key(key))
-        sources[key] = _Source(value, CLI, os.getcwd())
+        sources[key] = _Source(value, CLI, working_directory())
     # A section turns its feature on by being there, even empty (its required keys
     # then say what is missing), never by having keys.
     present = {key.partition(".")[0] for key in sources} | (raw.keys() & _OPTIONAL)
@@ -316,7 +317,7 @@ def _build(section: str, sources: dict[str, _Source], file: str) -> Any:
         if src is None:
             if default is REQUIRED:
                 raise ConfigError(file, dotted, None, f"required when [{section}] is present")
-            src = _Source(default() if callable(default) else default, file, os.getcwd())
+            src = _Source(default() if callable(default) else default, file, working_directory())
         try:
             values[key] = _convert(dotted, src, kind, validate)
         except ConfigError as exc:
@@ -406,10 +407,22 @@ def _cross_check(cfg: Config, sources: dict[str, _Source], file: str) -> None:
             fail(key, path, f"is also {seen[real]}")
         if real:
             seen[real] = key
+    # What the server only reads must not be what it writes: a pidfile or a stats file
+    # named as the configuration file or the TLS key replaced it, and every reload after
+    # failed.  (The certificate and the key may be one file.)
+    inputs = {"the configuration file": cfg.path}
+    if cfg.tls:
+        inputs.update({"tls.cert_file": cfg.tls.cert_file, "tls.key_file": cfg.tls.key_file})
+    for key in ("server.pidfile", "server.stats_file", "log.file"):
+        path = files[key]
+        written = (os.path.realpath(path) if key == "log.file" else os.path.abspath(path)) if path else ""
+        for name, other in inputs.items():
+            if written and other and written in (os.path.abspath(other), os.path.realpath(other)):
+                fail(key, path, f"is also {name}")
     domains = cfg.delivery.local_domains
     for address in cfg.delivery.mailboxes if domains else ():
         if address.rpartition("@")[2] not in domains:
-            fail(f"mailboxes.{json.dumps(address)}", cfg.delivery.mailboxes[address],
+            fail(f"mailboxes.{json.dumps(address, ensure_ascii=False)}", cfg.delivery.mailboxes[address],
                  "its domain is not in delivery.local_domains")
 
 

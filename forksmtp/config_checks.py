@@ -134,7 +134,23 @@ def _listens(value: object, base: str) -> tuple[ListenAddr, ...]:
 
 def _path(value: object, base: str) -> str:
     text = _string(value, base)
-    return os.path.abspath(os.path.join(base, os.path.expanduser(text))) if text else ""
+    if not text:
+        return ""
+    path = os.path.expanduser(text)
+    if not base and not os.path.isabs(path):  # relative to a working directory that is gone
+        raise ValueError("is a relative path, and the working directory it would be relative "
+                         "to no longer exists (removed after the start): give an absolute one")
+    return os.path.abspath(os.path.join(base, path))
+
+
+def working_directory() -> str:
+    """The working directory, or "" once it is gone (removed after the start, as a
+    deploy replaces a release directory): only a relative path needs it, and _path then
+    refuses that path by its key, where os.getcwd() failed a whole reload unnamed."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return ""
 
 
 # -- validators: converted value -> value (possibly normalised); ValueError(problem) --
@@ -201,6 +217,9 @@ def _domains(values: tuple[str, ...]) -> tuple[str, ...]:
         if not _DOMAIN.fullmatch(domain):
             raise ValueError(f"{domain!r} is not a domain")
     names = [d.lower().rstrip(".") for d in values]
+    for domain, name in zip(values, names):
+        if "" in name.split("."):  # ".", "..", ".example", "a..b": no domain matches it
+            raise ValueError(f"{domain!r} is not a domain")
     return tuple(dict.fromkeys(spelling for name in names for spelling in (name, *_other_spelling(name))))
 
 

@@ -164,6 +164,12 @@ BAD = [
     ('[log]\nfile = "f"\n[auth]\npassword_file = "f"\nallow_insecure = true\n', "auth.password_file",
      "is also log.file"),
     ('[auth]\npassword_file = "passwd"\nrequired = true\n', "auth.required", "only over TLS"),
+    ('[server]\npidfile = "forksmtp.toml"\n', "server.pidfile", "is also the configuration file"),
+    ('[server]\nstats_file = "./forksmtp.toml"\n', "server.stats_file", "is also the configuration file"),
+    (TLS + '[server]\npidfile = "key.pem"\n', "server.pidfile", "is also tls.key_file"),
+    (TLS + '[log]\nfile = "cert.pem"\n', "log.file", "is also tls.cert_file"),
+    ('[delivery]\nlocal_domains = ["."]\n', "delivery.local_domains", "not a domain"),
+    ('[delivery]\nlocal_domains = ["a..example"]\n', "delivery.local_domains", "not a domain"),
     ('[auth]\npassword_file = "passwd"\nallow_insecure = 1\n', "auth.allow_insecure", "true or false"),
 ]
 
@@ -653,3 +659,21 @@ def test_a_mailbox_of_an_internationalised_domain_gets_its_mail_in_either_spelli
                       '[mailboxes]\n"alice@\u00e4.test" = "a"\n"alice@xn--4ca.test" = "b"\n')
     with pytest.raises(ConfigError, match="the same mailbox as alice@\u00e4.test"):
         load_config(str(path))
+
+
+def test_a_config_loads_again_after_its_working_directory_is_removed(etc: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """A deploy that replaces the release directory the daemon was started in: every
+    reload of the unchanged file failed with "[Errno 2] No such file or directory",
+    naming nothing, for the keys left at their defaults needed no directory.  Only a
+    relative path needs it, and that one is refused by name."""
+    gone = tmp_path / "release"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    maildir = etc / "Maildir"
+    path = write(etc, f'[delivery]\nmaildir = "{maildir}"\n')
+    assert load_config(str(path)).delivery.maildir == str(maildir)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), {"delivery.maildir": "relative/Maildir"})
+    assert info.value.key == "delivery.maildir" and "working directory" in info.value.problem

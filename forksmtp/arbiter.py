@@ -28,6 +28,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 from . import (auth, config as config_mod, connection, limits, listeners, maildirs, pool, process,
@@ -680,12 +681,12 @@ class Arbiter:
             ids = self._worker_ids(new)
             maildirs.prepare(new, self.log, config_mod.source_of(new, "delivery.maildir", self.overrides),
                              ids)
-            log_fd = Log.open_file(new.log.file)
+            log_fd = _named_key(new, self.overrides, "log.file", Log.open_file)
             opened = self._open_new_sockets(new)
             # Last: a pidfile another live process holds fails the reload, the old one kept.
             moved_pidfile = new.server.pidfile != self.cfg.server.pidfile
             if moved_pidfile and new.server.pidfile:
-                process.write_pidfile(new.server.pidfile)
+                _named_key(new, self.overrides, "server.pidfile", process.write_pidfile)
         except BaseException as exc:
             if log_fd >= 0:
                 Log.discard(new.log.file, log_fd)
@@ -851,12 +852,29 @@ class Arbiter:
                            stress=self.board.in_stress())
 
 
+def _named_key(cfg, overrides: dict | None, key: str, use: Callable[[str], Any]) -> Any:
+    """``use`` the path ``key`` names; a failure is a ConfigError naming the file, the key
+    and the value, as every other reload failure is (it read "[Errno 6] No such device
+    or address: '/var/log/fifo'", or "pidfile ... is held", naming neither)."""
+    section, _, name = key.partition(".")
+    path = getattr(getattr(cfg, section), name)
+    try:
+        return use(path)
+    except (OSError, process.PidfileError) as exc:
+        problem = f"cannot open: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+        raise config_mod.ConfigError(config_mod.source_of(cfg, key, overrides), key, path,
+                                     problem) from None
+
+
 def run(cfg, overrides: dict | None = None) -> int:
     """Run the server until it is stopped; the exit status for the CLI."""
     try:
         arbiter = Arbiter(cfg, overrides)
     except OSError as exc:  # the log file: writable when checked, and yet (a FIFO, no reader)
-        where = f"log.file: {exc.filename}: {exc.strerror}" if exc.filename == cfg.log.file else exc
+        where: object = exc
+        if exc.filename == cfg.log.file:
+            where = config_mod.ConfigError(config_mod.source_of(cfg, "log.file", overrides), "log.file",
+                                           cfg.log.file, f"cannot open: {exc.strerror}")
         print(f"forksmtp: {where}", file=sys.stderr)
         return 1
     try:

@@ -148,8 +148,8 @@ def test_a_reload_naming_a_pidfile_another_process_holds_changes_nothing(daemon_
     d.write_config()
     old = {w.pid for w in d.workers()}
     d.signal(signal.SIGHUP)
-    d.wait_for_log(f"reload failed, keeping the running configuration: pidfile {held} is held "
-                   f"by running process {os.getpid()}")
+    line = _reload_failure(d, f"pidfile {held} is held by running process {os.getpid()}")
+    assert f"configuration: {d.config_path}: server.pidfile = " in line, line  # (a long value is cut)
     assert first.read_text() == f"{d.pid}\n" and held.read_text() == f"{os.getpid()}\n"
     assert old <= {w.pid for w in d.workers()}  # no new generation
     d.sections["server"]["pidfile"] = str(third)
@@ -277,3 +277,25 @@ def test_a_broken_mailbox_fails_neither_check_nor_the_start_nor_a_reload(daemon_
     assert _data_reply(d.port, "bob@mx.test.example") == 250
     assert len(list((blocker / "Maildir" / "new").iterdir())) == 1
     assert "reload failed" not in d.log_text() and "Traceback" not in d.log_text()
+
+
+def test_a_reload_whose_log_cannot_be_opened_names_the_file_and_the_key(daemon_factory, tmp_path):
+    """A FIFO with no reader as the new log.file: the reload fails, and says where the
+    value came from, as every other reload failure does (it read "[Errno 6] No such
+    device or address: '...'", naming neither the config file nor the key)."""
+    d = daemon_factory()
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    d.sections["log"]["file"] = str(fifo)
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    line = _reload_failure(d, ": cannot open: No such device or address")
+    assert f"configuration: {d.config_path}: log.file = " in line, line  # (a long value is cut)
+    send_message(d.port)
+
+
+def _reload_failure(d, ending: str) -> str:
+    """The log's reload failure line that ends with ``ending``."""
+    d.wait_for_log(ending)
+    (line,) = [ln for ln in d.log_text().splitlines() if "reload failed" in ln and ln.endswith(ending)]
+    return line

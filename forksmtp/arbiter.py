@@ -674,6 +674,7 @@ class Arbiter:
         it worked.  The listening sockets come last: a failure after them would leave a
         new address bound with no worker to serve it."""
         log_fd = -1
+        log_created = False
         opened: dict = {}
         try:
             new = config_mod.load_config(self.cfg.path or None, self.overrides, mailbox_storage=False)
@@ -681,6 +682,7 @@ class Arbiter:
             ids = self._worker_ids(new)
             maildirs.prepare(new, self.log, config_mod.source_of(new, "delivery.maildir", self.overrides),
                              ids)
+            log_created = bool(new.log.file) and not os.path.lexists(new.log.file)
             log_fd = _named_key(new, self.overrides, "log.file", Log.open_file)
             opened = self._open_new_sockets(new)
             # Last: a pidfile another live process holds fails the reload, the old one kept.
@@ -689,7 +691,7 @@ class Arbiter:
                 _named_key(new, self.overrides, "server.pidfile", process.write_pidfile)
         except BaseException as exc:
             if log_fd >= 0:
-                Log.discard(new.log.file, log_fd)
+                Log.discard(new.log.file, log_fd, log_created)
             running = set(map(id, self.sockets.values()))
             for sock in opened.values():
                 if id(sock) not in running:  # bound by this reload: let go again

@@ -131,9 +131,18 @@ class Log:
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o640)
 
     @staticmethod
-    def discard(path: str, fd: int) -> None:
-        """Close what ``open_file(path)`` returned, when it is not to be used after all."""
-        if path:
+    def discard(path: str, fd: int, created: bool = False) -> None:
+        """Close what ``open_file(path)`` returned, when it is not to be used after all;
+        ``created``: that open made the file, which goes again while nothing is in it (a
+        failed reload changes nothing, and leaves no empty log of its own behind)."""
+        if not path:
+            return
+        try:
+            if created and os.fstat(fd).st_size == 0:
+                os.unlink(path)
+        except OSError:
+            pass  # gone already, or not ours to remove: it stays, empty
+        finally:
             os.close(fd)
 
     def reopen(self, level: str | None = None, path: str | None = None, fd: int = -1) -> None:

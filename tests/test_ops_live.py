@@ -145,14 +145,18 @@ def test_a_reload_naming_a_pidfile_another_process_holds_changes_nothing(daemon_
     d = daemon_factory(server={"pidfile": str(first)})
     held.write_text(f"{os.getpid()}\n")  # a live process: this test's
     d.sections["server"]["pidfile"] = str(held)
+    new_log = tmp_path / "new.log"  # opened by the reload before the pidfile fails it
+    d.sections["log"]["file"] = str(new_log)
     d.write_config()
     old = {w.pid for w in d.workers()}
     d.signal(signal.SIGHUP)
     line = _reload_failure(d, f"pidfile {held} is held by running process {os.getpid()}")
     assert f"configuration: {d.config_path}: server.pidfile = " in line, line  # (a long value is cut)
     assert first.read_text() == f"{d.pid}\n" and held.read_text() == f"{os.getpid()}\n"
+    assert not new_log.exists()  # nothing changes: no empty log of the failed reload either
     assert old <= {w.pid for w in d.workers()}  # no new generation
     d.sections["server"]["pidfile"] = str(third)
+    d.sections["log"]["file"] = str(d.log_path)
     d.write_config()
     d.signal(signal.SIGHUP)
     d.wait_for_log("[RELOAD] configuration generation 2")

@@ -28,8 +28,8 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 from . import (auth, config as config_mod, connection, limits, listeners, maildirs, pool, process,
                stats, tls)
@@ -529,14 +529,11 @@ class Arbiter:
             # last_activity is still the moment it became idle, which says nothing of
             # whether it is alive now (one idle for longer than the stuck limit was
             # killed at every reload).  It leaves its accept loop within a second.
-            sessionless = slot.state == STOPPING and not slot.client
+            sessionless = slot.state == STOPPING and not slot.in_session
             if slot.state == IDLE or (sessionless and slot.idle_beat):
                 silent = now - max(slot.idle_beat, child.started, self._silence_from)
                 if slot.idle_beat and silent > IDLE_SILENCE:
-                    if sessionless:
-                        self._kill_idle(child, slot, silent, "has not left its accept loop")
-                    else:
-                        self._kill_idle(child, slot, silent)
+                    self._kill_idle(child, slot, silent)
                 continue
             if slot.state == STARTING or sessionless:
                 # Counted as a spare while it starts, so none replaces it: a worker that
@@ -565,14 +562,15 @@ class Arbiter:
             child.killed_because = f"no progress for {silent:.0f}s"
             self._signal(child, signal.SIGKILL)
 
-    def _kill_idle(self, child: Child, slot, silent: float,
-                   what: str = "has not turned its accept loop") -> None:
+    def _kill_idle(self, child: Child, slot, silent: float, what: str = "") -> None:
         """An idle worker that no longer turns its accept loop (stopped with SIGSTOP,
         wedged) still counts as a spare, so none would replace it; and, waiting in
         epoll with EPOLLEXCLUSIVE, it may be the one worker woken for a connection,
         which then waits for the next one to arrive.  So does a starting one that never
         gets ready."""
         kind = {IDLE: "idle", STARTING: "starting"}.get(slot.state, "stopping")
+        what = what or ("has not left its accept loop" if slot.state == STOPPING
+                        else "has not turned its accept loop")
         self.log.error("WORKER", f"{kind} worker {child.pid} {what} for "
                                  f"{silent:.0f}s; killing it (slot {slot.index})")
         child.killed_because = f"{kind} and silent for {silent:.0f}s"
@@ -608,7 +606,7 @@ class Arbiter:
         # Workers in a session, those marked stopping (a reload's old generation, a
         # retirement) included: that mark sticks for the rest of their sessions, and
         # counting states alone turned stress off while every worker was still busy.
-        busy = sum(1 for s in snap.slots if s.state == BUSY or (s.state == STOPPING and s.client))
+        busy = sum(1 for s in snap.slots if s.in_session)
         over = limits.in_stress(busy, self._ceiling(), self.cfg.server.stress_threshold)
         stress = self.stress.decide(over, snap.stress, now)
         if stress != snap.stress:

@@ -397,27 +397,25 @@ def _cross_check(cfg: Config, sources: dict[str, _Source], file: str) -> None:
         fail("auth.required", True, "AUTH is offered only over TLS: add [tls] or set auth.allow_insecure")
     files = {"server.pidfile": s.pidfile, "server.stats_file": s.stats_file, "log.file": cfg.log.file,
              "auth.password_file": cfg.auth.password_file if cfg.auth else ""}
-    seen: dict[str, str] = {}
-    for key, path in files.items():
-        # The pidfile and the stats file are renamed over (a symlink there is replaced):
-        # the path itself; the log and the password file are written through one.
-        follows = key in ("log.file", "auth.password_file")
-        real = (os.path.realpath(path) if follows else os.path.abspath(path)) if path else ""
-        if real in seen:  # one rename over another's file: the log went to an unlinked inode
-            fail(key, path, f"is also {seen[real]}")
-        if real:
-            seen[real] = key
-    # What the server only reads must not be what it writes: a pidfile or a stats file
-    # named as the configuration file or the TLS key replaced it, and every reload after
-    # failed.  (The certificate and the key may be one file.)
+    # What the server only reads must not be what it writes either: a pidfile or a stats
+    # file named as the configuration file or the TLS key replaced it, and every reload
+    # after failed.  (The certificate and the key may be one file.)
     inputs = {"the configuration file": cfg.path}
     if cfg.tls:
         inputs.update({"tls.cert_file": cfg.tls.cert_file, "tls.key_file": cfg.tls.key_file})
-    for key in ("server.pidfile", "server.stats_file", "log.file"):
-        path = files[key]
-        written = (os.path.realpath(path) if key == "log.file" else os.path.abspath(path)) if path else ""
-        for name, other in inputs.items():
-            if written and other and written in (os.path.abspath(other), os.path.realpath(other)):
+    seen: dict[str, str] = {}
+    for key, path in files.items():
+        if not path:
+            continue
+        # The pidfile and the stats file are renamed over (a symlink there is replaced):
+        # the path itself; the log and the password file are written through one.
+        follows = key in ("log.file", "auth.password_file")
+        real = os.path.realpath(path) if follows else os.path.abspath(path)
+        if real in seen:  # one rename over another's file: the log went to an unlinked inode
+            fail(key, path, f"is also {seen[real]}")
+        seen[real] = key
+        for name, other in inputs.items() if key != "auth.password_file" else ():
+            if other and real in (os.path.abspath(other), os.path.realpath(other)):
                 fail(key, path, f"is also {name}")
     domains = cfg.delivery.local_domains
     for address in cfg.delivery.mailboxes if domains else ():

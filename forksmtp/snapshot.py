@@ -83,6 +83,12 @@ class SlotInfo:
     def state_name(self) -> str:
         return STATE_NAMES[self.state]
 
+    @property
+    def in_session(self) -> bool:
+        """Serving a client: busy, or marked stopping (a reload, a retirement) while it
+        finishes a session; that mark sticks for the rest of the session."""
+        return self.state == BUSY or (self.state == STOPPING and bool(self.client))
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:

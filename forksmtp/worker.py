@@ -139,7 +139,6 @@ class Worker:
         # pregreet test); without the rejection there is no reason to make clients wait.
         self.greeting_delay = cfg.server.greeting_delay if cfg.server.reject_early_talkers else 0.0
         self.command_timeout = cfg.timeouts.command
-        # Without spares to keep the pool starts none when it runs dry: no call then.
         # Called when dry: to restore the spares, or, with none kept, to have the master
         # watch the listen queues at once rather than from its next tick (up to a second
         # away) while a client waits there; not where the pool cannot grow.

@@ -17,13 +17,15 @@ code on every reply after it (the EHLO/HELO reply itself and 354 carry none).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import os
 import random
 import re
 import shutil
+import subprocess
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import forksmtp
 from forksmtp import _native
@@ -261,3 +263,55 @@ def copy_package(tmp_path: Path) -> Path:
     if spec is not None and spec.origin:
         shutil.copy2(spec.origin, root)
     return root
+
+
+# -- an ext4 file system on a loop device (test_power_loss.py, test_stuck_worker.py) ------
+
+LOOP_TOOLS = ("losetup", "mkfs.ext4", "mount", "umount")
+
+
+def cannot_loop_mount(tools: Iterable[str] = LOOP_TOOLS) -> str:
+    """Why a file system cannot be made and loop-mounted here; "" when it can."""
+    if os.geteuid() != 0:
+        return "needs root (mount)"
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        return "missing " + ", ".join(missing)
+    if not os.path.exists("/dev/loop-control") and not Path("/dev/loop0").exists():
+        return "no loop devices"
+    return ""
+
+
+def run_tool(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=check)
+
+
+@contextlib.contextmanager
+def loop_ext4(directory: Path, *mkfs_options: str) -> Iterator[tuple[Path, Path, str]]:
+    """A 64 MiB ext4 file system made in a file in ``directory`` and mounted through a
+    loop device: (mount point, backing file, loop device).  Skips the test where no
+    loop device is free.  Unmounting it afterwards must succeed: busy means something
+    left a descriptor open on it (a leak)."""
+    import pytest
+
+    image = directory / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    run_tool("mkfs.ext4", "-q", *mkfs_options, str(image))
+    attached = run_tool("losetup", "-f", "--show", str(image), check=False)
+    if attached.returncode != 0:
+        pytest.skip(f"no loop device: {attached.stderr.strip()}")
+    loop = attached.stdout.strip()
+    mnt = directory / "mnt"
+    mnt.mkdir()
+    try:
+        run_tool("mount", loop, str(mnt))
+        try:
+            yield mnt, image, loop
+        finally:
+            unmounted = run_tool("umount", str(mnt), check=False)
+            if unmounted.returncode != 0:  # a file left open on it: detach it anyway
+                run_tool("umount", "-l", str(mnt), check=False)
+    finally:
+        run_tool("losetup", "-d", loop, check=False)
+    assert unmounted.returncode == 0, f"umount: {unmounted.stderr.strip()}"

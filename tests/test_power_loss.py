@@ -20,13 +20,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from forksmtp import maildir
 from forksmtp.maildir import Maildir, commit_all
+from helpers import cannot_loop_mount, loop_ext4
+from helpers import run_tool as run
 
 TOOLS = ("losetup", "mkfs.ext4", "e2fsck", "debugfs", "mount", "umount")
 MESSAGES = 5
@@ -36,50 +37,15 @@ MESSAGES = 5
 FILLERS = 48
 
 
-def _can_mount() -> str:
-    if os.geteuid() != 0:
-        return "needs root (mount)"
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        return "missing " + ", ".join(missing)
-    if not os.path.exists("/dev/loop-control") and not Path("/dev/loop0").exists():
-        return "no loop devices"
-    return ""
-
-
-pytestmark = pytest.mark.skipif(bool(_can_mount()), reason=_can_mount() or "ok")
-
-
-def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=check)
+pytestmark = pytest.mark.skipif(bool(cannot_loop_mount(TOOLS)), reason=cannot_loop_mount(TOOLS) or "ok")
 
 
 @pytest.fixture(params=["no journal", "journal"])
 def ext4(request, tmp_path):
     """A mounted ext4 filesystem: (mount point, backing file)."""
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
     features = ["-O", "^has_journal"] if request.param == "no journal" else []
-    run("mkfs.ext4", "-q", *features, str(image))
-    attached = run("losetup", "-f", "--show", str(image), check=False)
-    if attached.returncode != 0:
-        pytest.skip(f"no loop device: {attached.stderr.strip()}")
-    loop = attached.stdout.strip()
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        run("mount", loop, str(mnt))
-        try:
-            yield mnt, image
-        finally:
-            unmounted = run("umount", str(mnt), check=False)
-            if unmounted.returncode != 0:  # a file left open on it: detach it anyway
-                run("umount", "-l", str(mnt), check=False)
-    finally:
-        run("losetup", "-d", loop, check=False)
-    # Busy means the delivery code left a descriptor open on the filesystem: a leak.
-    assert unmounted.returncode == 0, f"umount: {unmounted.stderr.strip()}"
+    with loop_ext4(tmp_path, *features) as (mnt, image, _):
+        yield mnt, image
 
 
 def fsck_copy(image: Path, copy: Path) -> str:

@@ -23,6 +23,7 @@ import pytest
 from daemon import (RawSMTP, connect, held_in, hold_syscall, request_stats, send_message,
                     serving_worker, wait_until, worker_pids)
 from forksmtp import auth
+from helpers import cannot_loop_mount, loop_ext4
 from forksmtp.arbiter import LOCK_STALL, silent_for
 from forksmtp.scoreboard import _LOCK_PREFIX, WORKER_LOCK_STEP
 
@@ -396,18 +397,9 @@ _BLKIO = Path("/sys/fs/cgroup/blkio")
 
 
 def _cannot_throttle() -> str:
-    if os.geteuid() != 0:
-        return "needs root (mount, cgroups)"
-    missing = [t for t in ("losetup", "mkfs.ext4", "mount", "umount") if shutil.which(t) is None]
-    if missing:
-        return "missing " + ", ".join(missing)
     if not (_BLKIO / "blkio.throttle.write_bps_device").exists():
         return "no cgroup v1 blkio throttling"
-    return ""
-
-
-def _run(*cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    return cannot_loop_mount()
 
 
 @pytest.mark.skipif(bool(_cannot_throttle()), reason=_cannot_throttle() or "ok")
@@ -417,41 +409,28 @@ def test_a_worker_storing_on_a_slow_disk_is_not_killed_as_wedged(daemon_factory,
     healthy worker as wedged, the message was lost, and so was every retry of it.  Here
     an ext4 on a loop device whose writes the daemon's cgroup may make at 100 KB/s, and
     timeouts of 1-2 s: a 1.5 MB message takes about 15 s to fsync, past the 12 s limit."""
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    assert _run("mkfs.ext4", "-q", str(image)).returncode == 0
-    attached = _run("losetup", "-f", "--show", str(image))
-    if attached.returncode != 0:
-        pytest.skip(f"no loop device: {attached.stderr.strip()}")
-    loop = attached.stdout.strip()
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
     group = _BLKIO / f"forksmtp-test-{os.getpid()}-{time.monotonic_ns()}"
     d = None
-    try:
-        assert _run("mount", loop, str(mnt)).returncode == 0
-        group.mkdir()
-        rdev = os.stat(loop).st_rdev
-        (group / "blkio.throttle.write_bps_device").write_text(f"{os.major(rdev)}:{os.minor(rdev)} 102400\n")
-        d = daemon_factory(workers=1, server={"max_workers": 2}, sections={
-            "delivery": {"maildir": str(mnt / "Maildir")},
-            "timeouts": {"command": 1, "data_block": 1, "data_done": 2, "stress_command": 1}})
-        for pid in [d.pid, *worker_pids(d)]:  # workers forked later inherit the master's
-            (group / "cgroup.procs").write_text(f"{pid}\n")
-        body = b"Subject: slow disk\r\n\r\n" + (b"x" * 78 + b"\r\n") * 19000  # 1.5 MB
-        with smtplib.SMTP("127.0.0.1", d.port, timeout=120) as client:
-            client.sendmail("a@client.example", ["b@mx.test.example"], body)  # 250, or it raises
-        log = d.log_text()
-        assert "has waited on its disk for" in log, log[-2000:]  # the stuck limit was passed
-        assert "made no progress" not in log, log[-2000:]
-        (stored,) = (mnt / "Maildir" / "new").iterdir()
-        assert stored.read_bytes().endswith(b"x" * 78 + b"\n")
-    finally:
-        if d is not None:
-            d.stop()
-        if group.exists():
-            group.rmdir()
-        if _run("umount", str(mnt)).returncode != 0:
-            _run("umount", "-l", str(mnt))
-        _run("losetup", "-d", loop)
+    with loop_ext4(tmp_path) as (mnt, _, loop):
+        try:
+            group.mkdir()
+            rdev = os.stat(loop).st_rdev
+            (group / "blkio.throttle.write_bps_device").write_text(f"{os.major(rdev)}:{os.minor(rdev)} 102400\n")
+            d = daemon_factory(workers=1, server={"max_workers": 2}, sections={
+                "delivery": {"maildir": str(mnt / "Maildir")},
+                "timeouts": {"command": 1, "data_block": 1, "data_done": 2, "stress_command": 1}})
+            for pid in [d.pid, *worker_pids(d)]:  # workers forked later inherit the master's
+                (group / "cgroup.procs").write_text(f"{pid}\n")
+            body = b"Subject: slow disk\r\n\r\n" + (b"x" * 78 + b"\r\n") * 19000  # 1.5 MB
+            with smtplib.SMTP("127.0.0.1", d.port, timeout=120) as client:
+                client.sendmail("a@client.example", ["b@mx.test.example"], body)  # 250, or it raises
+            log = d.log_text()
+            assert "has waited on its disk for" in log, log[-2000:]  # the stuck limit was passed
+            assert "made no progress" not in log, log[-2000:]
+            (stored,) = (mnt / "Maildir" / "new").iterdir()
+            assert stored.read_bytes().endswith(b"x" * 78 + b"\n")
+        finally:
+            if d is not None:
+                d.stop()  # before the unmount: the daemon's Maildir is on it
+            if group.exists():
+                group.rmdir()

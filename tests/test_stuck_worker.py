@@ -347,6 +347,25 @@ def test_a_worker_told_to_stop_while_idle_is_judged_by_its_idle_beat(tmp_path):
         assert f"stopping worker {sleeper.pid} has not left its accept loop for 34s; killing it" in log.read_text()
 
 
+def test_a_worker_waiting_on_its_disk_is_spared_up_to_disk_wait_then_killed(tmp_path, monkeypatch):
+    """The bound on the disk wait, crossed: a busy worker past its stuck limit is left to
+    its disk (one warning) until DISK_WAIT, and killed after it.  The state D itself is
+    stubbed here; the slow-disk test below makes it real."""
+    from forksmtp import arbiter as arbiter_mod
+    from forksmtp.arbiter import DISK_WAIT
+    from forksmtp.scoreboard import BUSY
+
+    monkeypatch.setattr(arbiter_mod.process, "waits_on_disk", lambda pid: True)
+    with _master_judging_one_slot(tmp_path, BUSY, stuck_after=12.0) as (arbiter, sleeper, snap, t0, log):
+        for step in range(0, int(DISK_WAIT), 5):  # the master looks every few seconds
+            arbiter._murder_stuck(snap, t0 + step)
+        assert sleeper.poll() is None
+        assert log.read_text().count("has waited on its disk for") == 1
+        arbiter._murder_stuck(snap, t0 + DISK_WAIT + 1)
+        assert sleeper.wait(5) == -signal.SIGKILL
+        assert f"worker {sleeper.pid} made no progress for {DISK_WAIT + 1:.0f}s; killing it" in log.read_text()
+
+
 def test_a_busy_worker_is_not_killed_for_a_stall_of_the_whole_host(tmp_path):
     """A VM paused, a cgroup frozen (`docker pause`) for longer than the stuck limit: the
     master, woken before its workers, judged a busy worker silent for the whole stall

@@ -55,6 +55,10 @@ STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
 #: bounded by no timeout of ours, and RFC 5321 4.5.3.2.6 has the client wait 10 minutes
 #: for the reply to its final dot.
 DISK_WAIT = 600.0 + STUCK_GRACE
+#: A worker seen waiting on its disk this recently is still taken to be storing: between
+#: two system calls of one commit (the file's fsync, the rename, the directory's fsync)
+#: it is out of that wait for microseconds, and a look may fall there.
+DISK_RELOOK = 2.0
 #: Workers hold the admission lock for microseconds: when the master has failed to take it
 #: for this long, its holder is stopped or wedged, and every admission waits behind it.
 LOCK_STALL = 5.0
@@ -106,7 +110,8 @@ class Child:
     term_sent: bool = False
     quit_sent: float = 0.0
     killed_because: str = ""  # why the master itself sent SIGKILL, if it did
-    disk_wait_logged: bool = False  # its wait on a slow disk has been logged
+    disk_wait_logged: bool = False  # its present wait on a slow disk has been logged
+    disk_seen: float = 0.0  # the last look that found it waiting on its disk
 
 
 class Arbiter:
@@ -545,8 +550,9 @@ class Arbiter:
                 continue
             silent = silent_for(max(slot.last_activity, self._silence_from), child.started, now)
             if silent < child.stuck_after:
+                child.disk_wait_logged = False  # progress: a later slow commit is a new wait
                 continue
-            if silent < DISK_WAIT and process.waits_on_disk(child.pid):
+            if silent < DISK_WAIT and self._storing(child, now):
                 # Not wedged: storing on a slow disk (a large message's fsync), which no
                 # timeout bounds.  Killed, it would lose the message, and every retry of
                 # it the same way.
@@ -561,6 +567,16 @@ class Arbiter:
                                      f"{slot.last_activity:.3f}, started {child.started:.3f})")
             child.killed_because = f"no progress for {silent:.0f}s"
             self._signal(child, signal.SIGKILL)
+
+    @staticmethod
+    def _storing(child: Child, now: float) -> bool:
+        """Is the silent busy worker waiting on its disk: in that wait now, or at a look
+        less than DISK_RELOOK ago (one look may fall between two system calls of a slow
+        commit)?"""
+        if process.waits_on_disk(child.pid):
+            child.disk_seen = now
+            return True
+        return bool(child.disk_seen) and now - child.disk_seen < DISK_RELOOK
 
     def _kill_idle(self, child: Child, slot, silent: float, what: str = "") -> None:
         """An idle worker that no longer turns its accept loop (stopped with SIGSTOP,

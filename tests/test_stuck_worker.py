@@ -366,6 +366,54 @@ def test_a_worker_waiting_on_its_disk_is_spared_up_to_disk_wait_then_killed(tmp_
         assert f"worker {sleeper.pid} made no progress for {DISK_WAIT + 1:.0f}s; killing it" in log.read_text()
 
 
+def test_a_look_between_two_system_calls_of_a_slow_commit_does_not_kill_it(tmp_path, monkeypatch):
+    """A slow commit leaves its wait on the disk for microseconds between system calls
+    (the file's fsync, the rename, the directory's fsync).  A look that falls there must
+    not kill a worker found waiting a second before; one that stays out of the wait is
+    killed at the first look DISK_RELOOK after it was last seen in it."""
+    from forksmtp import arbiter as arbiter_mod
+    from forksmtp.arbiter import DISK_RELOOK
+    from forksmtp.scoreboard import BUSY
+
+    in_d = {"now": True}
+    monkeypatch.setattr(arbiter_mod.process, "waits_on_disk", lambda pid: in_d["now"])
+    with _master_judging_one_slot(tmp_path, BUSY, stuck_after=12.0) as (arbiter, sleeper, snap, t0, log):
+        for step in range(0, 40):  # a look a second, as the master's tick
+            in_d["now"] = step % 7 != 6  # out of it at every seventh look
+            arbiter._murder_stuck(snap, t0 + step)
+        assert sleeper.poll() is None and "killing it" not in log.read_text()
+        in_d["now"] = False  # the commit is over, yet the worker makes no progress
+        last_seen = t0 + 39  # the last look above found it in the wait
+        arbiter._murder_stuck(snap, last_seen + DISK_RELOOK - 0.1)
+        assert sleeper.poll() is None
+        arbiter._murder_stuck(snap, last_seen + DISK_RELOOK + 0.1)
+        assert sleeper.wait(5) == -signal.SIGKILL
+        assert f"worker {sleeper.pid} made no progress for" in log.read_text()
+        assert log.read_text().count("has waited on its disk for") == 1
+
+
+def test_each_slow_commit_is_warned_about(tmp_path, monkeypatch):
+    """The warning about a wait on the disk is one per wait, not one per worker: a
+    worker that stores one message slowly, goes on, and meets the slow disk again is
+    logged twice, so an operator sees how often the disk held mail up."""
+    import dataclasses
+
+    from forksmtp import arbiter as arbiter_mod
+    from forksmtp.scoreboard import BUSY
+
+    monkeypatch.setattr(arbiter_mod.process, "waits_on_disk", lambda pid: True)
+    with _master_judging_one_slot(tmp_path, BUSY, stuck_after=12.0) as (arbiter, sleeper, snap, t0, log):
+        for step in range(0, 30, 2):  # the first slow commit
+            arbiter._murder_stuck(snap, t0 + step)
+        assert log.read_text().count("has waited on its disk for") == 1
+        moved = dataclasses.replace(snap.slots[0], last_activity=t0 + 30)  # it went on
+        snap = dataclasses.replace(snap, slots=(moved,))
+        for step in range(30, 60, 2):  # then the second
+            arbiter._murder_stuck(snap, t0 + step)
+        assert sleeper.poll() is None
+        assert log.read_text().count("has waited on its disk for") == 2
+
+
 def test_a_busy_worker_is_not_killed_for_a_stall_of_the_whole_host(tmp_path):
     """A VM paused, a cgroup frozen (`docker pause`) for longer than the stuck limit: the
     master, woken before its workers, judged a busy worker silent for the whole stall

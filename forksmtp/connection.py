@@ -93,7 +93,7 @@ _CLIENT_ENDED: Final = ("client quit", "client disconnected")
 
 def discard_unread(sock: _socket.socket) -> None:
     """Read and drop, without waiting, what the client sent that no reply will answer,
-    before a close the server begins (the 554 to an early talker, a 421, a failed
+    before a close the server begins (the 521 to an early talker, a 421, a failed
     handshake, a refusal at a connection limit).  A close with unread octets in the
     socket makes the kernel send a reset instead of a FIN, and a client stack that
     throws away its unread input on a reset (Windows does) then loses the reply that
@@ -263,7 +263,7 @@ class Connection:
             # almost always bots; Postfix's postscreen rejects them the same way.
             self.close_reason = "early talker"
             self.worker.count_conn_reject(EARLY_TALKER)
-            self.session.close(R.R554_EARLY_TALKER)
+            self.session.close(R.R521_EARLY_TALKER)
             # A refused connection counts under connections_rejected alone, as the 421s
             # of the limits do, not among the replies of sessions (messages_rejected).
             self.session.error_codes.clear()
@@ -510,7 +510,7 @@ class Connection:
         worker no longer than one that stops writing: the command timeout (the shorter
         one in stress mode), and never past the session deadline.  ``last``: the reply
         that closes the session from the server's side (the 421 of an immediate stop,
-        the 554 of an early talker) waits LAST_REPLY_WAIT at most: the worker is on its
+        the 521 of an early talker) waits LAST_REPLY_WAIT at most: the worker is on its
         way out, and a client that does not read must not hold it until the master's
         SIGKILL."""
         now = time.monotonic()

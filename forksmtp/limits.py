@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from .smtp.replies import R421_BUSY, R421_PER_IP, R421_UNAVAILABLE, R554_EARLY_TALKER, Reply
+from .smtp.replies import R421_BUSY, R421_PER_IP, R421_UNAVAILABLE, R521_EARLY_TALKER, Reply
 from .snapshot import EARLY_TALKER, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, OTHER_REASON  # noqa: F401
 
 
@@ -32,7 +32,7 @@ class Seldom:
 _REPLIES = {
     MAX_CONNECTIONS: R421_BUSY,  # contract: 421 4.3.2 over max_connections
     MAX_CONNECTIONS_PER_IP: R421_PER_IP,  # contract: 421 4.7.0 over max_connections_per_ip
-    EARLY_TALKER: R554_EARLY_TALKER,
+    EARLY_TALKER: R521_EARLY_TALKER,
 }
 
 

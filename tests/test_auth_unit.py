@@ -129,6 +129,38 @@ def test_starttls_is_offered_on_plain_connections_only():
     assert implicit.send("STARTTLS") == ["503 5.5.1"]
 
 
+def help_commands(p: Peer) -> list[str]:
+    wire = p.feed(b"HELP\r\n").decode()
+    assert wire.startswith("214 2.0.0 Commands: ") and wire.endswith("\r\n") and wire.count("\r\n") == 1
+    return wire[len("214 2.0.0 Commands: "):-2].split()
+
+
+BASE_HELP = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP"]
+
+
+@pytest.mark.parametrize("tls,config,extra", [
+    (False, {}, []),
+    (False, {"starttls": True}, ["STARTTLS"]),
+    (False, {"starttls": True, "auth": True}, ["STARTTLS"]),  # AUTH waits for TLS: 538 now
+    (True, {"starttls": True, "auth": True}, ["AUTH"]),  # over TLS: STARTTLS is done
+    (True, {"auth": True}, ["AUTH"]),  # an implicit-TLS listener
+    (False, {"auth": True, "auth_insecure": True}, ["AUTH"]),
+    (False, {"starttls": True, "auth": True, "auth_insecure": True}, ["STARTTLS", "AUTH"]),
+])
+def test_help_lists_starttls_and_auth_where_ehlo_offers_them(tls, config, extra):
+    """HELP names the commands a client can use now, the same set EHLO advertises."""
+    p = peer(tls=tls, **config)
+    p.send(E)
+    assert help_commands(p) == BASE_HELP + extra
+    offered = [word.split()[0] for word in ehlo_keywords(p)]
+    assert [c for c in ("STARTTLS", "AUTH") if c in offered] == extra
+
+
+def test_help_after_starttls_names_auth_not_starttls():
+    p = tls_peer()
+    assert help_commands(p) == BASE_HELP + ["AUTH"]
+
+
 def test_starttls_with_a_parameter_is_a_syntax_error():
     p = peer(starttls=True)
     assert p.send(E, "STARTTLS now") == ["250", "501 5.5.4"]
@@ -345,7 +377,9 @@ def test_login_wrong_password_is_535():
     ("AUTH LOGIN", ["*"]),
     ("AUTH LOGIN", [b64("alice"), "*"]),
     ("AUTH PLAIN *", []),
-], ids=["plain", "login-user", "login-password", "plain-initial"])
+    ("AUTH PLAIN", ["* "]),  # blanks around the star are taken, as around base64
+    ("AUTH LOGIN", ["\t*"]),
+], ids=["plain", "login-user", "login-password", "plain-initial", "star-blank", "blank-star"])
 def test_star_cancels_with_501(start, responses):
     p = tls_peer()
     got = p.send(start, *responses)
@@ -372,6 +406,24 @@ def test_malformed_base64_is_501_5_5_2(lines):
     assert p.send(*lines)[-1] == "501 5.5.2"
     assert not any(isinstance(e, AuthRequest) for e in p.events)
     assert p.send("NOOP") == ["250 2.0.0"]
+
+
+@pytest.mark.parametrize("lines, text", [
+    (["AUTH PLAIN not!base64"], "Invalid base64 data"),
+    (["AUTH PLAIN " + b64("alice:secret")], "Invalid PLAIN response: expected authzid NUL user NUL password"),
+    (["AUTH PLAIN ="], "Invalid PLAIN response: expected authzid NUL user NUL password"),  # empty
+    (["AUTH PLAIN " + b64(b"\0alice\0secret\0x")], "Invalid PLAIN response: expected authzid NUL user NUL password"),
+    (["AUTH PLAIN " + b64(b"\0alice\0\xff\xfe")], "Invalid credentials: not UTF-8"),
+    (["AUTH LOGIN", b64(b"al\xe9")], "Invalid credentials: not UTF-8"),
+], ids=["base64", "no-nul", "empty", "four-parts", "plain-not-utf8", "login-not-utf8"])
+def test_a_malformed_response_is_told_what_is_wrong(lines, text):
+    """Each refusal names the fault: an empty PLAIN response (AUTH PLAIN =) is valid
+    base64, and "Invalid base64 data" would send its author looking in the wrong place."""
+    p = tls_peer()
+    for line in lines[:-1]:
+        p.send(line)
+    assert p.feed(lines[-1].encode() + b"\r\n") == f"501 5.5.2 {text}\r\n".encode()
+    assert not any(isinstance(e, AuthRequest) for e in p.events)
 
 
 def test_unknown_mechanism_is_504_and_a_bare_auth_is_501():

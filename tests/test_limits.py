@@ -10,7 +10,7 @@ from forksmtp.smtp.replies import R421_BUSY, R421_PER_IP
 @pytest.mark.parametrize("reason,code,enhanced", [
     ("max_connections", 421, "4.3.2"),
     ("max_connections_per_ip", 421, "4.7.0"),
-    ("early_talker", 554, "5.5.0"),
+    ("early_talker", 521, "5.5.0"),
     ("other", 421, "4.3.2"),
     ("something new", 421, "4.3.2"),
 ])

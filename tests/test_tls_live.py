@@ -464,9 +464,9 @@ def one_smtps_session_per_address(daemon_factory, certs, tmp_path) -> tuple[Daem
     return d, implicit
 
 
-def test_an_smtps_early_talker_reads_its_554_and_a_clean_close(daemon_factory, certs, tmp_path):
+def test_an_smtps_early_talker_reads_its_521_and_a_clean_close(daemon_factory, certs, tmp_path):
     """On an SMTPS port the greeting delay starts after the handshake: a client that
-    talks first gets 554 inside TLS, then our close_notify and a FIN, not a reset (the
+    talks first gets 521 inside TLS, then our close_notify and a FIN, not a reset (the
     TLS shutdown reads its early record, or the close throws it away unread)."""
     pw = password_file(tmp_path / "passwd", alice=PASSWORD)
     implicit = free_port()
@@ -476,7 +476,7 @@ def test_an_smtps_early_talker_reads_its_554_and_a_clean_close(daemon_factory, c
         with certs.client_context().wrap_socket(raw, server_hostname="localhost") as s:
             s.sendall(b"EHLO eager.example\r\n")
             wire = read_to_close(s)
-    assert wire == b"554 5.5.0 SMTP protocol violation: data sent before greeting\r\n"
+    assert wire == b"521 5.5.0 SMTP protocol violation: data sent before greeting\r\n"
     assert request_stats(d)["connections_rejected"]["early_talker"] == 1
 
 

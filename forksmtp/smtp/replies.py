@@ -9,6 +9,7 @@ enhanced status code (after EHLO/HELO, RFC 2034) and without it (before).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,15 @@ def helo(hostname: str) -> Reply:
     return Reply(250, "", hostname)
 
 
+def help_reply(offered: tuple[str, ...] = ()) -> Reply:
+    """HELP's list: the commands always taken, then those the EHLO reply offers now."""
+    return Reply(214, "2.0.0", " ".join(("Commands:",) + HELP_COMMANDS + offered))
+
+
+HELP_COMMANDS: Final = ("EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP")
+
 # 2xx / 3xx
-R214_HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+R214_HELP = help_reply()
 R221_BYE = Reply(221, "2.0.0", "Bye")
 R250_OK = Reply(250, "2.0.0", "Ok")
 R250_SENDER_OK = Reply(250, "2.1.0", "Sender ok")
@@ -104,6 +112,9 @@ R503_NEED_HELO = Reply(503, "5.5.1", "Send EHLO/HELO first")
 R503_NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
 R503_NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
 R503_NEED_RCPT = Reply(503, "5.5.1", "No valid recipients")
+# RFC 7504: a 521 greeting may be followed by the close, where a 554 one (RFC 5321 3.1)
+# must then wait for QUIT; Postfix's postscreen drops a pregreeting client with a 521.
+R521_EARLY_TALKER = Reply(521, "5.5.0", "SMTP protocol violation: data sent before greeting")
 R550_NOT_LOCAL = Reply(550, "5.7.1", "Relay access denied: recipient domain is not local")
 R550_BARE_NEWLINE = Reply(550, "5.6.0", "Message refused: bare CR or LF in message text")
 R552_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
@@ -111,7 +122,6 @@ R553_NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address not permitted without SM
 R554_LINE_TOO_LONG = Reply(554, "5.6.0", "Message refused: text line longer than 1000 octets")
 R554_LOOP = Reply(554, "5.4.6", "Too many hops: mail loop detected")
 R554_SYNC = Reply(554, "5.5.0", "SMTP protocol synchronization error")
-R554_EARLY_TALKER = Reply(554, "5.5.0", "SMTP protocol violation: data sent before greeting")
 R555_UNKNOWN_PARAM = Reply(555, "5.5.4", "Unsupported parameter")
 
 # STARTTLS (RFC 3207) and AUTH (RFC 4954)
@@ -123,6 +133,8 @@ R334_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")  # base64 "Password:"
 R421_AUTH_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, try again later")
 R501_AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
 R501_BAD_BASE64 = Reply(501, "5.5.2", "Invalid base64 data")
+R501_BAD_PLAIN = Reply(501, "5.5.2", "Invalid PLAIN response: expected authzid NUL user NUL password")
+R501_NOT_UTF8 = Reply(501, "5.5.2", "Invalid credentials: not UTF-8")
 R503_ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
 R503_ALREADY_AUTH = Reply(503, "5.5.1", "Already authenticated")
 R503_AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not permitted during a mail transaction")

@@ -1,8 +1,9 @@
 """AUTH PLAIN (RFC 4616) and LOGIN exchanges, as a tiny sans-IO state machine.
 
 An ``AuthExchange`` is fed the client's response lines and answers with either the next
-``334`` challenge or the decoded ``Credentials``; a ``*`` cancels (501) and bad base64
-is a syntax error (501 5.5.2), both raised as ``CommandError``.  Checking the password
+``334`` challenge or the decoded ``Credentials``; a ``*`` cancels (501), and bad base64,
+a PLAIN response without its three parts or text that is not UTF-8 is a syntax error
+(501 5.5.2), all raised as ``CommandError``.  Checking the password
 is the caller's business: it is slow on purpose (scrypt) and has nothing to do with SMTP.
 """
 
@@ -30,9 +31,9 @@ class Credentials:
 
 
 def _decode(text: str) -> bytes:
+    text = text.strip()  # blanks around the base64 are taken, so around the "*" too
     if text == "*":
         raise CommandError(R.R501_AUTH_CANCELLED)
-    text = text.strip()
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
@@ -49,7 +50,7 @@ def _utf8(data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise CommandError(R.R501_BAD_BASE64) from None
+        raise CommandError(R.R501_NOT_UTF8) from None
 
 
 class AuthExchange:
@@ -74,7 +75,7 @@ class AuthExchange:
 
     def _plain(self, data: bytes) -> Credentials:
         parts = data.split(b"\0")
-        if len(parts) != 3:
-            raise CommandError(R.R501_BAD_BASE64)
+        if len(parts) != 3:  # RFC 4616 2: [authzid] NUL authcid NUL passwd
+            raise CommandError(R.R501_BAD_PLAIN)
         authzid, user, password = (_utf8(p) for p in parts)
         return Credentials("PLAIN", user, password, authzid)

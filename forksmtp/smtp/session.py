@@ -498,7 +498,7 @@ class Session(SecureCommands):
         self._send(R.R252_VRFY)
 
     def _cmd_help(self, arg: str) -> None:
-        self._send(R.R214_HELP)
+        self._send(self.config.help_reply(self.tls))
 
     # -- DATA ------------------------------------------------------------------------
 

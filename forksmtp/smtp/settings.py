@@ -48,15 +48,25 @@ class SessionConfig:
         self.greeting = R.greeting(hostname)
         self.helo_reply = R.helo(hostname)
         self._ehlo = {tls: R.ehlo(hostname, self._keywords(tls)) for tls in (False, True)}
+        self._help = {tls: R.help_reply(self._commands(tls)) for tls in (False, True)}
 
     def _keywords(self, tls: bool) -> tuple[str, ...]:
         words = list(BASE_KEYWORDS)
         words.insert(1, f"SIZE {self.max_message_size}")
+        return tuple(words) + self._commands(tls, auth="AUTH PLAIN LOGIN")
+
+    def _commands(self, tls: bool, auth: str = "AUTH") -> tuple[str, ...]:
+        """STARTTLS and AUTH, where the EHLO reply offers them: STARTTLS on a plain
+        connection, AUTH over TLS or where allowed without."""
+        words: tuple[str, ...] = ()
         if self.starttls and not tls:
-            words.append("STARTTLS")
+            words += ("STARTTLS",)
         if self.auth and (tls or self.auth_insecure):
-            words.append("AUTH PLAIN LOGIN")
-        return tuple(words)
+            words += (auth,)
+        return words
 
     def ehlo_reply(self, tls: bool) -> R.Reply:
         return self._ehlo[tls]
+
+    def help_reply(self, tls: bool) -> R.Reply:
+        return self._help[tls]

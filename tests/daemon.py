@@ -234,6 +234,23 @@ def request_stats(d: Daemon, timeout: float = 10.0) -> dict:
     return json.loads(lines[seen].split("[STATS] ", 1)[1])
 
 
+def worker_states(stats: dict) -> list[str]:
+    """The states of the workers in a stats dump ("idle", "busy", ...), sorted."""
+    return sorted(w["state"] for w in stats["workers"])
+
+
+def after_a_turn(d: Daemon, timeout: float = 10.0) -> dict:
+    """Stats written after a whole turn of the master's loop (its check of the workers,
+    its pool plan) that began after this call; the second of two dumps.  The master
+    handles the signals it has at the start of a turn, then does its checks; the second
+    SIGUSR1 goes only once the first dump is out, so its dump comes in a later turn.
+
+    A test that asserts something did not happen waits for this rather than sleeping:
+    however slow the machine, the master has then had its look."""
+    request_stats(d, timeout)
+    return request_stats(d, timeout)
+
+
 def zombie_children(pid: int) -> list[int]:
     try:
         children = psutil.Process(pid).children()

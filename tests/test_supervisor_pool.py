@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon import (RawSMTP, assert_no_zombies, connect, gone, read_reply, request_stats, send_message,
-                    serving_worker, wait_until, worker_pids)
+from daemon import (RawSMTP, after_a_turn, assert_no_zombies, connect, gone, read_reply, request_stats,
+                    send_message, serving_worker, wait_until, worker_pids, worker_states)
 from forksmtp.arbiter import TICK
 
 SESSIONS = 12
@@ -72,30 +72,49 @@ def test_pool_grows_for_many_sessions_and_shrinks_back(daemon_factory):
     assert_no_zombies(d)
 
 
+def forked_at(pid: int) -> float:
+    """When the process was forked, by the kernel's own record (/proc/PID/stat's
+    starttime), in seconds of CLOCK_BOOTTIME, to one clock tick (10 ms)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def one_idle(stats: dict) -> bool:
+    states = worker_states(stats)
+    return states.count("idle") == 1 and "starting" not in states
+
+
 def test_the_session_that_takes_the_last_idle_worker_gets_the_next_one_started_at_once(daemon_factory):
     """The master forks when a worker calls from its admission, not at its next tick up
     to a second later; until then the clients of a burst wait in the listen queue for a
     greeting, and those over max_connections for the 421 the contract wants within a
-    second.  Each round takes the pool's one idle worker and times the fork from the
-    connect: 6 to 18 ms here, 0.72 to 0.76 s when the master waited for its tick."""
+    second.  Each round takes the pool's one idle worker right after a stats dump, which
+    the master answers at the start of a turn, so that its next tick is a whole TICK
+    away, and measures from the connect to the new worker's fork as the kernel recorded
+    it (how soon this test notices the new process does not count): a few ms here, a
+    second when the master waits for its tick."""
     d = daemon_factory(workers=1, server={"max_workers": 20, "min_spare_workers": 1})
     sessions, delays = [], []
     try:
         for _ in range(7):
-            time.sleep(0.3)  # the last round's worker is past its start: one idle, none starting
-            before = len(worker_pids(d))
+            # One idle worker and none starting (the last round's is past its start).
+            wait_until(lambda: one_idle(request_stats(d)), 10, 0.05, "one idle worker, none starting")
+            before = worker_pids(d)
+            start = time.clock_gettime(time.CLOCK_BOOTTIME)
             sock = connect(d.port)
-            start = time.monotonic()
             sessions.append(sock)
             assert read_reply(sock).startswith(b"220 ")
-            wait_until(lambda: len(worker_pids(d)) > before, 10, 0.002, "a worker forked")
-            delays.append(time.monotonic() - start)
+            new = wait_until(lambda: worker_pids(d) - before, 10, 0.01, "a worker forked")
+            delays.append(min(forked_at(pid) for pid in new) - start)
     finally:
         for sock in sessions:
             sock.close()
     delays.sort()
     print("\nfrom the connect to the new worker's fork (s): " + " ".join(f"{t:.3f}" for t in delays))
-    assert delays[3] < 0.15, delays
+    # The median, against half a tick: a loaded machine may hold the master up now and
+    # then, but a fork that waited for the tick is late every round.
+    assert delays[3] < TICK / 2, delays
     assert_no_zombies(d)
 
 
@@ -260,11 +279,15 @@ def test_the_ceiling_warning_is_not_repeated_as_sessions_come_and_go(daemon_fact
     first = RawSMTP(d.port)
     try:
         for _ in range(3):
-            second = RawSMTP(d.port)
-            time.sleep(TICK + 0.5)  # the master's tick sees the pool full
+            second = RawSMTP(d.port)  # greeted: admitted, so busy in the scoreboard
+            # A whole turn of the master's with both workers busy: it saw the pool full.
+            assert worker_states(after_a_turn(d)) == ["busy", "busy"]
             assert second.command(b"QUIT") == 221
             second.close()
-            time.sleep(TICK + 0.5)  # and then a spare again
+            # Then one with a spare again (the second session's worker back in its
+            # accept loop): the ceiling is over, and the next one is a new one.
+            wait_until(lambda: "idle" in worker_states(request_stats(d)), 10, 0.1, "a spare again")
+            assert "idle" in worker_states(after_a_turn(d))
         d.wait_for_log("max_workers reached (2 workers): no spare to start")
         assert d.log_text().count("max_workers reached (2 workers)") == 1
     finally:
@@ -377,7 +400,9 @@ def test_a_pool_that_keeps_no_spares_starts_a_worker_for_a_waiting_client(daemon
     try:
         assert holder.command(b"EHLO holder.example") == 250
         sock = connect(d.port)
-        sock.settimeout(3)
+        # Without a worker started for it the client would wait for the holder's
+        # session, which lasts the whole test: a generous bound tells the two apart.
+        sock.settimeout(20)
         started = time.monotonic()
         try:
             assert read_reply(sock).startswith(b"220 ")

@@ -24,9 +24,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon import (Daemon, assert_no_zombies, connect, connection_refused, free_port, gone, poll_for,
-                    read_reply, read_to_close, request_stats, send_message, unusual_lines, wait_until, worker_pids,
-                    workers_replacing, write_config)
+from daemon import (Daemon, after_a_turn, assert_no_zombies, connect, connection_refused, free_port, gone,
+                    poll_for, read_reply, read_to_close, request_stats, send_message, unusual_lines, wait_until,
+                    worker_pids, worker_states, workers_replacing, write_config)
 from forksmtp.arbiter import STUCK_GRACE
 from forksmtp.signals import MAILDIR_CALL, POOL_CALL, SignalQueue
 
@@ -325,14 +325,18 @@ def test_hup_that_shortens_timeouts_spares_the_sessions_begun_before(daemon_fact
     d = daemon_factory(workers=2, sections={"timeouts": {"command": 60, "data_block": 60,
                                                          "data_done": 120}})
     client = open_transaction(d.port)
-    d.sections["timeouts"] = {"command": 1, "data_block": 1, "data_done": 1}
+    # Every timeout the stuck limit is made of (stress_command's default alone is 10 s).
+    d.sections["timeouts"] = {"command": 1, "data_block": 1, "data_done": 1, "stress_command": 1}
     d.write_config()
     hup(d)
-    time.sleep(1 + STUCK_GRACE + 2.5)  # past the new limit, far inside the old one
+    time.sleep(1 + STUCK_GRACE + 2.5)  # silent past the new limit, far inside the old one
+    # The master has judged the session's worker since (its check runs every turn); had
+    # it used the new limit, it would have killed it then.
+    after_a_turn(d)
+    assert "made no progress" not in d.log_text()
     code, _ = client.data(BODY)
     assert code == 250
     client.quit()
-    assert "made no progress" not in d.log_text()
     assert len(d.new_messages()) == 1
 
 
@@ -691,12 +695,20 @@ def test_ttin_adds_and_ttou_removes_a_worker(daemon_factory):
 def test_ttin_adds_a_worker_while_spares_hold_the_pool_above_its_minimum(daemon_factory):
     """One worker more than run now: raising the minimum alone (1 to 2) would start
     nothing while min_spare_workers keeps three."""
-    d = daemon_factory(workers=1, server={"min_spare_workers": 3, "max_workers": 8})
+    # max_spare_workers = 3 and max_idle = 1: a fourth idle worker is a surplus spare,
+    # which the pool would retire a second after it became idle, were it not one of the
+    # pool's minimum now.
+    d = daemon_factory(workers=1, server={"min_spare_workers": 3, "max_spare_workers": 3, "max_idle": 1,
+                                          "max_workers": 8})
     wait_until(lambda: len(worker_pids(d)) == 3, 10, what="3 workers")
     d.signal(signal.SIGTTIN)
     d.wait_for_log("SIGTTIN: 3 workers; one more; pool minimum is now 4")
-    wait_until(lambda: len(worker_pids(d)) == 4, 10, what="4 workers after SIGTTIN")
-    time.sleep(1.5)  # a few turns of the pool: it keeps the fourth
+    wait_until(lambda: worker_states(request_stats(d)) == ["idle"] * 4, 10, 0.1,
+               "4 idle workers after SIGTTIN")
+    time.sleep(1.5)  # every one of them idle for longer than max_idle
+    # Turns of the pool since: a retirement would show as a worker stopping, or gone.
+    for _ in range(2):
+        assert worker_states(after_a_turn(d)) == ["idle"] * 4
     assert len(worker_pids(d)) == 4
 
 
@@ -712,8 +724,14 @@ def test_a_ttin_and_a_ttou_sent_together_cancel_out(daemon_factory, first, secon
         os.kill(d.pid, second)
         d.wait_for_log("SIGTTIN: ", count=n)
         d.wait_for_log("SIGTTOU: ", count=n)
-        time.sleep(1.5)  # a few turns of the pool, and a retired worker's exit
-        wait_until(lambda: len(worker_pids(d)) == 3, 10, what=f"3 workers after pair {n}")
+        # A turn of the pool after both: whatever they started or retired has been
+        # decided.  Then the pool settles: a worker retired (shown stopping until it has
+        # exited) and one started in its place (shown starting) are a pair handled in two
+        # turns, which ends where it began too; three idle workers, and no other process.
+        after_a_turn(d)
+        wait_until(lambda: worker_states(request_stats(d)) == ["idle"] * 3, 10, 0.1,
+                   f"3 idle workers after pair {n}")
+        assert len(worker_pids(d)) == 3
     assert "max_workers ceiling" not in d.log_text()
 
 
@@ -730,7 +748,9 @@ def test_ttou_beside_a_session_retires_the_busy_worker_once_its_session_ends(dae
     assert client.data(b"Subject: t\r\n\r\nstill served\r\n")[0] == 250
     client.quit()
     wait_until(lambda: gone(busy[0]), 10, what="the busy worker gone after its session")
-    time.sleep(1.5)  # a few turns of the pool: no worker started in its place
+    # A turn of the pool after its exit (reaped at the start of the turn): no worker
+    # started in its place, neither in the scoreboard nor as a process.
+    assert worker_states(after_a_turn(d)) == ["idle"]
     assert len(worker_pids(d)) == 1
     assert len(d.new_messages()) == 1
     send_message(d.port)

@@ -272,10 +272,15 @@ def first_reply_after_handshake(server, certs, implicit: bool) -> float:
 @pytest.mark.parametrize("implicit", [False, True], ids=["starttls", "smtps"])
 def test_first_reply_after_the_handshake_is_not_held_back(server, certs, implicit):
     """With Nagle's algorithm on, that reply waited for the client's delayed ACK of the
-    handshake's last flight: 40 ms or more (Linux's shortest delayed ACK), every time.
-    The fastest of five tries tells a reply held back that way from a busy machine."""
-    fastest = min(first_reply_after_handshake(server, certs, implicit) for _ in range(5))
-    assert fastest < 0.030, f"{fastest * 1000:.1f} ms"
+    handshake's last flight: 40 ms or more (Linux's shortest delayed ACK) every time, a
+    little less from where the client's handshake ends (34 ms at the least in forty
+    tries); it comes in a few ms otherwise.  A loaded machine only makes a reply later,
+    never earlier: one within 20 ms is proof enough, and up to twenty tries find one
+    however busy the machine is now and then."""
+    took: list[float] = []
+    while len(took) < 20 and (not took or took[-1] >= 0.020):
+        took.append(first_reply_after_handshake(server, certs, implicit))
+    assert took[-1] < 0.020, " ".join(f"{t * 1000:.1f}" for t in took) + " ms"
 
 
 # -- STARTTLS injection (CVE-2011-0411 and kin) ----------------------------------------------
@@ -584,9 +589,11 @@ def test_in_stress_mode_a_refused_smtps_client_is_closed_at_once(daemon_factory,
         assert first.noop()[0] == 250
         wait_until(lambda: request_stats(d)["stress"], TIMEOUT, 0.1, "stress mode on")
         with socket.create_connection((HOST, implicit), timeout=TIMEOUT) as refused:
-            start = time.monotonic()
-            assert replies_until_eof(refused) == b""  # no handshake: closed
-            assert time.monotonic() - start < 0.9
+            # A client that does try: the server takes no part in its handshake, which
+            # fails (the close); a refusal outside stress mode would complete it and
+            # send the 421 inside (a timeout here would be neither).
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                certs.client_context().wrap_socket(refused, server_hostname="localhost")
         wait_log_count(d, "refused: max_connections_per_ip", 1)
     assert "[SMTP] <421 not sent: no TLS handshake in stress mode>" in d.log_text()
 

@@ -38,7 +38,7 @@ from forksmtp.config_checks import (ConfigError, _address, _at_least, _between, 
                                     _greeting_delay, _number, _one_of, _parent_exists, _path,
                                     _positive, _readable_file, _share, _Source, _string, _strings,
                                     _replaceable_file, _timeout, _user, _writable_file,
-                                    working_directory)
+                                    _toml_key, working_directory)
 from forksmtp.listeners import ListenAddr, clash, parse_listen
 
 CLI = "command line"  # the "file" of values that came from flags
@@ -194,7 +194,6 @@ _SECTIONS: dict[str, type] = {
     "server": ServerConfig, "limits": LimitsConfig, "timeouts": TimeoutsConfig,
     "delivery": DeliveryConfig, "log": LogConfig, "tls": TLSConfig, "auth": AuthConfig,
 }
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _OPTIONAL = frozenset({"tls", "auth"})  # absent section: feature off (None)
 _KNOWN = frozenset(f"{s}.{k}" for s, k, *_ in _KEYS)
 
@@ -287,12 +286,6 @@ def _reject_unknown(raw: dict, file: str) -> None:
             dotted = f"{section}.{key}"
             if dotted not in _KNOWN:
                 raise ConfigError(file, f"{section}.{_toml_key(key)}", value, "unknown key" + _suggest_key(dotted))
-
-
-def _toml_key(name: str) -> str:
-    """A key as TOML would write it: bare when it can be, else quoted, so that a name
-    holding a newline or a dot cannot break or bend the one-line message."""
-    return name if _BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
 
 
 def _suggest_key(name: str) -> str:

@@ -11,6 +11,7 @@ The key table that says which key gets which converter and validator is ``forksm
 from __future__ import annotations
 
 import contextlib
+import datetime
 import grp
 import ipaddress
 import json
@@ -19,7 +20,7 @@ import os
 import pwd
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from dataclasses import dataclass
 
@@ -44,19 +45,68 @@ class ConfigError(Exception):
 
 
 _SHOWN_BITS = 256  # far below the 4,300 decimal digits Python writes at most
+_SHOWN_LENGTH = 80  # a value shown longer than this is cut to its first 77 characters and "..."
 
 
 def _show(value: object) -> str:
     """A value as it would be written in TOML, cut short for one-line messages."""
-    if isinstance(value, int) and value.bit_length() > _SHOWN_BITS:
+    text = ""
+    for piece in _toml_pieces(value):  # only as much as is shown: a list may be long, or deep
+        text += piece
+        if len(text) > _SHOWN_LENGTH:
+            return text[:_SHOWN_LENGTH - 3] + "..."
+    return text
+
+
+def _toml_pieces(value: object) -> Iterator[str]:
+    """``value`` in TOML's own form (``inf``, ``1979-05-27T07:32:00Z``, ``{a = 1}``), in
+    pieces: a TOML datetime is no string, and must not look like one."""
+    if isinstance(value, bool):
+        yield "true" if value else "false"
+    elif isinstance(value, int):
         # Python refuses to write an integer of more than 4,300 digits in decimal, and
         # TOML's hexadecimal, octal and binary ones have no such bound.
-        return f"<an integer of {value.bit_length():,} bits>"
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    except ValueError:  # nan, or an integer too long for decimal inside a list
-        text = "<a value too long to show>"
-    return text if len(text) <= 80 else text[:77] + "..."
+        yield str(value) if value.bit_length() <= _SHOWN_BITS else f"<an integer of {value.bit_length():,} bits>"
+    elif isinstance(value, float) and not math.isfinite(value):
+        yield "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
+    elif isinstance(value, float):
+        yield repr(value)
+    elif isinstance(value, str):
+        yield _toml_string(value[:_SHOWN_LENGTH])  # escapes only lengthen it: cut the same
+    elif isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        text = value.isoformat()
+        yield (text[:-6] + "Z") if isinstance(value, datetime.datetime) and text.endswith("+00:00") else text
+    elif isinstance(value, (list, tuple)):
+        yield "["
+        for i, item in enumerate(value):
+            yield ", " if i else ""
+            yield from _toml_pieces(item)
+        yield "]"
+    elif isinstance(value, Mapping):
+        yield "{"
+        for i, (key, item) in enumerate(value.items()):
+            yield (", " if i else "") + _toml_key(str(key)[:_SHOWN_LENGTH]) + " = "
+            yield from _toml_pieces(item)
+        yield "}"
+    else:
+        yield str(value)[:_SHOWN_LENGTH + 1]
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(name: str) -> str:
+    """A key as TOML would write it: bare when it can be, else quoted, so that a name
+    holding a newline or a dot cannot break or bend the one-line message."""
+    return name if _BARE_KEY.fullmatch(name) else _toml_string(name)
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: JSON's escapes are TOML's, and what else does not print
+    (a lone surrogate from a command line argument, U+2028) is escaped too, so that
+    the message stays one line of what it says."""
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
+                   for c in json.dumps(text, ensure_ascii=False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +172,7 @@ def _listens(value: object, base: str) -> tuple[ListenAddr, ...]:
         try:
             addr = parse_listen(text)
         except ValueError as exc:
-            raise ValueError(f"{text!r}: {exc}") from None
+            raise ValueError(f"{_show(text)}: {exc}") from None
         if addr in addrs:
             raise ValueError(f"{addr} is listed twice")
         addrs.append(addr)
@@ -215,11 +265,11 @@ def _domains(values: tuple[str, ...]) -> tuple[str, ...]:
     A-label and its U-label): an SMTPUTF8 client may write either."""
     for domain in values:
         if not _DOMAIN.fullmatch(domain):
-            raise ValueError(f"{domain!r} is not a domain")
+            raise ValueError(f"{_show(domain)} is not a domain")
     names = [d.lower().rstrip(".") for d in values]
     for domain, name in zip(values, names):
         if "" in name.split("."):  # ".", "..", ".example", "a..b": no domain matches it
-            raise ValueError(f"{domain!r} is not a domain")
+            raise ValueError(f"{_show(domain)} is not a domain")
     return tuple(dict.fromkeys(spelling for name in names for spelling in (name, *_other_spelling(name))))
 
 

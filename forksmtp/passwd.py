@@ -38,7 +38,7 @@ def _password_file(args: argparse.Namespace, config: str | None) -> str:
         raise SystemExit(f"forksmtp passwd: {exc}") from None
     path = raw.get("auth", {}).get("password_file") if isinstance(raw.get("auth"), dict) else None
     if path is not None and not isinstance(path, str):
-        raise SystemExit(f"forksmtp passwd: {config}: auth.password_file = {path!r}: must be a string")
+        raise SystemExit(f"forksmtp passwd: {ConfigError(config, 'auth.password_file', path, 'must be a string')}")
     if not path:
         raise SystemExit(f"forksmtp passwd: {config} has no [auth] password_file")
     # Relative paths are relative to the config file, as everywhere in the config.

@@ -484,7 +484,7 @@ def test_override_errors_blame_the_command_line(etc: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, {"server.workers": 0})
     assert str(info.value) == "command line: server.workers = 0: must be an integer >= 1"
-    with pytest.raises(ConfigError, match=r"^command line: server\.listen = \[\"x:y\"\]: 'x:y': port"):
+    with pytest.raises(ConfigError, match=r"^command line: server\.listen = \[\"x:y\"\]: \"x:y\": port"):
         load_config(None, {"server.listen": ["x:y"]})
     with pytest.raises(ConfigError, match="server.wrkers.*unknown key.*server.workers"):
         load_config(None, {"server.wrkers": 2})
@@ -584,6 +584,44 @@ def test_a_bad_built_in_default_is_not_blamed_on_the_file(etc: Path) -> None:
         load_config(str(path))
     assert str(info.value) == (f'{path}: delivery.maildir = "./Maildir": is not a directory (the built-in '
                                f"default: the key is not set, relative to the working directory {etc.parent})")
+
+
+_INFS = "[" + ", ".join(["inf"] * 30) + "]"
+
+
+@pytest.mark.parametrize("snippet, shown", [
+    ("[server]\ngraceful_timeout = inf\n", "server.graceful_timeout = inf: must be a number"),
+    ("[server]\ngraceful_timeout = -inf\n", "server.graceful_timeout = -inf: must be a number"),
+    ("[server]\ngraceful_timeout = nan\n", "server.graceful_timeout = nan: must be a number"),
+    ("[server]\nhostname = 1979-05-27T07:32:00Z\n", "server.hostname = 1979-05-27T07:32:00Z: must be a string"),
+    ("[server]\nhostname = 1979-05-27T00:32:00.5-07:00\n",
+     "server.hostname = 1979-05-27T00:32:00.500000-07:00: must be a string"),
+    ("[server]\nhostname = 1979-05-27\n", "server.hostname = 1979-05-27: must be a string"),
+    ("[server]\nhostname = 07:32:00\n", "server.hostname = 07:32:00: must be a string"),
+    ("[server]\nhostname = {a = 1}\n", "server.hostname = {a = 1}: must be a string"),
+    ('[server]\nhostname = {a = 1, "b c" = [true, 0.5]}\n',
+     'server.hostname = {a = 1, "b c" = [true, 0.5]}: must be a string'),
+    ("[server]\nhostname = {}\n", "server.hostname = {}: must be a string"),
+    ('[server]\nhostname = "mx\\u2028example"\n', 'server.hostname = "mx\\u2028example": must be a domain name '
+     "(labels of 63 octets at most) or an address literal such as [192.0.2.1] or [IPv6:2001:db8::1]"),
+    (f"[server]\ngraceful_timeout = {_INFS}\n", f"server.graceful_timeout = {_INFS[:77]}...: must be a number"),
+    ('[server]\nlisten = ["127.0.0.1:99999"]\n',
+     'server.listen = ["127.0.0.1:99999"]: "127.0.0.1:99999": port 99999 out of range 1-65535'),
+    ('[server]\nlisten = ["127.0.0.1:smtp"]\n',
+     'server.listen = ["127.0.0.1:smtp"]: "127.0.0.1:smtp": port must be a number, not "smtp"'),
+    ('[delivery]\nlocal_domains = ["."]\n', 'delivery.local_domains = ["."]: "." is not a domain'),
+    ('[delivery]\nlocal_domains = ["a b"]\n', 'delivery.local_domains = ["a b"]: "a b" is not a domain'),
+], ids=["inf", "-inf", "nan", "offset-datetime", "fraction-and-offset", "local-date", "local-time",
+        "inline-table", "nested-inline-table", "empty-inline-table", "line-separator", "cut-at-80",
+        "port-out-of-range", "port-not-a-number", "dot-domain", "domain-with-a-space"])
+def test_check_shows_a_value_in_tomls_form(etc: Path, snippet: str, shown: str) -> None:
+    """A value is shown as TOML writes it: json.dumps wrote inf as Infinity, nan as NaN, a
+    datetime as a quoted string (so that "must be a string" seemed wrong) and an inline
+    table as a JSON object; and what the reason quotes of it is in TOML's double quotes,
+    not Python's single ones.  The file is named as it was given."""
+    write(etc, snippet)
+    result = run_cli("-c", "etc/forksmtp.toml", "--check")
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"forksmtp: etc/forksmtp.toml: {shown}\n")
 
 
 def test_check_names_the_config_key_of_a_bad_password_file(etc: Path, capsys: pytest.CaptureFixture) -> None:

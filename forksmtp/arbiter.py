@@ -162,8 +162,8 @@ class Arbiter:
         # That made and swept every Maildir: the next pass is due in an hour.  Run again
         # at the first tick, it would race an operator's first change to a Maildir.
         self.next_tmp_clean = time.monotonic() + TMP_CLEAN_INTERVAL
-        if cfg.server.pidfile:
-            process.write_pidfile(cfg.server.pidfile)
+        if cfg.server.pidfile:  # held by another live process: the start fails, named as a reload's
+            _named_key(cfg, self.overrides, "server.pidfile", process.write_pidfile)
         nslots = 2 * cfg.server.max_workers + 16  # room for an old generation during reload
         self.board = Scoreboard.create(nslots)
         self.board.set_generation(self.generation)
@@ -691,7 +691,8 @@ class Arbiter:
         log_created = False
         opened: dict = {}
         try:
-            new = config_mod.load_config(self.cfg.path or None, self.overrides, mailbox_storage=False)
+            new = config_mod.load_config(self.cfg.path or None, self.overrides, mailbox_storage=False,
+                                         shown_as=self.cfg.name)
             context, passwords = load_security(new)
             ids = self._worker_ids(new)
             maildirs.prepare(new, self.log, config_mod.source_of(new, "delivery.maildir", self.overrides),
@@ -870,16 +871,16 @@ class Arbiter:
 
 def _named_key(cfg, overrides: dict | None, key: str, use: Callable[[str], Any]) -> Any:
     """``use`` the path ``key`` names; a failure is a ConfigError naming the file, the key
-    and the value, as every other reload failure is (it read "[Errno 6] No such device
-    or address: '/var/log/fifo'", or "pidfile ... is held", naming neither)."""
+    and the value as written, as every other start or reload failure is (it read "[Errno
+    6] No such device or address: '/var/log/fifo'", or "pidfile ... is held", naming
+    neither)."""
     section, _, name = key.partition(".")
     path = getattr(getattr(cfg, section), name)
     try:
         return use(path)
     except (OSError, process.PidfileError) as exc:
         problem = f"cannot open: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
-        raise config_mod.ConfigError(config_mod.source_of(cfg, key, overrides), key, path,
-                                     problem) from None
+        raise config_mod.key_error(cfg, key, overrides, problem) from None
 
 
 def run(cfg, overrides: dict | None = None) -> int:
@@ -889,8 +890,7 @@ def run(cfg, overrides: dict | None = None) -> int:
     except OSError as exc:  # the log file: writable when checked, and yet (a FIFO, no reader)
         where: object = exc
         if exc.filename == cfg.log.file:
-            where = config_mod.ConfigError(config_mod.source_of(cfg, "log.file", overrides), "log.file",
-                                           cfg.log.file, f"cannot open: {exc.strerror}")
+            where = config_mod.key_error(cfg, "log.file", overrides, f"cannot open: {exc.strerror}")
         print(f"forksmtp: {where}", file=sys.stderr)
         return 1
     try:

@@ -178,11 +178,10 @@ def _check_maildir(cfg, overrides: dict) -> str:
 
 def _check_files(cfg) -> str:
     """--check loads what the server would load: the certificate pair and the passwords."""
-    from forksmtp import auth, tls
     from forksmtp.security import load_security
 
     try:
         load_security(cfg)
-    except (tls.TLSError, auth.PasswordFileError) as exc:  # each names the file and the key
+    except ConfigError as exc:  # naming the file, the key and the value, as the start does
         return str(exc)
     return ""

@@ -132,6 +132,10 @@ class Config:
     tls: TLSConfig | None = None
     auth: AuthConfig | None = None
     path: str = ""  # absolute path of the config file, "" for built-in defaults
+    # What messages show: the file as the operator named it (-c), and each key's value as
+    # written in the file or given as a flag (where a key was set, and to what).
+    name: str = field(default="", compare=False)
+    written: Mapping[str, _Source] = field(default_factory=lambda: MappingProxyType({}), compare=False)
 
 
 REQUIRED = object()  # default of keys a present section must set
@@ -199,13 +203,15 @@ _KNOWN = frozenset(f"{s}.{k}" for s, k, *_ in _KEYS)
 
 
 def load_config(path: str | None, overrides: Mapping[str, object] | None = None, *,
-                mailbox_storage: bool = True) -> Config:
+                mailbox_storage: bool = True, shown_as: str = "") -> Config:
     """Read, merge (overrides win) and validate; raises ConfigError.  Without
     ``mailbox_storage``, a ``[mailboxes]`` Maildir that cannot be made or written now is
     no error: a start or a reload goes on without it (its mail gets 451, and the master
-    logs why), as one mailbox's storage must not hold up the others' mail."""
-    label = path or ""
-    raw = read_toml(path) if path else {}
+    logs why), as one mailbox's storage must not hold up the others' mail.  Errors name
+    the file as ``shown_as``, if given (a reload: as the operator named it at the
+    start), else as ``path``."""
+    label = (shown_as or path) if path else ""
+    raw = read_toml(path, label) if path else {}
     base = os.path.dirname(os.path.abspath(path)) if path else working_directory()
     _reject_unknown(raw, label)
     sources = {
@@ -223,7 +229,8 @@ def load_config(path: str | None, overrides: Mapping[str, object] | None = None,
              if name not in _OPTIONAL or name in present}
     mailboxes = _mailboxes(raw.get("mailboxes", {}), label, base, mailbox_storage)
     built["delivery"] = dataclasses.replace(built["delivery"], mailboxes=mailboxes)
-    cfg = Config(**built, path=os.path.abspath(path) if path else "")
+    cfg = Config(**built, path=os.path.abspath(path) if path else "", name=label,
+                 written=MappingProxyType(sources))
     _cross_check(cfg, sources, label)
     return cfg
 
@@ -245,30 +252,32 @@ def _line_shown(source: str, message: str) -> str:
 MAX_CONFIG_OCTETS = 16 << 20  # a few KiB, or some MiB with a [mailboxes] table of 100,000 lines
 
 
-def read_toml(path: str) -> dict:
-    """The TOML table of the file at ``path``; ConfigError naming the file otherwise.
+def read_toml(path: str, label: str = "") -> dict:
+    """The TOML table of the file at ``path``; ConfigError naming the file (as ``label``,
+    if given) otherwise.
     Opened as the TLS and password files are (a FIFO there would hold a reload, with the
     master handling no signal meanwhile) and read to a bound (/dev/zero has no end).
     A pipe (``-c <(envsubst < tpl)``) is refused too: SIGHUP could never read it again."""
+    shown = label or path
     try:
         data = process.read_regular(path, MAX_CONFIG_OCTETS)
     except OSError as exc:
-        raise ConfigError(path, None, None, f"cannot read: {exc.strerror or exc}") from None
+        raise ConfigError(shown, None, None, f"cannot read: {exc.strerror or exc}") from None
     if len(data) > MAX_CONFIG_OCTETS:
-        raise ConfigError(path, None, None, f"larger than {MAX_CONFIG_OCTETS >> 20} MiB: not a config file")
+        raise ConfigError(shown, None, None, f"larger than {MAX_CONFIG_OCTETS >> 20} MiB: not a config file")
     try:
         source = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(path, None, None, "invalid TOML: not UTF-8 text") from None
+        raise ConfigError(shown, None, None, "invalid TOML: not UTF-8 text") from None
     try:
         return tomllib.loads(source)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, None, None, f"invalid TOML: {exc}{_line_shown(source, str(exc))}") from None
+        raise ConfigError(shown, None, None, f"invalid TOML: {exc}{_line_shown(source, str(exc))}") from None
     except ValueError:  # Python's own bound on the digits of an int it converts
-        raise ConfigError(path, None, None, f"invalid TOML: a number of more than "
+        raise ConfigError(shown, None, None, f"invalid TOML: a number of more than "
                                             f"{sys.get_int_max_str_digits():,} digits") from None
     except RecursionError:  # arrays or inline tables nested a thousand deep
-        raise ConfigError(path, None, None, "invalid TOML: nested too deeply") from None
+        raise ConfigError(shown, None, None, "invalid TOML: nested too deeply") from None
 
 
 def _reject_unknown(raw: dict, file: str) -> None:
@@ -348,10 +357,25 @@ def _mailboxes(table: dict, file: str, base: str, storage: bool = True) -> Mappi
 
 def source_of(cfg: Config, key: str, overrides: Mapping[str, object] | None) -> str:
     """Where the value of ``key`` came from, as errors name it: the command line when a
-    flag set it, else the config file (or the built-in defaults, without one)."""
+    flag set it, else the config file as the operator named it (or the built-in
+    defaults, without one)."""
     if overrides and key in overrides:
         return CLI
-    return cfg.path or "built-in defaults"
+    return cfg.name or cfg.path or "built-in defaults"
+
+
+def key_error(cfg: Config, key: str, overrides: Mapping[str, object] | None, problem: str) -> ConfigError:
+    """A ConfigError for a value that loaded but then failed in use (a certificate that
+    does not load, a pidfile another process holds), named as a loading error is: where
+    it was set, the key, and the value as written there (for a key left at its built-in
+    default, the value it resolved to)."""
+    src = cfg.written.get(key)
+    if src is not None:
+        value = src.value
+    else:
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name)
+    return ConfigError(source_of(cfg, key, overrides), key, value, problem)
 
 
 def maildir_keys(delivery: DeliveryConfig) -> dict[str, str]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from . import auth, tls
 from .authlimit import AuthLimiter
+from .config import key_error
 from .config_checks import ConfigError
 
 
@@ -34,12 +35,17 @@ def listen_addresses(cfg) -> tuple[set, set]:
 
 
 def load_security(cfg) -> tuple[ssl.SSLContext | None, dict[str, str]]:
-    """The SSL context and the password table: every file re-read, even if unchanged."""
-    context = tls.build_context(cfg.tls, cfg.path) if cfg.tls else None
+    """The SSL context and the password table: every file re-read, even if unchanged.
+    A file that does not load is a ConfigError, named as every config error is: the
+    config file, the key and its value as written, then what is wrong with the file."""
+    try:
+        context = tls.build_context(cfg.tls) if cfg.tls else None
+    except tls.TLSError as exc:
+        raise key_error(cfg, exc.key, None, exc.problem) from None
     try:
         passwords = auth.load(cfg.auth.password_file) if cfg.auth else {}
-    except auth.PasswordFileError as exc:  # named as a config error is: file, key, problem
-        raise auth.PasswordFileError(f"{cfg.path or 'command line'}: auth.password_file: {exc}") from None
+    except auth.PasswordFileError as exc:
+        raise key_error(cfg, "auth.password_file", None, str(exc)) from None
     return context, passwords
 
 

@@ -19,35 +19,39 @@ EXPIRY_WARN_DAYS = 14
 
 
 class TLSError(Exception):
-    pass
+    """A certificate or key that does not load: ``key`` is the config key at fault,
+    ``problem`` says why, naming the file it read (``load_security`` names the config
+    file and the value as written, as every config error does)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key, self.problem = key, problem
 
 
-def build_context(tls_cfg, config_file: str = "") -> ssl.SSLContext:
+def build_context(tls_cfg) -> ssl.SSLContext:
     """An SSLContext for server sockets; errors name the config key at fault."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[tls_cfg.min_version]
     # No compression (CRIME), no client-initiated renegotiation (a CPU DoS vector).
     ctx.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    where = f"{config_file}: " if config_file else ""
-    fds = [_open(where, "tls.cert_file", tls_cfg.cert_file)]
+    fds = [_open("tls.cert_file", tls_cfg.cert_file)]
     try:
-        fds.append(_open(where, "tls.key_file", tls_cfg.key_file))
-        _load(ctx, _by_descriptor(fds[0], tls_cfg.cert_file), _by_descriptor(fds[1], tls_cfg.key_file),
-              tls_cfg, where)
+        fds.append(_open("tls.key_file", tls_cfg.key_file))
+        _load(ctx, _by_descriptor(fds[0], tls_cfg.cert_file), _by_descriptor(fds[1], tls_cfg.key_file), tls_cfg)
     finally:
         for fd in fds:
             os.close(fd)
     return ctx
 
 
-def _open(where: str, key: str, path: str) -> int:
+def _open(key: str, path: str) -> int:
     """The file, opened without blocking and only if regular (process.open_regular): a
     FIFO swapped in after the config was checked must not hold the master either."""
     try:
         return process.open_regular(path)
     except OSError as exc:
-        raise TLSError(f"{where}{key}: {path}: {exc.strerror}") from None
+        raise TLSError(key, f"{path}: {exc.strerror}") from None
 
 
 def _by_descriptor(fd: int, path: str) -> str:
@@ -57,25 +61,27 @@ def _by_descriptor(fd: int, path: str) -> str:
     return name if os.path.exists(name) else path
 
 
-def _load(ctx: ssl.SSLContext, cert_name: str, key_name: str, tls_cfg, where: str) -> None:
+def _load(ctx: ssl.SSLContext, cert_name: str, key_name: str, tls_cfg) -> None:
     try:
         ctx.load_cert_chain(cert_name, key_name, password=_no_passphrase)
     except _Encrypted:
-        raise TLSError(f"{where}tls.key_file: {tls_cfg.key_file}: the key is encrypted with a "
-                       "pass phrase; give an unencrypted key readable only by forksmtp") from None
-    except FileNotFoundError as exc:
-        raise TLSError(f"{where}tls.cert_file/tls.key_file: {exc.filename}: not found") from None
+        raise TLSError("tls.key_file", f"{tls_cfg.key_file}: the key is encrypted with a pass phrase; "
+                       "give an unencrypted key readable only by forksmtp") from None
     except ssl.SSLError as exc:
-        # OpenSSL's "PEM lib" does not say which file failed; a cert file that parses
-        # on its own leaves the key (unreadable, or not the certificate's).
-        if _holds_certificate(cert_name):
-            key, path = "tls.key_file", tls_cfg.key_file
-        else:
-            key, path = "tls.cert_file", tls_cfg.cert_file
-        raise TLSError(f"{where}{key}: {path}: certificate and key do not load together: "
-                       f"{exc.reason or exc}") from None
-    except OSError as exc:
-        raise TLSError(f"{where}tls.cert_file/tls.key_file: {exc.strerror}") from None
+        key, path = _at_fault(cert_name, tls_cfg)
+        raise TLSError(key, f"{path}: certificate and key do not load together: {exc.reason or exc}") from None
+    except OSError as exc:  # gone since it was opened, where /proc is missing
+        key, path = _at_fault(cert_name, tls_cfg)
+        raise TLSError(key, f"{path}: {exc.strerror or exc}") from None
+
+
+def _at_fault(cert_name: str, tls_cfg) -> tuple[str, str]:
+    """The key, and its path, of the file that failed: OpenSSL's "PEM lib" does not say
+    which; a cert file that loads on its own leaves the key (unreadable, or not the
+    certificate's)."""
+    if _holds_certificate(cert_name):
+        return "tls.key_file", tls_cfg.key_file
+    return "tls.cert_file", tls_cfg.cert_file
 
 
 class _Encrypted(Exception):

@@ -629,7 +629,7 @@ def test_check_names_the_config_key_of_a_bad_password_file(etc: Path, capsys: py
     path = write(etc, '[auth]\npassword_file = "passwd"\nallow_insecure = true\n'
                       '[delivery]\nmaildir = "md"\n')
     assert cli.main(["-c", str(path), "--check"]) == 2
-    assert capsys.readouterr().err == (f"forksmtp: {path}: auth.password_file: {etc / 'passwd'}: "
+    assert capsys.readouterr().err == (f'forksmtp: {path}: auth.password_file = "passwd": {etc / "passwd"}: '
                                        "line 1: expected user:hash\n")
 
 

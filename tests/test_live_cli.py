@@ -281,6 +281,103 @@ def test_a_maildir_that_cannot_be_made_fails_the_start_and_check_by_name(servers
     assert not pidfile.exists()
     result = run(*args, "--check", cwd=tmp_path)
     assert (result.returncode, result.stdout, result.stderr) == (2, "", line)
+    # Set in a file: the file is named as it was given (-c m.toml), not as an absolute path.
+    write_config(tmp_path / "m.toml", {"server": {"listen": [f"{HOST}:{free_port()}"]},
+                                       "delivery": {"maildir": "/proc/forksmtp-none/Maildir"}})
+    line = ('forksmtp: m.toml: delivery.maildir = "/proc/forksmtp-none/Maildir": '
+            "cannot make the Maildir: /proc/forksmtp-none: No such file or directory\n")
+    for check in (["--check"], []):
+        result = run("-c", "m.toml", *check, cwd=tmp_path)
+        assert (result.returncode, result.stdout, result.stderr) == (2 if check else 1, "", line)
+
+
+def _openssl_says(cert: Path, key: Path) -> str:
+    """What OpenSSL says of a certificate pair that does not load (its text names the
+    line of CPython's _ssl.c that raised it)."""
+    import ssl
+
+    with pytest.raises(ssl.SSLError) as info:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    return str(info.value.reason or info.value)
+
+
+@pytest.mark.parametrize("case", ["missing-password-file", "bad-password-line", "junk-certificate"])
+def test_a_file_the_config_names_that_does_not_load_is_named_by_key_and_value(tmp_path, case):
+    """The certificate pair and the password file are loaded by --check and the start,
+    and a failure is named as every config error is: the config file as given, the key
+    and the value as written, then the file as resolved and what is wrong with it.  It
+    read "/abs/f.toml: auth.password_file: /abs/pw: ...", without the value."""
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    (tmp_path / "pw").write_text("alice:not-a-hash\n")
+    section, value = {
+        "missing-password-file": ("auth", "missing-pw"),
+        "bad-password-line": ("auth", "pw"),
+        "junk-certificate": ("tls", "junk.pem"),
+    }[case]
+    sections: dict = {"server": {"listen": [f"{HOST}:{free_port()}"]}, "delivery": {"maildir": "Maildir"}}
+    if section == "auth":
+        sections["auth"] = {"password_file": value, "allow_insecure": True}
+    else:
+        sections["tls"] = {"cert_file": value, "key_file": value}
+    write_config(tmp_path / "f.toml", sections)
+    problem = {
+        "missing-password-file": f"{tmp_path}/missing-pw: no such file (make it with: forksmtp passwd USER "
+                                 f"-f {tmp_path}/missing-pw)",
+        "bad-password-line": f"{tmp_path}/pw: line 1: expected scrypt$<log2 N>$<r>$<p>$<salt>$<key>, "
+                             "got 1 field separated by '$'",
+        "junk-certificate": f"{tmp_path}/junk.pem: certificate and key do not load together: "
+                            f"{_openssl_says(tmp_path / 'junk.pem', tmp_path / 'junk.pem')}",
+    }[case]
+    key = "auth.password_file" if section == "auth" else "tls.cert_file"
+    line = f'forksmtp: f.toml: {key} = "{value}": {problem}\n'
+    result = run("-c", "f.toml", "--check", cwd=tmp_path)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", line)
+    result = run("-c", "f.toml", cwd=tmp_path)  # the start says the same
+    assert (result.returncode, result.stderr) == (1, line)
+
+
+def test_a_pidfile_held_at_the_start_is_named_by_key_and_value(servers, tmp_path):
+    """A pidfile another live process holds fails the start (exit 1) as it fails a
+    reload: named by where it was set, the key and the value as written (a flag's value
+    is made absolute, as every path flag's is).  It read "pidfile PATH is held by
+    running process N", naming neither the config file nor the key."""
+    held = tmp_path / "held.pid"
+    held.write_text(f"{os.getpid()}\n")  # a live process: this test's
+    write_config(tmp_path / "f.toml", {"server": {"listen": [f"{HOST}:{free_port()}"], "pidfile": "held.pid"},
+                                       "delivery": {"maildir": "Maildir"}})
+    write_config(tmp_path / "g.toml", {"server": {"listen": [f"{HOST}:{free_port()}"]},
+                                       "delivery": {"maildir": "Maildir"}})
+    problem = f"pidfile {held} is held by running process {os.getpid()}\n"
+    for args, named in ((["-c", "f.toml"], 'f.toml: server.pidfile = "held.pid"'),
+                        (["-c", "g.toml", "--pidfile", "held.pid"],
+                         f"command line: server.pidfile = {shown(str(held))}")):
+        server = servers(*args, cwd=tmp_path)
+        assert server.proc.wait(20) == 1
+        assert server.stderr() == f"forksmtp: {named}: {problem}"
+    assert held.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_reload_naming_a_held_pidfile_says_the_file_as_given_and_the_value_as_written(servers, tmp_path):
+    """The reload's failure line names the config file as -c gave it and the value as
+    the file has it, as the start's errors do; it read "/abs/f.toml: server.pidfile =
+    "/abs/held.pid": ...", both resolved."""
+    held = tmp_path / "held.pid"
+    held.write_text(f"{os.getpid()}\n")
+    sections = {"server": {"listen": [f"{HOST}:{free_port()}"], "workers": 1, "pidfile": "first.pid"},
+                "delivery": {"maildir": "Maildir"}}
+    write_config(tmp_path / "f.toml", sections)
+    server = servers("-c", "f.toml", cwd=tmp_path)
+    server.wait_for("[READY]")
+    sections["server"]["pidfile"] = "held.pid"
+    write_config(tmp_path / "f.toml", sections)
+    server.proc.send_signal(signal.SIGHUP)
+    text = server.wait_for("reload failed")
+    (line,) = [ln for ln in text.splitlines() if "reload failed" in ln]
+    assert line.endswith('reload failed, keeping the running configuration: f.toml: server.pidfile = "held.pid": '
+                         f"pidfile {held} is held by running process {os.getpid()}"), line
+    assert (tmp_path / "first.pid").read_text() == f"{server.proc.pid}\n"
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) == 0
 
 
 @pytest.fixture

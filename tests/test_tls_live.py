@@ -1124,7 +1124,7 @@ def test_sighup_with_the_password_file_broken_keeps_the_old_users(daemon_factory
     d.signal(signal.SIGHUP)
     text = d.wait_for_log("reload failed", TIMEOUT)
     failure = [line for line in text.splitlines() if "reload failed" in line][-1]
-    assert f"auth.password_file: {pw}: {said}" in failure, failure
+    assert f"{d.config_path}: auth.password_file = {shown(str(pw))}: {pw}: {said}" in failure, failure
     with starttls_client(d, certs) as client:
         assert client.docmd("AUTH", "PLAIN " + plain("alice", "old-alice"))[0] == 235
     # --check and a start say the same and refuse.
@@ -1266,14 +1266,14 @@ def test_the_context_is_built_from_what_was_opened_never_from_a_fifo(certs, tmp_
 
     def build() -> None:
         try:
-            build_context(SimpleNamespace(**paths), "f.toml")
+            build_context(SimpleNamespace(**paths))
         except TLSError as exc:
             outcome.append(str(exc))
 
     worker = threading.Thread(target=build, daemon=True)
     worker.start()
     worker.join(10)
-    assert outcome == [f"f.toml: tls.{which}_file: {fifo}: not a regular file"], "still in open()"
+    assert outcome == [f"tls.{which}_file: {fifo}: not a regular file"], "still in open()"
     build_context(SimpleNamespace(cert_file=certs.cert, key_file=certs.key, min_version="TLSv1.2"))
 
 

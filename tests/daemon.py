@@ -57,6 +57,10 @@ def write_config(path: Path, sections: dict[str, dict]) -> Path:
     return path
 
 
+#: Starts tried when the port free_port() chose was taken before the daemon bound it.
+START_ATTEMPTS = 3
+
+
 class Daemon:
     """One running forksmtp master and its workers."""
 
@@ -66,6 +70,7 @@ class Daemon:
         self.tmp = tmp
         self.host = "127.0.0.1"
         self.port = port or free_port()
+        self._port_chosen_here = port is None
         self.maildir = tmp / "Maildir"
         self.log_path = tmp / "forksmtp.log"
         self.config_path = tmp / "forksmtp.toml"
@@ -84,12 +89,31 @@ class Daemon:
         write_config(self.config_path, self.sections)
 
     def start(self, timeout: float = 15.0) -> "Daemon":
-        self.write_config()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "forksmtp", "-c", str(self.config_path), *self.extra_args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        self.wait_for_log("[READY]", timeout)
-        return self
+        for attempt in range(START_ATTEMPTS):
+            self.write_config()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "forksmtp", "-c", str(self.config_path), *self.extra_args],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+            try:
+                self.wait_for_log("[READY]", timeout)
+                return self
+            except RuntimeError as exc:
+                if attempt == START_ATTEMPTS - 1 or not self._take_another_port(str(exc)):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _take_another_port(self, failure: str) -> bool:
+        """free_port() lets its port go before the daemon binds it, and in between another
+        test's client may take it as its source port: a start that failed on that alone
+        gets a new port (its own, not a port a test chose and may have told a client)."""
+        listen = self.sections["server"].get("listen")
+        if not (self._port_chosen_here and "Address already in use" in failure
+                and listen == [f"{self.host}:{self.port}"]):
+            return False
+        self.port = free_port()
+        self.sections["server"]["listen"] = [f"{self.host}:{self.port}"]
+        self.log_path.unlink(missing_ok=True)  # the failed start's lines are not this daemon's
+        return True
 
     @property
     def pid(self) -> int:

@@ -259,6 +259,9 @@ class Connection:
             return False
         delay = self.worker.greeting_delay
         if delay > 0 and self._wait(time.monotonic() + delay):
+            if self._hung_up():  # no octets: not early talk, and no one to tell
+                self.close_reason = "client disconnected"
+                return False
             # RFC 5321 4.3.1: the client must wait for the greeting. Early talkers are
             # almost always bots; Postfix's postscreen rejects them the same way.
             self.close_reason = "early talker"
@@ -271,6 +274,20 @@ class Connection:
             return False
         self.session.start()
         return True
+
+    def _hung_up(self) -> bool:
+        """The socket turned readable before the greeting: did the client end the
+        connection (a FIN, a reset, a TLS close_notify), which wakes a poll as octets do?
+        A plain socket is peeked at; a TLS one read, as a record cannot be peeked at and
+        what it holds goes unanswered either way."""
+        try:
+            if isinstance(self.sock, ssl.SSLSocket):
+                return self.sock.recv(1) == b""
+            return _socket.socket.recv(self.sock, 1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False  # part of a TLS record, or gone again: octets all the same
+        except (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return True
 
     def _pump(self) -> None:
         """Handle every event the buffered input produces."""

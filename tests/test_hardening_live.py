@@ -8,6 +8,7 @@ the worker is free again, never about how fast it happened.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 
 import pytest
@@ -183,6 +184,29 @@ def test_early_talker_gets_521_and_patient_client_is_served(daemon_factory):
     stats = request_stats(d)
     assert stats["connections_rejected"]["early_talker"] == 1
     assert stats["messages_rejected"] == {}  # counted once, as a refused connection
+
+
+@pytest.mark.parametrize("leave", ["fin", "reset"])
+def test_a_client_that_leaves_during_the_greeting_delay_is_no_early_talker(daemon_factory, leave):
+    """A FIN or a reset wakes the worker's poll as octets do.  A client that only hung
+    up (a port scanner, a load balancer's health check) sent nothing before the greeting:
+    it is logged as gone, not sent a 521 and counted as an early talker."""
+    d = daemon_factory(workers=1, server={"greeting_delay": 0.5})
+    s = socket.create_connection((d.host, d.port), timeout=10)
+    if leave == "reset":
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+    text = d.wait_for_log("[CLOSE] 127.0.0.1 ")
+    assert "[CLOSE] 127.0.0.1 client disconnected" in text
+    assert "521" not in text and "early talker" not in text
+    stats = request_stats(d)
+    assert stats["connections_rejected"]["early_talker"] == 0
+    # A client that talked and then half-closed did talk first.
+    with socket.create_connection((d.host, d.port), timeout=10) as s:
+        s.sendall(b"EHLO eager.example\r\n")
+        s.shutdown(socket.SHUT_WR)
+        assert read_to_close(s) == b"521 5.5.0 SMTP protocol violation: data sent before greeting\r\n"
+    assert request_stats(d)["connections_rejected"]["early_talker"] == 1
 
 
 def test_what_is_discarded_before_a_close_is_bounded():

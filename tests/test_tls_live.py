@@ -485,6 +485,24 @@ def test_an_smtps_early_talker_reads_its_521_and_a_clean_close(daemon_factory, c
     assert request_stats(d)["connections_rejected"]["early_talker"] == 1
 
 
+def test_an_smtps_client_that_leaves_during_the_greeting_delay_is_no_early_talker(daemon_factory, certs, tmp_path):
+    """Its close_notify (then its FIN) wakes the worker as a record would: it sent no
+    command, so it is logged as gone, not sent a 521 and counted as an early talker."""
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    implicit = free_port()
+    d = daemon_factory(server={"greeting_delay": 0.5},
+                       sections=tls_sections(certs, pw, tls={"implicit_listen": [f"{HOST}:{implicit}"]}))
+    with socket.create_connection((HOST, implicit), timeout=TIMEOUT) as raw:
+        s = certs.client_context().wrap_socket(raw, server_hostname="localhost")
+        try:
+            s.unwrap()  # close_notify, before any greeting; then the server's, or its FIN
+        except (OSError, ssl.SSLError):
+            pass
+    text = d.wait_for_log(f"[CLOSE] {HOST} ")
+    assert f"[CLOSE] {HOST} client disconnected" in text and "early talker" not in text
+    assert request_stats(d)["connections_rejected"]["early_talker"] == 0
+
+
 def test_smtps_client_over_the_limit_reads_its_421_inside_tls(daemon_factory, certs, tmp_path):
     """RFC 8314: on an SMTPS port TLS comes first, so a refused client gets the handshake
     and then its 421 4.7.0 encrypted, not plaintext a TLS client reads as garbage."""

@@ -55,10 +55,11 @@ STUCK_GRACE = 10.0  # beyond the longest timeout, a silent busy worker is wedged
 #: bounded by no timeout of ours, and RFC 5321 4.5.3.2.6 has the client wait 10 minutes
 #: for the reply to its final dot.
 DISK_WAIT = 600.0 + STUCK_GRACE
-#: A worker seen waiting on its disk this recently is still taken to be storing: between
-#: two system calls of one commit (the file's fsync, the rename, the directory's fsync)
-#: it is out of that wait for microseconds, and a look may fall there.
-DISK_RELOOK = 2.0
+#: Looks in a row that must find a silent busy worker out of its disk wait before it is
+#: judged wedged: between two system calls of one commit (the file's fsync, the link,
+#: the directory's fsync) it is out of that wait for microseconds, and a look may fall
+#: there, the first one past its stuck limit included.
+DISK_LOOKS_OUT = 2
 #: Workers hold the admission lock for microseconds: when the master has failed to take it
 #: for this long, its holder is stopped or wedged, and every admission waits behind it.
 LOCK_STALL = 5.0
@@ -110,8 +111,8 @@ class Child:
     term_sent: bool = False
     quit_sent: float = 0.0
     killed_because: str = ""  # why the master itself sent SIGKILL, if it did
-    disk_wait_logged: bool = False  # its present wait on a slow disk has been logged
-    disk_seen: float = 0.0  # the last look that found it waiting on its disk
+    looks_out_of_wait: int = 0  # judged looks in a row that found it out of its disk wait
+    disk_wait_warned: float = -1.0  # last_activity of the wait on its disk last warned about
 
 
 class Arbiter:
@@ -550,14 +551,16 @@ class Arbiter:
                 continue
             silent = silent_for(max(slot.last_activity, self._silence_from), child.started, now)
             if silent < child.stuck_after:
-                child.disk_wait_logged = False  # progress: a later slow commit is a new wait
+                child.looks_out_of_wait = 0
                 continue
-            if silent < DISK_WAIT and self._storing(child, now):
+            if silent < DISK_WAIT and self._storing(child):
                 # Not wedged: storing on a slow disk (a large message's fsync), which no
                 # timeout bounds.  Killed, it would lose the message, and every retry of
-                # it the same way.
-                if not child.disk_wait_logged:
-                    child.disk_wait_logged = True
+                # it the same way.  One warning per wait: a wait is known by the activity
+                # that began it (a stall of the master's own restarts the count of
+                # silence, not the wait).
+                if child.disk_wait_warned != slot.last_activity:
+                    child.disk_wait_warned = slot.last_activity
                     self.log.warning("WORKER", f"worker {child.pid} has waited on its disk for "
                                                f"{silent:.0f}s; left to it up to {DISK_WAIT:.0f}s "
                                                f"(slot {slot.index})")
@@ -569,14 +572,15 @@ class Arbiter:
             self._signal(child, signal.SIGKILL)
 
     @staticmethod
-    def _storing(child: Child, now: float) -> bool:
-        """Is the silent busy worker waiting on its disk: in that wait now, or at a look
-        less than DISK_RELOOK ago (one look may fall between two system calls of a slow
-        commit)?"""
+    def _storing(child: Child) -> bool:
+        """Is the silent busy worker waiting on its disk?  Taken so until DISK_LOOKS_OUT
+        looks in a row, however far apart, have found it out of that wait: one look may
+        fall between two system calls of a slow commit."""
         if process.waits_on_disk(child.pid):
-            child.disk_seen = now
+            child.looks_out_of_wait = 0
             return True
-        return bool(child.disk_seen) and now - child.disk_seen < DISK_RELOOK
+        child.looks_out_of_wait += 1
+        return child.looks_out_of_wait < DISK_LOOKS_OUT
 
     def _kill_idle(self, child: Child, slot, silent: float, what: str = "") -> None:
         """An idle worker that no longer turns its accept loop (stopped with SIGSTOP,
@@ -879,7 +883,8 @@ def _named_key(cfg, overrides: dict | None, key: str, use: Callable[[str], Any])
     try:
         return use(path)
     except (OSError, process.PidfileError) as exc:
-        problem = f"cannot open: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
+        # The path as opened, resolved: the value as written may be relative, or cut.
+        problem = f"cannot open {path}: {exc.strerror or exc}" if isinstance(exc, OSError) else str(exc)
         raise config_mod.key_error(cfg, key, overrides, problem) from None
 
 
@@ -890,7 +895,7 @@ def run(cfg, overrides: dict | None = None) -> int:
     except OSError as exc:  # the log file: writable when checked, and yet (a FIFO, no reader)
         where: object = exc
         if exc.filename == cfg.log.file:
-            where = config_mod.key_error(cfg, "log.file", overrides, f"cannot open: {exc.strerror}")
+            where = config_mod.key_error(cfg, "log.file", overrides, f"cannot open {exc.filename}: {exc.strerror}")
         print(f"forksmtp: {where}", file=sys.stderr)
         return 1
     try:

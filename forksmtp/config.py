@@ -368,14 +368,13 @@ def key_error(cfg: Config, key: str, overrides: Mapping[str, object] | None, pro
     """A ConfigError for a value that loaded but then failed in use (a certificate that
     does not load, a pidfile another process holds), named as a loading error is: where
     it was set, the key, and the value as written there (for a key left at its built-in
-    default, the value it resolved to)."""
+    default, the value it resolved to).  Where it was set is known from the config
+    itself; ``overrides`` only names the source of a key it does not record."""
     src = cfg.written.get(key)
     if src is not None:
-        value = src.value
-    else:
-        section, _, name = key.partition(".")
-        value = getattr(getattr(cfg, section), name)
-    return ConfigError(source_of(cfg, key, overrides), key, value, problem)
+        return ConfigError(src.file, key, src.value, problem)
+    section, _, name = key.partition(".")
+    return ConfigError(source_of(cfg, key, overrides), key, getattr(getattr(cfg, section), name), problem)
 
 
 def maildir_keys(delivery: DeliveryConfig) -> dict[str, str]:

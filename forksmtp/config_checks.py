@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from forksmtp import process
 from forksmtp.listeners import ListenAddr, clash, parse_listen
+from forksmtp.quoting import toml_string
 from forksmtp.smtp.commands import is_address_literal
 
 
@@ -72,7 +73,7 @@ def _toml_pieces(value: object) -> Iterator[str]:
     elif isinstance(value, float):
         yield repr(value)
     elif isinstance(value, str):
-        yield _toml_string(value[:_SHOWN_LENGTH])  # escapes only lengthen it: cut the same
+        yield toml_string(value[:_SHOWN_LENGTH])  # escapes only lengthen it: cut the same
     elif isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
         text = value.isoformat()
         yield (text[:-6] + "Z") if isinstance(value, datetime.datetime) and text.endswith("+00:00") else text
@@ -98,15 +99,9 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 def _toml_key(name: str) -> str:
     """A key as TOML would write it: bare when it can be, else quoted, so that a name
     holding a newline or a dot cannot break or bend the one-line message."""
-    return name if _BARE_KEY.fullmatch(name) else _toml_string(name)
+    return name if _BARE_KEY.fullmatch(name) else toml_string(name)
 
 
-def _toml_string(text: str) -> str:
-    """A TOML basic string: JSON's escapes are TOML's, and what else does not print
-    (a lone surrogate from a command line argument, U+2028) is escaped too, so that
-    the message stays one line of what it says."""
-    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
-                   for c in json.dumps(text, ensure_ascii=False))
 
 
 @dataclass(frozen=True, slots=True)

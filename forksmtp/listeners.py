@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import json
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .quoting import toml_string
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,22 +81,19 @@ def _parse_bracketed(text: str) -> ListenAddr:
     try:
         ip = ipaddress.IPv6Address(host)
     except ValueError:
-        raise ValueError(f"not an IPv6 address: {_quoted(host)}") from None
+        raise ValueError(f"not an IPv6 address: {toml_string(host)}") from None
     return ListenAddr(str(ip), _port(port[1:]), socket.AF_INET6)
 
 
 def _port(text: str) -> int:
     if not text.isascii() or not text.isdigit():
-        raise ValueError(f"port must be a number, not {_quoted(text)}")
+        raise ValueError(f"port must be a number, not {toml_string(text)}")
     port = int(text)
     if not 1 <= port <= 65535:
         raise ValueError(f"port {port} out of range 1-65535")
     return port
 
 
-def _quoted(text: str) -> str:
-    """Part of an address in double quotes, as config errors show what was written."""
-    return json.dumps(text, ensure_ascii=False)
 
 
 def _is_ip(host: str) -> bool:
@@ -122,10 +120,10 @@ def _resolve(host: str, family: int, port: int = 0) -> list[tuple]:
     try:
         infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
-        raise ValueError(f"cannot resolve host {_quoted(host)}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise ValueError(f"cannot resolve host {toml_string(host)}: {getattr(exc, 'strerror', None) or exc}") from None
     infos = [i for i in infos if i[0] in (socket.AF_INET, socket.AF_INET6)]
     if not infos:
-        raise ValueError(f"cannot resolve host {_quoted(host)}: no IPv4 or IPv6 address")
+        raise ValueError(f"cannot resolve host {toml_string(host)}: no IPv4 or IPv6 address")
     return infos
 
 

@@ -609,11 +609,16 @@ _INFS = "[" + ", ".join(["inf"] * 30) + "]"
      'server.listen = ["127.0.0.1:99999"]: "127.0.0.1:99999": port 99999 out of range 1-65535'),
     ('[server]\nlisten = ["127.0.0.1:smtp"]\n',
      'server.listen = ["127.0.0.1:smtp"]: "127.0.0.1:smtp": port must be a number, not "smtp"'),
+    ('[server]\nlisten = ["127.0.0.1:2\\u20285"]\n',
+     'server.listen = ["127.0.0.1:2\\u20285"]: "127.0.0.1:2\\u20285": port must be a number, not "2\\u20285"'),
+    ('[server]\nlisten = ["[fe80::1\\u0085]:25"]\n',
+     'server.listen = ["[fe80::1\\u0085]:25"]: "[fe80::1\\u0085]:25": not an IPv6 address: "fe80::1\\u0085"'),
     ('[delivery]\nlocal_domains = ["."]\n', 'delivery.local_domains = ["."]: "." is not a domain'),
     ('[delivery]\nlocal_domains = ["a b"]\n', 'delivery.local_domains = ["a b"]: "a b" is not a domain'),
 ], ids=["inf", "-inf", "nan", "offset-datetime", "fraction-and-offset", "local-date", "local-time",
         "inline-table", "nested-inline-table", "empty-inline-table", "line-separator", "cut-at-80",
-        "port-out-of-range", "port-not-a-number", "dot-domain", "domain-with-a-space"])
+        "port-out-of-range", "port-not-a-number", "port-line-separator", "address-next-line",
+        "dot-domain", "domain-with-a-space"])
 def test_check_shows_a_value_in_tomls_form(etc: Path, snippet: str, shown: str) -> None:
     """A value is shown as TOML writes it: json.dumps wrote inf as Infinity, nan as NaN, a
     datetime as a quoted string (so that "must be a string" seemed wrong) and an inline

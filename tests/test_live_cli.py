@@ -520,7 +520,7 @@ def test_a_log_fifo_with_no_reader_fails_the_start_at_once_and_one_with_a_reader
     assert result.returncode == 1, result
     # the config file, the key and the value, as every configuration error
     assert result.stderr.startswith(f"forksmtp: {path}: log.file = ")  # (a long value is cut)
-    assert result.stderr.endswith(": cannot open: No such device or address\n") and result.stderr.count("\n") == 1
+    assert result.stderr.endswith(f": cannot open {fifo}: No such device or address\n") and result.stderr.count("\n") == 1
 
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     proc = subprocess.Popen([*FORKSMTP, "-c", str(path)], cwd=tmp_path, stdin=subprocess.DEVNULL,

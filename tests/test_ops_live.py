@@ -297,7 +297,7 @@ def test_a_reload_whose_log_cannot_be_opened_names_the_file_and_the_key(daemon_f
     d.sections["log"]["file"] = str(fifo)
     d.write_config()
     d.signal(signal.SIGHUP)
-    line = _reload_failure(d, ": cannot open: No such device or address")
+    line = _reload_failure(d, f": cannot open {fifo}: No such device or address")
     assert f"configuration: {d.config_path}: log.file = " in line, line  # (a long value is cut)
     send_message(d.port)
 

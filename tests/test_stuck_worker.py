@@ -371,27 +371,39 @@ def test_a_worker_waiting_on_its_disk_is_spared_up_to_disk_wait_then_killed(tmp_
 
 def test_a_look_between_two_system_calls_of_a_slow_commit_does_not_kill_it(tmp_path, monkeypatch):
     """A slow commit leaves its wait on the disk for microseconds between system calls
-    (the file's fsync, the rename, the directory's fsync).  A look that falls there must
-    not kill a worker found waiting a second before; one that stays out of the wait is
-    killed at the first look DISK_RELOOK after it was last seen in it."""
+    (the file's fsync, the link, the directory's fsync).  A look that falls there must
+    not kill the worker: not the first look past its stuck limit, which has no earlier
+    look to go by, nor one that comes long after the look before (a master slowed by a
+    reload).  Two looks in a row out of the wait kill it."""
     from forksmtp import arbiter as arbiter_mod
-    from forksmtp.arbiter import DISK_RELOOK
+    from forksmtp.arbiter import DISK_LOOKS_OUT
     from forksmtp.scoreboard import BUSY
 
-    in_d = {"now": True}
+    assert DISK_LOOKS_OUT == 2  # the looks below are written for it
+    in_d = {"now": False}
     monkeypatch.setattr(arbiter_mod.process, "waits_on_disk", lambda pid: in_d["now"])
     with _master_judging_one_slot(tmp_path, BUSY, stuck_after=12.0) as (arbiter, sleeper, snap, t0, log):
-        for step in range(0, 40):  # a look a second, as the master's tick
-            in_d["now"] = step % 7 != 6  # out of it at every seventh look
-            arbiter._murder_stuck(snap, t0 + step)
-        assert sleeper.poll() is None and "killing it" not in log.read_text()
+        child = arbiter.workers[sleeper.pid]
+
+        def look(at: float, in_wait: bool) -> None:
+            in_d["now"] = in_wait
+            arbiter._murder_stuck(snap, t0 + at)
+            assert not child.killed_because, f"killed at the look at {at}s"
+
+        for step in range(0, 12):  # below the stuck limit: not judged at all
+            look(step, False)
+        look(12.5, False)  # the first judged look falls between two system calls
+        for step in range(13, 40):
+            look(step, step % 7 != 3)  # out of it at every seventh look, from 17 s
+        look(42.5, False)  # a look 3.5 s after the one before, between two system calls
+        look(43, True)
+        assert "killing it" not in log.read_text()
         in_d["now"] = False  # the commit is over, yet the worker makes no progress
-        last_seen = t0 + 39  # the last look above found it in the wait
-        arbiter._murder_stuck(snap, last_seen + DISK_RELOOK - 0.1)
-        assert sleeper.poll() is None
-        arbiter._murder_stuck(snap, last_seen + DISK_RELOOK + 0.1)
-        assert sleeper.wait(5) == -signal.SIGKILL
-        assert f"worker {sleeper.pid} made no progress for" in log.read_text()
+        arbiter._murder_stuck(snap, t0 + 44)
+        assert not child.killed_because  # one look out of the wait
+        arbiter._murder_stuck(snap, t0 + 45)
+        assert child.killed_because and sleeper.wait(5) == -signal.SIGKILL
+        assert f"worker {sleeper.pid} made no progress for 45s; killing it" in log.read_text()
         assert log.read_text().count("has waited on its disk for") == 1
 
 
@@ -417,6 +429,26 @@ def test_each_slow_commit_is_warned_about(tmp_path, monkeypatch):
         assert log.read_text().count("has waited on its disk for") == 2
 
 
+def test_a_stall_of_the_master_does_not_make_a_disk_wait_a_new_one(tmp_path, monkeypatch):
+    """After a stall of the master's own loop, silence counts from its end, and the
+    worker in its disk wait looks as if it had just made progress: that is still the
+    same wait, and it is not warned about a second time."""
+    from forksmtp import arbiter as arbiter_mod
+    from forksmtp.arbiter import IDLE_SILENCE
+    from forksmtp.scoreboard import BUSY
+
+    monkeypatch.setattr(arbiter_mod.process, "waits_on_disk", lambda pid: True)
+    with _master_judging_one_slot(tmp_path, BUSY, stuck_after=12.0) as (arbiter, sleeper, snap, t0, log):
+        for step in range(0, 20):
+            arbiter._murder_stuck(snap, t0 + step)
+        assert log.read_text().count("has waited on its disk for") == 1
+        resumed = t0 + 19 + IDLE_SILENCE  # the master did not run for IDLE_SILENCE
+        for step in range(0, 20):
+            arbiter._murder_stuck(snap, resumed + step)
+        assert "killing it" not in log.read_text()
+        assert log.read_text().count("has waited on its disk for") == 1
+
+
 def test_a_busy_worker_is_not_killed_for_a_stall_of_the_whole_host(tmp_path):
     """A VM paused, a cgroup frozen (`docker pause`) for longer than the stuck limit: the
     master, woken before its workers, judged a busy worker silent for the whole stall
@@ -430,9 +462,11 @@ def test_a_busy_worker_is_not_killed_for_a_stall_of_the_whole_host(tmp_path):
         for step in range(46, 46 + 40, 5):  # no heartbeat since: the limit counts from 46
             arbiter._murder_stuck(snap, t0 + step)
         assert "made no progress" not in log.read_text() and not arbiter.workers[sleeper.pid].killed_because
-        arbiter._murder_stuck(snap, t0 + 46 + 41)
+        arbiter._murder_stuck(snap, t0 + 46 + 41)  # past the limit: the first look out of a disk wait
+        assert not arbiter.workers[sleeper.pid].killed_because
+        arbiter._murder_stuck(snap, t0 + 46 + 42)  # the second
         assert sleeper.wait(5) == -signal.SIGKILL
-        assert f"worker {sleeper.pid} made no progress for 41s; killing it" in log.read_text()
+        assert f"worker {sleeper.pid} made no progress for 42s; killing it" in log.read_text()
 
 
 def test_the_master_marks_again_a_worker_it_sent_sigterm_whose_mark_was_lost(tmp_path):

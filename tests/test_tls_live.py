@@ -609,9 +609,13 @@ def test_in_stress_mode_a_refused_smtps_client_is_closed_at_once(daemon_factory,
         with socket.create_connection((HOST, implicit), timeout=TIMEOUT) as refused:
             # A client that does try: the server takes no part in its handshake, which
             # fails (the close); a refusal outside stress mode would complete it and
-            # send the 421 inside (a timeout here would be neither).
+            # send the 421 inside (a timeout here would be neither).  At once: a bound
+            # far above the milliseconds it takes, far below a wait for the client
+            # (stress_command, 10 s).
+            started = time.monotonic()
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 certs.client_context().wrap_socket(refused, server_hostname="localhost")
+            assert time.monotonic() - started < 5.0
         wait_log_count(d, "refused: max_connections_per_ip", 1)
     assert "[SMTP] <421 not sent: no TLS handshake in stress mode>" in d.log_text()
 

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import psutil
@@ -341,6 +342,31 @@ def read_to_close(sock: socket.socket, size: int = 4096) -> bytes:
     return wire
 
 
+def _tcp_address(ip: str, port: int) -> str:
+    """An IPv4 address and port as /proc/net/tcp shows them."""
+    return "%08X:%04X" % (int.from_bytes(socket.inet_aton(ip), sys.byteorder), port)
+
+
+class TcpEnd(typing.NamedTuple):
+    unsent: int      # octets queued to send, not yet acknowledged by the peer
+    unread: int      # octets received, not yet read by the process
+    accepted: bool   # False while it waits in its listener's accept queue (no inode)
+
+
+def server_end(sock: socket.socket) -> TcpEnd | None:
+    """The server's end of the (IPv4) client socket ``sock`` as /proc/net/tcp shows it;
+    None when it is not there."""
+    server = _tcp_address(*sock.getpeername()[:2])
+    client = _tcp_address(*sock.getsockname()[:2])
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == server and fields[2] == client:
+                unsent, unread = (int(n, 16) for n in fields[4].split(":"))
+                return TcpEnd(unsent, unread, fields[9] != "0")
+    return None
+
+
 def connection_refused(port: int, host: str = "127.0.0.1") -> bool:
     """True when nothing listens on host:port any more."""
     try:
@@ -454,15 +480,37 @@ def held_in(proc: psutil.Process, number: int) -> list[int] | None:
     """The arguments of system call ``number`` if ``proc`` is stopped by its tracer inside
     it, else None.  Traced, it stops at every traced call, so its status alone does not
     say where; /proc/PID/syscall does."""
+    return in_syscall(proc, number, "tracing-stop")
+
+
+def in_syscall(proc: psutil.Process, number: int, status: str = psutil.STATUS_SLEEPING,
+               ) -> list[int] | None:
+    """The arguments of system call ``number`` if ``proc`` is inside it with ``status``,
+    else None: by default asleep in it (a wait the call is making), STATUS_STOPPED for a
+    process suspended while in it.  A process suspended elsewhere, or running, shows
+    another number (-1 between calls) or "running" in /proc/PID/syscall."""
     try:
         with open(f"/proc/{proc.pid}/syscall") as f:
             fields = f.read().split()
-        status = proc.status()
+        now = proc.status()
     except (OSError, psutil.Error):
         return None
-    if status != "tracing-stop" or len(fields) < 7 or fields[0] != str(number):
+    if now != status or len(fields) < 7 or fields[0] != str(number):
         return None
     return [int(field, 16) for field in fields[1:7]]
+
+
+#: System call numbers for /proc/PID/syscall, by machine ({} where not listed).  Python's
+#: select.select is pselect6 in glibc, select(2) in an older one (x86_64 only has both).
+SYSCALL_NR: dict[str, tuple[int, ...]] = {
+    "x86_64": {"flock": (73,), "setitimer": (38,), "select": (270, 23), "poll": (7, 271)},
+    "aarch64": {"flock": (32,), "setitimer": (103,), "select": (72,), "poll": (73,)},
+}.get(os.uname().machine, {})
+
+
+def in_any_syscall(proc: psutil.Process, name: str, status: str = psutil.STATUS_SLEEPING) -> bool:
+    """in_syscall() for any of the numbers SYSCALL_NR gives the call ``name``."""
+    return any(in_syscall(proc, nr, status) is not None for nr in SYSCALL_NR.get(name, ()))
 
 
 def open_tmp_files(proc: psutil.Process, maildir: Path) -> list[int]:

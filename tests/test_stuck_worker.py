@@ -20,8 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon import (RawSMTP, connect, held_in, hold_syscall, request_stats, send_message,
-                    serving_worker, wait_until, worker_pids)
+from daemon import (SYSCALL_NR, RawSMTP, connect, held_in, hold_syscall, in_any_syscall,
+                    request_stats, send_message, serving_worker, wait_until, worker_pids)
 from forksmtp import auth
 from helpers import cannot_loop_mount, loop_ext4
 from forksmtp.arbiter import LOCK_STALL, silent_for
@@ -57,8 +57,9 @@ def delay_next(pid: int, syscall: str, seconds: float) -> subprocess.Popen:
     return hold_syscall(pid, syscall, seconds)
 
 
-#: flock(2)'s number, for /proc/PID/syscall.
-FLOCK_NR = {"x86_64": 73, "aarch64": 32}.get(os.uname().machine)
+#: flock(2)'s and setitimer(2)'s numbers, for /proc/PID/syscall.
+FLOCK_NR = SYSCALL_NR.get("flock", (None,))[0]
+SETITIMER_NR = SYSCALL_NR.get("setitimer", (None,))[0]
 
 
 def in_flock_lock_ex(worker: psutil.Process) -> bool:
@@ -180,29 +181,45 @@ def hold_admission_lock(master: int) -> int:
     return fd
 
 
+def sigalrm_pending(proc: psutil.Process) -> bool:
+    """Is a SIGALRM pending for the process (sent, not yet delivered)?"""
+    bit = 1 << (signal.SIGALRM - 1)
+    with open(f"/proc/{proc.pid}/status") as f:
+        return any(int(line.split()[1], 16) & bit for line in f
+                   if line.startswith(("SigPnd:", "ShdPnd:")))
+
+
 @needs_strace
 def test_an_alarm_before_the_flock_does_not_leave_the_wait_without_end(daemon_factory):
     """The step's alarm comes after setitimer returned but before flock entered the kernel
-    (strace holds setitimer's return for two steps, as a worker off the CPU that long
+    (strace holds setitimer's return for three steps, as a worker off the CPU that long
     would be): it interrupts nothing, so a one-shot timer left the flock waiting for
     good, and the master's death went unseen.  The timer repeats."""
+    hold = 3 * WORKER_LOCK_STEP  # the alarm comes a step in: two steps to see it pending
     d = daemon_factory(workers=1)
     wait_until(lambda: len(d.workers()) == 1, 10, what="1 worker")
     _wait_idle(d, 1)
     (worker,) = d.workers()
     fd = hold_admission_lock(d.pid)
     try:
-        tracer = delay_next(worker.pid, "setitimer", 2 * WORKER_LOCK_STEP)
+        tracer = delay_next(worker.pid, "setitimer", hold)
         try:
             sock = connect(d.port)  # the worker accepts it, arms its alarm, waits for the lock
-            time.sleep(2 * WORKER_LOCK_STEP + 1)
+            wait_until(lambda: held_in(worker, SETITIMER_NR), 10, 0.01, "setitimer's return held")
+            # The alarm, a step after setitimer ran, is pending while its return is
+            # still held: it comes before the flock.
+            wait_until(lambda: sigalrm_pending(worker) and held_in(worker, SETITIMER_NR), 10, 0.01,
+                       "the alarm pending while setitimer's return is held")
+            # The hold ends (the tracer lets the worker go on), and the worker waits in
+            # the flock; it would for good, had that alarm been its only one.
+            wait_until(lambda: in_any_syscall(worker, "flock"), 10 + hold, 0.01,
+                       "the worker asleep in flock")
         finally:
             tracer.terminate()
             tracer.wait(10)
         # Accepted, not still queued: a connection the worker never took is reset when
         # the workers exit with the listening socket (a loaded machine's first run).
         assert serving_worker(d, sock).pid == worker.pid
-        wait_until(lambda: worker.status() == psutil.STATUS_SLEEPING, 10, what="the worker in flock")
         os.kill(d.pid, signal.SIGKILL)
         sock.settimeout(5 * WORKER_LOCK_STEP)
         reply = sock.recv(512)
@@ -252,6 +269,7 @@ def _wait_idle(d, count: int) -> None:
                0.1, "every worker idle")
 
 
+@pytest.mark.skipif(FLOCK_NR is None, reason="needs flock's system call number (x86_64, aarch64)")
 def test_workers_waiting_behind_a_held_lock_exit_when_the_master_dies(daemon_factory):
     """The double fault: the admission lock held by a process that does not let it go (a
     stopped worker; here the test) and the master, which alone would kill that holder,
@@ -266,10 +284,11 @@ def test_workers_waiting_behind_a_held_lock_exit_when_the_master_dies(daemon_fac
     try:
         sock = connect(d.port)  # a worker accepts it and waits for the lock
         sock.settimeout(10 + WORKER_LOCK_STEP)
-        # Accepted, not still queued (0.3 s was not always enough under load): a
-        # connection no worker took is reset when the workers exit with the listener.
-        serving_worker(d, sock)
-        time.sleep(0.3)
+        # Accepted, not still queued: a connection no worker took is reset when the
+        # workers exit with the listener.  And asleep in the flock, not on its way to it:
+        # a worker that reaches the wait after the master died sees that before it waits.
+        waiter = serving_worker(d, sock)
+        wait_until(lambda: in_any_syscall(waiter, "flock"), 10, 0.01, "the worker asleep in flock")
         os.kill(master, signal.SIGKILL)
         reply = sock.recv(512)
         assert reply.startswith(b"421 4.3.2 "), reply

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 
 import pytest
 
 from daemon import (assert_no_zombies, connect, free_port, read_reply, request_stats, send_message,
-                    read_to_close, serving_worker, wait_until, worker_pids)
+                    read_to_close, server_end, serving_worker, wait_until, worker_pids)
 
 ANSWER = 5.0
 
@@ -64,6 +63,9 @@ def test_over_max_connections_gets_421_4_3_2(daemon_factory):
     assert_no_zombies(d)
 
 
+EAGER_EHLO = b"EHLO eager.example\r\n"
+
+
 def test_a_refused_client_that_talked_first_reads_its_421_and_a_clean_close(daemon_factory):
     """Its EHLO is never read: closed with it unread, the connection ended in a reset
     after the 421, which a client stack that drops unread input on a reset (Windows)
@@ -79,8 +81,10 @@ def test_a_refused_client_that_talked_first_reads_its_421_and_a_clean_close(daem
             os.kill(pid, signal.SIGSTOP)
         try:
             talker = connect(d.port, timeout=ANSWER)
-            talker.sendall(b"EHLO eager.example\r\n")
-            time.sleep(0.2)
+            talker.sendall(EAGER_EHLO)
+            # The EHLO is there, unread, and no worker has accepted the connection yet.
+            wait_until(lambda: server_end(talker) == (0, len(EAGER_EHLO), False), 10, 0.01,
+                       "the EHLO queued before any accept")
         finally:
             for pid in idle:
                 os.kill(pid, signal.SIGCONT)

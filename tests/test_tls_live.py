@@ -31,8 +31,8 @@ import psutil
 import pytest
 
 import tls_certs
-from daemon import (Daemon, connect, free_port, read_reply, read_to_close, request_stats, serving_worker,
-                    shown, wait_until, write_config)
+from daemon import (SYSCALL_NR, Daemon, connect, free_port, in_any_syscall, read_reply, read_to_close,
+                    request_stats, serving_worker, shown, wait_until, write_config)
 from forksmtp import auth
 from forksmtp.tls import expiry_warning
 
@@ -861,6 +861,39 @@ def _resume(workers: list) -> None:
             worker.resume()
 
 
+needs_select_nr = pytest.mark.skipif(
+    "select" not in SYSCALL_NR, reason="needs select's system call number (x86_64, aarch64)")
+
+
+def _in_auth_wait(worker: psutil.Process, status: str = psutil.STATUS_SLEEPING) -> bool:
+    """Is the worker in its wait for one of its address's running checks to end
+    (Worker.auth_attempt, given BUSY)?  Its select there is the only one a worker makes:
+    a session waits in poll, the accept loop in epoll_wait."""
+    return in_any_syscall(worker, "select", status)
+
+
+def _wait_in_auth_wait(worker: psutil.Process) -> None:
+    # Seen asleep there, not guessed from a pause: a sixth AUTH not read yet, or not yet
+    # told BUSY, would take any signal on another path.
+    wait_until(lambda: _in_auth_wait(worker), 10, 0.005, "the sixth AUTH in its wait")
+
+
+def _suspend_in_auth_wait(worker: psutil.Process) -> None:
+    """Suspend the worker inside its AUTH wait's select.  The wait sleeps 20 ms at a
+    time, so a stop may land between two sleeps (in attempt(), the admission lock held):
+    such a stop is undone and tried again."""
+    def suspended_there() -> bool:
+        _wait_in_auth_wait(worker)
+        worker.suspend()
+        wait_until(lambda: worker.status() == psutil.STATUS_STOPPED, 10, 0.005, "the worker stopped")
+        if _in_auth_wait(worker, psutil.STATUS_STOPPED):
+            return True
+        worker.resume()
+        return False
+    wait_until(suspended_there, 10, 0, "the worker suspended in its AUTH wait")
+
+
+@needs_select_nr
 def test_sigquit_reaches_an_auth_waiting_for_the_checks_of_its_address(daemon_factory, certs,
                                                                          tmp_path):
     """Five checks of one address stay running (their workers stopped mid-check): a
@@ -871,8 +904,9 @@ def test_sigquit_reaches_an_auth_waiting_for_the_checks_of_its_address(daemon_fa
     try:
         d = _five_checks_held(daemon_factory, certs, tmp_path, clients, stopped)
         waiting = clients[5]
+        waiter = serving_worker(d, waiting.sock)
         waiting.send(f"AUTH PLAIN {plain('alice', PASSWORD)}\r\n".encode())
-        time.sleep(0.5)
+        _wait_in_auth_wait(waiter)
         d.signal(signal.SIGQUIT)
         waiting.sock.settimeout(2.5)
         assert read_reply(waiting.sock).startswith(b"421 4.3.2 "), "no 421 before the SIGKILL"
@@ -882,6 +916,7 @@ def test_sigquit_reaches_an_auth_waiting_for_the_checks_of_its_address(daemon_fa
             c.close()
 
 
+@needs_select_nr
 def test_an_auth_told_to_quit_as_a_check_slot_frees_gives_that_slot_back(daemon_factory, certs,
                                                                           tmp_path):
     """A sixth AUTH waits for one of five running checks of its address to end; one
@@ -896,8 +931,7 @@ def test_an_auth_told_to_quit_as_a_check_slot_frees_gives_that_slot_back(daemon_
         waiting = clients[5]
         waiter = serving_worker(d, waiting.sock)
         waiting.send(f"AUTH PLAIN {plain('alice', PASSWORD)}\r\n".encode())
-        time.sleep(0.5)  # in its wait (AUTH_WAIT is 5 s)
-        waiter.suspend()
+        _suspend_in_auth_wait(waiter)  # told BUSY once, and to look again when resumed
         stopped[0].resume()  # one check ends: a slot is free when the waiter looks again
         assert read_reply(clients[0].sock).startswith(b"235 ")
         waiter.send_signal(signal.SIGQUIT)
@@ -1311,15 +1345,15 @@ def test_stats_count_tls_and_auth_outcomes(daemon_factory, certs, tmp_path):
         with pytest.raises(smtplib.SMTPAuthenticationError):
             client.login("alice", "wrong password")
     with socket.create_connection((HOST, d.port), timeout=TIMEOUT) as raw:
-        raw.recv(1024)
+        assert read_reply(raw).startswith(b"220 ")
         raw.sendall(b"EHLO x\r\n")
-        time.sleep(0.2)
-        raw.recv(4096)
+        assert read_reply(raw).startswith(b"250")
         raw.sendall(b"STARTTLS\r\n")
-        time.sleep(0.2)
-        raw.recv(1024)
+        assert read_reply(raw).startswith(b"220 ")  # the server now reads a handshake
         raw.sendall(b"this is not a TLS client hello\r\n" * 4)
-        time.sleep(0.5)
+        # Not a TLS record: the server ends the handshake and closes.
+        with contextlib.suppress(ConnectionResetError):
+            read_to_close(raw)
     stats = wait_until(lambda: (s := request_stats(d))["tls"]["failed"] == 1 and s, TIMEOUT,
                        what="the failed handshake counted")
     assert stats["tls"] == {"handshakes": 2, "failed": 1}

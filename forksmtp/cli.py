@@ -140,17 +140,25 @@ def _run_passwd(args: list[str], config: str | None) -> int:
 
 
 def _mailbox_warnings(cfg) -> list[str]:
-    """The [mailboxes] Maildirs a start could not use now.  They fail no --check: run
-    before every start (the systemd unit's ExecStartPre), one user's broken Maildir
-    would otherwise keep everyone's mail out, which the start itself avoids."""
+    """The Maildirs a start could not use now: [mailboxes] ones it could not make, and
+    any the workers' user may not write (warned about at the start too).  They fail no
+    --check: run before every start (the systemd unit's ExecStartPre), one user's broken
+    Maildir would otherwise keep everyone's mail out, which the start itself avoids."""
+    from forksmtp import maildirs, process
+
     keys = maildir_keys(cfg.delivery)
+    ids = process.resolve_ids(cfg.server.user, cfg.server.group)
     warnings = []
-    for path in sorted(set(cfg.delivery.mailboxes.values()) - {cfg.delivery.maildir}):
+    for path in sorted(keys):
         try:
-            config_checks.creatable_dir(path)
-            config_checks.makeable_now(path)
+            if path != cfg.delivery.maildir:  # the catch-all's own check fails --check
+                config_checks.creatable_dir(path)
+                config_checks.makeable_now(path)
+            problem = maildirs.unusable_by_workers(path, ids, cfg.server.user)
         except ValueError as exc:
-            warnings.append(f"{keys[path]} = {path}: {exc}; its mail would get 451 until this is fixed")
+            problem = str(exc)
+        if problem:
+            warnings.append(f"{keys[path]} = {path}: {problem}; its mail would get 451 until this is fixed")
     return warnings
 
 

@@ -108,14 +108,21 @@ def _give_to_workers(directories: list[str], ids: Ids, log: Log, top: str) -> No
 
 
 def _warn_unwritable(path: str, key: str, cfg, log: Log, ids: Ids) -> None:
-    """A Maildir of another owner than root (a mail reader's: the master gives the
-    workers only root's directories) that the workers' user may not pass through, or
-    whose tmp/ or new/ it may not write: say so at the start or reload, not only at its
-    first message's 451."""
-    server = cfg.server
+    """Say at the start or reload, not only at its first message's 451, that the
+    workers' user cannot use a Maildir (see ``unusable_by_workers``)."""
+    problem = unusable_by_workers(path, ids, cfg.server.user)
+    if problem:
+        log.warning("STORE", f"{key} = {path}: {problem}; its mail gets 451 until this is fixed")
+
+
+def unusable_by_workers(path: str, ids: Ids, user: str) -> str:
+    """Why the workers' user cannot deliver into the Maildir ``path``, or "": one of
+    another owner than root (a mail reader's: the master gives the workers only root's
+    directories) that it may not pass through, or whose tmp/ or new/ it may not write.
+    By the mode bits (ACLs are not read); a directory not there yet is made for it."""
     uid, gid = ids
     if uid is None or gid is None:
-        return  # workers run as root
+        return ""  # workers run as root
     for directory, need, what in zip(config_checks.own_dirs(path), (0o1, 0o3, 0o3),
                                      ("searchable", "writable", "writable")):
         try:
@@ -123,10 +130,9 @@ def _warn_unwritable(path: str, key: str, cfg, log: Log, ids: Ids) -> None:
         except OSError:
             continue
         if not process.writable_by(st, uid, gid, need):
-            log.warning("STORE", f"{key} = {path}: {directory} is not {what} by the workers' "
-                                 f"user {server.user} (owner {st.st_uid}:{st.st_gid}, mode "
-                                 f"{st.st_mode & 0o7777:04o}); its mail gets 451 until this is fixed")
-            return
+            return (f"{directory} is not {what} by the workers' user {user} (owner {st.st_uid}:"
+                    f"{st.st_gid}, mode {st.st_mode & 0o7777:04o})")
+    return ""
 
 
 def _remake(path: str, cfg, log: Log, ids: Ids) -> None:

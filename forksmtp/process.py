@@ -233,13 +233,16 @@ def remove_pidfile(path: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Is ``pid`` a running process?  A zombie is not: a master killed with SIGKILL stays
+    one until its parent reaps it, and a parent that is slow to (a container's shell as
+    process 1) would keep every restart from taking its pidfile."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return _state(pid) != b"Z"
 
 
 def _state(pid: int) -> bytes:

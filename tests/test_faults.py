@@ -724,6 +724,13 @@ def test_a_maildir_the_workers_user_may_not_write_is_named_at_start(nobody_dir, 
     text = d.wait_for_log("[READY]")
     assert (f'[STORE] mailboxes."private@example.test" = {box}: {box / "tmp"} is not writable by the '
             f"workers' user nobody (owner {other}:{other}, mode 0700); its mail gets 451") in text
+    # --check, run before each start, says it too (and passes: the other mail goes on).
+    check = subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(d.config_path), "--check"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check
+    assert check.stderr == (f'forksmtp: warning: mailboxes."private@example.test" = {box}: {box / "tmp"} is '
+                            f"not writable by the workers' user nobody (owner {other}:{other}, mode 0700); "
+                            "its mail would get 451 until this is fixed\n")
     # Nor may the workers pass through a Maildir its owner keeps to itself, whatever
     # tmp/ and new/ allow: named at the reload.
     for sub in ("tmp", "new"):

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -156,6 +157,28 @@ def test_a_pidfile_holding_junk_or_a_huge_file_is_read_as_no_pid(tmp_path):
         assert path.read_text() == f"{os.getpid()}\n"
     process.remove_pidfile(str(path))
     assert not path.exists()
+
+
+def test_a_pidfile_of_a_zombie_is_taken_and_one_of_a_live_process_is_not(tmp_path):
+    """A master killed with SIGKILL stays a zombie until its parent reaps it; a parent
+    slow to (a container's shell as process 1) kept each restart from its pidfile,
+    "held by running process N"."""
+    path = tmp_path / "run.pid"
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        path.write_text(f"{child.pid}\n")
+        with pytest.raises(process.PidfileError, match=f"held by running process {child.pid}"):
+            process.write_pidfile(str(path))
+        child.kill()
+        deadline = time.monotonic() + 10
+        while process._state(child.pid) != b"Z":  # dead, not reaped: Popen waits for nothing
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.01)
+        process.write_pidfile(str(path))
+        assert path.read_text() == f"{os.getpid()}\n"
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_a_fifo_put_where_the_stats_file_goes_after_the_check_is_left_alone(tmp_path):

@@ -158,8 +158,7 @@ class Arbiter:
         self._note_certificate(cfg)
         for addr in sorted(listen_addresses(cfg)[0], key=str):
             self.sockets[addr] = self._named(cfg, addr, listeners.bind)
-        maildirs.prepare(cfg, self.log, config_mod.source_of(cfg, "delivery.maildir", self.overrides),
-                         self.ids)
+        maildirs.prepare(cfg, self.log, self.ids)
         # That made and swept every Maildir: the next pass is due in an hour.  Run again
         # at the first tick, it would race an operator's first change to a Maildir.
         self.next_tmp_clean = time.monotonic() + TMP_CLEAN_INTERVAL
@@ -699,8 +698,7 @@ class Arbiter:
                                          shown_as=self.cfg.name)
             context, passwords = load_security(new)
             ids = self._worker_ids(new)
-            maildirs.prepare(new, self.log, config_mod.source_of(new, "delivery.maildir", self.overrides),
-                             ids)
+            maildirs.prepare(new, self.log, ids)
             log_created = bool(new.log.file) and not os.path.lexists(new.log.file)
             log_fd = _named_key(new, self.overrides, "log.file", Log.open_file)
             opened = self._open_new_sockets(new)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from forksmtp import __version__, _native, config_checks
-from forksmtp.config import ConfigError, load_config, maildir_keys, source_of, summary
+from forksmtp.config import ConfigError, key_error, load_config, maildir_keys, source_of, summary
 
 # flag destination -> dotted config key it overrides
 _OVERRIDES = {
@@ -179,8 +179,7 @@ def _check_maildir(cfg, overrides: dict) -> str:
     try:
         config_checks.makeable_now(cfg.delivery.maildir)
     except ValueError as exc:
-        where = source_of(cfg, "delivery.maildir", overrides)
-        return str(ConfigError(where, "delivery.maildir", cfg.delivery.maildir, str(exc)))
+        return str(key_error(cfg, "delivery.maildir", overrides, str(exc)))
     return ""
 
 

@@ -26,10 +26,10 @@ class MaildirError(OSError):
 Ids = tuple[int | None, int | None]  # the workers' uid and gid, looked up with the config
 
 
-def prepare(cfg, log: Log, source: str, ids: Ids) -> None:
+def prepare(cfg, log: Log, ids: Ids) -> None:
     """Make every Maildir of ``cfg`` and give what it makes to the workers' ``ids``.  One
-    the catch-all cannot use stops a start or a reload (``MaildirError``, naming
-    ``source``, where ``delivery.maildir`` was set, as config errors do); a
+    the catch-all cannot use stops a start or a reload (``MaildirError``, naming where
+    ``delivery.maildir`` was set and its value as written, as config errors do); a
     ``[mailboxes]`` one is logged and left out (its mail gets 451 until it is fixed), as
     Postfix's delivery agents defer one mailbox's mail and take the rest: a read-only
     file system under one user's Maildir must not stop a certificate's reload, or the
@@ -45,7 +45,7 @@ def prepare(cfg, log: Log, source: str, ids: Ids) -> None:
             problem = (f"cannot make the Maildir: {exc.filename or path}: {exc.strerror or exc}"
                        if isinstance(exc, OSError) else str(exc))
             if path == cfg.delivery.maildir:
-                named = config_checks.ConfigError(source, keys[path], path, problem)
+                named = config_mod.key_error(cfg, keys[path], None, problem)
                 raise MaildirError(getattr(exc, "errno", None) or errno.EIO, str(named)) from exc
             log.warning("STORE", f"{keys[path]} = {path}: {problem}; its mail gets 451 until this is fixed")
             continue

@@ -435,7 +435,8 @@ class Scoreboard:
             slot = _COUNTERS.unpack_from(mm, base + S_COUNTERS)
             folded = _COUNTERS.unpack_from(mm, H_COUNTERS)
             _store(mm, H_COUNTERS, _COUNTERS.pack(*map(int.__add__, folded, slot)))
-            _store(mm, H_EXITED, _Q.pack(_Q.unpack_from(mm, H_EXITED)[0] + 1))
+            if _I.unpack_from(mm, base)[0]:  # no pid: claimed for a fork that failed, no worker
+                _store(mm, H_EXITED, _Q.pack(_Q.unpack_from(mm, H_EXITED)[0] + 1))
             mm[base:base + SLOT_SIZE] = _ZERO_SLOT
             self._rebuild()
             return True

@@ -108,7 +108,7 @@ class Daemon:
         test's client may take it as its source port: a start that failed on that alone
         gets a new port (its own, not a port a test chose and may have told a client)."""
         listen = self.sections["server"].get("listen")
-        if not (self._port_chosen_here and "Address already in use" in failure
+        if not (self._port_chosen_here and f"{self.host}:{self.port}: Address already in use" in failure
                 and listen == [f"{self.host}:{self.port}"]):
             return False
         self.port = free_port()

@@ -248,6 +248,19 @@ def test_sigkilled_worker_counts_restored_by_repair(sb):
     assert (sb.active(), sb.ip_counts()) == (0, {})
 
 
+
+def test_a_slot_freed_after_a_failed_fork_counts_no_exited_worker(sb):
+    """The master claims a slot before it forks; when fork() fails it frees the slot,
+    which held no worker: none exited."""
+    sb.claim_slot(3, 0, 1, time.monotonic())
+    assert sb.repair(3) is True
+    assert sb.snapshot().workers_exited == 0
+    sb.claim_slot(3, 0, 1, time.monotonic())
+    sb.set_pid(3, os.getpid())  # forked: a worker, which then exits
+    assert sb.repair(3) is True
+    assert sb.snapshot().workers_exited == 1
+
+
 def test_repair_clears_what_a_half_done_admission_left(sb):
     """A worker killed inside admit() may leave a table entry nobody holds: repair drops it."""
     sb.claim_slot(0, 0, 1, now=0.0)

@@ -125,6 +125,8 @@ def unusable_by_workers(path: str, ids: Ids, user: str) -> str:
         return ""  # workers run as root
     for directory, need, what in zip(config_checks.own_dirs(path), (0o1, 0o3, 0o3),
                                      ("searchable", "writable", "writable")):
+        if _roots_directory(directory, follow=directory == path):
+            continue  # root's: make() gives it to the workers (at --check, the start will)
         try:
             st = os.stat(directory)
         except OSError:

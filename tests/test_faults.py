@@ -709,6 +709,25 @@ def test_a_maildir_root_made_by_hand_is_given_to_the_workers_but_nothing_below_i
         assert client.sendmail("a@client.example", ["byhand@example.test"], b"Subject: x\r\n\r\nhi\r\n") == {}
 
 
+def test_check_says_nothing_of_root_maildirs_the_start_gives_to_the_workers(nobody_dir, tmp_path):
+    """Maildirs an operator made as root (mkdir -p .../{tmp,new,cur}, mode 0700 or 0755)
+    are given to the workers' user by the start, which then warns of nothing: --check,
+    which changes nothing, must not warn of them either."""
+    base, _ = nobody_dir
+    md, box = base / "Maildir", base / "box" / "Maildir"
+    for top, mode in ((md, 0o700), (box, 0o755)):
+        for directory in (top, top / "tmp", top / "new", top / "cur"):
+            directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(mode)
+    config = write_config(tmp_path / "forksmtp.toml", {
+        "server": {"listen": [f"127.0.0.1:{free_port()}"], "user": "nobody"},
+        "delivery": {"maildir": str(md)}, "mailboxes": {"bob@example.test": str(box)}})
+    check = subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(config), "--check"],
+                           capture_output=True, text=True, timeout=60)
+    assert (check.returncode, check.stderr) == (0, ""), check
+    assert os.stat(md).st_uid == 0  # --check gave nothing away
+
+
 def test_a_maildir_the_workers_user_may_not_write_is_named_at_start(nobody_dir, daemon_factory):
     """A Maildir that was there keeps its owner, so one its owner keeps to itself gets
     451 for every message: the start says so, naming the directory, its owner and mode."""

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import (auth, config as config_mod, connection, limits, listeners, maildirs, pool, process,
+from . import (config as config_mod, connection, limits, listeners, maildirs, pool, process,
                stats, tls)
 from .authlimit import AuthLimiter
 from .overflow import OverflowGuard
@@ -80,8 +80,9 @@ def _is_crash(status: int, served: int) -> bool:
 
 
 #: What a reload reports as its failure, keeping the running config; anything else is a bug.
-RELOAD_ERRORS = (config_mod.ConfigError, tls.TLSError, auth.PasswordFileError, listeners.BindError,
-                 process.PidfileError, OSError)  # (maildirs.MaildirError is an OSError)
+#: (A certificate, password file or pidfile that fails is a ConfigError by then: see
+#: security.load_security and _named_key.  maildirs.MaildirError is an OSError.)
+RELOAD_ERRORS = (config_mod.ConfigError, listeners.BindError, OSError)
 
 
 def stuck_limit(cfg) -> float:
@@ -898,8 +899,7 @@ def run(cfg, overrides: dict | None = None) -> int:
         return 1
     try:
         arbiter.start()
-    except (listeners.BindError, process.PidfileError, tls.TLSError, auth.PasswordFileError,
-            config_mod.ConfigError, OSError) as exc:
+    except (listeners.BindError, config_mod.ConfigError, OSError) as exc:
         print(f"forksmtp: {exc}", file=sys.stderr)
         if cfg.server.pidfile:
             process.remove_pidfile(cfg.server.pidfile)  # ours only: it checks the pid

@@ -102,8 +102,6 @@ def _toml_key(name: str) -> str:
     return name if _BARE_KEY.fullmatch(name) else toml_string(name)
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class _Source:
     """Where one raw value came from: its file (or CLI) and the base for relative paths."""

@@ -351,6 +351,7 @@ class TcpEnd(typing.NamedTuple):
     unsent: int      # octets queued to send, not yet acknowledged by the peer
     unread: int      # octets received, not yet read by the process
     accepted: bool   # False while it waits in its listener's accept queue (no inode)
+    state: str       # /proc/net/tcp's st: "01" established, "04" closed with octets to send
 
 
 def server_end(sock: socket.socket) -> TcpEnd | None:
@@ -363,7 +364,7 @@ def server_end(sock: socket.socket) -> TcpEnd | None:
             fields = line.split()
             if fields[1] == server and fields[2] == client:
                 unsent, unread = (int(n, 16) for n in fields[4].split(":"))
-                return TcpEnd(unsent, unread, fields[9] != "0")
+                return TcpEnd(unsent, unread, fields[9] != "0", fields[3])
     return None
 
 
@@ -503,8 +504,10 @@ def in_syscall(proc: psutil.Process, number: int, status: str = psutil.STATUS_SL
 #: System call numbers for /proc/PID/syscall, by machine ({} where not listed).  Python's
 #: select.select is pselect6 in glibc, select(2) in an older one (x86_64 only has both).
 SYSCALL_NR: dict[str, tuple[int, ...]] = {
-    "x86_64": {"flock": (73,), "setitimer": (38,), "select": (270, 23), "poll": (7, 271)},
-    "aarch64": {"flock": (32,), "setitimer": (103,), "select": (72,), "poll": (73,)},
+    "x86_64": {"flock": (73,), "setitimer": (38,), "select": (270, 23), "poll": (7, 271),
+               "fsync": (74,), "linkat": (265,)},
+    "aarch64": {"flock": (32,), "setitimer": (103,), "select": (72,), "poll": (73,),
+                "fsync": (82,), "linkat": (37,)},
 }.get(os.uname().machine, {})
 
 

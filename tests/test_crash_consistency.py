@@ -27,9 +27,9 @@ import time
 import psutil
 import pytest
 
-from daemon import (Ledger, RawSMTP, SMTPClosed, assert_nothing_left_in_tmp, held_in, hold_syscall,
-                    ledger_client, ledger_message, request_stats, run_clients, send_message,
-                    serving_worker, wait_until)
+from daemon import (SYSCALL_NR, Ledger, RawSMTP, SMTPClosed, assert_nothing_left_in_tmp, held_in,
+                    hold_syscall, ledger_client, ledger_message, request_stats, run_clients,
+                    send_message, serving_worker, wait_until)
 from helpers import chosen_seed
 
 CLIENTS = 50
@@ -123,10 +123,6 @@ def idle_stats(d) -> dict | None:
     return stats if stats["connections_active"] == 0 else None
 
 
-#: System call numbers, for /proc/PID/syscall.
-SYSCALL_NR = {"x86_64": {"fsync": 74, "linkat": 265},
-              "aarch64": {"fsync": 82, "linkat": 37}}.get(os.uname().machine)
-
 #: Where a worker is held and killed, in the order of the commit (maildir.py): the
 #: message file's first fsync, its link into new/, and new/'s fsync (the third: an
 #: unnamed file is fsynced again once linked); and whether the message is then in new/.
@@ -138,7 +134,7 @@ COMMIT_STEPS = [
 ]
 
 
-@pytest.mark.skipif(shutil.which("strace") is None or SYSCALL_NR is None,
+@pytest.mark.skipif(shutil.which("strace") is None or "fsync" not in SYSCALL_NR,
                     reason="needs strace (Debian: strace) on x86_64 or aarch64")
 @pytest.mark.parametrize("syscall,when,at,stored", COMMIT_STEPS)
 def test_a_worker_killed_at_each_step_of_its_commit(daemon_factory, syscall, when, at, stored):
@@ -161,7 +157,7 @@ def test_a_worker_killed_at_each_step_of_its_commit(daemon_factory, syscall, whe
             msg_id = ledger.new_id(3000)
             assert client.start_data()[0] == 354
             client.sock.sendall(ledger_message(msg_id, 3000) + b".\r\n")
-            args = wait_until(lambda: held_in(worker, SYSCALL_NR[syscall]), 10,
+            args = wait_until(lambda: held_in(worker, SYSCALL_NR[syscall][0]), 10,
                               what=f"the worker held in its {syscall} #{when}")
             if syscall == "fsync":  # the premise: which file it was syncing
                 target = os.readlink(f"/proc/{worker.pid}/fd/{args[0]}")

@@ -9,10 +9,10 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
+from daemon import wait_until
 from forksmtp import auth, process, stats
 
 
@@ -170,10 +170,8 @@ def test_a_pidfile_of_a_zombie_is_taken_and_one_of_a_live_process_is_not(tmp_pat
         with pytest.raises(process.PidfileError, match=f"held by running process {child.pid}"):
             process.write_pidfile(str(path))
         child.kill()
-        deadline = time.monotonic() + 10
-        while process._state(child.pid) != b"Z":  # dead, not reaped: Popen waits for nothing
-            assert time.monotonic() < deadline, "the child never became a zombie"
-            time.sleep(0.01)
+        # Dead, not reaped: Popen waits for nothing.
+        wait_until(lambda: process._state(child.pid) == b"Z", 10, 0.01, "the child a zombie")
         process.write_pidfile(str(path))
         assert path.read_text() == f"{os.getpid()}\n"
     finally:

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from daemon import (RawSMTP, after_a_turn, read_reply, read_to_close, request_stats, send_message, wait_until,
-                    worker_states)
+from daemon import (RawSMTP, after_a_turn, read_reply, read_to_close, request_stats, send_message, server_end,
+                    wait_until, worker_states)
 from forksmtp.connection import DISCARD_READS, RECV_SIZE, discard_unread, room_for_a_line
 
 FAST = {"command": 1, "data_block": 1, "data_done": 4, "session": 6, "min_data_rate": 2000}
@@ -201,7 +201,11 @@ def test_a_client_that_leaves_during_the_greeting_delay_is_no_early_talker(daemo
     assert "521" not in text and "early talker" not in text
     stats = request_stats(d)
     assert stats["connections_rejected"]["early_talker"] == 0
-    # A client that talked and then half-closed did talk first.
+
+
+def test_a_client_that_talks_then_half_closes_is_an_early_talker(daemon_factory):
+    """Its FIN comes with octets before it: it did talk first."""
+    d = daemon_factory(workers=1, server={"greeting_delay": 0.5})
     with socket.create_connection((d.host, d.port), timeout=10) as s:
         s.sendall(b"EHLO eager.example\r\n")
         s.shutdown(socket.SHUT_WR)
@@ -380,20 +384,6 @@ def test_a_client_pipelining_without_pause_does_not_grow_the_log_queue(daemon_fa
         s.sendall(b"QUIT\r\n")
 
 
-def _server_side(server_port: int, client_port: int) -> tuple[int, int, str]:
-    """Octets the server has queued to send and not yet read on one loopback connection,
-    and the state of its end (/proc/net/tcp's tx_queue:rx_queue and st: "01" while the
-    worker holds it open, "04" once it closed it with octets still to send)."""
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            local, remote = fields[1], fields[2]
-            if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
-                tx, rx = fields[4].split(":")
-                return int(tx, 16), int(rx, 16), fields[3]
-    return -1, -1, ""
-
-
 def test_a_session_whose_last_reply_is_not_read_still_counts_against_its_limit(daemon_factory):
     """QUIT read, its 221 stuck behind replies the client does not read: the session
     holds a worker until the command timeout, so it must still count against
@@ -415,7 +405,6 @@ def test_a_session_whose_last_reply_is_not_read_still_counts_against_its_limit(d
         time.sleep(0.5)
         holder.sendall(batch + b"QUIT\r\n")
         holder.settimeout(0.05)
-        client_port = holder.getsockname()[1]
         # Read only until the server has taken in the QUIT: how much that takes depends
         # on how its reads split the batches and on how far its socket's buffer has
         # grown, so the bound is a time, below the command timeout, not a count of
@@ -425,14 +414,14 @@ def test_a_session_whose_last_reply_is_not_read_still_counts_against_its_limit(d
         # Each read returns as soon as there is something to take: a loaded machine
         # (a look at /proc took 30 ms there) made a fixed pause per read overrun 60 s.
         deadline = time.monotonic() + 60
-        while _server_side(d.port, client_port)[1] != 0 and time.monotonic() < deadline:
+        while server_end(holder).unread != 0 and time.monotonic() < deadline:
             taken = 0
             try:
                 while taken < 131072 and (chunk := holder.recv(16384)):
                     taken += len(chunk)
             except TimeoutError:
                 pass
-        unsent, unread, state = _server_side(d.port, client_port)
+        unsent, unread, _, state = server_end(holder)
         assert unread == 0
         assert unsent > 0 and state == "01", (
             f"{unsent} octets unsent, state {state}: nothing holds the session")

@@ -281,23 +281,17 @@ def test_a_maildir_that_cannot_be_made_fails_the_start_and_check_by_name(servers
     assert not pidfile.exists()
     result = run(*args, "--check", cwd=tmp_path)
     assert (result.returncode, result.stdout, result.stderr) == (2, "", line)
-    # Set in a file: the file is named as it was given (-c m.toml), not as an absolute path.
-    write_config(tmp_path / "m.toml", {"server": {"listen": [f"{HOST}:{free_port()}"]},
-                                       "delivery": {"maildir": "/proc/forksmtp-none/Maildir"}})
-    line = ('forksmtp: m.toml: delivery.maildir = "/proc/forksmtp-none/Maildir": '
-            "cannot make the Maildir: /proc/forksmtp-none: No such file or directory\n")
-    for check in (["--check"], []):
-        result = run("-c", "m.toml", *check, cwd=tmp_path)
-        assert (result.returncode, result.stdout, result.stderr) == (2 if check else 1, "", line)
-    # And its value as written: a relative one stays relative, the problem names the path.
+    # Set in a file: the file is named as it was given (-c m.toml), not as an absolute
+    # path; and the value as written, a relative one relative, the problem naming the path.
     relative = os.path.relpath("/proc/forksmtp-none/Maildir", tmp_path)
-    write_config(tmp_path / "r.toml", {"server": {"listen": [f"{HOST}:{free_port()}"]},
-                                       "delivery": {"maildir": relative}})
-    line = (f'forksmtp: r.toml: delivery.maildir = {shown(relative)}: '
-            "cannot make the Maildir: /proc/forksmtp-none: No such file or directory\n")
-    for check in (["--check"], []):
-        result = run("-c", "r.toml", *check, cwd=tmp_path)
-        assert (result.returncode, result.stdout, result.stderr) == (2 if check else 1, "", line)
+    for name, value in (("m.toml", "/proc/forksmtp-none/Maildir"), ("r.toml", relative)):
+        write_config(tmp_path / name, {"server": {"listen": [f"{HOST}:{free_port()}"]},
+                                       "delivery": {"maildir": value}})
+        line = (f"forksmtp: {name}: delivery.maildir = {shown(value)}: "
+                "cannot make the Maildir: /proc/forksmtp-none: No such file or directory\n")
+        for check in (["--check"], []):
+            result = run("-c", name, *check, cwd=tmp_path)
+            assert (result.returncode, result.stdout, result.stderr) == (2 if check else 1, "", line)
 
 
 def _openssl_says(cert: Path, key: Path) -> str:

@@ -14,6 +14,7 @@ from typing import Callable
 
 import pytest
 
+from daemon import poll_for
 from forksmtp.authlimit import ALLOWED, REFUSED, RUNNING_STALE, AuthLimiter
 from forksmtp.authlimit import BUSY as WAIT
 from forksmtp.scoreboard import (BUSY, CONN_REJECT_REASONS, FREE, H_IDLE, IDLE, REJECT_KEYS,
@@ -248,7 +249,6 @@ def test_sigkilled_worker_counts_restored_by_repair(sb):
     assert (sb.active(), sb.ip_counts()) == (0, {})
 
 
-
 def test_a_slot_freed_after_a_failed_fork_counts_no_exited_worker(sb):
     """The master claims a slot before it forks; when fork() fails it frees the slot,
     which held no worker: none exited."""
@@ -378,10 +378,7 @@ def test_a_worker_marks_its_slot_while_it_waits_for_or_holds_the_lock(sb):
     assert read_byte(ready_r) == b"x"
     second = start(sb, waiter, after_fork=False)
     try:
-        deadline = time.monotonic() + 10
-        while sb.in_admission() != [2, 4] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert sb.in_admission() == [2, 4]
+        assert poll_for(sb.in_admission, [2, 4], interval=0.01) == [2, 4]
     finally:
         os.kill(first, signal.SIGKILL)
     assert wait(first) == -signal.SIGKILL and wait(second) == 0
@@ -418,10 +415,7 @@ def test_workers_wait_for_the_lock_however_long_it_is_held(sb):
     assert read_byte(ready_r) == b"x"
     second = start(sb, admitter, after_fork=False)
     try:
-        deadline = time.monotonic() + 10
-        while sb.in_admission() != [0] and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert sb.in_admission() == [0], "the admitter is not waiting for the lock"
+        assert poll_for(sb.in_admission, [0], interval=0.01) == [0], "the admitter is not waiting for the lock"
         time.sleep(2.5 * WORKER_LOCK_STEP)  # held for this long at the least
     finally:
         os.write(go_w, b"x")

@@ -291,9 +291,27 @@ def _address(text: str) -> str:
 
 def _networks(values: tuple[str, ...]) -> tuple[str, ...]:
     try:
-        return tuple(str(ipaddress.ip_network(v, strict=False)) for v in values)
+        nets = [ipaddress.ip_network(v, strict=False) for v in values]
     except ValueError as exc:
         raise ValueError(f"not a network (CIDR): {exc}") from None
+    for written, net in zip(values, nets):
+        _matchable(written, net)
+    return tuple(str(net) for net in nets)
+
+
+def _matchable(written: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
+    """Refuse a network no client address can fall in, rather than let it match no one:
+    an IPv4 client of a dual-stack socket is matched by its IPv4 form, and the address
+    accept(2) gives carries no zone."""
+    if not isinstance(net, ipaddress.IPv6Network):
+        return
+    if net.network_address.scope_id:
+        raise ValueError(f"{toml_string(written)}: a zone is never matched: "
+                         f"clients are matched by address alone")
+    mapped = net.network_address.ipv4_mapped
+    if mapped is not None and net.prefixlen >= 96:
+        raise ValueError(f"{toml_string(written)}: IPv4 clients are matched by their IPv4 "
+                         f"address: write {ipaddress.ip_network(f'{mapped}/{net.prefixlen - 96}')}")
 
 
 def _user(name: str) -> str:

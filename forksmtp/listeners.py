@@ -82,7 +82,14 @@ def _parse_bracketed(text: str) -> ListenAddr:
         ip = ipaddress.IPv6Address(host)
     except ValueError:
         raise ValueError(f"not an IPv6 address: {toml_string(host)}") from None
-    return ListenAddr(str(ip), _port(port[1:]), socket.AF_INET6)
+    number = _port(port[1:])
+    # Both are refused by bind(2) on every host, so --check refuses them too.
+    if ip.ipv4_mapped is not None:  # a bracketed address gets an IPv6-only socket
+        raise ValueError(f"an IPv4-mapped address cannot be bound by an IPv6-only socket: "
+                         f"write {ip.ipv4_mapped}:{number}")
+    if ip.is_link_local and not ip.scope_id:
+        raise ValueError(f"a link-local address needs its interface: [{ip}%IFACE]:{number}")
+    return ListenAddr(str(ip), number, socket.AF_INET6)
 
 
 def _port(text: str) -> int:
@@ -181,7 +188,7 @@ def clash(addrs: Sequence[ListenAddr]) -> str | None:
         except ValueError:
             continue
         for other, other_ident in seen:
-            if ident[:2] == other_ident[:2]:
+            if ident == other_ident:
                 return f"{addr} is the same socket as {other}"
             if _overlap(ident, other_ident):
                 return f"{addr} and {other} overlap: a wildcard address takes the port on every address"

@@ -74,6 +74,9 @@ BAD = [
     ('[server]\nlisten = ["127.0.0.1:2525", "127.1:2525"]\n', "server.listen", "same socket"),
     ('[server]\nlisten = ["0.0.0.0:2525", "127.0.0.2:2525"]\n', "server.listen", "overlap"),
     ('[server]\nlisten = ["127.0.0.2:2525", "2525"]\n', "server.listen", "overlap"),
+    # One dual-stack, one IPv6-only: they clash, but are not the same socket.
+    ('[server]\nlisten = ["2525", "[::]:2525"]\n', "server.listen",
+     "[::]:2525 and :2525 overlap: a wildcard address"),
     ('[server]\nhostname = "mx example"\n', "server.hostname", "domain name"),
     ('[server]\nhostname = ""\n', "server.hostname", "domain name"),
     ('[server]\nhostname = "[foo]"\n', "server.hostname", "address literal"),
@@ -105,6 +108,14 @@ BAD = [
     ('[limits]\nbare_newline = "strip"\n', "limits.bare_newline", 'one of "reject", "normalize"'),
     ('[limits]\nnormalize_networks = ["10.0.0.0/33"]\n', "limits.normalize_networks", "CIDR"),
     ('[limits]\nnormalize_networks = ["example.test"]\n', "limits.normalize_networks", "CIDR"),
+    # Networks no client falls in: an IPv4 client is matched by its IPv4 form, and the
+    # address accept(2) gives has no zone.
+    ('[limits]\nnormalize_networks = ["::ffff:127.0.0.0/104"]\n', "limits.normalize_networks",
+     '"::ffff:127.0.0.0/104": IPv4 clients are matched by their IPv4 address: write 127.0.0.0/8'),
+    ('[limits]\nnormalize_networks = ["::/0", "::ffff:0:0/96"]\n', "limits.normalize_networks",
+     '"::ffff:0:0/96": IPv4 clients are matched by their IPv4 address: write 0.0.0.0/0'),
+    ('[limits]\nnormalize_networks = ["fe80::%lo/64"]\n', "limits.normalize_networks",
+     '"fe80::%lo/64": a zone is never matched'),
     ('[limits]\nstress_max_errors = 0\n', "limits.stress_max_errors", ">= 1"),
     ('[timeouts]\ncommand = 0\n', "timeouts.command", "> 0"),
     ('[timeouts]\ndata_block = -1\n', "timeouts.data_block", "> 0"),

@@ -73,6 +73,11 @@ def test_parse_forms(text: str, host: str, port: int, family: int, shown: str) -
         ("[127.0.0.1]:25", "not an IPv6 address"),
         ("[]:25", "not an IPv6 address"),
         ("[::1]:0", "out of range"),
+        # Refused by bind(2) on every host: an IPv6-only socket takes no IPv4 client,
+        # and a link-local address is ambiguous without its interface.
+        ("[::ffff:127.0.0.1]:25", "IPv4-mapped address cannot be bound by an IPv6-only "
+                                  "socket: write 127.0.0.1:25"),
+        ("[fe80::1]:25", "link-local address needs its interface: [fe80::1%IFACE]:25"),
     ],
 )
 def test_parse_refusals(text: str, reason: str) -> None:

@@ -398,7 +398,7 @@ def test_normalize_still_limits_line_length():
     (b"a\r\n..\r\nb\r\n", b"a\n.\nb\n"),
     (b"a.b\r\n", b"a.b\n"),
     (b"a..\r\n", b"a..\n"),
-    (b" .x\r\n", b" .x\n"),
+    (b"a\r\n .x\r\n", b"a\n .x\n"),
     (b"..\r\n..\r\n..\r\n", b".\n.\n.\n"),
     (b"\r\n..\r\n", b"\n.\n"),
 ])
@@ -610,6 +610,43 @@ def test_received_counting_stops_after_the_header_scan_limit():
 def test_custom_received_limit():
     assert read(headers(2) + b"\r\nb\r\n" + END, max_received=3).error is None
     assert read(headers(3) + b"\r\nb\r\n" + END, max_received=3).error == R.R554_LOOP
+
+
+# -- a first line that would continue the server's Received: field ----------------------------------
+
+@pytest.mark.parametrize("data", [
+    b" leading-space: continued?\r\nSubject: x\r\n\r\nbody\r\n",
+    b"\tfrom evil (authenticated)\r\n\r\nbody\r\n",
+    b" \r\n",
+    b".. x\r\n"[1:],               # ". x" sent unstuffed: the dot is taken for transparency
+    b"\t" + b"x" * 70000 + b"\r\n",  # over the line limit too: whichever comes first
+], ids=["space", "tab", "blank", "unstuffed-dot", "long"])
+def test_a_message_whose_first_line_begins_with_white_space_is_refused(data):
+    """Stored after the trace fields, it would continue the server's Received: field
+    (RFC 5322 2.2.3), so a client could write into the server's trace."""
+    short = data[:40] if data[:40].endswith(b"\r\n") else data[:40] + b"\r\n"
+    for pieces in [[data + END]] + list(splits(short + END, 2)):
+        r = Read(pieces)
+        assert r.done and r.text == b"", pieces
+        assert r.error in (R.R554_FOLDED_START, R.R554_LINE_TOO_LONG), pieces
+    assert read(short + END).error == R.R554_FOLDED_START
+    assert read(short + END, normalize=True).error == R.R554_FOLDED_START
+
+
+@pytest.mark.parametrize("data", [
+    b"Subject: x\r\n folded\r\n\r\n body starts with a space\r\n",
+    b"\r\n body without headers\r\n",   # the blank line ends the (empty) header section
+    b".. x\r\n",                        # stuffed: stored as ". x"
+    b"x\r\n\t\r\n",
+])
+def test_white_space_after_the_first_octet_is_stored_as_sent(data):
+    assert read(data + END).error is None
+    for pieces in splits(data + END, 2):
+        assert Read(pieces).error is None, pieces
+
+
+def test_a_message_too_big_and_folded_at_its_start_gets_552():
+    assert read(b" x\r\n" + b"y" * 90 + b"\r\n" + END, max_size=50).error == R.R552_TOO_BIG
 
 
 # -- memory bound -------------------------------------------------------------------------------------

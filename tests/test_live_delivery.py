@@ -507,6 +507,22 @@ def test_mail_loop_detection(daemon):
     assert len(daemon.new_messages()) == 2
 
 
+def test_a_message_that_would_continue_the_received_field_is_refused(daemon):
+    """Its first line, after the server's trace fields, would read as more of the server's
+    Received: field: readers (Dovecot, Python's email) take it so."""
+    with connect(daemon) as client:
+        client.mail(SENDER)
+        client.rcpt("rcpt@example.test")
+        code, text = client.data(b" (authenticated as admin)\r\nSubject: x\r\n\r\nbody\r\n")
+        assert (code, text) == (554, b"5.6.0 Message refused: first line begins with white "
+                                      b"space (a header continuation)")
+        assert daemon.new_messages() == []
+        ok = b"Subject: x\r\n (folded)\r\n\r\n body\r\n"
+        assert client.sendmail(SENDER, ["rcpt@example.test"], ok) == {}
+    fields, rest = split_trace(only_message(daemon.maildir))
+    assert rest == ok.replace(b"\r\n", b"\n")
+
+
 # -- 8BITMIME / SMTPUTF8 ---------------------------------------------------------------------
 
 def test_extensions_advertised(daemon):

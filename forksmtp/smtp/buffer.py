@@ -263,7 +263,7 @@ class DataReader:
     """
 
     __slots__ = ("_pending", "_midline", "_carry", "_max_size", "_max_received", "_normalize",
-                 "size", "error", "_in_headers", "_received")
+                 "size", "error", "_in_headers", "_received", "_at_start")
 
     def __init__(self, max_size: int, max_received: int = 100, normalize: bool = False) -> None:
         self._pending = b""
@@ -282,6 +282,7 @@ class DataReader:
         self.error: R.Reply | None = None
         self._in_headers = True
         self._received = 0
+        self._at_start = True  # no text of the message stored yet
 
     def feed(self, data: bytes) -> tuple[bytes, bool, bytes]:
         buf = self._pending + data if self._pending else data
@@ -405,6 +406,17 @@ class DataReader:
         if long or (long is None and _has_long_line(text, self._carry)):
             self._fail(R.R554_LINE_TOO_LONG)
             return b""
+        if self._at_start and text:
+            self._at_start = False
+            first = text[:1]
+            if first == b" " or first == b"\t":
+                # Stored after our own trace fields, a first line that starts with white
+                # space would continue our Received: field (RFC 5322 2.2.3): the client
+                # would write into the server's trace.  Postfix inserts an empty line
+                # before it, which turns the headers into body; the message is stored
+                # exactly as sent here or not at all.
+                self._fail(R.R554_FOLDED_START)
+                return b""
         if self._in_headers:
             self._scan_headers(text)
         return text

@@ -121,6 +121,8 @@ R552_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message s
 R553_NON_ASCII = Reply(553, "5.6.7", "Non-ASCII address not permitted without SMTPUTF8")
 R554_LINE_TOO_LONG = Reply(554, "5.6.0", "Message refused: text line longer than 1000 octets")
 R554_LOOP = Reply(554, "5.4.6", "Too many hops: mail loop detected")
+R554_FOLDED_START = Reply(554, "5.6.0", "Message refused: first line begins with white space "
+                                        "(a header continuation)")
 R554_SYNC = Reply(554, "5.5.0", "SMTP protocol synchronization error")
 R555_UNKNOWN_PARAM = Reply(555, "5.5.4", "Unsupported parameter")
 

@@ -355,6 +355,13 @@ def _mailboxes(table: dict, file: str, base: str, storage: bool = True) -> Mappi
     return MappingProxyType(boxes)
 
 
+def _addresses(mailboxes: Mapping[str, str]) -> int:
+    """How many addresses ``mailboxes`` routes, an internationalised domain's two
+    spellings (both keys of the table) counted as the one address they are."""
+    return len({frozenset({key, *(f"{local}@{other}" for other in _other_spelling(domain))})
+                for key in mailboxes for local, _, domain in [key.rpartition("@")]})
+
+
 def source_of(cfg: Config, key: str, overrides: Mapping[str, object] | None) -> str:
     """Where the value of ``key`` came from, as errors name it: the command line when a
     flag set it, else the config file as the operator named it (or the built-in
@@ -449,7 +456,8 @@ def summary(cfg: Config) -> str:
         f"maildir {d.maildir}",
     ]
     if d.mailboxes:
-        parts.append(f"{len(d.mailboxes)} mailboxes")
+        n = _addresses(d.mailboxes)
+        parts.append(f"{n} mailbox{'es' if n != 1 else ''}")
     if cfg.tls:
         implicit = " ".join(str(a) for a in cfg.tls.implicit_listen)
         parts.append("TLS" + (f" (implicit {implicit})" if implicit else ""))

@@ -174,6 +174,21 @@ def _quoted(name: str) -> str:
                          else c.encode("unicode_escape").decode("ascii") for c in name) + "'"
 
 
+#: A reset seen by the handshake: ENOTCONN where it came before the socket was wrapped.
+_RESET_ERRNOS: Final = frozenset({errno.ECONNRESET, errno.ENOTCONN, errno.EPIPE, errno.ECONNABORTED})
+
+
+def _os_reason(exc: Exception) -> str:
+    """An error the handshake met, as the log shows it: one wording for a client that
+    reset the connection, whichever call saw it; the system's text without Python's
+    ``[Errno N]``."""
+    if isinstance(exc, OSError) and exc.errno in _RESET_ERRNOS:
+        return "connection reset by the client"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
 class Stop(Exception):
     """The worker must stop now (SIGQUIT or the master died): 421 and close."""
 
@@ -350,7 +365,7 @@ class Connection:
         return True
 
     def _tls_failed(self, exc: Exception) -> bool:
-        reason = getattr(exc, "reason", None) or exc
+        reason = getattr(exc, "reason", None) or _os_reason(exc)
         self.close_reason = f"TLS handshake failed: {reason}"
         self.log.queue("TLS", f"{self.peer_ip} handshake failed: {reason}", WARNING)
         self.worker.count_tls(False)

@@ -470,6 +470,20 @@ required = true
     line = summary(cfg)
     assert line.startswith(f"config OK: {path}: listen :2525 [::1]:2526, 2 workers")
     assert str(root / "var" / "Maildir") in line and "TLS" in line and "AUTH required" in line
+    assert ", 1 mailbox," in line
+
+
+@pytest.mark.parametrize("boxes, shown", [
+    ({"a@example.test": "a"}, "1 mailbox"),
+    ({"a@example.test": "a", "b@example.test": "a"}, "2 mailboxes"),
+    # One address, routed under both spellings of its domain: one mailbox.
+    ({"jörg@dést.test": "j"}, "1 mailbox"),
+    ({"jörg@dést.test": "j", "jörg@xn--dst-bma.test": "j", "b@xn--dst-bma.test": "b"}, "2 mailboxes"),
+])
+def test_the_summary_counts_each_address_once(etc: Path, boxes: dict, shown: str) -> None:
+    table = "".join(f'"{address}" = "{path}"\n' for address, path in boxes.items())
+    line = summary(load_config(str(write(etc, f"[mailboxes]\n{table}"))))
+    assert f", {shown}" in line and f", {shown}es" not in line, line
 
 
 def test_overrides_replace_file_values(etc: Path) -> None:

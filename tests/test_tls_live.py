@@ -21,6 +21,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -31,7 +32,7 @@ import psutil
 import pytest
 
 import tls_certs
-from daemon import (SYSCALL_NR, Daemon, connect, free_port, in_any_syscall, read_reply, read_to_close,
+from daemon import (SYSCALL_NR, Daemon, RawSMTP, connect, free_port, in_any_syscall, read_reply, read_to_close,
                     request_stats, serving_worker, shown, wait_until, write_config)
 from forksmtp import auth
 from forksmtp.tls import expiry_warning
@@ -361,8 +362,8 @@ def test_starttls_twice_is_503(server, certs):
         assert client.noop()[0] == 250  # still the same TLS session
 
 
-@pytest.mark.parametrize("after_220", [b"EHLO plaintext\r\nMAIL FROM:<x@y.example>\r\n", b""],
-                         ids=["plaintext", "eof"])
+@pytest.mark.parametrize("after_220", [b"EHLO plaintext\r\nMAIL FROM:<x@y.example>\r\n", b"", None],
+                         ids=["plaintext", "eof", "reset"])
 def test_failed_handshake_closes_only_that_session(server, certs, after_220):
     seen = server.log_text().count("handshake failed")
     sock = connect(server.port, timeout=TIMEOUT)
@@ -373,17 +374,23 @@ def test_failed_handshake_closes_only_that_session(server, certs, after_220):
         read_reply(sock)
         sock.sendall(b"STARTTLS\r\n")
         assert read_reply(sock).startswith(b"220 2.0.0")
-        if after_220:
+        if after_220 is None:  # a reset, which the server may meet before or in the handshake
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif after_220:
             sock.sendall(after_220)  # not a ClientHello
         else:
             sock.shutdown(socket.SHUT_WR)
-        data = replies_until_eof(sock)
-        assert not re.search(rb"(^|\n)[2-5]\d\d[ -]", data), data  # no SMTP reply, only EOF (or an alert)
+        if after_220 is not None:
+            data = replies_until_eof(sock)
+            assert not re.search(rb"(^|\n)[2-5]\d\d[ -]", data), data  # no SMTP reply, only EOF (or an alert)
     finally:
         sock.close()
     text = wait_log_count(server, "handshake failed", seen + 1)
     failed = [line for line in text.splitlines() if "[TLS]" in line and "handshake failed" in line]
     assert re.search(r"\[TLS\] 127\.0\.0\.1 handshake failed: \S+", failed[-1]), failed
+    assert "[Errno" not in failed[-1]
+    if after_220 is None:
+        assert failed[-1].endswith("handshake failed: connection reset by the client"), failed
     assert re.search(r"\[CLOSE\] 127\.0\.0\.1 TLS handshake failed: \S+", text)  # the reason again
     with starttls_client(server, certs) as client:  # the server goes on serving
         assert client.login("alice", PASSWORD)[0] == 235
@@ -1359,3 +1366,48 @@ def test_stats_count_tls_and_auth_outcomes(daemon_factory, certs, tmp_path):
     assert stats["tls"] == {"handshakes": 2, "failed": 1}
     # smtplib's login() tries PLAIN, then LOGIN: two failed attempts.
     assert stats["auth"] == {"succeeded": 1, "failed": 2}
+
+
+def new_imports(stderr) -> list[str]:
+    """The ``-X importtime`` lines the daemon has written to ``stderr`` since the last call."""
+    out = b""
+    while select.select([stderr], [], [], 0)[0]:
+        chunk = os.read(stderr.fileno(), 65536)
+        if not chunk:
+            break
+        out += chunk
+    return [line for line in out.decode(errors="replace").splitlines() if line.startswith("import time:")]
+
+
+def test_a_worker_loads_nothing_after_its_privilege_drop(certs, tmp_path, monkeypatch):
+    """A worker runs as ``server.user``, who may be unable to read the interpreter's own
+    library (a Python installed under /root, mode 0700).  A module it imported, or a codec
+    it looked up, only when a session first needed it would then crash it at that
+    session, and at every retry of the same mail.  So every session's path is loaded by
+    the master before it forks: with PYTHONPROFILEIMPORTTIME, CPython reports each
+    import, and a worker serving every such path reports none."""
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    d = Daemon(tmp_path, workers=1, sections=tls_sections(certs, pw))
+    d.start()
+    try:
+        with smtplib.SMTP(HOST, d.port, timeout=TIMEOUT) as warm:  # the worker set up
+            warm.noop()
+        assert new_imports(d.proc.stderr), "the start was not reported: nothing to compare"
+        raw = RawSMTP(d.port)
+        for line, code in [(b"XYZZY \xff\x01", 501), ("EHLO bücher.example".encode(), 250),
+                           (b"MAIL FROM:<\"a b\\\"c\"@example.org>", 250),
+                           (b"RCPT TO:<\x01@example.test>", 501), (b"RCPT TO:<r@example.test>", 250),
+                           (b"DATA", 354), (b"Subject: x\r\n\r\nx\r\n.", 250), (b"QUIT", 221)]:
+            assert raw.command(line) == code, line
+        raw.sock.close()
+        with starttls_client(d, certs) as client:
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login("x\x01y", "wrong")
+            client.login("alice", PASSWORD)
+            client.sendmail("a@example.org", ["ü@bücher.example"], "Subject: x\r\n\r\nü\r\n".encode(),
+                            mail_options=["SMTPUTF8"])
+        stored_since(d, set(), 2)
+        assert new_imports(d.proc.stderr) == []
+    finally:
+        d.stop()

@@ -300,14 +300,16 @@ def _networks(values: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _matchable(written: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> None:
-    """Refuse a network no client address can fall in, rather than let it match no one:
-    an IPv4 client of a dual-stack socket is matched by its IPv4 form, and the address
-    accept(2) gives carries no zone."""
+    """Refuse a network that would not match what it says: an IPv4 client of a
+    dual-stack socket is matched by its IPv4 form, so an IPv4-mapped network matches no
+    one; the address accept(2) gives carries no zone, so a zone would be ignored and its
+    network matched on every interface."""
     if not isinstance(net, ipaddress.IPv6Network):
         return
     if net.network_address.scope_id:
-        raise ValueError(f"{toml_string(written)}: a zone is never matched: "
-                         f"clients are matched by address alone")
+        unzoned = ipaddress.ip_network(f"{str(net.network_address).partition('%')[0]}/{net.prefixlen}")
+        raise ValueError(f"{toml_string(written)}: a zone cannot be matched: clients are matched "
+                         f"by address alone, on every interface: write {unzoned}")
     mapped = net.network_address.ipv4_mapped
     if mapped is not None and net.prefixlen >= 96:
         raise ValueError(f"{toml_string(written)}: IPv4 clients are matched by their IPv4 "

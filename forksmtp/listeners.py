@@ -87,8 +87,9 @@ def _parse_bracketed(text: str) -> ListenAddr:
     if ip.ipv4_mapped is not None:  # a bracketed address gets an IPv6-only socket
         raise ValueError(f"an IPv4-mapped address cannot be bound by an IPv6-only socket: "
                          f"write {ip.ipv4_mapped}:{number}")
-    if ip.is_link_local and not ip.scope_id:
-        raise ValueError(f"a link-local address needs its interface: [{ip}%IFACE]:{number}")
+    if ip.is_link_local and ip.scope_id in (None, "0"):  # interface 0 is none
+        bare = str(ip).partition("%")[0]
+        raise ValueError(f"a link-local address needs its interface: [{bare}%IFACE]:{number}")
     return ListenAddr(str(ip), number, socket.AF_INET6)
 
 

@@ -115,7 +115,8 @@ BAD = [
     ('[limits]\nnormalize_networks = ["::/0", "::ffff:0:0/96"]\n', "limits.normalize_networks",
      '"::ffff:0:0/96": IPv4 clients are matched by their IPv4 address: write 0.0.0.0/0'),
     ('[limits]\nnormalize_networks = ["fe80::%lo/64"]\n', "limits.normalize_networks",
-     '"fe80::%lo/64": a zone is never matched'),
+     '"fe80::%lo/64": a zone cannot be matched: clients are matched by address alone, '
+     'on every interface: write fe80::/64'),
     ('[limits]\nstress_max_errors = 0\n', "limits.stress_max_errors", ">= 1"),
     ('[timeouts]\ncommand = 0\n', "timeouts.command", "> 0"),
     ('[timeouts]\ndata_block = -1\n', "timeouts.data_block", "> 0"),

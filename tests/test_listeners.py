@@ -78,6 +78,7 @@ def test_parse_forms(text: str, host: str, port: int, family: int, shown: str) -
         ("[::ffff:127.0.0.1]:25", "IPv4-mapped address cannot be bound by an IPv6-only "
                                   "socket: write 127.0.0.1:25"),
         ("[fe80::1]:25", "link-local address needs its interface: [fe80::1%IFACE]:25"),
+        ("[fe80::1%0]:25", "link-local address needs its interface: [fe80::1%IFACE]:25"),
     ],
 )
 def test_parse_refusals(text: str, reason: str) -> None:

@@ -33,7 +33,7 @@ import pytest
 
 import tls_certs
 from daemon import (SYSCALL_NR, Daemon, RawSMTP, connect, free_port, in_any_syscall, read_reply, read_to_close,
-                    request_stats, serving_worker, shown, wait_until, write_config)
+                    request_stats, serving_worker, shown, wait_until, worker_states, write_config)
 from forksmtp import auth
 from forksmtp.tls import expiry_warning
 
@@ -1385,15 +1385,17 @@ def test_a_worker_loads_nothing_after_its_privilege_drop(certs, tmp_path, monkey
     it looked up, only when a session first needed it would then crash it at that
     session, and at every retry of the same mail.  So every session's path is loaded by
     the master before it forks: with PYTHONPROFILEIMPORTTIME, CPython reports each
-    import, and a worker serving every such path reports none."""
+    import statement's import, and a worker serving every such path, from its first
+    session to its last line, reports none."""
     monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
     pw = password_file(tmp_path / "passwd", alice=PASSWORD)
     d = Daemon(tmp_path, workers=1, sections=tls_sections(certs, pw))
     d.start()
     try:
-        with smtplib.SMTP(HOST, d.port, timeout=TIMEOUT) as warm:  # the worker set up
-            warm.noop()
+        wait_until(lambda: set(worker_states(request_stats(d))) == {"idle"}, TIMEOUT, what="the worker ready")
         assert new_imports(d.proc.stderr), "the start was not reported: nothing to compare"
+        with smtplib.SMTP(HOST, d.port, timeout=TIMEOUT) as first:
+            first.noop()
         raw = RawSMTP(d.port)
         for line, code in [(b"XYZZY \xff\x01", 501), ("EHLO bücher.example".encode(), 250),
                            (b"MAIL FROM:<\"a b\\\"c\"@example.org>", 250),
@@ -1408,6 +1410,9 @@ def test_a_worker_loads_nothing_after_its_privilege_drop(certs, tmp_path, monkey
             client.sendmail("a@example.org", ["ü@bücher.example"], "Subject: x\r\n\r\nü\r\n".encode(),
                             mail_options=["SMTPUTF8"])
         stored_since(d, set(), 2)
+        d.wait_for_log("[CLOSE] ", TIMEOUT, count=3)
+        wait_until(lambda: set(worker_states(request_stats(d))) == {"idle"}, TIMEOUT,
+                   what="the worker back in its accept loop")  # the sessions' last steps taken
         assert new_imports(d.proc.stderr) == []
     finally:
         d.stop()

@@ -689,27 +689,32 @@ class Arbiter:
 
     def reload(self) -> None:
         """Parse, open and bind everything new first; touch nothing running until all of
-        it worked.  The listening sockets come last: a failure after them would leave a
-        new address bound with no worker to serve it."""
+        it worked, and undo what it did if any of it failed: the new log file, sockets
+        and pidfile are let go.  The Maildirs come last, as what prepare makes and hands
+        to the workers' user is not taken back: a reload that fails before them (an
+        address in use, a pidfile held) leaves them as they were."""
         log_fd = -1
-        log_created = False
+        log_created = wrote_pidfile = False
         opened: dict = {}
         try:
             new = config_mod.load_config(self.cfg.path or None, self.overrides, mailbox_storage=False,
                                          shown_as=self.cfg.name)
             context, passwords = load_security(new)
             ids = self._worker_ids(new)
-            maildirs.prepare(new, self.log, ids)
             log_created = bool(new.log.file) and not os.path.lexists(new.log.file)
             log_fd = _named_key(new, self.overrides, "log.file", Log.open_file)
             opened = self._open_new_sockets(new)
-            # Last: a pidfile another live process holds fails the reload, the old one kept.
+            # A pidfile another live process holds fails the reload, the old one kept.
             moved_pidfile = new.server.pidfile != self.cfg.server.pidfile
             if moved_pidfile and new.server.pidfile:
                 _named_key(new, self.overrides, "server.pidfile", process.write_pidfile)
+                wrote_pidfile = True
+            maildirs.prepare(new, self.log, ids)
         except BaseException as exc:
             if log_fd >= 0:
                 Log.discard(new.log.file, log_fd, log_created)
+            if wrote_pidfile:
+                process.remove_pidfile(new.server.pidfile)
             running = set(map(id, self.sockets.values()))
             for sock in opened.values():
                 if id(sock) not in running:  # bound by this reload: let go again

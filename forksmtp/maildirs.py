@@ -35,7 +35,9 @@ def prepare(cfg, log: Log, ids: Ids) -> None:
     file system under one user's Maildir must not stop a certificate's reload, or the
     server from starting after a reboot."""
     keys = config_mod.maildir_keys(cfg.delivery)
-    for path in sorted(keys):
+    # The catch-all first: its failure stops the start or the reload before any
+    # mailbox's Maildir is made or said to be broken.
+    for path in sorted(keys, key=lambda p: (p != cfg.delivery.maildir, p)):
         error = make(path, cfg, log, ids)[1]
         try:
             if error is not None:

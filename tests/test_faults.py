@@ -32,7 +32,7 @@ import pytest
 
 from daemon import (Ledger, RawSMTP, assert_nothing_left_in_tmp, connection_refused, free_port,
                     ledger_client, ledger_message, line_pid, open_tmp_files, run_clients, send_message,
-                    serving_worker, wait_until, worker_pids, write_config)
+                    request_stats, serving_worker, wait_until, worker_pids, write_config)
 from forksmtp.maildir import escape_host
 
 EHLO = b"EHLO client.example"
@@ -181,6 +181,42 @@ def full_disk_daemon(small_tmpfs, daemon_factory):
     filler = small_tmpfs / "filler"
     fill(filler)
     return d, md, filler
+
+
+def use_up_inodes(directory: Path) -> None:
+    """Create empty files until the filesystem has no inode left."""
+    for i in range(100_000):  # bounded: the small tmpfs has 512
+        try:
+            (directory / f"inode-{i}").touch()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            return
+    raise AssertionError("the filesystem never ran out of inodes")
+
+
+def test_a_reload_whose_catch_all_cannot_be_made_lets_go_of_all_it_took(small_tmpfs, daemon_factory, tmp_path):
+    """The Maildirs are a reload's last step: when the new catch-all cannot be made (no
+    inode left, which the config's check cannot see), the pidfile and the address the
+    reload took are let go again, and no mailbox's Maildir was made before it (the
+    catch-all goes first)."""
+    d = daemon_factory(workers=1)
+    filler = small_tmpfs / "filler"
+    filler.mkdir()
+    use_up_inodes(filler)
+    pidfile, new_box, port = tmp_path / "new.pid", tmp_path / "new-box", free_port()
+    d.sections["delivery"]["maildir"] = str(small_tmpfs / "Maildir")
+    d.sections["mailboxes"] = {"box@example.test": str(new_box)}
+    d.sections["server"].update(pidfile=str(pidfile), listen=[f"127.0.0.1:{d.port}", f"127.0.0.1:{port}"])
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    text = d.wait_for_log("reload failed", 10)
+    (line,) = [line for line in text.splitlines() if "reload failed" in line]
+    assert 'delivery.maildir = "' in line  # the value may be shown cut short
+    assert line.endswith(f'cannot make the Maildir: {small_tmpfs / "Maildir"}: No space left on device'), line
+    assert not pidfile.exists() and not new_box.exists()
+    assert connection_refused(port)
+    assert request_stats(d)["config_generation"] == 1
+    assert deliver_one(d.port, "after the failed reload")[0] == 250
 
 
 def assert_error_logged_in_order(d, mark: int, what: str, reply: str) -> None:

@@ -250,23 +250,42 @@ def test_hup_with_a_config_that_is_no_config_file_keeps_running(daemon_factory, 
     assert request_stats(d)["config_generation"] == 2
 
 
-def test_hup_adding_an_address_in_use_names_the_file_and_the_key(daemon_factory):
-    """A bind that fails is the config's problem to the operator: the failure names the
-    file and the key, as an invalid value does, and the old config serves on."""
+@pytest.mark.parametrize("fails_at", ["listen", "pidfile"])
+def test_a_failed_reload_names_the_file_and_the_key_and_makes_no_maildir(daemon_factory, tmp_path, fails_at):
+    """A bind that fails, or a pidfile another process holds, is the config's problem to
+    the operator: the failure names the file and the key, as an invalid value does, and
+    the old config serves on.  Nothing of the new config is left behind: its Maildirs,
+    which a reload would make and hand to the workers' user, were made (and a missing
+    one reported) before those steps, and stayed made and handed over."""
     d = daemon_factory(workers=1)
+    pidfile = tmp_path / "new.pid"
+    pidfile.write_text(f"{os.getpid()}\n")  # a live process's
+    new_maildir, new_box = tmp_path / "new-catch-all", tmp_path / "new-box"
+    d.sections["delivery"]["maildir"] = str(new_maildir)
+    d.sections["mailboxes"] = {"box@example.test": str(new_box)}
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         busy = holder.getsockname()[1]
-        d.sections["server"]["listen"] = [f"127.0.0.1:{d.port}", f"127.0.0.1:{busy}"]
+        if fails_at == "listen":
+            d.sections["server"]["listen"] = [f"127.0.0.1:{d.port}", f"127.0.0.1:{busy}"]
+            said = f"server.listen: cannot listen on 127.0.0.1:{busy}: Address already in use"
+        else:
+            d.sections["server"]["pidfile"] = str(pidfile)
+            said = f"pidfile {pidfile} is held by running process {os.getpid()}"
         d.write_config()
         d.signal(signal.SIGHUP)
         text = d.wait_for_log("reload failed", 10)
     (line,) = [line for line in text.splitlines() if "reload failed" in line]
-    assert line.endswith(f"[RELOAD] reload failed, keeping the running configuration: {d.config_path}: "
-                         f"server.listen: cannot listen on 127.0.0.1:{busy}: Address already in use"), line
+    # (a long value is shown cut short: the key, then the problem in full)
+    assert f"[RELOAD] reload failed, keeping the running configuration: {d.config_path}: " in line
+    assert f"server.{fails_at}" in line and line.endswith(said), line
     assert request_stats(d)["config_generation"] == 1
+    assert not new_maildir.exists() and not new_box.exists()
+    assert "[STORE]" not in d.log_text()
+    assert pidfile.read_text() == f"{os.getpid()}\n"
     send_message(d.port)
+    assert len(d.new_messages()) == 1  # in the running config's Maildir
 
 
 def test_hup_retires_workers_idle_for_longer_than_the_stuck_limit_gracefully(daemon_factory):

@@ -69,7 +69,9 @@ def _load(ctx: ssl.SSLContext, cert_name: str, key_name: str, tls_cfg) -> None:
                        "give an unencrypted key readable only by forksmtp") from None
     except ssl.SSLError as exc:
         key, path = _at_fault(cert_name, tls_cfg)
-        raise TLSError(key, f"{path}: certificate and key do not load together: {exc.reason or exc}") from None
+        what = ("holds no certificate in PEM form" if key == "tls.cert_file" else
+                "is not the certificate's private key in PEM form")
+        raise TLSError(key, f"{path}: {what} (OpenSSL: {exc.reason or exc})") from None
     except OSError as exc:  # gone since it was opened, where /proc is missing
         key, path = _at_fault(cert_name, tls_cfg)
         raise TLSError(key, f"{path}: {exc.strerror or exc}") from None

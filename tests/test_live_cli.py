@@ -328,8 +328,8 @@ def test_a_file_the_config_names_that_does_not_load_is_named_by_key_and_value(tm
                                  f"-f {tmp_path}/missing-pw)",
         "bad-password-line": f"{tmp_path}/pw: line 1: expected scrypt$<log2 N>$<r>$<p>$<salt>$<key>, "
                              "got 1 field separated by '$'",
-        "junk-certificate": f"{tmp_path}/junk.pem: certificate and key do not load together: "
-                            f"{_openssl_says(tmp_path / 'junk.pem', tmp_path / 'junk.pem')}",
+        "junk-certificate": f"{tmp_path}/junk.pem: holds no certificate in PEM form (OpenSSL: "
+                            f"{_openssl_says(tmp_path / 'junk.pem', tmp_path / 'junk.pem')})",
     }[case]
     key = "auth.password_file" if section == "auth" else "tls.cert_file"
     line = f'forksmtp: f.toml: {key} = "{value}": {problem}\n'

@@ -1026,6 +1026,12 @@ def test_check_names_the_bad_key(certs, tmp_path, case, expected_key):
     assert expected_key in err and f"{case}.toml" in err, err
     other = {"tls.cert_file": "tls.key_file", "tls.key_file": "tls.cert_file"}[expected_key]
     assert other not in err, err
+    said = {"missing-cert": "No such file", "missing-key": "No such file",
+            "encrypted-key": "encrypted with a pass phrase",
+            "garbage-cert": "holds no certificate in PEM form (OpenSSL: ",
+            "key-as-cert": "holds no certificate in PEM form (OpenSSL: "}.get(
+        case, "is not the certificate's private key in PEM form (OpenSSL: ")
+    assert said in err, err
 
 
 def test_check_with_an_encrypted_key_never_prompts_on_a_terminal(certs, tmp_path):

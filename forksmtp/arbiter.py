@@ -627,7 +627,7 @@ class Arbiter:
         # retirement) included: that mark sticks for the rest of their sessions, and
         # counting states alone turned stress off while every worker was still busy.
         busy = sum(1 for s in snap.slots if s.in_session)
-        over = limits.in_stress(busy, self._ceiling(), self.cfg.server.stress_threshold)
+        over = limits.in_stress(busy, self._most_sessions(), self.cfg.server.stress_threshold)
         stress = self.stress.decide(over, snap.stress, now)
         if stress != snap.stress:
             self.board.set_stress(stress)
@@ -639,6 +639,13 @@ class Arbiter:
         The pool's plan stops there too; the master answers 421 from there, where at the
         configured figure it would leave clients waiting silently in the backlog."""
         return min(self.cfg.server.max_workers, self.board.nslots)
+
+    def _most_sessions(self) -> int:
+        """The most sessions there can be at once, which stress_threshold is a share of:
+        the pool's ceiling, or max_connections where that is lower.  Of max_workers
+        alone, the defaults (0.8 of 64 workers, 52, with sessions held to 50) could
+        never switch stress on."""
+        return min(self._ceiling(), self.cfg.server.max_connections)
 
     def _clients_waiting(self) -> bool:
         """Whether a client waits in a listen queue (a poll, which takes nothing from it)."""

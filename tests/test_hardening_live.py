@@ -303,6 +303,23 @@ def test_stress_mode_lowers_the_error_limit_and_says_so(daemon_factory):
         assert read_reply(s).startswith(b"250 ")
 
 
+def test_stress_is_a_share_of_the_sessions_there_can_be(daemon_factory):
+    """With max_connections below max_workers, the threshold is a share of the sessions
+    there can be: as a share of max_workers (0.5 of 10, 5 busy), it was out of reach
+    with 4 sessions at most, as the defaults' 0.8 of 64 is with 50."""
+    d = daemon_factory(workers=2, server={"max_workers": 10, "max_connections": 4,
+                                          "stress_threshold": 0.5, "max_spare_workers": 4})
+    holders = [RawSMTP(d.port) for _ in range(2)]
+    try:
+        for h in holders:
+            assert h.command(b"EHLO holder.example") == 250
+        d.wait_for_log("[STRESS] stress mode on: 2 busy workers")
+        assert request_stats(d)["stress"] is True
+    finally:
+        for h in holders:
+            h.close()
+
+
 def test_a_load_hovering_at_the_stress_threshold_does_not_flap_the_mode(daemon_factory):
     """One session held and a second coming and going across several pool checks: stress
     mode comes on once and stays on, rather than a line (and a change of timeouts) at

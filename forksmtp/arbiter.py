@@ -172,6 +172,7 @@ class Arbiter:
         self.death_r, self.death_w = process.parent_death_pipe()
         process.set_title(self._title())
         connection.tune_for_big_reads()
+        process.load_session_codecs()
         gc.collect()
         gc.freeze()  # workers share the master's heap pages instead of copying them
 

@@ -3,6 +3,7 @@ reads or replaces, privilege drop, the parent-death pipe and readiness notificat
 
 from __future__ import annotations
 
+import codecs
 import errno
 import grp
 import os
@@ -288,6 +289,22 @@ def resolve_ids(user: str, group: str) -> tuple[int | None, int | None]:
     if group:
         gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
     return uid, gid
+
+
+#: The codecs a session may use beyond those built into the interpreter (UTF-8, ASCII,
+#: Latin-1): the escapes of logged text (sessionlog, connection), the Punycode of an
+#: internationalised label (commands) and IDNA (trace).
+SESSION_CODECS = ("unicode_escape", "punycode", "idna")
+
+
+def load_session_codecs() -> None:
+    """Look up SESSION_CODECS in the master, before it forks: a worker runs as
+    server.user, who may be unable to read the interpreter's library (a Python built
+    under /root), and a codec first looked up there would crash it at that session, and
+    at every retry of the same mail.  Looked up once, a codec stays in the interpreter's
+    cache, which the workers inherit."""
+    for name in SESSION_CODECS:
+        codecs.lookup(name)
 
 
 def drop_privileges(uid: int | None, gid: int | None) -> None:

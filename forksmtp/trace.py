@@ -9,14 +9,9 @@ Stored messages use LF line endings (the Maildir convention), so do these header
 
 from __future__ import annotations
 
-import codecs
 import re
 import time
 from typing import Final
-
-# Looked up now, at import in the master: a worker runs as server.user, who may be
-# unable to read the interpreter's library, so a codec first needed there would crash it.
-codecs.lookup("idna")
 
 # Beside the ASCII controls: the C1 controls (NEL, U+0085, among them) and the Unicode
 # line and paragraph separators, which end a line for some readers of stored mail

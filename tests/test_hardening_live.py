@@ -7,6 +7,7 @@ the worker is free again, never about how fast it happened.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -271,15 +272,25 @@ def test_early_talkers_accepted_when_rejection_is_off(daemon_factory):
         assert read_reply(s).startswith(b"220 ")
 
 
+@contextlib.contextmanager
+def sessions_held(d, count: int):
+    """``count`` clients greeted and past EHLO, each holding a worker in its session."""
+    holders = [RawSMTP(d.port) for _ in range(count)]
+    try:
+        for h in holders:
+            assert h.command(b"EHLO holder.example") == 250
+        yield holders
+    finally:
+        for h in holders:
+            h.close()
+
+
 def test_stress_mode_lowers_the_error_limit_and_says_so(daemon_factory):
     """Half of max_workers busy switches stress on: one error ends a session."""
     d = daemon_factory(workers=2, server={"max_workers": 4, "stress_threshold": 0.5,
                                           "max_spare_workers": 4},
                        sections={"limits": {"stress_max_errors": 1}})
-    holders = [RawSMTP(d.port) for _ in range(2)]
-    try:
-        for h in holders:
-            assert h.command(b"EHLO holder.example") == 250
+    with sessions_held(d, 2):
         d.wait_for_log("[STRESS] stress mode on")
         assert request_stats(d)["stress"] is True
         with socket.create_connection((d.host, d.port), timeout=10) as s:
@@ -289,9 +300,6 @@ def test_stress_mode_lowers_the_error_limit_and_says_so(daemon_factory):
             if b"421" not in reply:
                 reply += read_reply(s)
             assert reply.startswith(b"500 ") and b"421 4.7.0 " in reply, reply
-    finally:
-        for h in holders:
-            h.close()
     d.wait_for_log("[STRESS] stress mode off", timeout=15)
     wait_until(lambda: request_stats(d)["stress"] is False, 10)
     # Out of stress, the normal error budget applies again.
@@ -309,15 +317,9 @@ def test_stress_is_a_share_of_the_sessions_there_can_be(daemon_factory):
     with 4 sessions at most, as the defaults' 0.8 of 64 is with 50."""
     d = daemon_factory(workers=2, server={"max_workers": 10, "max_connections": 4,
                                           "stress_threshold": 0.5, "max_spare_workers": 4})
-    holders = [RawSMTP(d.port) for _ in range(2)]
-    try:
-        for h in holders:
-            assert h.command(b"EHLO holder.example") == 250
+    with sessions_held(d, 2):
         d.wait_for_log("[STRESS] stress mode on: 2 busy workers")
         assert request_stats(d)["stress"] is True
-    finally:
-        for h in holders:
-            h.close()
 
 
 def test_a_load_hovering_at_the_stress_threshold_does_not_flap_the_mode(daemon_factory):

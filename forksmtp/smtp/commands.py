@@ -7,16 +7,11 @@ in effect (RFC 6531); otherwise they get 553 5.6.7.
 
 from __future__ import annotations
 
-import codecs
 import re
 from dataclasses import dataclass
 from typing import Final
 
 from . import replies as R
-
-# Looked up now, at import in the master: a worker runs as server.user, who may be
-# unable to read the interpreter's library, so a codec first needed there would crash it.
-codecs.lookup("punycode")
 
 MAX_PATH: Final = 256  # RFC 5321 4.5.3.1.3, including the angle brackets
 

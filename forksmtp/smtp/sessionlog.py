@@ -22,15 +22,10 @@ payload, never a control character.
 
 from __future__ import annotations
 
-import codecs
 import re
 from typing import Final
 
 from . import replies as R
-
-# Looked up now, at import in the master: a worker runs as server.user, who may be
-# unable to read the interpreter's library, so a codec first needed there would crash it.
-codecs.lookup("unicode_escape")
 
 #: Lines a session logs without condition: a transaction of 100 recipients takes 210.
 FREE_LINES: Final = 1000

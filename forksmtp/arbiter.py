@@ -33,7 +33,7 @@ from typing import Any
 
 from . import (config as config_mod, connection, limits, listeners, maildirs, pool, process,
                stats, tls)
-from .authlimit import AuthLimiter
+from .authlimit import AuthLimiter, cpu_count
 from .overflow import OverflowGuard
 from .security import Security, certificate_warning, listen_addresses, load_security
 from .logs import ALWAYS, Log
@@ -168,7 +168,7 @@ class Arbiter:
         nslots = 2 * cfg.server.max_workers + 16  # room for an old generation during reload
         self.board = Scoreboard.create(nslots)
         self.board.set_generation(self.generation)
-        self.auth_limiter = AuthLimiter(self.board)
+        self.auth_limiter = AuthLimiter(self.board, checks=_auth_checks(cfg))
         self.death_r, self.death_w = process.parent_death_pipe()
         process.set_title(self._title())
         connection.tune_for_big_reads()
@@ -449,6 +449,7 @@ class Arbiter:
             self.unrepaired.add(slot)
         else:
             self.unrepaired.discard(slot)
+            self.auth_limiter.worker_gone(slot)  # before a new worker may claim the slot
 
     def _watch_lock(self, now: float) -> None:
         """Kill the stopped workers in admission once the master has failed to take the
@@ -732,6 +733,7 @@ class Arbiter:
             self.log.error("RELOAD", f"reload failed, keeping the running configuration: {exc}")
             return
         self.tls_context, self.passwords, self.ids = context, passwords, ids
+        self.auth_limiter.checks = _auth_checks(new) or cpu_count()
         old_addrs = set(self.sockets) - listen_addresses(new)[0]
         for addr in old_addrs:
             sock = self.sockets.pop(addr)
@@ -882,7 +884,14 @@ class Arbiter:
                            config_generation=self.generation,
                            master_rejected={"max_connections": self.overflow.rejected,
                                             "other": self.overflow.rejected_held},
-                           stress=self.board.in_stress())
+                           stress=self.board.in_stress(),
+                           auth_checks=(self.auth_limiter.checks_running(time.monotonic()),
+                                        self.auth_limiter.checks))
+
+
+def _auth_checks(cfg) -> int:
+    """``auth.max_checks``; 0 (one per CPU) without ``[auth]``, where none run."""
+    return cfg.auth.max_checks if cfg.auth else 0
 
 
 def _named_key(cfg, overrides: dict | None, key: str, use: Callable[[str], Any]) -> Any:

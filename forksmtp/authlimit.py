@@ -1,14 +1,15 @@
 """Failed-AUTH rate limit per client address, shared by every worker.
 
-A small table in anonymous shared memory (created by the master before it forks, like
-the scoreboard): per address, the number of failures in the current window, the checks
-running now, and when the window started.  Updates take the scoreboard's admission flock for a few memory
-operations.  After ``max_failures`` failures within ``window`` seconds, AUTH from that
-address is refused with 421 4.7.0 until the window ends: guessing passwords costs an
-attacker the window, not just the 50 ms scrypt check.  A full neighbourhood of the
-table overwrites its oldest window, so an attacker with very many addresses can push a
-blocked address out early; the table is sized (1024 entries) for the addresses one
-server sees in a window, and every attempt still costs a full scrypt check.
+A table in anonymous shared memory (created by the master before it forks, like the
+scoreboard): per address, the number of failures in the current window, the checks
+running now, and when the window started.  Updates take the scoreboard's admission
+flock for a few memory operations.  After ``max_failures`` failures within ``window``
+seconds, AUTH from that address is refused with 421 4.7.0 until the window ends:
+guessing passwords costs an attacker the window, not just the 50 ms scrypt check.  A
+full neighbourhood of the table overwrites its oldest window, so an attacker with very
+many addresses can push a blocked address out early.  The table has 65,536 entries
+(2.5 MiB, of which only the pages written take memory): every address of 16,000
+failing at once stays blocked, where 1,024 entries let most go from about 800.
 
 Checks running at the same moment in several workers count against the limit with the
 failures: an address with ``failures + running`` at the limit waits for a running check
@@ -16,6 +17,16 @@ to end (``BUSY``) rather than start one more, so that an attacker with many conn
 never has more than ``max_failures`` guesses checked in a window.  Waiting, not refusal:
 a right password is no failure, and a client that logs in on many connections at once
 (an MTA's parallel deliveries) must not be told it failed.
+
+Across addresses, no more checks run at once than ``checks`` (``auth.max_checks``, by
+default the CPUs the master may run on):
+each one is about 60 ms of a core and 16 MiB, and without a cap fifty clients, each
+under its own address's limit, took both cores and a gigabyte between them and left no
+room for mail.  A check holds one of them from ``attempt`` to ``finished``, recorded in
+the worker's own entry (by scoreboard slot) of a small table beside the buckets; when
+they are all held, ``attempt`` says ``SATURATED`` and the worker waits, as for ``BUSY``.
+The master clears a dead worker's entry when it repairs its slot (``worker_gone``), and
+an entry older than RUNNING_STALE counts as ended, as a running count does.
 
 An IPv6 client is counted by its /64, not its own address: a /64 is what one site or
 one host is given, and an attacker who holds one has 2**64 addresses to rotate through,
@@ -25,6 +36,7 @@ which would make a per-address limit no limit at all.  IPv4 clients count per ad
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 
 from .scoreboard import ip_key
@@ -36,9 +48,13 @@ _ENTRY = struct.Struct("<16sIIdd")
 #: gone: a worker killed in a check (the OOM killer picks workers first) never gives its
 #: count back, and a check takes well under a second.
 RUNNING_STALE = 10.0
-ALLOWED, REFUSED, BUSY = 0, 1, 2  # what attempt() says
-BUSY_TEXT = "password checks running at once fill the failure limit"
+ALLOWED, REFUSED, BUSY, SATURATED = 0, 1, 2, 3  # what attempt() says
+#: Why an AUTH was deferred (``454``), as its log line says.
+DEFERRED_TEXT = {BUSY: "password checks running at once fill the failure limit",
+                 SATURATED: "every password check the server runs at once is in use"}
+_START = struct.Struct("<d")  # per worker slot: when its running check began; 0.0 for none
 _PROBE = 8
+BUCKETS = 65536
 _V6_NETWORK = 8  # octets of an IPv6 address that name its /64
 
 
@@ -50,13 +66,27 @@ def client_key(ip: str) -> bytes:
     return key[:_V6_NETWORK] + bytes(16 - _V6_NETWORK)
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (a taskset or a cpuset narrows them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class AuthLimiter:
-    def __init__(self, board, buckets: int = 1024, max_failures: int = 5, window: float = 300.0) -> None:
+    def __init__(self, board, buckets: int = BUCKETS, max_failures: int = 5, window: float = 300.0,
+                 checks: int = 0) -> None:
         self.board = board
         self.buckets = buckets
         self.max_failures = max_failures
         self.window = window
-        self._mm = mmap.mmap(-1, buckets * _ENTRY.size)
+        #: Password checks run at once across the server, at most (``auth.max_checks``;
+        #: 0 for one per CPU).  Set anew at a reload: workers forked after it use it.
+        self.checks = checks or cpu_count()
+        self._starts_at = buckets * _ENTRY.size
+        self._starts = struct.Struct(f"<{board.nslots}d")
+        self._mm = mmap.mmap(-1, self._starts_at + self._starts.size)
 
     def _find(self, key: bytes, now: float) -> int:
         """The bucket for key: its own wherever it is in the probe chain (an expired or
@@ -80,11 +110,23 @@ class AuthLimiter:
         check running (or none started within RUNNING_STALE)."""
         return (n == 0 or now - t >= self.window) and (running == 0 or now - last >= RUNNING_STALE)
 
-    def attempt(self, ip: str, now: float) -> int:
-        """May this address have a password checked now?  ``ALLOWED`` counts the check
-        as running until ``finished``; ``REFUSED``: it has failed ``max_failures`` times
-        in this window; ``BUSY``: failures and running checks are at the limit, try
-        again when one has ended.  Running checks none of which started within
+    def _running(self, now: float, but: int = -1) -> int:
+        """Checks running now in the workers, the one in slot ``but`` left out."""
+        starts = self._starts.unpack_from(self._mm, self._starts_at)
+        return sum(1 for i, t in enumerate(starts) if t and now - t < RUNNING_STALE and i != but)
+
+    def checks_running(self, now: float) -> int:
+        """For the stats: checks holding one of ``checks`` now (read without the lock)."""
+        return self._running(now)
+
+    def attempt(self, ip: str, now: float, slot: int) -> int:
+        """May this address have a password checked now, by the worker of scoreboard
+        slot ``slot``?  ``ALLOWED`` counts the check as running until ``finished``;
+        ``REFUSED``: it has failed ``max_failures`` times in this window; ``BUSY``:
+        failures and running checks are at the limit, try again when one has ended;
+        ``SATURATED``: the server runs ``checks`` already, try again likewise.  A
+        worker runs one check at a time: its own entry is never counted against it.
+        Running checks none of which started within
         RUNNING_STALE are dropped: a worker killed in a check never gives its count
         back.  Those still running when a window ends count in the next one, so that
         checks begun just before its end cannot double the guesses."""
@@ -103,16 +145,27 @@ class AuthLimiter:
                 return REFUSED
             if n + running >= self.max_failures:
                 return BUSY
+            if self._running(now, slot) >= self.checks:
+                return SATURATED
             _ENTRY.pack_into(self._mm, off, key, n, running + 1, t, now)
+            _START.pack_into(self._mm, self._starts_at + slot * _START.size, now)
         return ALLOWED
 
-    def finished(self, ip: str, now: float, ok: bool) -> None:
-        """The check ``attempt`` allowed has ended; a wrong password is a failure.  The
+    def worker_gone(self, slot: int) -> None:
+        """Master, once it has repaired the slot of a dead worker: a check it was running
+        has ended.  One 8-byte store into the dead worker's own entry, which no one
+        else writes until the slot is claimed again."""
+        _START.pack_into(self._mm, self._starts_at + slot * _START.size, 0.0)
+
+    def finished(self, ip: str, now: float, ok: bool, slot: int) -> None:
+        """The check ``attempt`` allowed the worker of ``slot`` has ended; a wrong
+        password is a failure.  The
         window opens at an address's first failure, not at its first check: a login
         that succeeds (the client's own, or a neighbour's behind the same NAT) must not
         choose where the window of the guesses that follow it starts."""
         key = client_key(ip)
         with self.board.locked():
+            _START.pack_into(self._mm, self._starts_at + slot * _START.size, 0.0)
             off = self._find(key, now) * _ENTRY.size
             k, n, running, t, last = _ENTRY.unpack_from(self._mm, off)
             if k != key:  # the entry is gone, pushed out of its neighbourhood

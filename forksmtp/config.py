@@ -120,6 +120,7 @@ class AuthConfig:
     password_file: str
     required: bool = False
     allow_insecure: bool = False
+    max_checks: int = 0  # password checks at once, all workers together; 0: one per CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,7 @@ _KEYS: tuple[tuple[str, str, Callable, object, Callable | None], ...] = (
     ("auth", "password_file", _path, REQUIRED, _parent_exists),
     ("auth", "required", _boolean, False, None),
     ("auth", "allow_insecure", _boolean, False, None),
+    ("auth", "max_checks", _integer, 0, _at_least(0)),
 )
 
 _SECTIONS: dict[str, type] = {

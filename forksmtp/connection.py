@@ -384,8 +384,9 @@ class Connection:
             self.log.queue("AUTH", f"{self.peer_ip} refused: too many failures", WARNING)
             self.session.close(R.R421_AUTH_FAILURES)
             return
-        if verdict == authlimit.BUSY:
-            self.log.queue("AUTH", f"{self.peer_ip} deferred: {authlimit.BUSY_TEXT}", WARNING)
+        if verdict != authlimit.ALLOWED:  # BUSY or SATURATED for all of AUTH_WAIT
+            self.log.queue("AUTH", f"{self.peer_ip} deferred: {authlimit.DEFERRED_TEXT[verdict]}", WARNING)
+            w.count_auth_deferred()
             self.session.auth_deferred()
             return
         user: str | None = None

@@ -108,7 +108,7 @@ _CLIENT: Final = struct.Struct("<46s")
 _QQ: Final = struct.Struct("<qq")
 _H: Final = struct.Struct("<H")
 _ZERO_SLOT: Final = bytes(SLOT_SIZE)
-assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (352, 352)
+assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (360, 360)
 
 
 def _store(mm: mmap.mmap, off: int, packed: bytes) -> None:

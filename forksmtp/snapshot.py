@@ -28,7 +28,7 @@ EARLY_TALKER: Final = "early_talker"
 OTHER_REASON: Final = "other"
 CONN_REJECT_REASONS = (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, EARLY_TALKER, OTHER_REASON)
 # Session outcomes for the stats: TLS handshakes and AUTH attempts.
-EVENT_KEYS = ("tls_ok", "tls_failed", "auth_ok", "auth_failed")
+EVENT_KEYS = ("tls_ok", "tls_failed", "auth_ok", "auth_failed", "auth_deferred")
 # Per-IP keys hold IPv4 as IPv4-mapped IPv6 (scoreboard.ip_key writes them).
 _V4_PREFIX = b"\0" * 10 + b"\xff\xff"
 

@@ -34,8 +34,9 @@ def process_figures(pid: int) -> dict:
 
 
 def build(snapshot, *, started: float, config_generation: int, master_rejected: dict,
-          stress: bool) -> dict:
-    """The stats object from a scoreboard snapshot."""
+          stress: bool, auth_checks: tuple[int, int] = (0, 0)) -> dict:
+    """The stats object from a scoreboard snapshot; ``auth_checks``: the password checks
+    running now, and how many may run at once."""
     totals = snapshot.totals
     workers = []
     for slot in snapshot.slots:
@@ -57,7 +58,9 @@ def build(snapshot, *, started: float, config_generation: int, master_rejected: 
         "messages_rejected": {k: v for k, v in totals.messages_rejected.items() if v},
         "bytes_received": totals.bytes_received,
         "tls": {"handshakes": totals.events["tls_ok"], "failed": totals.events["tls_failed"]},
-        "auth": {"succeeded": totals.events["auth_ok"], "failed": totals.events["auth_failed"]},
+        "auth": {"succeeded": totals.events["auth_ok"], "failed": totals.events["auth_failed"],
+                 "deferred": totals.events["auth_deferred"],
+                 "checks_running": auth_checks[0], "checks_max": auth_checks[1]},
         "config_generation": config_generation,
         "stress": stress,
         "per_ip": dict(snapshot.per_ip),

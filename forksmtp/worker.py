@@ -486,19 +486,23 @@ class Worker:
     def count_auth(self, ok: bool) -> None:
         self.board.count_event(self.slot, "auth_ok" if ok else "auth_failed")
 
+    def count_auth_deferred(self) -> None:
+        self.board.count_event(self.slot, "auth_deferred")
+
     def auth_attempt(self, ip: str) -> int:
-        """May ``ip`` have a password checked now (the AUTH failure limit)?  While the
-        checks already running for it fill the limit, wait for one to end, a check
-        taking about 60 ms, for at most AUTH_WAIT.  ``authlimit.ALLOWED`` counts the
-        check as running until ``auth_finished``."""
+        """May ``ip`` have a password checked now (the AUTH failure limit, and the
+        server's checks at once)?  While the checks already running for it fill the
+        limit, or the server's, wait for one to end, a check taking about 60 ms, for
+        at most AUTH_WAIT.  ``authlimit.ALLOWED`` counts the check as running until
+        ``auth_finished``."""
         limiter = self.auth_limiter
         if limiter is None:
             return authlimit.ALLOWED
         deadline = time.monotonic() + AUTH_WAIT
         while True:
             now = time.monotonic()
-            verdict: int = limiter.attempt(ip, now)
-            if verdict != authlimit.BUSY or now >= deadline or self.quitting:
+            verdict: int = limiter.attempt(ip, now, self.slot)
+            if verdict not in (authlimit.BUSY, authlimit.SATURATED) or now >= deadline or self.quitting:
                 return verdict
             # Asleep, but awake to SIGQUIT and the master's death (on_wake), so that
             # the session still gets its 421 before the master's SIGKILL.
@@ -507,7 +511,7 @@ class Worker:
 
     def auth_finished(self, ip: str, ok: bool) -> None:
         if self.auth_limiter is not None:
-            self.auth_limiter.finished(ip, time.monotonic(), ok)
+            self.auth_limiter.finished(ip, time.monotonic(), ok, self.slot)
 
     def count_conn_reject(self, reason: str) -> None:
         self.board.count_conn_reject(self.slot, reason)

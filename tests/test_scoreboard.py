@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 
 from daemon import poll_for
-from forksmtp.authlimit import ALLOWED, REFUSED, RUNNING_STALE, AuthLimiter
+from forksmtp.authlimit import ALLOWED, REFUSED, RUNNING_STALE, SATURATED, AuthLimiter, cpu_count
 from forksmtp.authlimit import BUSY as WAIT
 from forksmtp.scoreboard import (BUSY, CONN_REJECT_REASONS, FREE, H_IDLE, IDLE, REJECT_KEYS,
                                  STARTING, STOPPING, Scoreboard, ip_key, key_text)
@@ -613,16 +613,16 @@ def test_many_admissions_and_releases_balance(sb):
 def fail(limiter: AuthLimiter, ip: str, now: float, times: int = 1) -> None:
     """``times`` checks of ``ip`` that end with a wrong password."""
     for _ in range(times):
-        assert limiter.attempt(ip, now) == ALLOWED
-        limiter.finished(ip, now, ok=False)
+        assert limiter.attempt(ip, now, 0) == ALLOWED
+        limiter.finished(ip, now, ok=False, slot=0)
 
 
 def test_auth_limit_refuses_after_max_failures_in_the_window(sb):
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
     fail(limiter, "192.0.2.1", 10.0, 5)
-    assert limiter.attempt("192.0.2.1", 11.0) == REFUSED
-    assert limiter.attempt("192.0.2.2", 11.0) == ALLOWED  # another address is not affected
-    assert limiter.attempt("192.0.2.1", 310.1) == ALLOWED  # the window is over
+    assert limiter.attempt("192.0.2.1", 11.0, 0) == REFUSED
+    assert limiter.attempt("192.0.2.2", 11.0, 0) == ALLOWED  # another address is not affected
+    assert limiter.attempt("192.0.2.1", 310.1, 0) == ALLOWED  # the window is over
 
 
 def test_auth_limit_window_opens_at_the_first_failure_not_the_first_check(sb):
@@ -630,12 +630,12 @@ def test_auth_limit_window_opens_at_the_first_failure_not_the_first_check(sb):
     five more just after it were all checked, ten in 7 s.  The window opens at the
     first failure, so the second five are refused."""
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
-    assert limiter.attempt("192.0.2.1", 0.0) == ALLOWED
-    limiter.finished("192.0.2.1", 0.1, ok=True)
+    assert limiter.attempt("192.0.2.1", 0.0, 0) == ALLOWED
+    limiter.finished("192.0.2.1", 0.1, ok=True, slot=0)
     fail(limiter, "192.0.2.1", 294.0, 5)
-    assert limiter.attempt("192.0.2.1", 301.0) == REFUSED
-    assert limiter.attempt("192.0.2.1", 593.9) == REFUSED
-    assert limiter.attempt("192.0.2.1", 594.1) == ALLOWED  # 300 s after the first failure
+    assert limiter.attempt("192.0.2.1", 301.0, 0) == REFUSED
+    assert limiter.attempt("192.0.2.1", 593.9, 0) == REFUSED
+    assert limiter.attempt("192.0.2.1", 594.1, 0) == ALLOWED  # 300 s after the first failure
 
 
 def test_auth_limit_checks_running_as_a_window_ends_count_in_the_next(sb):
@@ -643,11 +643,11 @@ def test_auth_limit_checks_running_as_a_window_ends_count_in_the_next(sb):
     them from the count let as many again begin at once."""
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
     fail(limiter, "192.0.2.1", 10.0, 3)
-    assert [limiter.attempt("192.0.2.1", 309.9) for _ in range(3)] == [ALLOWED, ALLOWED, WAIT]
-    assert [limiter.attempt("192.0.2.1", 310.1) for _ in range(4)] == [ALLOWED] * 3 + [WAIT]
+    assert [limiter.attempt("192.0.2.1", 309.9, 0) for _ in range(3)] == [ALLOWED, ALLOWED, WAIT]
+    assert [limiter.attempt("192.0.2.1", 310.1, 0) for _ in range(4)] == [ALLOWED] * 3 + [WAIT]
     for _ in range(5):
-        limiter.finished("192.0.2.1", 310.2, ok=False)
-    assert limiter.attempt("192.0.2.1", 310.3) == REFUSED
+        limiter.finished("192.0.2.1", 310.2, ok=False, slot=0)
+    assert limiter.attempt("192.0.2.1", 310.3, 0) == REFUSED
 
 
 def test_auth_limit_counts_running_checks_and_makes_the_next_wait_not_fail(sb):
@@ -655,28 +655,28 @@ def test_auth_limit_counts_running_checks_and_makes_the_next_wait_not_fail(sb):
     never more than max_failures guesses in a window, whatever their order.  One more
     waits (WAIT), it is not refused: a right password is no failure."""
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
-    assert [limiter.attempt("192.0.2.1", 10.0) for _ in range(6)] == [ALLOWED] * 5 + [WAIT]
-    limiter.finished("192.0.2.1", 10.1, ok=True)  # a right password: gone without a trace
-    assert limiter.attempt("192.0.2.1", 10.2) == ALLOWED
-    assert limiter.attempt("192.0.2.1", 10.2) == WAIT
+    assert [limiter.attempt("192.0.2.1", 10.0, 0) for _ in range(6)] == [ALLOWED] * 5 + [WAIT]
+    limiter.finished("192.0.2.1", 10.1, ok=True, slot=0)  # a right password: gone without a trace
+    assert limiter.attempt("192.0.2.1", 10.2, 0) == ALLOWED
+    assert limiter.attempt("192.0.2.1", 10.2, 0) == WAIT
     for _ in range(5):
-        limiter.finished("192.0.2.1", 10.3, ok=False)  # all five were wrong
-    assert limiter.attempt("192.0.2.1", 10.4) == REFUSED
+        limiter.finished("192.0.2.1", 10.3, ok=False, slot=0)  # all five were wrong
+    assert limiter.attempt("192.0.2.1", 10.4, 0) == REFUSED
 
 
 def test_auth_limit_running_checks_plus_failures_make_the_limit(sb):
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
     fail(limiter, "192.0.2.1", 1.0, 3)
-    assert [limiter.attempt("192.0.2.1", 2.0) for _ in range(3)] == [ALLOWED, ALLOWED, WAIT]
-    limiter.finished("192.0.2.1", 2.1, ok=True)
-    assert limiter.attempt("192.0.2.1", 2.2) == ALLOWED
+    assert [limiter.attempt("192.0.2.1", 2.0, 0) for _ in range(3)] == [ALLOWED, ALLOWED, WAIT]
+    limiter.finished("192.0.2.1", 2.1, ok=True, slot=0)
+    assert limiter.attempt("192.0.2.1", 2.2, 0) == ALLOWED
 
 
 def test_auth_limit_right_passwords_in_any_number_are_never_refused(sb):
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
     for n in range(100):
-        assert limiter.attempt("192.0.2.1", n * 0.1) == ALLOWED
-        limiter.finished("192.0.2.1", n * 0.1, ok=True)
+        assert limiter.attempt("192.0.2.1", n * 0.1, 0) == ALLOWED
+        limiter.finished("192.0.2.1", n * 0.1, ok=True, slot=0)
 
 
 def test_auth_limit_checks_never_finished_are_dropped_once_stale(sb):
@@ -686,12 +686,12 @@ def test_auth_limit_checks_never_finished_are_dropped_once_stale(sb):
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
     fail(limiter, "192.0.2.1", 1.0, 2)
     for _ in range(3):
-        assert limiter.attempt("192.0.2.1", 1.0) == ALLOWED
-    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE - 0.1) == WAIT
-    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE) == ALLOWED
-    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE) == ALLOWED
-    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE) == ALLOWED
-    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE) == WAIT  # 2 failures + 3 running
+        assert limiter.attempt("192.0.2.1", 1.0, 0) == ALLOWED
+    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE - 0.1, 0) == WAIT
+    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE, 0) == ALLOWED
+    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE, 0) == ALLOWED
+    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE, 0) == ALLOWED
+    assert limiter.attempt("192.0.2.1", 1.0 + RUNNING_STALE, 0) == WAIT  # 2 failures + 3 running
 
 
 def test_auth_limit_counts_an_ipv6_client_by_its_64(sb):
@@ -700,20 +700,92 @@ def test_auth_limit_counts_an_ipv6_client_by_its_64(sb):
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
     for n in range(1, 6):
         fail(limiter, f"2001:db8:0:7::{n:x}", 1.0)
-    assert limiter.attempt("2001:db8:0:7:ffff:ffff:ffff:ffff", 2.0) == REFUSED
-    assert limiter.attempt("2001:DB8:0:7::abcd%eth0", 2.0) == REFUSED
-    assert limiter.attempt("2001:db8:0:8::1", 2.0) == ALLOWED
+    assert limiter.attempt("2001:db8:0:7:ffff:ffff:ffff:ffff", 2.0, 0) == REFUSED
+    assert limiter.attempt("2001:DB8:0:7::abcd%eth0", 2.0, 0) == REFUSED
+    assert limiter.attempt("2001:db8:0:8::1", 2.0, 0) == ALLOWED
     for n in range(1, 5):
         fail(limiter, f"192.0.2.{n}", 5.0)  # four IPv4 neighbours: four counts of one
     fail(limiter, "::ffff:192.0.2.1", 5.0)  # the same client as 192.0.2.1: its second
-    assert limiter.attempt("192.0.2.5", 5.0) == ALLOWED
-    assert limiter.attempt("192.0.2.1", 5.0) == ALLOWED  # two failures of five
+    assert limiter.attempt("192.0.2.5", 5.0, 0) == ALLOWED
+    assert limiter.attempt("192.0.2.1", 5.0, 0) == ALLOWED  # two failures of five
 
 
 def test_auth_limit_holds_across_processes(sb):
     limiter = AuthLimiter(sb, max_failures=5, window=300.0)
-    pids = [start(sb, lambda: 10 + limiter.attempt("192.0.2.9", 1.0)) for _ in range(12)]
+    pids = [start(sb, lambda: 10 + limiter.attempt("192.0.2.9", 1.0, 0)) for _ in range(12)]
     assert sorted(wait(pid) for pid in pids) == [10 + ALLOWED] * 5 + [10 + WAIT] * 7
+
+
+def test_password_checks_at_once_are_capped_across_addresses(sb):
+    """However many addresses ask, no more than ``checks`` run at once: each costs a
+    core for 60 ms and 16 MiB.  One more waits (SATURATED), and goes once one ends."""
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0, checks=2)
+    assert limiter.attempt("192.0.2.1", 1.0, 0) == ALLOWED
+    assert limiter.attempt("198.51.100.1", 1.0, 1) == ALLOWED
+    assert limiter.checks_running(1.0) == 2
+    assert limiter.attempt("203.0.113.1", 1.0, 2) == SATURATED
+    assert limiter.attempt("2001:db8::1", 1.0, 3) == SATURATED
+    limiter.finished("192.0.2.1", 1.1, ok=False, slot=0)
+    assert limiter.checks_running(1.1) == 1
+    assert limiter.attempt("203.0.113.1", 1.2, 2) == ALLOWED
+    assert limiter.attempt("2001:db8::1", 1.2, 3) == SATURATED
+    # A SATURATED attempt took nothing: the address's own limit is untouched by it.
+    limiter.finished("198.51.100.1", 1.3, ok=True, slot=1)
+    limiter.finished("203.0.113.1", 1.3, ok=True, slot=2)
+    assert [limiter.attempt("2001:db8::1", 1.4, n) for n in range(3, 9)] == [ALLOWED] * 2 + [SATURATED] * 4
+
+
+def test_password_checks_at_once_a_refusal_and_the_address_limit_come_first(sb):
+    """An address over its failures is told so (421) even while the server is at its
+    checks; one whose running checks fill its limit waits for its own (BUSY)."""
+    limiter = AuthLimiter(sb, max_failures=2, window=300.0, checks=1)
+    fail(limiter, "192.0.2.1", 1.0, 2)
+    fail(limiter, "192.0.2.3", 1.0, 1)
+    assert limiter.attempt("192.0.2.3", 1.0, 0) == ALLOWED  # the server's one check
+    assert limiter.attempt("192.0.2.1", 1.0, 1) == REFUSED
+    assert limiter.attempt("192.0.2.3", 1.0, 1) == WAIT  # one failure and one running: its limit
+    assert limiter.attempt("192.0.2.4", 1.0, 1) == SATURATED
+
+
+def test_a_dead_workers_password_check_ends_with_its_repair_or_once_stale(sb):
+    """A worker killed in a check never calls ``finished``: the master's repair of its
+    slot ends the check (``worker_gone``), and, should that not come, RUNNING_STALE."""
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0, checks=1)
+    assert limiter.attempt("192.0.2.1", 1.0, 0) == ALLOWED
+    assert limiter.attempt("192.0.2.2", 2.0, 1) == SATURATED
+    limiter.worker_gone(0)
+    assert limiter.checks_running(2.0) == 0
+    assert limiter.attempt("192.0.2.2", 2.0, 1) == ALLOWED
+    assert limiter.attempt("192.0.2.3", 2.0 + RUNNING_STALE - 0.1, 2) == SATURATED
+    assert limiter.checks_running(2.0 + RUNNING_STALE) == 0
+    assert limiter.attempt("192.0.2.3", 2.0 + RUNNING_STALE, 2) == ALLOWED
+
+
+def test_password_checks_at_once_default_to_the_cpus_this_process_may_use(sb):
+    assert AuthLimiter(sb).checks == cpu_count() == len(os.sched_getaffinity(0))
+    assert AuthLimiter(sb, checks=0).checks == cpu_count()
+    assert AuthLimiter(sb, checks=7).checks == 7
+
+
+def test_password_checks_at_once_hold_across_processes(sb):
+    """Twelve workers, twelve addresses, at the same moment: three checks run."""
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0, checks=3)
+    pids = [start(sb, lambda n=n: 10 + limiter.attempt(f"192.0.2.{n + 1}", 1.0, n)) for n in range(12)]
+    assert sorted(wait(pid) for pid in pids) == [10 + ALLOWED] * 3 + [10 + SATURATED] * 9
+    assert limiter.checks_running(1.0) == 3
+
+
+def test_auth_limit_holds_for_thousands_of_addresses_failing_at_once(sb):
+    """Eight thousand addresses (a /19), each failing five times in one window: every
+    one stays blocked.  With 1,024 entries, nearly all of them pushed each other out
+    and were checked again."""
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0)
+    ips = [f"10.0.{n >> 8}.{n & 255}" for n in range(8000)]
+    for t in range(1, 6):
+        for ip in ips:
+            assert limiter.attempt(ip, float(t), 0) == ALLOWED
+            limiter.finished(ip, float(t), ok=False, slot=0)
+    assert sum(limiter.attempt(ip, 6.0, 0) == REFUSED for ip in ips) == len(ips)
 
 
 def test_auth_limit_finds_a_blocked_address_behind_an_expired_bucket(sb):
@@ -730,8 +802,8 @@ def test_auth_limit_finds_a_blocked_address_behind_an_expired_bucket(sb):
         by_start[start_bucket] = ip
     fail(limiter, first, 0.0)
     fail(limiter, second, 200.0, 5)
-    assert limiter.attempt(second, 301.0) == REFUSED  # first's bucket expired; second is still blocked
-    assert limiter.attempt(second, 500.1) == ALLOWED
+    assert limiter.attempt(second, 301.0, 0) == REFUSED  # first's bucket expired; second is still blocked
+    assert limiter.attempt(second, 500.1, 0) == ALLOWED
 
 
 def test_a_lock_dir_in_use_is_never_swept_whatever_its_pid_says(tmp_path, monkeypatch):

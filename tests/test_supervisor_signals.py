@@ -150,7 +150,8 @@ def test_usr1_logs_stats_and_writes_stats_file(daemon_factory, tmp_path):
     assert sum(w["sessions"] for w in stats["workers"]) == 3
     assert stats["master"]["pid"] == d.pid and stats["master"]["rss"] > 0
     assert stats["per_ip"] == {} and stats["stress"] is False  # nobody connected now
-    assert stats["auth"] == {"succeeded": 0, "failed": 0}
+    assert stats["auth"] == {"succeeded": 0, "failed": 0, "deferred": 0, "checks_running": 0,
+                             "checks_max": len(os.sched_getaffinity(0))}  # the daemon's CPUs are ours
     assert stats["tls"] == {"handshakes": 0, "failed": 0}
 
     # One SIGUSR1, one line; the file holds the same document as the last line.

@@ -33,7 +33,8 @@ import pytest
 
 import tls_certs
 from daemon import (SYSCALL_NR, Daemon, RawSMTP, connect, free_port, in_any_syscall, read_reply, read_to_close,
-                    request_stats, serving_worker, shown, wait_until, worker_states, write_config)
+                    request_stats, serving_worker, shown, wait_until, worker_states, workers_replacing,
+                    write_config)
 from forksmtp import auth
 from forksmtp.tls import expiry_warning
 
@@ -84,8 +85,9 @@ def server(certs, tmp_path_factory):
         d.stop()
 
 
-def starttls_client(d: Daemon, certs, port: int | None = None) -> smtplib.SMTP:
-    client = smtplib.SMTP(HOST, port or d.port, timeout=TIMEOUT)
+def starttls_client(d: Daemon, certs, port: int | None = None, source: str | None = None) -> smtplib.SMTP:
+    client = smtplib.SMTP(HOST, port or d.port, timeout=TIMEOUT,
+                          source_address=(source, 0) if source else None)
     client.ehlo("client.test")
     code, _ = client.starttls(context=certs.client_context())
     assert code == 220
@@ -820,7 +822,8 @@ def test_right_passwords_sent_at_once_on_many_connections_are_all_taken(daemon_f
         for c in clients:
             c.close()
     assert results == [235] * 8
-    assert request_stats(d)["auth"] == {"succeeded": 8, "failed": 0}
+    assert request_stats(d)["auth"] == {"succeeded": 8, "failed": 0, "deferred": 0, "checks_running": 0,
+                                        "checks_max": len(os.sched_getaffinity(0))}
     assert "too many failures" not in d.log_text()
 
 
@@ -849,9 +852,11 @@ def _stop_inside_the_check(worker: psutil.Process, before: float) -> None:
 def _five_checks_held(daemon_factory, certs, tmp_path, clients: list, stopped: list):
     """A daemon with AUTH and six STARTTLS sessions (appended to ``clients``): AUTH sent
     on the first five, each one's worker stopped inside its scrypt check (appended to
-    ``stopped``), so that five checks of the address stay running."""
+    ``stopped``), so that five checks of the address stay running (``auth.max_checks``
+    leaves room for them)."""
     pw = _slow_password_file(tmp_path / "passwd", "alice", PASSWORD)
-    d = daemon_factory(workers=8, server={"max_workers": 12}, sections=tls_sections(certs, pw))
+    d = daemon_factory(workers=8, server={"max_workers": 12},
+                       sections=tls_sections(certs, pw, auth_cfg={"max_checks": 8}))
     clients.extend(starttls_client(d, certs) for _ in range(6))
     for client in clients[:5]:
         worker = serving_worker(d, client.sock)
@@ -977,6 +982,82 @@ def test_an_auth_that_waits_past_its_bound_gets_454_and_the_session_goes_on(daem
         for c in clients:
             c.close()
     d.wait_for_log("deferred: password checks running at once fill the failure limit")
+
+
+def _one_check_held(daemon_factory, certs, tmp_path, clients: list, stopped: list):
+    """A daemon with ``auth.max_checks = 1`` and two STARTTLS sessions from two
+    addresses (appended to ``clients``): AUTH sent on the first, its worker stopped
+    inside the check (appended to ``stopped``), so the server's one check is taken."""
+    pw = _slow_password_file(tmp_path / "passwd", "alice", PASSWORD)
+    d = daemon_factory(workers=3, sections=tls_sections(certs, pw, auth_cfg={"max_checks": 1}))
+    clients.append(starttls_client(d, certs))
+    clients.append(starttls_client(d, certs, source="127.0.0.2"))
+    worker = serving_worker(d, clients[0].sock)
+    before = sum(worker.cpu_times()[:2])
+    clients[0].send(f"AUTH PLAIN {plain('alice', PASSWORD)}\r\n".encode())
+    _stop_inside_the_check(worker, before)
+    stopped.append(worker)
+    assert request_stats(d)["auth"] == {"succeeded": 0, "failed": 0, "deferred": 0,
+                                        "checks_running": 1, "checks_max": 1}
+    return d
+
+
+def test_an_auth_beyond_the_servers_checks_at_once_waits_then_gets_454(daemon_factory, certs,
+                                                                       tmp_path):
+    """The server's one check (``auth.max_checks = 1``) is held by another address's
+    session: an AUTH from an address under every limit of its own waits AUTH_WAIT (5 s)
+    for it, gets 454 4.7.0 with its credentials unchecked, and logs in once the check
+    has ended.  (Uncapped, fifty such checks at once took both cores and a gigabyte.)"""
+    clients: list = []
+    stopped: list = []
+    try:
+        d = _one_check_held(daemon_factory, certs, tmp_path, clients, stopped)
+        holder, other = clients
+        started = time.monotonic()
+        code, text = other.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD))
+        waited = time.monotonic() - started
+        assert (code, text) == (454, b"4.7.0 Temporary authentication failure")
+        assert 4.9 <= waited < 10.0, waited
+        stopped[0].resume()
+        assert read_reply(holder.sock).startswith(b"235 ")
+        assert other.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD))[0] == 235
+    finally:
+        _resume(stopped)
+        for c in clients:
+            c.close()
+    d.wait_for_log("127.0.0.2 deferred: every password check the server runs at once is in use")
+    assert request_stats(d)["auth"] == {"succeeded": 2, "failed": 0, "deferred": 1,
+                                        "checks_running": 0, "checks_max": 1}
+
+
+def test_a_check_whose_worker_is_killed_is_given_back_with_its_slot(daemon_factory, certs, tmp_path):
+    """A worker killed inside a check (the OOM killer picks workers first) never ends
+    it: the master's repair of its slot does, before the worker that replaces it is
+    forked, so the server's one check is free at once, not RUNNING_STALE (10 s) later."""
+    clients: list = []
+    stopped: list = []
+    try:
+        d = _one_check_held(daemon_factory, certs, tmp_path, clients, stopped)
+        killed = stopped.pop()
+        killed.kill()
+        wait_until(lambda: workers_replacing(d, {killed.pid}, count=3), 10, what="the worker replaced")
+        assert request_stats(d)["auth"]["checks_running"] == 0
+        assert clients[1].docmd("AUTH", "PLAIN " + plain("alice", PASSWORD))[0] == 235
+    finally:
+        _resume(stopped)
+        for c in clients:
+            c.close()
+
+
+def test_auth_max_checks_defaults_to_the_cpus_the_master_may_run_on(daemon_factory, certs, tmp_path):
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    d = daemon_factory(sections=tls_sections(certs, pw))
+    assert request_stats(d)["auth"]["checks_max"] == len(os.sched_getaffinity(0))  # the daemon's are ours
+    d.sections["auth"]["max_checks"] = 3
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("configuration generation 2")
+    assert request_stats(d)["auth"]["checks_max"] == 3
 
 
 # -- --check ---------------------------------------------------------------------------------------
@@ -1371,7 +1452,8 @@ def test_stats_count_tls_and_auth_outcomes(daemon_factory, certs, tmp_path):
                        what="the failed handshake counted")
     assert stats["tls"] == {"handshakes": 2, "failed": 1}
     # smtplib's login() tries PLAIN, then LOGIN: two failed attempts.
-    assert stats["auth"] == {"succeeded": 1, "failed": 2}
+    assert {k: stats["auth"][k] for k in ("succeeded", "failed", "deferred")} == {
+        "succeeded": 1, "failed": 2, "deferred": 0}
 
 
 def new_imports(stderr) -> list[str]:

@@ -80,6 +80,8 @@ class LimitsConfig:
     bare_newline: str = "reject"  # "reject" | "normalize"
     normalize_networks: tuple[str, ...] = ()  # CIDRs where bare LF is normalised instead
     stress_max_errors: int = 1
+    max_junk_commands: int = 100  # NOOP, RSET, VRFY, HELP free between messages stored
+    stress_max_junk_commands: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +176,8 @@ _KEYS: tuple[tuple[str, str, Callable, object, Callable | None], ...] = (
     ("limits", "bare_newline", _string, "reject", _one_of("reject", "normalize")),
     ("limits", "normalize_networks", _strings, [], _networks),
     ("limits", "stress_max_errors", _integer, 1, _at_least(1)),
+    ("limits", "max_junk_commands", _integer, 100, _at_least(0)),
+    ("limits", "stress_max_junk_commands", _integer, 1, _at_least(0)),
     ("timeouts", "command", _number, 300, _timeout),
     ("timeouts", "data_block", _number, 180, _timeout),
     ("timeouts", "data_done", _number, 600, _timeout),

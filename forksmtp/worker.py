@@ -132,8 +132,9 @@ class Worker:
         self.router = delivery.Router(cfg.delivery.maildir, cfg.delivery.mailboxes, cfg.delivery.fsync,
                                       cfg.delivery.local_domains)
         self.router.on_gone = self.call_for_maildirs
-        self.session_cfg = self._session_config(cfg.limits.max_errors)
-        self.stress_cfg = self._session_config(cfg.limits.stress_max_errors)
+        self.session_cfg = self._session_config(cfg.limits.max_errors, cfg.limits.max_junk_commands)
+        self.stress_cfg = self._session_config(cfg.limits.stress_max_errors,
+                                               cfg.limits.stress_max_junk_commands)
         self.normalize_nets = [ipaddress.ip_network(n, strict=False) for n in cfg.limits.normalize_networks]
         # The greeting delay only exists to catch early talkers (a postscreen-style
         # pregreet test); without the rejection there is no reason to make clients wait.
@@ -156,11 +157,12 @@ class Worker:
         for fd in self.wake_fds:
             self.epoll.register(fd, select.EPOLLIN)
 
-    def _session_config(self, max_errors: int) -> SessionConfig:
+    def _session_config(self, max_errors: int, max_junk_commands: int) -> SessionConfig:
         cfg = self.cfg
         return SessionConfig(
             cfg.server.hostname, max_message_size=cfg.limits.max_message_size,
             max_recipients=cfg.limits.max_recipients, max_errors=max_errors,
+            max_junk_commands=max_junk_commands,
             max_received_headers=cfg.limits.max_received_headers,
             local_domains=cfg.delivery.local_domains,
             normalize_bare_newlines=cfg.limits.bare_newline == "normalize",

@@ -116,7 +116,7 @@ def test_a_client_that_stops_reading_is_cut_off(daemon_factory):
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fill up soon
     s.connect((d.host, d.port))
     s.setblocking(False)
-    chunk = b"NOOP\r\n" * 10000
+    chunk = b"EHLO c.example\r\n" * 10000  # not NOOP: past 100 of those, each is an error
     cut_off = False
     started = time.monotonic()
     try:
@@ -312,6 +312,30 @@ def test_stress_mode_lowers_the_error_limit_and_says_so(daemon_factory):
         assert read_reply(s).startswith(b"250 ")
 
 
+def _loop_on_noop(d, count: int) -> bytes:
+    """EHLO, then ``count`` NOOPs in one segment; what the server sent until it closed."""
+    with socket.create_connection((d.host, d.port), timeout=10) as s:
+        assert read_reply(s).startswith(b"220 ")
+        s.sendall(b"EHLO looper.example\r\n" + b"NOOP\r\n" * count)
+        got = read_to_close(s, 65536)
+    return got[got.index(b"250 SMTPUTF8\r\n") + 14:] if b"250 SMTPUTF8\r\n" in got else got
+
+
+def test_a_client_looping_on_noop_is_closed_past_the_junk_command_limit(daemon_factory):
+    """Five NOOPs free, then each counts toward max_errors (3): the eighth is answered,
+    then 421 4.7.0 and close.  In stress mode the stress values hold: one free, one
+    error."""
+    d = daemon_factory(workers=2, server={"max_workers": 4, "stress_threshold": 0.5,
+                                          "max_spare_workers": 4},
+                       sections={"limits": {"max_junk_commands": 5, "max_errors": 3,
+                                            "stress_max_junk_commands": 1, "stress_max_errors": 1}})
+    closing = b"421 4.7.0 Too many errors, closing connection\r\n"
+    assert _loop_on_noop(d, 8) == b"250 2.0.0 Ok\r\n" * 8 + closing
+    with sessions_held(d, 2):
+        d.wait_for_log("[STRESS] stress mode on")
+        assert _loop_on_noop(d, 2) == b"250 2.0.0 Ok\r\n" * 2 + closing
+
+
 def test_stress_is_a_share_of_the_sessions_there_can_be(daemon_factory):
     """With max_connections below max_workers, the threshold is a share of the sessions
     there can be: as a share of max_workers (0.5 of 10, 5 busy), it was out of reach
@@ -383,7 +407,8 @@ def test_a_client_pipelining_without_pause_does_not_grow_the_log_queue(daemon_fa
     session logs in full (smtp/sessionlog.py), so that they make many MAX_PENDINGs."""
     from forksmtp.logs import MAX_PENDING
     from forksmtp.smtp.sessionlog import FREE_LINES
-    d = daemon_factory(workers=1, sections={"timeouts": {"command": 30, "session": 60}})
+    d = daemon_factory(workers=1, sections={"timeouts": {"command": 30, "session": 60},
+                                            "limits": {"max_junk_commands": 10**6}})
     noop = b"NOOP " + b"x" * 480 + b"\r\n"
     count = (FREE_LINES - 3) // 2  # the greeting and EHLO take 3 lines: all are logged
     with socket.create_connection((d.host, d.port), timeout=10) as s:

@@ -11,7 +11,7 @@ import pytest
 from forksmtp.smtp import replies as R
 from forksmtp.smtp.session import (NEED_DATA, PAUSED, DataChunk, DataEnd, DataStart, Session, SessionConfig,
                                    StartTLS)
-from forksmtp.smtp.session import MAX_LINE
+from forksmtp.smtp.session import MAX_LINE, MAX_SURPLUS_RECIPIENTS
 from forksmtp.smtp.sessionlog import loggable
 from forksmtp.smtp.sessionlog import FREE_LINES
 from helpers import (HOSTNAME, codes, data_ends, events, feed, feed_codes, heads, new_session,
@@ -755,6 +755,26 @@ def test_surplus_recipients_are_not_counted_as_errors():
     assert transcript(s, ["NOOP"]) == [250]
 
 
+def test_past_a_thousand_surplus_recipients_each_counts_as_an_error():
+    """A sender that ignores 452 gets its first 1,000 free in a transaction (Postfix's
+    smtpd_recipient_overshoot_limit); each one after counts toward max_errors."""
+    s = new_session(max_recipients=1, max_errors=2)
+    assert transcript(s, [E, M, RC] + [RC] * MAX_SURPLUS_RECIPIENTS) == [250, 250, 250] + [
+        452] * MAX_SURPLUS_RECIPIENTS
+    assert (s.closed, s.errors) == (False, 0)
+    assert replies(s, [RC, RC]) == ["452 4.5.3", "452 4.5.3", "421 4.7.0"]
+    assert s.closed
+
+
+def test_surplus_recipients_are_counted_per_transaction():
+    s = new_session(max_recipients=1, max_errors=1)
+    assert transcript(s, [E]) == [250]
+    for _ in range(3):
+        assert transcript(s, [M, RC] + [RC] * MAX_SURPLUS_RECIPIENTS + ["RSET"]) == [250, 250] + [
+            452] * MAX_SURPLUS_RECIPIENTS + [250]
+    assert (s.closed, s.errors) == (False, 0)
+
+
 def test_refused_recipients_do_not_count_toward_max():
     s = new_session(max_recipients=1, local_domains=("example.test",))
     assert transcript(s, [E, M, "RCPT TO:<x@elsewhere.test>", RC]) == [250, 250, 550, 250]
@@ -823,6 +843,47 @@ def test_errors_accumulate_across_transactions():
     s = new_session(max_errors=3)
     assert transcript(s, [E, "FOO", "RSET", E, "FOO", M, "RSET", "FOO"]) == [
         250, 500, 250, 250, 500, 250, 250, 500, 421]
+
+
+# -- junk commands: NOOP, RSET, VRFY, HELP (Postfix's smtpd_junk_command_limit) -----------------
+
+JUNK = ["NOOP", "RSET", "VRFY someone", "HELP"]
+
+
+@pytest.mark.parametrize("command", JUNK)
+def test_past_max_junk_commands_each_still_answered_counts_as_an_error(command):
+    ok = {"VRFY someone": 252, "HELP": 214}.get(command, 250)
+    s = new_session(max_junk_commands=3, max_errors=2)
+    assert transcript(s, [E] + [command] * 3) == [250] + [ok] * 3
+    assert s.errors == 0
+    assert transcript(s, [command]) == [ok] and (s.errors, s.closed) == (1, False)
+    assert transcript(s, [command]) == [ok, 421] and s.closed
+
+
+def test_junk_commands_of_every_kind_count_together():
+    s = new_session(max_junk_commands=4, max_errors=1)
+    assert transcript(s, [E] + JUNK + ["NOOP"]) == [250, 250, 250, 252, 214, 250, 421]
+
+
+def test_a_message_stored_gives_the_junk_commands_back_a_refused_one_does_not():
+    s = new_session(max_junk_commands=2, max_errors=1, max_message_size=5)
+    assert transcript(s, [E, "NOOP", "NOOP", M, RC, D, "hi", "."]) == [250, 250, 250] + OK3[1:] + MSG
+    assert s.junk == 0
+    assert transcript(s, ["NOOP", "RSET", M, RC, D, "too long", "."]) == [250, 250] + OK3[1:] + [354, 552, 421]
+    s = new_session(max_junk_commands=2, max_errors=2, max_message_size=5)
+    assert transcript(s, [E, "NOOP", "NOOP", M, RC, D, "too long", ".", "NOOP"]) == [
+        250, 250, 250] + OK3[1:] + [354, 552, 250, 421]
+
+
+def test_max_junk_commands_zero_counts_every_one():
+    s = new_session(max_junk_commands=0, max_errors=2)
+    assert transcript(s, [E, "NOOP", "NOOP"]) == [250, 250, 250, 421]
+
+
+def test_commands_that_move_mail_are_no_junk():
+    s = new_session(max_junk_commands=0, max_errors=1)
+    assert transcript(s, [E, H, E, M, RC, D] + BODY + [M, RC]) == [250] * 5 + MSG + [250, 250]
+    assert (s.closed, s.errors) == (False, 0)
 
 
 def test_refused_message_counts_as_error():
@@ -1010,8 +1071,9 @@ def test_auth_mask_stands_for_an_initial_response(line, logged):
 def spent_session(**config) -> Session:
     """A session whose free log lines are all spent, and its log emptied.  The greeting,
     EHLO and its reply take 3 lines, so the last NOOP's reply is the first line past
-    them: every count below includes it."""
-    s = new_session(**config)
+    them: every count below includes it.  NOOPs fill the log here, so the junk-command
+    limit (tested on its own) is lifted."""
+    s = new_session(**{"max_junk_commands": 10**9, **config})
     transcript(s, [E] + ["NOOP"] * ((FREE_LINES - 3) // 2 + 1))
     assert len(s.log) == FREE_LINES and s.log[-1] == "NOOP"
     s.log.clear()
@@ -1019,7 +1081,7 @@ def spent_session(**config) -> Session:
 
 
 def test_every_line_is_logged_up_to_the_free_lines():
-    s = new_session()
+    s = new_session(max_junk_commands=10**9)
     transcript(s, [E] + ["NOOP"] * ((FREE_LINES - 3) // 2))
     assert len(s.log) == FREE_LINES - 1 and s.log[-2:] == ["NOOP", "250 2.0.0 Ok"]
 
@@ -1075,10 +1137,10 @@ def test_past_the_free_lines_the_held_transaction_is_bounded():
     """What waits for a verdict is the transaction's own lines; surplus recipients and
     NOOPs inside it are counted at once, however many."""
     s = spent_session(max_recipients=2)
-    transcript(s, [M, RC, RC] + [RC, "NOOP"] * 5000)
+    transcript(s, [M, RC, RC] + [RC, "NOOP"] * 900)  # (past 1,000 surplus, each is an error)
     assert s.log == [] and len(s._logbook._held) == 6
     s.end_log()
-    assert s.log == ["<20007 command and reply lines not logged>"]
+    assert s.log == ["<3607 command and reply lines not logged>"]
 
 
 def test_past_the_free_lines_the_outcome_follows_what_led_to_it():

@@ -99,7 +99,7 @@ def test_usr1_gives_each_worker_its_own_process_figures(daemon_factory):
     """cpu_s and rss are the worker process's own (psutil), not placeholders: a worker
     made to spend CPU (thousands of pipelined commands) shows it, and what the dump says
     lies between two readings of the process taken around it."""
-    d = daemon_factory(workers=1)
+    d = daemon_factory(workers=1, sections={"limits": {"max_junk_commands": 10**6}})
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
         read_reply(s)
         s.sendall(b"EHLO busy.example\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
@@ -656,7 +656,8 @@ def test_quit_does_not_wait_for_a_client_that_never_reads(daemon_factory):
     """Its replies fill both socket buffers; the 421 of the stop then cannot go out.
     The worker gives up on it after a second and exits, instead of waiting for the
     command timeout until the master's SIGKILL."""
-    d = daemon_factory(workers=1, server={"graceful_timeout": 60})
+    d = daemon_factory(workers=1, server={"graceful_timeout": 60},
+                       sections={"limits": {"max_junk_commands": 10**6}})  # NOOPs to fill buffers
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window fills at once
     sock.settimeout(10)

@@ -89,6 +89,11 @@ _XTEXT: Final = re.compile(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+")
 NOT_CLIENT_ERRORS: Final = frozenset({R.R452_TOO_MANY_RCPTS, R.R454_AUTH_TEMPORARY,
                                       R.R451_MAILBOX_DEFERRED, R.R452_MAILBOX_NO_SPACE})
 
+#: Recipients past ``max_recipients`` in one transaction that get their 452 free; each
+#: one after counts toward ``max_errors`` (Postfix's smtpd_recipient_overshoot_limit).
+#: A sender that ignores 452 would otherwise keep a worker answering for the session.
+MAX_SURPLUS_RECIPIENTS: Final = 1000
+
 _AUTH_PROTOCOL_SUFFIX: Final = {(False, False): "", (True, False): "S", (False, True): "A", (True, True): "SA"}
 
 
@@ -107,6 +112,8 @@ class Session(SecureCommands):
         self.esmtp = False
         self.enhanced = False  # RFC 3463 codes once EHLO/HELO succeeded
         self.errors = 0
+        self.junk = 0  # NOOP, RSET, VRFY and HELP since the last message stored
+        self._surplus = 0  # recipients refused 452 in this transaction
         self.closed = False
         self.close_reply: R.Reply | None = None  # the reply that closed the session
         self.envelope: Envelope | None = None
@@ -169,6 +176,8 @@ class Session(SecureCommands):
         """Answer the pending DataStart (refusal) or DataEnd (verdict)."""
         self._waiting = False
         self._end_transaction()
+        if reply.code == 250:
+            self.junk = 0  # a client that delivers mail is not idling (as Postfix)
         self._send(reply)
 
     def close(self, reply: R.Reply) -> None:
@@ -204,9 +213,21 @@ class Session(SecureCommands):
             return
         self.error_codes.append(reply.code)
         if reply not in NOT_CLIENT_ERRORS and reply.code != 421:
-            self.errors += 1
-            if self.errors >= self.config.max_errors and not self.closed:
-                self.close(R.R421_TOO_MANY_ERRORS)
+            self._count_error()
+
+    def _count_error(self) -> None:
+        self.errors += 1
+        if self.errors >= self.config.max_errors and not self.closed:
+            self.close(R.R421_TOO_MANY_ERRORS)
+
+    def _junk(self) -> None:
+        """A command that moves no mail was answered: past ``max_junk_commands`` of them
+        since the last message stored, each counts toward ``max_errors``, as with
+        Postfix's smtpd_junk_command_limit.  A client sending NOOP without end would
+        otherwise keep a worker answering it for the whole session."""
+        self.junk += 1
+        if self.junk > self.config.max_junk_commands:
+            self._count_error()
 
     def _end_transaction(self) -> None:
         self.envelope = None
@@ -398,6 +419,7 @@ class Session(SecureCommands):
         if not utf8 and not sender.address.isascii():
             raise CommandError(R.R553_NON_ASCII)
         self.envelope = Envelope(sender, params, utf8)
+        self._surplus = 0
         self.phase = MAIL
         self._send(R.R250_SENDER_OK)
 
@@ -451,7 +473,11 @@ class Session(SecureCommands):
             # No RCPT parameters are offered (no DSN): RFC 5321 4.1.1.11 gives 555.
             raise CommandError(R.R555_UNKNOWN_PARAM)
         if len(env.recipients) >= self.config.max_recipients:
-            raise CommandError(R.R452_TOO_MANY_RCPTS)
+            self._surplus += 1
+            self._send(R.R452_TOO_MANY_RCPTS)
+            if self._surplus > MAX_SURPLUS_RECIPIENTS:
+                self._count_error()
+            return
         if not self._is_local(path):
             raise CommandError(R.R550_NOT_LOCAL)
         check = self.config.recipient_check
@@ -483,9 +509,11 @@ class Session(SecureCommands):
             raise CommandError(R.R501_NO_PARAMS)
         self._end_transaction()
         self._send(R.R250_OK)
+        self._junk()
 
     def _cmd_noop(self, arg: str) -> None:
         self._send(R.R250_OK)
+        self._junk()
 
     def _cmd_quit(self, arg: str) -> None:
         if arg:
@@ -496,9 +524,11 @@ class Session(SecureCommands):
         if not arg.strip():
             raise CommandError(R.R501_VRFY_SYNTAX)
         self._send(R.R252_VRFY)
+        self._junk()
 
     def _cmd_help(self, arg: str) -> None:
         self._send(self.config.help_reply(self.tls))
+        self._junk()
 
     # -- DATA ------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ class SessionConfig:
     """
 
     def __init__(self, hostname: str, *, max_message_size: int = 10485760,
-                 max_recipients: int = 100, max_errors: int = 10,
+                 max_recipients: int = 100, max_errors: int = 10, max_junk_commands: int = 100,
                  max_received_headers: int = 100, local_domains: tuple[str, ...] = (),
                  normalize_bare_newlines: bool = False, log_commands: bool = True,
                  starttls: bool = False, auth: bool = False, auth_insecure: bool = False,
@@ -32,6 +32,7 @@ class SessionConfig:
         self.max_message_size = max_message_size
         self.max_recipients = max_recipients
         self.max_errors = max_errors
+        self.max_junk_commands = max_junk_commands
         self.max_received_headers = max_received_headers
         self.local_domains = frozenset(d.lower() for d in local_domains)
         self.normalize_bare_newlines = normalize_bare_newlines

@@ -458,7 +458,7 @@ def summary(cfg: Config) -> str:
     s, d = cfg.server, cfg.delivery
     parts = [
         "listen " + " ".join(str(a) for a in s.listen),
-        f"{s.workers} workers (max {s.max_workers})",
+        f"{s.workers} worker{'s' if s.workers != 1 else ''} (max {s.max_workers})",
         f"maildir {d.maildir}",
     ]
     if d.mailboxes:

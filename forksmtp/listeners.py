@@ -128,11 +128,22 @@ def _resolve(host: str, family: int, port: int = 0) -> list[tuple]:
     try:
         infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
+        zone = host.partition("%")[2]
+        if zone and not zone.isdigit() and not _has_interface(zone):  # not a name to resolve
+            raise ValueError(f"no interface {toml_string(zone)} on this host") from None
         raise ValueError(f"cannot resolve host {toml_string(host)}: {getattr(exc, 'strerror', None) or exc}") from None
     infos = [i for i in infos if i[0] in (socket.AF_INET, socket.AF_INET6)]
     if not infos:
         raise ValueError(f"cannot resolve host {toml_string(host)}: no IPv4 or IPv6 address")
     return infos
+
+
+def _has_interface(name: str) -> bool:
+    try:
+        socket.if_nametoindex(name)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def bind(addr: ListenAddr, backlog: int = 1024) -> socket.socket:

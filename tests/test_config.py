@@ -487,6 +487,11 @@ def test_the_summary_counts_each_address_once(etc: Path, boxes: dict, shown: str
     assert f", {shown}" in line and f", {shown}es" not in line, line
 
 
+@pytest.mark.parametrize("workers, shown", [(1, "1 worker (max 64)"), (2, "2 workers (max 64)")])
+def test_the_summary_counts_workers_in_words(etc: Path, workers: int, shown: str) -> None:
+    assert f", {shown}, " in summary(load_config(str(write(etc, f"[server]\nworkers = {workers}\n"))))
+
+
 def test_overrides_replace_file_values(etc: Path) -> None:
     path = write(etc, '[server]\nlisten = ["127.0.0.1:2600", "127.0.0.1:2601"]\nworkers = 8\n'
                       '[delivery]\nmaildir = "from-file"\n')

@@ -164,6 +164,13 @@ def test_bind_ipv6_is_v6_only() -> None:
 
 
 @needs_ipv6
+def test_bind_a_link_local_address_on_an_interface_this_host_lacks_says_so() -> None:
+    """It read "cannot resolve host": getaddrinfo is what fails on the zone."""
+    with pytest.raises(BindError, match=r'^cannot listen on \[fe80::1%nosuch0\]:2525: no interface "nosuch0" '
+                                        r'on this host$'):
+        bind(parse_listen("[fe80::1%nosuch0]:2525"))
+
+
 def test_bind_ipv6_in_use() -> None:
     sock = bind(ListenAddr("::1", 0, V6))
     with sock:

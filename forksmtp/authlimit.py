@@ -84,9 +84,15 @@ class AuthLimiter:
         #: Password checks run at once across the server, at most (``auth.max_checks``;
         #: 0 for one per CPU).  Set anew at a reload: workers forked after it use it.
         self.checks = checks or cpu_count()
+        self._nslots = board.nslots
         self._starts_at = buckets * _ENTRY.size
         self._starts = struct.Struct(f"<{board.nslots}d")
-        self._mm = mmap.mmap(-1, self._starts_at + self._starts.size)
+        # One octet per slot beside its start time, 1 while its check runs: counted in C
+        # (bytes.count) where the start times would be unpacked and compared in Python.
+        self._flags_at = self._starts_at + self._starts.size
+        # And one per slot, 1 while its worker waits for a check (``waiting``).
+        self._waiting_at = self._flags_at + board.nslots
+        self._mm = mmap.mmap(-1, self._waiting_at + board.nslots)
 
     def _find(self, key: bytes, now: float) -> int:
         """The bucket for key: its own wherever it is in the probe chain (an expired or
@@ -110,14 +116,40 @@ class AuthLimiter:
         check running (or none started within RUNNING_STALE)."""
         return (n == 0 or now - t >= self.window) and (running == 0 or now - last >= RUNNING_STALE)
 
+    def _flags(self) -> bytes:
+        return self._mm[self._flags_at:self._flags_at + self._nslots]
+
     def _running(self, now: float, but: int = -1) -> int:
-        """Checks running now in the workers, the one in slot ``but`` left out."""
+        """Checks running now in the workers, the one in slot ``but`` left out.  The
+        flags count them, stale ones included; only when that reaches ``checks`` are
+        the start times read, to leave out those older than RUNNING_STALE."""
+        flags = self._flags()
+        busy = flags.count(1) - (flags[but] if but >= 0 else 0)
+        if busy < self.checks:
+            return busy
         starts = self._starts.unpack_from(self._mm, self._starts_at)
-        return sum(1 for i, t in enumerate(starts) if t and now - t < RUNNING_STALE and i != but)
+        return sum(1 for i, t in enumerate(starts) if flags[i] and now - t < RUNNING_STALE and i != but)
+
+    def looks_saturated(self) -> bool:
+        """Do ``checks`` or more look to be running?  Read without the lock, and stale
+        checks count: enough for a waiter to wait on without taking the lock."""
+        return self._flags().count(1) >= self.checks
+
+    def waiting(self, slot: int, on: bool) -> None:
+        """The worker of ``slot`` waits for a check (or no longer does).  No lock: a
+        worker writes only its own octet, and readers only count."""
+        self._mm[self._waiting_at + slot] = 1 if on else 0
+
+    def waiters(self) -> int:
+        return self._mm[self._waiting_at:self._waiting_at + self._nslots].count(1)
 
     def checks_running(self, now: float) -> int:
         """For the stats: checks holding one of ``checks`` now (read without the lock)."""
         return self._running(now)
+
+    def _set_check(self, slot: int, start: float) -> None:
+        _START.pack_into(self._mm, self._starts_at + slot * _START.size, start)
+        self._mm[self._flags_at + slot] = 1 if start else 0
 
     def attempt(self, ip: str, now: float, slot: int) -> int:
         """May this address have a password checked now, by the worker of scoreboard
@@ -148,14 +180,15 @@ class AuthLimiter:
             if self._running(now, slot) >= self.checks:
                 return SATURATED
             _ENTRY.pack_into(self._mm, off, key, n, running + 1, t, now)
-            _START.pack_into(self._mm, self._starts_at + slot * _START.size, now)
+            self._set_check(slot, now)
         return ALLOWED
 
     def worker_gone(self, slot: int) -> None:
         """Master, once it has repaired the slot of a dead worker: a check it was running
-        has ended.  One 8-byte store into the dead worker's own entry, which no one
-        else writes until the slot is claimed again."""
-        _START.pack_into(self._mm, self._starts_at + slot * _START.size, 0.0)
+        has ended.  Stores into the dead worker's own entry, which no one else writes
+        until the slot is claimed again."""
+        self._set_check(slot, 0.0)
+        self.waiting(slot, False)
 
     def finished(self, ip: str, now: float, ok: bool, slot: int) -> None:
         """The check ``attempt`` allowed the worker of ``slot`` has ended; a wrong
@@ -165,7 +198,7 @@ class AuthLimiter:
         choose where the window of the guesses that follow it starts."""
         key = client_key(ip)
         with self.board.locked():
-            _START.pack_into(self._mm, self._starts_at + slot * _START.size, 0.0)
+            self._set_check(slot, 0.0)
             off = self._find(key, now) * _ENTRY.size
             k, n, running, t, last = _ENTRY.unpack_from(self._mm, off)
             if k != key:  # the entry is gone, pushed out of its neighbourhood

@@ -64,6 +64,8 @@ ACCEPT_PAUSE: Final = 0.1
 # failure limit (then 454 4.7.0), and how often it looks again.
 AUTH_WAIT: Final = 5.0
 AUTH_WAIT_STEP: Final = 0.02
+AUTH_RELOOK: Final = 0.5
+AUTH_LOOK_EVERY: Final = 0.002
 
 # What set_wakeup_fd writes for each signal: its number, one octet.
 _TERM_OCTET: Final = bytes([signal.SIGTERM])
@@ -501,15 +503,34 @@ class Worker:
         if limiter is None:
             return authlimit.ALLOWED
         deadline = time.monotonic() + AUTH_WAIT
-        while True:
-            now = time.monotonic()
-            verdict: int = limiter.attempt(ip, now, self.slot)
-            if verdict not in (authlimit.BUSY, authlimit.SATURATED) or now >= deadline or self.quitting:
-                return verdict
-            # Asleep, but awake to SIGQUIT and the master's death (on_wake), so that
-            # the session still gets its 421 before the master's SIGKILL.
-            for fd in select.select(self.wake_fds, [], [], AUTH_WAIT_STEP)[0]:
-                self.on_wake(fd)
+        verdict: int = authlimit.BUSY
+        relook = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                # While the server's checks all run, their flags, read without the lock,
+                # are enough to wait on: hundreds of sessions in this wait each taking
+                # the admission lock fifty times a second slowed every connection's
+                # admission.  The lock is taken once a check looks free, and every
+                # AUTH_RELOOK anyway: a check stuck past RUNNING_STALE counts as ended
+                # only there.
+                if not (verdict == authlimit.SATURATED and now < relook and now < deadline
+                        and not self.quitting and limiter.looks_saturated()):
+                    verdict = limiter.attempt(ip, now, self.slot)
+                    if verdict not in (authlimit.BUSY, authlimit.SATURATED) or now >= deadline or self.quitting:
+                        return verdict
+                    relook = now + AUTH_RELOOK
+                    limiter.waiting(self.slot, True)
+                # Asleep, but awake to SIGQUIT and the master's death (on_wake), so that
+                # the session still gets its 421 before the master's SIGKILL.  The more
+                # sessions wait, the longer each sleeps, so that some one of them still
+                # looks about every AUTH_LOOK_EVERY: 300 of them looking every 20 ms
+                # took a core.  Random lengths, so that they do not look together.
+                step = max(AUTH_WAIT_STEP, min(AUTH_RELOOK, limiter.waiters() * AUTH_LOOK_EVERY))
+                for fd in select.select(self.wake_fds, [], [], step * (0.5 + random.random()))[0]:
+                    self.on_wake(fd)
+        finally:
+            limiter.waiting(self.slot, False)
 
     def auth_finished(self, ip: str, ok: bool) -> None:
         if self.auth_limiter is not None:

@@ -322,18 +322,18 @@ def _loop_on_noop(d, count: int) -> bytes:
 
 
 def test_a_client_looping_on_noop_is_closed_past_the_junk_command_limit(daemon_factory):
-    """Five NOOPs free, then each counts toward max_errors (3): the eighth is answered,
-    then 421 4.7.0 and close.  In stress mode the stress values hold: one free, one
-    error."""
+    """max_junk_commands = 5: six NOOPs free (as Postfix counts), then each counts
+    toward max_errors (3): the ninth is answered, then 421 4.7.0 and close.  In stress
+    mode the stress values hold: two free, one error."""
     d = daemon_factory(workers=2, server={"max_workers": 4, "stress_threshold": 0.5,
                                           "max_spare_workers": 4},
                        sections={"limits": {"max_junk_commands": 5, "max_errors": 3,
                                             "stress_max_junk_commands": 1, "stress_max_errors": 1}})
     closing = b"421 4.7.0 Too many errors, closing connection\r\n"
-    assert _loop_on_noop(d, 8) == b"250 2.0.0 Ok\r\n" * 8 + closing
+    assert _loop_on_noop(d, 9) == b"250 2.0.0 Ok\r\n" * 9 + closing
     with sessions_held(d, 2):
         d.wait_for_log("[STRESS] stress mode on")
-        assert _loop_on_noop(d, 2) == b"250 2.0.0 Ok\r\n" * 2 + closing
+        assert _loop_on_noop(d, 3) == b"250 2.0.0 Ok\r\n" * 3 + closing
 
 
 def test_stress_is_a_share_of_the_sessions_there_can_be(daemon_factory):

@@ -487,6 +487,22 @@ def test_recipients_past_the_limit_get_452(daemon_factory):
     assert b"r3@" not in stored and b"r4@" not in stored and b"r19@" not in stored
 
 
+def test_a_client_library_that_sends_every_rcpt_still_delivers_to_the_first_hundred(daemon):
+    """Python's smtplib (as PHPMailer and nodemailer) sends every RCPT whatever the
+    answer: 1,200 recipients get 100 250s and 1,100 452s, and the message reaches the
+    first hundred.  (With Postfix's overshoot limit of 1,000 the session was closed at
+    the 1,110th, in mid-transaction, and nothing was stored.)"""
+    recipients = [f"r{i}@example.test" for i in range(1200)]
+    client = smtplib.SMTP(daemon.host, daemon.port, timeout=30)
+    try:
+        refused = client.sendmail(SENDER, recipients, b"Subject: many\r\n\r\nto many\r\n")
+    finally:
+        client.close()
+    assert sorted(refused) == sorted(recipients[100:])
+    assert {code for code, _ in refused.values()} == {452}
+    assert only_message(daemon.maildir).endswith(b"\n\nto many\n")
+
+
 def received_headers(n: int) -> bytes:
     hop = b"Received: from relay%d.test by relay%d.test; Thu, 1 Jan 2026 00:00:00 +0000\r\n"
     return b"".join(hop % (i, i + 1) for i in range(n))

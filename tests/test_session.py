@@ -755,9 +755,9 @@ def test_surplus_recipients_are_not_counted_as_errors():
     assert transcript(s, ["NOOP"]) == [250]
 
 
-def test_past_a_thousand_surplus_recipients_each_counts_as_an_error():
-    """A sender that ignores 452 gets its first 1,000 free in a transaction (Postfix's
-    smtpd_recipient_overshoot_limit); each one after counts toward max_errors."""
+def test_past_ten_thousand_surplus_recipients_each_counts_as_an_error():
+    """A sender that ignores 452 gets 10,000 free in a transaction; each one after
+    counts toward max_errors (as past Postfix's smtpd_recipient_overshoot_limit)."""
     s = new_session(max_recipients=1, max_errors=2)
     assert transcript(s, [E, M, RC] + [RC] * MAX_SURPLUS_RECIPIENTS) == [250, 250, 250] + [
         452] * MAX_SURPLUS_RECIPIENTS
@@ -852,32 +852,34 @@ JUNK = ["NOOP", "RSET", "VRFY someone", "HELP"]
 
 @pytest.mark.parametrize("command", JUNK)
 def test_past_max_junk_commands_each_still_answered_counts_as_an_error(command):
+    """Counted as Postfix counts (``junk_cmds++ > limit``): the first limit + 1 are
+    free, so that a value carried over from a Postfix configuration means the same."""
     ok = {"VRFY someone": 252, "HELP": 214}.get(command, 250)
     s = new_session(max_junk_commands=3, max_errors=2)
-    assert transcript(s, [E] + [command] * 3) == [250] + [ok] * 3
+    assert transcript(s, [E] + [command] * 4) == [250] + [ok] * 4
     assert s.errors == 0
     assert transcript(s, [command]) == [ok] and (s.errors, s.closed) == (1, False)
     assert transcript(s, [command]) == [ok, 421] and s.closed
 
 
 def test_junk_commands_of_every_kind_count_together():
-    s = new_session(max_junk_commands=4, max_errors=1)
+    s = new_session(max_junk_commands=3, max_errors=1)
     assert transcript(s, [E] + JUNK + ["NOOP"]) == [250, 250, 250, 252, 214, 250, 421]
 
 
 def test_a_message_stored_gives_the_junk_commands_back_a_refused_one_does_not():
-    s = new_session(max_junk_commands=2, max_errors=1, max_message_size=5)
+    s = new_session(max_junk_commands=1, max_errors=1, max_message_size=5)
     assert transcript(s, [E, "NOOP", "NOOP", M, RC, D, "hi", "."]) == [250, 250, 250] + OK3[1:] + MSG
     assert s.junk == 0
     assert transcript(s, ["NOOP", "RSET", M, RC, D, "too long", "."]) == [250, 250] + OK3[1:] + [354, 552, 421]
-    s = new_session(max_junk_commands=2, max_errors=2, max_message_size=5)
+    s = new_session(max_junk_commands=1, max_errors=2, max_message_size=5)
     assert transcript(s, [E, "NOOP", "NOOP", M, RC, D, "too long", ".", "NOOP"]) == [
         250, 250, 250] + OK3[1:] + [354, 552, 250, 421]
 
 
-def test_max_junk_commands_zero_counts_every_one():
+def test_max_junk_commands_zero_leaves_one_free():
     s = new_session(max_junk_commands=0, max_errors=2)
-    assert transcript(s, [E, "NOOP", "NOOP"]) == [250, 250, 250, 421]
+    assert transcript(s, [E, "NOOP", "NOOP", "NOOP"]) == [250, 250, 250, 250, 421]
 
 
 def test_commands_that_move_mail_are_no_junk():

@@ -90,9 +90,11 @@ NOT_CLIENT_ERRORS: Final = frozenset({R.R452_TOO_MANY_RCPTS, R.R454_AUTH_TEMPORA
                                       R.R451_MAILBOX_DEFERRED, R.R452_MAILBOX_NO_SPACE})
 
 #: Recipients past ``max_recipients`` in one transaction that get their 452 free; each
-#: one after counts toward ``max_errors`` (Postfix's smtpd_recipient_overshoot_limit).
-#: A sender that ignores 452 would otherwise keep a worker answering for the session.
-MAX_SURPLUS_RECIPIENTS: Final = 1000
+#: one after counts toward ``max_errors``, as past Postfix's
+#: smtpd_recipient_overshoot_limit.  Not Postfix's 1,000: common client libraries
+#: (Python's smtplib, PHPMailer, nodemailer) send every RCPT whatever the answer, and a
+#: close in mid-transaction would lose the recipients already taken.
+MAX_SURPLUS_RECIPIENTS: Final = 10_000
 
 _AUTH_PROTOCOL_SUFFIX: Final = {(False, False): "", (True, False): "S", (False, True): "A", (True, True): "SA"}
 
@@ -221,12 +223,14 @@ class Session(SecureCommands):
             self.close(R.R421_TOO_MANY_ERRORS)
 
     def _junk(self) -> None:
-        """A command that moves no mail was answered: past ``max_junk_commands`` of them
-        since the last message stored, each counts toward ``max_errors``, as with
-        Postfix's smtpd_junk_command_limit.  A client sending NOOP without end would
-        otherwise keep a worker answering it for the whole session."""
+        """A command that moves no mail was answered: counted as Postfix's smtpd counts
+        against smtpd_junk_command_limit (``junk_cmds++ > limit``), so that the same
+        value means the same here: the first ``max_junk_commands + 1`` since the last
+        message stored are free, and each one after counts toward ``max_errors``.  A
+        client sending NOOP without end would otherwise keep a worker answering it for
+        the whole session."""
         self.junk += 1
-        if self.junk > self.config.max_junk_commands:
+        if self.junk > self.config.max_junk_commands + 1:
             self._count_error()
 
     def _end_transaction(self) -> None:

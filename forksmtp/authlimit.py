@@ -24,7 +24,8 @@ each one is about 60 ms of a core and 16 MiB, and without a cap fifty clients, e
 under its own address's limit, took both cores and a gigabyte between them and left no
 room for mail.  A check holds one of them from ``attempt`` to ``finished``, recorded in
 the worker's own entry (by scoreboard slot) of a small table beside the buckets; when
-they are all held, ``attempt`` says ``SATURATED`` and the worker waits, as for ``BUSY``.
+they are all held, ``attempt`` says ``SATURATED`` and the worker waits, as for ``BUSY``,
+in a queue: a check that ends goes to the session that has waited longest.
 The master clears a dead worker's entry when it repairs its slot (``worker_gone``), and
 an entry older than RUNNING_STALE counts as ended, as a running count does.
 
@@ -53,6 +54,9 @@ ALLOWED, REFUSED, BUSY, SATURATED = 0, 1, 2, 3  # what attempt() says
 DEFERRED_TEXT = {BUSY: "password checks running at once fill the failure limit",
                  SATURATED: "every password check the server runs at once is in use"}
 _START = struct.Struct("<d")  # per worker slot: when its running check began; 0.0 for none
+#: A session waits for a check AUTH_WAIT (5 s) and one step at most: one queued for
+#: longer is stopped (SIGSTOP, a debugger) and must not hold the queue up.
+QUEUE_STALE = 8.0
 _PROBE = 8
 BUCKETS = 65536
 _V6_NETWORK = 8  # octets of an IPv6 address that name its /64
@@ -92,7 +96,10 @@ class AuthLimiter:
         self._flags_at = self._starts_at + self._starts.size
         # And one per slot, 1 while its worker waits for a check (``waiting``).
         self._waiting_at = self._flags_at + board.nslots
-        self._mm = mmap.mmap(-1, self._waiting_at + board.nslots)
+        # When the slot's worker joined the queue for the server's checks; 0.0 for not.
+        self._queue_at = self._waiting_at + board.nslots
+        self._queue = struct.Struct(f"<{board.nslots}d")
+        self._mm = mmap.mmap(-1, self._queue_at + self._queue.size)
 
     def _find(self, key: bytes, now: float) -> int:
         """The bucket for key: its own wherever it is in the probe chain (an expired or
@@ -130,18 +137,30 @@ class AuthLimiter:
         starts = self._starts.unpack_from(self._mm, self._starts_at)
         return sum(1 for i, t in enumerate(starts) if flags[i] and now - t < RUNNING_STALE and i != but)
 
-    def looks_saturated(self) -> bool:
-        """Do ``checks`` or more look to be running?  Read without the lock, and stale
-        checks count: enough for a waiter to wait on without taking the lock."""
-        return self._flags().count(1) >= self.checks
-
     def waiting(self, slot: int, on: bool) -> None:
-        """The worker of ``slot`` waits for a check (or no longer does).  No lock: a
-        worker writes only its own octet, and readers only count."""
+        """The worker of ``slot`` waits in the queue (``attempt`` puts it there), or no
+        longer does and leaves it.  No lock: a worker writes only its own entries,
+        and readers only count and compare."""
         self._mm[self._waiting_at + slot] = 1 if on else 0
+        if not on:
+            self._queue_mark(slot, 0.0)
 
-    def waiters(self) -> int:
-        return self._mm[self._waiting_at:self._waiting_at + self._nslots].count(1)
+    def _queue_mark(self, slot: int, since: float) -> None:
+        _START.pack_into(self._mm, self._queue_at + slot * _START.size, since)
+
+    def _ahead(self, slot: int, now: float) -> int:
+        """Sessions queued for a check before the one of ``slot`` (all of them, if it
+        is not queued); those queued for longer than QUEUE_STALE are left out."""
+        if not self._mm[self._waiting_at:self._waiting_at + self._nslots].count(1):
+            return 0  # nobody waits: the common case, without a scan
+        queue = self._queue.unpack_from(self._mm, self._queue_at)
+        mine = (queue[slot] or float("inf"), slot)
+        return sum(1 for i, t in enumerate(queue) if t and now - t < QUEUE_STALE and (t, i) < mine)
+
+    def place(self, slot: int, now: float) -> tuple[int, int]:
+        """The checks that look free, and the sessions queued before this one: read
+        without the lock, for a waiter to tell whether it is its turn."""
+        return self.checks - self._flags().count(1), self._ahead(slot, now)
 
     def checks_running(self, now: float) -> int:
         """For the stats: checks holding one of ``checks`` now (read without the lock)."""
@@ -176,11 +195,20 @@ class AuthLimiter:
             if n >= self.max_failures:
                 return REFUSED
             if n + running >= self.max_failures:
+                self._queue_mark(slot, 0.0)  # it waits for its own address now, not for the server
                 return BUSY
-            if self._running(now, slot) >= self.checks:
+            # The server's checks go in the order sessions began to wait for them: a
+            # free one to whichever waiter looked first let guessers crowd others out.
+            free = self.checks - self._running(now, slot)
+            if free <= 0 or self._ahead(slot, now) >= free:
+                queue = self._queue.unpack_from(self._mm, self._queue_at)
+                if not queue[slot] or now - queue[slot] >= QUEUE_STALE:
+                    self._queue_mark(slot, now)
+                self._mm[self._waiting_at + slot] = 1
                 return SATURATED
             _ENTRY.pack_into(self._mm, off, key, n, running + 1, t, now)
             self._set_check(slot, now)
+            self._queue_mark(slot, 0.0)
         return ALLOWED
 
     def worker_gone(self, slot: int) -> None:
@@ -188,7 +216,7 @@ class AuthLimiter:
         has ended.  Stores into the dead worker's own entry, which no one else writes
         until the slot is claimed again."""
         self._set_check(slot, 0.0)
-        self.waiting(slot, False)
+        self.waiting(slot, False)  # and out of the queue
 
     def finished(self, ip: str, now: float, ok: bool, slot: int) -> None:
         """The check ``attempt`` allowed the worker of ``slot`` has ended; a wrong

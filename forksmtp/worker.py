@@ -65,7 +65,11 @@ ACCEPT_PAUSE: Final = 0.1
 AUTH_WAIT: Final = 5.0
 AUTH_WAIT_STEP: Final = 0.02
 AUTH_RELOOK: Final = 0.5
-AUTH_LOOK_EVERY: Final = 0.002
+#: Sessions within AUTH_NEAR x max_checks of the queue's front look every
+#: AUTH_WAIT_STEP; the rest every AUTH_FAR_STEP, far less than the time the queue takes
+#: to bring them near (at about 60 ms a check, 16 of them take a second).
+AUTH_NEAR: Final = 16
+AUTH_FAR_STEP: Final = 0.25
 
 # What set_wakeup_fd writes for each signal: its number, one octet.
 _TERM_OCTET: Final = bytes([signal.SIGTERM])
@@ -505,28 +509,32 @@ class Worker:
         deadline = time.monotonic() + AUTH_WAIT
         verdict: int = authlimit.BUSY
         relook = 0.0
+        free = ahead = 0
         try:
             while True:
                 now = time.monotonic()
-                # While the server's checks all run, their flags, read without the lock,
-                # are enough to wait on: hundreds of sessions in this wait each taking
-                # the admission lock fifty times a second slowed every connection's
-                # admission.  The lock is taken once a check looks free, and every
-                # AUTH_RELOOK anyway: a check stuck past RUNNING_STALE counts as ended
-                # only there.
-                if not (verdict == authlimit.SATURATED and now < relook and now < deadline
-                        and not self.quitting and limiter.looks_saturated()):
+                if verdict == authlimit.SATURATED:
+                    free, ahead = limiter.place(self.slot, now)
+                # Queued for one of the server's checks, a waiter reads, without the
+                # lock, whether its turn has come (a check free for it, with no more
+                # sessions queued before it than checks free): hundreds of sessions in
+                # this wait each taking the admission lock fifty times a second slowed
+                # every connection's admission.  The lock is taken at its turn, and
+                # every AUTH_RELOOK anyway: a check stuck past RUNNING_STALE counts as
+                # ended only there.
+                if not (verdict == authlimit.SATURATED and ahead >= free and now < relook
+                        and now < deadline and not self.quitting):
                     verdict = limiter.attempt(ip, now, self.slot)
                     if verdict not in (authlimit.BUSY, authlimit.SATURATED) or now >= deadline or self.quitting:
                         return verdict
                     relook = now + AUTH_RELOOK
-                    limiter.waiting(self.slot, True)
                 # Asleep, but awake to SIGQUIT and the master's death (on_wake), so that
-                # the session still gets its 421 before the master's SIGKILL.  The more
-                # sessions wait, the longer each sleeps, so that some one of them still
-                # looks about every AUTH_LOOK_EVERY: 300 of them looking every 20 ms
-                # took a core.  Random lengths, so that they do not look together.
-                step = max(AUTH_WAIT_STEP, min(AUTH_RELOOK, limiter.waiters() * AUTH_LOOK_EVERY))
+                # the session still gets its 421 before the master's SIGKILL.  Near the
+                # front of the queue it looks often, so that no check stays free for
+                # long; further back seldom (300 sessions looking every 20 ms took a
+                # core).  Random lengths, so that waiters do not look together.
+                near = verdict != authlimit.SATURATED or ahead < AUTH_NEAR * limiter.checks
+                step = AUTH_WAIT_STEP if near else AUTH_FAR_STEP
                 for fd in select.select(self.wake_fds, [], [], step * (0.5 + random.random()))[0]:
                     self.on_wake(fd)
         finally:

@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 
 from daemon import poll_for
-from forksmtp.authlimit import ALLOWED, REFUSED, RUNNING_STALE, SATURATED, AuthLimiter, cpu_count
+from forksmtp.authlimit import ALLOWED, QUEUE_STALE, REFUSED, RUNNING_STALE, SATURATED, AuthLimiter, cpu_count
 from forksmtp.authlimit import BUSY as WAIT
 from forksmtp.scoreboard import (BUSY, CONN_REJECT_REASONS, FREE, H_IDLE, IDLE, REJECT_KEYS,
                                  STARTING, STOPPING, Scoreboard, ip_key, key_text)
@@ -725,15 +725,52 @@ def test_password_checks_at_once_are_capped_across_addresses(sb):
     assert limiter.checks_running(1.0) == 2
     assert limiter.attempt("203.0.113.1", 1.0, 2) == SATURATED
     assert limiter.attempt("2001:db8::1", 1.0, 3) == SATURATED
-    assert limiter.looks_saturated()  # what a waiter reads, without the lock
+    assert limiter.place(2, 1.0) == (0, 0) and limiter.place(3, 1.0) == (0, 1)  # read without the lock
     limiter.finished("192.0.2.1", 1.1, ok=False, slot=0)
-    assert limiter.checks_running(1.1) == 1 and not limiter.looks_saturated()
+    assert limiter.checks_running(1.1) == 1 and limiter.place(2, 1.1) == (1, 0)
     assert limiter.attempt("203.0.113.1", 1.2, 2) == ALLOWED
     assert limiter.attempt("2001:db8::1", 1.2, 3) == SATURATED
     # A SATURATED attempt took nothing: the address's own limit is untouched by it.
     limiter.finished("198.51.100.1", 1.3, ok=True, slot=1)
     limiter.finished("203.0.113.1", 1.3, ok=True, slot=2)
     assert [limiter.attempt("2001:db8::1", 1.4, n) for n in range(3, 8)] == [ALLOWED] * 2 + [SATURATED] * 3
+
+
+def test_password_checks_go_to_waiting_sessions_in_the_order_they_began_to_wait(sb):
+    """A check that ends goes to the session that has waited longest, not to whichever
+    looks first: guessers polling at once crowded a legitimate client out."""
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0, checks=1)
+    assert limiter.attempt("192.0.2.1", 1.0, 0) == ALLOWED
+    for n, slot in enumerate((1, 2, 3)):
+        assert limiter.attempt(f"198.51.100.{slot}", 1.1 + n / 10, slot) == SATURATED
+    limiter.finished("192.0.2.1", 1.5, ok=True, slot=0)
+    assert [limiter.place(slot, 1.5) for slot in (1, 2, 3)] == [(1, 0), (1, 1), (1, 2)]
+    assert limiter.attempt("198.51.100.3", 1.5, 3) == SATURATED  # two before it
+    assert limiter.attempt("203.0.113.9", 1.5, 4) == SATURATED  # one that just came: behind them all
+    assert limiter.place(4, 1.5) == (1, 3)
+    assert limiter.attempt("198.51.100.1", 1.5, 1) == ALLOWED
+    limiter.finished("198.51.100.1", 1.6, ok=True, slot=1)
+    assert limiter.attempt("198.51.100.2", 1.6, 2) == ALLOWED
+
+
+def test_a_session_that_leaves_the_queue_or_stops_in_it_holds_no_one_up(sb):
+    """One that gives up (its 454, a quit) or whose worker dies leaves the queue; one
+    stopped in it (SIGSTOP) is passed over once queued for QUEUE_STALE."""
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0, checks=1)
+    assert limiter.attempt("192.0.2.1", 1.0, 0) == ALLOWED
+    for slot in (1, 2, 3):
+        assert limiter.attempt(f"198.51.100.{slot}", 1.0 + slot / 10, slot) == SATURATED
+    limiter.finished("192.0.2.1", 1.5, ok=True, slot=0)
+    limiter.waiting(1, False)  # gave up
+    limiter.worker_gone(2)  # died
+    assert limiter.place(3, 1.5) == (1, 0)
+    assert limiter.attempt("198.51.100.3", 1.5, 3) == ALLOWED
+    limiter.finished("198.51.100.3", 1.6, ok=True, slot=3)
+    assert limiter.attempt("192.0.2.1", 2.0, 0) == ALLOWED
+    assert limiter.attempt("198.51.100.5", 2.1, 5) == SATURATED  # then stopped there
+    limiter.finished("192.0.2.1", 2.2, ok=True, slot=0)
+    assert limiter.attempt("198.51.100.6", 2.2, 6) == SATURATED
+    assert limiter.attempt("198.51.100.6", 2.1 + QUEUE_STALE, 6) == ALLOWED
 
 
 def test_password_checks_at_once_a_refusal_and_the_address_limit_come_first(sb):

@@ -25,7 +25,8 @@ under its own address's limit, took both cores and a gigabyte between them and l
 room for mail.  A check holds one of them from ``attempt`` to ``finished``, recorded in
 the worker's own entry (by scoreboard slot) of a small table beside the buckets; when
 they are all held, ``attempt`` says ``SATURATED`` and the worker waits, as for ``BUSY``,
-in a queue: a check that ends goes to the session that has waited longest.
+in a queue: a check that ends goes to the session that has waited longest (one that
+stops looking at its place, a stopped process, is passed over after LOOK_STALE).
 The master clears a dead worker's entry when it repairs its slot (``worker_gone``), and
 an entry older than RUNNING_STALE counts as ended, as a running count does.
 
@@ -53,10 +54,10 @@ ALLOWED, REFUSED, BUSY, SATURATED = 0, 1, 2, 3  # what attempt() says
 #: Why an AUTH was deferred (``454``), as its log line says.
 DEFERRED_TEXT = {BUSY: "password checks running at once fill the failure limit",
                  SATURATED: "every password check the server runs at once is in use"}
-_START = struct.Struct("<d")  # per worker slot: when its running check began; 0.0 for none
-#: A session waits for a check AUTH_WAIT (5 s) and one step at most: one queued for
-#: longer is stopped (SIGSTOP, a debugger) and must not hold the queue up.
-QUEUE_STALE = 8.0
+#: A queued session looks at its place at least every 0.375 s (worker.AUTH_FAR_STEP
+#: and its jitter): one that has not looked for LOOK_STALE is stopped (SIGSTOP, a
+#: debugger) and is passed over, so that it holds no one up for long.
+LOOK_STALE = 1.0
 _PROBE = 8
 BUCKETS = 65536
 _V6_NETWORK = 8  # octets of an IPv6 address that name its /64
@@ -88,18 +89,18 @@ class AuthLimiter:
         #: Password checks run at once across the server, at most (``auth.max_checks``;
         #: 0 for one per CPU).  Set anew at a reload: workers forked after it use it.
         self.checks = checks or cpu_count()
-        self._nslots = board.nslots
-        self._starts_at = buckets * _ENTRY.size
-        self._starts = struct.Struct(f"<{board.nslots}d")
-        # One octet per slot beside its start time, 1 while its check runs: counted in C
-        # (bytes.count) where the start times would be unpacked and compared in Python.
-        self._flags_at = self._starts_at + self._starts.size
-        # And one per slot, 1 while its worker waits for a check (``waiting``).
-        self._waiting_at = self._flags_at + board.nslots
-        # When the slot's worker joined the queue for the server's checks; 0.0 for not.
-        self._queue_at = self._waiting_at + board.nslots
-        self._queue = struct.Struct(f"<{board.nslots}d")
-        self._mm = mmap.mmap(-1, self._queue_at + self._queue.size)
+        n = self._nslots = board.nslots
+        # Per worker slot, beside the buckets: three numbers (when its running check
+        # began, when it joined the queue for a check, when it last looked at its
+        # place; 0.0 for none), then two octets (1 while its check runs, 1 while it is
+        # queued).  The octets are counted and searched in C (bytes.count, find), so
+        # that only the slots they mark are read in Python.
+        times_at = buckets * _ENTRY.size
+        self._flags_at = times_at + 3 * n * 8
+        self._waiting_at = self._flags_at + n
+        self._mm = mmap.mmap(-1, self._waiting_at + n)
+        times = memoryview(self._mm)[times_at:self._flags_at].cast("d")
+        self._starts, self._queued, self._looked = times[:n], times[n:2 * n], times[2 * n:]
 
     def _find(self, key: bytes, now: float) -> int:
         """The bucket for key: its own wherever it is in the probe chain (an expired or
@@ -129,13 +130,18 @@ class AuthLimiter:
     def _running(self, now: float, but: int = -1) -> int:
         """Checks running now in the workers, the one in slot ``but`` left out.  The
         flags count them, stale ones included; only when that reaches ``checks`` are
-        the start times read, to leave out those older than RUNNING_STALE."""
+        the start times of the flagged slots read, to leave out those older than
+        RUNNING_STALE."""
         flags = self._flags()
         busy = flags.count(1) - (flags[but] if but >= 0 else 0)
         if busy < self.checks:
             return busy
-        starts = self._starts.unpack_from(self._mm, self._starts_at)
-        return sum(1 for i, t in enumerate(starts) if flags[i] and now - t < RUNNING_STALE and i != but)
+        starts, running, i = self._starts, 0, flags.find(1)
+        while i >= 0:
+            if i != but and now - starts[i] < RUNNING_STALE:
+                running += 1
+            i = flags.find(1, i + 1)
+        return running
 
     def waiting(self, slot: int, on: bool) -> None:
         """The worker of ``slot`` waits in the queue (``attempt`` puts it there), or no
@@ -143,31 +149,39 @@ class AuthLimiter:
         and readers only count and compare."""
         self._mm[self._waiting_at + slot] = 1 if on else 0
         if not on:
-            self._queue_mark(slot, 0.0)
-
-    def _queue_mark(self, slot: int, since: float) -> None:
-        _START.pack_into(self._mm, self._queue_at + slot * _START.size, since)
+            self._queued[slot] = self._looked[slot] = 0.0
 
     def _ahead(self, slot: int, now: float) -> int:
         """Sessions queued for a check before the one of ``slot`` (all of them, if it
-        is not queued); those queued for longer than QUEUE_STALE are left out."""
-        if not self._mm[self._waiting_at:self._waiting_at + self._nslots].count(1):
-            return 0  # nobody waits: the common case, without a scan
-        queue = self._queue.unpack_from(self._mm, self._queue_at)
-        mine = (queue[slot] or float("inf"), slot)
-        return sum(1 for i, t in enumerate(queue) if t and now - t < QUEUE_STALE and (t, i) < mine)
+        is not queued); those that have not looked at their place for LOOK_STALE are
+        stopped, and left out."""
+        marks = self._mm[self._waiting_at:self._waiting_at + self._nslots]
+        i = marks.find(1)
+        if i < 0:
+            return 0  # nobody waits: the common case
+        queued, looked = self._queued, self._looked
+        mine = (queued[slot] or float("inf"), slot)
+        ahead = 0
+        while i >= 0:
+            t = queued[i]
+            if t and now - looked[i] < LOOK_STALE and (t, i) < mine:
+                ahead += 1
+            i = marks.find(1, i + 1)
+        return ahead
 
     def place(self, slot: int, now: float) -> tuple[int, int]:
-        """The checks that look free, and the sessions queued before this one: read
-        without the lock, for a waiter to tell whether it is its turn."""
-        return self.checks - self._flags().count(1), self._ahead(slot, now)
+        """The checks free, and the sessions queued before this one: read without the
+        lock, for a waiter to tell whether it is its turn.  Looking is also what tells
+        the others it is not stopped."""
+        self._looked[slot] = now
+        return self.checks - self._running(now), self._ahead(slot, now)
 
     def checks_running(self, now: float) -> int:
         """For the stats: checks holding one of ``checks`` now (read without the lock)."""
         return self._running(now)
 
     def _set_check(self, slot: int, start: float) -> None:
-        _START.pack_into(self._mm, self._starts_at + slot * _START.size, start)
+        self._starts[slot] = start
         self._mm[self._flags_at + slot] = 1 if start else 0
 
     def attempt(self, ip: str, now: float, slot: int) -> int:
@@ -195,20 +209,20 @@ class AuthLimiter:
             if n >= self.max_failures:
                 return REFUSED
             if n + running >= self.max_failures:
-                self._queue_mark(slot, 0.0)  # it waits for its own address now, not for the server
+                self._queued[slot] = 0.0  # it waits for its own address now, not for the server
                 return BUSY
             # The server's checks go in the order sessions began to wait for them: a
             # free one to whichever waiter looked first let guessers crowd others out.
             free = self.checks - self._running(now, slot)
             if free <= 0 or self._ahead(slot, now) >= free:
-                queue = self._queue.unpack_from(self._mm, self._queue_at)
-                if not queue[slot] or now - queue[slot] >= QUEUE_STALE:
-                    self._queue_mark(slot, now)
+                if not self._queued[slot]:
+                    self._queued[slot] = now
+                self._looked[slot] = now
                 self._mm[self._waiting_at + slot] = 1
                 return SATURATED
             _ENTRY.pack_into(self._mm, off, key, n, running + 1, t, now)
             self._set_check(slot, now)
-            self._queue_mark(slot, 0.0)
+            self._queued[slot] = 0.0
         return ALLOWED
 
     def worker_gone(self, slot: int) -> None:

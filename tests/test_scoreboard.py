@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 
 from daemon import poll_for
-from forksmtp.authlimit import ALLOWED, QUEUE_STALE, REFUSED, RUNNING_STALE, SATURATED, AuthLimiter, cpu_count
+from forksmtp.authlimit import ALLOWED, LOOK_STALE, REFUSED, RUNNING_STALE, SATURATED, AuthLimiter, cpu_count
 from forksmtp.authlimit import BUSY as WAIT
 from forksmtp.scoreboard import (BUSY, CONN_REJECT_REASONS, FREE, H_IDLE, IDLE, REJECT_KEYS,
                                  STARTING, STOPPING, Scoreboard, ip_key, key_text)
@@ -755,7 +755,8 @@ def test_password_checks_go_to_waiting_sessions_in_the_order_they_began_to_wait(
 
 def test_a_session_that_leaves_the_queue_or_stops_in_it_holds_no_one_up(sb):
     """One that gives up (its 454, a quit) or whose worker dies leaves the queue; one
-    stopped in it (SIGSTOP) is passed over once queued for QUEUE_STALE."""
+    stopped in it (SIGSTOP) is passed over once it has not looked at its place for
+    LOOK_STALE: well within the 5 s the others wait (it held them all up for 8 s)."""
     limiter = AuthLimiter(sb, max_failures=5, window=300.0, checks=1)
     assert limiter.attempt("192.0.2.1", 1.0, 0) == ALLOWED
     for slot in (1, 2, 3):
@@ -770,7 +771,20 @@ def test_a_session_that_leaves_the_queue_or_stops_in_it_holds_no_one_up(sb):
     assert limiter.attempt("198.51.100.5", 2.1, 5) == SATURATED  # then stopped there
     limiter.finished("192.0.2.1", 2.2, ok=True, slot=0)
     assert limiter.attempt("198.51.100.6", 2.2, 6) == SATURATED
-    assert limiter.attempt("198.51.100.6", 2.1 + QUEUE_STALE, 6) == ALLOWED
+    assert limiter.place(5, 2.9) == (1, 0)  # still looking: still first
+    assert limiter.attempt("198.51.100.6", 2.8 + LOOK_STALE, 6) == SATURATED
+    assert limiter.attempt("198.51.100.6", 2.9 + LOOK_STALE, 6) == ALLOWED  # then it stopped
+
+
+def test_a_check_stuck_past_running_stale_is_free_to_the_queue_front(sb):
+    """What a waiter reads without the lock leaves a stale check out, as the lock's
+    count does: else the front waited for its next look under the lock, 0.5 s a check."""
+    limiter = AuthLimiter(sb, max_failures=5, window=300.0, checks=1)
+    assert limiter.attempt("192.0.2.1", 1.0, 0) == ALLOWED  # then its worker stops
+    assert limiter.attempt("198.51.100.1", 1.1, 1) == SATURATED
+    assert limiter.place(1, 1.0 + RUNNING_STALE - 0.1) == (0, 0)
+    assert limiter.place(1, 1.0 + RUNNING_STALE) == (1, 0)
+    assert limiter.attempt("198.51.100.1", 1.0 + RUNNING_STALE, 1) == ALLOWED
 
 
 def test_password_checks_at_once_a_refusal_and_the_address_limit_come_first(sb):

@@ -33,7 +33,7 @@ from typing import Any
 
 from . import (config as config_mod, connection, limits, listeners, maildirs, pool, process,
                stats, tls)
-from .authlimit import AuthLimiter, cpu_count
+from .authlimit import AuthLimiter
 from .overflow import OverflowGuard
 from .security import Security, certificate_warning, listen_addresses, load_security
 from .logs import ALWAYS, Log
@@ -733,7 +733,7 @@ class Arbiter:
             self.log.error("RELOAD", f"reload failed, keeping the running configuration: {exc}")
             return
         self.tls_context, self.passwords, self.ids = context, passwords, ids
-        self.auth_limiter.checks = _auth_checks(new) or cpu_count()
+        self.auth_limiter.set_checks(_auth_checks(new))
         old_addrs = set(self.sockets) - listen_addresses(new)[0]
         for addr in old_addrs:
             sock = self.sockets.pop(addr)

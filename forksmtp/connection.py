@@ -9,6 +9,9 @@ the master's parent-death pipe, with a deadline that depends on the phase:
   byte at a time does not extend it);
 * inside DATA: ``data_block`` per read, ``data_done`` for the whole transfer, and a
   minimum rate (``min_data_rate`` bytes/s after the first ``data_block`` seconds);
+* sending a reply the client does not read: ``timeouts.command`` from the last part
+  of it the client took (one deadline for the whole reply in a session begun under
+  stress, and a second for the worker's last reply);
 * always: ``timeouts.session`` for the whole connection.
 
 A timeout gets ``421 4.4.2`` and a close.  Replies are sent once all pipelined input
@@ -562,7 +565,12 @@ class Connection:
         if sent == len(data):
             return
         view = memoryview(data)[sent:]
-        if deadline is None:
+        # A client that reads, however slowly, has not stopped reading: each part of the
+        # reply it takes gives it the command timeout again for the next, as Postfix
+        # times each write.  Not for the worker's last reply, nor in a session begun
+        # under stress, where the wait is one deadline for the whole reply.
+        renew = not last and not self.worker.stressed
+        if deadline is None or (sent and renew):
             deadline = self._send_deadline(last)
         while view:
             try:
@@ -573,6 +581,8 @@ class Connection:
                     raise OSError(errno.ETIMEDOUT, "send timed out")
                 continue
             view = view[sent:]
+            if renew:
+                deadline = self._send_deadline(False)
 
     def _poll(self, timeout: float) -> list:
         if timeout > QUIET_DELAY:

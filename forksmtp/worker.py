@@ -114,6 +114,10 @@ class Worker:
         self.stopping = False
         self.quitting = False
         self.served = 0
+        # The session being served began in stress mode: its timeouts are the short ones,
+        # and a wait to send counts as one deadline however the client reads (Postfix's
+        # smtpd_per_record_deadline, which its default turns on under stress only).
+        self.stressed = False
         self._shortage_warning = limits.Seldom(60.0)
         self._maildirs_call = limits.Seldom(MAILDIR_CALL_EVERY)
         self._reserve_fd = -1  # opened in _setup: spent to answer 421 when accept() finds no fd
@@ -319,7 +323,7 @@ class Worker:
                 return self._refuse(sock, ip, refused, implicit_tls)
             if self.call_when_dry and self.board.idle_workers() <= 0:
                 self._pool_dry()
-            stress = self.board.in_stress()
+            stress = self.stressed = self.board.in_stress()
             self.command_timeout = self.cfg.timeouts.stress_command if stress else self.cfg.timeouts.command
             session = Session(self.stress_cfg if stress else self.session_cfg,
                               normalize=self._normalize_for(ip), tls=implicit_tls)

@@ -215,6 +215,69 @@ def test_a_client_that_talks_then_half_closes_is_an_early_talker(daemon_factory)
     assert request_stats(d)["connections_rejected"]["early_talker"] == 1
 
 
+def paced_read_of_replies(d, count: int, rate: int) -> tuple[bytes, float]:
+    """Send ``count`` pipelined EHLOs and a QUIT, then read the replies at ``rate``
+    octets a second, catching up after a stall, to the close.  A reset raises."""
+    s = socket.socket()
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 88)  # keeps the server's buffer small
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and a small window, not autotuned
+    s.settimeout(10)
+    s.connect((d.host, d.port))
+    wire = bytearray()
+    with s:
+        s.sendall(b"EHLO c\r\n" * count + b"QUIT\r\n")
+        started = time.monotonic()
+        while (took := time.monotonic() - started) < 60:
+            due = int(rate * took) - len(wire)
+            if due < 4096:
+                time.sleep(0.005)
+                continue
+            chunk = s.recv(due)
+            if not chunk:
+                break
+            wire += chunk
+    return bytes(wire), took
+
+
+LONG_NAME = ".".join(("a" * 63, "b" * 63, "c" * 63, "d" * 61))  # 253 octets
+
+
+def test_a_client_reading_a_long_batch_of_replies_slowly_but_steadily_gets_them_all(daemon_factory):
+    """Eight thousand pipelined EHLOs, one read's worth, owe 2.8 MB of replies (a
+    253-octet host name in each), more than the socket buffers hold.  Read steadily at
+    about 550 KB/s, the batch waits some 3 s for room, while the command timeout is 2 s:
+    the client keeps taking replies, so it is not one that stopped reading, and it gets
+    every reply and the 221, as Postfix times each write rather than the whole batch.
+    The kernel reports room once a third of the buffer has drained, under a second at
+    that rate; timed as one wait, the batch was cut off."""
+    count = 8000
+    d = daemon_factory(workers=2, server={"hostname": LONG_NAME},
+                       sections={"timeouts": {"command": 2, "session": 60}})
+    wire, took = paced_read_of_replies(d, count, 550_000)
+    assert wire.count(b"\r\n250 ") == count, (len(wire), took)
+    assert wire.endswith(b"\r\n") and wire.rsplit(b"\r\n", 2)[-2].startswith(b"221 "), wire[-200:]
+    assert took > 4, took  # so the wait for room outlasted the timeout
+    assert "[CLOSE] 127.0.0.1 client quit" in d.wait_for_log("[CLOSE]")
+
+
+def test_under_stress_a_slow_reader_has_one_deadline_for_the_whole_batch(daemon_factory):
+    """A session begun in stress mode times the same batch as one wait (Postfix's
+    smtpd_per_record_deadline under stress): the reader that gets every reply above
+    is cut off with an I/O error once stress_command has passed."""
+    d = daemon_factory(workers=2, server={"hostname": LONG_NAME, "max_workers": 4, "stress_threshold": 0.5,
+                                          "max_spare_workers": 4},
+                       sections={"timeouts": {"command": 2, "stress_command": 2, "session": 60},
+                                 "limits": {"stress_max_errors": 100}})
+    with sessions_held(d, 2):
+        d.wait_for_log("[STRESS] stress mode on")
+        try:
+            wire, _ = paced_read_of_replies(d, 8000, 550_000)
+        except ConnectionResetError:
+            wire = b""
+    assert wire.count(b"\r\n250 ") < 8000 and b"\r\n221 " not in wire, len(wire)
+    assert "I/O error: Connection timed out" in d.wait_for_log("I/O error")
+
+
 def test_what_is_discarded_before_a_close_is_bounded():
     """A client that keeps sending must not keep the worker reading: past DISCARD_READS
     reads of RECV_SIZE, the rest is left (and meets the reset).  Less than that is all

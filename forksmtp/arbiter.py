@@ -34,6 +34,7 @@ from typing import Any
 from . import (config as config_mod, connection, limits, listeners, maildirs, pool, process,
                stats, tls)
 from .authlimit import AuthLimiter
+from .connrate import ConnectionRate
 from .overflow import OverflowGuard
 from .security import Security, certificate_warning, listen_addresses, load_security
 from .logs import ALWAYS, Log
@@ -169,6 +170,7 @@ class Arbiter:
         self.board = Scoreboard.create(nslots)
         self.board.set_generation(self.generation)
         self.auth_limiter = AuthLimiter(self.board, checks=_auth_checks(cfg))
+        self.conn_rate = ConnectionRate(self.board)  # made whether on or not: a reload may turn it on
         self.death_r, self.death_w = process.parent_death_pipe()
         process.set_title(self._title())
         connection.tune_for_big_reads()
@@ -405,7 +407,8 @@ class Arbiter:
         os.close(self.death_w)
         socks = list(self.sockets.values())
         security = Security(self.tls_context, self.passwords,
-                            frozenset(s.fileno() for s in self._implicit_sockets()), self.auth_limiter)
+                            frozenset(s.fileno() for s in self._implicit_sockets()), self.auth_limiter,
+                            self.conn_rate)
         w = Worker(self.cfg, socks, self.board, slot, self.generation, self.death_r, self.log, security,
                    self.signals.want_w)
         w.prepare()  # opens what needs privileges (the scoreboard lock) first

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 
-from .smtp.replies import R421_BUSY, R421_PER_IP, R421_UNAVAILABLE, R521_EARLY_TALKER, Reply
-from .snapshot import EARLY_TALKER, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, OTHER_REASON  # noqa: F401
+from .smtp.replies import R421_BUSY, R421_PER_IP, R421_RATE, R421_UNAVAILABLE, R521_EARLY_TALKER, Reply
+from .snapshot import (EARLY_TALKER, MAX_CONNECTION_RATE, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP,  # noqa: F401
+                       OTHER_REASON)
 
 
 class Seldom:
@@ -32,6 +33,7 @@ class Seldom:
 _REPLIES = {
     MAX_CONNECTIONS: R421_BUSY,  # contract: 421 4.3.2 over max_connections
     MAX_CONNECTIONS_PER_IP: R421_PER_IP,  # contract: 421 4.7.0 over max_connections_per_ip
+    MAX_CONNECTION_RATE: R421_RATE,  # as Postfix: the per-address code, 421 4.7.0
     EARLY_TALKER: R521_EARLY_TALKER,
 }
 

@@ -46,7 +46,7 @@ from typing import Final, Iterator
 # The read side and the names shared with it; SlotInfo, STATE_NAMES and key_text are re-exported
 # for callers that import them from here.
 from .snapshot import (BUSY, CONN_REJECT_REASONS, EVENT_KEYS, FREE, IDLE, MAX_CONNECTIONS,  # noqa: F401
-                       MAX_CONNECTIONS_PER_IP, REJECT_CODES,
+                       MAX_CONNECTION_RATE, MAX_CONNECTIONS_PER_IP, REJECT_CODES,
                        REJECT_KEYS, STARTING, STATE_NAMES, STOPPING, SlotInfo, Snapshot, Totals,
                        _slot_info, _V4_PREFIX, key_text)
 
@@ -108,7 +108,7 @@ _CLIENT: Final = struct.Struct("<46s")
 _QQ: Final = struct.Struct("<qq")
 _H: Final = struct.Struct("<H")
 _ZERO_SLOT: Final = bytes(SLOT_SIZE)
-assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (360, 360)
+assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (368, 368)
 
 
 def _store(mm: mmap.mmap, off: int, packed: bytes) -> None:
@@ -524,11 +524,13 @@ class Scoreboard:
         _store(self._mm, off, _Q.pack(_Q.unpack_from(self._mm, off)[0] + 1))
 
     # -- admission --------------------------------------------------------------------------
-    def admit(self, idx: int, ip: str, max_conn: int, max_per_ip: int) -> str | None:
+    def admit(self, idx: int, ip: str, max_conn: int, max_per_ip: int, over_rate: bool = False) -> str | None:
         """Count a new session under slot idx, or return why not (the refusal is counted).
 
-        A limit of 0 or less means unlimited.  Counts already held by the slot are dropped
-        first, so a worker that forgot release() cannot leak.
+        A limit of 0 or less means unlimited.  ``over_rate``: the client is past its
+        connections a minute (connrate), refused after the concurrent limits, as Postfix
+        checks them.  Counts already held by the slot are dropped first, so a worker that
+        forgot release() cannot leak.
         """
         key, base, mm = ip_key(ip), self._bases[idx], self._mm
         self._lock()
@@ -545,6 +547,8 @@ class Scoreboard:
             count = _I.unpack_from(mm, self._table + bucket * _BUCKET.size + 20)[0] if bucket >= 0 else 0
             if 0 < max_per_ip <= count:
                 return self._refuse(idx, MAX_CONNECTIONS_PER_IP)
+            if over_rate:
+                return self._refuse(idx, MAX_CONNECTION_RATE)
             # The slot records what it holds before the shared counts move (see repair()).
             _store(mm, base + S_BUCKET, _HOLD.pack(bucket + 1, key))
             mm[base + S_HOLDS] = 1

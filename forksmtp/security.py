@@ -3,7 +3,8 @@
 Everything a worker needs for STARTTLS, implicit TLS and AUTH is loaded in the master
 (at start and on every SIGHUP, re-reading the files even when their paths did not
 change) and inherited by the workers: the SSL context with its key, the password table,
-which listening sockets speak TLS from the first byte, and the shared AUTH limiter.
+which listening sockets speak TLS from the first byte, the shared AUTH limiter, and the
+shared table of connections a minute per client address.
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ from dataclasses import dataclass, field
 
 from . import auth, tls
 from .authlimit import AuthLimiter
+from .connrate import ConnectionRate
 from .config import key_error
 from .config_checks import ConfigError
 
 
 @dataclass(frozen=True)
 class Security:
-    """What a worker needs for STARTTLS and AUTH, built by the master before forking.
-    The defaults are a server without TLS or AUTH."""
+    """What a worker needs for STARTTLS, AUTH and the connection rate, built by the
+    master before forking.  The defaults are a server without TLS, AUTH or rate limit."""
 
     tls_context: ssl.SSLContext | None = None
     passwords: dict[str, str] = field(default_factory=dict)  # user -> scrypt hash
     implicit_fds: frozenset[int] = frozenset()
     auth_limiter: AuthLimiter | None = None
+    conn_rate: ConnectionRate | None = None
 
 
 def listen_addresses(cfg) -> tuple[set, set]:

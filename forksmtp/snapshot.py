@@ -24,9 +24,10 @@ REJECT_KEYS = tuple(str(c) for c in REJECT_CODES) + ("other",)
 # keys, and (limits.py) which reply each gets.
 MAX_CONNECTIONS: Final = "max_connections"
 MAX_CONNECTIONS_PER_IP: Final = "max_connections_per_ip"
+MAX_CONNECTION_RATE: Final = "max_connection_rate"
 EARLY_TALKER: Final = "early_talker"
 OTHER_REASON: Final = "other"
-CONN_REJECT_REASONS = (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, EARLY_TALKER, OTHER_REASON)
+CONN_REJECT_REASONS = (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, MAX_CONNECTION_RATE, EARLY_TALKER, OTHER_REASON)
 # Session outcomes for the stats: TLS handshakes and AUTH attempts.
 EVENT_KEYS = ("tls_ok", "tls_failed", "auth_ok", "auth_failed", "auth_deferred")
 # Per-IP keys hold IPv4 as IPv4-mapped IPv6 (scoreboard.ip_key writes them).

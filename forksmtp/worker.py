@@ -97,6 +97,7 @@ class Worker:
         self.passwords = security.passwords
         self.implicit_fds = security.implicit_fds
         self.auth_limiter = security.auth_limiter
+        self.conn_rate = security.conn_rate
         # Per listening fd: the socket, its C-level accept, and the family, type and
         # protocol of what it accepts.  socket.socket.accept() is Python code that converts
         # the family and the type to enums on every call, and socket.socket.close() is
@@ -315,8 +316,13 @@ class Worker:
         self.served += 1  # counted from its start: _accepting() then speaks of the next one
         try:
             try:
-                refused = self.board.admit(self.slot, ip, self.cfg.server.max_connections,
-                                           self.cfg.server.max_connections_per_ip)
+                server = self.cfg.server
+                # Counted before the concurrent limits and whatever they decide: a client
+                # that hammers stays refused (as Postfix's anvil counts every connect).
+                over_rate = (server.max_connection_rate > 0 and self.conn_rate is not None
+                             and self.conn_rate.count(ip, now) > server.max_connection_rate)
+                refused = self.board.admit(self.slot, ip, server.max_connections,
+                                           server.max_connections_per_ip, over_rate)
             except MasterGone:  # waited behind a stopped holder the master can no longer kill
                 return self._master_gone(sock, ip, implicit_tls)
             if refused is not None:

@@ -315,3 +315,18 @@ def loop_ext4(directory: Path, *mkfs_options: str) -> Iterator[tuple[Path, Path,
     finally:
         run_tool("losetup", "-d", loop, check=False)
     assert unmounted.returncode == 0, f"umount: {unmounted.stderr.strip()}"
+
+
+def addresses_sharing_a_start(board, buckets: int) -> tuple[str, str]:
+    """Two IPv4 addresses whose probe chains start at the same bucket of a table of
+    ``buckets`` entries, under this board's keyed hash (a test of a shared table's
+    collisions needs a real pair: the key is drawn anew for every board)."""
+    from forksmtp.scoreboard import ip_key
+    seen: dict[int, str] = {}
+    for n in range(1, 255):
+        ip = f"198.51.100.{n}"
+        start = board.bucket_of(ip_key(ip), buckets)
+        if start in seen:
+            return seen[start], ip
+        seen[start] = ip
+    raise AssertionError(f"no two of 254 addresses share a start among {buckets} buckets")

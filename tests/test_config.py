@@ -61,6 +61,8 @@ BAD = [
     ('[server]\nmax_workers = 2\n', "server.workers", "must be <= server.max_workers (2)"),
     ('[server]\nmax_connections = 0\n', "server.max_connections", ">= 1"),
     ('[server]\nmax_connections_per_ip = false\n', "server.max_connections_per_ip", "integer"),
+    ('[server]\nmax_connection_rate = -1\n', "server.max_connection_rate", ">= 0"),
+    ('[server]\nmax_connection_rate = 2.5\n', "server.max_connection_rate", "must be an integer"),
     ('[server]\nlisten = ["127.0.0.1:0"]\n', "server.listen", "out of range"),
     ('[server]\nlisten = ["127.0.0.1:70000"]\n', "server.listen", "out of range"),
     ('[server]\nlisten = "127.0.0.1:25"\n', "server.listen", "must be a list of strings"),

@@ -15,6 +15,7 @@ from typing import Callable
 import pytest
 
 from daemon import poll_for
+from helpers import addresses_sharing_a_start
 from forksmtp.authlimit import ALLOWED, LOOK_STALE, REFUSED, RUNNING_STALE, SATURATED, AuthLimiter, cpu_count
 from forksmtp.authlimit import BUSY as WAIT
 from forksmtp.scoreboard import (BUSY, CONN_REJECT_REASONS, FREE, H_IDLE, IDLE, REJECT_KEYS,
@@ -848,14 +849,7 @@ def test_auth_limit_finds_a_blocked_address_behind_an_expired_bucket(sb):
     """Two addresses whose probe chains start at the same bucket: when the first one's
     window ends, the second, blocked, must still be found further down the chain."""
     limiter = AuthLimiter(sb, buckets=64, max_failures=5, window=300.0)
-    by_start: dict[int, str] = {}
-    for n in range(1, 255):
-        ip = f"198.51.100.{n}"
-        start_bucket = sb.bucket_of(ip_key(ip), 64)
-        if start_bucket in by_start:
-            first, second = by_start[start_bucket], ip
-            break
-        by_start[start_bucket] = ip
+    first, second = addresses_sharing_a_start(sb, 64)
     fail(limiter, first, 0.0)
     fail(limiter, second, 200.0, 5)
     assert limiter.attempt(second, 301.0, 0) == REFUSED  # first's bucket expired; second is still blocked

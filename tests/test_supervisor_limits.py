@@ -15,7 +15,7 @@ import socket
 import pytest
 
 from daemon import (assert_no_zombies, connect, free_port, read_reply, request_stats, send_message,
-                    read_to_close, server_end, serving_worker, wait_until, worker_pids)
+                    read_to_close, server_end, serving_worker, wait_until, worker_pids, workers_replacing)
 
 ANSWER = 5.0
 
@@ -183,3 +183,46 @@ def test_a_max_workers_raised_by_reload_past_the_scoreboard_still_gets_421_at_th
         d.wait_for_log("max_workers reached (18 workers)")
     finally:
         close_all(sessions)
+
+
+RATE_REPLY = b"421 4.7.0 Too many connections from your address this minute, try again later\r\n"
+
+
+def test_past_max_connection_rate_gets_421_4_7_0_and_every_try_counts(daemon_factory):
+    """Three connections a minute from 127.0.0.1: the first three are served, one after
+    the other (never two at once, so the concurrent limits play no part); the fourth and
+    fifth are refused, and each counts.  127.0.0.2 has its own count."""
+    port = free_port()
+    d = daemon_factory(port=port, workers=2, server={
+        "max_connection_rate": 3, "listen": [f"127.0.0.1:{port}", f"127.0.0.2:{port}"]})
+    for _ in range(3):
+        send_message(port)
+    for _ in range(2):
+        assert refused_with(port) == RATE_REPLY
+    greeted(port, "127.0.0.2", source="127.0.0.2").close()
+    assert d.log_text().count("[CLOSE] 127.0.0.1 refused: max_connection_rate") == 2
+    stats = request_stats(d)
+    assert stats["connections_rejected"]["max_connection_rate"] == 2
+    assert stats["connections_rejected"]["max_connections_per_ip"] == 0
+    assert stats["messages_accepted"] == 3
+    assert_no_zombies(d)
+
+
+def test_max_connection_rate_is_off_by_default_and_a_reload_turns_it_on(daemon_factory):
+    d = daemon_factory(workers=2)
+    old = worker_pids(d)
+    for _ in range(12):  # more than max_connections_per_ip, one after the other
+        with connect(d.port, timeout=ANSWER) as sock:
+            assert read_reply(sock).startswith(b"220 ")
+            sock.sendall(b"QUIT\r\n")
+            assert read_reply(sock).startswith(b"221 ")
+    d.sections["server"]["max_connection_rate"] = 2
+    d.write_config()
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("configuration generation 2 loaded", 10)
+    # The old generation's idle workers leave; the new ones count from the reload.
+    wait_until(lambda: workers_replacing(d, old, 2), 10, 0.05, "old workers gone")
+    send_message(d.port)
+    send_message(d.port)
+    assert refused_with(d.port) == RATE_REPLY
+    assert request_stats(d)["connections_rejected"]["max_connection_rate"] == 1

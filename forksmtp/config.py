@@ -57,6 +57,7 @@ class ServerConfig:
     max_connections: int = 50
     max_connections_per_ip: int = 10
     max_connection_rate: int = 0  # new connections per client address and minute; 0: off
+    limit_exceptions: tuple[str, ...] = ()  # CIDRs exempt from the two limits above
     graceful_timeout: float = 30.0
     pidfile: str = ""
     stats_file: str = ""
@@ -158,6 +159,7 @@ _KEYS: tuple[tuple[str, str, Callable, object, Callable | None], ...] = (
     ("server", "max_connections", _integer, 50, _at_least(1)),
     ("server", "max_connections_per_ip", _integer, 10, _at_least(1)),
     ("server", "max_connection_rate", _integer, 0, _at_least(0)),
+    ("server", "limit_exceptions", _strings, [], _networks),
     ("server", "graceful_timeout", _number, 30, _not_negative),
     ("server", "pidfile", _path, "", _replaceable_file),
     ("server", "stats_file", _path, "", _replaceable_file),

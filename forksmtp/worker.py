@@ -78,6 +78,13 @@ _IGNORED: Final = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                    signal.SIGTTIN, signal.SIGTTOU)
 
 
+def _in_networks(ip: str, nets: list) -> bool:
+    """``ip`` (as client_ip gives it: an IPv4 client of a dual-stack socket in its IPv4
+    form) is in one of ``nets``."""
+    addr = ipaddress.ip_address(ip)
+    return any(addr in net for net in nets)
+
+
 class Poller(Protocol):
     """What the accept loop uses of ``select.epoll`` (a test wraps one to time a signal)."""
 
@@ -147,6 +154,7 @@ class Worker:
         self.stress_cfg = self._session_config(cfg.limits.stress_max_errors,
                                                cfg.limits.stress_max_junk_commands)
         self.normalize_nets = [ipaddress.ip_network(n, strict=False) for n in cfg.limits.normalize_networks]
+        self.exempt_nets = [ipaddress.ip_network(n, strict=False) for n in cfg.server.limit_exceptions]
         # The greeting delay only exists to catch early talkers (a postscreen-style
         # pregreet test); without the rejection there is no reason to make clients wait.
         self.greeting_delay = cfg.server.greeting_delay if cfg.server.reject_early_talkers else 0.0
@@ -317,12 +325,13 @@ class Worker:
         try:
             try:
                 server = self.cfg.server
+                exempt = bool(self.exempt_nets) and _in_networks(ip, self.exempt_nets)
                 # Counted before the concurrent limits and whatever they decide: a client
                 # that hammers stays refused (as Postfix's anvil counts every connect).
-                over_rate = (server.max_connection_rate > 0 and self.conn_rate is not None
+                over_rate = (server.max_connection_rate > 0 and not exempt and self.conn_rate is not None
                              and self.conn_rate.count(ip, now) > server.max_connection_rate)
                 refused = self.board.admit(self.slot, ip, server.max_connections,
-                                           server.max_connections_per_ip, over_rate)
+                                           0 if exempt else server.max_connections_per_ip, over_rate)
             except MasterGone:  # waited behind a stopped holder the master can no longer kill
                 return self._master_gone(sock, ip, implicit_tls)
             if refused is not None:
@@ -433,8 +442,7 @@ class Worker:
         smtpd_forbid_bare_newline_exclusions); None lets the session config decide."""
         if not self.normalize_nets or self.cfg.limits.bare_newline == "normalize":
             return None
-        addr = ipaddress.ip_address(ip)
-        return True if any(addr in net for net in self.normalize_nets) else None
+        return True if _in_networks(ip, self.normalize_nets) else None
 
     # -- called by Connection ------------------------------------------------------------
 

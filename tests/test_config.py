@@ -109,6 +109,9 @@ BAD = [
     ('[limits]\nmax_received_headers = 0\n', "limits.max_received_headers", ">= 1"),
     ('[limits]\nbare_newline = "strip"\n', "limits.bare_newline", 'one of "reject", "normalize"'),
     ('[limits]\nnormalize_networks = ["10.0.0.0/33"]\n', "limits.normalize_networks", "CIDR"),
+    ('[server]\nlimit_exceptions = ["10.0.0.0/33"]\n', "server.limit_exceptions", "CIDR"),
+    ('[server]\nlimit_exceptions = "10.0.0.0/8"\n', "server.limit_exceptions", "list"),
+    ('[server]\nlimit_exceptions = ["::ffff:127.0.0.0/104"]\n', "server.limit_exceptions", "IPv4"),
     ('[limits]\nnormalize_networks = ["example.test"]\n', "limits.normalize_networks", "CIDR"),
     # Networks no client falls in: an IPv4 client is matched by its IPv4 form, and the
     # address accept(2) gives has no zone.

@@ -226,3 +226,25 @@ def test_max_connection_rate_is_off_by_default_and_a_reload_turns_it_on(daemon_f
     send_message(d.port)
     assert refused_with(d.port) == RATE_REPLY
     assert request_stats(d)["connections_rejected"]["max_connection_rate"] == 1
+
+
+def test_limit_exceptions_lift_the_per_address_limits_for_their_networks(daemon_factory):
+    """127.0.0.2 is listed: it may hold more sessions at once than max_connections_per_ip
+    and open more a minute than max_connection_rate; 127.0.0.1, not listed, may not.
+    max_connections still binds everyone."""
+    port = free_port()
+    d = daemon_factory(port=port, workers=4, server={
+        "max_connections_per_ip": 1, "max_connection_rate": 2, "max_connections": 5,
+        "limit_exceptions": ["127.0.0.2/32"], "listen": [f"127.0.0.1:{port}", f"127.0.0.2:{port}"]})
+    held = [greeted(port, "127.0.0.2", source="127.0.0.2") for _ in range(3)]
+    try:
+        for _ in range(3):
+            greeted(port, "127.0.0.2", source="127.0.0.2").close()
+        held.append(greeted(port))  # 127.0.0.1's one session
+        assert refused_with(port) == b"421 4.7.0 Too many connections from your address, try again later\r\n"
+        held.append(greeted(port, "127.0.0.2", source="127.0.0.2"))  # the fifth session
+        assert refused_with(port, "127.0.0.2", source="127.0.0.2").startswith(b"421 4.3.2 ")
+    finally:
+        close_all(held)
+    stats = request_stats(d)["connections_rejected"]
+    assert (stats["max_connections_per_ip"], stats["max_connection_rate"], stats["max_connections"]) == (1, 0, 1)

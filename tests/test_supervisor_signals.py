@@ -102,9 +102,11 @@ def test_usr1_gives_each_worker_its_own_process_figures(daemon_factory):
     d = daemon_factory(workers=1, sections={"limits": {"max_junk_commands": 10**6}})
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
         read_reply(s)
-        s.sendall(b"EHLO busy.example\r\n" + b"NOOP\r\n" * 20000 + b"QUIT\r\n")
+        # Enough to show above the clock's tick (10 ms) on a fast machine: 20,000 took
+        # 10 ms there, and so often read as one tick or none.
+        s.sendall(b"EHLO busy.example\r\n" + b"NOOP\r\n" * 200000 + b"QUIT\r\n")
         got = read_to_close(s, 65536)
-    assert got.count(b"\r\n250 2.0.0 ") == 20000 and got.endswith(b"\r\n221 2.0.0 Bye\r\n")
+    assert got.count(b"\r\n250 2.0.0 ") == 200000 and got.endswith(b"\r\n221 2.0.0 Bye\r\n")
     # The pool's spare too; one started after this look (the session took the last idle
     # worker) is in the dump but not compared.
     procs = {pid: psutil.Process(pid) for pid in worker_pids(d)}

@@ -65,6 +65,8 @@ QUIET_DELAY_MS: Final = int(QUIET_DELAY * 1000)
 HEARTBEAT_EVERY: Final = 1.0
 #: How long the reply that closes a session may wait for a client that does not read.
 LAST_REPLY_WAIT: Final = 1.0
+#: The most a TLS send takes at once: one record's plaintext (RFC 8446 5.1).
+_TLS_RECORD: Final = 16384
 # SO_MEMINFO (Linux 4.6): a socket's memory counters as u32s, of which [3] is the send
 # buffer's size (sk_sndbuf) and [5] the memory its queue holds (sk_wmem_queued).
 _SO_MEMINFO: Final = getattr(_socket, "SO_MEMINFO", 55)
@@ -530,12 +532,13 @@ class Connection:
         2,000 such reconnections refused at a per-IP limit of 1).  Not when the reply
         has to wait for a client that does not read: the session then holds its worker,
         and still counts.  Replies pipelined before the last one are sent first, since
-        only then can the kernel tell whether the last one fits; both sends share one
-        deadline, so splitting them does not lengthen the wait."""
+        only then can the kernel tell whether the last one fits; the second send goes on
+        with the deadline the first left (renewed by what the client took), so splitting
+        them does not lengthen the wait."""
         deadline = self._send_deadline(final)
         before = out.rfind(b"\r\n", 0, len(out) - 2)  # the last reply is one line
         if before >= 0:
-            self._sendall(out[:before + 2], final, deadline)
+            deadline = self._sendall(out[:before + 2], final, deadline) or deadline
             out = out[before + 2:]
         if room_for_a_line(self.sock):
             self.worker.session_over()
@@ -554,16 +557,21 @@ class Connection:
             return now + LAST_REPLY_WAIT
         return min(now + self.worker.command_timeout, self.session_deadline)
 
-    def _sendall(self, data: bytes, last: bool = False, deadline: float | None = None) -> None:
+    def _sendall(self, data: bytes, last: bool = False, deadline: float | None = None) -> float | None:
         """Send all of ``data``, or raise OSError once ``deadline`` (by default, from
         _send_deadline now) has passed.  ``last``: the worker is on its way out, so it
-        waits for the socket alone, not for the master's signals."""
+        waits for the socket alone, not for the master's signals.  Returns the deadline
+        as the send left it (renewed, or as given), for a send that follows."""
+        # Over TLS, one record a call: SSLSocket.send takes a whole buffer or raises
+        # SSLWantWriteError (and must then be called again with the same buffer), so
+        # only a record at a time shows the client's progress to the renewal below.
+        step = _TLS_RECORD if self.sock.__class__ is ssl.SSLSocket else len(data)
         try:  # the common case: a reply fits the socket buffer at once
-            sent = self.sock.send(data)
+            sent = self.sock.send(data if step >= len(data) else data[:step])
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             sent = 0
         if sent == len(data):
-            return
+            return deadline
         view = memoryview(data)[sent:]
         # A client that reads, however slowly, has not stopped reading: each part of the
         # reply it takes gives it the command timeout again for the next, as Postfix
@@ -574,7 +582,7 @@ class Connection:
             deadline = self._send_deadline(last)
         while view:
             try:
-                sent = self.sock.send(view)
+                sent = self.sock.send(view[:step])
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
                 events = _POLLIN if isinstance(exc, ssl.SSLWantReadError) else select.POLLOUT
                 if not (wait_alone(self.fd, deadline, events) if last else self._wait(deadline, events)):
@@ -583,6 +591,7 @@ class Connection:
             view = view[sent:]
             if renew:
                 deadline = self._send_deadline(False)
+        return deadline
 
     def _poll(self, timeout: float) -> list:
         if timeout > QUIET_DELAY:

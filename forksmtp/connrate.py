@@ -3,9 +3,10 @@
 ``server.max_connection_rate`` is Postfix's ``smtpd_client_connection_rate_limit``,
 counted as its anvil server counts it: per address, the connections since the
 address's window began, a window being RATE_WINDOW (anvil's time unit, 60 s) from the
-first connection counted in it.  Every connection counts, refused or not, so a client
-that keeps hammering stays refused until its window ends, and is then let in again up
-to the limit.  Off (0) by default, as in Postfix: a busy relay may open hundreds of
+first connection counted in it.  Every connection a worker takes counts, refused or
+not, so a client that keeps hammering stays refused until its window ends, and is then
+let in again up to the limit; those the master refuses itself (every worker busy, at
+max_workers) never reach a worker and are not counted.  Off (0) by default, as in Postfix: a busy relay may open hundreds of
 connections a minute, and where the rate of a flood matters a firewall's per-source
 limit drops it before accept(2), which no check in the server can.
 

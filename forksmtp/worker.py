@@ -123,8 +123,9 @@ class Worker:
         self.quitting = False
         self.served = 0
         # The session being served began in stress mode: its timeouts are the short ones,
-        # and a wait to send counts as one deadline however the client reads (Postfix's
-        # smtpd_per_record_deadline, which its default turns on under stress only).
+        # and a wait to send counts as one deadline however the client reads (stricter
+        # than Postfix's smtpd_per_record_deadline under stress, which times each reply:
+        # workers are scarce then, and a batch is bounded by one read's replies).
         self.stressed = False
         self._shortage_warning = limits.Seldom(60.0)
         self._maildirs_call = limits.Seldom(MAILDIR_CALL_EVERY)

@@ -672,3 +672,43 @@ def run_clients(n: int, target, join_timeout: float = 120.0, **kwargs) -> list:
     for t in threads:
         t.join(max(0.0, end - time.monotonic()))
     return results
+
+
+#: A host name of 253 octets, the most a domain may have: the EHLO reply that names it
+#: is some 350 octets, so a batch of pipelined EHLOs owes many times its own size.
+LONG_NAME = ".".join(("a" * 63, "b" * 63, "c" * 63, "d" * 61))
+
+
+def ehlo_batch(count: int) -> bytes:
+    """``count`` pipelined EHLOs and a QUIT: 8 octets a command, one read of the server's
+    taking 8,000 of them (a TLS record, 2,000)."""
+    return b"EHLO c\r\n" * count + b"QUIT\r\n"
+
+
+def small_window_socket(rcvbuf: int) -> socket.socket:
+    """An unconnected TCP socket that asks for the smallest segments Linux allows and
+    keeps a small, fixed receive window: the server's send buffer then holds far fewer
+    octets (a few MB on loopback otherwise), so a batch of replies outgrows it."""
+    s = socket.socket()
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 88)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    return s
+
+
+def paced_read(sock, request: bytes, rate: int) -> tuple[bytes, float]:
+    """Send ``request``, then read to the close at ``rate`` octets a second, catching
+    up after a stall (a slow reader, not a stopped one); at most 60 s.  Returns what
+    was read and the seconds it took; a reset raises."""
+    sock.sendall(request)
+    wire = bytearray()
+    started = time.monotonic()
+    while (took := time.monotonic() - started) < 60:
+        due = int(rate * took) - len(wire)
+        if due < 4096:
+            time.sleep(0.005)
+            continue
+        chunk = sock.recv(due)
+        if not chunk:
+            break
+        wire += chunk
+    return bytes(wire), took

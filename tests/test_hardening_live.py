@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from daemon import (RawSMTP, after_a_turn, read_reply, read_to_close, request_stats, send_message, server_end,
-                    wait_until, worker_states)
+from daemon import (LONG_NAME, RawSMTP, after_a_turn, ehlo_batch, paced_read, read_reply, read_to_close,
+                    request_stats, send_message, server_end, small_window_socket, wait_until, worker_states)
 from forksmtp.connection import DISCARD_READS, RECV_SIZE, discard_unread, room_for_a_line
 
 FAST = {"command": 1, "data_block": 1, "data_done": 4, "session": 6, "min_data_rate": 2000}
@@ -216,30 +216,12 @@ def test_a_client_that_talks_then_half_closes_is_an_early_talker(daemon_factory)
 
 
 def paced_read_of_replies(d, count: int, rate: int) -> tuple[bytes, float]:
-    """Send ``count`` pipelined EHLOs and a QUIT, then read the replies at ``rate``
-    octets a second, catching up after a stall, to the close.  A reset raises."""
-    s = socket.socket()
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 88)  # keeps the server's buffer small
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and a small window, not autotuned
-    s.settimeout(10)
-    s.connect((d.host, d.port))
-    wire = bytearray()
-    with s:
-        s.sendall(b"EHLO c\r\n" * count + b"QUIT\r\n")
-        started = time.monotonic()
-        while (took := time.monotonic() - started) < 60:
-            due = int(rate * took) - len(wire)
-            if due < 4096:
-                time.sleep(0.005)
-                continue
-            chunk = s.recv(due)
-            if not chunk:
-                break
-            wire += chunk
-    return bytes(wire), took
-
-
-LONG_NAME = ".".join(("a" * 63, "b" * 63, "c" * 63, "d" * 61))  # 253 octets
+    """Send ``count`` pipelined EHLOs and a QUIT over a small window, then read the
+    replies at ``rate`` octets a second to the close.  A reset raises."""
+    with small_window_socket(4096) as s:
+        s.settimeout(10)
+        s.connect((d.host, d.port))
+        return paced_read(s, ehlo_batch(count), rate)
 
 
 def test_a_client_reading_a_long_batch_of_replies_slowly_but_steadily_gets_them_all(daemon_factory):

@@ -32,9 +32,9 @@ import psutil
 import pytest
 
 import tls_certs
-from daemon import (SYSCALL_NR, Daemon, RawSMTP, connect, free_port, in_any_syscall, read_reply, read_to_close,
-                    request_stats, serving_worker, shown, wait_until, worker_states, workers_replacing,
-                    write_config)
+from daemon import (LONG_NAME, SYSCALL_NR, Daemon, RawSMTP, connect, ehlo_batch, free_port, in_any_syscall,
+                    paced_read, read_reply, read_to_close, request_stats, serving_worker, shown,
+                    small_window_socket, wait_until, worker_states, workers_replacing, write_config)
 from forksmtp import auth
 from forksmtp.tls import expiry_warning
 
@@ -476,6 +476,29 @@ def one_smtps_session_per_address(daemon_factory, certs, tmp_path) -> tuple[Daem
     d = daemon_factory(server={"max_connections_per_ip": 1},
                        sections=tls_sections(certs, pw, tls={"implicit_listen": [f"{HOST}:{implicit}"]}))
     return d, implicit
+
+
+def test_an_smtps_client_reading_a_long_batch_of_replies_slowly_but_steadily_gets_them_all(
+        daemon_factory, certs, tmp_path):
+    """As test_hardening_live's plain reader, over TLS: SSLSocket.send takes a whole
+    buffer or raises until it can, so the worker sends a record at a time, and each one
+    the client takes renews the wait.  Each TLS record the server reads holds 2,000 of
+    the EHLOs, whose 0.7 MB of replies wait some 1.5 s for room at 450 KB/s, past the
+    1 s command timeout; the whole batch as one send was cut off there."""
+    pw = password_file(tmp_path / "passwd", alice=PASSWORD)
+    implicit = free_port()
+    sections = tls_sections(certs, pw, tls={"implicit_listen": [f"{HOST}:{implicit}"]})
+    d = daemon_factory(server={"hostname": LONG_NAME},
+                       sections={**sections, "timeouts": {"command": 1, "session": 60}})
+    raw = small_window_socket(1024)
+    raw.settimeout(TIMEOUT)
+    raw.connect((HOST, implicit))
+    with certs.client_context().wrap_socket(raw, server_hostname="localhost") as s:
+        assert read_reply(s).startswith(b"220 ")
+        wire, took = paced_read(s, ehlo_batch(8000), 450_000)
+    assert wire.count(b"\r\n250 ") == 8000, (len(wire), took)
+    assert wire.endswith(b"\r\n") and wire.rsplit(b"\r\n", 2)[-2].startswith(b"221 "), wire[-200:]
+    assert "[CLOSE] 127.0.0.1 client quit" in d.wait_for_log("[CLOSE]")
 
 
 def test_an_smtps_early_talker_reads_its_521_and_a_clean_close(daemon_factory, certs, tmp_path):

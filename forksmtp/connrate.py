@@ -5,10 +5,12 @@ counted as its anvil server counts it: per address, the connections since the
 address's window began, a window being RATE_WINDOW (anvil's time unit, 60 s) from the
 first connection counted in it.  Every connection a worker takes counts, refused or
 not, so a client that keeps hammering stays refused until its window ends, and is then
-let in again up to the limit; those the master refuses itself (every worker busy, at
-max_workers) never reach a worker and are not counted.  Off (0) by default, as in Postfix: a busy relay may open hundreds of
-connections a minute, and where the rate of a flood matters a firewall's per-source
-limit drops it before accept(2), which no check in the server can.
+let in again up to the limit.  Those refused before a worker counts them are not
+counted: the master's own 421 when every worker is busy at max_workers, and a worker's
+421 when it is out of descriptors.  Off (0) by default, as in Postfix: a busy relay may
+open hundreds of connections a minute, and where the rate of a flood matters a
+firewall's per-source limit drops it before accept(2), which no check in the server
+can.
 
 A table in anonymous shared memory, created by the master before it forks, as the
 AUTH limiter's: keyed the same way (an IPv6 client by its /64, whose 2**64 addresses

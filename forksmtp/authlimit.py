@@ -41,6 +41,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from typing import Callable
 
 from .scoreboard import ip_key
 from .snapshot import _V4_PREFIX
@@ -80,6 +81,27 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def find_bucket(board, mm: mmap.mmap, entry: struct.Struct, buckets: int, key: bytes,
+                spent: Callable[[tuple], bool], started: int) -> int:
+    """The bucket for ``key`` in a shared table of ``entry`` records keyed by their
+    first field (this module's, and connrate's): its own wherever it is in the probe
+    chain (a spent or empty bucket before it must not hide it), else the first that
+    ``spent`` says holds nothing left to keep, else the one whose window (field
+    ``started``) began first."""
+    start = board.bucket_of(key, buckets)  # keyed: nobody picks colliding addresses
+    free, oldest, oldest_t = -1, start, float("inf")
+    for i in range(_PROBE):
+        b = (start + i) % buckets
+        fields = entry.unpack_from(mm, b * entry.size)
+        if fields[0] == key:
+            return b
+        if free < 0 and spent(fields):
+            free = b
+        if fields[started] < oldest_t:
+            oldest, oldest_t = b, fields[started]
+    return free if free >= 0 else oldest
+
+
 class AuthLimiter:
     def __init__(self, board, buckets: int = BUCKETS, max_failures: int = 5, window: float = 300.0,
                  checks: int = 0) -> None:
@@ -108,21 +130,8 @@ class AuthLimiter:
         self.checks = checks or cpu_count()
 
     def _find(self, key: bytes, now: float) -> int:
-        """The bucket for key: its own wherever it is in the probe chain (an expired or
-        empty bucket before it must not hide it), else the first empty or expired one,
-        else the oldest."""
-        start = self.board.bucket_of(key, self.buckets)  # keyed: nobody picks colliding addresses
-        free, oldest, oldest_t = -1, start, float("inf")
-        for i in range(_PROBE):
-            b = (start + i) % self.buckets
-            k, n, running, t, last = _ENTRY.unpack_from(self._mm, b * _ENTRY.size)
-            if k == key:
-                return b
-            if free < 0 and self._spent(n, running, t, last, now):
-                free = b
-            if t < oldest_t:
-                oldest, oldest_t = b, t
-        return free if free >= 0 else oldest
+        return find_bucket(self.board, self._mm, _ENTRY, self.buckets, key,
+                           lambda f: self._spent(f[1], f[2], f[3], f[4], now), 3)
 
     def _spent(self, n: int, running: int, t: float, last: float, now: float) -> bool:
         """An entry with nothing left to keep: no failure in a window still open, and no

@@ -25,13 +25,12 @@ from __future__ import annotations
 import mmap
 import struct
 
-from .authlimit import client_key
+from .authlimit import client_key, find_bucket
 
 # Address key, connections in the window, window start (monotonic).
 _ENTRY = struct.Struct("<16sId")
 RATE_WINDOW = 60.0
 BUCKETS = 65536
-_PROBE = 8
 
 
 class ConnectionRate:
@@ -54,17 +53,7 @@ class ConnectionRate:
         return n + 1
 
     def _find(self, key: bytes, now: float) -> int:
-        """The bucket for key: its own wherever it is in the probe chain, else the first
-        whose window is over (or that was never used), else the oldest."""
-        start = self.board.bucket_of(key, self.buckets)  # keyed: nobody picks colliding addresses
-        free, oldest, oldest_t = -1, start, float("inf")
-        for i in range(_PROBE):
-            b = (start + i) % self.buckets
-            k, n, t = _ENTRY.unpack_from(self._mm, b * _ENTRY.size)
-            if k == key:
-                return b
-            if free < 0 and (n == 0 or now - t >= self.window):
-                free = b
-            if t < oldest_t:
-                oldest, oldest_t = b, t
-        return free if free >= 0 else oldest
+        """The bucket for key; one whose window is over, or that was never used, is
+        free to take."""
+        return find_bucket(self.board, self._mm, _ENTRY, self.buckets, key,
+                           lambda f: f[1] == 0 or now - f[2] >= self.window, 2)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import (config as config_mod, connection, limits, listeners, maildirs, pool, process,
+from . import (config as config_mod, connection, growth, limits, listeners, maildirs, pool, process,
                stats, tls)
 from .authlimit import AuthLimiter
 from .connrate import ConnectionRate
@@ -140,6 +140,9 @@ class Arbiter:
         self.stress = limits.StressSwitch()
         self.spawn_pending = False
         self.dry = False  # no worker idle or starting at the last look
+        self.dry_since = 0.0  # when the pool last ran out of idle workers
+        self.cpu = growth.CpuGauge()  # whether a busy pool's CPUs have time for a worker more
+        self.backlog = growth.Backlog()  # how long clients have waited in the listen queues
         self.old_pending = False  # a reload's old generation still to be retired
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
@@ -604,8 +607,15 @@ class Arbiter:
     def _manage_pool(self, now: float, snap=None) -> None:
         snap = snap or self._snapshot()
         settings = dataclasses.replace(pool.PoolSettings.from_server(self.cfg.server), workers=self.target)
-        self.dry = not snap.count(IDLE, STARTING)
-        plan = pool.plan(snap, settings, self.pool_state, now, waiting=self.dry and self._clients_waiting())
+        dry = not snap.count(IDLE, STARTING)
+        if dry and not self.dry:
+            self.dry_since = now
+        self.dry = dry
+        cpu_spare = self.cpu.has_spare(now, self.dry_since) is True  # sampled at every look
+        waiting = self._clients_waiting() if self.dry else 0
+        stalled = self.backlog.waited(now, waiting, snap.connections_total) >= growth.WAIT_LIMIT
+        plan = pool.plan(snap, settings, self.pool_state, now, waiting=waiting > 0,
+                         cpu_spare=cpu_spare, stalled=stalled)
         # Log a reason once (per back-off step), not every tick: its text carries a
         # countdown and the count of crashes, which grows within a step.  A tick that
         # needs no worker has no reason to give; within a back-off it does not make the
@@ -652,10 +662,19 @@ class Arbiter:
         never switch stress on."""
         return min(self._ceiling(), self.cfg.server.max_connections)
 
-    def _clients_waiting(self) -> bool:
-        """Whether a client waits in a listen queue (a poll, which takes nothing from it)."""
-        socks = list(self.sockets.values())
-        return bool(socks) and bool(select.select(socks, [], [], 0)[0])
+    def _clients_waiting(self) -> int:
+        """How many clients wait in the listen queues (their accept queues' lengths; one
+        for each readable socket whose length is unknown), taking nothing from them."""
+        count, unknown = 0, []
+        for sock in self.sockets.values():
+            n = growth.queued(sock)
+            if n is None:
+                unknown.append(sock)
+            else:
+                count += n
+        if unknown:
+            count += len(select.select(unknown, [], [], 0)[0])
+        return count
 
     def _fresh_ceiling_warnings(self) -> None:
         """After a reload (a new max_workers is a new ceiling) and again once the old

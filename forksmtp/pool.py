@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .growth import WINDOW
 from .scoreboard import BUSY, IDLE, STARTING, STOPPING, Snapshot
 
 CEILING = "max_workers reached"
@@ -31,6 +32,7 @@ CEILING_WARN_EVERY = 1000.0
 
 MAX_SPAWN_RATE = 32
 RETIRE_EVERY = 1.0  # seconds between two retirements of surplus idle workers (max_idle)
+SPARE_EVERY = WINDOW  # seconds between two spares started while every worker is busy
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class PoolState:
     fork_failed: bool = False  # the back-off is for fork() failing, not for workers crashing
     retire_requests: int = 0  # SIGTTOU: retire one worker now, whatever max_idle says
     last_idle_retire: float = float("-inf")  # when the last surplus idle worker was retired
+    last_spare_growth: float = float("-inf")  # when a busy pool last grew by a spare
 
     def record_exit(self, lifetime: float, now: float) -> None:
         """Report an unplanned worker exit (crash, signal, error status) with its lifetime.
@@ -117,11 +120,16 @@ def current_workers(snap: Snapshot) -> list:
 
 
 def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float,
-         waiting: bool = False) -> Plan:
+         waiting: bool = False, cpu_spare: bool = True, stalled: bool = False) -> Plan:
     """What to start and what to retire.  ``waiting``: a client waits in a listen queue
     and no worker is idle or starting; the pool then grows below the ceiling even where
     it keeps no spares (``min_spare_workers = 0``), as Postfix's master starts a process
-    for a waiting client, so that nobody waits for a worker to finish its session."""
+    for a waiting client, so that nobody waits for a worker to finish its session.
+
+    With every worker busy, the pool grows only while ``cpu_spare`` (the CPUs had time
+    to spare of late: see growth.py) or once ``stalled`` (a client has waited
+    growth.WAIT_LIMIT in a listen queue): on CPUs already saturated, a worker more only
+    takes turns with the others."""
     state._settle(now)
     current = current_workers(snap)
     idle = [s for s in current if s.state in (STARTING, IDLE)]
@@ -129,13 +137,14 @@ def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float,
     room = ceiling - len(snap.slots)
     starting = sum(1 for s in current if s.state == STARTING)
     spawn, reason = _spawn(settings, state, now, len(current), len(idle), room, ceiling, starting,
-                           waiting and not idle)
+                           waiting and not idle, cpu_spare, stalled)
     retire = () if spawn else _retire(settings, state, now, current, idle)
     return Plan(spawn, retire, state.backoff_until, reason)
 
 
 def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, idle: int,
-           room: int, ceiling: int, starting: int = 0, waiting: bool = False) -> tuple[int, str]:
+           room: int, ceiling: int, starting: int = 0, waiting: bool = False,
+           cpu_spare: bool = True, stalled: bool = True) -> tuple[int, str]:
     need_min = settings.workers - current
     need_spare = max(settings.min_spare, 0) - idle
     if need_min <= 0 and need_spare <= 0 and not waiting:
@@ -156,6 +165,15 @@ def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, i
     # prefork), not just the shortfall, so queued clients get workers in a few ticks.
     # With some idle, top up to min_spare only, which never overshoots the pool.
     burst = need_min <= 0 and idle == 0 and (need_spare > 0 or waiting)  # not a fresh generation
+    if burst and not stalled:
+        # Nobody has waited long: a worker more only where the CPUs have had time for
+        # it, and one at a time, each judged over a whole window of their time (the
+        # doubling outran the window: 35 workers where 8 to 14 did best).
+        state.spawn_rate = 1
+        if not cpu_spare or now - state.last_spare_growth < SPARE_EVERY:
+            return 0, ""
+        state.last_spare_growth = now
+        return 1, ""
     spawn = min(room, max(need_min, state.spawn_rate if burst else max(need_spare, 0)))
     if burst:
         state.spawn_rate = min(state.spawn_rate * 2, MAX_SPAWN_RATE)

@@ -108,7 +108,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--port-base", type=int, default=24250,
         help="forksmtp port; the peer uses +1, smtp-sink +2, pyfloor +3 (keep them below the "
         "ephemeral range, 32768+, where client sockets could hold them)")
-    add("--spare-workers", type=int, default=2, help="forksmtp workers beyond the sessions")
+    add("--spare-workers", type=int, default=2, 
+        help="pyfloor's workers beyond the sessions; forksmtp's max_workers is the "
+             "sessions, this and 8 (its pool sizes itself below that)")
     add("--warmup", type=int, default=4,
         help="untimed messages per session sent to each SMTP server before its cell")
     add("--big-mib", type=int, default=50, help="size of the streamed message (0: skip)")

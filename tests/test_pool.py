@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from forksmtp import scoreboard as sbm
-from forksmtp.pool import MAX_SPAWN_RATE, PoolSettings, PoolState, plan
+from forksmtp.pool import MAX_SPAWN_RATE, SPARE_EVERY, PoolSettings, PoolState, plan
 from forksmtp.scoreboard import BUSY, IDLE, STARTING, STOPPING, SlotInfo, Snapshot, Totals
 
 NOW = 10_000.0
@@ -82,8 +82,9 @@ def test_a_waiting_client_grows_a_pool_that_keeps_no_spares():
     capped = plan(snap("B B B B"), settings(min_spare=0, max_workers=4), PoolState(), NOW,
                   waiting=True)
     assert capped.spawn == 0 and "max_workers" in capped.reason
-    state = PoolState()  # a burst of waiting clients: the doubling rate, as with spares
-    assert [plan(snap("B " * n), cfg, state, NOW, waiting=True).spawn for n in (4, 5, 7)] == [1, 2, 4]
+    state = PoolState()  # a burst of clients kept waiting: the doubling rate, as with spares
+    assert [plan(snap("B " * n), cfg, state, NOW, waiting=True, stalled=True).spawn
+            for n in (4, 5, 7)] == [1, 2, 4]
 
 
 def test_ceiling_gives_a_reason():
@@ -96,14 +97,15 @@ def test_spawn_rate_doubles_to_cap_and_resets():
     cfg = settings(workers=1, max_workers=1000, min_spare=500)
     state, busy, spawned = PoolState(), 1, []
     for tick in range(8):  # every new worker is taken by a client before the next tick
-        result = plan(snap(" ".join("B" * busy), nslots=1000), cfg, state, NOW + tick)
+        result = plan(snap(" ".join("B" * busy), nslots=1000), cfg, state, NOW + tick,
+                      stalled=True)
         spawned.append(result.spawn)
         busy += result.spawn
     assert spawned == [1, 2, 4, 8, 16, 32, 32, 32]
     assert state.spawn_rate == MAX_SPAWN_RATE
     assert plan(snap("I " * 500, nslots=1000), cfg, state, NOW).spawn == 0
     assert state.spawn_rate == 1
-    assert plan(snap("B " * 600, nslots=1000), cfg, state, NOW).spawn == 1
+    assert plan(snap("B " * 600, nslots=1000), cfg, state, NOW, stalled=True).spawn == 1
 
 
 def test_spawn_rate_resets_at_the_ceiling():
@@ -227,10 +229,10 @@ def test_burst_spawns_the_doubling_rate_while_workers_start():
     spawned = []
     busy = 2
     for _ in range(5):
-        result = plan(snap(" ".join(["B"] * busy)), s, state, NOW)
+        result = plan(snap(" ".join(["B"] * busy)), s, state, NOW, stalled=True)
         spawned.append(result.spawn)
         # The new workers start, then take queued clients at once.
-        plan(snap(" ".join(["B"] * busy + ["S"] * result.spawn)), s, state, NOW)
+        plan(snap(" ".join(["B"] * busy + ["S"] * result.spawn)), s, state, NOW, stalled=True)
         busy += result.spawn
     assert spawned == [1, 2, 4, 8, 16]
 
@@ -240,3 +242,33 @@ def test_fresh_generation_is_not_a_burst():
     is started, however high the spawn rate had climbed (no overshoot on reload)."""
     state = PoolState(spawn_rate=16)
     assert plan(snap("b b"), settings(workers=2), state, NOW).spawn == 2
+
+
+def test_a_busy_pool_on_saturated_cpus_grows_only_for_a_client_kept_waiting():
+    """Every worker busy and the CPUs with no time to spare: a worker more would only take
+    turns with the others, so no spare is started, for min_spare_workers or for a client
+    that has just come; a client that has waited growth.WAIT_LIMIT starts the doubling."""
+    state = PoolState()
+    for dt in (0.0, 0.3, 0.6):
+        assert plan(snap("B B B B"), settings(), state, NOW + dt, cpu_spare=False).spawn == 0
+        assert plan(snap("B B B B"), settings(min_spare=0), state, NOW + dt, waiting=True,
+                    cpu_spare=False).spawn == 0
+    grown = [plan(snap("B " * n), settings(max_workers=100), state, NOW + 1, cpu_spare=False,
+                  stalled=True).spawn for n in (4, 5, 7, 11)]
+    assert grown == [1, 2, 4, 8]
+    # The wait over, the rate starts again from one at the next client kept waiting.
+    assert plan(snap("B " * 15), settings(max_workers=100), state, NOW + 2, cpu_spare=False).spawn == 0
+    assert state.spawn_rate == 1
+
+
+def test_a_busy_pool_with_cpu_to_spare_grows_one_worker_a_window():
+    """Every worker busy, the CPUs with time to spare, nobody kept waiting: one spare at
+    a time, each judged over a whole window of CPU time (SPARE_EVERY) before the next."""
+    state, cfg = PoolState(), settings(max_workers=100)
+    spawned = [plan(snap("B " * (4 + i)), cfg, state, NOW + t, cpu_spare=True).spawn
+               for i, t in enumerate((0.0, 0.05, 0.1, SPARE_EVERY - 0.01, SPARE_EVERY,
+                                      SPARE_EVERY + 0.05, 2 * SPARE_EVERY))]
+    assert spawned == [1, 0, 0, 0, 1, 0, 1]
+    # The minimum and the top-up of a pool with some idle are not held back.
+    assert plan(snap("B B"), settings(workers=4), PoolState(), NOW, cpu_spare=False).spawn == 2
+    assert plan(snap("B B I"), settings(min_spare=2), PoolState(), NOW, cpu_spare=False).spawn == 1

@@ -9,6 +9,8 @@ import resource
 import signal
 import smtplib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 from daemon import (RawSMTP, after_a_turn, assert_no_zombies, connect, gone, read_reply, request_stats,
                     send_message, serving_worker, wait_until, worker_pids, worker_states)
 from forksmtp.arbiter import TICK
+from forksmtp.growth import WAIT_LIMIT, WINDOW
 
 SESSIONS = 12
 
@@ -487,3 +490,44 @@ def test_workers_marked_stopping_in_their_sessions_still_count_for_stress(tmp_pa
     finally:
         arbiter.board.close()
     assert "stress mode off" not in log.read_text(), log.read_text()
+
+
+@contextlib.contextmanager
+def cpus_saturated():
+    """One spinning process more than there are CPUs, for as long as the block runs."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range((os.cpu_count() or 1) + 1)]
+    try:
+        yield
+    finally:
+        for p in spinners:
+            p.kill()
+        for p in spinners:
+            p.wait(10)
+
+
+def test_on_saturated_cpus_a_busy_pool_starts_no_spare_but_a_waiting_client_gets_a_worker(daemon_factory):
+    """growth.py: every worker busy and no CPU time to spare, a worker more would only take
+    turns with the others: min_spare_workers starts none.  A client then left waiting in
+    the listen queue gets one started for it once it has waited growth.WAIT_LIMIT."""
+    d = daemon_factory(workers=1, server={"max_workers": 4, "min_spare_workers": 1})
+    with cpus_saturated():
+        time.sleep(2 * WINDOW)  # a window of saturated CPU time before the pool runs dry
+        holder = RawSMTP(d.port)
+        try:
+            assert holder.command(b"EHLO holder.example") == 250
+            time.sleep(4 * WINDOW)  # four windows with every worker busy
+            assert len(worker_pids(d)) == 1  # without the gauge: a spare within a tick
+            sock = connect(d.port)
+            sock.settimeout(20)
+            started = time.monotonic()
+            try:
+                assert read_reply(sock).startswith(b"220 ")
+                waited = time.monotonic() - started
+            finally:
+                sock.close()
+            assert waited >= WAIT_LIMIT  # served by a worker started for it, not by a spare
+            assert len(worker_pids(d)) == 2
+        finally:
+            holder.close()
+    assert_no_zombies(d)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from typing import Any
 
 from .clients import run_our_client, run_smtp_source
@@ -17,6 +18,9 @@ from .processes import run_gated
 from .report import fmt
 from .servers import Server, start_system
 from .summary import METRICS
+
+SETTLE_FOR = 1.0  # seconds of untimed load with forksmtp's pool unchanged before a cell
+SETTLE_MAX = 15.0  # seconds of settling at most
 
 # --------------------------------------------------------------------------- cells
 
@@ -76,6 +80,8 @@ def run_smtp_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str)
     drive = run_smtp_source if bench.args.client == "smtp-source" else run_our_client
     try:
         warm = warm_up(bench, server, drive, tag, sessions)
+        if system == "forksmtp":
+            warm += settle_pool(bench, server, drive, tag, sessions)
         load = drive(bench, server, ids, sessions)
         memory = memory_report(server)
     finally:
@@ -113,6 +119,28 @@ def warm_up(bench: Bench, server: Server, drive, tag: str, sessions: int) -> lis
     if len(acked) != len(ids):
         raise RuntimeError(f"warm-up: {len(acked)} of {len(ids)} messages acked")
     return list(acked)
+
+
+def settle_pool(bench: Bench, server: Server, drive, tag: str, sessions: int) -> list[str]:
+    """forksmtp's pool sizes itself to the load (it starts a worker more only while the
+    CPUs have time for one, one a quarter-second): more untimed batches until its
+    processes have stayed as many for SETTLE_FOR seconds, so that the cell measures the
+    pool the load settles it at rather than its growth.  Returns the acked ids."""
+    acked: list[str] = []
+    count, since, start = len(server.tree()), time.monotonic(), time.monotonic()
+    batch = 0
+    while time.monotonic() - since < SETTLE_FOR and time.monotonic() - start < SETTLE_MAX:
+        batch += 1
+        ids = [f"{tag}.settle{batch}.{i}" for i in range(max(bench.args.warmup, 1) * sessions)]
+        result = drive(bench, server, ids, sessions)
+        got = result["acked"] if result["acked"] is not None else ids[:result.get("count", 0)]
+        if len(got) != len(ids):
+            raise RuntimeError(f"pool settling: {len(got)} of {len(ids)} messages acked")
+        acked += got
+        now_count = len(server.tree())
+        if now_count != count:
+            count, since = now_count, time.monotonic()
+    return acked
 
 
 def keep_log(bench: Bench, server: Server, tag: str) -> None:

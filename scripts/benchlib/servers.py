@@ -16,6 +16,7 @@ from .constants import FLOOR, HOST, QUIT, SINK, SINK_ENV, SINK_PATHS, START_TIME
 from .context import Bench
 from .helpers import port_is_free
 
+FORKSMTP_START = 4  # forksmtp's built-in server.workers: the pool it starts with
 # The peer runs as `python scripts/bench.py serve-aiosmtpd ...`: the entry script sits in
 # the directory above this package (the original, single-file script used its own __file__).
 BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -126,11 +127,14 @@ def wait_ready(server: Server, min_procs: int) -> None:
     time.sleep(0.2)   # let the greeting probe's session end before the CPU baseline
 
 
-def forksmtp_config(path: str, workers: int, sessions: int, fsync_on: bool,
+def forksmtp_config(path: str, workers: int | None, ceiling: int, sessions: int, fsync_on: bool,
                     max_size: int, log_level: str) -> str:
-    """A config raising the pool and connection ceilings above the benchmark's load."""
-    cap = 2 * max(workers, sessions) + 20
-    text = (f"[server]\nworkers = {workers}\nmax_workers = {workers + 8}\n"
+    """A config raising the pool and connection ceilings above the benchmark's load.
+    ``workers`` None: the pool starts at the built-in size and sizes itself up to
+    ``ceiling``, as an operator's does."""
+    cap = 2 * max(ceiling, sessions) + 20
+    start = "" if workers is None else f"workers = {workers}\n"
+    text = (f"[server]\n{start}max_workers = {ceiling}\n"
             f"max_connections = {cap}\nmax_connections_per_ip = {cap}\n"
             f"graceful_timeout = 5\n\n"
             f"[limits]\nmax_message_size = {max_size}\n\n"
@@ -147,9 +151,9 @@ def start_system(bench: "Bench", system: str, fsync_on: bool, sessions: int,
     nothing), each on its own port; wait until ready."""
     args = bench.args
     if system == "forksmtp":
-        workers = workers or sessions + args.spare_workers
-        server = start_forksmtp(bench, fsync_on, sessions, maildir, workers)
-        min_procs = workers + 1
+        ceiling = (workers or sessions + args.spare_workers) + 8
+        server = start_forksmtp(bench, fsync_on, sessions, maildir, workers, ceiling)
+        min_procs = min(workers or FORKSMTP_START, ceiling) + 1
     elif system == SINK:
         port, binary = args.port_base + 2, bench.smtp_sink or SINK
         server = start_server(bench, system, sink_argv(binary, port, sessions), port,
@@ -171,11 +175,11 @@ def start_system(bench: "Bench", system: str, fsync_on: bool, sessions: int,
 
 
 def start_forksmtp(bench: "Bench", fsync_on: bool, sessions: int, maildir: str,
-                   workers: int) -> Server:
+                   workers: int | None, ceiling: int) -> Server:
     args = bench.args
     cfg = forksmtp_config(os.path.join(bench.root, f"forksmtp-{next(bench.server_seq)}.toml"),
-                          workers, sessions, fsync_on,
+                          workers, ceiling, sessions, fsync_on,
                           max(10 * MiB, 2 * args.big_mib * MiB), args.server_log_level)
     argv = bench.forksmtp_cmd + ["-c", cfg, "--listen", f"{HOST}:{args.port_base}",
-                                 "--maildir", maildir, "--workers", str(workers)]
+                                 "--maildir", maildir]
     return start_server(bench, "forksmtp", argv, args.port_base)

@@ -611,10 +611,12 @@ class Arbiter:
         if dry and not self.dry:
             self.dry_since = now
         self.dry = dry
-        cpu_spare = self.cpu.has_spare(now, self.dry_since) is True  # sampled at every look
-        waiting = self._clients_waiting() if self.dry else 0
+        # Both sampled at every look: a window ready when the pool runs dry, and the
+        # queues' history kept while a worker starts (it takes nobody yet).
+        cpu_spare = self.cpu.has_spare(now, self.dry_since, settings.spare_cpu_share) is True
+        waiting = self._clients_waiting()
         stalled = self.backlog.waited(now, waiting, snap.connections_total) >= growth.WAIT_LIMIT
-        plan = pool.plan(snap, settings, self.pool_state, now, waiting=waiting > 0,
+        plan = pool.plan(snap, settings, self.pool_state, now, waiting=waiting,
                          cpu_spare=cpu_spare, stalled=stalled)
         # Log a reason once (per back-off step), not every tick: its text carries a
         # countdown and the count of crashes, which grows within a step.  A tick that

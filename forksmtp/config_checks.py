@@ -231,6 +231,7 @@ _timeout = _check(lambda v: 0 < v <= MAX_TIMEOUT, f"must be a number > 0 and <= 
 #: turn every client away as an early talker or a timeout.
 _greeting_delay = _check(lambda v: 0 <= v < 300, "must be a number >= 0 and < 300 (clients wait 5 minutes for the greeting)")
 _share = _check(lambda v: 0 < v <= 1, "must be a number > 0 and <= 1")
+_share_below_one = _check(lambda v: 0 <= v < 1, "must be a number >= 0 and < 1")
 # A name we put in the greeting and Received headers: a domain or an address literal.
 _HOSTNAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
                        r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?", re.ASCII)

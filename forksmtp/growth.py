@@ -8,13 +8,15 @@ pools held at 8 to 14 workers stored 2,900 to 3,300 msgs/s at 0.38 to 0.41 ms of
 message, one of 52 workers 2,500 to 2,600 at 0.55.  So the pool keeps its spares only
 while a CPU has time for them, and past that grows for clients that wait:
 
-- ``CpuGauge``: whether the CPUs had time to spare (idle, or idle waiting for I/O: a
-  worker more could have used it) over the last ``WINDOW`` seconds, from ``/proc/stat``.
-- ``Backlog``: how long the oldest client counted in the listen queues has waited.  The
-  master counts the queues (the accept queue length that ``TCP_INFO`` gives for a
-  listening socket) and the connections the workers have taken; a queue is served in
-  order, so the clients counted at one look have all been taken once as many
-  connections have been taken since.
+- ``CpuGauge``: whether the CPUs had time to spare (idle, idle waiting for I/O, or
+  given to niced processes: a worker more could have used it) over the last ``WINDOW``
+  seconds, from ``/proc/stat``.
+- ``Backlog``: how long the oldest client in the listen queues has waited.  At each look
+  the master counts the queues (the accept queue length that ``TCP_INFO`` gives for a
+  listening socket) and the connections the workers have taken so far; taken plus
+  queued is how many clients have come.  A queue is served in order, so the oldest
+  client waiting is the one that came after the taken ones, and it was there at the
+  first look that counted that many arrivals.
 
 Both fail open: where ``/proc/stat`` or ``TCP_INFO`` cannot be read, the CPU counts as
 having time to spare, and the pool grows as a classic prefork pool does.
@@ -27,7 +29,7 @@ import struct
 from collections import deque
 
 WINDOW = 0.25  # seconds of CPU time the gauge judges by
-SPARE_SHARE = 0.10  # the CPUs had time to spare when this share of it was idle
+SPARE_SHARE = 0.10  # the CPUs had time to spare when this share of it was idle (server.spare_cpu_share)
 WAIT_LIMIT = 0.1  # a client waiting this long in a listen queue grows the pool anyway
 
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
@@ -39,8 +41,9 @@ _INFO_LEN = _QUEUED_AT + _QUEUED.size
 
 
 def cpu_times(path: str = "/proc/stat") -> tuple[int, int] | None:
-    """(idle, total) clock ticks of all CPUs since boot, idle counting I/O wait; None
-    where the file cannot be read or parsed."""
+    """(spare, total) clock ticks of all CPUs since boot; None where the file cannot be
+    read or parsed.  Spare is idle time, I/O wait (idle while I/O is pending) and the
+    time of niced processes (nice > 0), which yield it to the workers when they want it."""
     try:
         with open(path, "rb") as f:
             first = f.readline()
@@ -51,7 +54,7 @@ def cpu_times(path: str = "/proc/stat") -> tuple[int, int] | None:
         return None
     # user nice system idle iowait irq softirq steal: steal is time the host gave to
     # another guest, not time this one could have used.
-    return fields[3] + fields[4], sum(fields)
+    return fields[1] + fields[3] + fields[4], sum(fields)
 
 
 class CpuGauge:
@@ -62,11 +65,13 @@ class CpuGauge:
         self.window = window
         self.samples: deque[tuple[float, int, int]] = deque()
 
-    def has_spare(self, now: float, since: float = float("-inf")) -> bool | None:
-        """Did the CPUs have time to spare over the last WINDOW?  Judged only over looks
-        taken at ``since`` or later (when the pool ran out of idle workers: CPU time idle
-        before then says nothing of what a worker more would get); None until a whole
-        WINDOW of such looks is there.  Called at every look, which it samples."""
+    def has_spare(self, now: float, since: float = float("-inf"),
+                  share: float = SPARE_SHARE) -> bool | None:
+        """Did the CPUs have ``share`` of their time to spare over the last WINDOW?
+        Judged only over looks taken at ``since`` or later (when the pool ran out of idle
+        workers: CPU time idle before then says nothing of what a worker more would get);
+        None until a whole WINDOW of such looks is there.  Called at every look, which it
+        samples."""
         times = self.read()
         if times is None:
             return True
@@ -75,10 +80,12 @@ class CpuGauge:
         while len(self.samples) > 2 and self.samples[1][0] <= now - self.window:
             self.samples.popleft()
         start, idle0, total0 = self.samples[0]
-        elapsed = times[1] - total0
-        if start < since or now - start < self.window or elapsed <= 0:
+        elapsed, idle = times[1] - total0, times[0] - idle0
+        if start < since or now - start < self.window:
             return None
-        return (times[0] - idle0) >= SPARE_SHARE * elapsed
+        if elapsed <= 0 or idle < 0:
+            return True  # counters that went back (a CPU taken offline): fail open
+        return idle >= share * elapsed
 
 
 def queued(sock: socket.socket) -> int | None:
@@ -95,20 +102,26 @@ def queued(sock: socket.socket) -> int | None:
 
 
 class Backlog:
-    """How long the oldest client counted in the listen queues has waited."""
+    """How long the oldest client in the listen queues has waited."""
 
     def __init__(self) -> None:
-        self.mark: tuple[float, int, int] | None = None  # (when, queued then, taken then)
+        # (when, clients come by then): one per look that counted more than the last,
+        # from the first look at which a client still waiting was there.
+        self.looks: deque[tuple[float, int]] = deque()
 
     def waited(self, now: float, waiting: int, taken: int) -> float:
         """``waiting``: clients in the listen queues now; ``taken``: connections the
-        workers have taken so far (a running count).  Returns how long at least one of
-        them has been waiting, as far as the looks can tell (0.0 when none waits)."""
+        workers have taken so far (a running count).  Returns how long the oldest of
+        those waiting has waited at least, as far as the looks can tell (0.0 when none
+        waits).  At most one look is kept per client waiting."""
         if waiting <= 0:
-            self.mark = None
+            self.looks.clear()
             return 0.0
-        if self.mark is None or taken - self.mark[2] >= self.mark[1]:
-            # Everyone counted at the mark has been taken: those waiting now came after.
-            self.mark = (now, waiting, taken)
-            return 0.0
-        return now - self.mark[0]
+        come = taken + waiting
+        if not self.looks or come > self.looks[-1][1]:
+            self.looks.append((now, come))
+        # Looks whose clients have all been taken say nothing of those still waiting:
+        # the oldest of these, number taken + 1, was there at the first look left.
+        while self.looks and self.looks[0][1] <= taken:
+            self.looks.popleft()
+        return now - self.looks[0][0] if self.looks else 0.0

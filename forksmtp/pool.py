@@ -5,7 +5,11 @@ the master passes a scoreboard snapshot and gets a Plan:
 
 - keep at least ``workers`` workers of the current generation, all started at once;
 - keep at least ``min_spare`` of them idle (STARTING counts as idle: it was started a tick
-  ago and will be ready soon), forking 1, 2, 4 … up to 32 per tick while the shortfall lasts,
+  ago and will be ready soon).  With some idle, top them up.  With none idle: a worker
+  for each client that has waited growth.WAIT_LIMIT in a listen queue (up to 32 a tick),
+  else one spare a growth.WINDOW while the CPUs had time to spare, else none (a worker
+  more on saturated CPUs only takes turns with the others).  ``spare_cpu_share = 0``
+  keeps Apache's rule instead: 1, 2, 4 … up to 32 per tick while the shortfall lasts,
   back to 1 as soon as a tick needs no spawn;
 - retire one idle worker per tick when more than ``max_spare`` are idle, it has been idle for
   ``max_idle`` seconds and the pool stays at or above ``workers``: one per tick, so recycled
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .growth import WINDOW
+from .growth import SPARE_SHARE, WINDOW
 from .scoreboard import BUSY, IDLE, STARTING, STOPPING, Snapshot
 
 CEILING = "max_workers reached"
@@ -42,12 +46,13 @@ class PoolSettings:
     min_spare: int = 1
     max_spare: int = 8
     max_idle: float = 300.0
+    spare_cpu_share: float = SPARE_SHARE  # 0: spares whatever the CPUs do (a classic pool)
 
     @classmethod
     def from_server(cls, server) -> "PoolSettings":
         """From config.ServerConfig; SIGTTIN/SIGTTOU use dataclasses.replace(workers=...)."""
         return cls(server.workers, server.max_workers, server.min_spare_workers,
-                   server.max_spare_workers, server.max_idle)
+                   server.max_spare_workers, server.max_idle, server.spare_cpu_share)
 
 
 @dataclass(slots=True)
@@ -120,16 +125,17 @@ def current_workers(snap: Snapshot) -> list:
 
 
 def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float,
-         waiting: bool = False, cpu_spare: bool = True, stalled: bool = False) -> Plan:
-    """What to start and what to retire.  ``waiting``: a client waits in a listen queue
-    and no worker is idle or starting; the pool then grows below the ceiling even where
-    it keeps no spares (``min_spare_workers = 0``), as Postfix's master starts a process
-    for a waiting client, so that nobody waits for a worker to finish its session.
+         waiting: int = 0, cpu_spare: bool = True, stalled: bool = False) -> Plan:
+    """What to start and what to retire.  ``waiting``: clients in the listen queues; with
+    no worker idle or starting, the pool then grows below the ceiling even where it keeps
+    no spares (``min_spare_workers = 0``), as Postfix's master starts a process for a
+    waiting client, so that nobody waits for a worker to finish its session.
 
-    With every worker busy, the pool grows only while ``cpu_spare`` (the CPUs had time
-    to spare of late: see growth.py) or once ``stalled`` (a client has waited
-    growth.WAIT_LIMIT in a listen queue): on CPUs already saturated, a worker more only
-    takes turns with the others."""
+    With every worker busy, the pool grows (unless ``spare_cpu_share`` is 0) only while
+    ``cpu_spare`` (the CPUs had time to spare of late: see growth.py), or once
+    ``stalled`` (a client has waited growth.WAIT_LIMIT in a listen queue), and then by
+    no more workers than there are clients waiting: on CPUs already saturated, a worker
+    more only takes turns with the others."""
     state._settle(now)
     current = current_workers(snap)
     idle = [s for s in current if s.state in (STARTING, IDLE)]
@@ -137,13 +143,13 @@ def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float,
     room = ceiling - len(snap.slots)
     starting = sum(1 for s in current if s.state == STARTING)
     spawn, reason = _spawn(settings, state, now, len(current), len(idle), room, ceiling, starting,
-                           waiting and not idle, cpu_spare, stalled)
+                           0 if idle else waiting, cpu_spare, stalled)
     retire = () if spawn else _retire(settings, state, now, current, idle)
     return Plan(spawn, retire, state.backoff_until, reason)
 
 
 def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, idle: int,
-           room: int, ceiling: int, starting: int = 0, waiting: bool = False,
+           room: int, ceiling: int, starting: int = 0, waiting: int = 0,
            cpu_spare: bool = True, stalled: bool = True) -> tuple[int, str]:
     need_min = settings.workers - current
     need_spare = max(settings.min_spare, 0) - idle
@@ -161,15 +167,18 @@ def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, i
         state.spawn_rate = 1
         return 0, f"{CEILING} ({ceiling} workers): no spare to start"
     # The minimum is restored at once (boot, after a crash); spares grow at the doubling rate.
-    # Every worker busy means a burst: spawn the whole rate (1, 2, 4 ... 32, as Apache
-    # prefork), not just the shortfall, so queued clients get workers in a few ticks.
-    # With some idle, top up to min_spare only, which never overshoots the pool.
-    burst = need_min <= 0 and idle == 0 and (need_spare > 0 or waiting)  # not a fresh generation
-    if burst and not stalled:
+    # Every worker busy means a burst.  A classic pool spawns the whole rate (1, 2, 4 ...
+    # 32, as Apache prefork), not just the shortfall, so queued clients get workers in a
+    # few ticks.  With some idle, top up to min_spare only, which never overshoots.
+    burst = need_min <= 0 and idle == 0 and (need_spare > 0 or waiting > 0)  # not a fresh generation
+    if burst and settings.spare_cpu_share > 0:
+        if stalled and waiting:
+            # Clients kept waiting: a worker for each, up to MAX_SPAWN_RATE a tick.  The
+            # queue's length is known, so there is no need to feel for it by doubling.
+            return min(room, waiting, MAX_SPAWN_RATE), ""
         # Nobody has waited long: a worker more only where the CPUs have had time for
         # it, and one at a time, each judged over a whole window of their time (the
         # doubling outran the window: 35 workers where 8 to 14 did best).
-        state.spawn_rate = 1
         if not cpu_spare or now - state.last_spare_growth < SPARE_EVERY:
             return 0, ""
         state.last_spare_growth = now

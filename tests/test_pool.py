@@ -82,9 +82,12 @@ def test_a_waiting_client_grows_a_pool_that_keeps_no_spares():
     capped = plan(snap("B B B B"), settings(min_spare=0, max_workers=4), PoolState(), NOW,
                   waiting=True)
     assert capped.spawn == 0 and "max_workers" in capped.reason
-    state = PoolState()  # a burst of clients kept waiting: the doubling rate, as with spares
-    assert [plan(snap("B " * n), cfg, state, NOW, waiting=True, stalled=True).spawn
-            for n in (4, 5, 7)] == [1, 2, 4]
+    state = PoolState()  # clients kept waiting: a worker for each, up to MAX_SPAWN_RATE a tick
+    big = settings(min_spare=0, max_workers=100)
+    assert [plan(snap("B " * n, 100), big, state, NOW, waiting=w, stalled=True).spawn
+            for n, w in ((4, 3), (7, 40), (39, 8))] == [3, MAX_SPAWN_RATE, 8]
+    classic = settings(min_spare=0, max_workers=100, spare_cpu_share=0.0)  # doubling, as with spares
+    assert [plan(snap("B " * n, 100), classic, state, NOW, waiting=1).spawn for n in (4, 5, 7)] == [1, 2, 4]
 
 
 def test_ceiling_gives_a_reason():
@@ -94,18 +97,18 @@ def test_ceiling_gives_a_reason():
 
 
 def test_spawn_rate_doubles_to_cap_and_resets():
-    cfg = settings(workers=1, max_workers=1000, min_spare=500)
+    """A classic pool's burst (spare_cpu_share = 0), as Apache prefork's."""
+    cfg = settings(workers=1, max_workers=1000, min_spare=500, spare_cpu_share=0.0)
     state, busy, spawned = PoolState(), 1, []
     for tick in range(8):  # every new worker is taken by a client before the next tick
-        result = plan(snap(" ".join("B" * busy), nslots=1000), cfg, state, NOW + tick,
-                      stalled=True)
+        result = plan(snap(" ".join("B" * busy), nslots=1000), cfg, state, NOW + tick)
         spawned.append(result.spawn)
         busy += result.spawn
     assert spawned == [1, 2, 4, 8, 16, 32, 32, 32]
     assert state.spawn_rate == MAX_SPAWN_RATE
     assert plan(snap("I " * 500, nslots=1000), cfg, state, NOW).spawn == 0
     assert state.spawn_rate == 1
-    assert plan(snap("B " * 600, nslots=1000), cfg, state, NOW, stalled=True).spawn == 1
+    assert plan(snap("B " * 600, nslots=1000), cfg, state, NOW).spawn == 1
 
 
 def test_spawn_rate_resets_at_the_ceiling():
@@ -223,16 +226,17 @@ def test_from_server_config():
 
 
 def test_burst_spawns_the_doubling_rate_while_workers_start():
-    """Every worker busy: 1, 2, 4 ... spawned per tick, and the rate is kept while the
-    spawned workers are still starting (a burst of queued clients is being absorbed)."""
-    state, s = PoolState(), settings(workers=2, max_workers=200)
+    """A classic pool, every worker busy: 1, 2, 4 ... spawned per tick, and the rate is
+    kept while the spawned workers are still starting (a burst of queued clients is
+    being absorbed)."""
+    state, s = PoolState(), settings(workers=2, max_workers=200, spare_cpu_share=0.0)
     spawned = []
     busy = 2
     for _ in range(5):
-        result = plan(snap(" ".join(["B"] * busy)), s, state, NOW, stalled=True)
+        result = plan(snap(" ".join(["B"] * busy)), s, state, NOW)
         spawned.append(result.spawn)
         # The new workers start, then take queued clients at once.
-        plan(snap(" ".join(["B"] * busy + ["S"] * result.spawn)), s, state, NOW, stalled=True)
+        plan(snap(" ".join(["B"] * busy + ["S"] * result.spawn)), s, state, NOW)
         busy += result.spawn
     assert spawned == [1, 2, 4, 8, 16]
 
@@ -254,11 +258,11 @@ def test_a_busy_pool_on_saturated_cpus_grows_only_for_a_client_kept_waiting():
         assert plan(snap("B B B B"), settings(min_spare=0), state, NOW + dt, waiting=True,
                     cpu_spare=False).spawn == 0
     grown = [plan(snap("B " * n), settings(max_workers=100), state, NOW + 1, cpu_spare=False,
-                  stalled=True).spawn for n in (4, 5, 7, 11)]
-    assert grown == [1, 2, 4, 8]
-    # The wait over, the rate starts again from one at the next client kept waiting.
-    assert plan(snap("B " * 15), settings(max_workers=100), state, NOW + 2, cpu_spare=False).spawn == 0
-    assert state.spawn_rate == 1
+                  waiting=w, stalled=True).spawn for n, w in ((4, 1), (5, 6), (11, 3))]
+    assert grown == [1, 6, 3]
+    # The wait over, nothing more.
+    assert plan(snap("B " * 14), settings(max_workers=100), state, NOW + 2, cpu_spare=False,
+                waiting=2).spawn == 0
 
 
 def test_a_busy_pool_with_cpu_to_spare_grows_one_worker_a_window():
@@ -272,3 +276,24 @@ def test_a_busy_pool_with_cpu_to_spare_grows_one_worker_a_window():
     # The minimum and the top-up of a pool with some idle are not held back.
     assert plan(snap("B B"), settings(workers=4), PoolState(), NOW, cpu_spare=False).spawn == 2
     assert plan(snap("B B I"), settings(min_spare=2), PoolState(), NOW, cpu_spare=False).spawn == 1
+
+
+def test_a_stalled_burst_starts_a_worker_for_each_client_waiting_up_to_the_rate_cap():
+    """The queue's length is known: a worker for each client kept waiting, at most
+    MAX_SPAWN_RATE a tick (doubling from one, with 32 for 5 clients at its top, made a
+    pool of 227 for 200 sessions, and took 0.3-0.9 s to reach a burst of them)."""
+    cfg = settings(max_workers=300)
+    assert plan(snap("B " * 40, 300), cfg, PoolState(), NOW, waiting=5, cpu_spare=False,
+                stalled=True).spawn == 5
+    assert plan(snap("B " * 45, 300), cfg, PoolState(), NOW, waiting=200, cpu_spare=False,
+                stalled=True).spawn == MAX_SPAWN_RATE
+    assert plan(snap("B " * 290, 300), cfg, PoolState(), NOW, waiting=200, cpu_spare=False,
+                stalled=True).spawn == 10  # the room left
+
+
+def test_spare_cpu_share_zero_keeps_a_classic_pool():
+    """server.spare_cpu_share = 0: every worker busy starts the doubling at once, for
+    min_spare_workers, whatever the CPUs and the queues say."""
+    state, cfg = PoolState(), settings(max_workers=300, spare_cpu_share=0.0)
+    assert [plan(snap("B " * n), cfg, state, NOW, cpu_spare=False).spawn
+            for n in (4, 5, 7, 11)] == [1, 2, 4, 8]

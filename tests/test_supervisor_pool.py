@@ -96,8 +96,11 @@ def test_the_session_that_takes_the_last_idle_worker_gets_the_next_one_started_a
     the master answers at the start of a turn, so that its next tick is a whole TICK
     away, and measures from the connect to the new worker's fork as the kernel recorded
     it (how soon this test notices the new process does not count): a few ms here, a
-    second when the master waits for its tick."""
-    d = daemon_factory(workers=1, server={"max_workers": 20, "min_spare_workers": 1})
+    second when the master waits for its tick.  A classic pool (spare_cpu_share = 0),
+    whose spares do not wait for a window of idle CPU, which a loaded machine may not
+    have."""
+    d = daemon_factory(workers=1, server={"max_workers": 20, "min_spare_workers": 1,
+                                          "spare_cpu_share": 0})
     sessions, delays = [], []
     try:
         for _ in range(7):
@@ -300,8 +303,10 @@ def test_the_ceiling_warning_is_not_repeated_as_sessions_come_and_go(daemon_fact
 def test_a_reloads_own_ceiling_does_not_silence_the_next(daemon_factory):
     """Two idle workers and a reload: the old generation, still draining, counts towards
     max_workers, and the pool's ceiling warning may be written then.  Once it has drained,
-    the first real ceiling (two sessions) is written too."""
-    d = daemon_factory(workers=1, server={"max_workers": 2, "min_spare_workers": 1})
+    the first real ceiling (two sessions) is written too.  A classic pool, whose spare
+    starts whatever the CPUs do."""
+    d = daemon_factory(workers=1, server={"max_workers": 2, "min_spare_workers": 1,
+                                          "spare_cpu_share": 0})
     busy = RawSMTP(d.port)  # takes the one worker: a spare starts
     wait_until(lambda: len(worker_pids(d)) == 2, 10, what="a spare")
     busy.close()
@@ -492,11 +497,17 @@ def test_workers_marked_stopping_in_their_sessions_still_count_for_stress(tmp_pa
     assert "stress mode off" not in log.read_text(), log.read_text()
 
 
+#: A process that spins at the lowest priority there is: it takes CPU time nothing else
+#: wants (so the CPUs show no idle time) and yields it to every other process at once.
+SPIN = "import os; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True: pass"
+
+
 @contextlib.contextmanager
 def cpus_saturated():
-    """One spinning process more than there are CPUs, for as long as the block runs."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                for _ in range((os.cpu_count() or 1) + 1)]
+    """One spinning process more than this process may run on CPUs, for as long as the
+    block runs; at SCHED_IDLE, so that tests running beside it are not slowed."""
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN])
+                for _ in range(len(os.sched_getaffinity(0)) + 1)]
     try:
         yield
     finally:

@@ -615,7 +615,10 @@ class Arbiter:
         # queues' history kept while a worker starts (it takes nobody yet).
         cpu_spare = self.cpu.has_spare(now, self.dry_since, settings.spare_cpu_share) is True
         waiting = self._clients_waiting()
-        stalled = self.backlog.waited(now, waiting, snap.connections_total) >= growth.WAIT_LIMIT
+        # Taken from the queues: by workers (counted at admission) and by the master's own
+        # overflow 421s, which empty the queues as well.
+        taken = snap.connections_total + self.overflow.rejected + self.overflow.rejected_held
+        stalled = self.backlog.waited(now, waiting, taken) >= growth.WAIT_LIMIT
         plan = pool.plan(snap, settings, self.pool_state, now, waiting=waiting,
                          cpu_spare=cpu_spare, stalled=stalled)
         # Log a reason once (per back-off step), not every tick: its text carries a

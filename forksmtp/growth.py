@@ -18,8 +18,15 @@ while a CPU has time for them, and past that grows for clients that wait:
   client waiting is the one that came after the taken ones, and it was there at the
   first look that counted that many arrivals.
 
-Both fail open: where ``/proc/stat`` or ``TCP_INFO`` cannot be read, the CPU counts as
-having time to spare, and the pool grows as a classic prefork pool does.
+Where ``/proc/stat`` cannot be read, the CPUs count as having time to spare (one spare a
+WINDOW while every worker is busy).  Where ``TCP_INFO`` cannot be read, each readable
+listening socket counts as one client waiting.  ``server.spare_cpu_share = 0`` gives a
+classic prefork pool instead.
+
+A queue is served in order, but several queues are not served in order with each other:
+with several listeners the wait measured is the oldest client's only roughly (a client of
+one queue may wait while the workers take another's).  The workers accept from every
+ready listener in one turn, so such a client waits about one session more at most.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, i
     if room <= 0:
         state.spawn_rate = 1
         return 0, f"{CEILING} ({ceiling} workers): no spare to start"
-    # The minimum is restored at once (boot, after a crash); spares grow at the doubling rate.
+    # The minimum is restored at once (boot, after a crash); spares as below.
     # Every worker busy means a burst.  A classic pool spawns the whole rate (1, 2, 4 ...
     # 32, as Apache prefork), not just the shortfall, so queued clients get workers in a
     # few ticks.  With some idle, top up to min_spare only, which never overshoots.

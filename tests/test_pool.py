@@ -76,11 +76,11 @@ def test_a_waiting_client_grows_a_pool_that_keeps_no_spares():
     (as Postfix's master does for a waiting client) rather than leave it waiting for a
     session to end; none while nobody waits, and none past the ceiling."""
     cfg = settings(min_spare=0)
-    assert plan(snap("B B B B"), cfg, PoolState(), NOW, waiting=False).spawn == 0
-    assert plan(snap("B B B B"), cfg, PoolState(), NOW, waiting=True).spawn == 1
-    assert plan(snap("B B B S"), cfg, PoolState(), NOW, waiting=True).spawn == 0  # one coming
+    assert plan(snap("B B B B"), cfg, PoolState(), NOW, waiting=0).spawn == 0
+    assert plan(snap("B B B B"), cfg, PoolState(), NOW, waiting=1).spawn == 1
+    assert plan(snap("B B B S"), cfg, PoolState(), NOW, waiting=1).spawn == 0  # one coming
     capped = plan(snap("B B B B"), settings(min_spare=0, max_workers=4), PoolState(), NOW,
-                  waiting=True)
+                  waiting=1)
     assert capped.spawn == 0 and "max_workers" in capped.reason
     state = PoolState()  # clients kept waiting: a worker for each, up to MAX_SPAWN_RATE a tick
     big = settings(min_spare=0, max_workers=100)
@@ -255,7 +255,7 @@ def test_a_busy_pool_on_saturated_cpus_grows_only_for_a_client_kept_waiting():
     state = PoolState()
     for dt in (0.0, 0.3, 0.6):
         assert plan(snap("B B B B"), settings(), state, NOW + dt, cpu_spare=False).spawn == 0
-        assert plan(snap("B B B B"), settings(min_spare=0), state, NOW + dt, waiting=True,
+        assert plan(snap("B B B B"), settings(min_spare=0), state, NOW + dt, waiting=1,
                     cpu_spare=False).spawn == 0
     grown = [plan(snap("B " * n), settings(max_workers=100), state, NOW + 1, cpu_spare=False,
                   waiting=w, stalled=True).spawn for n, w in ((4, 1), (5, 6), (11, 3))]

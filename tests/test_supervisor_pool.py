@@ -517,6 +517,37 @@ def cpus_saturated():
             p.wait(10)
 
 
+def _cpus_as_proc_stat_sees_them() -> bool:
+    """Whether spinners on the CPUs this process may use saturate what /proc/stat counts:
+    not where a cpuset leaves the host's other CPUs out, or a quota (cgroup v2
+    cpu.max) caps them."""
+    with open("/proc/stat", encoding="ascii") as f:
+        host = sum(1 for line in f if line.startswith("cpu") and line[3].isdigit())
+    return host == len(os.sched_getaffinity(0)) and not _cpu_quota()
+
+
+def _cpu_quota() -> bool:
+    """Whether this process's cgroup caps its CPU time (v2 cpu.max, v1 cfs_quota_us)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if controllers == "":
+            where, limited = Path("/sys/fs/cgroup", rel, "cpu.max"), lambda t: t.split()[0] != "max"
+        elif "cpu" in controllers.split(","):
+            where = Path("/sys/fs/cgroup", controllers, rel, "cpu.cfs_quota_us")
+            limited = lambda t: int(t) > 0  # noqa: E731
+        else:
+            continue
+        try:
+            if limited(where.read_text()):
+                return True
+        except (OSError, ValueError, IndexError):
+            pass
+    return False
+
+
+@pytest.mark.skipif(not _cpus_as_proc_stat_sees_them(),
+                    reason="a cpuset or a CPU quota: spinners cannot saturate what /proc/stat counts")
 def test_on_saturated_cpus_a_busy_pool_starts_no_spare_but_a_waiting_client_gets_a_worker(daemon_factory):
     """growth.py: every worker busy and no CPU time to spare, a worker more would only take
     turns with the others: min_spare_workers starts none.  A client then left waiting in

@@ -40,6 +40,7 @@ from forksmtp.config_checks import (ConfigError, _address, _at_least, _between, 
                                     _string, _strings,
                                     _replaceable_file, _timeout, _user, _writable_file,
                                     _toml_key, working_directory)
+from forksmtp.growth import SPARE_SHARE
 from forksmtp.listeners import ListenAddr, clash, parse_listen
 
 CLI = "command line"  # the "file" of values that came from flags
@@ -66,7 +67,7 @@ class ServerConfig:
     group: str = ""
     min_spare_workers: int = 1
     max_spare_workers: int = 8
-    spare_cpu_share: float = 0.1  # idle CPU share a busy pool needs to start a spare; 0: always
+    spare_cpu_share: float = SPARE_SHARE  # idle CPU share a busy pool needs for a spare; 0: always
     max_sessions_per_worker: int = 10000
     max_sessions_jitter: int = 1000
     max_idle: float = 300.0  # retire surplus idle workers idle this long
@@ -169,7 +170,7 @@ _KEYS: tuple[tuple[str, str, Callable, object, Callable | None], ...] = (
     ("server", "group", _string, "", _group),
     ("server", "min_spare_workers", _integer, 1, _at_least(0)),
     ("server", "max_spare_workers", _integer, 8, _at_least(1)),
-    ("server", "spare_cpu_share", _number, 0.1, _share_below_one),
+    ("server", "spare_cpu_share", _number, SPARE_SHARE, _share_below_one),
     ("server", "max_sessions_per_worker", _integer, 10000, _at_least(1)),
     ("server", "max_sessions_jitter", _integer, 1000, _at_least(0)),
     ("server", "max_idle", _number, 300, _positive),

@@ -108,7 +108,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--port-base", type=int, default=24250,
         help="forksmtp port; the peer uses +1, smtp-sink +2, pyfloor +3 (keep them below the "
         "ephemeral range, 32768+, where client sockets could hold them)")
-    add("--spare-workers", type=int, default=2, 
+    add("--spare-workers", type=int, default=2,
         help="pyfloor's workers beyond the sessions; forksmtp's max_workers is the "
              "sessions, this and 8 (its pool sizes itself below that)")
     add("--warmup", type=int, default=4,

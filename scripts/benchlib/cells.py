@@ -112,12 +112,16 @@ def warm_up(bench: Bench, server: Server, drive, tag: str, sessions: int) -> lis
     shares with the master copy them) that its long life amortises.  Returns the acked
     ids, which the stored-files check then expects too."""
     ids = [f"{tag}.warm{i}" for i in range(bench.args.warmup * sessions)]
-    if not ids:
-        return []
+    return untimed(bench, server, drive, ids, sessions, "warm-up") if ids else []
+
+
+def untimed(bench: Bench, server: Server, drive, ids: list[str], sessions: int,
+            what: str) -> list[str]:
+    """Send ``ids`` untimed; every one must be acked.  Returns the acked ids."""
     result = drive(bench, server, ids, sessions)
     acked = result["acked"] if result["acked"] is not None else ids[:result.get("count", 0)]
     if len(acked) != len(ids):
-        raise RuntimeError(f"warm-up: {len(acked)} of {len(ids)} messages acked")
+        raise RuntimeError(f"{what}: {len(acked)} of {len(ids)} messages acked")
     return list(acked)
 
 
@@ -132,11 +136,7 @@ def settle_pool(bench: Bench, server: Server, drive, tag: str, sessions: int) ->
     while time.monotonic() - since < SETTLE_FOR and time.monotonic() - start < SETTLE_MAX:
         batch += 1
         ids = [f"{tag}.settle{batch}.{i}" for i in range(max(bench.args.warmup, 1) * sessions)]
-        result = drive(bench, server, ids, sessions)
-        got = result["acked"] if result["acked"] is not None else ids[:result.get("count", 0)]
-        if len(got) != len(ids):
-            raise RuntimeError(f"pool settling: {len(got)} of {len(ids)} messages acked")
-        acked += got
+        acked += untimed(bench, server, drive, ids, sessions, "pool settling")
         now_count = len(server.tree())
         if now_count != count:
             count, since = now_count, time.monotonic()

@@ -68,20 +68,41 @@ def in_flock_lock_ex(worker: psutil.Process) -> bool:
     return args is not None and args[1] & ~fcntl.LOCK_NB == fcntl.LOCK_EX  # tried first without waiting
 
 
+def holds_flock(pid: int) -> bool:
+    """Does process ``pid`` hold an exclusive flock(2) (/proc/locks)?"""
+    with open("/proc/locks", encoding="ascii") as f:
+        return any(fields[1:5] == ["FLOCK", "ADVISORY", "WRITE", str(pid)]
+                   for fields in (line.split() for line in f))
+
+
 def stop_in_admission(d, worker: psutil.Process) -> socket.socket:
     """Connect a client and stop ``worker`` (the daemon's only idle one) while it holds the
     admission lock for it, as SIGSTOP or a debugger may catch it: strace holds its flock's
-    return, and the stop takes effect as the tracer lets go.  The client's socket."""
-    tracer = trace_next_admission(worker.pid)
-    try:
-        client = connect(d.port)  # accepted by the worker, which then takes the lock
-        wait_until(lambda: in_flock_lock_ex(worker), 10, what="the worker held in flock")
-        worker.send_signal(signal.SIGSTOP)
-    finally:
-        tracer.terminate()
-        tracer.wait(10)
-    wait_until(lambda: worker.status() == "stopped", 10, what="the worker stopped")
-    return client
+    return, and the stop takes effect as the tracer lets go.  The client's socket.
+
+    The worker first tries the lock without waiting; where the master held it at that
+    moment (it takes it at each of its looks, every 50 ms while no worker is idle), the
+    held return is a refusal, and the worker would be stopped holding nothing: then the
+    client goes, the worker is let on, and the next connection tries again."""
+    for _ in range(5):
+        tracer = trace_next_admission(worker.pid)
+        try:
+            client = connect(d.port)  # accepted by the worker, which then takes the lock
+            wait_until(lambda: in_flock_lock_ex(worker), 10, what="the worker held in flock")
+            held = holds_flock(worker.pid)
+            if held:
+                worker.send_signal(signal.SIGSTOP)
+        finally:
+            tracer.terminate()
+            tracer.wait(10)
+        if held:
+            wait_until(lambda: worker.status() == "stopped", 10, what="the worker stopped")
+            return client
+        client.close()
+        wait_until(lambda: not holds_flock(worker.pid) and not in_flock_lock_ex(worker), 10,
+                   what="the worker past its admission")
+        time.sleep(0.5)  # its session over, idle again
+    raise AssertionError("the worker never took the admission lock at its first try")
 
 
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None or FLOCK_NR is None,

@@ -1106,6 +1106,36 @@ def test_a_hash_no_check_could_compute_is_refused_at_load(tmp_path, log2_n, r, p
     assert auth.verify(f"scrypt$16$8$1${salt}${key}", "pw") is False
 
 
+def _reading_its_terminal(pid: int) -> bool | None:
+    """Whether ``pid`` sleeps in a system call on its terminal (/proc/PID/syscall: the
+    call a task that is not running is in, and its arguments); None where that cannot
+    be read.  After the prompt, that call is getpass's read."""
+    try:
+        with open(f"/proc/{pid}/syscall", encoding="ascii") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    try:  # "running", or "-1 SP PC" outside a system call: no fd to look at
+        target = os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}")
+        return target in ("/dev/tty", os.readlink(f"/proc/{pid}/fd/0"))
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _until_reading_its_terminal(pid: int, limit: float = 10.0) -> None:
+    """Waits until ``pid`` blocks reading its terminal.  A key typed the moment the
+    prompt shows can come too soon: a Ctrl-C whose SIGINT lands between the prompt's
+    write and the read runs CPython's C-level handler, but KeyboardInterrupt is raised
+    only once the read returns, which it then never does (the test waited out its 30 s,
+    and closing the terminal killed the child with SIGHUP: status -1)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        reading = _reading_its_terminal(pid)
+        if reading is None or reading:
+            return
+        time.sleep(0.005)
+
+
 def _passwd_at_a_terminal(tmp_path: Path, keys: bytes) -> tuple[int, bytes]:
     """`forksmtp passwd` with a terminal of its own (getpass reads /dev/tty): ``keys``
     typed at the prompt; its exit status and everything it wrote to the terminal."""
@@ -1127,6 +1157,7 @@ def _passwd_at_a_terminal(tmp_path: Path, keys: bytes) -> tuple[int, bytes]:
                 break
             out += chunk
             if not typed and b"Password: " in out:
+                _until_reading_its_terminal(pid)
                 os.write(fd, keys)
                 typed = True
     finally:

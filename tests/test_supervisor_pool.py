@@ -21,7 +21,7 @@ import pytest
 from daemon import (RawSMTP, after_a_turn, assert_no_zombies, connect, gone, read_reply, request_stats,
                     send_message, serving_worker, wait_until, worker_pids, worker_states)
 from forksmtp.arbiter import TICK
-from forksmtp.growth import WAIT_LIMIT, WINDOW
+from forksmtp.growth import SPARE_SHARE, WAIT_LIMIT, WINDOW, cpu_times
 
 SESSIONS = 12
 
@@ -517,6 +517,48 @@ def cpus_saturated():
             p.wait(10)
 
 
+class SpareWatch:
+    """growth.cpu_times() sampled every 20 ms in a thread while the block runs, as the
+    master samples it: the largest share of CPU time it counts as spare (idle, I/O wait,
+    niced processes) over any WINDOW of the block.  The spinners soak up idle time, but
+    a niced process elsewhere on the host (nice > 0) outruns them at SCHED_IDLE, and its
+    time counts as spare, by design: the master then rightly starts a spare."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, int, int]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            times = cpu_times()
+            if times is not None:
+                self.samples.append((time.monotonic(), *times))
+            if self.done.wait(0.02):
+                return
+
+    def __enter__(self) -> "SpareWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join(10)
+
+    def most_spare(self) -> float:
+        best, j, samples = 0.0, 0, self.samples
+        for i, (t0, spare0, total0) in enumerate(samples):
+            j = max(j, i + 1)
+            while j < len(samples) and samples[j][0] - t0 < WINDOW:
+                j += 1
+            if j == len(samples):
+                break
+            _, spare1, total1 = samples[j]
+            if total1 > total0:
+                best = max(best, (spare1 - spare0) / (total1 - total0))
+        return best
+
+
 def _cpus_as_proc_stat_sees_them() -> bool:
     """Whether spinners on the CPUs this process may use saturate what /proc/stat counts:
     not where a cpuset leaves the host's other CPUs out, or a quota (cgroup v2
@@ -557,17 +599,22 @@ def test_on_saturated_cpus_a_busy_pool_starts_no_spare_but_a_waiting_client_gets
         time.sleep(2 * WINDOW)  # a window of saturated CPU time before the pool runs dry
         holder = RawSMTP(d.port)
         try:
-            assert holder.command(b"EHLO holder.example") == 250
-            time.sleep(4 * WINDOW)  # four windows with every worker busy
-            assert len(worker_pids(d)) == 1  # without the gauge: a spare within a tick
-            sock = connect(d.port)
-            sock.settimeout(20)
-            started = time.monotonic()
-            try:
-                assert read_reply(sock).startswith(b"220 ")
-                waited = time.monotonic() - started
-            finally:
-                sock.close()
+            with SpareWatch() as watch:
+                assert holder.command(b"EHLO holder.example") == 250
+                time.sleep(4 * WINDOW)  # four windows with every worker busy
+                busy = worker_pids(d)
+                sock = connect(d.port)
+                sock.settimeout(20)
+                started = time.monotonic()
+                try:
+                    assert read_reply(sock).startswith(b"220 ")
+                    waited = time.monotonic() - started
+                finally:
+                    sock.close()
+            if (len(busy) != 1 or waited < WAIT_LIMIT) and watch.most_spare() >= SPARE_SHARE / 2:
+                pytest.skip(f"CPUs not saturated: up to {watch.most_spare():.0%} of their time "
+                            f"spare over a window (a niced process elsewhere on the host)")
+            assert len(busy) == 1  # without the gauge: a spare within a tick
             assert waited >= WAIT_LIMIT  # served by a worker started for it, not by a spare
             assert len(worker_pids(d)) == 2
         finally:

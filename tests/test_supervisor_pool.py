@@ -185,7 +185,9 @@ PIDS_CGROUPS = Path("/sys/fs/cgroup/pids")
 def test_when_fork_fails_the_master_backs_off_and_answers_421(daemon_factory):
     """At a process limit fork() fails with EAGAIN.  The master retried every tick, 20
     log lines a second, and never answered the clients queued meanwhile: with every
-    worker busy they waited in the backlog until they gave up."""
+    worker busy they waited in the backlog until they gave up.  A classic pool
+    (spare_cpu_share = 0): with both workers busy and nobody queued, a pool that waits
+    for a window of idle CPU never tries to fork on a loaded machine."""
     if os.geteuid() != 0 or not (PIDS_CGROUPS / "cgroup.procs").exists():
         pytest.skip("needs root and the cgroup v1 pids controller")
     group = PIDS_CGROUPS / f"forksmtp-test-{os.getpid()}"
@@ -193,7 +195,8 @@ def test_when_fork_fails_the_master_backs_off_and_answers_421(daemon_factory):
     d = None
     busy: list[smtplib.SMTP] = []
     try:
-        d = daemon_factory(workers=2, server={"max_workers": 6, "max_connections_per_ip": 20})
+        d = daemon_factory(workers=2, server={"max_workers": 6, "max_connections_per_ip": 20,
+                                              "spare_cpu_share": 0})
         (group / "pids.max").write_text("1")  # the master alone: every fork fails from now on
         (group / "cgroup.procs").write_text(str(d.pid))
         for i in range(2):  # both workers busy: the pool wants a spare and cannot fork one

@@ -6,11 +6,14 @@ running now, and when the window started.  Updates take the scoreboard's admissi
 flock for a few memory operations.  After ``max_failures`` failures within ``window``
 seconds, AUTH from that address is refused with 421 4.7.0 until the window ends:
 guessing passwords costs an attacker the window, not just the 50 ms scrypt check.  A
-full neighbourhood of the table overwrites its oldest window, so an attacker with very
-many addresses can push a blocked address out early.  The table has 65,536 entries
-(2.5 MiB, of which only the pages written take memory): every address of 8,000
-failing at once stays blocked, and all but a handful of 16,000, where 1,024 entries
-let most go from about 800.
+full neighbourhood of the table (``_PROBE`` entries from where an address's probe
+starts) overwrites its oldest window, so an attacker with very many addresses can push
+a blocked address out early.  The table has 65,536 entries (2.5 MiB, of which only the
+pages written take memory), where 1,024 let most go from about 800.  The hash is keyed
+anew at every start, so whether a neighbourhood fills is chance: with 8,000 addresses
+failing at once, a probe of 8 entries filled one at about 1 start in 350 (and let a
+few addresses go); one of 16 filled none in 20,000 keys with 8,000 addresses, nor
+in 2,000 with 16,000.
 
 Checks running at the same moment in several workers count against the limit with the
 failures: an address with ``failures + running`` at the limit waits for a running check
@@ -60,7 +63,7 @@ DEFERRED_TEXT = {BUSY: "password checks running at once fill the failure limit",
 #: and its jitter): one that has not looked for LOOK_STALE is stopped (SIGSTOP, a
 #: debugger) and is passed over, so that it holds no one up for long.
 LOOK_STALE = 1.0
-_PROBE = 8
+_PROBE = 16  # 8 overflowed for 8,000 addresses about once in 350 keys (see the docstring)
 BUCKETS = 65536
 _V6_NETWORK = 8  # octets of an IPv6 address that name its /64
 
@@ -90,7 +93,7 @@ def find_bucket(board, mm: mmap.mmap, entry: struct.Struct, buckets: int, key: b
     ``started``) began first."""
     start = board.bucket_of(key, buckets)  # keyed: nobody picks colliding addresses
     free, oldest, oldest_t = -1, start, float("inf")
-    for i in range(_PROBE):
+    for i in range(min(_PROBE, buckets)):
         b = (start + i) % buckets
         fields = entry.unpack_from(mm, b * entry.size)
         if fields[0] == key:

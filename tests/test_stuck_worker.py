@@ -111,7 +111,10 @@ needs_strace = pytest.mark.skipif(shutil.which("strace") is None or FLOCK_NR is 
 
 @needs_strace
 def test_a_worker_stopped_holding_the_admission_lock_is_killed(daemon_factory):
-    d = daemon_factory(workers=1)
+    # A classic pool (spare_cpu_share = 0): the frozen client is accepted, so nobody
+    # queues, and a self-sizing pool starts the spares below only while the CPUs have
+    # had time to spare, which on a loaded machine they need not have had.
+    d = daemon_factory(workers=1, server={"spare_cpu_share": 0})
     [worker] = d.workers()
     took = time.monotonic()  # no sooner than this does the worker take the lock
     frozen = stop_in_admission(d, worker)

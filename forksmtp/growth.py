@@ -13,8 +13,9 @@ while a CPU has time for them, and past that grows for clients that wait:
   seconds, from ``/proc/stat``.
 - ``Backlog``: how long the oldest client in the listen queues has waited.  At each look
   the master counts the queues (the accept queue length that ``TCP_INFO`` gives for a
-  listening socket) and the connections the workers have taken so far; taken plus
-  queued is how many clients have come.  A queue is served in order, so the oldest
+  listening socket) and the connections taken from them so far (by the workers, and by
+  the master's own ``421``s at the ceiling); taken plus queued is how many clients have
+  come.  A queue is served in order, so the oldest
   client waiting is the one that came after the taken ones, and it was there at the
   first look that counted that many arrivals.
 

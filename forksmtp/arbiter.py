@@ -141,7 +141,9 @@ class Arbiter:
         self.spawn_pending = False
         self.dry = False  # no worker idle or starting at the last look
         self.dry_since = 0.0  # when the pool last ran out of idle workers
-        self.cpu = growth.CpuGauge()  # whether a busy pool's CPUs have time for a worker more
+        # Whether a busy pool's CPUs have time for a worker more: the CPUs the master may
+        # run on, and any cgroup CPU quota above it (found once: a daemon does not move).
+        self.cpu = growth.CpuGauge(growth.machine_times, limits=tuple(growth.cgroup_quotas()))
         self.backlog = growth.Backlog()  # how long clients have waited in the listen queues
         self.old_pending = False  # a reload's old generation still to be retired
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free

@@ -10,7 +10,10 @@ while a CPU has time for them, and past that grows for clients that wait:
 
 - ``CpuGauge``: whether the CPUs had time to spare (idle, idle waiting for I/O, or
   given to niced processes: a worker more could have used it) over the last ``WINDOW``
-  seconds, from ``/proc/stat``.
+  seconds, from ``/proc/stat``: the CPUs the master may run on (a cpuset, an affinity),
+  not the whole machine's; and, where a cgroup above the server caps its CPU time (a
+  container's or a systemd unit's quota, cgroup v2 ``cpu.max`` or v1 ``cfs_quota_us``),
+  whether that quota had the same share to spare, its use read from the cgroup.
 - ``Backlog``: how long the oldest client in the listen queues has waited.  At each look
   the master counts the queues (the accept queue length that ``TCP_INFO`` gives for a
   listening socket) and the connections taken from them so far (by the workers, and by
@@ -20,7 +23,7 @@ while a CPU has time for them, and past that grows for clients that wait:
   first look that counted that many arrivals.
 
 Where ``/proc/stat`` cannot be read, the CPUs count as having time to spare (one spare a
-WINDOW while every worker is busy).  Where ``TCP_INFO`` cannot be read, each readable
+WINDOW while every worker is busy); so does a quota whose use cannot be read.  Where ``TCP_INFO`` cannot be read, each readable
 listening socket counts as one client waiting.  ``server.spare_cpu_share = 0`` gives a
 classic prefork pool instead.
 
@@ -32,9 +35,13 @@ ready listener in one turn, so such a client waits about one session more at mos
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import struct
+import time
 from collections import deque
+from typing import Callable, NamedTuple
 
 WINDOW = 0.25  # seconds of CPU time the gauge judges by
 SPARE_SHARE = 0.10  # the CPUs had time to spare when this share of it was idle (server.spare_cpu_share)
@@ -48,30 +55,225 @@ _QUEUED_AT = 24
 _INFO_LEN = _QUEUED_AT + _QUEUED.size
 
 
-def cpu_times(path: str = "/proc/stat") -> tuple[int, int] | None:
-    """(spare, total) clock ticks of all CPUs since boot; None where the file cannot be
-    read or parsed.  Spare is idle time, I/O wait (idle while I/O is pending) and the
-    time of niced processes (nice > 0), which yield it to the workers when they want it."""
+Counts = tuple[int, ...]  # (spare, total) of one source, cumulative; a quota's adds throttled
+
+
+def cpu_times(path: str = "/proc/stat", cpus: frozenset[int] | None = None) -> Counts | None:
+    """(spare, total) clock ticks since boot of all CPUs, or of ``cpus`` alone; None where
+    the file cannot be read or parsed (or names none of ``cpus``).  Spare is idle time,
+    I/O wait (idle while I/O is pending) and the time of niced processes (nice > 0),
+    which yield it to the workers when they want it."""
     try:
         with open(path, "rb") as f:
-            first = f.readline()
-        fields = [int(x) for x in first.split()[1:9]]
+            lines = [f.readline()] if cpus is None else f.read().splitlines()
+        spare = total = seen = 0
+        for line in lines:
+            name, _, rest = line.partition(b" ")
+            if cpus is None or (name[3:].isdigit() and int(name[3:]) in cpus):
+                fields = [int(x) for x in rest.split()[:8]]
+                if len(fields) < 5:
+                    return None
+                # user nice system idle iowait irq softirq steal: steal is time the host
+                # gave to another guest, not time this one could have used.
+                spare += fields[1] + fields[3] + fields[4]
+                total += sum(fields)
+                seen += 1
     except (OSError, ValueError):
         return None
-    if len(fields) < 5:
+    return (spare, total) if seen else None
+
+
+def allowed_cpus() -> frozenset[int] | None:
+    """The CPUs this process may run on (its affinity: a cpuset, ``taskset``), or None
+    where that is every CPU online or cannot be told."""
+    try:
+        mine = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
         return None
-    # user nice system idle iowait irq softirq steal: steal is time the host gave to
-    # another guest, not time this one could have used.
-    return fields[1] + fields[3] + fields[4], sum(fields)
+    online = os.cpu_count()
+    return None if online is None or len(mine) >= online else frozenset(mine)
+
+
+def machine_times() -> Counts | None:
+    """cpu_times of the CPUs the master may run on, as they are at this look."""
+    return cpu_times(cpus=allowed_cpus())
+
+
+class Mount(NamedTuple):
+    fstype: str
+    root: str  # the cgroup path the mount shows at its mount point
+    point: str
+    options: frozenset[str]
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo field with its octal escapes (``\\040`` for a space) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[Mount]:
+    """The cgroup (v1) and cgroup2 mounts this process sees."""
+    mounts = []
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                head, sep, tail = line.partition(" - ")
+                fields, after = head.split(), tail.split()
+                if sep and len(fields) >= 5 and len(after) >= 3 and after[0] in ("cgroup", "cgroup2"):
+                    mounts.append(Mount(after[0], _unescape(fields[3]), _unescape(fields[4]),
+                                        frozenset(after[2].split(","))))
+    except OSError:
+        return []
+    return mounts
+
+
+def own_cgroups(path: str = "/proc/self/cgroup") -> dict[str, str]:
+    """This process's cgroup path per v1 controller, and under "" its cgroup v2 path."""
+    groups: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.rstrip("\n").split(":", 2)
+                if len(parts) == 3:
+                    for controller in parts[1].split(",") if parts[1] else [""]:
+                        groups[controller] = parts[2]
+    except OSError:
+        return {}
+    return groups
+
+
+def _levels(mount: Mount, path: str) -> list[str]:
+    """The directories of cgroup ``path`` and of each cgroup above it, as far up as the
+    mount shows them (a container sees its own cgroup as the mount's root)."""
+    rel = os.path.relpath(path, mount.root) if mount.root != "/" else path.lstrip("/")
+    if rel == "." or rel.startswith(".."):
+        rel = ""
+    levels = [mount.point]
+    for part in [p for p in rel.split("/") if p]:
+        levels.append(os.path.join(levels[-1], part))
+    return levels[::-1]
+
+
+def _read_first(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+class CgroupQuota:
+    """One cgroup's CPU quota as a source of (spare, total, throttled) microseconds: the
+    CPU time the quota allowed since the first look, what of it the cgroup did not use,
+    and the time the kernel held the cgroup back for having spent its quota.  The quota
+    is spent a period (100 ms by default) at a time, so a window of looks holds two or
+    three periods' worth of use: the time held back, not the use alone, tells a quota
+    spent from one with time to spare.
+
+    cgroup v2: ``cpu.max`` ("QUOTA PERIOD" or "max PERIOD") and ``cpu.stat``'s
+    ``usage_usec`` and ``throttled_usec``; v1: ``cpu.cfs_quota_us`` (-1: none) over
+    ``cpu.cfs_period_us``, ``cpu.stat``'s ``throttled_time`` (ns), and ``cpuacct.usage``
+    (ns) in the cpuacct hierarchy.  A look finding no quota set gives None (no limit),
+    and the count starts again."""
+
+    def __init__(self, cpu_dir: str, usage_dir: str, v2: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cpu_dir, self.usage_dir, self.v2 = cpu_dir, usage_dir, v2
+        self.clock = clock
+        self.last: float | None = None  # when the allowance was last added to
+        self.allowed = 0.0  # µs the quota allowed since counting began
+
+    def cpus(self) -> float | None:
+        """The quota in CPUs (0.5: half of one), or None where none is set."""
+        if self.v2:
+            text = _read_first(os.path.join(self.cpu_dir, "cpu.max"))
+            parts = text.split() if text else []
+            quota, period = (parts[0], parts[1]) if len(parts) == 2 else ("max", "0")
+        else:
+            quota = _read_first(os.path.join(self.cpu_dir, "cpu.cfs_quota_us")) or "-1"
+            period = _read_first(os.path.join(self.cpu_dir, "cpu.cfs_period_us")) or "0"
+        try:
+            q, p = int(quota), int(period)
+        except ValueError:
+            return None  # "max": no quota
+        return q / p if q > 0 and p > 0 else None
+
+    def stat(self) -> dict[str, int]:
+        """The cpu controller's ``cpu.stat`` (empty where it cannot be read)."""
+        values: dict[str, int] = {}
+        try:
+            with open(os.path.join(self.cpu_dir, "cpu.stat"), encoding="ascii") as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    values[key] = int(value)
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {}
+        return values
+
+    def used_and_throttled_us(self) -> tuple[int, int] | None:
+        stat = self.stat()
+        if self.v2:
+            used, throttled = stat.get("usage_usec"), stat.get("throttled_usec")
+        else:
+            text = _read_first(os.path.join(self.usage_dir, "cpuacct.usage"))
+            ns = stat.get("throttled_time")
+            used = int(text) // 1000 if text and text.isdigit() else None
+            throttled = ns // 1000 if ns is not None else None
+        return None if used is None or throttled is None else (used, throttled)
+
+    def __call__(self) -> Counts | None:
+        now, cpus = self.clock(), self.cpus()
+        counts = self.used_and_throttled_us() if cpus is not None else None
+        if cpus is None or counts is None:
+            self.last = None
+            return None
+        used, throttled = counts
+        if self.last is not None:
+            self.allowed += cpus * (now - self.last) * 1e6
+        else:
+            self.allowed = float(used)  # counting begins: nothing spare so far
+        self.last = now
+        return int(self.allowed) - used, int(self.allowed), throttled
+
+
+def cgroup_quotas(proc_cgroup: str = "/proc/self/cgroup",
+                  mountinfo: str = "/proc/self/mountinfo") -> list[CgroupQuota]:
+    """A source for this process's cgroup and each above it that may hold a CPU quota,
+    cgroup v2 where its CPU controller is, else v1's cpu and cpuacct (which must show
+    the same path, as systemd and container runtimes make them)."""
+    mounts, groups = cgroup_mounts(mountinfo), own_cgroups(proc_cgroup)
+
+    def mount_of(fstype: str, option: str | None) -> Mount | None:
+        return next((m for m in mounts if m.fstype == fstype
+                     and (option is None or option in m.options)), None)
+
+    cpu = mount_of("cgroup", "cpu")
+    if cpu is not None and "cpu" in groups:
+        acct = mount_of("cgroup", "cpuacct")
+        if acct is None or groups.get("cpuacct") != groups["cpu"]:
+            return []
+        # The hierarchy's root takes no quota: not read at every look.
+        return [CgroupQuota(d, a, v2=False)
+                for d, a in zip(_levels(cpu, groups["cpu"]), _levels(acct, groups["cpu"]))
+                if not (d == cpu.point and cpu.root == "/")]
+    unified = mount_of("cgroup2", None)
+    if unified is None or "" not in groups:
+        return []
+    return [CgroupQuota(d, d, v2=True) for d in _levels(unified, groups[""])
+            if os.path.exists(os.path.join(d, "cpu.max"))]
 
 
 class CpuGauge:
-    """The share of CPU time idle over the last WINDOW, from a sample each look."""
+    """The share of CPU time idle over the last WINDOW, from a sample each look: of the
+    machine's CPUs (``read``) and of each quota above the server (``limits``); the CPUs
+    have time to spare only when every one of them has."""
 
-    def __init__(self, read=cpu_times, window: float = WINDOW) -> None:
+    def __init__(self, read: Callable[[], Counts | None] = cpu_times, window: float = WINDOW,
+                 limits: tuple[Callable[[], Counts | None], ...] = ()) -> None:
         self.read = read
         self.window = window
-        self.samples: deque[tuple[float, int, int]] = deque()
+        self.limits = limits
+        self.samples: deque[tuple[float, tuple[Counts | None, ...]]] = deque()
 
     def has_spare(self, now: float, since: float = float("-inf"),
                   share: float = SPARE_SHARE) -> bool | None:
@@ -80,20 +282,33 @@ class CpuGauge:
         workers: CPU time idle before then says nothing of what a worker more would get);
         None until a whole WINDOW of such looks is there.  Called at every look, which it
         samples."""
-        times = self.read()
-        if times is None:
+        sample = (self.read(), *(limit() for limit in self.limits))
+        if all(counts is None for counts in sample):
             return True
-        self.samples.append((now, *times))
+        self.samples.append((now, sample))
         # Keep the newest sample at least WINDOW old as the start of the window.
         while len(self.samples) > 2 and self.samples[1][0] <= now - self.window:
             self.samples.popleft()
-        start, idle0, total0 = self.samples[0]
-        elapsed, idle = times[1] - total0, times[0] - idle0
+        start, first = self.samples[0]
         if start < since or now - start < self.window:
             return None
-        if elapsed <= 0 or idle < 0:
-            return True  # counters that went back (a CPU taken offline): fail open
-        return idle >= share * elapsed
+        return all(_spare(a, b, share, limit=i > 0)
+                   for i, (a, b) in enumerate(zip(first, sample)))
+
+
+def _spare(first: Counts | None, last: Counts | None, share: float, limit: bool) -> bool:
+    """Whether one source had ``share`` of its time spare between two samples.  An
+    unreadable source fails open, as do the machine's counters going back (a CPU taken
+    offline); a quota's spare going back is a quota overspent within the window, and a
+    quota that held its cgroup back at all in the window had none to spare."""
+    if first is None or last is None:
+        return True
+    if len(first) > 2 and len(last) > 2 and last[2] > first[2]:
+        return False
+    elapsed, idle = last[1] - first[1], last[0] - first[0]
+    if elapsed <= 0 or (idle < 0 and not limit):
+        return True
+    return idle >= share * elapsed
 
 
 def queued(sock: socket.socket) -> int | None:

@@ -1,10 +1,16 @@
 """growth.py: the CPU gauge and the listen-queue wait that decide whether a busy pool grows."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+
+import pytest
 
 from forksmtp import growth
-from forksmtp.growth import WINDOW, Backlog, CpuGauge, cpu_times, queued
+from forksmtp.growth import (WINDOW, Backlog, CgroupQuota, CpuGauge, allowed_cpus, cgroup_mounts,
+                             cgroup_quotas, cpu_times, own_cgroups, queued)
 
 
 class Ticks:
@@ -26,6 +32,189 @@ def test_cpu_times_counts_idle_iowait_and_nice_as_spare(tmp_path):
     stat.write_text("cpu  100 5 50 1000 30 2 3 7 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
     assert cpu_times(str(stat)) == (5 + 1000 + 30, 100 + 5 + 50 + 1000 + 30 + 2 + 3 + 7)
     assert cpu_times("/proc/stat") is not None  # the real one parses too
+
+
+def test_cpu_times_of_some_cpus_sums_their_lines_alone(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 50 1000 30 2 3 7 0 0\n"
+                    "cpu0 10 1 5 100 3 0 0 1 0 0\n"
+                    "cpu1 20 2 10 200 6 1 1 2 0 0\n"
+                    "cpu2 30 0 15 300 9 0 1 1 0 0\n"
+                    "intr 12345 0 0\nctxt 999\n")
+    assert cpu_times(str(stat), frozenset({0, 2})) == (1 + 100 + 3 + 300 + 9, 120 + 356)
+    assert cpu_times(str(stat), frozenset({1})) == (2 + 200 + 6, 242)
+    assert cpu_times(str(stat), frozenset({7})) is None  # none of them there
+    assert cpu_times("/proc/stat", frozenset({0})) is not None
+
+
+def test_allowed_cpus_follows_the_affinity():
+    """None while the process may run on every CPU; the set once an affinity (a cpuset,
+    taskset) narrows it.  Run in a child, whose affinity the test may change."""
+    code = ("import os; from forksmtp.growth import allowed_cpus; print(allowed_cpus());"
+            "os.sched_setaffinity(0, {0}); print(sorted(allowed_cpus() or []))")
+    if len(os.sched_getaffinity(0)) < 2 or len(os.sched_getaffinity(0)) != os.cpu_count():
+        pytest.skip("needs two CPUs or more, all of them this process's")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=30).stdout.split("\n")
+    assert out[:2] == ["None", "[0]"]
+    assert allowed_cpus() is None
+
+
+def cgroup_files(tmp_path, mountinfo: str, cgroup: str):
+    (tmp_path / "mountinfo").write_text(mountinfo)
+    (tmp_path / "cgroup").write_text(cgroup)
+    return str(tmp_path / "cgroup"), str(tmp_path / "mountinfo")
+
+
+def test_cgroup_mounts_and_own_cgroups_are_read_as_the_kernel_writes_them(tmp_path):
+    proc_cgroup, mountinfo = cgroup_files(
+        tmp_path,
+        "24 18 0:22 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"
+        "33 31 0:30 /docker/abc /sys/fs/cgroup/cpu\\040acct rw - cgroup cgroup rw,cpu,cpuacct\n"
+        "41 31 0:38 / /proc rw - proc proc rw\n",
+        "4:cpu,cpuacct:/docker/abc\n1:name=systemd:/x\n0::/system.slice/mx.service\n")
+    mounts = cgroup_mounts(mountinfo)
+    assert [(m.fstype, m.root, m.point) for m in mounts] == [
+        ("cgroup2", "/", "/sys/fs/cgroup"), ("cgroup", "/docker/abc", "/sys/fs/cgroup/cpu acct")]
+    assert {"cpu", "cpuacct"} <= mounts[1].options
+    assert own_cgroups(proc_cgroup) == {"cpu": "/docker/abc", "cpuacct": "/docker/abc",
+                                        "name=systemd": "/x", "": "/system.slice/mx.service"}
+    assert cgroup_mounts(str(tmp_path / "absent")) == [] and own_cgroups(str(tmp_path / "absent")) == {}
+
+
+def test_cgroup_v2_quotas_are_looked_for_from_the_own_cgroup_up(tmp_path):
+    root = tmp_path / "cg"
+    unit = root / "system.slice" / "mx.service"
+    unit.mkdir(parents=True)
+    for d in (root / "system.slice", unit):
+        (d / "cpu.max").write_text("max 100000\n")
+    proc_cgroup, mountinfo = cgroup_files(
+        tmp_path, f"24 18 0:22 / {root} rw - cgroup2 cgroup2 rw\n", "0::/system.slice/mx.service\n")
+    quotas = cgroup_quotas(proc_cgroup, mountinfo)
+    # The hierarchy's root has no cpu.max and is not looked at.
+    assert [(q.cpu_dir, q.v2) for q in quotas] == [(str(unit), True), (str(root / "system.slice"), True)]
+
+
+def test_a_container_sees_its_own_cgroup_as_the_mounts_root(tmp_path):
+    root = tmp_path / "cg"
+    root.mkdir()
+    (root / "cpu.max").write_text("150000 100000\n")
+    proc_cgroup, mountinfo = cgroup_files(
+        tmp_path, f"24 18 0:22 /../.. {root} rw - cgroup2 cgroup2 rw\n", "0::/\n")
+    quotas = cgroup_quotas(proc_cgroup, mountinfo)
+    assert [q.cpu_dir for q in quotas] == [str(root)] and quotas[0].cpus() == 1.5
+
+
+def test_cgroup_v1_quotas_need_cpu_and_cpuacct_at_the_same_path(tmp_path):
+    cpu, acct = tmp_path / "cpu", tmp_path / "cpuacct"
+    (cpu / "mx").mkdir(parents=True)
+    (acct / "mx").mkdir(parents=True)
+    mounts = (f"32 31 0:29 / {cpu} rw - cgroup cgroup rw,cpu\n"
+              f"33 31 0:30 / {acct} rw - cgroup cgroup rw,cpuacct\n")
+    proc_cgroup, mountinfo = cgroup_files(tmp_path, mounts, "2:cpuacct:/mx\n1:cpu:/mx\n0::/\n")
+    quotas = cgroup_quotas(proc_cgroup, mountinfo)
+    # The hierarchy's root takes no quota in v1 either.
+    assert [(q.cpu_dir, q.usage_dir, q.v2) for q in quotas] == [(str(cpu / "mx"), str(acct / "mx"), False)]
+    proc_cgroup, mountinfo = cgroup_files(tmp_path, mounts, "2:cpuacct:/other\n1:cpu:/mx\n")
+    assert cgroup_quotas(proc_cgroup, mountinfo) == []  # whose use could not be read
+
+
+class FakeCgroup:
+    """A cgroup's files, v1 or v2, and a clock, advanced by the test."""
+
+    def __init__(self, path, v2: bool, cpus: float | None) -> None:
+        self.path, self.v2, self.now = path, v2, 100.0
+        self.used = self.throttled = 0
+        self.set_quota(cpus)
+        self.write()
+
+    def set_quota(self, cpus: float | None) -> None:
+        if self.v2:
+            (self.path / "cpu.max").write_text("max 100000\n" if cpus is None else f"{int(cpus * 100000)} 100000\n")
+        else:
+            (self.path / "cpu.cfs_period_us").write_text("100000\n")
+            (self.path / "cpu.cfs_quota_us").write_text("-1\n" if cpus is None else f"{int(cpus * 100000)}\n")
+
+    def run(self, seconds: float, used_cpus: float, throttled: float = 0.0) -> None:
+        self.now += seconds
+        self.used += int(seconds * used_cpus * 1e6)
+        self.throttled += int(throttled * 1e6)
+        self.write()
+
+    def write(self) -> None:
+        if self.v2:
+            (self.path / "cpu.stat").write_text(
+                f"usage_usec {self.used}\nuser_usec 1\nsystem_usec 2\n"
+                f"nr_periods 9\nnr_throttled 1\nthrottled_usec {self.throttled}\n")
+        else:
+            (self.path / "cpu.stat").write_text(f"nr_periods 9\nnr_throttled 1\nthrottled_time {self.throttled * 1000}\n")
+            (self.path / "cpuacct.usage").write_text(f"{self.used * 1000}\n")
+
+    def quota(self) -> CgroupQuota:
+        return CgroupQuota(str(self.path), str(self.path), v2=self.v2, clock=lambda: self.now)
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["v2", "v1"])
+def test_a_quota_counts_what_it_allowed_and_what_was_used(tmp_path, v2):
+    group = FakeCgroup(tmp_path, v2, cpus=0.5)
+    quota = group.quota()
+    assert quota.cpus() == 0.5
+    first = quota()
+    assert first == (0, 0, 0)
+    group.run(1.0, used_cpus=0.2)
+    assert quota() == (300_000, 500_000, 0)  # 0.5 s allowed, 0.2 used
+    group.set_quota(None)
+    assert quota() is None  # no quota: no limit, and the count starts again
+    group.set_quota(2.0)
+    group.run(1.0, used_cpus=1.0)
+    assert quota()[:2] == (0, group.used)
+    group.run(0.5, used_cpus=1.0)
+    assert quota()[:2] == (500_000, group.used + 500_000)
+
+
+def test_a_quota_whose_files_cannot_be_read_gives_nothing(tmp_path):
+    quota = CgroupQuota(str(tmp_path / "gone"), str(tmp_path / "gone"), v2=True)
+    assert quota.cpus() is None and quota() is None
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # a quota, but no cpu.stat
+    assert CgroupQuota(str(tmp_path), str(tmp_path), v2=True)() is None
+
+
+def quota_gauge(tmp_path, cpus: float = 1.0):
+    group = FakeCgroup(tmp_path, v2=True, cpus=cpus)
+    machine = Ticks()
+    return group, machine, CpuGauge(machine, limits=(group.quota(),))
+
+
+def run_both(group, machine, seconds: float, used_cpus: float, machine_idle: int,
+             throttled: float = 0.0) -> None:
+    group.run(seconds, used_cpus, throttled)
+    machine.run(busy=100 - machine_idle, idle=machine_idle)
+
+
+@pytest.mark.parametrize("used, throttled, machine_idle, spare", [
+    (0.5, 0.0, 60, True),    # half the quota unused, the machine idle: spare
+    (0.95, 0.0, 60, False),  # the quota nearly spent: none, however idle the machine
+    (0.5, 0.01, 60, False),  # held back at all in the window: none
+    (0.5, 0.0, 5, False),    # the quota has time but the CPUs have none
+    (1.3, 0.0, 60, False),   # spent beyond the window's allowance (a period's quota early)
+])
+def test_the_gauge_needs_both_the_cpus_and_every_quota_to_have_time(
+        tmp_path, used, throttled, machine_idle, spare):
+    group, machine, gauge = quota_gauge(tmp_path, cpus=1.0)
+    assert gauge.has_spare(group.now) is None
+    run_both(group, machine, WINDOW, used, machine_idle, throttled)
+    assert gauge.has_spare(group.now, since=group.now - WINDOW) is spare
+
+
+def test_an_unreadable_quota_leaves_the_judgement_to_the_cpus(tmp_path):
+    group, machine, gauge = quota_gauge(tmp_path)
+    gauge.has_spare(group.now)
+    run_both(group, machine, WINDOW, used_cpus=1.0, machine_idle=50)
+    (tmp_path / "cpu.stat").unlink()  # the quota spent, but that cannot be read
+    assert gauge.has_spare(group.now) is True
+    machine.run(busy=99, idle=1)
+    group.now += WINDOW
+    assert gauge.has_spare(group.now) is False
 
 
 def test_cpu_times_is_none_where_the_file_is_missing_or_not_understood(tmp_path):

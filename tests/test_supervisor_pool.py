@@ -21,7 +21,7 @@ import pytest
 from daemon import (RawSMTP, after_a_turn, assert_no_zombies, connect, gone, read_reply, request_stats,
                     send_message, serving_worker, wait_until, worker_pids, worker_states)
 from forksmtp.arbiter import TICK
-from forksmtp.growth import SPARE_SHARE, WAIT_LIMIT, WINDOW, cpu_times
+from forksmtp.growth import SPARE_SHARE, WAIT_LIMIT, WINDOW, allowed_cpus, cpu_times
 
 SESSIONS = 12
 
@@ -534,7 +534,7 @@ class SpareWatch:
 
     def _sample(self) -> None:
         while True:
-            times = cpu_times()
+            times = cpu_times(cpus=allowed_cpus())  # the CPUs the master counts
             if times is not None:
                 self.samples.append((time.monotonic(), *times))
             if self.done.wait(0.02):
@@ -563,12 +563,112 @@ class SpareWatch:
 
 
 def _cpus_as_proc_stat_sees_them() -> bool:
-    """Whether spinners on the CPUs this process may use saturate what /proc/stat counts:
-    not where a cpuset leaves the host's other CPUs out, or a quota (cgroup v2
-    cpu.max) caps them."""
-    with open("/proc/stat", encoding="ascii") as f:
-        host = sum(1 for line in f if line.startswith("cpu") and line[3].isdigit())
-    return host == len(os.sched_getaffinity(0)) and not _cpu_quota()
+    """Whether spinners on the CPUs this process may use saturate what the master counts:
+    they do on a cpuset (the master counts its own CPUs), not under a quota (cgroup v2
+    cpu.max, v1 cfs_quota_us), which SCHED_IDLE spinners spend while the CPUs idle."""
+    return not _cpu_quota()
+
+
+def seconds_to_greeting(port: int) -> float:
+    """How long a new client waits for its 220 (a worker's greeting)."""
+    sock = connect(port)
+    sock.settimeout(20)
+    started = time.monotonic()
+    try:
+        assert read_reply(sock).startswith(b"220 ")
+        return time.monotonic() - started
+    finally:
+        sock.close()
+
+
+class QuotaCgroup:
+    """A cgroup made for a test, its CPU time capped at ``cpus`` CPUs: cgroup v2 where the
+    CPU controller can be enabled there, else v1's cpu and cpuacct hierarchies (both,
+    at the same path, as growth.cgroup_quotas reads them).  ``enter`` moves the calling
+    process in (a Popen preexec_fn)."""
+
+    def __init__(self, cpus: float) -> None:
+        from forksmtp.growth import cgroup_mounts
+        name = f"forksmtp-test-{os.getpid()}-{time.monotonic_ns()}"
+        mounts = cgroup_mounts()
+        v1 = [m for m in mounts if m.fstype == "cgroup" and m.options & {"cpu", "cpuacct"}]
+        v2 = [m for m in mounts if m.fstype == "cgroup2"]
+        quota, period = int(cpus * 100_000), 100_000
+        self.dirs: list[Path] = []
+        try:
+            if any("cpu" in m.options for m in v1) and any("cpuacct" in m.options for m in v1):
+                for point in dict.fromkeys(m.point for m in v1):  # cpu and cpuacct, co-mounted or not
+                    self.dirs.append(Path(point, name))
+                    self.dirs[-1].mkdir()
+                cpu_dir = next(Path(m.point, name) for m in v1 if "cpu" in m.options)
+                (cpu_dir / "cpu.cfs_period_us").write_text(str(period))
+                (cpu_dir / "cpu.cfs_quota_us").write_text(str(quota))
+            elif v2 and "cpu" in Path(v2[0].point, "cgroup.controllers").read_text().split():
+                Path(v2[0].point, "cgroup.subtree_control").write_text("+cpu")
+                self.dirs.append(Path(v2[0].point, name))
+                self.dirs[-1].mkdir()
+                (self.dirs[-1] / "cpu.max").write_text(f"{quota} {period}")
+            else:
+                raise OSError("no cgroup CPU controller to make a quota with")
+        except OSError as exc:
+            self.remove()
+            pytest.skip(f"cannot make a cgroup with a CPU quota here: {exc}")
+
+    def enter(self) -> None:
+        for d in self.dirs:
+            (d / "cgroup.procs").write_text(str(os.getpid()))
+
+    def remove(self) -> None:
+        for d in self.dirs:
+            for _ in range(50):  # the last of the daemon's processes may still be exiting
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def test_a_busy_pool_whose_cgroup_cpu_quota_is_spent_starts_no_spare_while_the_host_idles(
+        daemon_factory):
+    """growth.py: the server's CPUs are what its cgroup's quota allows, not the machine's.
+    With the quota spent (a spinner in the same cgroup) and the host's CPUs mostly idle, a
+    pool with every worker busy starts no spare; a client left waiting still gets one."""
+    group = QuotaCgroup(cpus=0.5)
+    spinner = d = None
+    try:
+        d = daemon_factory(workers=1, server={"max_workers": 4, "min_spare_workers": 1},
+                           preexec=group.enter)
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                                   preexec_fn=group.enter)
+        time.sleep(2 * WINDOW)  # a window of a spent quota before the pool runs dry
+        holder = RawSMTP(d.port)
+        try:
+            host_before = cpu_times()
+            assert holder.command(b"EHLO holder.example") == 250
+            time.sleep(4 * WINDOW)  # four windows with every worker busy
+            busy = worker_pids(d)
+            host_after = cpu_times()
+            waited = seconds_to_greeting(d.port)
+            assert host_before is not None and host_after is not None
+            host_spare = (host_after[0] - host_before[0]) / max(1, host_after[1] - host_before[1])
+            if host_spare < 2 * SPARE_SHARE:
+                pytest.skip(f"the host's CPUs had only {host_spare:.0%} of their time spare: "
+                            "the quota's say cannot be told from theirs")
+            assert len(busy) == 1, f"a spare started with the quota spent ({host_spare:.0%} of the host idle)"
+            assert waited >= WAIT_LIMIT  # served by a worker started for it, not by a spare
+            assert len(worker_pids(d)) == 2
+        finally:
+            holder.close()
+        assert_no_zombies(d)
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait(10)
+        if d is not None:
+            d.stop()  # before the cgroup goes: it can only be removed once empty
+        group.remove()
 
 
 def _cpu_quota() -> bool:
@@ -592,7 +692,7 @@ def _cpu_quota() -> bool:
 
 
 @pytest.mark.skipif(not _cpus_as_proc_stat_sees_them(),
-                    reason="a cpuset or a CPU quota: spinners cannot saturate what /proc/stat counts")
+                    reason="a CPU quota: spinners spend it while the CPUs /proc/stat counts idle")
 def test_on_saturated_cpus_a_busy_pool_starts_no_spare_but_a_waiting_client_gets_a_worker(daemon_factory):
     """growth.py: every worker busy and no CPU time to spare, a worker more would only take
     turns with the others: min_spare_workers starts none.  A client then left waiting in
@@ -606,14 +706,7 @@ def test_on_saturated_cpus_a_busy_pool_starts_no_spare_but_a_waiting_client_gets
                 assert holder.command(b"EHLO holder.example") == 250
                 time.sleep(4 * WINDOW)  # four windows with every worker busy
                 busy = worker_pids(d)
-                sock = connect(d.port)
-                sock.settimeout(20)
-                started = time.monotonic()
-                try:
-                    assert read_reply(sock).startswith(b"220 ")
-                    waited = time.monotonic() - started
-                finally:
-                    sock.close()
+                waited = seconds_to_greeting(d.port)
             if (len(busy) != 1 or waited < WAIT_LIMIT) and watch.most_spare() >= SPARE_SHARE / 2:
                 pytest.skip(f"CPUs not saturated: up to {watch.most_spare():.0%} of their time "
                             f"spare over a window (a niced process elsewhere on the host)")

@@ -145,6 +145,7 @@ def own_cgroups(path: str = "/proc/self/cgroup") -> dict[str, str]:
 def _levels(mount: Mount, path: str) -> list[str]:
     """The directories of cgroup ``path`` and of each cgroup above it, as far up as the
     mount shows them (a container sees its own cgroup as the mount's root)."""
+    path = path if path.startswith("/") else "/"  # what no kernel writes: the mount alone
     rel = os.path.relpath(path, mount.root) if mount.root != "/" else path.lstrip("/")
     if rel == "." or rel.startswith(".."):
         rel = ""

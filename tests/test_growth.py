@@ -103,6 +103,10 @@ def test_a_container_sees_its_own_cgroup_as_the_mounts_root(tmp_path):
         tmp_path, f"24 18 0:22 /../.. {root} rw - cgroup2 cgroup2 rw\n", "0::/\n")
     quotas = cgroup_quotas(proc_cgroup, mountinfo)
     assert [q.cpu_dir for q in quotas] == [str(root)] and quotas[0].cpus() == 1.5
+    for odd in ("0::\n", "0::relative\n"):  # no kernel writes these; the mount's root is taken
+        proc_cgroup, mountinfo = cgroup_files(
+            tmp_path, f"24 18 0:22 /x {root} rw - cgroup2 cgroup2 rw\n", odd)
+        assert [q.cpu_dir for q in cgroup_quotas(proc_cgroup, mountinfo)] == [str(root)]
 
 
 def test_cgroup_v1_quotas_need_cpu_and_cpuacct_at_the_same_path(tmp_path):

@@ -55,43 +55,57 @@ _QUEUED_AT = 24
 _INFO_LEN = _QUEUED_AT + _QUEUED.size
 
 
-Counts = tuple[int, ...]  # (spare, total) of one source, cumulative; a quota's adds throttled
+Counts = tuple[int, ...]  # (spare, total) of one source, cumulative; a quota's adds throttled, epoch
+
+
+def _ticks(rest: bytes) -> Counts:
+    """(spare, total) of one cpu line's fields: user nice system idle iowait irq softirq
+    steal.  Steal is time the host gave to another guest, not time this one could use."""
+    fields = [int(x) for x in rest.split()[:8]]
+    if len(fields) < 5:
+        raise ValueError("a cpu line of too few fields")
+    return fields[1] + fields[3] + fields[4], sum(fields)
 
 
 def cpu_times(path: str = "/proc/stat", cpus: frozenset[int] | None = None) -> Counts | None:
     """(spare, total) clock ticks since boot of all CPUs, or of ``cpus`` alone; None where
-    the file cannot be read or parsed (or names none of ``cpus``).  Spare is idle time,
-    I/O wait (idle while I/O is pending) and the time of niced processes (nice > 0),
-    which yield it to the workers when they want it."""
+    the file cannot be read or parsed.  Spare is idle time, I/O wait (idle while I/O is
+    pending) and the time of niced processes (nice > 0), which yield it to the workers
+    when they want it.
+
+    The sum of ``cpus`` is taken only where the file lists each of them and others too.
+    Where it lists only some of them, it is a view of its own (LXCFS numbers a
+    container's CPUs from 0), and its all-CPUs line is what the container has."""
     try:
         with open(path, "rb") as f:
-            lines = [f.readline()] if cpus is None else f.read().splitlines()
-        spare = total = seen = 0
-        for line in lines:
-            name, _, rest = line.partition(b" ")
-            if cpus is None or (name[3:].isdigit() and int(name[3:]) in cpus):
-                fields = [int(x) for x in rest.split()[:8]]
-                if len(fields) < 5:
-                    return None
-                # user nice system idle iowait irq softirq steal: steal is time the host
-                # gave to another guest, not time this one could have used.
-                spare += fields[1] + fields[3] + fields[4]
-                total += sum(fields)
-                seen += 1
+            name, _, rest = f.readline().partition(b" ")
+            if name != b"cpu":
+                return None
+            every = _ticks(rest)
+            if cpus is None:
+                return every
+            listed: dict[int, Counts] = {}
+            for line in f:
+                name, _, rest = line.partition(b" ")
+                if not name.startswith(b"cpu"):
+                    break  # the per-CPU lines come first; the rest (intr) can be long
+                listed[int(name[3:])] = _ticks(rest)
     except (OSError, ValueError):
         return None
-    return (spare, total) if seen else None
+    if listed.keys() <= cpus or not cpus <= listed.keys():
+        return every
+    mine = [listed[cpu] for cpu in cpus]
+    return sum(c[0] for c in mine), sum(c[1] for c in mine)
 
 
 def allowed_cpus() -> frozenset[int] | None:
     """The CPUs this process may run on (its affinity: a cpuset, ``taskset``), or None
-    where that is every CPU online or cannot be told."""
+    where that cannot be told.  Not compared with the count of CPUs online: some C
+    libraries (musl) count the affinity's."""
     try:
-        mine = os.sched_getaffinity(0)
+        return frozenset(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return None
-    online = os.cpu_count()
-    return None if online is None or len(mine) >= online else frozenset(mine)
 
 
 def machine_times() -> Counts | None:
@@ -143,14 +157,23 @@ def own_cgroups(path: str = "/proc/self/cgroup") -> dict[str, str]:
 
 
 def _levels(mount: Mount, path: str) -> list[str]:
-    """The directories of cgroup ``path`` and of each cgroup above it, as far up as the
-    mount shows them (a container sees its own cgroup as the mount's root)."""
-    path = path if path.startswith("/") else "/"  # what no kernel writes: the mount alone
-    rel = os.path.relpath(path, mount.root) if mount.root != "/" else path.lstrip("/")
-    if rel == "." or rel.startswith(".."):
-        rel = ""
+    """The directories of cgroup ``path`` and of each cgroup above it that the mount
+    shows, innermost first; [] where it shows none of them.
+
+    Both paths are as this process's cgroup namespace sees them (cgroup_namespaces(7)):
+    a container sees its own cgroup as "/", and the mount's root there too.  A root of
+    only ".." parts is an ancestor of the namespace's root, with the levels between
+    unknown: only the mount's own directory is known to be above this process."""
+    root = [p for p in mount.root.split("/") if p]
+    own = [p for p in path.split("/") if p]
+    if not path.startswith("/") or ".." in own:
+        return []  # outside its own namespace's view (or what no kernel writes)
+    if root and all(p == ".." for p in root):
+        return [mount.point]
+    if ".." in root or own[:len(root)] != root:
+        return []  # the mount shows another branch of the tree
     levels = [mount.point]
-    for part in [p for p in rel.split("/") if p]:
+    for part in own[len(root):]:
         levels.append(os.path.join(levels[-1], part))
     return levels[::-1]
 
@@ -166,7 +189,8 @@ def _read_first(path: str) -> str | None:
 class CgroupQuota:
     """One cgroup's CPU quota as a source of (spare, total, throttled) microseconds: the
     CPU time the quota allowed since the first look, what of it the cgroup did not use,
-    and the time the kernel held the cgroup back for having spent its quota.  The quota
+    and the time the kernel held the cgroup back for having spent its quota; then the
+    count's epoch, so that counts begun at different looks are not compared.  The quota
     is spent a period (100 ms by default) at a time, so a window of looks holds two or
     three periods' worth of use: the time held back, not the use alone, tells a quota
     spent from one with time to spare.
@@ -175,7 +199,7 @@ class CgroupQuota:
     ``usage_usec`` and ``throttled_usec``; v1: ``cpu.cfs_quota_us`` (-1: none) over
     ``cpu.cfs_period_us``, ``cpu.stat``'s ``throttled_time`` (ns), and ``cpuacct.usage``
     (ns) in the cpuacct hierarchy.  A look finding no quota set gives None (no limit),
-    and the count starts again."""
+    and the count starts again, in a new epoch."""
 
     def __init__(self, cpu_dir: str, usage_dir: str, v2: bool,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -183,6 +207,7 @@ class CgroupQuota:
         self.clock = clock
         self.last: float | None = None  # when the allowance was last added to
         self.allowed = 0.0  # µs the quota allowed since counting began
+        self.epoch = 0  # counts of different epochs are not compared
 
     def cpus(self) -> float | None:
         """The quota in CPUs (0.5: half of one), or None where none is set."""
@@ -206,8 +231,9 @@ class CgroupQuota:
             with open(os.path.join(self.cpu_dir, "cpu.stat"), encoding="ascii") as f:
                 for line in f:
                     key, _, value = line.partition(" ")
-                    values[key] = int(value)
-        except (OSError, ValueError, UnicodeDecodeError):
+                    if value.strip().isdigit():  # a line of another form: not ours to judge
+                        values[key] = int(value)
+        except (OSError, UnicodeDecodeError):
             return {}
         return values
 
@@ -231,37 +257,45 @@ class CgroupQuota:
         used, throttled = counts
         if self.last is not None:
             self.allowed += cpus * (now - self.last) * 1e6
-        else:
-            self.allowed = float(used)  # counting begins: nothing spare so far
+        else:  # counting begins (again): nothing spare so far
+            self.allowed = float(used)
+            self.epoch += 1
         self.last = now
-        return int(self.allowed) - used, int(self.allowed), throttled
+        return int(self.allowed) - used, int(self.allowed), throttled, self.epoch
 
 
 def cgroup_quotas(proc_cgroup: str = "/proc/self/cgroup",
                   mountinfo: str = "/proc/self/mountinfo") -> list[CgroupQuota]:
-    """A source for this process's cgroup and each above it that may hold a CPU quota,
-    cgroup v2 where its CPU controller is, else v1's cpu and cpuacct (which must show
-    the same path, as systemd and container runtimes make them)."""
+    """A source for this process's cgroup and each above it that a mount shows: v1's cpu
+    and cpuacct where the cpu controller is bound to v1 (the two must show the same
+    path, as systemd and container runtimes make them), else cgroup v2.  Every level is
+    kept, quota or not, since one may be set while the server runs (v1's hierarchy root,
+    which takes none, aside)."""
     mounts, groups = cgroup_mounts(mountinfo), own_cgroups(proc_cgroup)
 
-    def mount_of(fstype: str, option: str | None) -> Mount | None:
-        return next((m for m in mounts if m.fstype == fstype
-                     and (option is None or option in m.options)), None)
+    def levels_in(option: str | None, path: str) -> tuple[Mount | None, list[str]]:
+        """The first mount of the kind that shows this process's cgroup, and its levels."""
+        fstype = "cgroup2" if option is None else "cgroup"
+        for mount in mounts:
+            if mount.fstype == fstype and (option is None or option in mount.options):
+                levels = _levels(mount, path)
+                if levels:
+                    return mount, levels
+        return None, []
 
-    cpu = mount_of("cgroup", "cpu")
-    if cpu is not None and "cpu" in groups:
-        acct = mount_of("cgroup", "cpuacct")
-        if acct is None or groups.get("cpuacct") != groups["cpu"]:
+    if "cpu" in groups:
+        cpu, cpu_levels = levels_in("cpu", groups["cpu"])
+        acct, acct_levels = levels_in("cpuacct", groups.get("cpuacct", ""))
+        if cpu is None or acct is None or groups.get("cpuacct") != groups["cpu"]:
             return []
-        # The hierarchy's root takes no quota: not read at every look.
-        return [CgroupQuota(d, a, v2=False)
-                for d, a in zip(_levels(cpu, groups["cpu"]), _levels(acct, groups["cpu"]))
-                if not (d == cpu.point and cpu.root == "/")]
-    unified = mount_of("cgroup2", None)
-    if unified is None or "" not in groups:
+        # A v1 hierarchy's root alone has release_agent; in a container's own cgroup
+        # namespace the mount's root is the container's cgroup, which may hold a quota.
+        return [CgroupQuota(d, a, v2=False) for d, a in zip(cpu_levels, acct_levels)
+                if not os.path.exists(os.path.join(d, "release_agent"))]
+    if "" not in groups:
         return []
-    return [CgroupQuota(d, d, v2=True) for d in _levels(unified, groups[""])
-            if os.path.exists(os.path.join(d, "cpu.max"))]
+    # cgroup v2's root has no cpu.max: its look finds none, at the cost of one open.
+    return [CgroupQuota(d, d, v2=True) for d in levels_in(None, groups[""])[1]]
 
 
 class CpuGauge:
@@ -302,9 +336,9 @@ def _spare(first: Counts | None, last: Counts | None, share: float, limit: bool)
     unreadable source fails open, as do the machine's counters going back (a CPU taken
     offline); a quota's spare going back is a quota overspent within the window, and a
     quota that held its cgroup back at all in the window had none to spare."""
-    if first is None or last is None:
-        return True
-    if len(first) > 2 and len(last) > 2 and last[2] > first[2]:
+    if first is None or last is None or first[3:] != last[3:]:
+        return True  # unreadable, or a quota's count begun again within the window
+    if len(first) > 2 and last[2] > first[2]:
         return False
     elapsed, idle = last[1] - first[1], last[0] - first[0]
     if elapsed <= 0 or (idle < 0 and not limit):

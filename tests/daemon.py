@@ -67,9 +67,9 @@ class Daemon:
 
     def __init__(self, tmp: Path, *, port: int | None = None, workers: int = 2,
                  server: dict | None = None, sections: dict | None = None,
-                 extra_args: list[str] | None = None, preexec=None) -> None:
+                 extra_args: list[str] | None = None, wrapper: list[str] | None = None) -> None:
         self.tmp = tmp
-        self.preexec = preexec  # run in the master's process before it starts (e.g. into a cgroup)
+        self.wrapper = wrapper or []  # a command that execs the daemon's (e.g. in a cgroup)
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self._port_chosen_here = port is None
@@ -94,9 +94,9 @@ class Daemon:
         for attempt in range(START_ATTEMPTS):
             self.write_config()
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "forksmtp", "-c", str(self.config_path), *self.extra_args],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=self.preexec)
+                [*self.wrapper, sys.executable, "-m", "forksmtp", "-c", str(self.config_path),
+                 *self.extra_args],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
             try:
                 self.wait_for_log("[READY]", timeout)
                 return self

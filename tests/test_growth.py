@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from forksmtp import growth
-from forksmtp.growth import (WINDOW, Backlog, CgroupQuota, CpuGauge, allowed_cpus, cgroup_mounts,
-                             cgroup_quotas, cpu_times, own_cgroups, queued)
+from forksmtp.growth import (WINDOW, Backlog, CgroupQuota, CpuGauge, cgroup_mounts, cgroup_quotas,
+                             cpu_times, own_cgroups, queued)
 
 
 class Ticks:
@@ -40,24 +40,26 @@ def test_cpu_times_of_some_cpus_sums_their_lines_alone(tmp_path):
                     "cpu0 10 1 5 100 3 0 0 1 0 0\n"
                     "cpu1 20 2 10 200 6 1 1 2 0 0\n"
                     "cpu2 30 0 15 300 9 0 1 1 0 0\n"
-                    "intr 12345 0 0\nctxt 999\n")
+                    "intr 12345 0 0\nctxt 999\ncpu9 this line is not read\n")
+    every = (5 + 1000 + 30, 100 + 5 + 50 + 1000 + 30 + 2 + 3 + 7)
     assert cpu_times(str(stat), frozenset({0, 2})) == (1 + 100 + 3 + 300 + 9, 120 + 356)
     assert cpu_times(str(stat), frozenset({1})) == (2 + 200 + 6, 242)
-    assert cpu_times(str(stat), frozenset({7})) is None  # none of them there
-    assert cpu_times("/proc/stat", frozenset({0})) is not None
+    assert cpu_times(str(stat), frozenset({0, 1, 2})) == every  # all of them: the sum line
+    # CPUs the file does not list: a view of its own (LXCFS numbers a container's CPUs
+    # from 0), whose sum line is the container's.
+    assert cpu_times(str(stat), frozenset({5, 6})) == every
+    assert cpu_times(str(stat), frozenset({2, 5})) == every
+    assert cpu_times("/proc/stat", frozenset({min(os.sched_getaffinity(0))})) is not None
 
 
-def test_allowed_cpus_follows_the_affinity():
-    """None while the process may run on every CPU; the set once an affinity (a cpuset,
-    taskset) narrows it.  Run in a child, whose affinity the test may change."""
-    code = ("import os; from forksmtp.growth import allowed_cpus; print(allowed_cpus());"
-            "os.sched_setaffinity(0, {0}); print(sorted(allowed_cpus() or []))")
-    if len(os.sched_getaffinity(0)) < 2 or len(os.sched_getaffinity(0)) != os.cpu_count():
-        pytest.skip("needs two CPUs or more, all of them this process's")
+def test_allowed_cpus_is_the_affinity():
+    """Run in a child, whose affinity the test may narrow (as a cpuset or taskset does)."""
+    mine = sorted(os.sched_getaffinity(0))
+    code = ("import os; from forksmtp.growth import allowed_cpus; print(sorted(allowed_cpus()));"
+            f"os.sched_setaffinity(0, {{{mine[-1]}}}); print(sorted(allowed_cpus()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=30).stdout.split("\n")
-    assert out[:2] == ["None", "[0]"]
-    assert allowed_cpus() is None
+    assert out[:2] == [str(mine), str([mine[-1]])]
 
 
 def cgroup_files(tmp_path, mountinfo: str, cgroup: str):
@@ -82,45 +84,71 @@ def test_cgroup_mounts_and_own_cgroups_are_read_as_the_kernel_writes_them(tmp_pa
     assert cgroup_mounts(str(tmp_path / "absent")) == [] and own_cgroups(str(tmp_path / "absent")) == {}
 
 
+def quotas_for(tmp_path, mountinfo: str, cgroup: str) -> list[tuple[str, str, bool]]:
+    return [(q.cpu_dir, q.usage_dir, q.v2)
+            for q in cgroup_quotas(*cgroup_files(tmp_path, mountinfo, cgroup))]
+
+
 def test_cgroup_v2_quotas_are_looked_for_from_the_own_cgroup_up(tmp_path):
     root = tmp_path / "cg"
     unit = root / "system.slice" / "mx.service"
     unit.mkdir(parents=True)
-    for d in (root / "system.slice", unit):
-        (d / "cpu.max").write_text("max 100000\n")
-    proc_cgroup, mountinfo = cgroup_files(
-        tmp_path, f"24 18 0:22 / {root} rw - cgroup2 cgroup2 rw\n", "0::/system.slice/mx.service\n")
-    quotas = cgroup_quotas(proc_cgroup, mountinfo)
-    # The hierarchy's root has no cpu.max and is not looked at.
-    assert [(q.cpu_dir, q.v2) for q in quotas] == [(str(unit), True), (str(root / "system.slice"), True)]
+    # Every level, with cpu.max or not yet: a quota may be set while the server runs.
+    assert quotas_for(tmp_path, f"24 18 0:22 / {root} rw - cgroup2 cgroup2 rw\n",
+                      "0::/system.slice/mx.service\n") == [
+        (str(unit), str(unit), True), (str(root / "system.slice"),) * 2 + (True,),
+        (str(root), str(root), True)]
 
 
-def test_a_container_sees_its_own_cgroup_as_the_mounts_root(tmp_path):
+@pytest.mark.parametrize("mount_root, path, levels", [
+    ("/", "/", [""]),                        # a container's own cgroup namespace
+    ("/../..", "/", [""]),                   # the mount shows an ancestor of its root
+    ("/../..", "/sub", [""]),                # ... with the levels between unknown
+    ("/kubepods/pod1", "/kubepods/pod1/c1", ["c1", ""]),
+    ("/x", "/", []),                         # the mount shows another branch
+    ("/kubepods/pod1", "/kubepods/pod2/c1", []),
+    ("/../x", "/", []),
+    ("/", "/../x", []),                      # outside its own namespace's view
+    ("/", "", []),                           # what no kernel writes
+    ("/", "relative", []),
+])
+def test_the_levels_a_mount_shows(tmp_path, mount_root, path, levels):
+    root = tmp_path / "cg"
+    assert [d for d, _, _ in quotas_for(tmp_path, f"24 18 0:22 {mount_root} {root} rw - cgroup2 cgroup2 rw\n",
+                                        f"0::{path}\n")] == [str(root / lv) if lv else str(root) for lv in levels]
+
+
+def test_a_container_reads_the_quota_of_its_own_cgroup(tmp_path):
     root = tmp_path / "cg"
     root.mkdir()
     (root / "cpu.max").write_text("150000 100000\n")
-    proc_cgroup, mountinfo = cgroup_files(
-        tmp_path, f"24 18 0:22 /../.. {root} rw - cgroup2 cgroup2 rw\n", "0::/\n")
-    quotas = cgroup_quotas(proc_cgroup, mountinfo)
+    quotas = cgroup_quotas(*cgroup_files(tmp_path, f"24 18 0:22 / {root} rw - cgroup2 cgroup2 rw\n", "0::/\n"))
     assert [q.cpu_dir for q in quotas] == [str(root)] and quotas[0].cpus() == 1.5
-    for odd in ("0::\n", "0::relative\n"):  # no kernel writes these; the mount's root is taken
-        proc_cgroup, mountinfo = cgroup_files(
-            tmp_path, f"24 18 0:22 /x {root} rw - cgroup2 cgroup2 rw\n", odd)
-        assert [q.cpu_dir for q in cgroup_quotas(proc_cgroup, mountinfo)] == [str(root)]
+
+
+def v1_tree(tmp_path, root_is_the_hierarchys: bool):
+    cpu, acct = tmp_path / "cpu", tmp_path / "cpuacct"
+    for d in (cpu / "mx", acct / "mx"):
+        d.mkdir(parents=True)
+    if root_is_the_hierarchys:  # only a v1 hierarchy's own root has release_agent
+        (cpu / "release_agent").write_text("\n")
+    return cpu, acct, (f"32 31 0:29 / {cpu} rw - cgroup cgroup rw,cpu\n"
+                       f"33 31 0:30 / {acct} rw - cgroup cgroup rw,cpuacct\n"
+                       f"41 18 0:22 / {tmp_path / 'unified'} rw - cgroup2 cgroup2 rw\n")
 
 
 def test_cgroup_v1_quotas_need_cpu_and_cpuacct_at_the_same_path(tmp_path):
-    cpu, acct = tmp_path / "cpu", tmp_path / "cpuacct"
-    (cpu / "mx").mkdir(parents=True)
-    (acct / "mx").mkdir(parents=True)
-    mounts = (f"32 31 0:29 / {cpu} rw - cgroup cgroup rw,cpu\n"
-              f"33 31 0:30 / {acct} rw - cgroup cgroup rw,cpuacct\n")
-    proc_cgroup, mountinfo = cgroup_files(tmp_path, mounts, "2:cpuacct:/mx\n1:cpu:/mx\n0::/\n")
-    quotas = cgroup_quotas(proc_cgroup, mountinfo)
-    # The hierarchy's root takes no quota in v1 either.
-    assert [(q.cpu_dir, q.usage_dir, q.v2) for q in quotas] == [(str(cpu / "mx"), str(acct / "mx"), False)]
-    proc_cgroup, mountinfo = cgroup_files(tmp_path, mounts, "2:cpuacct:/other\n1:cpu:/mx\n")
-    assert cgroup_quotas(proc_cgroup, mountinfo) == []  # whose use could not be read
+    cpu, acct, mounts = v1_tree(tmp_path, root_is_the_hierarchys=True)
+    # v1 holds the cpu controller, so the cgroup2 mount beside it is not read; nor is
+    # the hierarchy's root, which takes no quota.
+    assert quotas_for(tmp_path, mounts, "2:cpuacct:/mx\n1:cpu:/mx\n0::/\n") == [
+        (str(cpu / "mx"), str(acct / "mx"), False)]
+    assert quotas_for(tmp_path, mounts, "2:cpuacct:/other\n1:cpu:/mx\n") == []  # use unreadable
+
+
+def test_a_v1_container_in_its_own_cgroup_namespace_reads_its_quota(tmp_path):
+    cpu, acct, mounts = v1_tree(tmp_path, root_is_the_hierarchys=False)
+    assert quotas_for(tmp_path, mounts, "2:cpuacct:/\n1:cpu:/\n0::/\n") == [(str(cpu), str(acct), False)]
 
 
 class FakeCgroup:
@@ -163,17 +191,23 @@ def test_a_quota_counts_what_it_allowed_and_what_was_used(tmp_path, v2):
     group = FakeCgroup(tmp_path, v2, cpus=0.5)
     quota = group.quota()
     assert quota.cpus() == 0.5
-    first = quota()
-    assert first == (0, 0, 0)
-    group.run(1.0, used_cpus=0.2)
-    assert quota() == (300_000, 500_000, 0)  # 0.5 s allowed, 0.2 used
+    assert quota() == (0, 0, 0, 1)
+    group.run(1.0, used_cpus=0.2, throttled=0.03)
+    assert quota() == (300_000, 500_000, 30_000, 1)  # 0.5 s allowed, 0.2 used, 0.03 held back
     group.set_quota(None)
     assert quota() is None  # no quota: no limit, and the count starts again
     group.set_quota(2.0)
     group.run(1.0, used_cpus=1.0)
-    assert quota()[:2] == (0, group.used)
+    assert quota() == (0, group.used, 30_000, 2)  # in a new epoch
     group.run(0.5, used_cpus=1.0)
-    assert quota()[:2] == (500_000, group.used + 500_000)
+    assert quota() == (500_000, group.used + 500_000, 30_000, 2)
+
+
+def test_a_line_of_another_form_in_cpu_stat_leaves_the_others_read(tmp_path):
+    group = FakeCgroup(tmp_path, True, cpus=1.0)
+    stat = tmp_path / "cpu.stat"
+    stat.write_text(stat.read_text() + "some_future_key 1.5 kB\n")
+    assert group.quota()() == (0, 0, 0, 1)
 
 
 def test_a_quota_whose_files_cannot_be_read_gives_nothing(tmp_path):
@@ -208,6 +242,31 @@ def test_the_gauge_needs_both_the_cpus_and_every_quota_to_have_time(
     assert gauge.has_spare(group.now) is None
     run_both(group, machine, WINDOW, used, machine_idle, throttled)
     assert gauge.has_spare(group.now, since=group.now - WINDOW) is spare
+
+
+def test_a_quota_counted_afresh_within_the_window_is_not_judged(tmp_path):
+    """A quota that went and came back starts a new count: a window reaching over both
+    counts compares nothing, and fails open."""
+    group, machine, gauge = quota_gauge(tmp_path)
+    gauge.has_spare(group.now)
+    run_both(group, machine, WINDOW / 2, used_cpus=1.0, machine_idle=50, throttled=0.05)
+    group.set_quota(None)
+    gauge.has_spare(group.now)
+    group.set_quota(1.0)
+    run_both(group, machine, WINDOW / 2, used_cpus=1.0, machine_idle=50, throttled=0.05)
+    assert gauge.has_spare(group.now) is True
+    run_both(group, machine, WINDOW, used_cpus=1.0, machine_idle=50, throttled=0.05)
+    assert gauge.has_spare(group.now) is False  # a whole window in the new count
+
+
+def test_an_unreadable_machine_leaves_the_judgement_to_the_quota(tmp_path):
+    group = FakeCgroup(tmp_path, v2=True, cpus=1.0)
+    gauge = CpuGauge(lambda: None, limits=(group.quota(),))
+    assert gauge.has_spare(group.now) is None  # judged: not the old "unreadable: spare"
+    group.run(WINDOW, used_cpus=1.0, throttled=0.01)
+    assert gauge.has_spare(group.now) is False
+    group.run(WINDOW, used_cpus=0.2)
+    assert gauge.has_spare(group.now) is True
 
 
 def test_an_unreadable_quota_leaves_the_judgement_to_the_cpus(tmp_path):

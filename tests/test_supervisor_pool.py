@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shlex
 import signal
 import smtplib
 import socket
@@ -584,8 +585,8 @@ def seconds_to_greeting(port: int) -> float:
 class QuotaCgroup:
     """A cgroup made for a test, its CPU time capped at ``cpus`` CPUs: cgroup v2 where the
     CPU controller can be enabled there, else v1's cpu and cpuacct hierarchies (both,
-    at the same path, as growth.cgroup_quotas reads them).  ``enter`` moves the calling
-    process in (a Popen preexec_fn)."""
+    at the same path, as growth.cgroup_quotas reads them).  ``wrapper`` is a command
+    prefix that moves itself in, then execs the command."""
 
     def __init__(self, cpus: float) -> None:
         from forksmtp.growth import cgroup_mounts
@@ -595,6 +596,7 @@ class QuotaCgroup:
         v2 = [m for m in mounts if m.fstype == "cgroup2"]
         quota, period = int(cpus * 100_000), 100_000
         self.dirs: list[Path] = []
+        self.enabled_cpu: Path | None = None  # a v2 subtree_control this made take "cpu"
         try:
             if any("cpu" in m.options for m in v1) and any("cpuacct" in m.options for m in v1):
                 for point in dict.fromkeys(m.point for m in v1):  # cpu and cpuacct, co-mounted or not
@@ -604,7 +606,10 @@ class QuotaCgroup:
                 (cpu_dir / "cpu.cfs_period_us").write_text(str(period))
                 (cpu_dir / "cpu.cfs_quota_us").write_text(str(quota))
             elif v2 and "cpu" in Path(v2[0].point, "cgroup.controllers").read_text().split():
-                Path(v2[0].point, "cgroup.subtree_control").write_text("+cpu")
+                control = Path(v2[0].point, "cgroup.subtree_control")
+                if "cpu" not in control.read_text().split():
+                    control.write_text("+cpu")
+                    self.enabled_cpu = control
                 self.dirs.append(Path(v2[0].point, name))
                 self.dirs[-1].mkdir()
                 (self.dirs[-1] / "cpu.max").write_text(f"{quota} {period}")
@@ -613,21 +618,28 @@ class QuotaCgroup:
         except OSError as exc:
             self.remove()
             pytest.skip(f"cannot make a cgroup with a CPU quota here: {exc}")
-
-    def enter(self) -> None:
-        for d in self.dirs:
-            (d / "cgroup.procs").write_text(str(os.getpid()))
+        procs = " && ".join(f"echo $$ > {shlex.quote(str(d / 'cgroup.procs'))}" for d in self.dirs)
+        self.wrapper = ["sh", "-c", f'{procs} && exec "$@"', "sh"]
 
     def remove(self) -> None:
+        """Remove the cgroups, moving out whatever is still in them (the processes of a
+        daemon whose start failed); a cgroup that will not go fails the test."""
         for d in self.dirs:
+            if not d.exists():
+                continue
             for _ in range(50):  # the last of the daemon's processes may still be exiting
-                try:
+                with contextlib.suppress(OSError):
+                    for pid in (d / "cgroup.procs").read_text().split():
+                        with contextlib.suppress(OSError):
+                            (d.parent / "cgroup.procs").write_text(pid)
                     d.rmdir()
                     break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.1)
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"cgroup {d} could not be removed")
+        if self.enabled_cpu is not None:
+            with contextlib.suppress(OSError):
+                self.enabled_cpu.write_text("-cpu")
 
 
 def test_a_busy_pool_whose_cgroup_cpu_quota_is_spent_starts_no_spare_while_the_host_idles(
@@ -639,17 +651,16 @@ def test_a_busy_pool_whose_cgroup_cpu_quota_is_spent_starts_no_spare_while_the_h
     spinner = d = None
     try:
         d = daemon_factory(workers=1, server={"max_workers": 4, "min_spare_workers": 1},
-                           preexec=group.enter)
-        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"],
-                                   preexec_fn=group.enter)
+                           wrapper=group.wrapper)
+        spinner = subprocess.Popen([*group.wrapper, sys.executable, "-c", "while True: pass"])
         time.sleep(2 * WINDOW)  # a window of a spent quota before the pool runs dry
         holder = RawSMTP(d.port)
         try:
-            host_before = cpu_times()
+            host_before = cpu_times(cpus=allowed_cpus())  # the CPUs the master counts
             assert holder.command(b"EHLO holder.example") == 250
             time.sleep(4 * WINDOW)  # four windows with every worker busy
             busy = worker_pids(d)
-            host_after = cpu_times()
+            host_after = cpu_times(cpus=allowed_cpus())
             waited = seconds_to_greeting(d.port)
             assert host_before is not None and host_after is not None
             host_spare = (host_after[0] - host_before[0]) / max(1, host_after[1] - host_before[1])

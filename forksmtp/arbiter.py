@@ -143,7 +143,8 @@ class Arbiter:
         self.dry_since = 0.0  # when the pool last ran out of idle workers
         # Whether a busy pool's CPUs have time for a worker more: the CPUs the master may
         # run on, and any cgroup CPU quota above it (found once: a daemon does not move).
-        self.cpu = growth.CpuGauge(growth.machine_times, limits=tuple(growth.cgroup_quotas()))
+        self.quotas = growth.cgroup_quotas()
+        self.cpu = growth.CpuGauge(growth.machine_times, limits=tuple(self.quotas))
         self.backlog = growth.Backlog()  # how long clients have waited in the listen queues
         self.old_pending = False  # a reload's old generation still to be retired
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
@@ -194,6 +195,9 @@ class Arbiter:
                            + [f"SMTPS {a}" for a in (self.cfg.tls.implicit_listen if self.cfg.tls else ())])
         self._manage_pool(time.monotonic())
         self.log.info("READY", f"Listening on {listen} ({self.target} workers)")
+        judged = growth.describe(self.quotas, growth.allowed_cpus())
+        if judged and self.cfg.server.spare_cpu_share > 0:
+            self.log.info("POOL", judged)  # an operator can see the container's limits were found
         process.sd_notify("READY=1")
         self.fast = False
         while True:

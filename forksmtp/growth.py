@@ -298,6 +298,40 @@ def cgroup_quotas(proc_cgroup: str = "/proc/self/cgroup",
     return [CgroupQuota(d, d, v2=True) for d in levels_in(None, groups[""])[1]]
 
 
+def _cpu_list(cpus: frozenset[int]) -> str:
+    """0-3,6: CPU numbers as cpuset(7) writes them."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def describe(quotas: list[CgroupQuota], cpus: frozenset[int] | None = None,
+             path: str = "/proc/stat") -> str | None:
+    """What narrows the CPUs the pool judges, for the log at start: the master's CPUs
+    where they are not every CPU listed, and each quota set now.  None where nothing
+    does (every CPU, no quota)."""
+    parts = []
+    if cpus is not None:
+        try:
+            with open(path, "rb") as f:
+                listed = {int(line[3:].partition(b" ")[0]) for line in f
+                          if line.startswith(b"cpu") and line[3:4].isdigit()}
+        except (OSError, ValueError):
+            listed = set()
+        if listed and not listed <= cpus and cpus <= listed:
+            parts.append(f"CPU{'s' if len(cpus) > 1 else ''} {_cpu_list(cpus)} of {len(listed)} "
+                         "(the master's affinity)")
+    for quota in quotas:
+        allowed = quota.cpus()
+        if allowed is not None:
+            parts.append(f"a CPU quota of {allowed:g} CPUs at {quota.cpu_dir}")
+    return "spares are judged by " + " and ".join(parts) if parts else None
+
+
 class CpuGauge:
     """The share of CPU time idle over the last WINDOW, from a sample each look: of the
     machine's CPUs (``read``) and of each quota above the server (``limits``); the CPUs

@@ -269,6 +269,21 @@ def test_an_unreadable_machine_leaves_the_judgement_to_the_quota(tmp_path):
     assert gauge.has_spare(group.now) is True
 
 
+def test_what_narrows_the_cpus_is_described_for_the_log(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 1 1 1 1\n" + "".join(f"cpu{i} 1 1 1 1 1\n" for i in range(8)) + "intr 1\n")
+    assert growth.describe([], frozenset(range(8)), str(stat)) is None  # every CPU: nothing to say
+    assert growth.describe([], None, str(stat)) is None
+    assert growth.describe([], frozenset({0, 1, 2, 3, 6}), str(stat)) == (
+        "spares are judged by CPUs 0-3,6 of 8 (the master's affinity)")
+    assert growth.describe([], frozenset({12}), str(stat)) is None  # a view of its own (LXCFS)
+    group = FakeCgroup(tmp_path, v2=True, cpus=1.5)
+    assert growth.describe([group.quota()], frozenset({5}), str(stat)) == (
+        f"spares are judged by CPU 5 of 8 (the master's affinity) and a CPU quota of 1.5 CPUs at {tmp_path}")
+    group.set_quota(None)
+    assert growth.describe([group.quota()], None, str(stat)) is None  # no quota set now
+
+
 def test_an_unreadable_quota_leaves_the_judgement_to_the_cpus(tmp_path):
     group, machine, gauge = quota_gauge(tmp_path)
     gauge.has_spare(group.now)

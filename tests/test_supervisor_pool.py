@@ -653,6 +653,8 @@ def test_a_busy_pool_whose_cgroup_cpu_quota_is_spent_starts_no_spare_while_the_h
         d = daemon_factory(workers=1, server={"max_workers": 4, "min_spare_workers": 1},
                            wrapper=group.wrapper)
         spinner = subprocess.Popen([*group.wrapper, sys.executable, "-c", "while True: pass"])
+        cpu_dir = next(d for d in group.dirs if (d / "cpu.max").exists() or (d / "cpu.cfs_quota_us").exists())
+        d.wait_for_log(f"[POOL] spares are judged by a CPU quota of 0.5 CPUs at {cpu_dir}")
         time.sleep(2 * WINDOW)  # a window of a spent quota before the pool runs dry
         holder = RawSMTP(d.port)
         try:

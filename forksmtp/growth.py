@@ -217,6 +217,8 @@ class CgroupQuota:
             quota, period = (parts[0], parts[1]) if len(parts) == 2 else ("max", "0")
         else:
             quota = _read_first(os.path.join(self.cpu_dir, "cpu.cfs_quota_us")) or "-1"
+            if quota.startswith("-"):
+                return None  # -1: none; the period is not read at every look for nothing
             period = _read_first(os.path.join(self.cpu_dir, "cpu.cfs_period_us")) or "0"
         try:
             q, p = int(quota), int(period)

@@ -474,15 +474,18 @@ def test_a_client_pipelining_without_pause_does_not_grow_the_log_queue(daemon_fa
         s.sendall(b"QUIT\r\n")
 
 
-def test_a_session_whose_last_reply_is_not_read_still_counts_against_its_limit(daemon_factory):
-    """QUIT read, its 221 stuck behind replies the client does not read: the session
-    holds a worker until the command timeout, so it must still count against
-    max_connections_per_ip; giving its counts back before the last reply was sent let
-    one address hold every worker."""
-    # The command timeout only has to outlast the reading below, which on a loaded
-    # machine took over 20 s (the server then timed out and reset the connection).
-    d = daemon_factory(workers=3, server={"max_connections_per_ip": 1},
-                       sections={"timeouts": {"command": 90}})
+#: Tries at setting up the stuck session below.  On a 1 KiB window the server's TCP can
+#: fall to sending only on its persist timer, a few KB a second: the window (564 octets)
+#: stays below its segment size (576, half the largest window it saw).  Then the QUIT is
+#: never read; it happened in 5 runs of 50 on one kernel build.
+STUCK_TRIES = 3
+#: Seconds without the server reading on: its TCP is on its persist timer.
+PERSIST_STALL = 5.0
+
+
+def stuck_after_quit(d) -> socket.socket | None:
+    """A client whose QUIT the server has read, with the 221 stuck behind replies the
+    client does not read; None where the server's TCP stalled first."""
     holder = socket.socket()
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
     holder.settimeout(10)
@@ -504,13 +507,42 @@ def test_a_session_whose_last_reply_is_not_read_still_counts_against_its_limit(d
         # Each read returns as soon as there is something to take: a loaded machine
         # (a look at /proc took 30 ms there) made a fixed pause per read overrun 60 s.
         deadline = time.monotonic() + 60
-        while server_end(holder).unread != 0 and time.monotonic() < deadline:
+        seen, since = -1, time.monotonic()
+        while (unread := server_end(holder).unread) != 0 and time.monotonic() < deadline:
+            if unread != seen:
+                seen, since = unread, time.monotonic()
+            elif time.monotonic() - since > PERSIST_STALL:
+                holder.close()
+                return None
             taken = 0
             try:
                 while taken < 131072 and (chunk := holder.recv(16384)):
                     taken += len(chunk)
             except TimeoutError:
                 pass
+        return holder
+    except BaseException:
+        holder.close()
+        raise
+
+
+def test_a_session_whose_last_reply_is_not_read_still_counts_against_its_limit(daemon_factory):
+    """QUIT read, its 221 stuck behind replies the client does not read: the session
+    holds a worker until the command timeout, so it must still count against
+    max_connections_per_ip; giving its counts back before the last reply was sent let
+    one address hold every worker."""
+    for _ in range(STUCK_TRIES):
+        # The command timeout only has to outlast the reading, which on a loaded machine
+        # took over 20 s (the server then timed out and reset the connection).
+        d = daemon_factory(workers=3, server={"max_connections_per_ip": 1},
+                           sections={"timeouts": {"command": 90}})
+        holder = stuck_after_quit(d)
+        if holder is not None:
+            break
+        d.stop()
+    else:
+        pytest.skip(f"the server's TCP sent only on its persist timer in {STUCK_TRIES} tries")
+    try:
         unsent, unread, _, state = server_end(holder)
         assert unread == 0
         assert unsent > 0 and state == "01", (

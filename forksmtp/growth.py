@@ -41,7 +41,7 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 WINDOW = 0.25  # seconds of CPU time the gauge judges by
 SPARE_SHARE = 0.10  # the CPUs had time to spare when this share of it was idle (server.spare_cpu_share)
@@ -67,32 +67,42 @@ def _ticks(rest: bytes) -> Counts:
     return fields[1] + fields[3] + fields[4], sum(fields)
 
 
-def cpu_times(path: str = "/proc/stat", cpus: frozenset[int] | None = None) -> Counts | None:
-    """(spare, total) clock ticks since boot of all CPUs, or of ``cpus`` alone; None where
-    the file cannot be read or parsed.  Spare is idle time, I/O wait (idle while I/O is
-    pending) and the time of niced processes (nice > 0), which yield it to the workers
-    when they want it.
+def _read_stat(path: str, per_cpu: bool) -> tuple[Counts, dict[int, Counts]]:
+    """The all-CPUs line's (spare, total), and each CPU's where ``per_cpu``.  Raises
+    OSError or ValueError where the file cannot be read or parsed."""
+    listed: dict[int, Counts] = {}
+    with open(path, "rb") as f:
+        name, _, rest = f.readline().partition(b" ")
+        if name != b"cpu":
+            raise ValueError("no all-CPUs line first")
+        every = _ticks(rest)
+        for line in f if per_cpu else ():
+            name, _, rest = line.partition(b" ")
+            if not name.startswith(b"cpu"):
+                break  # the per-CPU lines come first; the rest (intr) can be long
+            listed[int(name[3:])] = _ticks(rest)
+    return every, listed
 
-    The sum of ``cpus`` is taken only where the file lists each of them and others too.
-    Where it lists only some of them, it is a view of its own (LXCFS numbers a
-    container's CPUs from 0), and its all-CPUs line is what the container has."""
+
+def _narrowed(listed: Iterable[int], cpus: frozenset[int]) -> bool:
+    """Whether ``cpus`` are a part of the CPUs the file lists, to be summed alone: it
+    lists each of them and others too.  Where it lists only some of them, it is a view
+    of its own (LXCFS numbers a container's CPUs from 0), and its all-CPUs line is what
+    the container has."""
+    present = set(listed)
+    return cpus <= present and not present <= cpus
+
+
+def cpu_times(path: str = "/proc/stat", cpus: frozenset[int] | None = None) -> Counts | None:
+    """(spare, total) clock ticks since boot of all CPUs, or of ``cpus`` alone where they
+    are a part of them (``_narrowed``); None where the file cannot be read or parsed.
+    Spare is idle time, I/O wait (idle while I/O is pending) and the time of niced
+    processes (nice > 0), which yield it to the workers when they want it."""
     try:
-        with open(path, "rb") as f:
-            name, _, rest = f.readline().partition(b" ")
-            if name != b"cpu":
-                return None
-            every = _ticks(rest)
-            if cpus is None:
-                return every
-            listed: dict[int, Counts] = {}
-            for line in f:
-                name, _, rest = line.partition(b" ")
-                if not name.startswith(b"cpu"):
-                    break  # the per-CPU lines come first; the rest (intr) can be long
-                listed[int(name[3:])] = _ticks(rest)
+        every, listed = _read_stat(path, per_cpu=cpus is not None)
     except (OSError, ValueError):
         return None
-    if listed.keys() <= cpus or not cpus <= listed.keys():
+    if cpus is None or not _narrowed(listed, cpus):
         return every
     mine = [listed[cpu] for cpu in cpus]
     return sum(c[0] for c in mine), sum(c[1] for c in mine)
@@ -319,12 +329,10 @@ def describe(quotas: list[CgroupQuota], cpus: frozenset[int] | None = None,
     parts = []
     if cpus is not None:
         try:
-            with open(path, "rb") as f:
-                listed = {int(line[3:].partition(b" ")[0]) for line in f
-                          if line.startswith(b"cpu") and line[3:4].isdigit()}
+            listed = _read_stat(path, per_cpu=True)[1]
         except (OSError, ValueError):
-            listed = set()
-        if listed and not listed <= cpus and cpus <= listed:
+            listed = {}
+        if _narrowed(listed, cpus):
             parts.append(f"CPU{'s' if len(cpus) > 1 else ''} {_cpu_list(cpus)} of {len(listed)} "
                          "(the master's affinity)")
     for quota in quotas:
@@ -363,21 +371,21 @@ class CpuGauge:
         start, first = self.samples[0]
         if start < since or now - start < self.window:
             return None
-        return all(_spare(a, b, share, limit=i > 0)
-                   for i, (a, b) in enumerate(zip(first, sample)))
+        return all(_spare(a, b, share) for a, b in zip(first, sample))
 
 
-def _spare(first: Counts | None, last: Counts | None, share: float, limit: bool) -> bool:
+def _spare(first: Counts | None, last: Counts | None, share: float) -> bool:
     """Whether one source had ``share`` of its time spare between two samples.  An
     unreadable source fails open, as do the machine's counters going back (a CPU taken
     offline); a quota's spare going back is a quota overspent within the window, and a
     quota that held its cgroup back at all in the window had none to spare."""
     if first is None or last is None or first[3:] != last[3:]:
         return True  # unreadable, or a quota's count begun again within the window
-    if len(first) > 2 and last[2] > first[2]:
+    quota = len(first) > 2  # (spare, total, throttled, epoch); the machine's is a pair
+    if quota and last[2] > first[2]:
         return False
     elapsed, idle = last[1] - first[1], last[0] - first[0]
-    if elapsed <= 0 or (idle < 0 and not limit):
+    if elapsed <= 0 or (idle < 0 and not quota):
         return True
     return idle >= share * elapsed
 

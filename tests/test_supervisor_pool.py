@@ -22,7 +22,7 @@ import pytest
 from daemon import (RawSMTP, after_a_turn, assert_no_zombies, connect, gone, read_reply, request_stats,
                     send_message, serving_worker, wait_until, worker_pids, worker_states)
 from forksmtp.arbiter import TICK
-from forksmtp.growth import SPARE_SHARE, WAIT_LIMIT, WINDOW, allowed_cpus, cpu_times
+from forksmtp.growth import SPARE_SHARE, WAIT_LIMIT, WINDOW, cgroup_quotas, machine_times
 
 SESSIONS = 12
 
@@ -522,7 +522,7 @@ def cpus_saturated():
 
 
 class SpareWatch:
-    """growth.cpu_times() sampled every 20 ms in a thread while the block runs, as the
+    """growth.machine_times() sampled every 20 ms in a thread while the block runs, as the
     master samples it: the largest share of CPU time it counts as spare (idle, I/O wait,
     niced processes) over any WINDOW of the block.  The spinners soak up idle time, but
     a niced process elsewhere on the host (nice > 0) outruns them at SCHED_IDLE, and its
@@ -535,7 +535,7 @@ class SpareWatch:
 
     def _sample(self) -> None:
         while True:
-            times = cpu_times(cpus=allowed_cpus())  # the CPUs the master counts
+            times = machine_times()  # the CPUs the master counts
             if times is not None:
                 self.samples.append((time.monotonic(), *times))
             if self.done.wait(0.02):
@@ -596,23 +596,25 @@ class QuotaCgroup:
         v2 = [m for m in mounts if m.fstype == "cgroup2"]
         quota, period = int(cpus * 100_000), 100_000
         self.dirs: list[Path] = []
+        self.cpu_dir = Path()  # the one holding the quota
         self.enabled_cpu: Path | None = None  # a v2 subtree_control this made take "cpu"
         try:
             if any("cpu" in m.options for m in v1) and any("cpuacct" in m.options for m in v1):
                 for point in dict.fromkeys(m.point for m in v1):  # cpu and cpuacct, co-mounted or not
                     self.dirs.append(Path(point, name))
                     self.dirs[-1].mkdir()
-                cpu_dir = next(Path(m.point, name) for m in v1 if "cpu" in m.options)
-                (cpu_dir / "cpu.cfs_period_us").write_text(str(period))
-                (cpu_dir / "cpu.cfs_quota_us").write_text(str(quota))
+                self.cpu_dir = next(Path(m.point, name) for m in v1 if "cpu" in m.options)
+                (self.cpu_dir / "cpu.cfs_period_us").write_text(str(period))
+                (self.cpu_dir / "cpu.cfs_quota_us").write_text(str(quota))
             elif v2 and "cpu" in Path(v2[0].point, "cgroup.controllers").read_text().split():
                 control = Path(v2[0].point, "cgroup.subtree_control")
                 if "cpu" not in control.read_text().split():
                     control.write_text("+cpu")
                     self.enabled_cpu = control
-                self.dirs.append(Path(v2[0].point, name))
-                self.dirs[-1].mkdir()
-                (self.dirs[-1] / "cpu.max").write_text(f"{quota} {period}")
+                self.cpu_dir = Path(v2[0].point, name)
+                self.dirs.append(self.cpu_dir)
+                self.cpu_dir.mkdir()
+                (self.cpu_dir / "cpu.max").write_text(f"{quota} {period}")
             else:
                 raise OSError("no cgroup CPU controller to make a quota with")
         except OSError as exc:
@@ -653,16 +655,17 @@ def test_a_busy_pool_whose_cgroup_cpu_quota_is_spent_starts_no_spare_while_the_h
         d = daemon_factory(workers=1, server={"max_workers": 4, "min_spare_workers": 1},
                            wrapper=group.wrapper)
         spinner = subprocess.Popen([*group.wrapper, sys.executable, "-c", "while True: pass"])
-        cpu_dir = next(d for d in group.dirs if (d / "cpu.max").exists() or (d / "cpu.cfs_quota_us").exists())
-        d.wait_for_log(f"[POOL] spares are judged by a CPU quota of 0.5 CPUs at {cpu_dir}")
+        # The line names the master's CPUs first where an affinity narrows them (taskset).
+        text = d.wait_for_log(f"a CPU quota of 0.5 CPUs at {group.cpu_dir}")
+        assert "[POOL] spares are judged by " in text
         time.sleep(2 * WINDOW)  # a window of a spent quota before the pool runs dry
         holder = RawSMTP(d.port)
         try:
-            host_before = cpu_times(cpus=allowed_cpus())  # the CPUs the master counts
+            host_before = machine_times()  # the CPUs the master counts
             assert holder.command(b"EHLO holder.example") == 250
             time.sleep(4 * WINDOW)  # four windows with every worker busy
             busy = worker_pids(d)
-            host_after = cpu_times(cpus=allowed_cpus())
+            host_after = machine_times()
             waited = seconds_to_greeting(d.port)
             assert host_before is not None and host_after is not None
             host_spare = (host_after[0] - host_before[0]) / max(1, host_after[1] - host_before[1])
@@ -685,23 +688,8 @@ def test_a_busy_pool_whose_cgroup_cpu_quota_is_spent_starts_no_spare_while_the_h
 
 
 def _cpu_quota() -> bool:
-    """Whether this process's cgroup caps its CPU time (v2 cpu.max, v1 cfs_quota_us)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        rel = path.lstrip("/")
-        if controllers == "":
-            where, limited = Path("/sys/fs/cgroup", rel, "cpu.max"), lambda t: t.split()[0] != "max"
-        elif "cpu" in controllers.split(","):
-            where = Path("/sys/fs/cgroup", controllers, rel, "cpu.cfs_quota_us")
-            limited = lambda t: int(t) > 0  # noqa: E731
-        else:
-            continue
-        try:
-            if limited(where.read_text()):
-                return True
-        except (OSError, ValueError, IndexError):
-            pass
-    return False
+    """Whether a cgroup above this process caps its CPU time, found as the master finds it."""
+    return any(quota.cpus() is not None for quota in cgroup_quotas())
 
 
 @pytest.mark.skipif(not _cpus_as_proc_stat_sees_them(),

@@ -96,12 +96,17 @@ def serve(conn: socket.socket, store: Store, peer_ip: bytes = b"127.0.0.1") -> N
     by one, the second would wait for the client's delayed ACK (Nagle), 40 ms here."""
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     out = [b"220 pyfloor ESMTP\r\n"]
+
+    def flush() -> None:
+        if out:  # a line that spans reads has no reply to wait for
+            conn.sendall(b"".join(out))
+            out.clear()
+
     buf, sender, helo, rcpt = b"", b"", b"", b""
     while True:
         cut = buf.find(b"\r\n")
         if cut < 0:
-            conn.sendall(b"".join(out))
-            out.clear()
+            flush()
             chunk = conn.recv(65536)
             if not chunk:
                 return
@@ -111,8 +116,7 @@ def serve(conn: socket.socket, store: Store, peer_ip: bytes = b"127.0.0.1") -> N
         verb = line[:4].upper()
         if verb == b"DATA":
             out.append(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-            conn.sendall(b"".join(out))
-            out.clear()
+            flush()
             body, buf = _read_body(conn, buf)
             if body is None:
                 return
@@ -127,7 +131,7 @@ def serve(conn: socket.socket, store: Store, peer_ip: bytes = b"127.0.0.1") -> N
             out.append(b"250 2.0.0 Message accepted\r\n")
         elif verb == b"QUIT":
             out.append(b"221 2.0.0 Bye\r\n")
-            conn.sendall(b"".join(out))
+            flush()
             return
         elif verb == b"MAIL":
             sender = line.partition(b"<")[2].partition(b">")[0]

@@ -146,6 +146,7 @@ class Arbiter:
         self.quotas = growth.cgroup_quotas()
         self.cpu = growth.CpuGauge(growth.machine_times, limits=tuple(self.quotas))
         self.backlog = growth.Backlog()  # how long clients have waited in the listen queues
+        self.forked = 0  # workers forked so far: each takes a client without a session ending
         self.old_pending = False  # a reload's old generation still to be retired
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
@@ -390,6 +391,7 @@ class Arbiter:
             finally:
                 os._exit(code)
         self.board.set_pid(slot, pid)
+        self.forked += 1
         self.workers[pid] = Child(pid, slot, self.generation, now, stuck_limit(self.cfg))
         return pid
 
@@ -624,9 +626,10 @@ class Arbiter:
         # Taken from the queues: by workers (counted at admission) and by the master's own
         # overflow 421s, which empty the queues as well.
         taken = snap.connections_total + self.overflow.rejected + self.overflow.rejected_held
-        stalled = self.backlog.waited(now, waiting, taken) >= growth.WAIT_LIMIT
+        stalled = self.backlog.waited(now, waiting, taken, self.forked) >= growth.WAIT_LIMIT
         plan = pool.plan(snap, settings, self.pool_state, now, waiting=waiting,
-                         cpu_spare=cpu_spare, stalled=stalled)
+                         cpu_spare=cpu_spare, stalled=stalled,
+                         taken_soon=self.backlog.taken_soon() if stalled else 0)
         # Log a reason once (per back-off step), not every tick: its text carries a
         # countdown and the count of crashes, which grows within a step.  A tick that
         # needs no worker has no reason to give; within a back-off it does not make the

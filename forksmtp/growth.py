@@ -20,7 +20,13 @@ while a CPU has time for them, and past that grows for clients that wait:
   the master's own ``421``s at the ceiling); taken plus queued is how many clients have
   come.  A queue is served in order, so the oldest
   client waiting is the one that came after the taken ones, and it was there at the
-  first look that counted that many arrivals.
+  first look that counted that many arrivals.  The same looks give the workers' pace: the
+  clients they took over the last ``PACE_WINDOW`` seconds, less one for each worker
+  started meanwhile.  Those waiting that this pace
+  would take within ``WAIT_LIMIT`` need no worker more: a short stall of every worker (a
+  disk that held its writes back, a host that ran something else) leaves a queue that
+  waited past the limit, and a worker for each client in it grew a pool of 14 workers
+  to 46 at 50 sessions, which then never shrank while the load lasted.
 
 Where ``/proc/stat`` cannot be read, the CPUs count as having time to spare (one spare a
 WINDOW while every worker is busy); so does a quota whose use cannot be read.  Where ``TCP_INFO`` cannot be read, each readable
@@ -46,6 +52,8 @@ from typing import Callable, Iterable, NamedTuple
 WINDOW = 0.25  # seconds of CPU time the gauge judges by
 SPARE_SHARE = 0.10  # the CPUs had time to spare when this share of it was idle (server.spare_cpu_share)
 WAIT_LIMIT = 0.1  # a client waiting this long in a listen queue grows the pool anyway
+PACE_WINDOW = 0.5  # seconds of the workers' recent pace that say which waiting clients they take soon
+_PACE_LOOKS = 128  # looks kept for the pace: looks more frequent than this shorten its span only
 
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 # struct tcp_info: eight one-octet fields, then rto, ato, snd_mss, rcv_mss, and unacked,
@@ -410,12 +418,20 @@ class Backlog:
         # (when, clients come by then): one per look that counted more than the last,
         # from the first look at which a client still waiting was there.
         self.looks: deque[tuple[float, int]] = deque()
+        # (when, taken by then) of the last looks, for the workers' pace.
+        self.takes: deque[tuple[float, int]] = deque(maxlen=_PACE_LOOKS)
 
-    def waited(self, now: float, waiting: int, taken: int) -> float:
+    def waited(self, now: float, waiting: int, taken: int, started: int = 0) -> float:
         """``waiting``: clients in the listen queues now; ``taken``: connections the
-        workers have taken so far (a running count).  Returns how long the oldest of
-        those waiting has waited at least, as far as the looks can tell (0.0 when none
-        waits).  At most one look is kept per client waiting."""
+        workers have taken so far (a running count); ``started``: workers started so far
+        (another).  Returns how long the oldest of those waiting has waited at least, as
+        far as the looks can tell (0.0 when none waits).  At most one look is kept per
+        client waiting."""
+        # A worker just started takes a client without a session having ended: that is
+        # the pool's growth, not its pace.  Counted as pace, the 32 workers a tick of a
+        # burst started made the queue's rest look as good as taken, and the last of 200
+        # clients that held their sessions waited 1.7-1.8 s for a greeting, not 0.8-0.95.
+        self._pace_look(now, taken - started)
         if waiting <= 0:
             self.looks.clear()
             return 0.0
@@ -427,3 +443,22 @@ class Backlog:
         while self.looks and self.looks[0][1] <= taken:
             self.looks.popleft()
         return now - self.looks[0][0] if self.looks else 0.0
+
+    def _pace_look(self, now: float, taken: int) -> None:
+        takes = self.takes
+        takes.append((now, taken))
+        # One look at or before the window's start is kept, so the pace spans all of it.
+        while len(takes) > 2 and takes[1][0] <= now - PACE_WINDOW:
+            takes.popleft()
+
+    def taken_soon(self, limit: float = WAIT_LIMIT) -> int:
+        """How many clients the workers would take in the next ``limit`` seconds at the
+        pace they took them between the oldest look kept and the latest (about the last
+        PACE_WINDOW seconds; longer where the looks were sparse, which only slows the
+        pace).  0 before two looks."""
+        if len(self.takes) < 2:
+            return 0
+        (first, before), (last, now_taken) = self.takes[0], self.takes[-1]
+        if last <= first or now_taken <= before:
+            return 0
+        return int((now_taken - before) / (last - first) * limit)

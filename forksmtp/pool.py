@@ -5,8 +5,9 @@ the master passes a scoreboard snapshot and gets a Plan:
 
 - keep at least ``workers`` workers of the current generation, all started at once;
 - keep at least ``min_spare`` of them idle (STARTING counts as idle: it was started a tick
-  ago and will be ready soon).  With some idle, top them up.  With none idle: a worker
-  for each client that has waited growth.WAIT_LIMIT in a listen queue (up to 32 a tick),
+  ago and will be ready soon).  With some idle, top them up.  With none idle: once a
+  client has waited growth.WAIT_LIMIT in a listen queue, a worker for each client waiting
+  beyond those the workers' recent pace takes within that limit (up to 32 a tick),
   else one spare a growth.WINDOW while the CPUs had time to spare, else none (a worker
   more on saturated CPUs only takes turns with the others).  ``spare_cpu_share = 0``
   keeps Apache's rule instead: 1, 2, 4 … up to 32 per tick while the shortfall lasts,
@@ -125,7 +126,8 @@ def current_workers(snap: Snapshot) -> list:
 
 
 def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float,
-         waiting: int = 0, cpu_spare: bool = True, stalled: bool = False) -> Plan:
+         waiting: int = 0, cpu_spare: bool = True, stalled: bool = False,
+         taken_soon: int = 0) -> Plan:
     """What to start and what to retire.  ``waiting``: clients in the listen queues; with
     no worker idle or starting, the pool then grows below the ceiling even where it keeps
     no spares (``min_spare_workers = 0``), as Postfix's master starts a process for a
@@ -134,7 +136,8 @@ def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float,
     With every worker busy, the pool grows (unless ``spare_cpu_share`` is 0) only while
     ``cpu_spare`` (the CPUs had time to spare of late: see growth.py), or once
     ``stalled`` (a client has waited growth.WAIT_LIMIT in a listen queue), and then by
-    no more workers than there are clients waiting: on CPUs already saturated, a worker
+    no more workers than there are clients waiting beyond ``taken_soon`` (those the
+    workers' recent pace takes within that limit): on CPUs already saturated, a worker
     more only takes turns with the others."""
     state._settle(now)
     current = current_workers(snap)
@@ -143,14 +146,14 @@ def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float,
     room = ceiling - len(snap.slots)
     starting = sum(1 for s in current if s.state == STARTING)
     spawn, reason = _spawn(settings, state, now, len(current), len(idle), room, ceiling, starting,
-                           0 if idle else waiting, cpu_spare, stalled)
+                           0 if idle else waiting, cpu_spare, stalled, taken_soon)
     retire = () if spawn else _retire(settings, state, now, current, idle)
     return Plan(spawn, retire, state.backoff_until, reason)
 
 
 def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, idle: int,
            room: int, ceiling: int, starting: int = 0, waiting: int = 0,
-           cpu_spare: bool = True, stalled: bool = True) -> tuple[int, str]:
+           cpu_spare: bool = True, stalled: bool = True, taken_soon: int = 0) -> tuple[int, str]:
     need_min = settings.workers - current
     need_spare = max(settings.min_spare, 0) - idle
     if need_min <= 0 and need_spare <= 0 and not waiting:
@@ -172,10 +175,12 @@ def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, i
     # few ticks.  With some idle, top up to min_spare only, which never overshoots.
     burst = need_min <= 0 and idle == 0 and (need_spare > 0 or waiting > 0)  # not a fresh generation
     if burst and settings.spare_cpu_share > 0:
-        if stalled and waiting:
-            # Clients kept waiting: a worker for each, up to MAX_SPAWN_RATE a tick.  The
-            # queue's length is known, so there is no need to feel for it by doubling.
-            return min(room, waiting, MAX_SPAWN_RATE), ""
+        if stalled and waiting > taken_soon:
+            # Clients kept waiting: a worker for each that the workers' pace would not take
+            # within WAIT_LIMIT, up to MAX_SPAWN_RATE a tick.  The queue's length is known,
+            # so there is no need to feel for it by doubling.  Without the pace, a stall of
+            # 0.15 s of every worker at 50 sessions grew the pool from 14 workers to 46.
+            return min(room, waiting - taken_soon, MAX_SPAWN_RATE), ""
         # Nobody has waited long: a worker more only where the CPUs have had time for
         # it, and one at a time, each judged over a whole window of their time (the
         # doubling outran the window: 35 workers where 8 to 14 did best).

@@ -291,6 +291,25 @@ def test_a_stalled_burst_starts_a_worker_for_each_client_waiting_up_to_the_rate_
                 stalled=True).spawn == 10  # the room left
 
 
+def test_a_stalled_burst_starts_no_worker_for_the_clients_the_workers_pace_takes_soon():
+    """A stall left clients waiting past WAIT_LIMIT, but the workers' recent pace takes
+    most of them within that limit: workers only for the rest; for none, with the CPUs
+    saturated, when the pace takes them all (a 0.15 s stall of every worker at 50
+    sessions grew the pool from 14 workers to 46 without this)."""
+    cfg = settings(max_workers=300)
+    assert plan(snap("B " * 14, 300), cfg, PoolState(), NOW, waiting=36, cpu_spare=False,
+                stalled=True, taken_soon=260).spawn == 0
+    assert plan(snap("B " * 14, 300), cfg, PoolState(), NOW, waiting=36, cpu_spare=False,
+                stalled=True, taken_soon=36).spawn == 0
+    assert plan(snap("B " * 14, 300), cfg, PoolState(), NOW, waiting=36, cpu_spare=False,
+                stalled=True, taken_soon=30).spawn == 6
+    assert plan(snap("B " * 14, 300), cfg, PoolState(), NOW, waiting=200, cpu_spare=False,
+                stalled=True, taken_soon=10).spawn == MAX_SPAWN_RATE
+    # With the CPUs' time to spare, the spare rule still has its say.
+    assert plan(snap("B " * 14, 300), cfg, PoolState(), NOW, waiting=36, cpu_spare=True,
+                stalled=True, taken_soon=260).spawn == 1
+
+
 def test_spare_cpu_share_zero_keeps_a_classic_pool():
     """server.spare_cpu_share = 0: every worker busy starts the doubling at once, for
     min_spare_workers, whatever the CPUs and the queues say."""

@@ -717,3 +717,90 @@ def test_on_saturated_cpus_a_busy_pool_starts_no_spare_but_a_waiting_client_gets
         finally:
             holder.close()
     assert_no_zombies(d)
+
+
+class ShortSessions:
+    """Clients in threads, each opening session after session (the greeting, then QUIT)
+    for as long as the block runs.  Records when each session began and how long it
+    waited for its greeting."""
+
+    def __init__(self, port: int, clients: int) -> None:
+        self.port = port
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.sessions: list[tuple[float, float]] = []  # (connected at, waited for the 220)
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            started = time.monotonic()
+            with contextlib.closing(connect(self.port)) as sock:
+                sock.settimeout(10)
+                if not read_reply(sock).startswith(b"220 "):
+                    return
+                waited = time.monotonic() - started
+                sock.sendall(b"QUIT\r\n")
+                read_reply(sock)
+            with self.lock:
+                self.sessions.append((started, waited))
+
+    def pace(self, start: float, end: float) -> float:
+        """Sessions a second that began between start and end."""
+        with self.lock:
+            return sum(start <= s < end for s, _ in self.sessions) / (end - start)
+
+    def longest_wait(self, start: float, end: float) -> float:
+        with self.lock:
+            return max((w for s, w in self.sessions if start <= s < end), default=0.0)
+
+    def __enter__(self) -> "ShortSessions":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        for t in self.threads:
+            t.join(15)
+
+
+def test_a_short_stall_of_every_worker_does_not_grow_the_pool_for_the_queue_it_left(daemon_factory):
+    """growth.py: clients kept waiting past growth.WAIT_LIMIT get workers only beyond those
+    the workers' recent pace takes within that limit.  A stall of every worker (stopped
+    here; a disk holding its writes back, a host busy elsewhere) leaves a queue that has
+    waited past the limit, but once the stall ends the workers take it in milliseconds:
+    with a worker for each client in it, a pool of 14 workers at 50 sessions went to 46
+    after a 0.15 s stall, and never shrank while the load lasted."""
+    clients, stall = 16, 0.25
+    d = daemon_factory(workers=4, server={"max_workers": 60, "max_connections": 100,
+                                          "max_connections_per_ip": 100})
+    with cpus_saturated(), ShortSessions(d.port, clients) as load:
+        time.sleep(2.0)  # the pool settles: saturated CPUs start no spare
+        control_start = time.monotonic()
+        before = worker_pids(d)
+        time.sleep(stall + 1.0)
+        settled = worker_pids(d)
+        stall_start = time.monotonic()
+        stopped = [psutil.Process(pid) for pid in settled]
+        for proc in stopped:
+            proc.suspend()
+        try:
+            time.sleep(stall)
+        finally:
+            for proc in stopped:
+                proc.resume()
+        time.sleep(1.0)
+        after = worker_pids(d)
+        pace = load.pace(control_start, stall_start)
+        kept = load.longest_wait(stall_start - 0.05, stall_start + stall)
+    waiting = clients - len(settled)
+    if len(settled - before) > 1 or pace * WAIT_LIMIT * 0.5 < waiting:
+        pytest.skip(f"the pool did not settle ({len(before)} then {len(settled)} workers) or the "
+                    f"clients' pace ({pace:.0f} sessions/s) cannot take {waiting} waiting "
+                    f"within {WAIT_LIMIT}s")
+    assert waiting >= 4 and kept >= WAIT_LIMIT  # clients were kept waiting past the limit
+    # At most the spares that the CPUs idle during the stall allow (one a WINDOW); a worker
+    # for each client kept waiting would be `waiting` more.
+    assert len(after - settled) <= 2, (len(settled), len(after), waiting)
+    assert "Traceback" not in d.log_text()
+    assert_no_zombies(d)

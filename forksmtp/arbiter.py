@@ -146,7 +146,7 @@ class Arbiter:
         self.quotas = growth.cgroup_quotas()
         self.cpu = growth.CpuGauge(growth.machine_times, limits=tuple(self.quotas))
         self.backlog = growth.Backlog()  # how long clients have waited in the listen queues
-        self.forked = 0  # workers forked so far: each takes a client without a session ending
+        self.pace = growth.Pace()  # how fast the workers come free for those clients
         self.old_pending = False  # a reload's old generation still to be retired
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
@@ -391,7 +391,6 @@ class Arbiter:
             finally:
                 os._exit(code)
         self.board.set_pid(slot, pid)
-        self.forked += 1
         self.workers[pid] = Child(pid, slot, self.generation, now, stuck_limit(self.cfg))
         return pid
 
@@ -626,10 +625,15 @@ class Arbiter:
         # Taken from the queues: by workers (counted at admission) and by the master's own
         # overflow 421s, which empty the queues as well.
         taken = snap.connections_total + self.overflow.rejected + self.overflow.rejected_held
-        stalled = self.backlog.waited(now, waiting, taken, self.forked) >= growth.WAIT_LIMIT
+        stalled = self.backlog.waited(now, waiting, taken) >= growth.WAIT_LIMIT
+        # Sessions ended so far: begun (counted as a worker takes its client, dead
+        # workers' included) less those still running.  The master's own 421s are no
+        # part of it: they free no worker.
+        in_session = sum(1 for s in snap.slots if s.in_session)
+        self.pace.look(now, snap.totals.sessions - in_session)
         plan = pool.plan(snap, settings, self.pool_state, now, waiting=waiting,
                          cpu_spare=cpu_spare, stalled=stalled,
-                         taken_soon=self.backlog.taken_soon() if stalled else 0)
+                         taken_soon=self.pace.taken_within(growth.WAIT_LIMIT) if stalled else 0)
         # Log a reason once (per back-off step), not every tick: its text carries a
         # countdown and the count of crashes, which grows within a step.  A tick that
         # needs no worker has no reason to give; within a back-off it does not make the
@@ -655,7 +659,7 @@ class Arbiter:
         # Workers in a session, those marked stopping (a reload's old generation, a
         # retirement) included: that mark sticks for the rest of their sessions, and
         # counting states alone turned stress off while every worker was still busy.
-        busy = sum(1 for s in snap.slots if s.in_session)
+        busy = in_session
         over = limits.in_stress(busy, self._most_sessions(), self.cfg.server.stress_threshold)
         stress = self.stress.decide(over, snap.stress, now)
         if stress != snap.stress:

@@ -20,10 +20,10 @@ while a CPU has time for them, and past that grows for clients that wait:
   the master's own ``421``s at the ceiling); taken plus queued is how many clients have
   come.  A queue is served in order, so the oldest
   client waiting is the one that came after the taken ones, and it was there at the
-  first look that counted that many arrivals.  The same looks give the workers' pace: the
-  clients they took over the last ``PACE_WINDOW`` seconds, less one for each worker
-  started meanwhile.  Those waiting that this pace
-  would take within ``WAIT_LIMIT`` need no worker more: a short stall of every worker (a
+  first look that counted that many arrivals.
+- ``Pace``: how many sessions ended over the last ``PACE_WINDOW`` seconds, each a worker
+  come free for the next client waiting.  Those waiting that this pace would take
+  within ``WAIT_LIMIT`` need no worker more: a short stall of every worker (a
   disk that held its writes back, a host that ran something else) leaves a queue that
   waited past the limit, and a worker for each client in it grew a pool of 14 workers
   to 46 at 50 sessions, which then never shrank while the load lasted.
@@ -418,20 +418,12 @@ class Backlog:
         # (when, clients come by then): one per look that counted more than the last,
         # from the first look at which a client still waiting was there.
         self.looks: deque[tuple[float, int]] = deque()
-        # (when, taken by then) of the last looks, for the workers' pace.
-        self.takes: deque[tuple[float, int]] = deque(maxlen=_PACE_LOOKS)
 
-    def waited(self, now: float, waiting: int, taken: int, started: int = 0) -> float:
+    def waited(self, now: float, waiting: int, taken: int) -> float:
         """``waiting``: clients in the listen queues now; ``taken``: connections the
-        workers have taken so far (a running count); ``started``: workers started so far
-        (another).  Returns how long the oldest of those waiting has waited at least, as
-        far as the looks can tell (0.0 when none waits).  At most one look is kept per
-        client waiting."""
-        # A worker just started takes a client without a session having ended: that is
-        # the pool's growth, not its pace.  Counted as pace, the 32 workers a tick of a
-        # burst started made the queue's rest look as good as taken, and the last of 200
-        # clients that held their sessions waited 1.7-1.8 s for a greeting, not 0.8-0.95.
-        self._pace_look(now, taken - started)
+        workers have taken so far (a running count).  Returns how long the oldest of
+        those waiting has waited at least, as far as the looks can tell (0.0 when none
+        waits).  At most one look is kept per client waiting."""
         if waiting <= 0:
             self.looks.clear()
             return 0.0
@@ -444,21 +436,38 @@ class Backlog:
             self.looks.popleft()
         return now - self.looks[0][0] if self.looks else 0.0
 
-    def _pace_look(self, now: float, taken: int) -> None:
-        takes = self.takes
-        takes.append((now, taken))
-        # One look at or before the window's start is kept, so the pace spans all of it.
-        while len(takes) > 2 and takes[1][0] <= now - PACE_WINDOW:
-            takes.popleft()
 
-    def taken_soon(self, limit: float = WAIT_LIMIT) -> int:
-        """How many clients the workers would take in the next ``limit`` seconds at the
-        pace they took them between the oldest look kept and the latest (about the last
-        PACE_WINDOW seconds; longer where the looks were sparse, which only slows the
-        pace).  0 before two looks."""
-        if len(self.takes) < 2:
+class Pace:
+    """How fast the workers come free: the sessions that ended over about the last
+    PACE_WINDOW seconds.  A worker whose session ends takes the next client waiting, so
+    at this pace the queue is taken.  Ended, not taken: a worker just started takes a
+    client without any session ending, which is the pool's growth, not its pace
+    (counted as pace, the 32 workers a tick that a burst of clients holding their
+    sessions started made the rest of the queue look as good as taken, and the last of
+    200 such clients waited 1.7-1.8 s for its greeting instead of 0.7-0.8)."""
+
+    def __init__(self) -> None:
+        # (when, sessions ended by then) of the last looks.
+        self.looks: deque[tuple[float, int]] = deque(maxlen=_PACE_LOOKS)
+
+    def look(self, now: float, ended: int) -> None:
+        """``ended``: sessions ended so far (a running count)."""
+        looks = self.looks
+        looks.append((now, ended))
+        # Looks older than the window go, but for the last at or before its start, so
+        # that the pace spans the whole window where the looks allow.
+        while len(looks) > 2 and looks[1][0] <= now - PACE_WINDOW:
+            looks.popleft()
+
+    def taken_within(self, limit: float = WAIT_LIMIT) -> int:
+        """How many clients waiting the workers would take in the next ``limit``
+        seconds at the pace of the looks kept: over PACE_WINDOW or a little more (the
+        look before it may be a tick, up to a second, older where the pool had a worker
+        idle), or less where more than _PACE_LOOKS looks fell within it.  0 before two
+        looks."""
+        if len(self.looks) < 2:
             return 0
-        (first, before), (last, now_taken) = self.takes[0], self.takes[-1]
-        if last <= first or now_taken <= before:
+        (first, before), (last, ended) = self.looks[0], self.looks[-1]
+        if last <= first or ended <= before:
             return 0
-        return int((now_taken - before) / (last - first) * limit)
+        return int((ended - before) / (last - first) * limit)

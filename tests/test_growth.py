@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from forksmtp import growth
-from forksmtp.growth import (PACE_WINDOW, WAIT_LIMIT, WINDOW, Backlog, CgroupQuota, CpuGauge, cgroup_mounts, cgroup_quotas,
-                             cpu_times, own_cgroups, queued)
+from forksmtp.growth import (PACE_WINDOW, WAIT_LIMIT, WINDOW, Backlog, CgroupQuota, CpuGauge, Pace,
+                             cgroup_mounts, cgroup_quotas, cpu_times, own_cgroups, queued)
 
 
 class Ticks:
@@ -423,52 +423,49 @@ def test_backlog_bounds_its_history_by_the_clients_waiting():
     assert len(b.looks) <= 3
 
 
-def test_backlog_pace_says_how_many_waiting_clients_the_workers_take_soon():
-    """The clients the workers took over about the last PACE_WINDOW seconds, scaled to
-    WAIT_LIMIT: those waiting need no worker more."""
-    b = Backlog()
-    assert b.taken_soon() == 0  # no look yet
-    b.waited(0.0, 10, 0)
-    assert b.taken_soon() == 0  # one look: no pace yet
-    for i in range(1, 21):  # 100 taken every 50 ms: 2,000 a second
-        b.waited(i * 0.05, 10, 100 * i)
-    assert b.taken_soon() == round(2000 * WAIT_LIMIT)
-    assert b.taken_soon(0.05) == 100
-    # The looks span the window and no more: one at or before its start is kept.
-    assert b.takes[0][0] <= 1.0 - PACE_WINDOW < b.takes[1][0]
+def test_pace_says_how_many_waiting_clients_the_workers_take_soon():
+    """Sessions ended over about the last PACE_WINDOW seconds, scaled to WAIT_LIMIT: the
+    clients waiting that the workers come free for within it."""
+    p = Pace()
+    assert p.taken_within() == 0  # no look yet
+    p.look(0.0, 0)
+    assert p.taken_within() == 0  # one look: no pace yet
+    for i in range(1, 21):  # 100 sessions ended every 50 ms: 2,000 a second
+        p.look(i * 0.05, 100 * i)
+    assert p.taken_within() == round(2000 * WAIT_LIMIT)
+    assert p.taken_within(0.05) == 100
+    # The looks span the window and no more: the last one at or before its start is kept.
+    assert p.looks[0][0] <= 1.0 - PACE_WINDOW < p.looks[1][0]
 
 
-def test_backlog_pace_falls_to_nothing_once_a_stall_outlasts_its_window():
-    b = Backlog()
+def test_pace_falls_to_nothing_once_a_stall_outlasts_its_window():
+    p = Pace()
     for i in range(17):
-        b.waited(i / 16, 10, 100 * i)  # 1,600 a second up to 1.0
-    b.waited(1.25, 10, 1600)  # a stall of 0.25 s: half the window's pace
-    assert b.taken_soon() == round(800 * WAIT_LIMIT)
-    b.waited(1.25 + PACE_WINDOW, 10, 1600)  # the stall has lasted the whole window
-    assert b.taken_soon() == 0
+        p.look(i / 16, 100 * i)  # 1,600 a second up to 1.0
+    p.look(1.25, 1600)  # a stall of 0.25 s: half the window's pace
+    assert p.taken_within() == round(800 * WAIT_LIMIT)
+    p.look(1.25 + PACE_WINDOW, 1600)  # the stall has lasted the whole window
+    assert p.taken_within() == 0
 
 
-def test_backlog_pace_does_not_count_the_clients_of_workers_just_started():
-    """A worker just started takes a client without a session ending: growth, not pace.
-    A burst of clients that hold their sessions took 32 workers' first clients a tick,
-    and that pace made the rest of the queue look as good as taken."""
-    b = Backlog()
-    b.waited(0.0, 200, 0, started=4)
-    b.waited(0.05, 168, 32, started=36)  # 32 started, each took one
-    b.waited(0.10, 136, 64, started=68)
-    assert b.taken_soon() == 0
-    b.waited(0.15, 134, 70, started=72)  # 4 started, 6 taken: 2 sessions ended
-    assert b.taken_soon() == int(2 / 0.15 * WAIT_LIMIT)
+def test_pace_after_sparse_looks_spans_the_last_look_before_the_window():
+    """With a worker idle the master looks once a tick (a second): the first look of a
+    dry spell measures the pace back to the one before it, not over PACE_WINDOW."""
+    p = Pace()
+    p.look(0.0, 0)
+    p.look(1.0, 500)
+    p.look(1.05, 500)
+    assert p.taken_within() == int(500 / 1.05 * WAIT_LIMIT)
 
 
-def test_backlog_pace_is_none_when_the_count_goes_back_and_its_looks_are_bounded():
-    b = Backlog()
-    b.waited(0.0, 1, 100)
-    b.waited(0.1, 1, 50)  # a count that fell (it never should) gives no pace
-    assert b.taken_soon() == 0
-    b.waited(0.2, 1, 50)
-    assert b.taken_soon() == 0  # nothing taken: nothing soon
+def test_pace_is_nothing_when_the_count_goes_back_and_its_looks_are_bounded():
+    p = Pace()
+    p.look(0.0, 100)
+    p.look(0.1, 50)  # a count that fell (it never should) gives no pace
+    assert p.taken_within() == 0
+    p.look(0.2, 50)
+    assert p.taken_within() == 0  # nothing ended: nothing soon
     for i in range(10_000):  # looks far more often than the window needs
-        b.waited(1.0 + i * 1e-5, 1, 100 + i)
-    assert len(b.takes) <= 128
-    assert 0.99e5 * WAIT_LIMIT <= b.taken_soon() <= 1e5 * WAIT_LIMIT  # one taken every 10 µs
+        p.look(1.0 + i * 1e-5, 100 + i)
+    assert len(p.looks) <= 128
+    assert 0.99e5 * WAIT_LIMIT <= p.taken_within() <= 1e5 * WAIT_LIMIT  # one every 10 µs

@@ -729,18 +729,25 @@ class ShortSessions:
         self.done = threading.Event()
         self.lock = threading.Lock()
         self.sessions: list[tuple[float, float]] = []  # (connected at, waited for the 220)
+        self.failures: list[bytes] = []  # what a client got instead of a greeting
         self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
 
     def _run(self) -> None:
         while not self.done.is_set():
             started = time.monotonic()
-            with contextlib.closing(connect(self.port)) as sock:
-                sock.settimeout(10)
-                if not read_reply(sock).startswith(b"220 "):
-                    return
-                waited = time.monotonic() - started
-                sock.sendall(b"QUIT\r\n")
-                read_reply(sock)
+            try:
+                with contextlib.closing(connect(self.port)) as sock:
+                    sock.settimeout(10)
+                    greeting = read_reply(sock)
+                    waited = time.monotonic() - started
+                    sock.sendall(b"QUIT\r\n")
+                    read_reply(sock)
+            except OSError as exc:
+                greeting = repr(exc).encode()
+            if not greeting.startswith(b"220 "):
+                with self.lock:
+                    self.failures.append(greeting)
+                return
             with self.lock:
                 self.sessions.append((started, waited))
 
@@ -771,36 +778,47 @@ def test_a_short_stall_of_every_worker_does_not_grow_the_pool_for_the_queue_it_l
     waited past the limit, but once the stall ends the workers take it in milliseconds:
     with a worker for each client in it, a pool of 14 workers at 50 sessions went to 46
     after a 0.15 s stall, and never shrank while the load lasted."""
-    clients, stall = 16, 0.25
+    clients = 16
     d = daemon_factory(workers=4, server={"max_workers": 60, "max_connections": 100,
                                           "max_connections_per_ip": 100})
     with cpus_saturated(), ShortSessions(d.port, clients) as load:
         time.sleep(2.0)  # the pool settles: saturated CPUs start no spare
         control_start = time.monotonic()
         before = worker_pids(d)
-        time.sleep(stall + 1.0)
+        time.sleep(1.25)
         settled = worker_pids(d)
-        stall_start = time.monotonic()
         stopped = [psutil.Process(pid) for pid in settled]
-        for proc in stopped:
-            proc.suspend()
-        try:
-            time.sleep(stall)
-        finally:
+        with SpareWatch() as watch:
+            stall_start = time.monotonic()
             for proc in stopped:
-                proc.resume()
-        time.sleep(1.0)
-        after = worker_pids(d)
+                proc.suspend()
+            try:
+                time.sleep(0.25)
+            finally:
+                for proc in stopped:
+                    proc.resume()
+            stall = time.monotonic() - stall_start
+            time.sleep(1.0)
+            after = worker_pids(d)
         pace = load.pace(control_start, stall_start)
         kept = load.longest_wait(stall_start - 0.05, stall_start + stall)
     waiting = clients - len(settled)
-    if len(settled - before) > 1 or pace * WAIT_LIMIT * 0.5 < waiting:
-        pytest.skip(f"the pool did not settle ({len(before)} then {len(settled)} workers) or the "
-                    f"clients' pace ({pace:.0f} sessions/s) cannot take {waiting} waiting "
-                    f"within {WAIT_LIMIT}s")
-    assert waiting >= 4 and kept >= WAIT_LIMIT  # clients were kept waiting past the limit
-    # At most the spares that the CPUs idle during the stall allow (one a WINDOW); a worker
-    # for each client kept waiting would be `waiting` more.
-    assert len(after - settled) <= 2, (len(settled), len(after), waiting)
+    # The pace the master sees when it finds the queue stalled spans about a window
+    # (growth.PACE_WINDOW, 0.5 s) of which the stall takes up to its length: half a
+    # window's pace, with room to spare, must cover the clients waiting.
+    if len(settled - before) > 1 or waiting < 4 or pace * WAIT_LIMIT * 0.25 < waiting:
+        pytest.skip(f"the pool did not settle ({len(before)} then {len(settled)} workers for "
+                    f"{clients} clients), or the clients' pace ({pace:.0f} sessions/s) is too "
+                    f"slow to take {waiting} waiting within {WAIT_LIMIT}s")
+    grown = len(after - settled)
+    # A worker for each client kept waiting would be `waiting` more (4 to 12 here); a
+    # pace slowed by a loaded machine may leave a few of them to workers started.
+    most = max(2, waiting // 3)
+    if grown > most and watch.most_spare() >= SPARE_SHARE / 2:
+        pytest.skip(f"CPUs not saturated: up to {watch.most_spare():.0%} of their time spare "
+                    f"over a window (a niced process elsewhere on the host)")
+    assert not load.failures, load.failures[:3]  # every client greeted, none refused
+    assert kept >= WAIT_LIMIT  # clients were kept waiting past the limit
+    assert grown <= most, (len(settled), len(after), waiting, f"stall {stall:.3f}s")
     assert "Traceback" not in d.log_text()
     assert_no_zombies(d)

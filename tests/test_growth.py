@@ -465,7 +465,9 @@ def test_pace_is_nothing_when_the_count_goes_back_and_its_looks_are_bounded():
     assert p.taken_within() == 0
     p.look(0.2, 50)
     assert p.taken_within() == 0  # nothing ended: nothing soon
-    for i in range(10_000):  # looks far more often than the window needs
-        p.look(1.0 + i * 1e-5, 100 + i)
-    assert len(p.looks) <= 128
-    assert 0.99e5 * WAIT_LIMIT <= p.taken_within() <= 1e5 * WAIT_LIMIT  # one every 10 µs
+    for i in range(10_001):  # looks far more often than the window needs: every 0.1 ms
+        p.look(1.0 + i * 1e-4, 100 + i)
+    assert 100 <= len(p.looks) <= 103  # about one every PACE_WINDOW / 100, the latest aside
+    assert p.looks[0][0] <= 2.0 - PACE_WINDOW < p.looks[1][0]  # they span the whole window
+    assert p.looks[-1] == (2.0, 10_100)
+    assert 0.99e4 * WAIT_LIMIT <= p.taken_within() <= 1e4 * WAIT_LIMIT  # one every 0.1 ms

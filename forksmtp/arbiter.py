@@ -48,6 +48,10 @@ TICK = 1.0  # seconds between pool checks when nothing happens
 IDLE_SILENCE = 30.0
 FAST_TICK = 0.05  # while spawning or while the master answers overflow connections
 TMP_CLEAN_INTERVAL = 3600.0
+#: Seconds between two [POOL] lines about workers started for clients kept waiting: under
+#: a lasting overload the master starts some at every 50 ms tick, and one line a second
+#: sums them.
+KEPT_WAITING_LOG_EVERY = 1.0
 #: A certificate near its end is warned about at most this often (seconds).
 CERT_WARN_EVERY = 86400.0
 KILL_GRACE = 3.0  # after SIGQUIT, before SIGKILL
@@ -117,6 +121,40 @@ class Child:
     disk_wait_warned: float = -1.0  # last_activity of the wait on its disk last warned about
 
 
+class KeptWaiting:
+    """Workers started for clients kept waiting in the listen queues, for the log: the
+    first at once, then one line a second at most, summing those started meanwhile, so
+    that an operator can tell why the pool grew."""
+
+    def __init__(self) -> None:
+        self.started = 0  # since the last line
+        self.waited = 0.0  # the longest wait seen among those ticks
+        self.first = self.last = 0.0  # when the first and the last of them were started
+        self.logged = float("-inf")
+
+    def add(self, now: float, started: int, waited: float) -> None:
+        if started <= 0:
+            return
+        if not self.started:
+            self.first = now
+        self.started += started
+        self.last = now
+        self.waited = max(self.waited, waited)
+
+    def line(self, now: float, workers: int, ceiling: int) -> str | None:
+        """The line to log now, or None (nothing started, or a line less than
+        KEPT_WAITING_LOG_EVERY ago)."""
+        if not self.started or now - self.logged < KEPT_WAITING_LOG_EVERY:
+            return None
+        # Summed lines come at the next look past the second, up to a tick (1 s) late.
+        span = f" in {self.last - self.first:.1f}s" if self.last - self.first >= 0.05 else ""
+        text = (f"started {self.started} worker{'s' if self.started != 1 else ''}{span} for "
+                f"clients kept waiting in the listen queue up to {self.waited:.2f}s; "
+                f"{workers} workers of max_workers {ceiling}")
+        self.started, self.waited, self.logged = 0, 0.0, now
+        return text
+
+
 class Arbiter:
     def __init__(self, cfg, overrides: dict | None = None) -> None:
         self.cfg = cfg
@@ -147,6 +185,7 @@ class Arbiter:
         self.cpu = growth.CpuGauge(growth.machine_times, limits=tuple(self.quotas))
         self.backlog = growth.Backlog()  # how long clients have waited in the listen queues
         self.pace = growth.Pace()  # how fast the workers come free for those clients
+        self.kept_waiting = KeptWaiting()  # workers started for them, for the log
         self.old_pending = False  # a reload's old generation still to be retired
         self.unrepaired: set[int] = set()  # slots of reaped workers, repaired once the lock is free
         self.lock_judged = float("-inf")  # when _watch_lock last judged a stall
@@ -625,7 +664,8 @@ class Arbiter:
         # Taken from the queues: by workers (counted at admission) and by the master's own
         # overflow 421s, which empty the queues as well.
         taken = snap.connections_total + self.overflow.rejected + self.overflow.rejected_held
-        stalled = self.backlog.waited(now, waiting, taken) >= growth.WAIT_LIMIT
+        waited = self.backlog.waited(now, waiting, taken)
+        stalled = waited >= growth.WAIT_LIMIT
         # Sessions ended so far: begun (counted as a worker takes its client, dead
         # workers' included) less those still running.  The master's own 421s are no
         # part of it: they free no worker.
@@ -647,9 +687,15 @@ class Arbiter:
                     self.log.warning("POOL", plan.reason)
         elif not self.pool_state.backoff:
             self.last_pool_reason = ""
+        started = 0
         for _ in range(plan.spawn):
             if self.spawn() is None:
                 break
+            started += 1
+        self.kept_waiting.add(now, min(started, plan.for_waiting), waited)
+        line = self.kept_waiting.line(now, len(self.workers), settings.max_workers)
+        if line:
+            self.log.info("POOL", line)
         by_slot = {c.slot: c for c in self.workers.values()}
         for idx in plan.retire:
             child = by_slot.get(idx)

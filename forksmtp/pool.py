@@ -118,6 +118,7 @@ class Plan:
     retire: tuple[int, ...] = ()
     backoff_until: float = float("-inf")
     reason: str = ""  # why spawning is held back (crash loop, ceiling); empty when it is not
+    for_waiting: int = 0  # of spawn, those started for clients kept waiting (growth.WAIT_LIMIT)
 
 
 def current_workers(snap: Snapshot) -> list:
@@ -145,30 +146,33 @@ def plan(snap: Snapshot, settings: PoolSettings, state: PoolState, now: float,
     ceiling = min(settings.max_workers, snap.nslots)  # a reload may raise it past the slots
     room = ceiling - len(snap.slots)
     starting = sum(1 for s in current if s.state == STARTING)
-    spawn, reason = _spawn(settings, state, now, len(current), len(idle), room, ceiling, starting,
-                           0 if idle else waiting, cpu_spare, stalled, taken_soon)
+    spawn, reason, for_waiting = _spawn(settings, state, now, len(current), len(idle), room,
+                                        ceiling, starting, 0 if idle else waiting, cpu_spare,
+                                        stalled, taken_soon)
     retire = () if spawn else _retire(settings, state, now, current, idle)
-    return Plan(spawn, retire, state.backoff_until, reason)
+    return Plan(spawn, retire, state.backoff_until, reason, for_waiting)
 
 
 def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, idle: int,
            room: int, ceiling: int, starting: int = 0, waiting: int = 0,
-           cpu_spare: bool = True, stalled: bool = True, taken_soon: int = 0) -> tuple[int, str]:
+           cpu_spare: bool = True, stalled: bool = True,
+           taken_soon: int = 0) -> tuple[int, str, int]:
+    """(workers to start, why none may start, how many of them are for clients kept waiting)."""
     need_min = settings.workers - current
     need_spare = max(settings.min_spare, 0) - idle
     if need_min <= 0 and need_spare <= 0 and not waiting:
         if not starting:  # a burst is still being absorbed while workers start up
             state.spawn_rate = 1
-        return 0, ""
+        return 0, "", 0
     if now < state.backoff_until:
         state.spawn_rate = 1
         cause = ("fork failed: the system refused a new process" if state.fork_failed else
                  f"crash loop: {state.crashes} workers exited within {state.crash_window:g}s of start")
         return 0, (f"{cause}; not spawning for "
-                   f"{state.backoff_until - now:.1f}s (back-off {state.backoff:g}s)")
+                   f"{state.backoff_until - now:.1f}s (back-off {state.backoff:g}s)"), 0
     if room <= 0:
         state.spawn_rate = 1
-        return 0, f"{CEILING} ({ceiling} workers): no spare to start"
+        return 0, f"{CEILING} ({ceiling} workers): no spare to start", 0
     # The minimum is restored at once (boot, after a crash); spares as below.
     # Every worker busy means a burst.  A classic pool spawns the whole rate (1, 2, 4 ...
     # 32, as Apache prefork), not just the shortfall, so queued clients get workers in a
@@ -180,18 +184,19 @@ def _spawn(settings: PoolSettings, state: PoolState, now: float, current: int, i
             # within WAIT_LIMIT, up to MAX_SPAWN_RATE a tick.  The queue's length is known,
             # so there is no need to feel for it by doubling.  Without the pace, a stall of
             # 0.15 s of every worker at 50 sessions grew the pool from 14 workers to 46.
-            return min(room, waiting - taken_soon, MAX_SPAWN_RATE), ""
+            kept = min(room, waiting - taken_soon, MAX_SPAWN_RATE)
+            return kept, "", kept
         # Nobody has waited long: a worker more only where the CPUs have had time for
         # it, and one at a time, each judged over a whole window of their time (the
         # doubling outran the window: 35 workers where 8 to 14 did best).
         if not cpu_spare or now - state.last_spare_growth < SPARE_EVERY:
-            return 0, ""
+            return 0, "", 0
         state.last_spare_growth = now
-        return 1, ""
+        return 1, "", 0
     spawn = min(room, max(need_min, state.spawn_rate if burst else max(need_spare, 0)))
     if burst:
         state.spawn_rate = min(state.spawn_rate * 2, MAX_SPAWN_RATE)
-    return spawn, ""
+    return spawn, "", 0
 
 
 def _retire(settings: PoolSettings, state: PoolState, now: float, current: list,

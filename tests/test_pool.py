@@ -310,6 +310,21 @@ def test_a_stalled_burst_starts_no_worker_for_the_clients_the_workers_pace_takes
                 stalled=True, taken_soon=260).spawn == 1
 
 
+def test_a_plan_says_how_many_of_its_workers_are_for_clients_kept_waiting():
+    """The master logs those (one [POOL] line a second at most): the minimum, the spares
+    and the CPUs' spare are not."""
+    cfg = settings(max_workers=300)
+    kept = plan(snap("B " * 14, 300), cfg, PoolState(), NOW, waiting=36, cpu_spare=False,
+                stalled=True, taken_soon=30)
+    assert (kept.spawn, kept.for_waiting) == (6, 6)
+    spare = plan(snap("B " * 14, 300), cfg, PoolState(), NOW, waiting=36, cpu_spare=True,
+                 stalled=True, taken_soon=260)
+    assert (spare.spawn, spare.for_waiting) == (1, 0)
+    assert plan(snap("b b"), settings(workers=4), PoolState(), NOW, waiting=5,
+                stalled=True).for_waiting == 0  # the minimum first
+    assert plan(snap("B B I"), settings(min_spare=2), PoolState(), NOW).for_waiting == 0
+
+
 def test_spare_cpu_share_zero_keeps_a_classic_pool():
     """server.spare_cpu_share = 0: every worker busy starts the doubling at once, for
     min_spare_workers, whatever the CPUs and the queues say."""

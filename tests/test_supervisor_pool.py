@@ -21,7 +21,7 @@ import pytest
 
 from daemon import (RawSMTP, after_a_turn, assert_no_zombies, connect, gone, read_reply, request_stats,
                     send_message, serving_worker, wait_until, worker_pids, worker_states)
-from forksmtp.arbiter import TICK
+from forksmtp.arbiter import KEPT_WAITING_LOG_EVERY, TICK, KeptWaiting
 from forksmtp.growth import SPARE_SHARE, WAIT_LIMIT, WINDOW, cgroup_quotas, machine_times
 
 SESSIONS = 12
@@ -423,7 +423,33 @@ def test_a_pool_that_keeps_no_spares_starts_a_worker_for_a_waiting_client(daemon
         print(f"\ngreeting after {time.monotonic() - started:.3f}s")
     finally:
         holder.close()
+    # The operator can tell why the pool grew.
+    needle = "[POOL] started 1 worker for clients kept waiting in the listen queue up to "
+    line = next(x for x in d.wait_for_log(needle).splitlines() if needle in x)
+    assert line.endswith(" workers of max_workers 3"), line
     assert_no_zombies(d)
+
+
+def test_workers_started_for_clients_kept_waiting_are_logged_once_a_second_at_most():
+    """Under a lasting overload the master starts some at every 50 ms tick: the first
+    are logged at once, the rest summed into one line a second."""
+    kept = KeptWaiting()
+    assert kept.line(0.0, 4, 64) is None  # nothing started
+    kept.add(10.0, 0, 0.5)
+    assert kept.line(10.0, 4, 64) is None
+    kept.add(10.0, 3, 0.12)
+    assert kept.line(10.0, 7, 64) == ("started 3 workers for clients kept waiting in the "
+                                      "listen queue up to 0.12s; 7 workers of max_workers 64")
+    for i in range(1, 20):  # a tick every 50 ms, 2 workers each
+        kept.add(10.0 + i * 0.05, 2, 0.1 + i * 0.01)
+        assert kept.line(10.0 + i * 0.05, 7 + 2 * i, 64) is None
+    now = 10.0 + KEPT_WAITING_LOG_EVERY + 0.8  # the next look, a tick later
+    assert kept.line(now, 45, 64) == ("started 38 workers in 0.9s for clients kept waiting in "
+                                      "the listen queue up to 0.29s; 45 workers of max_workers 64")
+    assert kept.line(now + 5, 45, 64) is None  # all of them said
+    kept.add(now + 5, 1, 0.1)
+    assert kept.line(now + 5, 46, 64) == ("started 1 worker for clients kept waiting in the "
+                                          "listen queue up to 0.10s; 46 workers of max_workers 64")
 
 
 def test_a_client_that_reconnects_as_soon_as_it_reads_221_is_never_over_its_limit(daemon_factory):

@@ -670,7 +670,8 @@ class Arbiter:
         # workers' included) less those still running.  The master's own 421s are no
         # part of it: they free no worker.
         in_session = sum(1 for s in snap.slots if s.in_session)
-        self.pace.look(now, snap.totals.sessions - in_session)
+        held = sum(1 for s in snap.slots if s.held_by_client)
+        self.pace.look(now, snap.totals.sessions - in_session, in_session - held)
         plan = pool.plan(snap, settings, self.pool_state, now, waiting=waiting,
                          cpu_spare=cpu_spare, stalled=stalled,
                          taken_soon=self.pace.taken_within(growth.WAIT_LIMIT) if stalled else 0)

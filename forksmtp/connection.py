@@ -61,6 +61,13 @@ _data_recv_size = RECV_SIZE
 #: the process title.  A brisk session never waits that long, so it costs neither.
 QUIET_DELAY: Final = 0.2
 QUIET_DELAY_MS: Final = int(QUIET_DELAY * 1000)
+#: A client quiet this long holds its worker: the worker marks its slot so (and clears
+#: the mark when the client moves), and the master no longer counts it among the
+#: workers that come free at the pool's recent pace (growth.Pace).  Half the pool's
+#: wait limit, so that a burst of clients that hold their sessions is seen within it;
+#: a brisk session's client answers in milliseconds and never has its worker marked.
+CLIENT_WAIT_MARK: Final = 0.05
+CLIENT_WAIT_MARK_MS: Final = int(CLIENT_WAIT_MARK * 1000)
 #: Seconds between heartbeats (the master's stuck-worker watch) while a session runs.
 HEARTBEAT_EVERY: Final = 1.0
 #: How long the reply that closes a session may wait for a client that does not read.
@@ -224,6 +231,7 @@ class Connection:
         self.close_reason = "client quit"
         self.implicit_tls = implicit_tls
         self.tls_info = ""
+        self._client_wait_marked = False
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -593,20 +601,28 @@ class Connection:
                 deadline = self._send_deadline(False)
         return deadline
 
-    def _poll(self, timeout: float) -> list:
-        if timeout > QUIET_DELAY:
-            ready = self.poller.poll(QUIET_DELAY_MS)
+    def _poll(self, timeout: float, quiet_after: float = QUIET_DELAY) -> list:
+        if timeout > quiet_after:
+            ready = self.poller.poll(quiet_after * 1000)
             if ready:
                 return ready
             self._quiet()
-            timeout -= QUIET_DELAY
+            timeout -= quiet_after
         return self.poller.poll(timeout * 1000)
 
     def _quiet(self) -> None:
         """The client is slow: let the operator see the session so far, in the log, in
-        ps and in the stats; and tell the master this worker is alive."""
+        ps and in the stats; and tell the master this worker is alive, and held."""
+        self._mark_client_wait(time.monotonic() - QUIET_DELAY)
         self.log.flush()
         self.worker.show_phase(self.session.phase)
+
+    def _mark_client_wait(self, since: float) -> None:
+        """Mark the slot: this worker has waited on its client since ``since``.  Only
+        _wait marks, and it clears the mark as it returns."""
+        if not self._client_wait_marked:
+            self._client_wait_marked = True
+            self.worker.client_waits(since)
 
     def _deadline(self) -> float:
         t = self.timeouts
@@ -632,9 +648,9 @@ class Connection:
             if not (self.tls_info and isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
                 if limit <= 0:
                     return None
-                # The usual case, first: the client answers within QUIET_DELAY and
+                # The usual case, first: the client answers within CLIENT_WAIT_MARK and
                 # nothing else happened.  Anything else takes the general path.
-                ready = self.poller.poll(QUIET_DELAY_MS) if limit > QUIET_DELAY else None
+                ready = self.poller.poll(CLIENT_WAIT_MARK_MS) if limit > QUIET_DELAY else None
                 if ready != self._client_readable and not self._wait(now + limit, first=ready):
                     return None
             try:
@@ -658,17 +674,16 @@ class Connection:
     def _wait(self, deadline: float, events: int = _POLLIN, first: list | None = None) -> bool:
         """Wait until the socket is ready: False once the monotonic ``deadline`` has
         passed, Stop when the worker must quit.  A signal (SIGTERM: finish this session)
-        is not a timeout.  ``first``: what a poll of QUIET_DELAY, begun within the same
-        deadline, returned (empty: it timed out)."""
-        if first is not None and not first:
-            self._quiet()
+        is not a timeout.  ``first``: what a poll of CLIENT_WAIT_MARK, begun within the
+        same deadline, returned (empty: it timed out)."""
         if events != _POLLIN:
             self.poller.modify(self.fd, events)
         try:
-            if first:
+            if first is not None and not first:  # the client has kept us CLIENT_WAIT_MARK
+                self._mark_client_wait(time.monotonic() - CLIENT_WAIT_MARK)
+                ready = self._poll(max(deadline - time.monotonic(), 0.0), QUIET_DELAY - CLIENT_WAIT_MARK)
+            elif first:
                 ready = first
-            elif first is not None:  # the quiet poll timed out; _quiet() ran: the rest
-                ready = self.poller.poll(max(deadline - time.monotonic(), 0.0) * 1000)
             else:
                 ready = self._poll(max(deadline - time.monotonic(), 0.0))
             while True:
@@ -685,5 +700,8 @@ class Connection:
                     return ok
                 ready = self._poll(max(deadline - time.monotonic(), 0.0))
         finally:
+            if self._client_wait_marked:
+                self._client_wait_marked = False
+                self.worker.client_waits(0.0)
             if events != _POLLIN:
                 self.poller.modify(self.fd, _POLLIN)

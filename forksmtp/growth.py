@@ -448,20 +448,22 @@ class Pace:
     200 such clients waited 1.7-1.8 s for its greeting instead of 0.7-0.8)."""
 
     def __init__(self) -> None:
-        # (when, sessions ended by then) of the last looks.
-        self.looks: deque[tuple[float, int]] = deque(maxlen=_PACE_LOOKS)
+        # (when, sessions ended by then, workers free-running then) of the last looks.
+        self.looks: deque[tuple[float, int, int]] = deque(maxlen=_PACE_LOOKS)
 
-    def look(self, now: float, ended: int) -> None:
-        """``ended``: sessions ended so far (a running count)."""
+    def look(self, now: float, ended: int, running: int = 1) -> None:
+        """``ended``: sessions ended so far (a running count); ``running``: the workers
+        in a session now that are not held by their clients (SlotInfo.held_by_client),
+        the ones whose sessions end at the pace."""
         looks = self.looks
         # The master looks at every wake-up (its tick, a child's exit, a worker's report
         # that it took the last idle place): about 18 a second at 50 sessions here, but
         # nothing bounds it.  A look too close to the one before the latest replaces the
         # latest, so that the looks kept span the whole window whatever their rate.
         if len(looks) >= 2 and looks[-1][0] - looks[-2][0] < _PACE_GAP:
-            looks[-1] = (now, ended)
+            looks[-1] = (now, ended, running)
         else:
-            looks.append((now, ended))
+            looks.append((now, ended, running))
         # Looks older than the window go, but for the last at or before its start, so
         # that the pace spans the whole window where the looks allow.
         while len(looks) > 2 and looks[1][0] <= now - PACE_WINDOW:
@@ -471,10 +473,24 @@ class Pace:
         """How many clients waiting the workers would take in the next ``limit``
         seconds at the pace of the looks kept: over PACE_WINDOW or a little more (the
         look before it may be a tick, up to a second, older where the pool had a worker
-        idle).  0 before two looks."""
+        idle).  0 before two looks.
+
+        The pace is that of the workers that ran free over the window; where fewer run
+        free now (their clients went quiet on them: a burst of clients that hold their
+        sessions, taken one by one as sessions ended), it is scaled down to their share
+        now.  Without that, the pace of the short sessions before such a burst held the
+        pool back for most of a window while the burst waited: the median of 100 such
+        clients was greeted after 0.40 s, against 0.015 s where the pool grew for each.
+        A stall of every worker (stopped, or waiting on the disk) leaves none held by
+        its client: the pace stands, and the pool does not grow for the queue it
+        left."""
         if len(self.looks) < 2:
             return 0
-        (first, before), (last, ended) = self.looks[0], self.looks[-1]
+        (first, before, _), (last, ended, running) = self.looks[0], self.looks[-1]
         if last <= first or ended <= before:
             return 0
-        return int((ended - before) / (last - first) * limit)
+        if running <= 0:
+            return 0
+        mean = sum(look[2] for look in self.looks) / len(self.looks)
+        share = min(1.0, running / mean)  # never above the pace seen
+        return int((ended - before) / (last - first) * limit * share)

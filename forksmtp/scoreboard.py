@@ -80,9 +80,9 @@ HEADER_SIZE: Final = H_COUNTERS + _COUNTERS.size
 
 # Slot: pid, state, holds_global, port, generation, ip bucket+1 (0 = none), ip key, idle
 # beat, client, in-admission and idle marks (in the pad, outside _SLOT's fields), phase,
-# last_activity, started, counters.  The bucket is stored +1 so a zeroed slot holds none;
+# last_activity, started, client_wait, counters.  The bucket is stored +1 so a zeroed slot holds none;
 # the idle beat is whole monotonic seconds, 0 for none yet.
-_SLOT: Final = struct.Struct(f"<iBBHqi16si46s2x16sdd{_NCOUNTERS}q")
+_SLOT: Final = struct.Struct(f"<iBBHqi16si46s2x16sddd{_NCOUNTERS}q")
 SLOT_SIZE: Final = _SLOT.size
 S_STATE: Final = 4
 S_HOLDS: Final = 5
@@ -97,7 +97,8 @@ S_IDLE: Final = 87  # 1 while the slot's worker is counted in H_IDLE (changed un
 S_PHASE: Final = 88
 S_LAST: Final = 104
 S_STARTED: Final = 112
-S_COUNTERS: Final = 120
+S_WAIT: Final = 120  # since when the worker has waited on its client (0.0: it does not)
+S_COUNTERS: Final = 128
 S_MESSAGES: Final = S_COUNTERS + 8
 S_REJECTS: Final = S_COUNTERS + 24
 S_CONN_REJECTS: Final = S_REJECTS + 8 * len(REJECT_KEYS)
@@ -108,7 +109,7 @@ _CLIENT: Final = struct.Struct("<46s")
 _QQ: Final = struct.Struct("<qq")
 _H: Final = struct.Struct("<H")
 _ZERO_SLOT: Final = bytes(SLOT_SIZE)
-assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (368, 368)
+assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (376, 376)
 
 
 def _store(mm: mmap.mmap, off: int, packed: bytes) -> None:
@@ -464,6 +465,13 @@ class Scoreboard:
 
     def touch(self, idx: int, now: float) -> None:
         _store(self._mm, self._bases[idx] + S_LAST, _D.pack(now))
+
+    def set_client_wait(self, idx: int, since: float) -> None:
+        """The worker has waited on its client since ``since`` (0.0: no longer).  Written
+        only once a wait has lasted connection.CLIENT_WAIT_MARK, so a brisk session never
+        writes it: the master reads it to tell workers held by their clients, which will
+        not come free soon, from workers that will (growth.Pace)."""
+        _store(self._mm, self._bases[idx] + S_WAIT, _D.pack(since))
 
     def beat(self, idx: int, now: float) -> None:
         """An idle worker's sign of life, once per turn of its accept loop (a second at

@@ -79,6 +79,15 @@ class SlotInfo:
     holds_global: bool
     counters: Totals
     idle_beat: int = 0  # whole monotonic seconds of an idle worker's last loop; 0: none yet
+    client_wait: float = 0.0  # time.monotonic() since which it has waited on its client; 0.0: none
+
+    @property
+    def held_by_client(self) -> bool:
+        """In a session whose client has kept the worker waiting (for a command, for
+        its data, for room to send) for connection.CLIENT_WAIT_MARK at least: a client
+        slow or idle, or one holding its session open.  Such a worker does not come
+        free at the pool's pace."""
+        return self.client_wait > 0.0 and self.in_session
 
     @property
     def state_name(self) -> str:
@@ -109,6 +118,6 @@ class Snapshot:
 
 def _slot_info(index: int, f: tuple) -> SlotInfo:
     """One slot as unpacked by the scoreboard's ``_SLOT`` struct, as plain values."""
-    pid, state, holds, port, gen, bucket, _key, beat, client, phase, last, started = f[:12]
+    pid, state, holds, port, gen, bucket, _key, beat, client, phase, last, started, wait = f[:13]
     return SlotInfo(index, pid, gen, state, _text(client), port, _text(phase), last, started,
-                    bucket - 1, bool(holds), Totals.from_counters(f[12:]), beat)
+                    bucket - 1, bool(holds), Totals.from_counters(f[13:]), beat, wait)

@@ -39,9 +39,14 @@ def build(snapshot, *, started: float, config_generation: int, master_rejected: 
     running now, and how many may run at once."""
     totals = snapshot.totals
     workers = []
+    now = time.monotonic()
     for slot in snapshot.slots:
+        # Seconds its client has kept the worker waiting, marked once that reaches
+        # connection.CLIENT_WAIT_MARK (0.05 s): an idle or slow client holding a worker.
+        waited = round(now - slot.client_wait, 3) if slot.held_by_client else 0.0
         entry = {"pid": slot.pid, "state": slot.state_name, "sessions": slot.counters.sessions,
-                 "generation": slot.generation, "client": slot.client, "phase": slot.phase}
+                 "generation": slot.generation, "client": slot.client, "phase": slot.phase,
+                 "client_wait_s": waited}
         entry.update(process_figures(slot.pid))
         workers.append(entry)
     rejected = dict(totals.connections_rejected)

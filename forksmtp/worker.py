@@ -450,6 +450,10 @@ class Worker:
     def heartbeat(self) -> None:
         self.board.touch(self.slot, time.monotonic())
 
+    def client_waits(self, since: float) -> None:
+        """The client has kept this worker waiting since ``since`` (0.0: no longer)."""
+        self.board.set_client_wait(self.slot, since)
+
     def on_wake(self, fd: int) -> None:
         if fd == self.parent_fd:
             try:

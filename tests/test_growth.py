@@ -448,6 +448,41 @@ def test_pace_falls_to_nothing_once_a_stall_outlasts_its_window():
     assert p.taken_within() == 0
 
 
+def test_pace_is_scaled_to_the_workers_not_held_by_their_clients():
+    """A burst of clients that hold their sessions: each worker whose session ends takes
+    one of them and is held.  The pace of the short sessions before is the pace of
+    workers that ran free; only the share of them still free runs at it."""
+    p = Pace()
+    for i in range(11):  # 2,000 sessions a second, 20 workers all running free
+        p.look(i * 0.05, 100 * i, 20)
+    assert p.taken_within() == 200
+    p.look(0.55, 1050, 10)  # half of them now wait on clients that hold them
+    mean = (20 * 10 + 10) / 11  # the looks kept: 0.05 .. 0.55
+    assert p.taken_within() == int((1050 - 100) / 0.5 * WAIT_LIMIT * 10 / mean)
+    p.look(0.6, 1060, 0)  # every worker held: none comes free at any pace
+    assert p.taken_within() == 0
+
+
+def test_pace_stands_through_a_stall_where_no_client_holds_a_worker():
+    """Workers stopped or waiting on the disk are not held by their clients: the pace
+    of the window stands, so the queue the stall left is taken by them, as before."""
+    p = Pace()
+    for i in range(11):
+        p.look(i * 0.05, 100 * i, 20)
+    p.look(0.65, 1000, 20)  # 0.15 s with nothing ended: the window from 0.15 s
+    assert p.taken_within() == int((1000 - 300) / 0.5 * WAIT_LIMIT)
+
+
+def test_pace_is_never_scaled_above_what_was_seen():
+    """More workers running free now than over the window (it had idle ones, or held
+    ones whose clients moved again) does not raise the pace past what was measured."""
+    p = Pace()
+    for i in range(11):
+        p.look(i * 0.05, 100 * i, 5)
+    p.look(0.55, 1100, 30)
+    assert p.taken_within() == int(1000 / 0.5 * WAIT_LIMIT)
+
+
 def test_pace_after_sparse_looks_spans_the_last_look_before_the_window():
     """With a worker idle the master looks once a tick (a second): the first look of a
     dry spell measures the pace back to the one before it, not over PACE_WINDOW."""
@@ -469,5 +504,5 @@ def test_pace_is_nothing_when_the_count_goes_back_and_its_looks_are_bounded():
         p.look(1.0 + i * 1e-4, 100 + i)
     assert 100 <= len(p.looks) <= 103  # about one every PACE_WINDOW / 100, the latest aside
     assert p.looks[0][0] <= 2.0 - PACE_WINDOW < p.looks[1][0]  # they span the whole window
-    assert p.looks[-1] == (2.0, 10_100)
+    assert p.looks[-1] == (2.0, 10_100, 1)
     assert 0.99e4 * WAIT_LIMIT <= p.taken_within() <= 1e4 * WAIT_LIMIT  # one every 0.1 ms

@@ -120,6 +120,39 @@ def test_usr1_gives_each_worker_its_own_process_figures(daemon_factory):
         assert abs(workers[pid]["rss"] - proc.memory_info().rss) < 4 << 20, (workers, proc.memory_info())
 
 
+def test_usr1_shows_how_long_a_client_has_kept_its_worker_waiting(daemon_factory):
+    """A worker whose client goes quiet marks its slot (what the pool reads to tell
+    workers held by their clients from those that come free at its pace), and clears
+    the mark when the client moves: after a second quiet spell the wait shown is the
+    new one's, not counted from the first."""
+    d = daemon_factory(workers=1)
+
+    def held(pid: int) -> float:
+        return {w["pid"]: w for w in request_stats(d)["workers"]}[pid]["client_wait_s"]
+
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        read_reply(s)
+        busy = [w["pid"] for w in request_stats(d)["workers"] if w["state"] == "busy"]
+        assert len(busy) == 1, busy
+        pid = busy[0]
+        time.sleep(0.6)
+        first = held(pid)
+        assert first >= 0.55, first
+        s.sendall(b"NOOP\r\n")
+        assert read_reply(s).startswith(b"250")
+        time.sleep(0.3)
+        second = held(pid)
+        # Not cleared, the mark would still say since the greeting: 0.9 s and more.
+        assert 0.25 <= second < first, (first, second)
+        s.sendall(b"QUIT\r\n")
+        read_reply(s)
+    # An idle worker is held by no one, whatever its slot last said.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and held(pid) != 0.0:
+        time.sleep(0.05)
+    assert held(pid) == 0.0
+
+
 def test_usr1_logs_stats_and_writes_stats_file(daemon_factory, tmp_path):
     stats_file = tmp_path / "stats.json"
     d = daemon_factory(server={"stats_file": str(stats_file)},

@@ -1,6 +1,7 @@
 """Smoke test of scripts/pool_faults.py: a --quick run against this checkout finishes,
 every held client of its burst is greeted, nothing is left in tmp/ and no traceback is
-logged.  No speed is asserted.  It needs Postfix's smtp-source, the script's load."""
+logged.  No speed is asserted.  It needs Postfix's smtp-source, the script's load,
+which .ci/run installs."""
 from __future__ import annotations
 
 import json

@@ -69,7 +69,15 @@ class Daemon:
         self.master = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not self._ready():
+            if self.proc.poll() is not None:
+                break
             time.sleep(0.05)
+        if not self._ready():  # a run against a daemon that never served measures nothing
+            self.proc.kill()
+            self.proc.wait(5)
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                tail = f.read()[-2000:]
+            raise RuntimeError(f"forksmtp did not log [READY] within 15 s: {shlex.join(cmd)}\n{tail}")
 
     def _ready(self) -> bool:
         try:

@@ -41,3 +41,14 @@ def test_quick_run_writes_its_results(tmp_path):
     for r in results:
         assert r["stored"] > 0 and r["left_in_tmp"] == 0 and r["tracebacks"] == 0, r
     assert "### burst" in (out / "results.md").read_text()
+
+
+def test_a_daemon_that_does_not_start_fails_the_run(tmp_path):
+    """A command that never serves is an error, not a run of empty figures."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--scenarios", "stall",
+         "--port-base", str(random.randrange(21000, 29000, 100)), "--root", str(tmp_path),
+         "--system", f"broken={sys.executable} -c 'import sys; sys.exit(3)'"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "did not log [READY]" in proc.stderr

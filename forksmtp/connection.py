@@ -679,6 +679,9 @@ class Connection:
         if events != _POLLIN:
             self.poller.modify(self.fd, events)
         try:
+            if first is None and deadline - time.monotonic() > QUIET_DELAY:
+                # A send, a handshake, the greeting delay: marked at the same point.
+                first = self.poller.poll(CLIENT_WAIT_MARK_MS)
             if first is not None and not first:  # the client has kept us CLIENT_WAIT_MARK
                 self._mark_client_wait(time.monotonic() - CLIENT_WAIT_MARK)
                 ready = self._poll(max(deadline - time.monotonic(), 0.0), QUIET_DELAY - CLIENT_WAIT_MARK)

@@ -448,26 +448,46 @@ class Pace:
     200 such clients waited 1.7-1.8 s for its greeting instead of 0.7-0.8)."""
 
     def __init__(self) -> None:
-        # (when, sessions ended by then, workers free-running then) of the last looks.
-        self.looks: deque[tuple[float, int, int]] = deque(maxlen=_PACE_LOOKS)
+        # (when, sessions ended by then, workers in a session then, of them held by
+        # their clients) of the last looks.
+        self.looks: deque[tuple[float, int, int, int]] = deque(maxlen=_PACE_LOOKS)
 
-    def look(self, now: float, ended: int, running: int = 1) -> None:
-        """``ended``: sessions ended so far (a running count); ``running``: the workers
-        in a session now that are not held by their clients (SlotInfo.held_by_client),
-        the ones whose sessions end at the pace."""
+    def look(self, now: float, ended: int, in_session: int, held: int) -> None:
+        """``ended``: sessions ended so far (a running count); ``in_session``: workers
+        in a session now; ``held``: those of them held by their clients
+        (SlotInfo.held_by_client), whose sessions do not end at the pace."""
         looks = self.looks
         # The master looks at every wake-up (its tick, a child's exit, a worker's report
         # that it took the last idle place): about 18 a second at 50 sessions here, but
         # nothing bounds it.  A look too close to the one before the latest replaces the
         # latest, so that the looks kept span the whole window whatever their rate.
         if len(looks) >= 2 and looks[-1][0] - looks[-2][0] < _PACE_GAP:
-            looks[-1] = (now, ended, running)
+            looks[-1] = (now, ended, in_session, held)
         else:
-            looks.append((now, ended, running))
+            looks.append((now, ended, in_session, held))
         # Looks older than the window go, but for the last at or before its start, so
         # that the pace spans the whole window where the looks allow.
         while len(looks) > 2 and looks[1][0] <= now - PACE_WINDOW:
             looks.popleft()
+
+    def running_before(self) -> float:
+        """Workers running free (in a session, not held by their clients) over the
+        window, on average: each look's count weighted by the time up to the next look
+        (the latest aside), so that a look a tick before the window weighs as the
+        second it covers, not as one look of a hundred."""
+        looks = self.looks
+        span = looks[-1][0] - looks[0][0]
+        if span <= 0:
+            return float(looks[-1][2] - looks[-1][3])
+        return sum((a[2] - a[3]) * (b[0] - a[0]) for a, b in zip(looks, list(looks)[1:])) / span
+
+    def running_now(self, limit: float = WAIT_LIMIT) -> int:
+        """The most workers running free at any look of the last ``limit`` seconds: one
+        look's count, where some clients are always slow, drifts down to none now and
+        then (8 workers, three quarters of them held: none at one look in ten); all
+        of a burst's do not come back within that time."""
+        last = self.looks[-1][0]
+        return max(n - h for when, _, n, h in self.looks if when >= last - limit)
 
     def taken_within(self, limit: float = WAIT_LIMIT) -> int:
         """How many clients waiting the workers would take in the next ``limit``
@@ -477,20 +497,19 @@ class Pace:
 
         The pace is that of the workers that ran free over the window; where fewer run
         free now (their clients went quiet on them: a burst of clients that hold their
-        sessions, taken one by one as sessions ended), it is scaled down to their share
-        now.  Without that, the pace of the short sessions before such a burst held the
-        pool back for most of a window while the burst waited: the median of 100 such
-        clients was greeted after 0.40 s, against 0.015 s where the pool grew for each.
-        A stall of every worker (stopped, or waiting on the disk) leaves none held by
-        its client: the pace stands, and the pool does not grow for the queue it
-        left."""
+        sessions, taken one by one as sessions ended, or a load client that stalls with
+        its connections open), it is scaled down to their share now against their mean,
+        never above 1.  Without that, the pace of the short sessions before held the
+        pool back for up to half a window while such clients waited.  A stall of every
+        worker (stopped, or waiting on the disk) leaves none held by its client: the
+        pace stands, and the pool does not grow for the queue it left."""
         if len(self.looks) < 2:
             return 0
-        (first, before, _), (last, ended, running) = self.looks[0], self.looks[-1]
+        (first, before, _, _), (last, ended, _, _) = self.looks[0], self.looks[-1]
         if last <= first or ended <= before:
             return 0
+        running, mean = self.running_now(limit), self.running_before()
         if running <= 0:
             return 0
-        mean = sum(look[2] for look in self.looks) / len(self.looks)
-        share = min(1.0, running / mean)  # never above the pace seen
+        share = min(1.0, running / mean) if mean > 0 else 1.0
         return int((ended - before) / (last - first) * limit * share)

@@ -96,6 +96,29 @@ def test_private_lock_dir_removed_by_master_only():
     assert not os.path.exists(lock_dir)
 
 
+def test_client_wait_mark_round_trip(sb):
+    """The mark a worker writes while its client keeps it waiting reaches the master's
+    snapshot, counts only in a session, and a slot repaired or claimed again holds none."""
+    sb.claim_slot(0, 0, 7, now=100.0)
+    sb.set_pid(0, 4242)
+    sb.set_busy(0, ("192.0.2.1", 40000), 101.0)
+    sb.set_client_wait(0, 101.5)
+    (slot,) = sb.snapshot().slots
+    assert slot.client_wait == 101.5 and slot.held_by_client
+    assert slot.counters.sessions == 1  # the counters after the new field are intact
+    sb.set_client_wait(0, 0.0)
+    (slot,) = sb.snapshot().slots
+    assert slot.client_wait == 0.0 and not slot.held_by_client
+    sb.set_client_wait(0, 102.0)
+    sb.set_idle(0, 103.0)
+    (slot,) = sb.snapshot().slots
+    assert not slot.held_by_client  # an idle worker is held by no one, whatever its slot says
+    assert sb.repair(0)
+    sb.claim_slot(0, 0, 7, now=104.0)
+    (slot,) = sb.snapshot().slots
+    assert slot.client_wait == 0.0
+
+
 def test_slot_life_cycle(sb):
     assert sb.free_slot() == 0
     sb.claim_slot(0, 0, 7, now=100.0)  # the master, before fork

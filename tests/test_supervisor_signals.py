@@ -137,7 +137,7 @@ def test_usr1_shows_how_long_a_client_has_kept_its_worker_waiting(daemon_factory
         pid = busy[0]
         time.sleep(0.6)
         first = held(pid)
-        assert first >= 0.55, first
+        assert first >= 0.4, first  # since the greeting: 0.6 s, less a late mark
         moved = time.monotonic()
         s.sendall(b"NOOP\r\n")
         assert read_reply(s).startswith(b"250")
@@ -146,7 +146,7 @@ def test_usr1_shows_how_long_a_client_has_kept_its_worker_waiting(daemon_factory
         since_moved = time.monotonic() - moved
         # The new wait began after the NOOP's reply.  Not cleared, the mark would still
         # say since the greeting, 0.6 s and the first dump's time more than that bound.
-        assert 0.25 <= second <= since_moved, (first, second, since_moved)
+        assert 0.1 <= second <= since_moved, (first, second, since_moved)
         s.sendall(b"QUIT\r\n")
         read_reply(s)
     # An idle worker is held by no one, whatever its slot last said.

@@ -671,7 +671,7 @@ class Arbiter:
         # part of it: they free no worker.
         in_session = sum(1 for s in snap.slots if s.in_session)
         held = sum(1 for s in snap.slots if s.held_by_client)
-        self.pace.look(now, snap.totals.sessions - in_session, in_session, held)
+        self.pace.look(now, snap.totals.sessions - in_session, in_session - held)
         plan = pool.plan(snap, settings, self.pool_state, now, waiting=waiting,
                          cpu_spare=cpu_spare, stalled=stalled,
                          taken_soon=self.pace.taken_within(growth.WAIT_LIMIT) if stalled else 0)

@@ -448,23 +448,22 @@ class Pace:
     200 such clients waited 1.7-1.8 s for its greeting instead of 0.7-0.8)."""
 
     def __init__(self) -> None:
-        # (when, sessions ended by then, workers in a session then, of them held by
-        # their clients) of the last looks.
-        self.looks: deque[tuple[float, int, int, int]] = deque(maxlen=_PACE_LOOKS)
+        # (when, sessions ended by then, workers running free then) of the last looks.
+        self.looks: deque[tuple[float, int, int]] = deque(maxlen=_PACE_LOOKS)
 
-    def look(self, now: float, ended: int, in_session: int, held: int) -> None:
-        """``ended``: sessions ended so far (a running count); ``in_session``: workers
-        in a session now; ``held``: those of them held by their clients
-        (SlotInfo.held_by_client), whose sessions do not end at the pace."""
+    def look(self, now: float, ended: int, running: int) -> None:
+        """``ended``: sessions ended so far (a running count); ``running``: workers in
+        a session now that are not held by their clients (SlotInfo.held_by_client),
+        the ones whose sessions end at the pace."""
         looks = self.looks
         # The master looks at every wake-up (its tick, a child's exit, a worker's report
         # that it took the last idle place): about 18 a second at 50 sessions here, but
         # nothing bounds it.  A look too close to the one before the latest replaces the
         # latest, so that the looks kept span the whole window whatever their rate.
         if len(looks) >= 2 and looks[-1][0] - looks[-2][0] < _PACE_GAP:
-            looks[-1] = (now, ended, in_session, held)
+            looks[-1] = (now, ended, running)
         else:
-            looks.append((now, ended, in_session, held))
+            looks.append((now, ended, running))
         # Looks older than the window go, but for the last at or before its start, so
         # that the pace spans the whole window where the looks allow.
         while len(looks) > 2 and looks[1][0] <= now - PACE_WINDOW:
@@ -478,8 +477,8 @@ class Pace:
         looks = self.looks
         span = looks[-1][0] - looks[0][0]
         if span <= 0:
-            return float(looks[-1][2] - looks[-1][3])
-        return sum((a[2] - a[3]) * (b[0] - a[0]) for a, b in zip(looks, list(looks)[1:])) / span
+            return float(looks[-1][2])
+        return sum(a[2] * (b[0] - a[0]) for a, b in zip(looks, list(looks)[1:])) / span
 
     def running_now(self, limit: float = WAIT_LIMIT) -> int:
         """The most workers running free at any look of the last ``limit`` seconds: one
@@ -487,7 +486,7 @@ class Pace:
         then (8 workers, three quarters of them held: none at one look in ten); all
         of a burst's do not come back within that time."""
         last = self.looks[-1][0]
-        return max(n - h for when, _, n, h in self.looks if when >= last - limit)
+        return max(running for when, _, running in self.looks if when >= last - limit)
 
     def taken_within(self, limit: float = WAIT_LIMIT) -> int:
         """How many clients waiting the workers would take in the next ``limit``
@@ -505,7 +504,7 @@ class Pace:
         pace stands, and the pool does not grow for the queue it left."""
         if len(self.looks) < 2:
             return 0
-        (first, before, _, _), (last, ended, _, _) = self.looks[0], self.looks[-1]
+        (first, before, _), (last, ended, _) = self.looks[0], self.looks[-1]
         if last <= first or ended <= before:
             return 0
         running, mean = self.running_now(limit), self.running_before()

@@ -45,7 +45,11 @@ import time
 
 import psutil
 
-HOST = "127.0.0.1"
+# The bench's modules live in benchlib/ beside this script (scripts/ is no package).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib.constants import HOST  # noqa: E402
+from benchlib.helpers import percentile  # noqa: E402
+
 SCENARIOS = ("burst", "stalled-client", "ceiling", "stall")
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
@@ -141,10 +145,9 @@ def greeting(port: int, hold: list | None = None) -> tuple[float, bytes]:
 
 
 def quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * q))], 4)
+    """The nearest-rank ``q`` quantile (0..1) of ``values``, to 0.1 ms."""
+    value = percentile(sorted(values), q * 100)
+    return None if value is None else round(value, 4)
 
 
 def crowd(daemon: Daemon, n: int) -> dict:

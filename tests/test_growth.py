@@ -428,10 +428,10 @@ def test_pace_says_how_many_waiting_clients_the_workers_take_soon():
     clients waiting that the workers come free for within it."""
     p = Pace()
     assert p.taken_within() == 0  # no look yet
-    p.look(0.0, 0, 1, 0)
+    p.look(0.0, 0, 1)
     assert p.taken_within() == 0  # one look: no pace yet
     for i in range(1, 21):  # 100 sessions ended every 50 ms: 2,000 a second
-        p.look(i * 0.05, 100 * i, 1, 0)
+        p.look(i * 0.05, 100 * i, 1)
     assert p.taken_within() == round(2000 * WAIT_LIMIT)
     assert p.taken_within(0.05) == 100
     # The looks span the window and no more: the last one at or before its start is kept.
@@ -441,10 +441,10 @@ def test_pace_says_how_many_waiting_clients_the_workers_take_soon():
 def test_pace_falls_to_nothing_once_a_stall_outlasts_its_window():
     p = Pace()
     for i in range(17):
-        p.look(i / 16, 100 * i, 1, 0)  # 1,600 a second up to 1.0
-    p.look(1.25, 1600, 1, 0)  # a stall of 0.25 s: half the window's pace
+        p.look(i / 16, 100 * i, 1)  # 1,600 a second up to 1.0
+    p.look(1.25, 1600, 1)  # a stall of 0.25 s: half the window's pace
     assert p.taken_within() == round(800 * WAIT_LIMIT)
-    p.look(1.25 + PACE_WINDOW, 1600, 1, 0)  # the stall has lasted the whole window
+    p.look(1.25 + PACE_WINDOW, 1600, 1)  # the stall has lasted the whole window
     assert p.taken_within() == 0
 
 
@@ -454,19 +454,19 @@ def test_pace_is_scaled_to_the_workers_not_held_by_their_clients():
     workers that ran free; only the share of them still free runs at it."""
     p = Pace()
     for i in range(11):  # 2,000 sessions a second, 20 workers all running free
-        p.look(i * 0.05, 100 * i, 20, 0)
+        p.look(i * 0.05, 100 * i, 20)
     assert p.taken_within() == 200
-    p.look(0.55, 1050, 20, 10)  # half of them now wait on clients that hold them
+    p.look(0.55, 1050, 10)  # half of them now wait on clients that hold them
     # The most running free in the last 0.1 s is still all 20: one look is not a trend.
     assert p.running_now() == 20
-    p.look(0.6, 1060, 20, 10)
-    p.look(0.66, 1065, 20, 10)
+    p.look(0.6, 1060, 10)
+    p.look(0.66, 1065, 10)
     assert p.running_now() == 10
-    (first, before, _, _) = p.looks[0]
+    (first, before, _) = p.looks[0]
     pace = (1065 - before) / (0.66 - first) * WAIT_LIMIT
     assert p.taken_within() == int(pace * 10 / p.running_before())
     for t in (0.7, 0.75, 0.8):  # every worker held: none comes free at any pace
-        p.look(t, 1065, 20, 20)
+        p.look(t, 1065, 0)
     assert p.running_now() == 0 and p.taken_within() == 0
 
 
@@ -476,10 +476,10 @@ def test_pace_stands_where_some_clients_are_always_slow():
     last WAIT_LIMIT keeps the pace."""
     p = Pace()
     for i in range(11):
-        p.look(i * 0.05, 100 * i, 8, 6)
-    p.look(0.55, 1100, 8, 8)  # none running free at this look alone
+        p.look(i * 0.05, 100 * i, 2)
+    p.look(0.55, 1100, 0)  # none running free at this look alone
     assert p.running_now() == 2
-    (first, before, _, _) = p.looks[0]
+    (first, before, _) = p.looks[0]
     assert p.taken_within() == int((1100 - before) / (0.55 - first) * WAIT_LIMIT)
 
 
@@ -488,8 +488,8 @@ def test_pace_stands_through_a_stall_where_no_client_holds_a_worker():
     of the window stands, so the queue the stall left is taken by them, as before."""
     p = Pace()
     for i in range(11):
-        p.look(i * 0.05, 100 * i, 20, 0)
-    p.look(0.65, 1000, 20, 0)  # 0.15 s with nothing ended: the window from 0.15 s
+        p.look(i * 0.05, 100 * i, 20)
+    p.look(0.65, 1000, 20)  # 0.15 s with nothing ended: the window from 0.15 s
     assert p.taken_within() == int((1000 - 300) / 0.5 * WAIT_LIMIT)
 
 
@@ -497,9 +497,9 @@ def test_the_mean_weighs_each_look_by_the_time_it_covers():
     """With sparse looks (a tick apart while a worker was idle) the look before the
     window weighs the time up to the next, not one look in many."""
     p = Pace()
-    p.look(0.0, 0, 10, 0)
-    p.look(1.0, 100, 10, 10)
-    p.look(1.05, 110, 10, 10)
+    p.look(0.0, 0, 10)
+    p.look(1.0, 100, 0)
+    p.look(1.05, 110, 0)
     assert p.running_before() == pytest.approx((10 * 1.0 + 0 * 0.05) / 1.05)
 
 
@@ -508,9 +508,9 @@ def test_pace_is_never_scaled_above_what_was_seen():
     ones whose clients moved again) does not raise the pace past what was measured."""
     p = Pace()
     for i in range(11):
-        p.look(i * 0.05, 100 * i, 5, 0)
-    p.look(0.55, 1100, 30, 0)
-    (first, before, _, _) = p.looks[0]
+        p.look(i * 0.05, 100 * i, 5)
+    p.look(0.55, 1100, 30)
+    (first, before, _) = p.looks[0]
     assert p.taken_within() == int((1100 - before) / (0.55 - first) * WAIT_LIMIT)
 
 
@@ -518,22 +518,22 @@ def test_pace_after_sparse_looks_spans_the_last_look_before_the_window():
     """With a worker idle the master looks once a tick (a second): the first look of a
     dry spell measures the pace back to the one before it, not over PACE_WINDOW."""
     p = Pace()
-    p.look(0.0, 0, 1, 0)
-    p.look(1.0, 500, 1, 0)
-    p.look(1.05, 500, 1, 0)
+    p.look(0.0, 0, 1)
+    p.look(1.0, 500, 1)
+    p.look(1.05, 500, 1)
     assert p.taken_within() == int(500 / 1.05 * WAIT_LIMIT)
 
 
 def test_pace_is_nothing_when_the_count_goes_back_and_its_looks_are_bounded():
     p = Pace()
-    p.look(0.0, 100, 1, 0)
-    p.look(0.1, 50, 1, 0)  # a count that fell (it never should) gives no pace
+    p.look(0.0, 100, 1)
+    p.look(0.1, 50, 1)  # a count that fell (it never should) gives no pace
     assert p.taken_within() == 0
-    p.look(0.2, 50, 1, 0)
+    p.look(0.2, 50, 1)
     assert p.taken_within() == 0  # nothing ended: nothing soon
     for i in range(10_001):  # looks far more often than the window needs: every 0.1 ms
-        p.look(1.0 + i * 1e-4, 100 + i, 1, 0)
+        p.look(1.0 + i * 1e-4, 100 + i, 1)
     assert 100 <= len(p.looks) <= 103  # about one every PACE_WINDOW / 100, the latest aside
     assert p.looks[0][0] <= 2.0 - PACE_WINDOW < p.looks[1][0]  # they span the whole window
-    assert p.looks[-1] == (2.0, 10_100, 1, 0)
+    assert p.looks[-1] == (2.0, 10_100, 1)
     assert 0.99e4 * WAIT_LIMIT <= p.taken_within() <= 1e4 * WAIT_LIMIT  # one every 0.1 ms

@@ -640,8 +640,8 @@ class Arbiter:
         """An idle worker that no longer turns its accept loop (stopped with SIGSTOP,
         wedged) still counts as a spare, so none would replace it; and, waiting in
         epoll with EPOLLEXCLUSIVE, it may be the one worker woken for a connection,
-        which then waits for the next one to arrive.  So does a starting one that never
-        gets ready."""
+        which then waits for another worker's turn (Worker._take_left_behind).  So does
+        a starting one that never gets ready."""
         kind = {IDLE: "idle", STARTING: "starting"}.get(slot.state, "stopping")
         what = what or ("has not left its accept loop" if slot.state == STOPPING
                         else "has not turned its accept loop")

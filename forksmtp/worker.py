@@ -60,6 +60,9 @@ _ACCEPT_RETRY: Final = frozenset({errno.EPROTO, errno.ENOPROTOOPT, errno.ENETDOW
                                   errno.ETIMEDOUT, getattr(errno, "ENOSR", errno.EPROTO),
                                   errno.ESOCKTNOSUPPORT, errno.EPROTONOSUPPORT})
 ACCEPT_PAUSE: Final = 0.1
+# Longest wait in the accept loop: the heartbeat's period, and how long a connection that
+# no wake-up announced can wait for an idle worker (Worker._take_left_behind).
+TURN: Final = 1.0
 # How long an AUTH waits while the password checks running for its address fill the
 # failure limit (then 454 4.7.0), and how often it looks again.
 AUTH_WAIT: Final = 5.0
@@ -176,6 +179,11 @@ class Worker:
         self.wake_fds = (self.wake_r, self.parent_fd)
         for fd in self.wake_fds:
             self.epoll.register(fd, select.EPOLLIN)
+        # The listen queues as they are, looked at without joining their wait queues
+        # (a poll of no time): see _take_left_behind.
+        self.backlogs = select.poll()
+        for fd in self.listeners:
+            self.backlogs.register(fd, select.POLLIN)
 
     def _session_config(self, max_errors: int, max_junk_commands: int) -> SessionConfig:
         cfg = self.cfg
@@ -229,8 +237,11 @@ class Worker:
         self.board.set_available(self.slot, True)
         self._title("idle")  # only now: the master counts it as starting until here
         while self._accepting():
-            events = self.epoll.poll(1.0)
+            events = self.epoll.poll(TURN)
             self.board.beat(self.slot, time.monotonic())
+            if not events:
+                self._take_left_behind()
+                continue
             # Listeners first.  With EPOLLEXCLUSIVE this worker alone was woken for the
             # connection waiting there; if a SIGTERM (a reload, a graceful stop) came at
             # the same moment and the worker let it be, nothing would wake another
@@ -245,6 +256,19 @@ class Worker:
         self.board.set_available(self.slot, False)
         self.board.set_stopping(self.slot)
         return EXIT_OK
+
+    def _take_left_behind(self) -> None:
+        """A turn with nothing to wake this worker: take a connection waiting in a listen
+        queue all the same.  With EPOLLEXCLUSIVE the kernel wakes one waiting worker per
+        connection, and no other for it; if that one goes before it accepts (the OOM
+        killer, the master's SIGKILL of a wedged worker, an operator's kill), the
+        connection waits until the next one arrives, minutes on a quiet server, while
+        every other worker sleeps.  Idle workers look each turn, so it waits one at most.
+        The look costs a poll(2) of no time a second per idle worker."""
+        for fd, _ in self.backlogs.poll(0):
+            if fd in self.listeners and not (self.stopping or self.quitting):
+                self._accept(fd)
+                return  # one session per turn, as a wake-up gives
 
     def _accepting(self) -> bool:
         """Whether this worker takes another connection after the current one."""
@@ -490,6 +514,7 @@ class Worker:
     def _drop_listener(self, fd: int) -> None:
         sock = self.listeners.pop(fd)[0]
         self.epoll.unregister(fd)
+        self.backlogs.unregister(fd)
         sock.close()
 
     def show_phase(self, phase: str) -> None:

@@ -467,9 +467,16 @@ def hold_syscall(pid: int, syscall: str, seconds: float, *, when: int = 1,
     ``seconds`` at its entry (``at="enter"``: before the kernel runs it) or at its exit
     (after it ran, before the process sees its result).  Skips the test where strace
     cannot attach; the caller terminates the tracer."""
+    return inject_syscall(pid, syscall, f"delay_{at}={seconds:g}s:when={when}")
+
+
+def inject_syscall(pid: int, syscall: str, inject: str) -> subprocess.Popen:
+    """Attach strace to a process with ``-e inject=SYSCALL:INJECT`` (a delay, an error,
+    a signal).  Skips the test where strace cannot attach; the caller terminates the
+    tracer, which detaches."""
     import pytest
     tracer = subprocess.Popen(["strace", "-p", str(pid), "-o", os.devnull, "-e", f"trace={syscall}",
-                               "-e", f"inject={syscall}:delay_{at}={seconds:g}s:when={when}"],
+                               "-e", f"inject={syscall}:{inject}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     line = tracer.stderr.readline()
     if "attached" not in line:
@@ -507,9 +514,9 @@ def in_syscall(proc: psutil.Process, number: int, status: str = psutil.STATUS_SL
 #: select.select is pselect6 in glibc, select(2) in an older one (x86_64 only has both).
 SYSCALL_NR: dict[str, tuple[int, ...]] = {
     "x86_64": {"flock": (73,), "setitimer": (38,), "select": (270, 23), "poll": (7, 271),
-               "fsync": (74,), "linkat": (265,)},
+               "fsync": (74,), "linkat": (265,), "epoll_wait": (232, 281, 441)},
     "aarch64": {"flock": (32,), "setitimer": (103,), "select": (72,), "poll": (73,),
-                "fsync": (82,), "linkat": (37,)},
+                "fsync": (82,), "linkat": (37,), "epoll_wait": (22, 441)},
 }.get(os.uname().machine, {})
 
 

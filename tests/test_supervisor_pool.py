@@ -7,6 +7,7 @@ import contextlib
 import os
 import resource
 import shlex
+import shutil
 import signal
 import smtplib
 import socket
@@ -19,8 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon import (RawSMTP, after_a_turn, assert_no_zombies, connect, gone, read_reply, request_stats,
-                    send_message, serving_worker, wait_until, worker_pids, worker_states)
+from daemon import (RawSMTP, after_a_turn, assert_no_zombies, connect, gone, in_any_syscall, inject_syscall,
+                    read_reply, request_stats, send_message, serving_worker, wait_until, worker_pids,
+                    worker_states)
 from forksmtp.arbiter import KEPT_WAITING_LOG_EVERY, TICK, KeptWaiting
 from forksmtp.growth import SPARE_SHARE, WAIT_LIMIT, WINDOW, cgroup_quotas, machine_times
 
@@ -401,6 +403,50 @@ def test_a_stopped_idle_worker_is_killed_and_replaced(daemon_factory):
         except ProcessLookupError:
             pass
     assert "crash loop" not in d.log_text()
+
+
+def test_a_client_whose_woken_worker_is_killed_before_accepting_is_served_by_an_idle_one(daemon_factory):
+    """The kernel wakes one idle worker per connection (EPOLLEXCLUSIVE).  Killed before
+    it accepts, with spares enough that none replaces it, the connection waited in the
+    listen queue until another arrived, however many workers sat idle.  Now an idle
+    worker's turn (a second) takes it."""
+    d = daemon_factory(workers=1, server={"max_workers": 4, "min_spare_workers": 1})
+    holders = [RawSMTP(d.port) for _ in range(2)]  # grow the pool to 3 or 4 workers
+    for h in holders:
+        assert h.command(b"EHLO holder.example") == 250
+    wait_until(lambda: len(worker_pids(d)) >= 3, 15, 0.05, "the pool grown")
+    for h in holders:
+        h.close()
+    after_a_turn(d)  # any worker the holders had the master start is started by now
+    idle = lambda: [w["pid"] for w in request_stats(d)["workers"] if w["state"] == "idle"]
+    pids = wait_until(lambda: (p := idle()) and len(p) == len(worker_pids(d)) >= 3 and p, 15, 0.2,
+                      "every worker idle")
+    # The kernel wakes the first waiter in the listener's queue, where each worker put
+    # its own when it started: the oldest one, while all of them wait.
+    workers = sorted((psutil.Process(p) for p in pids), key=lambda w: (w.create_time(), w.pid))
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
+    # Killed at the entry of its accept4(2), before the kernel hands it the connection.
+    tracer = inject_syscall(workers[0].pid, "accept4", "error=EAGAIN:signal=SIGKILL:when=1")
+    try:
+        wait_until(lambda: all(in_any_syscall(w, "epoll_wait") for w in workers), 10, 0.01,
+                   "every worker waiting in epoll")
+        sock = connect(d.port)
+        wait_until(lambda: gone(workers[0].pid), 10, 0.01, "the woken worker killed")
+    finally:
+        tracer.terminate()
+        tracer.wait(10)
+    try:
+        # The others are more than the one spare the pool keeps: nothing is started for
+        # this client, and no wake-up comes for it.  Before, it waited for good.
+        sock.settimeout(10)
+        started = time.monotonic()
+        assert read_reply(sock).startswith(b"220 ")
+        print(f"\ngreeting {time.monotonic() - started:.3f}s after the kill")
+        assert serving_worker(d, sock).pid in pids, "served by a worker started after the kill"
+    finally:
+        sock.close()
+    assert f"worker {workers[0].pid} killed by SIGKILL" in d.log_text()
 
 
 def test_a_pool_that_keeps_no_spares_starts_a_worker_for_a_waiting_client(daemon_factory):

@@ -13,10 +13,12 @@ import os
 import select
 import signal
 import socket
+import threading
 
+import psutil
 import pytest
 
-from daemon import wait_until
+from daemon import in_any_syscall, wait_until
 from forksmtp import config, logs, scoreboard
 from forksmtp.worker import Worker
 
@@ -86,9 +88,9 @@ def _exit_status(pid: int, timeout: float = 10.0) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def _one_session_in_a_worker(tmp_path, listener: socket.socket, epoll) -> int:
-    """A client waiting in the backlog of ``listener``, a worker in a child process with
-    ``epoll``: the client must be greeted and get its 221; the worker's exit status."""
+def _worker_parts(tmp_path, listener: socket.socket) -> tuple:
+    """``listener`` listening on a loopback port; that port, and the configuration,
+    scoreboard (slot 0 claimed) and log of a worker serving it."""
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
     listener.setblocking(False)
@@ -97,7 +99,13 @@ def _one_session_in_a_worker(tmp_path, listener: socket.socket, epoll) -> int:
                                     "server.listen": [f"127.0.0.1:{port}"]})
     board = scoreboard.Scoreboard.create(4, lock_dir=str(tmp_path))
     board.claim_slot(0, 0, 1, 0.0)
-    log = logs.Log("info", str(tmp_path / "log"))
+    return port, cfg, board, logs.Log("info", str(tmp_path / "log"))
+
+
+def _one_session_in_a_worker(tmp_path, listener: socket.socket, epoll) -> int:
+    """A client waiting in the backlog of ``listener``, a worker in a child process with
+    ``epoll``: the client must be greeted and get its 221; the worker's exit status."""
+    port, cfg, board, log = _worker_parts(tmp_path, listener)
     client = socket.create_connection(("127.0.0.1", port), timeout=10)  # waiting in the backlog
     pid = os.fork()
     if pid == 0:
@@ -153,3 +161,52 @@ def test_an_error_of_a_pending_connection_is_retried_not_fatal(tmp_path):
     """accept(2): EPROTO, ENETUNREACH and the rest are to be retried like EAGAIN; they
     ended the worker (exit status 1, counted toward a crash loop)."""
     assert _one_session_in_a_worker(tmp_path, _ProtocolErrorFirst(), _SignalAfterSecondWake) == 0
+
+
+def _first_waiter(listener: socket.socket, ready: threading.Event, done: threading.Event) -> None:
+    """A thread that waits on ``listener`` with EPOLLEXCLUSIVE, is woken for the next
+    connection and goes away without accepting it: a worker killed between its wake-up
+    and its accept (the OOM killer, the master's SIGKILL of a wedged one, an operator)."""
+    with select.epoll() as ep:
+        ep.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        ready.set()
+        ep.poll(10.0)
+    done.set()
+
+
+def test_a_connection_whose_woken_worker_went_away_is_taken_by_an_idle_one(tmp_path):
+    """With EPOLLEXCLUSIVE the kernel wakes one waiter per connection: the first in the
+    listener's queue that is waiting.  If it leaves without accepting, nothing wakes
+    another for that connection until the next one arrives, and a quiet server may have
+    none for minutes.  An idle worker must find it by itself, within its 1 s turn."""
+    listener = socket.socket()
+    port, cfg, board, log = _worker_parts(tmp_path, listener)
+    # The thread's waiter is queued on the listener before the worker's, so the kernel
+    # wakes it, not the worker, while both wait.
+    ready, woken = threading.Event(), threading.Event()
+    thread = threading.Thread(target=_first_waiter, args=(listener, ready, woken), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        _run_worker(cfg, listener, board, log, select.epoll)
+    client = None
+    try:
+        wait_until(lambda: board.snapshot().slots[0].state == scoreboard.IDLE, what="the worker idle")
+        waiter = psutil.Process(thread.native_id)
+        wait_until(lambda: in_any_syscall(waiter, "epoll_wait") and in_any_syscall(psutil.Process(pid), "epoll_wait"),
+                   what="both waiting in epoll")
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert woken.wait(10), "the first waiter was not woken"
+        thread.join(10)
+        # Nobody else was woken: the connection waits in the backlog for the worker's turn.
+        client.settimeout(5.0)
+        assert client.recv(512).startswith(b"220 ")
+        client.sendall(b"QUIT\r\n")
+        assert client.recv(512).startswith(b"221 ")
+    finally:
+        if client is not None:
+            client.close()
+        os.kill(pid, signal.SIGTERM)
+        code = _exit_status(pid)
+    assert code == 0

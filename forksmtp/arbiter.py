@@ -638,10 +638,10 @@ class Arbiter:
 
     def _kill_idle(self, child: Child, slot, silent: float, what: str = "") -> None:
         """An idle worker that no longer turns its accept loop (stopped with SIGSTOP,
-        wedged) still counts as a spare, so none would replace it; and, waiting in
-        epoll with EPOLLEXCLUSIVE, it may be the one worker woken for a connection,
-        which then waits for another worker's turn (Worker._take_left_behind).  So does
-        a starting one that never gets ready."""
+        wedged) still counts as a spare, so none would replace it, and so does a
+        starting one that never gets ready.  (A connection the kernel woke it for just
+        before it stopped, EPOLLEXCLUSIVE waking no other, is taken at another idle
+        worker's turn: Worker._take_left_behind.)"""
         kind = {IDLE: "idle", STARTING: "starting"}.get(slot.state, "stopping")
         what = what or ("has not left its accept loop" if slot.state == STOPPING
                         else "has not turned its accept loop")

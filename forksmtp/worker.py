@@ -236,12 +236,15 @@ class Worker:
         self.board.set_idle(self.slot, time.monotonic())
         self.board.set_available(self.slot, True)
         self._title("idle")  # only now: the master counts it as starting until here
+        took = False  # the last turn served a connection found in a listen queue
         while self._accepting():
-            events = self.epoll.poll(TURN)
+            # After such a session, look again at once: more may have been left there.
+            events = self.epoll.poll(0.0 if took else TURN)
             self.board.beat(self.slot, time.monotonic())
             if not events:
-                self._take_left_behind()
+                took = self._take_left_behind()
                 continue
+            took = False
             # Listeners first.  With EPOLLEXCLUSIVE this worker alone was woken for the
             # connection waiting there; if a SIGTERM (a reload, a graceful stop) came at
             # the same moment and the worker let it be, nothing would wake another
@@ -257,35 +260,38 @@ class Worker:
         self.board.set_stopping(self.slot)
         return EXIT_OK
 
-    def _take_left_behind(self) -> None:
+    def _take_left_behind(self) -> bool:
         """A turn with nothing to wake this worker: take a connection waiting in a listen
-        queue all the same.  With EPOLLEXCLUSIVE the kernel wakes one waiting worker per
-        connection, and no other for it; if that one goes before it accepts (the OOM
-        killer, the master's SIGKILL of a wedged worker, an operator's kill), the
-        connection waits until the next one arrives, minutes on a quiet server, while
-        every other worker sleeps.  Idle workers look each turn, so it waits one at most.
-        The look costs a poll(2) of no time a second per idle worker."""
+        queue all the same; whether it served one.  With EPOLLEXCLUSIVE the kernel wakes
+        one waiting worker per connection, and no other for it; if that one is killed,
+        stopped or stalled before it accepts (the OOM killer, a debugger, an operator's
+        kill), the connection waits until the next one arrives, minutes on a quiet
+        server, while every other worker sleeps.  Idle workers look each turn, so it
+        waits about a second at most.  The look costs a poll(2) of no time a second per
+        idle worker."""
         for fd, _ in self.backlogs.poll(0):
-            if fd in self.listeners and not (self.stopping or self.quitting):
-                self._accept(fd)
-                return  # one session per turn, as a wake-up gives
+            if fd in self.listeners and not (self.stopping or self.quitting) and self._accept(fd):
+                return True  # one session, then back to the signals and the wake-ups
+        return False
 
     def _accepting(self) -> bool:
         """Whether this worker takes another connection after the current one."""
         return not (self.stopping or self.quitting) and self.served < self.max_sessions
 
-    def _accept(self, fd: int) -> None:
+    def _accept(self, fd: int) -> bool:
+        """Accept a connection waiting on listener ``fd`` and serve its session; whether
+        there was one to serve."""
         _, accept, family, type_, proto = self.listeners[fd]
         try:
             conn_fd, peer = accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return  # another worker took it, or the client already left
+            return False  # another worker took it, or the client already left
         except OSError as exc:
             if exc.errno in _ACCEPT_RETRY:
-                return
+                return False
             if exc.errno == errno.EINVAL:  # a reload removed it (listeners.stop_listening)
                 self._drop_listener(fd)
-                return
+                return False
             if exc.errno not in _ACCEPT_SHORTAGE:
                 raise
             # Out of fds or memory: exiting would only start a crash loop.
@@ -293,7 +299,7 @@ class Worker:
                 self.log.line("WORKER", f"cannot accept a connection: {exc.strerror}", WARNING)
             if not self._refuse_with_reserve(accept):
                 time.sleep(ACCEPT_PAUSE)
-            return
+            return False  # not to be tried again at once
         try:
             sock = _socket.socket(family, type_, proto, conn_fd)
         except BaseException:
@@ -304,6 +310,7 @@ class Worker:
             self._serve(sock, peer, fd in self.implicit_fds)
         finally:
             sock.close()
+        return True
 
     def _refuse_with_reserve(self, accept: Callable) -> bool:
         """Out of fds: give up the one held in reserve for this, accept the connection

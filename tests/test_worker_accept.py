@@ -14,13 +14,14 @@ import select
 import signal
 import socket
 import threading
+import time
 
 import psutil
 import pytest
 
 from daemon import in_any_syscall, wait_until
 from forksmtp import config, logs, scoreboard
-from forksmtp.worker import Worker
+from forksmtp.worker import TURN, Worker
 
 
 _epoll = select.epoll
@@ -163,49 +164,63 @@ def test_an_error_of_a_pending_connection_is_retried_not_fatal(tmp_path):
     assert _one_session_in_a_worker(tmp_path, _ProtocolErrorFirst(), _SignalAfterSecondWake) == 0
 
 
-def _first_waiter(listener: socket.socket, ready: threading.Event, done: threading.Event) -> None:
+class _FirstWaiter(threading.Thread):
     """A thread that waits on ``listener`` with EPOLLEXCLUSIVE, is woken for the next
     connection and goes away without accepting it: a worker killed between its wake-up
-    and its accept (the OOM killer, the master's SIGKILL of a wedged one, an operator)."""
-    with select.epoll() as ep:
-        ep.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
-        ready.set()
-        ep.poll(10.0)
-    done.set()
+    and its accept (the OOM killer, a debugger, an operator's kill)."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.listener, self.ready, self.events = listener, threading.Event(), None
+
+    def run(self) -> None:
+        with select.epoll() as ep:
+            ep.register(self.listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            self.ready.set()
+            self.events = ep.poll(10.0)
 
 
-def test_a_connection_whose_woken_worker_went_away_is_taken_by_an_idle_one(tmp_path):
+def test_connections_whose_woken_workers_went_away_are_taken_by_an_idle_one(tmp_path):
     """With EPOLLEXCLUSIVE the kernel wakes one waiter per connection: the first in the
     listener's queue that is waiting.  If it leaves without accepting, nothing wakes
     another for that connection until the next one arrives, and a quiet server may have
-    none for minutes.  An idle worker must find it by itself, within its 1 s turn."""
+    none for minutes.  An idle worker must find it by itself, within its 1 s turn; and,
+    having served one so, look again at once rather than a turn later."""
     listener = socket.socket()
     port, cfg, board, log = _worker_parts(tmp_path, listener)
-    # The thread's waiter is queued on the listener before the worker's, so the kernel
-    # wakes it, not the worker, while both wait.
-    ready, woken = threading.Event(), threading.Event()
-    thread = threading.Thread(target=_first_waiter, args=(listener, ready, woken), daemon=True)
-    thread.start()
-    assert ready.wait(10)
+    # The threads' waiters are queued on the listener before the worker's, so the
+    # kernel wakes them, one per connection, not the worker, while all of them wait.
+    waiters = [_FirstWaiter(listener) for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+        assert waiter.ready.wait(10)
     pid = os.fork()
     if pid == 0:
         _run_worker(cfg, listener, board, log, select.epoll)
-    client = None
+    clients: list[socket.socket] = []
     try:
         wait_until(lambda: board.snapshot().slots[0].state == scoreboard.IDLE, what="the worker idle")
-        waiter = psutil.Process(thread.native_id)
-        wait_until(lambda: in_any_syscall(waiter, "epoll_wait") and in_any_syscall(psutil.Process(pid), "epoll_wait"),
-                   what="both waiting in epoll")
-        client = socket.create_connection(("127.0.0.1", port), timeout=10)
-        assert woken.wait(10), "the first waiter was not woken"
-        thread.join(10)
-        # Nobody else was woken: the connection waits in the backlog for the worker's turn.
-        client.settimeout(5.0)
-        assert client.recv(512).startswith(b"220 ")
-        client.sendall(b"QUIT\r\n")
-        assert client.recv(512).startswith(b"221 ")
+        procs = [psutil.Process(w.native_id) for w in waiters] + [psutil.Process(pid)]
+        wait_until(lambda: all(in_any_syscall(p, "epoll_wait") for p in procs), what="all waiting in epoll")
+        for waiter in waiters:
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            waiter.join(10)
+            assert waiter.events, "the waiter was not woken for the connection"
+        # Nobody else was woken: the connections wait in the backlog for the worker's turn.
+        first, second = clients
+        first.settimeout(5.0)
+        assert first.recv(512).startswith(b"220 ")
+        first.sendall(b"QUIT\r\n")
+        assert first.recv(512).startswith(b"221 ")
+        quit_at = time.monotonic()
+        second.settimeout(5.0)
+        assert second.recv(512).startswith(b"220 ")
+        # Before, a whole turn passed first (the epoll's timeout, which no event cut short).
+        assert time.monotonic() - quit_at < TURN / 2, "the second waited for the worker's next turn"
+        second.sendall(b"QUIT\r\n")
+        assert second.recv(512).startswith(b"221 ")
     finally:
-        if client is not None:
+        for client in clients:
             client.close()
         os.kill(pid, signal.SIGTERM)
         code = _exit_status(pid)

@@ -18,6 +18,10 @@ one fault and measures what clients meet:
                   the clients beyond it, first and last, and the 220s.
   stall           every worker is stopped (SIGSTOP) for --stall seconds, three times
                   2 s apart: the pool before and 2 s after each.
+  idle-kill       no load: --hold sessions grow the pool and end, then a client
+                  connects and the oldest idle worker, the one the kernel wakes for it
+                  (EPOLLEXCLUSIVE), is killed with SIGKILL at once; --kills times.  The
+                  clients greeted (and how soon), reset, or silent for 5 s.
 
 Systems (--system NAME=CMD, repeatable) run alternately, in reverse order every other
 round, so that machine drift cancels.  A checkout must be compiled in place (python
@@ -50,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib.constants import HOST  # noqa: E402
 from benchlib.helpers import percentile  # noqa: E402
 
-SCENARIOS = ("burst", "stalled-client", "ceiling", "stall")
+SCENARIOS = ("burst", "stalled-client", "ceiling", "stall", "idle-kill")
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 
 
@@ -150,6 +154,16 @@ def quantile(values: list[float], q: float) -> float | None:
     return None if value is None else round(value, 4)
 
 
+def release(held: list) -> None:
+    """End the held sessions."""
+    for sock in held:
+        try:
+            sock.sendall(b"QUIT\r\n")
+        except OSError:
+            pass
+        sock.close()
+
+
 def crowd(daemon: Daemon, n: int) -> dict:
     """``n`` clients connect at once and hold their sessions: greeting times by code, and
     the pool before and at its peak."""
@@ -169,12 +183,7 @@ def crowd(daemon: Daemon, n: int) -> dict:
         time.sleep(0.02)
     for t in threads:
         t.join(5)
-    for sock in held:
-        try:
-            sock.sendall(b"QUIT\r\n")
-        except OSError:
-            pass
-        sock.close()
+    release(held)
     by_code: dict[str, list[float]] = {}
     for result in results:
         took, code = result if result else (0.0, b"")
@@ -235,21 +244,67 @@ def scenario_stall(daemon: Daemon, args) -> dict:
     return {"stall_s": args.stall, "pool_before_after": pools}
 
 
+def kill_the_woken(daemon: Daemon) -> tuple[str, float]:
+    """Connect, and kill the oldest idle worker at once: what the client then meets
+    ("220", "reset", "silent" for 5 s, or "refused") and after how long."""
+    workers = sorted(daemon.workers(), key=lambda w: (w.create_time(), w.pid))
+    t0 = time.monotonic()
+    try:
+        sock = socket.create_connection((HOST, daemon.port), timeout=5)
+    except OSError:
+        return "refused", time.monotonic() - t0
+    try:
+        os.kill(workers[0].pid, signal.SIGKILL)
+        line = sock.recv(512)
+        return ("220" if line.startswith(b"220") else "reset"), time.monotonic() - t0
+    except socket.timeout:
+        return "silent", time.monotonic() - t0
+    except OSError:
+        return "reset", time.monotonic() - t0
+    finally:
+        sock.close()
+
+
+def scenario_idle_kill(daemon: Daemon, args) -> dict:
+    outcomes: dict[str, list[float]] = {}
+    for _ in range(args.kills):
+        held: list = []
+        for _ in range(args.hold):
+            greeting(daemon.port, held)
+        # More workers than the built-in 4 and the held sessions: the one killed is not
+        # replaced, so only the others can take its client.
+        deadline = time.monotonic() + 10
+        while len(daemon.workers()) <= args.hold and time.monotonic() < deadline:
+            time.sleep(0.05)
+        release(held)
+        time.sleep(0.5)
+        what, took = kill_the_woken(daemon)
+        outcomes.setdefault(what, []).append(took)
+        time.sleep(0.2)
+    greeted = outcomes.get("220", [])
+    return {"kills": args.kills, "greeted": len(greeted), "silent_5s": len(outcomes.get("silent", [])),
+            "reset": len(outcomes.get("reset", [])), "refused": len(outcomes.get("refused", [])),
+            "greeted_p50": quantile(greeted, 0.5), "greeted_max": quantile(greeted, 1.0)}
+
+
 RUNNERS = {"burst": scenario_burst, "stalled-client": scenario_stalled_client,
-           "ceiling": scenario_ceiling, "stall": scenario_stall}
+           "ceiling": scenario_ceiling, "stall": scenario_stall, "idle-kill": scenario_idle_kill}
 
 
 def run_one(name: str, cmd: list[str], scenario: str, port: int, args) -> dict:
     root = tempfile.mkdtemp(prefix="forksmtp-faults-", dir=args.root)
     daemon = Daemon(cmd, root, port, args.ceiling if scenario == "ceiling" else args.max_workers)
-    load = start_load(port, args.sessions)
+    quiet = scenario == "idle-kill"  # any arrival would wake a worker for the stranded client
+    load = None if quiet else start_load(port, args.sessions)
     try:
-        time.sleep(args.warm)
+        if load is not None:
+            time.sleep(args.warm)
         figures = RUNNERS[scenario](daemon, args)
-        figures["load_alive_at_end"] = load.poll() is None
+        figures["load_alive_at_end"] = None if load is None else load.poll() is None
     finally:
-        load.kill()
-        load.wait(10)
+        if load is not None:
+            load.kill()
+            load.wait(10)
         health = daemon.stop()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -259,7 +314,8 @@ def run_one(name: str, cmd: list[str], scenario: str, port: int, args) -> dict:
 HEADLINE = {"burst": ("p50", "max", "pool_peak"),
             "stalled-client": ("before_p99", "after_p99", "after_max"),
             "ceiling": ("first_421", "last_421", "last_220"),
-            "stall": ("pool_before_after",)}
+            "stall": ("pool_before_after",),
+            "idle-kill": ("greeted", "silent_5s", "reset", "greeted_max")}
 
 
 def table(results: list[dict], systems: list[str]) -> str:
@@ -291,6 +347,8 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--burst", type=int, default=100)
     p.add_argument("--kill", type=int, default=3)
     p.add_argument("--stall", type=float, default=0.15)
+    p.add_argument("--kills", type=int, default=20, help="idle-kill: clients whose woken worker is killed")
+    p.add_argument("--hold", type=int, default=6, help="idle-kill: sessions held to grow the pool")
     p.add_argument("--max-workers", type=int, default=200)
     p.add_argument("--ceiling", type=int, default=30)
     p.add_argument("--port-base", type=int, default=6200)
@@ -301,6 +359,7 @@ def parse(argv: list[str] | None = None):
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.sessions, args.warm, args.burst, args.kill = 1, 5, 0.5, 10, 1
+        args.kills = 2
         args.ceiling = 6
     return args
 

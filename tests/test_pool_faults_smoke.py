@@ -43,6 +43,23 @@ def test_quick_run_writes_its_results(tmp_path):
     assert "### burst" in (out / "results.md").read_text()
 
 
+def test_idle_kill_clients_are_greeted_not_left_silent(tmp_path):
+    """The woken worker killed before its accept: its client is greeted by another idle
+    worker (or reset, where the kill came after the accept), never left silent."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--scenarios", "idle-kill",
+         "--port-base", str(random.randrange(21000, 29000, 100)), "--root", str(tmp_path),
+         "--out", str(out), "--system", f"here={sys.executable} -m forksmtp"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (r,) = json.loads((out / "results.json").read_text())["results"]
+    assert r["silent_5s"] == 0 and r["refused"] == 0, r
+    assert r["greeted"] + r["reset"] == r["kills"] == 2, r
+    assert r["left_in_tmp"] == 0 and r["tracebacks"] == 0, r
+
+
 def test_a_daemon_that_does_not_start_fails_the_run(tmp_path):
     """A command that never serves is an error, not a run of empty figures."""
     proc = subprocess.run(

@@ -269,8 +269,9 @@ class Worker:
         server, while every other worker sleeps.  Idle workers look each turn, so it
         waits about a second at most.  The look costs a poll(2) of no time a second per
         idle worker."""
+        # self.backlogs holds exactly the listeners (_drop_listener takes a fd from both).
         for fd, _ in self.backlogs.poll(0):
-            if fd in self.listeners and not (self.stopping or self.quitting) and self._accept(fd):
+            if not (self.stopping or self.quitting) and self._accept(fd):
                 return True  # one session, then back to the signals and the wake-ups
         return False
 

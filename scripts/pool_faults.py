@@ -56,6 +56,9 @@ from benchlib.helpers import percentile  # noqa: E402
 
 SCENARIOS = ("burst", "stalled-client", "ceiling", "stall", "idle-kill")
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+# The pool's minimum with no `workers` in the config (Daemon writes none): the pool
+# idle-kill grows must exceed it, or the killed worker is replaced.
+BUILT_IN_WORKERS = 4
 
 
 class Daemon:
@@ -271,8 +274,8 @@ def scenario_idle_kill(daemon: Daemon, args) -> dict:
         held: list = []
         for _ in range(args.hold):
             greeting(daemon.port, held)
-        # More workers than the built-in 4 and the held sessions: the one killed is not
-        # replaced, so only the others can take its client.
+        # More workers than the held sessions (and so than BUILT_IN_WORKERS): the one
+        # killed is not replaced, so only the others can take its client.
         deadline = time.monotonic() + 10
         while len(daemon.workers()) <= args.hold and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -357,6 +360,8 @@ def parse(argv: list[str] | None = None):
     p.add_argument("--keep", action="store_true", help="keep each run's Maildir and log")
     p.add_argument("--quick", action="store_true", help="tiny figures, one round: a check that it runs")
     args = p.parse_args(argv)
+    if args.hold < BUILT_IN_WORKERS:
+        p.error(f"--hold must be at least {BUILT_IN_WORKERS}: a smaller pool replaces the worker idle-kill kills")
     if args.quick:
         args.rounds, args.sessions, args.warm, args.burst, args.kill = 1, 5, 0.5, 10, 1
         args.kills = 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -475,6 +476,8 @@ def inject_syscall(pid: int, syscall: str, inject: str) -> subprocess.Popen:
     a signal).  Skips the test where strace cannot attach; the caller terminates the
     tracer, which detaches."""
     import pytest
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
     tracer = subprocess.Popen(["strace", "-p", str(pid), "-o", os.devnull, "-e", f"trace={syscall}",
                                "-e", f"inject={syscall}:{inject}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

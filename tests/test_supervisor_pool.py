@@ -7,7 +7,6 @@ import contextlib
 import os
 import resource
 import shlex
-import shutil
 import signal
 import smtplib
 import socket
@@ -425,8 +424,6 @@ def test_a_client_whose_woken_worker_is_killed_before_accepting_is_served_by_an_
     # The kernel wakes the first waiter in the listener's queue, where each worker put
     # its own when it started: the oldest one, while all of them wait.
     workers = sorted((psutil.Process(p) for p in pids), key=lambda w: (w.create_time(), w.pid))
-    if not shutil.which("strace"):
-        pytest.skip("strace is not installed")
     # Killed at the entry of its accept4(2), before the kernel hands it the connection.
     tracer = inject_syscall(workers[0].pid, "accept4", "error=EAGAIN:signal=SIGKILL:when=1")
     try:

@@ -31,7 +31,8 @@ TOP_KEYS = {"command", "client", "started", "environment", "options", "cells", "
             "ratios", "extras", "targets", "failures", "warnings", "ok"}
 CELL_KEYS = {"system", "mode", "sessions", "round", "sent", "acked", "stored", "problem",
              "msgs_per_s", "ack_p50_ms", "ack_p99_ms", "cpu_user_ms_per_msg",
-             "cpu_sys_ms_per_msg", "cpu_ms_per_msg"}
+             "cpu_sys_ms_per_msg", "cpu_ms_per_msg", "switches_vol_per_msg",
+             "switches_invol_per_msg"}
 
 
 def forksmtp_runs() -> bool:
@@ -94,6 +95,13 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
     for cell in results["cells"]:
         assert CELL_KEYS <= set(cell)
         assert cell["stored"] == cell["acked"] == cell["sent"] == 20, cell
+        # Context switches are counted wherever no process of the cell went away: the
+        # loop's from its own rusage, a server's from /proc.  A server waits for its
+        # clients at least once, a sleep.
+        if cell["system"] == "loop":
+            assert cell["switches_vol_per_msg"] >= 0 and cell["switches_invol_per_msg"] >= 0
+        elif cell.get("workers_vanished", 0) == 0:
+            assert cell["switches_vol_per_msg"] > 0, cell
     for mode in ("durable", "nofsync"):
         assert set(systems) <= set(results["summary"][mode])
     assert {int(s) for s in results["summary"]["durable"]["loop"]} == {1, 10}

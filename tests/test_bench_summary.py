@@ -40,3 +40,56 @@ def test_a_skipped_big_message_is_not_named_a_0_mib_one():
         bench = SimpleNamespace(args=SimpleNamespace(sessions=[50], big_mib=mib))
         rows = [row["target"] for row in check_targets(bench, [], {})]
         assert f"{name}: worker RSS growth MiB" in rows and f"{name}: throughput vs disk" in rows
+
+
+# --------------------------------------------------------------------------- context switches
+
+def _snapshot(switches: dict) -> dict:
+    return {"procs": {}, "switches": switches, "reaped": (0.0, 0.0)}
+
+
+def test_switch_delta_sums_the_processes_and_counts_a_new_one_from_zero():
+    from benchlib.measure import switch_delta
+    before = _snapshot({10: (100, 5), 11: (40, 1)})
+    after = _snapshot({10: (130, 6), 11: (50, 1), 12: (7, 2)})  # 12 forked meanwhile
+    assert switch_delta(before, after) == (30 + 10 + 7, 1 + 0 + 2)
+
+
+def test_switch_delta_gives_up_where_a_process_is_gone_or_unreadable():
+    from benchlib.measure import switch_delta
+    # A worker reaped during the cell took its counts with it: no figure, not a low one.
+    assert switch_delta(_snapshot({10: (1, 0), 11: (1, 0)}), _snapshot({10: (9, 0)})) is None
+    assert switch_delta(_snapshot({10: (1, 0)}), _snapshot({10: None})) is None
+    assert switch_delta(_snapshot({10: None}), _snapshot({10: (9, 0)})) is None
+
+
+def test_context_switches_count_every_thread_of_a_real_process():
+    """A child whose second thread sleeps 50 times and then waits: the sleeps are
+    voluntary switches of that thread, and they count, though the main thread meanwhile
+    only waits on its stdin (psutil's num_ctx_switches reads the main thread alone)."""
+    import subprocess
+    from benchlib.measure import context_switches
+    code = ("import sys, threading, time\n"
+            "done = threading.Event()\n"
+            "def sleeper():\n"
+            "    for _ in range(50):\n"
+            "        time.sleep(0.001)\n"
+            "    print('slept', flush=True)\n"
+            "    done.wait()\n"
+            "sys.stdin.readline()\n"
+            "threading.Thread(target=sleeper, daemon=True).start()\n"
+            "sys.stdin.readline()\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        first = context_switches(child.pid)
+        assert first is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "slept\n"
+        second = context_switches(child.pid)
+        assert second is not None and second[0] - first[0] >= 50, (first, second)
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+    assert context_switches(child.pid) is None  # reaped: nothing left to read

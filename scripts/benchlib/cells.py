@@ -53,6 +53,14 @@ def rate_fields(acked: int, wall: float, cpu: float, ticks_user: float, ticks_sy
             "cpu_ticks_user_s": ticks_user, "cpu_ticks_sys_s": ticks_sys}
 
 
+def switch_fields(acked: int, switches: tuple[int, int] | None) -> dict:
+    """Context switches per message, voluntary (sleeps) and involuntary (preemptions);
+    None where they could not be counted (see measure.switch_delta)."""
+    per = 1.0 / acked if acked and switches is not None else None
+    return {"switches_vol_per_msg": switches[0] * per if per else None,
+            "switches_invol_per_msg": switches[1] * per if per else None}
+
+
 def run_loop_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str) -> dict:
     """N processes delivering into one Maildir, N = the sessions of the SMTP cells."""
     maildir = fresh_maildir(bench, tag)
@@ -65,11 +73,12 @@ def run_loop_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str)
     wall = max(r["t_end"] for r in results) - min(r["t_start"] for r in results)
     lat = [x for r in results for x in r["lat"]]
     user, system = sum(r["user"] for r in results), sum(r["sys"] for r in results)
+    switches = (sum(r["nvcsw"] for r in results), sum(r["nivcsw"] for r in results))
     stored, problem = check_stored(maildir, done)
     discard_maildir(bench, maildir)
     return {"sent": len(ids), "stored": stored, "problem": problem,
             **rate_fields(len(done), wall, user + system, user, system),
-            **latency_fields("ack", lat)}
+            **switch_fields(len(done), switches), **latency_fields("ack", lat)}
 
 
 def run_smtp_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str) -> dict:
@@ -98,6 +107,7 @@ def run_smtp_cell(bench: Bench, system: str, mode: str, sessions: int, tag: str)
     cpu, ticks_user, ticks_sys, vanished = load["cpu"]
     return {"sent": len(ids), "stored": stored, "problem": problem,
             **rate_fields(len(acked), load["wall"], cpu, ticks_user, ticks_sys),
+            **switch_fields(len(acked), load["switches"]),
             **latency_fields("ack", load["ack_lat"]), **latency_fields("txn", load["txn_lat"]),
             "rejected": dict(load["rejected"]), "errors": dict(load["errors"]),
             "unsettled": load["unsettled"], "workers_vanished": vanished,

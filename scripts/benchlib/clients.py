@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 from .constants import DATA, EHLO, HOLD, HOST, MAIL, QUIT, RCPT, RECIPIENT, SENDER
 from .context import Bench
 from .helpers import split_evenly
-from .measure import cpu_delta, cpu_snapshot
+from .measure import cpu_delta, cpu_snapshot, switch_delta
 from .messages import body_for_size, message_head
 from .processes import run_gated
 from .servers import Server
@@ -330,6 +330,7 @@ def merge_client_results(results: list[dict], before: dict, after: dict) -> dict
     last = max([r["last_ack"] for r in results if r["acked"]] or [t_start])
     merged["wall"] = last - t_start
     merged["cpu"] = cpu_delta(before, after)
+    merged["switches"] = switch_delta(before, after)
     return merged
 
 
@@ -349,4 +350,5 @@ def run_smtp_source(bench: "Bench", server: Server, ids: list[str], sessions: in
     return {"acked": None if ok else [], "count": len(ids) if ok else 0, "ack_lat": [],
             "txn_lat": [], "rejected": Counter(), "unsettled": 0 if ok else len(ids),
             "errors": Counter() if ok else Counter({proc.stderr.decode()[-200:]: 1}),
-            "client_cpu": None, "wall": wall, "cpu": cpu_delta(before, after)}
+            "client_cpu": None, "wall": wall, "cpu": cpu_delta(before, after),
+            "switches": switch_delta(before, after)}

@@ -77,4 +77,5 @@ def loop_run(state: dict) -> dict:
         os.close(new_fd)
     t1, r1 = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
     return {"done": state["ids"][:ids_done], "lat": lat, "t_start": t0, "t_end": t1,
-            "user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime}
+            "user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime,
+            "nvcsw": r1.ru_nvcsw - r0.ru_nvcsw, "nivcsw": r1.ru_nivcsw - r0.ru_nivcsw}

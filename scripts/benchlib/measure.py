@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from typing import Callable, TypeVar
 
 import psutil
 
@@ -11,32 +12,59 @@ from .constants import MiB
 from .helpers import median_of
 from .servers import Server
 
+T = TypeVar("T")
 
-def runtime_s(pid: int) -> float | None:
-    """CPU time of all threads of pid in seconds, in ns precision (schedstat).
 
-    /proc/PID/stat (psutil's cpu_times) counts 10 ms clock ticks: summed over dozens of
-    workers that each ran a few ms, truncation would swallow most of the CPU."""
-    total = 0
+def per_thread(pid: int, name: str, parse: Callable[[str], T]) -> list[T] | None:
+    """``parse`` applied to /proc/PID/task/TID/<name> of every thread of pid; None when
+    pid is gone or a file cannot be read or parsed.  A thread that ended meanwhile is
+    left out."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
+    values = []
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
-                total += int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/{name}", encoding="ascii") as f:
+                values.append(parse(f.read()))
         except FileNotFoundError:
             continue        # the thread ended meanwhile
-        except (OSError, ValueError, IndexError):
-            return None     # no schedstat on this kernel: the tick counts must do
-    return total / 1e9
+        except (OSError, ValueError, IndexError, KeyError):
+            return None     # e.g. a kernel without the field
+    return values
+
+
+def runtime_s(pid: int) -> float | None:
+    """CPU time of all threads of pid in seconds, in ns precision (schedstat); None
+    where there is no schedstat on this kernel: the tick counts must do.
+
+    /proc/PID/stat (psutil's cpu_times) counts 10 ms clock ticks: summed over dozens of
+    workers that each ran a few ms, truncation would swallow most of the CPU."""
+    ns = per_thread(pid, "schedstat", lambda text: int(text.split()[0]))
+    return None if ns is None else sum(ns) / 1e9
+
+
+def _switch_counts(status: str) -> tuple[int, int]:
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return (int(fields["voluntary_ctxt_switches"]),
+            int(fields["nonvoluntary_ctxt_switches"]))
+
+
+def context_switches(pid: int) -> tuple[int, int] | None:
+    """(voluntary, involuntary) context switches of all threads of pid, or None.
+
+    A voluntary switch is a sleep: a wait for the client, the disk or a lock.  psutil's
+    num_ctx_switches reads the main thread's counts only."""
+    counts = per_thread(pid, "status", _switch_counts)
+    return None if counts is None else (sum(c[0] for c in counts), sum(c[1] for c in counts))
 
 
 def cpu_snapshot(server: Server) -> dict:
-    """Per live process: (user ticks s, system ticks s, precise run time s or None);
-    and the master's counters of reaped children."""
+    """Per live process: (user ticks s, system ticks s, precise run time s or None) and
+    its context switches; and the master's counters of reaped children."""
     procs: dict[int, tuple[float, float, float | None]] = {}
+    switches: dict[int, tuple[int, int] | None] = {}
     reaped = (0.0, 0.0)
     for proc in server.tree():
         try:
@@ -44,9 +72,26 @@ def cpu_snapshot(server: Server) -> dict:
         except psutil.Error:
             continue
         procs[proc.pid] = (t.user, t.system, runtime_s(proc.pid))
+        switches[proc.pid] = context_switches(proc.pid)
         if proc.pid == server.popen.pid:
             reaped = (t.children_user, t.children_system)
-    return {"procs": procs, "reaped": reaped}
+    return {"procs": procs, "switches": switches, "reaped": reaped}
+
+
+def switch_delta(before: dict, after: dict) -> tuple[int, int] | None:
+    """(voluntary, involuntary) context switches of the server's processes between two
+    snapshots; None where a process's counts could not be read, or where one present
+    before is gone after: a reaped worker's switches are nowhere left to read.  A
+    process forked meanwhile counts from zero, as the kernel starts it."""
+    if any(pid not in after["switches"] for pid in before["switches"]):
+        return None
+    vol = invol = 0
+    for pid, now in after["switches"].items():
+        then = before["switches"].get(pid, (0, 0))
+        if now is None or then is None:
+            return None
+        vol, invol = vol + now[0] - then[0], invol + now[1] - then[1]
+    return vol, invol
 
 
 #: Below this much tick-sampled CPU time (seconds; summed over a cell's rounds) the

@@ -20,8 +20,9 @@ def fmt(value: float | None, digits: int) -> str:
 
 def md_results_table(summary: dict, mode: str) -> list[str]:
     lines = ["| system | sessions | msgs/s | ack p50 ms | ack p99 ms | txn p99 ms | "
-             "CPU user ms/msg | CPU sys ms/msg | CPU ms/msg | USS/worker MiB | rounds ok |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "CPU user ms/msg | CPU sys ms/msg | CPU ms/msg | sleeps/msg | preempted/msg | "
+             "USS/worker MiB | rounds ok |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for system, by_sessions in summary.get(mode, {}).items():
         for sessions, row in sorted(by_sessions.items(), key=lambda kv: int(kv[0])):
             lines.append(
@@ -29,17 +30,19 @@ def md_results_table(summary: dict, mode: str) -> list[str]:
                 f"{fmt(row['ack_p50_ms'], 2)} | {fmt(row['ack_p99_ms'], 2)} | "
                 f"{fmt(row['txn_p99_ms'], 2)} | {fmt(row['cpu_user_ms_per_msg'], 3)} | "
                 f"{fmt(row['cpu_sys_ms_per_msg'], 3)} | {fmt(row['cpu_ms_per_msg'], 3)} | "
+                f"{fmt(row['switches_vol_per_msg'], 1)} | {fmt(row['switches_invol_per_msg'], 1)} | "
                 f"{fmt(row['worker_uss_mib_median'], 1)} | {row['rounds_ok']}/{row['rounds']} |")
     return lines
 
 
 def md_ratio_table(ratios: list[dict]) -> list[str]:
-    lines = ["| mode | sessions | ratio | msgs/s | CPU/msg | sys CPU/msg | ack p99 |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+    lines = ["| mode | sessions | ratio | msgs/s | CPU/msg | sys CPU/msg | sleeps/msg | ack p99 |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in sorted(ratios, key=lambda r: (r["mode"], r["pair"], r["sessions"])):
         lines.append(f"| {r['mode']} | {r['sessions']} | {r['pair']} | "
                      f"{fmt(r['msgs_per_s'], 2)} | {fmt(r['cpu_ms_per_msg'], 2)} | "
-                     f"{fmt(r['cpu_sys_ms_per_msg'], 2)} | {fmt(r['ack_p99_ms'], 2)} |")
+                     f"{fmt(r['cpu_sys_ms_per_msg'], 2)} | "
+                     f"{fmt(r['switches_vol_per_msg'], 2)} | {fmt(r['ack_p99_ms'], 2)} |")
     return lines
 
 
@@ -160,7 +163,10 @@ def md_header(bench: Bench, payload: dict) -> list[str]:
             f"forksmtp log level {a.server_log_level}.  ",
             "ack latency: last byte of the final dot sent → 250 read (loop: create in tmp/ → "
             "end of the fsync of new/); txn: connect (or MAIL) → 250; CPU: the server's "
-            "whole process tree (loop: its own processes)."] + (
+            "whole process tree (loop: its own processes); sleeps and preempted: the voluntary "
+            "and involuntary context switches of the same processes, a sleep being a wait "
+            "for the client, the disk or a lock (– where a worker exited during the cell, "
+            "its counts gone with it)."] + (
         ["", "smtp-source reports no per-message timing: the latency columns of the SMTP "
              "servers are empty."] if a.client == "smtp-source" else [])
 

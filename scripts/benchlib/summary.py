@@ -11,7 +11,7 @@ from .measure import user_share
 METRICS = ("msgs_per_s", "ack_p50_ms", "ack_p99_ms", "txn_p50_ms", "txn_p99_ms",
            "cpu_user_ms_per_msg", "cpu_sys_ms_per_msg", "cpu_ms_per_msg",
            "worker_uss_mib_median", "worker_uss_mib_max", "master_rss_mib",
-           "client_cpu_ms_per_msg")
+           "client_cpu_ms_per_msg", "switches_vol_per_msg", "switches_invol_per_msg")
 
 
 def summarise(cells: list[dict]) -> dict:
@@ -53,6 +53,8 @@ def compute_ratios(summary: dict) -> list[dict]:
                              "cpu_ms_per_msg": ratio(a["cpu_ms_per_msg"], b["cpu_ms_per_msg"]),
                              "cpu_sys_ms_per_msg": ratio(a["cpu_sys_ms_per_msg"],
                                                          b["cpu_sys_ms_per_msg"]),
+                             "switches_vol_per_msg": ratio(a["switches_vol_per_msg"],
+                                                           b["switches_vol_per_msg"]),
                              "ack_p99_ms": ratio(a["ack_p99_ms"], b["ack_p99_ms"])})
     return rows
 

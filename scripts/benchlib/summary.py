@@ -53,8 +53,6 @@ def compute_ratios(summary: dict) -> list[dict]:
                              "cpu_ms_per_msg": ratio(a["cpu_ms_per_msg"], b["cpu_ms_per_msg"]),
                              "cpu_sys_ms_per_msg": ratio(a["cpu_sys_ms_per_msg"],
                                                          b["cpu_sys_ms_per_msg"]),
-                             "switches_vol_per_msg": ratio(a["switches_vol_per_msg"],
-                                                           b["switches_vol_per_msg"]),
                              "ack_p99_ms": ratio(a["ack_p99_ms"], b["ack_p99_ms"])})
     return rows
 

@@ -182,14 +182,16 @@ def drive_handshake(ssock: ssl.SSLSocket, deadline: float, wait: Callable[[float
 
 def ack_now(sock: ssl.SSLSocket) -> None:
     """Acknowledge at once what the client sent last (TCP_QUICKACK), where the kernel
-    would hold the ACK back up to 40 ms for a reply to ride on.
+    would hold the ACK back 40 ms or more (up to 200) for a reply to ride on.
 
-    A resumed TLS 1.2 handshake ends with the client's Finished, to which the server has
-    nothing to say.  A client that leaves Nagle's algorithm on (most do) then holds its
-    EHLO until that Finished is acknowledged: on loopback every resumed session waited
-    44 ms for its EHLO, and cost more CPU than a full handshake.  A full handshake ends
-    with the server's Finished, and TLS 1.3 sends its session tickets after the client's,
-    so neither waits.  Best effort: the socket may already be gone."""
+    A handshake that ends on the client's flight leaves the server nothing to say: a
+    resumed TLS 1.2 one ends with the client's Finished, and so would TLS 1.3 without
+    the session tickets OpenSSL now sends after it.  A client that leaves Nagle's
+    algorithm on (Python's smtplib does) then holds its EHLO until that flight is
+    acknowledged: on loopback every resumed TLS 1.2 session waited 44 ms for its EHLO,
+    and cost more server CPU than a full handshake.  Called after every handshake: where
+    no ACK is pending it costs the call and, at most, one bare ACK of the EHLO.  Best
+    effort: the socket may already be gone."""
     if not _TCP_QUICKACK:
         return  # not Linux: no such option
     try:
@@ -391,8 +393,7 @@ class Connection:
             return self._tls_failed(exc)
         if not done:
             return self._tls_failed(TimeoutError("handshake timed out"))
-        if ssock.session_reused:
-            ack_now(ssock)
+        ack_now(ssock)
         self.tls_info = tls.describe(ssock)
         self.log.queue("TLS", f"{self.peer_ip} {self.tls_info}")
         self.worker.count_tls(True)

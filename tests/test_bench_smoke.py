@@ -95,13 +95,16 @@ def test_quick_run_writes_results(tmp_path: Path) -> None:
     for cell in results["cells"]:
         assert CELL_KEYS <= set(cell)
         assert cell["stored"] == cell["acked"] == cell["sent"] == 20, cell
-        # Context switches are counted wherever no process of the cell went away: the
-        # loop's from its own rusage, a server's from /proc.  A server waits for its
-        # clients at least once, a sleep.
+        # Context switches: the loop's from its own rusage, a server's from /proc.  A
+        # server waits for its clients at least once, a sleep.  forksmtp's pool may fork
+        # and retire a worker within a cell, whose counts are then gone: no figure.
         if cell["system"] == "loop":
             assert cell["switches_vol_per_msg"] >= 0 and cell["switches_invol_per_msg"] >= 0
-        elif cell.get("workers_vanished", 0) == 0:
-            assert cell["switches_vol_per_msg"] > 0, cell
+        elif cell["system"] != "forksmtp":
+            assert (cell["switches_vol_per_msg"] or 0) > 0, cell
+    if "forksmtp" in systems:  # its pool rarely changes within every one of its cells
+        assert any((c["switches_vol_per_msg"] or 0) > 0 for c in results["cells"]
+                   if c["system"] == "forksmtp"), results["cells"]
     for mode in ("durable", "nofsync"):
         assert set(systems) <= set(results["summary"][mode])
     assert {int(s) for s in results["summary"]["durable"]["loop"]} == {1, 10}

@@ -1,6 +1,7 @@
 """The benchmark's summary arithmetic (scripts/benchlib/summary.py), without running it."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,23 +45,44 @@ def test_a_skipped_big_message_is_not_named_a_0_mib_one():
 
 # --------------------------------------------------------------------------- context switches
 
-def _snapshot(switches: dict) -> dict:
-    return {"procs": {}, "switches": switches, "reaped": (0.0, 0.0)}
+def _snapshot(switches: dict, reaped_faults: int | None = 7) -> dict:
+    """A snapshot as measure.cpu_snapshot takes it: pid -> {tid: (voluntary, involuntary)}."""
+    return {"procs": {}, "switches": switches, "reaped": (0.0, 0.0), "reaped_faults": reaped_faults}
 
 
-def test_switch_delta_sums_the_processes_and_counts_a_new_one_from_zero():
+def test_switch_delta_sums_the_threads_and_counts_new_ones_from_zero():
     from benchlib.measure import switch_delta
-    before = _snapshot({10: (100, 5), 11: (40, 1)})
-    after = _snapshot({10: (130, 6), 11: (50, 1), 12: (7, 2)})  # 12 forked meanwhile
-    assert switch_delta(before, after) == (30 + 10 + 7, 1 + 0 + 2)
+    before = _snapshot({10: {"10": (100, 5)}, 11: {"11": (40, 1)}})
+    after = _snapshot({10: {"10": (130, 6), "13": (4, 0)},   # 13: a thread started meanwhile
+                       11: {"11": (50, 1)}, 12: {"12": (7, 2)}})  # 12: forked meanwhile
+    assert switch_delta(before, after) == (30 + 4 + 10 + 7, 1 + 0 + 0 + 2)
 
 
-def test_switch_delta_gives_up_where_a_process_is_gone_or_unreadable():
+def test_switch_delta_gives_up_where_some_switches_went_uncounted():
     from benchlib.measure import switch_delta
+    one = {10: {"10": (1, 0)}}
     # A worker reaped during the cell took its counts with it: no figure, not a low one.
-    assert switch_delta(_snapshot({10: (1, 0), 11: (1, 0)}), _snapshot({10: (9, 0)})) is None
-    assert switch_delta(_snapshot({10: (1, 0)}), _snapshot({10: None})) is None
-    assert switch_delta(_snapshot({10: None}), _snapshot({10: (9, 0)})) is None
+    assert switch_delta(_snapshot({**one, 11: {"11": (1, 0)}}), _snapshot({10: {"10": (9, 0)}})) is None
+    # So did a thread that ended.
+    assert switch_delta(_snapshot({10: {"10": (1, 0), "14": (5, 0)}}), _snapshot({10: {"10": (9, 0)}})) is None
+    # A child forked and reaped between the snapshots shows only in the master's
+    # reaped faults.
+    assert switch_delta(_snapshot(one, 7), _snapshot({10: {"10": (9, 0)}}, 9)) is None
+    assert switch_delta(_snapshot(one, None), _snapshot({10: {"10": (9, 0)}}, None)) is None
+    # Unreadable counts; a count going back (a thread id reused).
+    assert switch_delta(_snapshot(one), _snapshot({10: None})) is None
+    assert switch_delta(_snapshot({10: None}), _snapshot({10: {"10": (9, 0)}})) is None
+    assert switch_delta(_snapshot({10: {"10": (9, 3)}}), _snapshot({10: {"10": (2, 3)}})) is None
+    assert switch_delta(_snapshot(one), _snapshot({10: {"10": (9, 0)}})) == (8, 0)
+
+
+def test_a_reaped_child_moves_the_parents_reaped_faults():
+    """What switch_delta relies on to see a worker forked and reaped between two looks."""
+    import subprocess
+    from benchlib.measure import reaped_faults
+    first = reaped_faults(os.getpid())
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+    assert first is not None and reaped_faults(os.getpid()) > first
 
 
 def test_context_switches_count_every_thread_of_a_real_process():

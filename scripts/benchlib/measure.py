@@ -15,24 +15,25 @@ from .servers import Server
 T = TypeVar("T")
 
 
-def per_thread(pid: int, name: str, parse: Callable[[str], T]) -> list[T] | None:
-    """``parse`` applied to /proc/PID/task/TID/<name> of every thread of pid; None when
-    pid is gone or a file cannot be read or parsed.  A thread that ended meanwhile is
-    left out."""
+def per_thread(pid: int, name: str, parse: Callable[[str], T]) -> dict[str, T] | None:
+    """``parse`` applied to /proc/PID/task/TID/<name> of every thread of pid, by thread
+    id; None when pid is gone or a file cannot be read or parsed.  A thread that ended
+    meanwhile is left out; a process with no thread left to read was reaped meanwhile
+    (a live one has at least its leader), and gives None too, not an empty sum."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return None
-    values = []
+    values = {}
     for tid in tids:
         try:
             with open(f"/proc/{pid}/task/{tid}/{name}", encoding="ascii") as f:
-                values.append(parse(f.read()))
+                values[tid] = parse(f.read())
         except FileNotFoundError:
             continue        # the thread ended meanwhile
         except (OSError, ValueError, IndexError, KeyError):
             return None     # e.g. a kernel without the field
-    return values
+    return values or None
 
 
 def runtime_s(pid: int) -> float | None:
@@ -42,7 +43,7 @@ def runtime_s(pid: int) -> float | None:
     /proc/PID/stat (psutil's cpu_times) counts 10 ms clock ticks: summed over dozens of
     workers that each ran a few ms, truncation would swallow most of the CPU."""
     ns = per_thread(pid, "schedstat", lambda text: int(text.split()[0]))
-    return None if ns is None else sum(ns) / 1e9
+    return None if ns is None else sum(ns.values()) / 1e9
 
 
 def _switch_counts(status: str) -> tuple[int, int]:
@@ -51,20 +52,37 @@ def _switch_counts(status: str) -> tuple[int, int]:
             int(fields["nonvoluntary_ctxt_switches"]))
 
 
-def context_switches(pid: int) -> tuple[int, int] | None:
-    """(voluntary, involuntary) context switches of all threads of pid, or None.
+def thread_switches(pid: int) -> dict[str, tuple[int, int]] | None:
+    """(voluntary, involuntary) context switches of each thread of pid, by thread id.
 
     A voluntary switch is a sleep: a wait for the client, the disk or a lock.  psutil's
     num_ctx_switches reads the main thread's counts only."""
-    counts = per_thread(pid, "status", _switch_counts)
-    return None if counts is None else (sum(c[0] for c in counts), sum(c[1] for c in counts))
+    return per_thread(pid, "status", _switch_counts)
+
+
+def context_switches(pid: int) -> tuple[int, int] | None:
+    """(voluntary, involuntary) context switches of all live threads of pid, or None."""
+    counts = thread_switches(pid)
+    return None if counts is None else (sum(c[0] for c in counts.values()),
+                                        sum(c[1] for c in counts.values()))
+
+
+def reaped_faults(pid: int) -> int | None:
+    """The minor faults of pid's reaped children (cminflt, /proc/PID/stat): it rises
+    whenever the process reaps a child, since every process faults pages in."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[8])   # field 11 of stat(5): fields[0] here is field 3, the state
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def cpu_snapshot(server: Server) -> dict:
     """Per live process: (user ticks s, system ticks s, precise run time s or None) and
-    its context switches; and the master's counters of reaped children."""
+    its threads' context switches; and the master's counters of reaped children."""
     procs: dict[int, tuple[float, float, float | None]] = {}
-    switches: dict[int, tuple[int, int] | None] = {}
+    switches: dict[int, dict[str, tuple[int, int]] | None] = {}
     reaped = (0.0, 0.0)
     for proc in server.tree():
         try:
@@ -72,25 +90,39 @@ def cpu_snapshot(server: Server) -> dict:
         except psutil.Error:
             continue
         procs[proc.pid] = (t.user, t.system, runtime_s(proc.pid))
-        switches[proc.pid] = context_switches(proc.pid)
+        switches[proc.pid] = thread_switches(proc.pid)
         if proc.pid == server.popen.pid:
             reaped = (t.children_user, t.children_system)
-    return {"procs": procs, "switches": switches, "reaped": reaped}
+    return {"procs": procs, "switches": switches, "reaped": reaped,
+            "reaped_faults": reaped_faults(server.popen.pid)}
 
 
 def switch_delta(before: dict, after: dict) -> tuple[int, int] | None:
-    """(voluntary, involuntary) context switches of the server's processes between two
-    snapshots; None where a process's counts could not be read, or where one present
-    before is gone after: a reaped worker's switches are nowhere left to read.  A
-    process forked meanwhile counts from zero, as the kernel starts it."""
-    if any(pid not in after["switches"] for pid in before["switches"]):
+    """(voluntary, involuntary) context switches of the server's threads between two
+    snapshots, or None wherever some went uncounted: a count that could not be read; a
+    process or thread of the first snapshot gone by the second (the kernel keeps an
+    ended thread's or a reaped child's counts nowhere /proc shows); a child reaped
+    meanwhile at all, even one forked after the first snapshot (the master's reaped
+    faults moved).  A process or thread that started meanwhile counts from zero, as the
+    kernel starts it."""
+    if (before.get("reaped_faults") is None
+            or before["reaped_faults"] != after.get("reaped_faults")):
         return None
     vol = invol = 0
-    for pid, now in after["switches"].items():
-        then = before["switches"].get(pid, (0, 0))
-        if now is None or then is None:
+    for pid, threads_then in before["switches"].items():
+        if threads_then is None or after["switches"].get(pid) is None:
             return None
-        vol, invol = vol + now[0] - then[0], invol + now[1] - then[1]
+        if not threads_then.keys() <= after["switches"][pid].keys():
+            return None
+    for pid, threads_now in after["switches"].items():
+        if threads_now is None:
+            return None
+        threads_then = before["switches"].get(pid) or {}
+        for tid, (v, i) in threads_now.items():
+            v0, i0 = threads_then.get(tid, (0, 0))
+            if v < v0 or i < i0:
+                return None     # not the same thread: a reused id
+            vol, invol = vol + v - v0, invol + i - i0
     return vol, invol
 
 

@@ -395,8 +395,9 @@ class Connection:
             return self._tls_failed(TimeoutError("handshake timed out"))
         ack_now(ssock)
         self.tls_info = tls.describe(ssock)
-        self.log.queue("TLS", f"{self.peer_ip} {self.tls_info}")
-        self.worker.count_tls(True)
+        resumed = bool(ssock.session_reused)
+        self.log.queue("TLS", f"{self.peer_ip} {self.tls_info}{' resumed' if resumed else ''}")
+        self.worker.count_tls(True, resumed)
         return True
 
     def _tls_failed(self, exc: Exception) -> bool:

@@ -109,7 +109,7 @@ _CLIENT: Final = struct.Struct("<46s")
 _QQ: Final = struct.Struct("<qq")
 _H: Final = struct.Struct("<H")
 _ZERO_SLOT: Final = bytes(SLOT_SIZE)
-assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (376, 376)
+assert (SLOT_SIZE, S_COUNTERS + _COUNTERS.size) == (384, 384)
 
 
 def _store(mm: mmap.mmap, off: int, packed: bytes) -> None:

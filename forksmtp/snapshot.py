@@ -29,7 +29,7 @@ EARLY_TALKER: Final = "early_talker"
 OTHER_REASON: Final = "other"
 CONN_REJECT_REASONS = (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP, MAX_CONNECTION_RATE, EARLY_TALKER, OTHER_REASON)
 # Session outcomes for the stats: TLS handshakes and AUTH attempts.
-EVENT_KEYS = ("tls_ok", "tls_failed", "auth_ok", "auth_failed", "auth_deferred")
+EVENT_KEYS = ("tls_ok", "tls_failed", "auth_ok", "auth_failed", "auth_deferred", "tls_resumed")
 # Per-IP keys hold IPv4 as IPv4-mapped IPv6 (scoreboard.ip_key writes them).
 _V4_PREFIX = b"\0" * 10 + b"\xff\xff"
 
@@ -51,7 +51,7 @@ class Totals:
     bytes_received: int
     messages_rejected: dict[str, int]  # "552" -> count, "other" for codes outside REJECT_CODES
     connections_rejected: dict[str, int]  # reason -> count, every reason present
-    events: dict[str, int]  # tls_ok, tls_failed, auth_ok, auth_failed
+    events: dict[str, int]  # EVENT_KEYS: tls_ok (tls_resumed of them), tls_failed, auth_*
 
     @classmethod
     def from_counters(cls, c: tuple[int, ...] | list[int]) -> "Totals":

@@ -544,8 +544,12 @@ class Worker:
         for code in codes:
             self.board.count_reject(self.slot, code)
 
-    def count_tls(self, ok: bool) -> None:
+    def count_tls(self, ok: bool, resumed: bool = False) -> None:
+        """A handshake done (``resumed``: a session resumed, no key exchange of its own
+        signed) or failed."""
         self.board.count_event(self.slot, "tls_ok" if ok else "tls_failed")
+        if resumed:
+            self.board.count_event(self.slot, "tls_resumed")
 
     def count_auth(self, ok: bool) -> None:
         self.board.count_event(self.slot, "auth_ok" if ok else "auth_failed")

@@ -190,7 +190,7 @@ def test_usr1_logs_stats_and_writes_stats_file(daemon_factory, tmp_path):
     assert stats["per_ip"] == {} and stats["stress"] is False  # nobody connected now
     assert stats["auth"] == {"succeeded": 0, "failed": 0, "deferred": 0, "checks_running": 0,
                              "checks_max": len(os.sched_getaffinity(0))}  # the daemon's CPUs are ours
-    assert stats["tls"] == {"handshakes": 0, "failed": 0}
+    assert stats["tls"] == {"handshakes": 0, "resumed": 0, "failed": 0}
 
     # One SIGUSR1, one line; the file holds the same document as the last line.
     count = d.log_text().count("[STATS] ")

@@ -1473,7 +1473,7 @@ def test_stats_count_tls_and_auth_outcomes(daemon_factory, certs, tmp_path):
             read_to_close(raw)
     stats = wait_until(lambda: (s := request_stats(d))["tls"]["failed"] == 1 and s, TIMEOUT,
                        what="the failed handshake counted")
-    assert stats["tls"] == {"handshakes": 2, "failed": 1}
+    assert stats["tls"] == {"handshakes": 2, "resumed": 0, "failed": 1}
     # smtplib's login() tries PLAIN, then LOGIN: two failed attempts.
     assert {k: stats["auth"][k] for k in ("succeeded", "failed", "deferred")} == {
         "succeeded": 1, "failed": 2, "deferred": 0}

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 import tls_certs
-from daemon import Daemon, wait_until
+from daemon import Daemon, request_stats, wait_until
 
 HOST = "127.0.0.1"
 TIMEOUT = 10.0
@@ -143,6 +143,13 @@ def test_a_session_resumes_on_every_worker_of_the_pool(server, certs, version):
     server.wait_for_log("[TLS]", TIMEOUT, count=WORKERS + 1)
     pids = tls_pids(server, version)
     assert len(pids) == WORKERS + 1 and len(set(pids[1:])) == WORKERS, pids
+    # The log marks each resumed session, and the stats count them among the handshakes.
+    lines = [line for line in server.log_text().splitlines() if " [TLS] " in line]
+    assert [line.endswith(" resumed") for line in lines] == [False] + [True] * WORKERS, lines
+    # A session's counts reach the scoreboard as it ends: the last may still be closing.
+    stats = wait_until(lambda: (s := request_stats(server))["tls"]["handshakes"] == WORKERS + 1 and s,
+                       TIMEOUT, what="every handshake counted")
+    assert stats["tls"] == {"handshakes": WORKERS + 1, "resumed": WORKERS, "failed": 0}
 
 
 def test_a_reload_draws_new_ticket_keys(server, certs):

@@ -164,8 +164,8 @@ def md_header(bench: Bench, payload: dict) -> list[str]:
             "end of the fsync of new/); txn: connect (or MAIL) → 250; CPU: the server's "
             "whole process tree (loop: its own processes); sleeps and preempted: the voluntary "
             "and involuntary context switches of the same processes, a sleep being a wait "
-            "for the client, the disk or a lock (– where a worker exited during the cell, "
-            "its counts gone with it)."] + (
+            "for the client, the disk or a lock (– where a worker or thread ended during the "
+            "cell, its counts gone with it)."] + (
         ["", "smtp-source reports no per-message timing: the latency columns of the SMTP "
              "servers are empty."] if a.client == "smtp-source" else [])
 

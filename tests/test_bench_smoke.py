@@ -20,12 +20,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench.py"
 
-pytestmark = [
+#: Also the marks of the other benchmark scripts' smoke tests.
+BENCH_SMOKE_MARKS = [
     pytest.mark.skipif(not (os.environ.get("CI") or os.environ.get("FORKSMTP_BENCH_SMOKE") == "1"),
                        reason="benchmark smoke test runs in CI or with FORKSMTP_BENCH_SMOKE=1"),
     pytest.mark.skipif(importlib.util.find_spec("aiosmtpd") is None,
                        reason="aiosmtpd is not installed (pip install -e '.[bench]')"),
 ]
+pytestmark = BENCH_SMOKE_MARKS
 
 TOP_KEYS = {"command", "client", "started", "environment", "options", "cells", "summary",
             "ratios", "extras", "targets", "failures", "warnings", "ok"}

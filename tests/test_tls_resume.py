@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 import tls_certs
-from daemon import Daemon, request_stats, wait_until
+from daemon import Daemon, read_reply, request_stats, wait_until
 
 HOST = "127.0.0.1"
 TIMEOUT = 10.0
@@ -49,14 +49,6 @@ def client_context(certs, version: str) -> ssl.SSLContext:
     return ctx
 
 
-def read_reply(f) -> bytes:
-    """One whole reply (its last line), multi-line or not."""
-    while True:
-        line = f.readline()
-        if len(line) < 4 or line[3:4] != b"-":
-            return line
-
-
 class Session:
     """A STARTTLS session up to the first EHLO over TLS, timed.  The socket keeps Nagle's
     algorithm on, as most clients' do."""
@@ -64,21 +56,19 @@ class Session:
     def __init__(self, ctx: ssl.SSLContext, port: int, resume: ssl.SSLSession | None) -> None:
         plain = socket.create_connection((HOST, port), timeout=TIMEOUT)
         try:
-            f = plain.makefile("rb")
-            assert read_reply(f).startswith(b"220")
+            assert read_reply(plain).startswith(b"220")
             plain.sendall(b"EHLO client.test\r\n")
-            assert read_reply(f).startswith(b"250")
+            assert read_reply(plain).startswith(b"250")
             plain.sendall(b"STARTTLS\r\n")
-            assert read_reply(f).startswith(b"220")
+            assert read_reply(plain).startswith(b"220")
             self.sock = ctx.wrap_socket(plain, server_hostname="localhost", session=resume)
         except BaseException:
             plain.close()
             raise
-        self.file = self.sock.makefile("rb")
         try:
             start = time.monotonic()
             self.sock.sendall(b"EHLO client.test\r\n")
-            reply = read_reply(self.file)
+            reply = read_reply(self.sock)
             #: From the EHLO sent over TLS to its reply read.
             self.ehlo_s = time.monotonic() - start
             assert reply.startswith(b"250"), reply
@@ -98,7 +88,7 @@ class Session:
         failure of its own would hide the test's."""
         try:
             self.sock.sendall(b"QUIT\r\n")
-            read_reply(self.file)
+            read_reply(self.sock)
         except OSError:
             pass
         finally:

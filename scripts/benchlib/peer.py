@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import os
 import signal
+import ssl
 import time
 from typing import Any
 
@@ -76,6 +77,8 @@ def serve_aiosmtpd(argv: list[str]) -> int:
     p.add_argument("--maildir", required=True)
     p.add_argument("--no-fsync", action="store_true")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--tls-cert", help="offer STARTTLS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="and this key (PEM)")
     opts = p.parse_args(argv)
     asyncio.run(_serve_aiosmtpd(opts))
     return 0
@@ -86,9 +89,14 @@ async def _serve_aiosmtpd(opts: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     host, port = opts.listen.rsplit(":", 1)
     handler = DurableMaildirHandler(opts.maildir, not opts.no_fsync, opts.threads)
+    tls_context = None
+    if opts.tls_cert:
+        # Built once, as forksmtp's master builds its own: one set of ticket keys.
+        tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls_context.load_cert_chain(opts.tls_cert, opts.tls_key)
     server = await loop.create_server(
         lambda: SMTP(handler, hostname="bench-peer.example.test", data_size_limit=256 * MiB,
-                     loop=loop),
+                     tls_context=tls_context, loop=loop),
         host, int(port), backlog=1024, reuse_address=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

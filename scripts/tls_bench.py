@@ -18,9 +18,12 @@ handshake, EHLO (plain: connect, EHLO), MAIL, RCPT, DATA, one message, QUIT.
 
 Reported per cell: sessions/s (one message each), the server's CPU per session from
 /proc/PID/task/*/schedstat, split into user and system by the kernel's ticks, its sleeps
-and preemptions per session, and the share of handshakes the server resumed. Every
-cell checks that the files stored equal the messages acknowledged. Loopback only, every
-loop bounded.
+and preemptions per session, and the share of handshakes resumed, as the clients saw
+them. A cell fails where a message acknowledged is not stored exactly once (each has
+its own Message-ID), or where a handshake resumed that should not have, or one did not
+that should. Every client runs one untimed session of its mode first, so that no mode
+pays the pool's growth or a worker's first handshake in its timed part. Loopback only,
+every loop bounded.
 
 Examples
   python scripts/tls_bench.py                       # 10 sessions at once, 2,000 a cell, 2 rounds
@@ -45,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib.constants import HOST  # noqa: E402
 from benchlib.context import Bench  # noqa: E402
 from benchlib.helpers import log, median_of, port_is_free, ratio  # noqa: E402
+from benchlib.messages import make_body, message_head  # noqa: E402
 from benchlib.maildir import check_stored, make_maildir  # noqa: E402
 from benchlib.measure import cpu_delta, cpu_snapshot, switch_delta, user_share  # noqa: E402
 from benchlib.processes import run_gated  # noqa: E402
@@ -172,29 +176,30 @@ def one_session(port: int, ctx: ssl.SSLContext | None, resume: ssl.SSLSession | 
         return bool(tls.session_reused), tls.session
 
 
-def client_prepare(port: int, count: int, mode: str, size: int) -> dict:
-    """Before the start signal: the client context, the message, and for resumed
-    handshakes a session taken in an untimed session without a message."""
+def client_prepare(port: int, count: int, mode: str, size: int, tag: str) -> dict:
+    """Before the start signal: the client context and one untimed session of the mode
+    without a message, whose session the resumed mode then resumes."""
     ctx: ssl.SSLContext | None = None
     if mode != "plain":
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False          # a self-signed certificate made for the run
         ctx.verify_mode = ssl.CERT_NONE
-    head = (f"From: <bench@client.example.test>\r\nTo: <rcpt@bench.example.test>\r\n"
-            f"Subject: tls bench\r\nMessage-ID: <tls.{os.getpid()}@client.example.test>\r\n\r\n")
-    line = b"x" * 76 + b"\r\n"
-    body = line * max(1, (size - len(head)) // len(line))
-    resume = one_session(port, ctx, None, None)[1] if mode == "resumed" else None
-    return {"port": port, "count": count, "ctx": ctx, "resume": resume,
-            "message": head.encode() + body + b".\r\n"}
+    first = one_session(port, ctx, None, None)[1]
+    return {"port": port, "count": count, "ctx": ctx,
+            "resume": first if mode == "resumed" else None,
+            "body": make_body(max(size - len(message_head(tag + ".0")), 2)) + b".\r\n",
+            "tag": f"{tag}.{os.getpid()}"}
 
 
 def client_run(state: dict) -> dict:
-    acked = reused = 0
+    acked: list[str] = []
+    reused = 0
     t0 = time.monotonic()
-    for _ in range(state["count"]):
-        was_reused, _ = one_session(state["port"], state["ctx"], state["resume"], state["message"])
-        acked += 1
+    for n in range(state["count"]):
+        msg_id = f"{state['tag']}.{n}"
+        was_reused, _ = one_session(state["port"], state["ctx"], state["resume"],
+                                    message_head(msg_id) + state["body"])
+        acked.append(msg_id)
         reused += was_reused
     return {"acked": acked, "reused": reused, "t_start": t0, "t_end": time.monotonic()}
 
@@ -208,26 +213,30 @@ def run_cell(bench: Bench, system: str, mode: str, tag: str, cert: str, key: str
     try:
         shares = [args.count // args.sessions + (1 if i < args.count % args.sessions else 0)
                   for i in range(args.sessions)]
-        arg_list = [(server.port, n, mode, args.size) for n in shares]
+        arg_list = [(server.port, n, mode, args.size, tag) for n in shares]
         results, before = run_gated(bench.reaper, client_prepare, client_run, arg_list,
                                     args.run_timeout, on_start=lambda: cpu_snapshot(server))
         after = cpu_snapshot(server)
     finally:
         bench.reaper.stop_server(server.popen)
-    acked = sum(r["acked"] for r in results)
-    stored, problem = check_stored(maildir, None, acked)
+    acked_ids = [i for r in results for i in r["acked"]]
+    acked = len(acked_ids)
+    stored, problem = check_stored(maildir, acked_ids)
+    share = sum(r["reused"] for r in results) / acked if acked else None
+    if problem is None and share != (1.0 if mode == "resumed" else 0.0):
+        problem = f"{share:.0%} of the handshakes resumed in {mode} mode"
     wall = max(r["t_end"] for r in results) - min(r["t_start"] for r in results)
     cpu, ticks_user, ticks_sys, _ = cpu_delta(before, after)
     switches = switch_delta(before, after)
-    share = user_share(ticks_user, ticks_sys)
+    user = user_share(ticks_user, ticks_sys)
     per = 1000.0 / acked if acked else None
     return {"system": system, "mode": mode, "acked": acked, "stored": stored, "problem": problem,
             "sessions_per_s": acked / wall if wall > 0 else None,
             "cpu_ms_per_session": cpu * per if per else None,
-            "cpu_user_ms_per_session": cpu * share * per if per and share is not None else None,
+            "cpu_user_ms_per_session": cpu * user * per if per and user is not None else None,
             "sleeps_per_session": switches[0] / acked if switches and acked else None,
             "preempted_per_session": switches[1] / acked if switches and acked else None,
-            "resumed_share": sum(r["reused"] for r in results) / acked if acked else None}
+            "resumed_share": share if mode != "plain" else None}
 
 
 def run_matrix(bench: Bench, cert: str, key: str) -> list[dict]:
@@ -236,7 +245,11 @@ def run_matrix(bench: Bench, cert: str, key: str) -> list[dict]:
         systems = args.systems if rnd % 2 == 0 else list(reversed(args.systems))
         for mode in args.modes:
             for system in systems:
-                cell = run_cell(bench, system, mode, f"r{rnd}-{system}-{mode}", cert, key)
+                try:
+                    cell = run_cell(bench, system, mode, f"r{rnd}-{system}-{mode}", cert, key)
+                except (OSError, RuntimeError, TimeoutError) as exc:   # a client or server failed
+                    cell = {"system": system, "mode": mode, "problem": f"{type(exc).__name__}: {exc}",
+                            **{m: None for m in METRICS}}
                 cell["round"] = rnd
                 cells.append(cell)
                 log(f"  {system:9s} {mode:8s} r={rnd} {cell['sessions_per_s'] or 0:8,.0f} sessions/s"
@@ -337,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted: stopping every process started")
         return 130
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second one must not cut the cleanup short
         bench.reaper.cleanup()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -20,8 +20,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "scripts" / "bench.py"
 
-#: Also the marks of the other benchmark scripts' smoke tests.
+#: Also the marks of the other benchmark scripts' smoke tests.  They load both CPUs for
+#: seconds: in one xdist group (pyproject.toml), they never run beside each other or
+#: beside the quota test of test_supervisor_pool.py, which skips without idle CPUs.
 BENCH_SMOKE_MARKS = [
+    pytest.mark.xdist_group("cpu_heavy"),
     pytest.mark.skipif(not (os.environ.get("CI") or os.environ.get("FORKSMTP_BENCH_SMOKE") == "1"),
                        reason="benchmark smoke test runs in CI or with FORKSMTP_BENCH_SMOKE=1"),
     pytest.mark.skipif(importlib.util.find_spec("aiosmtpd") is None,

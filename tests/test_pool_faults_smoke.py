@@ -17,9 +17,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "pool_faults.py"
 
-pytestmark = pytest.mark.skipif(
-    not (shutil.which("smtp-source") or os.access("/usr/sbin/smtp-source", os.X_OK)),
-    reason="smtp-source is not installed (Debian: apt-get install postfix)")
+pytestmark = [
+    pytest.mark.skipif(
+        not (shutil.which("smtp-source") or os.access("/usr/sbin/smtp-source", os.X_OK)),
+        reason="smtp-source is not installed (Debian: apt-get install postfix)"),
+    pytest.mark.xdist_group("cpu_heavy"),  # see test_bench_smoke.BENCH_SMOKE_MARKS
+]
 
 
 def test_quick_run_writes_its_results(tmp_path):

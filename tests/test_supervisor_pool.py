@@ -723,6 +723,7 @@ class QuotaCgroup:
                 self.enabled_cpu.write_text("-cpu")
 
 
+@pytest.mark.xdist_group("cpu_heavy")  # never beside a benchmark's smoke run: it needs idle CPUs
 def test_a_busy_pool_whose_cgroup_cpu_quota_is_spent_starts_no_spare_while_the_host_idles(
         daemon_factory):
     """growth.py: the server's CPUs are what its cgroup's quota allows, not the machine's.

@@ -545,8 +545,8 @@ class Worker:
             self.board.count_reject(self.slot, code)
 
     def count_tls(self, ok: bool, resumed: bool = False) -> None:
-        """A handshake done (``resumed``: a session resumed, no key exchange of its own
-        signed) or failed."""
+        """A handshake done or failed; ``resumed``: done by resuming a session, with no
+        signature by the certificate's key."""
         self.board.count_event(self.slot, "tls_ok" if ok else "tls_failed")
         if resumed:
             self.board.count_event(self.slot, "tls_resumed")

@@ -45,14 +45,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib.constants import HOST  # noqa: E402
+from benchlib.constants import HOST, MiB  # noqa: E402
 from benchlib.context import Bench  # noqa: E402
 from benchlib.helpers import log, median_of, port_is_free, ratio  # noqa: E402
 from benchlib.messages import make_body, message_head  # noqa: E402
 from benchlib.maildir import check_stored, make_maildir  # noqa: E402
 from benchlib.measure import cpu_delta, cpu_snapshot, switch_delta, user_share  # noqa: E402
 from benchlib.processes import run_gated  # noqa: E402
-from benchlib.servers import BENCH_SCRIPT, Server, start_server, wait_ready  # noqa: E402
+from benchlib.servers import (BENCH_SCRIPT, FORKSMTP_START, Server, forksmtp_config,  # noqa: E402
+                              start_server, wait_ready)
 from bench import _on_sigterm, make_bench  # noqa: E402
 
 SYSTEMS = ("forksmtp", "aiosmtpd")
@@ -103,14 +104,13 @@ def start(bench: Bench, system: str, maildir: str, cert: str, key: str) -> Serve
     args = bench.args
     if system == "forksmtp":
         port = args.port_base
-        cfg = os.path.join(bench.root, f"forksmtp-{next(bench.server_seq)}.toml")
-        with open(cfg, "w", encoding="utf-8") as f:
-            cap = 2 * args.sessions + 20
-            f.write(f"[server]\nmax_workers = {args.sessions + 10}\nmax_connections = {cap}\n"
-                    f"max_connections_per_ip = {cap}\ngraceful_timeout = 5\n\n"
-                    f"[tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n")
+        # bench.py's config (its pool left to size itself, as an operator's), and [tls].
+        cfg = forksmtp_config(os.path.join(bench.root, f"forksmtp-{next(bench.server_seq)}.toml"),
+                              None, args.sessions + 10, args.sessions, True, 10 * MiB, "info")
+        with open(cfg, "a", encoding="utf-8") as f:
+            f.write(f"\n[tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n")
         argv = bench.forksmtp_cmd + ["-c", cfg, "--listen", f"{HOST}:{port}", "--maildir", maildir]
-        server, procs = start_server(bench, system, argv, port), 5
+        server, procs = start_server(bench, system, argv, port), FORKSMTP_START + 1
     else:
         port = args.port_base + 1
         argv = [sys.executable, BENCH_SCRIPT, "serve-aiosmtpd", "--listen", f"{HOST}:{port}",
@@ -140,40 +140,35 @@ def one_session(port: int, ctx: ssl.SSLContext | None, resume: ssl.SSLSession | 
                 message: bytes | None) -> tuple[bool, ssl.SSLSession | None]:
     """One session, with one message when ``message`` is given, over STARTTLS unless
     ``ctx`` is None: (whether the handshake resumed, the session to resume later)."""
-    plain = socket.create_connection((HOST, port), timeout=IO_TIMEOUT)
+    sock = socket.create_connection((HOST, port), timeout=IO_TIMEOUT)
     try:
-        f = plain.makefile("rb")
+        f = sock.makefile("rb")
         _expect(f, b"220")
-        plain.sendall(b"EHLO client.bench.example.test\r\n")
+        sock.sendall(b"EHLO client.bench.example.test\r\n")
         _expect(f, b"250")
-        if ctx is None:
-            tls: socket.socket = plain
-        else:
-            plain.sendall(b"STARTTLS\r\n")
-            _expect(f, b"220")
-            tls = ctx.wrap_socket(plain, server_hostname="bench.example.test", session=resume)
-    except BaseException:
-        plain.close()
-        raise
-    with tls:
-        tf = tls.makefile("rb") if ctx is not None else f
         if ctx is not None:
-            tls.sendall(b"EHLO client.bench.example.test\r\n")
-            _expect(tf, b"250")
+            sock.sendall(b"STARTTLS\r\n")
+            _expect(f, b"220")
+            sock = ctx.wrap_socket(sock, server_hostname="bench.example.test", session=resume)
+            f = sock.makefile("rb")
+            sock.sendall(b"EHLO client.bench.example.test\r\n")
+            _expect(f, b"250")
         if message is not None:
-            tls.sendall(b"MAIL FROM:<bench@client.example.test>\r\n")
-            _expect(tf, b"250")
-            tls.sendall(b"RCPT TO:<rcpt@bench.example.test>\r\n")
-            _expect(tf, b"250")
-            tls.sendall(b"DATA\r\n")
-            _expect(tf, b"354")
-            tls.sendall(message)
-            _expect(tf, b"250")
-        tls.sendall(b"QUIT\r\n")
-        _expect(tf, b"221")
-        if not isinstance(tls, ssl.SSLSocket):
-            return False, None
-        return bool(tls.session_reused), tls.session
+            sock.sendall(b"MAIL FROM:<bench@client.example.test>\r\n")
+            _expect(f, b"250")
+            sock.sendall(b"RCPT TO:<rcpt@bench.example.test>\r\n")
+            _expect(f, b"250")
+            sock.sendall(b"DATA\r\n")
+            _expect(f, b"354")
+            sock.sendall(message)
+            _expect(f, b"250")
+        sock.sendall(b"QUIT\r\n")
+        _expect(f, b"221")
+        if isinstance(sock, ssl.SSLSocket):
+            return bool(sock.session_reused), sock.session
+        return False, None
+    finally:
+        sock.close()
 
 
 def client_prepare(port: int, count: int, mode: str, size: int, tag: str) -> dict:

@@ -78,7 +78,7 @@ from benchlib.helpers import fs_type, log, raise_fd_limit
 from benchlib.maildir import tmpfile_supported
 from benchlib.peer import serve_aiosmtpd
 from benchlib.report import client_description, environment, write_chart, write_markdown
-from benchlib.servers import find_smtp_sink, sink_missing_note
+from benchlib.servers import default_forksmtp_cmd, find_smtp_sink, sink_missing_note
 from benchlib.summary import check_targets, compute_ratios, summarise
 
 # --------------------------------------------------------------------------- main
@@ -119,7 +119,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--hold", type=int, help="sessions held open at once (default 500; 0 skips)")
     add("--peer-threads", type=int, default=0, help="aiosmtpd stores in N threads (0: inline)")
     add("--server-log-level", default="info", help="forksmtp [log] level (default info)")
-    add("--forksmtp-cmd", help="command starting forksmtp (default: python -m forksmtp)")
+    add("--forksmtp-cmd", help="command starting forksmtp, run in the bench's work directory, so "
+        "that a PYTHONPATH in it picks the checkout (default: this script's checkout, "
+        "python -m forksmtp with PYTHONPATH on it)")
     add("--io-timeout", type=float, default=60.0, help="seconds to wait for any one reply")
     add("--run-timeout", type=float, default=600.0, help="seconds allowed for one cell")
     add("--keep", action="store_true", help="keep the Maildirs and server logs")
@@ -155,7 +157,7 @@ def check_systems(bench: Bench) -> None:
                              "(or leave it out with --systems)")
     if "forksmtp" in bench.args.systems and not bench.args.forksmtp_cmd:
         probe = subprocess.run(bench.forksmtp_cmd + ["--version"], capture_output=True,
-                               timeout=30)
+                               timeout=30, cwd=bench.root)
         if probe.returncode != 0:
             raise SystemExit(f"forksmtp does not run ({shlex.join(bench.forksmtp_cmd)} "
                              f"--version: {probe.stderr.decode()[-300:]!r}); "
@@ -186,8 +188,7 @@ def make_bench(args: argparse.Namespace) -> Bench:
     os.makedirs(os.path.join(root, "logs"))
     out = args.out or os.path.join("bench-results", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
-    cmd = shlex.split(args.forksmtp_cmd) if args.forksmtp_cmd else \
-        [sys.executable, "-m", "forksmtp"]
+    cmd = shlex.split(args.forksmtp_cmd) if args.forksmtp_cmd else default_forksmtp_cmd()
     bench = Bench(args, root, os.path.join(root, "logs"), out, fs_type(root), cmd,
                   smtp_sink=find_smtp_sink())
     if bench.fs in NO_DURABILITY_FS:

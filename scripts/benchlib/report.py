@@ -246,7 +246,7 @@ def forksmtp_build(bench: Bench) -> str:
     Python, and why)."""
     try:
         probe = subprocess.run(bench.forksmtp_cmd + ["--version"], capture_output=True,
-                               text=True, timeout=30)
+                               text=True, timeout=30, cwd=bench.root)  # as the servers run
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unknown ({exc})"
     return probe.stdout.strip() or f"unknown (--version exited {probe.returncode})"

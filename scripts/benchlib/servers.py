@@ -21,6 +21,15 @@ FORKSMTP_START = 4  # forksmtp's built-in server.workers: the pool it starts wit
 # the directory above this package (the original, single-file script used its own __file__).
 BENCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "bench.py")
+#: The checkout the bench script belongs to: the forksmtp it runs unless --forksmtp-cmd
+#: names another.
+REPO_ROOT = os.path.dirname(os.path.dirname(BENCH_SCRIPT))
+
+
+def default_forksmtp_cmd() -> list[str]:
+    """This checkout's forksmtp, named on PYTHONPATH rather than found in the caller's
+    working directory (the servers run in the bench's own, see start_server)."""
+    return ["env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-m", "forksmtp"]
 
 
 # --------------------------------------------------------------------------- smtp-sink
@@ -90,14 +99,20 @@ class Server:
 
 def start_server(bench: "Bench", name: str, argv: list[str], port: int,
                  env: dict[str, str] | None = None) -> Server:
-    """Start a server in its own process group (so it can be killed whole), log to a file."""
+    """Start a server in its own process group (so it can be killed whole), log to a file.
+
+    Every server runs in the bench's work directory: ``python -m`` puts its working
+    directory ahead of PYTHONPATH, so one started where the bench was (a checkout)
+    imported that checkout's forksmtp whatever --forksmtp-cmd's PYTHONPATH named, and
+    an A/B of two checkouts ran one of them twice."""
     if not port_is_free(port):
         raise RuntimeError(f"port {HOST}:{port} is taken: refusing to benchmark whatever "
                            f"listens there (choose another --port-base)")
     log_path = os.path.join(bench.logs, f"{name}-{next(bench.server_seq)}.log")
     with open(log_path, "wb") as logf:
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                 stderr=subprocess.STDOUT, start_new_session=True, env=env)
+                                 stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                 cwd=bench.root)
     bench.reaper.servers.append(popen)
     return Server(name, popen, port, log_path)
 

@@ -489,11 +489,24 @@ def inject_syscall(pid: int, syscall: str, inject: str) -> subprocess.Popen:
     return tracer
 
 
-def held_in(proc: psutil.Process, number: int) -> list[int] | None:
-    """The arguments of system call ``number`` if ``proc`` is stopped by its tracer inside
+def held_in(proc: psutil.Process, number: int, steady: float = 0.05) -> list[int] | None:
+    """The arguments of system call ``number`` if ``proc`` is held by its tracer inside
     it, else None.  Traced, it stops at every traced call, so its status alone does not
-    say where; /proc/PID/syscall does."""
-    return in_syscall(proc, number, "tracing-stop")
+    say where; /proc/PID/syscall does.  And each of those stops lasts a moment, the
+    tracer's look at the call: a look that fell on one (an earlier fsync than the held
+    one, seen once in CI) is told from the hold by looking again ``steady`` seconds
+    later, the process still stopped there and not switched in or out between."""
+    first = in_syscall(proc, number, "tracing-stop")
+    if first is None:
+        return None
+    try:
+        switches = proc.num_ctx_switches()
+        time.sleep(steady)
+        if proc.num_ctx_switches() != switches:
+            return None
+    except psutil.Error:
+        return None
+    return first if in_syscall(proc, number, "tracing-stop") == first else None
 
 
 def in_syscall(proc: psutil.Process, number: int, status: str = psutil.STATUS_SLEEPING,

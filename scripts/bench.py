@@ -120,7 +120,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--peer-threads", type=int, default=0, help="aiosmtpd stores in N threads (0: inline)")
     add("--server-log-level", default="info", help="forksmtp [log] level (default info)")
     add("--forksmtp-cmd", help="command starting forksmtp, run in the bench's work directory, so "
-        "that a PYTHONPATH in it picks the checkout (default: this script's checkout, "
+        "that an absolute PYTHONPATH in it picks the checkout (default: this script's checkout, "
         "python -m forksmtp with PYTHONPATH on it)")
     add("--io-timeout", type=float, default=60.0, help="seconds to wait for any one reply")
     add("--run-timeout", type=float, default=600.0, help="seconds allowed for one cell")
@@ -184,7 +184,7 @@ def make_bench(args: argparse.Namespace) -> Bench:
     """Work dir (on a real disk, not tmpfs), results folder, and the forksmtp command."""
     base = args.maildir_root or "/var/tmp"
     os.makedirs(base, exist_ok=True)
-    root = tempfile.mkdtemp(prefix="forksmtp-bench-", dir=base)
+    root = os.path.abspath(tempfile.mkdtemp(prefix="forksmtp-bench-", dir=base))  # servers run in it
     os.makedirs(os.path.join(root, "logs"))
     out = args.out or os.path.join("bench-results", time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)

@@ -53,3 +53,12 @@ def test_a_server_runs_the_named_checkouts_forksmtp(bench_in_a_decoy_checkout):
     assert server.popen.wait(30) == 0
     text = Path(server.log_path).read_text()
     assert text.startswith("forksmtp ") and DECOY not in text, text
+
+
+def test_the_default_command_imports_the_scripts_own_checkout(bench_in_a_decoy_checkout):
+    # Not only "not the decoy": the forksmtp imported is the one under REPO_ROOT.
+    bench = bench_in_a_decoy_checkout
+    probe = bench.forksmtp_cmd[:-2] + ["-c", "import forksmtp; print(forksmtp.__file__)"]
+    server = start_server(bench, "probe", probe, free_port())
+    assert server.popen.wait(30) == 0
+    assert Path(server.log_path).read_text().strip() == str(Path(REPO_ROOT) / "forksmtp" / "__init__.py")

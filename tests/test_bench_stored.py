@@ -63,3 +63,12 @@ def test_without_ids_the_counts_must_agree(maildir):
         store(maildir, None)
     assert check_stored(maildir, None, acked_count=2) == (2, None)
     assert check_stored(maildir, None, acked_count=3) == (2, "stored 2 files but 3 messages were acked")
+
+
+def test_a_lost_message_replaced_by_a_stray_file_fails_though_the_counts_agree(maildir):
+    # Two acknowledged, one of them lost, and a file no client was told of in its place:
+    # the counts agree, and only the ids show the loss.
+    store(maildir, "r0.0")
+    store(maildir, None)
+    count, problem = check_stored(maildir, ["r0.0", "r0.1"])
+    assert count == 2 and problem is not None and "acked but not stored: ['r0.1'] (1)" in problem

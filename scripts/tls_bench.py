@@ -73,7 +73,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--port-base", type=int, default=24350)
     p.add_argument("--maildir-root", help="where the Maildirs go (default: a new dir under /var/tmp)")
     p.add_argument("--out", help="results folder (default bench-results/tls-<timestamp>)")
-    p.add_argument("--forksmtp-cmd", help="command starting forksmtp (default: python -m forksmtp)")
+    p.add_argument("--forksmtp-cmd", help="command starting forksmtp, as bench.py's --forksmtp-cmd "
+                   "(default: this script's checkout)")
     p.add_argument("--run-timeout", type=float, default=600.0, help="seconds allowed for one cell")
     p.add_argument("--keep", action="store_true", help="keep the Maildirs and server logs")
     args = p.parse_args(argv)

@@ -38,8 +38,8 @@ def bench_in_a_decoy_checkout(tmp_path: Path, monkeypatch) -> Bench:
 
 def test_the_decoy_would_win_under_a_plain_python_m(bench_in_a_decoy_checkout):
     # The hazard itself, so that the tests below cannot pass for want of it.
-    out = subprocess.run(["env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-m", "forksmtp",
-                          "--version"], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(default_forksmtp_cmd() + ["--version"], capture_output=True, text=True,
+                         timeout=30).stdout
     assert out == DECOY
 
 

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 from benchlib.maildir import check_stored, make_maildir, maildir_name  # noqa: E402
-from benchlib.messages import make_body, message_head  # noqa: E402
+from benchlib.messages import make_body, message_head, stored_trace  # noqa: E402
 
 _seq = iter(range(1, 1_000_000))
 
@@ -18,7 +18,7 @@ _seq = iter(range(1, 1_000_000))
 def store(maildir: str, msg_id: str | None) -> None:
     """One file in new/ as a server stores it: its trace header, then the message."""
     head = message_head(msg_id) if msg_id else b"Subject: no id of ours\r\n\r\n"
-    text = b"Return-Path: <a@bench.test>\r\n" + head + make_body(300)
+    text = stored_trace(msg_id or "no-id") + head + make_body(300)
     (Path(maildir) / "new" / maildir_name(next(_seq), len(text))).write_bytes(text)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gc
+import ipaddress
 import os
 import select
 import signal
@@ -40,7 +41,7 @@ from .security import Security, certificate_warning, listen_addresses, load_secu
 from .logs import ALWAYS, Log
 from .scoreboard import BUSY, IDLE, STARTING, STATE_NAMES, STOPPING, LockBusy, Scoreboard
 from .signals import HANDLED, MAILDIR_CALL_EVERY, NAMES, SignalQueue
-from .worker import EXIT_BOOT_ERROR, Worker
+from .worker import EXIT_BOOT_ERROR, Worker, in_networks
 
 TICK = 1.0  # seconds between pool checks when nothing happens
 #: An idle worker turns its accept loop every second: one silent this long is stopped
@@ -170,7 +171,7 @@ class Arbiter:
         self.pool_state = pool.PoolState()
         self.next_tmp_clean = 0.0
         self.last_pass = -MAILDIR_CALL_EVERY
-        self.overflow = OverflowGuard(self.log)
+        self.overflow = OverflowGuard(self.log, count=self._count_refused)
         self._last_stuck_check = float("-inf")
         self._silence_from = 0.0  # silence counts from here at the earliest (the end of a stall)
         self.last_pool_reason = ""
@@ -271,6 +272,23 @@ class Arbiter:
                                         list(self.sockets.values()), frozenset(self._implicit_sockets()),
                                         held_back=now < self.pool_state.backoff_until)
         self._housekeeping(now)
+
+    def _count_refused(self, ip: str, now: float) -> None:
+        """A client the master refused (every worker busy at max_workers) counts toward
+        max_connection_rate, as every connect counts in Postfix's anvil: a client that
+        hammers a full server is still over its rate when a worker comes free, instead
+        of starting afresh.  While a stopped worker holds the admission lock the count
+        is skipped, not waited for: the tick deals with that worker."""
+        server = self.cfg.server
+        if server.max_connection_rate <= 0:
+            return
+        if server.limit_exceptions and in_networks(
+                ip, [ipaddress.ip_network(n, strict=False) for n in server.limit_exceptions]):
+            return
+        try:
+            self.conn_rate.count(ip, now)
+        except LockBusy:
+            pass
 
     def _stopping_tick(self) -> None:
         """While sessions drain: a worker stopped holding the admission lock would hold

@@ -3,11 +3,13 @@
 ``server.max_connection_rate`` is Postfix's ``smtpd_client_connection_rate_limit``,
 counted as its anvil server counts it: per address, the connections since the
 address's window began, a window being RATE_WINDOW (anvil's time unit, 60 s) from the
-first connection counted in it.  Every connection a worker takes counts, refused or
-not, so a client that keeps hammering stays refused until its window ends, and is then
-let in again up to the limit.  Those refused before a worker counts them are not
-counted: the master's own 421 when every worker is busy at max_workers, and a worker's
-421 when it is out of descriptors.  Off (0) by default, as in Postfix: a busy relay may
+first connection counted in it.  Every connection counts, refused or not, so a client
+that keeps hammering stays refused until its window ends, and is then let in again up
+to the limit.  The master's own 421, when every worker is busy at max_workers, counts
+too (arbiter._count_refused); the master never waits for the lock, so while a stopped
+worker holds it those go uncounted.  A worker's 421 when it is out of descriptors does
+not: that shortage is the server's, answered before the count.  Off (0) by default, as
+in Postfix: a busy relay may
 open hundreds of connections a minute, and where the rate of a flood matters a
 firewall's per-source limit drops it before accept(2), which no check in the server
 can.

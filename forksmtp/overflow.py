@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import select
 import socket
+from collections.abc import Callable
 
 from . import limits
 from .connection import discard_unread
@@ -27,8 +28,10 @@ BATCH = 64  # queued clients refused per check and socket
 
 
 class OverflowGuard:
-    def __init__(self, log) -> None:
+    def __init__(self, log, count: Callable[[str, float], None] | None = None) -> None:
+        """``count(ip, now)``: told of each client refused, for max_connection_rate."""
         self.log = log
+        self.count = count
         self.since = 0.0
         self.progress = -1
         self.logged = ""  # the stall's kind whose warning was handled: "ceiling" or "held"
@@ -61,7 +64,7 @@ class OverflowGuard:
                 if self.logged != kind:
                     self.logged = kind
                     self._warn(at_ceiling, workers, now)
-                if self._answer(sock, sock in implicit_tls, reply):
+                if self._answer(sock, sock in implicit_tls, reply, now):
                     if at_ceiling:
                         self.rejected += 1
                     else:
@@ -75,11 +78,14 @@ class OverflowGuard:
         elif self.ceiling_warning.allow(now):
             self.log.warning("POOL", f"all {workers} workers busy (max_workers reached); answering 421 4.3.2")
 
-    def _answer(self, sock: socket.socket, tls_first: bool, reply: Reply) -> bool:
+    def _answer(self, sock: socket.socket, tls_first: bool, reply: Reply, now: float) -> bool:
         try:
             conn, peer = sock.accept()
         except OSError:
             return False  # a worker took it, or the client left
+        ip = client_ip(peer[0])
+        if self.count is not None:
+            self.count(ip, now)
         try:
             conn.setblocking(False)
             # With its enhanced code, as the contract spells it (Postfix does the same).
@@ -92,5 +98,5 @@ class OverflowGuard:
             pass
         finally:
             conn.close()
-        self.log.info("CONN", f"{client_ip(peer[0])} refused by master: no worker free")
+        self.log.info("CONN", f"{ip} refused by master: no worker free")
         return True

@@ -81,7 +81,7 @@ _IGNORED: Final = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                    signal.SIGTTIN, signal.SIGTTOU)
 
 
-def _in_networks(ip: str, nets: list) -> bool:
+def in_networks(ip: str, nets: list) -> bool:
     """``ip`` (as client_ip gives it: an IPv4 client of a dual-stack socket in its IPv4
     form) is in one of ``nets``."""
     addr = ipaddress.ip_address(ip)
@@ -358,7 +358,7 @@ class Worker:
         try:
             try:
                 server = self.cfg.server
-                exempt = bool(self.exempt_nets) and _in_networks(ip, self.exempt_nets)
+                exempt = bool(self.exempt_nets) and in_networks(ip, self.exempt_nets)
                 # Counted before the concurrent limits and whatever they decide: a client
                 # that hammers stays refused (as Postfix's anvil counts every connect).
                 over_rate = (server.max_connection_rate > 0 and not exempt and self.conn_rate is not None
@@ -475,7 +475,7 @@ class Worker:
         smtpd_forbid_bare_newline_exclusions); None lets the session config decide."""
         if not self.normalize_nets or self.cfg.limits.bare_newline == "normalize":
             return None
-        return True if _in_networks(ip, self.normalize_nets) else None
+        return True if in_networks(ip, self.normalize_nets) else None
 
     # -- called by Connection ------------------------------------------------------------
 

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
+from types import SimpleNamespace
 
 import pytest
 
+from forksmtp.arbiter import Arbiter
 from forksmtp.connrate import RATE_WINDOW, ConnectionRate
-from forksmtp.scoreboard import Scoreboard
+from forksmtp.scoreboard import MASTER_LOCK_WAIT, Scoreboard
 from helpers import addresses_sharing_a_start
 
 
@@ -89,3 +93,51 @@ def test_workers_share_the_count(board):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert rate.count("192.0.2.9", 3.0) == 3
+
+
+def master_with(rate: ConnectionRate, limit: int, exceptions: tuple[str, ...] = ()) -> SimpleNamespace:
+    """What Arbiter._count_refused reads of its master: the config's two keys and the table."""
+    server = SimpleNamespace(max_connection_rate=limit, limit_exceptions=list(exceptions))
+    return SimpleNamespace(cfg=SimpleNamespace(server=server), conn_rate=rate)
+
+
+def test_a_client_the_master_refuses_counts_unless_the_limit_is_off_or_it_is_exempt(board):
+    """The master's own 421 (every worker busy at max_workers) counts as a worker's
+    refusal does; not while max_connection_rate is 0, nor for limit_exceptions."""
+    rate = ConnectionRate(board)
+    Arbiter._count_refused(master_with(rate, 3), "192.0.2.1", 1.0)
+    Arbiter._count_refused(master_with(rate, 3), "192.0.2.1", 2.0)
+    Arbiter._count_refused(master_with(rate, 0), "192.0.2.1", 3.0)
+    Arbiter._count_refused(master_with(rate, 3, ("10.0.0.0/8", "192.0.2.0/24")), "192.0.2.1", 4.0)
+    Arbiter._count_refused(master_with(rate, 3, ("10.0.0.0/8",)), "2001:db8::1", 5.0)
+    assert rate.count("192.0.2.1", 6.0) == 3
+    assert rate.count("2001:db8::2", 6.0) == 2  # the same /64
+
+
+def test_the_master_skips_the_count_rather_than_wait_for_a_worker_holding_the_lock(board):
+    """A worker stopped holding the admission lock must not stall the master's refusals:
+    the count is given up within MASTER_LOCK_WAIT, and the next ones at once."""
+    rate = ConnectionRate(board)
+    ready_r, ready_w = os.pipe()
+    board.claim_slot(1, 0, 1, now=0.0)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            board.after_fork(1)
+            with board.locked():
+                os.write(ready_w, b"x")
+                time.sleep(60)
+        finally:
+            os._exit(0)
+    try:
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"x"
+        began = time.monotonic()
+        for _ in range(50):
+            Arbiter._count_refused(master_with(rate, 3), "192.0.2.1", 1.0)
+        assert time.monotonic() - began < 25 * MASTER_LOCK_WAIT  # waiting, 50 x at the least
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+    assert rate.count("192.0.2.1", 1.0) == 1  # none of the skipped ones counted

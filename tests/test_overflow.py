@@ -102,6 +102,27 @@ def test_at_the_ceiling_the_421_counts_as_max_connections():
         client.close()
 
 
+def test_each_client_refused_is_told_to_the_count_by_its_address_and_the_time():
+    """For max_connection_rate (the arbiter's count): both kinds of refusal, the time
+    being the check's; nothing when no client is there to refuse."""
+    told: list[tuple[str, float]] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        guard = OverflowGuard(Log(), count=lambda ip, now: told.append((ip, now)))
+        start = time.monotonic()
+        guard.check(Snap(), start, 4, 4, [listener])
+        guard.check(Snap(), start + GRACE + 0.01, 4, 4, [listener])
+        assert told == []
+        clients = [queued_client(listener) for _ in range(2)]
+        guard.check(Snap(), start + GRACE + 0.02, 4, 4, [listener])
+        held = queued_client(listener)
+        guard.check(Snap(), start + GRACE + 0.03, 0, 4, [listener], held_back=True)
+        for client in clients + [held]:
+            assert client.recv(200).startswith(b"421 4.3.2 ")
+            client.close()
+    assert told == [("127.0.0.1", start + GRACE + 0.02)] * 2 + [("127.0.0.1", start + GRACE + 0.03)]
+    assert guard.rejected == 2 and guard.rejected_held == 1
+
+
 class Relieved(Snap):
     """A worker is idle again: the stall is over."""
 

@@ -208,6 +208,27 @@ def test_past_max_connection_rate_gets_421_4_7_0_and_every_try_counts(daemon_fac
     assert_no_zombies(d)
 
 
+def test_clients_the_master_refuses_count_toward_max_connection_rate(daemon_factory):
+    """One worker, held by a session (the first connection of the minute); the master
+    answers the next two 421 4.3.2 itself.  Those count as Postfix's anvil counts every
+    connect: once the worker is free, the fourth connection is over the rate of 3 and
+    refused, where it would have been served as the second."""
+    d = daemon_factory(workers=1, server={"max_workers": 1, "max_connection_rate": 3})
+    held = greeted(d.port)
+    try:
+        for _ in range(2):
+            assert refused_with(d.port).startswith(b"421 4.3.2 ")
+        d.wait_for_log("refused by master")
+    finally:
+        held.close()
+    wait_until(lambda: request_stats(d)["connections_active"] == 0, 10, 0.1, "the worker free")
+    assert refused_with(d.port) == RATE_REPLY
+    stats = request_stats(d)
+    assert stats["connections_rejected"]["max_connections"] == 2
+    assert stats["connections_rejected"]["max_connection_rate"] == 1
+    assert d.log_text().count("[CLOSE] 127.0.0.1 refused: max_connection_rate") == 1
+
+
 def test_max_connection_rate_is_off_by_default_and_a_reload_turns_it_on(daemon_factory):
     d = daemon_factory(workers=2)
     old = worker_pids(d)

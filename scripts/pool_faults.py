@@ -53,6 +53,7 @@ import psutil
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib.constants import HOST  # noqa: E402
 from benchlib.helpers import percentile  # noqa: E402
+from benchlib.servers import default_forksmtp_cmd  # noqa: E402
 
 SCENARIOS = ("burst", "stalled-client", "ceiling", "stall", "idle-kill")
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -342,7 +343,9 @@ def table(results: list[dict], systems: list[str]) -> str:
 def parse(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--system", action="append", default=[], metavar="NAME=CMD",
-                   help="a forksmtp command to measure (repeatable; default: python3 -m forksmtp)")
+                   help="a forksmtp command to measure, run in its run's own directory, so that an "
+                   "absolute PYTHONPATH in it picks the checkout (repeatable; default: this script's "
+                   "checkout, as bench.py's default)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sessions", type=int, default=50)
@@ -369,13 +372,19 @@ def parse(argv: list[str] | None = None):
     return args
 
 
+def system_commands(specs: list[str]) -> dict[str, list[str]]:
+    """NAME=CMD specs as argv lists; none: this script's checkout, as bench.py's default."""
+    if not specs:
+        return {"forksmtp": default_forksmtp_cmd()}
+    return {name: shlex.split(cmd) for name, _, cmd in (s.partition("=") for s in specs)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     if not os.access(SMTP_SOURCE, os.X_OK):
         print(f"smtp-source not found ({SMTP_SOURCE}); Debian: apt-get install postfix", file=sys.stderr)
         return 2
-    systems = [s.partition("=") for s in args.system] or [("forksmtp", "=", f"{sys.executable} -m forksmtp")]
-    commands = {name: shlex.split(cmd) for name, _, cmd in systems}
+    commands = system_commands(args.system)
     names = list(commands)
     scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(scenarios) - set(SCENARIOS)

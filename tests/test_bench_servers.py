@@ -62,3 +62,28 @@ def test_the_default_command_imports_the_scripts_own_checkout(bench_in_a_decoy_c
     server = start_server(bench, "probe", probe, free_port())
     assert server.popen.wait(30) == 0
     assert Path(server.log_path).read_text().strip() == str(Path(REPO_ROOT) / "forksmtp" / "__init__.py")
+
+
+def test_the_callers_pythonpath_follows_the_checkout_it_does_not_replace_it(tmp_path, monkeypatch):
+    """A module the caller's PYTHONPATH names stays importable by the server; a forksmtp
+    on that path (another checkout's) does not shadow the script's own."""
+    other = tmp_path / "caller-path"
+    (other / "forksmtp").mkdir(parents=True)
+    (other / "forksmtp" / "__init__.py").write_text("")
+    (other / "caller_module.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(other))
+    monkeypatch.chdir(tmp_path)
+    env_pythonpath = default_forksmtp_cmd()[:3]  # env PYTHONPATH=... python
+    out = subprocess.run(env_pythonpath + ["-c", "import caller_module, forksmtp; print(forksmtp.__file__)"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()).resolve() == (Path(REPO_ROOT) / "forksmtp" / "__init__.py").resolve()
+
+
+def test_pool_faults_measures_this_checkout_unless_told_otherwise():
+    """Its default is the bench's (the script's checkout on PYTHONPATH), not whatever
+    forksmtp ``python3 -m`` would find from its caller."""
+    import pool_faults
+    assert pool_faults.system_commands([]) == {"forksmtp": default_forksmtp_cmd()}
+    assert pool_faults.system_commands(["old=env PYTHONPATH=/src/old python3 -m forksmtp", "new=x -y"]) == {
+        "old": ["env", "PYTHONPATH=/src/old", "python3", "-m", "forksmtp"], "new": ["x", "-y"]}

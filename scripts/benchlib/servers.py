@@ -27,9 +27,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(BENCH_SCRIPT))
 
 
 def default_forksmtp_cmd() -> list[str]:
-    """This checkout's forksmtp, named on PYTHONPATH rather than found in the caller's
-    working directory (the servers run in the bench's own, see start_server)."""
-    return ["env", f"PYTHONPATH={REPO_ROOT}", sys.executable, "-m", "forksmtp"]
+    """This checkout's forksmtp, named first on PYTHONPATH rather than found in the
+    caller's working directory (the servers run in the bench's own, see start_server);
+    the caller's PYTHONPATH follows it."""
+    path = os.pathsep.join(filter(None, (REPO_ROOT, os.environ.get("PYTHONPATH"))))
+    return ["env", f"PYTHONPATH={path}", sys.executable, "-m", "forksmtp"]
 
 
 # --------------------------------------------------------------------------- smtp-sink

@@ -21,11 +21,24 @@ from pathlib import Path
 import psutil
 
 
+#: Every port free_port() has handed out in this process.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel finds free now, never one this process handed out before: a
+    test that takes one for a second listener and then starts a daemon, which takes
+    another, got the same port twice once in thousands of runs, and the daemon refused
+    its config ("... is also in server.listen")."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("free_port: no port not handed out before in 100 tries")
 
 
 def toml_value(value) -> str:

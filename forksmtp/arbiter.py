@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import gc
 import ipaddress
 import os
@@ -156,6 +157,12 @@ class KeptWaiting:
         return text
 
 
+@functools.lru_cache(maxsize=4)
+def _networks(cidrs: tuple[str, ...]) -> list:
+    """A config's networks, parsed once (its checks have already parsed each)."""
+    return [ipaddress.ip_network(n, strict=False) for n in cidrs]
+
+
 class Arbiter:
     def __init__(self, cfg, overrides: dict | None = None) -> None:
         self.cfg = cfg
@@ -274,16 +281,17 @@ class Arbiter:
         self._housekeeping(now)
 
     def _count_refused(self, ip: str, now: float) -> None:
-        """A client the master refused (every worker busy at max_workers) counts toward
-        max_connection_rate, as every connect counts in Postfix's anvil: a client that
-        hammers a full server is still over its rate when a worker comes free, instead
-        of starting afresh.  While a stopped worker holds the admission lock the count
-        is skipped, not waited for: the tick deals with that worker."""
+        """A client the master refused because every worker was busy at max_workers
+        counts toward max_connection_rate, as every connect counts in Postfix's anvil: a
+        client that hammers a full server is still over its rate when a worker comes
+        free, instead of starting afresh.  The master's lock rule holds (MASTER_LOCK_WAIT
+        at most, then one try until one succeeds): a count the lock's holder keeps from
+        it is given up, not waited for.  The config is the master's own, so a reload
+        applies here at once, and to the workers with the generation it forks."""
         server = self.cfg.server
         if server.max_connection_rate <= 0:
             return
-        if server.limit_exceptions and in_networks(
-                ip, [ipaddress.ip_network(n, strict=False) for n in server.limit_exceptions]):
+        if server.limit_exceptions and in_networks(ip, _networks(server.limit_exceptions)):
             return
         try:
             self.conn_rate.count(ip, now)

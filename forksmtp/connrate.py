@@ -6,13 +6,14 @@ address's window began, a window being RATE_WINDOW (anvil's time unit, 60 s) fro
 first connection counted in it.  Every connection counts, refused or not, so a client
 that keeps hammering stays refused until its window ends, and is then let in again up
 to the limit.  The master's own 421, when every worker is busy at max_workers, counts
-too (arbiter._count_refused); the master never waits for the lock, so while a stopped
-worker holds it those go uncounted.  A worker's 421 when it is out of descriptors does
-not: that shortage is the server's, answered before the count.  Off (0) by default, as
-in Postfix: a busy relay may
-open hundreds of connections a minute, and where the rate of a flood matters a
-firewall's per-source limit drops it before accept(2), which no check in the server
-can.
+too (arbiter._count_refused); the master waits for the lock MASTER_LOCK_WAIT at most,
+and a count a holder keeps from it goes uncounted.  Not counted, as the server's own
+trouble and not the client's: the master's 421 while a crash-loop back-off holds
+spawning, and a worker's 421 when it is out of descriptors.
+
+Off (0) by default, as in Postfix: a busy relay may open hundreds of connections a
+minute, and where the rate of a flood matters a firewall's per-source limit drops it
+before accept(2), which no check in the server can.
 
 A table in anonymous shared memory, created by the master before it forks, as the
 AUTH limiter's: keyed the same way (an IPv6 client by its /64, whose 2**64 addresses

@@ -29,7 +29,8 @@ BATCH = 64  # queued clients refused per check and socket
 
 class OverflowGuard:
     def __init__(self, log, count: Callable[[str, float], None] | None = None) -> None:
-        """``count(ip, now)``: told of each client refused, for max_connection_rate."""
+        """``count(ip, now)``: told of each client refused at the ceiling, for
+        max_connection_rate."""
         self.log = log
         self.count = count
         self.since = 0.0
@@ -64,11 +65,17 @@ class OverflowGuard:
                 if self.logged != kind:
                     self.logged = kind
                     self._warn(at_ceiling, workers, now)
-                if self._answer(sock, sock in implicit_tls, reply, now):
-                    if at_ceiling:
-                        self.rejected += 1
-                    else:
-                        self.rejected_held += 1
+                ip = self._answer(sock, sock in implicit_tls, reply)
+                if ip is None:
+                    continue
+                if not at_ceiling:
+                    # Not counted toward max_connection_rate: a crash loop is the
+                    # server's trouble, not the client's (nor is a worker's shortage).
+                    self.rejected_held += 1
+                    continue
+                self.rejected += 1
+                if self.count is not None:  # after the 421: the client hears at once
+                    self.count(ip, now)
         return True
 
     def _warn(self, at_ceiling: bool, workers: int, now: float) -> None:
@@ -78,14 +85,13 @@ class OverflowGuard:
         elif self.ceiling_warning.allow(now):
             self.log.warning("POOL", f"all {workers} workers busy (max_workers reached); answering 421 4.3.2")
 
-    def _answer(self, sock: socket.socket, tls_first: bool, reply: Reply, now: float) -> bool:
+    def _answer(self, sock: socket.socket, tls_first: bool, reply: Reply) -> str | None:
+        """Take one queued client and refuse it: its address, None when none was left."""
         try:
             conn, peer = sock.accept()
         except OSError:
-            return False  # a worker took it, or the client left
+            return None  # a worker took it, or the client left
         ip = client_ip(peer[0])
-        if self.count is not None:
-            self.count(ip, now)
         try:
             conn.setblocking(False)
             # With its enhanced code, as the contract spells it (Postfix does the same).
@@ -99,4 +105,4 @@ class OverflowGuard:
         finally:
             conn.close()
         self.log.info("CONN", f"{ip} refused by master: no worker free")
-        return True
+        return ip

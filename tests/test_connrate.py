@@ -97,7 +97,7 @@ def test_workers_share_the_count(board):
 
 def master_with(rate: ConnectionRate, limit: int, exceptions: tuple[str, ...] = ()) -> SimpleNamespace:
     """What Arbiter._count_refused reads of its master: the config's two keys and the table."""
-    server = SimpleNamespace(max_connection_rate=limit, limit_exceptions=list(exceptions))
+    server = SimpleNamespace(max_connection_rate=limit, limit_exceptions=exceptions)  # a tuple, as in Config
     return SimpleNamespace(cfg=SimpleNamespace(server=server), conn_rate=rate)
 
 

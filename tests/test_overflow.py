@@ -102,25 +102,30 @@ def test_at_the_ceiling_the_421_counts_as_max_connections():
         client.close()
 
 
-def test_each_client_refused_is_told_to_the_count_by_its_address_and_the_time():
-    """For max_connection_rate (the arbiter's count): both kinds of refusal, the time
-    being the check's; nothing when no client is there to refuse."""
+def test_each_client_refused_at_the_ceiling_is_told_to_the_count_by_its_address_and_time():
+    """For max_connection_rate (the arbiter's count): an SMTPS client too, the time
+    being the check's; nothing when no client is there to refuse, and nothing for a
+    refusal while spawning is held back (the server's trouble, not the client's)."""
     told: list[tuple[str, float]] = []
-    with socket.create_server(("127.0.0.1", 0)) as listener:
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            socket.create_server(("127.0.0.1", 0)) as smtps:
+        sockets, tls_first = [listener, smtps], frozenset([smtps])
         guard = OverflowGuard(Log(), count=lambda ip, now: told.append((ip, now)))
         start = time.monotonic()
-        guard.check(Snap(), start, 4, 4, [listener])
-        guard.check(Snap(), start + GRACE + 0.01, 4, 4, [listener])
+        guard.check(Snap(), start, 4, 4, sockets, tls_first)
+        guard.check(Snap(), start + GRACE + 0.01, 4, 4, sockets, tls_first)
         assert told == []
-        clients = [queued_client(listener) for _ in range(2)]
-        guard.check(Snap(), start + GRACE + 0.02, 4, 4, [listener])
+        plain, tls = [queued_client(listener) for _ in range(2)], queued_client(smtps)
+        guard.check(Snap(), start + GRACE + 0.02, 4, 4, sockets, tls_first)
         held = queued_client(listener)
-        guard.check(Snap(), start + GRACE + 0.03, 0, 4, [listener], held_back=True)
-        for client in clients + [held]:
+        guard.check(Snap(), start + GRACE + 0.03, 0, 4, sockets, tls_first, held_back=True)
+        for client in plain + [held]:
             assert client.recv(200).startswith(b"421 4.3.2 ")
             client.close()
-    assert told == [("127.0.0.1", start + GRACE + 0.02)] * 2 + [("127.0.0.1", start + GRACE + 0.03)]
-    assert guard.rejected == 2 and guard.rejected_held == 1
+        assert read_to_close(tls, 200) == b""  # no handshake from the master: only a close
+        tls.close()
+    assert told == [("127.0.0.1", start + GRACE + 0.02)] * 3
+    assert guard.rejected == 3 and guard.rejected_held == 1
 
 
 class Relieved(Snap):

@@ -69,3 +69,18 @@ def test_a_citation_is_read_in_the_file_named_last():
     text = "`test_a.py::test_one`, `::test_two`; `test_b.py` then `::test_three`"
     assert cited_tests(text) == [("test_a.py", "test_one"), ("test_a.py", "test_two"),
                                  ("test_b.py", "test_three")]
+
+
+def _tests_table() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n### Tests\n")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def test_every_test_file_has_its_row_in_the_readmes_tests_table():
+    """A newcomer reads there what each file covers: a file left out is a file unread."""
+    table = _tests_table()
+    files = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
+    assert len(files) > 40
+    missing = [f for f in files if f"`{f}`" not in table]
+    assert not missing, "test files with no row in the README's Tests table: " + ", ".join(missing)

@@ -17,14 +17,15 @@ DOCS = ("README.md", "SECURITY.md")
 _CITATION = re.compile(r"(test_\w+\.py)(?:::(test_\w+))?|::(test_\w+)")
 
 
-def _reply_section() -> str:
+def _readme_section(heading: str) -> str:
+    """The README's text from ``heading`` (a whole line) to the next ``## `` heading."""
     text = (ROOT / "README.md").read_text()
-    start = text.index("\n## Reply codes\n")
+    start = text.index(f"\n{heading}\n")
     return text[start:text.index("\n## ", start + 1)]
 
 
 def test_every_reply_constant_has_its_row_in_the_readme():
-    section = _reply_section()
+    section = _readme_section("## Reply codes")
     missing = []
     for name in dir(R):
         reply = getattr(R, name)
@@ -71,15 +72,9 @@ def test_a_citation_is_read_in_the_file_named_last():
                                  ("test_b.py", "test_three")]
 
 
-def _tests_table() -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index("\n### Tests\n")
-    return text[start:text.index("\n## ", start + 1)]
-
-
 def test_every_test_file_has_its_row_in_the_readmes_tests_table():
     """A newcomer reads there what each file covers: a file left out is a file unread."""
-    table = _tests_table()
+    table = _readme_section("### Tests")
     files = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
     assert len(files) > 40
     missing = [f for f in files if f"`{f}`" not in table]

@@ -15,6 +15,7 @@ import os
 import pty
 import re
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -1141,6 +1142,11 @@ def _passwd_at_a_terminal(tmp_path: Path, keys: bytes) -> tuple[int, bytes]:
     typed at the prompt; its exit status and everything it wrote to the terminal."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: the pty is its controlling terminal
+        # As a shell starts a foreground job: Ctrl-C and Ctrl-\ do what they do at a
+        # terminal.  A test run started in the background by a non-interactive shell
+        # has SIGINT ignored, the child inherited that, and its Ctrl-C did nothing.
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
         os.execv(sys.executable, [sys.executable, "-m", "forksmtp", "passwd", "alice",
                                   "-f", str(tmp_path / "passwd")])
     out, deadline, typed = b"", time.monotonic() + 30, False
@@ -1172,6 +1178,19 @@ def test_passwd_at_a_terminal_ended_by_ctrl_d_or_ctrl_c_writes_nothing_and_no_tr
     status, out = _passwd_at_a_terminal(tmp_path, keys)
     assert b"Traceback" not in out, out.decode(errors="replace")
     assert status == code, out.decode(errors="replace")
+    assert not (tmp_path / "passwd").exists()
+
+
+def test_ctrl_c_at_the_prompt_ends_it_even_where_the_test_run_ignores_sigint(tmp_path):
+    """A run started in the background by a non-interactive shell (a CI runner's, say)
+    has SIGINT ignored; the terminal's child must not inherit that, or its Ctrl-C does
+    nothing and the test waits out its 30 s (status 1, once the terminal closes)."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        status, out = _passwd_at_a_terminal(tmp_path, b"\x03")
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert status == 130, out.decode(errors="replace")
     assert not (tmp_path / "passwd").exists()
 
 

@@ -21,7 +21,6 @@ import dataclasses
 import errno
 import functools
 import gc
-import ipaddress
 import os
 import select
 import signal
@@ -42,7 +41,7 @@ from .security import Security, certificate_warning, listen_addresses, load_secu
 from .logs import ALWAYS, Log
 from .scoreboard import BUSY, IDLE, STARTING, STATE_NAMES, STOPPING, LockBusy, Scoreboard
 from .signals import HANDLED, MAILDIR_CALL_EVERY, NAMES, SignalQueue
-from .worker import EXIT_BOOT_ERROR, Worker, in_networks
+from .worker import EXIT_BOOT_ERROR, Worker, in_networks, networks
 
 TICK = 1.0  # seconds between pool checks when nothing happens
 #: An idle worker turns its accept loop every second: one silent this long is stopped
@@ -157,10 +156,8 @@ class KeptWaiting:
         return text
 
 
-@functools.lru_cache(maxsize=4)
-def _networks(cidrs: tuple[str, ...]) -> list:
-    """A config's networks, parsed once (its checks have already parsed each)."""
-    return [ipaddress.ip_network(n, strict=False) for n in cidrs]
+#: limit_exceptions, parsed once per config for the master's count of its refusals.
+_networks = functools.lru_cache(maxsize=4)(networks)
 
 
 class Arbiter:

@@ -26,7 +26,7 @@ import signal
 import socket
 import _socket
 import time
-from typing import Any, Callable, Final, Protocol
+from typing import Any, Callable, Final, Protocol, Sequence
 
 from . import authlimit, delivery, limits, process
 from .connection import Connection, close_tls, discard_unread, drive_handshake, wait_alone
@@ -79,6 +79,12 @@ _TERM_OCTET: Final = bytes([signal.SIGTERM])
 _QUIT_OCTET: Final = bytes([signal.SIGQUIT])
 _IGNORED: Final = (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2,
                    signal.SIGTTIN, signal.SIGTTOU)
+
+
+def networks(cidrs: Sequence[str]) -> list:
+    """A config's networks (its checks have already parsed each), as in_networks takes
+    them."""
+    return [ipaddress.ip_network(n, strict=False) for n in cidrs]
 
 
 def in_networks(ip: str, nets: list) -> bool:
@@ -157,8 +163,8 @@ class Worker:
         self.session_cfg = self._session_config(cfg.limits.max_errors, cfg.limits.max_junk_commands)
         self.stress_cfg = self._session_config(cfg.limits.stress_max_errors,
                                                cfg.limits.stress_max_junk_commands)
-        self.normalize_nets = [ipaddress.ip_network(n, strict=False) for n in cfg.limits.normalize_networks]
-        self.exempt_nets = [ipaddress.ip_network(n, strict=False) for n in cfg.server.limit_exceptions]
+        self.normalize_nets = networks(cfg.limits.normalize_networks)
+        self.exempt_nets = networks(cfg.server.limit_exceptions)
         # The greeting delay only exists to catch early talkers (a postscreen-style
         # pregreet test); without the rejection there is no reason to make clients wait.
         self.greeting_delay = cfg.server.greeting_delay if cfg.server.reject_early_talkers else 0.0

@@ -52,11 +52,13 @@ def open_maildirs_bound() -> int:
     return max(1, min(MAX_OPEN_MAILDIRS, soft // 4))
 
 
-#: The failures that are a Maildir's own (its permissions, its file system, its quota):
-#: not a worker's (out of descriptors or memory), which would defer a good mailbox.
-_MAILDIR_FAULTS: Final = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
-                                    errno.EDQUOT, errno.ENOENT, errno.ENOTDIR, errno.ELOOP,
-                                    errno.EIO, errno.EISDIR})
+#: The failures that are the worker's own (out of descriptors or memory, a signal): they
+#: say nothing of the Maildir and must not defer a good mailbox.  Any other failure may
+#: be the Maildir's (its permissions, its quota, its file system: full, read-only, in need
+#: of fsck, an NFS handle gone stale, a FUSE daemon gone), and whether it still is, is
+#: what ``condition`` looks at before each of its recipients is deferred.
+_WORKER_FAULTS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS,
+                                   errno.EINTR, errno.EAGAIN})
 
 
 #: What ``condition`` says of a Maildir.
@@ -108,10 +110,35 @@ def _could_make(path: str) -> bool:
 
 
 def _full(directory: str) -> bool:
-    """No block or no inode left on ``directory``'s file system for this process."""
+    """No block or no inode left on ``directory``'s file system for this process.  One
+    that reports no size at all (every count 0: ramfs, a FUSE one without statfs) cannot
+    say, and is not taken for full: its mailboxes would be refused for good."""
     fs = os.statvfs(directory)
     blocks = fs.f_bfree if os.geteuid() == 0 else fs.f_bavail
-    return blocks == 0 or (fs.f_files > 0 and fs.f_favail == 0)
+    return (fs.f_blocks > 0 and blocks == 0) or (fs.f_files > 0 and fs.f_favail == 0)
+
+
+def one_path_per_maildir(catch_all: str, mailboxes: Mapping[str, str]) -> dict[str, str]:
+    """``mailboxes`` with every path that reaches the same directory as another one
+    configured (through a symlink, a bind mount, a ``..``) spelt as one of them: the
+    catch-all, else one without a symlink or a ``..`` in it, else the first in order.
+    They are one Maildir, which gets one copy of a message, not one per spelling.  Told apart by device and inode where the directory is there (the
+    master has made them before a worker starts), else by the path with its symlinks
+    resolved.  Looked at once per worker."""
+    first: dict[object, str] = {}
+    spelt: dict[str, str] = {}
+    plain_first = sorted(set(mailboxes.values()), key=lambda p: (os.path.realpath(p) != p, p))
+    for path in (catch_all, *plain_first):
+        spelt[path] = first.setdefault(_identity(path), path)
+    return {address: spelt[path] for address, path in mailboxes.items()}
+
+
+def _identity(path: str) -> object:
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return os.path.realpath(path)
 
 
 class Router:
@@ -120,6 +147,7 @@ class Router:
     def __init__(self, catch_all: str, mailboxes: Mapping[str, str], fsync: bool = True,
                  local_domains: tuple[str, ...] = ()) -> None:
         self.catch_all = catch_all
+        mailboxes = one_path_per_maildir(catch_all, mailboxes)
         self.mailboxes = mailboxes
         self.fsync = fsync
         self._maildirs: dict[str, maildir.Maildir] = {}
@@ -150,7 +178,7 @@ class Router:
         instead of deferred as a whole: SMTP has one reply for a message's text, and the
         RCPT is the last moment one recipient can be told apart from the rest.  Learnt
         per worker, from its own failures."""
-        if exc.errno in _MAILDIR_FAULTS:
+        if exc.errno is not None and exc.errno not in _WORKER_FAULTS:
             reply = R.R452_MAILBOX_NO_SPACE if maildir.is_no_space(exc) else R.R451_MAILBOX_DEFERRED
             self._deferred[self._paths.get(path, path)] = reply
 
@@ -274,6 +302,8 @@ class Transaction:
             try:
                 fs, free = copy.free_space()
             except OSError:  # a file system that cannot say now (NFS, FUSE): the writes will
+                continue
+            if free is None:  # one that reports no size (ramfs): the writes will say too
                 continue
             n = copies[fs] = copies.get(fs, 0) + 1
             if free < n * need:

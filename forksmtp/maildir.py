@@ -333,11 +333,12 @@ class Delivery:
         if self._held >= _FLUSH_AT:
             self._flush()
 
-    def free_space(self) -> tuple[int, int]:
+    def free_space(self) -> tuple[int, int | None]:
         """This file's file system (its id) and the octets an unprivileged writer may
-        still add to it."""
+        still add to it; None for a file system that reports no size at all (every
+        count 0: ramfs, a FUSE one without statfs), which cannot tell."""
         st = os.fstatvfs(self._fd)
-        return st.f_fsid, st.f_bavail * st.f_frsize
+        return st.f_fsid, (st.f_bavail * st.f_frsize if st.f_blocks else None)
 
     def commit(self) -> str:
         """Make the message durable in new/ and return its path; see commit_all()."""

@@ -156,10 +156,18 @@ def test_a_failed_maildir_defers_its_recipients_only_and_while_it_looks_broken(r
     (errno.EACCES, R.R451_MAILBOX_DEFERRED), (errno.EROFS, R.R451_MAILBOX_DEFERRED),
     (errno.ENOTDIR, R.R451_MAILBOX_DEFERRED), (errno.EIO, R.R451_MAILBOX_DEFERRED),
     (errno.ENOSPC, R.R452_MAILBOX_NO_SPACE), (errno.EDQUOT, R.R452_MAILBOX_NO_SPACE),
+    # A file system in need of fsck, an NFS handle gone stale, a FUSE daemon gone, a
+    # new/ on another file system than tmp/: the Maildir's too, and deferred while a look
+    # can see it (each of these Maildirs has a file for its new/ here).
+    (errno.EUCLEAN, R.R451_MAILBOX_DEFERRED), (errno.ESTALE, R.R451_MAILBOX_DEFERRED),
+    (errno.ENOTCONN, R.R451_MAILBOX_DEFERRED), (errno.EXDEV, R.R451_MAILBOX_DEFERRED),
     (errno.EMFILE, None), (errno.ENFILE, None), (errno.ENOMEM, None), (errno.EINTR, None),
+    (errno.ENOBUFS, None), (errno.EAGAIN, None),
 ])
 def test_only_a_maildirs_own_faults_defer_it(tmp_path, err, reply):
-    """Out of descriptors or memory is the worker's trouble, not the mailbox's."""
+    """Out of descriptors or memory is the worker's trouble, not the mailbox's; any
+    other failure may be the Maildir's.  (EUCLEAN deferred nobody before: one broken
+    mailbox had every message that named it refused as a whole, for good.)"""
     # The configured path with a trailing slash: errors name the Maildir by absolute path.
     router = delivery.Router(str(tmp_path / "catch"), {"a@x.test": str(tmp_path / "a") + "/"})
     router.maildir(str(tmp_path / "a") + "/")
@@ -274,3 +282,72 @@ def test_the_hourly_pass_gives_what_it_makes_to_the_ids_kept_with_the_config(tmp
             st = (tmp_path / name / sub).stat()
             assert (st.st_uid, st.st_gid) == (12345, 23456), (name, sub)
     assert "workers' user" not in log_path.read_text()
+
+
+# -- paths that are one Maildir ----------------------------------------------------------------
+
+def stored(md) -> list[bytes]:
+    return [(md / "new" / name).read_bytes() for name in sorted(os.listdir(md / "new"))]
+
+
+@pytest.mark.parametrize("spelling", ["symlink", "dot-dot", "trailing-slash"])
+def test_paths_that_reach_one_maildir_get_one_copy(tmp_path, spelling):
+    """The contract: one copy per distinct destination Maildir.  Two mailboxes whose
+    paths are one directory were told apart by their spelling, and the Maildir got two
+    copies of a message for both."""
+    real = tmp_path / "alice"
+    maildir.Maildir(str(real))
+    other = {"symlink": tmp_path / "alias", "dot-dot": tmp_path / "x" / ".." / "alice",
+             "trailing-slash": str(real) + "/"}[spelling]
+    if spelling == "symlink":
+        os.symlink(real, other)
+    (tmp_path / "x").mkdir()
+    router = delivery.Router(str(tmp_path / "catch"), {"alice@x.test": str(real), "bob@x.test": str(other)})
+    assert router.route(["alice@x.test", "bob@x.test"]) == {str(real): ["alice@x.test", "bob@x.test"]}
+    txn = delivery.Transaction(router, ["bob@x.test", "alice@x.test"], header())
+    txn.write(b"Subject: one\n\nbody\n")
+    txn.commit()
+    (copy,) = stored(real)
+    assert b"Delivered-To: bob@x.test\nDelivered-To: alice@x.test\n" in copy
+    assert not (tmp_path / "catch" / "new").exists() or stored(tmp_path / "catch") == []
+
+
+def test_a_mailbox_whose_path_is_the_catch_alls_shares_its_copy(tmp_path):
+    """Spelt as the catch-all (which comes first), so its copy there is the catch-all's
+    with a Delivered-To line for the mailbox, as when both name one path."""
+    catch = tmp_path / "catch"
+    maildir.Maildir(str(catch))
+    os.symlink(catch, tmp_path / "link")
+    router = delivery.Router(str(catch), {"box@x.test": str(tmp_path / "link")})
+    assert router.route(["box@x.test", "anyone@x.test"]) == {str(catch): ["box@x.test", "anyone@x.test"]}
+    txn = delivery.Transaction(router, ["box@x.test", "anyone@x.test"], header())
+    txn.write(b"\nbody\n")
+    txn.commit()
+    (copy,) = stored(catch)
+    assert copy.count(b"Delivered-To: ") == 1 and b"Delivered-To: box@x.test\n" in copy
+
+
+def test_a_deferred_maildir_of_two_spellings_defers_both(tmp_path):
+    real = tmp_path / "alice"
+    maildir.Maildir(str(real))
+    os.symlink(real, tmp_path / "alias")
+    router = delivery.Router(str(tmp_path / "catch"), {"alice@x.test": str(real),
+                                                       "bob@x.test": str(tmp_path / "alias")})
+    replace_with_file(real / "new")
+    with pytest.raises(OSError) as failed:  # a message for bob: the Maildir names itself
+        delivery.Transaction(router, ["bob@x.test"], header())
+    assert maildir.blamed(failed.value) == str(real)
+    router.defer(maildir.blamed(failed.value), failed.value)
+    assert router.deferral("bob@x.test") is R.R451_MAILBOX_DEFERRED
+    assert router.deferral("alice@x.test") is R.R451_MAILBOX_DEFERRED
+    assert router.deferral("carol@x.test") is None
+
+
+def test_maildirs_not_there_yet_are_told_apart_by_their_resolved_paths(tmp_path):
+    (tmp_path / "x").mkdir()
+    os.symlink(tmp_path / "x", tmp_path / "y")
+    got = delivery.one_path_per_maildir(str(tmp_path / "catch"), {
+        "a@x.test": str(tmp_path / "x" / "box"), "b@x.test": str(tmp_path / "y" / "box"),
+        "c@x.test": str(tmp_path / "x" / "other")})
+    assert got == {"a@x.test": str(tmp_path / "x" / "box"), "b@x.test": str(tmp_path / "x" / "box"),
+                   "c@x.test": str(tmp_path / "x" / "other")}

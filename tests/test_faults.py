@@ -34,6 +34,7 @@ from daemon import (Ledger, RawSMTP, assert_nothing_left_in_tmp, connection_refu
                     ledger_client, ledger_message, line_pid, open_tmp_files, run_clients, send_message,
                     request_stats, serving_worker, wait_until, worker_pids, write_config)
 from forksmtp.maildir import escape_host
+from helpers import LOOP_TOOLS, cannot_loop_mount, loop_ext4, run_tool
 
 EHLO = b"EHLO client.example"
 
@@ -142,23 +143,28 @@ def test_start_up_and_reload_sweep_orphaned_tmp_files(daemon_factory, tmp_path):
 
 # -- disk full -------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 2 MiB tmpfs with 512 inodes, unmounted after the test (request it before daemon_factory, so the
-    daemon is stopped first)."""
+def mounted(mnt: Path, fstype: str, options: str):
+    """A ``fstype`` file system mounted on ``mnt`` (made here) with ``options``, then
+    unmounted; skips where it cannot be mounted."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "small"
+        pytest.skip(f"mounting a {fstype} needs root")
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,nr_inodes=512,mode=0755", "tmpfs", str(mnt)],
+    done = subprocess.run(["mount", "-t", fstype, "-o", options, fstype, str(mnt)],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+        pytest.skip(f"cannot mount a {fstype}: {done.stderr.strip()}")
     try:
         yield mnt
     finally:
         if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs with 512 inodes, unmounted after the test (request it before daemon_factory, so the
+    daemon is stopped first)."""
+    yield from mounted(tmp_path / "small", "tmpfs", "size=2m,nr_inodes=512,mode=0755")
 
 
 def fill(path: Path) -> None:
@@ -181,6 +187,19 @@ def full_disk_daemon(small_tmpfs, daemon_factory):
     filler = small_tmpfs / "filler"
     fill(filler)
     return d, md, filler
+
+
+def refused_whole_then_deferred_at_rcpt(client: smtplib.SMTP, rcpts: list[str], times: int) -> None:
+    """The first message for ``rcpts``, the last of whose Maildir is broken, is refused
+    as a whole (learnt at DATA); the next ``times`` are stored for the others, the last
+    recipient deferred at RCPT."""
+    with pytest.raises(smtplib.SMTPDataError) as first:
+        client.sendmail("s@client.example", rcpts, b"Subject: first\r\n\r\nhi\r\n")
+    assert first.value.smtp_code == 451
+    client.rset()
+    for n in range(times):
+        refused = client.sendmail("s@client.example", rcpts, f"Subject: n{n}\r\n\r\nhi\r\n".encode())
+        assert refused == {rcpts[-1]: (451, b"4.3.0 Mailbox temporarily unavailable, try again later")}
 
 
 def use_up_inodes(directory: Path) -> None:
@@ -284,6 +303,71 @@ def test_a_declared_size_the_disk_cannot_take_gets_452_before_the_text(small_tmp
     assert "(SIZE)" in d.log_text()[mark:]
     assert len(listing(md / "new")) == 1
     assert_nothing_left_in_tmp(d, md)
+
+
+@pytest.fixture
+def ramfs(tmp_path):
+    """A ramfs, which reports no size at all (statvfs: every count 0), unmounted after
+    the test (request it before daemon_factory, so the daemon is stopped first)."""
+    yield from mounted(tmp_path / "ram", "ramfs", "mode=0755")
+
+
+def test_a_file_system_that_reports_no_size_is_not_taken_for_full(ramfs, daemon_factory):
+    """A ramfs (or a FUSE file system without statfs) says 0 blocks in all, 0 free: it
+    cannot tell.  A declared SIZE was refused there with 452 4.3.1 every time (the mail
+    of Postfix and Exim, which always declare it, deferred until it bounced); and a
+    mailbox there deferred once stayed deferred after it was mended."""
+    assert os.statvfs(ramfs).f_blocks == 0  # the premise
+    catch, bob = ramfs / "Maildir", ramfs / "bob"
+    d = daemon_factory(workers=1, sections={"delivery": {"maildir": str(catch)},
+                                            "mailboxes": {"bob@example.test": str(bob)}})
+    rcpts = ["carol@example.test", "bob@example.test"]
+    with smtplib.SMTP(d.host, d.port, timeout=10) as client:
+        client.ehlo("client.example")
+        assert client.does_esmtp and "size" in client.esmtp_features
+        # smtplib declares SIZE where the server offers it, as Postfix and Exim do
+        assert client.sendmail("s@client.example", rcpts, b"Subject: sized\r\n\r\nhi\r\n") == {}
+        os.rename(bob / "new", bob / "new.away")
+        (bob / "new").write_text("in the way")
+        refused_whole_then_deferred_at_rcpt(client, rcpts, 1)
+        (bob / "new").unlink()
+        os.rename(bob / "new.away", bob / "new")  # mended
+        assert client.sendmail("s@client.example", rcpts, b"Subject: mended\r\n\r\nhi\r\n") == {}
+    assert len(listing(catch / "new")) == 3 and len(listing(bob / "new")) == 2
+    assert_no_crash(d)
+
+
+def test_a_mailbox_on_a_file_system_in_need_of_fsck_is_deferred_at_rcpt(tmp_path, daemon_factory):
+    """A Maildir whose new/ the file system can no longer read (its inode cleared, as a
+    crash or a bad disk leaves it: "Structure needs cleaning", EUCLEAN): once it has
+    failed, its recipients get 451 at RCPT and the others of the same message get it.
+    Only errors on a fixed list deferred a Maildir before, EUCLEAN not among them, so
+    every message that named it was refused as a whole, for good."""
+    reason = cannot_loop_mount((*LOOP_TOOLS, "debugfs"))
+    if reason:
+        pytest.skip(reason)
+    with loop_ext4(tmp_path) as (mnt, _, loop):
+        (mnt / "Maildir").mkdir()
+        for sub in ("tmp", "new", "cur"):
+            (mnt / "Maildir" / sub).mkdir()
+        run_tool("umount", str(mnt))
+        run_tool("debugfs", "-w", "-R", "clri Maildir/new", loop)
+        run_tool("mount", "-o", "errors=continue", loop, str(mnt))
+        with pytest.raises(OSError) as broken:
+            os.lstat(mnt / "Maildir" / "new")
+        assert broken.value.errno == errno.EUCLEAN  # the premise
+        catch = tmp_path / "catch"
+        d = daemon_factory(workers=1, sections={"delivery": {"maildir": str(catch)},
+                                                "mailboxes": {"bob@example.test": str(mnt / "Maildir")}})
+        rcpts = ["carol@example.test", "bob@example.test"]
+        try:
+            with smtplib.SMTP(d.host, d.port, timeout=10) as client:
+                refused_whole_then_deferred_at_rcpt(client, rcpts, 3)
+            assert len(listing(catch / "new")) == 3
+            assert "Structure needs cleaning" in d.log_text()
+            assert_no_crash(d)
+        finally:
+            d.stop()  # before the file system goes
 
 
 def test_the_declared_size_is_checked_for_all_the_copies_a_file_system_takes(small_tmpfs, daemon_factory):
@@ -405,14 +489,8 @@ def test_a_broken_mailbox_is_deferred_at_rcpt_and_the_others_get_the_message(nob
     (bob / "tmp").chmod(0o500)
     try:
         with smtplib.SMTP(d.host, d.port, timeout=10) as client:
-            with pytest.raises(smtplib.SMTPDataError) as first:  # learnt at DATA: all refused
-                client.sendmail("s@client.example", rcpts, b"Subject: first\r\n\r\nhi\r\n")
-            assert first.value.smtp_code == 451
-            client.rset()
-            for n in range(12):  # more than max_errors (10): the deferrals are not counted
-                refused = client.sendmail("s@client.example", rcpts, f"Subject: n{n}\r\n\r\nhi\r\n".encode())
-                assert refused == {"bob@example.test": (451, b"4.3.0 Mailbox temporarily unavailable, "
-                                                             b"try again later")}
+            # more than max_errors (10): the deferrals are not counted
+            refused_whole_then_deferred_at_rcpt(client, rcpts, 12)
             assert len(listing(catch / "new")) == 12 and listing(bob / "new") == []
             (bob / "tmp").chmod(0o700)  # mended
             assert client.sendmail("s@client.example", rcpts, b"Subject: last\r\n\r\nhi\r\n") == {}

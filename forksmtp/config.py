@@ -85,7 +85,7 @@ class LimitsConfig:
     bare_newline: str = "reject"  # "reject" | "normalize"
     normalize_networks: tuple[str, ...] = ()  # CIDRs where bare LF is normalised instead
     stress_max_errors: int = 1
-    max_junk_commands: int = 100  # NOOP, RSET, VRFY, HELP free between messages stored
+    max_junk_commands: int = 100  # EHLO, HELO, NOOP, RSET, VRFY, HELP free between messages stored
     stress_max_junk_commands: int = 1
 
 

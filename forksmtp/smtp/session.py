@@ -114,7 +114,7 @@ class Session(SecureCommands):
         self.esmtp = False
         self.enhanced = False  # RFC 3463 codes once EHLO/HELO succeeded
         self.errors = 0
-        self.junk = 0  # NOOP, RSET, VRFY and HELP since the last message stored
+        self.junk = 0  # EHLO, HELO, NOOP, RSET, VRFY and HELP since the last message stored
         self._surplus = 0  # recipients refused 452 in this transaction
         self.closed = False
         self.close_reply: R.Reply | None = None  # the reply that closed the session
@@ -399,6 +399,9 @@ class Session(SecureCommands):
         self.envelope = None
         self.phase = HELO
         self._send(self.config.ehlo_reply(self.tls) if esmtp else self.config.helo_reply)
+        # Repeatable without end, and the dearest reply to send: junk, as in Postfix's
+        # smtpd command table.  A client looping on EHLO kept a core busy for its session.
+        self._junk()
 
     def _cmd_ehlo(self, arg: str) -> None:
         self._cmd_helo(arg, esmtp=True)

@@ -19,6 +19,14 @@ from .servers import start_system
 
 # --------------------------------------------------------------------------- extras
 
+#: Quiet before each write of the big-message check, the disk's own and the server's, per
+#: MiB to be written (2 s before 50 MiB).  Right after another such write the disk's own
+#: rate swung between about 270 and 2,000 MiB/s here, and the server's transfer always
+#: followed the disk's write; after 2 s of quiet both start from an idle disk, and the
+#: disk's rate held at 275-333 MiB/s over twelve writes.
+QUIET_PER_MIB = 0.04
+
+
 def disk_write_rate(directory: str, size: int) -> float:
     """Sequential write rate (MiB/s) like dd + fsync: 1 MiB writes, fsync, in directory."""
     chunk = b"\0" * MiB
@@ -81,7 +89,9 @@ def send_big_message(sock: socket.socket, msg_id: str, size: int, sampler: RssSa
 def stream_big(bench: Bench, system: str) -> dict:
     """The big message, ``--big-repeats`` times, each on its own connection, to a
     one-worker server, each right after a measurement of the disk's own sequential
-    write rate in the same directory, so that the two see the same machine state.
+    write rate in the Maildir's own tmp/ (the same directory, so the same part of the
+    file system), each of the two writes after the same quiet (QUIET_PER_MIB), so that
+    the two see the same machine state.
     Rates are medians (one transfer swings by 15 % with the machine's state); the RSS
     (sampled all along) grows by the worst transfer's."""
     size, maildir = bench.args.big_mib * MiB, fresh_maildir(bench, f"big-{system}")
@@ -91,7 +101,9 @@ def stream_big(bench: Bench, system: str) -> dict:
     seconds, disk = [], []
     try:
         for msg_id in ids:
-            disk.append(disk_write_rate(bench.root, size))
+            time.sleep(QUIET_PER_MIB * bench.args.big_mib)
+            disk.append(disk_write_rate(os.path.join(maildir, "tmp"), size))
+            time.sleep(QUIET_PER_MIB * bench.args.big_mib)
             with socket.create_connection((HOST, server.port),
                                           timeout=bench.args.io_timeout) as s:
                 seconds.append(send_big_message(s, msg_id, size, sampler))

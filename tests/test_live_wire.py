@@ -352,12 +352,17 @@ def test_bytes_pipelined_behind_data_are_a_sync_error(shared):
     assert box.added() == []
 
 
-def test_text_behind_a_refused_data_never_runs_as_commands(shared):
+@pytest.mark.parametrize("refused", [
+    b"MAIL FROM:<a@client.test>\r\nDATA\r\n",  # no RCPT: DATA fails
+    b"MAIL FROM:<a@client.test>\r\nDATA\x00\r\n",  # a NUL: DATA refused for its form
+    b"MAIL FROM:<a@client.test>\r\nDATA" + b" " * 600 + b"\r\n",  # too long
+], ids=["no RCPT", "NUL", "too long"])
+def test_text_behind_a_refused_data_never_runs_as_commands(shared, refused):
     box = Box(shared)
     with Wire(shared.port) as w:
         closing = Closing(shared, w)
-        w.send(b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n"  # no RCPT: DATA fails
-               b"DATA\r\nRSET\r\nMAIL FROM:<ceo@bank.example>\r\nRCPT TO:<b@example.test>\r\n"
+        w.send(b"EHLO client.test\r\n" + refused +
+               b"RSET\r\nMAIL FROM:<ceo@bank.example>\r\nRCPT TO:<b@example.test>\r\n"
                b"DATA\r\nSubject: forged\r\n\r\nforged body\r\n.\r\n")
         replies = w.rest_until_eof()
     assert [r[:3] for r in replies] == [b"250", b"250", b"554"], replies

@@ -512,6 +512,29 @@ def test_a_bdat_chunk_never_runs_as_commands():
     assert feed_codes(s, b"NOOP\r\n") == [250]
 
 
+@pytest.mark.parametrize("data", [
+    b"DATA\x00\r\n", b"DATA \xff\r\n", b"DATA\rx\r\n", b"data\r\r\n", b"BDAT 10\x00\r\n",
+    b"DATA" + b" " * 520 + b"\r\n",   # over 512 octets, within the buffer's limit
+    b"DATA" + b" " * 700 + b"\r\n",   # over the buffer's limit too
+], ids=["NUL", "not UTF-8", "CR", "CR CR LF", "BDAT NUL", "long", "over the buffer"])
+def test_bytes_behind_a_malformed_data_are_a_sync_error_too(data):
+    """A DATA refused for its form (501, 500) ends its group as any refused DATA does:
+    the text behind it ran as commands, a MAIL FROM and RCPT of the text's choosing
+    stored as a message of their own."""
+    s = new_session(local_domains=("example.test",))
+    smuggled = b"RSET\r\nMAIL FROM:<ceo@bank.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\nforged\r\n.\r\n"
+    out = feed(s, b"EHLO c\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n" + data + smuggled)
+    assert heads(out) == ["250", "250 2.1.0", "250 2.1.5", "554 5.5.0"] and s.closed
+    assert not [e for e in events(s) if isinstance(e, DataStart)]
+
+
+@pytest.mark.parametrize("line", [b"DATA\x00", b"DATA" + b" " * 520, b"DATAX", b"DATABASE x"], ids=repr)
+def test_a_malformed_data_waited_for_gets_its_reply_and_the_session_goes_on(line):
+    s = new_session()
+    assert feed_codes(s, b"EHLO c\r\n" + line + b"\r\n")[1] in (500, 501)
+    assert not s.closed and feed_codes(s, b"NOOP\r\n") == [250]
+
+
 def test_data_waited_for_may_fail_and_the_session_goes_on():
     s = new_session()
     assert feed_codes(s, b"EHLO c\r\nDATA\r\n") == [250, 503]

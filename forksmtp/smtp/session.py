@@ -99,6 +99,10 @@ MAX_SURPLUS_RECIPIENTS: Final = 10_000
 _AUTH_PROTOCOL_SUFFIX: Final = {(False, False): "", (True, False): "S", (False, True): "A", (True, True): "SA"}
 
 
+#: The verbs after which a client must wait for the reply (RFC 2920 3.1).
+_DATA_VERBS: Final = (b"DATA", b"BDAT")
+
+
 class Session(SecureCommands):
     def __init__(self, config: SessionConfig, *, normalize: bool | None = None,
                  tls: bool = False) -> None:
@@ -255,6 +259,13 @@ class Session(SecureCommands):
             self._after_auth = 2
         return was
 
+    def _data_with_text_behind(self, line: bytes) -> bool:
+        """``line`` is a DATA or BDAT, well formed or not (a NUL, a CR, octets that are
+        not UTF-8 or too many of them after the verb), and the client sent more behind
+        it without waiting for its reply: the session is closed with 554 5.5.0 (see
+        _handle_line), however the DATA itself would have been answered."""
+        return line[:4].upper() in _DATA_VERBS and not line[4:5].isalnum() and self._lines.pending() > 0
+
     def _refuse_overlong(self) -> None:
         # RFC 4954 4: 5.5.6 for a line of an authentication exchange, be it the AUTH
         # command or a response; 5.5.2 for any other command.
@@ -262,6 +273,8 @@ class Session(SecureCommands):
         self._auth = None
         self._count_after_auth(self._lines.head)  # LOGIN lines pipelined behind it stay unlogged
         self._log("<command line too long>")
+        if not in_auth and self._data_with_text_behind(self._lines.head):
+            return self.close(R.R554_SYNC)
         self._send(R.R500_AUTH_LINE_TOO_LONG if in_auth else R.R500_LINE_TOO_LONG)
 
     def _refuse_bare_lf(self) -> None:
@@ -272,9 +285,7 @@ class Session(SecureCommands):
         self._auth = None
         self._count_after_auth(head)
         self._log("<command line with a bare LF>")
-        verb = head[:4].upper()
-        if (verb == b"DATA" or verb == b"BDAT") and head[4:5] in (b"", b" ", b"\t", b"\r") \
-                and self._lines.pending():
+        if self._data_with_text_behind(head):
             # Text sent behind a DATA that is not run would run as commands: closed as
             # bytes behind any refused DATA are (RFC 2920 3.1, see _handle_line).
             return self.close(R.R554_SYNC)
@@ -309,6 +320,8 @@ class Session(SecureCommands):
             # parameters that lengthen MAIL; any other is refused unread, and
             # unlogged, like one over the buffer's limit.
             self._log("<command line too long>")
+            if self._data_with_text_behind(line):
+                return self.close(R.R554_SYNC)
             return self._send(R.R500_LINE_TOO_LONG)
         if hidden:
             self._log(f"<line after AUTH, {len(line)} octets, not logged>")
@@ -317,6 +330,8 @@ class Session(SecureCommands):
         else:  # not UTF-8: every octet outside printable ASCII as an escape
             self._log(loggable(line.decode("latin-1"), escape=True))
         if text is None or "\r" in text or "\0" in text:  # (an LF ends the line it is in)
+            if self._data_with_text_behind(line):
+                return self.close(R.R554_SYNC)
             return self._send(R.R501_BAD_CHARS)
         if (verb == "DATA" or verb == "BDAT") and self._lines.pending():
             # RFC 2920 3.1: DATA ends a pipelining group, whether it succeeds or fails.

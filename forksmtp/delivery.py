@@ -122,9 +122,10 @@ def one_path_per_maildir(catch_all: str, mailboxes: Mapping[str, str]) -> dict[s
     """``mailboxes`` with every path that reaches the same directory as another one
     configured (through a symlink, a bind mount, a ``..``) spelt as one of them: the
     catch-all, else one without a symlink or a ``..`` in it, else the first in order.
-    They are one Maildir, which gets one copy of a message, not one per spelling.  Told apart by device and inode where the directory is there (the
-    master has made them before a worker starts), else by the path with its symlinks
-    resolved.  Looked at once per worker."""
+    They are one Maildir, which gets one copy of a message, not one per spelling.  Told
+    apart by device and inode where the directory is there (the master has made them
+    before a worker starts), else by the path with its symlinks resolved.  Looked at
+    once per worker."""
     first: dict[object, str] = {}
     spelt: dict[str, str] = {}
     plain_first = sorted(set(mailboxes.values()), key=lambda p: (os.path.realpath(p) != p, p))

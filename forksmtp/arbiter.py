@@ -175,6 +175,10 @@ class Arbiter:
         self.pool_state = pool.PoolState()
         self.next_tmp_clean = 0.0
         self.last_pass = -MAILDIR_CALL_EVERY
+        # Maildirs a reload dropped while workers of the generation before may still
+        # write into them: a crash of one leaves its named tmp/ file (the fallback
+        # without O_TMPFILE) there, and no later pass would look at them again.
+        self.draining_maildirs: set[str] = set()
         self.overflow = OverflowGuard(self.log, count=self._count_refused)
         self._last_stuck_check = float("-inf")
         self._silence_from = 0.0  # silence counts from here at the earliest (the end of a stall)
@@ -506,6 +510,8 @@ class Arbiter:
             if child.generation != self.generation and all(
                     c.generation == self.generation for c in self.workers.values()):
                 self._fresh_ceiling_warnings()  # the drain's ceiling is over (see there)
+                if self.draining_maildirs:
+                    self.next_tmp_clean = 0.0  # a last look at the Maildirs it dropped
             lifetime = time.monotonic() - child.started
             if not (child.term_sent or child.quit_sent or child.killed_because) and _is_crash(
                     status, served):
@@ -789,6 +795,9 @@ class Arbiter:
         self.next_tmp_clean = now + TMP_CLEAN_INTERVAL
         self.last_pass = now
         maildirs.look_after(self.cfg, self.log, self.ids)
+        maildirs.sweep_dropped(self.draining_maildirs, self.log)
+        if all(c.generation == self.generation for c in self.workers.values()):
+            self.draining_maildirs.clear()  # no worker left that may write there
         self._warn_certificate(now)
 
     def _note_certificate(self, cfg) -> None:
@@ -852,6 +861,8 @@ class Arbiter:
         self.sockets.update(opened)
         # Reopened even when unchanged: after logrotate renamed the file, HUP starts a new one.
         self.log.reopen(new.log.level, new.log.file, log_fd)
+        self.draining_maildirs |= set(config_mod.maildir_keys(self.cfg.delivery)) - set(
+            config_mod.maildir_keys(new.delivery))
         old_pidfile, self.cfg = self.cfg.server.pidfile, new
         if moved_pidfile and old_pidfile:
             process.remove_pidfile(old_pidfile)  # scripts read the new one from now on

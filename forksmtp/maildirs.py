@@ -63,6 +63,15 @@ def look_after(cfg, log: Log, ids: Ids) -> None:
         _clean_tmp(path, log)
 
 
+def sweep_dropped(paths, log: Log) -> None:
+    """Sweep ``tmp/`` of Maildirs a reload dropped, while the workers of the generation
+    before may still leave files there (what a crash of one left).  Nothing is made: a
+    Maildir gone since is none of the server's business any more."""
+    for path in sorted(paths):
+        if os.path.isdir(os.path.join(path, "tmp")):
+            _clean_tmp(path, log)
+
+
 def make(path: str, cfg, log: Log, ids: Ids) -> tuple[list[str], Exception | None]:
     """Make what is missing of the Maildir at ``path``: what was made, and the error
     that stopped it, if one did.

@@ -213,6 +213,35 @@ def use_up_inodes(directory: Path) -> None:
     raise AssertionError("the filesystem never ran out of inodes")
 
 
+def test_a_maildir_a_reload_dropped_is_swept_after_a_crash_of_the_generation_before(daemon_factory, tmp_path):
+    """A worker of the generation before a reload may still be writing into a Maildir the
+    reload dropped; if it dies there, the named tmp/ file of the fallback it leaves must go
+    as it would in any configured Maildir.  Only the new config's Maildirs were swept, so
+    it stayed for good."""
+    old_md, new_md = tmp_path / "old", tmp_path / "new"
+    d = daemon_factory(workers=1, sections={"delivery": {"maildir": str(old_md)}})
+    held = RawSMTP(d.port)
+    try:
+        assert held.command(EHLO) == 250
+        worker = serving_worker(d, held.sock)
+        d.sections["delivery"]["maildir"] = str(new_md)
+        d.write_config()
+        d.signal(signal.SIGHUP)
+        d.wait_for_log("configuration generation 2 loaded")
+        assert psutil.pid_exists(worker.pid)  # still in its session, draining
+        # What the worker's named-file fallback would leave if it died mid-message.
+        left = old_md / "tmp" / f"{int(time.time())}.M1P{worker.pid}Q1.{escape_host(socket.gethostname())}"
+        left.write_bytes(b"Subject: half a message\n")
+        worker.send_signal(signal.SIGKILL)
+        d.wait_for_log(f"worker {worker.pid} killed by SIGKILL")
+        wait_until(lambda: not left.exists(), 10, 0.05, "the dropped Maildir's tmp/ swept")
+    finally:
+        held.close()
+    assert deliver_one(d.port, "after the drain")[0] == 250
+    assert len(listing(new_md / "new")) == 1 and listing(old_md / "new") == []
+    assert_no_crash(d)
+
+
 def test_a_reload_whose_catch_all_cannot_be_made_lets_go_of_all_it_took(small_tmpfs, daemon_factory, tmp_path):
     """The Maildirs are a reload's last step: when the new catch-all cannot be made (no
     inode left, which the config's check cannot see), the pidfile and the address the

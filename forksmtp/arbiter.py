@@ -510,8 +510,10 @@ class Arbiter:
             if child.generation != self.generation and all(
                     c.generation == self.generation for c in self.workers.values()):
                 self._fresh_ceiling_warnings()  # the drain's ceiling is over (see there)
-                if self.draining_maildirs:
-                    self.next_tmp_clean = 0.0  # a last look at the Maildirs it dropped
+                # No worker is left that may write into the Maildirs a reload dropped: a
+                # last look at them (this one may have died there), then they are not ours.
+                maildirs.sweep_dropped(self.draining_maildirs, self.log)
+                self.draining_maildirs.clear()
             lifetime = time.monotonic() - child.started
             if not (child.term_sent or child.quit_sent or child.killed_because) and _is_crash(
                     status, served):
@@ -796,8 +798,6 @@ class Arbiter:
         self.last_pass = now
         maildirs.look_after(self.cfg, self.log, self.ids)
         maildirs.sweep_dropped(self.draining_maildirs, self.log)
-        if all(c.generation == self.generation for c in self.workers.values()):
-            self.draining_maildirs.clear()  # no worker left that may write there
         self._warn_certificate(now)
 
     def _note_certificate(self, cfg) -> None:

@@ -1073,6 +1073,18 @@ def test_auth_line_is_logged_without_its_payload(line):
     assert s.log[3].upper().startswith("AUTH")
 
 
+@pytest.mark.parametrize("verb", ["AUTH-LOGIN", "AUTHLOGIN", "auth_login"])
+def test_a_mistyped_auth_verb_hides_its_payload_and_the_lines_behind_it(verb):
+    # The client takes its mistyped verb for AUTH and sends a LOGIN exchange's two lines
+    # behind it, unasked: neither may reach the log.
+    s = new_session()
+    replies = transcript(s, [E, f"{verb} YWxpY2U=", "c2VjcmV0", "aHVudGVyMg==", "NOOP"])
+    assert replies[-4:] == [500, 500, 500, 250]
+    assert not [entry for entry in s.log if "YWxpY2U" in entry or "c2VjcmV0" in entry
+                or "aHVudGVyMg" in entry], s.log
+    assert f"{verb} ***" in s.log and "NOOP" in s.log
+
+
 def test_auth_mechanism_is_kept_in_the_log():
     s = new_session()
     transcript(s, ["AUTH PLAIN AGFsaWNlAHNlY3JldA=="])
@@ -1095,6 +1107,15 @@ def test_auth_mechanism_is_kept_in_the_log():
     ("AUTH AGFsaWNl", "AUTH ***"),
     ("AUTH ABCDEFGHIJKLMNOPQRSTU", "AUTH ***"),
     ("AUTH PLAIN\x00AGFsaWNl", "AUTH ***"),
+    # AUTH run into more of a word is another verb (500), yet credentials may follow it
+    # or be run into it.
+    ("AUTH-PLAIN AGFsaWNlAG5ld3B3", "AUTH-PLAIN ***"),
+    ("authplain AGFsaWNlAG5ld3B3", "authplain ***"),
+    ("AUTHPLAIN\tAGFsaWNl", "AUTHPLAIN ***"),
+    ("AUTHPLAIN=AGFsaWNl", "AUTHPLAIN ***"),
+    ("AUTHAGFsaWNlAG5ld3B3", "AUTH ***"),
+    ("AUTH_LOGIN", "AUTH_LOGIN"),
+    ("AUTHORIZE", "AUTHORIZE"),
 ])
 def test_auth_mask_stands_for_an_initial_response(line, logged):
     assert loggable(line) == logged

@@ -147,9 +147,33 @@ def _is_mechanism(name: str) -> bool:
 
 
 def auth_like(line: bytes) -> bool:
-    """Whether the log mask takes ``line`` for an AUTH command: AUTH, then the end or
-    any octet that cannot continue the verb."""
-    return line[:4].upper() == b"AUTH" and not line[4:5].isalnum() and line[4:5] not in (b"_", b"-")
+    """Whether the log mask takes ``line`` for an AUTH command: any line that begins
+    with AUTH, a mistyped one ("AUTH-LOGIN", "AUTHPLAIN") included, since its client
+    may send its credentials behind it all the same."""
+    return line[:4].upper() == b"AUTH"
+
+
+def _auth_masked(text: str) -> str:
+    """An AUTH line, or a line that begins with AUTH, as it may be logged."""
+    if _MECHANISM.fullmatch(text[4:5]):
+        # AUTH run into more of a word: a mistyped verb ("AUTHPLAIN", "AUTH-LOGIN",
+        # refused 500) whose client still sent its credentials behind it, or base64
+        # with no separator at all.  The word is kept only where it reads as a name.
+        run = _MECHANISM.match(text, 4)
+        assert run is not None  # the pattern matches the empty string too
+        word, rest = run.group(), text[run.end():]
+        head = text[:run.end()] if _is_mechanism(word) else text[:4]
+        return head + (" ***" if rest or head == text[:4] else "")
+    # Any separator after AUTH (a TAB, a NUL) still hides what follows the mechanism.
+    run = _MECHANISM.match(text, 5)
+    assert run is not None
+    name, rest = run.group(), text[run.end():]
+    if not name and not rest:
+        return text[:4]
+    if _is_mechanism(name) and rest[:1] in ("", " ", "\t"):
+        # The mask stands for an initial response, so only where one was sent.
+        return f"{text[:4]} {name}" + (" ***" if rest else "")
+    return f"{text[:4]} ***"  # no mechanism name there: base64 in its place is a credential
 
 
 def loggable(text: str, escape: bool = False) -> str:
@@ -157,18 +181,8 @@ def loggable(text: str, escape: bool = False) -> str:
     A line with a control character or a backslash is written with Python escapes, its
     backslashes doubled, so that ``\\r`` in the log always means a CR was sent;
     ``escape``: whatever the line holds (octets that are no UTF-8)."""
-    # Any separator after AUTH (a TAB, a NUL) still hides what follows the mechanism.
-    if text[:4].upper() == "AUTH" and text[4:5] and not _MECHANISM.fullmatch(text[4:5]):
-        run = _MECHANISM.match(text, 5)
-        assert run is not None  # the pattern matches the empty string too
-        name, rest = run.group(), text[run.end():]
-        if not name and not rest:
-            text = text[:4]
-        elif _is_mechanism(name) and rest[:1] in ("", " ", "\t"):
-            # The mask stands for an initial response, so only where one was sent.
-            text = f"{text[:4]} {name}" + (" ***" if rest else "")
-        else:  # no mechanism name there: base64 sent in its place is a credential
-            text = f"{text[:4]} ***"
+    if text[:4].upper() == "AUTH" and text[4:5]:
+        text = _auth_masked(text)
     if escape:  # one character per octet: \xNN for each octet outside printable ASCII
         return text.encode("unicode_escape").decode("ascii")
     if "\\" in text or not text.isprintable():

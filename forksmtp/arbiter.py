@@ -479,8 +479,11 @@ class Arbiter:
         # First thing, and again after a privilege drop, which clears it: a worker stopped
         # before the call would get no SIGCONT at the master's death (see the function).
         process.continue_when_orphaned()
+        # Until then it bore the master's title, and `pgrep -f "forksmtp: master"` found it.
+        process.set_title(f"forksmtp: worker starting (gen {self.generation})")
         self.signals.reset_in_child()
         os.close(self.death_w)
+        process.release_pidfiles_in_child()
         socks = list(self.sockets.values())
         security = Security(self.tls_context, self.passwords,
                             frozenset(s.fileno() for s in self._implicit_sockets()), self.auth_limiter,
@@ -1045,7 +1048,7 @@ def run(cfg, overrides: dict | None = None) -> int:
     except (listeners.BindError, config_mod.ConfigError, OSError) as exc:
         print(f"forksmtp: {exc}", file=sys.stderr)
         if cfg.server.pidfile:
-            process.remove_pidfile(cfg.server.pidfile)  # ours only: it checks the pid
+            process.remove_pidfile(cfg.server.pidfile)  # ours only: the one this master holds
         return 1
     try:
         return arbiter.run()

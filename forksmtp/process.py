@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import errno
+import fcntl
 import grp
 import os
 import pwd
@@ -135,22 +136,96 @@ def _pid_in(path: str) -> int:
     return pid if 0 < pid <= PID_MAX_LIMIT else 0  # os.kill() overflows past it
 
 
+#: pidfile path -> a descriptor of the file there, locked (flock) for as long as this
+#: master holds it.
+_pidfiles: dict[str, int] = {}
+
+#: Tries at putting our pidfile in place while other starts race for the same path.
+_PIDFILE_TRIES = 20
+
+
 def write_pidfile(path: str) -> None:
-    """Create the pidfile, refusing when a live process already holds it, and refusing
-    to replace anything but a regular file (a FIFO, a socket, or a device such as
-    /dev/null, which the rename would take out of /dev)."""
+    """Create the pidfile and hold it, refusing when another master holds it or a live
+    process is named in it, and refusing to replace anything but a regular file (a FIFO,
+    a socket, or a device such as /dev/null, which the rename would take out of /dev).
+
+    Held means locked: the file is written whole beside the path and locked before it
+    is linked or renamed into place, and a file already there is replaced only while
+    its own lock is held.  Reading the old pid and then renaming left a gap, in which
+    two masters started at once both found no pid and both ran, one of them named
+    nowhere (as Postfix's master, the lock is what a start tests)."""
+    remove_pidfile(path)  # one we hold already is written anew
     try:
-        old = _pid_in(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                   dir=os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from exc
+    try:
+        os.fchmod(fd, 0o644)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.fsync(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a file nobody else has seen yet
+        for _ in range(_PIDFILE_TRIES):
+            if _put_in_place(path, tmp):
+                break
+        else:
+            raise PidfileError(f"pidfile {path}: replaced by others {_PIDFILE_TRIES} times while "
+                               "this start tried to take it: not replaced")
+    except BaseException as exc:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):  # else the message names the temporary file
+            raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from exc
+        raise
+    _pidfiles[path] = fd
+
+
+def _put_in_place(path: str, tmp: str) -> bool:
+    """Put ``tmp`` (locked, holding our pid) at ``path``; False when the file there
+    changed meanwhile and the caller should look again."""
+    try:
+        os.link(tmp, path)  # nothing there: ours in one step
+    except FileExistsError:
+        pass
+    else:
+        os.unlink(tmp)
+        return True
+    try:
+        old_fd = open_regular(path)
     except FileNotFoundError:
-        old = 0
+        return False  # removed since the link failed
     except OSError as exc:
         raise PidfileError(f"pidfile {path}: {exc.strerror or exc}: not replaced") from None
-    if old and old != os.getpid() and _alive(old):
-        raise PidfileError(f"pidfile {path} is held by running process {old}")
     try:
-        write_atomic(path, f"{os.getpid()}\n")
-    except OSError as exc:  # else the message names the temporary file, not the pidfile
-        raise PidfileError(f"cannot write pidfile {path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(old_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PidfileError(f"pidfile {path} is held by running process {_pid_in(path) or '?'}") from None
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            return False
+        was = os.fstat(old_fd)
+        if (now.st_dev, now.st_ino) != (was.st_dev, was.st_ino):
+            return False  # replaced before we locked it: the lock says nothing of the new one
+        old = _pid_in(path)
+        if old and old != os.getpid() and _alive(old):  # a master that takes no lock
+            raise PidfileError(f"pidfile {path} is held by running process {old}")
+        os.rename(tmp, path)  # with the old file's lock held, so no other start moves it
+        return True
+    finally:
+        os.close(old_fd)
+
+
+def release_pidfiles_in_child() -> None:
+    """A worker closes its copies of the pidfiles' descriptors: the lock belongs to the
+    master alone, and must go with it, not with the last worker."""
+    for fd in _pidfiles.values():
+        os.close(fd)
+    _pidfiles.clear()
 
 
 def refuse_non_regular(path: str) -> None:
@@ -225,12 +300,19 @@ def read_regular(path: str, limit: int) -> bytes:
 
 
 def remove_pidfile(path: str) -> None:
+    """Remove the pidfile this master holds at ``path``, if the file there is still the
+    one it wrote, and let go of its lock."""
+    fd = _pidfiles.pop(path, -1)
+    if fd < 0:
+        return
     try:
-        if _pid_in(path) != os.getpid():
-            return  # not ours any more: another master took over (or not a pidfile)
-        os.unlink(path)
+        now, ours = os.stat(path), os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
+            os.unlink(path)  # before the lock goes: a start waiting on it finds no file
     except OSError:
         pass
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

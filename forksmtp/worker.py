@@ -524,6 +524,7 @@ class Worker:
         for fd in list(self.listeners):
             self._drop_listener(fd)
         self.board.set_available(self.slot, False)
+        self._title(f"busy {self._client} {self.titled_phase}" if self.titled_phase else "idle")
 
     def _drop_listener(self, fd: int) -> None:
         sock = self.listeners.pop(fd)[0]
@@ -614,4 +615,7 @@ class Worker:
         self.board.count_conn_reject(self.slot, reason)
 
     def _title(self, state: str) -> None:
+        if self.stopping and not state.startswith("stopping"):
+            # As the stats say: "stopping", with the client it still serves, if any.
+            state = "stopping" + state[4:] if state.startswith("busy") else "stopping"
         process.set_title(f"forksmtp: worker {state} (gen {self.generation})")

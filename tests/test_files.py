@@ -4,11 +4,13 @@ plant in advance and renamed over the old one."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -177,6 +179,64 @@ def test_a_pidfile_of_a_zombie_is_taken_and_one_of_a_live_process_is_not(tmp_pat
     finally:
         child.kill()
         child.wait()
+
+
+_RACER = """
+import sys, time
+from forksmtp import process
+rounds, start, root = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+won = []
+for i in range(rounds):
+    while time.time() < start + i * 0.05:
+        pass
+    try:
+        process.write_pidfile(f"{root}/{i}.pid")
+        won.append(i)
+    except process.PidfileError:
+        pass
+print(" ".join(map(str, won)), flush=True)
+sys.stdin.read()  # holds every pidfile it took until the test is done
+"""
+
+
+def test_two_masters_started_at_once_never_both_take_a_pidfile(tmp_path):
+    """Two starts racing for one pidfile both read it before either wrote it, found no
+    pid, and both ran, one of them named nowhere (2 starts in 8 did).  Two processes
+    take 40 pidfiles, each at the same instant: each file has one taker, and names it."""
+    rounds = 40
+    start = time.time() + 1.0
+    racers = [subprocess.Popen([sys.executable, "-c", _RACER, str(rounds), str(start), str(tmp_path)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        won = [set(map(int, r.stdout.readline().split())) for r in racers]
+        assert won[0].isdisjoint(won[1]), sorted(won[0] & won[1])
+        assert won[0] | won[1] == set(range(rounds))
+        for racer, taken in zip(racers, won):
+            for i in taken:
+                assert (tmp_path / f"{i}.pid").read_text() == f"{racer.pid}\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.pid" for i in range(rounds))
+    finally:
+        for r in racers:
+            r.kill()
+            r.wait()
+
+
+def test_a_pidfile_is_locked_while_held_and_removed_with_its_lock(tmp_path):
+    """The lock is what another start tests, whatever pid the file names."""
+    path = tmp_path / "run.pid"
+    process.write_pidfile(str(path))
+    try:
+        with open(path) as f:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        taker = subprocess.run([sys.executable, "-c", "import sys\nfrom forksmtp import process\n"
+                                "process.write_pidfile(sys.argv[1])", str(path)],
+                               capture_output=True, text=True, timeout=20)
+        assert f"is held by running process {os.getpid()}" in taker.stderr
+    finally:
+        process.remove_pidfile(str(path))
+    assert not path.exists()
+    process.remove_pidfile(str(path))  # not held any more: nothing to do
 
 
 def test_a_fifo_put_where_the_stats_file_goes_after_the_check_is_left_alone(tmp_path):

@@ -4,6 +4,7 @@ exceptions, signals that must not hurt, log reopening and process titles."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import smtplib
 import socket
@@ -15,8 +16,8 @@ import time
 import psutil
 import pytest
 
-from daemon import (Daemon, free_port, poll_for, read_reply, request_stats, send_message, serving_worker,
-                    wait_until)
+from daemon import (Daemon, free_port, gone, poll_for, read_reply, request_stats, send_message,
+                    serving_worker, wait_until, worker_pids)
 
 
 def _has_ipv6_loopback() -> bool:
@@ -141,6 +142,24 @@ def test_a_pidfile_of_a_running_master_stops_a_second_start(daemon_factory, tmp_
     assert done.returncode == 1
     assert f"is held by running process {first.pid}" in done.stderr + second.log_text()
     assert pidfile.read_text() == f"{first.pid}\n"
+    # Its lock is the master's alone: one a worker held would outlive a master killed
+    # with SIGKILL, until its last worker left.
+    held = os.stat(pidfile)
+    holders = [pid for pid in [first.pid, *worker_pids(first)] if _has_open(pid, held)]
+    assert holders == [first.pid]
+
+
+def _has_open(pid: int, st: os.stat_result) -> bool:
+    """Whether ``pid`` has a descriptor of the file ``st`` describes, whatever name it
+    was opened by (the pidfile is written under another and linked into place)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            there = os.stat(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if (there.st_dev, there.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
 
 
 def test_a_reload_naming_a_pidfile_another_process_holds_changes_nothing(daemon_factory, tmp_path):
@@ -179,6 +198,50 @@ def test_hup_reopens_the_log_after_rotation(daemon):
     wait_until(lambda: not old & {w.pid for w in daemon.workers()}, 10, 0.05, "the old workers gone")
     send_message(daemon.port)
     daemon.wait_for_log("[STORE]")
+
+
+def test_a_starting_worker_says_so_in_its_title(daemon_factory):
+    """A worker kept the master's title from its fork until it was ready, so that `pgrep
+    -f "forksmtp: master"` found it while it started.  Here a new worker is held in its
+    set-up (its sched_setscheduler, which the master never calls, delayed 3 s by a
+    tracer that follows the master's forks): its title says it is starting."""
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
+    d = daemon_factory(workers=1)
+    old = {w.pid for w in d.workers()}
+    tracer = subprocess.Popen(["strace", "-f", "-p", str(d.pid), "-o", os.devnull,
+                               "-e", "trace=sched_setscheduler",
+                               "-e", "inject=sched_setscheduler:delay_enter=3s"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = tracer.stderr.readline()
+        if "attached" not in line:
+            pytest.skip(f"strace cannot attach here: {line.strip()}")
+        d.signal(signal.SIGTTIN)
+        new = wait_until(lambda: [w for w in d.workers() if w.pid not in old], 10, what="a new worker")[0]
+        title = wait_until(lambda: " ".join(new.cmdline()).strip() if "forksmtp: master" not in
+                           " ".join(new.cmdline()) else "", 2, 0.01, "the new worker's own title")
+        assert title == "forksmtp: worker starting (gen 1)"
+        time.sleep(0.5)  # still in its set-up
+        assert " ".join(new.cmdline()).strip() == title
+    finally:
+        tracer.terminate()
+        tracer.wait()
+    wait_until(lambda: " ".join(new.cmdline()).strip() == "forksmtp: worker idle (gen 1)", 10, 0.05, "ready")
+
+
+def test_a_worker_told_to_stop_in_a_session_says_so_in_its_title(daemon_factory):
+    """It still read "busy" where the stats said "stopping"."""
+    d = daemon_factory(workers=1)
+    with smtplib.SMTP(d.host, d.port, timeout=10) as client:
+        client.ehlo("titles.example")
+        (old,) = d.workers()
+        wait_until(lambda: "busy 127.0.0.1 helo" in " ".join(old.cmdline()), 10, what="a busy title")
+        d.signal(signal.SIGHUP)
+        wait_until(lambda: "stopping" in " ".join(old.cmdline()), 10, what="the stopping title")
+        assert " ".join(old.cmdline()).strip() == "forksmtp: worker stopping 127.0.0.1 helo (gen 1)"
+        assert client.noop()[0] == 250  # its session goes on under the old generation
+    wait_until(lambda: gone(old.pid), 10, what="the old worker gone")
 
 
 def test_worker_title_shows_client_and_phase(daemon):

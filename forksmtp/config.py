@@ -280,7 +280,9 @@ def read_toml(path: str, label: str = "") -> dict:
     if len(data) > MAX_CONFIG_OCTETS:
         raise ConfigError(shown, None, None, f"larger than {MAX_CONFIG_OCTETS >> 20} MiB: not a config file")
     try:
-        source = data.decode("utf-8")
+        # A BOM, as Windows editors save UTF-8, is no TOML: tomllib refuses it as an
+        # "invalid statement" at line 1.  Skipped, as the password file skips it.
+        source = data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
         raise ConfigError(shown, None, None, "invalid TOML: not UTF-8 text") from None
     try:

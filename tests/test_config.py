@@ -355,6 +355,16 @@ def test_unreadable_and_non_utf8_files(etc: Path) -> None:
         load_config(str(bad))
 
 
+def test_a_config_saved_with_a_byte_order_mark_is_read(etc: Path) -> None:
+    """As Windows editors save UTF-8: refused as "Invalid statement" at line 1 before."""
+    path = etc / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbf[server]\nhostname = "bom.example"\n')
+    assert load_config(str(path)).server.hostname == "bom.example"
+    path.write_bytes(b'\xef\xbb\xbf\xef\xbb\xbf[server]\n')  # one BOM only: a second is text
+    with pytest.raises(ConfigError, match="invalid TOML: .*line 1"):
+        load_config(str(path))
+
+
 def test_a_config_that_is_no_config_file_is_refused_in_one_line(etc: Path) -> None:
     """A FIFO would hold the reader (at a reload, the master) until something wrote into
     it, a device would be read without end, and numbers and nesting past Python's own

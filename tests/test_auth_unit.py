@@ -220,8 +220,9 @@ def test_after_tls_a_new_ehlo_is_required_and_starttls_is_gone():
     p = peer(starttls=True)
     assert p.send(E, "STARTTLS") == ["250", "220 2.0.0"]
     assert p.s.tls and p.s.helo_name == ""
-    assert p.send(M) == ["503"]  # RFC 3207 4.2: back to the greeting state, without the
-    # enhanced codes the plaintext EHLO negotiated (RFC 2034: they follow an EHLO)
+    # RFC 3207 4.2: back to the greeting state, the codes kept (every reply after EHLO
+    # carries one), and MAIL's parameters refused until the new EHLO.
+    assert p.send(M, "NOOP", "MAIL FROM:<a@x.test> SIZE=10") == ["503 5.5.1", "250 2.0.0", "503 5.5.1"]
     assert "STARTTLS" not in ehlo_keywords(p)
     assert p.send("STARTTLS") == ["503 5.5.1"]
     assert p.send(M, RC) == ["250 2.1.0", "250 2.1.5"]

@@ -56,7 +56,10 @@ class SecureCommands:
         self.phase = NEW
         self.helo_name = ""
         self.esmtp = False
-        self.enhanced = False  # as on a new connection: none until the new EHLO
+        # self.enhanced stays: the client that sent EHLO before STARTTLS reads RFC 3463
+        # codes, and the contract asks for them on every reply after EHLO/HELO (Postfix
+        # sends them on every reply).  What RFC 3207 4.2 makes the server forget is what
+        # the EHLO negotiated for mail: parameters need the new EHLO (self.esmtp).
         self.envelope = None
         self.auth_user = ""
 

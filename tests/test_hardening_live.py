@@ -207,6 +207,9 @@ def test_a_client_that_leaves_during_the_greeting_delay_is_no_early_talker(daemo
     assert "[CLOSE] 127.0.0.1 client disconnected" in text
     # " 521 " as a reply is logged: a bare "521" may be a timestamp's milliseconds.
     assert " 521 " not in text and "early talker" not in text
+    # It left during the delay: no greeting was ever sent (a server that sent its 220
+    # at once, then read the FIN, would pass every check above).
+    assert "[SMTP] 220 " not in text
     stats = request_stats(d)
     assert stats["connections_rejected"]["early_talker"] == 0
 

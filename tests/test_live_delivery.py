@@ -660,12 +660,15 @@ def test_a_recipient_address_never_becomes_a_path(daemon_factory):
     hostile = ['"../../escape"@mx.test.example', '"/tmp/forksmtp-abs"@mx.test.example',
                '"a/../../../b"@mx.test.example', '"..\\\\..\\\\c"@mx.test.example',
                '"alice/../../x"@mx.test.example']
-    before = {p for p in d.tmp.rglob("*")}
+    # "../../escape" and "a/../../../b", taken as paths from the Maildir (d.tmp/Maildir),
+    # land beside d.tmp, outside it: the look covers its parent.
+    root = d.tmp.parent
+    before = {p for p in root.rglob("*")}
     with smtplib.SMTP(HOST, d.port, timeout=10) as c:
         refused = c.sendmail(SENDER, hostile + ["alice@mx.test.example"],
                              b"Subject: paths\r\n\r\nbody\r\n")
     assert refused == {}
-    made = {p for p in d.tmp.rglob("*") if p not in before and p.is_file()}
+    made = {p for p in root.rglob("*") if p not in before and p.is_file()}
     catch_all = set((d.maildir / "new").iterdir())
     alice = d.config_path.parent / "boxes" / "alice" / "new"
     assert len(catch_all) == 1 and len(list(alice.iterdir())) == 1  # one copy per Maildir

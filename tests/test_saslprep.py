@@ -6,7 +6,7 @@ from __future__ import annotations
 import unicodedata
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from forksmtp import saslprep
@@ -120,5 +120,5 @@ def test_prepared_text_is_its_own_form(text):
     try:
         once = prepare(text)
     except PrepError:
-        return
+        assume(False)  # counted as no example: a prepare() refusing all would fail the run
     assert prepare(once) == once

@@ -1000,6 +1000,7 @@ def test_log_never_holds_message_text():
     s = new_session()
     transcript(s, [E, M, RC, D, "Subject: TOPSECRET", "", "TOPSECRET", "."])
     assert not [line for line in s.log if "TOPSECRET" in line]
+    assert s.log[-2:] == ["<message: 33 octets>", "250 2.0.0 Message accepted"]  # it was logged
 
 
 NASTY = [b"NOOP a\rb", b"EHLO \xff\xfe", b"NOOP \xc2\x85next", b"NOOP \xe2\x80\xa8next",

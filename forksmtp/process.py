@@ -146,7 +146,7 @@ _PIDFILE_TRIES = 20
 
 def write_pidfile(path: str) -> None:
     """Create the pidfile and hold it, refusing when another master holds it or a live
-    process is named in it, and refusing to replace anything but a regular file (a FIFO,
+    master is named in it, and refusing to replace anything but a regular file (a FIFO,
     a socket, or a device such as /dev/null, which the rename would take out of /dev).
 
     Held means locked: the file is written whole beside the path and locked before it
@@ -212,12 +212,26 @@ def _put_in_place(path: str, tmp: str) -> bool:
         if (now.st_dev, now.st_ino) != (was.st_dev, was.st_ino):
             return False  # replaced before we locked it: the lock says nothing of the new one
         old = _pid_in(path)
-        if old and old != os.getpid() and _alive(old):  # a master that takes no lock
+        if old and old != os.getpid() and _alive(old) and _may_be_master(old):
             raise PidfileError(f"pidfile {path} is held by running process {old}")
         os.rename(tmp, path)  # with the old file's lock held, so no other start moves it
         return True
     finally:
         os.close(old_fd)
+
+
+def _may_be_master(pid: int) -> bool:
+    """Whether the live ``pid`` a pidfile nobody holds names may be a master all the
+    same: one whose lock did not take (a file system that ignores flock), seen by its
+    title, or any process whose title cannot be read.  Any other process has only
+    reused the pid of a master that died (a crash, a reboot with the pidfile on a disk):
+    refusing it would keep every start from the pidfile, and a service manager would
+    restart in vain."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"forksmtp: master" in f.read(4096)
+    except OSError:
+        return True
 
 
 def release_pidfiles_in_child() -> None:

@@ -1,5 +1,7 @@
 import pytest
 
+from forksmtp import process
+
 from daemon import Daemon
 from helpers import forget_clients
 
@@ -35,3 +37,18 @@ def daemon(daemon_factory):
 def pytest_configure(config):
     # Slow tests still run by default; deselect them with -m "not slow" for a quick pass.
     config.addinivalue_line("markers", "slow: heavy load tests (run by default; -m 'not slow' skips them)")
+
+
+@pytest.fixture
+def hold_pidfile():
+    """Hold a pidfile as a running master holds its own: written with this process's
+    pid and locked by it, let go at the test's end."""
+    held: list[str] = []
+
+    def hold(path) -> None:
+        process.write_pidfile(str(path))
+        held.append(str(path))
+
+    yield hold
+    for path in held:
+        process.remove_pidfile(path)

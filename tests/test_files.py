@@ -161,24 +161,36 @@ def test_a_pidfile_holding_junk_or_a_huge_file_is_read_as_no_pid(tmp_path):
     assert not path.exists()
 
 
-def test_a_pidfile_of_a_zombie_is_taken_and_one_of_a_live_process_is_not(tmp_path):
-    """A master killed with SIGKILL stays a zombie until its parent reaps it; a parent
-    slow to (a container's shell as process 1) kept each restart from its pidfile,
-    "held by running process N"."""
+def test_a_pidfile_of_a_zombie_or_of_a_reused_pid_is_taken_and_one_of_a_master_is_not(tmp_path):
+    """A pidfile nobody holds locked is stale unless the live process it names may be a
+    master that took no lock (its title says so).  A master killed with SIGKILL stays a
+    zombie until its parent reaps it; a parent slow to (a container's shell as process
+    1) kept each restart from its pidfile, "held by running process N".  A pid reused
+    after a crash or a reboot by anything else kept each start from it too."""
     path = tmp_path / "run.pid"
-    child = subprocess.Popen(["sleep", "60"])
+    titled = "import setproctitle, time\nsetproctitle.setproctitle('forksmtp: master x')\ntime.sleep(60)"
+    master = subprocess.Popen([sys.executable, "-c", titled])
+    other = subprocess.Popen(["sleep", "60"])
     try:
-        path.write_text(f"{child.pid}\n")
-        with pytest.raises(process.PidfileError, match=f"held by running process {child.pid}"):
+        wait_until(lambda: process._may_be_master(master.pid), 10, 0.01, "the master's title")
+        path.write_text(f"{master.pid}\n")
+        with pytest.raises(process.PidfileError, match=f"held by running process {master.pid}"):
             process.write_pidfile(str(path))
-        child.kill()
-        # Dead, not reaped: Popen waits for nothing.
-        wait_until(lambda: process._state(child.pid) == b"Z", 10, 0.01, "the child a zombie")
+        path.write_text(f"{other.pid}\n")  # alive, and no master
         process.write_pidfile(str(path))
         assert path.read_text() == f"{os.getpid()}\n"
+        process.remove_pidfile(str(path))
+        path.write_text(f"{master.pid}\n")
+        master.kill()
+        # Dead, not reaped: Popen waits for nothing.
+        wait_until(lambda: process._state(master.pid) == b"Z", 10, 0.01, "the master a zombie")
+        process.write_pidfile(str(path))
+        assert path.read_text() == f"{os.getpid()}\n"
+        process.remove_pidfile(str(path))
     finally:
-        child.kill()
-        child.wait()
+        for child in (master, other):
+            child.kill()
+            child.wait()
 
 
 _RACER = """

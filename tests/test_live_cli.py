@@ -339,13 +339,13 @@ def test_a_file_the_config_names_that_does_not_load_is_named_by_key_and_value(tm
     assert (result.returncode, result.stderr) == (1, line)
 
 
-def test_a_pidfile_held_at_the_start_is_named_by_key_and_value(servers, tmp_path):
+def test_a_pidfile_held_at_the_start_is_named_by_key_and_value(servers, tmp_path, hold_pidfile):
     """A pidfile another live process holds fails the start (exit 1) as it fails a
     reload: named by where it was set, the key and the value as written (a flag's value
     is made absolute, as every path flag's is).  It read "pidfile PATH is held by
     running process N", naming neither the config file nor the key."""
     held = tmp_path / "held.pid"
-    held.write_text(f"{os.getpid()}\n")  # a live process: this test's
+    hold_pidfile(held)  # as a running master holds it: this test's process
     write_config(tmp_path / "f.toml", {"server": {"listen": [f"{HOST}:{free_port()}"], "pidfile": "held.pid"},
                                        "delivery": {"maildir": "Maildir"}})
     write_config(tmp_path / "g.toml", {"server": {"listen": [f"{HOST}:{free_port()}"]},
@@ -360,12 +360,13 @@ def test_a_pidfile_held_at_the_start_is_named_by_key_and_value(servers, tmp_path
     assert held.read_text() == f"{os.getpid()}\n"
 
 
-def test_a_reload_naming_a_held_pidfile_says_the_file_as_given_and_the_value_as_written(servers, tmp_path):
+def test_a_reload_naming_a_held_pidfile_says_the_file_as_given_and_the_value_as_written(servers, tmp_path,
+                                                                                       hold_pidfile):
     """The reload's failure line names the config file as -c gave it and the value as
     the file has it, as the start's errors do; it read "/abs/f.toml: server.pidfile =
     "/abs/held.pid": ...", both resolved."""
     held = tmp_path / "held.pid"
-    held.write_text(f"{os.getpid()}\n")
+    hold_pidfile(held)
     sections = {"server": {"listen": [f"{HOST}:{free_port()}"], "workers": 1, "pidfile": "first.pid"},
                 "delivery": {"maildir": "Maildir"}}
     write_config(tmp_path / "f.toml", sections)

@@ -162,11 +162,11 @@ def _has_open(pid: int, st: os.stat_result) -> bool:
     return False
 
 
-def test_a_reload_naming_a_pidfile_another_process_holds_changes_nothing(daemon_factory, tmp_path):
+def test_a_reload_naming_a_pidfile_another_process_holds_changes_nothing(daemon_factory, tmp_path, hold_pidfile):
     """README, Reload: if anything fails, nothing changes; the running pidfile included."""
     first, held, third = (tmp_path / n for n in ("first.pid", "held.pid", "third.pid"))
     d = daemon_factory(server={"pidfile": str(first)})
-    held.write_text(f"{os.getpid()}\n")  # a live process: this test's
+    hold_pidfile(held)  # as a running master holds it: this test's process
     d.sections["server"]["pidfile"] = str(held)
     new_log = tmp_path / "new.log"  # opened by the reload before the pidfile fails it
     d.sections["log"]["file"] = str(new_log)

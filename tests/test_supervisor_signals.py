@@ -290,7 +290,8 @@ def test_hup_with_a_config_that_is_no_config_file_keeps_running(daemon_factory, 
 
 
 @pytest.mark.parametrize("fails_at", ["listen", "pidfile"])
-def test_a_failed_reload_names_the_file_and_the_key_and_makes_no_maildir(daemon_factory, tmp_path, fails_at):
+def test_a_failed_reload_names_the_file_and_the_key_and_makes_no_maildir(daemon_factory, tmp_path, fails_at,
+                                                                         hold_pidfile):
     """A bind that fails, or a pidfile another process holds, is the config's problem to
     the operator: the failure names the file and the key, as an invalid value does, and
     the old config serves on.  Nothing of the new config is left behind: its Maildirs,
@@ -298,7 +299,7 @@ def test_a_failed_reload_names_the_file_and_the_key_and_makes_no_maildir(daemon_
     one reported) before those steps, and stayed made and handed over."""
     d = daemon_factory(workers=1)
     pidfile = tmp_path / "new.pid"
-    pidfile.write_text(f"{os.getpid()}\n")  # a live process's
+    hold_pidfile(pidfile)  # as a running master holds it: this test's process
     new_maildir, new_box = tmp_path / "new-catch-all", tmp_path / "new-box"
     d.sections["delivery"]["maildir"] = str(new_maildir)
     d.sections["mailboxes"] = {"box@example.test": str(new_box)}

@@ -92,17 +92,21 @@ class OverflowGuard:
         except OSError:
             return None  # a worker took it, or the client left
         ip = client_ip(peer[0])
+        # The log says what the client got, as a worker's refusal does.
+        got = f"{reply.code} not sent: the client left"
         try:
             conn.setblocking(False)
             # With its enhanced code, as the contract spells it (Postfix does the same).
             # An SMTPS client expects a TLS handshake first, and the master does no
             # handshake (a slow client would stall the supervisor): it only closes.
-            if not tls_first:
-                conn.send(reply.wire(True))
+            if tls_first:
+                got = "closed without a reply: no TLS from the master"
+            elif conn.send(reply.wire(True)) > 0:
+                got = f"{reply.code} sent"
             discard_unread(conn)  # a client that talked first: a FIN after the 421, not a reset
         except OSError:
             pass
         finally:
             conn.close()
-        self.log.info("CONN", f"{ip} refused by master: no worker free")
+        self.log.info("CONN", f"{ip} refused by master: no worker free ({got})")
         return ip

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 import time
 
 import pytest
@@ -74,7 +75,7 @@ def test_an_ipv4_client_of_a_dual_stack_listener_is_logged_as_ipv4():
         guard = OverflowGuard(Log())
         run_guard(guard, listener, workers=4, max_workers=4)
         assert client.recv(200).startswith(b"421 4.3.2 ")
-        assert "[CONN] 127.0.0.1 refused by master: no worker free" in guard.log.lines, guard.log.lines
+        assert "[CONN] 127.0.0.1 refused by master: no worker free (421 sent)" in guard.log.lines, guard.log.lines
         client.close()
 
 
@@ -126,6 +127,23 @@ def test_each_client_refused_at_the_ceiling_is_told_to_the_count_by_its_address_
         tls.close()
     assert told == [("127.0.0.1", start + GRACE + 0.02)] * 3
     assert guard.rejected == 3 and guard.rejected_held == 1
+    said = [line for line in guard.log.lines if "refused by master" in line]
+    assert sorted(said) == sorted(["[CONN] 127.0.0.1 refused by master: no worker free (421 sent)"] * 3 + [
+        "[CONN] 127.0.0.1 refused by master: no worker free (closed without a reply: no TLS from the master)"])
+
+
+def test_a_client_that_reset_before_the_masters_421_is_logged_as_not_sent_it():
+    """It is counted as refused all the same (every connection counts), but the log
+    said "refused" as if it had been told."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = queued_client(listener)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset, queued before the master looks
+        guard = OverflowGuard(Log())
+        run_guard(guard, listener, workers=4, max_workers=4)
+        assert guard.rejected == 1
+        assert "[CONN] 127.0.0.1 refused by master: no worker free (421 not sent: the client left)" in \
+            guard.log.lines, guard.log.lines
 
 
 class Relieved(Snap):

@@ -111,6 +111,18 @@ def check(users: dict[str, str], username: str, password: str, authzid: str = ""
     return user if ok and acting == user else None
 
 
+def acts_for_another(username: str, authzid: str) -> bool:
+    """Whether ``authzid`` names someone other than ``username`` (SASLprep'd, as
+    ``check`` compares them): such a PLAIN always fails, whatever the password, and the
+    log says why, so that an operator can tell it from a wrong password."""
+    if not authzid:
+        return False
+    try:
+        return saslprep.prepare(authzid) != saslprep.prepare(username)
+    except saslprep.PrepError:
+        return authzid != username
+
+
 def _spellings(password: str) -> list[str]:
     """The SASLprep form of a password a client sent (when it has one, and it is not
     empty), and the password as sent when that differs."""

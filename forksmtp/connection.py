@@ -432,8 +432,11 @@ class Connection:
             w.auth_finished(self.peer_ip, user is not None)
         ok = user is not None
         w.count_auth(ok)
-        self.log.queue("AUTH", f"{self.peer_ip} {creds.mechanism} user={_quoted(creds.username[:64])} "
-                               f"{'ok' if ok else 'failed'}", INFO if ok else WARNING)
+        outcome = "ok" if ok else "failed"
+        if not ok and auth.acts_for_another(creds.username, creds.authzid):
+            outcome += f" (authzid={_quoted(creds.authzid[:64])}: no proxy authorization)"
+        self.log.queue("AUTH", f"{self.peer_ip} {creds.mechanism} user={_quoted(creds.username[:64])} {outcome}",
+                       INFO if ok else WARNING)
         self.session.auth_result(ok, user or creds.username)
 
     # -- storage -------------------------------------------------------------------------

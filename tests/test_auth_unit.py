@@ -805,6 +805,9 @@ def test_check_compares_the_prepared_forms(tmp_path):
     assert auth.check(users, NFC_USER, STORED_PW + "\u0007") is None  # SASLprep refuses it: no match
     assert auth.check(users, NFC_USER + "\u0007", STORED_PW) is None
     assert auth.check(users, NFC_USER, STORED_PW, authzid="\u0007") is None
+    # What the log tells apart from a wrong password: an authzid naming someone else.
+    assert [auth.acts_for_another(NFC_USER, z) for z in ("", NFC_USER, NFD_USER, "bob", "\u0007")] == [
+        False, False, False, True, True]
 
 
 def test_how_many_hashes_a_check_computes_depends_on_what_was_sent_only(tmp_path, monkeypatch):

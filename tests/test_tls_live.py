@@ -202,6 +202,20 @@ def test_plain_authzid_equal_to_the_user_is_accepted(server, certs):
         assert client.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD, authzid="alice"))[0] == 235
 
 
+def test_plain_authzid_naming_another_user_fails_and_the_log_says_why(server, certs):
+    """Refused whatever the password (no proxy authorization), and it was logged as a
+    plain "failed", which an operator could not tell from a wrong password."""
+    # From an address of its own: the shared daemon's other tests keep 127.0.0.1's
+    # failures under the limit of 5, and their lines, logged late, are told apart.
+    with starttls_client(server, certs, source="127.0.0.23") as client:
+        assert client.docmd("AUTH", "PLAIN " + plain("alice", PASSWORD, authzid="bob"))[0] == 535
+        assert client.docmd("AUTH", "PLAIN " + plain("alice", "wrong"))[0] == 535
+    lines = wait_until(lambda: (mine := [line for line in log_lines(server, "AUTH") if "] 127.0.0.23 " in line])
+                       and len(mine) >= 2 and mine, 10, 0.05, "both lines")
+    assert lines[0].endswith("PLAIN user='alice' failed (authzid='bob': no proxy authorization)"), lines
+    assert lines[1].endswith("PLAIN user='alice' failed"), lines
+
+
 def test_openssl_s_client_starttls(server, certs):
     cmd = [tls_certs.require_openssl(), "s_client", "-starttls", "smtp", "-connect", f"{HOST}:{server.port}",
            "-name", "client.test", "-servername", "localhost", "-CAfile", str(certs.ca_cert),

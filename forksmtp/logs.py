@@ -13,6 +13,7 @@ CR and LF from clients are escaped so that nobody can forge a log line.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import select
@@ -128,7 +129,21 @@ class Log:
         to any stream, do not block either (see ``_stream_sink``)."""
         if not path:
             return sys.stderr.fileno()
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o640)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        # Through a link only where root (or this process's user) made it: the master
+        # opens the log as root, and a link another user planted (a log in a directory
+        # others may write) would have it append the clients' text to any file, or make
+        # one.  A link planted after this look fails the O_NOFOLLOW open.
+        try:
+            st = os.lstat(path)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (0, os.geteuid()):
+                raise PermissionError(errno.EPERM, f"a symlink of uid {st.st_uid}, not followed", path)
+        else:
+            flags |= os.O_NOFOLLOW
+        return os.open(path, flags, 0o640)
 
     @staticmethod
     def discard(path: str, fd: int, created: bool = False) -> None:

@@ -75,7 +75,14 @@ def _mkdir(path: str, mode: int) -> bool:
             raise NotADirectoryError(errno.ENOTDIR, "exists but is not a directory", path) from None
         return False        # never change the mode of a directory we did not make
     if mode != 0o777:
-        os.chmod(path, mode)  # mkdir's mode is filtered by the umask
+        # mkdir's mode is filtered by the umask.  Through a descriptor that follows no
+        # link: the master makes tmp/, new/ and cur/ as root in a directory the
+        # workers' user may own, which could swap a link in for the one just made.
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
     return True
 
 

@@ -83,6 +83,10 @@ def make(path: str, cfg, log: Log, ids: Ids) -> tuple[list[str], Exception | Non
     other owner is left as it is, and nothing below them is touched: it is a mail
     reader's (Dovecot's, and its Maildir++ folders, which a chown locked it out of), or
     one a reader made meanwhile."""
+    link = foreign_link(path)
+    if link:
+        return [], PermissionError(errno.EPERM, f"{link}: not followed by the master", path)
+    root_link = os.path.islink(path)  # looked at with the rest: one swapped in later is not
     dirs = config_checks.own_dirs(path)
     missing = [d for d in dirs if not os.path.isdir(d)]
     error: Exception | None = None
@@ -91,8 +95,30 @@ def make(path: str, cfg, log: Log, ids: Ids) -> tuple[list[str], Exception | Non
     except (OSError, ValueError) as exc:
         error = exc
     made = [d for d in missing if os.path.isdir(d) and not os.path.islink(d)]
-    _give_to_workers([d for d in dirs if _roots_directory(d, follow=d == path)], ids, log, top=path)
+    _give_to_workers(path, ids, log, follow=root_link)
     return made, error
+
+
+def foreign_link(path: str) -> str:
+    """The first symlink on the way to the Maildir ``path`` (itself included) that
+    neither root nor this process owns, described; "" where there is none.
+
+    The master makes a Maildir's directories as root and gives root's ones to the
+    workers' user, through the configured path.  A link another user put there would
+    have it make and give away any directory of the host: a mailbox's owner, or the
+    workers themselves, who own the catch-all Maildir, in which a Maildir++ folder
+    (a [mailboxes] target such as .Lists) may be swapped for a link to /etc.  The
+    kernel's protected_symlinks guards only sticky directories."""
+    prefix = os.sep
+    for part in os.path.abspath(path).split(os.sep)[1:]:
+        prefix = os.path.join(prefix, part)
+        try:
+            st = os.lstat(prefix)
+        except OSError:
+            return ""  # not there yet: made by mkdir, which follows no link
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, os.geteuid()):
+            return f"a symlink of uid {st.st_uid}"
+    return ""
 
 
 def _roots_directory(path: str, follow: bool) -> bool:
@@ -104,18 +130,36 @@ def _roots_directory(path: str, follow: bool) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == 0
 
 
-def _give_to_workers(directories: list[str], ids: Ids, log: Log, top: str) -> None:
-    """chown to the workers' uid/gid, if set, each directory alone (not what is below
-    it), through a symlink only for ``top``, the configured path; a failure is logged,
-    not raised (a broken mailbox must not stop the rest).  The ids are those the workers
-    drop to, looked up with the config: a pass an hour later needs no user database."""
+def _give_to_workers(top: str, ids: Ids, log: Log, follow: bool) -> None:
+    """chown the Maildir ``top`` and its tmp/, new/ and cur/ to the workers' uid/gid, if
+    set, those that are root's directories, each alone (not what is below it); a failure
+    is logged, not raised (a broken mailbox must not stop the rest).  The ids are those
+    the workers drop to, looked up with the config: a pass an hour later needs no user
+    database.
+
+    All through one descriptor of ``top``, opened without following a link unless
+    ``follow``: one was there when foreign_link looked (the operator's: root's).  A link
+    swapped in since fails the open, so that nothing it points to is given away."""
     if ids == (None, None):
         return
-    for directory in directories:
-        try:
-            process.chown_dir(directory, *ids, follow=directory == top)
-        except OSError as exc:
-            log.warning("STORE", f"cannot give {directory} to the workers' user: {exc}")
+    try:
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+    except OSError as exc:
+        log.warning("STORE", f"cannot give {top} to the workers' user: {exc.strerror or exc}")
+        return
+    try:
+        for name in (None, "tmp", "new", "cur"):
+            where = top if name is None else os.path.join(top, name)
+            try:
+                st = os.fstat(fd) if name is None else os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) and st.st_uid == 0:
+                    process.chown_dir(fd if name is None else name, *ids, dir_fd=None if name is None else fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("STORE", f"cannot give {where} to the workers' user: {exc}")
+    finally:
+        os.close(fd)
 
 
 def _warn_unwritable(path: str, key: str, cfg, log: Log, ids: Ids) -> None:
@@ -162,7 +206,12 @@ def _remake(path: str, cfg, log: Log, ids: Ids) -> None:
 
 def _clean_tmp(path: str, log: Log) -> None:
     """Best effort: a tmp/ that cannot be read (or is a symlink, never followed) gets
-    its deliveries refused with 451 anyway, and is logged."""
+    its deliveries refused with 451 anyway, and is logged.  Nor is a Maildir reached
+    through another user's link swept: root would remove old files where it points."""
+    link = foreign_link(path)
+    if link:
+        log.warning("STORE", f"not cleaning {path}/tmp: {link} on its way, not followed by the master")
+        return
     try:
         n = maildir.clean_tmp(path)
     except OSError as exc:

@@ -405,9 +405,14 @@ def load_session_codecs() -> None:
 
 def drop_privileges(uid: int | None, gid: int | None) -> None:
     """Become uid/gid (after the sockets are bound), group first, for good."""
-    if gid is not None and os.getgid() != gid:
-        os.setgroups([gid])
-        os.setgid(gid)
+    if gid is not None:
+        # Always, not only where the group changes: a master run with supplementary
+        # groups (root's login's disk, adm, shadow) would hand them to workers whose
+        # group is its own.
+        if os.geteuid() == 0:
+            os.setgroups([gid])
+        if os.getgid() != gid:
+            os.setgid(gid)
     if uid is not None and os.getuid() != uid:
         os.setuid(uid)
 
@@ -422,13 +427,17 @@ def writable_by(st: os.stat_result, uid: int, gid: int, need: int = 0o3) -> bool
     return (st.st_mode >> shift) & need == need
 
 
-def chown_dir(path: str, uid: int | None, gid: int | None, follow: bool = False) -> None:
+def chown_dir(path: str | int, uid: int | None, gid: int | None, dir_fd: int | None = None) -> None:
     """Give a Maildir's directory to the workers' uid/gid, so that workers can write
-    there after the drop; through a symlink only if ``follow`` (the configured path
-    may be one; nothing below it, where one may be swapped in meanwhile)."""
+    there after the drop: ``path`` a descriptor of it, or a name in ``dir_fd``, never
+    through a symlink (one may be swapped in meanwhile)."""
     if uid is None and gid is None:
         return
-    os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=follow)
+    ids = (-1 if uid is None else uid, -1 if gid is None else gid)
+    if isinstance(path, int):
+        os.fchown(path, *ids)
+    else:
+        os.chown(path, *ids, dir_fd=dir_fd, follow_symlinks=False)
 
 
 def sd_notify(message: str) -> None:

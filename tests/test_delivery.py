@@ -284,6 +284,38 @@ def test_the_hourly_pass_gives_what_it_makes_to_the_ids_kept_with_the_config(tmp
     assert "workers' user" not in log_path.read_text()
 
 
+def test_a_link_swapped_in_after_the_masters_look_gives_nothing_away(tmp_path):
+    """make() looks for another user's link on the way, then makes and hands over: a
+    link the workers swap in between must not be followed by the hand-over, which goes
+    through one descriptor opened without following a link that was not there."""
+    if os.geteuid() != 0:
+        pytest.skip("directories are given to server.user by root only")
+    victim, top = tmp_path / "victim", tmp_path / "box"
+    victim.mkdir()
+    top.symlink_to(victim)  # as if swapped in after the look, which saw no link
+    log_path = tmp_path / "log"
+    log = logs.Log("info", str(log_path))
+    maildirs._give_to_workers(str(top), (12345, 23456), log, follow=False)
+    log.flush()
+    assert victim.stat().st_uid == 0
+    assert f"cannot give {top} to the workers' user" in log_path.read_text()
+    maildirs._give_to_workers(str(top), (12345, 23456), log, follow=True)  # the operator's link
+    assert (victim.stat().st_uid, victim.stat().st_gid) == (12345, 23456)
+
+
+def test_foreign_link_names_the_first_link_of_another_user_on_the_way(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("a link of another user's needs root to make")
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "roots").symlink_to(tmp_path / "real")
+    theirs = tmp_path / "theirs"
+    theirs.symlink_to(tmp_path / "real")
+    os.lchown(theirs, 4321, 4321)
+    assert maildirs.foreign_link(str(tmp_path / "roots" / "deep" / "Maildir")) == ""
+    assert maildirs.foreign_link(str(theirs / "deep" / "Maildir")) == "a symlink of uid 4321"
+    assert maildirs.foreign_link(str(tmp_path / "not-yet" / "Maildir")) == ""
+
+
 # -- paths that are one Maildir ----------------------------------------------------------------
 
 def stored(md) -> list[bytes]:

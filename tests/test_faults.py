@@ -721,6 +721,48 @@ def test_directories_the_masters_pass_makes_are_the_workers_even_when_it_fails_p
     assert code == 250, text
 
 
+def test_a_link_the_workers_put_in_a_mailboxs_path_is_not_followed_by_the_master(nobody_dir, daemon_factory):
+    """A Maildir++ folder of the catch-all (a [mailboxes] target, README Layout) lies in
+    a directory the workers own.  Swapped for a link to a directory of root's, it had
+    the master, remaking the Maildir after a crash, make tmp/, new/ and cur/ there and
+    give the directory to the workers' user: a worker's bug became root's.  A link of
+    root's (the operator's) is still followed."""
+    base, nobody = nobody_dir
+    catch, victim, real = base / "catch", base / "victim", base / "real-lists"
+    lists = catch / ".Lists"
+    victim.mkdir(mode=0o755)
+    (victim / "secret").write_text("root's")
+    d = daemon_factory(workers=1, server={"user": "nobody", "min_spare_workers": 0},
+                       sections={"delivery": {"maildir": str(catch)},
+                                 "mailboxes": {"lists@example.test": str(lists)}})
+    assert lists.stat().st_uid == nobody.pw_uid
+    shutil.rmtree(lists)
+    lists.symlink_to(victim)
+    os.lchown(lists, nobody.pw_uid, nobody.pw_gid)  # as a worker would have made it
+    os.kill(next(iter(worker_pids(d))), signal.SIGKILL)  # a crash: the pass runs at once
+    line = d.wait_for_log(f"cannot make {lists} again")
+    assert f"a symlink of uid {nobody.pw_uid}: not followed by the master" in line
+    assert f"not cleaning {lists}/tmp" in d.log_text()
+    assert victim.stat().st_uid == 0 and sorted(os.listdir(victim)) == ["secret"]
+    lists.unlink()
+    real.mkdir()
+    lists.symlink_to(real)  # root's own link
+    os.kill(next(iter(worker_pids(d))), signal.SIGKILL)
+    d.wait_for_log(f"made again, found missing: {lists / 'tmp'}")
+    assert [(real / sub).stat().st_uid for sub in ("", "tmp", "new", "cur")] == [nobody.pw_uid] * 4
+
+
+def test_workers_keep_no_supplementary_group_of_the_master(nobody_dir):
+    """Where the workers' group was the master's own, the drop kept the master's
+    supplementary groups (root's login may hold disk, adm, shadow)."""
+    _, nobody = nobody_dir
+    code = ("import os, sys\nfrom forksmtp import process\nos.setgroups([0, 4, 6])\n"
+            "process.drop_privileges(int(sys.argv[1]), 0)\nprint(os.getuid(), os.getgid(), os.getgroups())\n")
+    done = subprocess.run([sys.executable, "-c", code, str(nobody.pw_uid)], capture_output=True, text=True,
+                          timeout=20)
+    assert done.stdout == f"{nobody.pw_uid} 0 [0]\n", done
+
+
 @pytest.fixture
 def own_user():
     """A user of the test's own, added for it and removed after (or by) it."""

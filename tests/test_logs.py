@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import resource
 import select
@@ -359,3 +360,27 @@ def test_a_pipe_of_another_user_is_still_written_without_blocking():
             os.waitpid(pid, 0)
         for fd in (r, w, res_r):
             os.close(fd)
+
+
+def test_the_log_is_opened_through_a_link_of_roots_only(tmp_path):
+    """The master opens the log as root: a link another user planted where the log goes
+    (a directory others may write) had it append the clients' text to any file it
+    named, or make one there.  A link of root's (the operator's) is still followed."""
+    if os.geteuid() != 0:
+        pytest.skip("a link of another user's needs root to make")
+    nobody = pwd.getpwnam("nobody")
+    target, made = tmp_path / "roots-file", tmp_path / "made-by-root"
+    target.write_text("root's\n")
+    for pointed in (target, made):
+        link = tmp_path / "forksmtp.log"
+        link.symlink_to(pointed)
+        os.lchown(link, nobody.pw_uid, nobody.pw_gid)
+        with pytest.raises(PermissionError, match=f"a symlink of uid {nobody.pw_uid}, not followed"):
+            logs.Log.open_file(str(link))
+        link.unlink()
+    assert target.read_text() == "root's\n" and not made.exists()
+    link.symlink_to(target)  # root's own link
+    fd = logs.Log.open_file(str(link))
+    os.write(fd, b"a line\n")
+    os.close(fd)
+    assert target.read_text() == "root's\na line\n"

@@ -805,7 +805,11 @@ class Arbiter:
 
     def _note_certificate(self, cfg) -> None:
         """At a start and a reload: the end of the certificate just loaded, said at once
-        if it is near (a server up for months is told again each day, by the hourly pass)."""
+        if it is near (a server up for months is told again each day, by the hourly pass).
+        And workers that will stay root for want of server.user."""
+        alone = process.group_alone_warning(cfg.server.user, cfg.server.group)
+        if alone:
+            self.log.warning("WORKER", alone)
         self.cert_end = tls.not_after(cfg.tls.cert_file) if cfg.tls else None
         self.cert_warning.reset()
         self._warn_certificate(time.monotonic())

@@ -87,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             print(f"forksmtp: {problem}", file=sys.stderr)
             return 2
-        for warning in _mailbox_warnings(cfg) + _certificate_warnings(cfg, overrides):
+        from forksmtp.process import group_alone_warning
+        alone = group_alone_warning(cfg.server.user, cfg.server.group)
+        warnings = _mailbox_warnings(cfg) + _certificate_warnings(cfg, overrides) + ([alone] if alone else [])
+        for warning in warnings:
             print(f"forksmtp: warning: {warning}", file=sys.stderr)
         print(summary(cfg))
         return 0

@@ -387,6 +387,15 @@ def resolve_ids(user: str, group: str) -> tuple[int | None, int | None]:
     return uid, gid
 
 
+def group_alone_warning(user: str, group: str) -> str:
+    """``server.group`` without ``server.user``: the workers take the group and stay
+    root, which an operator who meant to drop privileges would not know from a
+    ``--check`` that says OK, nor from the start."""
+    if group and not user and os.geteuid() == 0:
+        return f'server.group = "{group}" without server.user: the workers run as root (uid 0), in that group'
+    return ""
+
+
 #: The codecs a session may use beyond those built into the interpreter (UTF-8, ASCII,
 #: Latin-1): the escapes of logged text (sessionlog, connection), the Punycode of an
 #: internationalised label (commands) and IDNA (trace).

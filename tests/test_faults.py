@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import grp
 import os
 import pwd
 import shutil
@@ -761,6 +762,20 @@ def test_workers_keep_no_supplementary_group_of_the_master(nobody_dir):
     done = subprocess.run([sys.executable, "-c", code, str(nobody.pw_uid)], capture_output=True, text=True,
                           timeout=20)
     assert done.stdout == f"{nobody.pw_uid} 0 [0]\n", done
+
+
+def test_a_group_without_a_user_is_said_to_leave_the_workers_root(nobody_dir, daemon_factory):
+    """server.group alone: the workers take the group and stay root.  --check said OK
+    and the start said nothing, to an operator who meant to drop privileges."""
+    base, nobody = nobody_dir
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    said = f'server.group = "{group}" without server.user: the workers run as root (uid 0), in that group'
+    d = daemon_factory(workers=1, server={"group": group}, sections={"delivery": {"maildir": str(base / "md")}})
+    assert f"[WORKER] {said}" in d.wait_for_log("without server.user")
+    assert {psutil.Process(pid).uids().real for pid in worker_pids(d)} == {0}
+    check = subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(d.config_path), "--check"],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0 and f"forksmtp: warning: {said}\n" in check.stderr, check
 
 
 @pytest.fixture

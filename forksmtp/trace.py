@@ -17,7 +17,12 @@ from typing import Final
 # line and paragraph separators, which end a line for some readers of stored mail
 # (Python's str.splitlines, for one), though not for RFC 5322.
 _UNSAFE_HELO: Final = re.compile(r"[^A-Za-z0-9.\-:\[\]_@\u00a0-\u2027\u202a-\U0010ffff]")
-_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Control characters (so no CR/LF), the line separators, and the bidirectional marks
+# and overrides (U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069) and U+FEFF: an
+# SMTPUTF8 sender's address with U+202E in it reads backwards in the header, one way to
+# make "elgoog" show as "google".  No address needs them (RFC 8264's PRECIS classes
+# exclude them).
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
 _NON_ASCII: Final = re.compile(r"[^\x00-\x7f]")
 
 _DAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -25,8 +30,8 @@ _MONTHS: Final = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep",
 
 
 def clean(value: str, limit: int = 255) -> str:
-    """A header-safe copy: no control characters (so no CR/LF) and no line separators,
-    bounded length."""
+    """A header-safe copy: no control characters (so no CR/LF), no line separators and
+    no bidirectional marks, bounded length."""
     return _CONTROL.sub("?", value[:limit])
 
 

@@ -77,19 +77,32 @@ def test_a_helo_name_idna_2003_would_change_is_not_given_as_its_a_label():
     assert trace.ascii_domain("\u00c4\u00d6.test") == "xn--4ca0b.test"
 
 
-@pytest.mark.parametrize("char", ["\x85", "\u2028", "\u2029"])
-def test_addresses_in_trace_fields_cannot_start_a_line(char):
-    """The session accepts SMTPUTF8 addresses holding NEL, U+2028 or U+2029 (lines end
-    there for some readers): Return-Path, Delivered-To and the FOR clause must not let
-    them start a line of their own."""
-    addr = f'"a{char}X-Injected: 1"@example.test'
+def trace_fields(addr: str) -> list[str]:
+    """Return-Path, Delivered-To and Received for ``addr``, which the session accepts
+    as an SMTPUTF8 sender."""
     s = new_session()
     assert transcript(s, ["EHLO client.test", f"MAIL FROM:<{addr}> SMTPUTF8"]) == [250, 250]
     fields = [trace.return_path(addr), trace.delivered_to(addr),
               trace.received(helo="h", peer_ip="192.0.2.1", by="mx.test", protocol="UTF8SMTP",
                              queue_id="Q", recipient=addr, when=0.0)]
-    for field in fields:
-        text = field.decode("utf-8")
+    return [field.decode("utf-8") for field in fields]
+
+
+@pytest.mark.parametrize("char", ["\u202e", "\u202a", "\u2066", "\u2069", "\u200f", "\u061c", "\ufeff"])
+def test_bidirectional_marks_do_not_reach_the_trace_fields(char):
+    """An SMTPUTF8 sender with U+202E reads backwards in the header ("gro.elgoog"
+    shows as "google.org"): the marks are replaced, as control characters are."""
+    for text in trace_fields(f"{char}gro.elgoog@x.test"):
+        assert char not in text and "?gro.elgoog@x.test" in text
+    assert trace.clean("b\u00fccher \u200d\u200b") == "b\u00fccher \u200d\u200b"  # joiners stay
+
+
+@pytest.mark.parametrize("char", ["\x85", "\u2028", "\u2029"])
+def test_addresses_in_trace_fields_cannot_start_a_line(char):
+    """The session accepts SMTPUTF8 addresses holding NEL, U+2028 or U+2029 (lines end
+    there for some readers): Return-Path, Delivered-To and the FOR clause must not let
+    them start a line of their own."""
+    for text in trace_fields(f'"a{char}X-Injected: 1"@example.test'):
         assert len(text.splitlines()) == text.count("\n"), repr(text)
 
 

@@ -144,6 +144,8 @@ def _give_to_workers(top: str, ids: Ids, log: Log, follow: bool) -> None:
         return
     try:
         fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+    except FileNotFoundError:
+        return  # not made: the caller says why
     except OSError as exc:
         log.warning("STORE", f"cannot give {top} to the workers' user: {exc.strerror or exc}")
         return

@@ -301,6 +301,10 @@ def test_a_link_swapped_in_after_the_masters_look_gives_nothing_away(tmp_path):
     assert f"cannot give {top} to the workers' user" in log_path.read_text()
     maildirs._give_to_workers(str(top), (12345, 23456), log, follow=True)  # the operator's link
     assert (victim.stat().st_uid, victim.stat().st_gid) == (12345, 23456)
+    # A Maildir its make() could not make is the caller's to report: nothing more here.
+    maildirs._give_to_workers(str(tmp_path / "never-made"), (12345, 23456), log, follow=False)
+    log.flush()
+    assert "never-made" not in log_path.read_text()
 
 
 def test_foreign_link_names_the_first_link_of_another_user_on_the_way(tmp_path):

@@ -239,7 +239,7 @@ def set_password(path: str, user: str, password: str) -> tuple[str, int]:
         link = os.lstat(path)
     except FileNotFoundError:
         link = None
-    if link is not None and stat.S_ISLNK(link.st_mode) and link.st_uid not in trusted:
+    if link is not None and process.untrusted_link(link):
         # Whoever can write the directory could point it at any file root may write.
         raise PasswordFileError(f"{path} is a symlink owned by uid {link.st_uid}: not followed")
     path = os.path.realpath(path)

@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Final
 
+from . import process
+
 DEBUG: Final = 10
 INFO: Final = 20
 WARNING: Final = 30
@@ -138,11 +140,10 @@ class Log:
             st = os.lstat(path)
         except OSError:
             st = None
-        if st is not None and stat.S_ISLNK(st.st_mode):
-            if st.st_uid not in (0, os.geteuid()):
-                raise PermissionError(errno.EPERM, f"a symlink of uid {st.st_uid}, not followed", path)
-        else:
+        if st is None or not stat.S_ISLNK(st.st_mode):
             flags |= os.O_NOFOLLOW
+        elif process.untrusted_link(st):
+            raise PermissionError(errno.EPERM, f"a symlink of uid {st.st_uid}, not followed", path)
         return os.open(path, flags, 0o640)
 
     @staticmethod

@@ -116,7 +116,7 @@ def foreign_link(path: str) -> str:
             st = os.lstat(prefix)
         except OSError:
             return ""  # not there yet: made by mkdir, which follows no link
-        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, os.geteuid()):
+        if process.untrusted_link(st):
             return f"a symlink of uid {st.st_uid}"
     return ""
 
@@ -150,16 +150,16 @@ def _give_to_workers(top: str, ids: Ids, log: Log, follow: bool) -> None:
         log.warning("STORE", f"cannot give {top} to the workers' user: {exc.strerror or exc}")
         return
     try:
-        for name in (None, "tmp", "new", "cur"):
-            where = top if name is None else os.path.join(top, name)
+        for name in config_checks.own_dirs("."):  # ".", then tmp/, new/ and cur/ in it
             try:
-                st = os.fstat(fd) if name is None else os.stat(name, dir_fd=fd, follow_symlinks=False)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode) and st.st_uid == 0:
-                    process.chown_dir(fd if name is None else name, *ids, dir_fd=None if name is None else fd)
+                    process.chown_dir(name, *ids, dir_fd=fd)
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                log.warning("STORE", f"cannot give {where} to the workers' user: {exc}")
+                log.warning("STORE", f"cannot give {os.path.normpath(os.path.join(top, name))} "
+                                     f"to the workers' user: {exc}")
     finally:
         os.close(fd)
 

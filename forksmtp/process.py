@@ -436,17 +436,21 @@ def writable_by(st: os.stat_result, uid: int, gid: int, need: int = 0o3) -> bool
     return (st.st_mode >> shift) & need == need
 
 
-def chown_dir(path: str | int, uid: int | None, gid: int | None, dir_fd: int | None = None) -> None:
-    """Give a Maildir's directory to the workers' uid/gid, so that workers can write
-    there after the drop: ``path`` a descriptor of it, or a name in ``dir_fd``, never
-    through a symlink (one may be swapped in meanwhile)."""
+def untrusted_link(st: os.stat_result) -> bool:
+    """Whether ``st`` (an lstat) is a symlink that neither root nor this process's user
+    made.  Whoever can write its directory could point it at any file root may write,
+    so the master, as root, follows none (the log, a Maildir's path), and neither does
+    ``forksmtp passwd`` (the password file)."""
+    return stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, os.geteuid())
+
+
+def chown_dir(name: str, uid: int | None, gid: int | None, dir_fd: int) -> None:
+    """Give a Maildir's directory, ``name`` in ``dir_fd`` ("." for that directory
+    itself), to the workers' uid/gid, so that workers can write there after the drop;
+    never through a symlink (one may be swapped in meanwhile)."""
     if uid is None and gid is None:
         return
-    ids = (-1 if uid is None else uid, -1 if gid is None else gid)
-    if isinstance(path, int):
-        os.fchown(path, *ids)
-    else:
-        os.chown(path, *ids, dir_fd=dir_fd, follow_symlinks=False)
+    os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid, dir_fd=dir_fd, follow_symlinks=False)
 
 
 def sd_notify(message: str) -> None:

@@ -233,6 +233,20 @@ def test_two_masters_started_at_once_never_both_take_a_pidfile(tmp_path):
             r.wait()
 
 
+def test_a_pidfile_replaced_by_others_at_every_try_fails_the_start_past_its_bound(tmp_path, monkeypatch):
+    """The placement looks again while other starts keep replacing the file, a bounded
+    number of times: past it the start fails, and leaves no temporary file behind."""
+    tries = []
+
+    def always_replaced(path, tmp):
+        tries.append(tmp)
+        return False
+    monkeypatch.setattr(process, "_put_in_place", always_replaced)
+    with pytest.raises(process.PidfileError, match=f"replaced by others {process._PIDFILE_TRIES} times"):
+        process.write_pidfile(str(tmp_path / "run.pid"))
+    assert len(tries) == process._PIDFILE_TRIES and os.listdir(tmp_path) == []
+
+
 def test_a_pidfile_is_locked_while_held_and_removed_with_its_lock(tmp_path):
     """The lock is what another start tests, whatever pid the file names."""
     path = tmp_path / "run.pid"

@@ -144,7 +144,8 @@ def _run_passwd(args: list[str], config: str | None) -> int:
 
 def _mailbox_warnings(cfg) -> list[str]:
     """The Maildirs a start could not use now: [mailboxes] ones it could not make, and
-    any the workers' user may not write (warned about at the start too).  They fail no
+    any the workers' user may not write; and any every user may write (each warned
+    about at the start too).  They fail no
     --check: run before every start (the systemd unit's ExecStartPre), one user's broken
     Maildir would otherwise keep everyone's mail out, which the start itself avoids."""
     from forksmtp import maildirs, process
@@ -162,6 +163,9 @@ def _mailbox_warnings(cfg) -> list[str]:
             problem = str(exc)
         if problem:
             warnings.append(f"{keys[path]} = {path}: {problem}; its mail would get 451 until this is fixed")
+        exposed = maildirs.open_to_all(path)
+        if exposed:
+            warnings.append(f"{keys[path]} = {path}: {exposed}")
     return warnings
 
 

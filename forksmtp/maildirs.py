@@ -52,6 +52,9 @@ def prepare(cfg, log: Log, ids: Ids) -> None:
             log.warning("STORE", f"{keys[path]} = {path}: {problem}; its mail gets 451 until this is fixed")
             continue
         _warn_unwritable(path, keys[path], cfg, log, ids)
+        exposed = open_to_all(path)
+        if exposed:  # delivered to all the same: an operator's choice, said at each start
+            log.warning("STORE", f"{keys[path]} = {path}: {exposed}")
         _clean_tmp(path, log)
 
 
@@ -191,6 +194,27 @@ def unusable_by_workers(path: str, ids: Ids, user: str) -> str:
         if not process.writable_by(st, uid, gid, need):
             return (f"{directory} is not {what} by the workers' user {user} (owner {st.st_uid}:"
                     f"{st.st_gid}, mode {st.st_mode & 0o7777:04o})")
+    return ""
+
+
+def open_to_all(path: str) -> str:
+    """Why the Maildir ``path`` is not its owners' alone, or "": it, or its tmp/, new/
+    or cur/, is a directory every local user may write (a slip such as ``/tmp`` as a
+    mailbox).  There another user may put their own tmp/, new/ or cur/ before the
+    server makes them, and so own what it delivers, or plant and take mail.  Postfix's
+    ``postfix check`` likewise warns of its queue directories written by all."""
+    for directory in config_checks.own_dirs(path):
+        try:
+            st = os.stat(directory)
+        except OSError:
+            continue
+        if not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_IWOTH):
+            continue
+        mode = f"mode {st.st_mode & 0o7777:04o}"
+        if directory == path:
+            return (f"{directory} is writable by every user ({mode}): another user could "
+                    "make its tmp/, new/ or cur/ first and own the mail delivered there")
+        return f"{directory} is writable by every user ({mode}): another user could put mail in it or take mail out"
     return ""
 
 

@@ -968,6 +968,40 @@ def test_a_maildir_the_workers_user_may_not_write_is_named_at_start(nobody_dir, 
         assert refused.value.smtp_code == 451
 
 
+def test_a_maildir_every_user_may_write_is_named_at_start_and_by_check(tmp_path, daemon_factory):
+    """A mailbox at a directory like /tmp (mode 1777), or one whose new/ is mode 0777:
+    another local user could make its tmp/, new/ or cur/ first and own what is delivered
+    there, or plant and take mail.  The start and --check say so, naming the directory
+    and its mode; the mail is still delivered (the operator's choice, as ACLs may be)."""
+    shared, box = tmp_path / "shared", tmp_path / "box"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    for directory in (box, box / "tmp", box / "new", box / "cur"):
+        directory.mkdir()
+    (box / "new").chmod(0o777)
+    d = daemon_factory(sections={"mailboxes": {"shared@example.test": str(shared),
+                                               "box@example.test": str(box)}})
+    text = d.wait_for_log("[READY]")
+    said = {"shared": f"{shared} is writable by every user (mode 1777): another user could make its "
+                      "tmp/, new/ or cur/ first and own the mail delivered there",
+            "box": f"{box / 'new'} is writable by every user (mode 0777): another user could put "
+                   "mail in it or take mail out"}
+    for name, path in (("shared", shared), ("box", box)):
+        assert f'[STORE] mailboxes."{name}@example.test" = {path}: {said[name]}\n' in text
+    check = subprocess.run([sys.executable, "-m", "forksmtp", "-c", str(d.config_path), "--check"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check
+    assert check.stderr == "".join(f'forksmtp: warning: mailboxes."{name}@example.test" = {path}: {said[name]}\n'
+                                   for name, path in (("box", box), ("shared", shared))), check.stderr
+    with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as client:
+        client.ehlo("client.example")
+        assert client.sendmail("a@client.example", ["shared@example.test", "box@example.test"],
+                               b"Subject: x\r\n\r\nhi\r\n") == {}
+    assert len(os.listdir(shared / "new")) == len(os.listdir(box / "new")) == 1
+    # The Maildirs the server makes are its own: nothing to say of them.
+    assert str(d.maildir) not in text.split("[READY]")[0]
+
+
 def test_a_log_reader_that_stops_reading_stops_neither_mail_nor_the_master(tmp_path):
     """stderr is a pipe whose reader has stopped (a stuck journald): past the pipe's
     64 KiB, every write would block.  Mail still flows, SIGTERM still stops the server,

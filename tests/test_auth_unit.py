@@ -433,9 +433,19 @@ def test_unknown_mechanism_is_504_and_a_bare_auth_is_501():
     assert p.send("AUTH CRAM-MD5", "AUTH GSSAPI abc=", "AUTH") == ["504 5.5.4", "504 5.5.4", "501 5.5.4"]
 
 
-@pytest.mark.parametrize("separator", ["\t", "\x7f", "\x85"])
+@pytest.mark.parametrize("separator", ["\t", " \t "])
+def test_a_tab_separates_the_response_as_a_space_does(separator):
+    """As it separates a command's words (commands.split_words), as in Postfix."""
+    p = tls_peer()
+    p.send(f"AUTH PLAIN{separator}" + plain("alice", USERS["alice"]))
+    assert [(e.credentials.mechanism, e.credentials.username) for e in p.events
+            if isinstance(e, AuthRequest)] == [("PLAIN", "alice")]
+
+
+@pytest.mark.parametrize("separator", ["\x7f", "\x85", "\x0b"])
 def test_a_control_character_before_the_response_is_a_syntax_error_not_an_unknown_mechanism(separator):
-    """Only SP separates the response (RFC 4954 4); "PLAIN<TAB>..." names no mechanism."""
+    """Only blanks separate the response (RFC 4954 4: SP); "PLAIN<DEL>..." names no
+    mechanism."""
     p = tls_peer()
     assert p.send(f"AUTH PLAIN{separator}" + plain("alice", USERS["alice"])) == ["501 5.5.4"]
     assert not any(isinstance(e, AuthRequest) for e in p.events)
@@ -601,12 +611,12 @@ def test_responses_pipelined_behind_a_refused_auth_stay_out_of_the_log(refusal):
 
 
 @pytest.mark.parametrize("auth_line, refused", [
-    (b"AUTH\tLOGIN", "500 5.5.2"),                 # a TAB for the space: the verb unknown
+    (b" AUTH LOGIN", "500 5.5.2"),                 # a blank before the verb: no command
     (b"AUTH LOGIN " + b"A" * 13000, "500 5.5.6"),  # over the AUTH line limit
     (b"AUTH LOGIN \xff", "501 5.5.2"),             # not UTF-8
     (b"AUTH LOGIN \x01", "501 5.5.2"),             # a control character
     (b"AUTH", "501 5.5.4"),                        # no mechanism
-], ids=["tab", "too-long", "not-utf8", "control", "bare"])
+], ids=["blank-before", "too-long", "not-utf8", "control", "bare"])
 def test_responses_pipelined_behind_a_malformed_auth_stay_out_of_the_log(auth_line, refused):
     """The mask took these lines for AUTH commands, but the count of response lines to
     hide was set only for well-formed ones: the user name and password behind them

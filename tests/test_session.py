@@ -122,7 +122,21 @@ AFTER_EHLO = [
     ("leading-space", " NOOP", 500),
     ("verb-run-together", "MAILFROM:<a@example.test>", 500),
     ("verb-with-suffix", "NOOPX", 500),
-    ("tab-separator", "NOOP\tx", 500),
+    ("tab-before-the-verb", "\tNOOP", 500),
+    # Any run of blanks separates the verb from its argument, as one space does (as in
+    # Postfix, which splits a command on any blank).
+    ("tab-separator", "NOOP\tx", 250),
+    ("blanks-separator", "NOOP \t x", 250),
+    ("mail-two-spaces", "MAIL  FROM:<a@example.test>", 250),
+    ("mail-tab-after-verb", "MAIL\tFROM:<a@example.test>", 250),
+    ("mail-tab-after-colon", "MAIL FROM:\t<a@example.test>", 250),
+    ("mail-tab-before-parameter", "MAIL FROM:<a@example.test>\tSIZE=10", 250),
+    ("mail-blanks-between-parameters", "MAIL FROM:<a@example.test> SIZE=10 \tBODY=8BITMIME", 250),
+    ("ehlo-tab", "EHLO\tclient.test", 250),
+    ("ehlo-two-spaces", "EHLO  client.test", 250),
+    ("vrfy-tab", "VRFY\tbob", 252),
+    ("rset-tab-parameter", "RSET\tnow", 501),
+    ("quit-tab-parameter", "QUIT \tnow", 501),
     # known but not offered -> 502
     ("expn", "EXPN staff", 502),
     ("expn-bare", "EXPN", 502),
@@ -198,6 +212,8 @@ IN_TRANSACTION = [
     ("rset-trailing-spaces", "RSET  ", 250),
     ("rset-trailing-tab", "RSET\t", 250),
     ("noop-trailing-tab", "NOOP \t", 250),
+    ("rcpt-tab-after-verb", "RCPT\tTO:<b@example.test>", 250),
+    ("rcpt-blanks-after-colon", "RCPT  TO: \t<b@example.test>", 250),
     ("rcpt-junk-after-path", "RCPT TO:<b@example.test>junk", 501),  # as for MAIL
     ("rcpt-parameter", "RCPT TO:<b@example.test> NOTIFY=NEVER", 555),  # no DSN offered
 ]
@@ -230,6 +246,8 @@ def test_data_and_quit_with_trailing_blanks_are_data_and_quit():
     assert transcript(s, [E, M, RC, "DATA  \t"]) == OK3 + [354]
     s = new_session()
     assert transcript(s, [E, "QUIT\t "]) == [250, 221] and s.closed
+    s = new_session()  # blanks before a parameter separate it, as a space does
+    assert transcript(s, [E, M, RC, "DATA\tnow", "DATA"]) == OK3 + [501, 354]
 
 
 def test_data_with_parameter_is_501_and_transaction_survives():
@@ -1062,7 +1080,8 @@ def test_refused_message_is_logged_with_the_octets_sent():
 AUTH_LINES = ["AUTH PLAIN AGFsaWNlAHNlY3JldA==", "auth plain AGFsaWNlAHNlY3JldA==",
               "AUTH PLAIN  AGFsaWNlAHNlY3JldA==", "AUTH LOGIN AGFsaWNlAHNlY3JldA==",
               "AUTH PLAIN\tAGFsaWNlAHNlY3JldA==", "AUTH PLAIN\x00AGFsaWNlAHNlY3JldA==",
-              "AUTH\tPLAIN AGFsaWNlAHNlY3JldA=="]
+              "AUTH\tPLAIN AGFsaWNlAHNlY3JldA==", "AUTH \tPLAIN AGFsaWNlAHNlY3JldA==",
+              " AUTH PLAIN AGFsaWNlAHNlY3JldA==", "\tAUTH PLAIN AGFsaWNlAHNlY3JldA=="]
 
 
 @pytest.mark.parametrize("line", AUTH_LINES, ids=repr)
@@ -1071,7 +1090,7 @@ def test_auth_line_is_logged_without_its_payload(line):
     transcript(s, [E, line])
     assert len(s.log) == 5
     assert not [entry for entry in s.log if "AGFsaWNl" in entry], s.log
-    assert s.log[3].upper().startswith("AUTH")
+    assert s.log[3].upper().lstrip(" ").removeprefix("\\T").startswith("AUTH")  # a tab is logged as \t
 
 
 @pytest.mark.parametrize("verb", ["AUTH-LOGIN", "AUTHLOGIN", "auth_login"])
@@ -1117,6 +1136,12 @@ def test_auth_mechanism_is_kept_in_the_log():
     ("AUTHAGFsaWNlAG5ld3B3", "AUTH ***"),
     ("AUTH_LOGIN", "AUTH_LOGIN"),
     ("AUTHORIZE", "AUTHORIZE"),
+    # Blanks before the verb make the line no command (500); its payload is hidden all
+    # the same, and so are the LOGIN lines behind it (test_auth_line_is_logged...).
+    (" AUTH PLAIN AGFsaWNl", " AUTH PLAIN ***"),
+    ("\t auth AGFsaWNl", "\\t auth ***"),
+    ("  AUTHPLAIN AGFsaWNl", "  AUTHPLAIN ***"),
+    (" NOOP AGFsaWNl", " NOOP AGFsaWNl"),
 ])
 def test_auth_mask_stands_for_an_initial_response(line, logged):
     assert loggable(line) == logged

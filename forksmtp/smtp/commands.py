@@ -175,11 +175,13 @@ def parse_params(text: str) -> dict[str, str | None]:
     """ESMTP parameters after a path: `` KEY[=VALUE]`` pairs; keys upper-cased."""
     if not text:
         return {}
+    if "\t" in text:  # a tab separates as a space does (see split_words)
+        text = text.replace("\t", " ")
     if text[0] != " ":
         raise CommandError(R.R501_BAD_ADDRESS)
     params: dict[str, str | None] = {}
     # RFC 5321 4.1.2: SP between parameters (several are let pass, as many clients send
-    # them); str.split() would also split at a TAB, VT, FF, NBSP or U+2028.
+    # them); str.split() would also split at a VT, FF, NBSP or U+2028.
     for item in text.split(" "):
         if not item:
             continue
@@ -193,9 +195,21 @@ def parse_params(text: str) -> dict[str, str | None]:
     return params
 
 
+def split_words(text: str) -> tuple[str, str]:
+    """The first word of ``text`` and the rest, where a tab or several blanks follow the
+    word: any run of spaces and tabs separates, as one space does, as in Postfix, which
+    splits a command on any blank (RFC 5321's and RFC 4954's grammars have one space).
+    A line that begins with a blank stays no command (its first word is ""): the checks
+    of a line's first octets (DATA with text behind it, the AUTH mask) read it as sent."""
+    for i, c in enumerate(text):
+        if c == " " or c == "\t":
+            return text[:i], text[i:].lstrip(" \t")
+    return text, ""
+
+
 def split_prefix(arg: str, prefix: str) -> str | None:
-    """``FROM:`` / ``TO:`` (any case), then optional spaces as many clients send."""
+    """``FROM:`` / ``TO:`` (any case), then optional blanks as many clients send."""
     n = len(prefix)
     if arg[:n].upper() != prefix:
         return None
-    return arg[n:].lstrip(" ")
+    return arg[n:].lstrip(" \t")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import replies as R
-from .commands import CommandError
+from .commands import CommandError, split_words
 from .events import NEW, AuthRequest, StartTLS
 from .sasl import MECHANISMS, AuthExchange, Credentials
 
@@ -98,9 +98,9 @@ class SecureCommands:
             raise CommandError(R.R538_ENCRYPTION_REQUIRED)
         if self.auth_user:
             raise CommandError(R.R503_ALREADY_AUTH)
-        mechanism, _, initial = arg.strip().partition(" ")
-        # A control character in the name ("PLAIN<TAB>response": only SP separates the
-        # response) is a syntax error, not a mechanism this server lacks.
+        mechanism, initial = split_words(arg.strip())
+        # A control character in the name ("PLAIN<DEL>response", where only blanks
+        # separate the response) is a syntax error, not a mechanism this server lacks.
         named = mechanism != "" and not any(c < " " or "\x7f" <= c <= "\x9f" for c in mechanism)
         # ASCII only (RFC 4422 3.1): str.upper() maps "ı" (U+0131) to "I", so "PLAıN" would
         # otherwise run PLAIN, as the command verbs guard against too.

@@ -27,7 +27,7 @@ import re
 from typing import Final
 from . import replies as R
 from .buffer import BARE_LF, TOO_LONG, DataReader, LineBuffer
-from .commands import CommandError, Path, parse_params, parse_path, split_prefix
+from .commands import CommandError, Path, parse_params, parse_path, split_prefix, split_words
 from .events import (DATA, HELO, MAIL, NEW, RCPT, AuthRequest, DataChunk, DataEnd, DataStart,
                      Envelope, StartTLS)
 from .sasl import AuthExchange, Credentials
@@ -307,6 +307,8 @@ class Session(SecureCommands):
             # and "QUIT\t" are RSET and QUIT (as Postfix, which splits on any blank).
             text = text.rstrip(" \t")
         verb, _, arg = (text or "").partition(" ")
+        if "\t" in verb or arg[:1] == " " or arg[:1] == "\t":
+            verb, arg = split_words(text or "")
         # ASCII only: str.upper() maps some other letters onto ASCII ("ı" -> "I",
         # "ſ" -> "S"), which would run "MAıL" as MAIL.
         verb = verb.upper() if verb.isascii() else verb

@@ -149,7 +149,9 @@ def _is_mechanism(name: str) -> bool:
 def auth_like(line: bytes) -> bool:
     """Whether the log mask takes ``line`` for an AUTH command: any line that begins
     with AUTH, a mistyped one ("AUTH-LOGIN", "AUTHPLAIN") included, since its client
-    may send its credentials behind it all the same."""
+    may send its credentials behind it all the same, and one with blanks before it."""
+    if line[:1] == b" " or line[:1] == b"\t":
+        line = line.lstrip(b" \t")
     return line[:4].upper() == b"AUTH"
 
 
@@ -183,6 +185,10 @@ def loggable(text: str, escape: bool = False) -> str:
     ``escape``: whatever the line holds (octets that are no UTF-8)."""
     if text[:4].upper() == "AUTH" and text[4:5]:
         text = _auth_masked(text)
+    elif text[:1] == " " or text[:1] == "\t":  # no command (500), but masked all the same
+        verb = text.lstrip(" \t")
+        if verb[:4].upper() == "AUTH" and verb[4:5]:
+            text = text[:len(text) - len(verb)] + _auth_masked(verb)
     if escape:  # one character per octet: \xNN for each octet outside printable ASCII
         return text.encode("unicode_escape").decode("ascii")
     if "\\" in text or not text.isprintable():

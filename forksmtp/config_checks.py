@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from forksmtp import process
 from forksmtp.listeners import ListenAddr, clash, parse_listen
 from forksmtp.quoting import toml_string
-from forksmtp.smtp.commands import is_address_literal
+from forksmtp.smtp.commands import is_address_literal, lax_local
 
 
 class ConfigError(Exception):
@@ -287,7 +287,8 @@ def _address(text: str) -> str:
     local, at, domain = text.rpartition("@")
     if not at or not local or not _DOMAIN.fullmatch(domain) or any(c.isspace() or c in "<>" for c in local):
         raise ValueError("not an address (local@domain)")
-    return f"{local}@{domain.rstrip('.')}".lower()
+    # As a client's path has it: u..v@x.test is the mailbox "u..v"@x.test.
+    return f"{lax_local(local)}@{domain.rstrip('.')}".lower()
 
 
 def _networks(values: tuple[str, ...]) -> tuple[str, ...]:

@@ -39,6 +39,14 @@ VALID = [
     ("quoted-dot-string", '<"a.b"@x.test>', "a.b@x.test", "x.test"),
     ("quoted-needless-backslash", r'<"al\ice"@x.test>', "alice@x.test", "x.test"),
     ("quoted-needless-escape-kept", r'<"a\ b"@x.test>', '"a b"@x.test', "x.test"),
+    # Dots where Dot-string has none: taken, and quoted, the form in which they are valid
+    # (as Postfix takes them and writes them in its headers); quoted or not, one mailbox.
+    ("double-dot-local", "<a..b@x.test>", '"a..b"@x.test', "x.test"),
+    ("leading-dot-local", "<.a@x.test>", '".a"@x.test', "x.test"),
+    ("trailing-dot-local", "<a.@x.test>", '"a."@x.test', "x.test"),
+    ("only-dots-local", "<..@x.test>", '".."@x.test', "x.test"),
+    ("dots-local-quoted", '<"a..b"@x.test>', '"a..b"@x.test', "x.test"),
+    ("dots-local-utf8", "<jösé..x@x.test>", '"jösé..x"@x.test', "x.test"),
     ("ipv4-literal", "<u@[192.0.2.1]>", "u@[192.0.2.1]", "[192.0.2.1]"),
     ("ipv4-literal-zeros", "<u@[0.0.0.0]>", "u@[0.0.0.0]", "[0.0.0.0]"),
     # Snum = 1*3DIGIT (RFC 5321 4.1.3): leading zeros are allowed, and kept as sent.
@@ -92,9 +100,6 @@ INVALID = [
     ("hyphen-first", "<u@-example.test>"),
     ("hyphen-last", "<u@example-.test>"),
     ("underscore-domain", "<u@ex_ample.test>"),
-    ("double-dot-local", "<a..b@example.test>"),
-    ("leading-dot-local", "<.a@example.test>"),
-    ("trailing-dot-local", "<a.@example.test>"),
     ("space-in-local", "<a b@example.test>"),
     ("space-before-bracket", "<a@example.test >"),
     ("comma-in-local", "<a,b@example.test>"),
@@ -284,6 +289,8 @@ MAIL = [
     ("bad-literal", "<u@[300.1.1.1]>", "501 5.1.7"),
     ("source-route", "<@a.test,@b.test:u@c.test>", "250 2.1.0"),
     ("source-route-without-mailbox", "<@a.test:>", "501 5.1.7"),
+    ("double-dot-local", "<taro..yamada@docomo.example>", "250 2.1.0"),
+    ("trailing-dot-local", "<taro.@ezweb.example>", "250 2.1.0"),
     # No special case in MAIL: a sender without a domain, like any other (README).
     ("postmaster-as-plain-sender", "<Postmaster>", "250 2.1.0"),
     ("no-domain", "<u>", "250 2.1.0"),
@@ -373,6 +380,8 @@ RCPT = [
     ("bad-ipv4-literal", "<u@[127.0.0.256]>", "501 5.1.3", None),
     ("bad-ipv6-literal", "<u@[IPv6:12345::]>", "501 5.1.3", None),
     ("source-route-ignored", "<@a.test,@b.test:u@c.test>", "250 2.1.5", "u@c.test"),
+    ("double-dot-local", "<u..v@x.test>", "250 2.1.5", '"u..v"@x.test'),
+    ("leading-dot-local", "<.u@x.test>", "250 2.1.5", '".u"@x.test'),
     ("bare-postmaster", "<Postmaster>", "250 2.1.5", "Postmaster"),
     ("bare-postmaster-lower", "<postmaster>", "250 2.1.5", "Postmaster"),
     ("path-too-long", path_of(257), "501 5.1.3", None),

@@ -310,6 +310,27 @@ def test_a_mailbox_is_one_recipient_however_its_address_is_written(daemon_factor
     assert rest == b"Subject: a\n\none alice\n"
 
 
+def test_local_parts_with_dots_out_of_place_are_taken_and_quoted(daemon_factory, tmp_path):
+    """u..v, .u and u. are no RFC 5321 Dot-string, yet such senders and mailboxes exist
+    (old Japanese mobile carriers' addresses): taken, as Postfix takes them, and written
+    quoted in the trace fields, the form in which they are valid.  A [mailboxes] key
+    written either way is that mailbox."""
+    taro = tmp_path / "taro" / "Maildir"
+    d = daemon_factory(sections={"mailboxes": {"taro..yamada@example.test": str(taro)}})
+    with connect(d) as client:
+        assert client.mail("hanako.@docomo.example")[0] == 250
+        for rcpt in ("taro..yamada@example.test", '"taro..yamada"@example.test'):
+            assert client.rcpt(rcpt)[0] == 250
+        assert client.data(b"Subject: dots\r\n\r\nhi\r\n")[0] == 250
+    assert messages(d.maildir) == []
+    fields, rest = split_trace(only_message(taro))
+    assert fields["Return-Path"] == '<"hanako."@docomo.example>'
+    assert fields["Delivered-To"] == '"taro..yamada"@example.test'
+    check_received(fields["Received"], recipient='"taro..yamada"@example.test')
+    assert rest == b"Subject: dots\n\nhi\n"
+    assert 'FROM:<hanako.@docomo.example>' in d.log_text()  # the log has it as sent
+
+
 def to_the_postmaster_mailbox(daemon_factory, tmp_path, rcpts: list[str], message: bytes) -> bytes:
     """Deliver ``message`` to ``rcpts`` with a [mailboxes] entry for postmaster@ the local
     domain; the copy stored there (the catch-all must stay empty)."""

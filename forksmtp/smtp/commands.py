@@ -27,6 +27,9 @@ def _grammar() -> dict[str, str]:
     u8 = "\u0080-\U0010ffff"
     atext = f"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\\-{u8}]"
     dot_string = f"{atext}+(?:\\.{atext}+)*"
+    # What senders use beyond it: dots anywhere (".u", "u.", "u..v": old Japanese mobile
+    # carriers' addresses), taken as Postfix, Exim and Sendmail take them (lax_local).
+    dots_anywhere = f"(?:{atext}|\\.)+"
     quoted = f'"(?:[\\x20\\x21\\x23-\\x5b\\x5d-\\x7e{u8}]|\\\\[\\x20-\\x7e])*"'
     let_dig = f"[A-Za-z0-9{u8}]"
     sub_domain = f"{let_dig}(?:[A-Za-z0-9\\-{u8}]*{let_dig})?"
@@ -36,7 +39,7 @@ def _grammar() -> dict[str, str]:
     # A source route needs a mailbox after it: "<@a:>" is no null path (RFC 5321 4.1.2).
     # The domain is optional here; parse_path refuses a path without one except where the
     # caller allows it (a sender, as Postfix does).
-    path = f"<(?:(?:{adl}:)?(?P<local>{dot_string}|{quoted})(?:@(?P<domain>{domain}|{literal}))?)?>"
+    path = f"<(?:(?:{adl}:)?(?P<local>{dots_anywhere}|{quoted})(?:@(?P<domain>{domain}|{literal}))?)?>"
     return {"path": path, "dot_string": dot_string, "literal": literal}
 
 
@@ -94,6 +97,8 @@ def parse_path(text: str, *, allow_null: bool, allow_postmaster: bool = False,
         return Path("", ""), text[end:]
     if local[0] == '"':
         local = canonical_quoted(local)
+    else:
+        local = lax_local(local)
     if domain is None:
         if not allow_no_domain:
             raise CommandError(R.R501_BAD_ADDRESS)
@@ -111,6 +116,17 @@ def _label_too_long(label: str) -> bool:
     if label.isascii():
         return len(label) > MAX_LABEL
     return 4 + len(label.encode("punycode")) > MAX_LABEL
+
+
+def lax_local(local: str) -> str:
+    """A local part as a path or a ``[mailboxes]`` key has it: one that RFC 5321's
+    Dot-string refuses only for its dots (``u..v``, ``.u``, ``u.``) is quoted, the one
+    form in which it is valid, as Postfix writes it in the headers it adds.  Senders
+    with such addresses exist (old Japanese mobile carriers' are the known case), and a
+    501 bounces their mail for good."""
+    if local[:1] != '"' and (local[:1] == "." or local[-1:] == "." or ".." in local):
+        return f'"{local}"'
+    return local
 
 
 def canonical_quoted(local: str) -> str:

@@ -319,7 +319,8 @@ MAIL = [
     ("body-7bit", "<a@x.test> BODY=7BIT", "250 2.1.0"),
     ("body-8bitmime", "<a@x.test> BODY=8BITMIME", "250 2.1.0"),
     ("body-lower-case", "<a@x.test> body=8bitmime", "250 2.1.0"),
-    ("body-binarymime-not-offered", "<a@x.test> BODY=BINARYMIME", "501 5.5.4"),
+    ("body-binarymime-not-offered", "<a@x.test> BODY=BINARYMIME", "555 5.5.4"),  # known, needs CHUNKING
+    ("body-binarymime-lower-case", "<a@x.test> body=binarymime", "555 5.5.4"),
     ("body-unknown", "<a@x.test> BODY=9BIT", "501 5.5.4"),
     # ASCII only: "8BıTMIME".upper() is "8BITMIME" in Python.
     ("body-dotless-i", "<a@x.test> BODY=8B\u0131TMIME SMTPUTF8", "501 5.5.4"),

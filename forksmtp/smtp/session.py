@@ -478,7 +478,10 @@ class Session(SecureCommands):
     def _param_body(self, value: str | None) -> None:
         # ASCII only: str.upper() makes "8BıTMIME" (a dotless i) 8BITMIME.
         if value is None or not value.isascii() or value.upper() not in ("7BIT", "8BITMIME"):
-            raise CommandError(R.R501_BAD_PARAM_VALUE)
+            # BINARYMIME (RFC 3030) is a value known but not offered (it needs CHUNKING):
+            # 555, "not implemented", as Postfix answers, where a value unknown is 501.
+            raise CommandError(R.R555_UNKNOWN_PARAM if value is not None and value.upper() == "BINARYMIME"
+                               else R.R501_BAD_PARAM_VALUE)
 
     def _param_smtputf8(self, value: str | None) -> None:
         if value is not None:

@@ -29,7 +29,7 @@ def _grammar() -> dict[str, str]:
     dot_string = f"{atext}+(?:\\.{atext}+)*"
     # What senders use beyond it: dots anywhere (".u", "u.", "u..v": old Japanese mobile
     # carriers' addresses), taken as Postfix, Exim and Sendmail take them (lax_local).
-    dots_anywhere = f"(?:{atext}|\\.)+"
+    dots_anywhere = atext[:-1] + "\\.]+"  # one class, not an alternation: sre runs it faster
     quoted = f'"(?:[\\x20\\x21\\x23-\\x5b\\x5d-\\x7e{u8}]|\\\\[\\x20-\\x7e])*"'
     let_dig = f"[A-Za-z0-9{u8}]"
     sub_domain = f"{let_dig}(?:[A-Za-z0-9\\-{u8}]*{let_dig})?"

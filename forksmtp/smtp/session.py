@@ -307,7 +307,7 @@ class Session(SecureCommands):
             # and "QUIT\t" are RSET and QUIT (as Postfix, which splits on any blank).
             text = text.rstrip(" \t")
         verb, _, arg = (text or "").partition(" ")
-        if "\t" in verb or arg[:1] == " " or arg[:1] == "\t":
+        if arg and (arg[0] == " " or arg[0] == "\t") or "\t" in verb:
             verb, arg = split_words(text or "")
         # ASCII only: str.upper() maps some other letters onto ASCII ("ı" -> "I",
         # "ſ" -> "S"), which would run "MAıL" as MAIL.

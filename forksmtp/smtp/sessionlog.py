@@ -150,7 +150,7 @@ def auth_like(line: bytes) -> bool:
     """Whether the log mask takes ``line`` for an AUTH command: any line that begins
     with AUTH, a mistyped one ("AUTH-LOGIN", "AUTHPLAIN") included, since its client
     may send its credentials behind it all the same, and one with blanks before it."""
-    if line[:1] == b" " or line[:1] == b"\t":
+    if line and (line[0] == 32 or line[0] == 9):  # a space or a tab first
         line = line.lstrip(b" \t")
     return line[:4].upper() == b"AUTH"
 
@@ -185,7 +185,7 @@ def loggable(text: str, escape: bool = False) -> str:
     ``escape``: whatever the line holds (octets that are no UTF-8)."""
     if text[:4].upper() == "AUTH" and text[4:5]:
         text = _auth_masked(text)
-    elif text[:1] == " " or text[:1] == "\t":  # no command (500), but masked all the same
+    elif text and (text[0] == " " or text[0] == "\t"):  # no command (500), masked all the same
         verb = text.lstrip(" \t")
         if verb[:4].upper() == "AUTH" and verb[4:5]:
             text = text[:len(text) - len(verb)] + _auth_masked(verb)

@@ -254,7 +254,9 @@ def _line_shown(source: str, message: str) -> str:
     twice, a value left out), or "" when the line cannot be had."""
     m = re.search(r"at line (\d+)", message)
     try:
-        text = source.splitlines()[int(m.group(1)) - 1].strip() if m else ""
+        # Split at LF alone, as tomllib counts lines: splitlines() also breaks at U+2028
+        # and U+0085, which TOML allows in comments and strings.
+        text = source.split("\n")[int(m.group(1)) - 1].strip() if m else ""
     except IndexError:
         return ""
     if not text:

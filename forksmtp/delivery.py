@@ -330,17 +330,30 @@ class Transaction:
         self._router.trim()
 
 
-def _one_address(recipients: list[str], postmaster: str, by: str, utf8: bool) -> str | None:
-    """The one address the recipients of a copy name, for the FOR clause, or None: bare
-    <Postmaster> and the address it is stored for, in any case, are one recipient there
-    as they are one Delivered-To line."""
+def _one_address(recipients: list[str], postmaster: str, by: str, utf8: bool,
+                 any_case: list[str]) -> str | None:
+    """The one address the recipients of a copy name, for the FOR clause, or None.  Two
+    spellings are one recipient where the server took them as one: a ``[mailboxes]``
+    address (``any_case``: those of them) in any case, and bare <Postmaster> and the
+    address it is stored for; a domain in any case.  Other local parts are
+    case-sensitive (RFC 5321 2.4): ``Bob@`` and ``bob@`` of the catch-all are two."""
     if not recipients:
         return None
     first = trace.qualified(recipients[0], postmaster, by, utf8)
+    if len(recipients) == 1:
+        return first
+    key = _for_key(first, recipients[0] in any_case)
     for rcpt in recipients[1:]:
-        if trace.qualified(rcpt, postmaster, by, utf8).lower() != first.lower():
+        if _for_key(trace.qualified(rcpt, postmaster, by, utf8), rcpt in any_case) != key:
             return None
     return first
+
+
+def _for_key(address: str, any_case: bool) -> str:
+    local, _, domain = address.rpartition("@")
+    if any_case or local.lower() == "postmaster":
+        local = local.lower()
+    return f"{local}@{domain.lower()}"
 
 
 class HeaderInfo:
@@ -359,7 +372,7 @@ class HeaderInfo:
         them that reached it as a ``[mailboxes]`` address; ``postmaster``: how to name
         bare ``<Postmaster>`` (Router.postmaster)."""
         by, utf8 = self.by, self.protocol.startswith("UTF8")
-        one = _one_address(recipients, postmaster, by, utf8)
+        one = _one_address(recipients, postmaster, by, utf8, delivered_to)
         head = trace.return_path(self.sender)
         # One line per address the mailbox was reached by, as Postfix adds one per
         # delivery; all of them are the Maildir's owner's, so none reveals a blind copy.

@@ -338,6 +338,8 @@ def test_a_long_value_is_shown_cut_to_one_line(etc: Path) -> None:
     ("[server]\nworkers = 4\nworkers = 5\n", 3, "workers = 5"),  # TOML forbids a key twice
     ("[server\n", 1, "[server"),
     ("[server]\nhostname = \"a\tb\" x\n", 2, 'hostname = "a\\tb" x'),
+    # U+2028 and U+0085 are TOML in a comment; tomllib counts lines by LF alone
+    ("# owner: ops\u2028team\u0085mail\n[server]\nworkers = 4\nworkers = 5\n", 4, "workers = 5"),
 ])
 def test_toml_syntax_errors_name_and_show_the_line(etc: Path, snippet: str, line: int, shown: str) -> None:
     path = write(etc, snippet)

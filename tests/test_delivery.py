@@ -113,6 +113,27 @@ def test_catch_all_recipients_differing_only_in_case_are_two():
         "/nonexistent/catch": ["Bob@x.test", "bob@x.test"]}
 
 
+def test_a_catch_all_copy_for_two_spellings_of_a_local_part_names_neither():
+    """The two catch-all recipients above are two in the trace fields too: their copy's
+    Received: names no single one (it named the first, its spellings compared in any case)."""
+    router = delivery.Router("/nonexistent/catch", {})
+    ((path, rcpts),) = router.route(["Bob@x.test", "bob@x.test"]).items()
+    fields = header().render(rcpts, router.delivered_to(path, rcpts), router.postmaster)
+    assert b"\tfor <" not in fields, fields.decode()
+
+
+@pytest.mark.parametrize("rcpts, named", [
+    (["bob@X.TEST", "bob@x.test"], "bob@X.TEST"),  # a domain is one in any case
+    (["Alice@x.test", "alice@x.test"], "Alice@x.test"),  # a [mailboxes] address: one
+    (["Postmaster@x.test", "postmaster@x.test"], "Postmaster@x.test"),  # RFC 5321 4.5.1
+])
+def test_spellings_the_server_takes_as_one_recipient_are_named_once(rcpts, named):
+    router = delivery.Router("/nonexistent/catch", {"alice@x.test": "/nonexistent/alice"})
+    for path, group in router.route(rcpts).items():
+        fields = header().render(group, router.delivered_to(path, group), router.postmaster)
+        assert f"\tfor <{named}>;".encode() in fields, fields.decode()
+
+
 def test_a_worker_keeps_a_bounded_number_of_maildirs_open(tmp_path):
     """One new/ fd per Maildir ever delivered to: a site with more Maildirs than the fd
     limit got 451 for good mail.  Past MAX_OPEN_MAILDIRS the least recently used close,

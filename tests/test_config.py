@@ -771,3 +771,80 @@ def test_a_config_loads_again_after_its_working_directory_is_removed(etc: Path, 
     with pytest.raises(ConfigError) as info:
         load_config(str(path), {"delivery.maildir": "relative/Maildir"})
     assert info.value.key == "delivery.maildir" and "working directory" in info.value.problem
+
+
+# -- a bracketed hostname, shared Maildirs, defaults, A-labels, paths root cannot write -------
+
+@pytest.fixture
+def cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The built-in ./Maildir default is checked relative to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def immutable(path: Path) -> None:
+    """chattr +i: the one way to make os.access() say "not writable" to root."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+
+
+def mutable(path: Path) -> None:
+    subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("name", ["[192.0.2.1x", "[192.0.2.1]]", "[]", "[ 192.0.2.1]"])
+def test_a_hostname_that_is_no_bracketed_literal_is_refused(cwd, name):
+    """_check_literal reads what stands between the first and the last octet: without
+    is_address_literal's own grammar check "[192.0.2.1x" would pass as [192.0.2.1]."""
+    with pytest.raises(ConfigError, match="address literal") as info:
+        load_config(None, {"server.hostname": name})
+    assert info.value.key == "server.hostname"
+
+
+def test_two_addresses_sharing_a_maildir_are_both_named(cwd):
+    box = str(cwd / "shared")
+    (cwd / "c.toml").write_text(f'[mailboxes]\n"a@x.test" = "{box}"\n"b@x.test" = "{box}"\n')
+    cfg = load_config(str(cwd / "c.toml"))
+    assert config.maildir_keys(cfg.delivery) == {box: 'mailboxes."a@x.test", "b@x.test"',
+                                                cfg.delivery.maildir: "delivery.maildir"}
+
+
+def test_a_key_left_at_its_default_is_named_with_the_value_it_resolved_to(cwd):
+    cfg = load_config(None)
+    error = config.key_error(cfg, "delivery.maildir", None, "boom")
+    # A value over 76 characters is shown cut (test_a_long_value_is_shown_cut_to_one_line).
+    assert str(error).startswith('built-in defaults: delivery.maildir = "' + cfg.delivery.maildir[:76]), str(error)
+    assert str(error).endswith(": boom") and cfg.delivery.maildir == str(cwd / "Maildir")
+
+
+@pytest.mark.parametrize("domain", ["xn--a.test", "a.xn--.test", "xn--zz-.test"])
+def test_a_local_domain_with_a_broken_a_label_is_kept_in_its_one_spelling(cwd, domain):
+    cfg = load_config(None, {"delivery.local_domains": [domain]})
+    assert cfg.delivery.local_domains == (domain,)
+
+
+def test_a_pidfile_path_that_cannot_be_looked_at_now_is_left_to_the_start(cwd):
+    os.symlink("loop.pid", cwd / "loop.pid")  # stat: ELOOP, not "no such file"
+    assert load_config(None, {"server.pidfile": str(cwd / "loop.pid")}).server.pidfile == str(cwd / "loop.pid")
+
+
+def test_an_immutable_log_file_or_maildir_parent_is_not_writable_even_for_root(cwd):
+    """test_maildir_under_a_read_only_directory is skipped as root; chattr +i bites root too."""
+    log, ro = cwd / "forksmtp.log", cwd / "ro"
+    log.write_text("")
+    ro.mkdir()
+    immutable(log)
+    try:
+        with pytest.raises(ConfigError, match="is not writable") as info:
+            load_config(None, {"log.file": str(log)})
+        assert info.value.key == "log.file"
+    finally:
+        mutable(log)
+    immutable(ro)
+    try:
+        for key, value in (("log.file", ro / "new.log"), ("delivery.maildir", ro / "Maildir")):
+            with pytest.raises(ConfigError, match=f"{ro}.* is not writable") as info:
+                load_config(None, {key: str(value)})
+            assert info.value.key == key
+    finally:
+        mutable(ro)

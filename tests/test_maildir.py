@@ -782,3 +782,33 @@ def test_a_symlinked_tmp_or_new_is_refused_when_the_maildir_is_made(tmp_path, su
     with pytest.raises(OSError) as refused:
         Maildir(str(tmp_path / "md"))
     assert refused.value.errno == errno.ELOOP and "symlink" in str(refused.value)
+
+
+def test_a_write_after_abort_is_refused_not_written(tmp_path):
+    md = Maildir(str(tmp_path / "md"), fsync=False)
+    copy = md.begin()
+    copy.abort()
+    with pytest.raises(ValueError, match="already committed or aborted"):
+        copy.write(b"x" * maildir._FLUSH_AT)
+
+
+def test_abort_of_a_named_copy_whose_tmp_file_is_gone_is_quiet(tmp_path):
+    md = Maildir(str(tmp_path / "md"), fsync=False)
+    md.use_tmpfile = False
+    copy = md.begin()
+    (name,) = os.listdir(md.tmp)
+    os.unlink(os.path.join(md.tmp, name))  # a tmp/ sweep, an operator
+    copy.abort()
+    assert os.listdir(md.tmp) == []
+
+
+def test_clean_tmp_leaves_a_recent_file_of_a_pid_beyond_pid_max_to_the_age_rule(tmp_path):
+    md = Maildir(str(tmp_path / "md"), fsync=False)
+    now = int(time.time())
+    foreign = f"{now}.M1P{maildir._PID_MAX + 1}Q1.{escape_host('h.test')}"
+    old = f"{now - 40 * 3600}.M2P{maildir._PID_MAX + 1}Q2.{escape_host('h.test')}"
+    for name in (foreign, old):
+        (tmp_path / "md" / "tmp" / name).write_text("")
+    os.utime(tmp_path / "md" / "tmp" / old, (now - 40 * 3600,) * 2)
+    assert clean_tmp(md.path, hostname="h.test") == 1
+    assert os.listdir(md.tmp) == [foreign]

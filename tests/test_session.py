@@ -1442,3 +1442,31 @@ def test_past_the_free_lines_deferred_recipients_are_counted_not_logged():
     s = spent_session(recipient_check=DEFERRED.get, max_recipients=1000)
     transcript(s, [M] + ["RCPT TO:<bob@example.test>"] * 300 + ["RSET"])
     assert s.log == [] and not s.closed
+
+
+# -- closing twice, and the log turned off --------------------------------------------------------
+
+def test_a_second_close_sends_no_second_closing_reply():
+    """The worker closes on timeout or shutdown whatever the session did just before (a
+    221 to QUIT, a 421 for errors): one closing reply only, and close_reply keeps the first."""
+    s = new_session()
+    assert replies(s, [E, "QUIT"]) == ["250", "221 2.0.0"]
+    s.close(R.R421_SHUTDOWN)
+    assert s.data_to_send() == b"" and s.close_reply is R.R221_BYE
+    s = new_session()
+    transcript(s, [E])
+    s.close(R.R421_TIMEOUT)
+    s.close(R.R421_SHUTDOWN)
+    assert heads(s.data_to_send()) == ["421 4.4.2"] and s.close_reply is R.R421_TIMEOUT
+
+
+def test_log_off_stays_off_for_what_the_connection_asks_of_it():
+    """log_commands=False: the discarded-after-STARTTLS line, release_log() and end_log()
+    write nothing either (test_log_can_be_turned_off covers only command lines)."""
+    s = new_session(log_commands=False, starttls=True)
+    transcript(s, [E])
+    s.receive_data(b"STARTTLS\r\nMAIL FROM:<evil@x.test>\r\n")
+    assert isinstance(s.next_event(), StartTLS)
+    s.release_log()
+    s.end_log()
+    assert s.log == []

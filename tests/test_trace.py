@@ -133,3 +133,14 @@ def test_bare_postmaster_is_named_with_a_domain(host, expected):
                            queue_id="1-1", recipient=trace.qualified("Postmaster", "", host),
                            when=0.0).decode()
     assert f"for <{expected}>;" in field
+
+
+@pytest.mark.parametrize("helo, shown", [("a..\u00fcber.test", "a..?ber.test"),
+                                         ("\u00fc" * 64 + ".test", "?" * 64 + ".test")])
+def test_a_utf8_helo_name_with_no_a_label_is_written_with_question_marks(helo, shown):
+    """RFC 6531 3.7.3: a message without SMTPUTF8 keeps an ASCII header; a name the IDNA
+    codec refuses (an empty label, one over 63 octets) gets "?" per non-ASCII character."""
+    field = trace.received(helo=helo, peer_ip="192.0.2.1", by="mx.test", protocol="ESMTP",
+                           queue_id="Q", recipient=None, when=0.0)
+    assert field.startswith(f"Received: from {shown} ([192.0.2.1])\n".encode())
+    assert field.isascii()
